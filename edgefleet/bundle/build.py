@@ -1,0 +1,198 @@
+"""Building a bundle: a directory packed into one signed ustar file.
+
+The manifest is the first member, then every file in path order. Headers carry
+no owner, a fixed mode and the manifest's creation time, so the bytes depend
+only on the files and the manifest. The output is written to a temporary file
+and renamed into place; a file that changes while it is packed is refused.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import os
+import tarfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from pydantic import ValidationError
+
+from edgefleet import __version__
+from edgefleet.bundle.manifest import MANIFEST_NAME, FileEntry, Manifest, check_manifest_paths
+from edgefleet.canonical import parse_json
+from edgefleet.errors import EdgefleetError, UsageError
+from edgefleet.fileio import atomic_writer
+from edgefleet.keys import SigningKey
+from edgefleet.semver import Version
+from edgefleet.signing import sign_document
+from edgefleet.timefmt import format_time, utcnow
+
+METADATA_NAME = "edgefleet-bundle.json"
+_CHUNK = 1 << 20
+
+
+@dataclass
+class BundleMetadata:
+    """What a bundle says about itself beyond its files (from SRC_DIR/edgefleet-bundle.json)."""
+
+    profiles: list[str] = field(default_factory=list)
+    min_agent_version: str | None = None
+    release_counter: int | None = None
+    lineage: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> BundleMetadata:
+        """Raises: UsageError when the file is not valid metadata."""
+        try:
+            raw = parse_json(path.read_bytes(), str(path))
+        except EdgefleetError as exc:
+            raise UsageError(str(exc)) from exc
+        allowed = {"profiles", "min_agent_version", "release_counter", "lineage"}
+        if not isinstance(raw, dict) or set(raw) - allowed:
+            raise UsageError(f"{path} must be a JSON object with keys among {sorted(allowed)}")
+        return cls(
+            profiles=list(raw.get("profiles", [])),
+            min_agent_version=raw.get("min_agent_version"),
+            release_counter=raw.get("release_counter"),
+            lineage=dict(raw.get("lineage", {})),
+        )
+
+
+def _hash_file(path: Path) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    length = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+            length += len(chunk)
+    return length, digest.hexdigest()
+
+
+def _collect_files(src_dir: Path) -> list[tuple[str, Path]]:
+    files = []
+    for root, dirs, names in os.walk(src_dir, followlinks=False):
+        dirs.sort()
+        for name in [*names, *dirs]:
+            full = Path(root) / name
+            if full.is_symlink():
+                raise UsageError(f"{full} is a symbolic link: bundles hold regular files only")
+        for name in sorted(names):
+            full = Path(root) / name
+            relative = full.relative_to(src_dir).as_posix()
+            if relative == METADATA_NAME:
+                continue
+            if not full.is_file():
+                raise UsageError(f"{full} is not a regular file")
+            files.append((relative, full))
+    return sorted(files)
+
+
+class _HashingReader:
+    """Reads a file for tarfile while hashing what it hands over."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self._handle = handle
+        self.digest = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._handle.read(size)
+        self.digest.update(data)
+        return data
+
+
+def _tar_info(path: str, size: int, mtime: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(path)
+    info.size = size
+    info.mtime = mtime
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def build_bundle(
+    src_dir: Path,
+    output: Path,
+    *,
+    name: str,
+    version: str,
+    keys: Sequence[SigningKey],
+    profiles: Iterable[str] = (),
+    release_counter: int | None = None,
+    min_agent_version: str | None = None,
+    lineage: dict[str, Any] | None = None,
+    created: dt.datetime | None = None,
+) -> Manifest:
+    """Pack `src_dir` into a bundle at `output`, its manifest signed by `keys`.
+
+    Values given here override those in `src_dir/edgefleet-bundle.json`.
+
+    Raises:
+        UsageError: bad arguments or metadata, links or special files in `src_dir`,
+            a path a bundle cannot hold, or a file that changed while it was packed.
+    """
+    src_dir = Path(src_dir)
+    if not src_dir.is_dir():
+        raise UsageError(f"{src_dir} is not a directory")
+    if not keys:
+        raise UsageError("a bundle needs at least one release key to sign it")
+    metadata_path = src_dir / METADATA_NAME
+    metadata = BundleMetadata.load(metadata_path) if metadata_path.exists() else BundleMetadata()
+    try:
+        parsed_version = Version.parse(version)
+        counter = release_counter
+        if counter is None:
+            counter = metadata.release_counter
+        if counter is None:
+            counter = parsed_version.derived_release_counter()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    chosen_profiles = list(dict.fromkeys([*profiles])) or metadata.profiles
+    if not chosen_profiles:
+        raise UsageError(
+            f"name the hardware profile(s) this bundle is for: --profile P, or 'profiles' in "
+            f"{METADATA_NAME}"
+        )
+    files = _collect_files(src_dir)
+    entries = []
+    for relative, full in files:
+        length, sha256 = _hash_file(full)
+        entries.append(FileEntry(path=relative, length=length, sha256=sha256))
+    moment = created or utcnow()
+    try:
+        manifest = Manifest(
+            name=name,
+            version=version,
+            release_counter=counter,
+            created=format_time(moment),
+            profiles=chosen_profiles,
+            min_agent_version=min_agent_version or metadata.min_agent_version or __version__,
+            files=entries,
+            lineage={**metadata.lineage, **(lineage or {})},
+        )
+        check_manifest_paths(manifest)
+    except (ValidationError, EdgefleetError) as exc:
+        raise UsageError(f"cannot build bundle: {exc}") from exc
+    envelope = sign_document(manifest.to_signed(), keys)
+    manifest_bytes = envelope.to_bytes()
+    mtime = int(moment.timestamp())
+
+    with atomic_writer(Path(output)) as out, tarfile.open(
+        fileobj=out, mode="w", format=tarfile.USTAR_FORMAT
+    ) as archive:
+        archive.addfile(_tar_info(MANIFEST_NAME, len(manifest_bytes), mtime), io.BytesIO(manifest_bytes))
+        for (relative, full), entry in zip(files, entries):
+            with open(full, "rb") as handle:
+                reader = _HashingReader(handle)
+                try:
+                    archive.addfile(_tar_info(relative, entry.length, mtime), reader)  # type: ignore[arg-type]
+                except (OSError, ValueError) as exc:
+                    raise UsageError(f"cannot pack {full}: {exc}") from exc
+                if reader.digest.hexdigest() != entry.sha256:
+                    raise UsageError(f"{full} changed while the bundle was built: build again")
+    return manifest
+
+

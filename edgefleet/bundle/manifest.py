@@ -1,0 +1,130 @@
+"""The bundle manifest: the signed list of what a bundle holds and where it may run.
+
+Invariants a parsed `Manifest` guarantees: every path is a plain relative path
+that stays inside the bundle and appears once; the manifest's own name is not
+among them; version and minimum agent version are semantic versions.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from edgefleet.errors import DuplicateFileError, MalformedDocumentError, UnsafePathError
+from edgefleet.semver import SEMVER_PATTERN
+from edgefleet.signing import Envelope, parse_envelope
+from edgefleet.timefmt import parse_time
+
+MANIFEST_TYPE = "bundle-manifest"
+MANIFEST_NAME = "manifest.json"
+MAX_PATH_LENGTH = 255
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+PROFILE_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+
+
+def check_bundle_path(path: str) -> None:
+    """Refuse any path that is not a plain relative path inside the bundle.
+
+    Raises:
+        UnsafePathError: absolute, `..` or `.` components, empty components,
+            backslashes, control characters, or too long.
+    """
+    reason = None
+    if not path:
+        reason = "is empty"
+    elif path.startswith("/"):
+        reason = "is absolute"
+    elif "\\" in path:
+        reason = "contains a backslash"
+    elif any(ord(ch) < 32 or ord(ch) == 127 for ch in path):
+        reason = "contains a control character"
+    elif len(path.encode("utf-8")) > MAX_PATH_LENGTH:
+        reason = f"is longer than {MAX_PATH_LENGTH} bytes"
+    elif any(part in ("", ".", "..") for part in path.split("/")):
+        reason = "has an empty, '.' or '..' component"
+    if reason:
+        raise UnsafePathError(f"path {path!r} {reason}: bundle paths must stay inside the bundle")
+
+
+class FileEntry(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: str
+    length: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class Manifest(BaseModel):
+    """The signed part of a bundle manifest."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    type_: Literal["bundle-manifest"] = Field(default=MANIFEST_TYPE, alias="_type")
+    spec_version: Literal[1] = 1
+    name: str = Field(pattern=NAME_PATTERN)
+    version: str = Field(pattern=SEMVER_PATTERN)
+    release_counter: int = Field(ge=0)
+    created: str
+    profiles: list[str] = Field(min_length=1)
+    min_agent_version: str = Field(pattern=SEMVER_PATTERN)
+    files: list[FileEntry]
+    lineage: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("created")
+    @classmethod
+    def _is_time(cls, value: str) -> str:
+        parse_time(value)
+        return value
+
+    @field_validator("profiles")
+    @classmethod
+    def _profiles_named(cls, value: list[str]) -> list[str]:
+        for profile in value:
+            if not re.match(PROFILE_PATTERN, profile):
+                raise ValueError(f"profile {profile!r} is not a profile name")
+        return value
+
+    @property
+    def created_at(self) -> dt.datetime:
+        return parse_time(self.created)
+
+    @property
+    def total_length(self) -> int:
+        return sum(entry.length for entry in self.files)
+
+    def files_by_path(self) -> dict[str, FileEntry]:
+        return {entry.path: entry for entry in self.files}
+
+    def to_signed(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True)
+
+
+def check_manifest_paths(manifest: Manifest) -> None:
+    """Raises: UnsafePathError, DuplicateFileError."""
+    seen: set[str] = set()
+    for entry in manifest.files:
+        check_bundle_path(entry.path)
+        if entry.path == MANIFEST_NAME:
+            raise UnsafePathError(f"path {MANIFEST_NAME!r} is reserved for the manifest")
+        if entry.path in seen:
+            raise DuplicateFileError(f"the manifest lists {entry.path!r} twice")
+        seen.add(entry.path)
+
+
+def parse_manifest_envelope(data: bytes) -> tuple[Envelope, Manifest]:
+    """Parse (without checking signatures) the bytes of a bundle's manifest.
+
+    Raises:
+        MalformedDocumentError: not a manifest.
+        UnsafePathError, DuplicateFileError: a listed path is unsafe or repeated.
+    """
+    envelope = parse_envelope(data, "bundle manifest", MANIFEST_TYPE)
+    try:
+        manifest = Manifest.model_validate(envelope.signed)
+    except ValidationError as exc:
+        raise MalformedDocumentError(f"bundle manifest is not valid: {exc}") from exc
+    check_manifest_paths(manifest)
+    return envelope, manifest

@@ -1,0 +1,188 @@
+"""Every error the core raises, in one tree.
+
+    EdgefleetError
+    ├── UntrustedInputError          input from outside was refused; nothing was installed or kept
+    │   ├── SignatureError           the signatures on a document do not satisfy its role
+    │   │   ├── UnknownKeyError          signed by a key the trust root does not list
+    │   │   ├── WrongRoleError           signed by a listed key of another role
+    │   │   ├── BadSignatureError        a listed key's signature does not verify
+    │   │   └── ThresholdError           too few distinct keys signed (repeated signatures count once)
+    │   ├── MalformedDocumentError   not a well-formed signed document of the expected type
+    │   ├── TrustRootError
+    │   │   ├── TrustRootExpiredError
+    │   │   ├── TrustRootVersionError    a new trust root that is not exactly version N+1
+    │   │   └── TrustRootSignatureError  a new trust root not signed by the old and the new root keys
+    │   ├── BundleError
+    │   │   ├── NotABundleError          empty, not a tar archive, or no manifest first
+    │   │   ├── BundleTruncatedError
+    │   │   ├── BundleTooLargeError
+    │   │   ├── ManifestTooLargeError
+    │   │   ├── TamperedFileError        a file's SHA-256 differs from the manifest's
+    │   │   ├── FileLengthError          a file's length differs from the manifest's
+    │   │   ├── UnlistedFileError        a file in the bundle that the manifest does not list
+    │   │   ├── MissingFileError         a file the manifest lists that the bundle lacks
+    │   │   ├── DuplicateFileError
+    │   │   ├── UnsafePathError          absolute, `..`, or otherwise not a plain relative path
+    │   │   ├── LinkInBundleError        symlink, hard link, device or any non-regular member
+    │   │   ├── ProfileMismatchError     the bundle does not support the device's hardware profile
+    │   │   ├── AgentTooOldError         the bundle needs a newer agent
+    │   │   └── BelowSecurityFloorError  release counter below the device's floor
+    │   ├── DirectiveError
+    │   │   ├── WrongDeviceError
+    │   │   ├── ReplayedDirectiveError   sequence number not above the last accepted one
+    │   │   └── DirectiveExpiredError
+    │   ├── FleetTimestampError          stale sequence or expired: the device may be frozen out
+    │   └── MessageSchemaError       an MQTT payload that does not match its schema
+    └── LocalError                   a problem on this machine, not in the input
+        ├── KeyFileError             unreadable key file, wrong or missing passphrase
+        └── UsageError               the caller asked for something inconsistent
+
+Untrusted-input errors are what an attacker can provoke: callers report them and
+keep their trusted state unchanged. Local errors are for the operator to fix.
+"""
+
+from __future__ import annotations
+
+
+class EdgefleetError(Exception):
+    """Base of every edgefleet error."""
+
+
+class UntrustedInputError(EdgefleetError):
+    """Input from outside was refused; nothing was installed or kept."""
+
+
+class SignatureError(UntrustedInputError):
+    """The signatures on a document do not satisfy the role that must sign it."""
+
+
+class UnknownKeyError(SignatureError):
+    """Signed by a key that the trust root does not list at all."""
+
+
+class WrongRoleError(SignatureError):
+    """Signed by a key the trust root lists, but for another role."""
+
+
+class BadSignatureError(SignatureError):
+    """A key of the right role signed, but the signature does not verify."""
+
+
+class ThresholdError(SignatureError):
+    """Fewer distinct keys of the role signed than its threshold requires."""
+
+
+class MalformedDocumentError(UntrustedInputError):
+    """Not a well-formed signed document of the expected type."""
+
+
+class TrustRootError(UntrustedInputError):
+    """A trust root that must not be trusted."""
+
+
+class TrustRootExpiredError(TrustRootError):
+    """The newest trust root has expired: ask the root key holders for a new one."""
+
+
+class TrustRootVersionError(TrustRootError):
+    """A new trust root that is not exactly one version above the trusted one."""
+
+
+class TrustRootSignatureError(TrustRootError):
+    """A new trust root not signed by the root keys of both the old and the new version."""
+
+
+class BundleError(UntrustedInputError):
+    """A bundle that must not be installed."""
+
+
+class NotABundleError(BundleError):
+    """The file is empty, not a tar archive, or does not start with a manifest."""
+
+
+class BundleTruncatedError(BundleError):
+    """The bundle ends before its last member is complete."""
+
+
+class BundleTooLargeError(BundleError):
+    """The bundle exceeds the size limit."""
+
+
+class ManifestTooLargeError(BundleError):
+    """The manifest exceeds the size limit."""
+
+
+class TamperedFileError(BundleError):
+    """A file's SHA-256 differs from the one the manifest lists."""
+
+
+class FileLengthError(BundleError):
+    """A file's length differs from the one the manifest lists."""
+
+
+class UnlistedFileError(BundleError):
+    """The bundle holds a file that the manifest does not list."""
+
+
+class MissingFileError(BundleError):
+    """The manifest lists a file that the bundle lacks."""
+
+
+class DuplicateFileError(BundleError):
+    """The same path appears twice in the bundle or the manifest."""
+
+
+class UnsafePathError(BundleError):
+    """An absolute path, a `..` component, or another path that could escape the bundle."""
+
+
+class LinkInBundleError(BundleError):
+    """A symlink, hard link, device or any member that is not a regular file."""
+
+
+class ProfileMismatchError(BundleError):
+    """The bundle does not list the device's hardware profile."""
+
+
+class AgentTooOldError(BundleError):
+    """The bundle needs a newer agent than the one checking it."""
+
+
+class BelowSecurityFloorError(BundleError):
+    """The bundle's release counter is below the security floor."""
+
+
+class DirectiveError(UntrustedInputError):
+    """A directive that must not be acted on."""
+
+
+class WrongDeviceError(DirectiveError):
+    """A directive addressed to another device."""
+
+
+class ReplayedDirectiveError(DirectiveError):
+    """A directive whose sequence number is not above the last one accepted."""
+
+
+class DirectiveExpiredError(DirectiveError):
+    """A directive past its expiry."""
+
+
+class FleetTimestampError(UntrustedInputError):
+    """A fleet timestamp that is stale or expired: the device may be frozen out."""
+
+
+class MessageSchemaError(UntrustedInputError):
+    """An MQTT payload that does not match its schema."""
+
+
+class LocalError(EdgefleetError):
+    """A problem on this machine, not in the input: for the operator to fix."""
+
+
+class KeyFileError(LocalError):
+    """A key file that cannot be read: missing, malformed, or a wrong or missing passphrase."""
+
+
+class UsageError(LocalError):
+    """The caller asked for something inconsistent."""
