@@ -125,6 +125,7 @@ def _walk(
     limits: BundleLimits,
     sink: _SinkFactory,
     now: dt.datetime | None,
+    progress: Callable[[int], None] | None,
 ) -> VerifiedBundle:
     trust.verify_not_expired(now)
     stream = TarStream(source)
@@ -166,6 +167,8 @@ def _walk(
                 digest.update(chunk)
                 if out is not None:
                     out.write(chunk)
+                if progress is not None:
+                    progress(len(chunk))
         if digest.hexdigest() != entry.sha256:
             raise TamperedFileError(
                 f"{member.path!r} does not match its SHA-256 in the manifest: "
@@ -196,8 +199,11 @@ def verify_bundle(
     policy: BundlePolicy = BundlePolicy(),
     limits: BundleLimits = BundleLimits(),
     now: dt.datetime | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> VerifiedBundle:
     """Check every signature, file and policy of the bundle at `path`; write nothing.
+
+    `progress`, when given, is called with the size of each chunk of file data read.
 
     Raises:
         TrustRootExpiredError: `trust` has expired.
@@ -207,7 +213,7 @@ def verify_bundle(
         OSError: the file cannot be read.
     """
     with _open_bundle(path, limits) as source:
-        return _walk(source, trust, policy, limits, _no_sink, now)
+        return _walk(source, trust, policy, limits, _no_sink, now, progress)
 
 
 def extract_bundle(
@@ -217,6 +223,7 @@ def extract_bundle(
     policy: BundlePolicy = BundlePolicy(),
     limits: BundleLimits = BundleLimits(),
     now: dt.datetime | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> VerifiedBundle:
     """Verify the bundle and, only if every check passes, place its files at `destination`.
 
@@ -246,7 +253,7 @@ def extract_bundle(
                 os.fsync(out.fileno())
 
         with _open_bundle(path, limits) as source:
-            verified = _walk(source, trust, policy, limits, write_file, now)
+            verified = _walk(source, trust, policy, limits, write_file, now, progress)
         os.replace(staging, destination)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""The model converter (imported as edgefleet.converter). Built by the converter issue."""

@@ -1,0 +1,86 @@
+"""The `edgefleet` command.
+
+Each deployable contributes a group of subcommands, imported only when that
+group runs: `edgefleet --help` and the core groups load no optional dependency,
+so a device with only `edgefleet[agent]` never imports FastAPI, SQLAlchemy or
+onnx. A group whose extra is not installed says which extra to install.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass
+
+import click
+
+from edgefleet import __version__
+from edgefleet.cli.errors import run_with_error_handling
+
+
+@dataclass(frozen=True)
+class _LazyCommand:
+    target: str  # "module:attribute"
+    help: str
+    extra: str | None  # the pip extra that provides its dependencies
+
+
+# Name -> where the command lives. A deployable adds its group here.
+COMMANDS: dict[str, _LazyCommand] = {
+    "keys": _LazyCommand(
+        "edgefleet.cli.keys:keys", "Create keys and the trust root; rotate them.", None
+    ),
+    "bundle": _LazyCommand(
+        "edgefleet.cli.bundle:bundle", "Build, verify and inspect signed bundles.", None
+    ),
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        entry = COMMANDS.get(cmd_name)
+        if entry is None:
+            return None
+        module_name, attribute = entry.target.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if entry.extra is None or (exc.name or "").startswith("edgefleet"):
+                raise
+            raise click.UsageError(
+                f"'edgefleet {cmd_name}' needs the {entry.extra} extra "
+                f"(missing module {exc.name}): pip install 'edgefleet[{entry.extra}]'"
+            ) from exc
+        command = getattr(module, attribute)
+        assert isinstance(command, click.Command)
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Listing the help of each group must not import it.
+        rows = [(name, COMMANDS[name].help) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgefleet")
+def cli() -> None:
+    """edgefleet: take a trained model to a fleet of edge devices and keep it healthy there.
+
+    \b
+    A first run, on one machine:
+      edgefleet keys init keys/
+      edgefleet bundle build model-dir/ --name demo --version 1.0.0 \\
+          --profile x86_64-avx2 --key keys/release.key -o demo.efb
+      edgefleet bundle verify demo.efb --trust keys/trust.json
+
+    Exit status: 0 success, 1 input refused (verification failed), 2 usage or
+    local error (a missing file, a wrong passphrase).
+    """
+
+
+def main() -> None:
+    sys.exit(run_with_error_handling(cli))

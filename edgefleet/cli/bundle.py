@@ -1,0 +1,171 @@
+"""`edgefleet bundle`: build, verify and inspect signed bundles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from edgefleet.bundle import (
+    BundleLimits,
+    BundlePolicy,
+    Manifest,
+    build_bundle,
+    read_manifest,
+    verify_bundle,
+)
+from edgefleet.cli.options import (
+    ProgressBar,
+    echo_json,
+    echo_table,
+    human_bytes,
+    json_option,
+    load_signing_keys,
+    passphrase_env_option,
+)
+from edgefleet.signing import Envelope
+from edgefleet.trust import load_trust_chain
+
+_DEFAULT_LIMITS = BundleLimits()
+
+
+@click.group()
+def bundle() -> None:
+    """Build, verify and inspect signed bundles (one file: a manifest and the model's files)."""
+
+
+@bundle.command("build")
+@click.argument("src_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--name", required=True, help="Model name: lowercase letters, digits, . _ -")
+@click.option("--version", "version", required=True, help="Semantic version, e.g. 1.4.0.")
+@click.option("--key", "key_paths", multiple=True, required=True,
+              type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Release private key (repeat for a threshold of release keys).")
+@click.option("--profile", "profiles", multiple=True,
+              help="Hardware profile the bundle is for (repeatable).")
+@click.option("--release-counter", type=click.IntRange(min=0),
+              help="Monotonic release counter [default: derived from the version].")
+@click.option("--min-agent-version", help="Oldest agent that may install the bundle.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@passphrase_env_option
+def build_command(
+    src_dir: Path,
+    name: str,
+    version: str,
+    key_paths: tuple[Path, ...],
+    profiles: tuple[str, ...],
+    release_counter: int | None,
+    min_agent_version: str | None,
+    output: Path,
+    passphrase_env: str | None,
+) -> None:
+    """Pack SRC_DIR into a bundle signed with the release key.
+
+    Profiles, release counter, minimum agent version and lineage may also come
+    from SRC_DIR/edgefleet-bundle.json (written by `edgefleet convert`); options
+    given here take precedence. The output is written atomically.
+    """
+    signing_keys = load_signing_keys(key_paths, passphrase_env)
+    manifest = build_bundle(
+        src_dir,
+        output,
+        name=name,
+        version=version,
+        keys=signing_keys,
+        profiles=profiles,
+        release_counter=release_counter,
+        min_agent_version=min_agent_version,
+    )
+    click.echo(
+        f"built {output}: {manifest.name}@{manifest.version}, release counter "
+        f"{manifest.release_counter}, {len(manifest.files)} file(s), "
+        f"{human_bytes(manifest.total_length)}, for {', '.join(manifest.profiles)}"
+    )
+
+
+@bundle.command("verify")
+@click.argument("bundle_path", metavar="FILE",
+                type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--trust", "trust_path", required=True,
+              type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="The trusted trust root (as flashed onto the device).")
+@click.option("--newer-trust", multiple=True,
+              type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Newer trust roots to accept first, one version at a time, in order.")
+@click.option("--profile", help="Refuse the bundle unless it supports this hardware profile.")
+@click.option("--floor", type=click.IntRange(min=0),
+              help="Security floor: refuse release counters below it.")
+@click.option("--agent-version", help="Refuse the bundle if it needs a newer agent than this.")
+@click.option("--max-size", type=click.IntRange(min=1), default=_DEFAULT_LIMITS.max_bundle_bytes,
+              show_default=True, help="Largest bundle accepted, in bytes.")
+@click.option("--max-manifest-size", type=click.IntRange(min=1),
+              default=_DEFAULT_LIMITS.max_manifest_bytes, show_default=True,
+              help="Largest manifest accepted, in bytes.")
+@json_option
+def verify_command(
+    bundle_path: Path,
+    trust_path: Path,
+    newer_trust: tuple[Path, ...],
+    profile: str | None,
+    floor: int | None,
+    agent_version: str | None,
+    max_size: int,
+    max_manifest_size: int,
+    as_json: bool,
+) -> None:
+    """Check a bundle exactly as a device does before installing it.
+
+    Exits 0 only when every check passes: the trust root chain and its expiry,
+    the release signatures on the manifest, every file's length and SHA-256,
+    no unlisted, missing, linked or escaping files, the size limits, and the
+    profile, floor and agent version when given. Otherwise exits 1 and prints
+    `refused [reason]: ...`.
+    """
+    trust = load_trust_chain(trust_path, newer_trust)
+    limits = BundleLimits(max_bundle_bytes=max_size, max_manifest_bytes=max_manifest_size)
+    policy = BundlePolicy(profile=profile, security_floor=floor, agent_version=agent_version)
+    with ProgressBar(bundle_path.stat().st_size, "verifying") as bar:
+        verified = verify_bundle(bundle_path, trust, policy, limits, progress=bar.advance)
+    manifest = verified.manifest
+    if as_json:
+        echo_json({"verified": True, "manifest": manifest.to_signed(), "size": verified.size})
+        return
+    signers = ", ".join(s.keyid[:12] for s in verified.envelope.signatures)
+    click.echo(
+        f"OK {bundle_path}: {manifest.name}@{manifest.version} (release counter "
+        f"{manifest.release_counter}), {len(manifest.files)} file(s) verified, "
+        f"signed by release key {signers}, trust root version {trust.version}"
+    )
+
+
+@bundle.command("inspect")
+@click.argument("bundle_path", metavar="FILE",
+                type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@json_option
+def inspect_command(bundle_path: Path, as_json: bool) -> None:
+    """Show a bundle's manifest. Nothing is verified: use `bundle verify` for that."""
+    envelope, manifest = read_manifest(bundle_path)
+    if as_json:
+        echo_json({"verified": False, **envelope.model_dump()})
+        return
+    _echo_manifest(manifest, envelope)
+
+
+def _echo_manifest(manifest: Manifest, envelope: Envelope) -> None:
+    click.echo(f"{manifest.name}@{manifest.version}   (NOT verified: run `bundle verify`)")
+    details = [
+        ("release counter", manifest.release_counter),
+        ("created", manifest.created),
+        ("profiles", ", ".join(manifest.profiles)),
+        ("min agent version", manifest.min_agent_version),
+        ("signed by", ", ".join(s.keyid[:12] for s in envelope.signatures) or "nobody"),
+    ]
+    for label, value in details:
+        click.echo(f"  {label + ':':<19}{value}")
+    for key, value in sorted(manifest.lineage.items()):
+        click.echo(f"  lineage {key}: {value}")
+    click.echo("")
+    echo_table(
+        ("path", "size", "sha256"),
+        [(e.path, human_bytes(e.length), e.sha256[:16]) for e in manifest.files],
+    )

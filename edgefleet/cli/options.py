@@ -1,0 +1,87 @@
+"""Options and output helpers shared by the core's command groups."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgefleet.errors import UsageError
+from edgefleet.keys import SigningKey, load_private_key
+
+passphrase_env_option = click.option(
+    "--passphrase-env",
+    metavar="VAR",
+    help="Name of an environment variable holding the passphrase of the private key(s).",
+)
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+
+
+def passphrase_from_env(variable: str | None) -> bytes | None:
+    """The passphrase held by environment variable `variable`, if one was named.
+
+    Raises: UsageError when the variable is not set or empty.
+    """
+    if variable is None:
+        return None
+    value = os.environ.get(variable)
+    if not value:
+        raise UsageError(f"--passphrase-env {variable}: that environment variable is not set")
+    return value.encode("utf-8")
+
+
+def load_signing_keys(paths: Sequence[Path], passphrase_env: str | None) -> list[SigningKey]:
+    passphrase = passphrase_from_env(passphrase_env)
+    return [load_private_key(path, passphrase) for path in paths]
+
+
+def echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=True))
+
+
+def human_bytes(count: int) -> str:
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def echo_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """Print a plain aligned table."""
+    cells = [[str(value) for value in row] for row in rows]
+    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(headers)]
+    click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    for row in cells:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+class ProgressBar:
+    """A byte-count progress bar on stderr, shown only when stderr is a terminal."""
+
+    def __init__(self, total: int, label: str) -> None:
+        stream = click.get_text_stream("stderr")
+        self._bar = (
+            click.progressbar(length=total, label=label, file=stream, show_pos=False)
+            if stream.isatty()
+            else None
+        )
+
+    def __enter__(self) -> ProgressBar:
+        if self._bar is not None:
+            self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+
+    def advance(self, count: int) -> None:
+        if self._bar is not None:
+            self._bar.update(count)

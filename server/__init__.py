@@ -1,0 +1,1 @@
+"""The fleet server (imported as edgefleet.server). Built by the server issue."""
