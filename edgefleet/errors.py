@@ -6,12 +6,12 @@
     │   │   ├── UnknownKeyError          signed by a key the trust root does not list
     │   │   ├── WrongRoleError           signed by a listed key of another role
     │   │   ├── BadSignatureError        a listed key's signature does not verify
-    │   │   └── ThresholdError           too few distinct keys signed (repeated signatures count once)
+    │   │   └── ThresholdError           too few distinct keys signed (repeats count once)
     │   ├── MalformedDocumentError   not a well-formed signed document of the expected type
     │   ├── TrustRootError
     │   │   ├── TrustRootExpiredError
     │   │   ├── TrustRootVersionError    a new trust root that is not exactly version N+1
-    │   │   └── TrustRootSignatureError  a new trust root not signed by the old and the new root keys
+    │   │   └── TrustRootSignatureError  a new trust root not signed by old and new root keys
     │   ├── BundleError
     │   │   ├── NotABundleError          empty, not a tar archive, or no manifest first
     │   │   ├── BundleTruncatedError

@@ -30,7 +30,9 @@ class Version:
         """Raises: ValueError when `text` is not a semantic version."""
         match = _SEMVER.match(text)
         if not match:
-            raise ValueError(f"{text!r} is not a semantic version (MAJOR.MINOR.PATCH[-pre][+build])")
+            raise ValueError(
+                f"{text!r} is not a semantic version (MAJOR.MINOR.PATCH[-pre][+build])"
+            )
         major, minor, patch, pre, _build = match.groups()
         return cls(int(major), int(minor), int(patch), tuple(pre.split(".")) if pre else ())
 

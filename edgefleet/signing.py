@@ -75,7 +75,9 @@ def parse_envelope(data: bytes, what: str, expected_type: str) -> Envelope:
     try:
         envelope = Envelope.model_validate(raw)
     except ValidationError as exc:
-        raise MalformedDocumentError(f"{what} is not a signed document: {_first_error(exc)}") from exc
+        raise MalformedDocumentError(
+            f"{what} is not a signed document: {_first_error(exc)}"
+        ) from exc
     found = envelope.signed.get("_type")
     if found != expected_type:
         raise MalformedDocumentError(f"{what} is a {found!r} document, expected {expected_type!r}")

@@ -30,4 +30,6 @@ def parse_time(text: str) -> dt.datetime:
     try:
         return dt.datetime.strptime(text, _FORMAT).replace(tzinfo=dt.timezone.utc)
     except (TypeError, ValueError) as exc:
-        raise MalformedDocumentError(f"time {text!r} is not of the form YYYY-MM-DDTHH:MM:SSZ") from exc
+        raise MalformedDocumentError(
+            f"time {text!r} is not of the form YYYY-MM-DDTHH:MM:SSZ"
+        ) from exc

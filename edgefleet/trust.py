@@ -212,12 +212,14 @@ def build_trust_root_signed(
     members = {"root": root, "release": release, "server": server}
     roles = {name: _role(members[name], thresholds.get(name, 1), name) for name in ROLE_NAMES}
     all_keys = {key.keyid: key for group in members.values() for key in group}
-    signed = TrustRootSigned(
-        type_="trust-root",
-        version=version,
-        expires=format_time(expires),
-        keys=all_keys,
-        roles=roles,  # type: ignore[arg-type]
+    signed = TrustRootSigned.model_validate(
+        {
+            "_type": TRUST_ROOT_TYPE,
+            "version": version,
+            "expires": format_time(expires),
+            "keys": all_keys,
+            "roles": roles,
+        }
     )
     return signed.model_dump(by_alias=True)
 

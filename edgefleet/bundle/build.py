@@ -180,19 +180,20 @@ def build_bundle(
     manifest_bytes = envelope.to_bytes()
     mtime = int(moment.timestamp())
 
-    with atomic_writer(Path(output)) as out, tarfile.open(
-        fileobj=out, mode="w", format=tarfile.USTAR_FORMAT
-    ) as archive:
-        archive.addfile(_tar_info(MANIFEST_NAME, len(manifest_bytes), mtime), io.BytesIO(manifest_bytes))
-        for (relative, full), entry in zip(files, entries):
+    with (
+        atomic_writer(Path(output)) as out,
+        tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as archive,
+    ):
+        archive.addfile(
+            _tar_info(MANIFEST_NAME, len(manifest_bytes), mtime), io.BytesIO(manifest_bytes)
+        )
+        for (relative, full), entry in zip(files, entries, strict=True):
             with open(full, "rb") as handle:
                 reader = _HashingReader(handle)
                 try:
-                    archive.addfile(_tar_info(relative, entry.length, mtime), reader)  # type: ignore[arg-type]
+                    archive.addfile(_tar_info(relative, entry.length, mtime), reader)
                 except (OSError, ValueError) as exc:
                     raise UsageError(f"cannot pack {full}: {exc}") from exc
                 if reader.digest.hexdigest() != entry.sha256:
                     raise UsageError(f"{full} changed while the bundle was built: build again")
     return manifest
-
-

@@ -62,7 +62,7 @@ class Manifest(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
-    type_: Literal["bundle-manifest"] = Field(default=MANIFEST_TYPE, alias="_type")
+    type_: Literal["bundle-manifest"] = Field(default="bundle-manifest", alias="_type")
     spec_version: Literal[1] = 1
     name: str = Field(pattern=NAME_PATTERN)
     version: str = Field(pattern=SEMVER_PATTERN)

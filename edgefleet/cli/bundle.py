@@ -38,13 +38,22 @@ def bundle() -> None:
 @click.argument("src_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--name", required=True, help="Model name: lowercase letters, digits, . _ -")
 @click.option("--version", "version", required=True, help="Semantic version, e.g. 1.4.0.")
-@click.option("--key", "key_paths", multiple=True, required=True,
-              type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="Release private key (repeat for a threshold of release keys).")
-@click.option("--profile", "profiles", multiple=True,
-              help="Hardware profile the bundle is for (repeatable).")
-@click.option("--release-counter", type=click.IntRange(min=0),
-              help="Monotonic release counter [default: derived from the version].")
+@click.option(
+    "--key",
+    "key_paths",
+    multiple=True,
+    required=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Release private key (repeat for a threshold of release keys).",
+)
+@click.option(
+    "--profile", "profiles", multiple=True, help="Hardware profile the bundle is for (repeatable)."
+)
+@click.option(
+    "--release-counter",
+    type=click.IntRange(min=0),
+    help="Monotonic release counter [default: derived from the version].",
+)
 @click.option("--min-agent-version", help="Oldest agent that may install the bundle.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @passphrase_env_option
@@ -84,23 +93,41 @@ def build_command(
 
 
 @bundle.command("verify")
-@click.argument("bundle_path", metavar="FILE",
-                type=click.Path(dir_okay=False, exists=True, path_type=Path))
-@click.option("--trust", "trust_path", required=True,
-              type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="The trusted trust root (as flashed onto the device).")
-@click.option("--newer-trust", multiple=True,
-              type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="Newer trust roots to accept first, one version at a time, in order.")
+@click.argument(
+    "bundle_path", metavar="FILE", type=click.Path(dir_okay=False, exists=True, path_type=Path)
+)
+@click.option(
+    "--trust",
+    "trust_path",
+    required=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="The trusted trust root (as flashed onto the device).",
+)
+@click.option(
+    "--newer-trust",
+    multiple=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Newer trust roots to accept first, one version at a time, in order.",
+)
 @click.option("--profile", help="Refuse the bundle unless it supports this hardware profile.")
-@click.option("--floor", type=click.IntRange(min=0),
-              help="Security floor: refuse release counters below it.")
+@click.option(
+    "--floor", type=click.IntRange(min=0), help="Security floor: refuse release counters below it."
+)
 @click.option("--agent-version", help="Refuse the bundle if it needs a newer agent than this.")
-@click.option("--max-size", type=click.IntRange(min=1), default=_DEFAULT_LIMITS.max_bundle_bytes,
-              show_default=True, help="Largest bundle accepted, in bytes.")
-@click.option("--max-manifest-size", type=click.IntRange(min=1),
-              default=_DEFAULT_LIMITS.max_manifest_bytes, show_default=True,
-              help="Largest manifest accepted, in bytes.")
+@click.option(
+    "--max-size",
+    type=click.IntRange(min=1),
+    default=_DEFAULT_LIMITS.max_bundle_bytes,
+    show_default=True,
+    help="Largest bundle accepted, in bytes.",
+)
+@click.option(
+    "--max-manifest-size",
+    type=click.IntRange(min=1),
+    default=_DEFAULT_LIMITS.max_manifest_bytes,
+    show_default=True,
+    help="Largest manifest accepted, in bytes.",
+)
 @json_option
 def verify_command(
     bundle_path: Path,
@@ -139,8 +166,9 @@ def verify_command(
 
 
 @bundle.command("inspect")
-@click.argument("bundle_path", metavar="FILE",
-                type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.argument(
+    "bundle_path", metavar="FILE", type=click.Path(dir_okay=False, exists=True, path_type=Path)
+)
 @json_option
 def inspect_command(bundle_path: Path, as_json: bool) -> None:
     """Show a bundle's manifest. Nothing is verified: use `bundle verify` for that."""

@@ -8,6 +8,14 @@ from pathlib import Path
 
 import click
 
+from edgefleet.cli.options import (
+    echo_json,
+    echo_table,
+    json_option,
+    load_signing_keys,
+    passphrase_env_option,
+    passphrase_from_env,
+)
 from edgefleet.errors import UsageError
 from edgefleet.fileio import atomic_write_bytes
 from edgefleet.keys import (
@@ -17,6 +25,7 @@ from edgefleet.keys import (
     save_private_key,
     save_public_key,
 )
+from edgefleet.timefmt import utcnow
 from edgefleet.trust import (
     ROLE_NAMES,
     TrustRoot,
@@ -25,15 +34,6 @@ from edgefleet.trust import (
     public_keys,
     rotate_trust_root,
     sign_trust_root,
-)
-from edgefleet.timefmt import utcnow
-from edgefleet.cli.options import (
-    echo_json,
-    echo_table,
-    json_option,
-    load_signing_keys,
-    passphrase_env_option,
-    passphrase_from_env,
 )
 
 TRUST_FILE = "trust.json"
@@ -110,8 +110,13 @@ def init_command(directory: Path, expires_in: int, passphrase_env: str | None) -
 
 
 @keys.command("generate")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Private key file to write; the public key goes beside it as .pub.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Private key file to write; the public key goes beside it as .pub.",
+)
 @passphrase_env_option
 def generate_command(output: Path, passphrase_env: str | None) -> None:
     """Create one new key pair (to add with `keys rotate`)."""
@@ -144,23 +149,49 @@ def _new_members(
 
 
 @keys.command("rotate")
-@click.option("--trust", "trust_path", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              required=True, help="The current trust root (version N).")
-@click.option("--root-key", "root_key_paths", multiple=True, required=True,
-              type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="A private root key of version N (repeat for a threshold).")
-@click.option("--add-root", multiple=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="Private key file of a new root key; it signs version N+1 too.")
+@click.option(
+    "--trust",
+    "trust_path",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    required=True,
+    help="The current trust root (version N).",
+)
+@click.option(
+    "--root-key",
+    "root_key_paths",
+    multiple=True,
+    required=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="A private root key of version N (repeat for a threshold).",
+)
+@click.option(
+    "--add-root",
+    multiple=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Private key file of a new root key; it signs version N+1 too.",
+)
 @click.option("--remove-root", multiple=True, metavar="KEY", help="Key file or key id to drop.")
-@click.option("--add-release", multiple=True, type=click.Path(dir_okay=False, exists=True,
-              path_type=Path), help="Public (or private) key file of a new release key.")
+@click.option(
+    "--add-release",
+    multiple=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Public (or private) key file of a new release key.",
+)
 @click.option("--remove-release", multiple=True, metavar="KEY", help="Key file or key id to drop.")
-@click.option("--add-server", multiple=True, type=click.Path(dir_okay=False, exists=True,
-              path_type=Path), help="Public (or private) key file of a new server key.")
+@click.option(
+    "--add-server",
+    multiple=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Public (or private) key file of a new server key.",
+)
 @click.option("--remove-server", multiple=True, metavar="KEY", help="Key file or key id to drop.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="Where to write version N+1 [default: replace --trust, keeping version N "
-                   "beside it as trust.vN.json].")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write version N+1 [default: replace --trust, keeping version N "
+    "beside it as trust.vN.json].",
+)
 @expires_option
 @passphrase_env_option
 def rotate_command(
@@ -213,8 +244,9 @@ def rotate_command(
 
 
 @keys.command("show")
-@click.argument("trust_path", metavar="TRUST_JSON",
-                type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.argument(
+    "trust_path", metavar="TRUST_JSON", type=click.Path(dir_okay=False, exists=True, path_type=Path)
+)
 @json_option
 def show_command(trust_path: Path, as_json: bool) -> None:
     """Show a trust root's version, expiry, keys and roles (its signatures are checked)."""
@@ -237,11 +269,12 @@ def show_command(trust_path: Path, as_json: bool) -> None:
 
 def _echo_trust_root(root: TrustRoot, path: Path) -> None:
     state = "EXPIRED" if root.is_expired() else "valid"
-    click.echo(f"trust root {path}: version {root.version}, expires {root.signed.expires} ({state})")
+    click.echo(
+        f"trust root {path}: version {root.version}, expires {root.signed.expires} ({state})"
+    )
     rows = []
     for name in ROLE_NAMES:
         role = root.signed.roles[name]  # type: ignore[index]
         for keyid in role.keyids:
             rows.append((name, f"{role.threshold} of {len(role.keyids)}", keyid))
     echo_table(("role", "threshold", "key id"), rows)
-

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -57,16 +58,16 @@ def echo_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None
     """Print a plain aligned table."""
     cells = [[str(value) for value in row] for row in rows]
     widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(headers)]
-    click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
     for row in cells:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 class ProgressBar:
     """A byte-count progress bar on stderr, shown only when stderr is a terminal."""
 
     def __init__(self, total: int, label: str) -> None:
-        stream = click.get_text_stream("stderr")
+        stream = sys.stderr
         self._bar = (
             click.progressbar(length=total, label=label, file=stream, show_pos=False)
             if stream.isatty()

@@ -1,0 +1,53 @@
+# The two commands of the README, and the checks CI runs.
+#   make demo   the end-to-end demo, in its own virtual environment (.venv-demo)
+#   make test   the test suite, in its own virtual environment (.venv-test)
+#   make lint   ruff and mypy (CI runs it after the tests)
+
+PYTHON ?= python3
+DEMO_VENV := .venv-demo
+TEST_VENV := .venv-test
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint format typecheck bench clean
+
+$(DEMO_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(DEMO_VENV)
+	$(DEMO_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(DEMO_VENV)/bin/python -m pip install --quiet '.[all]'
+	touch $@
+
+$(TEST_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(TEST_VENV)
+	$(TEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TEST_VENV)/bin/python -m pip install --quiet -e '.[all,dev]'
+	touch $@
+
+demo: $(DEMO_VENV)/.installed
+	$(DEMO_VENV)/bin/python -m pip install --quiet --no-deps --force-reinstall .
+	PATH="$(CURDIR)/$(DEMO_VENV)/bin:$$PATH" bash demo/run.sh
+
+test: $(TEST_VENV)/.installed
+	$(TEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# mypy cannot follow setuptools' package-dir mapping (agent/ -> edgefleet.agent),
+# so it checks a tree of links laid out as the installed package is.
+typecheck: $(TEST_VENV)/.installed
+	rm -rf build/typecheck && mkdir -p build/typecheck
+	cp -rs "$(CURDIR)/edgefleet" build/typecheck/edgefleet
+	for part in agent server converter; do cp -rs "$(CURDIR)/$$part" build/typecheck/edgefleet/$$part; done
+	cp -rs "$(CURDIR)/tests" build/typecheck/tests
+	cd build/typecheck && "$(CURDIR)/$(TEST_VENV)/bin/mypy" --config-file "$(CURDIR)/pyproject.toml" edgefleet tests
+
+lint: $(TEST_VENV)/.installed typecheck
+	$(TEST_VENV)/bin/ruff check .
+	$(TEST_VENV)/bin/ruff format --check .
+
+format: $(TEST_VENV)/.installed
+	$(TEST_VENV)/bin/ruff check --fix .
+	$(TEST_VENV)/bin/ruff format .
+
+bench: $(TEST_VENV)/.installed
+	$(TEST_VENV)/bin/python bench/verify_bundle.py
+
+clean:
+	rm -rf $(DEMO_VENV) $(TEST_VENV) build demo-output
