@@ -70,5 +70,6 @@ def parse_json(data: bytes, what: str) -> Any:
         )
     except UnicodeDecodeError as exc:
         raise MalformedDocumentError(f"{what} is not UTF-8 text") from exc
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError and integers over Python's digit limit.
         raise MalformedDocumentError(f"{what} is not valid JSON: {exc}") from exc

@@ -21,9 +21,11 @@ from edgefleet.errors import (
     MalformedDocumentError,
     ThresholdError,
     UnknownKeyError,
+    UsageError,
     WrongRoleError,
 )
 from edgefleet.keys import PublicKey, SigningKey
+from edgefleet.validation import describe_validation_error
 
 
 class Signature(BaseModel):
@@ -76,8 +78,12 @@ def parse_envelope(data: bytes, what: str, expected_type: str) -> Envelope:
         envelope = Envelope.model_validate(raw)
     except ValidationError as exc:
         raise MalformedDocumentError(
-            f"{what} is not a signed document: {_first_error(exc)}"
+            f"{what} is not a signed document: {describe_validation_error(exc)}"
         ) from exc
+    try:
+        canonical_json(envelope.signed)
+    except UsageError as exc:  # a float, say: no signer of ours made this
+        raise MalformedDocumentError(f"{what} has no canonical form: {exc}") from exc
     found = envelope.signed.get("_type")
     if found != expected_type:
         raise MalformedDocumentError(f"{what} is a {found!r} document, expected {expected_type!r}")
@@ -140,9 +146,3 @@ def verify_role_signatures(
 
 def _short(keyid: str) -> str:
     return keyid[:12]
-
-
-def _first_error(exc: ValidationError) -> str:
-    error = exc.errors()[0]
-    where = ".".join(str(part) for part in error["loc"]) or "document"
-    return f"{where}: {error['msg']}"

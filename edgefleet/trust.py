@@ -31,6 +31,7 @@ from edgefleet.errors import (
 from edgefleet.keys import PublicKey, SigningKey
 from edgefleet.signing import Envelope, Role, parse_envelope, sign_document, verify_role_signatures
 from edgefleet.timefmt import format_time, parse_time, utcnow
+from edgefleet.validation import Timestamp, describe_validation_error
 
 TRUST_ROOT_TYPE = "trust-root"
 ROLE_NAMES: tuple[str, ...] = ("root", "release", "server")
@@ -47,13 +48,12 @@ class TrustRootSigned(BaseModel):
     type_: Literal["trust-root"] = Field(alias="_type")
     spec_version: Literal[1] = 1
     version: int = Field(ge=1)
-    expires: str
+    expires: Timestamp
     keys: dict[str, PublicKey]
     roles: dict[RoleName, Role]
 
     @model_validator(mode="after")
     def _consistent(self) -> TrustRootSigned:
-        parse_time(self.expires)
         for keyid, key in self.keys.items():
             if key.keyid != keyid:
                 raise ValueError(f"key id {keyid[:12]} does not match its key")
@@ -120,7 +120,9 @@ def _parse(data: bytes, what: str) -> tuple[Envelope, TrustRootSigned]:
     try:
         signed = TrustRootSigned.model_validate(envelope.signed)
     except ValidationError as exc:
-        raise MalformedDocumentError(f"{what} is not a valid trust root: {exc}") from exc
+        raise MalformedDocumentError(
+            f"{what} is not a valid trust root: {describe_validation_error(exc)}"
+        ) from exc
     return envelope, signed
 
 

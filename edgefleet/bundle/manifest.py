@@ -17,6 +17,7 @@ from edgefleet.errors import DuplicateFileError, MalformedDocumentError, UnsafeP
 from edgefleet.semver import SEMVER_PATTERN
 from edgefleet.signing import Envelope, parse_envelope
 from edgefleet.timefmt import parse_time
+from edgefleet.validation import Timestamp, describe_validation_error
 
 MANIFEST_TYPE = "bundle-manifest"
 MANIFEST_NAME = "manifest.json"
@@ -67,17 +68,11 @@ class Manifest(BaseModel):
     name: str = Field(pattern=NAME_PATTERN)
     version: str = Field(pattern=SEMVER_PATTERN)
     release_counter: int = Field(ge=0)
-    created: str
+    created: Timestamp
     profiles: list[str] = Field(min_length=1)
     min_agent_version: str = Field(pattern=SEMVER_PATTERN)
     files: list[FileEntry]
     lineage: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("created")
-    @classmethod
-    def _is_time(cls, value: str) -> str:
-        parse_time(value)
-        return value
 
     @field_validator("profiles")
     @classmethod
@@ -125,6 +120,8 @@ def parse_manifest_envelope(data: bytes) -> tuple[Envelope, Manifest]:
     try:
         manifest = Manifest.model_validate(envelope.signed)
     except ValidationError as exc:
-        raise MalformedDocumentError(f"bundle manifest is not valid: {exc}") from exc
+        raise MalformedDocumentError(
+            f"bundle manifest is not valid: {describe_validation_error(exc)}"
+        ) from exc
     check_manifest_paths(manifest)
     return envelope, manifest

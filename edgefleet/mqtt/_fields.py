@@ -1,0 +1,16 @@
+"""Field types shared by the MQTT schemas, so each rule is written once."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field
+
+from edgefleet.bundle.manifest import NAME_PATTERN
+from edgefleet.mqtt.topics import DEVICE_ID_PATTERN
+from edgefleet.semver import SEMVER_PATTERN
+
+DeviceIdText = Annotated[str, Field(pattern=DEVICE_ID_PATTERN)]
+BundleName = Annotated[str, Field(pattern=NAME_PATTERN)]
+Version = Annotated[str, Field(pattern=SEMVER_PATTERN)]
+Count = Annotated[int, Field(ge=0)]

@@ -1,0 +1,294 @@
+"""Signed server-to-device documents: directives and the fleet timestamp.
+
+A directive tells one device to install a bundle (named by digest and length,
+with the transports to fetch it by) or to roll back. The fleet timestamp is
+published retained to the whole fleet at a fixed period, so a device whose
+newest timestamp has expired knows it is being frozen out (a stolen broker can
+withhold messages, never forge them).
+
+Invariants, as in python-tuf's trusted metadata set:
+- verification accepts only bytes and does no I/O; the caller persists the
+  accepted sequence number (atomically) before acting on the document;
+- checks run in a fixed order: size, envelope type, signatures by the trust
+  root's `server` role over the exact signed bytes, schema, then the content
+  checks (device, sequence, expiry), so nothing of an unsigned document is
+  interpreted beyond what is needed to find its signatures;
+- sequence numbers are per device and strictly increasing, which refuses both
+  replays and out-of-order delivery;
+- signed parts hold no floats (canonical JSON refuses them).
+
+The expiry of the trust root itself is not checked here: the caller holds a
+trust root that was checked when loaded (`load_trust_chain`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from edgefleet.errors import (
+    DirectiveError,
+    DirectiveExpiredError,
+    FleetTimestampError,
+    MalformedDocumentError,
+    ReplayedDirectiveError,
+    UsageError,
+    WrongDeviceError,
+)
+from edgefleet.keys import SigningKey
+from edgefleet.mqtt._fields import BundleName, DeviceIdText, Version
+from edgefleet.signing import Envelope, parse_envelope, sign_document
+from edgefleet.timefmt import parse_time, utcnow
+from edgefleet.trust import TrustRoot
+from edgefleet.validation import Timestamp, describe_validation_error
+
+DIRECTIVE_TYPE = "directive"
+FLEET_TIMESTAMP_TYPE = "fleet-timestamp"
+MAX_DIRECTIVE_BYTES = 64 * 1024
+MAX_FLEET_TIMESTAMP_BYTES = 64 * 1024
+# A document issued further ahead than this means a clock is badly wrong; a
+# device whose clock runs far behind would otherwise honour expired documents.
+MAX_CLOCK_SKEW = dt.timedelta(hours=1)
+MIN_BLOCK_SIZE = 1024
+MAX_BLOCK_SIZE = 128 * 1024  # a block plus framing stays under the message size limit
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class BundleRef(_Model):
+    """The bundle file to install, pinned by digest and length."""
+
+    name: BundleName
+    version: Version
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    length: int = Field(ge=1)
+
+
+class HttpSource(_Model):
+    transport: Literal["http"] = "http"
+    url: str = Field(pattern=r"^https?://[^\s]+$", max_length=2048)
+
+
+class MqttBlocksSource(_Model):
+    transport: Literal["mqtt-blocks"] = "mqtt-blocks"
+    block_size: int = Field(ge=MIN_BLOCK_SIZE, le=MAX_BLOCK_SIZE)
+
+
+Source = Annotated[HttpSource | MqttBlocksSource, Field(discriminator="transport")]
+
+
+class _Dated(_Model):
+    issued: Timestamp
+    expires: Timestamp
+
+    @property
+    def issued_at(self) -> dt.datetime:
+        return parse_time(self.issued)
+
+    @property
+    def expires_at(self) -> dt.datetime:
+        return parse_time(self.expires)
+
+    def is_expired(self, now: dt.datetime | None = None) -> bool:
+        return (now or utcnow()) >= self.expires_at
+
+    @model_validator(mode="after")
+    def _expires_after_issued(self) -> _Dated:
+        if parse_time(self.expires) <= parse_time(self.issued):
+            raise ValueError("expires is not after issued")
+        return self
+
+    def to_signed(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True)
+
+
+class Directive(_Dated):
+    """The signed part of a directive."""
+
+    type_: Literal["directive"] = Field(default="directive", alias="_type")
+    spec_version: Literal[1] = 1
+    device_id: DeviceIdText
+    sequence: int = Field(ge=1)
+    action: Literal["install", "rollback"]
+    bundle: BundleRef | None = None
+    sources: list[Source] = Field(default_factory=list, max_length=16)
+    shadow: bool = False  # install beside the serving model and compare, do not serve
+
+    @model_validator(mode="after")
+    def _action_consistent(self) -> Directive:
+        if self.action == "install":
+            if self.bundle is None:
+                raise ValueError("an install directive must name a bundle")
+            if not self.sources:
+                raise ValueError("an install directive must list at least one source")
+        elif self.sources:
+            # A rollback returns to the version the device already holds.
+            raise ValueError("a rollback directive takes no sources")
+        return self
+
+
+class FleetTimestamp(_Dated):
+    """The signed part of the fleet timestamp."""
+
+    type_: Literal["fleet-timestamp"] = Field(default="fleet-timestamp", alias="_type")
+    spec_version: Literal[1] = 1
+    sequence: int = Field(ge=1)
+    # The newest trust root version the server knows; above the device's, the device should
+    # fetch the newer trust root.
+    trust_root_version: int = Field(ge=1)
+
+
+_DatedT = TypeVar("_DatedT", bound=_Dated)
+
+
+def _sign(document: _Dated, server_keys: Iterable[SigningKey]) -> bytes:
+    keys = list(server_keys)
+    if not keys:
+        raise UsageError("no server key to sign with")
+    return sign_document(document.to_signed(), keys).to_bytes()
+
+
+def _verified_envelope(
+    data: bytes, trust: TrustRoot, what: str, doc_type: str, max_bytes: int
+) -> Envelope:
+    if not isinstance(data, (bytes, bytearray)):
+        raise UsageError(f"{what} must be given as bytes, not {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise MalformedDocumentError(f"{what} is {len(data)} bytes, above the {max_bytes} limit")
+    envelope = parse_envelope(bytes(data), what, doc_type)
+    trust.verify_signed_by(envelope, "server")
+    return envelope
+
+
+def _validated(model_cls: type[_DatedT], envelope: Envelope, what: str) -> _DatedT:
+    try:
+        return model_cls.model_validate(envelope.signed)
+    except ValidationError as exc:
+        raise MalformedDocumentError(
+            f"{what} is not valid: {describe_validation_error(exc)}"
+        ) from exc
+
+
+def _check_args(last_sequence: int, now: dt.datetime | None) -> dt.datetime:
+    if type(last_sequence) is not int or last_sequence < 0:
+        raise UsageError(f"last_sequence must be an int >= 0, got {last_sequence!r}")
+    if now is not None and now.tzinfo is None:
+        raise UsageError("now must be an aware datetime")
+    return now or utcnow()
+
+
+def sign_directive(directive: Directive, server_keys: Iterable[SigningKey]) -> bytes:
+    """The bytes to publish on the device's directive topic.
+
+    Raises:
+        UsageError: no key given.
+    """
+    return _sign(directive, server_keys)
+
+
+def verify_directive(
+    data: bytes,
+    trust: TrustRoot,
+    *,
+    device_id: str,
+    last_sequence: int,
+    now: dt.datetime | None = None,
+) -> Directive:
+    """Accept a directive for `device_id` whose sequence is above `last_sequence`, or raise.
+
+    Raises:
+        MalformedDocumentError: over the size limit, not a directive envelope, or
+            a signed part that does not match the directive schema.
+        UnknownKeyError, WrongRoleError, BadSignatureError, ThresholdError: not
+            signed by the trust root's server role (see `TrustRoot.verify_signed_by`).
+        WrongDeviceError: addressed to another device.
+        ReplayedDirectiveError: sequence not above `last_sequence` (replayed or out of order).
+        DirectiveExpiredError: past its expiry at `now`.
+        DirectiveError: issued more than `MAX_CLOCK_SKEW` after `now`.
+        UsageError: `data` is not bytes, or bad `last_sequence` or `now`.
+    """
+    moment = _check_args(last_sequence, now)
+    envelope = _verified_envelope(data, trust, "directive", DIRECTIVE_TYPE, MAX_DIRECTIVE_BYTES)
+    directive = _validated(Directive, envelope, "directive")
+    if directive.device_id != device_id:
+        raise WrongDeviceError(
+            f"directive {directive.sequence} is for device {directive.device_id!r}, "
+            f"this is {device_id!r}"
+        )
+    if directive.sequence <= last_sequence:
+        raise ReplayedDirectiveError(
+            f"directive sequence {directive.sequence} is not above the last accepted "
+            f"{last_sequence}: replayed or out of order"
+        )
+    if directive.is_expired(moment):
+        raise DirectiveExpiredError(
+            f"directive {directive.sequence} expired at {directive.expires} "
+            f"(now {moment.isoformat()})"
+        )
+    if directive.issued_at > moment + MAX_CLOCK_SKEW:
+        raise DirectiveError(
+            f"directive {directive.sequence} is issued at {directive.issued}, in the future "
+            f"(now {moment.isoformat()}): the server's or this device's clock is wrong"
+        )
+    return directive
+
+
+def sign_fleet_timestamp(timestamp: FleetTimestamp, server_keys: Iterable[SigningKey]) -> bytes:
+    """The bytes to publish, retained, on the fleet timestamp topic.
+
+    Raises:
+        UsageError: no key given.
+    """
+    return _sign(timestamp, server_keys)
+
+
+def verify_fleet_timestamp(
+    data: bytes,
+    trust: TrustRoot,
+    *,
+    last_sequence: int,
+    now: dt.datetime | None = None,
+) -> FleetTimestamp:
+    """Accept a fleet timestamp newer than `last_sequence`, or raise.
+
+    The topic is retained, so the broker redelivers the same timestamp on every
+    reconnect; that one is refused as stale like any other. Callers compare the
+    payload with the bytes they last accepted and skip it when equal (the case
+    python-tuf tells apart as EqualVersionNumberError).
+
+    Raises:
+        MalformedDocumentError: over the size limit, not a fleet timestamp
+            envelope, or a signed part that does not match the schema.
+        UnknownKeyError, WrongRoleError, BadSignatureError, ThresholdError: not
+            signed by the trust root's server role.
+        FleetTimestampError: sequence not above `last_sequence`, expired at
+            `now`, or issued more than `MAX_CLOCK_SKEW` after `now`.
+        UsageError: `data` is not bytes, or bad `last_sequence` or `now`.
+    """
+    moment = _check_args(last_sequence, now)
+    what = "fleet timestamp"
+    envelope = _verified_envelope(
+        data, trust, what, FLEET_TIMESTAMP_TYPE, MAX_FLEET_TIMESTAMP_BYTES
+    )
+    timestamp = _validated(FleetTimestamp, envelope, what)
+    if timestamp.sequence <= last_sequence:
+        raise FleetTimestampError(
+            f"fleet timestamp sequence {timestamp.sequence} is not above the last accepted "
+            f"{last_sequence}: stale"
+        )
+    if timestamp.is_expired(moment):
+        raise FleetTimestampError(
+            f"fleet timestamp {timestamp.sequence} expired at {timestamp.expires} "
+            f"(now {moment.isoformat()}): this device may be frozen out"
+        )
+    if timestamp.issued_at > moment + MAX_CLOCK_SKEW:
+        raise FleetTimestampError(
+            f"fleet timestamp {timestamp.sequence} is issued at {timestamp.issued}, in the "
+            f"future (now {moment.isoformat()}): the server's or this device's clock is wrong"
+        )
+    return timestamp

@@ -1,0 +1,271 @@
+"""Device-to-server MQTT payloads: versioned, strict schemas and their one byte form.
+
+Invariants: every message carries `schema_version` (1 here) and is refused when
+it claims another; unknown fields are refused (a newer sender must bump the
+version, not slip fields past an older server); types are strict (no "5" for
+5, no true for 1); counts are non-negative. `parse_message` is the only way
+untrusted payload bytes become a message, and it raises `MessageSchemaError`
+with a one-line reason and nothing else, so a receiver can count and report a
+bad payload without crashing. Messages are unsigned: the broker's per-device
+topic ACLs vouch for the sender, which is why `parse_device_message` checks the
+payload's device id against the topic's.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from edgefleet.canonical import parse_json
+from edgefleet.errors import MalformedDocumentError, MessageSchemaError, UsageError
+from edgefleet.mqtt._fields import BundleName, Count, DeviceIdText, Version
+from edgefleet.mqtt.topics import DeviceId, TopicKind, parse_device_topic
+from edgefleet.timefmt import parse_time
+from edgefleet.validation import Timestamp, describe_validation_error
+
+SCHEMA_VERSION = 1
+MAX_MESSAGE_BYTES = 256 * 1024
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+# Install states belong to the agent's state machine; the schema only keeps them tame.
+InstallState = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
+FeatureName = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+class Message(BaseModel):
+    """Base of every device-to-server message."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    what: ClassVar[str] = "message"
+
+    schema_version: Literal[1] = 1
+    device_id: DeviceIdText
+
+
+class StatusReport(Message):
+    """Where the device's install state machine is, sent on every transition."""
+
+    what: ClassVar[str] = "status report"
+
+    sent_at: Timestamp
+    sequence: Count  # per device, so the server can order reports and spot gaps
+    install_state: InstallState
+    bundle_name: BundleName | None = None
+    bundle_version: Version | None = None
+    previous_version: Version | None = None
+    reason: Annotated[str, Field(max_length=2048)] | None = None
+    directive_sequence: Annotated[int, Field(ge=1)] | None = None
+
+
+class Heartbeat(Message):
+    """Periodic health of the device and its agent."""
+
+    what: ClassVar[str] = "heartbeat"
+
+    sent_at: Timestamp
+    uptime_s: Count
+    cpu_percent: Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
+    memory_used_bytes: Count
+    memory_total_bytes: Count
+    disk_free_bytes: Count
+    disk_total_bytes: Count
+    temperature_c: Finite | None = None
+    agent_version: Version
+    model_name: BundleName | None = None
+    model_version: Version | None = None
+    install_state: InstallState
+
+    @model_validator(mode="after")
+    def _within_totals(self) -> Heartbeat:
+        if self.memory_used_bytes > self.memory_total_bytes:
+            raise ValueError("memory_used_bytes is above memory_total_bytes")
+        if self.disk_free_bytes > self.disk_total_bytes:
+            raise ValueError("disk_free_bytes is above disk_total_bytes")
+        return self
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class LatencyHistogram(_Part):
+    """Request latencies: `counts[i]` at or below `bounds_ms[i]`, the last count above all."""
+
+    bounds_ms: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]]
+    counts: list[Count]
+
+    @model_validator(mode="after")
+    def _shape(self) -> LatencyHistogram:
+        if any(b >= a for b, a in itertools.pairwise(self.bounds_ms)):
+            raise ValueError("bounds_ms must be strictly increasing")
+        if len(self.counts) != len(self.bounds_ms) + 1:
+            raise ValueError(
+                f"counts has {len(self.counts)} entries, expected one per bound plus overflow "
+                f"({len(self.bounds_ms) + 1})"
+            )
+        return self
+
+
+class BinCounts(_Part):
+    """Values counted into the bundle's reference bins, plus what fell outside them."""
+
+    counts: list[Count]
+    nan: Count
+    below: Count
+    above: Count
+
+
+class ShadowCounts(_Part):
+    requests: Count
+    agreements: Count
+
+    @model_validator(mode="after")
+    def _agreements_bounded(self) -> ShadowCounts:
+        if self.agreements > self.requests:
+            raise ValueError("agreements is above requests")
+        return self
+
+
+class LabelledCounts(_Part):
+    count: Count
+    correct: Count
+
+    @model_validator(mode="after")
+    def _correct_bounded(self) -> LabelledCounts:
+        if self.correct > self.count:
+            raise ValueError("correct is above count")
+        return self
+
+
+class TelemetryWindow(Message):
+    """Compact counts over one time window; raw inputs never leave the device."""
+
+    what: ClassVar[str] = "telemetry window"
+
+    window_start: Timestamp
+    window_end: Timestamp
+    bundle_name: BundleName
+    bundle_version: Version
+    requests: Count
+    errors: Count
+    fallbacks: Count
+    schema_violations: Count
+    latency: LatencyHistogram
+    inputs: dict[FeatureName, BinCounts]
+    outputs: dict[FeatureName, BinCounts]
+    shadow: ShadowCounts | None = None
+    labelled: LabelledCounts | None = None
+    dropped_windows: Count = 0  # windows lost to a full buffer since the last one sent
+
+    @model_validator(mode="after")
+    def _window_ordered(self) -> TelemetryWindow:
+        if parse_time(self.window_end) <= parse_time(self.window_start):
+            raise ValueError("window_end is not after window_start")
+        return self
+
+
+class Presence(str, enum.Enum):
+    """The retained payload on a device's presence topic; OFFLINE is its Last Will."""
+
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+    @property
+    def payload(self) -> bytes:
+        return self.value.encode("ascii")
+
+
+MessageT = TypeVar("MessageT", bound=Message)
+
+# Which schema each device-to-server topic kind carries (block requests come later).
+MESSAGE_TYPES: dict[TopicKind, type[Message]] = {
+    TopicKind.STATUS: StatusReport,
+    TopicKind.HEARTBEAT: Heartbeat,
+    TopicKind.TELEMETRY: TelemetryWindow,
+}
+
+
+def encode_message(message: Message) -> bytes:
+    """The JSON bytes to publish for `message`.
+
+    Raises:
+        UsageError: `message` is not an edgefleet message.
+    """
+    if not isinstance(message, Message):
+        raise UsageError(f"{type(message).__name__} is not an edgefleet MQTT message")
+    return message.model_dump_json().encode("utf-8")
+
+
+def parse_message(
+    model_cls: type[MessageT], payload: bytes, max_bytes: int = MAX_MESSAGE_BYTES
+) -> MessageT:
+    """Parse untrusted payload bytes into a message of `model_cls`.
+
+    Raises:
+        MessageSchemaError: too large, not JSON, another schema version, or a
+            schema violation (the reason names the field).
+    """
+    what = model_cls.what
+    if not isinstance(payload, (bytes, bytearray)):
+        raise MessageSchemaError(f"{what} payload is a {type(payload).__name__}, not bytes")
+    if len(payload) > max_bytes:
+        raise MessageSchemaError(f"{what} is {len(payload)} bytes, above the {max_bytes} limit")
+    try:
+        raw: Any = parse_json(bytes(payload), what)
+    except MalformedDocumentError as exc:
+        raise MessageSchemaError(str(exc)) from exc
+    except ValueError as exc:
+        # parse_json lets through the ValueError of an integer over Python's digit limit.
+        raise MessageSchemaError(f"{what} is not acceptable JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise MessageSchemaError(f"{what} is a JSON {type(raw).__name__}, not an object")
+    # Checked before the schema so a newer sender gets a precise reason, not a list
+    # of fields this version does not know.
+    if "schema_version" not in raw:
+        raise MessageSchemaError(f"{what} has no schema_version")
+    found = raw["schema_version"]
+    if type(found) is not int or found != SCHEMA_VERSION:
+        raise MessageSchemaError(
+            f"{what} has schema_version {found!r}; this side understands {SCHEMA_VERSION}"
+        )
+    try:
+        return model_cls.model_validate(raw)
+    except ValidationError as exc:
+        raise MessageSchemaError(
+            f"{what} does not match its schema: field {describe_validation_error(exc, 'payload')}"
+        ) from exc
+
+
+def parse_device_message(
+    topic: str, payload: bytes, max_bytes: int = MAX_MESSAGE_BYTES
+) -> tuple[DeviceId, Message]:
+    """Parse a message received on a device's status, heartbeat or telemetry topic.
+
+    Raises:
+        MessageSchemaError: a foreign topic, a kind that carries no message
+            schema, a bad payload, or a payload naming another device than its
+            topic (a device may publish only in its own subtree, so the topic is
+            what the broker vouched for).
+    """
+    device_id, kind = parse_device_topic(topic)
+    model_cls = MESSAGE_TYPES.get(kind)
+    if model_cls is None:
+        raise MessageSchemaError(f"topic {topic!r} does not carry a device message")
+    message = parse_message(model_cls, payload, max_bytes)
+    if message.device_id != device_id:
+        raise MessageSchemaError(
+            f"{model_cls.what} on the topic of device {device_id!r} claims to come from "
+            f"device {message.device_id!r}"
+        )
+    return device_id, message
+
+
+def parse_presence(payload: bytes) -> Presence:
+    """Raises: MessageSchemaError when `payload` is not `online` or `offline`."""
+    for presence in Presence:
+        if payload == presence.payload:
+            return presence
+    raise MessageSchemaError(f"presence payload {bytes(payload[:32])!r} is not online or offline")
