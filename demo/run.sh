@@ -8,9 +8,10 @@ out=demo-output
 rm -rf "$out"
 mkdir -p "$out"
 
-step() { printf '\n\033[1m== %s\033[0m\n$ %s\n' "$1" "${*:2}"; "${@:2}"; }
+if [ -t 1 ]; then bold=$'\033[1m' plain=$'\033[0m'; else bold='' plain=''; fi
+step() { printf '\n%s== %s%s\n$ %s\n' "$bold" "$1" "$plain" "${*:2}"; "${@:2}"; }
 refused() {  # a step that must fail: show the refusal, stop the demo if it passes
-    printf '\n\033[1m== %s\033[0m\n$ %s\n' "$1" "${*:2}"
+    printf '\n%s== %s%s\n$ %s\n' "$bold" "$1" "$plain" "${*:2}"
     if "${@:2}"; then echo "DEMO FAILED: that should have been refused" >&2; exit 1; fi
 }
 
