@@ -30,7 +30,8 @@
     │   ├── DirectiveError
     │   │   ├── WrongDeviceError
     │   │   ├── ReplayedDirectiveError   sequence number not above the last accepted one
-    │   │   └── DirectiveExpiredError
+    │   │   ├── DirectiveExpiredError
+    │   │   └── DirectiveFromFutureError issued ahead of this device's clock by over the skew
     │   ├── FleetTimestampError          stale sequence or expired: the device may be frozen out
     │   └── MessageSchemaError       an MQTT payload that does not match its schema
     └── LocalError                   a problem on this machine, not in the input
@@ -166,6 +167,10 @@ class ReplayedDirectiveError(DirectiveError):
 
 class DirectiveExpiredError(DirectiveError):
     """A directive past its expiry."""
+
+
+class DirectiveFromFutureError(DirectiveError):
+    """A directive issued further ahead of this device's clock than the allowed skew."""
 
 
 class FleetTimestampError(UntrustedInputError):

@@ -17,8 +17,8 @@ Invariants, as in python-tuf's trusted metadata set:
   replays and out-of-order delivery;
 - signed parts hold no floats (canonical JSON refuses them).
 
-The expiry of the trust root itself is not checked here: the caller holds a
-trust root that was checked when loaded (`load_trust_chain`).
+The trust root's own expiry is checked at every verification, as for bundles:
+a long-running agent must notice when its trust root expires.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgefleet.errors import (
-    DirectiveError,
     DirectiveExpiredError,
+    DirectiveFromFutureError,
     FleetTimestampError,
     MalformedDocumentError,
     ReplayedDirectiveError,
@@ -154,12 +154,13 @@ def _sign(document: _Dated, server_keys: Iterable[SigningKey]) -> bytes:
 
 
 def _verified_envelope(
-    data: bytes, trust: TrustRoot, what: str, doc_type: str, max_bytes: int
+    data: bytes, trust: TrustRoot, what: str, doc_type: str, max_bytes: int, now: dt.datetime
 ) -> Envelope:
     if not isinstance(data, (bytes, bytearray)):
         raise UsageError(f"{what} must be given as bytes, not {type(data).__name__}")
     if len(data) > max_bytes:
         raise MalformedDocumentError(f"{what} is {len(data)} bytes, above the {max_bytes} limit")
+    trust.verify_not_expired(now)
     envelope = parse_envelope(bytes(data), what, doc_type)
     trust.verify_signed_by(envelope, "server")
     return envelope
@@ -209,11 +210,14 @@ def verify_directive(
         WrongDeviceError: addressed to another device.
         ReplayedDirectiveError: sequence not above `last_sequence` (replayed or out of order).
         DirectiveExpiredError: past its expiry at `now`.
-        DirectiveError: issued more than `MAX_CLOCK_SKEW` after `now`.
+        DirectiveFromFutureError: issued more than `MAX_CLOCK_SKEW` after `now`.
+        TrustRootExpiredError: `trust` has expired at `now`.
         UsageError: `data` is not bytes, or bad `last_sequence` or `now`.
     """
     moment = _check_args(last_sequence, now)
-    envelope = _verified_envelope(data, trust, "directive", DIRECTIVE_TYPE, MAX_DIRECTIVE_BYTES)
+    envelope = _verified_envelope(
+        data, trust, "directive", DIRECTIVE_TYPE, MAX_DIRECTIVE_BYTES, moment
+    )
     directive = _validated(Directive, envelope, "directive")
     if directive.device_id != device_id:
         raise WrongDeviceError(
@@ -231,7 +235,7 @@ def verify_directive(
             f"(now {moment.isoformat()})"
         )
     if directive.issued_at > moment + MAX_CLOCK_SKEW:
-        raise DirectiveError(
+        raise DirectiveFromFutureError(
             f"directive {directive.sequence} is issued at {directive.issued}, in the future "
             f"(now {moment.isoformat()}): the server's or this device's clock is wrong"
         )
@@ -268,12 +272,13 @@ def verify_fleet_timestamp(
             signed by the trust root's server role.
         FleetTimestampError: sequence not above `last_sequence`, expired at
             `now`, or issued more than `MAX_CLOCK_SKEW` after `now`.
+        TrustRootExpiredError: `trust` has expired at `now`.
         UsageError: `data` is not bytes, or bad `last_sequence` or `now`.
     """
     moment = _check_args(last_sequence, now)
     what = "fleet timestamp"
     envelope = _verified_envelope(
-        data, trust, what, FLEET_TIMESTAMP_TYPE, MAX_FLEET_TIMESTAMP_BYTES
+        data, trust, what, FLEET_TIMESTAMP_TYPE, MAX_FLEET_TIMESTAMP_BYTES, moment
     )
     timestamp = _validated(FleetTimestamp, envelope, what)
     if timestamp.sequence <= last_sequence:

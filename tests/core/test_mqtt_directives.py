@@ -25,11 +25,11 @@ from edgefleet.mqtt import (
     verify_fleet_timestamp,
 )
 from edgefleet.signing import Signature, sign_document
-from edgefleet.timefmt import format_time
+from edgefleet.timefmt import format_time, utcnow
 from edgefleet.trust import TrustRoot
-from tests.conftest import KeySet
+from tests.conftest import KeySet, make_trust_root
 
-NOW = dt.datetime(2030, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+NOW = utcnow()  # the session's trust root expires 30 days from now
 DEVICE = "cam-01"
 
 
@@ -228,8 +228,14 @@ def test_expired_directive_refused(keyset: KeySet, trust: TrustRoot) -> None:
 def test_directive_issued_far_in_future_refused(keyset: KeySet, trust: TrustRoot) -> None:
     issued = NOW + MAX_CLOCK_SKEW + dt.timedelta(seconds=1)
     sent = directive(issued=format_time(issued), expires=format_time(issued + dt.timedelta(days=1)))
-    with pytest.raises(errors.DirectiveError, match="future"):
+    with pytest.raises(errors.DirectiveFromFutureError, match="future"):
         verify(sign_directive(sent, [keyset.server]), trust)
+
+
+def test_directive_under_expired_trust_root_refused(keyset: KeySet) -> None:
+    expired = make_trust_root(keyset, expires=NOW - dt.timedelta(seconds=1))
+    with pytest.raises(errors.TrustRootExpiredError):
+        verify(sign_directive(directive(), [keyset.server]), expired)
 
 
 def test_signature_checked_before_content(trust: TrustRoot) -> None:
