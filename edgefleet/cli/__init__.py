@@ -33,6 +33,14 @@ COMMANDS: dict[str, _LazyCommand] = {
     "bundle": _LazyCommand(
         "edgefleet.cli.bundle:bundle", "Build, verify and inspect signed bundles.", None
     ),
+    "targets": _LazyCommand(
+        "edgefleet.cli.targets:targets", "List and show hardware target profiles.", None
+    ),
+    "convert": _LazyCommand(
+        "edgefleet.converter.cli:convert_command",
+        "Quantize a model for a target, prove it, sign it.",
+        "converter",
+    ),
 }
 
 

@@ -1,0 +1,179 @@
+"""`edgefleet convert`: quantize a model for a target, prove it, optionally sign it."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import click
+from edgefleet.converter.context import ConversionResult, ConvertOptions
+from edgefleet.converter.evaluate import Budget
+from edgefleet.converter.pipeline import convert
+from edgefleet.converter.report import format_table
+
+from edgefleet.bundle import build_bundle
+from edgefleet.cli.options import echo_json, json_option, load_signing_keys, passphrase_env_option
+from edgefleet.errors import UsageError
+
+_BUDGET_KEYS = {field.name: field.type for field in dataclasses.fields(Budget)}
+
+
+class _TerminalProgress:
+    """Progress bars on a terminal; one line per stage in a log."""
+
+    def __init__(self) -> None:
+        self._bar: Any = None
+        self._tty = sys.stderr.isatty()
+
+    def start(self, label: str, total: int) -> None:
+        if self._tty:
+            self._bar = click.progressbar(length=total, label=label, file=sys.stderr)
+            self._bar.__enter__()
+        else:
+            click.echo(f"{label} ({total})", err=True)
+
+    def advance(self, count: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(count)
+
+    def finish(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+            self._bar = None
+
+
+def parse_budget(items: tuple[str, ...]) -> Budget:
+    """`accuracy_drop=0.5` and the like into a Budget.
+
+    Raises: UsageError naming the bad item.
+    """
+    values: dict[str, float] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in _BUDGET_KEYS:
+            raise UsageError(
+                f"--budget {item!r}: use KEY=VALUE with KEY one of {', '.join(_BUDGET_KEYS)}"
+            )
+        try:
+            values[key] = float(value)
+        except ValueError:
+            raise UsageError(f"--budget {item!r}: {value!r} is not a number") from None
+    return Budget(**values)
+
+
+@click.command("convert")
+@click.argument("model", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option(
+    "--target", required=True, help="Hardware profile (`edgefleet targets list`), or host."
+)
+@click.option(
+    "--calibration",
+    required=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Calibration data: .npz (one array per input) or .npy.",
+)
+@click.option(
+    "--validation",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Validation data, same form [default: the calibration data].",
+)
+@click.option(
+    "--labels",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help=".npy of validation labels: integers classify, floats regress.",
+)
+@click.option(
+    "--budget",
+    "budget_items",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Accuracy budget: accuracy_drop (points, 1.0), regression_error_increase "
+    "(0.05), min_cosine (0.99), min_top1_agreement (0.98). Repeatable.",
+)
+@click.option(
+    "--optimize",
+    type=click.Choice(["latency", "size"]),
+    default="latency",
+    show_default=True,
+    help="What to choose for among candidates within budget.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Output directory; with --sign, the bundle file.",
+)
+@click.option(
+    "--sign",
+    "release_key",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Release key: build and sign a bundle in one go.",
+)
+@click.option("--name", help="Bundle name (with --sign).")
+@click.option("--version", "version", help="Bundle version (with --sign).")
+@passphrase_env_option
+@json_option
+def convert_command(
+    model: Path,
+    target: str,
+    calibration: Path,
+    validation: Path | None,
+    labels: Path | None,
+    budget_items: tuple[str, ...],
+    optimize: str,
+    output: Path,
+    release_key: Path | None,
+    name: str | None,
+    version: str | None,
+    passphrase_env: str | None,
+    as_json: bool,
+) -> None:
+    """Quantize MODEL for a target, prove it, and write it with everything a device needs.
+
+    Every quantization setting that is valid on the target is tried and
+    measured against the float model on the validation data (accuracy with
+    labels, output fidelity without) and on this machine's clock. The fastest
+    candidate within the accuracy budget is chosen; a model slower than the
+    float one is never shipped. The float model always goes along as the
+    device's fallback. See docs/converter.md.
+    """
+    if release_key is None and (name or version):
+        raise UsageError("--name and --version go with --sign")
+    if release_key is not None and not (name and version):
+        raise UsageError("--sign needs --name and --version for the bundle")
+    options = ConvertOptions(
+        target=target,
+        calibration=calibration,
+        validation=validation,
+        labels=labels,
+        budget=parse_budget(budget_items),
+        optimize="size" if optimize == "size" else "latency",
+    )
+    if release_key is None:
+        result = convert(model, output, options, _TerminalProgress())
+        _summarize(result, as_json, bundle=None)
+        return
+    keys = load_signing_keys([release_key], passphrase_env)
+    with tempfile.TemporaryDirectory(prefix="edgefleet-convert-") as scratch:
+        result = convert(model, Path(scratch) / "out", options, _TerminalProgress())
+        assert name is not None and version is not None
+        build_bundle(result.out_dir, output, name=name, version=version, keys=keys)
+        _summarize(result, as_json, bundle=output)
+
+
+def _summarize(result: ConversionResult, as_json: bool, bundle: Path | None) -> None:
+    if as_json:
+        echo_json(
+            {
+                **result.report,
+                "out_dir": None if bundle else str(result.out_dir),
+                "bundle": str(bundle) if bundle else None,
+            }
+        )
+        return
+    click.echo(format_table(result.report), nl=False)
+    click.echo(f"\nwritten: {bundle if bundle else result.out_dir}")

@@ -1,0 +1,52 @@
+"""The state one conversion carries from step to step, and what it returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from edgefleet.converter.choose import Evaluation, Optimize
+from edgefleet.converter.data import Dataset
+from edgefleet.converter.evaluate import Budget, Outputs
+from edgefleet.converter.modelinfo import ModelInfo
+from edgefleet.converter.progress import Progress
+
+from edgefleet.profiles import Profile
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    target: str
+    calibration: Path
+    validation: Path | None = None
+    labels: Path | None = None
+    budget: Budget = field(default_factory=Budget)
+    optimize: Optimize = "latency"
+
+
+@dataclass
+class ConversionContext:
+    model: Path  # the source model, unchanged
+    options: ConvertOptions
+    profile: Profile
+    info: ModelInfo
+    calibration: Dataset
+    validation: Dataset
+    labels: np.ndarray | None
+    workdir: Path
+    float_outputs: Outputs
+    float_metrics: dict[str, float]
+    progress: Progress
+    notes: list[str]
+
+
+@dataclass
+class ConversionResult:
+    out_dir: Path
+    profile: Profile
+    info: ModelInfo
+    chosen: Evaluation
+    evaluations: list[Evaluation]
+    notes: list[str]
+    report: dict[str, object]

@@ -1,0 +1,204 @@
+"""Measuring a model: its outputs on the validation data, its accuracy or fidelity, its speed.
+
+Metrics are pure functions of arrays; sessions and timing are at the edges.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from edgefleet.converter.data import Dataset, Feed
+from edgefleet.converter.errors import CorruptModelError, UnsupportedOperatorError
+
+from edgefleet.profiles import Profile
+
+Outputs = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much worse than the float model a candidate may be."""
+
+    accuracy_drop: float = 1.0  # percentage points, with integer labels
+    regression_error_increase: float = 0.05  # relative RMSE increase, with float labels
+    min_cosine: float = 0.99  # per float output, without labels
+    min_top1_agreement: float = 0.98  # per class-score output, without labels
+
+
+def session_threads(profile: Profile) -> int:
+    return max(1, min(profile.threads, os.cpu_count() or 1))
+
+
+def open_session(path: Path, profile: Profile) -> object:
+    """An onnxruntime session as the target would run it (threads and providers from the profile).
+
+    Raises:
+        UnsupportedOperatorError: onnxruntime lacks an operator of the model.
+        CorruptModelError: onnxruntime cannot load the model for another reason.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = session_threads(profile)
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    available = set(ort.get_available_providers())
+    providers = [p for p in profile.execution_providers if p in available] or [
+        "CPUExecutionProvider"
+    ]
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as exc:
+        message = str(exc)
+        if "NOT_IMPLEMENTED" in message or "Could not find an implementation" in message:
+            raise UnsupportedOperatorError(
+                f"onnxruntime cannot run {path.name}: {message.splitlines()[0][:300]}"
+            ) from exc
+        raise CorruptModelError(
+            f"onnxruntime cannot load {path.name}: {message.splitlines()[0][:300]}"
+        ) from exc
+
+
+def run_outputs(session: object, dataset: Dataset, names: Sequence[str]) -> Outputs:
+    """Every output for every sample, samples along the first axis."""
+    batched = not all(dataset.whole_entries.values())
+    collected: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for feed in dataset.samples():
+        for name, value in zip(names, session.run(list(names), feed), strict=True):  # type: ignore[attr-defined]
+            collected[name].append(np.asarray(value))
+    return {
+        name: np.concatenate(values) if batched else np.stack(values)
+        for name, values in collected.items()
+    }
+
+
+def measure_latency_ms(
+    session: object, feed: Feed, min_runs: int = 30, min_seconds: float = 0.3
+) -> float:
+    """Median wall time of one inference, after a warm-up."""
+    run = session.run  # type: ignore[attr-defined]
+    for _ in range(3):
+        run(None, feed)
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < min_runs or (
+        time.perf_counter() - started < min_seconds and len(times) < 2000
+    ):
+        begin = time.perf_counter()
+        run(None, feed)
+        times.append(time.perf_counter() - begin)
+    return statistics.median(times) * 1000
+
+
+# --- metrics: pure functions of arrays ---------------------------------------------------
+
+
+def _flat(array: np.ndarray) -> np.ndarray:
+    return array.reshape(len(array), -1).astype(np.float64)
+
+
+def cosine_similarity(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Mean over samples of the cosine between flattened outputs (1.0 when both are zero)."""
+    a, b = _flat(reference), _flat(candidate)
+    dot = (a * b).sum(axis=1)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    both_zero = norms == 0
+    cos = np.where(both_zero, 1.0, dot / np.where(both_zero, 1.0, norms))
+    return float(cos.mean())
+
+
+def is_class_scores(array: np.ndarray) -> bool:
+    return array.dtype.kind == "f" and array.ndim == 2 and array.shape[1] > 1
+
+
+def predicted_classes(outputs: Outputs) -> np.ndarray | None:
+    """Class predictions: an integer label output if there is one, else argmax of class scores."""
+    for array in outputs.values():
+        if array.dtype.kind in "iu" and array.ndim == 1:
+            return array
+    for array in outputs.values():
+        if is_class_scores(array):
+            return np.asarray(array.argmax(axis=1))
+    return None
+
+
+def regression_predictions(outputs: Outputs) -> np.ndarray | None:
+    for array in outputs.values():
+        if array.dtype.kind == "f" and array.reshape(len(array), -1).shape[1] == 1:
+            return array.reshape(-1)
+    return None
+
+
+def fidelity(reference: Outputs, candidate: Outputs) -> dict[str, dict[str, float]]:
+    """Per output: cosine similarity, max abs error, top-1 agreement (class scores), match rate."""
+    result: dict[str, dict[str, float]] = {}
+    for name, ref in reference.items():
+        cand = candidate[name]
+        if ref.dtype.kind in "iub":
+            result[name] = {"match_rate": float((ref == cand).mean())}
+            continue
+        metrics = {
+            "cosine": cosine_similarity(ref, cand),
+            "max_abs_error": float(np.abs(ref.astype(np.float64) - cand).max()),
+        }
+        if is_class_scores(ref):
+            metrics["top1_agreement"] = float((ref.argmax(1) == cand.argmax(1)).mean())
+        result[name] = metrics
+    return result
+
+
+def task_metrics(outputs: Outputs, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy (integer labels) or RMSE (float labels) of one model's outputs."""
+    if labels.dtype.kind in "iu":
+        predicted = predicted_classes(outputs)
+        if predicted is None:
+            return {}
+        return {"accuracy": float((predicted.astype(np.int64) == labels).mean() * 100)}
+    predictions = regression_predictions(outputs)
+    if predictions is None:
+        return {}
+    return {"rmse": float(np.sqrt(((predictions - labels) ** 2).mean()))}
+
+
+def has_non_finite(outputs: Outputs) -> bool:
+    return any(a.dtype.kind == "f" and not np.isfinite(a).all() for a in outputs.values())
+
+
+def budget_failures(
+    metrics: dict[str, float],
+    float_metrics: dict[str, float],
+    per_output: dict[str, dict[str, float]],
+    budget: Budget,
+) -> list[str]:
+    """Why a candidate misses the budget; empty when it meets it."""
+    failures = []
+    if "accuracy" in metrics and "accuracy" in float_metrics:
+        drop = float_metrics["accuracy"] - metrics["accuracy"]
+        if drop > budget.accuracy_drop:
+            failures.append(f"accuracy drop {drop:.2f} points > {budget.accuracy_drop}")
+        return failures
+    if "rmse" in metrics and "rmse" in float_metrics:
+        base = max(float_metrics["rmse"], 1e-12)
+        increase = metrics["rmse"] / base - 1
+        if increase > budget.regression_error_increase:
+            failures.append(f"RMSE +{increase:.1%} > +{budget.regression_error_increase:.0%}")
+        return failures
+    for name, values in per_output.items():
+        if values.get("cosine", 1.0) < budget.min_cosine:
+            failures.append(f"{name}: cosine {values['cosine']:.4f} < {budget.min_cosine}")
+        if values.get("match_rate", 1.0) < budget.min_top1_agreement:
+            failures.append(
+                f"{name}: matches float {values['match_rate']:.3f} < {budget.min_top1_agreement}"
+            )
+        if values.get("top1_agreement", 1.0) < budget.min_top1_agreement:
+            failures.append(
+                f"{name}: top-1 agreement {values['top1_agreement']:.3f} < "
+                f"{budget.min_top1_agreement}"
+            )
+    return failures

@@ -1,0 +1,139 @@
+"""Writing OUT_DIR: the chosen model, the float fallback, and everything the device and server need.
+
+Files (see docs/converter.md):
+    model.onnx | model.tflite   the model to serve
+    model.float.onnx            the float model, the on-device fallback (ONNX only)
+    schema.json                 inputs and outputs, with observed ranges
+    smoke.npz, smoke.json       sample inputs, expected outputs, tolerance
+    drift-reference.json        quantile bins and reference counts per feature
+    report.json, report.txt     every candidate, its numbers and verdict
+    edgefleet-bundle.json       profiles, lineage, minimum agent version (for `bundle build`)
+
+All are written into a temporary directory beside OUT_DIR, which is renamed
+into place only when everything is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from edgefleet.converter.choose import Evaluation
+from edgefleet.converter.context import ConversionContext, ConversionResult
+from edgefleet.converter.data import Dataset, sha256_file
+from edgefleet.converter.evaluate import Outputs, open_session, run_outputs
+from edgefleet.converter.reference import (
+    write_drift_reference,
+    write_schema,
+    write_smoke_test,
+)
+from edgefleet.converter.report import REPORT_FILE, TABLE_FILE, build_report, format_table
+
+from edgefleet import __version__
+from edgefleet.bundle import METADATA_NAME
+from edgefleet.fileio import fsync_directory
+
+SERVED_ONNX = "model.onnx"
+FALLBACK_ONNX = "model.float.onnx"
+# The oldest agent that understands this output's files.
+MIN_AGENT_VERSION = "0.1.0"
+
+
+@contextlib.contextmanager
+def staged_directory(out_dir: Path) -> Iterator[Path]:
+    """A temporary directory beside `out_dir` that becomes `out_dir` on success."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        yield staging
+        staging.chmod(0o755)
+        if out_dir.is_dir():
+            out_dir.rmdir()  # empty, checked by the caller
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    fsync_directory(out_dir.parent)
+
+
+def reference_data(context: ConversionContext) -> Dataset:
+    """Calibration and validation inputs together (once, when they are the same)."""
+    if context.validation is context.calibration:
+        return context.calibration
+    arrays = {
+        name: np.concatenate([context.calibration.arrays[name], context.validation.arrays[name]])
+        for name in context.calibration.arrays
+    }
+    size = context.calibration.size + context.validation.size
+    return Dataset(context.calibration.source, arrays, context.calibration.whole_entries, size)
+
+
+def write_bundle_metadata(
+    directory: Path, context: ConversionContext, chosen: Evaluation, runtime: str
+) -> None:
+    """edgefleet-bundle.json: profiles, minimum agent version and lineage for `bundle build`.
+
+    The lineage goes into the signed manifest: strings, integers and booleans only.
+    """
+    options = context.options
+    lineage: dict[str, Any] = {
+        "source_model_sha256": sha256_file(context.model),
+        "calibration_sha256": sha256_file(options.calibration),
+        "converter": f"edgefleet {__version__}",
+        "runtime": runtime,
+        "target": context.profile.name,
+        "chosen": chosen.candidate.name,
+        "settings": {k: v for k, v in chosen.candidate.settings().items() if v is not None},
+        "optimize": options.optimize,
+    }
+    if options.validation is not None:
+        lineage["validation_sha256"] = sha256_file(options.validation)
+    if options.labels is not None:
+        lineage["labels_sha256"] = sha256_file(options.labels)
+    metadata = {
+        "profiles": [context.profile.name],
+        "min_agent_version": MIN_AGENT_VERSION,
+        "lineage": lineage,
+    }
+    (directory / METADATA_NAME).write_text(json.dumps(metadata, indent=2) + "\n")
+
+
+def write_output(
+    out_dir: Path, context: ConversionContext, chosen: Evaluation, evaluations: list[Evaluation]
+) -> ConversionResult:
+    names = [spec.name for spec in context.info.outputs]
+    assert chosen.path is not None
+    report = build_report(context, chosen, evaluations)
+    with staged_directory(out_dir) as staging:
+        shutil.copyfile(chosen.path, staging / SERVED_ONNX)
+        shutil.copyfile(context.model, staging / FALLBACK_ONNX)
+        session = open_session(staging / SERVED_ONNX, context.profile)
+        reference = reference_data(context)
+        reference_outputs: Outputs = run_outputs(session, reference, names)
+        write_schema(staging, context.info, reference.arrays, reference_outputs)
+        write_drift_reference(
+            staging, context.info, reference.arrays, reference_outputs, reference.size
+        )
+        smoke_outputs = run_outputs(session, context.validation.subset(8), names)
+        float_smoke = {name: values[:8] for name, values in context.float_outputs.items()}
+        write_smoke_test(staging, context.validation.subset(8), smoke_outputs, float_smoke, names)
+        (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        (staging / TABLE_FILE).write_text(format_table(report))
+        import onnxruntime
+
+        write_bundle_metadata(staging, context, chosen, f"onnxruntime {onnxruntime.__version__}")
+    return ConversionResult(
+        out_dir=out_dir,
+        profile=context.profile,
+        info=context.info,
+        chosen=chosen,
+        evaluations=evaluations,
+        notes=context.notes,
+        report=report,
+    )

@@ -1,0 +1,281 @@
+"""`convert`: from a float model to a directory ready to be signed into a bundle.
+
+Steps: load and check the model and data for the target; measure the float
+model; preprocess; quantize and measure every valid candidate (structures
+first, then other calibrations for the fastest); when none meets the budget,
+keep the worst nodes in float and retry; choose; confirm the choice against
+the float model head to head; write the output. Everything is built in a
+temporary directory beside OUT_DIR and renamed into place at the end, so
+OUT_DIR is never half-written.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from edgefleet.converter import candidates as cand
+from edgefleet.converter.choose import MIN_SPEEDUP, Evaluation, choose
+from edgefleet.converter.context import ConversionContext, ConversionResult, ConvertOptions
+from edgefleet.converter.data import Dataset, load_dataset, load_labels
+from edgefleet.converter.errors import (
+    ConverterError,
+    DataError,
+    UnsupportedOperatorError,
+)
+from edgefleet.converter.evaluate import (
+    budget_failures,
+    fidelity,
+    has_non_finite,
+    measure_latency_ms,
+    open_session,
+    run_outputs,
+    task_metrics,
+)
+from edgefleet.converter.modelinfo import SUPPORTED_DOMAINS, ModelInfo, is_tflite, load_onnx
+from edgefleet.converter.output import write_output
+from edgefleet.converter.preprocess import preprocess
+from edgefleet.converter.progress import NO_PROGRESS, Progress
+from edgefleet.converter.quantize import quantize
+from edgefleet.converter.sqnr import worst_nodes
+
+from edgefleet.errors import UsageError
+from edgefleet.profiles import Profile, load_profile
+
+CALIBRATION_SAMPLES = 200
+VALIDATION_SAMPLES = 500
+TOP_STRUCTURES = 2  # fastest structures tried with other calibration methods
+EXCLUSION_STEPS = (2, 4, 8)  # nodes kept in float, per retry
+CONFIRM_ROUNDS = 5
+
+
+def _check_target(info: ModelInfo, profile: Profile) -> None:
+    if "onnxruntime" not in profile.runtimes:
+        raise UnsupportedOperatorError(
+            f"target {profile.name} runs {', '.join(profile.runtimes)} models only, not ONNX: "
+            "convert the model to TFLite first, or choose another target"
+        )
+    foreign = sorted(info.domains - SUPPORTED_DOMAINS)
+    if foreign:
+        raise UnsupportedOperatorError(
+            f"{info.path.name} uses operators of domain(s) {', '.join(foreign)}, which "
+            f"onnxruntime on {profile.name} does not implement"
+        )
+
+
+def _load_data(
+    model_info: ModelInfo, options: ConvertOptions
+) -> tuple[Dataset, Dataset, np.ndarray | None, list[str]]:
+    notes = []
+    calibration = load_dataset(options.calibration, model_info.inputs).subset(CALIBRATION_SAMPLES)
+    if options.validation is None:
+        if options.labels is not None:
+            raise UsageError("--labels needs --validation: labels belong to validation samples")
+        notes.append("no validation data: fidelity measured on the calibration data")
+        validation = calibration
+    else:
+        validation = load_dataset(options.validation, model_info.inputs)
+    labels = None
+    if options.labels is not None:
+        labels = load_labels(options.labels, validation.size)
+    if validation.size > VALIDATION_SAMPLES:
+        validation = validation.subset(VALIDATION_SAMPLES)
+        labels = labels[:VALIDATION_SAMPLES] if labels is not None else None
+    return calibration, validation, labels, notes
+
+
+def _evaluate(context: ConversionContext, candidate: cand.Candidate, path: Path) -> Evaluation:
+    evaluation = Evaluation(candidate=candidate, path=path, size_bytes=path.stat().st_size)
+    try:
+        session = open_session(path, context.profile)
+        names = [spec.name for spec in context.info.outputs]
+        outputs = run_outputs(session, context.validation, names)
+        if has_non_finite(outputs):
+            evaluation.error = "NaN or infinite outputs"
+            return evaluation
+        evaluation.per_output = fidelity(context.float_outputs, outputs)
+        if context.labels is not None:
+            evaluation.metrics = task_metrics(outputs, context.labels)
+        evaluation.failures = budget_failures(
+            evaluation.metrics,
+            context.float_metrics,
+            evaluation.per_output,
+            context.options.budget,
+        )
+        evaluation.latency_ms = measure_latency_ms(session, context.validation.sample(0))
+    except (ConverterError, Exception) as exc:
+        evaluation.error = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+    return evaluation
+
+
+def _quantize_and_evaluate(
+    context: ConversionContext, candidate: cand.Candidate, float_model: Path
+) -> Evaluation:
+    path = context.workdir / f"{candidate.name}.onnx"
+    try:
+        notes = quantize(candidate, float_model, path, context.calibration, context.workdir)
+    except Exception as exc:
+        message = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        return Evaluation(candidate=candidate, error=f"quantization failed: {message}")
+    finally:
+        context.progress.advance()
+    evaluation = _evaluate(context, candidate, path)
+    evaluation.notes = notes
+    return evaluation
+
+
+def _search(context: ConversionContext, float_model: Path) -> list[Evaluation]:
+    structures = cand.structural_candidates(context.profile, context.info.kind)
+    context.progress.start("quantizing and measuring candidates", len(structures))
+    evaluations = [_quantize_and_evaluate(context, c, float_model) for c in structures]
+    context.progress.finish()
+
+    fastest = sorted(
+        (
+            e
+            for e in evaluations
+            if e.error is None and e.latency_ms is not None and e.candidate.method == "static"
+        ),
+        key=lambda e: e.latency_ms or 0.0,
+    )[:TOP_STRUCTURES]
+    variants = [v for e in fastest for v in cand.calibration_variants(e.candidate, context.profile)]
+    if variants:
+        context.progress.start("trying other calibration methods", len(variants))
+        evaluations += [_quantize_and_evaluate(context, c, float_model) for c in variants]
+        context.progress.finish()
+
+    if not any(e.usable for e in evaluations):
+        evaluations += _retry_without_worst_nodes(context, evaluations, float_model)
+    return evaluations
+
+
+def _retry_without_worst_nodes(
+    context: ConversionContext, evaluations: list[Evaluation], float_model: Path
+) -> list[Evaluation]:
+    """Keep the nodes with the worst SQNR in float, more each time, until one meets the budget."""
+    qdq = sorted(
+        (
+            e
+            for e in evaluations
+            if e.error is None and e.path is not None and e.candidate.quant_format == "QDQ"
+        ),
+        key=lambda e: e.latency_ms or 0.0,
+    )
+    if not qdq:
+        return []
+    base = qdq[0]
+    assert base.path is not None
+    try:
+        ranked = worst_nodes(float_model, base.path, context.calibration, context.workdir)
+    except Exception as exc:
+        return [
+            Evaluation(
+                candidate=base.candidate.excluding(("?",)),
+                error=f"SQNR analysis failed: {str(exc)[:200]}",
+            )
+        ]
+    retries: list[Evaluation] = []
+    context.progress.start("keeping the worst nodes in float", len(EXCLUSION_STEPS))
+    for count in EXCLUSION_STEPS:
+        if count > len(ranked):
+            break
+        evaluation = _quantize_and_evaluate(
+            context, base.candidate.excluding(tuple(ranked[:count])), float_model
+        )
+        retries.append(evaluation)
+        if evaluation.usable:
+            break
+    context.progress.finish()
+    return retries
+
+
+def _confirm(context: ConversionContext, chosen: Evaluation, baseline: Evaluation) -> bool:
+    """Measure chosen and float head to head, interleaved; True when chosen is still faster."""
+    assert chosen.path is not None and baseline.path is not None
+    sessions = [open_session(e.path, context.profile) for e in (chosen, baseline)]  # type: ignore[arg-type]
+    feed = context.validation.sample(0)
+    ratios = []
+    for _ in range(CONFIRM_ROUNDS):
+        chosen_ms, float_ms = (
+            measure_latency_ms(s, feed, min_runs=20, min_seconds=0.1) for s in sessions
+        )
+        ratios.append(chosen_ms / float_ms)
+    ratio = float(np.median(ratios))
+    return ratio <= 1 - MIN_SPEEDUP / 2
+
+
+def convert(
+    model: Path,
+    out_dir: Path,
+    options: ConvertOptions,
+    progress: Progress = NO_PROGRESS,
+) -> ConversionResult:
+    """Convert `model` for `options.target` into `out_dir` (which must not exist or be empty).
+
+    Raises:
+        UnknownProfileError: no such target.
+        ModelError, DataError: the model or data is unusable (see converter.errors).
+        UsageError: `out_dir` exists and is not empty; inconsistent options.
+    """
+    model, out_dir = Path(model), Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UsageError(f"{out_dir} exists and is not empty: choose a new output directory")
+    profile = load_profile(options.target)
+    if is_tflite(model):
+        from edgefleet.converter.tflite import convert_tflite
+
+        return convert_tflite(model, out_dir, profile, options, progress)
+    onnx_model, info = load_onnx(model)
+    _check_target(info, profile)
+    calibration, validation, labels, notes = _load_data(info, options)
+
+    with tempfile.TemporaryDirectory(prefix="edgefleet-convert-") as scratch:
+        workdir = Path(scratch)
+        float_path = workdir / "float.onnx"
+        shutil.copyfile(model, float_path)
+        session = open_session(float_path, profile)
+        names = [spec.name for spec in info.outputs]
+        progress.start("measuring the float model", 1)
+        float_outputs = run_outputs(session, validation, names)
+        progress.finish()
+        if has_non_finite(float_outputs):
+            raise DataError("the float model gives NaN or infinite outputs on the validation data")
+        float_metrics = task_metrics(float_outputs, labels) if labels is not None else {}
+        baseline = Evaluation(
+            candidate=cand.FLOAT,
+            path=float_path,
+            size_bytes=float_path.stat().st_size,
+            metrics=float_metrics,
+            per_output=fidelity(float_outputs, float_outputs),
+            latency_ms=measure_latency_ms(session, validation.sample(0)),
+        )
+        context = ConversionContext(
+            model=model,
+            options=options,
+            profile=profile,
+            info=info,
+            calibration=calibration,
+            validation=validation,
+            labels=labels,
+            workdir=workdir,
+            float_outputs=float_outputs,
+            float_metrics=float_metrics,
+            progress=progress,
+            notes=notes,
+        )
+        prepared = preprocess(onnx_model, info, workdir)
+        del onnx_model
+        notes += prepared.notes
+        evaluations = [baseline, *_search(context, prepared.path)]
+        while True:
+            chosen = choose(evaluations, options.optimize)
+            if (
+                chosen is baseline
+                or options.optimize != "latency"
+                or _confirm(context, chosen, baseline)
+            ):
+                break
+            chosen.error = "slower than float when measured head to head"
+        return write_output(out_dir, context, chosen, evaluations)

@@ -1,0 +1,124 @@
+"""Turning a candidate's settings into a quantized model file with onnxruntime's tooling.
+
+Calibration ranges are computed once per calibration method and cached, since
+they depend on the float model and the data only, not on format or types.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+from edgefleet.converter.candidates import Candidate
+from edgefleet.converter.data import Dataset, Feed
+
+
+class CalibrationReader:
+    """onnxruntime's CalibrationDataReader over a dataset, one sample per call."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self._dataset = dataset
+        self._samples: Iterator[Feed] = dataset.samples()
+
+    def get_next(self) -> Feed | None:
+        return next(self._samples, None)
+
+    def rewind(self) -> None:
+        self._samples = self._dataset.samples()
+
+    def __len__(self) -> int:
+        return self._dataset.size
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._samples = self._dataset.samples(range(start_index, end_index))
+
+
+@contextlib.contextmanager
+def quiet_onnxruntime_tooling() -> Iterator[None]:
+    # The quantization tooling logs advice on the root logger and prints its
+    # calibration progress; our report says what matters, so keep both off the
+    # user's terminal (and off stdout, which --json owns).
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def _quant_type(code: str) -> object:
+    from onnxruntime.quantization import QuantType
+
+    return QuantType.QUInt8 if code == "U8" else QuantType.QInt8
+
+
+def quantize(
+    candidate: Candidate,
+    float_model: Path,
+    output: Path,
+    calibration: Dataset,
+    cache_dir: Path,
+) -> list[str]:
+    """Write `candidate`'s quantized model to `output`; return notes on how.
+
+    Raises:
+        Exception: whatever onnxruntime's tooling raises; the caller records it
+            as the candidate's failure.
+    """
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    excluded = list(candidate.nodes_to_exclude) or None
+    with quiet_onnxruntime_tooling():
+        if candidate.method == "dynamic":
+            quantize_dynamic(
+                str(float_model),
+                str(output),
+                per_channel=candidate.per_channel,
+                reduce_range=candidate.reduce_range,
+                weight_type=_quant_type(candidate.types or "S8"),
+                nodes_to_exclude=excluded,
+            )
+            return []
+        assert candidate.method == "static" and candidate.types and candidate.calibration
+        options: dict[str, object] = {}
+        if "calibration_cache_path" in inspect.signature(quantize_static).parameters:
+            options["calibration_cache_path"] = str(cache_dir / f"{candidate.calibration}.json")
+        arguments = dict(
+            quant_format=QuantFormat.QDQ
+            if candidate.quant_format == "QDQ"
+            else QuantFormat.QOperator,
+            per_channel=candidate.per_channel,
+            reduce_range=candidate.reduce_range,
+            activation_type=_quant_type(candidate.types[:2]),
+            weight_type=_quant_type(candidate.types[2:]),
+            calibrate_method=getattr(CalibrationMethod, candidate.calibration),
+            nodes_to_exclude=excluded,
+            **options,
+        )
+        try:
+            quantize_static(
+                str(float_model), str(output), CalibrationReader(calibration), **arguments
+            )
+        except ValueError as exc:
+            # onnxruntime's QDQ quantizer fails on per-channel weights whose bias it
+            # rescales for int32 ("truth value of an array ... is ambiguous"); without
+            # that adjustment it quantizes, and the evaluation shows the cost, if any.
+            if not (candidate.per_channel and "truth value" in str(exc)):
+                raise
+            arguments["extra_options"] = {"QDQDisableWeightAdjustForInt32Bias": True}
+            quantize_static(
+                str(float_model), str(output), CalibrationReader(calibration), **arguments
+            )
+            return ["int32 bias weight-scale adjustment disabled (onnxruntime per-channel bug)"]
+        return []

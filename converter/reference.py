@@ -1,0 +1,145 @@
+"""What a bundle carries besides the model: its schema, smoke test and drift reference.
+
+- `schema.json`: every input and output with name, dtype, shape (dynamic
+  dimensions by name) and the range observed on the reference data; the
+  agent checks inputs against it before the model sees them.
+- `smoke.npz` + `smoke.json`: sample inputs and the shipped model's outputs
+  for them, with the tolerance the on-device smoke test allows.
+- `drift-reference.json`: see `edgefleet.drift`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from edgefleet.converter.data import Dataset
+from edgefleet.converter.modelinfo import ModelInfo, TensorSpec
+
+from edgefleet.drift import (
+    REFERENCE_FILE,
+    DriftReference,
+    FeatureReference,
+    count_into,
+    feature_axis,
+    feature_values,
+    quantile_edges,
+)
+
+SCHEMA_FILE = "schema.json"
+SMOKE_FILE = "smoke.npz"
+SMOKE_SPEC_FILE = "smoke.json"
+SMOKE_SAMPLES = 8
+Outputs = dict[str, np.ndarray]
+
+
+def stacked_inputs(dataset: Dataset) -> dict[str, np.ndarray]:
+    """Each input's values with samples along the first axis (as outputs are stacked)."""
+    return dict(dataset.arrays)
+
+
+def _observed_range(array: np.ndarray) -> list[float] | None:
+    if array.dtype.kind not in "iuf" or array.size == 0:
+        return None
+    return [float(array.min()), float(array.max())]
+
+
+def _tensor_entry(spec: TensorSpec, values: np.ndarray) -> dict[str, Any]:
+    return {**spec.to_json(), "observed_range": _observed_range(values)}
+
+
+def write_schema(
+    directory: Path, info: ModelInfo, inputs: dict[str, np.ndarray], outputs: Outputs
+) -> None:
+    schema = {
+        "schema_version": 1,
+        "format": info.format,
+        "inputs": [_tensor_entry(spec, inputs[spec.name]) for spec in info.inputs],
+        "outputs": [_tensor_entry(spec, outputs[spec.name]) for spec in info.outputs],
+    }
+    (directory / SCHEMA_FILE).write_text(json.dumps(schema, indent=2) + "\n")
+
+
+def _features(
+    tensors: dict[str, np.ndarray], channels_first: bool, axes: dict[str, int | None]
+) -> list[FeatureReference]:
+    features = []
+    for name, values in tensors.items():
+        if values.dtype.kind not in "iuf":
+            continue
+        axis = feature_axis(values.shape[1:], channels_first)
+        axes[name] = axis
+        for index, feature in enumerate(feature_values(values, axis)):
+            label = name if axis is None else f"{name}[{index}]"
+            features.append(
+                FeatureReference(
+                    name=label,
+                    tensor=name,
+                    index=None if axis is None else index,
+                    histogram=count_into(feature, quantile_edges(feature)),
+                )
+            )
+    return features
+
+
+def write_drift_reference(
+    directory: Path, info: ModelInfo, inputs: dict[str, np.ndarray], outputs: Outputs, samples: int
+) -> DriftReference:
+    channels_first = info.format == "onnx"
+    axes: dict[str, int | None] = {}
+    reference = DriftReference(
+        samples=samples,
+        feature_axes=axes,
+        inputs=_features(inputs, channels_first, axes),
+        outputs=_features(outputs, channels_first, axes),
+    )
+    (directory / REFERENCE_FILE).write_text(reference.model_dump_json(indent=1) + "\n")
+    return reference
+
+
+def smoke_tolerance(expected: Outputs, float_outputs: Outputs | None) -> dict[str, float]:
+    """Per output, the absolute difference the device may show against `expected`.
+
+    Other CPUs run other int8 kernels: allow the size of the quantization error
+    itself (chosen vs float on these samples), and never less than a small
+    floor relative to the output's scale.
+    """
+    tolerance = {}
+    for name, values in expected.items():
+        if values.dtype.kind not in "f":
+            tolerance[name] = 0.0
+            continue
+        scale = float(np.abs(values).max()) if values.size else 0.0
+        floor = max(1e-4, 1e-3 * scale)
+        error = 0.0
+        if float_outputs is not None:
+            error = float(np.abs(float_outputs[name].astype(np.float64) - values).max())
+        tolerance[name] = max(floor, error)
+    return tolerance
+
+
+def write_smoke_test(
+    directory: Path,
+    dataset: Dataset,
+    expected: Outputs,
+    float_outputs: Outputs | None,
+    output_names: Sequence[str],
+) -> None:
+    count = min(SMOKE_SAMPLES, dataset.size)
+    arrays = {f"input/{name}": array[:count] for name, array in dataset.arrays.items()}
+    arrays.update({f"expected/{name}": expected[name][:count] for name in output_names})
+    np.savez(directory / SMOKE_FILE, **arrays)  # type: ignore[arg-type]
+    head = {name: expected[name][:count] for name in output_names}
+    float_head = (
+        {name: float_outputs[name][:count] for name in output_names} if float_outputs else None
+    )
+    spec = {
+        "schema_version": 1,
+        "samples": count,
+        "batched": not all(dataset.whole_entries.values()),
+        "atol": smoke_tolerance(head, float_head),
+    }
+    (directory / SMOKE_SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")

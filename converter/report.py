@@ -1,0 +1,106 @@
+"""The conversion report: every candidate with its numbers and verdict, as JSON and as a table."""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+from edgefleet.converter.choose import Evaluation, latency_ratio
+from edgefleet.converter.context import ConversionContext
+from edgefleet.converter.evaluate import session_threads
+
+REPORT_FILE = "report.json"
+TABLE_FILE = "report.txt"
+
+
+def _headline(metrics: dict[str, float], per_output: dict[str, dict[str, float]]) -> str:
+    """The one accuracy figure a reader compares first."""
+    if "accuracy" in metrics:
+        return f"acc {metrics['accuracy']:.2f}%"
+    if "rmse" in metrics:
+        return f"rmse {metrics['rmse']:.4g}"
+    cosines = [v["cosine"] for v in per_output.values() if "cosine" in v]
+    return f"cos {min(cosines):.4f}" if cosines else "-"
+
+
+def candidate_rows(evaluations: list[Evaluation]) -> list[dict[str, Any]]:
+    baseline = next(e for e in evaluations if e.candidate.method == "float")
+    rows = []
+    for evaluation in evaluations:
+        ratio = latency_ratio(evaluation, baseline)
+        rows.append(
+            {
+                "name": evaluation.candidate.name,
+                "settings": evaluation.candidate.settings(),
+                "size_bytes": evaluation.size_bytes,
+                "size_ratio": evaluation.size_bytes / baseline.size_bytes
+                if evaluation.size_bytes
+                else None,
+                "latency_ms": evaluation.latency_ms,
+                "latency_ratio": ratio,
+                "metrics": evaluation.metrics,
+                "per_output": evaluation.per_output,
+                "budget_failures": evaluation.failures,
+                "error": evaluation.error,
+                "notes": evaluation.notes,
+                "verdict": evaluation.verdict,
+            }
+        )
+    return rows
+
+
+def build_report(
+    context: ConversionContext, chosen: Evaluation, evaluations: list[Evaluation]
+) -> dict[str, Any]:
+    budget = context.options.budget
+    return {
+        "schema_version": 1,
+        "model": context.model.name,
+        "kind": context.info.kind,
+        "target": context.profile.name,
+        "optimize": context.options.optimize,
+        "budget": {
+            "accuracy_drop_points": budget.accuracy_drop,
+            "regression_error_increase": budget.regression_error_increase,
+            "min_cosine": budget.min_cosine,
+            "min_top1_agreement": budget.min_top1_agreement,
+        },
+        "measured_on": {
+            "machine": platform.machine(),
+            "processor": platform.processor() or platform.machine(),
+            "threads": session_threads(context.profile),
+            "validation_samples": context.validation.size,
+            "calibration_samples": context.calibration.size,
+            "labels": context.labels is not None,
+        },
+        "chosen": chosen.candidate.name,
+        "candidates": candidate_rows(evaluations),
+        "notes": context.notes,
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A readable table of every candidate, widest columns first trimmed."""
+    header = ("candidate", "size", "latency", "accuracy", "verdict")
+    lines = []
+    for row in report["candidates"]:
+        size = f"{row['size_bytes'] / 1e6:.2f} MB" if row["size_bytes"] else "-"
+        if row["size_ratio"]:
+            size += f" ({row['size_ratio']:.2f}x)"
+        latency = "-"
+        if row["latency_ms"] is not None:
+            latency = f"{row['latency_ms']:.3f} ms ({row['latency_ratio']:.2f}x)"
+        accuracy = _headline(row["metrics"], row["per_output"])
+        lines.append((row["name"], size, latency, accuracy, row["verdict"]))
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header[:-1])]
+    out = [
+        f"{report['model']} ({report['kind']}) for {report['target']}, optimizing "
+        f"{report['optimize']}: chose {report['chosen']}",
+        "",
+        "  ".join(h.ljust(w) for h, w in zip(header, [*widths, 0], strict=True)).rstrip(),
+    ]
+    for line in lines:
+        out.append("  ".join(c.ljust(w) for c, w in zip(line, [*widths, 0], strict=True)).rstrip())
+    if report["notes"]:
+        out += ["", "notes:", *(f"  - {note}" for note in report["notes"])]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,204 @@
+"""TFLite models: validated, described and packed unchanged.
+
+A `.tflite` model is loaded with LiteRT (`ai-edge-litert`), or `tflite-runtime`
+where that is what is installed, run on the calibration and validation samples,
+and shipped as it is, with the same schema, smoke test and drift reference as
+an ONNX model. Converting ONNX to TFLite is not done here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from edgefleet.converter import candidates as cand
+from edgefleet.converter.choose import Evaluation
+from edgefleet.converter.context import ConversionContext, ConversionResult, ConvertOptions
+from edgefleet.converter.data import Feed, load_dataset, load_labels
+from edgefleet.converter.errors import (
+    ConverterError,
+    CorruptModelError,
+    UnsupportedOperatorError,
+)
+from edgefleet.converter.evaluate import (
+    fidelity,
+    has_non_finite,
+    measure_latency_ms,
+    run_outputs,
+    task_metrics,
+)
+from edgefleet.converter.modelinfo import ModelInfo, TensorSpec
+from edgefleet.converter.output import reference_data, staged_directory, write_bundle_metadata
+from edgefleet.converter.progress import Progress
+from edgefleet.converter.reference import write_drift_reference, write_schema, write_smoke_test
+from edgefleet.converter.report import REPORT_FILE, TABLE_FILE, build_report, format_table
+
+from edgefleet.profiles import Profile
+
+SERVED_TFLITE = "model.tflite"
+
+
+def _interpreter_class() -> tuple[Any, str]:
+    try:
+        from ai_edge_litert import __version__ as version
+        from ai_edge_litert.interpreter import Interpreter
+
+        return Interpreter, f"ai-edge-litert {version}"
+    except ImportError:
+        pass
+    try:
+        from tflite_runtime import __version__ as version
+        from tflite_runtime.interpreter import Interpreter
+
+        return Interpreter, f"tflite-runtime {version}"
+    except ImportError:
+        raise ConverterError("TFLite models need LiteRT: pip install 'edgefleet[tflite]'") from None
+
+
+class TFLiteSession:
+    """A LiteRT interpreter behind onnxruntime's `run(names, feed)` interface.
+
+    Inputs and outputs go by the model's serving signature names (`features`)
+    when it has a signature, else by tensor names.
+    """
+
+    def __init__(self, path: Path, threads: int) -> None:
+        interpreter_class, self.runtime = _interpreter_class()
+        try:
+            self._interpreter = interpreter_class(model_path=str(path), num_threads=threads)
+            self._interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            message = str(exc).splitlines()[0][:300]
+            if "custom" in message.lower() or "op" in message.lower().split():
+                raise UnsupportedOperatorError(f"LiteRT cannot run {path.name}: {message}") from exc
+            raise CorruptModelError(f"LiteRT cannot load {path.name}: {message}") from exc
+        self._runner = (
+            self._interpreter.get_signature_runner()
+            if self._interpreter.get_signature_list()
+            else None
+        )
+
+    def _details(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        if self._runner is not None:
+            return self._runner.get_input_details(), self._runner.get_output_details()
+        return (
+            {d["name"]: d for d in self._interpreter.get_input_details()},
+            {d["name"]: d for d in self._interpreter.get_output_details()},
+        )
+
+    def specs(self) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+        def spec(name: str, detail: dict[str, Any]) -> TensorSpec:
+            signature = detail.get("shape_signature", detail["shape"])
+            shape = tuple(
+                "batch" if i == 0 and d == -1 else (None if d == -1 else int(d))
+                for i, d in enumerate(signature)
+            )
+            return TensorSpec(name, np.dtype(detail["dtype"]).name, shape)
+
+        inputs, outputs = self._details()
+        return (
+            tuple(spec(name, d) for name, d in inputs.items()),
+            tuple(spec(name, d) for name, d in outputs.items()),
+        )
+
+    def run(self, names: Sequence[str] | None, feed: Feed) -> list[np.ndarray]:
+        if self._runner is not None:
+            results = self._runner(**feed)
+        else:
+            inputs, outputs = self._details()
+            for name, value in feed.items():
+                if tuple(inputs[name]["shape"]) != value.shape:
+                    self._interpreter.resize_tensor_input(inputs[name]["index"], value.shape)
+                    self._interpreter.allocate_tensors()
+                    inputs, outputs = self._details()
+                self._interpreter.set_tensor(inputs[name]["index"], value)
+            self._interpreter.invoke()
+            results = {n: self._interpreter.get_tensor(d["index"]) for n, d in outputs.items()}
+        wanted = list(names) if names else list(results)
+        return [np.array(results[name]) for name in wanted]
+
+
+def convert_tflite(
+    model: Path, out_dir: Path, profile: Profile, options: ConvertOptions, progress: Progress
+) -> ConversionResult:
+    """Validate a TFLite model and write it with its schema, smoke test and drift reference."""
+    if "tflite" not in profile.runtimes:
+        raise UnsupportedOperatorError(
+            f"target {profile.name} runs {', '.join(profile.runtimes)} models only, not TFLite"
+        )
+    session = TFLiteSession(model, profile.threads)
+    inputs, outputs = session.specs()
+    info = ModelInfo(
+        path=model,
+        format="tflite",
+        inputs=inputs,
+        outputs=outputs,
+        op_counts={},
+        domains=frozenset(),
+        opset=0,
+    )
+    calibration = load_dataset(options.calibration, inputs)
+    validation = load_dataset(options.validation, inputs) if options.validation else calibration
+    labels = load_labels(options.labels, validation.size) if options.labels else None
+    names = [spec.name for spec in outputs]
+    progress.start("running the TFLite model", 1)
+    validation_outputs = run_outputs(session, validation, names)
+    progress.finish()
+    if has_non_finite(validation_outputs):
+        raise ConverterError(
+            "the TFLite model gives NaN or infinite outputs on the validation data"
+        )
+    metrics = task_metrics(validation_outputs, labels) if labels is not None else {}
+    evaluation = Evaluation(
+        candidate=cand.FLOAT,
+        path=model,
+        size_bytes=model.stat().st_size,
+        latency_ms=measure_latency_ms(session, validation.sample(0)),
+        metrics=metrics,
+        per_output=fidelity(validation_outputs, validation_outputs),
+        verdict="chosen: TFLite models are packed unchanged",
+    )
+    context = ConversionContext(
+        model=model,
+        options=options,
+        profile=profile,
+        info=info,
+        calibration=calibration,
+        validation=validation,
+        labels=labels,
+        workdir=model.parent,
+        float_outputs=validation_outputs,
+        float_metrics=metrics,
+        progress=progress,
+        notes=[f"validated with {session.runtime}; packed unchanged"],
+    )
+    report = build_report(context, evaluation, [evaluation])
+    with staged_directory(out_dir) as staging:
+        shutil.copyfile(model, staging / SERVED_TFLITE)
+        reference = reference_data(context)
+        reference_outputs = run_outputs(session, reference, names)
+        write_schema(staging, info, reference.arrays, reference_outputs)
+        write_drift_reference(staging, info, reference.arrays, reference_outputs, reference.size)
+        write_smoke_test(
+            staging,
+            validation.subset(8),
+            run_outputs(session, validation.subset(8), names),
+            None,
+            names,
+        )
+        (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        (staging / TABLE_FILE).write_text(format_table(report))
+        write_bundle_metadata(staging, context, evaluation, session.runtime)
+    return ConversionResult(
+        out_dir=out_dir,
+        profile=profile,
+        info=info,
+        chosen=evaluation,
+        evaluations=[evaluation],
+        notes=context.notes,
+        report=report,
+    )

@@ -1,0 +1,81 @@
+"""Real trained models (tests/fixtures/models) and the data sets they were trained on."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.fixtures import datasets
+
+MODELS = Path(__file__).parent.parent / "fixtures" / "models"
+
+
+@dataclass(frozen=True)
+class Case:
+    model: Path
+    calibration: Path
+    validation: Path
+    labels: Path
+
+
+def _write_case(
+    directory: Path, model: str, input_name: str, data: Callable[[], tuple[np.ndarray, np.ndarray]]
+) -> Case:
+    directory.mkdir(parents=True, exist_ok=True)
+    features, targets = data()
+    split = datasets.split(len(features))
+    case = Case(
+        model=MODELS / model,
+        calibration=directory / "calibration.npz",
+        validation=directory / "validation.npz",
+        labels=directory / "labels.npy",
+    )
+    calibration: dict[str, Any] = {input_name: features[split.calibration]}
+    validation: dict[str, Any] = {input_name: features[split.validation]}
+    np.savez(case.calibration, **calibration)
+    np.savez(case.validation, **validation)
+    np.save(case.labels, targets[split.validation])
+    return case
+
+
+@pytest.fixture(scope="session")
+def mlp(tmp_path_factory: pytest.TempPathFactory) -> Case:
+    return _write_case(
+        tmp_path_factory.mktemp("mlp"), "digits_mlp.onnx", "features", datasets.digits_tabular
+    )
+
+
+@pytest.fixture(scope="session")
+def cnn(tmp_path_factory: pytest.TempPathFactory) -> Case:
+    return _write_case(
+        tmp_path_factory.mktemp("cnn"), "digits_cnn.onnx", "image", datasets.digits_images
+    )
+
+
+@pytest.fixture(scope="session")
+def gru(tmp_path_factory: pytest.TempPathFactory) -> Case:
+    return _write_case(
+        tmp_path_factory.mktemp("gru"), "digits_gru.onnx", "rows", datasets.digits_sequences
+    )
+
+
+@pytest.fixture(scope="session")
+def regressor(tmp_path_factory: pytest.TempPathFactory) -> Case:
+    return _write_case(
+        tmp_path_factory.mktemp("regressor"),
+        "diabetes_regressor.onnx",
+        "features",
+        datasets.diabetes,
+    )
+
+
+@pytest.fixture(scope="session")
+def tflite_mlp(tmp_path_factory: pytest.TempPathFactory) -> Case:
+    return _write_case(
+        tmp_path_factory.mktemp("tflite"), "digits_mlp.tflite", "features", datasets.digits_tabular
+    )

@@ -1,0 +1,181 @@
+"""Converting real trained models end to end: what lands in OUT_DIR, and why that candidate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from edgefleet.converter import Budget, ConvertOptions, convert
+
+from edgefleet.bundle import BundlePolicy, build_bundle, verify_bundle
+from edgefleet.drift import DriftReference
+from tests.conftest import KeySet
+from tests.converter.conftest import Case
+
+EXPECTED_FILES = {
+    "model.onnx",
+    "model.float.onnx",
+    "schema.json",
+    "smoke.npz",
+    "smoke.json",
+    "drift-reference.json",
+    "report.json",
+    "report.txt",
+    "edgefleet-bundle.json",
+}
+
+
+def options(case: Case, **overrides: object) -> ConvertOptions:
+    fields: dict[str, object] = {
+        "target": "x86_64-vnni",
+        "calibration": case.calibration,
+        "validation": case.validation,
+        "labels": case.labels,
+    }
+    fields.update(overrides)
+    return ConvertOptions(**fields)  # type: ignore[arg-type]
+
+
+def report_of(out: Path) -> Any:
+    return json.loads((out / "report.json").read_text())
+
+
+def test_cnn_gets_static_candidates_and_a_choice_within_budget(cnn: Case, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = convert(cnn.model, out, options(cnn))
+    assert {p.name for p in out.iterdir()} == EXPECTED_FILES
+    report = report_of(out)
+    rows = {row["name"]: row for row in report["candidates"]}
+    methods = {row["settings"]["method"] for row in rows.values()}
+    assert methods == {"float", "static"}
+    # Only settings valid on the target: never QOperator with signed activations on x86.
+    assert not any(
+        row["settings"]["format"] == "QOperator" and row["settings"]["types"] == "S8S8"
+        for row in rows.values()
+    )
+    chosen = rows[report["chosen"]]
+    assert chosen["verdict"].startswith("chosen")
+    float_row = rows["float"]
+    if chosen["name"] != "float":
+        assert chosen["latency_ms"] < float_row["latency_ms"]
+        assert float_row["metrics"]["accuracy"] - chosen["metrics"]["accuracy"] <= 1.0
+    # The float model goes along unchanged as the fallback.
+    assert (out / "model.float.onnx").read_bytes() == cnn.model.read_bytes()
+    assert result.chosen.candidate.name == report["chosen"]
+
+
+def test_smoke_test_reproduces_on_the_shipped_model(mlp: Case, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    convert(mlp.model, out, options(mlp))
+    smoke = np.load(out / "smoke.npz")
+    spec = json.loads((out / "smoke.json").read_text())
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    inputs = smoke["input/features"]
+    for index in range(spec["samples"]):
+        produced = session.run(names, {"features": inputs[index : index + 1]})
+        for name, value in zip(names, produced, strict=True):
+            expected = smoke[f"expected/{name}"][index : index + 1]
+            assert np.allclose(value, expected, atol=spec["atol"][name], rtol=0)
+
+
+def test_schema_and_drift_reference_describe_the_model(mlp: Case, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    convert(mlp.model, out, options(mlp))
+    schema = json.loads((out / "schema.json").read_text())
+    (features,) = schema["inputs"]
+    assert features["name"] == "features" and features["dtype"] == "float32"
+    assert features["shape"][1] == 64 and not isinstance(features["shape"][0], int)
+    low, high = features["observed_range"]
+    assert 0.0 <= low <= high <= 1.0
+    reference = DriftReference.model_validate_json((out / "drift-reference.json").read_text())
+    input_features = [f for f in reference.inputs if f.tensor == "features"]
+    assert len(input_features) == 64
+    for feature in input_features:
+        total = sum(feature.histogram.counts) + feature.histogram.below + feature.histogram.above
+        assert total == reference.samples
+    assert any(f.tensor == "probabilities" for f in reference.outputs)
+
+
+def test_recurrent_model_gets_dynamic_candidates_only(gru: Case, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    convert(gru.model, out, options(gru))
+    report = report_of(out)
+    assert report["kind"] == "recurrent"
+    methods = {row["settings"]["method"] for row in report["candidates"]}
+    assert methods == {"float", "dynamic"}
+
+
+def test_regressor_is_judged_by_regression_error(regressor: Case, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    convert(regressor.model, out, options(regressor))
+    rows = report_of(out)["candidates"]
+    assert all("rmse" in row["metrics"] for row in rows if row["error"] is None)
+
+
+def test_impossible_budget_retries_without_worst_nodes_then_ships_float(
+    mlp: Case, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    result = convert(mlp.model, out, options(mlp, budget=Budget(accuracy_drop=-50.0)))
+    names = [row["name"] for row in report_of(out)["candidates"]]
+    assert any("minus-" in name for name in names), names
+    assert result.chosen.candidate.method == "float"
+    assert "no candidate within the accuracy budget" in result.chosen.verdict
+    assert (out / "model.onnx").read_bytes() == mlp.model.read_bytes()
+
+
+def test_fidelity_without_labels(mlp: Case, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    convert(mlp.model, out, options(mlp, labels=None))
+    rows = report_of(out)["candidates"]
+    scored = [row for row in rows if row["error"] is None]
+    assert all("probabilities" in row["per_output"] for row in scored)
+    assert all("cosine" in row["per_output"]["probabilities"] for row in scored)
+
+
+def test_optimize_size_picks_the_smallest_within_budget(cnn: Case, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = convert(cnn.model, out, options(cnn, optimize="size"))
+    usable = [e for e in result.evaluations if e.usable]
+    assert result.chosen.size_bytes == min(e.size_bytes for e in usable)
+
+
+def test_output_signs_into_a_bundle_that_verifies(
+    mlp: Case, tmp_path: Path, keyset: KeySet, trust: object
+) -> None:
+    out = tmp_path / "out"
+    convert(mlp.model, out, options(mlp))
+    bundle = tmp_path / "mlp.efb"
+    manifest = build_bundle(out, bundle, name="digits-mlp", version="1.0.0", keys=[keyset.release])
+    assert manifest.profiles == ["x86_64-vnni"]
+    assert manifest.lineage["source_model_sha256"] and manifest.lineage["chosen"]
+    verified = verify_bundle(bundle, trust, BundlePolicy(profile="x86_64-vnni"))  # type: ignore[arg-type]
+    assert {f.path for f in verified.manifest.files} == EXPECTED_FILES - {"edgefleet-bundle.json"}
+
+
+def test_tflite_model_is_packed_unchanged(tflite_mlp: Case, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = convert(tflite_mlp.model, out, options(tflite_mlp, target="aarch64"))
+    assert (out / "model.tflite").read_bytes() == tflite_mlp.model.read_bytes()
+    assert result.info.format == "tflite"
+    assert result.chosen.metrics["accuracy"] > 90
+    assert {"schema.json", "smoke.npz", "drift-reference.json", "report.json"} <= {
+        p.name for p in out.iterdir()
+    }
+
+
+@pytest.mark.parametrize("target", ["x86_64-avx2", "aarch64"])
+def test_other_targets_get_their_own_settings(mlp: Case, tmp_path: Path, target: str) -> None:
+    out = tmp_path / "out"
+    convert(mlp.model, out, options(mlp, target=target))
+    rows = report_of(out)["candidates"]
+    static = [row["settings"] for row in rows if row["settings"]["method"] == "static"]
+    if target == "x86_64-avx2":
+        assert static and all(s["reduce_range"] for s in static)
+    else:
+        assert static and all(s["format"] == "QDQ" for s in static)
