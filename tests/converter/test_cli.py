@@ -1,0 +1,132 @@
+"""`edgefleet convert` and `edgefleet targets` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edgefleet.cli import cli
+from edgefleet.cli.errors import run_with_error_handling
+from tests.converter.conftest import Case
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
+    capsys.readouterr()
+    status = run_with_error_handling(cli, [str(a) for a in args])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_convert_and_sign_in_one_go(
+    mlp: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(capsys, "keys", "init", tmp_path / "keys")[0] == 0
+    bundle = tmp_path / "digits.efb"
+    status, out, err = run(
+        capsys,
+        "convert",
+        mlp.model,
+        "--target",
+        "x86_64-vnni",
+        "--calibration",
+        mlp.calibration,
+        "--validation",
+        mlp.validation,
+        "--labels",
+        mlp.labels,
+        "--sign",
+        tmp_path / "keys" / "release.key",
+        "--name",
+        "digits",
+        "--version",
+        "1.0.0",
+        "-o",
+        bundle,
+    )
+    assert status == 0, err
+    assert "chose" in out and str(bundle) in out
+    status, out, err = run(
+        capsys,
+        "bundle",
+        "verify",
+        bundle,
+        "--trust",
+        tmp_path / "keys" / "trust.json",
+        "--profile",
+        "x86_64-vnni",
+        "--json",
+    )
+    assert status == 0, err
+    manifest = json.loads(out)["manifest"]
+    assert "model.float.onnx" in {f["path"] for f in manifest["files"]}
+    assert manifest["lineage"]["target"] == "x86_64-vnni"
+
+
+def test_convert_json_summary(
+    mlp: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, err = run(
+        capsys,
+        "convert",
+        mlp.model,
+        "--target",
+        "x86_64-vnni",
+        "--calibration",
+        mlp.calibration,
+        "--json",
+        "-o",
+        tmp_path / "out",
+    )
+    assert status == 0, err
+    report = json.loads(out)
+    assert report["out_dir"] == str(tmp_path / "out")
+    assert report["chosen"] in {row["name"] for row in report["candidates"]}
+
+
+def test_sign_needs_name_and_version(
+    mlp: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, _, err = run(
+        capsys,
+        "convert",
+        mlp.model,
+        "--target",
+        "x86_64-vnni",
+        "--calibration",
+        mlp.calibration,
+        "--sign",
+        mlp.model,
+        "-o",
+        tmp_path / "x.efb",
+    )
+    assert status == 2 and "--name and --version" in err
+
+
+def test_bad_budget_refused(mlp: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status, _, err = run(
+        capsys,
+        "convert",
+        mlp.model,
+        "--target",
+        "x86_64-vnni",
+        "--calibration",
+        mlp.calibration,
+        "--budget",
+        "speed=fast",
+        "-o",
+        tmp_path / "out",
+    )
+    assert status == 2 and "accuracy_drop" in err
+
+
+def test_targets_list_and_show(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run(capsys, "targets", "list", "--json")
+    assert status == 0
+    names = {p["name"] for p in json.loads(out)["profiles"]}
+    assert "aarch64" in names
+    status, out, _ = run(capsys, "targets", "show", "x86_64-avx2")
+    assert status == 0 and "reduce range" in out
+    status, _, err = run(capsys, "targets", "show", "nope")
+    assert status == 2 and "unknown target" in err
