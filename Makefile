@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 $(DEMO_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(DEMO_VENV)
 	$(DEMO_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(DEMO_VENV)/bin/python -m pip install --quiet '.[all]'
+	$(DEMO_VENV)/bin/python -m pip install --quiet '.[all]' scikit-learn
 	touch $@
 
 $(TEST_VENV)/.installed: pyproject.toml

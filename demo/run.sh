@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The edgefleet demo: everything that exists so far, end to end, in demo-output/.
-#   keys and trust root -> signed bundle -> verify as a device would -> inspect
+#   keys and trust root -> convert a trained CNN -> signed bundle -> verify as a
+#   device would -> inspect
 #   -> an attacker's tampered copy and a wrong-key bundle, both refused
 #   -> release key rotation that devices follow one version at a time
 set -euo pipefail
@@ -18,14 +19,13 @@ refused() {  # a step that must fail: show the refusal, stop the demo if it pass
 step "Create root, release and server keys and trust root v1" \
     edgefleet keys init "$out/keys"
 
-# A model directory. Until the converter lands, the demo packs files of its own:
-# a placeholder weights file and sample data, with lineage in edgefleet-bundle.json.
-mkdir -p "$out/model/samples"
-head -c 2000000 /dev/urandom > "$out/model/weights.bin"
-printf 'x0,x1\n0.1,0.2\n' > "$out/model/samples/inputs.csv"
-cat > "$out/model/edgefleet-bundle.json" <<'JSON'
-{"profiles": ["x86_64-avx2", "aarch64"], "lineage": {"trained_by": "demo/run.sh"}}
-JSON
+# A real model: a CNN trained on scikit-learn's digits (tests/fixtures/models),
+# converted for the target, proven against the float model, signed.
+python demo/make_data.py "$out"
+step "Convert the CNN for aarch64: try every valid quantization, measure, choose, sign" \
+    edgefleet convert tests/fixtures/models/digits_cnn.onnx --target aarch64 \
+    --calibration "$out/calibration.npz" --validation "$out/validation.npz" \
+    --labels "$out/labels.npy" -o "$out/model"
 
 step "Build a bundle signed with the release key" \
     edgefleet bundle build "$out/model" --name demo-model --version 1.0.0 \
@@ -38,7 +38,14 @@ step "Verify it as an aarch64 device does" \
 step "Inspect it" edgefleet bundle inspect "$out/demo-model-1.0.0.efb"
 
 cp "$out/demo-model-1.0.0.efb" "$out/tampered.efb"
-printf '\x00' | dd of="$out/tampered.efb" bs=1 seek=100000 conv=notrunc status=none
+python - "$out/tampered.efb" <<'PY'
+import sys
+with open(sys.argv[1], "r+b") as bundle:  # flip one bit inside the model's bytes
+    bundle.seek(200_000)
+    byte = bundle.read(1)[0]
+    bundle.seek(200_000)
+    bundle.write(bytes([byte ^ 1]))
+PY
 refused "An attacker changes one byte of the model: refused" \
     edgefleet bundle verify "$out/tampered.efb" --trust "$out/keys/trust.json"
 
