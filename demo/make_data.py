@@ -13,7 +13,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.fixtures.datasets import digits_images, split  # noqa: E402
+from tests.fixtures.datasets import digits_images, split
 
 
 def main(out_dir: Path) -> None:
