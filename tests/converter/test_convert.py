@@ -179,3 +179,33 @@ def test_other_targets_get_their_own_settings(mlp: Case, tmp_path: Path, target:
         assert static and all(s["reduce_range"] for s in static)
     else:
         assert static and all(s["format"] == "QDQ" for s in static)
+
+
+def test_old_opset_is_upgraded_before_quantization(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = numpy_helper.from_array(rng.normal(size=(8, 1, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["image", "w"], ["conv"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["conv"], ["scores"]),
+        ],
+        "opset11",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 16, 16])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 8, 16, 16])],
+        [weights],
+    )
+    old = tmp_path / "opset11.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]), old)
+    data = tmp_path / "data.npz"
+    np.savez(data, image=rng.random((16, 1, 16, 16), dtype=np.float32))
+    out = tmp_path / "out"
+    convert(old, out, ConvertOptions(target="x86_64-vnni", calibration=data))
+    report = report_of(out)
+    assert "opset upgraded from 11 to 13" in report["notes"]
+    per_channel = [
+        row for row in report["candidates"] if row["settings"]["per_channel"] and not row["error"]
+    ]
+    assert per_channel, "per-channel candidates need opset 13 and must have run"
