@@ -37,10 +37,9 @@ from edgefleet.converter.report import REPORT_FILE, TABLE_FILE, build_report, fo
 
 from edgefleet import __version__
 from edgefleet.bundle import METADATA_NAME
+from edgefleet.bundlefiles import FALLBACK_ONNX, SERVED_ONNX
 from edgefleet.fileio import fsync_directory
 
-SERVED_ONNX = "model.onnx"
-FALLBACK_ONNX = "model.float.onnx"
 # The oldest agent that understands this output's files.
 MIN_AGENT_VERSION = "0.1.0"
 

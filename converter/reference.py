@@ -10,15 +10,23 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from edgefleet.converter.data import Dataset
 from edgefleet.converter.modelinfo import ModelInfo, TensorSpec
 
+from edgefleet.bundlefiles import (
+    SCHEMA_FILE,
+    SMOKE_EXPECTED_PREFIX,
+    SMOKE_FILE,
+    SMOKE_INPUT_PREFIX,
+    SMOKE_SPEC_FILE,
+    ModelSchema,
+    SmokeSpec,
+    TensorSchema,
+)
 from edgefleet.drift import (
     REFERENCE_FILE,
     DriftReference,
@@ -29,9 +37,6 @@ from edgefleet.drift import (
     quantile_edges,
 )
 
-SCHEMA_FILE = "schema.json"
-SMOKE_FILE = "smoke.npz"
-SMOKE_SPEC_FILE = "smoke.json"
 SMOKE_SAMPLES = 8
 Outputs = dict[str, np.ndarray]
 
@@ -47,20 +52,24 @@ def _observed_range(array: np.ndarray) -> list[float] | None:
     return [float(array.min()), float(array.max())]
 
 
-def _tensor_entry(spec: TensorSpec, values: np.ndarray) -> dict[str, Any]:
-    return {**spec.to_json(), "observed_range": _observed_range(values)}
+def _tensor_entry(spec: TensorSpec, values: np.ndarray) -> TensorSchema:
+    return TensorSchema(
+        name=spec.name,
+        dtype=spec.dtype,
+        shape=list(spec.shape),
+        observed_range=_observed_range(values),
+    )
 
 
 def write_schema(
     directory: Path, info: ModelInfo, inputs: dict[str, np.ndarray], outputs: Outputs
 ) -> None:
-    schema = {
-        "schema_version": 1,
-        "format": info.format,
-        "inputs": [_tensor_entry(spec, inputs[spec.name]) for spec in info.inputs],
-        "outputs": [_tensor_entry(spec, outputs[spec.name]) for spec in info.outputs],
-    }
-    (directory / SCHEMA_FILE).write_text(json.dumps(schema, indent=2) + "\n")
+    schema = ModelSchema(
+        format=info.format,
+        inputs=[_tensor_entry(spec, inputs[spec.name]) for spec in info.inputs],
+        outputs=[_tensor_entry(spec, outputs[spec.name]) for spec in info.outputs],
+    )
+    (directory / SCHEMA_FILE).write_text(schema.model_dump_json(indent=2) + "\n")
 
 
 def _features(
@@ -129,17 +138,20 @@ def write_smoke_test(
     output_names: Sequence[str],
 ) -> None:
     count = min(SMOKE_SAMPLES, dataset.size)
-    arrays = {f"input/{name}": array[:count] for name, array in dataset.arrays.items()}
-    arrays.update({f"expected/{name}": expected[name][:count] for name in output_names})
+    arrays = {
+        f"{SMOKE_INPUT_PREFIX}{name}": array[:count] for name, array in dataset.arrays.items()
+    }
+    arrays.update(
+        {f"{SMOKE_EXPECTED_PREFIX}{name}": expected[name][:count] for name in output_names}
+    )
     np.savez(directory / SMOKE_FILE, **arrays)  # type: ignore[arg-type]
     head = {name: expected[name][:count] for name in output_names}
     float_head = (
         {name: float_outputs[name][:count] for name in output_names} if float_outputs else None
     )
-    spec = {
-        "schema_version": 1,
-        "samples": count,
-        "batched": not all(dataset.whole_entries.values()),
-        "atol": smoke_tolerance(head, float_head),
-    }
-    (directory / SMOKE_SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+    spec = SmokeSpec(
+        samples=count,
+        batched=not all(dataset.whole_entries.values()),
+        atol=smoke_tolerance(head, float_head),
+    )
+    (directory / SMOKE_SPEC_FILE).write_text(spec.model_dump_json(indent=2) + "\n")

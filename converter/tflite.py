@@ -37,9 +37,8 @@ from edgefleet.converter.progress import Progress
 from edgefleet.converter.reference import write_drift_reference, write_schema, write_smoke_test
 from edgefleet.converter.report import REPORT_FILE, TABLE_FILE, build_report, format_table
 
+from edgefleet.bundlefiles import SERVED_TFLITE
 from edgefleet.profiles import Profile
-
-SERVED_TFLITE = "model.tflite"
 
 
 def _interpreter_class() -> tuple[Any, str]:
