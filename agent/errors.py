@@ -1,0 +1,70 @@
+"""Errors of the agent.
+
+    AgentError (edgefleet EdgefleetError)
+    ├── ConfigError               agent.toml missing, unreadable or invalid (exit 2)
+    ├── InputSchemaError          a prediction input that does not match the model's schema
+    ├── InferenceError            every step of the fallback chain failed
+    ├── NoModelError              nothing installed yet and no default answer configured
+    ├── InstallError              an install failed; the device still serves the old model
+    │   ├── CompatibilityError        profile, runtime, agent version, disk or memory
+    │   ├── SmokeTestError            the bundle's own samples do not give its expected outputs
+    │   ├── HealthCheckError          errors, fallbacks or latency under live traffic
+    │   └── DownloadError             a transport failed (transient: retried with backoff)
+    ├── InstallInProgressError    another install is running (state machine busy)
+    └── RollbackError             nothing to roll back to
+
+Bundle, signature and directive refusals come from edgefleet.errors
+(UntrustedInputError and below) unchanged: callers report them as they are.
+"""
+
+from __future__ import annotations
+
+from edgefleet.errors import EdgefleetError, LocalError
+
+
+class AgentError(EdgefleetError):
+    """Base of the agent's own errors."""
+
+
+class ConfigError(AgentError, LocalError):
+    """agent.toml is missing, unreadable or invalid."""
+
+
+class InputSchemaError(AgentError):
+    """A prediction input that does not match the model's schema (name, dtype, shape, NaN, range)."""
+
+
+class InferenceError(AgentError):
+    """Every step of the fallback chain failed for this request."""
+
+
+class NoModelError(AgentError):
+    """No model is installed and no default answer is configured."""
+
+
+class InstallError(AgentError):
+    """An install failed; the device keeps serving the model it had."""
+
+
+class CompatibilityError(InstallError):
+    """The bundle cannot run here: profile, runtime, agent version, disk or memory."""
+
+
+class SmokeTestError(InstallError):
+    """The bundle's sample inputs do not give its expected outputs on this device."""
+
+
+class HealthCheckError(InstallError):
+    """The new model's error rate, fallback rate or latency under live traffic is too high."""
+
+
+class DownloadError(InstallError):
+    """A transport failed to deliver the bundle (transient: retried with backoff)."""
+
+
+class InstallInProgressError(AgentError):
+    """Another install is running."""
+
+
+class RollbackError(AgentError):
+    """There is no previous version to roll back to."""

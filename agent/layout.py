@@ -1,0 +1,87 @@
+"""Where the agent keeps its state: one directory, laid out here and nowhere else.
+
+    STATE_DIR/
+      state.json            the install state machine (edgefleet.agent.install), atomic writes
+      trust/root.json       the newest trusted trust root (starts as the configured one)
+      downloads/            <sha256>.part and <sha256>.blocks (resume bitmaps) of bundles in flight
+      versions/<id>/        extracted, verified bundles; <id> = <name>@<version>-<sha256[:12]>
+                            each holds the bundle's files and manifest.json (the signed envelope)
+      current -> versions/<id>    symlink: the version being served (atomically replaced)
+      previous -> versions/<id>   symlink: the version to roll back to
+      outbox/               store-and-forward queue of MQTT messages (edgefleet.agent.outbox)
+      localapi.json         address and pid of the running agent's local HTTP API
+
+Invariant: `current` always names a complete, verified, smoke-tested version
+directory, or does not exist (nothing installed yet); it is only ever changed
+by an atomic rename of a new symlink over it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgefleet.fileio import fsync_directory
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    root: Path
+
+    @property
+    def state_file(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def trust_dir(self) -> Path:
+        return self.root / "trust"
+
+    @property
+    def trust_root(self) -> Path:
+        return self.trust_dir / "root.json"
+
+    @property
+    def downloads(self) -> Path:
+        return self.root / "downloads"
+
+    @property
+    def versions(self) -> Path:
+        return self.root / "versions"
+
+    @property
+    def current(self) -> Path:
+        return self.root / "current"
+
+    @property
+    def previous(self) -> Path:
+        return self.root / "previous"
+
+    @property
+    def outbox(self) -> Path:
+        return self.root / "outbox"
+
+    @property
+    def local_api_file(self) -> Path:
+        return self.root / "localapi.json"
+
+    def create(self) -> None:
+        for directory in (self.root, self.trust_dir, self.downloads, self.versions, self.outbox):
+            directory.mkdir(parents=True, exist_ok=True)
+
+    def resolve_link(self, link: Path) -> Path | None:
+        """The version directory a link names, or None when the link is absent."""
+        if not link.is_symlink():
+            return None
+        return (link.parent / os.readlink(link)).resolve()
+
+    def point(self, link: Path, target: Path | None) -> None:
+        """Make `link` name `target` (None removes it), atomically and durably."""
+        if target is None:
+            link.unlink(missing_ok=True)
+        else:
+            temporary = link.with_name(f".{link.name}.new")
+            temporary.unlink(missing_ok=True)
+            temporary.symlink_to(os.path.relpath(target, link.parent))
+            os.replace(temporary, link)
+        fsync_directory(link.parent)
