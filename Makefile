@@ -48,6 +48,7 @@ format: $(TEST_VENV)/.installed
 
 bench: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/python bench/verify_bundle.py
+	$(TEST_VENV)/bin/python bench/convert_models.py
 
 clean:
 	rm -rf $(DEMO_VENV) $(TEST_VENV) build demo-output

@@ -91,7 +91,7 @@ def parse_budget(items: tuple[str, ...]) -> Budget:
     multiple=True,
     metavar="KEY=VALUE",
     help="Accuracy budget: accuracy_drop (points, 1.0), regression_error_increase "
-    "(0.05), min_cosine (0.99), min_top1_agreement (0.98). Repeatable.",
+    "(0.05), min_cosine (0.99), min_top1_agreement (0.98), max_deviation (0.1). Repeatable.",
 )
 @click.option(
     "--optimize",

@@ -29,6 +29,10 @@ class Budget:
     regression_error_increase: float = 0.05  # relative RMSE increase, with float labels
     min_cosine: float = 0.99  # per float output, without labels
     min_top1_agreement: float = 0.98  # per class-score output, without labels
+    # 99th percentile of |candidate - float| over the float output's standard deviation,
+    # for outputs with one value per sample (regressors), where RMSE alone hides a model
+    # that clips its range and cosine similarity is meaningless.
+    max_deviation: float = 0.1
 
 
 def session_threads(profile: Profile) -> int:
@@ -143,10 +147,14 @@ def fidelity(reference: Outputs, candidate: Outputs) -> dict[str, dict[str, floa
         if ref.dtype.kind in "iub":
             result[name] = {"match_rate": float((ref == cand).mean())}
             continue
+        difference = np.abs(ref.astype(np.float64) - cand)
         metrics = {
             "cosine": cosine_similarity(ref, cand),
-            "max_abs_error": float(np.abs(ref.astype(np.float64) - cand).max()),
+            "max_abs_error": float(difference.max()),
         }
+        if _flat(ref).shape[1] == 1:
+            scale = max(float(ref.std()), 1e-12)
+            metrics["deviation_p99"] = float(np.percentile(difference, 99) / scale)
         if is_class_scores(ref):
             metrics["top1_agreement"] = float((ref.argmax(1) == cand.argmax(1)).mean())
         result[name] = metrics
@@ -177,7 +185,12 @@ def budget_failures(
     budget: Budget,
 ) -> list[str]:
     """Why a candidate misses the budget; empty when it meets it."""
-    failures = []
+    failures = [
+        f"{name}: 99th-percentile deviation {values['deviation_p99']:.3f} of the output's "
+        f"spread > {budget.max_deviation}"
+        for name, values in per_output.items()
+        if values.get("deviation_p99", 0.0) > budget.max_deviation
+    ]
     if "accuracy" in metrics and "accuracy" in float_metrics:
         drop = float_metrics["accuracy"] - metrics["accuracy"]
         if drop > budget.accuracy_drop:

@@ -117,6 +117,22 @@ def test_regressor_is_judged_by_regression_error(regressor: Case, tmp_path: Path
     assert all("rmse" in row["metrics"] for row in rows if row["error"] is None)
 
 
+def test_regressor_that_clips_its_range_is_rejected(regressor: Case, tmp_path: Path) -> None:
+    # Static quantization calibrated on a narrower range clips the highest predictions;
+    # its RMSE can even improve, but single predictions move far from the float model's.
+    out = tmp_path / "out"
+    convert(regressor.model, out, options(regressor))
+    static = [
+        row
+        for row in report_of(out)["candidates"]
+        if row["settings"]["method"] == "static" and row["error"] is None
+    ]
+    assert static
+    for row in static:
+        deviation = row["per_output"]["prediction"]["deviation_p99"]
+        assert (deviation > 0.1) == any("deviation" in f for f in row["budget_failures"])
+
+
 def test_impossible_budget_retries_without_worst_nodes_then_ships_float(
     mlp: Case, tmp_path: Path
 ) -> None:
