@@ -31,7 +31,7 @@ class ConfigError(AgentError, LocalError):
 
 
 class InputSchemaError(AgentError):
-    """A prediction input that does not match the model's schema (name, dtype, shape, NaN, range)."""
+    """A prediction input that does not match the model's schema (name, dtype, shape, NaN)."""
 
 
 class InferenceError(AgentError):
