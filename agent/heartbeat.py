@@ -1,0 +1,104 @@
+"""The heartbeat: the device's health, read from /proc and /sys (no extra dependency).
+
+CPU use is the share of non-idle time between two readings of /proc/stat, so
+the first heartbeat after start reports the average since boot. Temperature is
+the highest thermal zone, where /sys has one (most single-board computers do;
+virtual machines do not).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgefleet import __version__
+from edgefleet.mqtt.messages import Heartbeat
+from edgefleet.timefmt import format_time, utcnow
+
+PROC = Path("/proc")
+THERMAL = Path("/sys/class/thermal")
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def cpu_times(proc: Path = PROC) -> tuple[int, int]:
+    """(busy, total) jiffies since boot, from the first line of /proc/stat."""
+    text = _read(proc / "stat") or ""
+    fields = [int(value) for value in text.split("\n", 1)[0].split()[1:]]
+    if len(fields) < 4:
+        return 0, 0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def memory(proc: Path = PROC) -> tuple[int, int]:
+    """(used, total) bytes; used excludes what the kernel can reclaim (MemAvailable)."""
+    values: dict[str, int] = {}
+    for line in (_read(proc / "meminfo") or "").splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts:
+            values[key] = int(parts[0]) * 1024
+    total = values.get("MemTotal", 0)
+    available = values.get("MemAvailable", values.get("MemFree", 0))
+    return max(0, total - available), total
+
+
+def uptime_seconds(proc: Path = PROC) -> int:
+    text = _read(proc / "uptime")
+    return int(float(text.split()[0])) if text else 0
+
+
+def temperature_celsius(thermal: Path = THERMAL) -> float | None:
+    readings = []
+    for zone in sorted(thermal.glob("thermal_zone*")):
+        text = _read(zone / "temp")
+        if text and text.strip().lstrip("-").isdigit():
+            readings.append(int(text) / 1000)
+    return max(readings) if readings else None
+
+
+@dataclass
+class HeartbeatSource:
+    """Builds heartbeats; keeps the previous CPU reading to compute use between beats."""
+
+    device_id: str
+    state_dir: Path
+    proc: Path = PROC
+    thermal: Path = THERMAL
+    _last_cpu: tuple[int, int] = field(default=(0, 0), init=False)
+
+    def _cpu_percent(self) -> float:
+        busy, total = cpu_times(self.proc)
+        last_busy, last_total = self._last_cpu
+        self._last_cpu = (busy, total)
+        if total <= last_total:
+            return 0.0
+        return round(100.0 * (busy - last_busy) / (total - last_total), 1)
+
+    def beat(
+        self, install_state: str, model_name: str | None, model_version: str | None
+    ) -> Heartbeat:
+        used, total = memory(self.proc)
+        disk = os.statvfs(self.state_dir)
+        return Heartbeat(
+            device_id=self.device_id,
+            sent_at=format_time(utcnow()),
+            uptime_s=uptime_seconds(self.proc),
+            cpu_percent=min(100.0, max(0.0, self._cpu_percent())),
+            memory_used_bytes=used,
+            memory_total_bytes=max(total, used),
+            disk_free_bytes=disk.f_bavail * disk.f_frsize,
+            disk_total_bytes=disk.f_blocks * disk.f_frsize,
+            temperature_c=temperature_celsius(self.thermal),
+            agent_version=__version__,
+            model_name=model_name,
+            model_version=model_version,
+            install_state=install_state,
+        )

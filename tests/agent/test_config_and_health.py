@@ -1,0 +1,99 @@
+"""agent.toml, the heartbeat's readings, and systemd's notify socket."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from edgefleet.agent.config import AgentConfig, load_config, write_config
+from edgefleet.agent.errors import ConfigError
+from edgefleet.agent.heartbeat import HeartbeatSource, cpu_times, memory, temperature_celsius
+from edgefleet.agent.sdnotify import notify
+
+
+def _config(tmp_path: Path) -> AgentConfig:
+    return AgentConfig(
+        device_id="cam-01",
+        profile="x86_64-vnni",
+        state_dir=tmp_path / "state",
+        trust_root=tmp_path / "trust.json",
+    )
+
+
+def test_config_round_trips_through_toml(tmp_path: Path) -> None:
+    config = _config(tmp_path).model_copy(update={"server_url": 'http://fleet "quoted"'})
+    path = tmp_path / "agent.toml"
+    write_config(path, config)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert load_config(path) == config
+
+
+def test_environment_overrides_paths_only(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    write_config(path, _config(tmp_path))
+    loaded = load_config(path, {"EDGEFLEET_STATE_DIR": "/srv/state", "EDGEFLEET_DEVICE_ID": "x"})
+    assert loaded.state_dir == Path("/srv/state")
+    assert loaded.device_id == "cam-01"
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("device_id = 'a/b'\nprofile='p'\nstate_dir='/s'\ntrust_root='/t'\n", "device_id"),
+        ("device_id = 'a'\nprofile='p'\nstate_dir='/s'\n", "trust_root"),
+        ("device_id = 'a\n", "not valid TOML"),
+        (
+            "device_id='a'\nprofile='p'\nstate_dir='/s'\ntrust_root='/t'\n[mqtt]\nurl='http://x'\n",
+            "mqtt.url",
+        ),
+        (
+            "device_id='a'\nprofile='p'\nstate_dir='/s'\ntrust_root='/t'\n[limits]\nkeep_version=3\n",
+            "keep_version",
+        ),
+    ],
+    ids=["bad-device-id", "missing-field", "not-toml", "bad-broker-url", "unknown-key"],
+)
+def test_bad_config_names_the_problem(tmp_path: Path, text: str, words: str) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=words):
+        load_config(path)
+
+
+def test_missing_config_says_how_to_make_one(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="agent init"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_heartbeat_reads_this_machine(tmp_path: Path) -> None:
+    busy, total = cpu_times()
+    assert 0 < busy < total
+    used, total_memory = memory()
+    assert 0 < used < total_memory
+    source = HeartbeatSource("cam-01", tmp_path)
+    source.beat("idle", None, None)
+    beat = source.beat("idle", "digits", "1.0.0")
+    assert 0 <= beat.cpu_percent <= 100
+    assert 0 < beat.disk_free_bytes <= beat.disk_total_bytes
+    assert beat.model_name == "digits" and beat.uptime_s > 0
+
+
+def test_temperature_from_thermal_zones(tmp_path: Path) -> None:
+    for index, millidegrees in enumerate(("41500", "55250", "garbage")):
+        zone = tmp_path / f"thermal_zone{index}"
+        zone.mkdir()
+        (zone / "temp").write_text(millidegrees + "\n")
+    assert temperature_celsius(tmp_path) == 55.25
+    assert temperature_celsius(tmp_path / "none") is None
+
+
+def test_systemd_notify_sends_a_datagram(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(path)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        assert notify("READY=1")
+        assert server.recv(64) == b"READY=1"
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert not notify("READY=1")  # not run by systemd: a no-op
