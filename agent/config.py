@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from edgefleet.agent.errors import ConfigError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from edgefleet.agent.errors import ConfigError
 from edgefleet.fileio import atomic_write_bytes
 from edgefleet.mqtt.topics import DEVICE_ID_PATTERN
 from edgefleet.validation import describe_validation_error

@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
 from edgefleet.converter import Budget, ConvertOptions, convert
 from edgefleet.converter.data import load_dataset
 from edgefleet.converter.evaluate import (
@@ -61,7 +62,6 @@ from edgefleet.converter.evaluate import (
 )
 from edgefleet.converter.modelinfo import ModelInfo, load_onnx
 from edgefleet.converter.quantize import quiet_onnxruntime_tooling
-
 from edgefleet.profiles import Profile, load_profile
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,7 +16,6 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from edgefleet.converter.modelinfo import ModelKind
-
 from edgefleet.profiles import Profile
 
 Method = Literal["float", "static", "dynamic"]

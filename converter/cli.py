@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import click
+
+from edgefleet.bundle import build_bundle
+from edgefleet.cli.options import echo_json, json_option, load_signing_keys, passphrase_env_option
 from edgefleet.converter.context import ConversionResult, ConvertOptions
 from edgefleet.converter.evaluate import Budget
 from edgefleet.converter.pipeline import convert
 from edgefleet.converter.report import format_table
-
-from edgefleet.bundle import build_bundle
-from edgefleet.cli.options import echo_json, json_option, load_signing_keys, passphrase_env_option
 from edgefleet.errors import UsageError
 
 _BUDGET_KEYS = {field.name: field.type for field in dataclasses.fields(Budget)}

@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from edgefleet.converter.choose import Evaluation, Optimize
 from edgefleet.converter.data import Dataset
 from edgefleet.converter.evaluate import Budget, Outputs
 from edgefleet.converter.modelinfo import ModelInfo
 from edgefleet.converter.progress import Progress
-
 from edgefleet.profiles import Profile
 
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from edgefleet.converter.data import Dataset, Feed
 from edgefleet.converter.errors import CorruptModelError, UnsupportedOperatorError
-
 from edgefleet.profiles import Profile
 
 Outputs = dict[str, np.ndarray]

@@ -13,8 +13,9 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx
-from edgefleet.converter.errors import CorruptModelError, NotAModelError
 from google.protobuf.message import DecodeError
+
+from edgefleet.converter.errors import CorruptModelError, NotAModelError
 
 ModelFormat = Literal["onnx", "tflite"]
 ModelKind = Literal["recurrent", "attention", "convolutional", "dense", "other"]

@@ -24,6 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from edgefleet import __version__
+from edgefleet.bundle import METADATA_NAME
+from edgefleet.bundlefiles import FALLBACK_ONNX, SERVED_ONNX
 from edgefleet.converter.choose import Evaluation
 from edgefleet.converter.context import ConversionContext, ConversionResult
 from edgefleet.converter.data import Dataset, sha256_file
@@ -34,10 +38,6 @@ from edgefleet.converter.reference import (
     write_smoke_test,
 )
 from edgefleet.converter.report import REPORT_FILE, TABLE_FILE, build_report, format_table
-
-from edgefleet import __version__
-from edgefleet.bundle import METADATA_NAME
-from edgefleet.bundlefiles import FALLBACK_ONNX, SERVED_ONNX
 from edgefleet.fileio import fsync_directory
 
 # The oldest agent that understands this output's files.

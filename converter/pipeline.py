@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
 from edgefleet.converter import candidates as cand
 from edgefleet.converter.choose import MIN_SPEEDUP, Evaluation, choose
 from edgefleet.converter.context import ConversionContext, ConversionResult, ConvertOptions
@@ -40,7 +41,6 @@ from edgefleet.converter.preprocess import preprocess
 from edgefleet.converter.progress import NO_PROGRESS, Progress
 from edgefleet.converter.quantize import quantize
 from edgefleet.converter.sqnr import worst_nodes
-
 from edgefleet.errors import UsageError
 from edgefleet.profiles import Profile, load_profile
 

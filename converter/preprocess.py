@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
-from edgefleet.converter.modelinfo import ModelInfo
 from onnx import version_converter
+
+from edgefleet.converter.modelinfo import ModelInfo
 
 MIN_OPSET = 13
 log = logging.getLogger(__name__)

@@ -14,8 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from edgefleet.converter.data import Dataset
-from edgefleet.converter.modelinfo import ModelInfo, TensorSpec
 
 from edgefleet.bundlefiles import (
     SCHEMA_FILE,
@@ -27,6 +25,8 @@ from edgefleet.bundlefiles import (
     SmokeSpec,
     TensorSchema,
 )
+from edgefleet.converter.data import Dataset
+from edgefleet.converter.modelinfo import ModelInfo, TensorSpec
 from edgefleet.drift import (
     REFERENCE_FILE,
     DriftReference,

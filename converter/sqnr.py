@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 import onnx
+
 from edgefleet.converter.data import Dataset
 from edgefleet.converter.quantize import CalibrationReader, quiet_onnxruntime_tooling
 

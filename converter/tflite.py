@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from edgefleet.bundlefiles import SERVED_TFLITE
 from edgefleet.converter import candidates as cand
 from edgefleet.converter.choose import Evaluation
 from edgefleet.converter.context import ConversionContext, ConversionResult, ConvertOptions
@@ -36,8 +38,6 @@ from edgefleet.converter.output import reference_data, staged_directory, write_b
 from edgefleet.converter.progress import Progress
 from edgefleet.converter.reference import write_drift_reference, write_schema, write_smoke_test
 from edgefleet.converter.report import REPORT_FILE, TABLE_FILE, build_report, format_table
-
-from edgefleet.bundlefiles import SERVED_TFLITE
 from edgefleet.profiles import Profile
 
 

@@ -6,6 +6,7 @@ import socket
 from pathlib import Path
 
 import pytest
+
 from edgefleet.agent.config import AgentConfig, load_config, write_config
 from edgefleet.agent.errors import ConfigError
 from edgefleet.agent.heartbeat import HeartbeatSource, cpu_times, memory, temperature_celsius

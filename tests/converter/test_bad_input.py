@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from edgefleet.converter import ConvertOptions, convert, errors
 from onnx import TensorProto, helper
 
 from edgefleet.cli import cli
 from edgefleet.cli.errors import run_with_error_handling
+from edgefleet.converter import ConvertOptions, convert, errors
 from edgefleet.errors import EdgefleetError
 from edgefleet.profiles import UnknownProfileError
 from tests.converter.conftest import Case

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from edgefleet.converter.candidates import FLOAT, Candidate, structural_candidates
 from edgefleet.converter.choose import Evaluation, choose
-
 from edgefleet.profiles import load_profile
 
 STATIC = Candidate("static", "QDQ", "S8S8", True, False, "MinMax")

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
-from edgefleet.converter import Budget, ConvertOptions, convert
 
 from edgefleet.bundle import BundlePolicy, build_bundle, verify_bundle
+from edgefleet.converter import Budget, ConvertOptions, convert
 from edgefleet.drift import DriftReference
 from tests.conftest import KeySet
 from tests.converter.conftest import Case
