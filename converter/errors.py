@@ -72,3 +72,9 @@ class EmptyDataError(DataError):
 
 class ConversionFailedError(ConverterError):
     """A conversion step failed on a model that loads."""
+
+
+def summarize(exc: BaseException, limit: int = 300) -> str:
+    """The first line of a foreign error's message, for reports (its type when empty)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edgefleet.converter.data import Dataset, Feed
-from edgefleet.converter.errors import CorruptModelError, UnsupportedOperatorError
+from edgefleet.converter.errors import CorruptModelError, UnsupportedOperatorError, summarize
 from edgefleet.profiles import Profile
 
 Outputs = dict[str, np.ndarray]
@@ -62,11 +62,9 @@ def open_session(path: Path, profile: Profile) -> object:
         message = str(exc)
         if "NOT_IMPLEMENTED" in message or "Could not find an implementation" in message:
             raise UnsupportedOperatorError(
-                f"onnxruntime cannot run {path.name}: {message.splitlines()[0][:300]}"
+                f"onnxruntime cannot run {path.name}: {summarize(exc)}"
             ) from exc
-        raise CorruptModelError(
-            f"onnxruntime cannot load {path.name}: {message.splitlines()[0][:300]}"
-        ) from exc
+        raise CorruptModelError(f"onnxruntime cannot load {path.name}: {summarize(exc)}") from exc
 
 
 def run_outputs(session: object, dataset: Dataset, names: Sequence[str]) -> Outputs:

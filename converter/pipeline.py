@@ -22,9 +22,9 @@ from edgefleet.converter.choose import MIN_SPEEDUP, Evaluation, choose
 from edgefleet.converter.context import ConversionContext, ConversionResult, ConvertOptions
 from edgefleet.converter.data import Dataset, load_dataset, load_labels
 from edgefleet.converter.errors import (
-    ConverterError,
     DataError,
     UnsupportedOperatorError,
+    summarize,
 )
 from edgefleet.converter.evaluate import (
     budget_failures,
@@ -105,8 +105,8 @@ def _evaluate(context: ConversionContext, candidate: cand.Candidate, path: Path)
             context.options.budget,
         )
         evaluation.latency_ms = measure_latency_ms(session, context.validation.sample(0))
-    except (ConverterError, Exception) as exc:
-        evaluation.error = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+    except Exception as exc:
+        evaluation.error = summarize(exc)
     return evaluation
 
 
@@ -117,8 +117,7 @@ def _quantize_and_evaluate(
     try:
         notes = quantize(candidate, float_model, path, context.calibration, context.workdir)
     except Exception as exc:
-        message = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-        return Evaluation(candidate=candidate, error=f"quantization failed: {message}")
+        return Evaluation(candidate=candidate, error=f"quantization failed: {summarize(exc)}")
     finally:
         context.progress.advance()
     evaluation = _evaluate(context, candidate, path)
@@ -173,7 +172,7 @@ def _retry_without_worst_nodes(
         return [
             Evaluation(
                 candidate=base.candidate.excluding(("?",)),
-                error=f"SQNR analysis failed: {str(exc)[:200]}",
+                error=f"SQNR analysis failed: {summarize(exc)}",
             )
         ]
     retries: list[Evaluation] = []

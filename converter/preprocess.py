@@ -19,6 +19,7 @@ from pathlib import Path
 import onnx
 from onnx import version_converter
 
+from edgefleet.converter.errors import summarize
 from edgefleet.converter.modelinfo import ModelInfo
 
 MIN_OPSET = 13
@@ -63,7 +64,7 @@ def preprocess(model: onnx.ModelProto, info: ModelInfo, workdir: Path) -> Prepro
         try:
             quant_pre_process(str(source), str(output), **options)
         except Exception as exc:
-            notes.append(f"{description} failed: {str(exc).splitlines()[0][:200]}")
+            notes.append(f"{description} failed: {summarize(exc, 200)}")
             continue
         notes.append(f"preprocessed with {description}")
         break

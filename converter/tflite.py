@@ -25,6 +25,7 @@ from edgefleet.converter.errors import (
     ConverterError,
     CorruptModelError,
     UnsupportedOperatorError,
+    summarize,
 )
 from edgefleet.converter.evaluate import (
     fidelity,
@@ -71,7 +72,7 @@ class TFLiteSession:
             self._interpreter = interpreter_class(model_path=str(path), num_threads=threads)
             self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
-            message = str(exc).splitlines()[0][:300]
+            message = summarize(exc)
             if "custom" in message.lower() or "op" in message.lower().split():
                 raise UnsupportedOperatorError(f"LiteRT cannot run {path.name}: {message}") from exc
             raise CorruptModelError(f"LiteRT cannot load {path.name}: {message}") from exc
