@@ -169,12 +169,10 @@ def _retry_without_worst_nodes(
     try:
         ranked = worst_nodes(float_model, base.path, context.calibration, context.workdir)
     except Exception as exc:
-        return [
-            Evaluation(
-                candidate=base.candidate.excluding(("?",)),
-                error=f"SQNR analysis failed: {summarize(exc)}",
-            )
-        ]
+        context.notes.append(
+            f"no retry without the worst nodes: SQNR analysis failed: {summarize(exc)}"
+        )
+        return []
     retries: list[Evaluation] = []
     context.progress.start("keeping the worst nodes in float", len(EXCLUSION_STEPS))
     for count in EXCLUSION_STEPS:
