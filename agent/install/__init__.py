@@ -1,0 +1,92 @@
+"""Crash-safe installs: a persisted state machine that the agent resumes after any power cut.
+
+    installer = Installer(config, layout, trust, fetcher, reporter, probe, on_activated)
+    installer.resume()                     # at startup, BEFORE the predictor loads `current`
+    installer.install_directive(payload)   # a directive from MQTT (bytes as received)
+    installer.install_file(path)           # `agent install BUNDLE_FILE`
+    installer.rollback()                   # `agent rollback`
+    installer.status()                     # `agent status`
+
+States and transitions are tables in `states.py` (one row per transition) with
+the resume table beside them; `record.py` is the state.json format; `versions.py`
+(edgefleet.agent.versions) owns versions/ and the current/previous links.
+
+Interfaces for the parts others build (all in `interfaces.py`, all Protocols):
+
+- `Fetcher.fetch(directive: Directive, destination: Path) -> Path`: a
+  transport. Writes the bundle the directive names at `destination`
+  (`downloads/<sha256>`) only once its length and SHA-256 are the directive's;
+  resumes `<sha256>.part`/`.blocks`; raises DownloadError (transient: retried
+  with jittered exponential backoff, MAX_DOWNLOAD_ATTEMPTS in all, the partial
+  file kept) or an UntrustedInputError (fatal). Pass one Fetcher (the
+  transports' SourcesFetcher) or a mapping {transport: Fetcher}. `agent install`
+  uses `LocalFileFetcher`.
+- `Reporter.report(status: StatusReport) -> None`: the MQTT outbox. One report
+  per transition, after the state is persisted and before its handler runs,
+  numbered by a per-device `sequence` kept in state.json. At-least-once: after
+  a restart the last report is sent again with the same sequence (deduplicate
+  by sequence). `install_state` is the State's value (`smoke_testing`...),
+  `reason` explains FAILED, ROLLING_BACK, a retry, or the health note of COMMITTED.
+- `HealthProbe.mark() -> object`, `HealthProbe.since(mark) -> HealthSnapshot(
+  requests, errors, fallbacks, latency_p95_ms)`: the predictor's counters. The
+  installer marks at the start of a run; the traffic until the end of the smoke
+  test is the previous version's baseline; after activation it marks again and
+  waits up to `health.duration_seconds` for `health.min_requests` requests.
+  Without a probe (no predictor running, e.g. `agent install` on an idle
+  device) the install commits with a note saying it was not checked; with a
+  probe but no traffic at all it commits too, with a note (see health.py).
+- `on_activated(version: InstalledVersion | None) -> None`: called after
+  `current` changed (activation, rollback) so the predictor reloads; None when
+  a rollback of the very first install left nothing installed.
+- `Clock` (now, monotonic, sleep) and `Host` (free disk, available memory,
+  importable runtimes): injected by tests; the defaults ask the system.
+
+Errors: directive refusals and bundle refusals are the core's (edgefleet.errors)
+unchanged; the agent's own are CompatibilityError, SmokeTestError,
+HealthCheckError, DownloadError, InstallInProgressError, RollbackError. An
+install that fails raises its error to the caller of install_* after the
+machine has rolled back, persisted FAILED and reported why; resume() never
+raises an install's error (it is in the status and the reports).
+"""
+
+from edgefleet.agent.install.fetch import LocalFileFetcher, TransportFetchers
+from edgefleet.agent.install.health import judge_health
+from edgefleet.agent.install.interfaces import (
+    Clock,
+    Fetcher,
+    HealthProbe,
+    HealthSnapshot,
+    Host,
+    OnActivated,
+    Reporter,
+    SystemClock,
+)
+from edgefleet.agent.install.machine import Installer, InstallStatus
+from edgefleet.agent.install.record import InstallRecord, StateFile, load_state
+from edgefleet.agent.install.smoke import run_smoke_test
+from edgefleet.agent.install.states import RESUME, TERMINAL, TRANSITIONS, Event, State
+
+__all__ = [
+    "RESUME",
+    "TERMINAL",
+    "TRANSITIONS",
+    "Clock",
+    "Event",
+    "Fetcher",
+    "HealthProbe",
+    "HealthSnapshot",
+    "Host",
+    "InstallRecord",
+    "InstallStatus",
+    "Installer",
+    "LocalFileFetcher",
+    "OnActivated",
+    "Reporter",
+    "State",
+    "StateFile",
+    "SystemClock",
+    "TransportFetchers",
+    "judge_health",
+    "load_state",
+    "run_smoke_test",
+]

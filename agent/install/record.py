@@ -1,0 +1,115 @@
+"""state.json: what the install state machine persists before each state's handler runs.
+
+Format (versioned by `format`; a newer format is refused, never guessed at):
+
+    {"format": 1, "state": "downloading", "store_count": 3, "report_sequence": 17,
+     "last_directive_sequence": 12, "security_floor": 1000002,
+     "install": {...InstallRecord, or null when no install ever started...}}
+
+- `store_count` counts the writes of the current install or rollback (reset
+  when one starts); above MAX_STORE_COUNT the machine fails instead of looping.
+- `report_sequence` is the `sequence` of the last status report (per device).
+- `last_directive_sequence` is the highest directive sequence accepted; it is
+  written with the first state of the directive's install, before any action.
+- `security_floor` is the highest release counter this device has committed;
+  bundles below it are refused (rolling back to a version already here is not).
+
+Written with `atomic_write_bytes` (temp file, fsync, rename, fsync of the
+directory): a reader sees the previous write or this one, never a part.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgefleet.agent.errors import InstallError
+from edgefleet.agent.install.states import State
+from edgefleet.fileio import atomic_write_bytes
+from edgefleet.validation import describe_validation_error
+
+STATE_FORMAT = 1
+MAX_STORE_COUNT = 40  # a full install with every retry stores ~20 times
+MAX_RESUMES = 3  # restarts within one install before it rolls back instead
+
+
+class InstallRecord(BaseModel):
+    """One install (or rollback) in flight or just finished."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["install", "rollback"]
+    started_at: str
+    directive: dict[str, Any] | None = None  # the verified signed part, for resuming
+    directive_sequence: int | None = None
+    source_file: str | None = None  # `agent install FILE`
+    bundle_name: str | None = None
+    bundle_version: str | None = None
+    sha256: str | None = None  # of the bundle file (from the directive, or hashed on copy)
+    length: int | None = None
+    download: str | None = None  # the complete bundle file under downloads/
+    from_version: str | None = None  # `current` when the install started
+    from_previous: str | None = None  # `previous` when the install started
+    to_version: str | None = None
+    release_counter: int | None = None
+    files_bytes: int | None = None  # what extracting takes on disk
+    served_model: str | None = None
+    served_bytes: int | None = None
+    attempts: int = Field(default=0, ge=0)  # failed download attempts
+    resumes: int = Field(default=0, ge=0)
+    baseline_requests: int | None = None  # traffic before activation, for the latency check
+    baseline_p95_ms: float | None = None
+    reason: str | None = None  # why it failed, or the health check's note
+    keep_partial: bool = False  # a download failed: keep the transport's partial file
+
+    def protected(self) -> set[str]:
+        """The versions this record refers to, which pruning must spare."""
+        return {v for v in (self.from_version, self.from_previous, self.to_version) if v}
+
+
+class StateFile(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    format: Literal[1] = 1  # STATE_FORMAT
+    state: State = State.IDLE
+    store_count: int = Field(default=0, ge=0)
+    report_sequence: int = Field(default=0, ge=0)
+    last_directive_sequence: int = Field(default=0, ge=0)
+    security_floor: int = Field(default=0, ge=0)
+    install: InstallRecord | None = None
+
+
+def load_state(path: Path) -> StateFile:
+    """The persisted state; a fresh one when the file does not exist.
+
+    Raises:
+        InstallError: unreadable, not JSON, another format, or invalid. The file is
+            left as it is for an operator to look at (it never is half-written).
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return StateFile()
+    except OSError as exc:
+        raise InstallError(f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        raw = json.loads(data)
+    except ValueError as exc:
+        raise InstallError(f"{path} is not JSON: {exc}") from exc
+    found = raw.get("format") if isinstance(raw, dict) else None
+    if found != STATE_FORMAT:
+        raise InstallError(
+            f"{path} has format {found!r}; this agent reads format {STATE_FORMAT}: "
+            "was it written by a newer agent?"
+        )
+    try:
+        return StateFile.model_validate(raw)
+    except ValidationError as exc:
+        raise InstallError(f"{path}: {describe_validation_error(exc, 'state')}") from exc
+
+
+def save_state(path: Path, state: StateFile) -> None:
+    atomic_write_bytes(path, state.model_dump_json(indent=1).encode("utf-8") + b"\n")

@@ -1,0 +1,183 @@
+"""The smoke test: the bundle's own sample inputs must give its expected outputs here.
+
+A deliberately small runner of its own (onnxruntime or LiteRT, directly), so the
+install path does not depend on the predictor. Samples are run one at a time,
+as the converter ran them: with `batched`, sample i is `array[i:i+1]`, else
+`array[i]`. Each output must have the expected shape, no NaN where a number is
+expected, and lie within the output's `atol` (0 for integer outputs: exact).
+
+Foreign errors (onnxruntime's and LiteRT's own classes, numpy's) are translated
+into SmokeTestError here, so callers see only the agent's errors.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from pydantic import ValidationError
+
+from edgefleet.agent.errors import SmokeTestError
+from edgefleet.bundlefiles import (
+    SERVED_ONNX,
+    SERVED_TFLITE,
+    SMOKE_EXPECTED_PREFIX,
+    SMOKE_FILE,
+    SMOKE_INPUT_PREFIX,
+    SMOKE_SPEC_FILE,
+    SmokeSpec,
+)
+
+
+class _Runner(Protocol):
+    def run(self, names: Sequence[str], feed: Mapping[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
+class _OnnxRunner:
+    def __init__(self, path: Path, providers: Sequence[str], threads: int) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        available = set(ort.get_available_providers())
+        chosen = [p for p in providers if p in available] or ["CPUExecutionProvider"]
+        self._session = ort.InferenceSession(str(path), options, providers=chosen)
+
+    def run(self, names: Sequence[str], feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return [np.asarray(v) for v in self._session.run(list(names), dict(feed))]
+
+
+def _tflite_interpreter_class() -> Any:
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+
+        return Interpreter
+    except ImportError:
+        from tflite_runtime.interpreter import Interpreter
+
+        return Interpreter
+
+
+class _TFLiteRunner:
+    """Inputs and outputs by serving-signature name when the model has one, else tensor name."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        self._interpreter = _tflite_interpreter_class()(model_path=str(path), num_threads=threads)
+        self._interpreter.allocate_tensors()
+        signatures = self._interpreter.get_signature_list()
+        self._runner = self._interpreter.get_signature_runner() if signatures else None
+
+    def run(self, names: Sequence[str], feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        if self._runner is not None:
+            results = self._runner(**feed)
+        else:
+            interpreter = self._interpreter
+            inputs = {d["name"]: d for d in interpreter.get_input_details()}
+            for name, value in feed.items():
+                if tuple(inputs[name]["shape"]) != value.shape:
+                    interpreter.resize_tensor_input(inputs[name]["index"], value.shape)
+                    interpreter.allocate_tensors()
+                    inputs = {d["name"]: d for d in interpreter.get_input_details()}
+                interpreter.set_tensor(inputs[name]["index"], value)
+            interpreter.invoke()
+            results = {
+                d["name"]: interpreter.get_tensor(d["index"])
+                for d in interpreter.get_output_details()
+            }
+        return [np.array(results[name]) for name in names]
+
+
+def _load_samples(directory: Path) -> tuple[SmokeSpec, dict[str, np.ndarray], dict[str, Any]]:
+    try:
+        spec = SmokeSpec.model_validate_json((directory / SMOKE_SPEC_FILE).read_bytes())
+        with np.load(directory / SMOKE_FILE, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except FileNotFoundError as exc:
+        raise SmokeTestError(
+            f"the bundle has no {Path(exc.filename or '').name}: a bundle must carry its smoke "
+            "test (the converter writes it) to be installed"
+        ) from exc
+    except (OSError, ValueError, ValidationError, zipfile.BadZipFile) as exc:
+        raise SmokeTestError(f"the bundle's smoke test cannot be read: {exc}") from exc
+    inputs = {
+        k.removeprefix(SMOKE_INPUT_PREFIX): v
+        for k, v in arrays.items()
+        if k.startswith(SMOKE_INPUT_PREFIX)
+    }
+    expected = {
+        k.removeprefix(SMOKE_EXPECTED_PREFIX): v
+        for k, v in arrays.items()
+        if k.startswith(SMOKE_EXPECTED_PREFIX)
+    }
+    if not inputs or not expected:
+        raise SmokeTestError(f"{SMOKE_FILE} holds no inputs or no expected outputs")
+    for name, array in [*inputs.items(), *expected.items()]:
+        if len(array) < spec.samples:
+            raise SmokeTestError(f"{SMOKE_FILE}: {name!r} has fewer than {spec.samples} samples")
+    return spec, inputs, expected
+
+
+def compare_output(name: str, got: np.ndarray, want: np.ndarray, atol: float) -> str | None:
+    """Why `got` is not `want` within `atol`, or None when it is."""
+    if got.shape != want.shape:
+        return f"output {name!r} has shape {list(got.shape)}, expected {list(want.shape)}"
+    if want.dtype.kind in "fc":
+        wanted = want.astype(np.float64)
+        found = got.astype(np.float64)
+        if np.any(np.isnan(found) & ~np.isnan(wanted)):
+            return f"output {name!r} is NaN where a number is expected"
+        difference = np.abs(np.nan_to_num(found - wanted, nan=0.0))
+        worst = float(difference.max()) if difference.size else 0.0
+        if worst > atol:
+            return f"output {name!r} differs by {worst:.6g}, above its tolerance {atol:.6g}"
+        return None
+    if not np.array_equal(got, want):
+        return f"output {name!r} differs from the expected values (compared exactly)"
+    return None
+
+
+def run_smoke_test(
+    directory: Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 1
+) -> str:
+    """Run the staged version in `directory` on its smoke samples; return a one-line summary.
+
+    Raises:
+        SmokeTestError: missing or unreadable samples, a model that does not load
+            or run, or an output outside its tolerance (the first such, named).
+    """
+    spec, inputs, expected = _load_samples(directory)
+    runner: _Runner
+    try:
+        if (directory / SERVED_ONNX).is_file():
+            runner = _OnnxRunner(directory / SERVED_ONNX, providers, threads)
+        elif (directory / SERVED_TFLITE).is_file():
+            runner = _TFLiteRunner(directory / SERVED_TFLITE, threads)
+        else:
+            raise SmokeTestError(f"the version holds neither {SERVED_ONNX} nor {SERVED_TFLITE}")
+    except SmokeTestError:
+        raise
+    except Exception as exc:  # the runtimes raise their own classes, not a common base
+        raise SmokeTestError(f"the model does not load: {_first_line(exc)}") from exc
+    names = sorted(expected)
+    for index in range(spec.samples):
+        pick = slice(index, index + 1) if spec.batched else index
+        feed = {name: np.asarray(array[pick]) for name, array in inputs.items()}
+        try:
+            outputs = runner.run(names, feed)
+        except Exception as exc:  # as above: onnxruntime/LiteRT errors have no common base
+            raise SmokeTestError(f"sample {index}: the model fails: {_first_line(exc)}") from exc
+        for name, got in zip(names, outputs, strict=True):
+            reason = compare_output(
+                name, got, np.asarray(expected[name][pick]), spec.atol.get(name, 0.0)
+            )
+            if reason:
+                raise SmokeTestError(f"sample {index}: {reason}")
+    return f"{spec.samples} smoke samples match their expected outputs"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]

@@ -1,0 +1,345 @@
+"""The agent's MQTT link: what the device says and hears over its persistent session.
+
+What it guarantees (the connection itself is `transport.mqtt.PersistentSession`):
+- one persistent session under the device id, so QoS 1 directives published
+  while the device is away arrive when it returns (MQTT 5 or 3.1.1);
+- presence: the Last Will publishes a retained `offline` on the device's
+  presence topic when the connection dies; on every connect the link publishes
+  a retained `online`, and on `stop` a retained `offline` before DISCONNECT;
+- subscriptions to the device's directive topic, the fleet timestamp and the
+  device's blocks_data topic, renewed on every connect;
+- received payloads go to the callbacks unparsed (verification belongs to
+  their owners). A payload over its size limit, or one whose callback raises
+  MessageSchemaError or MalformedDocumentError, counts as malformed; any other
+  UntrustedInputError (bad signature, replay, expiry) counts as refused; any
+  other exception as a handler error (logged with its traceback). Each is
+  reported through `on_problem`; nothing a peer sends can stop the link;
+- status reports and telemetry go through the `Outbox` (disk first) and are
+  removed after their PUBACK, oldest first, at most `max_inflight` at a time;
+  heartbeats are published only while connected;
+- reconnects with jittered exponential backoff (`Backoff`, bounded).
+
+Callbacks run in the session's network thread: keep them short, and persist
+what must survive (an accepted directive) before returning, because the PUBACK
+of a QoS 1 message goes out when the callback returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import MQTTErrorCode
+
+from edgefleet.agent.config import MqttSettings
+from edgefleet.agent.outbox import Outbox
+from edgefleet.agent.transport.blocks import BlocksHandler
+from edgefleet.agent.transport.mqtt import (
+    SESSION_EXPIRY_SECONDS,
+    Backoff,
+    BrokerAddress,
+    MqttProtocol,
+    PersistentSession,
+    SessionHooks,
+    SessionState,
+    parse_broker_url,
+)
+from edgefleet.errors import (
+    MalformedDocumentError,
+    MessageSchemaError,
+    UntrustedInputError,
+    UsageError,
+)
+from edgefleet.mqtt.blocks import MAX_BLOCK_PAYLOAD_BYTES
+from edgefleet.mqtt.directives import MAX_DIRECTIVE_BYTES, MAX_FLEET_TIMESTAMP_BYTES
+from edgefleet.mqtt.messages import (
+    MESSAGE_TYPES,
+    Message,
+    Presence,
+    TelemetryWindow,
+    encode_message,
+)
+from edgefleet.mqtt.topics import (
+    FLEET_TIMESTAMP_QOS,
+    DeviceTopics,
+    TopicKind,
+    fleet_timestamp_topic,
+)
+
+__all__ = [
+    "AgentLink",
+    "Backoff",
+    "BrokerAddress",
+    "LinkCounters",
+    "LinkState",
+    "MqttProtocol",
+    "PayloadHandler",
+    "parse_broker_url",
+]
+
+log = logging.getLogger(__name__)
+
+PayloadHandler = Callable[[bytes], None]
+LinkState = SessionState
+
+
+@dataclass
+class LinkCounters:
+    connects: int = 0
+    connection_losses: int = 0
+    received: int = 0
+    malformed: int = 0  # over its size limit, or its callback found it malformed
+    refused: int = 0  # its callback refused it otherwise (signature, replay, expiry, ...)
+    handler_errors: int = 0  # a callback raised something else (a bug; logged)
+    unexpected: int = 0  # a topic not subscribed to, or blocks nobody is waiting for
+    delivered: int = 0  # outbox messages acknowledged by the broker
+    rejected: int = 0  # PUBACK or SUBACK with a failure reason code
+    heartbeats_skipped: int = 0
+    last_problem: str | None = None
+
+
+class AgentLink:
+    """The device's link to the broker. `start`, then `publish`; `stop` at the end.
+
+    Implements `transport.BlockChannel` for the MQTT block fetcher.
+    """
+
+    def __init__(
+        self,
+        device_id: str,
+        settings: MqttSettings,
+        outbox: Outbox,
+        *,
+        on_directive: PayloadHandler,
+        on_fleet_timestamp: PayloadHandler,
+        on_blocks: BlocksHandler | None = None,
+        on_problem: Callable[[str], None] | None = None,
+        protocol: MqttProtocol = "5",
+        session_expiry_seconds: int = SESSION_EXPIRY_SECONDS,
+        backoff: Backoff | None = None,
+        max_inflight: int = 16,
+        connect_timeout: float = 10.0,
+        poll_interval: float = 1.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        """
+        Raises:
+            UsageError: `settings.url` is None (an offline device has no link).
+            ConfigError: a bad broker URL, or TLS files that cannot be loaded.
+        """
+        if settings.url is None:
+            raise UsageError("no broker URL configured: this device runs offline")
+        self.topics = DeviceTopics(device_id)
+        self.outbox = outbox
+        self._handlers: dict[str, tuple[int, PayloadHandler | None]] = {
+            self.topics.directive: (MAX_DIRECTIVE_BYTES, on_directive),
+            fleet_timestamp_topic(): (MAX_FLEET_TIMESTAMP_BYTES, on_fleet_timestamp),
+            self.topics.blocks_data: (MAX_BLOCK_PAYLOAD_BYTES, on_blocks),
+        }
+        self._on_problem = on_problem
+        self._max_inflight = max_inflight
+        self._counters = LinkCounters()
+        self._counter_lock = threading.Lock()
+        self._pump_lock = threading.Lock()
+        self._inflight: dict[int, mqtt.MQTTMessageInfo] = {}  # outbox seq -> paho's handle
+        hooks = SessionHooks(self._on_connected, self._on_message, self._pump, self._problem)
+        self._session = PersistentSession(
+            str(self.topics.device_id),
+            settings,
+            hooks,
+            last_will=(self.topics.presence, Presence.OFFLINE.payload),
+            farewell=(self.topics.presence, Presence.OFFLINE.payload),
+            protocol=protocol,
+            session_expiry_seconds=session_expiry_seconds,
+            backoff=backoff or Backoff(),
+            max_inflight=max_inflight + 8,  # presence and block requests beside the outbox
+            connect_timeout=connect_timeout,
+            poll_interval=poll_interval,
+            rng=rng,
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def device_id(self) -> str:
+        return str(self.topics.device_id)
+
+    @property
+    def address(self) -> BrokerAddress:
+        return self._session.address
+
+    @property
+    def state(self) -> LinkState:
+        return self._session.state
+
+    @property
+    def is_connected(self) -> bool:
+        return self._session.is_ready
+
+    def counters(self) -> LinkCounters:
+        """A snapshot of what the link counted, for heartbeats and `agent status`."""
+        session = self._session
+        with self._counter_lock:
+            return replace(
+                self._counters,
+                connects=session.connects,
+                connection_losses=session.connection_losses,
+                rejected=session.rejected,
+            )
+
+    def start(self) -> None:
+        """Connect in the background, and keep reconnecting until `stop`.
+
+        Raises:
+            RuntimeError: called twice.
+        """
+        self._session.start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._session.wait_ready(timeout)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Publish `offline`, disconnect cleanly (the session stays on the broker), end."""
+        self._session.stop(timeout)
+        self.outbox.release_in_flight()
+
+    def abort(self, timeout: float = 5.0) -> None:
+        """Drop the connection without DISCONNECT, as a crash or power cut would.
+
+        The broker then publishes the Last Will. For tests, and for shutting
+        down on a fatal error where a clean goodbye cannot be trusted.
+        """
+        self._session.abort(timeout)
+        self.outbox.release_in_flight()
+
+    def wait_outbox_empty(self, timeout: float) -> bool:
+        """True once every queued message was acknowledged, False at the timeout."""
+        deadline = time.monotonic() + timeout
+        while len(self.outbox) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return not len(self.outbox)
+
+    # -- publishing --------------------------------------------------------------------------
+
+    def publish(self, kind: TopicKind, message: Message) -> None:
+        """Send a status report, telemetry window or heartbeat from this device.
+
+        Status and telemetry are queued on disk first (see `Outbox`); a telemetry
+        window gets the outbox's count of dropped windows added to its
+        `dropped_windows`. A heartbeat is sent at once at QoS 0, or skipped and
+        counted while disconnected (the next one supersedes it).
+
+        Raises:
+            UsageError: a kind that devices do not publish, a message of another
+                schema than the kind's, or one naming another device.
+            OSError: the outbox could not write to disk.
+        """
+        expected = MESSAGE_TYPES.get(kind)
+        if expected is None or not isinstance(message, expected):
+            raise UsageError(f"cannot publish a {type(message).__name__} as {kind}")
+        if message.device_id != self.device_id:
+            raise UsageError(f"message is from device {message.device_id!r}, not this one")
+        if kind is TopicKind.HEARTBEAT:
+            if not self._session.is_ready:
+                self._count("heartbeats_skipped")
+                return
+            self._session.publish(self.topics.heartbeat, encode_message(message), kind.qos)
+            return
+        if isinstance(message, TelemetryWindow):
+            dropped = self.outbox.take_dropped_count()
+            if dropped:
+                message = message.model_copy(
+                    update={"dropped_windows": message.dropped_windows + dropped}
+                )
+        self.outbox.put(kind, encode_message(message))
+        self._pump()
+
+    def send_block_request(self, payload: bytes) -> bool:
+        """Publish a block request (see `BlockChannel`); False when not connected."""
+        if not self._session.is_ready:
+            return False
+        kind = TopicKind.BLOCKS_REQUEST
+        info = self._session.publish(self.topics.blocks_request, payload, kind.qos)
+        return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def set_blocks_handler(self, handler: BlocksHandler | None) -> None:
+        self._handlers[self.topics.blocks_data] = (MAX_BLOCK_PAYLOAD_BYTES, handler)
+
+    def _pump(self) -> None:
+        """Remove acknowledged messages; hand the oldest queued ones to paho, up to the window.
+
+        Runs in the network thread after each loop step, and in `publish`'s thread.
+        """
+        with self._pump_lock:
+            if not self._session.is_ready:
+                return
+            for seq, info in list(self._inflight.items()):
+                if info.is_published():
+                    del self._inflight[seq]
+                    self.outbox.remove(seq)
+                    self._count("delivered")
+            room = self._max_inflight - len(self._inflight)
+            for entry in self.outbox.take_pending(room) if room > 0 else []:
+                try:
+                    payload = entry.read()
+                except OSError:
+                    self.outbox.remove(entry.seq)
+                    continue
+                topic = self.topics.topic(entry.kind)
+                self._inflight[entry.seq] = self._session.publish(topic, payload, entry.kind.qos)
+
+    # -- session hooks (network thread) ------------------------------------------------------
+
+    def _on_connected(self, client: mqtt.Client) -> None:
+        client.publish(self.topics.presence, Presence.ONLINE.payload, qos=1, retain=True)
+        client.subscribe(
+            [
+                (self.topics.directive, TopicKind.DIRECTIVE.qos),
+                (fleet_timestamp_topic(), FLEET_TIMESTAMP_QOS),
+                (self.topics.blocks_data, TopicKind.BLOCKS_DATA.qos),
+            ]
+        )
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        self._count("received")
+        limit, handler = self._handlers.get(topic, (0, None))
+        if handler is None:
+            self._count("unexpected")
+            return
+        if len(payload) > limit:
+            self._count("malformed")
+            self._problem(f"payload on {topic} is {len(payload)} bytes, above the {limit} limit")
+            return
+        try:
+            handler(payload)
+        except (MessageSchemaError, MalformedDocumentError) as exc:
+            self._count("malformed")
+            self._problem(f"malformed payload on {topic}: {exc}")
+        except UntrustedInputError as exc:
+            self._count("refused")
+            self._problem(f"payload on {topic} refused: {type(exc).__name__}: {exc}")
+        except Exception as exc:
+            self._count("handler_errors")
+            log.exception("handler for %s failed", topic)
+            self._problem(f"handler for {topic} failed: {type(exc).__name__}: {exc}")
+
+    # -- accounting --------------------------------------------------------------------------
+
+    def _count(self, name: str) -> None:
+        with self._counter_lock:
+            setattr(self._counters, name, getattr(self._counters, name) + 1)
+
+    def _problem(self, text: str) -> None:
+        with self._counter_lock:
+            self._counters.last_problem = text
+        log.warning("%s", text)
+        if self._on_problem is not None:
+            try:
+                self._on_problem(text)
+            except Exception:
+                log.exception("on_problem callback failed")
