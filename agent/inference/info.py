@@ -1,0 +1,109 @@
+"""What a predictor serves, for `agent status` and the local API's model info and health views."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from edgefleet.agent.inference.loaded import LoadedVersion, Step
+
+if TYPE_CHECKING:
+    from edgefleet.agent.inference.shadow import Challenger
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    name: str
+    version: str
+    directory: str
+    format: str
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    notes: list[str]
+
+    @classmethod
+    def of(cls, version: LoadedVersion) -> VersionInfo:
+        return cls(
+            name=version.name,
+            version=version.version,
+            directory=str(version.directory),
+            format=version.schema.format,
+            inputs=[spec.model_dump() for spec in version.schema.inputs],
+            outputs=[spec.model_dump() for spec in version.schema.outputs],
+            notes=list(version.notes),
+        )
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """One step of the fallback chain: its model, breaker, answers and failures by kind."""
+
+    step: str  # primary | float | previous
+    model: str  # name@version
+    file: str
+    loaded: bool
+    breaker: str  # closed | open | half-open
+    breaker_opened: int
+    answered: int
+    failures: dict[str, int]  # error | nan | timeout | schema -> count
+
+    @classmethod
+    def of(
+        cls,
+        position: str,
+        version: LoadedVersion,
+        step: Step,
+        answered: int,
+        failures: Mapping[tuple[str, str], int],
+    ) -> StepInfo:
+        return cls(
+            step=position,
+            model=version.label,
+            file=step.which,
+            loaded=step.is_loaded,
+            breaker=step.breaker.state.value,
+            breaker_opened=step.breaker.opened,
+            answered=answered,
+            failures={kind: n for (where, kind), n in failures.items() if where == position},
+        )
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    current: VersionInfo | None
+    previous: VersionInfo | None
+    steps: list[StepInfo]
+    has_default: bool
+    default_answers: int
+    challenger: str | None = None
+    shadow: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def fallbacks(self) -> int:
+        """Answers that did not come from the primary model."""
+        return self.default_answers + sum(s.answered for s in self.steps if s.step != "primary")
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data."""
+        return asdict(self)
+
+
+def describe(
+    current: LoadedVersion | None,
+    previous: LoadedVersion | None,
+    steps: Sequence[StepInfo],
+    *,
+    default_answers: int,
+    has_default: bool,
+    challenger: Challenger | None,
+) -> ModelInfo:
+    return ModelInfo(
+        current=VersionInfo.of(current) if current is not None else None,
+        previous=VersionInfo.of(previous) if previous is not None else None,
+        steps=list(steps),
+        has_default=has_default,
+        default_answers=default_answers,
+        challenger=challenger.version.label if challenger is not None else None,
+        shadow=asdict(challenger.stats) if challenger is not None else {},
+    )

@@ -1,0 +1,331 @@
+"""Telemetry windows: counts in exactly the bundle's reference bins, and live health counters."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgefleet.agent.inference import Prediction
+from edgefleet.agent.install.interfaces import HealthProbe
+from edgefleet.agent.telemetry import (
+    DEFAULT_LATENCY_BOUNDS_MS,
+    FLUSH_REQUESTS,
+    LATENCY_RING,
+    TelemetryRecorder,
+)
+from edgefleet.drift import REFERENCE_FILE, DriftReference, count_into
+from edgefleet.mqtt.messages import TelemetryWindow, encode_message, parse_message
+from tests.agent.conftest import Bundles
+
+T0 = dt.datetime(2026, 3, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
+
+
+def reference(bundle: Path) -> DriftReference:
+    return DriftReference.model_validate_json((bundle / REFERENCE_FILE).read_bytes())
+
+
+def recorder(
+    ref: DriftReference | None, latency_bounds_ms: tuple[float, ...] = DEFAULT_LATENCY_BOUNDS_MS
+) -> TelemetryRecorder:
+    return TelemetryRecorder(
+        "cam-01",
+        ref,
+        60,
+        latency_bounds_ms,
+        bundle_name="digits",
+        bundle_version="1.0.0",
+        now=T0,
+    )
+
+
+def answer(outputs: dict[str, np.ndarray], step: str = "primary", ms: float = 1.0) -> Prediction:
+    return Prediction(outputs, step, "digits@1.0.0", ms)  # type: ignore[arg-type]
+
+
+def close(rec: TelemetryRecorder, seconds: int = 60) -> TelemetryWindow:
+    window = rec.close_window(T0 + dt.timedelta(seconds=seconds))
+    assert window is not None
+    return window
+
+
+def awkward_features(ref: DriftReference, rng: np.random.Generator, rows: int) -> np.ndarray:
+    """MLP inputs around and on the reference edges, with NaN and infinities."""
+    features = rng.uniform(-0.3, 1.3, size=(rows, 64))
+    for feature in ref.inputs:
+        assert feature.index is not None
+        edges = feature.histogram.edges
+        features[: len(edges), feature.index] = edges  # every edge exactly, the last included
+    features[-1, 5] = np.nan
+    features[-2, 6] = np.inf
+    features[-3, 7] = -np.inf
+    return features
+
+
+def test_counts_match_the_converters_binning_exactly(bundles: Bundles) -> None:
+    ref = reference(bundles.mlp)
+    rec = recorder(ref)
+    rng = np.random.default_rng(3)
+    batches = (1, 3, 1, 7) * 100  # more than FLUSH_REQUESTS requests: several flushes
+    every = awkward_features(ref, rng, sum(batches)).astype(np.float32)
+    cuts = np.cumsum(batches)[:-1]
+    sent_inputs, sent_probabilities, sent_labels = [], [], []
+    for batch, features in zip(batches, np.split(every, cuts), strict=True):
+        probabilities = rng.dirichlet(np.ones(10), size=batch).astype(np.float32)
+        labels = probabilities.argmax(1).astype(np.int64)
+        rec.record(
+            answer({"label": labels, "probabilities": probabilities}),
+            {"features": features},
+            {"label": labels, "probabilities": probabilities},
+        )
+        sent_inputs.append(features)
+        sent_probabilities.append(probabilities)
+        sent_labels.append(labels)
+    window = close(rec)
+    inputs = np.concatenate(sent_inputs)
+    outputs = {
+        "probabilities": np.concatenate(sent_probabilities),
+        "label": np.concatenate(sent_labels),
+    }
+    for feature in ref.inputs:
+        expected = count_into(inputs[:, feature.index], feature.histogram.edges)
+        got = window.inputs[feature.name]
+        assert (got.counts, got.below, got.above, got.nan) == (
+            expected.counts,
+            expected.below,
+            expected.above,
+            expected.nan,
+        ), feature.name
+    for feature in ref.outputs:
+        values = outputs[feature.tensor]
+        values = values if feature.index is None else values[:, feature.index]
+        expected = count_into(values, feature.histogram.edges)
+        got = window.outputs[feature.name]
+        assert (got.counts, got.below, got.above, got.nan) == (
+            expected.counts,
+            expected.below,
+            expected.above,
+            expected.nan,
+        ), feature.name
+    assert window.requests == 400
+    assert window.inputs["features[5]"].nan > 0
+
+
+def test_image_values_are_a_fixed_strided_subsample(bundles: Bundles) -> None:
+    ref = reference(bundles.cnn)
+    rec = recorder(ref)
+    rng = np.random.default_rng(0)
+    batches = [1, 2, 1, 5] * 80
+    for batch in batches:
+        image = rng.uniform(-0.5, 1.5, size=(batch, 1, 32, 32)).astype(np.float32)
+        image[0, 0, 0, 0] = np.nan
+        logits = rng.normal(size=(batch, 10)).astype(np.float32)
+        rec.record(answer({"logits": logits}), {"image": image}, {"logits": logits})
+    window = close(rec)
+    image_counts = window.inputs["image[0]"]
+    total = sum(image_counts.counts) + image_counts.nan + image_counts.below + image_counts.above
+    # 32 of each image's 1024 pixels (stride 33, coprime with the row width 32).
+    assert total == sum(len(range(0, 1024 * b, 33)) for b in batches)
+    assert image_counts.nan == len(batches)  # flat index 0 is always picked
+    assert image_counts.below > 0 and image_counts.above > 0
+    for name, counts in window.outputs.items():
+        assert sum(counts.counts) + counts.nan + counts.below + counts.above == sum(batches), name
+
+
+def test_inputs_reused_by_the_caller_after_the_call_are_counted_as_they_were(
+    bundles: Bundles,
+) -> None:
+    ref = reference(bundles.cnn)
+    rec = recorder(ref)
+    buffer = np.zeros((1, 1, 32, 32), np.float32)  # a camera loop writes into one buffer
+    logits = np.zeros((1, 10), np.float32)
+    for _ in range(10):
+        buffer[:] = 0.5  # the frame
+        logits[:] = 0.0
+        rec.record(answer({"logits": logits}), {"image": buffer}, {"logits": logits})
+        buffer[:] = 7.0  # the camera writes the next frame before telemetry bins the last
+        logits[:] = 99.0
+    window = close(rec)
+    assert window.inputs["image[0]"].above == 0  # 7.0 was never an input when recorded
+    assert window.outputs["logits[0]"].above == 0
+
+
+def test_window_counts_requests_errors_fallbacks_and_violations() -> None:
+    rec = recorder(None)
+    out = {"y": np.ones((1, 1), np.float32)}
+    rec.record(answer(out, "primary"), {}, out)
+    rec.record(answer(out, "float"), {}, out)
+    rec.record(answer(out, "previous"), {}, out)
+    rec.record(answer(out, "default"), {}, out)
+    rec.record_error()
+    rec.record_schema_violation()
+    rec.record_schema_violation()
+    window = close(rec)
+    assert (window.requests, window.errors, window.fallbacks, window.schema_violations) == (
+        7,
+        1,
+        3,
+        2,
+    )
+    assert sum(window.latency.counts) == 4  # answered requests only
+    assert window.inputs == {} and window.outputs == {}  # no reference: no bins
+    assert window.shadow is None and window.labelled is None
+
+
+def test_latency_histogram_buckets() -> None:
+    rec = recorder(None, latency_bounds_ms=(1.0, 10.0))
+    out: dict[str, np.ndarray] = {}
+    for ms in (0.2, 1.0, 1.01, 10.0, 11.0, 5000.0):
+        rec.record(answer(out, ms=ms), {}, out)
+    window = close(rec)
+    assert window.latency.bounds_ms == [1.0, 10.0]
+    assert window.latency.counts == [2, 2, 2]  # at or below each bound, then above all
+
+
+def test_default_answers_are_not_counted_into_output_bins(bundles: Bundles) -> None:
+    rec = recorder(reference(bundles.cnn))
+    image = np.full((1, 1, 32, 32), 0.5, np.float32)
+    logits = np.zeros((1, 10), np.float32)
+    rec.record(answer({"logits": logits}, "default"), {"image": image}, {"logits": logits})
+    window = close(rec)
+    assert sum(window.inputs["image[0]"].counts) == 32
+    assert all(sum(c.counts) + c.below + c.above == 0 for c in window.outputs.values())
+
+
+def test_shadow_and_labels() -> None:
+    rec = recorder(None)
+    for agreed in (True, True, False):
+        rec.record_shadow(agreed)
+    rec.record_label(correct=True)
+    rec.record_label(correct=False)
+    rec.record_label(error=-0.5)
+    rec.record_label(error=1.5)
+    window = close(rec)
+    assert window.shadow is not None and window.labelled is not None
+    assert (window.shadow.requests, window.shadow.agreements) == (3, 2)
+    assert (window.labelled.count, window.labelled.correct) == (2, 1)
+    assert rec.counters()["mean_abs_error"] == 1.0
+
+
+def test_windows_follow_each_other_and_parse_as_messages(bundles: Bundles) -> None:
+    rec = recorder(reference(bundles.mlp))
+    features = np.full((1, 64), 0.5, np.float32)
+    out = {"label": np.array([1]), "probabilities": np.full((1, 10), 0.1, np.float32)}
+    rec.record(answer(out), {"features": features}, out)
+    assert not rec.is_due(T0 + dt.timedelta(seconds=59))
+    assert rec.is_due(T0 + dt.timedelta(seconds=60))
+    first = close(rec, 60)
+    second = close(rec, 120)
+    assert (first.window_start, first.window_end) == (
+        "2026-03-01T12:00:00Z",
+        "2026-03-01T12:01:00Z",
+    )
+    assert (second.window_start, second.window_end) == (
+        "2026-03-01T12:01:00Z",
+        "2026-03-01T12:02:00Z",
+    )
+    assert second.requests == 0 and sum(second.inputs["features[0]"].counts) == 0
+    assert parse_message(TelemetryWindow, encode_message(first)) == first
+    # A window closed within the second it opened still lasts one second.
+    third = rec.close_window(T0 + dt.timedelta(seconds=120, milliseconds=300))
+    assert third is not None and third.window_end == "2026-03-01T12:02:01Z"
+
+
+def test_no_window_before_a_model_is_set() -> None:
+    rec = TelemetryRecorder("cam-01", None, 60)
+    assert rec.close_window(T0) is None
+    rec.set_model("digits", "1.0.0", None, now=T0)
+    window = rec.close_window(T0 + dt.timedelta(seconds=5))
+    assert window is not None and window.bundle_version == "1.0.0"
+
+
+def test_a_model_switch_ends_the_window_early_and_loses_nothing(bundles: Bundles) -> None:
+    rec = recorder(reference(bundles.cnn))
+    logits = np.zeros((1, 10), np.float32)
+    image = np.full((1, 1, 32, 32), 0.5, np.float32)
+    rec.record(answer({"logits": logits}), {"image": image}, {"logits": logits})
+    rec.set_model("digits", "2.0.0", reference(bundles.cnn), now=T0 + dt.timedelta(seconds=20))
+    rec.record(answer({"logits": logits}), {"image": image}, {"logits": logits})
+    rec.record(answer({"logits": logits}), {"image": image}, {"logits": logits})
+    old = close(rec, 60)
+    new = close(rec, 60)
+    assert (old.bundle_version, old.requests, old.window_end) == (
+        "1.0.0",
+        1,
+        "2026-03-01T12:00:20Z",
+    )
+    assert (new.bundle_version, new.requests, new.window_start) == (
+        "2.0.0",
+        2,
+        "2026-03-01T12:00:20Z",
+    )
+    assert sum(new.inputs["image[0]"].counts) == 64
+
+
+def test_out_of_range_inputs_are_a_warning_counter(bundles: Bundles) -> None:
+    rec = recorder(reference(bundles.cnn))
+    logits = np.zeros((1, 10), np.float32)
+    inside = np.full((1, 1, 32, 32), 1.05, np.float32)  # above 1.0, within the 10% margin
+    outside = np.full((1, 1, 32, 32), 5.0, np.float32)
+    rec.record(answer({"logits": logits}), {"image": inside}, {"logits": logits})
+    rec.record(answer({"logits": logits}), {"image": outside}, {"logits": logits})
+    window = close(rec)
+    assert window.inputs["image[0]"].above == 64
+    assert rec.counters()["out_of_range"] == 32
+
+
+def test_health_snapshot_since_a_mark() -> None:
+    rec = recorder(None)
+    out: dict[str, np.ndarray] = {}
+    rec.record(answer(out, ms=500.0), {}, out)  # before the mark: not in the snapshot
+    probe: HealthProbe = rec
+    mark = probe.mark()
+    for ms in range(1, 101):
+        rec.record(answer(out, "float" if ms % 10 == 0 else "primary", float(ms)), {}, out)
+    rec.record_error()
+    rec.record_schema_violation()
+    snapshot = probe.since(mark)
+    assert (snapshot.requests, snapshot.errors, snapshot.fallbacks) == (102, 2, 10)
+    assert snapshot.latency_p95_ms == pytest.approx(95.05)
+    empty = rec.snapshot_since(rec.mark())
+    assert (empty.requests, empty.latency_p95_ms) == (0, None)
+    # The counters run across windows.
+    close(rec)
+    assert rec.snapshot_since(mark).requests == 102
+
+
+def test_latency_p95_uses_the_most_recent_calls() -> None:
+    rec = recorder(None)
+    out: dict[str, np.ndarray] = {}
+    mark = rec.mark()
+    for _ in range(LATENCY_RING):
+        rec.record(answer(out, ms=1000.0), {}, out)
+    for _ in range(LATENCY_RING):
+        rec.record(answer(out, ms=1.0), {}, out)
+    snapshot = rec.snapshot_since(mark)
+    assert snapshot.requests == 2 * LATENCY_RING
+    assert snapshot.latency_p95_ms == 1.0
+
+
+def test_recording_from_many_threads_loses_nothing(bundles: Bundles) -> None:
+    rec = recorder(reference(bundles.cnn))
+    image = np.full((1, 1, 32, 32), 0.5, np.float32)
+    logits = np.zeros((1, 10), np.float32)
+
+    def work() -> None:
+        for _ in range(FLUSH_REQUESTS):
+            rec.record(answer({"logits": logits}), {"image": image}, {"logits": logits})
+            rec.record_shadow(True)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    window = close(rec)
+    assert window.requests == 4 * FLUSH_REQUESTS
+    assert window.shadow is not None and window.shadow.requests == 4 * FLUSH_REQUESTS
+    assert sum(window.inputs["image[0]"].counts) == 4 * FLUSH_REQUESTS * 32
