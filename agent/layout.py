@@ -9,6 +9,8 @@
       current -> versions/<id>    symlink: the version being served (atomically replaced)
       previous -> versions/<id>   symlink: the version to roll back to
       outbox/               store-and-forward queue of MQTT messages (edgefleet.agent.outbox)
+      inbox/                directives received over MQTT, persisted before they are
+                            acknowledged and removed once the installer has handled them
       localapi.json         address and pid of the running agent's local HTTP API
 
 Invariant: `current` always names a complete, verified, smoke-tested version
@@ -62,11 +64,22 @@ class StateLayout:
         return self.root / "outbox"
 
     @property
+    def inbox(self) -> Path:
+        return self.root / "inbox"
+
+    @property
     def local_api_file(self) -> Path:
         return self.root / "localapi.json"
 
     def create(self) -> None:
-        for directory in (self.root, self.trust_dir, self.downloads, self.versions, self.outbox):
+        for directory in (
+            self.root,
+            self.trust_dir,
+            self.downloads,
+            self.versions,
+            self.outbox,
+            self.inbox,
+        ):
             directory.mkdir(parents=True, exist_ok=True)
 
     def resolve_link(self, link: Path) -> Path | None:

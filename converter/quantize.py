@@ -33,6 +33,10 @@ class CalibrationReader:
     def __len__(self) -> int:
         return self._dataset.size
 
+    def __iter__(self) -> Iterator[Feed]:
+        # onnxruntime's qdq_loss_debug iterates the reader (its base class's protocol).
+        return self._dataset.samples()
+
     def set_range(self, start_index: int, end_index: int) -> None:
         self._samples = self._dataset.samples(range(start_index, end_index))
 

@@ -36,6 +36,11 @@ COMMANDS: dict[str, _LazyCommand] = {
     "targets": _LazyCommand(
         "edgefleet.cli.targets:targets", "List and show hardware target profiles.", None
     ),
+    "agent": _LazyCommand(
+        "edgefleet.agent.cli:agent",
+        "Run the on-device agent; install, roll back, predict, status.",
+        "agent",
+    ),
     "convert": _LazyCommand(
         "edgefleet.converter.cli:convert_command",
         "Quantize a model for a target, prove it, sign it.",

@@ -1,0 +1,242 @@
+"""The agent's local HTTP API, for applications on the device (localhost only).
+
+    GET  /v1/health           {"status", "model", "install_state"}
+    GET  /v1/model            what is served: versions, fallback chain, breakers
+    POST /v1/predict          {"inputs": {name: nested list}}
+                              -> {"outputs", "answered_by", "model", "latency_ms"}
+    POST /v1/predict/batch    an .npz of inputs (samples first) -> an .npz of outputs
+    POST /v1/feedback         {"predicted": p, "label": l}: labelled accuracy (or error, for floats)
+    POST /v1/install          {"path": "/media/usb/model.efb"}: `agent install` while the agent runs
+    POST /v1/rollback         `agent rollback` while the agent runs
+
+Predictions through this API are served and monitored exactly like in-process
+ones. Errors are JSON {"error", "code"} with 400 (bad input), 409 (an install
+is running), 422 (a refused bundle), or 503 (nothing to serve); never a traceback.
+Standard library only: a device needs no web framework.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+from collections.abc import Callable
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgefleet.agent.errors import (
+    InferenceError,
+    InputSchemaError,
+    InstallInProgressError,
+    NoModelError,
+    RollbackError,
+)
+from edgefleet.agent.inference import Predictor
+from edgefleet.cli.errors import error_code
+from edgefleet.errors import EdgefleetError, UntrustedInputError
+
+log = logging.getLogger(__name__)
+MAX_BODY_BYTES = 64 * 1024 * 1024
+NPZ = "application/x-npz"
+
+
+class ApiError(Exception):
+    def __init__(self, status: HTTPStatus, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+def _status_for(exc: EdgefleetError) -> HTTPStatus:
+    if isinstance(exc, InputSchemaError):
+        return HTTPStatus.BAD_REQUEST
+    if isinstance(exc, InstallInProgressError):
+        return HTTPStatus.CONFLICT
+    if isinstance(exc, (NoModelError, InferenceError)):
+        return HTTPStatus.SERVICE_UNAVAILABLE
+    if isinstance(exc, (UntrustedInputError, RollbackError)):
+        return HTTPStatus.UNPROCESSABLE_ENTITY
+    return HTTPStatus.INTERNAL_SERVER_ERROR
+
+
+def _jsonable(outputs: dict[str, np.ndarray]) -> dict[str, Any]:
+    return {name: value.tolist() for name, value in outputs.items()}
+
+
+class LocalApi:
+    """Serves the API on a background thread; `install` and `rollback` are the agent's."""
+
+    def __init__(
+        self,
+        predictor: Predictor,
+        host: str,
+        port: int,
+        *,
+        install: Callable[[Path], dict[str, Any]],
+        rollback: Callable[[], dict[str, Any]],
+        install_state: Callable[[], str],
+    ) -> None:
+        self.predictor = predictor
+        self.install, self.rollback, self.install_state = install, rollback, install_state
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            server_version = "edgefleet-agent"
+
+            def do_GET(self) -> None:
+                self._answer(lambda: api.get(self.path))
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                if length > MAX_BODY_BYTES:
+                    self._send(
+                        HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                        {"error": "body too large", "code": "too-large"},
+                    )
+                    return
+                body = self.rfile.read(length)
+                content_type = self.headers.get("Content-Type", "")
+                self._answer(lambda: api.post(self.path, body, content_type))
+
+            def _answer(self, work: Callable[[], tuple[HTTPStatus, Any]]) -> None:
+                try:
+                    status, payload = work()
+                except ApiError as exc:
+                    status, payload = exc.status, {"error": str(exc), "code": exc.code}
+                except EdgefleetError as exc:
+                    status, payload = _status_for(exc), {"error": str(exc), "code": error_code(exc)}
+                except Exception as exc:  # the app must get an answer, and the agent live on
+                    log.exception("local API request failed")
+                    status = HTTPStatus.INTERNAL_SERVER_ERROR
+                    payload = {"error": f"{type(exc).__name__}: {exc}", "code": "internal"}
+                self._send(status, payload)
+
+            def _send(self, status: HTTPStatus, payload: Any) -> None:
+                if isinstance(payload, bytes):
+                    body, content_type = payload, NPZ
+                else:
+                    body, content_type = json.dumps(payload).encode(), "application/json"
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                log.debug("local API: " + format, *args)
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, daemon=True, name="edgefleet-local-api"
+        )
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    # --- routes ----------------------------------------------------------------------------
+
+    def get(self, path: str) -> tuple[HTTPStatus, Any]:
+        if path == "/v1/health":
+            info = self.predictor.model_info()
+            model = f"{info.current.name}@{info.current.version}" if info.current else None
+            return HTTPStatus.OK, {
+                "status": "ok" if model or info.has_default else "no-model",
+                "model": model,
+                "install_state": self.install_state(),
+            }
+        if path == "/v1/model":
+            return HTTPStatus.OK, self.predictor.model_info().as_dict()
+        raise ApiError(HTTPStatus.NOT_FOUND, f"no such endpoint: GET {path}", "not-found")
+
+    def post(self, path: str, body: bytes, content_type: str) -> tuple[HTTPStatus, Any]:
+        if path == "/v1/predict/batch":
+            return HTTPStatus.OK, self._predict_npz(body)
+        if path == "/v1/install":
+            target = _json(body).get("path")
+            if not isinstance(target, str):
+                raise ApiError(HTTPStatus.BAD_REQUEST, 'expected {"path": "..."}', "bad-request")
+            return HTTPStatus.OK, self.install(Path(target))
+        if path == "/v1/rollback":
+            return HTTPStatus.OK, self.rollback()
+        payload = _json(body)
+        if path == "/v1/predict":
+            return HTTPStatus.OK, self._predict_json(payload)
+        if path == "/v1/feedback":
+            return HTTPStatus.OK, self._feedback(payload)
+        raise ApiError(HTTPStatus.NOT_FOUND, f"no such endpoint: POST {path}", "not-found")
+
+    def _predict_json(self, payload: dict[str, Any]) -> dict[str, Any]:
+        inputs = payload.get("inputs")
+        if not isinstance(inputs, dict) or not inputs:
+            raise ApiError(
+                HTTPStatus.BAD_REQUEST, 'expected {"inputs": {name: values}}', "bad-request"
+            )
+        try:
+            arrays = {str(name): np.asarray(value) for name, value in inputs.items()}
+        except (ValueError, TypeError) as exc:
+            raise ApiError(
+                HTTPStatus.BAD_REQUEST, f"inputs are not arrays: {exc}", "bad-request"
+            ) from exc
+        prediction = self.predictor.predict(arrays)
+        return {
+            "outputs": _jsonable(prediction.outputs),
+            "answered_by": prediction.step,
+            "model": prediction.model,
+            "latency_ms": round(prediction.latency_ms, 3),
+        }
+
+    def _predict_npz(self, body: bytes) -> bytes:
+        try:
+            with np.load(io.BytesIO(body), allow_pickle=False) as archive:
+                arrays = {name: archive[name] for name in archive.files}
+        except (OSError, ValueError) as exc:
+            raise ApiError(
+                HTTPStatus.BAD_REQUEST, f"body is not an .npz: {exc}", "bad-request"
+            ) from exc
+        prediction = self.predictor.predict(arrays)
+        out = io.BytesIO()
+        np.savez(out, **prediction.outputs)  # type: ignore[arg-type]
+        return out.getvalue()
+
+    def _feedback(self, payload: dict[str, Any]) -> dict[str, Any]:
+        if "predicted" not in payload or "label" not in payload:
+            raise ApiError(
+                HTTPStatus.BAD_REQUEST, 'expected {"predicted": p, "label": l}', "bad-request"
+            )
+        predicted, label = payload["predicted"], payload["label"]
+        telemetry = self.predictor.telemetry
+        if telemetry is None:
+            return {"recorded": False}
+        if isinstance(label, int) and isinstance(predicted, int):
+            telemetry.record_label(correct=predicted == label)
+        elif isinstance(label, (int, float)) and isinstance(predicted, (int, float)):
+            telemetry.record_label(error=abs(float(predicted) - float(label)))
+        else:
+            raise ApiError(
+                HTTPStatus.BAD_REQUEST, "predicted and label must be numbers", "bad-request"
+            )
+        return {"recorded": True}
+
+
+def _json(body: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(body or b"{}")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"body is not JSON: {exc}", "bad-request") from exc
+    if not isinstance(value, dict):
+        raise ApiError(HTTPStatus.BAD_REQUEST, "body must be a JSON object", "bad-request")
+    return value

@@ -1,0 +1,232 @@
+"""The running agent: wires installer, predictor, telemetry, MQTT link and local API.
+
+Startup order matters for crash safety: the installer resumes (or rolls back)
+an install that a power cut interrupted BEFORE the predictor loads `current`,
+so a model that crashed the process is rolled back before it is served again.
+
+Threads: the main loop (telemetry windows, heartbeats, systemd watchdog), one
+install worker (directives from the inbox, one at a time), the MQTT link's
+network thread, and the local API's request threads. A directive is persisted
+to inbox/ in the link's thread before it is acknowledged, so a crash between
+the broker's delivery and the install loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.heartbeat import HeartbeatSource
+from edgefleet.agent.inference import Predictor
+from edgefleet.agent.install import Installer
+from edgefleet.agent.layout import StateLayout
+from edgefleet.agent.link import AgentLink
+from edgefleet.agent.localapi import LocalApi
+from edgefleet.agent.outbox import Outbox
+from edgefleet.agent.sdnotify import notify, watchdog_interval_seconds
+from edgefleet.agent.telemetry import TelemetryRecorder
+from edgefleet.agent.transport.blocks import MqttBlockFetcher
+from edgefleet.agent.transport.http import HttpFetcher
+from edgefleet.agent.transport.sources import SourcesFetcher
+from edgefleet.errors import EdgefleetError, FleetTimestampError
+from edgefleet.fileio import atomic_write_bytes
+from edgefleet.mqtt.directives import verify_fleet_timestamp
+from edgefleet.mqtt.messages import StatusReport
+from edgefleet.mqtt.topics import TopicKind
+from edgefleet.profiles import load_profile
+from edgefleet.trust import TrustRoot, load_trust_root
+
+log = logging.getLogger(__name__)
+TICK_SECONDS = 0.5
+
+
+def load_agent_trust(config: AgentConfig, layout: StateLayout) -> TrustRoot:
+    """The device's trusted root: state/trust/root.json, seeded from the flashed one once."""
+    layout.create()
+    if not layout.trust_root.exists():
+        flashed = load_trust_root(config.trust_root)  # checks its signatures first
+        atomic_write_bytes(layout.trust_root, flashed.raw)
+    return load_trust_root(layout.trust_root)
+
+
+class _Reporter:
+    """Status reports go to the MQTT outbox; on a device without a broker, to the log."""
+
+    def __init__(self, link: AgentLink | None) -> None:
+        self.link = link
+
+    def report(self, status: StatusReport) -> None:
+        log.info("install %s %s", status.install_state, status.reason or "")
+        if self.link is not None:
+            self.link.publish(TopicKind.STATUS, status)
+
+
+def status_dict(installer: Installer) -> dict[str, Any]:
+    status = installer.status()
+    return {
+        "state": status.state.value,
+        "current": status.current,
+        "previous": status.previous,
+        "reason": status.reason,
+        "last_directive_sequence": status.last_directive_sequence,
+        "security_floor": status.security_floor,
+    }
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.layout = StateLayout(config.state_dir)
+        self.trust = load_agent_trust(config, self.layout)
+        self.profile = load_profile(config.profile)
+        self.stopping = threading.Event()
+        self._inbox_ready = threading.Event()
+        self._fleet_sequence = 0
+        self.link: AgentLink | None = None
+        if config.mqtt.url:
+            outbox = Outbox(self.layout.outbox, config.telemetry.outbox_max_bytes)
+            self.link = AgentLink(
+                config.device_id,
+                config.mqtt,
+                outbox,
+                on_directive=self._receive_directive,
+                on_fleet_timestamp=self._receive_fleet_timestamp,
+                on_problem=lambda problem: log.warning("MQTT: %s", problem),
+            )
+        fetcher = SourcesFetcher(
+            http=HttpFetcher(),
+            blocks=MqttBlockFetcher(self.link) if self.link is not None else None,
+        )
+        self.telemetry = TelemetryRecorder(config.device_id, None, config.telemetry.window_seconds)
+        self.predictor: Predictor | None = None
+        self.installer = Installer(
+            config,
+            self.layout,
+            self.trust,
+            fetcher,
+            _Reporter(self.link),
+            probe=self.telemetry,
+            on_activated=self._reload,
+        )
+        self.heartbeats = HeartbeatSource(config.device_id, self.layout.root)
+
+    def _reload(self, _version: object) -> None:
+        if self.predictor is not None:
+            self.predictor.reload()
+
+    # --- MQTT callbacks (the link's network thread) -----------------------------------------
+
+    def _receive_directive(self, payload: bytes) -> None:
+        # Persist before the PUBACK (sent when this returns); the worker installs.
+        name = f"{time.time_ns():020d}.directive"
+        atomic_write_bytes(self.layout.inbox / name, payload)
+        self._inbox_ready.set()
+
+    def _receive_fleet_timestamp(self, payload: bytes) -> None:
+        try:
+            stamp = verify_fleet_timestamp(payload, self.trust, last_sequence=self._fleet_sequence)
+        except FleetTimestampError as exc:
+            if "stale" not in str(exc):  # the retained one, redelivered on reconnect
+                log.warning("fleet timestamp: %s", exc)
+            return
+        self._fleet_sequence = stamp.sequence
+
+    # --- install worker ---------------------------------------------------------------------
+
+    def _install_worker(self) -> None:
+        while not self.stopping.is_set():
+            self._inbox_ready.wait(timeout=TICK_SECONDS * 4)
+            self._inbox_ready.clear()
+            for path in sorted(self.layout.inbox.glob("*.directive")):
+                try:
+                    self.installer.install_directive(path.read_bytes())
+                except EdgefleetError as exc:
+                    log.warning("directive %s: %s: %s", path.name, type(exc).__name__, exc)
+                path.unlink(missing_ok=True)
+                if self.stopping.is_set():
+                    return
+
+    def install_file(self, path: Path) -> dict[str, Any]:
+        self.installer.install_file(path)
+        return status_dict(self.installer)
+
+    def rollback(self) -> dict[str, Any]:
+        self.installer.rollback()
+        return status_dict(self.installer)
+
+    # --- main loop --------------------------------------------------------------------------
+
+    def _beat(self) -> None:
+        info = self.predictor.model_info() if self.predictor else None
+        current = info.current if info else None
+        beat = self.heartbeats.beat(
+            self.installer.status().state.value,
+            current.name if current else None,
+            current.version if current else None,
+        )
+        if self.link is not None:
+            self.link.publish(TopicKind.HEARTBEAT, beat)
+
+    def _flush_telemetry(self) -> None:
+        while self.telemetry.is_due():
+            window = self.telemetry.close_window()
+            if window is None:
+                return
+            if self.link is not None:
+                self.link.publish(TopicKind.TELEMETRY, window)
+
+    def run(self) -> None:
+        """Serve until `stopping` is set (SIGTERM, SIGINT, or a caller)."""
+        self.installer.resume()
+        self.predictor = Predictor.open(
+            self.layout, self.config.inference, self.profile, self.telemetry
+        )
+        api = LocalApi(
+            self.predictor,
+            self.config.local_api.host,
+            self.config.local_api.port,
+            install=self.install_file,
+            rollback=self.rollback,
+            install_state=lambda: self.installer.status().state.value,
+        )
+        api.start()
+        host, port = api.address
+        atomic_write_bytes(
+            self.layout.local_api_file,
+            json.dumps({"host": host, "port": port, "pid": os.getpid()}).encode(),
+        )
+        if self.link is not None:
+            self.link.start()
+        worker = threading.Thread(
+            target=self._install_worker, name="edgefleet-install", daemon=True
+        )
+        worker.start()
+        self._inbox_ready.set()
+        notify("READY=1")
+        log.info("agent %s serving on %s:%d", self.config.device_id, host, port)
+        watchdog = watchdog_interval_seconds()
+        next_beat = next_pet = 0.0
+        try:
+            while not self.stopping.wait(TICK_SECONDS):
+                now = time.monotonic()
+                self._flush_telemetry()
+                if now >= next_beat:
+                    self._beat()
+                    next_beat = now + self.config.telemetry.heartbeat_seconds
+                if watchdog is not None and now >= next_pet:
+                    notify("WATCHDOG=1")
+                    next_pet = now + watchdog
+        finally:
+            notify("STOPPING=1")
+            api.stop()
+            self.layout.local_api_file.unlink(missing_ok=True)
+            worker.join(timeout=10)
+            if self.link is not None:
+                self.link.stop()
+            self.predictor.close()

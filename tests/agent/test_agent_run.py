@@ -1,0 +1,231 @@
+"""The agent as a field engineer runs it: `edgefleet agent run` against a real mosquitto.
+
+One agent process, end to end: a USB-stick install through the running agent,
+predictions through the local API and `agent predict`, a signed directive over
+MQTT that installs the next version from an HTTP server, status reports,
+heartbeats and telemetry on the broker, and a clean stop on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgefleet.agent.config import (
+    AgentConfig,
+    HealthSettings,
+    LocalApiSettings,
+    MqttSettings,
+    TelemetrySettings,
+    write_config,
+)
+from edgefleet.mqtt.directives import BundleRef, Directive, HttpSource, sign_directive
+from edgefleet.mqtt.topics import DeviceTopics
+from edgefleet.timefmt import format_time, utcnow
+from edgefleet.trust import TrustRoot
+from tests.agent.broker import (
+    MosquittoBroker,
+    Observer,
+    free_port,
+    mosquitto_or_skip,
+    publish_once,
+    unique_device_id,
+)
+from tests.agent.power_loss_driver import PROFILE, Bundles, prepare_bundles
+from tests.conftest import KeySet
+from tests.fixtures import datasets
+
+WAIT = 60.0
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.fixture(scope="module")
+def signed_bundles(tmp_path_factory: pytest.TempPathFactory, keyset: KeySet) -> Bundles:
+    return prepare_bundles(tmp_path_factory.mktemp("run-bundles"), keyset.release)
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    mosquitto_or_skip()
+    with MosquittoBroker.running(tmp_path / "broker") as running:
+        yield running
+
+
+class _QuietFiles(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def file_server(signed_bundles: Bundles) -> Iterator[str]:
+    directory = str(signed_bundles.releases[0].parent)
+    server = ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_QuietFiles, directory=directory)
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def cli(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "edgefleet", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def api(port: int, path: str, payload: dict[str, object] | None = None) -> dict[str, object]:
+    body = json.dumps(payload).encode() if payload is not None else None
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body)
+    if body is not None:
+        request.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        answer: dict[str, object] = json.loads(response.read())
+        return answer
+
+
+def test_agent_serves_installs_and_reports(
+    tmp_path: Path,
+    broker: MosquittoBroker,
+    file_server: str,
+    signed_bundles: Bundles,
+    keyset: KeySet,
+    trust: TrustRoot,
+) -> None:
+    device = unique_device_id("run")
+    (tmp_path / "trust.json").write_bytes(trust.raw)
+    port = free_port()
+    config_path = tmp_path / "agent.toml"
+    write_config(
+        config_path,
+        AgentConfig(
+            device_id=device,
+            profile=PROFILE,
+            state_dir=tmp_path / "state",
+            trust_root=tmp_path / "trust.json",
+            mqtt=MqttSettings(url=broker.url),
+            telemetry=TelemetrySettings(window_seconds=1, heartbeat_seconds=1),
+            health=HealthSettings(duration_seconds=1, min_requests=0),
+            local_api=LocalApiSettings(port=port),
+        ),
+    )
+    topics = DeviceTopics(device)
+    observer = Observer(broker.url, [topics.subtree])
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "edgefleet", "agent", "run", "--config", str(config_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert wait_until(lambda: (tmp_path / "state" / "localapi.json").exists()), "no API"
+        assert api(port, "/v1/health")["status"] == "no-model"
+
+        # A field engineer's USB stick, through the running agent.
+        first = signed_bundles.releases[0]
+        installed = cli("agent", "install", first, "--config", config_path)
+        assert "demo@1.0.0" in installed.stdout
+
+        features, labels = datasets.digits_tabular()
+        answer = api(port, "/v1/predict", {"inputs": {"features": features[:1].tolist()}})
+        assert answer["answered_by"] == "primary" and answer["model"] == "demo@1.0.0"
+        assert int(np.argmax(answer["outputs"]["probabilities"])) == labels[0]  # type: ignore[index]
+        np.savez(tmp_path / "batch.npz", features=features[:16])
+        predicted = cli(
+            "agent",
+            "predict",
+            "--input",
+            tmp_path / "batch.npz",
+            "-o",
+            tmp_path / "out.npz",
+            "--config",
+            config_path,
+        )
+        assert "running agent" in predicted.stdout
+        with np.load(tmp_path / "out.npz") as out:
+            assert out["probabilities"].shape == (16, 10)
+
+        # The operator's directive: install 1.1.0 from the HTTP server.
+        second = signed_bundles.releases[1]
+        data = second.read_bytes()
+        directive = Directive(
+            device_id=device,
+            sequence=1,
+            action="install",
+            issued=format_time(utcnow()),
+            expires=format_time(utcnow() + dt.timedelta(hours=1)),
+            bundle=BundleRef(
+                name="demo",
+                version="1.1.0",
+                sha256=hashlib.sha256(data).hexdigest(),
+                length=len(data),
+            ),
+            sources=[HttpSource(url=f"{file_server}/{second.name}")],
+        )
+        publish_once(
+            broker.url, topics.directive, sign_directive(directive, [keyset.server]), qos=1
+        )
+        done = {"model": "demo@1.1.0", "install_state": "committed", "status": "ok"}
+        assert wait_until(lambda: api(port, "/v1/health") == done), agent_log(agent)
+
+        status = json.loads(cli("agent", "status", "--json", "--config", config_path).stdout)
+        assert status["running"] and status["state"] == "committed"
+        assert status["current"].startswith("demo@1.1.0")
+        assert status["previous"].startswith("demo@1.0.0")
+
+        def reports() -> list[dict[str, object]]:
+            return [json.loads(p) for p in observer.on(topics.status)]
+
+        assert wait_until(
+            lambda: any(
+                r["install_state"] == "committed" and r.get("bundle_version") == "1.1.0"
+                for r in reports()
+            )
+        )
+        assert wait_until(lambda: bool(observer.on(topics.heartbeat)))
+        assert wait_until(
+            lambda: any(json.loads(w)["requests"] > 0 for w in observer.on(topics.telemetry))
+        )
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        try:
+            agent.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+        observer.close()
+    assert agent.returncode == 0, agent_log(agent)
+    assert not (tmp_path / "state" / "localapi.json").exists()
+
+
+def agent_log(agent: subprocess.Popen[str]) -> str:
+    if agent.poll() is None:
+        return "(agent still running)"
+    return agent.stdout.read() if agent.stdout else ""
