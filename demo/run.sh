@@ -4,6 +4,7 @@
 #   device would -> inspect
 #   -> an attacker's tampered copy and a wrong-key bundle, both refused
 #   -> release key rotation that devices follow one version at a time
+#   -> an offline device: agent install from a file, a refused tampered bundle, predict
 set -euo pipefail
 out=demo-output
 rm -rf "$out"
@@ -68,5 +69,22 @@ edgefleet bundle build "$out/model" --name demo-model --version 1.1.0 \
 step "A device flashed with v1 accepts v2, then the bundle signed by the new key" \
     edgefleet bundle verify "$out/demo-model-1.1.0.efb" --trust "$out/keys/trust.v1.json" \
     --newer-trust "$out/keys/trust.json"
+
+# A device (this machine plays an aarch64 board, offline: no broker).
+step "Flash a device: configure its agent with trust root v1" \
+    edgefleet agent init --device-id demo-device --trust "$out/keys/trust.v1.json" \
+    --profile aarch64 --state-dir "$out/device" -o "$out/device.toml"
+
+step "A field engineer installs the bundle from a USB stick: verify, smoke test, switch" \
+    edgefleet agent install "$out/demo-model-1.0.0.efb" --config "$out/device.toml"
+
+refused "The tampered bundle is refused by the device, which keeps serving 1.0.0" \
+    edgefleet agent install "$out/tampered.efb" --config "$out/device.toml"
+
+step "Predict a batch on the device" \
+    edgefleet agent predict --input "$out/validation.npz" -o "$out/predictions.npz" \
+    --config "$out/device.toml"
+
+step "Device status" edgefleet agent status --config "$out/device.toml"
 
 printf '\nDemo complete: files are in %s/\n' "$out"
