@@ -7,23 +7,25 @@ import logging
 import os
 import signal
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 import numpy as np
 
-from edgefleet.agent.client import AgentRequestError, call, call_json, running_agent_url
+# The heavy parts (onnxruntime, paho, urllib, the installer) are imported in the
+# commands that need them: `agent init` and `--help` stay light.
+from edgefleet.agent.client import AgentRequestError
 from edgefleet.agent.config import AgentConfig, MqttSettings, load_config, write_config
-from edgefleet.agent.inference import Predictor
-from edgefleet.agent.install import Installer
 from edgefleet.agent.layout import StateLayout
-from edgefleet.agent.runner import Agent, load_agent_trust, status_dict
 from edgefleet.cli.errors import EXIT_REFUSED, EXIT_USAGE
 from edgefleet.cli.options import echo_json, json_option
 from edgefleet.errors import UsageError
 from edgefleet.fileio import atomic_writer
 from edgefleet.profiles import load_profile
 from edgefleet.trust import load_trust_root
+
+if TYPE_CHECKING:
+    from edgefleet.agent.install import Installer
 
 config_option = click.option(
     "--config",
@@ -118,6 +120,9 @@ def _layout(config: AgentConfig) -> StateLayout:
 
 
 def _offline_installer(config: AgentConfig) -> Installer:
+    from edgefleet.agent.install import Installer
+    from edgefleet.agent.runner import load_agent_trust
+
     layout = _layout(config)
     return Installer(config, layout, load_agent_trust(config, layout))
 
@@ -147,6 +152,8 @@ def run_command(config_path: Path, verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from edgefleet.agent.runner import Agent
+
     running = Agent(read_config(config_path))
     for number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(number, lambda *_: running.stopping.set())
@@ -158,6 +165,9 @@ def run_command(config_path: Path, verbose: bool) -> None:
 @json_option
 def status_command(config_path: Path, as_json: bool) -> None:
     """Install state, installed versions, and whether the agent is running."""
+    from edgefleet.agent.client import call_json, running_agent_url
+    from edgefleet.agent.runner import status_dict
+
     config = read_config(config_path)
     status = status_dict(_offline_installer(config))
     url = running_agent_url(_layout(config))
@@ -190,6 +200,9 @@ def install_command(bundle_path: Path, config_path: Path) -> None:
     running agent when there is one, so the new model is health-checked under
     its live traffic.
     """
+    from edgefleet.agent.client import call_json, running_agent_url
+    from edgefleet.agent.runner import status_dict
+
     config = read_config(config_path)
     url = running_agent_url(_layout(config))
     if url is not None:
@@ -208,6 +221,9 @@ def install_command(bundle_path: Path, config_path: Path) -> None:
 @config_option
 def rollback_command(config_path: Path) -> None:
     """Serve the previous version again."""
+    from edgefleet.agent.client import call_json, running_agent_url
+    from edgefleet.agent.runner import status_dict
+
     config = read_config(config_path)
     url = running_agent_url(_layout(config))
     if url is not None:
@@ -243,6 +259,9 @@ def predict_command(input_path: Path, output: Path | None, config_path: Path) ->
     Through the running agent when there is one (so the predictions are
     monitored like any other), in this process otherwise.
     """
+    from edgefleet.agent.client import call, running_agent_url
+    from edgefleet.agent.inference import Predictor
+
     config = read_config(config_path)
     url = running_agent_url(_layout(config))
     if url is not None:

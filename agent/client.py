@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import urllib.error
-import urllib.request
 from typing import Any
 
 from edgefleet.agent.errors import AgentError
@@ -45,6 +43,9 @@ def call(
         AgentRequestError: the agent answered with an error.
         OSError: the agent cannot be reached.
     """
+    import urllib.error  # only the CLI on a device talks to the agent: not loaded in it
+    import urllib.request
+
     request = urllib.request.Request(url + path, data=body, method=method)
     if body is not None:
         request.add_header("Content-Type", content_type)

@@ -66,13 +66,24 @@ class HttpFetcher:
         self.timeout = timeout
         self.chunk_size = chunk_size
         self.sync_bytes = sync_bytes
-        handlers: list[urllib.request.BaseHandler] = [
-            urllib.request.HTTPSHandler(context=ssl_context or ssl.create_default_context())
-        ]
-        if not use_environment_proxies:
-            handlers.append(urllib.request.ProxyHandler({}))
-        self._opener = urllib.request.build_opener(*handlers)
+        self._ssl_context = ssl_context
+        self._use_environment_proxies = use_environment_proxies
+        self._built_opener: urllib.request.OpenerDirector | None = None
         self.last_stats: FetchStats | None = None
+
+    @property
+    def _opener(self) -> urllib.request.OpenerDirector:
+        # Built on first use: loading the system's CA store costs about 1 MiB of
+        # memory, which an idle device that never downloads need not pay.
+        if self._built_opener is None:
+            context = self._ssl_context or ssl.create_default_context()
+            handlers: list[urllib.request.BaseHandler] = [
+                urllib.request.HTTPSHandler(context=context)
+            ]
+            if not self._use_environment_proxies:
+                handlers.append(urllib.request.ProxyHandler({}))
+            self._built_opener = urllib.request.build_opener(*handlers)
+        return self._built_opener
 
     def fetch(self, directive: Directive, destination: Path) -> Path:
         """Fetch from the directive's http sources in turn (see `Fetcher.fetch`,
