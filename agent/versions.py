@@ -28,7 +28,6 @@ by `extract_bundle` when it was staged, and the state directory is the agent's o
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import os
 import shutil
 from collections.abc import Collection
@@ -48,11 +47,10 @@ from edgefleet.bundle import (
 from edgefleet.bundle.manifest import parse_manifest_envelope
 from edgefleet.bundlefiles import SERVED_MODELS
 from edgefleet.errors import EdgefleetError
-from edgefleet.fileio import atomic_write_bytes, fsync_directory
+from edgefleet.fileio import atomic_write_bytes, file_sha256, fsync_directory
 from edgefleet.signing import Envelope
 from edgefleet.trust import TrustRoot
 
-_CHUNK = 1 << 20
 _STAGE_PREFIX = ".stage-"
 _TRASH_PREFIX = ".trash-"
 
@@ -65,17 +63,6 @@ def version_id(name: str, version: str, bundle_sha256: str) -> str:
 def version_of(version_id_: str) -> str:
     """The semantic version inside a version id (`demo@1.2.3-rc.1-abc...` -> `1.2.3-rc.1`)."""
     return version_id_.partition("@")[2].rpartition("-")[0]
-
-
-def file_sha256(path: Path) -> tuple[int, str]:
-    """Length and SHA-256 (hex) of the file at `path`."""
-    digest = hashlib.sha256()
-    length = 0
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-            length += len(chunk)
-    return length, digest.hexdigest()
 
 
 @dataclass(frozen=True)

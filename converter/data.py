@@ -9,7 +9,6 @@ only input of a single-input model.
 
 from __future__ import annotations
 
-import hashlib
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -29,14 +28,6 @@ from edgefleet.converter.errors import (
 from edgefleet.converter.modelinfo import TensorSpec
 
 Feed = dict[str, np.ndarray]
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from edgefleet.bundle import METADATA_NAME
 from edgefleet.bundlefiles import FALLBACK_ONNX, SERVED_ONNX
 from edgefleet.converter.choose import Evaluation
 from edgefleet.converter.context import ConversionContext, ConversionResult
-from edgefleet.converter.data import Dataset, sha256_file
+from edgefleet.converter.data import Dataset
 from edgefleet.converter.evaluate import Outputs, open_session, run_outputs
 from edgefleet.converter.reference import (
     write_drift_reference,
@@ -38,7 +38,7 @@ from edgefleet.converter.reference import (
     write_smoke_test,
 )
 from edgefleet.converter.report import REPORT_FILE, TABLE_FILE, build_report, format_table
-from edgefleet.fileio import fsync_directory
+from edgefleet.fileio import file_sha256, fsync_directory
 
 # The oldest agent that understands this output's files.
 MIN_AGENT_VERSION = "0.1.0"
@@ -82,8 +82,8 @@ def write_bundle_metadata(
     """
     options = context.options
     lineage: dict[str, Any] = {
-        "source_model_sha256": sha256_file(context.model),
-        "calibration_sha256": sha256_file(options.calibration),
+        "source_model_sha256": file_sha256(context.model)[1],
+        "calibration_sha256": file_sha256(options.calibration)[1],
         "converter": f"edgefleet {__version__}",
         "runtime": runtime,
         "target": context.profile.name,
@@ -92,9 +92,9 @@ def write_bundle_metadata(
         "optimize": options.optimize,
     }
     if options.validation is not None:
-        lineage["validation_sha256"] = sha256_file(options.validation)
+        lineage["validation_sha256"] = file_sha256(options.validation)[1]
     if options.labels is not None:
-        lineage["labels_sha256"] = sha256_file(options.labels)
+        lineage["labels_sha256"] = file_sha256(options.labels)[1]
     metadata = {
         "profiles": [context.profile.name],
         "min_agent_version": MIN_AGENT_VERSION,

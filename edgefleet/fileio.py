@@ -6,11 +6,25 @@ Temp file in the same directory, fsync, os.replace, fsync of the directory.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
+
+_CHUNK = 1 << 20
+
+
+def file_sha256(path: Path) -> tuple[int, str]:
+    """Length and SHA-256 (hex) of the file at `path`, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    length = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+            length += len(chunk)
+    return length, digest.hexdigest()
 
 
 def fsync_directory(directory: Path) -> None:

@@ -7,17 +7,14 @@ SHA-256 are those of the signed directive; until then the bytes live in
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from edgefleet.errors import TamperedFileError, UsageError
-from edgefleet.fileio import fsync_directory
+from edgefleet.fileio import file_sha256, fsync_directory
 from edgefleet.mqtt.directives import BundleRef, Directive, Source
-
-HASH_CHUNK = 1024 * 1024
 
 
 class Fetcher(Protocol):
@@ -82,11 +79,7 @@ def bitmap_path(destination: Path) -> Path:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(path)[1]
 
 
 def fsync_file(path: Path) -> None:

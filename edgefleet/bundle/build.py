@@ -24,14 +24,13 @@ from edgefleet import __version__
 from edgefleet.bundle.manifest import MANIFEST_NAME, FileEntry, Manifest, check_manifest_paths
 from edgefleet.canonical import parse_json
 from edgefleet.errors import EdgefleetError, UsageError
-from edgefleet.fileio import atomic_writer
+from edgefleet.fileio import atomic_writer, file_sha256
 from edgefleet.keys import SigningKey
 from edgefleet.semver import Version
 from edgefleet.signing import sign_document
 from edgefleet.timefmt import format_time, utcnow
 
 METADATA_NAME = "edgefleet-bundle.json"
-_CHUNK = 1 << 20
 
 
 @dataclass
@@ -59,16 +58,6 @@ class BundleMetadata:
             release_counter=raw.get("release_counter"),
             lineage=dict(raw.get("lineage", {})),
         )
-
-
-def _hash_file(path: Path) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    length = 0
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-            length += len(chunk)
-    return length, digest.hexdigest()
 
 
 def _collect_files(src_dir: Path) -> list[tuple[str, Path]]:
@@ -159,7 +148,7 @@ def build_bundle(
     files = _collect_files(src_dir)
     entries = []
     for relative, full in files:
-        length, sha256 = _hash_file(full)
+        length, sha256 = file_sha256(full)
         entries.append(FileEntry(path=relative, length=length, sha256=sha256))
     moment = created or utcnow()
     try:

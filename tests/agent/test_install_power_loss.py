@@ -23,7 +23,8 @@ import pytest
 from edgefleet.agent.config import write_config
 from edgefleet.agent.install import State, load_state
 from edgefleet.agent.layout import StateLayout
-from edgefleet.agent.versions import Versions, file_sha256, version_id
+from edgefleet.agent.versions import Versions, version_id
+from edgefleet.fileio import file_sha256
 from edgefleet.mqtt import StatusReport
 from edgefleet.trust import TrustRoot
 from tests.agent.power_loss_driver import (
