@@ -138,6 +138,8 @@ def _echo_status(status: dict[str, Any]) -> None:
     click.echo(f"install state:   {status['state']}")
     click.echo(f"serving:         {status['current'] or 'nothing installed'}")
     click.echo(f"previous:        {status['previous'] or '-'}")
+    if status.get("challenger"):
+        click.echo(f"in shadow:       {status['challenger']}")
     click.echo(f"security floor:  {status['security_floor']}")
     if status.get("reason"):
         click.echo(f"last reason:     {status['reason']}")

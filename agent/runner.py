@@ -3,6 +3,9 @@
 Startup order matters for crash safety: the installer resumes (or rolls back)
 an install that a power cut interrupted BEFORE the predictor loads `current`,
 so a model that crashed the process is rolled back before it is served again.
+The challenger of a shadow install (persisted by the installer) is handed to
+the predictor once it is open; a challenger that does not load is logged and
+left out, never a reason not to serve.
 
 Threads: the main loop (telemetry windows, heartbeats, systemd watchdog), one
 install worker (directives from the inbox, one at a time), the MQTT link's
@@ -34,6 +37,7 @@ from edgefleet.agent.telemetry import TelemetryRecorder
 from edgefleet.agent.transport.blocks import MqttBlockFetcher
 from edgefleet.agent.transport.http import HttpFetcher
 from edgefleet.agent.transport.sources import SourcesFetcher
+from edgefleet.agent.versions import InstalledVersion
 from edgefleet.errors import EdgefleetError, FleetTimestampError
 from edgefleet.fileio import atomic_write_bytes
 from edgefleet.mqtt.directives import verify_fleet_timestamp
@@ -76,6 +80,7 @@ def status_dict(installer: Installer) -> dict[str, Any]:
         "reason": status.reason,
         "last_directive_sequence": status.last_directive_sequence,
         "security_floor": status.security_floor,
+        "challenger": status.challenger,
     }
 
 
@@ -113,12 +118,31 @@ class Agent:
             _Reporter(self.link),
             probe=self.telemetry,
             on_activated=self._reload,
+            on_shadow=self._set_challenger,
         )
         self.heartbeats = HeartbeatSource(config.device_id, self.layout.root)
 
     def _reload(self, _version: object) -> None:
         if self.predictor is not None:
             self.predictor.reload()
+
+    def _set_challenger(self, version: InstalledVersion | None) -> None:
+        """The installer's `on_shadow`; before the predictor opens, `run` asks instead.
+
+        Raises: InferenceError when the challenger does not load (the shadow install fails).
+        """
+        if self.predictor is not None:
+            self.predictor.set_challenger(version.directory if version else None)
+
+    def _start_challenger(self) -> None:
+        """Hand the predictor the persisted challenger; a broken one is logged, not fatal."""
+        assert self.predictor is not None
+        try:
+            challenger = self.installer.challenger()
+            if challenger is not None:
+                self.predictor.set_challenger(challenger.directory)
+        except EdgefleetError as exc:
+            log.warning("the challenger does not run in shadow: %s: %s", type(exc).__name__, exc)
 
     # --- MQTT callbacks (the link's network thread) -----------------------------------------
 
@@ -187,6 +211,7 @@ class Agent:
         self.predictor = Predictor.open(
             self.layout, self.config.inference, self.profile, self.telemetry
         )
+        self._start_challenger()
         api = LocalApi(
             self.predictor,
             self.config.local_api.host,

@@ -1,15 +1,31 @@
 """Crash-safe installs: a persisted state machine that the agent resumes after any power cut.
 
-    installer = Installer(config, layout, trust, fetcher, reporter, probe, on_activated)
+    installer = Installer(config, layout, trust, fetcher, reporter, probe, on_activated,
+                          on_shadow=predictor_set_challenger)
     installer.resume()                     # at startup, BEFORE the predictor loads `current`
+    installer.challenger()                 # after the predictor opened: the version in shadow
     installer.install_directive(payload)   # a directive from MQTT (bytes as received)
     installer.install_file(path)           # `agent install BUNDLE_FILE`
     installer.rollback()                   # `agent rollback`
     installer.status()                     # `agent status`
 
 States and transitions are tables in `states.py` (one row per transition) with
-the resume table beside them; `record.py` is the state.json format; `versions.py`
+the resume table beside them; `handlers.py` does each state's work, `engine.py`
+steps the tables (persist, report, handle, transition), `machine.py` holds the
+public entry points; `record.py` is the state.json format; `versions.py`
 (edgefleet.agent.versions) owns versions/ and the current/previous links.
+
+Shadow installs (a directive with `shadow: true`): DOWNLOADING .. SMOKE_TESTING
+as an install, then SHADOWING instead of ACTIVATING, then COMMITTED with a
+reason saying the bundle runs in shadow. `current` and `previous` never move;
+the staged version becomes the challenger, persisted in state.json (so pruning
+spares it and a restart hands it over again) and handed to `on_shadow`. A
+challenger is replaced by the next shadow install, and cleared by a normal
+install of the same bundle (a promotion: it is served from then on) or by a
+rollback (directive or `agent rollback`); an install or shadow install that
+fails after changing it rolls it back to what it was. A normal install of
+another bundle leaves it running beside the new `current`. A shadow directive
+on a device that serves nothing is refused (nothing to compare with).
 
 Interfaces for the parts others build (all in `interfaces.py`, all Protocols):
 
@@ -25,8 +41,10 @@ Interfaces for the parts others build (all in `interfaces.py`, all Protocols):
   per transition, after the state is persisted and before its handler runs,
   numbered by a per-device `sequence` kept in state.json. At-least-once: after
   a restart the last report is sent again with the same sequence (deduplicate
-  by sequence). `install_state` is the State's value (`smoke_testing`...),
-  `reason` explains FAILED, ROLLING_BACK, a retry, or the health note of COMMITTED.
+  by sequence). `install_state` is the State's value: idle, downloading,
+  verifying, checking, staging, smoke_testing, activating, health_checking,
+  shadowing, committed, rolling_back, failed. `reason` explains FAILED,
+  ROLLING_BACK, a retry, the health note of COMMITTED, or that it runs in shadow.
 - `HealthProbe.mark() -> object`, `HealthProbe.since(mark) -> HealthSnapshot(
   requests, errors, fallbacks, latency_p95_ms)`: the predictor's counters. The
   installer marks at the start of a run; the traffic until the end of the smoke
@@ -38,6 +56,12 @@ Interfaces for the parts others build (all in `interfaces.py`, all Protocols):
 - `on_activated(version: InstalledVersion | None) -> None`: called after
   `current` changed (activation, rollback) so the predictor reloads; None when
   a rollback of the very first install left nothing installed.
+- `on_shadow(version: InstalledVersion | None) -> None`: called after the
+  challenger changed (SHADOWING, a promotion, a rollback), and by `resume()`
+  for the persisted one, so the predictor runs it beside `current`
+  (`Predictor.set_challenger(version.directory)`); None stops it. When it
+  raises in SHADOWING the shadow install fails and the previous challenger is
+  handed back.
 - `Clock` (now, monotonic, sleep) and `Host` (free disk, available memory,
   importable runtimes): injected by tests; the defaults ask the system.
 
@@ -58,6 +82,7 @@ from edgefleet.agent.install.interfaces import (
     HealthSnapshot,
     Host,
     OnActivated,
+    OnShadow,
     Reporter,
     SystemClock,
 )
@@ -81,6 +106,7 @@ __all__ = [
     "Installer",
     "LocalFileFetcher",
     "OnActivated",
+    "OnShadow",
     "Reporter",
     "State",
     "StateFile",

@@ -1,10 +1,12 @@
 """One handler per working state of the install machine: do the state's work, name the event.
 
 Each handler takes the persisted record and returns (event, updated record);
-it raises on failure and the machine (machine.py) turns the exception into an
+it raises on failure and the engine (engine.py) turns the exception into an
 event. Every handler may run again after a power cut and must be idempotent:
 DOWNLOADING keeps a complete file, STAGING keeps a staged version, ACTIVATING
-and ROLLING_BACK set the links to absolute values they read from the record.
+and ROLLING_BACK set the links to absolute values they read from the record,
+and SHADOWING, ACTIVATING (a promotion) and ROLLING_BACK hand the predictor the
+challenger the machine persisted on entering the state, read from the record.
 """
 
 from __future__ import annotations
@@ -27,15 +29,17 @@ from edgefleet.agent.install.interfaces import (
     HealthProbe,
     Host,
     OnActivated,
+    OnShadow,
 )
 from edgefleet.agent.install.record import InstallRecord, StateFile
 from edgefleet.agent.install.smoke import run_smoke_test
 from edgefleet.agent.install.states import Event, State
 from edgefleet.agent.layout import StateLayout
-from edgefleet.agent.versions import Versions, file_sha256, version_id
+from edgefleet.agent.versions import Versions, version_id
 from edgefleet.bundle import BundleLimits, BundlePolicy, verify_bundle
 from edgefleet.bundlefiles import SERVED_MODELS
 from edgefleet.errors import BundleTooLargeError, FileLengthError, LocalError, TamperedFileError
+from edgefleet.fileio import file_sha256
 from edgefleet.mqtt import Directive
 from edgefleet.profiles import load_profile
 from edgefleet.trust import TrustRoot
@@ -53,12 +57,14 @@ class StateHandlers:
     fetcher: Fetcher | None
     probe: HealthProbe | None
     on_activated: OnActivated | None
+    on_shadow: OnShadow | None
     clock: Clock
     host: Host
     rng: random.Random
     versions: Versions
     _state: StateFile  # the last persisted state (for the security floor)
     _mark: object | None  # the probe's mark at the start of this run (for the baseline)
+    _handed: list[str | None]  # the challengers handed to `on_shadow` by this call, in order
 
     def handler(self, state: State) -> Callable[[InstallRecord], Step]:
         """Raises: KeyError for a terminal state (they have no handler)."""
@@ -69,6 +75,7 @@ class StateHandlers:
             State.STAGING: self._stage,
             State.SMOKE_TESTING: self._smoke_test,
             State.ACTIVATING: self._activate,
+            State.SHADOWING: self._shadow,
             State.HEALTH_CHECKING: self._health_check,
             State.ROLLING_BACK: self._roll_back,
         }[state]
@@ -165,6 +172,8 @@ class StateHandlers:
     def _stage(self, record: InstallRecord) -> Step:
         if self.versions.current_id() == record.to_version:
             reason = f"{record.to_version} is already the version being served"
+            if record.shadow:
+                reason += ": not run in shadow beside itself"
             return Event.ALREADY_CURRENT, record.model_copy(update={"reason": reason})
         try:
             staged = self.versions.stage(
@@ -198,17 +207,36 @@ class StateHandlers:
                 "baseline_requests": before.requests,
                 "baseline_p95_ms": before.latency_p95_ms,
             }
-        return Event.DONE, record.model_copy(update=update)
+        return Event.SHADOW if record.shadow else Event.DONE, record.model_copy(update=update)
 
     def _activate(self, record: InstallRecord) -> Step:
         current = self.versions.current_id()
         if current not in (record.from_version, record.to_version):
             raise InstallError(f"current changed to {current} while activating: not switching")
         version = self.versions.load(record.to_version or "")
+        if record.is_promotion():
+            self._hand_challenger(None)  # it is served from now on, no longer compared
         self.versions.activate(version)
         if self.on_activated is not None:
             self.on_activated(version)
         return Event.DONE, record
+
+    def _shadow(self, record: InstallRecord) -> Step:
+        version = self.versions.load(record.to_version or "")
+        self._hand_challenger(version.id)
+        reason = (
+            f"{version.id} runs in shadow beside {record.from_version}: "
+            "its agreement is measured, its answers are never returned"
+        )
+        if self.on_shadow is None:
+            reason += " (no predictor is running: it starts with the agent)"
+        return Event.DONE, record.model_copy(update={"reason": reason})
+
+    def _hand_challenger(self, id_: str | None) -> None:
+        """Tell the predictor which version runs in shadow (None: none)."""
+        if self.on_shadow is not None:
+            self.on_shadow(self.versions.load(id_) if id_ else None)
+            self._handed.append(id_)
 
     def _health_check(self, record: InstallRecord) -> Step:
         current = self.versions.current_id()
@@ -233,4 +261,10 @@ class StateHandlers:
         self.versions.restore(restored, kept)
         if self.on_activated is not None and before != target:
             self.on_activated(restored)
+        # The challenger persisted on entering ROLLING_BACK, handed over only when
+        # this install or rollback may have changed what the predictor runs.
+        if record.kind == "install" and (record.shadow or record.is_promotion()):
+            self._hand_challenger(record.from_challenger)  # spared from pruning: still there
+        elif record.kind == "rollback" and record.from_challenger:
+            self._hand_challenger(None)
         return event, record

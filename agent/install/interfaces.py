@@ -74,6 +74,11 @@ class HealthProbe(Protocol):
 # None when a rollback left nothing installed.
 OnActivated = Callable[["InstalledVersion | None"], None]
 
+# Called when the challenger changed (a shadow install, a promotion, a rollback) so
+# the predictor runs the new one beside `current` (Predictor.set_challenger); None
+# stops it. It may raise: in SHADOWING that fails the shadow install.
+OnShadow = Callable[["InstalledVersion | None"], None]
+
 
 class Clock(Protocol):
     """Wall time (directive expiry, report times), monotonic time and sleeping."""

@@ -1,59 +1,37 @@
-"""The installer: runs the tables of states.py, persisting before each state's handler.
+"""The installer: the public entry points of the install machine.
 
-One step, always in this order:
-
-    persist state.json (atomic; store and report counters + 1)
-    -> report the state (Reporter)
-    -> run the state's handler -> an event
-    -> TRANSITIONS[(state, event)] is the next state
-
-A handler's exception becomes an event here and nowhere else: a DownloadError
-while attempts are left is RETRY (jittered exponential backoff, persisted
-attempt counter), any other exception is FAIL with its class and message as
-the reported reason; before activation FAIL ends in FAILED (nothing was
-switched), after it in ROLLING_BACK. Terminal states then clean up: remove the
-downloaded file, remove a staged version that failed, prune to keep N.
-
-An exception while persisting or reporting (a full disk, a broken outbox) is
-not an event: it propagates to the caller, state.json keeps the last state
-written, and `resume()` continues from there.
-
-Only one installer runs on a state directory at a time: each public call holds
-an exclusive flock on versions/ (released by the kernel when a process dies).
+Each entry point takes the state directory's lock, checks the machine is at
+rest, persists the first state of an install or rollback with its record and
+lets the engine (engine.py) step through the tables of states.py until the
+machine rests again. `resume()` continues what a restart interrupted, then
+hands the persisted challenger to `on_shadow` again (a restarted predictor
+runs none); `challenger()` names it for a predictor opened later.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import os
+import logging
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgefleet.agent.config import AgentConfig
-from edgefleet.agent.errors import (
-    CompatibilityError,
-    DownloadError,
-    InstallError,
-    InstallInProgressError,
-    RollbackError,
-)
-from edgefleet.agent.install.fetch import MAX_DOWNLOAD_ATTEMPTS, TransportFetchers
-from edgefleet.agent.install.handlers import LOCAL_COPY, StateHandlers, Step
+from edgefleet.agent.errors import CompatibilityError, RollbackError
+from edgefleet.agent.install.engine import Engine, describe
+from edgefleet.agent.install.fetch import TransportFetchers
 from edgefleet.agent.install.interfaces import (
     Clock,
     Fetcher,
     HealthProbe,
     Host,
     OnActivated,
+    OnShadow,
     Reporter,
     SystemClock,
 )
 from edgefleet.agent.install.record import (
     MAX_RESUMES,
-    MAX_STORE_COUNT,
     InstallRecord,
     StateFile,
     load_state,
@@ -61,11 +39,13 @@ from edgefleet.agent.install.record import (
 )
 from edgefleet.agent.install.states import TERMINAL, Event, State, next_state, resume_state
 from edgefleet.agent.layout import StateLayout
-from edgefleet.agent.versions import Versions, version_of
+from edgefleet.agent.versions import InstalledVersion, Versions, version_of
 from edgefleet.errors import UsageError
-from edgefleet.mqtt import StatusReport, verify_directive
+from edgefleet.mqtt import verify_directive
 from edgefleet.timefmt import format_time
 from edgefleet.trust import TrustRoot
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -78,17 +58,14 @@ class InstallStatus:
     install: InstallRecord | None
     last_directive_sequence: int
     security_floor: int
+    challenger: str | None  # the version running in shadow beside `current`
 
     @property
     def reason(self) -> str | None:
         return self.install.reason if self.install else None
 
 
-def describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:2000]
-
-
-class Installer(StateHandlers):
+class Installer(Engine):
     """Installs bundles crash-safely; see the package docstring for the interfaces."""
 
     def __init__(
@@ -102,6 +79,7 @@ class Installer(StateHandlers):
         on_activated: OnActivated | None = None,
         clock: Clock | None = None,
         *,
+        on_shadow: OnShadow | None = None,
         host: Host | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -112,6 +90,7 @@ class Installer(StateHandlers):
         self.reporter = reporter
         self.probe = probe
         self.on_activated = on_activated
+        self.on_shadow = on_shadow
         self.clock = clock or SystemClock()
         self.host = host or Host()
         self.rng = rng or random.Random()
@@ -119,11 +98,15 @@ class Installer(StateHandlers):
         layout.create()
         self._state = StateFile()
         self._mark: object | None = None
+        self._handed: list[str | None] = []
 
     # --- public entry points ---------------------------------------------------------------
 
     def install_directive(self, data: bytes) -> InstallStatus:
-        """Verify a directive (refusing replays) and carry it out: install or roll back.
+        """Verify a directive (refusing replays) and carry it out: install, shadow or roll back.
+
+        A shadow directive stages and smoke-tests the bundle as an install does,
+        then makes it the challenger (`on_shadow`) instead of switching `current`.
 
         Raises:
             InstallInProgressError: another install is running or awaits `resume()`.
@@ -132,6 +115,8 @@ class Installer(StateHandlers):
             Whatever failed the install (BundleError, CompatibilityError,
                 SmokeTestError, HealthCheckError, DownloadError, ...), after the
                 machine has rolled back, reported and persisted FAILED.
+            CompatibilityError: a shadow directive, and nothing is served to compare it
+                with (refused: reported FAILED, nothing changed).
             RollbackError: a rollback directive, and nothing to roll back to.
         """
         with self._locked():
@@ -156,9 +141,10 @@ class Installer(StateHandlers):
                 bundle_version=bundle.version,
                 sha256=bundle.sha256,
                 length=bundle.length,
+                shadow=directive.shadow,
             )
-            if directive.shadow:
-                reason = "shadow installs are not supported by this installer: nothing was changed"
+            if directive.shadow and record.from_version is None:
+                reason = "a shadow install needs a version being served to compare it with"
                 self._start(state, record.model_copy(update={"reason": reason}), Event.REFUSE)
                 raise CompatibilityError(reason)
             return self._start(state, record, Event.INSTALL)
@@ -179,10 +165,12 @@ class Installer(StateHandlers):
             return self._start(state, record, Event.INSTALL)
 
     def rollback(self) -> InstallStatus:
-        """Serve the previous version again (`agent rollback`).
+        """Serve the previous version again (`agent rollback`); stops the challenger too.
+
+        Without a previous version but with a challenger, only the challenger stops.
 
         Raises:
-            RollbackError: there is no previous version; nothing changed.
+            RollbackError: there is no previous version and no challenger; nothing changed.
             InstallInProgressError: an install is running or awaits `resume()`.
         """
         with self._locked():
@@ -192,13 +180,16 @@ class Installer(StateHandlers):
         """Continue or roll back what a restart interrupted. Call it at startup,
         before the predictor loads `current`: the rollback of a model that
         crashes the process must come first. Never raises an install's error:
-        the outcome is in the returned status and the reports.
+        the outcome is in the returned status and the reports. Ends by handing
+        the challenger (if any) to `on_shadow` again, unless the resumed install
+        just did; a predictor opened after this call asks `challenger()`.
 
         Raises:
             InstallInProgressError: another process is installing.
             InstallError: state.json cannot be read.
         """
         with self._locked():
+            self._handed = []
             state = self._state = load_state(self.layout.state_file)
             record = state.install
             if record is None:
@@ -206,6 +197,7 @@ class Installer(StateHandlers):
             if state.state in TERMINAL:
                 self._report(state)  # again: the last report may not have gone out
                 self._settle(state)
+                self._hand_challenger_again()
                 return self.status()
             # Count the restart durably before anything else can crash this boot too.
             record = record.model_copy(update={"resumes": record.resumes + 1})
@@ -224,7 +216,31 @@ class Installer(StateHandlers):
                 reason = f"interrupted in {state.state.value}; current is not what it recorded"
                 record = record.model_copy(update={"reason": reason})
             self._run(self._enter(state, target, record))
+            self._hand_challenger_again()
             return self.status()
+
+    def _hand_challenger_again(self) -> None:
+        """After a restart the predictor runs no challenger: hand it the persisted one."""
+        challenger = self._state.challenger
+        if challenger is None or (self._handed and self._handed[-1] == challenger):
+            return
+        try:
+            self._hand_challenger(challenger)
+        except Exception as exc:  # a shadow run is an experiment: never fail a resume for it
+            log.warning("the challenger %s was not handed over: %s", challenger, describe(exc))
+
+    def challenger(self) -> InstalledVersion | None:
+        """The version running in shadow beside `current`, or None.
+
+        The agent asks after opening its predictor (which `resume()` precedes)
+        and passes it to `Predictor.set_challenger`.
+
+        Raises:
+            InstallError: state.json cannot be read, or the challenger's directory
+                is gone or damaged.
+        """
+        id_ = load_state(self.layout.state_file).challenger
+        return None if id_ is None else self.versions.load(id_)
 
     def status(self) -> InstallStatus:
         """Raises: InstallError when state.json cannot be read."""
@@ -236,32 +252,10 @@ class Installer(StateHandlers):
             install=state.install,
             last_directive_sequence=state.last_directive_sequence,
             security_floor=state.security_floor,
+            challenger=state.challenger,
         )
 
-    # --- running the machine ---------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        fd = os.open(self.layout.versions, os.O_RDONLY)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise InstallInProgressError(
-                    f"another installer is working on {self.layout.root}"
-                ) from None
-            yield
-        finally:
-            os.close(fd)  # releases the lock
-
-    def _load_at_rest(self) -> StateFile:
-        state = self._state = load_state(self.layout.state_file)
-        if state.state not in TERMINAL:
-            raise InstallInProgressError(
-                f"an install is in state {state.state.value}; it continues when the agent "
-                "resumes (Installer.resume)"
-            )
-        return state
+    # --- starting an install or a rollback ---------------------------------------------------
 
     def _new_record(self, kind: str, **fields: object) -> InstallRecord:
         return InstallRecord.model_validate(
@@ -270,11 +264,13 @@ class Installer(StateHandlers):
                 "started_at": format_time(self.clock.now()),
                 "from_version": self.versions.current_id(),
                 "from_previous": self.versions.previous_id(),
+                "from_challenger": self._state.challenger,
                 **fields,
             }
         )
 
     def _start(self, state: StateFile, record: InstallRecord, event: Event) -> InstallStatus:
+        self._handed = []
         fresh = state.model_copy(update={"store_count": 0})
         _, error = self._run(self._enter(fresh, next_state(state.state, event), record))
         if error is not None:
@@ -283,108 +279,23 @@ class Installer(StateHandlers):
 
     def _start_rollback(self, state: StateFile, directive_sequence: int | None) -> InstallStatus:
         current, previous = self.versions.current_id(), self.versions.previous_id()
-        if previous is None:
+        challenger = state.challenger
+        if previous is None and challenger is None:
             raise RollbackError("there is no previous version to roll back to")
+        if previous is None:  # the links stay as they are (restore is absolute)
+            target = current
+            reason = f"there is no previous version to roll back to; {current} is kept"
+        else:
+            target = previous
+            reason = f"rolled back from {current} to {previous} on request"
+        if challenger is not None:
+            reason += f"; the challenger {challenger} stopped"
         record = self._new_record(
             "rollback",
             directive_sequence=directive_sequence,
-            to_version=previous,
-            bundle_name=previous.partition("@")[0],
-            bundle_version=version_of(previous),
-            reason=f"rolled back from {current} to {previous} on request",
+            to_version=target,
+            bundle_name=target.partition("@")[0] if target else None,
+            bundle_version=version_of(target) if target else None,
+            reason=reason,
         )
         return self._start(state, record, Event.ROLLBACK)
-
-    def _enter(self, state: StateFile, target: State, record: InstallRecord) -> StateFile:
-        """Persist `target` with `record`, then report it: the first half of every step."""
-        floor = state.security_floor
-        if target is State.COMMITTED and record.kind == "install" and record.release_counter:
-            floor = max(floor, record.release_counter)
-        entered = state.model_copy(
-            update={
-                "state": target,
-                "store_count": state.store_count + 1,
-                "report_sequence": state.report_sequence + 1,
-                "security_floor": floor,
-                "install": record,
-            }
-        )
-        save_state(self.layout.state_file, entered)
-        self._state = entered
-        self._report(entered)
-        return entered
-
-    def _run(self, state: StateFile) -> tuple[StateFile, Exception | None]:
-        """Step until a terminal state; return it and the error that failed the install."""
-        error: Exception | None = None
-        self._mark = self.probe.mark() if self.probe is not None else None
-        while state.state not in TERMINAL:
-            record = state.install
-            assert record is not None
-            if state.store_count > MAX_STORE_COUNT and state.state is not State.ROLLING_BACK:
-                error = error or InstallError(
-                    f"the install stored its state {state.store_count} times: stopped a loop"
-                )
-                event, record = Event.FAIL, record.model_copy(update={"reason": describe(error)})
-            else:
-                try:
-                    event, record = self.handler(state.state)(record)
-                except Exception as exc:  # every failure becomes an event: see the docstring
-                    event, record = self._on_error(state.state, record, exc)
-                    if event is Event.FAIL:
-                        error = error or exc
-            state = self._enter(state, next_state(state.state, event), record)
-        self._settle(state)
-        return state, error
-
-    def _on_error(self, state: State, record: InstallRecord, exc: Exception) -> Step:
-        if (
-            state is State.DOWNLOADING
-            and isinstance(exc, DownloadError)
-            and record.attempts + 1 < MAX_DOWNLOAD_ATTEMPTS
-        ):
-            attempts = record.attempts + 1
-            reason = f"attempt {attempts} of {MAX_DOWNLOAD_ATTEMPTS} failed: {describe(exc)}"
-            return Event.RETRY, record.model_copy(update={"attempts": attempts, "reason": reason})
-        keep_partial = isinstance(exc, DownloadError)
-        reason = describe(exc)
-        if record.reason and state is State.ROLLING_BACK:
-            reason = f"{record.reason}; then the rollback failed: {reason}"
-        return Event.FAIL, record.model_copy(
-            update={"reason": reason, "keep_partial": keep_partial}
-        )
-
-    def _report(self, state: StateFile) -> None:
-        record = state.install
-        if self.reporter is None or record is None:
-            return
-        status = StatusReport(
-            device_id=self.config.device_id,
-            sent_at=format_time(self.clock.now()),
-            sequence=state.report_sequence,
-            install_state=state.state.value,
-            bundle_name=record.bundle_name,
-            bundle_version=record.bundle_version,
-            previous_version=version_of(record.from_version) if record.from_version else None,
-            reason=record.reason[:2048] if record.reason else None,
-            directive_sequence=record.directive_sequence,
-        )
-        self.reporter.report(status)
-
-    def _settle(self, state: StateFile) -> None:
-        """A terminal state's cleanup; idempotent, so a resume may run it again."""
-        record = state.install
-        if record is None or record.kind != "install":
-            return
-        linked = {self.versions.current_id(), self.versions.previous_id()}
-        if state.state is State.FAILED and record.to_version and record.to_version not in linked:
-            self.versions.remove(record.to_version)
-        downloads = self.layout.downloads
-        leftovers = list(downloads.glob(f"{LOCAL_COPY}*"))
-        if record.sha256:
-            leftovers += downloads.glob(f"{record.sha256}*")
-        for path in leftovers:
-            if record.keep_partial and path.name != record.sha256:
-                continue  # the transport resumes it if the server sends the directive again
-            path.unlink(missing_ok=True)
-        self.versions.prune()

@@ -2,8 +2,9 @@
 
 Format (versioned by `format`; a newer format is refused, never guessed at):
 
-    {"format": 1, "state": "downloading", "store_count": 3, "report_sequence": 17,
+    {"format": 2, "state": "downloading", "store_count": 3, "report_sequence": 17,
      "last_directive_sequence": 12, "security_floor": 1000002,
+     "challenger": "demo@1.2.0-0123456789ab",
      "install": {...InstallRecord, or null when no install ever started...}}
 
 - `store_count` counts the writes of the current install or rollback (reset
@@ -13,6 +14,16 @@ Format (versioned by `format`; a newer format is refused, never guessed at):
   written with the first state of the directive's install, before any action.
 - `security_floor` is the highest release counter this device has committed;
   bundles below it are refused (rolling back to a version already here is not).
+  A shadow install does not raise it: its bundle is not served.
+- `challenger` is the version running in shadow beside `current` (its id under
+  versions/, which pruning spares), or null. It is written with the state that
+  changes it, before that state's handler tells the predictor: SHADOWING sets
+  it, ACTIVATING the same version (a promotion) and a requested rollback clear
+  it, and ROLLING_BACK a failed install restores the one the install started
+  with (`InstallRecord.challenger_on_entering`).
+
+Format 1 (before shadow installs) is read as format 2 without a challenger;
+an agent that only reads format 1 refuses a format 2 file rather than guess.
 
 Written with `atomic_write_bytes` (temp file, fsync, rename, fsync of the
 directory): a reader sees the previous write or this one, never a part.
@@ -31,7 +42,8 @@ from edgefleet.agent.install.states import State
 from edgefleet.fileio import atomic_write_bytes
 from edgefleet.validation import describe_validation_error
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
+READABLE_FORMATS = frozenset({1, 2})  # 1: written before shadow installs
 MAX_STORE_COUNT = 40  # a full install with every retry stores ~20 times
 MAX_RESUMES = 3  # restarts within one install before it rolls back instead
 
@@ -53,6 +65,8 @@ class InstallRecord(BaseModel):
     download: str | None = None  # the complete bundle file under downloads/
     from_version: str | None = None  # `current` when the install started
     from_previous: str | None = None  # `previous` when the install started
+    from_challenger: str | None = None  # the challenger when the install started
+    shadow: bool = False  # run beside `current` as the challenger, never serve it
     to_version: str | None = None
     release_counter: int | None = None
     files_bytes: int | None = None  # what extracting takes on disk
@@ -67,18 +81,44 @@ class InstallRecord(BaseModel):
 
     def protected(self) -> set[str]:
         """The versions this record refers to, which pruning must spare."""
-        return {v for v in (self.from_version, self.from_previous, self.to_version) if v}
+        refers = (self.from_version, self.from_previous, self.from_challenger, self.to_version)
+        return {v for v in refers if v}
+
+    def is_promotion(self) -> bool:
+        """A normal install of the version running in shadow: it is served from now on."""
+        return (
+            not self.shadow
+            and self.to_version is not None
+            and (self.to_version == self.from_challenger)
+        )
+
+    def challenger_on_entering(self, target: State, challenger: str | None) -> str | None:
+        """The challenger to persist with `target`, when `challenger` is persisted now.
+
+        SHADOWING makes the staged version the challenger; ACTIVATING a promotion
+        ends its shadow run; ROLLING_BACK undoes an install (challenger included)
+        or, for a requested rollback, stops the challenger. Any other state
+        leaves it as it is.
+        """
+        if target is State.SHADOWING:
+            return self.to_version
+        if target is State.ACTIVATING and self.is_promotion():
+            return None
+        if target is State.ROLLING_BACK:
+            return self.from_challenger if self.kind == "install" else None
+        return challenger
 
 
 class StateFile(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    format: Literal[1] = 1  # STATE_FORMAT
+    format: Literal[2] = 2  # STATE_FORMAT
     state: State = State.IDLE
     store_count: int = Field(default=0, ge=0)
     report_sequence: int = Field(default=0, ge=0)
     last_directive_sequence: int = Field(default=0, ge=0)
     security_floor: int = Field(default=0, ge=0)
+    challenger: str | None = None  # the version running in shadow beside `current`
     install: InstallRecord | None = None
 
 
@@ -100,11 +140,12 @@ def load_state(path: Path) -> StateFile:
     except ValueError as exc:
         raise InstallError(f"{path} is not JSON: {exc}") from exc
     found = raw.get("format") if isinstance(raw, dict) else None
-    if found != STATE_FORMAT:
+    if type(found) is not int or found not in READABLE_FORMATS:
         raise InstallError(
-            f"{path} has format {found!r}; this agent reads format {STATE_FORMAT}: "
-            "was it written by a newer agent?"
+            f"{path} has format {found!r}; this agent reads formats "
+            f"{', '.join(map(str, sorted(READABLE_FORMATS)))}: was it written by a newer agent?"
         )
+    raw["format"] = STATE_FORMAT  # format 1 is format 2 without a challenger
     try:
         return StateFile.model_validate(raw)
     except ValidationError as exc:

@@ -1,12 +1,20 @@
 """The install state machine as data: states, events, the transition and resume tables.
 
-Pure: no I/O, so the tables are tested on their own. `machine.py` runs them.
+Pure: no I/O, so the tables are tested on their own. `engine.py` runs them.
 
 A directive is verified before the machine starts (nothing is persisted for a
 refused one, as python-tuf stores nothing it has not verified), so there is no
 "verifying directive" state. Profile and agent version are checked with the
 bundle's signatures in VERIFYING (the Foundation verifier raises its own
 errors); CHECKING is what only this device can tell: runtime, disk, memory.
+
+A shadow install (a directive with `shadow: true`) takes the install's path
+up to SMOKE_TESTING, whose handler then names SHADOW instead of DONE: in
+SHADOWING the staged version becomes the challenger (persisted in state.json,
+handed to the predictor), `current` and `previous` are never touched, and the
+machine rests in COMMITTED with a reason saying the bundle runs in shadow.
+COMMITTED rather than a resting state of its own: "the directive was carried
+out"; what is served and what runs in shadow are in the status beside it.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ class State(str, enum.Enum):
     SMOKE_TESTING = "smoke_testing"
     ACTIVATING = "activating"
     HEALTH_CHECKING = "health_checking"
+    SHADOWING = "shadowing"  # the staged version becomes the challenger; current unchanged
     COMMITTED = "committed"
     ROLLING_BACK = "rolling_back"
     FAILED = "failed"
@@ -31,8 +40,9 @@ class State(str, enum.Enum):
 class Event(str, enum.Enum):
     INSTALL = "install"  # a verified directive or a bundle file to install
     ROLLBACK = "rollback"  # a verified rollback directive, or `agent rollback`
-    REFUSE = "refuse"  # a verified directive this agent cannot carry out (shadow)
+    REFUSE = "refuse"  # a verified directive this agent cannot carry out (shadow, nothing served)
     DONE = "done"  # the state's handler succeeded
+    SHADOW = "shadow"  # a shadow install passed its smoke test: run it beside, never serve it
     RETRY = "retry"  # a transient error with attempts left
     FAIL = "fail"  # a fatal error, attempts exhausted, or the store counter over its cap
     ALREADY_CURRENT = "already_current"  # the bundle is the version being served
@@ -66,7 +76,10 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (S.STAGING, E.ALREADY_CURRENT): S.COMMITTED,
     (S.STAGING, E.FAIL): S.FAILED,
     (S.SMOKE_TESTING, E.DONE): S.ACTIVATING,
+    (S.SMOKE_TESTING, E.SHADOW): S.SHADOWING,
     (S.SMOKE_TESTING, E.FAIL): S.FAILED,
+    (S.SHADOWING, E.DONE): S.COMMITTED,  # the reason says it runs in shadow
+    (S.SHADOWING, E.FAIL): S.ROLLING_BACK,  # the challenger it replaced comes back
     (S.ACTIVATING, E.DONE): S.HEALTH_CHECKING,
     (S.ACTIVATING, E.FAIL): S.ROLLING_BACK,
     (S.HEALTH_CHECKING, E.DONE): S.COMMITTED,
@@ -86,6 +99,7 @@ RESUME: dict[State, State] = {
     S.SMOKE_TESTING: S.VERIFYING,
     S.ACTIVATING: S.ACTIVATING,  # completes (activate is idempotent) if current is from/to
     S.HEALTH_CHECKING: S.HEALTH_CHECKING,  # checks again from the start if current is `to`
+    S.SHADOWING: S.SHADOWING,  # hands the challenger over again (idempotent; current untouched)
     S.ROLLING_BACK: S.ROLLING_BACK,  # completes (restore is absolute)
 }
 

@@ -7,14 +7,18 @@ fleet server would, can fail a number of times, resumes a `.part`).
 
 A power cut is a `Cut`: armed with a state, it fires either right after that
 state is persisted (the reporter sees it) or, with `mid`, inside the state's
-handler after its first link change (`CuttingLayout`) or half way through a
-download (`ServerFetcher`). In the test process it raises `PowerCut` (a
-BaseException, which the installer never catches); in the driver it is
-SIGKILL. The driver:
+handler after its first link change (`CuttingLayout`), half way through a
+download (`ServerFetcher`), or right after the predictor was handed a
+challenger (the installer's `on_shadow`, recorded in `Device.shadowed`). In
+the test process it raises `PowerCut` (a BaseException, which the installer
+never catches); in the driver it is SIGKILL. The driver:
 
     python -m tests.agent.power_loss_driver --config agent.toml --server DIR
         --reports reports.jsonl [--cut-at STATE [--mid]] [--health good|bad]
         (directive FILE | resume)
+
+It prints the state the machine rests in, then `shadowed: <ids>`: the
+challengers handed to `on_shadow` by this process, in order ("-" for None).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from edgefleet.agent.config import AgentConfig, HealthSettings, load_config
 from edgefleet.agent.errors import DownloadError
 from edgefleet.agent.install import HealthSnapshot, Host, Installer, InstallStatus
 from edgefleet.agent.layout import StateLayout
-from edgefleet.agent.versions import Versions
+from edgefleet.agent.versions import InstalledVersion, Versions
 from edgefleet.bundle import read_manifest
 from edgefleet.keys import SigningKey
 from edgefleet.mqtt import BundleRef, Directive, HttpSource, StatusReport, sign_directive
@@ -230,6 +234,7 @@ class Device:
     clock: FakeClock
     cut: Cut
     activated: list[str | None]
+    shadowed: list[str | None]  # what `on_shadow` was handed, in order
 
     @classmethod
     def boot(
@@ -249,6 +254,12 @@ class Device:
         fetcher = ServerFetcher(server, failures=failures, cut=cut)
         clock = FakeClock()
         activated: list[str | None] = []
+        shadowed: list[str | None] = []
+
+        def on_shadow(version: InstalledVersion | None) -> None:
+            shadowed.append(version.id if version else None)
+            cut.inside()
+
         installer = Installer(
             config,
             CuttingLayout(config.state_dir, cut),
@@ -258,9 +269,10 @@ class Device:
             probe,
             lambda version: activated.append(version.id if version else None),
             clock,
+            on_shadow=on_shadow,
             host=host,
         )
-        return cls(config, fetcher, installer, reporter, probe, clock, cut, activated)
+        return cls(config, fetcher, installer, reporter, probe, clock, cut, activated, shadowed)
 
     def reboot(self, probe: ScriptedProbe | None = None, cut: Cut | None = None) -> Device:
         """The agent again after a restart: new objects, the same disk."""
@@ -382,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"install failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             status = installer.status()
     print(status.state.value)
+    print("shadowed:", " ".join(id_ or "-" for id_ in device.shadowed))
     return 0
 
 

@@ -306,18 +306,6 @@ def test_rollback_below_the_security_floor_is_allowed_but_a_new_install_is_not(
         serving_two.installer.install_file(bundles.releases[0])
 
 
-def test_shadow_directive_is_refused_and_changes_nothing_it_serves(
-    serving_two: Device, bundles: Bundles, keyset: KeySet
-) -> None:
-    before = ids(serving_two)
-    ref = serving_two.publish(bundles.releases[2])
-    directive = make_directive(keyset.server, ref, sequence=2, shadow=True)
-    with pytest.raises(errors.EdgefleetError, match="shadow"):
-        serving_two.installer.install_directive(directive)
-    assert ids(serving_two) == before and serving_two.reporter.states == ["failed"]
-    assert serving_two.installer.status().last_directive_sequence == 2
-
-
 @pytest.mark.parametrize(("keep", "kept"), [(2, [2, 3]), (3, [1, 2, 3]), (5, [0, 1, 2, 3])])
 def test_keeps_the_last_n_versions(
     tmp_path: Path, trust: TrustRoot, bundles: Bundles, keep: int, kept: list[int]
@@ -365,6 +353,6 @@ def test_store_counter_over_its_cap_stops_the_install(serving_two: Device) -> No
 
 
 def test_state_file_of_a_newer_agent_is_refused_not_guessed(device: Device) -> None:
-    (device.config.state_dir / "state.json").write_text('{"format": 2, "state": "warp"}')
+    (device.config.state_dir / "state.json").write_text('{"format": 3, "state": "warp"}')
     with pytest.raises(InstallError, match="newer agent"):
         device.installer.resume()

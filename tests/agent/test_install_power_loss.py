@@ -8,6 +8,9 @@ The device must end serving a complete, verified version whose files match
 its manifest, the machine at rest (COMMITTED or FAILED) with a report saying
 why, nothing half-installed left behind, and the last report before the cut
 sent again with the same sequence (at-least-once, deduplicated by sequence).
+Shadow cases (a directive with `shadow: true`) must end serving the old
+version with the new one recorded as the challenger and handed to the
+restarted process's `on_shadow` exactly once.
 """
 
 from __future__ import annotations
@@ -55,11 +58,17 @@ class PowerLoss:
     bundle: str = "next"  # demo 1.2.0, or "smoke_broken" (demo 2.0.0)
     final: str = "committed"
     serving: str = "new"  # or "old"
+    shadow: bool = False  # a shadow directive: the new version runs beside, never served
 
     @property
     def id(self) -> str:
         where = "inside" if self.mid else "after persisting"
-        return f"{where} {self.cut_at}, {self.bundle} bundle, {self.health} health"
+        kind = "shadow of the " if self.shadow else ""
+        return f"{where} {self.cut_at}, {kind}{self.bundle} bundle, {self.health} health"
+
+    @property
+    def in_shadow(self) -> bool:
+        return self.shadow and self.final == "committed"
 
 
 CASES = [
@@ -79,6 +88,11 @@ CASES = [
     PowerLoss("failed", health="bad", final="failed", serving="old"),
     PowerLoss("smoke_testing", bundle="smoke_broken", final="failed", serving="old"),
     PowerLoss("failed", bundle="smoke_broken", final="failed", serving="old"),
+    PowerLoss("smoke_testing", shadow=True, serving="old"),
+    PowerLoss("shadowing", shadow=True, serving="old"),
+    PowerLoss("shadowing", mid=True, shadow=True, serving="old"),  # the predictor has it
+    PowerLoss("committed", shadow=True, serving="old"),
+    PowerLoss("smoke_testing", bundle="smoke_broken", shadow=True, final="failed", serving="old"),
 ]
 
 
@@ -111,7 +125,7 @@ def test_sigkill_leaves_the_device_serving_the_old_or_the_new_version(
     ref = device.publish(bundle)
     new = version_id(ref.name, ref.version, file_sha256(bundle)[1])
     directive = tmp_path / "directive.json"
-    directive.write_bytes(make_directive(keyset.server, ref, sequence=1))
+    directive.write_bytes(make_directive(keyset.server, ref, sequence=1, shadow=case.shadow))
 
     health = ["--health", case.health]
     cut = ["--cut-at", case.cut_at, *(["--mid"] if case.mid else [])]
@@ -145,6 +159,9 @@ def test_sigkill_leaves_the_device_serving_the_old_or_the_new_version(
     # Nothing half-installed is left behind.
     leftovers = [p.name for p in config.state_dir.joinpath("versions").iterdir()]
     assert sorted(leftovers) == sorted(versions.ids())
-    assert (new in versions.ids()) == (case.serving == "new")
+    assert (new in versions.ids()) == (case.serving == "new" or case.in_shadow)
+    assert state.challenger == (new if case.in_shadow else None)
+    handed = second.stdout.splitlines()[-1].split()
+    assert handed == ["shadowed:", *([new] if case.in_shadow else [])]  # once, after restart
     assert list(config.state_dir.joinpath("downloads").iterdir()) == []
     assert state.last_directive_sequence == 1

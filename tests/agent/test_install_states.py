@@ -10,6 +10,7 @@ from edgefleet.agent.config import HealthSettings
 from edgefleet.agent.install import RESUME, TERMINAL, TRANSITIONS, Event, HealthSnapshot, State
 from edgefleet.agent.install.fetch import BACKOFF_CAP_SECONDS, backoff_delay
 from edgefleet.agent.install.health import Baseline, judge_health
+from edgefleet.agent.install.record import InstallRecord
 from edgefleet.agent.install.states import TransitionError, next_state, resume_state
 
 WORKING = [state for state in State if state not in TERMINAL]
@@ -39,9 +40,17 @@ def test_failure_before_activation_ends_failed_without_rolling_back(state: State
     assert next_state(state, Event.FAIL) is State.FAILED
 
 
-@pytest.mark.parametrize("state", [State.ACTIVATING, State.HEALTH_CHECKING])
-def test_failure_after_activation_rolls_back(state: State) -> None:
+@pytest.mark.parametrize("state", [State.ACTIVATING, State.HEALTH_CHECKING, State.SHADOWING])
+def test_failure_after_activation_or_shadowing_rolls_back(state: State) -> None:
     assert next_state(state, Event.FAIL) is State.ROLLING_BACK
+
+
+def test_a_shadow_install_runs_beside_instead_of_activating() -> None:
+    assert next_state(State.SMOKE_TESTING, Event.SHADOW) is State.SHADOWING
+    assert next_state(State.SHADOWING, Event.DONE) is State.COMMITTED
+    assert {source for (source, _), target in TRANSITIONS.items() if target is State.SHADOWING} == {
+        State.SMOKE_TESTING
+    }
 
 
 @pytest.mark.parametrize("state", sorted(TERMINAL))
@@ -67,6 +76,7 @@ RESUME_CASES = [
     (State.ACTIVATING, "other", State.ROLLING_BACK),
     (State.HEALTH_CHECKING, "new", State.HEALTH_CHECKING),
     (State.HEALTH_CHECKING, "old", State.ROLLING_BACK),
+    (State.SHADOWING, "old", State.SHADOWING),  # current never moves: hand it over again
     (State.ROLLING_BACK, "new", State.ROLLING_BACK),
     (State.ROLLING_BACK, "old", State.ROLLING_BACK),
 ]
@@ -84,6 +94,34 @@ def test_resting_states_do_not_resume(state: State) -> None:
 
 def test_resume_table_covers_every_working_state() -> None:
     assert set(RESUME) == set(WORKING)
+
+
+def record(kind: str = "install", *, shadow: bool = False, to: str = "new") -> InstallRecord:
+    return InstallRecord.model_validate(
+        {"kind": kind, "started_at": "2025-01-01T00:00:00Z", "from_version": "old"}
+        | {"from_challenger": "x", "to_version": to, "shadow": shadow}
+    )
+
+
+# (record, state entered, challenger persisted before, challenger persisted with it)
+CHALLENGER_CASES = [
+    (record(shadow=True), State.SHADOWING, "x", "new"),  # replaces the one running
+    (record(shadow=True), State.ROLLING_BACK, "new", "x"),  # it failed: the old one back
+    (record(shadow=True), State.FAILED, "x", "x"),  # the smoke test failed: nothing changes
+    (record(shadow=True), State.COMMITTED, "new", "new"),
+    (record(to="x"), State.ACTIVATING, "x", None),  # a promotion
+    (record(to="x"), State.ROLLING_BACK, None, "x"),  # a failed promotion: back in shadow
+    (record(), State.ACTIVATING, "x", "x"),  # another bundle: the challenger keeps running
+    (record(), State.COMMITTED, "x", "x"),
+    (record("rollback", to="older"), State.ROLLING_BACK, "x", None),  # a rollback stops it
+]
+
+
+@pytest.mark.parametrize(("install", "entered", "before", "after"), CHALLENGER_CASES)
+def test_challenger_persisted_on_entering_each_state(
+    install: InstallRecord, entered: State, before: str | None, after: str | None
+) -> None:
+    assert install.challenger_on_entering(entered, before) == after
 
 
 SETTINGS = HealthSettings(
