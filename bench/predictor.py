@@ -21,6 +21,10 @@ x86_64-vnni with the splits the converter tests use), in one run:
   binning and a final `close_window` included).
 - time from `Predictor.open` to the first answer, in a fresh child process
   (imports timed apart). No goal.
+- the local HTTP API: p50 of a POST /v1/predict round trip (JSON, a new
+  connection per request, as a simple client does) against an in-process
+  `Predictor.predict` on the same sample, alternating. No goal: the overhead
+  in ms is the figure.
 
 Exit status 1 when a goal is missed.
 
@@ -38,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -182,9 +187,38 @@ def first_answer(state: Path, bundle: Path) -> dict[str, float]:
     return result
 
 
+def local_api_ms(predictor: Predictor, feed: dict[str, np.ndarray], count: int) -> dict[str, float]:
+    from edgefleet.agent.localapi import LocalApi
+
+    api = LocalApi(
+        predictor,
+        "127.0.0.1",
+        0,
+        install=lambda path: {},
+        rollback=lambda: {},
+        install_state=lambda: "idle",
+    )
+    api.start()
+    url = f"http://127.0.0.1:{api.address[1]}/v1/predict"
+    body = json.dumps({"inputs": {name: value.tolist() for name, value in feed.items()}}).encode()
+
+    def over_http() -> object:
+        request = urllib.request.Request(url, data=body)
+        request.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.read()
+
+    try:
+        p50 = alternate({"http": over_http, "in_process": lambda: predictor.predict(feed)}, count)
+    finally:
+        api.stop()
+    return {"http_p50_ms": p50["http"] * 1000, "in_process_p50_ms": p50["in_process"] * 1000}
+
+
 def measure(bundle: Path, tmp: Path, count: int) -> dict[str, Any]:
     served = measure_model(bundle, tmp / "state-served", False, count)
     floated = measure_model(bundle, tmp / "state-float", True, count)
+    api = local_api_ms(served["_predictor"], served["_feed"], max(200, count // 10))
     record_us = record_alone_us(
         served.pop("_predictor"), served.pop("_feed"), served.pop("_reference"), count
     )
@@ -203,6 +237,7 @@ def measure(bundle: Path, tmp: Path, count: int) -> dict[str, Any]:
         "telemetry_goal_met": served["telemetry_percent"] <= TELEMETRY_GOAL_PERCENT,
         "record_alone_us": record_us,
         "record_alone_percent": 100 * record_us / 1000 / served["raw_p50_ms"],
+        "local_api": api,
         "import_s": first["import_s"],
         "open_to_first_answer_s": first["open_to_answer_s"],
     }
@@ -245,6 +280,14 @@ def table(r: dict[str, Any]) -> str:
             f"{r['record_alone_us']:.1f} us",
             f"raw run {served['raw_p50_ms']:.3f} ms",
             f"{r['record_alone_percent']:.2f}%",
+            "(information)",
+            "-",
+        ),
+        (
+            "local API p50, int8 CNN",
+            f"{r['local_api']['http_p50_ms']:.3f} ms",
+            f"in-process {r['local_api']['in_process_p50_ms']:.3f} ms",
+            f"+{r['local_api']['http_p50_ms'] - r['local_api']['in_process_p50_ms']:.3f} ms",
             "(information)",
             "-",
         ),
