@@ -93,6 +93,7 @@ class Agent:
         self.stopping = threading.Event()
         self._inbox_ready = threading.Event()
         self._fleet_sequence = 0
+        self._fleet_payload = b""
         self.link: AgentLink | None = None
         if config.mqtt.url:
             outbox = Outbox(self.layout.outbox, config.telemetry.outbox_max_bytes)
@@ -153,13 +154,14 @@ class Agent:
         self._inbox_ready.set()
 
     def _receive_fleet_timestamp(self, payload: bytes) -> None:
+        if payload == self._fleet_payload:
+            return  # the retained timestamp, redelivered on every reconnect
         try:
             stamp = verify_fleet_timestamp(payload, self.trust, last_sequence=self._fleet_sequence)
         except FleetTimestampError as exc:
-            if "stale" not in str(exc):  # the retained one, redelivered on reconnect
-                log.warning("fleet timestamp: %s", exc)
+            log.warning("fleet timestamp refused: %s", exc)
             return
-        self._fleet_sequence = stamp.sequence
+        self._fleet_sequence, self._fleet_payload = stamp.sequence, payload
 
     # --- install worker ---------------------------------------------------------------------
 
