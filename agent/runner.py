@@ -16,6 +16,7 @@ the broker's delivery and the install loses nothing.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
@@ -44,6 +45,7 @@ from edgefleet.mqtt.directives import verify_fleet_timestamp
 from edgefleet.mqtt.messages import StatusReport
 from edgefleet.mqtt.topics import TopicKind
 from edgefleet.profiles import load_profile
+from edgefleet.timefmt import format_time, utcnow
 from edgefleet.trust import TrustRoot, load_trust_root
 
 log = logging.getLogger(__name__)
@@ -94,6 +96,7 @@ class Agent:
         self._inbox_ready = threading.Event()
         self._fleet_sequence = 0
         self._fleet_payload = b""
+        self._fleet_expires: dt.datetime | None = None
         self.link: AgentLink | None = None
         if config.mqtt.url:
             outbox = Outbox(self.layout.outbox, config.telemetry.outbox_max_bytes)
@@ -162,6 +165,7 @@ class Agent:
             log.warning("fleet timestamp refused: %s", exc)
             return
         self._fleet_sequence, self._fleet_payload = stamp.sequence, payload
+        self._fleet_expires = stamp.expires_at
 
     # --- install worker ---------------------------------------------------------------------
 
@@ -198,6 +202,17 @@ class Agent:
         )
         if self.link is not None:
             self.link.publish(TopicKind.HEARTBEAT, beat)
+
+    def _check_frozen_out(self) -> None:
+        # The server publishes a fresh signed timestamp on a schedule; when the newest
+        # one has expired, someone between server and device is withholding updates.
+        if self._fleet_expires is not None and utcnow() >= self._fleet_expires:
+            log.warning(
+                "frozen out? the newest fleet timestamp expired at %s and no newer one "
+                "arrived: updates may be withheld between the fleet server and this device",
+                format_time(self._fleet_expires),
+            )
+            self._fleet_expires = None  # warn once per expired timestamp
 
     def _flush_telemetry(self) -> None:
         while self.telemetry.is_due():
@@ -243,6 +258,7 @@ class Agent:
             while not self.stopping.wait(TICK_SECONDS):
                 now = time.monotonic()
                 self._flush_telemetry()
+                self._check_frozen_out()
                 if now >= next_beat:
                     self._beat()
                     next_beat = now + self.config.telemetry.heartbeat_seconds
