@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Literal
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
@@ -24,6 +23,10 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from edgefleet.canonical import canonical_json
 from edgefleet.errors import KeyFileError
 from edgefleet.fileio import atomic_write_bytes
+
+# Key files are read and written on workstations and servers; a device only
+# verifies signatures. So `serialization`, which costs a device over 1 MiB of
+# memory, is imported in the functions that use it.
 
 
 class PublicKey(BaseModel):
@@ -58,6 +61,8 @@ class PublicKey(BaseModel):
 
     @classmethod
     def from_cryptography(cls, key: Ed25519PublicKey) -> PublicKey:
+        from cryptography.hazmat.primitives import serialization
+
         raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         return cls(public=raw.hex())
 
@@ -86,6 +91,8 @@ class SigningKey:
 
 def save_private_key(path: Path, key: SigningKey, passphrase: bytes | None = None) -> None:
     """Write `key` to `path` atomically with mode 0600, encrypted when a passphrase is given."""
+    from cryptography.hazmat.primitives import serialization
+
     encryption: serialization.KeySerializationEncryption = (
         serialization.BestAvailableEncryption(passphrase)
         if passphrase
@@ -99,6 +106,8 @@ def save_private_key(path: Path, key: SigningKey, passphrase: bytes | None = Non
 
 def save_public_key(path: Path, key: PublicKey) -> None:
     """Write the public half as SubjectPublicKeyInfo PEM."""
+    from cryptography.hazmat.primitives import serialization
+
     public = Ed25519PublicKey.from_public_bytes(bytes.fromhex(key.public))
     pem = public.public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -119,6 +128,8 @@ def load_private_key(path: Path, passphrase: bytes | None = None) -> SigningKey:
     Raises:
         KeyFileError: unreadable, not an Ed25519 private key, or a wrong or missing passphrase.
     """
+    from cryptography.hazmat.primitives import serialization
+
     data = _read(path)
     try:
         key = serialization.load_pem_private_key(data, password=passphrase or None)
@@ -144,6 +155,8 @@ def load_public_key(path: Path) -> PublicKey:
     Raises:
         KeyFileError: unreadable or not an Ed25519 key.
     """
+    from cryptography.hazmat.primitives import serialization
+
     data = _read(path)
     if b"PRIVATE KEY" in data:
         return load_private_key(path).public

@@ -1,6 +1,12 @@
-"""Bundles: a model and everything it needs, in one file signed by a release key."""
+"""Bundles: a model and everything it needs, in one file signed by a release key.
 
-from edgefleet.bundle.build import METADATA_NAME, BundleMetadata, build_bundle
+Building (tarfile and friends) is imported on first use: devices only verify.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from edgefleet.bundle.manifest import MANIFEST_NAME, FileEntry, Manifest
 from edgefleet.bundle.verify import (
     BundleLimits,
@@ -10,6 +16,11 @@ from edgefleet.bundle.verify import (
     read_manifest,
     verify_bundle,
 )
+
+if TYPE_CHECKING:
+    from edgefleet.bundle.build import METADATA_NAME, BundleMetadata, build_bundle
+
+_BUILD = {"METADATA_NAME", "BundleMetadata", "build_bundle"}
 
 __all__ = [
     "MANIFEST_NAME",
@@ -25,3 +36,11 @@ __all__ = [
     "read_manifest",
     "verify_bundle",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _BUILD:
+        from edgefleet.bundle import build
+
+        return getattr(build, name)
+    raise AttributeError(f"module 'edgefleet.bundle' has no attribute {name!r}")
