@@ -11,22 +11,25 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from edgefleet.canonical import canonical_json
 from edgefleet.errors import KeyFileError
 from edgefleet.fileio import atomic_write_bytes
 
-# Key files are read and written on workstations and servers; a device only
-# verifies signatures. So `serialization`, which costs a device over 1 MiB of
-# memory, is imported in the functions that use it.
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
+
+# Signatures are verified with PyNaCl (libsodium); keys are generated, used to
+# sign and read from and written to files with `cryptography`. A device only
+# verifies: it never imports `cryptography`, which costs over 6 MiB of memory
+# against about 1 MiB for PyNaCl (docs/adr/0004-verification-with-libsodium.md).
+# Both implement RFC 8032 Ed25519; libsodium is the stricter verifier.
 
 
 class PublicKey(BaseModel):
@@ -52,10 +55,13 @@ class PublicKey(BaseModel):
 
     def is_valid_signature(self, signature: bytes, data: bytes) -> bool:
         """True when `signature` is this key's signature over exactly `data`."""
-        key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(self.public))
+        from nacl.exceptions import BadSignatureError
+        from nacl.exceptions import ValueError as NaclValueError
+        from nacl.signing import VerifyKey
+
         try:
-            key.verify(signature, data)
-        except InvalidSignature:
+            VerifyKey(bytes.fromhex(self.public)).verify(data, signature)
+        except (BadSignatureError, NaclValueError):
             return False
         return True
 
@@ -75,6 +81,8 @@ class SigningKey:
 
     @classmethod
     def generate(cls) -> SigningKey:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
         return cls(Ed25519PrivateKey.generate())
 
     @property
@@ -107,6 +115,7 @@ def save_private_key(path: Path, key: SigningKey, passphrase: bytes | None = Non
 def save_public_key(path: Path, key: PublicKey) -> None:
     """Write the public half as SubjectPublicKeyInfo PEM."""
     from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     public = Ed25519PublicKey.from_public_bytes(bytes.fromhex(key.public))
     pem = public.public_bytes(
@@ -144,6 +153,8 @@ def load_private_key(path: Path, passphrase: bytes | None = None) -> SigningKey:
         if passphrase and b"ENCRYPTED" in data:
             raise KeyFileError(f"wrong passphrase for {path}") from exc
         raise KeyFileError(f"{path} is not a PEM private key") from exc
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     if not isinstance(key, Ed25519PrivateKey):
         raise KeyFileError(f"{path} holds a {type(key).__name__}, not an Ed25519 key")
     return SigningKey(key)
@@ -164,6 +175,8 @@ def load_public_key(path: Path) -> PublicKey:
         key = serialization.load_pem_public_key(data)
     except ValueError as exc:
         raise KeyFileError(f"{path} is not a PEM public key") from exc
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     if not isinstance(key, Ed25519PublicKey):
         raise KeyFileError(f"{path} holds a {type(key).__name__}, not an Ed25519 key")
     return PublicKey.from_cryptography(key)

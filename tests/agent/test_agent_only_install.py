@@ -16,7 +16,8 @@ from edgefleet.agent import Predictor
 forbidden = {"onnx", "fastapi", "sqlalchemy", "alembic", "sympy", "sklearn"}
 loaded = sorted({m.split(".")[0] for m in sys.modules} & forbidden)
 converter = sorted(m for m in sys.modules if m.startswith("edgefleet.converter"))
-print(loaded, converter)
+crypto = any(m.startswith("cryptography") for m in sys.modules)  # verification is PyNaCl's
+print(loaded, converter, crypto)
 """
 
 
@@ -33,7 +34,7 @@ def test_agent_extra_alone_installs_and_imports(tmp_path: Path) -> None:
     probe = subprocess.run(
         [python, "-c", PROBE], check=True, capture_output=True, text=True, cwd=tmp_path
     )
-    assert probe.stdout.strip() == "[] []"
+    assert probe.stdout.strip() == "[] [] False"
     refused = subprocess.run(
         [python, "-m", "edgefleet", "convert", "--help"],
         capture_output=True,

@@ -71,3 +71,21 @@ def test_semver_order() -> None:
     )
     with pytest.raises(ValueError):
         Version.parse("1.2")
+
+
+def test_cryptography_signatures_verify_with_libsodium() -> None:
+    # Signing uses `cryptography`, verification PyNaCl: both must agree on RFC 8032.
+    key, other = SigningKey.generate(), SigningKey.generate()
+    signature = key.sign(b"directive")
+    assert key.public.is_valid_signature(signature, b"directive")
+    assert not key.public.is_valid_signature(signature, b"directivf")
+    assert not other.public.is_valid_signature(signature, b"directive")
+    assert not key.public.is_valid_signature(bytes(64), b"directive")
+
+
+def test_small_order_public_key_never_verifies() -> None:
+    # The identity point: libsodium refuses it outright, whatever the signature.
+    from edgefleet.keys import PublicKey
+
+    identity = PublicKey(public="01" + "00" * 31)
+    assert not identity.is_valid_signature(bytes(64), b"anything")
