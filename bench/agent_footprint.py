@@ -5,7 +5,8 @@ x86_64-vnni and signed as the agent tests do, installed offline with
 `edgefleet agent install`), in one run, RUNS times, a fresh process each time:
 
 - the agent: `python -m edgefleet agent run` on a device without a broker
-  (mqtt.url unset), local API on a free port. Timed from the spawn until the
+  (mqtt.url unset), or connected to the broker given with --mqtt; local API
+  on a free port. Timed from the spawn until the
   first successful POST /v1/predict answer (localapi.json polled, then the
   API); VmRSS and VmHWM read from /proc/<pid>/status right after that answer.
 - the peer: a bare `python -c` child that imports onnxruntime, opens an
@@ -37,7 +38,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from edgefleet.agent.config import AgentConfig, HealthSettings, LocalApiSettings, write_config
+from edgefleet.agent.config import (
+    AgentConfig,
+    HealthSettings,
+    LocalApiSettings,
+    MqttSettings,
+    write_config,
+)
 from edgefleet.agent.inference.runtimes import runtime_threads
 from edgefleet.keys import SigningKey
 from edgefleet.profiles import load_profile
@@ -153,7 +160,7 @@ def run_peer(model: Path, threads: int, sample: list[list[float]], cwd: Path) ->
         stop(peer)
 
 
-def install_model(tmp: Path) -> tuple[Path, Path]:
+def install_model(tmp: Path, mqtt_url: str | None) -> tuple[Path, Path]:
     """The digits MLP bundle installed offline; returns (agent.toml, state dir)."""
     keys = KeySet(SigningKey.generate(), SigningKey.generate(), SigningKey.generate())
     bundles = prepare_bundles(tmp / "bundles", keys.release)
@@ -166,6 +173,7 @@ def install_model(tmp: Path) -> tuple[Path, Path]:
         trust_root=tmp / "trust.json",
         health=HealthSettings(duration_seconds=0, min_requests=0),
         local_api=LocalApiSettings(port=0),
+        mqtt=MqttSettings(url=mqtt_url),
     )
     write_config(config_path, config)
     command = ["agent", "install", str(bundles.releases[0]), "--config", str(config_path)]
@@ -173,8 +181,8 @@ def install_model(tmp: Path) -> tuple[Path, Path]:
     return config_path, state
 
 
-def measure(tmp: Path, runs: int) -> dict[str, Any]:
-    config, state = install_model(tmp)
+def measure(tmp: Path, runs: int, mqtt_url: str | None = None) -> dict[str, Any]:
+    config, state = install_model(tmp, mqtt_url)
     model = (state / "current" / "model.onnx").resolve()
     threads = runtime_threads(load_profile(PROFILE).threads)
     features, _ = datasets.digits_tabular()
@@ -194,6 +202,7 @@ def measure(tmp: Path, runs: int) -> dict[str, Any]:
         "python": sys.version.split()[0],
         "cpus": os.cpu_count(),
         "runs": runs,
+        "broker": mqtt_url or "none (offline device)",
         "agent": agent,
         "peer": peer,
         "rss_diff_mib": rss_diff,
@@ -240,7 +249,7 @@ def table(r: dict[str, Any]) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     header = (
         f"{r['model']}; python {r['python']}, {r['cpus']} CPUs; median of {r['runs']} runs; "
-        "peer: bare onnxruntime InferenceSession, same file"
+        f"broker: {r['broker']}; peer: bare onnxruntime InferenceSession, same file"
     )
     return header + "\n" + "\n".join(line.rstrip() for line in lines)
 
@@ -249,9 +258,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--mqtt", metavar="URL", help="a broker for the agent to stay connected to (mqtt://...)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="edgefleet-bench-footprint-") as scratch:
-        result = measure(Path(scratch), args.runs)
+        result = measure(Path(scratch), args.runs, args.mqtt)
     print(json.dumps(result, indent=2) if args.json else table(result))
     return 0 if result["rss_goal_met"] else 1
 
