@@ -237,7 +237,13 @@ def test_bad_payloads_are_counted_reported_and_the_link_keeps_working(
             sign_directive(rollback, [keyset.server]),  # refused: replayed
         ):
             publish_once(broker.url, topic, payload)
-        assert wait_until(lambda: link.counters().received == 7)
+
+        # Counted on receipt, judged after the handler returns: wait for all 7 verdicts.
+        def judged() -> int:
+            c = link.counters()
+            return c.malformed + c.refused + c.handler_errors + len(accepted)
+
+        assert wait_until(lambda: link.counters().received == 7 and judged() == 7)
         counters = link.counters()
     assert accepted == [7]
     assert (counters.malformed, counters.refused, counters.handler_errors) == (3, 2, 1)
