@@ -48,6 +48,7 @@ from edgefleet.agent.config import (
 from edgefleet.agent.inference.runtimes import runtime_threads
 from edgefleet.keys import SigningKey
 from edgefleet.profiles import load_profile
+from edgefleet.tables import format_columns
 from tests.agent.power_loss_driver import PROFILE, prepare_bundles
 from tests.conftest import KeySet, make_trust_root
 from tests.fixtures import datasets
@@ -244,14 +245,11 @@ def table(r: dict[str, Any]) -> str:
             "-",
         ),
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
     header = (
         f"{r['model']}; python {r['python']}, {r['cpus']} CPUs; median of {r['runs']} runs; "
         f"broker: {r['broker']}; peer: bare onnxruntime InferenceSession, same file"
     )
-    return header + "\n" + "\n".join(line.rstrip() for line in lines)
+    return header + "\n" + format_columns(rows, rule=True)
 
 
 def main() -> int:

@@ -54,6 +54,7 @@ from edgefleet.agent.transport.base import bitmap_path, part_path
 from edgefleet.agent.transport.bitmap import recorded_blocks
 from edgefleet.mqtt.blocks import block_count, block_extent
 from edgefleet.mqtt.directives import BundleRef, Directive, HttpSource, MqttBlocksSource, Source
+from edgefleet.tables import format_columns
 from edgefleet.timefmt import format_time, utcnow
 from tests.agent.broker import BlockFaults, BlockServer, MosquittoBroker
 from tests.agent.test_transport_http import FileServer, HttpFaults
@@ -314,9 +315,7 @@ def main() -> int:
         )
         for r in rows
     ]
-    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
-    for line in table:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)))
+    print(format_columns(table))
     for note in notes:
         print(f"note: {note}")
     print(

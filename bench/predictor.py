@@ -55,6 +55,7 @@ from edgefleet.agent.inference.runtimes import OnnxRunner
 from edgefleet.agent.layout import StateLayout
 from edgefleet.agent.telemetry import TelemetryRecorder
 from edgefleet.drift import REFERENCE_FILE, DriftReference
+from edgefleet.tables import format_columns
 
 TARGET = "x86_64-vnni"
 RATIO_GOAL = 1.05
@@ -300,14 +301,11 @@ def table(r: dict[str, Any]) -> str:
             "-",
         ),
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
     header = (
         f"{r['model']}; python {r['python']}, {r['cpus']} CPUs; "
         f"{r['calls']} calls of each kind, alternating"
     )
-    return header + "\n" + "\n".join(line.rstrip() for line in lines)
+    return header + "\n" + format_columns(rows, rule=True)
 
 
 def main() -> int:

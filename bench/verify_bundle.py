@@ -46,6 +46,7 @@ from typing import Any
 import edgefleet
 from edgefleet.bundle import build_bundle
 from edgefleet.keys import SigningKey
+from edgefleet.tables import format_columns
 from edgefleet.trust import build_trust_root_signed, sign_trust_root
 
 MIB = 1024 * 1024
@@ -232,7 +233,6 @@ def print_table(r: dict[str, Any]) -> None:
             "-",
         )
         rows.insert(2, openssl_row)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     fits = r["bundle_mib"] < r["mem_available_mib"] / 2
     cache = "it fits" if fits else "WARNING: it may not fit, figures may include disk reads"
     print(
@@ -245,11 +245,7 @@ def print_table(r: dict[str, Any]) -> None:
     else:
         print(f"openssl dgst -sha256 s per round: {r['openssl_seconds']}")
     print(f"build: {r['build_mib_per_s']:.0f} MiB/s (hash pass + pack pass)\n")
-    for index, row in enumerate(rows):
-        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-        print("  ".join(cells).rstrip())
-        if index == 0:
-            print("  ".join("-" * width for width in widths))
+    print(format_columns(rows, rule=True))
 
 
 def main() -> int:

@@ -8,6 +8,7 @@ from typing import Any
 from edgefleet.converter.choose import Evaluation, latency_ratio
 from edgefleet.converter.context import ConversionContext
 from edgefleet.converter.evaluate import session_threads
+from edgefleet.tables import format_columns
 
 REPORT_FILE = "report.json"
 TABLE_FILE = "report.txt"
@@ -92,15 +93,12 @@ def format_table(report: dict[str, Any]) -> str:
             latency = f"{row['latency_ms']:.3f} ms ({row['latency_ratio']:.2f}x)"
         accuracy = _headline(row["metrics"], row["per_output"])
         lines.append((row["name"], size, latency, accuracy, row["verdict"]))
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header[:-1])]
     out = [
         f"{report['model']} ({report['kind']}) for {report['target']}, optimizing "
         f"{report['optimize']}: chose {report['chosen']}",
         "",
-        "  ".join(h.ljust(w) for h, w in zip(header, [*widths, 0], strict=True)).rstrip(),
+        format_columns([header, *lines]),
     ]
-    for line in lines:
-        out.append("  ".join(c.ljust(w) for c, w in zip(line, [*widths, 0], strict=True)).rstrip())
     if report["notes"]:
         out += ["", "notes:", *(f"  - {note}" for note in report["notes"])]
     return "\n".join(out) + "\n"

@@ -13,6 +13,7 @@ import click
 
 from edgefleet.errors import UsageError
 from edgefleet.keys import SigningKey, load_private_key
+from edgefleet.tables import format_columns
 
 passphrase_env_option = click.option(
     "--passphrase-env",
@@ -56,11 +57,7 @@ def human_bytes(count: int) -> str:
 
 def echo_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     """Print a plain aligned table."""
-    cells = [[str(value) for value in row] for row in rows]
-    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(headers)]
-    click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
-    for row in cells:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    click.echo(format_columns([headers, *rows]))
 
 
 class ProgressBar:
