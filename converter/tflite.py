@@ -39,56 +39,24 @@ from edgefleet.converter.output import reference_data, staged_directory, write_b
 from edgefleet.converter.progress import Progress
 from edgefleet.converter.reference import write_drift_reference, write_schema, write_smoke_test
 from edgefleet.converter.report import REPORT_FILE, TABLE_FILE, build_report, format_table
+from edgefleet.litert import LiteRTModel
 from edgefleet.profiles import Profile
 
 
-def _interpreter_class() -> tuple[Any, str]:
-    try:
-        from ai_edge_litert import __version__ as version
-        from ai_edge_litert.interpreter import Interpreter
-
-        return Interpreter, f"ai-edge-litert {version}"
-    except ImportError:
-        pass
-    try:
-        from tflite_runtime import __version__ as version
-        from tflite_runtime.interpreter import Interpreter
-
-        return Interpreter, f"tflite-runtime {version}"
-    except ImportError:
-        raise ConverterError("TFLite models need LiteRT: pip install 'edgefleet[tflite]'") from None
-
-
 class TFLiteSession:
-    """A LiteRT interpreter behind onnxruntime's `run(names, feed)` interface.
-
-    Inputs and outputs go by the model's serving signature names (`features`)
-    when it has a signature, else by tensor names.
-    """
+    """A LiteRT model behind onnxruntime's `run(names, feed)` interface (edgefleet.litert)."""
 
     def __init__(self, path: Path, threads: int) -> None:
-        interpreter_class, self.runtime = _interpreter_class()
         try:
-            self._interpreter = interpreter_class(model_path=str(path), num_threads=threads)
-            self._interpreter.allocate_tensors()
+            self._model = LiteRTModel(path, threads)
+        except ImportError as exc:
+            raise ConverterError(str(exc)) from None
         except (ValueError, RuntimeError) as exc:
             message = summarize(exc)
             if "custom" in message.lower() or "op" in message.lower().split():
                 raise UnsupportedOperatorError(f"LiteRT cannot run {path.name}: {message}") from exc
             raise CorruptModelError(f"LiteRT cannot load {path.name}: {message}") from exc
-        self._runner = (
-            self._interpreter.get_signature_runner()
-            if self._interpreter.get_signature_list()
-            else None
-        )
-
-    def _details(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        if self._runner is not None:
-            return self._runner.get_input_details(), self._runner.get_output_details()
-        return (
-            {d["name"]: d for d in self._interpreter.get_input_details()},
-            {d["name"]: d for d in self._interpreter.get_output_details()},
-        )
+        self.runtime = self._model.runtime
 
     def specs(self) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
         def spec(name: str, detail: dict[str, Any]) -> TensorSpec:
@@ -99,27 +67,15 @@ class TFLiteSession:
             )
             return TensorSpec(name, np.dtype(detail["dtype"]).name, shape)
 
-        inputs, outputs = self._details()
+        inputs, outputs = self._model.details()
         return (
             tuple(spec(name, d) for name, d in inputs.items()),
             tuple(spec(name, d) for name, d in outputs.items()),
         )
 
     def run(self, names: Sequence[str] | None, feed: Feed) -> list[np.ndarray]:
-        if self._runner is not None:
-            results = self._runner(**feed)
-        else:
-            inputs, outputs = self._details()
-            for name, value in feed.items():
-                if tuple(inputs[name]["shape"]) != value.shape:
-                    self._interpreter.resize_tensor_input(inputs[name]["index"], value.shape)
-                    self._interpreter.allocate_tensors()
-                    inputs, outputs = self._details()
-                self._interpreter.set_tensor(inputs[name]["index"], value)
-            self._interpreter.invoke()
-            results = {n: self._interpreter.get_tensor(d["index"]) for n, d in outputs.items()}
-        wanted = list(names) if names else list(results)
-        return [np.array(results[name]) for name in wanted]
+        results = self._model.invoke(feed)
+        return [results[name] for name in (list(names) if names else list(results))]
 
 
 def convert_tflite(

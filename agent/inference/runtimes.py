@@ -13,8 +13,8 @@ worker thread that makes every timed call in turn; the caller stops waiting
 at the deadline, and until the abandoned call ends the runner refuses new calls
 at once rather than queueing them behind it.
 
-The agent never imports the converter: the LiteRT runner follows
-`edgefleet.converter.tflite.TFLiteSession` (serving signature, else tensors).
+LiteRT models load and run through `edgefleet.litert` (serving signature,
+else tensors), as the converter's and the smoke test's do.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import numpy as np
 from edgefleet.agent.errors import InferenceError
 from edgefleet.agent.inference.watchdog import Watchdog, shared_watchdog
 from edgefleet.bundlefiles import FALLBACK_ONNX, SERVED_ONNX, SERVED_TFLITE
+from edgefleet.litert import LiteRTModel
 
 Which = Literal["served", "fallback"]
 _squares = np.vdot
@@ -165,19 +166,6 @@ class OnnxRunner:
         ) from exc
 
 
-def _interpreter_class() -> Any:
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        try:
-            from tflite_runtime.interpreter import Interpreter
-        except ImportError:
-            raise InferenceError(
-                "TFLite models need LiteRT: pip install 'edgefleet[tflite]'"
-            ) from None
-    return Interpreter
-
-
 class _Call:
     __slots__ = ("done", "error", "feed", "result")
 
@@ -195,16 +183,12 @@ class TFLiteRunner:
 
     def __init__(self, path: Path, threads: int = 1) -> None:
         """Raises: InferenceError when LiteRT is missing or cannot load the model."""
-        interpreter_class = _interpreter_class()
         self.path = Path(path)
         try:
-            self._interpreter = interpreter_class(
-                model_path=str(self.path), num_threads=runtime_threads(threads)
-            )
-            self._interpreter.allocate_tensors()
-            signatures = self._interpreter.get_signature_list()
-            self._runner = self._interpreter.get_signature_runner() if signatures else None
-            inputs, outputs = self._details()
+            self._model = LiteRTModel(self.path, runtime_threads(threads))
+            inputs, outputs = self._model.details()
+        except ImportError as exc:
+            raise InferenceError(str(exc)) from None
         except Exception as exc:  # LiteRT's own errors (mostly ValueError); translated here
             raise InferenceError(
                 f"LiteRT cannot load {self.path.name}: {_first_line(exc)}"
@@ -215,14 +199,6 @@ class TFLiteRunner:
         self._queue: queue.SimpleQueue[_Call] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
         self._abandoned: _Call | None = None
-
-    def _details(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        if self._runner is not None:
-            return self._runner.get_input_details(), self._runner.get_output_details()
-        return (
-            {d["name"]: d for d in self._interpreter.get_input_details()},
-            {d["name"]: d for d in self._interpreter.get_output_details()},
-        )
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -236,25 +212,11 @@ class TFLiteRunner:
         feed = {name: np.ascontiguousarray(value) for name, value in feed.items()}
         with self._lock:
             try:
-                if self._runner is not None:
-                    results = self._runner(**feed)
-                else:
-                    results = self._invoke_tensors(feed)
+                results = self._model.invoke(feed)
             except Exception as exc:  # LiteRT's own errors; translated here
                 raise InferenceError(f"{self.path.name} failed: {_first_line(exc)}") from exc
         # LiteRT hands out copies (GetTensor owns its data), so they outlive the next call.
         return {name: results[name] for name in self._outputs}
-
-    def _invoke_tensors(self, feed: Feed) -> dict[str, np.ndarray]:
-        inputs, outputs = self._details()
-        for name, value in feed.items():
-            if tuple(inputs[name]["shape"]) != value.shape:
-                self._interpreter.resize_tensor_input(inputs[name]["index"], value.shape)
-                self._interpreter.allocate_tensors()
-                inputs, outputs = self._details()
-            self._interpreter.set_tensor(inputs[name]["index"], value)
-        self._interpreter.invoke()
-        return {n: np.array(self._interpreter.get_tensor(d["index"])) for n, d in outputs.items()}
 
     def _serve(self) -> None:
         while True:

@@ -30,6 +30,7 @@ from edgefleet.bundlefiles import (
     SMOKE_SPEC_FILE,
     SmokeSpec,
 )
+from edgefleet.litert import LiteRTModel
 
 
 class _Runner(Protocol):
@@ -50,44 +51,13 @@ class _OnnxRunner:
         return [np.asarray(v) for v in self._session.run(list(names), dict(feed))]
 
 
-def _tflite_interpreter_class() -> Any:
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-
-        return Interpreter
-    except ImportError:
-        from tflite_runtime.interpreter import Interpreter
-
-        return Interpreter
-
-
 class _TFLiteRunner:
-    """Inputs and outputs by serving-signature name when the model has one, else tensor name."""
-
     def __init__(self, path: Path, threads: int) -> None:
-        self._interpreter = _tflite_interpreter_class()(model_path=str(path), num_threads=threads)
-        self._interpreter.allocate_tensors()
-        signatures = self._interpreter.get_signature_list()
-        self._runner = self._interpreter.get_signature_runner() if signatures else None
+        self._model = LiteRTModel(path, threads)
 
     def run(self, names: Sequence[str], feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        if self._runner is not None:
-            results = self._runner(**feed)
-        else:
-            interpreter = self._interpreter
-            inputs = {d["name"]: d for d in interpreter.get_input_details()}
-            for name, value in feed.items():
-                if tuple(inputs[name]["shape"]) != value.shape:
-                    interpreter.resize_tensor_input(inputs[name]["index"], value.shape)
-                    interpreter.allocate_tensors()
-                    inputs = {d["name"]: d for d in interpreter.get_input_details()}
-                interpreter.set_tensor(inputs[name]["index"], value)
-            interpreter.invoke()
-            results = {
-                d["name"]: interpreter.get_tensor(d["index"])
-                for d in interpreter.get_output_details()
-            }
-        return [np.array(results[name]) for name in names]
+        results = self._model.invoke(feed)
+        return [results[name] for name in names]
 
 
 def _load_samples(directory: Path) -> tuple[SmokeSpec, dict[str, np.ndarray], dict[str, Any]]:
