@@ -1,0 +1,303 @@
+"""The fleet server's tables (SQLAlchemy 2 declarative mapping).
+
+Invariants:
+- every timestamp is an aware UTC datetime (`UtcDateTime`), on SQLite too;
+- nothing grows without bound: status reports and telemetry are kept as
+  bounded aggregates (`StatusReportRow` keeps the last few per device,
+  `TelemetryBucket` one row per device, bundle version and time bucket) and
+  retention deletes old buckets;
+- a rollout's state changes only through `RolloutTransition` rows written in
+  the same transaction as the new state (see `edgefleet.server.rollouts.machine`);
+- the per-device directive sequence is allocated by an UPDATE on `Device`
+  inside the transaction that records the directive, so two replicas never
+  hand out the same number.
+
+The schema is created and changed only by Alembic migrations
+(`edgefleet/server/db/migrations`); a test compares these models with the
+migrated database.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Stable constraint names, so migrations can refer to them on every backend.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UtcDateTime(TypeDecorator[dt.datetime]):
+    """An aware UTC datetime on every backend (SQLite hands back naive ones)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UtcDateTime column")
+        return value.astimezone(dt.timezone.utc)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, dt.datetime)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.timezone.utc)
+        return value.astimezone(dt.timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        dt.datetime: UtcDateTime,
+        dict[str, Any]: JSON,
+        list[Any]: JSON,
+    }
+
+
+class ApiToken(Base):
+    """An API token for a person or a script; only its SHA-256 is stored."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    role: Mapped[str] = mapped_column(String(16))  # admin | operator | viewer
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[dt.datetime]
+    revoked_at: Mapped[dt.datetime | None]
+
+
+class EnrollToken(Base):
+    """A one-time enrollment token for a device; only its SHA-256 is stored."""
+
+    __tablename__ = "enroll_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[dt.datetime]
+    expires_at: Mapped[dt.datetime]
+    tags: Mapped[dict[str, Any]]  # tags given to the device that enrolls with it
+    used_at: Mapped[dt.datetime | None]
+    used_by: Mapped[str | None] = mapped_column(String(128))
+
+
+class BundleRow(Base):
+    """A pushed bundle; its file lives in the data directory under its SHA-256."""
+
+    __tablename__ = "bundles"
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_bundles_name_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    version: Mapped[str] = mapped_column(String(64))
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    length: Mapped[int] = mapped_column(BigInteger)
+    release_counter: Mapped[int] = mapped_column(BigInteger)
+    profiles: Mapped[list[Any]]  # hardware profile names the bundle supports
+    min_agent_version: Mapped[str | None] = mapped_column(String(64))
+    manifest: Mapped[dict[str, Any]]  # the signed manifest's summary, for `bundles show`
+    pushed_by: Mapped[str] = mapped_column(String(128))
+    pushed_at: Mapped[dt.datetime]
+
+
+class Device(Base):
+    """An enrolled device, its inventory and its latest known state."""
+
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    public_key: Mapped[str] = mapped_column(String(64))  # Ed25519, hex
+    enrolled_at: Mapped[dt.datetime]
+    profile: Mapped[str] = mapped_column(String(64), index=True)
+    arch: Mapped[str] = mapped_column(String(32))
+    runtimes: Mapped[list[Any]]
+    agent_version: Mapped[str] = mapped_column(String(64))
+    tags: Mapped[dict[str, Any]]
+    online: Mapped[bool] = mapped_column(Boolean, default=False)
+    last_seen: Mapped[dt.datetime | None]
+    model_name: Mapped[str | None] = mapped_column(String(128))
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    previous_version: Mapped[str | None] = mapped_column(String(64))
+    install_state: Mapped[str | None] = mapped_column(String(32))
+    # ok | degraded | failing | unknown, from the recent telemetry
+    health: Mapped[str] = mapped_column(String(16), default="unknown")
+    heartbeat: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the last one, as received
+    # Highest status sequence applied: reports at or below it are duplicates.
+    status_sequence: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Last directive sequence issued to this device (allocated by UPDATE ... + 1).
+    directive_sequence: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class StatusReportRow(Base):
+    """The last few status reports per device (older ones are deleted)."""
+
+    __tablename__ = "status_reports"
+    __table_args__ = (Index("ix_status_reports_device_sequence", "device_id", "sequence"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    sequence: Mapped[int] = mapped_column(BigInteger)
+    received_at: Mapped[dt.datetime]
+    sent_at: Mapped[dt.datetime]
+    install_state: Mapped[str] = mapped_column(String(32))
+    bundle_name: Mapped[str | None] = mapped_column(String(128))
+    bundle_version: Mapped[str | None] = mapped_column(String(64))
+    directive_sequence: Mapped[int | None] = mapped_column(BigInteger)
+    reason: Mapped[str | None] = mapped_column(Text)
+
+
+class TelemetryBucket(Base):
+    """Telemetry windows merged per device, bundle version and time bucket."""
+
+    __tablename__ = "telemetry_buckets"
+    __table_args__ = (
+        UniqueConstraint(
+            "device_id",
+            "bundle_name",
+            "bundle_version",
+            "bucket_start",
+            name="uq_telemetry_buckets_key",
+        ),
+        Index("ix_telemetry_buckets_bucket_start", "bucket_start"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    bundle_name: Mapped[str] = mapped_column(String(128))
+    bundle_version: Mapped[str] = mapped_column(String(64))
+    bucket_start: Mapped[dt.datetime]
+    windows: Mapped[int] = mapped_column(Integer, default=0)
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    errors: Mapped[int] = mapped_column(BigInteger, default=0)
+    fallbacks: Mapped[int] = mapped_column(BigInteger, default=0)
+    schema_violations: Mapped[int] = mapped_column(BigInteger, default=0)
+    dropped_windows: Mapped[int] = mapped_column(BigInteger, default=0)
+    shadow_requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    shadow_agreements: Mapped[int] = mapped_column(BigInteger, default=0)
+    labelled_count: Mapped[int] = mapped_column(BigInteger, default=0)
+    labelled_correct: Mapped[int] = mapped_column(BigInteger, default=0)
+    # {"bounds_ms": [...], "counts": [...]}: windows with other bounds are not merged in.
+    latency: Mapped[dict[str, Any]]
+    # {"inputs": {feature: {"counts": [...], "nan": n, "below": n, "above": n}}, "outputs": {...}}
+    bins: Mapped[dict[str, Any]]
+
+
+class Rollout(Base):
+    """A rollout of one bundle to a selection of devices, driven stage by stage."""
+
+    __tablename__ = "rollouts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    bundle_id: Mapped[int] = mapped_column(ForeignKey("bundles.id"))
+    selector: Mapped[dict[str, Any]]  # tag -> value; empty: every device the bundle supports
+    plan: Mapped[dict[str, Any]]  # the validated plan, with defaults filled in
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    stage_index: Mapped[int] = mapped_column(Integer, default=0)
+    stage_started_at: Mapped[dt.datetime | None]
+    reason: Mapped[str | None] = mapped_column(Text)  # why it paused, aborted or failed
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[dt.datetime]
+    updated_at: Mapped[dt.datetime]
+
+
+class RolloutTransition(Base):
+    """One state change of a rollout: who or what moved it, and why."""
+
+    __tablename__ = "rollout_transitions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rollout_id: Mapped[int] = mapped_column(
+        ForeignKey("rollouts.id", ondelete="CASCADE"), index=True
+    )
+    at: Mapped[dt.datetime]
+    from_state: Mapped[str] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    stage_index: Mapped[int] = mapped_column(Integer)
+    actor: Mapped[str] = mapped_column(String(128))  # a token name, or "driver"
+    reason: Mapped[str] = mapped_column(Text)
+
+
+class RolloutDevice(Base):
+    """One device's part in a rollout."""
+
+    __tablename__ = "rollout_devices"
+    __table_args__ = (Index("ix_rollout_devices_rollout_state", "rollout_id", "state"),)
+
+    rollout_id: Mapped[int] = mapped_column(
+        ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True
+    )
+    device_id: Mapped[str] = mapped_column(
+        ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    stage_index: Mapped[int] = mapped_column(Integer)
+    shadow: Mapped[bool] = mapped_column(Boolean, default=False)
+    # pending | notified | installing | succeeded | failed | timed_out
+    # | rolling_back | rolled_back
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    directive_sequence: Mapped[int | None] = mapped_column(BigInteger)
+    notified_at: Mapped[dt.datetime | None]
+    updated_at: Mapped[dt.datetime]
+    previous_version: Mapped[str | None] = mapped_column(String(64))
+    reason: Mapped[str | None] = mapped_column(Text)
+
+
+class Lease(Base):
+    """A named lease held by one server replica until it expires (rollout driving,
+    the fleet timestamp): the database decides which replica does the work."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[dt.datetime]
+
+
+class Counter(Base):
+    """Named monotonic counters shared by replicas (the fleet timestamp sequence)."""
+
+    __tablename__ = "counters"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger)
+
+
+class AuditEntry(Base):
+    """Who pushed, started, paused, resumed or aborted what."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(index=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    role: Mapped[str] = mapped_column(String(16))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(256))
+    details: Mapped[dict[str, Any]]
