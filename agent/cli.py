@@ -162,18 +162,89 @@ def run_command(config_path: Path, verbose: bool) -> None:
     running.run()
 
 
+def parse_tags(values: tuple[str, ...]) -> dict[str, str]:
+    """`("site=berlin", "line=3")` -> `{"site": "berlin", "line": "3"}`.
+
+    Raises:
+        UsageError: an item without `=` or with an empty key, or a key given twice.
+    """
+    tags: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"tag {item!r} is not key=value")
+        if key.strip() in tags:
+            raise UsageError(f"tag {key.strip()!r} is given twice")
+        tags[key.strip()] = value.strip()
+    return tags
+
+
+@agent.command("enroll")
+@config_option
+@click.option(
+    "--server", "server_url", help="Fleet server URL (default: server_url of the config)."
+)
+@click.option(
+    "--token",
+    help="One-time enrollment token (default: enroll_token of the config; none: the server "
+    "must allow open enrollment).",
+)
+@click.option(
+    "--tag", "tags", multiple=True, metavar="KEY=VALUE", help="A tag for this device (repeat)."
+)
+@json_option
+def enroll_command(
+    config_path: Path,
+    server_url: str | None,
+    token: str | None,
+    tags: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Enroll this device with the fleet server: make its signing key, register the public half.
+
+    From then on the server accepts this device's reports only when signed by
+    that key. `agent run` enrolls by itself when server_url is set; this command
+    is for doing it by hand (another server, a new token, tags).
+    """
+    from edgefleet.agent.enroll import enroll
+
+    config = read_config(config_path)
+    enrollment = enroll(
+        config, _layout(config), server_url=server_url, token=token, tags=parse_tags(tags)
+    )
+    if as_json:
+        echo_json(
+            {
+                "device_id": enrollment.device_id,
+                "server_url": enrollment.server_url,
+                "public_key": enrollment.public_key,
+                "tags": enrollment.tags,
+            }
+        )
+        return
+    click.echo(
+        f"enrolled {enrollment.device_id} with {enrollment.server_url} "
+        f"(key {enrollment.public_key[:16]}...)"
+    )
+    if enrollment.tags:
+        click.echo("tags: " + ", ".join(f"{k}={v}" for k, v in sorted(enrollment.tags.items())))
+
+
 @agent.command("status")
 @config_option
 @json_option
 def status_command(config_path: Path, as_json: bool) -> None:
     """Install state, installed versions, and whether the agent is running."""
     from edgefleet.agent.client import call_json, running_agent_url
+    from edgefleet.agent.enroll import load_enrollment
     from edgefleet.agent.runner import status_dict
 
     config = read_config(config_path)
     status = status_dict(_offline_installer(config))
     url = running_agent_url(_layout(config))
     status["running"] = url is not None
+    enrollment = load_enrollment(_layout(config))
+    status["enrolled_with"] = enrollment.server_url if enrollment else None
     if url is not None:
         status["model"] = call_json(url, "GET", "/v1/model")
     if as_json:
@@ -181,6 +252,7 @@ def status_command(config_path: Path, as_json: bool) -> None:
         return
     click.echo(f"device:          {config.device_id} ({config.profile})")
     click.echo(f"agent:           {'running at ' + url if url else 'not running'}")
+    click.echo(f"enrolled with:   {status['enrolled_with'] or 'no fleet server'}")
     _echo_status(status)
     steps = status.get("model", {}).get("steps", [])
     for step in steps:

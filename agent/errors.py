@@ -11,7 +11,10 @@
     │   ├── HealthCheckError          errors, fallbacks or latency under live traffic
     │   └── DownloadError             a transport failed (transient: retried with backoff)
     ├── InstallInProgressError    another install is running (state machine busy)
-    └── RollbackError             nothing to roll back to
+    ├── RollbackError             nothing to roll back to
+    └── EnrollmentError           enrolling this device with the fleet server failed
+        ├── EnrollmentRefusedError    the server said no (bad token, re-key without one): fatal
+        └── ServerUnreachableError    no answer, or a 5xx or 429 (transient: retried)
 
 Bundle, signature and directive refusals come from edgefleet.errors
 (UntrustedInputError and below) unchanged: callers report them as they are.
@@ -68,3 +71,19 @@ class InstallInProgressError(AgentError):
 
 class RollbackError(AgentError):
     """There is no previous version to roll back to."""
+
+
+class EnrollmentError(AgentError):
+    """Enrolling this device with the fleet server failed."""
+
+
+class EnrollmentRefusedError(EnrollmentError):
+    """The server refused the enrollment (4xx); the message is the server's own."""
+
+
+class ServerUnreachableError(EnrollmentError):
+    """The server did not answer, or answered 5xx or 429: try again later."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after  # seconds, when the server said (Retry-After)

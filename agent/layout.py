@@ -12,6 +12,9 @@
       inbox/                directives received over MQTT, persisted before they are
                             acknowledged and removed once the installer has handled them
       localapi.json         address and pid of the running agent's local HTTP API
+      device.key            this device's Ed25519 signing key (raw 32-byte seed, mode 0600),
+                            made at enrollment; it signs every message the device sends
+      enrolled.json         the fleet server this device enrolled with, and the key it enrolled
 
 Invariant: `current` always names a complete, verified, smoke-tested version
 directory, or does not exist (nothing installed yet); it is only ever changed
@@ -70,6 +73,14 @@ class StateLayout:
     @property
     def local_api_file(self) -> Path:
         return self.root / "localapi.json"
+
+    @property
+    def device_key(self) -> Path:
+        return self.root / "device.key"
+
+    @property
+    def enrollment_file(self) -> Path:
+        return self.root / "enrolled.json"
 
     def create(self) -> None:
         for directory in (

@@ -17,6 +17,15 @@ What it guarantees (the connection itself is `transport.mqtt.PersistentSession`)
 - status reports and telemetry go through the `Outbox` (disk first) and are
   removed after their PUBACK, oldest first, at most `max_inflight` at a time;
   heartbeats are published only while connected;
+- with a device key (an enrolled device), every message the device sends
+  (status, heartbeat, telemetry, block request) leaves in a frame signed for its
+  topic (`edgefleet.mqtt.devicesig`), so the server knows it came from this
+  device. The outbox keeps the plain message and it is signed as it is handed
+  to the broker, so messages queued before the key existed are signed too.
+  Without a key (an offline device, an older setup) payloads go out plain, and
+  a server that requires signatures refuses them. Presence is never signed: the
+  Last Will is fixed at connect time, and presence only marks online or
+  offline until the next signed heartbeat;
 - reconnects with jittered exponential backoff (`Backoff`, bounded).
 
 Callbacks run in the session's network thread: keep them short, and persist
@@ -56,6 +65,7 @@ from edgefleet.errors import (
     UsageError,
 )
 from edgefleet.mqtt.blocks import MAX_BLOCK_PAYLOAD_BYTES
+from edgefleet.mqtt.devicesig import DeviceKey, sign_device_payload
 from edgefleet.mqtt.directives import MAX_DIRECTIVE_BYTES, MAX_FLEET_TIMESTAMP_BYTES
 from edgefleet.mqtt.messages import (
     MESSAGE_TYPES,
@@ -119,6 +129,7 @@ class AgentLink:
         on_fleet_timestamp: PayloadHandler,
         on_blocks: BlocksHandler | None = None,
         on_problem: Callable[[str], None] | None = None,
+        device_key: DeviceKey | None = None,
         protocol: MqttProtocol = "5",
         session_expiry_seconds: int = SESSION_EXPIRY_SECONDS,
         backoff: Backoff | None = None,
@@ -142,6 +153,7 @@ class AgentLink:
             self.topics.blocks_data: (MAX_BLOCK_PAYLOAD_BYTES, on_blocks),
         }
         self._on_problem = on_problem
+        self._device_key = device_key
         self._max_inflight = max_inflight
         self._counters = LinkCounters()
         self._counter_lock = threading.Lock()
@@ -217,6 +229,19 @@ class AgentLink:
         self._session.abort(timeout)
         self.outbox.release_in_flight()
 
+    @property
+    def device_key(self) -> DeviceKey | None:
+        return self._device_key
+
+    def set_device_key(self, key: DeviceKey | None) -> None:
+        """Sign what is sent from now on with `key` (None: send plain payloads)."""
+        self._device_key = key
+
+    def _outgoing(self, topic: str, payload: bytes) -> bytes:
+        """`payload` as it goes on the wire: signed for `topic` when the device has a key."""
+        key = self._device_key
+        return payload if key is None else sign_device_payload(topic, payload, key)
+
     def wait_outbox_empty(self, timeout: float) -> bool:
         """True once every queued message was acknowledged, False at the timeout."""
         deadline = time.monotonic() + timeout
@@ -248,7 +273,8 @@ class AgentLink:
             if not self._session.is_ready:
                 self._count("heartbeats_skipped")
                 return
-            self._session.publish(self.topics.heartbeat, encode_message(message), kind.qos)
+            topic = self.topics.heartbeat
+            self._session.publish(topic, self._outgoing(topic, encode_message(message)), kind.qos)
             return
         if isinstance(message, TelemetryWindow):
             dropped = self.outbox.take_dropped_count()
@@ -264,7 +290,8 @@ class AgentLink:
         if not self._session.is_ready:
             return False
         kind = TopicKind.BLOCKS_REQUEST
-        info = self._session.publish(self.topics.blocks_request, payload, kind.qos)
+        topic = self.topics.blocks_request
+        info = self._session.publish(topic, self._outgoing(topic, payload), kind.qos)
         return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def set_blocks_handler(self, handler: BlocksHandler | None) -> None:
@@ -291,7 +318,9 @@ class AgentLink:
                     self.outbox.remove(entry.seq)
                     continue
                 topic = self.topics.topic(entry.kind)
-                self._inflight[entry.seq] = self._session.publish(topic, payload, entry.kind.qos)
+                self._inflight[entry.seq] = self._session.publish(
+                    topic, self._outgoing(topic, payload), entry.kind.qos
+                )
 
     # -- session hooks (network thread) ------------------------------------------------------
 

@@ -9,9 +9,16 @@ left out, never a reason not to serve.
 
 Threads: the main loop (telemetry windows, heartbeats, systemd watchdog), one
 install worker (directives from the inbox, one at a time), the MQTT link's
-network thread, and the local API's request threads. A directive is persisted
-to inbox/ in the link's thread before it is acknowledged, so a crash between
-the broker's delivery and the install loses nothing.
+network thread, the local API's request threads, and, while a device with a
+`server_url` is not yet enrolled, the enroller (`edgefleet.agent.enroll`),
+which retries in the background so that serving never waits for the server.
+The device key is made at start when a server is configured, so the link
+signs every message from the first one; the server accepts them once the
+enrollment of that key went through.
+
+A directive is persisted to inbox/ in the link's thread before it is
+acknowledged, so a crash between the broker's delivery and the install loses
+nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.enroll import AutoEnroller, ensure_device_key, is_enrolled, load_device_key
 from edgefleet.agent.heartbeat import HeartbeatSource
 from edgefleet.agent.inference import Predictor
 from edgefleet.agent.install import Installer
@@ -39,8 +47,9 @@ from edgefleet.agent.transport.blocks import MqttBlockFetcher
 from edgefleet.agent.transport.http import HttpFetcher
 from edgefleet.agent.transport.sources import SourcesFetcher
 from edgefleet.agent.versions import InstalledVersion
-from edgefleet.errors import EdgefleetError, FleetTimestampError
+from edgefleet.errors import EdgefleetError, FleetTimestampError, KeyFileError
 from edgefleet.fileio import atomic_write_bytes
+from edgefleet.mqtt.devicesig import DeviceKey
 from edgefleet.mqtt.directives import verify_fleet_timestamp
 from edgefleet.mqtt.messages import StatusReport
 from edgefleet.mqtt.topics import TopicKind
@@ -97,6 +106,8 @@ class Agent:
         self._fleet_sequence = 0
         self._fleet_payload = b""
         self._fleet_expires: dt.datetime | None = None
+        self.device_key = self._load_device_key()
+        self.enroller: AutoEnroller | None = None
         self.link: AgentLink | None = None
         if config.mqtt.url:
             outbox = Outbox(self.layout.outbox, config.telemetry.outbox_max_bytes)
@@ -107,6 +118,7 @@ class Agent:
                 on_directive=self._receive_directive,
                 on_fleet_timestamp=self._receive_fleet_timestamp,
                 on_problem=lambda problem: log.warning("MQTT: %s", problem),
+                device_key=self.device_key,
             )
         fetcher = SourcesFetcher(
             http=HttpFetcher(),
@@ -125,6 +137,31 @@ class Agent:
             on_shadow=self._set_challenger,
         )
         self.heartbeats = HeartbeatSource(config.device_id, self.layout.root)
+
+    def _load_device_key(self) -> DeviceKey | None:
+        """The key that signs this device's messages; made now when a server is configured.
+
+        A broken key file is logged, not fatal: the device serves on, unsigned.
+        """
+        try:
+            if self.config.server_url:
+                return ensure_device_key(self.layout)
+            return load_device_key(self.layout)
+        except (KeyFileError, OSError) as exc:
+            log.error(
+                "device key: %s: messages go out unsigned and the device does not enroll", exc
+            )
+            return None
+
+    def _start_enrollment(self) -> None:
+        """Enroll in the background when a server is configured and this key is not enrolled."""
+        key = self.device_key
+        if not self.config.server_url or key is None:
+            return
+        if is_enrolled(self.config, self.layout, key):
+            return
+        self.enroller = AutoEnroller(self.config, self.layout, self.stopping)
+        self.enroller.start()
 
     def _reload(self, _version: object) -> None:
         if self.predictor is not None:
@@ -245,6 +282,7 @@ class Agent:
         )
         if self.link is not None:
             self.link.start()
+        self._start_enrollment()
         worker = threading.Thread(
             target=self._install_worker, name="edgefleet-install", daemon=True
         )

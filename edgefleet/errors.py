@@ -33,7 +33,8 @@
     │   │   ├── DirectiveExpiredError
     │   │   └── DirectiveFromFutureError issued ahead of this device's clock by over the skew
     │   ├── FleetTimestampError          stale sequence or expired: the device may be frozen out
-    │   └── MessageSchemaError       an MQTT payload that does not match its schema
+    │   ├── MessageSchemaError       an MQTT payload that does not match its schema
+    │   └── DeviceSignatureError     a device message not signed by that device's enrolled key
     └── LocalError                   a problem on this machine, not in the input
         ├── KeyFileError             unreadable key file, wrong or missing passphrase
         └── UsageError               the caller asked for something inconsistent
@@ -179,6 +180,13 @@ class FleetTimestampError(UntrustedInputError):
 
 class MessageSchemaError(UntrustedInputError):
     """An MQTT payload that does not match its schema."""
+
+
+class DeviceSignatureError(UntrustedInputError):
+    """A device-to-server message that its device's enrolled key did not sign for its topic.
+
+    Unsigned, cut short, signed by another key, moved to another topic, or changed.
+    """
 
 
 class LocalError(EdgefleetError):

@@ -41,6 +41,24 @@ COMMANDS: dict[str, _LazyCommand] = {
         "Run the on-device agent; install, roll back, predict, status.",
         "agent",
     ),
+    "server": _LazyCommand(
+        "edgefleet.server.cli:server", "Run the fleet server; create API tokens.", "server"
+    ),
+    "bundles": _LazyCommand(
+        "edgefleet.server.client.bundles:bundles",
+        "Push bundles to the fleet server; list and show them.",
+        "server",
+    ),
+    "rollout": _LazyCommand(
+        "edgefleet.server.client.rollouts:rollout",
+        "Start, watch, pause, resume and abort staged rollouts.",
+        "server",
+    ),
+    "devices": _LazyCommand(
+        "edgefleet.server.client.devices:devices",
+        "List enrolled devices, show one, create enrollment tokens.",
+        "server",
+    ),
     "convert": _LazyCommand(
         "edgefleet.converter.cli:convert_command",
         "Quantize a model for a target, prove it, sign it.",

@@ -25,7 +25,8 @@ def error_code(exc: EdgefleetError) -> str:
 def run_with_error_handling(command: click.Command, args: list[str] | None = None) -> int:
     """Run `command` (with `args`, else sys.argv) and return its exit status."""
     try:
-        command.main(args=args, prog_name="edgefleet", standalone_mode=False)
+        # Without standalone mode click returns (not raises) the code of a `ctx.exit(n)`.
+        result = command.main(args=args, prog_name="edgefleet", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130
@@ -47,4 +48,4 @@ def run_with_error_handling(command: click.Command, args: list[str] | None = Non
         where = f" {exc.filename}" if exc.filename else ""
         click.echo(f"error:{where}: {exc.strerror or exc}", err=True)
         return EXIT_USAGE
-    return 0
+    return result if isinstance(result, int) else 0

@@ -1,9 +1,20 @@
-"""The MQTT contract between server and devices: topics, message schemas, signed directives.
+"""The MQTT contract between server and devices: topics, message schemas, signed directives,
+device-signed messages.
 
 Only this package builds topic strings, turns payload bytes into messages, and
-verifies directives and fleet timestamps. It holds no client and does no I/O.
+verifies directives, fleet timestamps and device signatures. It holds no client
+and does no network I/O (a `DeviceKey` reads and writes its own file).
 """
 
+from edgefleet.mqtt.devicesig import (
+    FRAME_OVERHEAD,
+    DeviceKey,
+    is_device_frame,
+    is_valid_public_key,
+    sign_device_payload,
+    split_device_frame,
+    verify_device_payload,
+)
 from edgefleet.mqtt.directives import (
     DIRECTIVE_TYPE,
     FLEET_TIMESTAMP_TYPE,
@@ -63,6 +74,7 @@ __all__ = [
     "FLEET_TIMESTAMP_RETAINED",
     "FLEET_TIMESTAMP_TOPIC",
     "FLEET_TIMESTAMP_TYPE",
+    "FRAME_OVERHEAD",
     "MAX_CLOCK_SKEW",
     "MAX_DIRECTIVE_BYTES",
     "MAX_FLEET_TIMESTAMP_BYTES",
@@ -73,6 +85,7 @@ __all__ = [
     "BinCounts",
     "BundleRef",
     "DeviceId",
+    "DeviceKey",
     "DeviceTopics",
     "Direction",
     "Directive",
@@ -93,15 +106,20 @@ __all__ = [
     "device_topic",
     "encode_message",
     "fleet_timestamp_topic",
+    "is_device_frame",
     "is_valid_device_id",
+    "is_valid_public_key",
     "parse_device_message",
     "parse_device_topic",
     "parse_message",
     "parse_presence",
     "server_filters",
     "shared_filter",
+    "sign_device_payload",
     "sign_directive",
     "sign_fleet_timestamp",
+    "split_device_frame",
+    "verify_device_payload",
     "verify_directive",
     "verify_fleet_timestamp",
 ]

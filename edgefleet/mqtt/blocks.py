@@ -24,11 +24,13 @@ header stays under `MAX_BLOCK_HEADER_BYTES`, so the largest data message
 (`MAX_BLOCK_SIZE` plus header) stays under `MAX_MESSAGE_BYTES` and any broker's
 default limit. Block data is QoS 0: a lost block is simply requested again.
 
-Trust: nothing here is signed. `block_sha256` only lets the device notice a
-block damaged on the way and ask again at once; what makes the file trusted is
-its SHA-256 against the signed directive, checked by the device over the whole
-file before use. The server must serve only blocks of bundles it holds and
-only to the device whose topic the request came on.
+Trust: block data is not signed (a request travels in the device's signed
+frame, like every device message: `edgefleet.mqtt.devicesig`). `block_sha256`
+only lets the device notice a block damaged on the way and ask again at once;
+what makes the file trusted is its SHA-256 against the signed directive,
+checked by the device over the whole file before use. The server must serve
+only blocks of bundles it holds and only to the device whose topic the request
+came on.
 """
 
 from __future__ import annotations

@@ -6,9 +6,11 @@ version, not slip fields past an older server); types are strict (no "5" for
 5, no true for 1); counts are non-negative. `parse_message` is the only way
 untrusted payload bytes become a message, and it raises `MessageSchemaError`
 with a one-line reason and nothing else, so a receiver can count and report a
-bad payload without crashing. Messages are unsigned: the broker's per-device
-topic ACLs vouch for the sender, which is why `parse_device_message` checks the
-payload's device id against the topic's.
+bad payload without crashing. The schemas carry no signature: on the wire a
+device wraps each message in a frame signed with its enrolled key
+(`edgefleet.mqtt.devicesig`), which binds it to its topic, and the receiver
+verifies the frame before parsing what it holds; that is why
+`parse_device_message` checks the payload's device id against the topic's.
 """
 
 from __future__ import annotations

@@ -1,0 +1,76 @@
+"""The FastAPI application of one server: `create_app(context)`.
+
+Nothing happens at import time: the app, its rate limiter and its metrics are
+built from the `ServerContext` the runner (or a test) passes in, so two apps
+in one process share nothing.
+
+Layers, outermost first: metrics (counts every answer, 413s and 500s too),
+the body cap, FastAPI's routing with the error handlers of
+`edgefleet.server.api.errors`. Routes live under /api/v1 except /metrics.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from edgefleet.server.api.errors import install_error_handlers
+from edgefleet.server.api.limits import MAX_JSON_BODY, BodyLimitMiddleware
+from edgefleet.server.api.metrics import MetricsMiddleware, register_metrics
+from edgefleet.server.api.ratelimit import RateLimiter
+from edgefleet.server.api.routes import (
+    API_PREFIX,
+    audit,
+    blobs,
+    bundles,
+    devices,
+    enroll,
+    health,
+    rollouts,
+    tokens,
+)
+from edgefleet.server.context import ServerContext
+
+API_VERSION = "1"
+
+DESCRIPTION = """\
+The edgefleet fleet server: bundles, devices, rollouts.
+
+Authenticate with `Authorization: Bearer <API token>`. Roles: viewer (read),
+operator (push bundles, run rollouts, mint enrollment tokens), admin (tokens,
+audit log). Every error answer is `{"error": code, "detail": message}`.
+"""
+
+
+def create_app(context: ServerContext) -> FastAPI:
+    """The API of the server described by `context` (one app per context).
+
+    Raises:
+        ValueError: an app was already created for this context's metrics registry.
+    """
+    app = FastAPI(
+        title="edgefleet fleet server",
+        version=API_VERSION,
+        description=DESCRIPTION,
+        openapi_url=f"{API_PREFIX}/openapi.json",
+        docs_url=f"{API_PREFIX}/docs",
+        redoc_url=None,
+    )
+    app.state.context = context
+    app.state.limiter = RateLimiter(context.settings.api_rate_per_minute)
+    install_error_handlers(app)
+
+    # enroll before devices: /devices/enroll is not /devices/{device_id}
+    for module in (health, enroll, bundles, blobs, devices, rollouts, tokens, audit):
+        app.include_router(module.router)
+    app.include_router(health.metrics_router)
+
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limit=MAX_JSON_BODY,
+        exempt=frozenset({("POST", f"{API_PREFIX}/bundles")}),
+    )
+    app.add_middleware(MetricsMiddleware, metrics=register_metrics(context))
+    return app
+
+
+__all__ = ["API_PREFIX", "create_app"]

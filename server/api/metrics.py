@@ -1,0 +1,191 @@
+"""Prometheus metrics of one server, in the context's own registry.
+
+    edgefleet_http_requests_total{method,route,status}     counter (route: the path template)
+    edgefleet_http_request_duration_seconds{method,route}  histogram
+    edgefleet_mqtt_messages_accepted_total{kind}           from the ingestion's counters
+    edgefleet_mqtt_messages_refused_total{reason}          from the ingestion's counters
+    edgefleet_mqtt_messages_published_total{kind}          through the context's publisher
+    edgefleet_directives_published_total                   the `directive` kind of the above
+    edgefleet_devices{online}                              gauge, read from the database
+    edgefleet_rollouts{state}                              gauge, read from the database
+    edgefleet_metrics_database_up                          0 when the gauges could not be read
+
+Database-backed gauges are read at scrape time (two grouped COUNT queries); a
+failing database yields `edgefleet_metrics_database_up 0` rather than a
+failed scrape. Route labels are templates (`/api/v1/devices/{device_id}`), and
+requests that match no route share `unmatched`, so label cardinality stays bounded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from edgefleet.server.context import ServerContext
+from edgefleet.server.db.models import Device, Rollout
+from edgefleet.server.errors import StorageError
+from edgefleet.server.rollouts.machine import RolloutState
+
+ROLLOUT_STATES = tuple(s.value for s in RolloutState if s is not RolloutState.CREATED)
+
+
+def _snapshot(counts: Mapping[str, int]) -> dict[str, int]:
+    """A copy of counters another thread updates (without its lock)."""
+    for _ in range(3):
+        try:
+            return dict(counts)
+        except RuntimeError:  # a key was added while copying: try again
+            continue
+    return {}
+
+
+class ApiMetrics:
+    """The HTTP metrics of one app, registered in `registry`."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "edgefleet_http_requests",
+            "HTTP requests answered, by method, route template and status.",
+            ["method", "route", "status"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "edgefleet_http_request_duration_seconds",
+            "Time to answer HTTP requests (to the end of the body).",
+            ["method", "route"],
+            registry=registry,
+        )
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(method, route, str(status)).inc()
+        self.duration.labels(method, route).observe(seconds)
+
+
+class ServerCollector(Collector):
+    """MQTT and fleet figures read at scrape time from the context."""
+
+    def __init__(self, context: ServerContext) -> None:
+        self.context = context
+
+    def describe(self) -> list[Metric]:
+        # Nothing up front: describing would read the database at registration.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._mqtt()
+        yield from self._database()
+
+    def _mqtt(self) -> Iterator[Metric]:
+        accepted = CounterMetricFamily(
+            "edgefleet_mqtt_messages_accepted",
+            "MQTT messages from devices accepted, by kind.",
+            labels=["kind"],
+        )
+        refused = CounterMetricFamily(
+            "edgefleet_mqtt_messages_refused",
+            "MQTT messages from devices refused, by reason.",
+            labels=["reason"],
+        )
+        ingest = self.context.ingest
+        if ingest is not None:
+            for kind, count in sorted(_snapshot(ingest.counts).items()):
+                accepted.add_metric([kind], count)
+            for reason, count in sorted(_snapshot(ingest.refused).items()):
+                refused.add_metric([reason], count)
+        published = CounterMetricFamily(
+            "edgefleet_mqtt_messages_published",
+            "MQTT messages published by this server, by topic kind.",
+            labels=["kind"],
+        )
+        counts = self.context.published
+        for kind, count in sorted(counts.items()):
+            published.add_metric([kind], count)
+        directives = CounterMetricFamily(
+            "edgefleet_directives_published",
+            "Signed directives published to devices by this server.",
+            value=counts.get("directive", 0),
+        )
+        yield from (accepted, refused, published, directives)
+
+    def _database(self) -> Iterator[Metric]:
+        devices = GaugeMetricFamily(
+            "edgefleet_devices", "Enrolled devices, by online state.", labels=["online"]
+        )
+        rollouts = GaugeMetricFamily("edgefleet_rollouts", "Rollouts, by state.", labels=["state"])
+        try:
+            with self.context.db.session() as session:
+                by_online: dict[bool, int] = {
+                    bool(online): int(count)
+                    for online, count in session.execute(
+                        select(Device.online, func.count()).group_by(Device.online)
+                    )
+                }
+                by_state: dict[str, int] = {
+                    str(state): int(count)
+                    for state, count in session.execute(
+                        select(Rollout.state, func.count()).group_by(Rollout.state)
+                    )
+                }
+        except StorageError:
+            yield GaugeMetricFamily(
+                "edgefleet_metrics_database_up", "1 when the database answered.", value=0
+            )
+            return
+        devices.add_metric(["true"], by_online.get(True, 0))
+        devices.add_metric(["false"], by_online.get(False, 0))
+        for state in sorted(set(ROLLOUT_STATES) | set(by_state)):
+            rollouts.add_metric([state], by_state.get(state, 0))
+        yield devices
+        yield rollouts
+        yield GaugeMetricFamily(
+            "edgefleet_metrics_database_up", "1 when the database answered.", value=1
+        )
+
+
+class MetricsMiddleware:
+    """Counts every HTTP answer by its route template (pure ASGI: sees 413s and 500s too)."""
+
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500  # unless a response starts
+        started = time.perf_counter()
+
+        async def send_counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.observe(
+                scope.get("method", "?"), route, status, time.perf_counter() - started
+            )
+
+
+def register_metrics(context: ServerContext) -> ApiMetrics:
+    """Register the API's metrics and the server collector in `context.registry`.
+
+    Raises:
+        ValueError: they are registered already (one app per context).
+    """
+    metrics = ApiMetrics(context.registry)
+    context.registry.register(ServerCollector(context))
+    return metrics
+
+
+__all__ = ["ApiMetrics", "MetricsMiddleware", "ServerCollector", "register_metrics"]

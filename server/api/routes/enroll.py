@@ -1,0 +1,72 @@
+"""Enrollment: devices enroll themselves (no API token); operators mint enrollment tokens.
+
+POST /devices/enroll takes no API token: a device proves it may join with a
+one-time enrollment token (or nothing, when the server runs with open
+enrollment), and from then on signs its MQTT messages with the key it
+enrolled. It is rate limited per client address, because nothing else
+throttles an unauthenticated caller. 201: enrolled now; 200: the same device
+and key were enrolled already (an agent retrying after a lost answer).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from fastapi import APIRouter, status
+from fastapi.responses import JSONResponse
+
+from edgefleet.server.api.deps import ClientLimitDep, ContextDep, OperatorDep, SessionDep
+from edgefleet.server.api.errors import ErrorBody, errors
+from edgefleet.server.api.routes import API_PREFIX
+from edgefleet.server.api.schemas import EnrollTokenCreate, EnrollTokenCreated
+from edgefleet.server.devices import DevicePublic, EnrollRequest, enroll_device
+from edgefleet.server.tokens import create_enroll_token
+
+router = APIRouter(prefix=API_PREFIX, tags=["devices"])
+
+
+@router.post(
+    "/devices/enroll",
+    response_model=DevicePublic,
+    status_code=status.HTTP_201_CREATED,
+    summary="Enroll a device (no API token: an enrollment token in the body)",
+    responses={
+        200: {"model": DevicePublic, "description": "already enrolled with this key"},
+        403: {"model": ErrorBody, "description": "enrollment token unknown, used or expired"},
+        409: {"model": ErrorBody},
+        422: {"model": ErrorBody},
+        429: {"model": ErrorBody},
+    },
+)
+def enroll(
+    body: EnrollRequest, context: ContextDep, session: SessionDep, _limit: ClientLimitDep
+) -> JSONResponse:
+    device, created = enroll_device(
+        session, body, open_enrollment=context.settings.open_enrollment, now=context.clock()
+    )
+    public = DevicePublic.from_row(device)
+    session.commit()  # before the key cache forgets: ingestion must read the new key
+    if context.device_keys is not None:
+        context.device_keys.invalidate(device.id)
+    return JSONResponse(
+        public.model_dump(mode="json"),
+        status_code=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
+    )
+
+
+@router.post(
+    "/enroll-tokens",
+    response_model=EnrollTokenCreated,
+    status_code=status.HTTP_201_CREATED,
+    summary="Create a one-time enrollment token (the secret is in this answer only)",
+    responses=errors(),
+)
+def create_token(
+    body: EnrollTokenCreate, context: ContextDep, session: SessionDep, operator: OperatorDep
+) -> EnrollTokenCreated:
+    secret, row = create_enroll_token(
+        session, operator, dict(body.tags), dt.timedelta(seconds=body.ttl_s), now=context.clock()
+    )
+    return EnrollTokenCreated(
+        id=row.id, token=secret, tags=dict(row.tags), expires_at=row.expires_at
+    )

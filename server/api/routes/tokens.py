@@ -1,0 +1,67 @@
+"""API tokens (admin): create (the secret is shown once), list, revoke.
+
+Creation and revocation are audited by `edgefleet.server.tokens` in the same
+unit of work.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Response, status
+from sqlalchemy import select
+
+from edgefleet.server.api.deps import AdminDep, ContextDep, SessionDep
+from edgefleet.server.api.errors import errors
+from edgefleet.server.api.routes import API_PREFIX
+from edgefleet.server.api.schemas import MAX_ID, TokenCreate, TokenCreated, TokenPublic
+from edgefleet.server.db.models import ApiToken
+from edgefleet.server.tokens import (
+    create_api_token,
+    hash_secret,
+    list_api_tokens,
+    revoke_api_token,
+)
+
+router = APIRouter(prefix=f"{API_PREFIX}/tokens", tags=["tokens"])
+
+TokenId = Annotated[int, Path(ge=1, le=MAX_ID)]
+
+
+@router.post(
+    "",
+    response_model=TokenCreated,
+    status_code=status.HTTP_201_CREATED,
+    summary="Create an API token; its secret is in this answer only",
+    responses=errors(),
+)
+def create_token(
+    body: TokenCreate, session: SessionDep, context: ContextDep, admin: AdminDep
+) -> TokenCreated:
+    secret = create_api_token(session, body.name, body.role, context.clock(), actor=admin)
+    row = session.scalars(select(ApiToken).where(ApiToken.token_hash == hash_secret(secret))).one()
+    return TokenCreated(**TokenPublic.from_row(row).model_dump(), token=secret)
+
+
+@router.get(
+    "",
+    response_model=list[TokenPublic],
+    summary="Every API token (never their secrets)",
+    responses=errors(),
+)
+def list_tokens(session: SessionDep, _admin: AdminDep) -> list[TokenPublic]:
+    return [TokenPublic.from_row(row) for row in list_api_tokens(session)]
+
+
+@router.delete(
+    "/{token_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    summary="Revoke an API token (from now on it is refused with 401)",
+    responses=errors(404),
+)
+def revoke_token(
+    token_id: TokenId, session: SessionDep, context: ContextDep, admin: AdminDep
+) -> Response:
+    revoke_api_token(session, token_id, context.clock(), actor=admin)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

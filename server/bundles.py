@@ -1,0 +1,284 @@
+"""The bundle store: verified bundle files on disk, one database row per name and version.
+
+Layout under the data directory:
+
+    uploads/<random>.part     bodies being received; moved or deleted by `push`
+    bundles/<sha256>.efb      verified bundles, named by the SHA-256 of their bytes
+
+Invariants:
+- a `BundleRow` exists only for a file that is in place: `push` verifies the
+  upload (the release role's signatures, every file's length and digest),
+  moves it to its digest's name (fsync, rename, fsync of the directory), and
+  only then adds the row to the caller's unit of work;
+- a name and version always mean the same bytes: pushing different bytes
+  under a stored name and version is refused (`BundleExistsError`), pushing
+  the same bytes again changes nothing;
+- an upload that is refused is deleted, so nothing of a refused bundle stays
+  on disk.
+
+If the caller's commit fails after `push` moved the file, the file stays as
+an orphan named by its digest. That is harmless: its bytes were verified, no
+row points at it, and pushing the same bundle again reuses the name.
+"""
+
+from __future__ import annotations
+
+import builtins
+import datetime as dt
+import os
+import re
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from edgefleet.bundle import BundleLimits, Manifest, VerifiedBundle, verify_bundle
+from edgefleet.errors import UsageError
+from edgefleet.fileio import file_sha256, fsync_directory
+from edgefleet.server.audit import record_audit
+from edgefleet.server.db.models import BundleRow
+from edgefleet.server.errors import BundleExistsError, NotFoundError, StorageError
+from edgefleet.server.principals import Principal
+from edgefleet.timefmt import utcnow
+from edgefleet.trust import TrustRoot
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+BUNDLE_SUFFIX = ".efb"
+UPLOAD_SUFFIX = ".part"
+
+
+def is_sha256(text: str) -> bool:
+    """True when `text` is a lowercase hex SHA-256 (and so safe as a file name)."""
+    return isinstance(text, str) and _SHA256.fullmatch(text) is not None
+
+
+def manifest_summary(verified: VerifiedBundle) -> dict[str, Any]:
+    """What `bundles show` displays of a verified manifest (JSON-safe)."""
+    manifest: Manifest = verified.manifest
+    return {
+        "name": manifest.name,
+        "version": manifest.version,
+        "created": manifest.created,
+        "release_counter": manifest.release_counter,
+        "min_agent_version": manifest.min_agent_version,
+        "profiles": list(manifest.profiles),
+        "files": [
+            {"path": entry.path, "length": entry.length, "sha256": entry.sha256}
+            for entry in manifest.files
+        ],
+        "lineage": dict(manifest.lineage),
+        "signed_by": [signature.keyid for signature in verified.envelope.signatures],
+    }
+
+
+class BundleStore:
+    """Verified bundles in `data_dir`, indexed by the `bundles` table."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        trust: TrustRoot,
+        clock: Callable[[], dt.datetime] = utcnow,
+        *,
+        limits: BundleLimits = BundleLimits(),
+    ) -> None:
+        """Create the uploads and bundles directories if missing.
+
+        Raises:
+            StorageError: the directories cannot be created.
+        """
+        self.trust = trust
+        self.clock = clock
+        self.limits = limits
+        self.uploads_dir = Path(data_dir) / "uploads"
+        self.bundles_dir = Path(data_dir) / "bundles"
+        try:
+            self.uploads_dir.mkdir(parents=True, exist_ok=True)
+            self.bundles_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot create the bundle directories in {data_dir}: {exc}"
+            ) from exc
+
+    def new_upload_path(self) -> Path:
+        """A new, empty file in the uploads directory, reserved for one upload.
+
+        The caller writes the body into it (`open(path, "wb")`), then hands it
+        to `push`, or deletes it when the upload fails.
+
+        Raises:
+            StorageError: the file cannot be created.
+        """
+        path = self.uploads_dir / f"{secrets.token_hex(16)}{UPLOAD_SUFFIX}"
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except OSError as exc:
+            raise StorageError(
+                f"cannot create an upload file in {self.uploads_dir}: {exc}"
+            ) from exc
+        return path
+
+    def remove_stale_uploads(self, max_age: dt.timedelta = dt.timedelta(hours=1)) -> int:
+        """Delete uploads older than `max_age` (left by a crash mid-upload); how many."""
+        removed = 0
+        limit = time.time() - max_age.total_seconds()
+        for path in self.uploads_dir.glob(f"*{UPLOAD_SUFFIX}"):
+            try:
+                if path.stat().st_mtime < limit:
+                    path.unlink()
+                    removed += 1
+            except OSError:
+                continue  # gone already, or not ours to delete
+        return removed
+
+    def push(self, session: Session, upload: Path, actor: Principal) -> tuple[BundleRow, bool]:
+        """Verify the bundle at `upload` and store it: (row, True) when new, (row, False)
+        when the same bytes are already stored under its name and version.
+
+        `upload` must come from `new_upload_path`; it is moved into the store or
+        deleted, whatever the outcome. The row and an audit entry ("bundle.push")
+        are added to `session`, the caller's unit of work.
+
+        Raises:
+            UsageError: `upload` is not in the uploads directory (nothing is deleted).
+            SignatureError: the release role did not sign the manifest.
+            BundleError, MalformedDocumentError: the bundle is not valid (the most
+                specific reason; see `edgefleet.errors`).
+            TrustRootExpiredError: the server's trust root has expired.
+            BundleExistsError: other bytes are stored under that name and version
+                (the message names both digests), or were pushed at the same moment.
+            StorageError: the upload or the data directory cannot be read or written.
+        """
+        upload = Path(upload)
+        if upload.parent.resolve() != self.uploads_dir.resolve():
+            raise UsageError(f"{upload} is not an upload: get one from new_upload_path()")
+        try:
+            return self._push(session, upload, actor)
+        finally:
+            upload.unlink(missing_ok=True)
+
+    def _push(self, session: Session, upload: Path, actor: Principal) -> tuple[BundleRow, bool]:
+        try:
+            # The upload is private to the server (0600, random name), so the bytes
+            # hashed here are the bytes verified next and moved after.
+            length, sha256 = file_sha256(upload)
+            verified = verify_bundle(upload, self.trust, limits=self.limits, now=self.clock())
+        except OSError as exc:
+            raise StorageError(f"cannot read the upload {upload.name}: {exc}") from exc
+        manifest = verified.manifest
+        existing = self._find(session, manifest.name, manifest.version)
+        if existing is not None:
+            self._check_same(existing, sha256)
+            if not self.path_of(existing).is_file():
+                self._place(upload, sha256)  # the data directory lost it: restore
+            return existing, False
+
+        self._place(upload, sha256)
+        now = self.clock()
+        row = BundleRow(
+            name=manifest.name,
+            version=manifest.version,
+            sha256=sha256,
+            length=length,
+            release_counter=manifest.release_counter,
+            profiles=list(manifest.profiles),
+            min_agent_version=manifest.min_agent_version,
+            manifest=manifest_summary(verified),
+            pushed_by=actor.name,
+            pushed_at=now,
+        )
+        session.add(row)
+        try:
+            session.flush()
+        except IntegrityError as exc:
+            # Another push of this name and version was stored between our SELECT and
+            # INSERT. The unit of work is spoiled (PostgreSQL aborts the transaction),
+            # so the caller rolls back; pushing again then gets a definite answer.
+            raise BundleExistsError(
+                f"bundle {manifest.name}@{manifest.version} was pushed by someone else at "
+                "the same moment; push again to compare"
+            ) from exc
+        record_audit(
+            session,
+            actor,
+            "bundle.push",
+            f"{manifest.name}@{manifest.version}",
+            {"sha256": sha256, "length": length, "release_counter": manifest.release_counter},
+            now=now,
+        )
+        return row, True
+
+    @staticmethod
+    def _check_same(existing: BundleRow, sha256: str) -> None:
+        if existing.sha256 != sha256:
+            raise BundleExistsError(
+                f"bundle {existing.name}@{existing.version} is already stored with SHA-256 "
+                f"{existing.sha256}; the pushed bytes have SHA-256 {sha256}. A version is "
+                "immutable: build the change as a new version"
+            )
+
+    def _place(self, upload: Path, sha256: str) -> None:
+        target = self.bundles_dir / f"{sha256}{BUNDLE_SUFFIX}"
+        try:
+            # The writer may not have synced the body; make the bytes durable before
+            # the name that promises them.
+            fd = os.open(upload, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.chmod(upload, 0o644)
+            os.replace(upload, target)
+        except OSError as exc:
+            raise StorageError(f"cannot store bundle {sha256}: {exc}") from exc
+        fsync_directory(self.bundles_dir)
+
+    @staticmethod
+    def _find(session: Session, name: str, version: str) -> BundleRow | None:
+        query = select(BundleRow).where(BundleRow.name == name, BundleRow.version == version)
+        return session.scalars(query).one_or_none()
+
+    def get(self, session: Session, name: str, version: str) -> BundleRow:
+        """The bundle `name`@`version`.
+
+        Raises:
+            NotFoundError: no such bundle.
+        """
+        row = self._find(session, name, version)
+        if row is None:
+            raise NotFoundError(f"no bundle {name}@{version}")
+        return row
+
+    def get_by_sha256(self, session: Session, sha256: str) -> BundleRow | None:
+        """The bundle whose file has this SHA-256, if any."""
+        if not is_sha256(sha256):
+            return None
+        query = select(BundleRow).where(BundleRow.sha256 == sha256).limit(1)
+        return session.scalars(query).first()
+
+    def list(self, session: Session, name: str | None = None) -> builtins.list[BundleRow]:
+        """Every bundle (or every version of `name`), newest push first."""
+        query = select(BundleRow).order_by(BundleRow.pushed_at.desc(), BundleRow.id.desc())
+        if name is not None:
+            query = query.where(BundleRow.name == name)
+        return list(session.scalars(query))
+
+    def path_of(self, row: BundleRow) -> Path:
+        """Where the file of `row` is stored."""
+        return self.bundles_dir / f"{row.sha256}{BUNDLE_SUFFIX}"
+
+    def open_blob(self, sha256: str) -> Path | None:
+        """The stored file with this SHA-256, or None (also for anything not a digest,
+        so a request path can never name another file)."""
+        if not is_sha256(sha256):
+            return None
+        path = self.bundles_dir / f"{sha256}{BUNDLE_SUFFIX}"
+        return path if path.is_file() else None
+
+
+__all__ = ["BUNDLE_SUFFIX", "BundleStore", "is_sha256", "manifest_summary"]

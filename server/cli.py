@@ -1,0 +1,192 @@
+"""`edgefleet server`: run the fleet server; create API tokens.
+
+Flags become one `ServerSettings` here; nothing below reads the environment.
+The server's modules (FastAPI, SQLAlchemy, the broker) are imported inside the
+commands, so `edgefleet server --help` stays light.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from edgefleet.cli.options import passphrase_env_option, passphrase_from_env
+from edgefleet.errors import UsageError
+from edgefleet.server.principals import Role
+from edgefleet.server.settings import ServerSettings, sqlite_url
+
+DEFAULT_DATA_DIR = Path("edgefleet-data")
+
+data_option = click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_DATA_DIR,
+    show_default=True,
+    help="Data directory: pushed bundles, and the SQLite database unless --db is given.",
+)
+db_option = click.option(
+    "--db",
+    "db_url",
+    metavar="URL",
+    help="Database URL, e.g. postgresql://user:pass@host/edgefleet (needed for several "
+    "replicas) [default: sqlite in the data directory].",
+)
+
+
+@click.group()
+def server() -> None:
+    """The fleet server: bundles, devices, rollouts, over HTTP and MQTT.
+
+    \b
+    First run, on one machine:
+      edgefleet keys init keys/
+      edgefleet server token create --role admin --name me        # prints the token
+      edgefleet server run --embedded-broker --trust keys/trust.json \\
+          --server-key keys/server.key
+    Clients (`edgefleet bundles|rollout|devices`) then use --server and --token
+    (or EDGEFLEET_SERVER and EDGEFLEET_TOKEN).
+    """
+
+
+@server.command("run")
+@db_option
+@click.option(
+    "--mqtt",
+    "mqtt_url",
+    metavar="URL",
+    help="An external broker: mqtt://host:1883 or mqtts://host:8883 "
+    "[default: mqtt://127.0.0.1:1883].",
+)
+@click.option(
+    "--embedded-broker",
+    is_flag=True,
+    help="Run an MQTT broker inside the server (one machine, demos) instead of --mqtt.",
+)
+@click.option(
+    "--mqtt-port",
+    type=click.IntRange(1, 65535),
+    default=1883,
+    show_default=True,
+    help="Port of the embedded broker.",
+)
+@data_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="HTTP listen address.")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="HTTP port."
+)
+@click.option(
+    "--public-url",
+    metavar="URL",
+    help="The URL devices download bundles from, when not http://HOST:PORT "
+    "(behind a proxy, or --host 0.0.0.0).",
+)
+@click.option(
+    "--open-enrollment",
+    is_flag=True,
+    help="Let devices enroll without a token (a lab; never a fleet in the field).",
+)
+@click.option(
+    "--trust",
+    "trust_path",
+    required=True,
+    metavar="trust.json",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="The trust root: which release keys may sign bundles, which server keys directives.",
+)
+@click.option(
+    "--server-key",
+    "server_key_path",
+    required=True,
+    metavar="server.key",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="The server's private key, listed in the trust root; signs directives.",
+)
+@passphrase_env_option
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages too.")
+def run_command(
+    db_url: str | None,
+    mqtt_url: str | None,
+    embedded_broker: bool,
+    mqtt_port: int,
+    data_dir: Path,
+    host: str,
+    port: int,
+    public_url: str | None,
+    open_enrollment: bool,
+    trust_path: Path,
+    server_key_path: Path,
+    passphrase_env: str | None,
+    verbose: bool,
+) -> None:
+    """Run the fleet server until SIGTERM or Ctrl-C.
+
+    Several replicas may share one PostgreSQL database (--db) and one broker
+    (--mqtt): they split the device messages between them, and the database
+    decides which replica drives each rollout.
+    """
+    if mqtt_url and embedded_broker:
+        raise UsageError("--mqtt and --embedded-broker exclude each other: choose one broker")
+    settings = ServerSettings(
+        data_dir=data_dir.resolve(),
+        trust_path=trust_path.resolve(),
+        server_key_path=server_key_path.resolve(),
+        db_url=db_url,
+        mqtt_url=mqtt_url,
+        embedded_broker=embedded_broker,
+        mqtt_port=mqtt_port,
+        host=host,
+        port=port,
+        public_url=public_url,
+        open_enrollment=open_enrollment,
+        server_key_passphrase=passphrase_from_env(passphrase_env),
+    )
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from edgefleet.server.runner import run_server
+
+    run_server(settings)
+
+
+@server.group("token")
+def token() -> None:
+    """API tokens, created on the server's own machine (no token needed yet)."""
+
+
+@token.command("create")
+@click.option(
+    "--role",
+    type=click.Choice([role.value for role in Role]),
+    required=True,
+    help="viewer: read; operator: also push bundles and run rollouts; admin: also tokens, audit.",
+)
+@click.option("--name", required=True, help="Who or what holds it: shown in the audit log.")
+@data_option
+@db_option
+def token_create_command(role: str, name: str, data_dir: Path, db_url: str | None) -> None:
+    """Create an API token; prints only the token.
+
+    Works on the database directly (migrating it first when needed), so the
+    first admin token can be made before the server ever ran. The database
+    keeps only the token's hash: it cannot be shown again.
+
+    \b
+      export EDGEFLEET_TOKEN=$(edgefleet server token create --role operator --name ci)
+    """
+    from edgefleet.server.db.migrate import open_database
+    from edgefleet.server.tokens import create_api_token
+
+    if db_url is None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    db = open_database(db_url or sqlite_url(data_dir))
+    try:
+        with db.session() as session:
+            secret = create_api_token(session, name, Role(role))
+    finally:
+        db.dispose()
+    click.echo(secret)
+    click.echo(f"created {role} token {name!r}; it is not shown again", err=True)

@@ -1,0 +1,186 @@
+"""`edgefleet devices`: the enrolled fleet, one device in detail, enrollment tokens."""
+
+from __future__ import annotations
+
+import click
+
+from edgefleet.cli.options import echo_json, echo_table, json_option
+from edgefleet.server.client.api import ApiClient, JsonObject
+from edgefleet.server.client.options import cell, client_command, parse_duration, parse_tags
+
+
+@click.group()
+def devices() -> None:
+    """Enrolled devices: list, show, and tokens for enrolling new ones.
+
+    \b
+    A device enrolls once (`edgefleet agent enroll`) with a one-time token
+    from `edgefleet devices enroll-token`; from then on it reports over MQTT.
+    """
+
+
+@devices.command("list")
+@click.option("--online/--offline", default=None, help="Only devices online (or offline).")
+@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Only devices tagged so.")
+@click.option("--model", help="Only devices serving this model name.")
+@click.option(
+    "--limit", type=click.IntRange(1, 1000), default=100, show_default=True, help="Page size."
+)
+@click.option("--offset", type=click.IntRange(min=0), default=0, help="Skip this many devices.")
+@json_option
+@client_command
+def list_command(
+    client: ApiClient,
+    online: bool | None,
+    tags: tuple[str, ...],
+    model: str | None,
+    limit: int,
+    offset: int,
+    as_json: bool,
+) -> None:
+    """Devices by id, with what they serve and how healthy they are."""
+    page = client.list_devices(
+        online=online, tags=parse_tags(tags), model=model, limit=limit, offset=offset
+    )
+    if as_json:
+        echo_json(page)
+        return
+    items: list[JsonObject] = page.get("items", [])
+    total = int(page.get("total", len(items)))
+    if not items:
+        click.echo(f"no devices match (of {total})" if offset else "no devices match")
+        return
+    echo_table(
+        ["DEVICE", "ONLINE", "MODEL", "STATE", "HEALTH", "LAST SEEN", "PROFILE", "TAGS"],
+        [
+            [
+                row.get("id"),
+                cell(row.get("online")),
+                _model(row),
+                cell(row.get("install_state")),
+                cell(row.get("health")),
+                cell(row.get("last_seen")),
+                cell(row.get("profile")),
+                cell(row.get("tags")),
+            ]
+            for row in items
+        ],
+    )
+    if offset or len(items) < total:
+        click.echo(f"devices {offset + 1}-{offset + len(items)} of {total} (--offset for more)")
+
+
+@devices.command("show")
+@click.argument("device_id", metavar="DEVICE_ID")
+@json_option
+@client_command
+def show_command(client: ApiClient, device_id: str, as_json: bool) -> None:
+    """One device: inventory, what it serves, its last status reports and telemetry."""
+    answer = client.get_device(device_id)
+    if as_json:
+        echo_json(answer)
+        return
+    device = answer  # the device's fields, its status_reports and telemetry beside them
+    for label, key in [
+        ("device", "id"),
+        ("online", "online"),
+        ("last seen", "last_seen"),
+        ("health", "health"),
+        ("install state", "install_state"),
+        ("previous version", "previous_version"),
+        ("profile", "profile"),
+        ("arch", "arch"),
+        ("runtimes", "runtimes"),
+        ("agent version", "agent_version"),
+        ("tags", "tags"),
+        ("enrolled", "enrolled_at"),
+    ]:
+        click.echo(f"{label + ':':<18}{cell(device.get(key))}")
+    click.echo(f"{'serving:':<18}{_model(device)}")
+    reports: list[JsonObject] = answer.get("status_reports") or []
+    if reports:
+        click.echo("\nlast status reports:")
+        echo_table(
+            ["SEQ", "RECEIVED", "STATE", "BUNDLE", "DIRECTIVE", "REASON"],
+            [
+                [
+                    cell(r.get("sequence")),
+                    cell(r.get("received_at")),
+                    cell(r.get("install_state")),
+                    _bundle_of(r),
+                    cell(r.get("directive_sequence")),
+                    cell(r.get("reason")),
+                ]
+                for r in reports
+            ],
+        )
+    telemetry: list[JsonObject] = answer.get("telemetry") or []
+    if telemetry:
+        click.echo(f"\ntelemetry since {cell(telemetry[0].get('since'))}:")
+        echo_table(
+            ["BUNDLE", "REQUESTS", "ERRORS", "FALLBACKS", "SCHEMA VIOLATIONS", "WINDOWS"],
+            [
+                [
+                    _bundle_of(t),
+                    cell(t.get("requests")),
+                    _with_rate(t.get("errors"), t.get("error_rate")),
+                    _with_rate(t.get("fallbacks"), t.get("fallback_rate")),
+                    cell(t.get("schema_violations")),
+                    cell(t.get("windows")),
+                ]
+                for t in telemetry
+            ],
+        )
+
+
+@devices.command("enroll-token")
+@click.option(
+    "--tag",
+    "tags",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Tag given to the device that enrolls with the token (repeatable).",
+)
+@click.option(
+    "--ttl",
+    default="24h",
+    show_default=True,
+    metavar="DURATION",
+    help="How long the token stays valid: 90s, 30m, 24h, 7d.",
+)
+@json_option
+@client_command
+def enroll_token_command(client: ApiClient, tags: tuple[str, ...], ttl: str, as_json: bool) -> None:
+    """Create a one-time enrollment token; prints only the token.
+
+    \b
+    Give it to one device:
+      edgefleet agent enroll --config agent.toml --token "$(edgefleet devices enroll-token)"
+    The server keeps only its hash; it cannot be shown again.
+    """
+    answer = client.create_enroll_token(parse_tags(tags), parse_duration(ttl))
+    if as_json:
+        echo_json(answer)
+        return
+    click.echo(answer["token"])
+    expires = answer.get("expires_at")
+    if expires:
+        click.echo(f"valid until {cell(expires)} UTC, for one device", err=True)
+
+
+def _model(row: JsonObject) -> str:
+    name, version = row.get("model_name"), row.get("model_version")
+    if not name:
+        return "-"
+    return f"{name}@{version}" if version else str(name)
+
+
+def _bundle_of(report: JsonObject) -> str:
+    name, version = report.get("bundle_name"), report.get("bundle_version")
+    return f"{name}@{version}" if name else "-"
+
+
+def _with_rate(count: object, rate: object) -> str:
+    if isinstance(rate, (int, float)):
+        return f"{count} ({rate:.1%})"
+    return cell(count)

@@ -1,0 +1,106 @@
+"""Options and small parsers shared by the client's command groups.
+
+`@client_command` gives a command `--server` (or EDGEFLEET_SERVER) and
+`--token` (or EDGEFLEET_TOKEN) and hands it an open `ApiClient` as `client`.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import click
+
+from edgefleet.errors import UsageError
+from edgefleet.server.client.api import DEFAULT_SERVER, ApiClient
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def client_command(func: Callable[..., None]) -> Callable[..., None]:
+    """Add --server and --token to a command; call it with `client=ApiClient(...)`."""
+
+    @click.option(
+        "--server",
+        "server_url",
+        envvar="EDGEFLEET_SERVER",
+        default=DEFAULT_SERVER,
+        show_default=True,
+        metavar="URL",
+        help="The fleet server's URL (or set EDGEFLEET_SERVER).",
+    )
+    @click.option(
+        "--token",
+        envvar="EDGEFLEET_TOKEN",
+        metavar="TOKEN",
+        help="API token (or set EDGEFLEET_TOKEN); an admin creates one with "
+        "`edgefleet server token create`.",
+    )
+    @functools.wraps(func)
+    def wrapper(server_url: str, token: str | None, **kwargs: Any) -> None:
+        with ApiClient(server_url, token) as client:
+            func(client=client, **kwargs)
+
+    return wrapper
+
+
+def parse_tags(values: Sequence[str], option: str = "--tag") -> dict[str, str]:
+    """`("site=berlin", "line=3")` -> {"site": "berlin", "line": "3"}.
+
+    Raises: UsageError on an entry without `=` or with an empty key.
+    """
+    tags: dict[str, str] = {}
+    for value in values:
+        key, sep, tag_value = value.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"{option} {value!r}: expected KEY=VALUE")
+        tags[key.strip()] = tag_value.strip()
+    return tags
+
+
+def parse_bundle_ref(text: str) -> tuple[str, str]:
+    """`demo@1.2.0` -> ("demo", "1.2.0").
+
+    Raises: UsageError when it is not NAME@VERSION.
+    """
+    name, sep, version = text.partition("@")
+    if not sep or not name or not version:
+        raise UsageError(f"bundle {text!r}: expected NAME@VERSION, e.g. demo@1.2.0")
+    return name, version
+
+
+def parse_duration(text: str) -> int:
+    """`90`, `90s`, `30m`, `24h`, `7d` -> seconds.
+
+    Raises: UsageError for any other form or zero.
+    """
+    match = _DURATION.match(text)
+    if match is None or int(match.group(1)) == 0:
+        raise UsageError(f"duration {text!r}: expected a positive number with s, m, h or d")
+    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def cell(value: object) -> str:
+    """A table cell: '-' for nothing, yes/no for booleans, times shortened."""
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(item) for item in value) or "-"
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in sorted(value.items())) or "-"
+    text = str(value)
+    return short_time(text) if _looks_like_time(text) else text
+
+
+def _looks_like_time(text: str) -> bool:
+    return len(text) >= 19 and text[4] == "-" and text[10] == "T"
+
+
+def short_time(text: str) -> str:
+    """`2026-11-25T23:02:29.123456+00:00` -> `2026-11-25 23:02:29` (times are UTC)."""
+    return text[:19].replace("T", " ")

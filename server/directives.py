@@ -1,0 +1,200 @@
+"""Signed directives to devices: allocated inside a unit of work, published after it commits.
+
+Invariants:
+- a directive's sequence is allocated by `UPDATE devices SET directive_sequence =
+  directive_sequence + 1` in the caller's transaction, so two replicas (or two
+  threads) never hand the same number to one device, and a transaction that
+  rolls back gives its numbers back with everything else it did;
+- nothing is published before the transaction that recorded the directive has
+  committed (`publish_all` is called after the `with db.session()` block): a
+  device never acts on a directive the database does not know about. The
+  opposite gap (committed, then the process dies before publishing) is closed
+  by the rollout driver, which re-notifies devices whose directive it has no
+  answer to;
+- the payload is signed with the server key(s) over canonical JSON
+  (`edgefleet.mqtt.sign_directive`); devices verify it against their trust root.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
+
+from edgefleet.errors import UsageError
+from edgefleet.keys import SigningKey
+from edgefleet.mqtt import (
+    BundleRef,
+    DeviceTopics,
+    Directive,
+    HttpSource,
+    MqttBlocksSource,
+    Source,
+    TopicKind,
+    sign_directive,
+)
+from edgefleet.server.db.models import BundleRow, Device
+from edgefleet.server.errors import NotFoundError
+from edgefleet.server.mqtt.interfaces import Publisher
+from edgefleet.server.settings import ServerSettings
+from edgefleet.timefmt import format_time, utcnow
+
+DIRECTIVE_QOS = TopicKind.DIRECTIVE.qos  # 1: the persistent session holds it for offline devices
+
+
+@dataclass(frozen=True)
+class OutgoingDirective:
+    """A signed directive waiting for its transaction to commit before it is published."""
+
+    device_id: str
+    topic: str
+    payload: bytes
+    sequence: int
+    action: str  # install | rollback
+    shadow: bool = False
+    expires_at: dt.datetime | None = None
+
+
+class DirectiveIssuer:
+    """Builds and signs install and rollback directives for devices.
+
+    The issuer holds no state of its own: sequences live in the database, so
+    every replica may hold an issuer.
+    """
+
+    def __init__(
+        self,
+        server_keys: Sequence[SigningKey],
+        settings: ServerSettings,
+        clock: Callable[[], dt.datetime] = utcnow,
+    ) -> None:
+        """Raises: UsageError when no server key is given."""
+        if not server_keys:
+            raise UsageError("a directive issuer needs at least one server key")
+        self.server_keys = list(server_keys)
+        self.settings = settings
+        self.clock = clock
+
+    def sources(self, bundle: BundleRow) -> list[Source]:
+        """Where a device fetches `bundle`: HTTP by digest first, MQTT blocks as the fallback."""
+        url = f"{self.settings.base_url}/api/v1/blobs/{bundle.sha256}"
+        return [HttpSource(url=url), MqttBlocksSource(block_size=self.settings.block_size)]
+
+    def prepare_install(
+        self, session: Session, device: Device, bundle: BundleRow, *, shadow: bool
+    ) -> OutgoingDirective:
+        """Allocate a sequence for `device` and sign an install (or shadow install) of `bundle`.
+
+        Raises:
+            NotFoundError: the device row is gone.
+            StorageError: (from the session) the database failed.
+        """
+        ref = BundleRef(
+            name=bundle.name, version=bundle.version, sha256=bundle.sha256, length=bundle.length
+        )
+        return self._prepare(
+            session,
+            device,
+            action="install",
+            bundle=ref,
+            sources=self.sources(bundle),
+            shadow=shadow,
+        )
+
+    def prepare_rollback(self, session: Session, device: Device) -> OutgoingDirective:
+        """Allocate a sequence for `device` and sign a rollback to the version it held before.
+
+        Raises:
+            NotFoundError: the device row is gone.
+            StorageError: (from the session) the database failed.
+        """
+        return self._prepare(
+            session, device, action="rollback", bundle=None, sources=[], shadow=False
+        )
+
+    def _prepare(
+        self,
+        session: Session,
+        device: Device,
+        *,
+        action: str,
+        bundle: BundleRef | None,
+        sources: list[Source],
+        shadow: bool,
+    ) -> OutgoingDirective:
+        sequence = allocate_directive_sequence(session, device)
+        issued = self.clock()
+        expires = issued + self.settings.directive_ttl
+        directive = Directive.model_validate(
+            {
+                "issued": format_time(issued),
+                "expires": format_time(expires),
+                "device_id": device.id,
+                "sequence": sequence,
+                "action": action,
+                "bundle": bundle,
+                "sources": sources,
+                "shadow": shadow,
+            }
+        )
+        payload = sign_directive(directive, self.server_keys)
+        return OutgoingDirective(
+            device_id=device.id,
+            topic=DeviceTopics(device.id).directive,
+            payload=payload,
+            sequence=sequence,
+            action=action,
+            shadow=shadow,
+            expires_at=directive.expires_at,
+        )
+
+
+def allocate_directive_sequence(session: Session, device: Device) -> int:
+    """The next directive sequence of `device`, taken by an atomic UPDATE in `session`.
+
+    On PostgreSQL the UPDATE locks the row until commit, so a concurrent
+    allocation waits and then sees the incremented value; SQLite serialises
+    writers. The in-session `device` object is updated to the new value.
+
+    Raises:
+        NotFoundError: no device row with that id.
+    """
+    statement = (
+        update(Device)
+        .where(Device.id == device.id)
+        .values(directive_sequence=Device.directive_sequence + 1)
+        .returning(Device.directive_sequence)
+        .execution_options(synchronize_session=False)
+    )
+    value = session.execute(statement).scalar_one_or_none()
+    if value is None:
+        raise NotFoundError(f"device {device.id!r} is not enrolled")
+    set_committed_value(device, "directive_sequence", int(value))
+    return int(value)
+
+
+def publish_all(publisher: Publisher, directives: Iterable[OutgoingDirective]) -> int:
+    """Publish committed directives at QoS 1, not retained (a retained directive would be
+    replayed to the device on every reconnect, which its sequence check refuses anyway).
+
+    Returns the number published. Call only after the transaction that prepared
+    them has committed.
+    """
+    count = 0
+    for directive in directives:
+        publisher.publish(directive.topic, directive.payload, qos=DIRECTIVE_QOS, retain=False)
+        count += 1
+    return count
+
+
+__all__ = [
+    "DIRECTIVE_QOS",
+    "DirectiveIssuer",
+    "OutgoingDirective",
+    "allocate_directive_sequence",
+    "publish_all",
+]

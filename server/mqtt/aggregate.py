@@ -1,0 +1,203 @@
+"""Pure merging of telemetry windows into per-bucket aggregates (no I/O).
+
+A `TelemetryAggregate` is what one `TelemetryBucket` row holds: counters that
+add, a latency histogram and per-feature bin counts. Merging rules:
+- counters add;
+- latency histograms add element-wise only when their bounds are equal; a
+  window with other bounds is not merged into the histogram (its counters
+  still are) and is counted in `latency_skipped`;
+- bin counts add per feature only when the number of bins is equal; a
+  feature with another shape is skipped the same way (`bins_skipped`).
+Within one bundle version the agent counts into the bundle's own bins and
+bounds, so a mismatch means a misbehaving device, not a normal case.
+
+The same functions merge a window into an aggregate and an aggregate into a
+stored row, so the in-memory and the stored form cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgefleet.mqtt.messages import BinCounts, TelemetryWindow
+
+Latency = dict[str, Any]  # {"bounds_ms": [...], "counts": [...]}
+Bins = dict[str, dict[str, dict[str, Any]]]  # {"inputs"|"outputs": {feature: {...}}}
+
+# Device.health from the error and fallback rates of the recent window.
+DEGRADED_RATE = 0.05
+FAILING_RATE = 0.20
+
+_COUNTERS = (
+    "windows",
+    "requests",
+    "errors",
+    "fallbacks",
+    "schema_violations",
+    "dropped_windows",
+    "shadow_requests",
+    "shadow_agreements",
+    "labelled_count",
+    "labelled_correct",
+)
+
+
+def bucket_start(window_start: dt.datetime, bucket: dt.timedelta) -> dt.datetime:
+    """The start of the bucket (aligned to the epoch, UTC) that `window_start` falls in."""
+    size = int(bucket.total_seconds())
+    if size <= 0:
+        raise ValueError(f"telemetry bucket {bucket} is not positive")
+    seconds = int(window_start.timestamp())
+    return dt.datetime.fromtimestamp(seconds - seconds % size, dt.timezone.utc)
+
+
+def health_of(requests: int, errors: int, fallbacks: int) -> str | None:
+    """ok / degraded / failing from one window's rates; None when it served nothing."""
+    if requests <= 0:
+        return None
+    rate = max(errors, fallbacks) / requests
+    if rate > FAILING_RATE:
+        return "failing"
+    if rate > DEGRADED_RATE:
+        return "degraded"
+    return "ok"
+
+
+@dataclass
+class TelemetryAggregate:
+    """Telemetry merged over windows of one device, bundle version and bucket."""
+
+    windows: int = 0
+    requests: int = 0
+    errors: int = 0
+    fallbacks: int = 0
+    schema_violations: int = 0
+    dropped_windows: int = 0
+    shadow_requests: int = 0
+    shadow_agreements: int = 0
+    labelled_count: int = 0
+    labelled_correct: int = 0
+    latency: Latency = field(default_factory=dict)
+    bins: Bins = field(default_factory=dict)
+    latency_skipped: int = 0  # windows whose latency bounds differed (not merged)
+    bins_skipped: int = 0  # features whose bin count differed (not merged)
+
+    def add_window(self, window: TelemetryWindow) -> None:
+        """Merge one validated window in."""
+        self.windows += 1
+        self.requests += window.requests
+        self.errors += window.errors
+        self.fallbacks += window.fallbacks
+        self.schema_violations += window.schema_violations
+        self.dropped_windows += window.dropped_windows
+        if window.shadow is not None:
+            self.shadow_requests += window.shadow.requests
+            self.shadow_agreements += window.shadow.agreements
+        if window.labelled is not None:
+            self.labelled_count += window.labelled.count
+            self.labelled_correct += window.labelled.correct
+        if not merge_latency(self.latency, window.latency.bounds_ms, window.latency.counts):
+            self.latency_skipped += 1
+        for side, features in (("inputs", window.inputs), ("outputs", window.outputs)):
+            if features:
+                self.bins_skipped += _merge_model_bins(self.bins.setdefault(side, {}), features)
+
+    def merge(self, other: TelemetryAggregate) -> None:
+        """Merge another aggregate (of the same key) in."""
+        for name in _COUNTERS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        if other.latency and not merge_latency(
+            self.latency, other.latency["bounds_ms"], other.latency["counts"]
+        ):
+            self.latency_skipped += 1
+        self.bins_skipped += merge_bins(self.bins, other.bins)
+        self.latency_skipped += other.latency_skipped
+        self.bins_skipped += other.bins_skipped
+
+    def counters(self) -> dict[str, int]:
+        """The additive counters by column name of `TelemetryBucket`."""
+        return {name: getattr(self, name) for name in _COUNTERS}
+
+
+def merge_latency(target: Latency, bounds_ms: list[float], counts: list[int]) -> bool:
+    """Add a histogram into `target` (in place; empty target takes a copy).
+
+    Returns False, and leaves `target` alone, when the bounds differ.
+    """
+    if not target:
+        target["bounds_ms"] = list(bounds_ms)
+        target["counts"] = list(counts)
+        return True
+    if target["bounds_ms"] != bounds_ms or len(target["counts"]) != len(counts):
+        return False
+    target["counts"] = [a + b for a, b in zip(target["counts"], counts, strict=True)]
+    return True
+
+
+def _merge_model_bins(target: dict[str, dict[str, Any]], features: dict[str, BinCounts]) -> int:
+    skipped = 0
+    for name, bins in features.items():
+        if not _merge_feature(target, name, bins.counts, bins.nan, bins.below, bins.above):
+            skipped += 1
+    return skipped
+
+
+def merge_bins(target: Bins, other: Bins) -> int:
+    """Add stored-form bins `other` into `target` (in place); returns features skipped."""
+    skipped = 0
+    for side, features in other.items():
+        into = target.setdefault(side, {})
+        for name, b in features.items():
+            if not _merge_feature(into, name, b["counts"], b["nan"], b["below"], b["above"]):
+                skipped += 1
+    return skipped
+
+
+def _merge_feature(
+    target: dict[str, dict[str, Any]],
+    name: str,
+    counts: list[int],
+    nan: int,
+    below: int,
+    above: int,
+) -> bool:
+    current = target.get(name)
+    if current is None:
+        target[name] = {"counts": list(counts), "nan": nan, "below": below, "above": above}
+        return True
+    if len(current["counts"]) != len(counts):
+        return False
+    current["counts"] = [a + b for a, b in zip(current["counts"], counts, strict=True)]
+    current["nan"] += nan
+    current["below"] += below
+    current["above"] += above
+    return True
+
+
+def aggregate_from_row(
+    counters: Mapping[str, int | None], latency: Latency | None, bins: Bins | None
+) -> TelemetryAggregate:
+    """An aggregate holding what a stored bucket row holds (copies, safe to mutate)."""
+    agg = TelemetryAggregate()
+    for name in _COUNTERS:
+        setattr(agg, name, int(counters.get(name) or 0))
+    if latency:
+        merge_latency(agg.latency, latency["bounds_ms"], latency["counts"])
+    if bins:
+        merge_bins(agg.bins, bins)
+    return agg
+
+
+__all__ = [
+    "DEGRADED_RATE",
+    "FAILING_RATE",
+    "TelemetryAggregate",
+    "aggregate_from_row",
+    "bucket_start",
+    "health_of",
+    "merge_bins",
+    "merge_latency",
+]

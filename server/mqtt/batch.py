@@ -1,0 +1,230 @@
+"""Writing a batch of ingested messages in one unit of work (see `ingest.py`).
+
+- devices are read once per batch (row locks on PostgreSQL, in id order, so
+  replicas sharing the load neither deadlock with each other nor lose updates);
+- status reports at or below `Device.status_sequence` are duplicates (at least
+  once delivery) and dropped; the rest are inserted in sequence order and all
+  but the newest `status_reports_kept` per device deleted. A COMMITTED report
+  moves the served version, unless it is a shadow install's (the agent's
+  reason says it runs in shadow; heartbeats carry the truth either way);
+- the newest of a heartbeat and the status reports sets `install_state`;
+- telemetry buckets are read (locked), merged and written back, or inserted, as
+  bulk statements (a flush carries hundreds; ORM objects would cost more than
+  the SQL). When another replica inserted the same bucket first, the unit of
+  work fails on the unique key; the caller retries and merges into that row.
+
+A batch is never modified here, so a failed write can be retried as it is.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.orm import Session
+
+from edgefleet.mqtt.messages import Heartbeat, StatusReport
+from edgefleet.server.db.models import Device, StatusReportRow, TelemetryBucket
+from edgefleet.server.mqtt.aggregate import TelemetryAggregate, aggregate_from_row
+from edgefleet.timefmt import parse_time
+
+_CHUNK = 500  # ids per IN (...) list
+_SHADOW_MARK = " runs in shadow beside "  # the agent's reason for a shadow install's COMMITTED
+
+BucketKey = tuple[str, str, str, dt.datetime]  # device, bundle name, version, bucket start
+
+
+@dataclass
+class DeviceUpdate:
+    """What one batch changes on one device."""
+
+    online: bool | None = None
+    last_seen: dt.datetime | None = None
+    heartbeat: Heartbeat | None = None
+    heartbeat_order: int = 0
+    statuses: list[tuple[int, dt.datetime, StatusReport]] = field(default_factory=list)
+    health: tuple[str, str] | None = None  # (window_end, health) of the newest window
+
+
+@dataclass
+class IngestBatch:
+    """Everything accepted since the last flush."""
+
+    devices: dict[str, DeviceUpdate] = field(default_factory=dict)
+    telemetry: dict[BucketKey, TelemetryAggregate] = field(default_factory=dict)
+    messages: int = 0
+
+
+class BatchWriter:
+    """Writes `IngestBatch`es; counts the status reports it drops as duplicates."""
+
+    def __init__(self, *, is_sqlite: bool, status_reports_kept: int) -> None:
+        self._is_sqlite = is_sqlite
+        self._reports_kept = status_reports_kept
+        self.duplicates = 0  # status reports at or below the stored sequence
+
+    def write(self, session: Session, batch: IngestBatch) -> None:
+        """Apply `batch` in `session` (the caller's unit of work).
+
+        Raises:
+            sqlalchemy errors, which `Database.session` turns into StorageError; the
+            batch is left unchanged, so the caller can retry it.
+        """
+        devices = self._lock_devices(session, sorted(batch.devices))
+        for device_id, changes in batch.devices.items():
+            device = devices.get(device_id)
+            if device is not None:
+                self._apply(session, device, changes)
+        self._write_telemetry(session, batch.telemetry, devices)
+
+    def _lock_devices(self, session: Session, ids: list[str]) -> dict[str, Device]:
+        devices: dict[str, Device] = {}
+        for chunk in _chunks(ids):
+            query = select(Device).where(Device.id.in_(chunk)).order_by(Device.id)
+            if not self._is_sqlite:
+                query = query.with_for_update()
+            devices.update((d.id, d) for d in session.scalars(query))
+        return devices
+
+    def _apply(self, session: Session, device: Device, update: DeviceUpdate) -> None:
+        if update.online is not None:
+            device.online = update.online
+        if update.last_seen is not None and (
+            device.last_seen is None or device.last_seen < update.last_seen
+        ):
+            device.last_seen = update.last_seen
+        if update.health is not None:
+            device.health = update.health[1]
+        state_order = model_order = 0  # arrival order of what set them
+        accepted = 0
+        for order, received, report in sorted(update.statuses, key=lambda s: s[2].sequence):
+            if report.sequence <= (device.status_sequence or 0):
+                self.duplicates += 1
+                continue
+            device.status_sequence = report.sequence
+            session.add(_status_row(device.id, received, report))
+            accepted += 1
+            if order > state_order:
+                state_order = order
+                device.install_state = report.install_state
+            if report.install_state == "committed" and _SHADOW_MARK not in (report.reason or ""):
+                model_order = max(model_order, order)
+                device.model_name = report.bundle_name
+                device.model_version = report.bundle_version
+                device.previous_version = report.previous_version
+        heartbeat = update.heartbeat
+        if heartbeat is not None:
+            device.heartbeat = heartbeat.model_dump(
+                mode="json", exclude={"schema_version", "device_id"}
+            )
+            device.agent_version = heartbeat.agent_version
+            if update.heartbeat_order > model_order:
+                device.model_name = heartbeat.model_name
+                device.model_version = heartbeat.model_version
+            if update.heartbeat_order > state_order:
+                device.install_state = heartbeat.install_state
+        if accepted:
+            self._trim_reports(session, device.id)
+
+    def _trim_reports(self, session: Session, device_id: str) -> None:
+        session.flush()
+        old = session.scalars(
+            select(StatusReportRow.id)
+            .where(StatusReportRow.device_id == device_id)
+            .order_by(StatusReportRow.sequence.desc(), StatusReportRow.id.desc())
+            .offset(self._reports_kept)
+        ).all()
+        if old:
+            session.execute(delete(StatusReportRow).where(StatusReportRow.id.in_(old)))
+
+    def _write_telemetry(
+        self,
+        session: Session,
+        telemetry: dict[BucketKey, TelemetryAggregate],
+        devices: dict[str, Device],
+    ) -> None:
+        """Merge into existing buckets (read locked) and insert the rest, as bulk statements.
+
+        Core-level rows rather than ORM objects: a flush carries hundreds of buckets
+        and ORM instances cost more than the SQL.
+        """
+        wanted = {key: agg for key, agg in telemetry.items() if key[0] in devices}
+        if not wanted:
+            return
+        table = TelemetryBucket.__table__
+        starts = sorted({key[3] for key in wanted})
+        existing: dict[BucketKey, Any] = {}
+        for chunk in _chunks(sorted({key[0] for key in wanted})):
+            query = (
+                select(table)
+                .where(table.c.device_id.in_(chunk))
+                .where(table.c.bucket_start.in_(starts))
+                .order_by(table.c.id)
+            )
+            if not self._is_sqlite:
+                query = query.with_for_update()
+            for found in session.execute(query):
+                existing[
+                    (found.device_id, found.bundle_name, found.bundle_version, _utc(found))
+                ] = found
+        inserts: list[dict[str, Any]] = []
+        updates: list[dict[str, Any]] = []
+        for key, aggregate in sorted(wanted.items(), key=lambda item: item[0]):
+            stored = existing.get(key)
+            if stored is None:
+                merged = TelemetryAggregate()
+            else:
+                merged = aggregate_from_row(stored._mapping, stored.latency, stored.bins)
+            merged.merge(aggregate)  # copies: the batch stays intact for a retry
+            values: dict[str, Any] = merged.counters()
+            values["latency"] = merged.latency
+            values["bins"] = merged.bins
+            if stored is None:
+                values.update(
+                    device_id=key[0], bundle_name=key[1], bundle_version=key[2], bucket_start=key[3]
+                )
+                inserts.append(values)
+            else:
+                values["id"] = stored.id
+                updates.append(values)
+        if updates:
+            session.execute(update(TelemetryBucket), updates)  # by primary key, executemany
+        if inserts:
+            session.execute(insert(TelemetryBucket), inserts)
+
+
+def _status_row(device_id: str, received: dt.datetime, report: StatusReport) -> StatusReportRow:
+    return StatusReportRow(
+        device_id=device_id,
+        sequence=report.sequence,
+        received_at=received,
+        sent_at=parse_time(report.sent_at),
+        install_state=report.install_state,
+        bundle_name=report.bundle_name,
+        bundle_version=report.bundle_version,
+        directive_sequence=report.directive_sequence,
+        reason=report.reason,
+    )
+
+
+def _utc(row: Any) -> dt.datetime:
+    """A Core row's bucket_start as an aware UTC datetime (SQLite hands back naive ones)."""
+    start: dt.datetime = row.bucket_start
+    return start if start.tzinfo else start.replace(tzinfo=dt.timezone.utc)
+
+
+def _chunks(items: Iterable[str]) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == _CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+__all__ = ["BatchWriter", "BucketKey", "DeviceUpdate", "IngestBatch"]

@@ -1,0 +1,142 @@
+"""The embedded MQTT broker for one-machine setups and the demo (`--embedded-broker`).
+
+`iotcore` compiles rumqttd into a Python wheel and runs it in a child process
+(rumqttd has no shutdown API; the child exits when our end of its stdin pipe
+closes, so it never outlives the server). We hand it a rumqttd TOML config with
+one MQTT 5 listener, because the server's link needs MQTT 5 (shared
+subscriptions, session expiry) and the agent speaks MQTT 5 by default.
+
+What it does, checked by tests/server/test_broker.py with paho clients:
+- QoS 1 messages are queued for an offline persistent session and delivered
+  when the client returns (directives reach a device that was away);
+- shared subscriptions (`$share/group/filter`) spread messages over the group
+  (round robin), so replicas share the ingest;
+- the Last Will is published (and retained) when a connection dies.
+
+Limits (why mosquitto, EMQX or another clustered broker is the choice for a
+real fleet): sessions, queued messages and retained messages live in memory
+only, so a broker restart forgets them; there is no MQTT 3.1.1 listener on the
+same port (agents must use `protocol = "5"`, their default); no TLS or
+authentication in this config (bind it to localhost, or hand iotcore a full
+rumqttd config of your own).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from edgefleet.mqtt.messages import MAX_MESSAGE_BYTES
+from edgefleet.server.errors import ServerError
+
+if TYPE_CHECKING:
+    from iotcore import Broker
+
+# Largest device message plus the topic and MQTT framing; rumqttd's default (20 KiB)
+# would cut off telemetry windows and block data.
+MAX_PAYLOAD_BYTES = MAX_MESSAGE_BYTES + 4096
+
+
+class BrokerError(ServerError):
+    """The embedded broker could not start (port taken, iotcore missing or failing)."""
+
+
+def broker_config(host: str, port: int, *, max_connections: int = 20_000) -> str:
+    """The rumqttd TOML for one MQTT 5 listener on host:port."""
+    return f"""\
+id = 0
+
+[router]
+id = 0
+max_connections = {max_connections}
+max_outgoing_packet_count = 1000
+max_segment_size = 104857600
+max_segment_count = 10
+
+[v5.1]
+name = "v5-1"
+listen = "{host}:{port}"
+next_connection_delay_ms = 1
+
+    [v5.1.connections]
+    connection_timeout_ms = 60000
+    max_payload_size = {MAX_PAYLOAD_BYTES}
+    max_inflight_count = 100
+"""
+
+
+class EmbeddedBroker:
+    """An iotcore (rumqttd) broker in a child process, listening on host:port."""
+
+    def __init__(
+        self, port: int, host: str = "127.0.0.1", *, config_dir: Path | None = None
+    ) -> None:
+        self.host = host
+        self.port = port
+        self._config_dir = config_dir
+        self._tempdir: tempfile.TemporaryDirectory[str] | None = None
+        self._broker: Broker | None = None
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
+        return f"mqtt://{host}:{self.port}"
+
+    @property
+    def is_running(self) -> bool:
+        return self._broker is not None and self._broker.is_running
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start the broker and return once it accepts connections.
+
+        Raises:
+            BrokerError: iotcore is not installed, the port is taken, or the
+                broker did not come up within `timeout`.
+            RuntimeError: called while running.
+        """
+        if self._broker is not None:
+            raise RuntimeError("the embedded broker is already running")
+        try:
+            from iotcore import Broker  # optional: only the embedded broker needs it
+        except ImportError as exc:
+            raise BrokerError(
+                "the embedded broker needs the iotcore package: pip install 'edgefleet[server]'"
+            ) from exc
+        directory = self._config_dir
+        if directory is None:
+            self._tempdir = tempfile.TemporaryDirectory(prefix="edgefleet-broker-")
+            directory = Path(self._tempdir.name)
+        config = directory / "rumqttd.toml"
+        config.write_text(broker_config(self.host, self.port))
+        try:
+            broker = Broker(port=self.port, listen=self.host, config_path=str(config))
+            broker.start(timeout)
+        except (OSError, RuntimeError, ValueError) as exc:
+            self._cleanup()
+            raise BrokerError(
+                f"cannot start the embedded broker on {self.host}:{self.port}: {exc}"
+            ) from exc
+        self._broker = broker
+
+    def stop(self) -> None:
+        """Stop the broker (its sessions and retained messages are forgotten). Idempotent."""
+        broker, self._broker = self._broker, None
+        if broker is not None:
+            broker.stop()
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self._tempdir is not None:
+            self._tempdir.cleanup()
+            self._tempdir = None
+
+    def __enter__(self) -> EmbeddedBroker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+__all__ = ["MAX_PAYLOAD_BYTES", "BrokerError", "EmbeddedBroker", "broker_config"]

@@ -1,0 +1,378 @@
+"""Ingestion: what devices publish becomes device state, status history and telemetry buckets.
+
+`Ingestor.handle(topic, payload)` is called by the link's worker thread(s) for
+every message (thread-safe, as long as one device's messages come from one
+thread, which `ServerLink` guarantees) and never raises: a bad message is
+counted (`.refused` by reason), logged (one line per reason per `LOG_EVERY_S`)
+and dropped. Order of checks for
+a device message: the topic (a per-device topic of this namespace), the device's
+enrolled key (unknown -> "unknown-device"), its signature over topic and bytes
+("device-signature", `edgefleet.mqtt.devicesig`), then the schema ("malformed").
+Presence (the Last Will) is unsigned by design: it only sets online/offline and
+the next signed heartbeat corrects it.
+
+The per-message path touches no database. Accepted messages are merged into
+an in-memory batch: heartbeats coalesce per device (the last one wins),
+presence too, status reports queue, telemetry windows merge into
+`TelemetryAggregate`s per (device, bundle, version, bucket). `flush` (every
+`settings.telemetry_flush_s` on a thread of its own, and at `stop`) writes a
+batch in one unit of work (`batch.BatchWriter`: status deduplicated by
+sequence, telemetry merged into buckets, devices locked in id order).
+A batch that cannot be written stays queued and is retried at the next flush
+(at most `MAX_PENDING_BATCHES`, then the oldest is dropped and counted).
+
+Deduplication of telemetry: a window is identified by (device, window_start);
+the most recent `TELEMETRY_DEDUPE_SIZE` identities are remembered, so a window
+redelivered by the broker or re-sent from a device's outbox is not counted
+twice. Crash window: what is in the link's queue and the unflushed batch
+(about `telemetry_flush_s` of data) is lost if the process dies.
+
+Lifecycle in a server: `start()` (flush thread), hand `handle` to the link,
+and at shutdown stop the link first (it handles what it queued), then `stop()`
+here (a last flush).
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from edgefleet.errors import DeviceSignatureError, MessageSchemaError, UsageError
+from edgefleet.mqtt.devicesig import verify_device_payload
+from edgefleet.mqtt.messages import (
+    MESSAGE_TYPES,
+    Heartbeat,
+    StatusReport,
+    TelemetryWindow,
+    parse_message,
+    parse_presence,
+)
+from edgefleet.mqtt.topics import DeviceId, TopicKind, parse_device_topic
+from edgefleet.server.db.database import Database
+from edgefleet.server.errors import StorageError
+from edgefleet.server.mqtt.aggregate import TelemetryAggregate, bucket_start, health_of
+from edgefleet.server.mqtt.batch import BatchWriter, DeviceUpdate, IngestBatch
+from edgefleet.server.mqtt.interfaces import DeviceKeys, MessageHandler
+from edgefleet.server.settings import ServerSettings
+from edgefleet.timefmt import parse_time, utcnow
+
+log = logging.getLogger(__name__)
+
+LOG_EVERY_S = 10.0
+TELEMETRY_DEDUPE_SIZE = 200_000
+TOPIC_CACHE_SIZE = 100_000
+MAX_PENDING_BATCHES = 10
+WRITE_ATTEMPTS = 3
+
+
+class Ingestor:
+    """Turns device messages into database state, in batches. See the module docstring."""
+
+    def __init__(
+        self,
+        db: Database,
+        keys: DeviceKeys,
+        settings: ServerSettings,
+        clock: Callable[[], dt.datetime] = utcnow,
+        blocks: MessageHandler | None = None,
+    ) -> None:
+        self._db = db
+        self._keys = keys
+        self._settings = settings
+        self._clock = clock
+        self._blocks = blocks
+        self._bucket = settings.telemetry_bucket
+        self.counts: collections.Counter[str] = collections.Counter()  # kind -> accepted
+        self.refused: collections.Counter[str] = collections.Counter()  # reason -> n
+        self._duplicates: collections.Counter[str] = collections.Counter()  # kind -> n
+        self.flushes = 0
+        self.flush_failures = 0
+        self.batches_dropped = 0
+        self.flushed_messages = 0
+        self._lock = threading.Lock()  # guards _batch (worker thread vs flush thread)
+        self._flush_lock = threading.Lock()
+        self._batch = IngestBatch()
+        self._writer = BatchWriter(
+            is_sqlite=db.is_sqlite, status_reports_kept=settings.status_reports_kept
+        )
+        self._pending: collections.deque[IngestBatch] = collections.deque()
+        self._order = 0
+        self._status_seen: dict[str, int] = {}
+        self._windows_seen: collections.OrderedDict[tuple[str, str], None] = (
+            collections.OrderedDict()
+        )
+        self._bucket_starts: dict[str, dt.datetime] = {}
+        self._topics: dict[str, tuple[DeviceId, TopicKind]] = {}
+        self._last_log: dict[str, float] = {}
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- per message (the link's worker thread) ----------------------------------------------
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        """Take one message from the broker. Never raises."""
+        parsed = self._topics.get(topic)
+        if parsed is None:
+            try:
+                parsed = parse_device_topic(topic)
+            except MessageSchemaError as exc:
+                self._refuse("bad-topic", exc)
+                return
+            if len(self._topics) >= TOPIC_CACHE_SIZE:
+                self._topics.clear()
+            self._topics[topic] = parsed
+        device_id, kind = parsed
+        if kind is TopicKind.PRESENCE:
+            self._on_presence(device_id, payload)
+            return
+        message_bytes = self._verify(device_id, topic, payload)
+        if message_bytes is None:
+            return
+        if kind is TopicKind.BLOCKS_REQUEST:
+            self._on_blocks(topic, message_bytes)
+            return
+        model_cls = MESSAGE_TYPES.get(kind)
+        if model_cls is None:  # a kind devices do not publish (directive, blocks/data)
+            self._refuse("bad-topic", f"devices do not publish on {topic!r}")
+            return
+        try:
+            # parse_device_message without parsing the topic a second time
+            message = parse_message(model_cls, message_bytes)
+        except MessageSchemaError as exc:
+            self._refuse("malformed", exc)
+            return
+        if message.device_id != device_id:
+            self._refuse("malformed", f"a message on {topic!r} names {message.device_id!r}")
+            return
+        if isinstance(message, TelemetryWindow):
+            self._on_telemetry(device_id, message)
+        elif isinstance(message, Heartbeat):
+            self._on_heartbeat(device_id, message)
+        elif isinstance(message, StatusReport):
+            self._on_status(device_id, message)
+
+    def _verify(self, device_id: str, topic: str, payload: bytes) -> bytes | None:
+        """The message bytes when the device's enrolled key signed them; None (counted) if not."""
+        try:
+            key = self._keys.public_key(device_id)
+            if key is None:
+                self._refuse("unknown-device", f"message from unknown device {device_id!r}")
+                return None
+            try:
+                return verify_device_payload(topic, payload, key)
+            except DeviceSignatureError as exc:
+                # Re-keyed through another replica? The key cache reloads at most
+                # once per interval, so forged messages cannot each cost a query.
+                fresh = self._keys.public_key(device_id, fresh=True)
+                if fresh is None or fresh == key:
+                    self._refuse("device-signature", exc)
+                    return None
+            try:
+                return verify_device_payload(topic, payload, fresh)
+            except DeviceSignatureError as exc:
+                self._refuse("device-signature", exc)
+                return None
+        except UsageError as exc:  # a stored key that is not a key: ours to fix, not theirs
+            self._refuse("bad-stored-key", exc)
+        except StorageError as exc:
+            self._refuse("key-lookup-failed", exc)
+        return None
+
+    def _on_presence(self, device_id: str, payload: bytes) -> None:
+        try:
+            online = parse_presence(payload).value == "online"
+        except MessageSchemaError as exc:
+            self._refuse("malformed", exc)
+            return
+        now = self._clock()
+        with self._lock:
+            update = self._update(device_id)
+            update.online = online
+            if online:
+                update.last_seen = now
+            self._batch.messages += 1
+            self.counts["presence"] += 1
+
+    def _on_blocks(self, topic: str, payload: bytes) -> None:
+        if self._blocks is None:
+            self._refuse("no-block-service", "a block request, and no block service here")
+            return
+        with self._lock:
+            self.counts["blocks/request"] += 1
+        try:
+            self._blocks(topic, payload)
+        except Exception:
+            log.exception("the block service failed on %s", topic)
+
+    def _on_heartbeat(self, device_id: str, message: Heartbeat) -> None:
+        now = self._clock()
+        with self._lock:
+            update = self._seen(device_id, now)
+            self._order += 1
+            update.heartbeat = message
+            update.heartbeat_order = self._order
+            self._batch.messages += 1
+            self.counts["heartbeat"] += 1
+
+    def _on_status(self, device_id: str, message: StatusReport) -> None:
+        now = self._clock()
+        with self._lock:
+            if message.sequence <= self._status_seen.get(device_id, -1):
+                self._duplicates["status"] += 1
+                return
+            self._status_seen[device_id] = message.sequence
+            update = self._seen(device_id, now)
+            self._order += 1
+            update.statuses.append((self._order, now, message))
+            self._batch.messages += 1
+            self.counts["status"] += 1
+
+    def _on_telemetry(self, device_id: str, window: TelemetryWindow) -> None:
+        start = self._bucket_starts.get(window.window_start)
+        if start is None:
+            if len(self._bucket_starts) > 4096:
+                self._bucket_starts.clear()
+            start = bucket_start(parse_time(window.window_start), self._bucket)
+            self._bucket_starts[window.window_start] = start
+        key = (device_id, window.bundle_name, window.bundle_version, start)
+        health = health_of(window.requests, window.errors, window.fallbacks)
+        now = self._clock()
+        identity = (device_id, window.window_start)
+        with self._lock:
+            seen = self._windows_seen
+            if identity in seen:
+                self._duplicates["telemetry"] += 1
+                return
+            seen[identity] = None
+            if len(seen) > TELEMETRY_DEDUPE_SIZE:
+                seen.popitem(last=False)
+            batch = self._batch
+            aggregate = batch.telemetry.get(key)
+            if aggregate is None:
+                aggregate = batch.telemetry[key] = TelemetryAggregate()
+            aggregate.add_window(window)
+            update = self._seen(device_id, now)
+            if health is not None and (
+                update.health is None or update.health[0] <= window.window_end
+            ):
+                update.health = (window.window_end, health)
+            batch.messages += 1
+            self.counts["telemetry"] += 1
+
+    def _update(self, device_id: str) -> DeviceUpdate:
+        update = self._batch.devices.get(device_id)
+        if update is None:
+            update = self._batch.devices[device_id] = DeviceUpdate()
+        return update
+
+    def _seen(self, device_id: str, now: dt.datetime) -> DeviceUpdate:
+        """A signed message arrived just now: the device is connected."""
+        update = self._update(device_id)
+        update.online = True
+        update.last_seen = now
+        return update
+
+    def _refuse(self, reason: str, detail: object) -> None:
+        with self._lock:
+            self.refused[reason] += 1
+        now = time.monotonic()
+        if now - self._last_log.get(reason, -LOG_EVERY_S) >= LOG_EVERY_S:
+            self._last_log[reason] = now
+            log.warning("refused a device message (%s): %s", reason, detail)
+
+    # -- flushing ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Flush every `settings.telemetry_flush_s` on a thread until `stop`.
+
+        Raises:
+            RuntimeError: called twice.
+        """
+        if self._thread is not None:
+            raise RuntimeError("the ingestor was already started")
+        self._thread = threading.Thread(target=self._run, name="edgefleet-flush", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """End the flush thread, then write what is left."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.flush()
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self._settings.telemetry_flush_s):
+            try:
+                self.flush()
+            except Exception:
+                log.exception("flushing ingested messages failed")
+
+    def flush(self) -> int:
+        """Write the current batch (and any left from failed flushes); return messages written.
+
+        Never raises for a database failure: the batch stays queued and is retried.
+        """
+        with self._flush_lock:
+            with self._lock:
+                batch, self._batch = self._batch, IngestBatch()
+            if batch.messages:
+                self._pending.append(batch)
+            while len(self._pending) > MAX_PENDING_BATCHES:
+                dropped = self._pending.popleft()
+                self.batches_dropped += 1
+                log.error("dropped %d ingested messages: the database is failing", dropped.messages)
+            written = 0
+            while self._pending:
+                batch = self._pending[0]
+                if not self._write_with_retries(batch):
+                    break
+                self._pending.popleft()
+                written += batch.messages
+            self.flushes += 1
+            self.flushed_messages += written
+            return written
+
+    def _write_with_retries(self, batch: IngestBatch) -> bool:
+        for attempt in range(WRITE_ATTEMPTS):
+            try:
+                with self._db.session() as session:
+                    self._writer.write(session, batch)
+                return True
+            except StorageError as exc:
+                self.flush_failures += 1
+                log.warning("writing ingested messages failed (attempt %d): %s", attempt + 1, exc)
+                time.sleep(0.05 * (attempt + 1))
+        return False
+
+    # -- metrics -----------------------------------------------------------------------------
+
+    @property
+    def duplicates(self) -> collections.Counter[str]:
+        """Messages dropped as already seen, by kind: status reports seen in memory or
+        found in the database at the write, telemetry windows seen in memory."""
+        with self._lock:
+            merged = collections.Counter(self._duplicates)
+        if self._writer.duplicates:
+            merged["status"] += self._writer.duplicates
+        return merged
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        """Counters for /metrics: accepted by kind, refused by reason, duplicates by kind."""
+        return {
+            "accepted": dict(self.counts),
+            "refused": dict(self.refused),
+            "duplicates": dict(self.duplicates),
+            "flush": {
+                "flushes": self.flushes,
+                "failures": self.flush_failures,
+                "batches_dropped": self.batches_dropped,
+                "messages": self.flushed_messages,
+            },
+        }
+
+
+__all__ = ["Ingestor"]

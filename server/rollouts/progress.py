@@ -1,0 +1,306 @@
+"""A rollout's progress, read from what ingestion stored: device states and stage counts.
+
+`reconcile` moves each `RolloutDevice` waiting for an answer according to the
+newest status report that answers its directive (`StatusReportRow.directive_sequence
+== RolloutDevice.directive_sequence`): a report for an older directive never
+moves it. The agent's install states (agent/install/states.py) end in
+`committed` (installed, already current, a shadow install running as the
+challenger, or a requested rollback done) or `failed` (refused, or a failed
+install rolled back); every other state is on the way.
+
+`stage_counts` gathers `gates.StageCounts` for one stage from the device rows,
+`Device.online` and `TelemetryBucket` rows, in a few aggregate queries (no
+per-device round trips), so it stays cheap for stages of thousands of devices.
+
+Pure helpers (`merge_latency`, `latency_percentile`) are separate from the
+queries so they are tested on their own.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import and_, func, select
+from sqlalchemy.orm import Session
+
+from edgefleet.server.db.models import (
+    BundleRow,
+    Device,
+    Rollout,
+    RolloutDevice,
+    StatusReportRow,
+    TelemetryBucket,
+)
+from edgefleet.server.rollouts.gates import StageCounts
+
+
+class DeviceState(str, enum.Enum):
+    """A device's part in a rollout (`RolloutDevice.state`)."""
+
+    PENDING = "pending"  # assigned to a stage, no directive yet
+    NOTIFIED = "notified"  # install directive published, no answer yet
+    INSTALLING = "installing"  # the device reported a state on the way
+    SUCCEEDED = "succeeded"  # the device reported committed
+    FAILED = "failed"  # the device reported failed (final once retries are used up)
+    TIMED_OUT = "timed_out"  # no final answer within the plan's device_timeout_s
+    ROLLING_BACK = "rolling_back"  # rollback directive published (the rollout aborts)
+    ROLLED_BACK = "rolled_back"  # the device reported the rollback committed
+
+
+D = DeviceState
+FINISHED = frozenset({D.SUCCEEDED, D.FAILED, D.TIMED_OUT})
+AWAITING_INSTALL = frozenset({D.NOTIFIED, D.INSTALLING})
+
+# The agent's resting install states (agent/install/states.py: TERMINAL minus idle).
+AGENT_SUCCESS = frozenset({"committed"})
+# "rolled_back" is not a state of today's agent; accepted for agents that rest there.
+AGENT_FAILURE = frozenset({"failed", "rolled_back"})
+
+PREVIOUS_LATENCY_WINDOW = dt.timedelta(hours=24)
+
+
+def _values(states: Iterable[DeviceState]) -> list[str]:
+    return [state.value for state in states]
+
+
+def reconcile(session: Session, rollout: Rollout, now: dt.datetime) -> int:
+    """Apply the newest answers to `rollout`'s directives; returns how many devices moved.
+
+    notified/installing -> succeeded (committed), failed (failed: reason kept),
+    or installing (any other state); rolling_back -> rolled_back (committed) or
+    failed (the rollback failed).
+    """
+    watched = _values([D.NOTIFIED, D.INSTALLING, D.ROLLING_BACK])
+    rows = session.execute(
+        select(
+            RolloutDevice,
+            StatusReportRow.install_state,
+            StatusReportRow.reason,
+            StatusReportRow.received_at,
+        )
+        .join(
+            StatusReportRow,
+            and_(
+                StatusReportRow.device_id == RolloutDevice.device_id,
+                StatusReportRow.directive_sequence == RolloutDevice.directive_sequence,
+            ),
+        )
+        .where(RolloutDevice.rollout_id == rollout.id, RolloutDevice.state.in_(watched))
+        .order_by(RolloutDevice.device_id, StatusReportRow.sequence)
+    ).all()
+    newest: dict[str, tuple[RolloutDevice, str, str | None, dt.datetime]] = {}
+    for rd, state, reason, received in rows:
+        newest[rd.device_id] = (rd, state, reason, received)  # ordered: the last one wins
+    moved = 0
+    for rd, agent_state, reason, received in newest.values():
+        target, why = _answer(DeviceState(rd.state), agent_state, reason)
+        if target is None or (target.value == rd.state and why == rd.reason):
+            continue
+        rd.state = target.value
+        rd.reason = why
+        rd.updated_at = min(received, now)
+        moved += 1
+    return moved
+
+
+def _answer(
+    current: DeviceState, agent_state: str, reason: str | None
+) -> tuple[DeviceState | None, str | None]:
+    """The device state an agent's report leads to, and the reason to keep."""
+    if current is D.ROLLING_BACK:
+        if agent_state in AGENT_SUCCESS:
+            return D.ROLLED_BACK, reason
+        if agent_state in AGENT_FAILURE:
+            return D.FAILED, f"the rollback failed: {reason or agent_state}"
+        return None, None
+    if agent_state in AGENT_SUCCESS:
+        return D.SUCCEEDED, None
+    if agent_state in AGENT_FAILURE:
+        return D.FAILED, reason or f"the device reported {agent_state}"
+    return D.INSTALLING, f"the device reported {agent_state}"
+
+
+def state_counts(
+    session: Session, rollout_id: int, stage_index: int | None = None
+) -> dict[str, int]:
+    """Devices per state (every state present, zeros included), of one stage or all."""
+    query = (
+        select(RolloutDevice.state, func.count())
+        .where(RolloutDevice.rollout_id == rollout_id)
+        .group_by(RolloutDevice.state)
+    )
+    if stage_index is not None:
+        query = query.where(RolloutDevice.stage_index == stage_index)
+    counts = {state.value: 0 for state in DeviceState}
+    for state, count in session.execute(query).all():
+        counts[str(state)] = int(count)
+    return counts
+
+
+def stage_counts(
+    session: Session,
+    rollout: Rollout,
+    bundle: BundleRow,
+    stage_index: int,
+    *,
+    shadow: bool,
+    now: dt.datetime,
+    bucket: dt.timedelta = dt.timedelta(minutes=5),
+) -> StageCounts:
+    """What the gates of stage `stage_index` judge (see `gates.StageCounts`).
+
+    Telemetry counts are of buckets that may hold windows since the stage
+    started (`bucket_start > stage_started_at - bucket`) on the stage's own
+    devices: for the new version in a normal stage; in a shadow stage the
+    serving version's windows carry the challenger's comparisons, so shadow
+    counts come from every version of the bundle's name.
+    """
+    in_stage = and_(
+        RolloutDevice.rollout_id == rollout.id, RolloutDevice.stage_index == stage_index
+    )
+    states = state_counts(session, rollout.id, stage_index)
+    assigned = sum(states.values())
+    finished_values = _values(FINISHED)
+    offline = session.scalar(
+        select(func.count())
+        .select_from(RolloutDevice)
+        .join(Device, Device.id == RolloutDevice.device_id)
+        .where(in_stage, Device.online.is_(False), RolloutDevice.state.not_in(finished_values))
+    )
+    last_finished = session.scalar(
+        select(func.max(RolloutDevice.updated_at)).where(
+            in_stage, RolloutDevice.state.in_(finished_values)
+        )
+    )
+    finished = sum(states[v] for v in finished_values)
+    since_finish = None if last_finished is None else (now - last_finished).total_seconds()
+    started = rollout.stage_started_at or now
+    since = started - bucket
+    on_stage = and_(
+        TelemetryBucket.device_id == RolloutDevice.device_id,
+        in_stage,
+        TelemetryBucket.bucket_start > since,
+        TelemetryBucket.bundle_name == bundle.name,
+    )
+    new_version = and_(on_stage, TelemetryBucket.bundle_version == bundle.version)
+    requests, errors, fallbacks, reporting = session.execute(
+        select(
+            func.coalesce(func.sum(TelemetryBucket.requests), 0),
+            func.coalesce(func.sum(TelemetryBucket.errors), 0),
+            func.coalesce(func.sum(TelemetryBucket.fallbacks), 0),
+            func.count(func.distinct(TelemetryBucket.device_id)),
+        ).where(new_version, TelemetryBucket.requests > 0)
+    ).one()
+    latency = merge_latency(
+        session.scalars(select(TelemetryBucket.latency).where(new_version)).all()
+    )
+    previous = merge_latency(
+        session.scalars(
+            select(TelemetryBucket.latency).where(
+                TelemetryBucket.device_id == RolloutDevice.device_id,
+                in_stage,
+                TelemetryBucket.bundle_name == bundle.name,
+                TelemetryBucket.bundle_version == RolloutDevice.previous_version,
+                TelemetryBucket.bucket_start >= started - PREVIOUS_LATENCY_WINDOW,
+                TelemetryBucket.bucket_start < started,
+            )
+        ).all()
+    )
+    shadow_requests = shadow_agreements = 0
+    if shadow:
+        shadow_requests, shadow_agreements, reporting = session.execute(
+            select(
+                func.coalesce(func.sum(TelemetryBucket.shadow_requests), 0),
+                func.coalesce(func.sum(TelemetryBucket.shadow_agreements), 0),
+                func.count(func.distinct(TelemetryBucket.device_id)),
+            ).where(on_stage, TelemetryBucket.shadow_requests > 0)
+        ).one()
+    return StageCounts(
+        assigned=assigned,
+        pending=states[D.PENDING.value],
+        notified=states[D.NOTIFIED.value],
+        installing=states[D.INSTALLING.value],
+        succeeded=states[D.SUCCEEDED.value],
+        failed=states[D.FAILED.value],
+        timed_out=states[D.TIMED_OUT.value],
+        offline=int(offline or 0),
+        reporting=int(reporting),
+        requests=int(requests),
+        errors=int(errors),
+        fallbacks=int(fallbacks),
+        latency_p95_ms=latency_percentile(latency, 0.95),
+        previous_latency_p95_ms=latency_percentile(previous, 0.95),
+        shadow_requests=int(shadow_requests),
+        shadow_agreements=int(shadow_agreements),
+        stage_elapsed_s=max(0.0, (now - started).total_seconds()),
+        settled_elapsed_s=since_finish if assigned and finished == assigned else None,
+        success_elapsed_s=since_finish,
+    )
+
+
+Histogram = tuple[list[float], list[int]]
+
+
+def merge_latency(histograms: Sequence[dict[str, Any] | None]) -> Histogram | None:
+    """Add latency histograms ({"bounds_ms", "counts"}) that share the most common bounds.
+
+    Histograms with other bounds (another agent version) are left out rather
+    than mixed in; None when there is nothing to merge.
+    """
+    groups: dict[tuple[float, ...], list[int]] = {}
+    weights: dict[tuple[float, ...], int] = {}
+    for item in histograms:
+        if not item:
+            continue
+        bounds, counts = item.get("bounds_ms"), item.get("counts")
+        if not isinstance(bounds, list) or not isinstance(counts, list):
+            continue
+        if len(counts) != len(bounds) + 1:
+            continue
+        key = tuple(float(b) for b in bounds)
+        total = groups.setdefault(key, [0] * len(counts))
+        groups[key] = [a + int(b) for a, b in zip(total, counts, strict=True)]
+        weights[key] = weights.get(key, 0) + sum(int(c) for c in counts)
+    if not groups:
+        return None
+    best = max(groups, key=lambda k: weights[k])
+    return list(best), groups[best]
+
+
+def latency_percentile(histogram: Histogram | None, quantile: float) -> float | None:
+    """The bound at or below which `quantile` of the requests fell (ms); None when empty.
+
+    Requests in the overflow bin are reported as the highest bound: a lower
+    bound of the true value, which is what a ratio against the previous
+    version's histogram (same bounds) needs.
+    """
+    if histogram is None:
+        return None
+    bounds, counts = histogram
+    total = sum(counts)
+    if total <= 0 or not bounds:
+        return None
+    needed = quantile * total
+    running = 0
+    for i, count in enumerate(counts):
+        running += count
+        if running >= needed:
+            return bounds[min(i, len(bounds) - 1)]
+    return bounds[-1]
+
+
+__all__ = [
+    "AGENT_FAILURE",
+    "AGENT_SUCCESS",
+    "AWAITING_INSTALL",
+    "FINISHED",
+    "DeviceState",
+    "latency_percentile",
+    "merge_latency",
+    "reconcile",
+    "stage_counts",
+    "state_counts",
+]

@@ -1,0 +1,258 @@
+"""`edgefleet server run`: one replica of the fleet server, assembled and run.
+
+Start order (each step can fail with a clear error before anything listens):
+keys and trust root, database (migrations applied), the embedded broker if
+asked for, the MQTT link (ingestion of status, heartbeats, telemetry and block
+requests), then the background loops (rollout driver, fleet timestamp,
+retention) and finally the HTTP API in the foreground. SIGINT or SIGTERM stop
+the API; everything else then stops in reverse order, and the ingestion's last
+batch is written before the process exits.
+
+Several replicas may run on one PostgreSQL database and one broker: MQTT
+shared subscriptions spread the device messages over them, and leases in the
+database decide which replica drives each rollout and publishes the fleet
+timestamp.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import uvicorn
+
+from edgefleet.errors import UsageError
+from edgefleet.keys import SigningKey, load_private_key
+from edgefleet.server.api.app import create_app
+from edgefleet.server.bundles import BundleStore
+from edgefleet.server.context import ServerContext
+from edgefleet.server.db.database import Database
+from edgefleet.server.db.migrate import open_database
+from edgefleet.server.devices import DeviceKeyCache
+from edgefleet.server.directives import DirectiveIssuer
+from edgefleet.server.fleettime import FleetTimestamper
+from edgefleet.server.mqtt.blockservice import BlockService
+from edgefleet.server.mqtt.broker import EmbeddedBroker
+from edgefleet.server.mqtt.ingest import Ingestor
+from edgefleet.server.mqtt.link import ServerLink
+from edgefleet.server.mqtt.retention import apply_retention
+from edgefleet.server.rollouts.driver import RolloutDriver
+from edgefleet.server.settings import ServerSettings
+from edgefleet.timefmt import utcnow
+from edgefleet.trust import TrustRoot, load_trust_root, public_keys
+
+log = logging.getLogger(__name__)
+
+MAINTENANCE_INTERVAL_S = 30.0
+BROKER_CONNECT_TIMEOUT_S = 30.0
+
+
+def load_server_key(settings: ServerSettings, trust: TrustRoot) -> SigningKey:
+    """The server key, checked to be one the trust root lists for the server role.
+
+    Raises:
+        KeyFileError: unreadable key file or wrong passphrase.
+        UsageError: the key is not a server key of this trust root (devices would
+            refuse every directive it signs).
+    """
+    key = load_private_key(settings.server_key_path, settings.server_key_passphrase)
+    listed = {public.keyid for public in public_keys(trust, "server")}
+    if key.public.keyid not in listed:
+        raise UsageError(
+            f"{settings.server_key_path} is not a server key of trust root version "
+            f"{trust.version} ({settings.trust_path}); devices would refuse its directives. "
+            "Use the server.key made with that trust root, or rotate the trust root to add it"
+        )
+    return key
+
+
+@dataclass
+class _Loop:
+    """A background loop: `step` every `interval` seconds on its own thread."""
+
+    name: str
+    step: Callable[[], object]
+    interval: float
+    stop: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.step()
+            except Exception:  # a failed step (database restart, ...) must not end the loop
+                log.exception("%s failed; retrying in %.0f s", self.name, self.interval)
+            self.stop.wait(self.interval)
+
+    def close(self, timeout: float = 10.0) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+
+class FleetServer:
+    """The parts of one replica; `start()`, then serve the API, then `close()`."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        """Load keys and trust root, open and migrate the database.
+
+        Raises:
+            TrustRootError, KeyFileError, UsageError: bad trust root or server key.
+            StorageError: the database cannot be opened or migrated.
+        """
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.trust = load_trust_root(settings.trust_path)
+        self.trust.verify_not_expired()
+        self.server_key = load_server_key(settings, self.trust)
+        self.db: Database = open_database(settings.database_url)
+        self.bundles = BundleStore(settings.data_dir, self.trust)
+        self.broker: EmbeddedBroker | None = None
+        if settings.embedded_broker:
+            self.broker = EmbeddedBroker(settings.mqtt_port, host=_broker_host(settings))
+        self.device_keys = DeviceKeyCache(self.db)
+        self.ingest: Ingestor | None = None
+        self.link: ServerLink | None = None
+        self._loops: list[_Loop] = []
+        self._driver_stop = threading.Event()
+        self._driver_thread: threading.Thread | None = None
+
+    def start(self) -> ServerContext:
+        """Start the broker, the MQTT link and the background loops; return the API's context.
+
+        Raises:
+            BrokerError: the embedded broker cannot start.
+            UsageError: the broker cannot be reached in time.
+        """
+        settings = self.settings
+        removed = self.bundles.remove_stale_uploads()
+        if removed:
+            log.info("removed %d upload(s) left by an earlier run", removed)
+        if self.broker is not None:
+            self.broker.start()
+            log.info("embedded MQTT broker listening on %s", self.broker.url)
+        broker_url = self.broker.url if self.broker is not None else settings.broker_url
+        self.link = ServerLink(
+            broker_url,
+            f"edgefleet-server-{settings.replica_id}",
+            settings.share_group,
+            self._handle_message,
+        )
+        context = ServerContext(
+            settings=settings,
+            db=self.db,
+            trust=self.trust,
+            bundles=self.bundles,
+            publisher=self.link,
+            issuer=DirectiveIssuer([self.server_key], settings),
+            device_keys=self.device_keys,
+        )
+        blocks = BlockService(self.bundles, self.db, context.publisher)
+        self.ingest = Ingestor(self.db, self.device_keys, settings, blocks=blocks.handle)
+        context.ingest = self.ingest
+        self.ingest.start()
+        self.link.start()
+        if not self.link.wait_connected(BROKER_CONNECT_TIMEOUT_S):
+            self.close()
+            raise UsageError(
+                f"cannot reach the MQTT broker at {broker_url} within "
+                f"{BROKER_CONNECT_TIMEOUT_S:.0f} s: start mosquitto, pass --mqtt URL, "
+                "or run with --embedded-broker"
+            )
+        log.info(
+            "connected to the MQTT broker at %s as replica %s", broker_url, settings.replica_id
+        )
+        assert context.issuer is not None
+        driver = RolloutDriver(self.db, context.issuer, context.publisher, settings)
+        self._driver_thread = threading.Thread(
+            target=driver.run, args=(self._driver_stop,), name="edgefleet-driver", daemon=True
+        )
+        self._driver_thread.start()
+        timestamper = FleetTimestamper(
+            self.db, [self.server_key], self.trust.version, context.publisher, settings
+        )
+        # Ticked well within the lease so the replica that publishes keeps its lease.
+        lease_refresh = max(0.5, settings.lease_ttl.total_seconds() / 3)
+        self._loops = [
+            _Loop("edgefleet-fleet-timestamp", timestamper.tick, lease_refresh),
+            _Loop("edgefleet-retention", self._maintain, MAINTENANCE_INTERVAL_S),
+        ]
+        for loop in self._loops:
+            loop.start()
+        return context
+
+    def _handle_message(self, topic: str, payload: bytes) -> None:
+        assert self.ingest is not None  # set before the link starts
+        self.ingest.handle(topic, payload)
+
+    def _maintain(self) -> None:
+        with self.db.session() as session:
+            result = apply_retention(session, self.settings, utcnow())
+        if result.buckets_deleted or result.devices_marked_offline:
+            log.info(
+                "retention: %d telemetry bucket(s) deleted, %d silent device(s) marked offline",
+                result.buckets_deleted,
+                result.devices_marked_offline,
+            )
+
+    def close(self) -> None:
+        """Stop everything in reverse order; the ingestion's last batch is written. Idempotent."""
+        for loop in self._loops:
+            loop.close()
+        self._driver_stop.set()
+        if self._driver_thread is not None:
+            self._driver_thread.join(30)
+        if self.link is not None:
+            self.link.stop()
+        if self.ingest is not None:
+            self.ingest.stop()
+        if self.broker is not None:
+            self.broker.stop()
+        self.db.dispose()
+
+
+def _broker_host(settings: ServerSettings) -> str:
+    # The embedded broker listens where the API does: devices reach both on that address.
+    return settings.host
+
+
+def run_server(settings: ServerSettings) -> None:
+    """Run one replica until SIGINT or SIGTERM.
+
+    Raises:
+        Everything `FleetServer` and `FleetServer.start` raise, before anything listens.
+    """
+    server = FleetServer(settings)
+    try:
+        context = server.start()
+        app = create_app(context)
+        config = uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+        )
+        log.info(
+            "fleet server %s: API on http://%s:%d/api/v1 (docs at /docs), database %s%s",
+            settings.replica_id,
+            settings.host,
+            settings.port,
+            _safe_url(server.db),
+            ", open enrollment" if settings.open_enrollment else "",
+        )
+        uvicorn.Server(config).run()  # handles SIGINT and SIGTERM, returns after shutdown
+    finally:
+        log.info("stopping")
+        server.close()
+
+
+def _safe_url(db: Database) -> str:
+    return db.engine.url.render_as_string(hide_password=True)

@@ -1,0 +1,240 @@
+"""API tokens and one-time enrollment tokens.
+
+A token is a random secret shown once, when it is created; the database keeps
+only its SHA-256 (hex), so a copy of the database grants nothing. A presented
+secret is hashed and looked up by that hash (an indexed, unique column): the
+work does not depend on how much of the secret matches a stored one, so there
+is no timing to learn from, and no secret is ever compared in Python.
+
+Formats: `efa_` (API) or `efe_` (enrollment) + 43 URL-safe characters (32
+random bytes). The prefix lets scanners and people recognise a leaked token.
+
+An enrollment token is consumed by a conditional UPDATE (`... WHERE used_at IS
+NULL`) in the enrolling unit of work, so two devices racing with one token
+cannot both enroll, on SQLite or PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import secrets
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from edgefleet.server.audit import record_audit
+from edgefleet.server.db.models import ApiToken, EnrollToken
+from edgefleet.server.errors import AuthError, EnrollmentError, InvalidRequestError, NotFoundError
+from edgefleet.server.principals import Principal, Role
+from edgefleet.timefmt import utcnow
+
+API_PREFIX = "efa_"
+ENROLL_PREFIX = "efe_"
+SECRET_BYTES = 32  # 43 URL-safe characters
+MAX_NAME = 128
+MAX_TAGS = 32
+MAX_TAG_LENGTH = 128
+MAX_ENROLL_TTL = dt.timedelta(days=365)
+
+
+def hash_secret(secret: str) -> str:
+    """The SHA-256 (hex) of a token secret, as stored."""
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def _new_secret(prefix: str) -> str:
+    return prefix + secrets.token_urlsafe(SECRET_BYTES)
+
+
+# --- API tokens
+
+
+def create_api_token(
+    session: Session,
+    name: str,
+    role: Role | str,
+    now: dt.datetime | None = None,
+    *,
+    actor: Principal | None = None,
+) -> str:
+    """Add a token named `name` with `role`; returns its secret (shown once, never stored).
+
+    With `actor` (an admin through the API) the creation is audited; without
+    (the `server token create` bootstrap) it is not.
+
+    Raises:
+        InvalidRequestError: the name is empty or longer than 128 characters,
+            or `role` is not admin, operator or viewer.
+    """
+    name = name.strip()
+    if not name or len(name) > MAX_NAME:
+        raise InvalidRequestError(f"token name must be 1 to {MAX_NAME} characters")
+    try:
+        role = Role(role)
+    except ValueError:
+        roles = ", ".join(r.value for r in Role)
+        raise InvalidRequestError(f"role must be one of {roles}, not {role!r}") from None
+    secret = _new_secret(API_PREFIX)
+    token = ApiToken(
+        name=name, role=role.value, token_hash=hash_secret(secret), created_at=now or utcnow()
+    )
+    session.add(token)
+    session.flush()
+    if actor is not None:
+        record_audit(
+            session,
+            actor,
+            "token.create",
+            f"token {token.id}",
+            {"name": name, "role": role.value},
+            now,
+        )
+    return secret
+
+
+def authenticate(session: Session, secret: str) -> Principal:
+    """The principal of an API token's secret.
+
+    Raises:
+        AuthError: no such token, or it was revoked (one message for both).
+    """
+    token = None
+    if secret.startswith(API_PREFIX):
+        token = session.scalar(select(ApiToken).where(ApiToken.token_hash == hash_secret(secret)))
+    if token is None or token.revoked_at is not None:
+        raise AuthError("unknown or revoked API token")
+    return Principal(token.name, Role(token.role))
+
+
+def list_api_tokens(session: Session, *, include_revoked: bool = True) -> list[ApiToken]:
+    """Every API token (hashes only), oldest first."""
+    query = select(ApiToken).order_by(ApiToken.id)
+    if not include_revoked:
+        query = query.where(ApiToken.revoked_at.is_(None))
+    return list(session.scalars(query))
+
+
+def revoke_api_token(
+    session: Session,
+    token_id: int,
+    now: dt.datetime | None = None,
+    *,
+    actor: Principal | None = None,
+) -> ApiToken:
+    """Revoke a token from now on; revoking it again keeps the first revocation time.
+
+    Raises:
+        NotFoundError: no token with that id.
+    """
+    token = session.get(ApiToken, token_id)
+    if token is None:
+        raise NotFoundError(f"no API token {token_id}")
+    if token.revoked_at is None:
+        token.revoked_at = now or utcnow()
+        if actor is not None:
+            record_audit(
+                session, actor, "token.revoke", f"token {token_id}", {"name": token.name}, now
+            )
+    return token
+
+
+# --- enrollment tokens
+
+
+def _check_tags(tags: dict[str, str]) -> dict[str, str]:
+    if len(tags) > MAX_TAGS:
+        raise InvalidRequestError(f"at most {MAX_TAGS} tags, not {len(tags)}")
+    for key, value in tags.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidRequestError("tags must map strings to strings")
+        if not key or len(key) > MAX_TAG_LENGTH or len(value) > MAX_TAG_LENGTH:
+            raise InvalidRequestError(
+                f"tag {key[:MAX_TAG_LENGTH]!r}: names 1 to {MAX_TAG_LENGTH} characters, "
+                f"values at most {MAX_TAG_LENGTH}"
+            )
+    return dict(tags)
+
+
+def create_enroll_token(
+    session: Session,
+    actor: Principal,
+    tags: dict[str, str],
+    ttl: dt.timedelta,
+    now: dt.datetime | None = None,
+) -> tuple[str, EnrollToken]:
+    """A one-time token a device enrolls with until now + ttl; its tags go to the device.
+
+    Returns the secret (shown once) and the stored row. Audited as "enroll-token.create".
+
+    Raises:
+        InvalidRequestError: `ttl` is not within (0, 365 days], or the tags are
+            not at most 32 string pairs of at most 128 characters.
+    """
+    if not dt.timedelta(0) < ttl <= MAX_ENROLL_TTL:
+        raise InvalidRequestError(
+            f"enrollment token lifetime must be between 1 s and {MAX_ENROLL_TTL.days} days"
+        )
+    now = now or utcnow()
+    secret = _new_secret(ENROLL_PREFIX)
+    token = EnrollToken(
+        token_hash=hash_secret(secret),
+        created_by=actor.name,
+        created_at=now,
+        expires_at=now + ttl,
+        tags=_check_tags(tags),
+    )
+    session.add(token)
+    session.flush()
+    details: dict[str, Any] = {"tags": token.tags, "expires_at": token.expires_at.isoformat()}
+    record_audit(session, actor, "enroll-token.create", f"enroll-token {token.id}", details, now)
+    return secret, token
+
+
+def consume_enroll_token(
+    session: Session, secret: str, device_id: str, now: dt.datetime | None = None
+) -> EnrollToken:
+    """Mark the token of `secret` used by `device_id`, in the caller's unit of work.
+
+    If that unit of work rolls back (the enrollment failed), the token stays unused.
+
+    Raises:
+        EnrollmentError: the token is unknown, already used (also by a device
+            enrolling at the same moment) or expired.
+    """
+    now = now or utcnow()
+    token = None
+    if secret.startswith(ENROLL_PREFIX):
+        token = session.scalar(
+            select(EnrollToken).where(EnrollToken.token_hash == hash_secret(secret))
+        )
+    if token is None:
+        raise EnrollmentError("unknown enrollment token")
+    if token.used_at is not None:
+        raise EnrollmentError(f"enrollment token {token.id} was already used")
+    if token.expires_at <= now:
+        raise EnrollmentError(f"enrollment token {token.id} expired")
+    claimed = session.execute(
+        update(EnrollToken)
+        .where(EnrollToken.id == token.id, EnrollToken.used_at.is_(None))
+        .values(used_at=now, used_by=device_id)
+        .execution_options(synchronize_session=False)
+    )
+    if claimed.rowcount != 1:  # type: ignore[attr-defined]
+        raise EnrollmentError(f"enrollment token {token.id} was already used")
+    session.refresh(token)
+    return token
+
+
+__all__ = [
+    "API_PREFIX",
+    "ENROLL_PREFIX",
+    "authenticate",
+    "consume_enroll_token",
+    "create_api_token",
+    "create_enroll_token",
+    "hash_secret",
+    "list_api_tokens",
+    "revoke_api_token",
+]

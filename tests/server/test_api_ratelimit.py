@@ -1,0 +1,62 @@
+"""Rate limiting: a token bucket per API token and per client address, 429 with Retry-After."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edgefleet.server.api.ratelimit import RateLimitedError, RateLimiter
+from edgefleet.server.db.database import Database
+from edgefleet.server.principals import Role
+from edgefleet.trust import TrustRoot
+from tests.server.apiclient import make_api
+
+
+class Ticks:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_bucket_refills_at_the_rate_and_says_when() -> None:
+    ticks = Ticks()
+    limiter = RateLimiter(6, clock=ticks)  # one every 10 s, bursts of 6
+    for _ in range(6):
+        limiter.check("a")
+    with pytest.raises(RateLimitedError) as refused:
+        limiter.check("a")
+    assert refused.value.retry_after == 10
+    limiter.check("b")  # other callers have their own bucket
+    ticks.now += 9.0
+    with pytest.raises(RateLimitedError) as again:
+        limiter.check("a")
+    assert again.value.retry_after == 1
+    ticks.now += 1.0
+    limiter.check("a")
+
+
+def test_429_with_retry_after_per_token(
+    sqlite_database: Database, tmp_path: Path, trust: TrustRoot
+) -> None:
+    api = make_api(sqlite_database, tmp_path, trust, api_rate_per_minute=3)
+    for _ in range(3):
+        assert api.get("/bundles", Role.VIEWER).status_code == 200
+    limited = api.get("/bundles", Role.VIEWER)
+    assert limited.status_code == 429
+    assert limited.json()["error"] == "rate-limited"
+    assert 1 <= int(limited.headers["Retry-After"]) <= 20
+    assert api.get("/bundles", Role.OPERATOR).status_code == 200  # another token
+
+
+def test_enrollment_and_failed_logins_are_limited_per_address(
+    sqlite_database: Database, tmp_path: Path, trust: TrustRoot
+) -> None:
+    api = make_api(sqlite_database, tmp_path, trust, api_rate_per_minute=3)
+    codes = [api.enroll(f"cam-{n}").status_code for n in range(4)]
+    assert codes == [201, 201, 201, 429]
+    api2 = make_api(sqlite_database, tmp_path / "2", trust, api_rate_per_minute=2)
+    guesses = [api2.get("/bundles", "efa_guess").status_code for _ in range(3)]
+    assert guesses == [401, 401, 429]

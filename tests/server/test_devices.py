@@ -1,0 +1,412 @@
+"""Device enrollment, the inventory queries and the key cache, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+from sqlalchemy import insert, select
+
+from edgefleet.errors import DeviceSignatureError
+from edgefleet.mqtt import DeviceKey, DeviceTopics, sign_device_payload, verify_device_payload
+from edgefleet.server.audit import list_audit
+from edgefleet.server.db.database import Database
+from edgefleet.server.db.models import Device, EnrollToken
+from edgefleet.server.devices import (
+    DeviceKeyCache,
+    DevicePublic,
+    EnrollRequest,
+    count_devices,
+    enroll_device,
+    get_device,
+    list_devices,
+)
+from edgefleet.server.errors import EnrollmentError, NotFoundError
+from edgefleet.server.principals import Principal, Role
+from edgefleet.server.tokens import create_enroll_token
+
+NOW = dt.datetime(2030, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+OPERATOR = Principal("ops", Role.OPERATOR)
+KEY = DeviceKey.generate()
+OTHER_KEY = DeviceKey.generate()
+
+
+def request(device_id: str = "cam-01", **overrides: Any) -> EnrollRequest:
+    fields: dict[str, Any] = {
+        "device_id": device_id,
+        "public_key": KEY.public_hex,
+        "profile": "rpi4",
+        "arch": "aarch64",
+        "runtimes": ["onnxruntime"],
+        "agent_version": "0.1.0",
+        "tags": {"site": "berlin", "line": "3"},
+        "enroll_token": None,
+    }
+    fields.update(overrides)
+    return EnrollRequest.model_validate(fields)
+
+
+def token(db: Database, tags: dict[str, str] | None = None, ttl_s: float = 3600) -> str:
+    with db.session() as session:
+        secret, _ = create_enroll_token(
+            session, OPERATOR, tags or {}, dt.timedelta(seconds=ttl_s), now=NOW
+        )
+    return secret
+
+
+def enroll(
+    db: Database, req: EnrollRequest, *, open_enrollment: bool = False
+) -> tuple[dict[str, Any], bool]:
+    with db.session() as session:
+        device, created = enroll_device(session, req, open_enrollment=open_enrollment, now=NOW)
+        return DevicePublic.from_row(device).model_dump(mode="json"), created
+
+
+def stored(db: Database, device_id: str = "cam-01") -> Device | None:
+    with db.session() as session:
+        return session.get(Device, device_id)
+
+
+def audit_actions(db: Database) -> list[tuple[str, str]]:
+    with db.session() as session:
+        return [(e.action, e.target) for e in reversed(list_audit(session))]
+
+
+# --- enrollment --------------------------------------------------------------------------------
+
+
+def test_new_device_enrolls_with_a_token_whose_tags_win(database: Database) -> None:
+    secret = token(database, {"site": "hamburg", "fleet": "pilot"})
+    public, created = enroll(database, request(enroll_token=secret))
+    assert created
+    assert public["tags"] == {"site": "hamburg", "line": "3", "fleet": "pilot"}
+    assert public["online"] is False and public["health"] == "unknown"
+    assert public["enrolled_at"] == "2030-01-02T03:04:05Z"
+    row = stored(database)
+    assert row is not None and row.public_key == KEY.public_hex
+    with database.session() as session:
+        used = session.scalar(select(EnrollToken))
+        assert used is not None and used.used_by == "cam-01" and used.used_at == NOW
+    assert ("device.enroll", "device cam-01") in audit_actions(database)
+
+
+def test_without_a_token_only_open_enrollment_admits_a_new_device(database: Database) -> None:
+    with pytest.raises(EnrollmentError, match="enrollment token only"):
+        enroll(database, request())
+    assert stored(database) is None
+    _, created = enroll(database, request(), open_enrollment=True)
+    assert created and stored(database) is not None
+
+
+def test_same_key_again_is_idempotent_changes_nothing_and_keeps_the_token(
+    database: Database,
+) -> None:
+    first, _ = enroll(database, request(), open_enrollment=True)
+    secret = token(database, {"site": "elsewhere"})
+    # An agent retrying after a lost answer, or anyone who knows the (public) key.
+    again, created = enroll(
+        database,
+        request(tags={"site": "forged"}, arch="x86_64", enroll_token=secret),
+        open_enrollment=False,
+    )
+    assert not created and again == first
+    with database.session() as session:
+        unused = session.scalar(select(EnrollToken))
+        assert unused is not None and unused.used_at is None
+    assert audit_actions(database).count(("device.enroll", "device cam-01")) == 1
+
+
+def test_a_new_key_for_an_enrolled_device_needs_a_token_even_in_open_enrollment(
+    database: Database,
+) -> None:
+    enroll(database, request(), open_enrollment=True)
+    with pytest.raises(EnrollmentError, match="another key"):
+        enroll(database, request(public_key=OTHER_KEY.public_hex), open_enrollment=True)
+    row = stored(database)
+    assert row is not None and row.public_key == KEY.public_hex
+
+
+def test_a_new_key_with_a_token_rekeys_and_restarts_the_status_sequence(
+    database: Database,
+) -> None:
+    enroll(database, request(), open_enrollment=True)
+    with database.session() as session:
+        row = session.get(Device, "cam-01")
+        assert row is not None
+        row.status_sequence, row.directive_sequence = 41, 7
+    secret = token(database, {"fleet": "pilot"})
+    public, created = enroll(
+        database,
+        request(public_key=OTHER_KEY.public_hex, agent_version="0.2.0", enroll_token=secret),
+    )
+    assert not created and public["agent_version"] == "0.2.0"
+    assert public["tags"] == {"site": "berlin", "line": "3", "fleet": "pilot"}
+    row = stored(database)
+    assert row is not None and row.public_key == OTHER_KEY.public_hex
+    assert row.status_sequence == 0 and row.directive_sequence == 7
+    with database.session() as session:
+        details = [e.details for e in list_audit(session) if e.action == "device.enroll"]
+    assert details[0]["rekey"] and details[0]["previous_public_key"] == KEY.public_hex
+
+
+@pytest.mark.parametrize("problem", ["unknown", "used", "expired"])
+def test_a_bad_token_enrolls_nothing(database: Database, problem: str) -> None:
+    secret = token(database, ttl_s=1 if problem == "expired" else 3600)
+    if problem == "unknown":
+        secret = "efe_" + "x" * 43
+    if problem == "used":
+        enroll(database, request("cam-00", enroll_token=secret))
+    when = NOW + dt.timedelta(seconds=2)
+    with pytest.raises(EnrollmentError), database.session() as session:
+        enroll_device(session, request(enroll_token=secret), open_enrollment=True, now=when)
+    assert stored(database) is None
+
+
+def test_a_failed_rekey_leaves_the_token_unused(database: Database) -> None:
+    enroll(database, request(), open_enrollment=True)
+    secret = token(database)
+    with pytest.raises(RuntimeError), database.session() as session:
+        enroll_device(
+            session,
+            request(public_key=OTHER_KEY.public_hex, enroll_token=secret),
+            open_enrollment=False,
+            now=NOW,
+        )
+        raise RuntimeError("the unit of work fails later")
+    row = stored(database)
+    assert row is not None and row.public_key == KEY.public_hex
+    with database.session() as session:
+        unused = session.scalar(select(EnrollToken))
+        assert unused is not None and unused.used_at is None
+
+
+# --- the request schema ------------------------------------------------------------------------
+
+
+def test_enroll_request_accepts_the_agents_json() -> None:
+    body = {
+        "device_id": "cam-017",
+        "public_key": KEY.public_hex,
+        "profile": "x86_64-vnni",
+        "arch": "x86_64",
+        "runtimes": ["onnxruntime", "tflite"],
+        "agent_version": "0.1.0-rc.1+build.5",
+        "tags": {"site": "berlin", "room": "B 12"},
+        "enroll_token": "efe_abc",
+    }
+    parsed = EnrollRequest.model_validate_json(json.dumps(body))
+    assert parsed.model_dump() == body
+    minimal = {k: v for k, v in body.items() if k not in ("runtimes", "tags", "enroll_token")}
+    assert EnrollRequest.model_validate(minimal).tags == {}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("device_id", "cam/01"),
+        ("device_id", "+"),
+        ("public_key", "00" * 32),  # small order: nothing could ever verify under it
+        ("public_key", KEY.public_hex.upper()),
+        ("public_key", KEY.public_hex[:-2]),
+        ("profile", "Bad Profile"),
+        ("arch", ""),
+        ("runtimes", "onnxruntime"),
+        ("runtimes", ["onnxruntime", "onnxruntime"]),
+        ("runtimes", [f"rt{i}" for i in range(17)]),
+        ("agent_version", "1.0"),
+        ("tags", {"site": "a,b"}),
+        ("tags", {"si te": "a"}),
+        ("tags", {"site": "x" * 129}),
+        ("tags", {f"t{i}": "v" for i in range(33)}),
+        ("tags", {"site": 3}),
+        ("enroll_token", ""),
+        ("enroll_token", 5),
+        ("surprise", "field"),
+    ],
+)
+def test_enroll_request_refuses(field: str, value: Any) -> None:
+    with pytest.raises(ValidationError) as caught:
+        request(**{field: value})
+    assert field in str(caught.value)
+
+
+# --- inventory ---------------------------------------------------------------------------------
+
+
+def _add(database: Database, rows: list[dict[str, Any]]) -> None:
+    base = {
+        "public_key": KEY.public_hex,
+        "enrolled_at": NOW,
+        "profile": "rpi4",
+        "arch": "aarch64",
+        "runtimes": ["onnxruntime"],
+        "agent_version": "0.1.0",
+        "tags": {},
+        "online": False,
+        "health": "unknown",
+        "status_sequence": 0,
+        "directive_sequence": 0,
+    }
+    with database.session() as session:
+        session.execute(insert(Device), [{**base, **row} for row in rows])
+
+
+def test_list_and_count_filter_by_online_tags_and_model(database: Database) -> None:
+    _add(
+        database,
+        [
+            {
+                "id": "d3",
+                "online": True,
+                "tags": {"site": "berlin"},
+                "model_name": "digits",
+                "model_version": "1.1.0",
+            },
+            {
+                "id": "d1",
+                "online": True,
+                "tags": {"site": "berlin", "line": "3"},
+                "model_name": "digits",
+                "model_version": "1.0.0",
+            },
+            {
+                "id": "d2",
+                "tags": {"site": "paris"},
+                "model_name": "digits",
+                "model_version": "1.1.0",
+            },
+            {"id": "d4", "tags": {"site": "berlin", "line": "4"}},
+        ],
+    )
+
+    def ids(**filters: Any) -> list[str]:
+        with database.session() as session:
+            found = [d.id for d in list_devices(session, **filters)]
+            paging = {k: v for k, v in filters.items() if k not in ("limit", "offset")}
+            if "limit" not in filters:
+                assert count_devices(session, **paging) == len(found)
+            return found
+
+    assert ids() == ["d1", "d2", "d3", "d4"]
+    assert ids(online=True) == ["d1", "d3"]
+    assert ids(online=False) == ["d2", "d4"]
+    assert ids(tags={"site": "berlin"}) == ["d1", "d3", "d4"]
+    assert ids(tags={"site": "berlin", "line": "3"}) == ["d1"]
+    assert ids(tags={"line": "nowhere"}) == []
+    assert ids(model="digits") == ["d1", "d2", "d3"]
+    assert ids(model="digits@1.1.0") == ["d2", "d3"]
+    assert ids(model="digits@1.1.0", online=True, tags={"site": "berlin"}) == ["d3"]
+    assert ids(limit=2) == ["d1", "d2"]
+    assert ids(limit=2, offset=3) == ["d4"]
+
+
+def test_listing_ten_thousand_devices_is_one_fast_query(database: Database) -> None:
+    _add(
+        database,
+        [
+            {"id": f"dev-{i:05d}", "online": i % 2 == 0, "tags": {"site": f"s{i % 10}"}}
+            for i in range(10_000)
+        ],
+    )
+    started = time.perf_counter()
+    with database.session() as session:
+        page = list_devices(session, online=True, tags={"site": "s4"}, limit=100, offset=200)
+        total = count_devices(session, online=True, tags={"site": "s4"})
+        everyone = count_devices(session)
+    elapsed = time.perf_counter() - started
+    assert total == 1000 and everyone == 10_000
+    assert [d.id for d in page[:2]] == ["dev-02004", "dev-02014"]
+    assert elapsed < 1.0, f"{elapsed:.2f} s"
+
+
+def test_get_device_and_its_public_form(database: Database) -> None:
+    heartbeat = {
+        "sent_at": "2030-01-02T03:04:00Z",
+        "uptime_s": 5,
+        "cpu_percent": 12.5,
+        "memory_used_bytes": 1,
+        "memory_total_bytes": 2,
+        "disk_free_bytes": 3,
+        "disk_total_bytes": 4,
+        "agent_version": "0.1.0",
+        "install_state": "idle",
+    }
+    _add(database, [{"id": "cam-9", "heartbeat": heartbeat, "last_seen": NOW, "online": True}])
+    with database.session() as session:
+        public = DevicePublic.from_row(get_device(session, "cam-9")).model_dump(mode="json")
+        with pytest.raises(NotFoundError, match="cam-8"):
+            get_device(session, "cam-8")
+    assert public["heartbeat"]["cpu_percent"] == 12.5
+    assert public["heartbeat"]["temperature_c"] is None
+    assert public["last_seen"] == "2030-01-02T03:04:05Z"
+    assert set(public) >= {"id", "online", "model_name", "profile", "runtimes", "tags"}
+
+
+# --- the key cache, with device signatures ------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_key_cache_verifies_an_enrolled_devices_message_and_caches(
+    sqlite_database: Database,
+) -> None:
+    db = sqlite_database
+    clock = Clock()
+    cache = DeviceKeyCache(db, ttl_s=60, negative_ttl_s=5, monotonic=clock)
+    topic = DeviceTopics("cam-01").status
+    frame = sign_device_payload(topic, b"{}", KEY)
+
+    assert cache.public_key("cam-01") is None  # not enrolled yet
+    enroll(db, request(), open_enrollment=True)
+    assert cache.public_key("cam-01") is None  # the negative answer is cached briefly
+    clock.now += 5
+    key = cache.public_key("cam-01")
+    assert key == KEY.public_hex
+    assert verify_device_payload(topic, frame, key) == b"{}"
+    loads = cache.loads
+    for _ in range(100):
+        cache.public_key("cam-01")
+    assert cache.loads == loads  # served from memory
+
+    # Re-keyed elsewhere (another replica): the old key refuses the new frames...
+    secret = token(db)
+    enroll(db, request(public_key=OTHER_KEY.public_hex, enroll_token=secret))
+    new_frame = sign_device_payload(topic, b"{}", OTHER_KEY)
+    with pytest.raises(DeviceSignatureError):
+        verify_device_payload(topic, new_frame, cache.public_key("cam-01") or "")
+    # ... `fresh` reloads, but at most once per refresh interval per device.
+    clock.now += 1
+    assert cache.public_key("cam-01", fresh=True) == KEY.public_hex
+    clock.now += 5
+    assert cache.public_key("cam-01", fresh=True) == OTHER_KEY.public_hex
+    # invalidate (an enrollment on this replica) forgets at once.
+    cache.invalidate("cam-01")
+    assert cache.public_key("cam-01") == OTHER_KEY.public_hex
+    assert cache.loads == loads + 2  # the early `fresh` was refused a reload
+
+
+def test_key_cache_expires_and_is_bounded(sqlite_database: Database) -> None:
+    clock = Clock()
+    cache = DeviceKeyCache(sqlite_database, ttl_s=60, max_entries=3, monotonic=clock)
+    enroll(sqlite_database, request(), open_enrollment=True)
+    assert cache.public_key("cam-01") == KEY.public_hex
+    clock.now += 60
+    cache.public_key("cam-01")
+    assert cache.loads == 2
+    for name in ("a", "b", "c"):
+        cache.public_key(name)
+    cache.public_key("cam-01")  # dropped as least recently used: loaded again
+    assert cache.loads == 6
+    cache.invalidate()
+    cache.public_key("cam-01")
+    assert cache.loads == 7

@@ -1,0 +1,265 @@
+"""Stage gates: every branch of evaluate_stage, table-driven."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from edgefleet.server.rollouts.gates import (
+    GateCheck,
+    GateDecision,
+    StageCounts,
+    Verdict,
+    evaluate_stage,
+)
+from edgefleet.server.rollouts.plan import Gates
+
+ADVANCE, WAIT, FAIL = GateDecision.ADVANCE, GateDecision.WAIT, GateDecision.FAIL
+
+# A stage of 10 devices, all installed and settled long ago, with healthy traffic.
+HEALTHY: dict[str, Any] = {
+    "assigned": 10,
+    "succeeded": 10,
+    "reporting": 10,
+    "requests": 1000,
+    "errors": 10,
+    "fallbacks": 10,
+    "latency_p95_ms": 20.0,
+    "previous_latency_p95_ms": 20.0,
+    "stage_elapsed_s": 600.0,
+    "settled_elapsed_s": 300.0,
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    counts: dict[str, Any]  # applied over HEALTHY
+    decision: GateDecision
+    reasons: list[str] = field(default_factory=list)  # substrings, in order
+    gates: dict[str, Any] = field(default_factory=dict)
+    shadow: bool = False
+    passed: dict[str, bool | None] = field(default_factory=dict)  # check name -> passed
+
+
+CASES = {
+    # --- advance ---
+    "healthy stage advances": Case({}, ADVANCE, ["every gate passed"]),
+    "no devices of its own advances at once": Case(
+        {"assigned": 0, "succeeded": 0, "settled_elapsed_s": None}, ADVANCE, ["no devices"]
+    ),
+    "one failure in ten is at the limit, not over it": Case(
+        {"succeeded": 9, "failed": 1}, ADVANCE, [], passed={"max_failure_share": True}
+    ),
+    "zero bake advances as soon as settled": Case(
+        {"settled_elapsed_s": 0.0}, ADVANCE, gates={"bake_s": 0}, passed={"bake_s": True}
+    ),
+    "error rate at the limit passes": Case(
+        {"errors": 50}, ADVANCE, passed={"max_error_rate": True}
+    ),
+    "health not judged without enough requests": Case(
+        {"requests": 19, "errors": 19, "fallbacks": 19, "latency_p95_ms": 900.0},
+        ADVANCE,
+        passed={"max_error_rate": None, "max_fallback_rate": None, "max_latency_p95_ratio": None},
+    ),
+    "latency at the ratio passes": Case(
+        {"latency_p95_ms": 30.0}, ADVANCE, passed={"max_latency_p95_ratio": True}
+    ),
+    "latency not judged without the previous version's": Case(
+        {"latency_p95_ms": 900.0, "previous_latency_p95_ms": None},
+        ADVANCE,
+        passed={"max_latency_p95_ratio": None},
+    ),
+    "latency not judged when none reported": Case(
+        {"latency_p95_ms": None}, ADVANCE, passed={"max_latency_p95_ratio": None}
+    ),
+    "shadow agreement at the limit passes": Case(
+        {"shadow_requests": 100, "shadow_agreements": 95},
+        ADVANCE,
+        shadow=True,
+        passed={"min_shadow_agreement": True},
+    ),
+    "shadow agreement not judged with few comparisons": Case(
+        {"shadow_requests": 19, "shadow_agreements": 0},
+        ADVANCE,
+        shadow=True,
+        passed={"min_shadow_agreement": None},
+    ),
+    "a normal stage ignores shadow counts": Case(
+        {"shadow_requests": 100, "shadow_agreements": 0},
+        ADVANCE,
+        passed={"min_shadow_agreement": None},
+    ),
+    "reporting is capped at the stage's size": Case(
+        {"assigned": 2, "succeeded": 2, "reporting": 2}, ADVANCE, gates={"min_reporting": 5}
+    ),
+    "reporting is capped at the devices that installed": Case(
+        {"succeeded": 9, "failed": 1, "reporting": 9},
+        ADVANCE,
+        gates={"min_reporting": 10},
+        passed={"min_reporting": True},
+    ),
+    "success reached with the rest offline bakes from success": Case(
+        {
+            "succeeded": 9,
+            "notified": 1,
+            "offline": 1,
+            "settled_elapsed_s": None,
+            "success_elapsed_s": 60.0,
+        },
+        ADVANCE,
+        passed={"bake_s": True, "min_success_share": True},
+    ),
+    "drift gate is listed but not judged": Case(
+        {}, ADVANCE, gates={"max_drift": 0.2}, passed={"max_drift": None}
+    ),
+    # --- wait ---
+    "installs still running": Case(
+        {"assigned": 2, "succeeded": 1, "installing": 1, "reporting": 1, "settled_elapsed_s": None},
+        WAIT,
+        ["waiting: 1 of 2 devices installed (2 needed)"],
+        passed={"min_success_share": None, "bake_s": None},
+    ),
+    "baking after settling": Case(
+        {"settled_elapsed_s": 30.0}, WAIT, ["baking: 30 s of 60 s"], passed={"bake_s": None}
+    ),
+    "success reached but unfinished devices and no success time": Case(
+        {"succeeded": 9, "notified": 1, "offline": 1, "settled_elapsed_s": None},
+        WAIT,
+        ["waiting: 1 device(s) still to finish, 1 offline before baking"],
+    ),
+    "baking since the success share was reached": Case(
+        {"succeeded": 9, "installing": 1, "settled_elapsed_s": None, "success_elapsed_s": 10.0},
+        WAIT,
+        ["baking: 10 s of 60 s"],
+    ),
+    "telemetry from too few devices": Case(
+        {"reporting": 1},
+        WAIT,
+        ["waiting: telemetry from 1 of 2 devices needed"],
+        gates={"min_reporting": 2},
+        passed={"min_reporting": None, "bake_s": True},
+    ),
+    "several things missing are all named": Case(
+        {"succeeded": 5, "pending": 5, "reporting": 0, "settled_elapsed_s": None},
+        WAIT,
+        ["waiting: 5 of 10 devices installed (9 needed)", "waiting: telemetry from 0 of 3"],
+        gates={"min_reporting": 3},
+    ),
+    "offline devices are named while waiting": Case(
+        {"succeeded": 5, "notified": 5, "offline": 3, "settled_elapsed_s": None},
+        WAIT,
+        ["waiting: 5 of 10 devices installed (9 needed, 3 offline)"],
+    ),
+    # --- fail ---
+    "failure share over the limit": Case(
+        {"succeeded": 8, "failed": 2},
+        FAIL,
+        ["max_failure_share: 2 of 10 devices failed or timed out (20.0%; at most 0.1)"],
+        passed={"max_failure_share": False},
+    ),
+    "timed out devices count as failed": Case(
+        {"succeeded": 8, "failed": 1, "timed_out": 1}, FAIL, ["max_failure_share: 2 of 10"]
+    ),
+    "failure share fails before the others finish": Case(
+        {"succeeded": 0, "failed": 2, "installing": 8, "settled_elapsed_s": None},
+        FAIL,
+        ["max_failure_share"],
+    ),
+    "settled below the success share fails": Case(
+        {"succeeded": 9, "failed": 1},
+        FAIL,
+        ["min_success_share: every device finished and 9 of 10 installed"],
+        gates={"min_success_share": 1.0, "max_failure_share": 0.5},
+        passed={"max_failure_share": True, "min_success_share": False},
+    ),
+    "error rate over the limit": Case(
+        {"errors": 51}, FAIL, ["max_error_rate: 51 errors in 1000 requests (5.1%"]
+    ),
+    "fallback rate over the limit": Case(
+        {"fallbacks": 200}, FAIL, ["max_fallback_rate: 200 fallbacks in 1000 requests"]
+    ),
+    "latency over the ratio": Case(
+        {"latency_p95_ms": 31.0}, FAIL, ["max_latency_p95_ratio: p95 31 ms vs 20 ms before"]
+    ),
+    "shadow disagreement": Case(
+        {"shadow_requests": 100, "shadow_agreements": 94},
+        FAIL,
+        ["min_shadow_agreement: 94 of 100 shadow answers agree"],
+        shadow=True,
+    ),
+    "health fails while installs still run": Case(
+        {"succeeded": 3, "installing": 7, "settled_elapsed_s": None, "errors": 500},
+        FAIL,
+        ["max_error_rate"],
+    ),
+    "every failing check is a reason": Case(
+        {"succeeded": 7, "failed": 3, "errors": 100, "fallbacks": 100},
+        FAIL,
+        ["max_failure_share", "min_success_share", "max_error_rate", "max_fallback_rate"],
+    ),
+    "stage override is what counts": Case(
+        {"errors": 30}, FAIL, ["max_error_rate"], gates={"max_error_rate": 0.01}
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_evaluate_stage(case: Case) -> None:
+    gates = Gates.model_validate(Gates().model_dump() | case.gates)
+    verdict = evaluate_stage(gates, StageCounts(**(HEALTHY | case.counts)), shadow=case.shadow)
+    assert verdict.decision is case.decision, verdict
+    assert len(verdict.reasons) >= len(case.reasons), verdict.reasons
+    for want, got in zip(case.reasons, verdict.reasons, strict=False):
+        assert want in got, verdict.reasons
+    results = {check.name: check.passed for check in verdict.checks}
+    for name, passed in case.passed.items():
+        assert results[name] is passed, (name, verdict.checks)
+    if verdict.decision is FAIL:
+        failed = {check.name for check in verdict.checks if check.passed is False}
+        assert [r.split(":")[0] for r in verdict.reasons] == [
+            c.name for c in verdict.checks if c.name in failed
+        ]
+    if verdict.decision is ADVANCE:
+        assert not any(check.passed is False for check in verdict.checks)
+
+
+def test_every_gate_has_a_check() -> None:
+    verdict = evaluate_stage(Gates(max_drift=0.1), StageCounts(**HEALTHY), shadow=True)
+    assert [check.name for check in verdict.checks] == [
+        "max_failure_share",
+        "min_success_share",
+        "max_error_rate",
+        "max_fallback_rate",
+        "max_latency_p95_ratio",
+        "min_shadow_agreement",
+        "min_reporting",
+        "bake_s",
+        "max_drift",
+    ]
+    assert set(Gates.model_fields) - {"min_requests"} == {c.name for c in verdict.checks}
+
+
+def test_shares_are_compared_exactly() -> None:
+    # 0.1 * 30 is 3.0000000000000004 in floats; 3 of 30 is exactly at the limit.
+    counts = StageCounts(**(HEALTHY | {"assigned": 30, "succeeded": 27, "failed": 3}))
+    assert evaluate_stage(Gates(), counts, shadow=False).decision is ADVANCE
+    counts = StageCounts(**(HEALTHY | {"assigned": 30, "succeeded": 26, "failed": 4}))
+    assert evaluate_stage(Gates(), counts, shadow=False).decision is FAIL
+
+
+def test_verdict_is_json_safe() -> None:
+    verdict = evaluate_stage(Gates(), StageCounts(**HEALTHY), shadow=False)
+    data = verdict.to_dict()
+    assert json.loads(json.dumps(data)) == data
+    assert data["decision"] == "advance"
+    assert data["checks"][0] == {
+        "name": "max_failure_share",
+        "passed": True,
+        "detail": "0 of 10 devices failed or timed out (0.0%; at most 0.1)",
+    }
+    assert Verdict(WAIT, ["x"], [GateCheck("bake_s", None, "y")]).to_dict()["checks"] == [
+        {"name": "bake_s", "passed": None, "detail": "y"}
+    ]

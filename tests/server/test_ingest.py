@@ -1,0 +1,430 @@
+"""Ingestion on a real database: signatures checked, state written in batches, nothing twice."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select, update
+
+from edgefleet.mqtt.devicesig import DeviceKey, sign_device_payload
+from edgefleet.mqtt.messages import Heartbeat, StatusReport, encode_message
+from edgefleet.mqtt.topics import DeviceTopics, TopicKind
+from edgefleet.server.db.database import Database
+from edgefleet.server.db.models import Base, Device, StatusReportRow, TelemetryBucket
+from edgefleet.server.mqtt.ingest import Ingestor
+from edgefleet.server.mqtt.retention import apply_retention
+from edgefleet.server.settings import ServerSettings
+from edgefleet.timefmt import format_time
+from tests.server.fleet import SimDevice, telemetry_window
+
+T0 = dt.datetime(2026, 3, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
+
+
+class Clock:
+    def __init__(self, now: dt.datetime = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+
+class Keys:
+    """The ingestor's key lookup, from a dict (H5's DeviceKeyCache does it from the DB)."""
+
+    def __init__(self, devices: list[SimDevice]) -> None:
+        self.keys = {device.id: device.public_key for device in devices}
+        self.lookups = 0  # fresh lookups
+
+    def public_key(self, device_id: str, *, fresh: bool = False) -> str | None:
+        self.lookups += int(fresh)
+        return self.keys.get(device_id)
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> ServerSettings:
+    return ServerSettings(
+        data_dir=tmp_path,
+        trust_path=tmp_path / "t.json",
+        server_key_path=tmp_path / "k",
+        **overrides,
+    )
+
+
+def enroll(db: Database, devices: list[SimDevice]) -> None:
+    with db.session() as session:
+        for device in devices:
+            session.add(
+                Device(
+                    id=device.id,
+                    public_key=device.public_key,
+                    enrolled_at=T0,
+                    profile=device.profile,
+                    arch="x86_64",
+                    runtimes=["onnxruntime"],
+                    agent_version="0.1.0",
+                    tags={},
+                    online=False,
+                    health="unknown",
+                    status_sequence=0,
+                    directive_sequence=0,
+                )
+            )
+
+
+def signed(device: SimDevice, kind: TopicKind, message: bytes) -> tuple[str, bytes]:
+    topic = DeviceTopics(device.id).topic(kind)
+    return topic, sign_device_payload(topic, message, device.key)
+
+
+def heartbeat(device: SimDevice, **fields: object) -> bytes:
+    values: dict[str, object] = {
+        "device_id": device.id,
+        "sent_at": format_time(T0),
+        "uptime_s": 5,
+        "cpu_percent": 3.0,
+        "memory_used_bytes": 1,
+        "memory_total_bytes": 2,
+        "disk_free_bytes": 1,
+        "disk_total_bytes": 2,
+        "agent_version": "0.2.0",
+        "install_state": "idle",
+    }
+    values.update(fields)
+    return encode_message(Heartbeat(**values))  # type: ignore[arg-type]
+
+
+def status(device: SimDevice, sequence: int, state: str, **fields: object) -> bytes:
+    return encode_message(
+        StatusReport(
+            device_id=device.id,
+            sent_at=format_time(T0),
+            sequence=sequence,
+            install_state=state,
+            **fields,  # type: ignore[arg-type]
+        )
+    )
+
+
+def telemetry(device: SimDevice, start: dt.datetime, **fields: object) -> bytes:
+    return encode_message(telemetry_window(device.id, start, **fields))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def devices() -> list[SimDevice]:
+    return [SimDevice(f"dev-{i}") for i in range(3)]
+
+
+@pytest.fixture
+def ingestor(database: Database, devices: list[SimDevice], tmp_path: Path) -> Ingestor:
+    enroll(database, devices)
+    return Ingestor(database, Keys(devices), make_settings(tmp_path), clock=Clock())
+
+
+def device_row(db: Database, device_id: str) -> Device:
+    with db.session() as session:
+        device = session.get(Device, device_id)
+        assert device is not None
+        return device
+
+
+def test_heartbeats_coalesce_and_update_the_device(
+    ingestor: Ingestor, database: Database, devices: list[SimDevice]
+) -> None:
+    dev = devices[0]
+    ingestor.handle(*signed(dev, TopicKind.HEARTBEAT, heartbeat(dev, uptime_s=1)))
+    ingestor.handle(
+        *signed(
+            dev,
+            TopicKind.HEARTBEAT,
+            heartbeat(
+                dev, uptime_s=2, model_name="demo", model_version="1.0.0", install_state="committed"
+            ),
+        )
+    )
+    assert ingestor.flush() == 2
+    row = device_row(database, dev.id)
+    assert row.online and row.last_seen == T0
+    assert row.heartbeat is not None and row.heartbeat["uptime_s"] == 2
+    assert (row.agent_version, row.model_name, row.model_version) == ("0.2.0", "demo", "1.0.0")
+    assert row.install_state == "committed"
+    assert ingestor.counts["heartbeat"] == 2
+
+
+def test_status_reports_are_deduplicated_applied_and_trimmed(
+    database: Database, devices: list[SimDevice], tmp_path: Path
+) -> None:
+    enroll(database, devices)
+    ingestor = Ingestor(
+        database, Keys(devices), make_settings(tmp_path, status_reports_kept=3), clock=Clock()
+    )
+    dev = devices[0]
+    common = {"bundle_name": "demo", "bundle_version": "2.0.0", "previous_version": "1.0.0"}
+    for seq, state in enumerate(["downloading", "verifying", "activating", "committed"], 1):
+        ingestor.handle(*signed(dev, TopicKind.STATUS, status(dev, seq, state, **common)))
+    ingestor.handle(*signed(dev, TopicKind.STATUS, status(dev, 4, "committed", **common)))
+    ingestor.handle(*signed(dev, TopicKind.STATUS, status(dev, 2, "verifying", **common)))
+    ingestor.flush()
+    assert ingestor.duplicates["status"] == 2
+    row = device_row(database, dev.id)
+    assert row.status_sequence == 4 and row.install_state == "committed"
+    assert (row.model_name, row.model_version, row.previous_version) == ("demo", "2.0.0", "1.0.0")
+    with database.session() as session:
+        kept = session.scalars(
+            select(StatusReportRow.sequence).where(StatusReportRow.device_id == dev.id)
+        ).all()
+    assert sorted(kept) == [2, 3, 4]
+
+    # another replica (fresh memory) receives a redelivered report: the database decides
+    again = Ingestor(database, Keys(devices), make_settings(tmp_path), clock=Clock())
+    again.handle(*signed(dev, TopicKind.STATUS, status(dev, 3, "activating", **common)))
+    again.flush()
+    assert again.duplicates["status"] == 1
+    assert device_row(database, dev.id).install_state == "committed"
+
+
+def test_a_shadow_commit_does_not_change_the_served_version(
+    ingestor: Ingestor, database: Database, devices: list[SimDevice]
+) -> None:
+    dev = devices[0]
+    reason = "demo-2.0.0 runs in shadow beside demo-1.0.0: compared, never served"
+    report = status(dev, 1, "committed", bundle_name="demo", bundle_version="2.0.0", reason=reason)
+    ingestor.handle(*signed(dev, TopicKind.STATUS, report))
+    ingestor.flush()
+    row = device_row(database, dev.id)
+    assert row.install_state == "committed" and row.model_version is None
+
+
+def test_telemetry_merges_into_buckets_across_flushes_once_per_window(
+    ingestor: Ingestor, database: Database, devices: list[SimDevice]
+) -> None:
+    dev = devices[0]
+    for minute in range(3):
+        start = T0 + dt.timedelta(minutes=minute)
+        ingestor.handle(*signed(dev, TopicKind.TELEMETRY, telemetry(dev, start, errors=1)))
+    ingestor.flush()
+    # the same window again (redelivered) and one more
+    ingestor.handle(*signed(dev, TopicKind.TELEMETRY, telemetry(dev, T0, errors=1)))
+    later = T0 + dt.timedelta(minutes=3)
+    ingestor.handle(*signed(dev, TopicKind.TELEMETRY, telemetry(dev, later, errors=30)))
+    ingestor.handle(*signed(dev, TopicKind.TELEMETRY, telemetry(dev, T0 + dt.timedelta(hours=1))))
+    ingestor.flush()
+    assert ingestor.duplicates["telemetry"] == 1
+    with database.session() as session:
+        buckets = session.scalars(select(TelemetryBucket).order_by(TelemetryBucket.bucket_start))
+        rows = [(b.bucket_start, b.windows, b.requests, b.errors) for b in buckets]
+        first = session.scalars(select(TelemetryBucket)).first()
+        assert first is not None
+        assert sum(first.latency["counts"]) == 400
+        assert first.bins["inputs"]["f1"]["counts"] == [40] * 10
+    assert rows == [(T0, 4, 400, 33), (T0 + dt.timedelta(hours=1), 1, 100, 0)]
+    # the newest window (the hour later, 0 errors) decides the health
+    assert device_row(database, dev.id).health == "ok"
+
+
+def test_health_follows_the_newest_window(
+    ingestor: Ingestor, database: Database, devices: list[SimDevice]
+) -> None:
+    dev = devices[1]
+    ingestor.handle(*signed(dev, TopicKind.TELEMETRY, telemetry(dev, T0, errors=50)))
+    ingestor.flush()
+    assert device_row(database, dev.id).health == "failing"
+    later = T0 + dt.timedelta(minutes=1)
+    ingestor.handle(*signed(dev, TopicKind.TELEMETRY, telemetry(dev, later, fallbacks=10)))
+    ingestor.flush()
+    assert device_row(database, dev.id).health == "degraded"
+
+
+def test_presence_sets_online_and_offline(
+    ingestor: Ingestor, database: Database, devices: list[SimDevice]
+) -> None:
+    dev = devices[0]
+    presence = DeviceTopics(dev.id).presence
+    ingestor.handle(presence, b"online")
+    ingestor.flush()
+    assert device_row(database, dev.id).online
+    ingestor.handle(*signed(dev, TopicKind.HEARTBEAT, heartbeat(dev)))
+    ingestor.handle(presence, b"offline")  # after the heartbeat: offline wins
+    ingestor.flush()
+    assert not device_row(database, dev.id).online
+
+
+def test_refusals_are_counted_by_reason_and_change_nothing(
+    ingestor: Ingestor, database: Database, devices: list[SimDevice]
+) -> None:
+    dev, other = devices[0], devices[1]
+    stranger = SimDevice("stranger")
+    hb = heartbeat(dev)
+    topic = DeviceTopics(dev.id).heartbeat
+    cases: list[tuple[str, bytes]] = [
+        signed(stranger, TopicKind.HEARTBEAT, heartbeat(stranger)),  # unknown-device
+        (topic, sign_device_payload(topic, hb, DeviceKey.generate())),  # device-signature
+        (topic, hb),  # unsigned: device-signature
+        # signed for another topic (telemetry) and moved: device-signature
+        (topic, signed(dev, TopicKind.TELEMETRY, hb)[1]),
+        # the other device's valid frame replayed into this device's subtree
+        (topic, signed(other, TopicKind.HEARTBEAT, heartbeat(other))[1]),
+        signed(dev, TopicKind.HEARTBEAT, b"{not json"),  # malformed
+        signed(dev, TopicKind.HEARTBEAT, heartbeat(other)),  # names another device: malformed
+        signed(dev, TopicKind.STATUS, hb),  # a heartbeat on the status topic: malformed
+        ("edgefleet/v1/devices/x/unknown", hb),  # bad-topic
+        ("elsewhere/x", hb),  # bad-topic
+        (DeviceTopics(dev.id).presence, b"maybe"),  # malformed presence
+    ]
+    for case_topic, payload in cases:
+        ingestor.handle(case_topic, payload)
+    assert dict(ingestor.refused) == {
+        "unknown-device": 1,
+        "device-signature": 4,
+        "malformed": 4,
+        "bad-topic": 2,
+    }
+    assert ingestor.flush() == 0
+    row = device_row(database, dev.id)
+    assert not row.online and row.heartbeat is None
+
+
+def test_block_requests_go_verified_and_unwrapped_to_the_block_service(
+    database: Database, devices: list[SimDevice], tmp_path: Path
+) -> None:
+    enroll(database, devices)
+    calls: list[tuple[str, bytes]] = []
+    ingestor = Ingestor(
+        database,
+        Keys(devices),
+        make_settings(tmp_path),
+        blocks=lambda topic, payload: calls.append((topic, payload)),
+    )
+    dev = devices[0]
+    ingestor.handle(*signed(dev, TopicKind.BLOCKS_REQUEST, b'{"request": 1}'))
+    topic = DeviceTopics(dev.id).blocks_request
+    ingestor.handle(topic, b'{"unsigned": 1}')
+    assert calls == [(topic, b'{"request": 1}')]
+    assert ingestor.refused["device-signature"] == 1
+
+
+def test_handle_never_raises_on_garbage(ingestor: Ingestor, devices: list[SimDevice]) -> None:
+    topic = DeviceTopics(devices[0].id).telemetry
+    for payload in (b"", b"EFS1 ", b"EFS1 " + b"0" * 128 + b"\n", bytes(range(256)) * 10):
+        ingestor.handle(topic, payload)
+    ingestor.handle("", b"")
+    assert sum(ingestor.refused.values()) == 5
+
+
+def test_a_failed_flush_keeps_the_batch_for_the_next(
+    tmp_path: Path, devices: list[SimDevice]
+) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'later.db'}")  # no tables yet: writes fail
+    ingestor = Ingestor(db, Keys(devices), make_settings(tmp_path), clock=Clock())
+    dev = devices[0]
+    ingestor.handle(*signed(dev, TopicKind.TELEMETRY, telemetry(dev, T0)))
+    assert ingestor.flush() == 0
+    assert ingestor.flush_failures >= 1
+    Base.metadata.create_all(db.engine)
+    enroll(db, devices)
+    assert ingestor.flush() == 1
+    with db.session() as session:
+        assert session.scalars(select(TelemetryBucket.requests)).all() == [100]
+    db.dispose()
+
+
+def test_two_replicas_flushing_the_same_bucket_at_once_lose_nothing(
+    database: Database, devices: list[SimDevice], tmp_path: Path
+) -> None:
+    enroll(database, devices)
+    replicas = [
+        Ingestor(database, Keys(devices), make_settings(tmp_path), clock=Clock()) for _ in range(2)
+    ]
+    for i, replica in enumerate(replicas):
+        for dev in devices:
+            for minute in range(2):
+                start = T0 + dt.timedelta(minutes=2 * minute + i)
+                replica.handle(*signed(dev, TopicKind.TELEMETRY, telemetry(dev, start)))
+    barrier = threading.Barrier(2)
+
+    def flush(replica: Ingestor) -> None:
+        barrier.wait()
+        replica.flush()
+
+    threads = [threading.Thread(target=flush, args=(r,)) for r in replicas]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    with database.session() as session:
+        rows = session.execute(
+            select(TelemetryBucket.device_id, TelemetryBucket.windows, TelemetryBucket.requests)
+        ).all()
+    assert sorted(rows) == sorted((dev.id, 4, 400) for dev in devices)
+    assert all(not r._pending for r in replicas)
+
+
+def test_retention_deletes_old_buckets_and_marks_silent_devices_offline(
+    ingestor: Ingestor, database: Database, devices: list[SimDevice], tmp_path: Path
+) -> None:
+    settings = make_settings(
+        tmp_path, telemetry_retention=dt.timedelta(days=1), offline_after=dt.timedelta(minutes=2)
+    )
+    old, fresh = devices[0], devices[1]
+    ingestor.handle(*signed(old, TopicKind.TELEMETRY, telemetry(old, T0 - dt.timedelta(days=2))))
+    ingestor.handle(*signed(fresh, TopicKind.TELEMETRY, telemetry(fresh, T0)))
+    ingestor.flush()
+    with database.session() as session:
+        session.execute(
+            update(Device).where(Device.id == old.id).values(last_seen=T0 - dt.timedelta(minutes=5))
+        )
+    with database.session() as session:
+        result = apply_retention(session, settings, T0)
+    assert (result.buckets_deleted, result.devices_marked_offline) == (1, 1)
+    with database.session() as session:
+        assert session.scalars(select(TelemetryBucket.device_id)).all() == [fresh.id]
+    assert not device_row(database, old.id).online
+    assert device_row(database, fresh.id).online
+    assert not device_row(database, devices[2].id).online  # never seen: untouched
+
+
+class RekeyedKeys(Keys):
+    """A stale cache: the old key unless asked for a fresh one."""
+
+    def __init__(self, devices: list[SimDevice], stale: dict[str, str]) -> None:
+        super().__init__(devices)
+        self.stale = stale
+
+    def public_key(self, device_id: str, *, fresh: bool = False) -> str | None:
+        if not fresh and device_id in self.stale:
+            return self.stale[device_id]
+        return super().public_key(device_id, fresh=fresh)
+
+
+def test_a_signature_failure_asks_once_for_a_fresh_key(
+    database: Database, devices: list[SimDevice], tmp_path: Path
+) -> None:
+    enroll(database, devices)
+    dev = devices[0]
+    keys = RekeyedKeys(devices, {dev.id: DeviceKey.generate().public_hex})
+    ingestor = Ingestor(database, keys, make_settings(tmp_path), clock=Clock())
+    ingestor.handle(*signed(dev, TopicKind.HEARTBEAT, heartbeat(dev)))
+    assert ingestor.counts["heartbeat"] == 1 and keys.lookups == 1
+    topic = DeviceTopics(dev.id).heartbeat
+    ingestor.handle(topic, sign_device_payload(topic, heartbeat(dev), DeviceKey.generate()))
+    assert ingestor.refused["device-signature"] == 1 and keys.lookups == 2
+
+
+def test_the_newest_of_heartbeat_and_status_wins_within_a_batch(
+    ingestor: Ingestor, database: Database, devices: list[SimDevice]
+) -> None:
+    dev = devices[0]
+    old = {"model_name": "demo", "model_version": "1.0.0", "install_state": "committed"}
+    ingestor.handle(*signed(dev, TopicKind.HEARTBEAT, heartbeat(dev, **old)))
+    report = status(dev, 1, "committed", bundle_name="demo", bundle_version="2.0.0")
+    ingestor.handle(*signed(dev, TopicKind.STATUS, report))
+    ingestor.flush()
+    row = device_row(database, dev.id)
+    assert (row.model_version, row.install_state) == ("2.0.0", "committed")
+    # and a heartbeat after a status report sets the state it reports
+    ingestor.handle(*signed(dev, TopicKind.STATUS, status(dev, 2, "downloading")))
+    ingestor.handle(*signed(dev, TopicKind.HEARTBEAT, heartbeat(dev, install_state="verifying")))
+    ingestor.flush()
+    assert device_row(database, dev.id).install_state == "verifying"

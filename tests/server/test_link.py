@@ -1,0 +1,276 @@
+"""The server link on a real mosquitto: shared load, presence for all, sessions, backpressure."""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from edgefleet.mqtt.directives import BundleRef, Directive, HttpSource, sign_directive
+from edgefleet.mqtt.topics import DeviceTopics, TopicKind
+from edgefleet.server.db.database import Database
+from edgefleet.server.db.models import Device, StatusReportRow, TelemetryBucket
+from edgefleet.server.devices import DeviceKeyCache
+from edgefleet.server.errors import InvalidRequestError
+from edgefleet.server.mqtt.ingest import Ingestor
+from edgefleet.server.mqtt.link import ServerLink
+from edgefleet.timefmt import format_time, utcnow
+from edgefleet.trust import TrustRoot
+from tests.agent.broker import (
+    WAIT,
+    MosquittoBroker,
+    Observer,
+    connect,
+    paho_client,
+    publish_once,
+    unique_device_id,
+)
+from tests.conftest import KeySet
+from tests.server.fleet import FleetSimulator, make_devices
+from tests.server.test_ingest import Keys, enroll, make_settings
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
+    with MosquittoBroker.running(tmp_path_factory.mktemp("mosquitto")) as running:
+        yield running
+
+
+class Recorder:
+    def __init__(self, delay: float = 0.0) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+        self.delay = delay
+        self._lock = threading.Lock()
+
+    def __call__(self, topic: str, payload: bytes) -> None:
+        if self.delay:
+            time.sleep(self.delay)
+        with self._lock:
+            self.messages.append((topic, payload))
+
+    def wait_for(self, count: int, timeout: float = WAIT) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.messages) >= count:
+                return True
+            time.sleep(0.01)
+        return len(self.messages) >= count
+
+
+def start_link(broker: MosquittoBroker, handler: Recorder, **kwargs: object) -> ServerLink:
+    client_id = str(kwargs.pop("client_id", unique_device_id("srv")))
+    group = str(kwargs.pop("group", "edgefleet-server"))
+    link = ServerLink(broker.url, client_id, group, handler, **kwargs)  # type: ignore[arg-type]
+    link.start()
+    assert link.wait_connected(WAIT)
+    return link
+
+
+def test_messages_reach_the_handler_and_publish_reaches_devices(broker: MosquittoBroker) -> None:
+    handler = Recorder()
+    link = start_link(broker, handler)
+    device = DeviceTopics(unique_device_id())
+    observer = Observer(broker.url, [device.directive])
+    try:
+        for topic in (device.status, device.heartbeat, device.telemetry, device.blocks_request):
+            publish_once(broker.url, topic, b"x", qos=0)
+        publish_once(broker.url, device.presence, b"online", retain=True)
+        publish_once(broker.url, device.directive, b"not for the server")
+        assert handler.wait_for(5)
+        assert sorted(t for t, _ in handler.messages) == sorted(
+            [
+                device.status,
+                device.heartbeat,
+                device.telemetry,
+                device.blocks_request,
+                device.presence,
+            ]
+        )
+        link.publish(device.directive, b"directive", qos=1)
+        assert observer.wait_for(lambda: b"directive" in observer.on(device.directive))
+    finally:
+        observer.close()
+        link.stop()
+
+
+def test_replicas_share_device_messages_and_each_sees_presence(broker: MosquittoBroker) -> None:
+    group = unique_device_id("group")
+    handlers = [Recorder(), Recorder()]
+    links = [start_link(broker, handler, group=group) for handler in handlers]
+    device = DeviceTopics(unique_device_id())
+    try:
+        for i in range(40):
+            publish_once(broker.url, device.telemetry, str(i).encode(), qos=1)
+        publish_once(broker.url, device.presence, b"offline", retain=True)
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            if sum(len(h.messages) for h in handlers) >= 42:
+                break
+            time.sleep(0.01)
+        telemetry = [[p for t, p in h.messages if t == device.telemetry] for h in handlers]
+        assert sorted(telemetry[0] + telemetry[1], key=int) == [str(i).encode() for i in range(40)]
+        assert telemetry[0] and telemetry[1]
+        for handler in handlers:
+            assert (device.presence, b"offline") in handler.messages
+    finally:
+        for link in links:
+            link.stop()
+
+
+def test_a_full_queue_holds_the_network_thread_and_drops_nothing(
+    broker: MosquittoBroker,
+) -> None:
+    handler = Recorder(delay=0.002)
+    link = start_link(broker, handler, queue_size=2)
+    device = DeviceTopics(unique_device_id())
+    try:
+        sender = paho_client()
+        connect(sender, broker.url)
+        infos = [sender.publish(device.telemetry, str(i).encode(), qos=1) for i in range(200)]
+        for info in infos:
+            info.wait_for_publish(WAIT)
+        sender.disconnect()
+        sender.loop_stop()
+        assert link.wait_idle(WAIT)
+        received = [p for t, p in handler.messages if t == device.telemetry]
+        assert received == [str(i).encode() for i in range(200)]
+        assert link.queue_full_waits > 0
+    finally:
+        link.stop()
+
+
+def test_the_session_survives_a_lost_connection_and_ends_on_stop(
+    tmp_path: Path,
+) -> None:
+    # (mosquitto 2.0 does not restore shared subscriptions after its own restart, so
+    # what is published between a broker restart and the link's return is not kept.)
+    with MosquittoBroker.running(tmp_path / "mosq") as own:
+        handler = Recorder()
+        client_id = unique_device_id("srv")
+        link = start_link(own, handler, client_id=client_id, backoff_initial_s=0.5)
+        device = DeviceTopics(unique_device_id())
+        sock = link._client.socket()
+        assert isinstance(sock, socket.socket)
+        sock.shutdown(socket.SHUT_RDWR)  # the link is away for a moment; its session is kept
+        publish_once(own.url, device.status, b"while away", qos=1)
+        publish_once(own.url, device.presence, b"online", qos=1)
+        assert handler.wait_for(2)
+        assert handler.messages == [(device.status, b"while away"), (device.presence, b"online")]
+        assert link.connects == 2
+        link.stop()  # a clean stop ends the session: nothing is kept for this id
+        publish_once(own.url, device.status, b"after stop", qos=1)
+        again = Recorder()
+        second = start_link(own, again, client_id=client_id)
+        try:
+            time.sleep(0.3)
+            assert again.messages == []
+        finally:
+            second.stop()
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(InvalidRequestError):
+        ServerLink("http://x", "id", "group", Recorder())
+    with pytest.raises(InvalidRequestError):
+        ServerLink("mqtt://127.0.0.1:1", "id", "bad/group", Recorder())
+    with pytest.raises(InvalidRequestError):
+        ServerLink("mqtt://127.0.0.1:1", "id", "group", {TopicKind.DIRECTIVE: Recorder()})
+
+
+def test_a_simulated_fleet_is_ingested_end_to_end(
+    broker: MosquittoBroker, sqlite_database: Database, tmp_path: Path
+) -> None:
+    devices = make_devices(20)
+    enroll(sqlite_database, devices)
+    keys = DeviceKeyCache(sqlite_database)  # the real cache, reading the enrolled keys
+    ingestor = Ingestor(sqlite_database, keys, make_settings(tmp_path))
+    link = start_link(broker, ingestor.handle)  # type: ignore[arg-type]
+    fleet = FleetSimulator(broker.url, devices, clients=2)
+    start = utcnow().replace(second=0) - dt.timedelta(minutes=10)
+    try:
+        for device in devices:
+            fleet.presence(device.id, True)
+            fleet.heartbeat(device.id)
+            fleet.status(device.id, "idle")
+            for minute in range(5):
+                fleet.telemetry(device.id, start + dt.timedelta(minutes=minute), errors=minute)
+        expected = len(devices) * 8
+        deadline = time.monotonic() + WAIT
+        while sum(ingestor.counts.values()) < expected and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert link.wait_idle(WAIT)
+        assert dict(ingestor.refused) == {}
+        ingestor.flush()
+        with sqlite_database.session() as session:
+            online = session.scalar(select(func.count()).where(Device.online.is_(True)))
+            reports = session.scalar(select(func.count()).select_from(StatusReportRow))
+            windows = session.scalar(select(func.sum(TelemetryBucket.windows)))
+            errors = session.scalar(select(func.sum(TelemetryBucket.errors)))
+        assert (online, reports, windows, errors) == (20, 20, 100, 20 * 10)
+    finally:
+        fleet.close()
+        link.stop()
+
+
+def test_the_simulator_verifies_directives_and_its_answers_are_ingested(
+    broker: MosquittoBroker,
+    sqlite_database: Database,
+    tmp_path: Path,
+    keyset: KeySet,
+    trust: TrustRoot,
+) -> None:
+    devices = make_devices(3)
+    enroll(sqlite_database, devices)
+    ingestor = Ingestor(sqlite_database, Keys(devices), make_settings(tmp_path))
+    link = start_link(broker, ingestor.handle)  # type: ignore[arg-type]
+    failing = devices[2].id
+    fleet = FleetSimulator(broker.url, devices, trust=trust, fail=[failing])
+    now = utcnow()
+    try:
+        for device in devices:
+            directive = Directive(
+                issued=format_time(now),
+                expires=format_time(now + dt.timedelta(hours=1)),
+                device_id=device.id,
+                sequence=1,
+                action="install",
+                bundle=BundleRef(name="demo", version="2.0.0", sha256="a" * 64, length=10),
+                sources=[HttpSource(url="http://127.0.0.1/blob")],
+            )
+            link.publish(
+                DeviceTopics(device.id).directive,
+                sign_directive(directive, [keyset.server]),
+                qos=1,
+            )
+        # a directive signed by a key the trust root does not know is refused
+        forged = directive.model_copy(update={"sequence": 2})
+        link.publish(
+            DeviceTopics(devices[0].id).directive,
+            sign_directive(forged, [keyset.release]),
+            qos=1,
+        )
+        assert fleet.wait_for(lambda: len(fleet.directives) == 3 and len(fleet.refused) == 1)
+        assert fleet.refused[0][0] == devices[0].id
+        deadline = time.monotonic() + WAIT
+        while ingestor.counts["status"] < 6 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert link.wait_idle(WAIT)
+        ingestor.flush()
+        with sqlite_database.session() as session:
+            rows = {
+                d.id: (d.install_state, d.model_version) for d in session.scalars(select(Device))
+            }
+        assert rows == {
+            devices[0].id: ("committed", "2.0.0"),
+            devices[1].id: ("committed", "2.0.0"),
+            failing: ("failed", None),
+        }
+    finally:
+        fleet.close()
+        link.stop()

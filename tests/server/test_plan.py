@@ -1,0 +1,239 @@
+"""Rollout plans: parsing, defaults, refusal of impossible plans, stage membership."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+
+from edgefleet.server.errors import InvalidRequestError
+from edgefleet.server.rollouts.plan import (
+    MAX_PLAN_BYTES,
+    GateOverrides,
+    Gates,
+    Plan,
+    Stage,
+    load_plan,
+    plan_from_dict,
+    plan_to_dict,
+    stage_targets,
+)
+
+SMALLEST = "stages: [{percent: 34}, {percent: 100}]"
+
+
+def test_smallest_plan_gets_every_default() -> None:
+    plan = load_plan(SMALLEST)
+    assert [s.percent for s in plan.stages] == [34.0, 100.0]
+    assert plan.rate_limit_per_minute == 600
+    assert plan.device_timeout_s == 1800
+    assert plan.max_retries == 2
+    assert plan.on_gate_failure == "abort"
+    assert plan.gates == Gates()
+    assert plan.gates.min_success_share == 0.9
+    assert plan.gates.max_failure_share == 0.1
+    assert plan.gates.min_reporting == 0
+    assert plan.gates.bake_s == 60
+    assert plan.gates.max_error_rate == 0.05
+    assert plan.gates.max_fallback_rate == 0.05
+    assert plan.gates.max_latency_p95_ratio == 1.5
+    assert plan.gates.min_shadow_agreement == 0.95
+    assert plan.gates.min_requests == 20
+    assert plan.gates.max_drift is None
+    assert plan.stage_name(0) == "stage 1"
+
+
+def test_json_text_is_read_like_yaml() -> None:
+    text = json.dumps({"stages": [{"count": 2, "name": "canary"}, {"percent": 100}]})
+    plan = load_plan(text)
+    assert plan.stages[0].count == 2
+    assert plan.stage_name(0) == "canary"
+    assert plan.stage_name(1) == "stage 2"
+
+
+def test_stage_gates_merge_overrides_over_plan_gates() -> None:
+    plan = load_plan(
+        """
+        gates: {bake_s: 120, max_error_rate: 0.02}
+        stages:
+          - {devices: [cam-1, cam-2], gates: {bake_s: 600, min_reporting: 2}}
+          - {percent: 100}
+        """
+    )
+    first, last = plan.stage_gates(0), plan.stage_gates(1)
+    assert (first.bake_s, first.min_reporting, first.max_error_rate) == (600, 2, 0.02)
+    assert (last.bake_s, last.min_reporting, last.max_error_rate) == (120, 0, 0.02)
+
+
+def test_overrides_carry_the_bounds_of_the_gates_they_replace() -> None:
+    # stage_gates merges without validating again; this keeps that safe.
+    assert set(GateOverrides.model_fields) == set(Gates.model_fields)
+    for name, gate in Gates.model_fields.items():
+        assert GateOverrides.model_fields[name].metadata == gate.metadata, name
+
+
+def test_plan_round_trips_through_its_stored_form() -> None:
+    plan = load_plan(
+        """
+        on_gate_failure: pause
+        max_retries: 0
+        stages:
+          - {name: canaries, devices: [a], shadow: true, gates: {min_shadow_agreement: 0.99}}
+          - {count: 3}
+          - {percent: 100}
+        """
+    )
+    stored = plan_to_dict(plan)
+    assert json.loads(json.dumps(stored)) == stored  # JSON-safe
+    assert stored["stages"][0] == {
+        "name": "canaries",
+        "devices": ["a"],
+        "shadow": True,
+        "gates": {"min_shadow_agreement": 0.99},
+    }
+    assert stored["stages"][1] == {"count": 3, "shadow": False}
+    assert stored["gates"]["bake_s"] == 60  # defaults are filled in
+    assert stored["gates"]["max_drift"] is None
+    assert plan_from_dict(stored) == plan
+    assert plan_to_dict(plan_from_dict(stored)) == stored
+
+
+def test_plan_can_be_built_in_code() -> None:
+    plan = Plan(stages=[Stage(count=1), Stage(percent=100)], on_gate_failure="pause")
+    assert plan_from_dict(plan_to_dict(plan)) == plan
+
+
+IMPOSSIBLE = [
+    # (plan text, words the one-line message must hold)
+    ("stages: [{percent: 50}]", ["stages.0", "{percent: 100}", "not implied"]),
+    ("stages: [{count: 5}]", ["stages.0", "{percent: 100}"]),
+    ("stages: [{percent: 50}, {percent: 40}, {percent: 100}]", ["stages.1.percent", "40", "50"]),
+    ("stages: [{percent: 50}, {percent: 50}, {percent: 100}]", ["stages.1.percent"]),
+    ("stages: [{count: 5}, {count: 5}, {percent: 100}]", ["stages.1.count", "5"]),
+    ("stages: [{devices: [a, b, c]}, {count: 3}, {percent: 100}]", ["stages.1.count", "3"]),
+    ("stages: [{percent: 100}, {percent: 100}]", ["stages.1", "100% stage"]),
+    ("stages: [{percent: 100}, {count: 9}, {percent: 100}]", ["stages.1", "100% stage"]),
+    ("stages: [{percent: 10}, {percent: 100, shadow: true}]", ["stages.1", "shadow"]),
+    ("stages: [{devices: [a, b]}, {devices: [b]}, {percent: 100}]", ["stages.1.devices", "'b'"]),
+    ("stages: [{devices: [a, a]}, {percent: 100}]", ["stages.0.devices", "'a'", "twice"]),
+    ("stages: [{name: x, count: 1}, {name: x, percent: 100}]", ["stages.1.name", "'x'"]),
+    ("stages: [{count: 1, percent: 10}, {percent: 100}]", ["stages.0", "exactly one"]),
+    ("stages: [{shadow: true}, {percent: 100}]", ["stages.0", "exactly one", "none"]),
+    ("stages: [{devices: []}, {percent: 100}]", ["stages.0.devices"]),
+    ("stages: [{devices: ['']}, {percent: 100}]", ["stages.0.devices.0"]),
+    ("stages: [{count: 0}, {percent: 100}]", ["stages.0.count"]),
+    ("stages: [{count: 1.5}, {percent: 100}]", ["stages.0.count"]),
+    ("stages: [{count: true}, {percent: 100}]", ["stages.0.count"]),
+    ("stages: [{count: '3'}, {percent: 100}]", ["stages.0.count"]),
+    ("stages: [{percent: 0}, {percent: 100}]", ["stages.0.percent"]),
+    ("stages: [{percent: 100.5}]", ["stages.0.percent"]),
+    ("stages: []", ["stages"]),
+    ("stages: [" + ", ".join(["{percent: 100}"] * 21) + "]", ["stages"]),
+    ("{stages: [{percent: 100}], gates: {min_success_share: 1.5}}", ["min_success_share"]),
+    ("{stages: [{percent: 100}], gates: {min_success_share: 0}}", ["min_success_share"]),
+    ("{stages: [{percent: 100}], gates: {max_failure_share: -0.1}}", ["max_failure_share"]),
+    ("{stages: [{percent: 100}], gates: {min_requests: 0}}", ["min_requests"]),
+    ("{stages: [{percent: 100}], gates: {bake: 5}}", ["gates.bake"]),
+    ("stages: [{percent: 100, gates: {min_success_share: 2}}]", ["stages.0.gates"]),
+    ("stages: [{percent: 100, colour: red}]", ["stages.0.colour"]),
+    ("{stages: [{percent: 100}], rate_limit_per_minute: 0}", ["rate_limit_per_minute"]),
+    ("{stages: [{percent: 100}], max_retries: -1}", ["max_retries"]),
+    ("{stages: [{percent: 100}], on_gate_failure: ignore}", ["on_gate_failure"]),
+    ("{stages: [{percent: 100}], surprise: 1}", ["surprise"]),
+    ("stages: {percent: 100}", ["stages"]),
+    ("[1, 2]", ["mapping"]),
+    ("just text", ["mapping"]),
+    ("", ["mapping"]),
+    ("stages: [{percent: 100}", ["YAML or JSON", "line"]),
+    ('{"stages": [', ["YAML or JSON"]),
+]
+
+
+@pytest.mark.parametrize(("text", "words"), IMPOSSIBLE)
+def test_impossible_plan_is_refused_naming_the_field(text: str, words: list[str]) -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        load_plan(text)
+    message = str(caught.value)
+    assert message.startswith("invalid plan: ")
+    assert "\n" not in message
+    for word in words:
+        assert word in message, message
+
+
+def test_oversized_plan_text_is_refused_before_parsing() -> None:
+    text = "stages: [{percent: 100}]\n#" + "x" * MAX_PLAN_BYTES
+    with pytest.raises(InvalidRequestError, match="longer than"):
+        load_plan(text)
+
+
+def test_plan_from_dict_refuses_what_is_not_a_mapping() -> None:
+    with pytest.raises(InvalidRequestError, match="mapping"):
+        plan_from_dict([{"percent": 100}])
+
+
+def test_min_success_plus_max_failure_above_one_is_allowed() -> None:
+    plan = load_plan(
+        "{stages: [{percent: 100}], gates: {min_success_share: 1, max_failure_share: 0.5}}"
+    )
+    assert plan.gates.min_success_share + plan.gates.max_failure_share == 1.5
+
+
+DEVICES = [f"d{i:02d}" for i in range(10)]
+
+TARGETS = [
+    # (plan, selection size, cumulative sizes per stage)
+    ("stages: [{percent: 34}, {percent: 100}]", 3, [2, 3]),
+    ("stages: [{percent: 33}, {percent: 100}]", 3, [1, 3]),
+    ("stages: [{percent: 10}, {percent: 50}, {percent: 100}]", 10, [1, 5, 10]),
+    ("stages: [{percent: 30}, {percent: 100}]", 10, [3, 10]),  # exact: 3.0, not 3.0000001
+    ("stages: [{percent: 0.1}, {percent: 100}]", 10, [1, 10]),  # at least one
+    ("stages: [{count: 3}, {percent: 100}]", 2, [2, 2]),  # capped at N
+    ("stages: [{count: 1}, {count: 2}, {percent: 100}]", 10, [1, 2, 10]),
+    # a stage that computes no more than the last still takes one more device
+    ("stages: [{count: 5}, {percent: 20}, {percent: 100}]", 10, [5, 6, 10]),
+    ("stages: [{percent: 10}, {percent: 20}, {percent: 100}]", 3, [1, 2, 3]),
+    # more stages than devices: the last stages get none of their own
+    ("stages: [{count: 1}, {count: 2}, {count: 3}, {percent: 100}]", 2, [1, 2, 2, 2]),
+    ("stages: [{percent: 50}, {percent: 100}]", 0, [0, 0]),
+]
+
+
+@pytest.mark.parametrize(("text", "size", "sizes"), TARGETS)
+def test_stage_targets_sizes(text: str, size: int, sizes: list[int]) -> None:
+    selection = DEVICES[:size]
+    targets = stage_targets(load_plan(text), selection)
+    assert [len(t) for t in targets] == sizes
+    for earlier, later in itertools.pairwise(targets):
+        assert later[: len(earlier)] == earlier  # cumulative: a stage keeps the earlier ones
+    assert targets[-1] == selection  # the last stage covers the whole selection, in order
+
+
+def test_named_devices_come_first_and_are_not_taken_twice() -> None:
+    plan = load_plan(
+        "stages: [{devices: [d07, d03]}, {count: 4}, {devices: [d00]}, {percent: 100}]"
+    )
+    targets = stage_targets(plan, DEVICES)
+    assert targets[0] == ["d07", "d03"]
+    assert targets[1] == ["d07", "d03", "d01", "d02"]  # d00 is kept for its own stage
+    assert targets[2] == ["d07", "d03", "d01", "d02", "d00"]
+    assert sorted(targets[3]) == DEVICES
+    assert len(targets[3]) == len(set(targets[3]))
+
+
+def test_percent_after_named_devices_counts_them() -> None:
+    plan = load_plan("stages: [{devices: [d09]}, {percent: 30}, {percent: 100}]")
+    targets = stage_targets(plan, DEVICES)
+    assert targets[1] == ["d09", "d00", "d01"]
+
+
+def test_named_device_missing_from_selection_is_refused() -> None:
+    plan = load_plan("stages: [{devices: [d01, ghost]}, {percent: 100}]")
+    with pytest.raises(InvalidRequestError, match="'ghost'") as caught:
+        stage_targets(plan, DEVICES)
+    assert "d01" not in str(caught.value)
+
+
+def test_repeated_ids_in_the_selection_count_once() -> None:
+    plan = load_plan(SMALLEST)
+    assert stage_targets(plan, ["a", "b", "a", "c", "b"]) == [["a", "b"], ["a", "b", "c"]]
