@@ -93,27 +93,30 @@ class DirectiveIssuer:
             NotFoundError: the device row is gone.
             StorageError: (from the session) the database failed.
         """
-        ref = BundleRef(
-            name=bundle.name, version=bundle.version, sha256=bundle.sha256, length=bundle.length
-        )
         return self._prepare(
             session,
             device,
             action="install",
-            bundle=ref,
+            bundle=_ref(bundle),
             sources=self.sources(bundle),
             shadow=shadow,
         )
 
-    def prepare_rollback(self, session: Session, device: Device) -> OutgoingDirective:
-        """Allocate a sequence for `device` and sign a rollback to the version it held before.
+    def prepare_rollback(
+        self, session: Session, device: Device, bundle: BundleRow
+    ) -> OutgoingDirective:
+        """Allocate a sequence for `device` and sign a rollback away from `bundle`.
+
+        The directive names the bundle being rolled back: a device that does not
+        serve it (its install never happened) keeps what it serves, and one that
+        runs it only in shadow stops the shadow copy.
 
         Raises:
             NotFoundError: the device row is gone.
             StorageError: (from the session) the database failed.
         """
         return self._prepare(
-            session, device, action="rollback", bundle=None, sources=[], shadow=False
+            session, device, action="rollback", bundle=_ref(bundle), sources=[], shadow=False
         )
 
     def _prepare(
@@ -189,6 +192,12 @@ def publish_all(publisher: Publisher, directives: Iterable[OutgoingDirective]) -
         publisher.publish(directive.topic, directive.payload, qos=DIRECTIVE_QOS, retain=False)
         count += 1
     return count
+
+
+def _ref(bundle: BundleRow) -> BundleRef:
+    return BundleRef(
+        name=bundle.name, version=bundle.version, sha256=bundle.sha256, length=bundle.length
+    )
 
 
 __all__ = [

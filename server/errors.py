@@ -9,6 +9,8 @@
     ├── AuthError                     no or an unknown credential
     │   └── ForbiddenError                a known credential whose role may not do this
     ├── EnrollmentError               an enrollment token that is unknown, used or expired
+    ├── RateLimitedError              too many requests from one caller (HTTP 429)
+    ├── BrokerError                   the embedded MQTT broker could not start
     └── StorageError                  the database or the data directory failed
 
 Untrusted input from devices and API clients that fails the core's checks
@@ -56,6 +58,18 @@ class ForbiddenError(AuthError):
 
 class EnrollmentError(ServerError):
     """An enrollment token that is unknown, already used or expired, or a re-key refused."""
+
+
+class RateLimitedError(ServerError):
+    """Too many requests from one caller; `retry_after` seconds until the next is allowed."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class BrokerError(ServerError):
+    """The embedded broker could not start (port taken, iotcore missing or failing)."""
 
 
 class StorageError(ServerError):

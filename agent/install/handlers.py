@@ -252,7 +252,10 @@ class StateHandlers:
         if record.kind == "install":
             target, previous, event = record.from_version, record.from_previous, Event.REVERTED
         else:
-            target, previous, event = record.to_version, None, Event.DONE
+            # A rollback that keeps what is served (nothing of it to undo) keeps its fallback.
+            keeps = record.to_version == record.from_version
+            previous = record.from_previous if keeps else None
+            target, event = record.to_version, Event.DONE
         before = self.versions.current_id()
         restored = self.versions.load(target) if target else None
         kept = None

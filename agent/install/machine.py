@@ -41,7 +41,7 @@ from edgefleet.agent.install.states import TERMINAL, Event, State, next_state, r
 from edgefleet.agent.layout import StateLayout
 from edgefleet.agent.versions import InstalledVersion, Versions, version_of
 from edgefleet.errors import UsageError
-from edgefleet.mqtt import verify_directive
+from edgefleet.mqtt import BundleRef, verify_directive
 from edgefleet.timefmt import format_time
 from edgefleet.trust import TrustRoot
 
@@ -130,7 +130,7 @@ class Installer(Engine):
             )
             state = state.model_copy(update={"last_directive_sequence": directive.sequence})
             if directive.action == "rollback":
-                return self._start_rollback(state, directive.sequence)
+                return self._start_rollback(state, directive.sequence, directive.bundle)
             bundle = directive.bundle
             assert bundle is not None  # the schema requires it for installs
             record = self._new_record(
@@ -277,12 +277,32 @@ class Installer(Engine):
             raise error
         return self.status()
 
-    def _start_rollback(self, state: StateFile, directive_sequence: int | None) -> InstallStatus:
+    def _start_rollback(
+        self,
+        state: StateFile,
+        directive_sequence: int | None,
+        rolling_back: BundleRef | None = None,
+    ) -> InstallStatus:
+        """Roll back to the previous version, or keep the current one when a rollback
+        directive names a bundle (`rolling_back`) that this device does not serve: the
+        server rolls back every device a rollout may have reached, and one whose install
+        never happened must not go one version further back."""
         current, previous = self.versions.current_id(), self.versions.previous_id()
         challenger = state.challenger
-        if previous is None and challenger is None:
+        if previous is None and challenger is None and rolling_back is None:
             raise RollbackError("there is no previous version to roll back to")
-        if previous is None:  # the links stay as they are (restore is absolute)
+        if rolling_back is not None and not _is_version(current, rolling_back):
+            if current is None:
+                raise RollbackError(
+                    f"nothing is served; nothing to roll back from "
+                    f"{rolling_back.name}@{rolling_back.version}"
+                )
+            target = current
+            reason = (
+                f"rollback from {rolling_back.name}@{rolling_back.version} not needed: "
+                f"{current} is served and kept"
+            )
+        elif previous is None:  # the links stay as they are (restore is absolute)
             target = current
             reason = f"there is no previous version to roll back to; {current} is kept"
         else:
@@ -299,3 +319,12 @@ class Installer(Engine):
             reason=reason,
         )
         return self._start(state, record, Event.ROLLBACK)
+
+
+def _is_version(version_id_: str | None, bundle: BundleRef) -> bool:
+    """True when the version id (`name@version-digest`) is `bundle`'s name and version."""
+    if version_id_ is None:
+        return False
+    return (
+        version_id_.partition("@")[0] == bundle.name and version_of(version_id_) == bundle.version
+    )

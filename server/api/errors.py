@@ -31,7 +31,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgefleet.cli.errors import error_code
 from edgefleet.errors import EdgefleetError, UntrustedInputError
-from edgefleet.server.api.ratelimit import RateLimitedError
 from edgefleet.server.errors import (
     AuthError,
     ConflictError,
@@ -39,6 +38,7 @@ from edgefleet.server.errors import (
     ForbiddenError,
     InvalidRequestError,
     NotFoundError,
+    RateLimitedError,
     StorageError,
 )
 from edgefleet.server.ranges import RangeNotSatisfiableError, unsatisfied_range

@@ -15,18 +15,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from edgefleet.server.errors import ServerError
+from edgefleet.server.errors import RateLimitedError
 
 # Full buckets are forgotten once this many are kept (a full bucket equals a new one).
 MAX_BUCKETS = 10_000
-
-
-class RateLimitedError(ServerError):
-    """Too many requests from one caller; `retry_after` seconds until the next is allowed."""
-
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 @dataclass
@@ -91,4 +83,4 @@ class RateLimiter:
                 del self._buckets[key]
 
 
-__all__ = ["RateLimitedError", "RateLimiter"]
+__all__ = ["RateLimiter"]

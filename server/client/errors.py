@@ -15,7 +15,6 @@ Core refusals (a bundle whose signature does not verify, ...) thus print as
 
 Errors added here, for what only a client sees (all ServerErrors):
 
-    RateLimitedError        429: too many requests for this token
     ServerUnreachableError  no connection, or no answer in time
     ServerResponseError     an answer that is not the API's (a proxy's 502, a 500)
 """
@@ -34,17 +33,10 @@ from edgefleet.server.errors import (
     ForbiddenError,
     InvalidRequestError,
     NotFoundError,
+    RateLimitedError,
     ServerError,
     StorageError,
 )
-
-
-class RateLimitedError(ServerError):
-    """The server refused the request: too many requests for this token (HTTP 429)."""
-
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 class ServerUnreachableError(ServerError):

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgefleet.mqtt.messages import MAX_MESSAGE_BYTES
-from edgefleet.server.errors import ServerError
+from edgefleet.server.errors import BrokerError
 
 if TYPE_CHECKING:
     from iotcore import Broker
@@ -36,10 +36,6 @@ if TYPE_CHECKING:
 # Largest device message plus the topic and MQTT framing; rumqttd's default (20 KiB)
 # would cut off telemetry windows and block data.
 MAX_PAYLOAD_BYTES = MAX_MESSAGE_BYTES + 4096
-
-
-class BrokerError(ServerError):
-    """The embedded broker could not start (port taken, iotcore missing or failing)."""
 
 
 def broker_config(host: str, port: int, *, max_connections: int = 20_000) -> str:

@@ -461,18 +461,23 @@ class _RolloutStep:
             if rd.state in _MAY_HOLD_BUNDLE or (device.model_name, device.model_version) == serving
         ]
         for rd, device in candidates:
-            if rd.shadow:
-                continue  # never switched what it serves; a rollback would go one further back
-            if rd.previous_version is None:
+            # Shadow devices get the rollback too: it names the bundle, so they keep what
+            # they serve and stop the shadow copy.
+            if rd.previous_version is None and not rd.shadow:
                 if rd.reason != "no previous version to roll back to":
                     rd.reason = "no previous version to roll back to"
                 continue
             if self.room <= 0:
                 break
-            directive = self.driver.issuer.prepare_rollback(self.session, device)
+            directive = self.driver.issuer.prepare_rollback(self.session, device, self.bundle)
             rd.directive_sequence = directive.sequence
             rd.notified_at = self.now
-            self._set(rd, D.ROLLING_BACK, f"rolling back to {rd.previous_version}")
+            why = (
+                "stopping the shadow copy"
+                if rd.shadow
+                else f"rolling back to {rd.previous_version}"
+            )
+            self._set(rd, D.ROLLING_BACK, why)
             self.outgoing.append(directive)
             self.room -= 1
         limit = dt.timedelta(seconds=self.plan.device_timeout_s)

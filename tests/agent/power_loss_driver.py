@@ -215,7 +215,7 @@ def make_directive(
         issued=format_time(issued),
         expires=format_time(issued + lifetime),
         action=action,
-        bundle=bundle if action == "install" else None,
+        bundle=bundle,  # for a rollback: the bundle it undoes, or None
         sources=[HttpSource(url="https://fleet.example/bundle")] if action == "install" else [],
         shadow=shadow,
     )

@@ -296,6 +296,32 @@ def test_rollback_directive_rolls_back_and_consumes_its_sequence(
     assert [r.directive_sequence for r in serving_two.reporter.reports] == [4, 4]
 
 
+def test_rollback_directive_naming_the_served_bundle_rolls_back(
+    serving_two: Device, bundles: Bundles, keyset: KeySet
+) -> None:
+    _, previous = ids(serving_two)
+    served = serving_two.publish(bundles.releases[1])  # demo 1.1.0, what it serves
+    directive = make_directive(keyset.server, served, sequence=4, action="rollback")
+    status = serving_two.installer.install_directive(directive)
+    assert serving_two.reporter.states == ["rolling_back", "committed"]
+    assert status.current == previous and status.last_directive_sequence == 4
+
+
+def test_rollback_directive_naming_another_bundle_keeps_what_is_served(
+    serving_two: Device, bundles: Bundles, keyset: KeySet
+) -> None:
+    # The server rolls back a rollout's bundle (1.2.0) on a device whose install of it
+    # never happened: going back from 1.1.0 to 1.0.0 would be one step too far.
+    before = ids(serving_two)
+    never_installed = serving_two.publish(bundles.releases[2])
+    directive = make_directive(keyset.server, never_installed, sequence=4, action="rollback")
+    status = serving_two.installer.install_directive(directive)
+    assert ids(serving_two) == before and status.last_directive_sequence == 4
+    assert serving_two.reporter.states == ["rolling_back", "committed"]
+    assert [r.directive_sequence for r in serving_two.reporter.reports] == [4, 4]
+    assert status.reason == (f"rollback from demo@1.2.0 not needed: {before[0]} is served and kept")
+
+
 def test_rollback_below_the_security_floor_is_allowed_but_a_new_install_is_not(
     serving_two: Device, bundles: Bundles
 ) -> None:

@@ -238,6 +238,19 @@ def test_rollback_directive_rolls_back_and_stops_the_challenger(
     )
 
 
+def test_rollback_directive_naming_the_shadowed_bundle_only_stops_the_challenger(
+    shadowing: Device, bundles: Bundles, keyset: KeySet
+) -> None:
+    before = ids(shadowing)
+    running = challenger(shadowing)
+    assert running is not None and running.startswith("demo@1.2.0-")
+    ref = shadowing.publish(bundles.releases[2])  # the challenger's bundle
+    rollback = make_directive(keyset.server, ref, sequence=2, action="rollback")
+    status = shadowing.installer.install_directive(rollback)
+    assert ids(shadowing) == before and status.challenger is None
+    assert shadowing.shadowed == [None] and shadowing.activated == []
+
+
 def test_rollback_without_a_previous_version_only_stops_the_challenger(
     config: AgentConfig, tmp_path: Path, bundles: Bundles, keyset: KeySet
 ) -> None:

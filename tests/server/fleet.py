@@ -255,7 +255,14 @@ class FleetSimulator:
     def _answer(self, device: SimDevice, directive: Directive) -> None:
         previous = device.model_version
         if directive.action == "rollback":
-            device.model_version, device.previous_version = device.previous_version, None
+            # As the agent: a rollback names the bundle it undoes; a device not serving it
+            # keeps what it serves.
+            named = directive.bundle
+            if named is None or (device.model_name, device.model_version) == (
+                named.name,
+                named.version,
+            ):
+                device.model_version, device.previous_version = device.previous_version, None
             self.status(
                 device.id,
                 "rolling_back",

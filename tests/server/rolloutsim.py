@@ -225,7 +225,14 @@ class DeviceSimulator:
             return
         if directive.action == "rollback":
             self._report(session, device, sim, "rolling_back", directive, None)
-            if device.previous_version is not None:
+            # As the agent: a rollback names the bundle it undoes; a device not serving it
+            # keeps what it serves.
+            named = directive.bundle
+            serves = named is None or (device.model_name, device.model_version) == (
+                named.name,
+                named.version,
+            )
+            if serves and device.previous_version is not None:
                 device.model_version = device.previous_version
                 device.previous_version = None
             self._report(session, device, sim, "committed", directive, None)

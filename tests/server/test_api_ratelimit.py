@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.server.api.ratelimit import RateLimitedError, RateLimiter
+from edgefleet.server.api.ratelimit import RateLimiter
 from edgefleet.server.db.database import Database
+from edgefleet.server.errors import RateLimitedError
 from edgefleet.server.principals import Role
 from edgefleet.trust import TrustRoot
 from tests.server.apiclient import make_api

@@ -15,7 +15,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edgefleet.server.mqtt.broker import BrokerError, EmbeddedBroker
+from edgefleet.server.errors import BrokerError
+from edgefleet.server.mqtt.broker import EmbeddedBroker
 from tests.agent.broker import WAIT, free_port, unique_device_id
 
 pytest.importorskip("iotcore")

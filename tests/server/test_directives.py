@@ -77,14 +77,17 @@ def test_sequences_increase_per_device_and_are_stored(
     assert _install(database, issuer, "dev-2").sequence == 1
     with database.session() as session:
         device = session.get(Device, "dev-1")
+        bundle = session.query(BundleRow).one()
         assert device is not None
-        rollback = issuer.prepare_rollback(session, device)
+        rollback = issuer.prepare_rollback(session, device, bundle)
         assert device.directive_sequence == 4  # the in-session object follows the UPDATE
     assert rollback.sequence == 4 and rollback.action == "rollback"
     directive = verify_directive(
         rollback.payload, trust, device_id="dev-1", last_sequence=3, now=START
     )
-    assert directive.action == "rollback" and directive.sources == [] and directive.bundle is None
+    assert directive.action == "rollback" and directive.sources == []
+    # It names the bundle it undoes, so a device that never installed it keeps what it serves.
+    assert directive.bundle is not None and directive.bundle.version == "2.0.0"
     # The device refuses the older ones now, and another device refuses this one.
     first = _install(database, issuer, "dev-1")
     with pytest.raises(ReplayedDirectiveError):
@@ -139,7 +142,7 @@ def test_unknown_device_is_not_found(database: Database, issuer: DirectiveIssuer
     add_bundle(database)
     ghost = Device(id="ghost", public_key="00" * 32)
     with pytest.raises(NotFoundError), database.session() as session:
-        issuer.prepare_rollback(session, ghost)
+        issuer.prepare_rollback(session, ghost, session.query(BundleRow).one())
 
 
 def test_issuer_needs_a_key(tmp_path: Path) -> None:

@@ -402,7 +402,7 @@ def test_shadow_stage_then_real_install(
     assert all(f.model_version(f"dev-{i:02d}") == "2.0.0" for i in range(4))
 
 
-def test_shadow_disagreement_aborts_without_touching_what_devices_serve(
+def test_shadow_disagreement_aborts_stops_the_shadow_and_keeps_what_devices_serve(
     database: Database, tmp_path: Path, keyset: KeySet, trust: TrustRoot
 ) -> None:
     f = make_fleet(database, tmp_path, keyset, trust, 4)
@@ -414,7 +414,12 @@ def test_shadow_disagreement_aborts_without_touching_what_devices_serve(
     f.run_until(rid, "aborted")
     assert "min_shadow_agreement" in (f.status(rid).reason or "")
     for device_id in shadow:
-        assert [d.action for d in f.received(device_id)] == ["install"]  # no rollback
+        install, rollback = f.received(device_id)
+        assert install.action == "install" and install.shadow
+        # The rollback names the bundle: the device keeps 1.0.0 and stops the shadow copy.
+        assert rollback.action == "rollback"
+        assert rollback.bundle is not None and install.bundle is not None
+        assert rollback.bundle.version == install.bundle.version
         assert f.model_version(device_id) == "1.0.0"
 
 
