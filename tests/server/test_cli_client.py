@@ -23,9 +23,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 
-from edgefleet.cli import cli
-from edgefleet.cli.errors import run_with_error_handling
 from tests.agent.broker import free_port
+from tests.clirun import Cli
 
 TOKEN = "efa_" + "t" * 43
 
@@ -237,7 +236,7 @@ class Run:
     """`edgefleet ...` in this process, pointed at `url` with the token (via env)."""
 
     def __init__(self, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-        self._capsys, self._monkeypatch = capsys, monkeypatch
+        self._cli, self._monkeypatch = Cli(capsys), monkeypatch
 
     def __call__(
         self, *args: str | Path, status: int = 0, token: str | None = TOKEN, url: str
@@ -247,12 +246,7 @@ class Run:
             self._monkeypatch.delenv("EDGEFLEET_TOKEN", raising=False)
         else:
             self._monkeypatch.setenv("EDGEFLEET_TOKEN", token)
-        self._capsys.readouterr()
-        code = run_with_error_handling(cli, [str(arg) for arg in args])
-        out, err = self._capsys.readouterr()
-        assert code == status, f"exit {code}\nstdout: {out}\nstderr: {err}"
-        assert "Traceback" not in err
-        return out, err
+        return self._cli(*args, status=status)
 
 
 @pytest.fixture

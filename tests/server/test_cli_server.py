@@ -8,64 +8,25 @@ translation and its rendering meet the server's actual answers.
 
 from __future__ import annotations
 
-import contextlib
 import sys
-import threading
-import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 
-from edgefleet.cli import cli
-from edgefleet.cli.errors import run_with_error_handling
 from edgefleet.server.db.database import Database
 from edgefleet.server.principals import Role
 from edgefleet.server.settings import ServerSettings
 from edgefleet.server.tokens import authenticate
 from edgefleet.trust import TrustRoot
-from tests.agent.broker import free_port
-from tests.server.apiclient import Api, make_api
-
-
-class Run:
-    def __init__(self, capsys: pytest.CaptureFixture[str]) -> None:
-        self._capsys = capsys
-
-    def __call__(self, *args: str | Path, status: int = 0) -> tuple[str, str]:
-        self._capsys.readouterr()
-        code = run_with_error_handling(cli, [str(arg) for arg in args])
-        out, err = self._capsys.readouterr()
-        assert code == status, f"exit {code}\nstdout: {out}\nstderr: {err}"
-        assert "Traceback" not in err
-        return out, err
+from tests.clirun import Cli
+from tests.server.apiclient import Api, make_api, serve
 
 
 @pytest.fixture
-def run(capsys: pytest.CaptureFixture[str]) -> Run:
-    return Run(capsys)
-
-
-@contextlib.contextmanager
-def serve(api: Api) -> Iterator[str]:
-    """Serve `api`'s app with uvicorn on a free port; yields its URL."""
-    config = uvicorn.Config(
-        api.client.app, host="127.0.0.1", port=free_port(), log_level="warning", lifespan="off"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+def run(capsys: pytest.CaptureFixture[str]) -> Cli:
+    return Cli(capsys)
 
 
 @pytest.fixture
@@ -81,7 +42,7 @@ def served(
 
 
 def test_push_list_show_against_the_real_server(
-    served: Api, run: Run, bundle_file: Path, tmp_path: Path
+    served: Api, run: Cli, bundle_file: Path, tmp_path: Path
 ) -> None:
     out, _ = run("bundles", "push", bundle_file)
     assert out.startswith("pushed: demo@1.2.3, ")
@@ -104,7 +65,7 @@ def test_push_list_show_against_the_real_server(
 
 
 def test_roles_and_tokens_are_the_servers(
-    served: Api, run: Run, bundle_file: Path, monkeypatch: pytest.MonkeyPatch
+    served: Api, run: Cli, bundle_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("EDGEFLEET_TOKEN", served.tokens[Role.VIEWER])
     _, err = run("bundles", "push", bundle_file, status=2)
@@ -117,7 +78,7 @@ def test_roles_and_tokens_are_the_servers(
     assert "no API token given" in err
 
 
-def test_devices_and_enroll_tokens(served: Api, run: Run) -> None:
+def test_devices_and_enroll_tokens(served: Api, run: Cli) -> None:
     for device_id in ("cam-1", "cam-2"):
         assert served.enroll(device_id, tags={"site": "berlin"}).status_code == 201
     out, _ = run("devices", "list", "--tag", "site=berlin")
@@ -132,7 +93,7 @@ def test_devices_and_enroll_tokens(served: Api, run: Run) -> None:
 
 
 def test_rollout_start_status_pause_resume_abort(
-    served: Api, run: Run, bundle_file: Path, tmp_path: Path
+    served: Api, run: Cli, bundle_file: Path, tmp_path: Path
 ) -> None:
     for device_id in ("cam-1", "cam-2"):
         served.enroll(device_id, tags={"site": "berlin"})
@@ -161,7 +122,7 @@ def test_rollout_start_status_pause_resume_abort(
     assert err.startswith("error [invalid-request]: ")
 
 
-def test_token_create_prints_only_the_token(run: Run, tmp_path: Path) -> None:
+def test_token_create_prints_only_the_token(run: Cli, tmp_path: Path) -> None:
     data = tmp_path / "fresh" / "data"  # not there yet: created, the database migrated
     out, err = run(
         "server", "token", "create", "--role", "operator", "--name", "ci", "--data", data
@@ -184,7 +145,7 @@ def test_token_create_prints_only_the_token(run: Run, tmp_path: Path) -> None:
     assert "'root' is not one of" in err
 
 
-def test_token_create_migrates_a_fresh_postgresql_database(run: Run, postgres_url: str) -> None:
+def test_token_create_migrates_a_fresh_postgresql_database(run: Cli, postgres_url: str) -> None:
     out, _ = run("server", "token", "create", "--role", "viewer", "--name", "grafana", "--db",
                  postgres_url)  # fmt: skip
     db = Database(postgres_url)
@@ -197,7 +158,7 @@ def test_token_create_migrates_a_fresh_postgresql_database(run: Run, postgres_ur
 
 
 def test_server_run_turns_flags_into_settings(
-    run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    run: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     trust = tmp_path / "trust.json"
     key = tmp_path / "server.key"
@@ -243,7 +204,7 @@ def test_server_run_turns_flags_into_settings(
 
 
 def test_push_over_the_servers_limit_reports_the_limit(
-    sqlite_database: Database, tmp_path: Path, trust: TrustRoot, run: Run
+    sqlite_database: Database, tmp_path: Path, trust: TrustRoot, run: Cli
 ) -> None:
     api = make_api(sqlite_database, tmp_path, trust, max_bundle_bytes=1000)
     big = tmp_path / "big.efb"
