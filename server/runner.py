@@ -143,6 +143,7 @@ class FleetServer:
             f"edgefleet-server-{settings.replica_id}",
             settings.share_group,
             self._handle_message,
+            session_expiry_s=_session_expiry_s(settings),
         )
         context = ServerContext(
             settings=settings,
@@ -215,6 +216,18 @@ class FleetServer:
         if self.broker is not None:
             self.broker.stop()
         self.db.dispose()
+
+
+def _session_expiry_s(settings: ServerSettings) -> int:
+    """How long the broker keeps this replica's MQTT session after losing the connection.
+
+    Long enough for a network blip; far shorter than a lease. A broker (mosquitto 2.0
+    at least) keeps handing a disconnected member its round-robin share of the shared
+    subscriptions until its session expires, and a replica that died never resumes
+    it (its client id names the process). Expiring first means a replica taking over
+    a dead one's rollouts, one lease TTL later, receives every device answer.
+    """
+    return max(1, int(settings.lease_ttl.total_seconds() / 3))
 
 
 def _broker_host(settings: ServerSettings) -> str:

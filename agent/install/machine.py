@@ -291,6 +291,7 @@ class Installer(Engine):
         challenger = state.challenger
         if previous is None and challenger is None and rolling_back is None:
             raise RollbackError("there is no previous version to roll back to")
+        target: str | None
         if rolling_back is not None and not _is_version(current, rolling_back):
             if current is None:
                 raise RollbackError(

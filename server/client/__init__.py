@@ -6,11 +6,8 @@ operator's laptop runs these commands without the server's dependencies.
 """
 
 from edgefleet.server.client.api import DEFAULT_SERVER, ApiClient, JsonObject
-from edgefleet.server.client.errors import (
-    RateLimitedError,
-    ServerResponseError,
-    ServerUnreachableError,
-)
+from edgefleet.server.client.errors import ServerResponseError, ServerUnreachableError
+from edgefleet.server.errors import RateLimitedError
 
 __all__ = [
     "DEFAULT_SERVER",

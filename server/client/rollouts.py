@@ -15,8 +15,8 @@ from edgefleet.cli.errors import EXIT_REFUSED
 from edgefleet.cli.options import echo_json, echo_table, json_option
 from edgefleet.errors import UsageError
 from edgefleet.server.client.api import ApiClient, JsonObject
-from edgefleet.server.client.errors import RateLimitedError
 from edgefleet.server.client.options import cell, client_command, parse_bundle_ref
+from edgefleet.server.errors import RateLimitedError
 from edgefleet.timefmt import format_time, utcnow
 
 # A rollout in one of these states changes no more.

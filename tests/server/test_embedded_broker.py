@@ -1,0 +1,150 @@
+"""One machine, nothing else installed: `edgefleet server run --embedded-broker` on SQLite.
+
+The server runs its own MQTT broker (rumqttd through iotcore) on --mqtt-port;
+a real `edgefleet agent run` connects to it, enrolls itself over HTTP (open
+enrollment), signs its reports, and installs a real signed bundle that a
+rollout sends it. Killing the agent (SIGKILL: no goodbye) makes the broker
+publish the agent's Last Will, and the device shows offline in
+GET /api/v1/devices.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgefleet.agent.config import (
+    AgentConfig,
+    HealthSettings,
+    LocalApiSettings,
+    MqttSettings,
+    TelemetrySettings,
+    write_config,
+)
+from edgefleet.server.db.migrate import open_database
+from edgefleet.server.principals import Role
+from edgefleet.server.settings import sqlite_url
+from edgefleet.server.tokens import create_api_token
+from edgefleet.trust import TrustRoot
+from tests.agent.broker import free_port, unique_device_id
+from tests.agent.power_loss_driver import PROFILE, Bundles, prepare_bundles
+from tests.conftest import KeySet
+from tests.server.serverproc import ServerProcess, json_of, wait_until, write_server_keys
+
+WAIT = 30.0
+PRESENCE_ACCEPTED = "edgefleet_mqtt_messages_accepted_total"
+
+
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory: pytest.TempPathFactory, keyset: KeySet) -> Bundles:
+    return prepare_bundles(tmp_path_factory.mktemp("embedded-bundles"), keyset.release)
+
+
+def start_agent(
+    tmp_path: Path, device: str, broker_url: str, server_url: str, trust: Path
+) -> subprocess.Popen[bytes]:
+    config_path = tmp_path / f"{device}.toml"
+    write_config(
+        config_path,
+        AgentConfig(
+            device_id=device,
+            profile=PROFILE,
+            state_dir=tmp_path / device,
+            trust_root=trust,
+            server_url=server_url,
+            mqtt=MqttSettings(url=broker_url),
+            telemetry=TelemetrySettings(window_seconds=1, heartbeat_seconds=1),
+            health=HealthSettings(duration_seconds=1, min_requests=0),
+            local_api=LocalApiSettings(port=free_port()),
+        ),
+    )
+    with (tmp_path / f"{device}.log").open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "edgefleet", "agent", "run", "--config", str(config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def test_agent_on_the_embedded_broker_enrolls_installs_and_goes_offline(
+    tmp_path: Path, releases: Bundles, keyset: KeySet, trust: TrustRoot
+) -> None:
+    trust_path, key_path = write_server_keys(tmp_path / "keys", trust, keyset)
+    data = tmp_path / "data"
+    mqtt_port = free_port()
+    server = ServerProcess.start(
+        tmp_path / "server.log", trust_path, key_path,
+        "--data", data, "--embedded-broker", "--mqtt-port", str(mqtt_port), "--open-enrollment",
+    )  # fmt: skip
+    agent: subprocess.Popen[bytes] | None = None
+    device = unique_device_id("emb")
+    try:
+        server.wait_healthy()
+        db = open_database(sqlite_url(data))  # the server's own SQLite file
+        try:
+            with db.session() as session:
+                token = create_api_token(session, "ops", Role.OPERATOR)
+        finally:
+            db.dispose()
+        with server.api(token) as api:
+            pushed = api.post(
+                "/bundles",
+                content=releases.releases[0].read_bytes(),
+                headers={"Content-Type": "application/octet-stream"},
+            )
+            json_of(pushed, 201)
+
+            agent = start_agent(
+                tmp_path, device, f"mqtt://127.0.0.1:{mqtt_port}", server.url, trust_path
+            )
+
+            def listed() -> dict[str, Any] | None:
+                found: list[dict[str, Any]] = json_of(api.get("/devices"), 200)["items"]
+                return next((d for d in found if d["id"] == device), None)
+
+            def online() -> bool:
+                assert agent is not None and agent.poll() is None, agent_log(tmp_path, device)
+                found = listed()
+                return found is not None and found["online"] is True
+
+            # Online needs a signed heartbeat (or the presence) through the embedded broker.
+            assert wait_until(online, WAIT), (listed(), server.log, agent_log(tmp_path, device))
+
+            plan = {"stages": [{"percent": 100}], "gates": {"bake_s": 1}}
+            started = {"bundle": "demo@1.0.0", "plan": plan}
+            rollout = json_of(api.post("/rollouts", json=started), 201)["id"]
+
+            def finished() -> bool:
+                state = json_of(api.get(f"/rollouts/{rollout}"), 200)["state"]
+                return bool(state in ("completed", "aborted"))
+
+            assert wait_until(finished, WAIT, interval=0.5), agent_log(tmp_path, device)
+            status = json_of(api.get(f"/rollouts/{rollout}"), 200)
+            assert status["state"] == "completed", status
+            assert {k: n for k, n in status["devices"].items() if n} == {"succeeded": 1}, status
+            assert wait_until(lambda: (listed() or {}).get("model_version") == "1.0.0", 10), (
+                listed()
+            )
+
+            presence = server.metric(PRESENCE_ACCEPTED, kind="presence")
+            agent.kill()  # no DISCONNECT: the broker publishes the Last Will
+            agent.wait(10)
+            # Well before `offline_after` (120 s) could mark it: the Will did.
+            assert wait_until(lambda: (listed() or {}).get("online") is False, 10), listed()
+            assert server.metric(PRESENCE_ACCEPTED, kind="presence") > presence
+    finally:
+        if agent is not None and agent.poll() is None:
+            agent.send_signal(signal.SIGTERM)
+            agent.wait(30)
+        log = server.stop()
+        assert "Traceback" not in log, log
+
+
+def agent_log(tmp_path: Path, device: str) -> str:
+    path = tmp_path / f"{device}.log"
+    return path.read_text(errors="replace") if path.exists() else ""
