@@ -5,6 +5,8 @@
 #   -> an attacker's tampered copy and a wrong-key bundle, both refused
 #   -> release key rotation that devices follow one version at a time
 #   -> an offline device: agent install from a file, a refused tampered bundle, predict
+#   -> the fleet server with its embedded broker, an agent that enrolls itself, and a
+#      staged rollout to it
 set -euo pipefail
 out=demo-output
 rm -rf "$out"
@@ -87,4 +89,106 @@ step "Predict a batch on the device" \
 
 step "Device status" edgefleet agent status --config "$out/device.toml"
 
+# The fleet server on this machine: one process with SQLite and the pushed bundles in
+# demo-output/server, the embedded MQTT broker, open enrollment (a lab, never a fleet).
+# A second device, this time connected, plays an aarch64 board as the first one did.
+read -r mqtt_port api_port agent_api_port < <(python - <<'PY'
+import socket  # three free ports, held open together so that they differ
+sockets = [socket.socket() for _ in range(3)]
+for s in sockets:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in sockets))
+PY
+)
+server_pid='' agent_pid=''
+stop_fleet() {  # also on any exit, so that nothing outlives the demo
+    # SIGTERM, as systemd stops them: each runs its whole shutdown.
+    if [ -n "$agent_pid" ]; then
+        kill -TERM "$agent_pid" 2>/dev/null || true
+        wait "$agent_pid" || true
+        agent_pid=''
+    fi
+    if [ -n "$server_pid" ]; then
+        kill -TERM "$server_pid" 2>/dev/null || true
+        wait "$server_pid" || true
+        server_pid=''
+    fi
+}
+trap stop_fleet EXIT
+wait_for() {  # wait_for WHAT PID LOG COMMAND...: poll COMMAND for 60 s while PID runs
+    local what=$1 pid=$2 log=$3
+    shift 3
+    for _ in $(seq 120); do
+        if "$@" >/dev/null 2>&1; then return 0; fi
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.5
+    done
+    echo "DEMO FAILED: no $what; the end of $log:" >&2
+    tail -n 20 "$log" >&2
+    exit 1
+}
+
+export EDGEFLEET_SERVER="http://127.0.0.1:$api_port"
+printf '\n%s== %s%s\n$ %s &\n' "$bold" "Start the fleet server (log: $out/server.log)" "$plain" \
+    "edgefleet server run --embedded-broker --mqtt-port $mqtt_port --port $api_port --data $out/server --open-enrollment --trust $out/keys/trust.json --server-key $out/keys/server.key"
+edgefleet server run --embedded-broker --mqtt-port "$mqtt_port" --port "$api_port" \
+    --data "$out/server" --open-enrollment \
+    --trust "$out/keys/trust.json" --server-key "$out/keys/server.key" >"$out/server.log" 2>&1 &
+server_pid=$!
+wait_for "fleet server" "$server_pid" "$out/server.log" \
+    python -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
+    "$EDGEFLEET_SERVER/api/v1/health"
+
+printf '\n%s== %s%s\n$ %s\n' "$bold" "An operator's API token (the server keeps only its hash)" "$plain" \
+    "export EDGEFLEET_TOKEN=\$(edgefleet server token create --role operator --name demo --data $out/server)"
+EDGEFLEET_TOKEN=$(edgefleet server token create --role operator --name demo --data "$out/server")
+export EDGEFLEET_TOKEN
+
+step "Push the signed bundle: the server verifies it as a device would" \
+    edgefleet bundles push "$out/demo-model-1.0.0.efb"
+
+step "Flash a connected device: the broker and the server it enrolls with" \
+    edgefleet agent init --device-id demo-fleet-device --trust "$out/keys/trust.json" \
+    --profile aarch64 --state-dir "$out/fleet-device" --mqtt "mqtt://127.0.0.1:$mqtt_port" \
+    --server "$EDGEFLEET_SERVER" -o "$out/fleet-device.toml"
+# -I: the installed edgefleet, not the source tree in the current directory.
+python -I - "$out/fleet-device.toml" "$agent_api_port" <<'PY'
+# A demo's impatience: a heartbeat and a telemetry window every 2 s, a 3 s health check
+# after the switch (defaults 30 s, 60 s, 60 s), and a free port for the local API.
+import sys
+from pathlib import Path
+from edgefleet.agent.config import load_config, write_config
+path = Path(sys.argv[1])
+config = load_config(path)
+config = config.model_copy(update={
+    "telemetry": config.telemetry.model_copy(update={"window_seconds": 2, "heartbeat_seconds": 2}),
+    "health": config.health.model_copy(update={"duration_seconds": 3.0}),
+    "local_api": config.local_api.model_copy(update={"port": int(sys.argv[2])}),
+})
+write_config(path, config)
+PY
+
+printf '\n%s== %s%s\n$ %s &\n' "$bold" "Run its agent: it makes a device key and enrolls (log: $out/agent.log)" \
+    "$plain" "edgefleet agent run --config $out/fleet-device.toml"
+edgefleet agent run --config "$out/fleet-device.toml" >"$out/agent.log" 2>&1 &
+agent_pid=$!
+wait_for "online device" "$agent_pid" "$out/agent.log" \
+    sh -c 'edgefleet devices list --online --json | grep -q demo-fleet-device'
+step "The device enrolled and reports, every message signed with its key" edgefleet devices list
+
+# The smallest plan: a third of the devices, then everyone; a 5 s bake per stage.
+printf 'stages: [{percent: 34}, {percent: 100}]\ngates: {bake_s: 5}\n' >"$out/plan.yaml"
+printf '\n%s== %s%s\n$ %s\n' "$bold" "Start a staged rollout with the smallest plan" "$plain" \
+    "edgefleet rollout start --bundle demo-model@1.0.0 --plan $out/plan.yaml"
+started=$(edgefleet rollout start --bundle demo-model@1.0.0 --plan "$out/plan.yaml")
+echo "$started"
+rollout_id=$(sed -n 's/^started rollout \([0-9]*\):.*/\1/p' <<<"$started")
+
+step "Watch it: directive, install on the device, gates, next stage, completed" \
+    edgefleet rollout status "$rollout_id" --watch --interval 1
+
+step "The fleet now serves the new version" edgefleet devices list
+
+printf '\n%s== %s%s\n' "$bold" "Stop the agent, then the server (and its broker)" "$plain"
+stop_fleet
 printf '\nDemo complete: files are in %s/\n' "$out"

@@ -57,7 +57,7 @@ def server() -> None:
     "--mqtt",
     "mqtt_url",
     metavar="URL",
-    help="An external broker: mqtt://host:1883 or mqtts://host:8883 "
+    help="An external broker: mqtt://host:1883 (TLS to the broker is not built yet) "
     "[default: mqtt://127.0.0.1:1883].",
 )
 @click.option(

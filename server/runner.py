@@ -17,6 +17,7 @@ timestamp.
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -254,17 +255,25 @@ def run_server(settings: ServerSettings) -> None:
             lifespan="off",
         )
         log.info(
-            "fleet server %s: API on http://%s:%d/api/v1 (docs at /docs), database %s%s",
+            "fleet server %s: API on http://%s:%d/api/v1 (docs at /api/v1/docs), database %s%s",
             settings.replica_id,
             settings.host,
             settings.port,
             _safe_url(server.db),
             ", open enrollment" if settings.open_enrollment else "",
         )
-        uvicorn.Server(config).run()  # handles SIGINT and SIGTERM, returns after shutdown
+        # uvicorn stops gracefully on SIGINT/SIGTERM and then raises the signal again
+        # with the handler it found; this one turns SIGTERM (systemd's stop) into a
+        # normal exit so that everything below still stops in order.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        uvicorn.Server(config).run()
     finally:
         log.info("stopping")
         server.close()
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def _safe_url(db: Database) -> str:
