@@ -5,7 +5,7 @@ What it guarantees:
   id, so a short outage (broker restart, network blip) loses nothing queued for
   this replica; a clean `stop` ends the session (expiry 0 on DISCONNECT) so a
   replica that is gone does not keep absorbing its share of the messages;
-- subscriptions renewed on every connect: `$share/{group}/...` for status,
+- subscriptions renewed on every connect: `$share/{group}.{kind}/...` for status,
   heartbeat, telemetry and block requests (replicas in the same group share
   them, each message goes to one replica), and a plain subscription for
   presence (every replica sees every presence change; retained presence is
@@ -102,7 +102,10 @@ class ServerLink:
                 if kind not in SHARED_KINDS and kind is not TopicKind.PRESENCE:
                     raise InvalidRequestError(f"devices do not publish {kind.value!r}")
                 plain = device_filter(kind)
-                wanted = plain if kind is TopicKind.PRESENCE else shared_filter(share_group, plain)
+                # One share group per kind: rumqttd (the embedded broker) delivers to a
+                # client only some of several filters shared under one group name.
+                group = f"{share_group}.{_suffix(kind)}"
+                wanted = plain if kind is TopicKind.PRESENCE else shared_filter(group, plain)
                 filters.append((wanted, 1))
                 self._handlers[_suffix(kind)] = handler
         except UsageError as exc:  # a bad share group

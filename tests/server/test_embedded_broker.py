@@ -37,7 +37,7 @@ from tests.conftest import KeySet
 from tests.server.serverproc import ServerProcess, json_of, wait_until, write_server_keys
 
 WAIT = 30.0
-PRESENCE_ACCEPTED = "edgefleet_mqtt_messages_accepted_total"
+ACCEPTED = "edgefleet_mqtt_messages_accepted_total"
 
 
 @pytest.fixture(scope="module")
@@ -131,12 +131,17 @@ def test_agent_on_the_embedded_broker_enrolls_installs_and_goes_offline(
                 listed()
             )
 
-            presence = server.metric(PRESENCE_ACCEPTED, kind="presence")
+            # Every kind of device message gets through the embedded broker's shared
+            # subscriptions (one share group per kind), telemetry and heartbeats too.
+            for kind in ("heartbeat", "status", "telemetry"):
+                assert wait_until(lambda k=kind: server.metric(ACCEPTED, kind=k) > 0, 15), kind
+
+            presence = server.metric(ACCEPTED, kind="presence")
             agent.kill()  # no DISCONNECT: the broker publishes the Last Will
             agent.wait(10)
             # Well before `offline_after` (120 s) could mark it: the Will did.
             assert wait_until(lambda: (listed() or {}).get("online") is False, 10), listed()
-            assert server.metric(PRESENCE_ACCEPTED, kind="presence") > presence
+            assert server.metric(ACCEPTED, kind="presence") > presence
     finally:
         if agent is not None and agent.poll() is None:
             agent.send_signal(signal.SIGTERM)

@@ -2,7 +2,7 @@
 
 Both replicas get the same --db, --mqtt and --data: the database holds the
 fleet's state and the leases, the broker spreads device messages over the
-replicas through the shared subscription `$share/edgefleet-server/...`, and
+replicas through the shared subscriptions `$share/edgefleet-server.<kind>/...`, and
 the data directory holds the pushed bundle files (a bundle pushed through one
 replica is stored under data/bundles/<sha256>.efb and served by either; in a
 real deployment that directory is a shared volume).
