@@ -166,14 +166,16 @@ def allocate_directive_sequence(session: Session, device: Device) -> int:
     Raises:
         NotFoundError: no device row with that id.
     """
+    table = Device.__table__
     statement = (
-        update(Device)
-        .where(Device.id == device.id)
-        .values(directive_sequence=Device.directive_sequence + 1)
-        .returning(Device.directive_sequence)
-        .execution_options(synchronize_session=False)
+        update(table)
+        .where(table.c.id == device.id)
+        .values(directive_sequence=table.c.directive_sequence + 1)
+        .returning(table.c.directive_sequence)
     )
-    value = session.execute(statement).scalar_one_or_none()
+    # On the session's connection, past the ORM: no autoflush of the caller's pending
+    # changes for every directive (a large stage signs hundreds per unit of work).
+    value = session.connection().execute(statement).scalar_one_or_none()
     if value is None:
         raise NotFoundError(f"device {device.id!r} is not enrolled")
     set_committed_value(device, "directive_sequence", int(value))

@@ -95,6 +95,8 @@ class TickReport:
     skipped: list[int] = field(default_factory=list)  # held by another replica
     published: int = 0
     events: list[tuple[int, str]] = field(default_factory=list)  # (rollout id, event)
+    # A rollout used all of this tick's directives: more are waiting, tick again at once.
+    saturated: bool = False
 
 
 class RolloutDriver:
@@ -140,13 +142,21 @@ class RolloutDriver:
         return report
 
     def run(self, stop: threading.Event) -> None:
-        """Tick every `settings.driver_interval_s` until `stop` is set; never raises."""
+        """Tick every `settings.driver_interval_s` until `stop` is set; never raises.
+
+        A tick that used all its directives (a large stage) is followed by the next
+        one at once, so notifying a big fleet is not paced by the interval.
+        """
         while not stop.is_set():
+            saturated = False
             try:
-                self.tick()
+                report = self.tick()
+                # Not when nothing got out (a broker down): that would spin.
+                saturated = report.saturated and report.published > 0
             except Exception:  # the driver must outlive a bad tick (database restarts, bugs)
                 log.exception("rollout driver tick failed")
-            stop.wait(self.settings.driver_interval_s)
+            if not saturated:
+                stop.wait(self.settings.driver_interval_s)
 
     # --- one rollout ------------------------------------------------------------------------
 
@@ -173,6 +183,7 @@ class RolloutDriver:
             plan = plan_from_dict(rollout.plan)
             step = _RolloutStep(self, session, rollout, bundle, plan, now, outgoing, report)
             step.run()
+            report.saturated |= step.room <= 0
             if rollout.state not in _DRIVEN:  # completed or aborted: nothing left to drive
                 release_lease(session, lease_name(rollout_id), self.settings.replica_id)
         self._publish(rollout_id, outgoing, report, step.counted)
