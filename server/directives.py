@@ -20,8 +20,9 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
-from sqlalchemy import update
+from sqlalchemy import Table, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -166,7 +167,7 @@ def allocate_directive_sequence(session: Session, device: Device) -> int:
     Raises:
         NotFoundError: no device row with that id.
     """
-    table = Device.__table__
+    table = cast(Table, Device.__table__)
     statement = (
         update(table)
         .where(table.c.id == device.id)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -133,8 +134,11 @@ def test_agent_on_the_embedded_broker_enrolls_installs_and_goes_offline(
 
             # Every kind of device message gets through the embedded broker's shared
             # subscriptions (one share group per kind), telemetry and heartbeats too.
+            def accepted(kind: str) -> Callable[[], bool]:
+                return lambda: server.metric(ACCEPTED, kind=kind) > 0
+
             for kind in ("heartbeat", "status", "telemetry"):
-                assert wait_until(lambda k=kind: server.metric(ACCEPTED, kind=k) > 0, 15), kind
+                assert wait_until(accepted(kind), 15), kind
 
             presence = server.metric(ACCEPTED, kind="presence")
             agent.kill()  # no DISCONNECT: the broker publishes the Last Will
