@@ -45,16 +45,25 @@ def canonical_json(value: Any) -> bytes:
 
 
 def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise MalformedDocumentError(f"duplicate key {key!r} in JSON object")
-        result[key] = value
+    result = dict(pairs)  # in C; a duplicate shows as a shorter dict
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise MalformedDocumentError(f"duplicate key {key!r} in JSON object")
+            seen.add(key)
     return result
 
 
 def _refuse_constant(name: str) -> Any:
     raise MalformedDocumentError(f"{name} is not valid JSON")
+
+
+# One decoder for every call and thread, as `json.loads` shares its default one (given
+# hooks, it would build a new decoder per call); a decode keeps no state between calls.
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_refuse_duplicate_keys, parse_constant=_refuse_constant
+)
 
 
 def parse_json(data: bytes, what: str) -> Any:
@@ -65,9 +74,9 @@ def parse_json(data: bytes, what: str) -> Any:
     """
     try:
         text = data.decode("utf-8")
-        return json.loads(
-            text, object_pairs_hook=_refuse_duplicate_keys, parse_constant=_refuse_constant
-        )
+        if text.startswith("\ufeff"):  # refused the way json.loads refuses it
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        return _DECODER.decode(text)
     except UnicodeDecodeError as exc:
         raise MalformedDocumentError(f"{what} is not UTF-8 text") from exc
     except (ValueError, RecursionError) as exc:

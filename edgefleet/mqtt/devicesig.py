@@ -31,6 +31,7 @@ PyNaCl (libsodium) only: a device signs here and never loads `cryptography`
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import stat
@@ -49,9 +50,12 @@ SIGNATURE_HEX_LENGTH = 128
 # What a frame adds to a message: the magic, the signature in hex and the newline.
 FRAME_OVERHEAD = len(FRAME_MAGIC) + SIGNATURE_HEX_LENGTH + 1
 SEED_BYTES = 32
+# Verify keys kept ready, by public key: a server checks every message of every device.
+VERIFY_KEY_CACHE_SIZE = 16_384
 
 _SIGNATURE_HEX = re.compile(rb"[0-9a-f]{128}")
 _PUBLIC_HEX = re.compile(r"[0-9a-f]{64}")
+_NEWLINE = ord("\n")
 
 
 class DeviceKey:
@@ -156,7 +160,7 @@ def split_device_frame(frame: bytes) -> tuple[bytes, bytes]:
     """
     if not isinstance(frame, (bytes, bytearray)):
         raise MessageSchemaError(f"device frame is a {type(frame).__name__}, not bytes")
-    if not is_device_frame(frame):
+    if not frame.startswith(FRAME_MAGIC):
         raise MessageSchemaError("payload is not a signed device frame (no EFS1 prefix)")
     start = len(FRAME_MAGIC)
     end = start + SIGNATURE_HEX_LENGTH
@@ -164,7 +168,7 @@ def split_device_frame(frame: bytes) -> tuple[bytes, bytes]:
         raise MessageSchemaError(f"device frame is truncated ({len(frame)} bytes)")
     if not _SIGNATURE_HEX.fullmatch(frame, start, end):
         raise MessageSchemaError("device frame signature is not 128 lowercase hex digits")
-    if frame[end : end + 1] != b"\n":
+    if frame[end] != _NEWLINE:
         raise MessageSchemaError("device frame has no newline after its signature")
     return bytes.fromhex(frame[start:end].decode("ascii")), bytes(frame[end + 1 :])
 
@@ -180,25 +184,42 @@ def verify_device_payload(topic: str, frame: bytes, public_key_hex: str) -> byte
         UsageError: `public_key_hex` is not 64 lowercase hex digits (the caller's
             key store is broken, not the message).
     """
-    if not isinstance(public_key_hex, str) or not _PUBLIC_HEX.fullmatch(public_key_hex):
+    if not isinstance(public_key_hex, str):
         raise UsageError("a device public key is 64 lowercase hex digits")
+    key = _verify_key(public_key_hex)
     try:
         signature, payload = split_device_frame(frame)
         signed = device_signed_bytes(topic, payload)
     except (MessageSchemaError, UsageError) as exc:
         raise DeviceSignatureError(f"message on {topic!r} is not signed: {exc}") from exc
-    from nacl.exceptions import BadSignatureError
-    from nacl.exceptions import ValueError as NaclValueError
-    from nacl.signing import VerifyKey
-
     try:
-        VerifyKey(bytes.fromhex(public_key_hex)).verify(signed, signature)
-    except (BadSignatureError, NaclValueError) as exc:
+        key.verify(signed, signature)
+    except Exception as exc:
+        # Imported on failure only: the success path needs no more than the cached key.
+        from nacl.exceptions import BadSignatureError
+        from nacl.exceptions import ValueError as NaclValueError
+
+        if not isinstance(exc, (BadSignatureError, NaclValueError)):
+            raise
         raise DeviceSignatureError(
             f"the signature on {topic!r} does not verify under the device's enrolled key "
             f"{public_key_hex[:12]}: another key signed it, or it was changed or moved"
         ) from exc
     return payload
+
+
+@functools.lru_cache(maxsize=VERIFY_KEY_CACHE_SIZE)
+def _verify_key(public_key_hex: str) -> nacl.signing.VerifyKey:
+    """The verify key of 64 lowercase hex digits (cached; a refusal is not).
+
+    Raises:
+        UsageError: not 64 lowercase hex digits.
+    """
+    if not _PUBLIC_HEX.fullmatch(public_key_hex):
+        raise UsageError("a device public key is 64 lowercase hex digits")
+    from nacl.signing import VerifyKey
+
+    return VerifyKey(bytes.fromhex(public_key_hex))
 
 
 def is_valid_public_key(public_key_hex: str) -> bool:

@@ -18,6 +18,7 @@ stored row, so the in-memory and the stored form cannot drift apart.
 from __future__ import annotations
 
 import datetime as dt
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,17 +94,24 @@ class TelemetryAggregate:
         self.fallbacks += window.fallbacks
         self.schema_violations += window.schema_violations
         self.dropped_windows += window.dropped_windows
-        if window.shadow is not None:
-            self.shadow_requests += window.shadow.requests
-            self.shadow_agreements += window.shadow.agreements
-        if window.labelled is not None:
-            self.labelled_count += window.labelled.count
-            self.labelled_correct += window.labelled.correct
-        if not merge_latency(self.latency, window.latency.bounds_ms, window.latency.counts):
+        shadow, labelled = window.shadow, window.labelled
+        if shadow is not None:
+            self.shadow_requests += shadow.requests
+            self.shadow_agreements += shadow.agreements
+        if labelled is not None:
+            self.labelled_count += labelled.count
+            self.labelled_correct += labelled.correct
+        latency = window.latency
+        if not merge_latency(self.latency, latency.bounds_ms, latency.counts):
             self.latency_skipped += 1
-        for side, features in (("inputs", window.inputs), ("outputs", window.outputs)):
-            if features:
-                self.bins_skipped += _merge_model_bins(self.bins.setdefault(side, {}), features)
+        if window.inputs:
+            self.bins_skipped += _merge_model_bins(
+                self.bins.setdefault("inputs", {}), window.inputs
+            )
+        if window.outputs:
+            self.bins_skipped += _merge_model_bins(
+                self.bins.setdefault("outputs", {}), window.outputs
+            )
 
     def merge(self, other: TelemetryAggregate) -> None:
         """Merge another aggregate (of the same key) in."""
@@ -133,14 +141,28 @@ def merge_latency(target: Latency, bounds_ms: list[float], counts: list[int]) ->
         return True
     if target["bounds_ms"] != bounds_ms or len(target["counts"]) != len(counts):
         return False
-    target["counts"] = [a + b for a, b in zip(target["counts"], counts, strict=True)]
+    target["counts"] = _added(target["counts"], counts)
     return True
 
 
 def _merge_model_bins(target: dict[str, dict[str, Any]], features: dict[str, BinCounts]) -> int:
+    # _merge_feature, inlined: this runs for every feature of every window received.
     skipped = 0
     for name, bins in features.items():
-        if not _merge_feature(target, name, bins.counts, bins.nan, bins.below, bins.above):
+        current = target.get(name)
+        if current is None:
+            target[name] = {
+                "counts": list(bins.counts),
+                "nan": bins.nan,
+                "below": bins.below,
+                "above": bins.above,
+            }
+        elif len(current["counts"]) == len(bins.counts):
+            current["counts"] = _added(current["counts"], bins.counts)
+            current["nan"] += bins.nan
+            current["below"] += bins.below
+            current["above"] += bins.above
+        else:
             skipped += 1
     return skipped
 
@@ -170,11 +192,16 @@ def _merge_feature(
         return True
     if len(current["counts"]) != len(counts):
         return False
-    current["counts"] = [a + b for a, b in zip(current["counts"], counts, strict=True)]
+    current["counts"] = _added(current["counts"], counts)
     current["nan"] += nan
     current["below"] += below
     current["above"] += above
     return True
+
+
+def _added(a: list[int], b: list[int]) -> list[int]:
+    """Element-wise sum of two lists of equal length (checked by the callers)."""
+    return list(map(operator.add, a, b))
 
 
 def aggregate_from_row(

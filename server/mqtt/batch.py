@@ -21,9 +21,9 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import Table, bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from edgefleet.mqtt.messages import Heartbeat, StatusReport
@@ -154,7 +154,7 @@ class BatchWriter:
         wanted = {key: agg for key, agg in telemetry.items() if key[0] in devices}
         if not wanted:
             return
-        table = TelemetryBucket.__table__
+        table = cast(Table, TelemetryBucket.__table__)
         starts = sorted({key[3] for key in wanted})
         existing: dict[BucketKey, Any] = {}
         for chunk in _chunks(sorted({key[0] for key in wanted})):
@@ -175,25 +175,35 @@ class BatchWriter:
         for key, aggregate in sorted(wanted.items(), key=lambda item: item[0]):
             stored = existing.get(key)
             if stored is None:
-                merged = TelemetryAggregate()
-            else:
-                merged = aggregate_from_row(stored._mapping, stored.latency, stored.bins)
-            merged.merge(aggregate)  # copies: the batch stays intact for a retry
-            values: dict[str, Any] = merged.counters()
-            values["latency"] = merged.latency
-            values["bins"] = merged.bins
-            if stored is None:
+                # The batch's own lists and dicts, only read by the statement (serialised
+                # to JSON), so the batch stays intact for a retry without a copy.
+                values = _bucket_values(aggregate)
                 values.update(
                     device_id=key[0], bundle_name=key[1], bundle_version=key[2], bucket_start=key[3]
                 )
                 inserts.append(values)
             else:
-                values["id"] = stored.id
+                merged = aggregate_from_row(stored._mapping, stored.latency, stored.bins)
+                merged.merge(aggregate)  # copies: the batch stays intact for a retry
+                values = _bucket_values(merged)
+                values["bucket_id"] = stored.id
                 updates.append(values)
+        # Core statements, executemany: ORM bulk statements cost more per row than the SQL.
         if updates:
-            session.execute(update(TelemetryBucket), updates)  # by primary key, executemany
+            session.execute(
+                update(table).where(table.c.id == bindparam("bucket_id")),
+                updates,
+            )
         if inserts:
-            session.execute(insert(TelemetryBucket), inserts)
+            session.execute(insert(table), inserts)
+
+
+def _bucket_values(aggregate: TelemetryAggregate) -> dict[str, Any]:
+    """The columns of a `TelemetryBucket` row that an aggregate holds."""
+    values: dict[str, Any] = aggregate.counters()
+    values["latency"] = aggregate.latency
+    values["bins"] = aggregate.bins
+    return values
 
 
 def _status_row(device_id: str, received: dt.datetime, report: StatusReport) -> StatusReportRow:

@@ -17,7 +17,7 @@ What it guarantees:
   room (counted in `.queue_full_waits`): the broker then holds the messages
   (TCP backpressure) rather than anyone dropping them;
 - `publish` is safe from any thread (the network thread does all socket
-  writes, see `_ignore_socket`), implementing `Publisher`;
+  writes, see `_wake_network_thread`), implementing `Publisher`;
 - reconnects with jittered exponential backoff.
 
 A QoS 1 message is acknowledged to the broker once it is in the queue, so a
@@ -30,8 +30,11 @@ are re-sent by the rollout driver).
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import random
+import select
+import socket
 import threading
 import time
 import urllib.parse
@@ -82,6 +85,7 @@ class ServerLink:
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
         connect_timeout_s: float = 10.0,
+        poll_s: float = 0.2,
         rng: random.Random | None = None,
     ) -> None:
         """
@@ -121,6 +125,7 @@ class ServerLink:
         self._keepalive = keepalive_s
         self._backoff = (backoff_initial_s, backoff_max_s)
         self._connect_timeout = connect_timeout_s
+        self._poll = poll_s  # the longest wait in select: keepalive is checked in between
         self._rng = rng or random.Random()
         # One queue per worker; a device's messages always go to the same worker, so
         # they are handled in the order they arrived.
@@ -129,6 +134,11 @@ class ServerLink:
         self._subscribed = threading.Event()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._network_ident: int | None = None
+        # Wakes the network thread's select when another thread queued a packet.
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
         self._client = self._make_client()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -143,7 +153,7 @@ class ServerLink:
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
-        client.on_socket_register_write = _ignore_socket
+        client.on_socket_register_write = self._wake_network_thread
         return client
 
     @property
@@ -190,13 +200,20 @@ class ServerLink:
         """Disconnect (ending the broker session), handle what is queued, end the threads."""
         self._stopping.set()
         if not self._threads:
+            self._wake_r.close()
+            self._wake_w.close()
             return
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")  # out of select now, not at its timeout
         network, *workers = self._threads
         network.join(timeout)
         for q in self._queues:
             q.put(_STOP)
         for worker in workers:
             worker.join(timeout)
+        if not network.is_alive():
+            self._wake_r.close()
+            self._wake_w.close()
 
     # -- Publisher ---------------------------------------------------------------------------
 
@@ -209,6 +226,7 @@ class ServerLink:
     # -- network thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
+        self._network_ident = threading.get_ident()
         attempt = 0
         while not self._stopping.is_set():
             try:
@@ -237,7 +255,7 @@ class ServerLink:
         deadline = time.monotonic() + self._connect_timeout
         established = False
         while not self._stopping.is_set():
-            rc = self._client.loop(timeout=0.2)
+            rc = self._pump(self._poll)
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 log.warning("connection to the broker ended: %s", mqtt.error_string(rc))
                 break
@@ -255,8 +273,46 @@ class ServerLink:
             client.disconnect(properties=properties)
             deadline = time.monotonic() + 2.0
             while client.socket() is not None and time.monotonic() < deadline:
-                if client.loop(timeout=0.05) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                if self._pump(0.05) != MQTTErrorCode.MQTT_ERR_SUCCESS:
                     break
+
+    def _pump(self, timeout: float) -> MQTTErrorCode:
+        """One turn of the network loop: wait for the socket, read a packet, write what
+        is queued (the acknowledgement of what was just read included), keep alive.
+
+        paho's own `loop` does the same, except that it wakes itself through a socket
+        pair for every packet it queues (two system calls per message received, each
+        one a round of the GIL); here only another thread's publish wakes the loop.
+        """
+        client = self._client
+        sock = client.socket()
+        if sock is None:
+            return MQTTErrorCode.MQTT_ERR_NO_CONN
+        wanted = [sock] if client.want_write() else []
+        try:
+            readable = select.select([sock, self._wake_r], wanted, [], timeout)[0]
+        except (OSError, ValueError, TypeError):  # the socket was closed meanwhile
+            return MQTTErrorCode.MQTT_ERR_CONN_LOST
+        if sock in readable:
+            rc = client.loop_read()
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or client.socket() is None:
+                return rc or MQTTErrorCode.MQTT_ERR_CONN_LOST
+        if self._wake_r in readable:
+            with contextlib.suppress(BlockingIOError):
+                self._wake_r.recv(4096)
+        if client.want_write():
+            rc = client.loop_write()
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or client.socket() is None:
+                return rc or MQTTErrorCode.MQTT_ERR_CONN_LOST
+        return client.loop_misc()
+
+    def _wake_network_thread(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        """paho's socket-write hook. Registering one keeps `publish` from writing to the
+        socket in the caller's thread (paho 2.x has no lock around socket writes); the
+        network thread writes what is queued, woken here when it may sit in select."""
+        if threading.get_ident() != self._network_ident:
+            with contextlib.suppress(OSError):  # full (already woken), or closed (stopped)
+                self._wake_w.send(b"\0")
 
     def _on_connect(
         self,
@@ -395,12 +451,6 @@ def _parse_url(url: str) -> tuple[str, int]:
         return parts.hostname, parts.port or 1883
     except ValueError as exc:
         raise InvalidRequestError(f"broker URL {url!r} has a bad port") from exc
-
-
-def _ignore_socket(client: mqtt.Client, userdata: Any, sock: Any) -> None:
-    """paho's socket-write hook: registering one keeps `publish` from writing to the
-    socket in the caller's thread (paho 2.x has no lock around socket writes); the
-    network thread's `loop` writes what is queued."""
 
 
 __all__ = ["SHARED_KINDS", "ServerLink"]

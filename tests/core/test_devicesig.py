@@ -167,6 +167,19 @@ def test_broken_key_store_is_a_usage_error_not_a_refusal(key: DeviceKey) -> None
             verify_device_payload(CAM1.status, frame, bad)
 
 
+def test_a_broken_key_is_refused_every_time_and_good_keys_still_verify(
+    key: DeviceKey, other_key: DeviceKey
+) -> None:
+    # Verify keys are cached by public key: neither a refusal nor a key may stick.
+    frame = sign_device_payload(CAM1.status, MESSAGE, key)
+    for _ in range(2):
+        with pytest.raises(errors.UsageError):
+            verify_device_payload(CAM1.status, frame, key.public_hex[:-2])
+        assert verify_device_payload(CAM1.status, frame, key.public_hex) == MESSAGE
+        with pytest.raises(errors.DeviceSignatureError):
+            verify_device_payload(CAM1.status, frame, other_key.public_hex)
+
+
 def test_topic_with_a_newline_cannot_be_signed(key: DeviceKey) -> None:
     with pytest.raises(errors.UsageError):
         sign_device_payload("a\nb", MESSAGE, key)

@@ -61,6 +61,20 @@ def test_parse_json_refuses_ambiguous_or_malformed(data: bytes) -> None:
         parse_json(data, "document")
 
 
+def test_parse_json_names_the_first_duplicate_key_at_any_depth() -> None:
+    with pytest.raises(errors.MalformedDocumentError, match="duplicate key 'b'"):
+        parse_json(b'{"a": {"x": 1, "b": 2, "y": 3, "b": 4, "x": 5}}', "document")
+    assert parse_json(b'{"a": {"b": 1}, "b": {"a": 2}}', "document") == {
+        "a": {"b": 1},
+        "b": {"a": 2},
+    }
+
+
+def test_parse_json_refuses_a_byte_order_mark_as_json_loads_does() -> None:
+    with pytest.raises(errors.MalformedDocumentError, match="BOM"):
+        parse_json(b"\xef\xbb\xbf{}", "document")
+
+
 def test_semver_order() -> None:
     ordered = ["1.0.0-alpha", "1.0.0-alpha.1", "1.0.0-beta.2", "1.0.0-beta.11", "1.0.0", "1.2.0"]
     versions = [Version.parse(v) for v in ordered]

@@ -6,7 +6,7 @@ import datetime as dt
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -97,6 +97,32 @@ def test_messages_reach_the_handler_and_publish_reaches_devices(broker: Mosquitt
     finally:
         observer.close()
         link.stop()
+
+
+def test_a_publish_from_another_thread_wakes_the_network_thread(
+    broker: MosquittoBroker,
+) -> None:
+    # The network thread waits in select up to poll_s (here 5 s) when nothing arrives; a
+    # publish from another thread, and stop, must wake it rather than wait for that.
+    link = start_link(broker, Recorder(), poll_s=5.0)
+    device = DeviceTopics(unique_device_id())
+    observer = Observer(broker.url, [device.directive])
+
+    def received(count: int) -> Callable[[], bool]:
+        return lambda: len(observer.on(device.directive)) >= count
+
+    try:
+        time.sleep(0.3)  # the connect and subscribe traffic is over: select waits
+        started = time.monotonic()
+        for i in range(5):
+            link.publish(device.directive, f"directive {i}".encode(), qos=1)
+            assert observer.wait_for(received(i + 1))
+        assert time.monotonic() - started < 2.5
+    finally:
+        observer.close()
+        started = time.monotonic()
+        link.stop()
+    assert time.monotonic() - started < 2.5
 
 
 def test_replicas_share_device_messages_and_each_sees_presence(broker: MosquittoBroker) -> None:
