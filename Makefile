@@ -49,6 +49,10 @@ format: $(TEST_VENV)/.installed
 bench: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/python bench/verify_bundle.py
 	$(TEST_VENV)/bin/python bench/convert_models.py
+	PYTHONPATH=. $(TEST_VENV)/bin/python bench/predictor.py
+	PYTHONPATH=. $(TEST_VENV)/bin/python bench/server_ingest.py
+	PYTHONPATH=. $(TEST_VENV)/bin/python bench/server_notify.py
+	PYTHONPATH=. $(TEST_VENV)/bin/python bench/server_devices_list.py
 
 clean:
 	rm -rf $(DEMO_VENV) $(TEST_VENV) build demo-output
