@@ -11,7 +11,9 @@ key signed (`edgefleet.mqtt.devicesig`). An enrollment token, when the server
 requires one, is a one-time secret from an operator; it also carries tags the
 server gives the device. A 200 or 201 answer is recorded in
 `state_dir/enrolled.json` (server, device id, public key), so the agent knows
-not to enroll again; the token is never written there.
+not to enroll again; the token is never written there. A token sent over plain
+http:// to another host is logged as a warning (once per server URL): anyone on
+the way could read it and use it first.
 
 Errors are either fatal (`EnrollmentRefusedError`: the server said no, with its
 reason; a new token or setting is needed) or transient
@@ -25,6 +27,7 @@ Standard library only (urllib): a device carries no HTTP client library.
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import json
 import logging
 import platform
@@ -61,6 +64,9 @@ RUNTIME_MODULES: dict[str, tuple[str, ...]] = {
 }
 MAX_ANSWER_BYTES = 1 << 20
 
+_cleartext_warned: set[str] = set()  # server URLs warned about (once per process)
+_cleartext_lock = threading.Lock()
+
 
 @dataclass(frozen=True)
 class Enrollment:
@@ -92,6 +98,34 @@ def normalize_server_url(url: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"server URL {url!r} is not http(s)://host[:port]")
     return url.rstrip("/")
+
+
+def is_cleartext_to_another_host(url: str) -> bool:
+    """True when `url` is plain http:// to a host that is not this machine (a loopback
+    address or `localhost`): what is sent there can be read on the way."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http":
+        return False
+    host = (parts.hostname or "").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # a host name
+
+
+def _warn_cleartext_token(base: str) -> None:
+    with _cleartext_lock:
+        if base in _cleartext_warned:
+            return
+        _cleartext_warned.add(base)
+    log.warning(
+        "sending the enrollment token to %s over plain http://: anyone on the way can read "
+        "it and enroll a device of their own with it before this one does; use an https:// "
+        "server_url",
+        base,
+    )
 
 
 def load_device_key(layout: StateLayout) -> DeviceKey | None:
@@ -196,6 +230,8 @@ def enroll(
     body = enroll_request(
         config, key, token=token if token is not None else config.enroll_token, tags=tags
     )
+    if body["enroll_token"] is not None and is_cleartext_to_another_host(base):
+        _warn_cleartext_token(base)
     status, answer = _post_json(base + ENROLL_PATH, body, timeout)
     answered_tags = answer.get("tags") if isinstance(answer, dict) else None
     enrollment = Enrollment(

@@ -13,7 +13,7 @@
     ├── InstallInProgressError    another install is running (state machine busy)
     ├── RollbackError             nothing to roll back to
     └── EnrollmentError           enrolling this device with the fleet server failed
-        ├── EnrollmentRefusedError    the server said no (bad token, re-key without one): fatal
+        ├── EnrollmentRefusedError    the server said no (bad token, a new key for an id): fatal
         └── ServerUnreachableError    no answer, or a 5xx or 429 (transient: retried)
 
 Bundle, signature and directive refusals come from edgefleet.errors

@@ -150,7 +150,7 @@ def measure(scratch: Path, devices: int, rounds: int, admin_url: str | None) -> 
             add_fleet(db, devices)
             fill_s = time.perf_counter() - started
             with db.session() as session:
-                token = create_api_token(session, "bench-viewer", Role.VIEWER)
+                token, _ = create_api_token(session, "bench-viewer", Role.VIEWER)
             served = ServedApp(url, scratch)
             try:
                 samples = run_rounds(served.url, token, db, rounds)

@@ -18,7 +18,8 @@ Invariants:
 
 If the caller's commit fails after `push` moved the file, the file stays as
 an orphan named by its digest. That is harmless: its bytes were verified, no
-row points at it, and pushing the same bundle again reuses the name.
+row points at it (so it is never served: `open_blob`), and pushing the same
+bundle again reuses the name.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,15 @@ UPLOAD_SUFFIX = ".part"
 def is_sha256(text: str) -> bool:
     """True when `text` is a lowercase hex SHA-256 (and so safe as a file name)."""
     return isinstance(text, str) and _SHA256.fullmatch(text) is not None
+
+
+def bundle_labels(session: Session, ids: Iterable[int]) -> dict[int, str]:
+    """`name@version` of each bundle id of `ids` that names a stored bundle."""
+    wanted = set(ids)
+    if not wanted:
+        return {}
+    query = select(BundleRow.id, BundleRow.name, BundleRow.version).where(BundleRow.id.in_(wanted))
+    return {row.id: f"{row.name}@{row.version}" for row in session.execute(query)}
 
 
 def manifest_summary(verified: VerifiedBundle) -> dict[str, Any]:
@@ -272,13 +282,19 @@ class BundleStore:
         """Where the file of `row` is stored."""
         return self.bundles_dir / f"{row.sha256}{BUNDLE_SUFFIX}"
 
-    def open_blob(self, sha256: str) -> Path | None:
-        """The stored file with this SHA-256, or None (also for anything not a digest,
-        so a request path can never name another file)."""
-        if not is_sha256(sha256):
+    def open_blob(self, session: Session, sha256: str) -> Path | None:
+        """The file of the stored bundle with this SHA-256, or None.
+
+        None also when no bundle row names the digest (an orphan a failed push
+        left is never served, as the MQTT block service serves none either), when
+        the file is missing, and for anything not a digest (so a request path can
+        never name another file).
+        """
+        row = self.get_by_sha256(session, sha256)
+        if row is None:
             return None
-        path = self.bundles_dir / f"{sha256}{BUNDLE_SUFFIX}"
+        path = self.path_of(row)
         return path if path.is_file() else None
 
 
-__all__ = ["BUNDLE_SUFFIX", "BundleStore", "is_sha256", "manifest_summary"]
+__all__ = ["BUNDLE_SUFFIX", "BundleStore", "bundle_labels", "is_sha256", "manifest_summary"]

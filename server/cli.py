@@ -7,6 +7,7 @@ commands, so `edgefleet server --help` stays light.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from pathlib import Path
 
@@ -51,6 +52,31 @@ def server() -> None:
     """
 
 
+def check_forwarded_allow_ips(text: str | None) -> str | None:
+    """`--forwarded-allow-ips` normalised ("a, b" -> "a,b"), or None when not given.
+
+    uvicorn would take a mistyped address as a literal that never matches, and
+    silently put every client behind the proxy into one rate limit bucket.
+
+    Raises:
+        UsageError: an item is neither an IP address, a network nor "*" alone.
+    """
+    if text is None:
+        return None
+    items = [item.strip() for item in text.split(",")]
+    if items == ["*"]:
+        return "*"
+    for item in items:
+        try:
+            ipaddress.ip_network(item)  # as uvicorn reads it: no host bits in a network
+        except ValueError:
+            raise UsageError(
+                f"--forwarded-allow-ips: {item!r} is not an IP address or network "
+                "(comma-separated; '*' alone trusts any)"
+            ) from None
+    return ",".join(items)
+
+
 @server.command("run")
 @db_option
 @click.option(
@@ -84,6 +110,13 @@ def server() -> None:
     "(behind a proxy, or --host 0.0.0.0).",
 )
 @click.option(
+    "--forwarded-allow-ips",
+    metavar="ADDRS",
+    help="Behind a reverse proxy or load balancer: the proxies' addresses or networks "
+    "(comma-separated, e.g. 10.0.0.0/8,::1; '*' any) whose X-Forwarded-For names the "
+    "client, so per-address rate limits apply per client [default: trust no proxy header].",
+)
+@click.option(
     "--open-enrollment",
     is_flag=True,
     help="Let devices enroll without a token (a lab; never a fleet in the field).",
@@ -115,6 +148,7 @@ def run_command(
     host: str,
     port: int,
     public_url: str | None,
+    forwarded_allow_ips: str | None,
     open_enrollment: bool,
     trust_path: Path,
     server_key_path: Path,
@@ -140,6 +174,7 @@ def run_command(
         host=host,
         port=port,
         public_url=public_url,
+        forwarded_allow_ips=check_forwarded_allow_ips(forwarded_allow_ips),
         open_enrollment=open_enrollment,
         server_key_passphrase=passphrase_from_env(passphrase_env),
     )
@@ -185,7 +220,7 @@ def token_create_command(role: str, name: str, data_dir: Path, db_url: str | Non
     db = open_database(db_url or sqlite_url(data_dir))
     try:
         with db.session() as session:
-            secret = create_api_token(session, name, Role(role))
+            secret, _ = create_api_token(session, name, Role(role))
     finally:
         db.dispose()
     click.echo(secret)

@@ -12,10 +12,16 @@ rules, in `enroll_device`:
   consumes no token: an agent that lost the answer may simply retry. The
   request is not signed, so anyone who knows a device's (public) key could
   send it; that is why it may change nothing;
-- enrolling an enrolled id with a DIFFERENT key (a re-flashed device) needs a
-  token, even with open enrollment, so nobody can take over a device's
-  identity by enrolling a key of their own; the status sequence restarts.
-Every new enrollment and re-key is audited as "device.enroll".
+- enrolling an enrolled id with a DIFFERENT key is refused, token or not:
+  enrollment binds an id to a key once. Enrollment tokens are not bound to a
+  device id, so a token that could re-key would let any token holder take over
+  any device. A re-flashed device (a new key) enrolls again only after an
+  operator removed the old one (`remove_device`, `edgefleet devices remove
+  ID`): a human decides that the new key is the same device.
+New enrollments are audited as "device.enroll", removals as "device.remove".
+Removing a device deletes its status reports, telemetry buckets and rollout
+memberships with it (ON DELETE CASCADE), and is refused while the device is part
+of an active rollout.
 
 The inventory queries (`list_devices`, `count_devices`) are one SQL statement
 each, ordered by the primary key, so a page of a 10,000-device fleet costs
@@ -41,21 +47,19 @@ from edgefleet.mqtt.topics import DEVICE_ID_PATTERN
 from edgefleet.semver import SEMVER_PATTERN
 from edgefleet.server.audit import record_audit
 from edgefleet.server.db.database import Database
-from edgefleet.server.db.models import Device
+from edgefleet.server.db.models import (
+    Device,
+    Rollout,
+    RolloutDevice,
+)
 from edgefleet.server.errors import ConflictError, EnrollmentError, NotFoundError
 from edgefleet.server.principals import Principal, Role
+from edgefleet.server.rollouts.machine import ACTIVE_STATES
+from edgefleet.server.tags import MAX_TAGS, TagName, TagValue
 from edgefleet.server.tokens import consume_enroll_token
 from edgefleet.timefmt import utcnow
 
 MAX_RUNTIMES = 16
-MAX_TAGS = 32
-# Tag names are plain words (they appear in selectors `name=value,...` and URLs);
-# values are printable, without the selector's separators.
-TAG_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,63}$"
-TAG_VALUE_PATTERN = r"^[^,=\x00-\x1f\x7f]{0,128}$"
-
-TagName = Annotated[str, Field(pattern=TAG_NAME_PATTERN)]
-TagValue = Annotated[str, Field(pattern=TAG_VALUE_PATTERN)]
 RuntimeName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,31}$")]
 
 
@@ -156,6 +160,17 @@ def _actor(device_id: str) -> Principal:
     return Principal(f"device:{device_id}", Role.VIEWER)
 
 
+def first_directive_sequence(now: dt.datetime) -> int:
+    """Where a newly enrolled device's directive numbers start: milliseconds since 1970.
+
+    An id removed and enrolled again may belong to an agent that kept its state and
+    refuses every directive numbered at or below the last it accepted; numbering
+    from the enrollment time stays above anything the earlier enrollment issued
+    (fewer than one directive per millisecond), without remembering removed ids.
+    """
+    return int(now.timestamp() * 1000)
+
+
 def enroll_device(
     session: Session,
     request: EnrollRequest,
@@ -165,29 +180,33 @@ def enroll_device(
 ) -> tuple[Device, bool]:
     """Enroll `request.device_id` with `request.public_key` (see the module docstring).
 
-    Returns the device row and whether it was created (False: it existed, with
-    this key, or re-keyed with a token).
+    Returns the device row and whether it was created (False: it was enrolled
+    with this key already).
 
     Raises:
-        EnrollmentError: no token and no open enrollment; a new key without a
-            token; or the token is unknown, used or expired.
+        EnrollmentError: the id is enrolled with another key (an operator must
+            remove the device first); no token and no open enrollment; or the
+            token is unknown, used or expired.
         ConflictError: another request enrolled the same new id at the same moment.
     """
     now = now or utcnow()
     device = session.get(Device, request.device_id, with_for_update=True)
-    if device is not None and device.public_key == request.public_key:
-        return device, False  # idempotent: nothing changes, no token is consumed
-    if request.enroll_token is None:
-        if device is not None:
-            raise EnrollmentError(
-                f"device {request.device_id} is enrolled with another key; enrolling a new "
-                "key needs an enrollment token"
-            )
-        if not open_enrollment:
-            raise EnrollmentError(
-                "this server enrolls devices with an enrollment token only "
-                "(an operator makes one with `edgefleet devices enroll-token`)"
-            )
+    if device is not None:
+        if device.public_key == request.public_key:
+            return device, False  # idempotent: nothing changes, no token is consumed
+        # No token, not even a fresh one, re-keys: tokens are not bound to a device
+        # id, so a token that could re-key would hand any token holder any device.
+        raise EnrollmentError(
+            f"device {request.device_id} is enrolled with another key; if this is the same "
+            "device with a new key (re-flashed), an operator removes the old enrollment "
+            f"first (`edgefleet devices remove {request.device_id}`), then the device "
+            "enrolls again"
+        )
+    if request.enroll_token is None and not open_enrollment:
+        raise EnrollmentError(
+            "this server enrolls devices with an enrollment token only "
+            "(an operator makes one with `edgefleet devices enroll-token`)"
+        )
     token = (
         consume_enroll_token(session, request.enroll_token, request.device_id, now)
         if request.enroll_token is not None
@@ -199,46 +218,30 @@ def enroll_device(
         "token": token.id if token else None,
         "token_created_by": token.created_by if token else None,
     }
-    if device is None:
-        device = Device(
-            id=request.device_id,
-            public_key=request.public_key,
-            enrolled_at=now,
-            profile=request.profile,
-            arch=request.arch,
-            runtimes=list(request.runtimes),
-            agent_version=request.agent_version,
-            tags={**request.tags, **token_tags},
-            online=False,
-            health="unknown",
-            status_sequence=0,
-            directive_sequence=0,
-        )
-        session.add(device)
-        try:
-            session.flush()
-        except IntegrityError as exc:
-            raise ConflictError(
-                f"device {request.device_id} was enrolled by another request at the same "
-                "moment; try again"
-            ) from exc
-        record_audit(
-            session, _actor(device.id), "device.enroll", f"device {device.id}", details, now
-        )
-        return device, True
-    details["previous_public_key"] = device.public_key
-    details["rekey"] = True
-    device.public_key = request.public_key
-    device.profile = request.profile
-    device.arch = request.arch
-    device.runtimes = list(request.runtimes)
-    device.agent_version = request.agent_version
-    device.tags = {**(device.tags or {}), **request.tags, **token_tags}
-    # A re-flashed device counts its status reports from 1 again; its directive
-    # sequence keeps rising (a number is never handed out twice).
-    device.status_sequence = 0
+    device = Device(
+        id=request.device_id,
+        public_key=request.public_key,
+        enrolled_at=now,
+        profile=request.profile,
+        arch=request.arch,
+        runtimes=list(request.runtimes),
+        agent_version=request.agent_version,
+        tags={**request.tags, **token_tags},
+        online=False,
+        health="unknown",
+        status_sequence=0,
+        directive_sequence=first_directive_sequence(now),
+    )
+    session.add(device)
+    try:
+        session.flush()
+    except IntegrityError as exc:
+        raise ConflictError(
+            f"device {request.device_id} was enrolled by another request at the same "
+            "moment; try again"
+        ) from exc
     record_audit(session, _actor(device.id), "device.enroll", f"device {device.id}", details, now)
-    return device, False
+    return device, True
 
 
 def _filters(
@@ -299,14 +302,62 @@ def get_device(session: Session, device_id: str) -> Device:
     return device
 
 
+def remove_device(
+    session: Session, device_id: str, actor: Principal, now: dt.datetime | None = None
+) -> None:
+    """Forget `device_id`: its key, inventory, status reports, telemetry buckets and
+    rollout memberships (the last three by ON DELETE CASCADE). The id may then
+    enroll again, with any key. Audited as "device.remove".
+
+    Callers with a `DeviceKeyCache` invalidate it after the unit of work commits.
+
+    Raises:
+        NotFoundError: no device has that id.
+        ConflictError: the device is part of a running, paused or aborting rollout
+            (its gates count it; abort the rollout or wait for it to end).
+    """
+    now = now or utcnow()
+    # Locked (PostgreSQL): a driver assigning the device to a stage meanwhile waits,
+    # then fails on the foreign key and tries again at its next tick.
+    device = session.get(Device, device_id, with_for_update=True)
+    if device is None:
+        raise NotFoundError(f"no device {device_id!r}")
+    active = session.execute(
+        select(Rollout.id, Rollout.state)
+        .join(RolloutDevice, RolloutDevice.rollout_id == Rollout.id)
+        .where(
+            RolloutDevice.device_id == device_id,
+            Rollout.state.in_([state.value for state in ACTIVE_STATES]),
+        )
+        .order_by(Rollout.id)
+    ).all()
+    if active:
+        named = ", ".join(f"{rollout_id} ({state})" for rollout_id, state in active)
+        raise ConflictError(
+            f"device {device_id} is part of active rollout {named}; abort the rollout or "
+            "wait until it ends, then remove the device"
+        )
+    details = {
+        "public_key": device.public_key,
+        "directive_sequence": device.directive_sequence,
+        "enrolled_at": device.enrolled_at.isoformat(),
+    }
+    session.delete(device)
+    session.flush()
+    record_audit(session, actor, "device.remove", f"device {device_id}", details, now)
+
+
 class DeviceKeyCache:
     """Enrolled public keys by device id, for the MQTT ingestion (thread-safe).
 
     Known keys are kept `ttl_s`, unknown ids `negative_ttl_s` (so a device
     enrolled through another replica is recognised soon), at most `max_entries`
-    (least recently used dropped). `invalidate` after an enrollment on this
-    replica. A caller whose signature check failed may ask again with
-    `fresh=True` (a re-key on another replica); that reloads at most once per
+    (least recently used dropped). `invalidate` after an enrollment or a removal
+    on this replica; other replicas accept a removed device's key for up to
+    `ttl_s` more (hence a short one: 10 s costs one indexed lookup per device
+    per 10 s). A caller whose signature check failed may ask again with
+    `fresh=True` (the device was removed and enrolled again with a new key,
+    through another replica); that reloads at most once per
     `refresh_interval_s` per device, so forged messages cannot turn every
     message into a database query.
     """
@@ -315,7 +366,7 @@ class DeviceKeyCache:
         self,
         db: Database,
         *,
-        ttl_s: float = 60.0,
+        ttl_s: float = 10.0,
         negative_ttl_s: float = 5.0,
         refresh_interval_s: float = 5.0,
         max_entries: int = 100_000,
@@ -362,7 +413,7 @@ class DeviceKeyCache:
             return session.scalar(select(Device.public_key).where(Device.id == device_id))
 
     def invalidate(self, device_id: str | None = None) -> None:
-        """Forget `device_id`'s key (it was enrolled or re-keyed), or every key (None)."""
+        """Forget `device_id`'s key (it was enrolled or removed), or every key (None)."""
         with self._lock:
             if device_id is None:
                 self._entries.clear()
@@ -379,4 +430,5 @@ __all__ = [
     "enroll_device",
     "get_device",
     "list_devices",
+    "remove_device",
 ]

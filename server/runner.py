@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import uvicorn
+from fastapi import FastAPI
 
 from edgefleet.errors import UsageError
 from edgefleet.keys import SigningKey, load_private_key
@@ -250,14 +251,7 @@ def run_server(settings: ServerSettings) -> None:
         # What start-up built lives as long as the process: keep it out of the garbage
         # collector's scans (they showed as the p95 tail of large API answers).
         gc.freeze()
-        config = uvicorn.Config(
-            app,
-            host=settings.host,
-            port=settings.port,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-        )
+        config = http_config(app, settings)
         log.info(
             "fleet server %s: API on http://%s:%d/api/v1 (docs at /api/v1/docs), database %s%s",
             settings.replica_id,
@@ -274,6 +268,26 @@ def run_server(settings: ServerSettings) -> None:
     finally:
         log.info("stopping")
         server.close()
+
+
+def http_config(app: FastAPI, settings: ServerSettings) -> uvicorn.Config:
+    """How uvicorn serves the API: address, and which proxies may name the client.
+
+    Without `settings.forwarded_allow_ips` no proxy header is read (uvicorn on
+    its own would trust X-Forwarded-For from 127.0.0.1, or from what the
+    FORWARDED_ALLOW_IPS environment variable says): the client address, which
+    rate limiting keys on, is the TCP peer's.
+    """
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        proxy_headers=settings.forwarded_allow_ips is not None,
+        forwarded_allow_ips=settings.forwarded_allow_ips or "",
+    )
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

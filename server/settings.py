@@ -52,6 +52,9 @@ class ServerSettings:
     status_reports_kept: int = 20
     offline_after: dt.timedelta = dt.timedelta(seconds=120)  # no heartbeat for this long
     api_rate_per_minute: int = 600  # per token (per client address when unauthenticated)
+    # Proxies whose X-Forwarded-For names the client (comma-separated addresses or
+    # networks, "*" any); None trusts no proxy header: the client is the TCP peer.
+    forwarded_allow_ips: str | None = None
     max_bundle_bytes: int = 4 * 1024**3
     block_size: int = 64 * 1024
 

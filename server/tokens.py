@@ -28,14 +28,13 @@ from edgefleet.server.audit import record_audit
 from edgefleet.server.db.models import ApiToken, EnrollToken
 from edgefleet.server.errors import AuthError, EnrollmentError, InvalidRequestError, NotFoundError
 from edgefleet.server.principals import Principal, Role
+from edgefleet.server.tags import check_tags
 from edgefleet.timefmt import utcnow
 
 API_PREFIX = "efa_"
 ENROLL_PREFIX = "efe_"
 SECRET_BYTES = 32  # 43 URL-safe characters
 MAX_NAME = 128
-MAX_TAGS = 32
-MAX_TAG_LENGTH = 128
 MAX_ENROLL_TTL = dt.timedelta(days=365)
 
 
@@ -58,8 +57,10 @@ def create_api_token(
     now: dt.datetime | None = None,
     *,
     actor: Principal | None = None,
-) -> str:
-    """Add a token named `name` with `role`; returns its secret (shown once, never stored).
+) -> tuple[str, ApiToken]:
+    """Add a token named `name` with `role`.
+
+    Returns its secret (shown once, never stored) and the stored row.
 
     With `actor` (an admin through the API) the creation is audited; without
     (the `server token create` bootstrap) it is not.
@@ -91,7 +92,7 @@ def create_api_token(
             {"name": name, "role": role.value},
             now,
         )
-    return secret
+    return secret, token
 
 
 def authenticate(session: Session, secret: str) -> Principal:
@@ -143,20 +144,6 @@ def revoke_api_token(
 # --- enrollment tokens
 
 
-def _check_tags(tags: dict[str, str]) -> dict[str, str]:
-    if len(tags) > MAX_TAGS:
-        raise InvalidRequestError(f"at most {MAX_TAGS} tags, not {len(tags)}")
-    for key, value in tags.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise InvalidRequestError("tags must map strings to strings")
-        if not key or len(key) > MAX_TAG_LENGTH or len(value) > MAX_TAG_LENGTH:
-            raise InvalidRequestError(
-                f"tag {key[:MAX_TAG_LENGTH]!r}: names 1 to {MAX_TAG_LENGTH} characters, "
-                f"values at most {MAX_TAG_LENGTH}"
-            )
-    return dict(tags)
-
-
 def create_enroll_token(
     session: Session,
     actor: Principal,
@@ -169,8 +156,8 @@ def create_enroll_token(
     Returns the secret (shown once) and the stored row. Audited as "enroll-token.create".
 
     Raises:
-        InvalidRequestError: `ttl` is not within (0, 365 days], or the tags are
-            not at most 32 string pairs of at most 128 characters.
+        InvalidRequestError: `ttl` is not within (0, 365 days], or the tags break
+            the rules of `edgefleet.server.tags`.
     """
     if not dt.timedelta(0) < ttl <= MAX_ENROLL_TTL:
         raise InvalidRequestError(
@@ -183,7 +170,7 @@ def create_enroll_token(
         created_by=actor.name,
         created_at=now,
         expires_at=now + ttl,
-        tags=_check_tags(tags),
+        tags=check_tags(tags),
     )
     session.add(token)
     session.flush()

@@ -15,12 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edgefleet.server.db.models import ApiToken, AuditEntry, BundleRow
 from edgefleet.server.principals import Role
+from edgefleet.server.tags import MAX_TAGS, TagName, TagValue
 
 # Printable text: no control characters (NUL included).
 PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
 MAX_ID = 2**31 - 1  # ids are 32-bit integers on PostgreSQL
-TagName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
-TagValue = Annotated[str, Field(max_length=128, pattern=r"^[^\x00-\x1f\x7f,=]*$")]
 Reason = Annotated[str, Field(max_length=1000, pattern=PRINTABLE)]
 
 
@@ -90,7 +89,7 @@ class TokenCreated(TokenPublic):
 
 
 class EnrollTokenCreate(_Request):
-    tags: dict[TagName, TagValue] = Field(default_factory=dict, max_length=32)
+    tags: dict[TagName, TagValue] = Field(default_factory=dict, max_length=MAX_TAGS)
     ttl_s: int = Field(default=86_400, ge=1, le=365 * 86_400)
 
 
@@ -172,8 +171,6 @@ __all__ = [
     "RolloutAction",
     "RolloutCreate",
     "RolloutSummary",
-    "TagName",
-    "TagValue",
     "TokenCreate",
     "TokenCreated",
     "TokenPublic",

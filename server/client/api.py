@@ -229,6 +229,10 @@ class ApiClient:
     def get_device(self, device_id: str) -> JsonObject:
         return self._object("GET", f"/devices/{_seg(device_id)}")
 
+    def remove_device(self, device_id: str) -> None:
+        """Remove an enrolled device (operator role; 404 unknown, 409 in an active rollout)."""
+        self.request("DELETE", f"/devices/{_seg(device_id)}")
+
     def create_enroll_token(self, tags: Mapping[str, str], ttl_s: int) -> JsonObject:
         return self._object(
             "POST", "/enroll-tokens", json_body={"tags": dict(tags), "ttl_s": ttl_s}

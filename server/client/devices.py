@@ -11,11 +11,13 @@ from edgefleet.server.client.options import cell, client_command, parse_duration
 
 @click.group()
 def devices() -> None:
-    """Enrolled devices: list, show, and tokens for enrolling new ones.
+    """Enrolled devices: list, show, remove, and tokens for enrolling new ones.
 
     \b
     A device enrolls once (`edgefleet agent enroll`) with a one-time token
     from `edgefleet devices enroll-token`; from then on it reports over MQTT.
+    A new key for an enrolled id (a re-flashed device) is refused until an
+    operator runs `edgefleet devices remove ID`.
     """
 
 
@@ -131,6 +133,27 @@ def show_command(client: ApiClient, device_id: str, as_json: bool) -> None:
                 for t in telemetry
             ],
         )
+
+
+@devices.command("remove")
+@click.argument("device_id", metavar="DEVICE_ID")
+@client_command
+def remove_command(client: ApiClient, device_id: str) -> None:
+    """Remove a device: the server forgets its key, state, reports and telemetry.
+
+    \b
+    Asks no confirmation (scripts call it; the audit log records who did it).
+    From then on the device's messages are refused until it enrolls again.
+    Use it when a device is retired, or re-flashed with a new key: the server
+    refuses a new key for an enrolled id, so remove the old enrollment first,
+    then enroll the device again with a new token:
+      edgefleet devices remove cam-017
+      edgefleet agent enroll --config agent.toml --token "$(edgefleet devices enroll-token)"
+    Refused while the device is part of a running, paused or aborting rollout.
+    Needs the operator role.
+    """
+    client.remove_device(device_id)
+    click.echo(f"removed device {device_id}")
 
 
 @devices.command("enroll-token")

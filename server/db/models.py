@@ -259,7 +259,7 @@ class RolloutDevice(Base):
     stage_index: Mapped[int] = mapped_column(Integer)
     shadow: Mapped[bool] = mapped_column(Boolean, default=False)
     # pending | notified | installing | succeeded | failed | timed_out
-    # | rolling_back | rolled_back
+    # | rolling_back | rolled_back | skipped (in another active rollout)
     state: Mapped[str] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     directive_sequence: Mapped[int | None] = mapped_column(BigInteger)

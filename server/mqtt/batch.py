@@ -7,6 +7,11 @@
   but the newest `status_reports_kept` per device deleted. A COMMITTED report
   moves the served version, unless it is a shadow install's (the agent's
   reason says it runs in shadow; heartbeats carry the truth either way);
+- heartbeats are ordered by their `sent_at`: one sent before the heartbeat
+  kept (in the batch, or stored in `Device.heartbeat`) changes nothing, so a
+  replayed heartbeat or one another replica flushes late cannot move
+  `model_version` or `install_state` back. One sent in the same second is
+  applied (`sent_at` has whole seconds; an agent may beat twice in one);
 - the newest of a heartbeat and the status reports sets `install_state`;
 - telemetry buckets are read (locked), merged and written back, or inserted, as
   bulk statements (a flush carries hundreds; ORM objects would cost more than
@@ -26,6 +31,7 @@ from typing import Any, cast
 from sqlalchemy import Table, bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session
 
+from edgefleet.errors import MalformedDocumentError
 from edgefleet.mqtt.messages import Heartbeat, StatusReport
 from edgefleet.server.db.models import Device, StatusReportRow, TelemetryBucket
 from edgefleet.server.mqtt.aggregate import TelemetryAggregate, aggregate_from_row
@@ -43,10 +49,27 @@ class DeviceUpdate:
 
     online: bool | None = None
     last_seen: dt.datetime | None = None
-    heartbeat: Heartbeat | None = None
+    heartbeat: Heartbeat | None = None  # set through `offer_heartbeat`
+    heartbeat_sent_at: dt.datetime | None = None  # of `heartbeat`, parsed
     heartbeat_order: int = 0
     statuses: list[tuple[int, dt.datetime, StatusReport]] = field(default_factory=list)
     health: tuple[str, str] | None = None  # (window_end, health) of the newest window
+
+    def offer_heartbeat(self, heartbeat: Heartbeat, order: int) -> bool:
+        """Keep `heartbeat` (arrived as the `order`th message) unless the one kept was sent later.
+
+        Returns whether it was kept.
+
+        Raises:
+            MalformedDocumentError: `sent_at` is not a time (a `Heartbeat` never has one).
+        """
+        sent_at = parse_time(heartbeat.sent_at)
+        if self.heartbeat_sent_at is not None and sent_at < self.heartbeat_sent_at:
+            return False
+        self.heartbeat = heartbeat
+        self.heartbeat_sent_at = sent_at
+        self.heartbeat_order = order
+        return True
 
 
 @dataclass
@@ -116,7 +139,7 @@ class BatchWriter:
                 device.model_version = report.bundle_version
                 device.previous_version = report.previous_version
         heartbeat = update.heartbeat
-        if heartbeat is not None:
+        if heartbeat is not None and not _sent_before(update.heartbeat_sent_at, device.heartbeat):
             device.heartbeat = heartbeat.model_dump(
                 mode="json", exclude={"schema_version", "device_id"}
             )
@@ -218,6 +241,21 @@ def _status_row(device_id: str, received: dt.datetime, report: StatusReport) -> 
         directive_sequence=report.directive_sequence,
         reason=report.reason,
     )
+
+
+def _sent_before(sent_at: dt.datetime | None, stored: dict[str, Any] | None) -> bool:
+    """Whether a heartbeat sent at `sent_at` is older than the `stored` one.
+
+    A stored heartbeat without a readable `sent_at` (none yet, or written by an
+    older server) orders nothing: the new one is applied.
+    """
+    stored_at = stored.get("sent_at") if isinstance(stored, dict) else None
+    if sent_at is None or not isinstance(stored_at, str):
+        return False
+    try:
+        return sent_at < parse_time(stored_at)
+    except MalformedDocumentError:
+        return False
 
 
 def _utc(row: Any) -> dt.datetime:

@@ -12,7 +12,7 @@ Presence (the Last Will) is unsigned by design: it only sets online/offline and
 the next signed heartbeat corrects it.
 
 The per-message path touches no database. Accepted messages are merged into
-an in-memory batch: heartbeats coalesce per device (the last one wins),
+an in-memory batch: heartbeats coalesce per device (the last one sent wins),
 presence too, status reports queue, telemetry windows merge into
 `TelemetryAggregate`s per (device, bundle, version, bucket). `flush` (every
 `settings.telemetry_flush_s` on a thread of its own, and at `stop`) writes a
@@ -20,6 +20,11 @@ batch in one unit of work (`batch.BatchWriter`: status deduplicated by
 sequence, telemetry merged into buckets, devices locked in id order).
 A batch that cannot be written stays queued and is retried at the next flush
 (at most `MAX_PENDING_BATCHES`, then the oldest is dropped and counted).
+
+Deduplication of status reports: in memory, the highest sequence per device
+together with the key that signed it (a device removed and enrolled again with
+a new key counts from 1 again, and is not taken for a replay); at the write,
+`Device.status_sequence`.
 
 Deduplication of telemetry: a window is identified by (device, window_start);
 the most recent `TELEMETRY_DEDUPE_SIZE` identities are remembered, so a window
@@ -101,7 +106,8 @@ class Ingestor:
         )
         self._pending: collections.deque[IngestBatch] = collections.deque()
         self._order = 0
-        self._status_seen: dict[str, int] = {}
+        # device id -> (public key, highest status sequence seen signed by that key)
+        self._status_seen: dict[str, tuple[str, int]] = {}
         self._windows_seen: collections.OrderedDict[tuple[str, str], None] = (
             collections.OrderedDict()
         )
@@ -129,9 +135,10 @@ class Ingestor:
         if kind is TopicKind.PRESENCE:
             self._on_presence(device_id, payload)
             return
-        message_bytes = self._verify(device_id, topic, payload)
-        if message_bytes is None:
+        verified = self._verify(device_id, topic, payload)
+        if verified is None:
             return
+        message_bytes, key = verified
         if kind is TopicKind.BLOCKS_REQUEST:
             self._on_blocks(topic, message_bytes)
             return
@@ -153,26 +160,28 @@ class Ingestor:
         elif isinstance(message, Heartbeat):
             self._on_heartbeat(device_id, message)
         elif isinstance(message, StatusReport):
-            self._on_status(device_id, message)
+            self._on_status(device_id, key, message)
 
-    def _verify(self, device_id: str, topic: str, payload: bytes) -> bytes | None:
-        """The message bytes when the device's enrolled key signed them; None (counted) if not."""
+    def _verify(self, device_id: str, topic: str, payload: bytes) -> tuple[bytes, str] | None:
+        """(message bytes, the key that verified them) when the device's enrolled key
+        signed them; None (counted) if not."""
         try:
             key = self._keys.public_key(device_id)
             if key is None:
                 self._refuse("unknown-device", f"message from unknown device {device_id!r}")
                 return None
             try:
-                return verify_device_payload(topic, payload, key)
+                return verify_device_payload(topic, payload, key), key
             except DeviceSignatureError as exc:
-                # Re-keyed through another replica? The key cache reloads at most
-                # once per interval, so forged messages cannot each cost a query.
+                # Removed and enrolled again with a new key through another replica?
+                # The key cache reloads at most once per interval, so forged
+                # messages cannot each cost a query.
                 fresh = self._keys.public_key(device_id, fresh=True)
                 if fresh is None or fresh == key:
                     self._refuse("device-signature", exc)
                     return None
             try:
-                return verify_device_payload(topic, payload, fresh)
+                return verify_device_payload(topic, payload, fresh), fresh
             except DeviceSignatureError as exc:
                 self._refuse("device-signature", exc)
                 return None
@@ -213,18 +222,20 @@ class Ingestor:
         with self._lock:
             update = self._seen(device_id, now)
             self._order += 1
-            update.heartbeat = message
-            update.heartbeat_order = self._order
+            update.offer_heartbeat(message, self._order)  # an older one than kept is dropped
             self._batch.messages += 1
             self.counts["heartbeat"] += 1
 
-    def _on_status(self, device_id: str, message: StatusReport) -> None:
+    def _on_status(self, device_id: str, key: str, message: StatusReport) -> None:
         now = self._clock()
         with self._lock:
-            if message.sequence <= self._status_seen.get(device_id, -1):
+            seen = self._status_seen.get(device_id)
+            # A sequence is remembered with the key that signed it: a device removed
+            # and enrolled again has a new key and counts from 1 again.
+            if seen is not None and seen[0] == key and message.sequence <= seen[1]:
                 self._duplicates["status"] += 1
                 return
-            self._status_seen[device_id] = message.sequence
+            self._status_seen[device_id] = (key, message.sequence)
             update = self._seen(device_id, now)
             self._order += 1
             update.statuses.append((self._order, now, message))

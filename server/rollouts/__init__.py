@@ -2,7 +2,7 @@
 
 The rules are pure (`plan`, `gates`, `selection`) or touch only the rollout
 row and its history (`machine`); the service and the driver that apply them
-to the fleet live beside them (`service`, `driver`, `progress`).
+to the fleet live beside them (`service`, `driver`, `progress`, `membership`).
 """
 
 from edgefleet.server.rollouts.gates import (

@@ -10,22 +10,30 @@ running:
   3. times out devices that were notified `device_timeout_s` ago, are online
      and gave no final answer;
   4. assigns late joiners (devices enrolled after the rollout started that
-     match it) to the current stage;
+     match it) to the current stage, and lets skipped devices (left out
+     because they took part in another active rollout) join it once that
+     rollout ended; a late joiner in another active rollout is skipped too.
+     Both take the membership lock first (membership.py);
   5. re-notifies devices whose directive went unanswered and expired, or that
      went offline after being notified and are back (a new directive, a new
      sequence: the old one may be lost or expired by now);
-  6. notifies pending devices that are online (or never seen), within the
-     plan's rate limit: at most `rate_limit_per_minute` directives in any
-     60 s, counted from `RolloutDevice.notified_at` so the limit holds across
-     replicas and restarts;
+  6. notifies pending devices that are online (or never seen).
+     Steps 5 and 6 share the plan's rate limit: at most
+     `rate_limit_per_minute` install directives in any 60 s, counted from
+     `RolloutDevice.notified_at` so the limit holds across replicas and
+     restarts. The count is exact because a device gets at most one directive
+     per 60 s (a retry or re-notification waits until its last directive is
+     out of the window), so its one stored time is its only directive there;
   7. evaluates the current stage's gates: ADVANCE begins the next stage (its
-     devices recorded pending; after a shadow stage the shadow devices get a
-     real install), the last stage COMPLETEs, FAIL pauses or aborts per plan;
+     devices recorded pending, or skipped; after a shadow stage the shadow
+     devices get a real install), the last stage COMPLETEs, FAIL pauses or
+     aborts per plan;
 paused: reconciles only (devices already notified carry on);
-aborting: reconciles, sends rollback directives to the non-shadow devices
-  that took or may take the bundle (notified, installing, succeeded) and had
-  a version before, then waits until none is rolling back (confirmed, failed
-  or timed out) and moves the rollout to `aborted`.
+aborting: reconciles, sends rollback directives to the devices that took or
+  may take the bundle (notified, installing, succeeded; or any other whose
+  heartbeat says it serves the bundle) and had a version before, and to the
+  shadow devices; then waits until none is rolling back (confirmed, failed or
+  timed out) and moves the rollout to `aborted`.
 
 Directives are prepared (sequence allocated, signed) inside the unit of work
 and published only after it commits; at most `MAX_DIRECTIVES_PER_TICK` per
@@ -35,11 +43,14 @@ goes back to pending, or to installing for a rollback) and sent next tick. If
 the process dies between commit and publication, the devices stay notified
 without a directive; the timeout and retry path sends them another one.
 
-Abort never sends a rollback to a shadow device (it serves the old version; a
-rollback would take it one version further back) nor to a device without a
-recorded previous version. Known limit: a device notified whose install
-directive was lost, and which never installed, still gets the rollback and
-goes back one version further (the directive names no target version).
+A rollback directive names the bundle it undoes, and the agent acts only
+where that bundle runs: a device serving it goes back to its previous
+version, one whose install never happened (the directive was lost, or it
+failed) keeps what it serves, and a shadow device stops the shadow copy and
+keeps serving. So shadow devices get the rollback too, and a lost install
+directive cannot take a device a version too far back. A non-shadow device
+without a recorded previous version (it served nothing, or already this
+version) gets none and keeps the bundle.
 """
 
 from __future__ import annotations
@@ -61,6 +72,11 @@ from edgefleet.server.leases import acquire_lease, release_lease
 from edgefleet.server.mqtt.interfaces import Publisher
 from edgefleet.server.rollouts.gates import GateDecision, evaluate_stage
 from edgefleet.server.rollouts.machine import RolloutEvent, RolloutState, apply_event
+from edgefleet.server.rollouts.membership import (
+    lock_membership,
+    other_rollout_of,
+    skipped_reason,
+)
 from edgefleet.server.rollouts.plan import Plan, plan_from_dict
 from edgefleet.server.rollouts.progress import DeviceState, reconcile, stage_counts
 from edgefleet.server.rollouts.selection import matches, order_selection
@@ -263,6 +279,7 @@ class _RolloutStep:
         self.report = report
         self.counted: set[str] = set()  # devices whose directive counts as a new attempt
         self.room = MAX_DIRECTIVES_PER_TICK  # directives this tick may still sign
+        self.rate_left = 0  # install directives the plan's rate limit still allows
 
     def run(self) -> None:
         reconcile(self.session, self.rollout, self.now)
@@ -273,6 +290,8 @@ class _RolloutStep:
             self._retry()
             self._time_out()
             self._late_joiners()
+            self._rejoin()
+            self.rate_left = self._rate_left()
             self._renotify()
             self._notify_pending()
             self._judge()
@@ -333,9 +352,44 @@ class _RolloutStep:
                 self._set(rd, D.PENDING, f"retry after: {why}")
 
     def _late_joiners(self) -> None:
-        """Devices enrolled after the start that match join the current stage."""
+        """Devices enrolled after the start that match join the current stage.
+
+        One that takes part in another active rollout is recorded skipped
+        (`_rejoin` lets it in later).
+        """
+        if not self._joiners():
+            return
+        lock_membership(self.session)
+        stage = self.rollout.stage_index
+        skipped = 0
+        for device_id, other in self._joiners():  # again under the lock: a start may have won
+            skipped += other is not None
+            self.session.add(
+                RolloutDevice(
+                    rollout_id=self.rollout.id,
+                    device_id=device_id,
+                    stage_index=stage,
+                    shadow=self.plan.stages[stage].shadow,
+                    state=(D.PENDING if other is None else D.SKIPPED).value,
+                    attempts=0,
+                    updated_at=self.now,
+                    reason=(
+                        "joined after the rollout started"
+                        if other is None
+                        else skipped_reason(other)
+                    ),
+                )
+            )
+        if skipped:
+            log.info(
+                "rollout %d: %d late joiner(s) skipped, in other rollouts", self.rollout.id, skipped
+            )
+        self.session.flush()
+
+    def _joiners(self) -> list[tuple[str, int | None]]:
+        """Late joiners in the rollout's order, each with the other active rollout it is in."""
         rows = self.session.execute(
-            select(Device.id, Device.tags).where(
+            select(Device.id, Device.tags, other_rollout_of(Device.id, self.rollout.id)).where(
                 Device.enrolled_at > self.rollout.created_at,
                 Device.profile.in_([str(p) for p in self.bundle.profiles]),
                 ~select(RolloutDevice.device_id)
@@ -346,51 +400,79 @@ class _RolloutStep:
                 .exists(),
             )
         ).all()
-        joiners = [d for d, tags in rows if matches(tags or {}, self.rollout.selector)]
+        others = {d: other for d, tags, other in rows if matches(tags or {}, self.rollout.selector)}
+        return [(d, others[d]) for d in order_selection(self.rollout.id, others)]
+
+    def _rejoin(self) -> None:
+        """Skipped devices whose other rollout ended join the current stage."""
+        if not self._free_skipped():
+            return
+        lock_membership(self.session)
         stage = self.rollout.stage_index
-        for device_id in order_selection(self.rollout.id, joiners):
-            self.session.add(
-                RolloutDevice(
-                    rollout_id=self.rollout.id,
-                    device_id=device_id,
-                    stage_index=stage,
-                    shadow=self.plan.stages[stage].shadow,
-                    state=D.PENDING.value,
-                    attempts=0,
-                    updated_at=self.now,
-                    reason="joined after the rollout started",
-                )
-            )
-        if joiners:
-            self.session.flush()
+        for rd, _ in self._free_skipped():  # again under the lock: a start may have won
+            rd.stage_index = stage
+            rd.shadow = self.plan.stages[stage].shadow
+            self._set(rd, D.PENDING, "joined after the rollout it was in ended")
 
-    def _renotify(self) -> None:
-        """A new directive for notified devices back from offline, or whose directive expired.
+    def _free_skipped(self) -> list[tuple[RolloutDevice, Device]]:
+        free = other_rollout_of(RolloutDevice.device_id, self.rollout.id).is_(None)
+        profiles = {str(p) for p in self.bundle.profiles}
+        return [
+            (rd, device)
+            for rd, device in self._devices(D.SKIPPED, where=free)
+            # A device whose tags or profile changed meanwhile stays out.
+            if device.profile in profiles and matches(device.tags or {}, self.rollout.selector)
+        ]
 
-        A device seen going offline before it answered is marked (in its
-        reason, so another replica knows too); the broker may or may not have
-        kept its directive, and it may have expired meanwhile.
+    def _rate_left(self) -> int:
+        """Install directives the plan's rate limit allows now.
+
+        Counted from `notified_at`: exact because a device gets at most one
+        directive per `RATE_WINDOW` (`_spaced`), so the one stored time is
+        its only directive in the window.
         """
-        unmarked = or_(RolloutDevice.reason.is_(None), RolloutDevice.reason != OFFLINE_MARK)
-        for rd, _ in self._devices(D.NOTIFIED, where=and_(_OFFLINE, unmarked)):
-            rd.reason = OFFLINE_MARK
-        expired = RolloutDevice.notified_at <= self.now - self.driver.settings.directive_ttl
-        due = and_(~_OFFLINE, or_(RolloutDevice.reason == OFFLINE_MARK, expired))
-        for rd, device in self._devices(D.NOTIFIED, where=due, limit=self.room):
-            self._install(rd, device, count_attempt=False)
-
-    def _notify_pending(self) -> None:
         recent = self.session.scalar(
             select(func.count()).where(
                 RolloutDevice.rollout_id == self.rollout.id,
                 RolloutDevice.notified_at > self.now - RATE_WINDOW,
             )
         )
-        budget = min(self.plan.rate_limit_per_minute - int(recent or 0), self.room)
+        return max(0, self.plan.rate_limit_per_minute - int(recent or 0))
+
+    def _spaced(self) -> ColumnElement[bool]:
+        """Devices whose last directive (if any) is older than `RATE_WINDOW`."""
+        return or_(
+            RolloutDevice.notified_at.is_(None),
+            RolloutDevice.notified_at <= self.now - RATE_WINDOW,
+        )
+
+    def _renotify(self) -> None:
+        """A new directive for notified devices back from offline, or whose directive expired.
+
+        A device seen going offline before it answered is marked (in its
+        reason, so another replica knows too); the broker may or may not have
+        kept its directive, and it may have expired meanwhile. Re-notifying
+        takes from the same rate limit as first notifications.
+        """
+        unmarked = or_(RolloutDevice.reason.is_(None), RolloutDevice.reason != OFFLINE_MARK)
+        for rd, _ in self._devices(D.NOTIFIED, where=and_(_OFFLINE, unmarked)):
+            rd.reason = OFFLINE_MARK
+        budget = min(self.rate_left, self.room)
         if budget <= 0:
             return
-        # Offline devices wait: they are notified when they are back.
-        for rd, device in self._devices(D.PENDING, where=~_OFFLINE, limit=budget):
+        expired = RolloutDevice.notified_at <= self.now - self.driver.settings.directive_ttl
+        due = and_(~_OFFLINE, self._spaced(), or_(RolloutDevice.reason == OFFLINE_MARK, expired))
+        for rd, device in self._devices(D.NOTIFIED, where=due, limit=budget):
+            self._install(rd, device, count_attempt=False)
+
+    def _notify_pending(self) -> None:
+        budget = min(self.rate_left, self.room)
+        if budget <= 0:
+            return
+        # Offline devices wait: they are notified when they are back. A retry waits until
+        # its last directive is out of the rate window.
+        where = and_(~_OFFLINE, self._spaced())
+        for rd, device in self._devices(D.PENDING, where=where, limit=budget):
             self._install(rd, device, count_attempt=True)
 
     def _install(self, rd: RolloutDevice, device: Device, *, count_attempt: bool) -> None:
@@ -411,6 +493,7 @@ class _RolloutStep:
             rd.attempts += 1
             self.counted.add(rd.device_id)
         self.room -= 1
+        self.rate_left -= 1
         rd.directive_sequence = directive.sequence
         rd.notified_at = self.now
         self._set(rd, D.NOTIFIED, None)

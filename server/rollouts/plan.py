@@ -19,7 +19,9 @@ discovered halfway through:
 Gate values are checked by their fields (shares within 0..1, `min_success_share`
 above 0). `min_success_share + max_failure_share > 1` is allowed: a stage whose
 devices have all finished below the success share fails (see `gates.py`), so
-no pair of values leaves a stage waiting forever.
+no pair of values leaves a stage waiting forever. `max_drift` is refused until
+drift gates exist: a gate accepted but never judged would let an operator
+believe drift is watched.
 
 Pure: no I/O and no database. The plan stored with a rollout is
 `plan_to_dict(plan)` (JSON, every default filled in) and read back with
@@ -53,6 +55,18 @@ MAX_PLAN_BYTES = 64 * 1024
 DeviceName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 
 
+def _refuse_drift(data: Any) -> Any:
+    """Refuse `max_drift` until drift gates exist, rather than accept a gate never judged.
+
+    `max_drift: null` is dropped: rollouts stored before the refusal carry it.
+    """
+    if isinstance(data, dict) and "max_drift" in data:
+        if data["max_drift"] is not None:
+            raise ValueError("max_drift: drift gates are not available yet")
+        data = {k: v for k, v in data.items() if k != "max_drift"}
+    return data
+
+
 class Gates(BaseModel):
     """What a stage must show before the next one starts (defaults for every stage)."""
 
@@ -67,8 +81,11 @@ class Gates(BaseModel):
     max_latency_p95_ratio: float = Field(default=1.5, gt=0.0)
     min_shadow_agreement: float = Field(default=0.95, ge=0.0, le=1.0)
     min_requests: int = Field(default=20, ge=1)
-    # Placeholder for the drift gates: accepted and stored, not evaluated yet.
-    max_drift: float | None = Field(default=None, ge=0.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_drift(cls, data: Any) -> Any:
+        return _refuse_drift(data)
 
 
 class GateOverrides(BaseModel):
@@ -85,7 +102,11 @@ class GateOverrides(BaseModel):
     max_latency_p95_ratio: float | None = Field(default=None, gt=0.0)
     min_shadow_agreement: float | None = Field(default=None, ge=0.0, le=1.0)
     min_requests: int | None = Field(default=None, ge=1)
-    max_drift: float | None = Field(default=None, ge=0.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_drift(cls, data: Any) -> Any:
+        return _refuse_drift(data)
 
 
 class Stage(BaseModel):

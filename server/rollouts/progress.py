@@ -48,6 +48,9 @@ class DeviceState(str, enum.Enum):
     TIMED_OUT = "timed_out"  # no final answer within the plan's device_timeout_s
     ROLLING_BACK = "rolling_back"  # rollback directive published (the rollout aborts)
     ROLLED_BACK = "rolled_back"  # the device reported the rollback committed
+    # Left out: the device takes part in another active rollout (the reason names it);
+    # it joins the current stage once that one ends. Not counted by the stage's gates.
+    SKIPPED = "skipped"
 
 
 D = DeviceState
@@ -159,10 +162,12 @@ def stage_counts(
     counts come from every version of the bundle's name.
     """
     in_stage = and_(
-        RolloutDevice.rollout_id == rollout.id, RolloutDevice.stage_index == stage_index
+        RolloutDevice.rollout_id == rollout.id,
+        RolloutDevice.stage_index == stage_index,
+        RolloutDevice.state != D.SKIPPED.value,
     )
     states = state_counts(session, rollout.id, stage_index)
-    assigned = sum(states.values())
+    assigned = sum(n for state, n in states.items() if state != D.SKIPPED.value)
     finished_values = _values(FINISHED)
     offline = session.scalar(
         select(func.count())

@@ -13,15 +13,15 @@ that computes the order again gets the same one.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterable, Mapping
 
 from edgefleet.server.errors import InvalidRequestError
+from edgefleet.server.tags import TAG_NAME, TAG_VALUE
 
 MAX_SELECTOR_CHARS = 2048
 MAX_SELECTOR_PAIRS = 32
-_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,63}")
-_VALUE = re.compile(r"[^\x00-\x1f\x7f,=]{1,128}")
+_KEY = TAG_NAME  # the tag rules of edgefleet.server.tags
+_VALUE = TAG_VALUE
 
 
 def parse_selector(text: str | None) -> dict[str, str]:

@@ -12,11 +12,19 @@ the bundle supports) in the rollout's own order, checks that the plan's
 stages can be cut from it, and records the first stage's devices as pending.
 Later stages are cut when they begin, from the selection as it is then, so
 devices enrolled meanwhile take part.
+
+A device takes part in one active (running, paused, aborting) rollout at a
+time. A start whose selection overlaps another active rollout is refused; a
+later stage (and the driver's late joiners) records such a device as
+`skipped`, with the other rollout named in its reason, and the driver lets it
+join once that rollout ended. Every path that adds devices first takes the
+membership lock (membership.py).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,10 +43,13 @@ from edgefleet.server.rollouts.machine import (
     RolloutState,
     apply_event,
 )
+from edgefleet.server.rollouts.membership import busy_devices, lock_membership, skipped_reason
 from edgefleet.server.rollouts.plan import Plan, plan_from_dict, plan_to_dict, stage_targets
 from edgefleet.server.rollouts.progress import DeviceState, stage_counts, state_counts
 from edgefleet.server.rollouts.selection import matches, order_selection
 from edgefleet.timefmt import utcnow
+
+log = logging.getLogger(__name__)
 
 _ACTIVE = [state.value for state in ACTIVE_STATES]
 _SHOWN_DEVICES = 5  # devices named in a conflict message
@@ -64,12 +75,18 @@ def add_stage_devices(
     """Record the devices stage `stage_index` adds (pending); returns their ids.
 
     The stage's cumulative size is cut from the ordered `selection`; devices
-    already in the rollout (earlier stages, late joiners) count towards it.
+    already in the rollout (earlier stages, late joiners, skipped) count
+    towards it. A device that takes part in another active rollout is
+    recorded `skipped` instead (not returned): its place is not given to
+    another device, and it joins when the other rollout ends.
 
     Raises:
         InvalidRequestError: a named device is not in the selection.
+        StorageError: see `lock_membership`.
     """
     targets = stage_targets(plan, selection)[stage_index]
+    lock_membership(session)
+    busy = busy_devices(session, rollout.id)
     assigned = set(
         session.scalars(
             select(RolloutDevice.device_id).where(RolloutDevice.rollout_id == rollout.id)
@@ -84,18 +101,29 @@ def add_stage_devices(
         new += extra[:missing]
     shadow = plan.stages[stage_index].shadow
     for device_id in new:
+        other = busy.get(device_id)
         session.add(
             RolloutDevice(
                 rollout_id=rollout.id,
                 device_id=device_id,
                 stage_index=stage_index,
                 shadow=shadow,
-                state=DeviceState.PENDING.value,
+                state=(DeviceState.PENDING if other is None else DeviceState.SKIPPED).value,
                 attempts=0,
                 updated_at=now,
+                reason=None if other is None else skipped_reason(other),
             )
         )
-    return new
+    skipped = [d for d in new if d in busy]
+    if skipped:
+        log.info(
+            "rollout %d: %s: %d device(s) skipped, in other active rollouts (%s)",
+            rollout.id,
+            plan.stage_name(stage_index),
+            len(skipped),
+            ", ".join(skipped[:_SHOWN_DEVICES]),
+        )
+    return [d for d in new if d not in busy]
 
 
 def start_rollout(
@@ -114,8 +142,10 @@ def start_rollout(
             outside the selection.
         ConflictError: a rollout of the same bundle name is active, or a
             selected device takes part in another active rollout.
+        StorageError: see `lock_membership`.
     """
     now = now or utcnow()
+    lock_membership(session)  # before reading which devices are free
     selection = select_devices(session, bundle, selector)
     if not selection:
         shown = ",".join(f"{k}={v}" for k, v in sorted(selector.items())) or "(all devices)"
@@ -171,15 +201,10 @@ def _refuse_overlap(session: Session, bundle: BundleRow, selection: Sequence[str
             "let it complete or abort it before starting another rollout of this bundle"
         )
     busy: dict[int, list[str]] = {}
-    wanted = set(selection)
-    rows = session.execute(
-        select(RolloutDevice.rollout_id, RolloutDevice.device_id)
-        .join(Rollout, Rollout.id == RolloutDevice.rollout_id)
-        .where(Rollout.state.in_(_ACTIVE))
-    ).all()
-    for rollout_id, device_id in rows:
-        if device_id in wanted:
-            busy.setdefault(rollout_id, []).append(device_id)
+    taken = busy_devices(session)
+    for device_id in selection:
+        if device_id in taken:
+            busy.setdefault(taken[device_id], []).append(device_id)
     if busy:
         rollout_id, devices = min(busy.items())
         shown = ", ".join(sorted(devices)[:_SHOWN_DEVICES])
@@ -297,8 +322,10 @@ class StageStatus(_Public):
     index: int
     name: str
     shadow: bool
-    assigned: int
-    states: dict[str, int]  # devices per state (pending, notified, ..., rolled_back)
+    assigned: int  # the stage's devices, skipped ones not included
+    # Devices per state (pending, notified, ..., rolled_back, skipped: left out because
+    # they take part in another active rollout).
+    states: dict[str, int]
     # The gate verdict: only for the current stage of a running or paused rollout.
     decision: str | None = None
     reasons: list[str] = []
@@ -322,7 +349,7 @@ class RolloutStatus(_Public):
     stage_count: int
     stage_started_at: dt.datetime | None
     selector: dict[str, str]
-    devices: dict[str, int]  # over every stage
+    devices: dict[str, int]  # per state, over every stage (skipped included)
     stages: list[StageStatus]
     transitions: list[TransitionPublic]
     created_by: str
@@ -366,7 +393,7 @@ def rollout_status(
                 index=index,
                 name=plan.stage_name(index),
                 shadow=stage.shadow,
-                assigned=sum(states.values()),
+                assigned=sum(n for k, n in states.items() if k != DeviceState.SKIPPED.value),
                 states=states,
                 **verdict,
             )

@@ -30,6 +30,7 @@ from edgefleet.agent.enroll import (
     EnrollBackoff,
     enroll,
     installed_runtimes,
+    is_cleartext_to_another_host,
     is_enrolled,
     load_enrollment,
 )
@@ -228,6 +229,55 @@ def test_no_server_is_transient_and_no_url_is_a_config_error(
         enroll(config.model_copy(update={"server_url": None}), layout)
     with pytest.raises(ConfigError, match="http"):
         enroll(config, layout, server_url="mqtt://broker:1883")
+
+
+@pytest.mark.parametrize(
+    ("url", "cleartext"),
+    [
+        ("http://fleet.example:8080", True),
+        ("http://10.0.0.5", True),
+        ("http://[2001:db8::1]:8080", True),
+        ("https://fleet.example", False),
+        ("http://localhost:8080", False),
+        ("http://LOCALHOST.", False),
+        ("http://127.0.0.1:8080", False),
+        ("http://127.0.0.2", False),
+        ("http://[::1]:8080", False),
+    ],
+)
+def test_which_server_urls_send_the_token_in_the_clear(url: str, cleartext: bool) -> None:
+    assert is_cleartext_to_another_host(url) is cleartext
+
+
+def test_a_token_over_plain_http_to_another_host_is_warned_about_once(
+    tmp_path: Path, trust: TrustRoot, server: FleetServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = make_config(tmp_path, trust, server_url=server.url, enroll_token="efe_secret")
+    layout = StateLayout(config.state_dir)
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "plain http://" in r.getMessage()]
+
+    with caplog.at_level("WARNING", logger="edgefleet.agent.enroll"):
+        enroll(config, layout)  # this machine: nobody on the way
+        assert warnings() == []
+        remote = f"http://192.0.2.1:{free_port()}"  # TEST-NET-1: nothing answers there
+        for _ in range(2):  # as AutoEnroller retries
+            with pytest.raises(ServerUnreachableError):
+                enroll(config, layout, server_url=remote, timeout=0.3)
+        (warning,) = warnings()
+        assert remote in warning and "efe_secret" not in warning
+        caplog.clear()
+        # Without a token there is nothing to read on the way.
+        quiet = f"http://192.0.2.1:{free_port()}"
+        with pytest.raises(ServerUnreachableError):
+            enroll(
+                config.model_copy(update={"enroll_token": None}),
+                layout,
+                server_url=quiet,
+                timeout=0.3,
+            )
+        assert warnings() == []
 
 
 # --- the command ------------------------------------------------------------------------------

@@ -133,17 +133,21 @@ def make_api(database: Database, tmp_path: Path, trust: TrustRoot, **settings: A
     tokens = {}
     with database.session() as session:
         for role in Role:
-            tokens[role] = create_api_token(session, f"{role.value}-{secrets.token_hex(2)}", role)
+            tokens[role], _ = create_api_token(
+                session, f"{role.value}-{secrets.token_hex(2)}", role
+            )
     client = TestClient(create_app(context))
     return Api(client, context, publisher, clock, tokens)
 
 
 @contextlib.contextmanager
-def serve(api: Api) -> Iterator[str]:
-    """Serve `api`'s app with uvicorn on a free port (a thread); yields its base URL."""
-    config = uvicorn.Config(
-        api.client.app, host="127.0.0.1", port=free_port(), log_level="warning", lifespan="off"
-    )
+def serve(api: Api, config: uvicorn.Config | None = None) -> Iterator[str]:
+    """Serve `api`'s app with uvicorn (on a free port unless `config` says otherwise,
+    in a thread); yields its base URL."""
+    if config is None:
+        config = uvicorn.Config(
+            api.client.app, host="127.0.0.1", port=free_port(), log_level="warning", lifespan="off"
+        )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

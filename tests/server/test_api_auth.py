@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
+from fastapi import FastAPI
+from starlette.routing import BaseRoute
 
 from edgefleet.server.db.database import Database
 from edgefleet.server.principals import Role
@@ -90,3 +94,90 @@ def test_public_routes_need_no_token(api: Api) -> None:
     assert api.get("/health", None).json() == {"status": "ok", "database": "ok"}
     assert api.client.get("/metrics").status_code == 200
     assert_error(api.get("/blobs/" + "0" * 64, None), 404, "not-found")
+
+
+# Every /api/v1 route and method, and the role it needs (None: public). A route that
+# is not listed fails `test_every_route_needs_its_role`: add it here, with its role.
+REQUIRED_ROLE: dict[tuple[str, str], Role | None] = {
+    ("GET", "/api/v1/health"): None,
+    ("GET", "/api/v1/openapi.json"): None,
+    ("GET", "/api/v1/docs"): None,
+    ("GET", "/api/v1/blobs/{sha256}"): None,  # devices download by digest
+    ("POST", "/api/v1/devices/enroll"): None,  # an enrollment token in the body
+    ("POST", "/api/v1/enroll-tokens"): Role.OPERATOR,
+    ("POST", "/api/v1/bundles"): Role.OPERATOR,
+    ("GET", "/api/v1/bundles"): Role.VIEWER,
+    ("GET", "/api/v1/bundles/{name}/{version}"): Role.VIEWER,
+    ("GET", "/api/v1/bundles/{name}/{version}/file"): Role.VIEWER,
+    ("GET", "/api/v1/devices"): Role.VIEWER,
+    ("GET", "/api/v1/devices/{device_id}"): Role.VIEWER,
+    ("DELETE", "/api/v1/devices/{device_id}"): Role.OPERATOR,
+    ("POST", "/api/v1/rollouts"): Role.OPERATOR,
+    ("GET", "/api/v1/rollouts"): Role.VIEWER,
+    ("GET", "/api/v1/rollouts/{rollout_id}"): Role.VIEWER,
+    ("POST", "/api/v1/rollouts/{rollout_id}/pause"): Role.OPERATOR,
+    ("POST", "/api/v1/rollouts/{rollout_id}/resume"): Role.OPERATOR,
+    ("POST", "/api/v1/rollouts/{rollout_id}/abort"): Role.OPERATOR,
+    ("POST", "/api/v1/tokens"): Role.ADMIN,
+    ("GET", "/api/v1/tokens"): Role.ADMIN,
+    ("DELETE", "/api/v1/tokens/{token_id}"): Role.ADMIN,
+    ("GET", "/api/v1/audit"): Role.ADMIN,
+}
+# Path parameters naming nothing stored: a request that gets past the role check
+# changes nothing (404 or 422).
+PATH_VALUES = {
+    "sha256": "0" * 64,
+    "name": "nothing",
+    "version": "9.9.9",
+    "device_id": "no-such-device",
+    "rollout_id": "999999",
+    "token_id": "999999",
+}
+BELOW = {Role.OPERATOR: Role.VIEWER, Role.ADMIN: Role.OPERATOR}
+
+
+def walk(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
+    """Every route, also those of included routers (FastAPI >= 0.160 keeps an included
+    router as one entry; before, its routes were copied into the app's list). Our
+    routers carry their full prefix and are included without one, so a route's
+    own path is the path it serves."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            yield from walk(included.routes)
+        else:
+            yield route
+
+
+def app_routes(api: Api) -> set[tuple[str, str]]:
+    """(method, path template) of every route under /api/v1.
+
+    HEAD is left out: Starlette adds it to GET routes and answers it as the GET.
+    """
+    found: set[tuple[str, str]] = set()
+    for route in walk(cast(FastAPI, api.client.app).routes):
+        path = getattr(route, "path", "")
+        if path.startswith("/api/v1/"):
+            found.update((m, path) for m in getattr(route, "methods", None) or () if m != "HEAD")
+    return found
+
+
+def test_every_route_needs_its_role(api: Api) -> None:
+    routes = app_routes(api)
+    assert routes - set(REQUIRED_ROLE) == set(), "routes missing from REQUIRED_ROLE"
+    assert set(REQUIRED_ROLE) - routes == set(), "REQUIRED_ROLE lists routes the app lacks"
+    for (method, template), required in sorted(REQUIRED_ROLE.items(), key=str):
+        path = template.format(**PATH_VALUES)
+        route = f"{method} {template}"
+        anonymous = api.client.request(method, path)
+        if required is None:
+            assert anonymous.status_code not in (401, 403), (route, anonymous.text)
+            continue
+        assert anonymous.status_code == 401, (route, anonymous.text)
+        assert anonymous.json()["error"] == "auth"
+        if required in BELOW:
+            below = api.client.request(method, path, headers=api.auth(BELOW[required]))
+            assert below.status_code == 403, (route, below.text)
+            assert below.json()["error"] == "forbidden"
+        allowed = api.client.request(method, path, headers=api.auth(required))
+        assert allowed.status_code not in (401, 403), (route, allowed.text)

@@ -12,6 +12,7 @@ from edgefleet.agent.transport.http import HttpFetcher
 from edgefleet.bundle import build_bundle
 from edgefleet.keys import SigningKey
 from edgefleet.mqtt import BundleRef, HttpSource
+from edgefleet.server.bundles import BUNDLE_SUFFIX
 from edgefleet.server.db.database import Database
 from edgefleet.server.principals import Role
 from edgefleet.trust import TrustRoot
@@ -139,6 +140,18 @@ def test_unknown_and_malformed_names_are_4xx(api: Api) -> None:
     assert api.get("/bundles/Demo!/1.0.0").status_code == 422
     assert api.get("/bundles/demo/not-semver").status_code == 422
     assert api.get("/bundles", params={"name": "\u0000"}).status_code == 422
+
+
+def test_a_file_no_bundle_row_names_is_not_served(api: Api, bundle_file: Path) -> None:
+    # What a push whose commit failed leaves behind: the verified file, no row.
+    data = bundle_file.read_bytes()
+    orphan = hashlib.sha256(data).hexdigest()
+    api.context.bundles.bundles_dir.mkdir(parents=True, exist_ok=True)
+    (api.context.bundles.bundles_dir / f"{orphan}{BUNDLE_SUFFIX}").write_bytes(data)
+    refused = api.get(f"/blobs/{orphan}", None)
+    assert refused.status_code == 404 and refused.json()["error"] == "not-found"
+    assert api.push(bundle_file).json()["sha256"] == orphan  # a push adds the row
+    assert api.get(f"/blobs/{orphan}", None).content == data
 
 
 def test_the_agents_http_fetcher_resumes_from_the_blob_route(

@@ -1,4 +1,5 @@
-"""Devices through the API: enrollment (open, by token, closed), the inventory, one device."""
+"""Devices through the API: enrollment (open, by token, closed), the inventory, one device,
+removal."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from edgefleet.server.db.models import Device, StatusReportRow, TelemetryBucket
 from edgefleet.server.principals import Role
 from edgefleet.trust import TrustRoot
 from tests.server.apiclient import Api, enroll_body, make_api
+from tests.server.test_devices import make_rollout
 
 
 @pytest.fixture
@@ -39,8 +41,9 @@ def test_enroll_is_idempotent_for_the_same_key_and_tells_the_key_cache(api: Api)
     again = api.post("/devices/enroll", None, json=body)
     assert again.status_code == 200
     assert spy.invalidated == ["cam-1", "cam-1"]
-    rekey = api.enroll("cam-1")  # another key, no token
+    rekey = api.enroll("cam-1")  # another key
     assert rekey.status_code == 403 and rekey.json()["error"] == "enrollment"
+    assert "edgefleet devices remove cam-1" in rekey.json()["detail"]
     assert spy.invalidated == ["cam-1", "cam-1"]
 
 
@@ -156,3 +159,37 @@ def test_one_device_with_reports_and_telemetry(api: Api) -> None:
     assert api.get("/devices/cam-404").status_code == 404
     assert api.get("/devices/a+b").status_code == 404
     assert api.get("/devices/" + "x" * 200).status_code == 422
+
+
+def test_an_operator_removes_a_device_which_may_then_enroll_a_new_key(api: Api) -> None:
+    spy = KeyCacheSpy()
+    api.context.device_keys = spy
+    assert api.enroll("cam-1").status_code == 201
+    assert api.enroll("cam-2").status_code == 201
+    assert api.delete("/devices/cam-1", None).status_code == 401
+    forbidden = api.delete("/devices/cam-1", Role.VIEWER)
+    assert forbidden.status_code == 403 and forbidden.json()["error"] == "forbidden"
+    assert spy.invalidated == ["cam-1", "cam-2"]
+
+    removed = api.delete("/devices/cam-1", Role.OPERATOR)
+    assert removed.status_code == 204 and removed.content == b""
+    assert spy.invalidated == ["cam-1", "cam-2", "cam-1"]  # after the commit
+    assert api.get("/devices/cam-1").status_code == 404
+    assert [d["id"] for d in api.get("/devices").json()["items"]] == ["cam-2"]
+    (entry,) = [e for e in api.get("/audit").json() if e["action"] == "device.remove"]
+    assert entry["target"] == "device cam-1" and entry["role"] == "operator"
+
+    again = api.enroll("cam-1")  # a new key: the id is free again
+    assert again.status_code == 201, again.text
+    assert api.delete("/devices/cam-404", Role.OPERATOR).status_code == 404
+    assert api.delete("/devices/a+b", Role.OPERATOR).status_code == 404
+    assert api.delete("/devices/" + "x" * 200, Role.OPERATOR).status_code == 422
+
+
+def test_a_device_in_an_active_rollout_is_not_removed(api: Api) -> None:
+    api.enroll("cam-1")
+    rollout_id = make_rollout(api.context.db, "running", device_id="cam-1")
+    refused = api.delete("/devices/cam-1", Role.OPERATOR)
+    assert refused.status_code == 409 and refused.json()["error"] == "conflict"
+    assert f"rollout {rollout_id} (running)" in refused.json()["detail"]
+    assert api.get("/devices/cam-1").status_code == 200

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
+import httpx
 import pytest
+from fastapi import FastAPI
 
 from edgefleet.server.api.ratelimit import RateLimiter
 from edgefleet.server.db.database import Database
 from edgefleet.server.errors import RateLimitedError
 from edgefleet.server.principals import Role
+from edgefleet.server.runner import http_config
 from edgefleet.trust import TrustRoot
-from tests.server.apiclient import make_api
+from tests.agent.broker import free_port
+from tests.server.apiclient import make_api, serve
 
 
 class Ticks:
@@ -61,3 +66,38 @@ def test_enrollment_and_failed_logins_are_limited_per_address(
     api2 = make_api(sqlite_database, tmp_path / "2", trust, api_rate_per_minute=2)
     guesses = [api2.get("/bundles", "efa_guess").status_code for _ in range(3)]
     assert guesses == [401, 401, 429]
+
+
+@pytest.mark.parametrize(
+    ("trusted", "expected"),
+    [
+        ("127.0.0.1", [401, 401, 401, 401]),  # the proxy's clients: a bucket each
+        (None, [401, 401, 429, 429]),  # X-Forwarded-For ignored: one bucket, the proxy's
+        ("10.0.0.0/8", [401, 401, 429, 429]),  # the peer is not a trusted proxy
+    ],
+)
+def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_bucket(
+    sqlite_database: Database,
+    tmp_path: Path,
+    trust: TrustRoot,
+    trusted: str | None,
+    expected: list[int],
+) -> None:
+    api = make_api(
+        sqlite_database,
+        tmp_path,
+        trust,
+        api_rate_per_minute=2,
+        port=free_port(),
+        forwarded_allow_ips=trusted,
+    )
+    app = cast(FastAPI, api.client.app)
+    with serve(api, http_config(app, api.context.settings)) as url:
+        codes = [
+            httpx.get(
+                f"{url}/api/v1/bundles",
+                headers={"Authorization": "Bearer efa_guess", "X-Forwarded-For": client},
+            ).status_code
+            for client in ("203.0.113.1", "203.0.113.2") * 2
+        ]
+    assert codes == expected

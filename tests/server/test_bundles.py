@@ -113,7 +113,8 @@ def test_push_stores_the_verified_file_under_its_digest_and_adds_a_row(
     ]
     assert row.manifest["signed_by"] == [keyset.release.keyid]
     assert store.path_of(row).read_bytes() == bundle.read_bytes()
-    assert store.open_blob(digest) == store.path_of(row)
+    with database.session() as session:
+        assert store.open_blob(session, digest) == store.path_of(row)
     assert stored_files(store) == [f"{digest}.efb"]
     assert list(store.uploads_dir.iterdir()) == []  # moved, not copied
     with database.session() as session:
@@ -264,6 +265,8 @@ def test_rolled_back_push_leaves_no_row_and_the_next_push_stores_it(
     assert bundle_rows(sqlite_database) == []
     assert stored_files(store) == [f"{sha256_of(bundle)}.efb"]  # a harmless orphan
     with sqlite_database.session() as session:
+        assert store.open_blob(session, sha256_of(bundle)) is None  # and never served
+    with sqlite_database.session() as session:
         row, created = store.push(session, upload(store, bundle), ALICE)
     assert created and store.path_of(row).read_bytes() == bundle.read_bytes()
     assert stored_files(store) == [f"{row.sha256}.efb"]
@@ -276,10 +279,11 @@ def test_identical_push_restores_a_file_the_data_directory_lost(
     with sqlite_database.session() as session:
         row, _ = store.push(session, upload(store, bundle), ALICE)
     store.path_of(row).unlink()
-    assert store.open_blob(row.sha256) is None
+    with sqlite_database.session() as session:
+        assert store.open_blob(session, row.sha256) is None
     with sqlite_database.session() as session:
         _, created = store.push(session, upload(store, bundle), ALICE)
-    assert not created and store.open_blob(row.sha256) == store.path_of(row)
+        assert not created and store.open_blob(session, row.sha256) == store.path_of(row)
     assert store.path_of(row).read_bytes() == bundle.read_bytes()
 
 
@@ -358,12 +362,17 @@ def test_get_list_and_lookups(
         "0" * 64,  # well-formed, but not stored
     ],
 )
-def test_open_blob_never_names_another_file(store: BundleStore, name: str) -> None:
-    # Files a lax lookup would hand out: beside the store, and digests in other forms.
+def test_open_blob_never_names_another_file(
+    sqlite_database: Database, store: BundleStore, name: str
+) -> None:
+    # Files a lax lookup would hand out: beside the store, digests in other forms, and
+    # an orphan file of a well-formed digest that no bundle row names.
     (store.bundles_dir.parent / "secret.efb").write_bytes(b"x")
     (store.bundles_dir / ("A" * 64 + ".efb")).write_bytes(b"x")
     (store.bundles_dir / ("0" * 64 + ".efb.efb")).write_bytes(b"x")
-    assert store.open_blob(name) is None
+    (store.bundles_dir / ("0" * 64 + ".efb")).write_bytes(b"x")
+    with sqlite_database.session() as session:
+        assert store.open_blob(session, name) is None
 
 
 def test_is_sha256() -> None:

@@ -386,6 +386,16 @@ def test_devices_show(api: FakeApi, run: Run) -> None:
     assert "committed" in out and "demo@1.2.3" in out
 
 
+def test_devices_remove_sends_a_delete_and_reports_a_conflict(api: FakeApi, run: Run) -> None:
+    api.canned.append((204, b"", {}))
+    out, _ = run("devices", "remove", "cam/1", url=api.url)
+    assert out == "removed device cam/1\n"
+    assert (api.requests[-1].method, api.requests[-1].path) == ("DELETE", "/api/v1/devices/cam%2F1")
+    api.error(409, "conflict", "device cam-1 is part of active rollout 3 (running)")
+    _, err = run("devices", "remove", "cam-1", url=api.url, status=2)
+    assert err.startswith("error [conflict]: ") and "rollout 3 (running)" in err
+
+
 def test_enroll_token_prints_only_the_token(api: FakeApi, run: Run) -> None:
     out, err = run("devices", "enroll-token", "--tag", "site=berlin", "--ttl", "2h", url=api.url)
     assert out == "efe_secret\n"

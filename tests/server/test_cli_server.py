@@ -92,6 +92,24 @@ def test_devices_and_enroll_tokens(served: Api, run: Cli) -> None:
     assert "valid until" in err
 
 
+def test_devices_remove_frees_the_id_for_a_new_key(
+    served: Api, run: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert served.enroll("cam-1").status_code == 201
+    refused = served.enroll("cam-1")  # re-flashed: a new key for an enrolled id
+    assert refused.status_code == 403
+    monkeypatch.setenv("EDGEFLEET_TOKEN", served.tokens[Role.VIEWER])
+    _, err = run("devices", "remove", "cam-1", status=2)
+    assert err.startswith("error [forbidden]: ")
+    monkeypatch.setenv("EDGEFLEET_TOKEN", served.tokens[Role.OPERATOR])
+    out, _ = run("devices", "remove", "cam-1")
+    assert out == "removed device cam-1\n"
+    assert served.get("/devices/cam-1").status_code == 404
+    assert served.enroll("cam-1").status_code == 201
+    _, err = run("devices", "remove", "cam-9", status=2)
+    assert err.startswith("error [not-found]: ") and "cam-9" in err
+
+
 def test_rollout_start_status_pause_resume_abort(
     served: Api, run: Cli, bundle_file: Path, tmp_path: Path
 ) -> None:
@@ -174,7 +192,7 @@ def test_server_run_turns_flags_into_settings(
         "server", "run", "--db", "postgresql://db/edgefleet", "--mqtt", "mqtt://broker:1883",
         "--data", tmp_path / "d", "--host", "0.0.0.0", "--port", "9000", "--public-url",
         "https://fleet.example", "--open-enrollment", "--trust", trust, "--server-key", key,
-        "--passphrase-env", "EF_PASS",
+        "--passphrase-env", "EF_PASS", "--forwarded-allow-ips", "10.0.0.0/8, ::1",
     )  # fmt: skip
     (settings,) = received
     assert settings.data_dir == (tmp_path / "d").resolve()
@@ -184,6 +202,7 @@ def test_server_run_turns_flags_into_settings(
     assert (settings.host, settings.port) == ("0.0.0.0", 9000)
     assert settings.base_url == "https://fleet.example" and settings.open_enrollment
     assert settings.server_key_passphrase == b"s3cret"
+    assert settings.forwarded_allow_ips == "10.0.0.0/8,::1"
 
     received.clear()
     run("server", "run", "--embedded-broker", "--mqtt-port", "1999", "--trust", trust,
@@ -192,6 +211,7 @@ def test_server_run_turns_flags_into_settings(
     assert settings.embedded_broker and settings.mqtt_port == 1999
     assert settings.database_url == f"sqlite:///{(tmp_path / 'd').resolve() / 'server.db'}"
     assert settings.base_url == "http://127.0.0.1:8080"
+    assert settings.forwarded_allow_ips is None  # no proxy header trusted
 
     received.clear()
     _, err = run("server", "run", "--embedded-broker", "--mqtt", "mqtt://b:1883", "--trust",
@@ -200,6 +220,10 @@ def test_server_run_turns_flags_into_settings(
     _, err = run("server", "run", "--trust", trust, "--server-key", key, "--passphrase-env",
                  "EF_UNSET", status=2)  # fmt: skip
     assert "EF_UNSET: that environment variable is not set" in err
+    for mistyped in ("10.0.0.1/8", "proxy.example", "*,10.0.0.1", ""):
+        _, err = run("server", "run", "--trust", trust, "--server-key", key,
+                     "--forwarded-allow-ips", mistyped, status=2)  # fmt: skip
+        assert "--forwarded-allow-ips: " in err and "is not an IP address or network" in err
     assert received == []
 
 

@@ -1,4 +1,5 @@
-"""Device enrollment, the inventory queries and the key cache, on SQLite and PostgreSQL."""
+"""Device enrollment and removal, the inventory queries and the key cache, on SQLite and
+PostgreSQL."""
 
 from __future__ import annotations
 
@@ -9,13 +10,21 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
-from sqlalchemy import insert, select
+from sqlalchemy import func, insert, select
 
 from edgefleet.errors import DeviceSignatureError
 from edgefleet.mqtt import DeviceKey, DeviceTopics, sign_device_payload, verify_device_payload
 from edgefleet.server.audit import list_audit
 from edgefleet.server.db.database import Database
-from edgefleet.server.db.models import Device, EnrollToken
+from edgefleet.server.db.models import (
+    BundleRow,
+    Device,
+    EnrollToken,
+    Rollout,
+    RolloutDevice,
+    StatusReportRow,
+    TelemetryBucket,
+)
 from edgefleet.server.devices import (
     DeviceKeyCache,
     DevicePublic,
@@ -24,8 +33,9 @@ from edgefleet.server.devices import (
     enroll_device,
     get_device,
     list_devices,
+    remove_device,
 )
-from edgefleet.server.errors import EnrollmentError, NotFoundError
+from edgefleet.server.errors import ConflictError, EnrollmentError, NotFoundError
 from edgefleet.server.principals import Principal, Role
 from edgefleet.server.tokens import create_enroll_token
 
@@ -120,37 +130,44 @@ def test_same_key_again_is_idempotent_changes_nothing_and_keeps_the_token(
     assert audit_actions(database).count(("device.enroll", "device cam-01")) == 1
 
 
-def test_a_new_key_for_an_enrolled_device_needs_a_token_even_in_open_enrollment(
-    database: Database,
+@pytest.mark.parametrize("with_token", [False, True])
+def test_a_new_key_for_an_enrolled_device_is_refused_token_or_not(
+    database: Database, with_token: bool
 ) -> None:
     enroll(database, request(), open_enrollment=True)
-    with pytest.raises(EnrollmentError, match="another key"):
-        enroll(database, request(public_key=OTHER_KEY.public_hex), open_enrollment=True)
+    secret = token(database) if with_token else None
+    with pytest.raises(EnrollmentError, match="another key") as refused:
+        enroll(
+            database,
+            request(public_key=OTHER_KEY.public_hex, enroll_token=secret),
+            open_enrollment=True,
+        )
+    # The refusal says what to do.
+    assert "edgefleet devices remove cam-01" in str(refused.value)
     row = stored(database)
     assert row is not None and row.public_key == KEY.public_hex
-
-
-def test_a_new_key_with_a_token_rekeys_and_restarts_the_status_sequence(
-    database: Database,
-) -> None:
-    enroll(database, request(), open_enrollment=True)
     with database.session() as session:
-        row = session.get(Device, "cam-01")
-        assert row is not None
-        row.status_sequence, row.directive_sequence = 41, 7
-    secret = token(database, {"fleet": "pilot"})
-    public, created = enroll(
-        database,
-        request(public_key=OTHER_KEY.public_hex, agent_version="0.2.0", enroll_token=secret),
-    )
-    assert not created and public["agent_version"] == "0.2.0"
-    assert public["tags"] == {"site": "berlin", "line": "3", "fleet": "pilot"}
+        assert all(t.used_at is None for t in session.scalars(select(EnrollToken)))
+    assert audit_actions(database).count(("device.enroll", "device cam-01")) == 1
+
+
+def test_a_token_holder_cannot_take_over_another_device(database: Database) -> None:
+    # cam-01 enrolled with its own token; the attacker holds an unused token minted
+    # for some other device (tokens are not bound to a device id).
+    enroll(database, request(enroll_token=token(database, {"site": "berlin"})))
+    stolen = token(database, {"site": "paris"})
+    attacker = DeviceKey.generate()
+    with pytest.raises(EnrollmentError, match="another key"):
+        enroll(database, request(public_key=attacker.public_hex, enroll_token=stolen))
     row = stored(database)
-    assert row is not None and row.public_key == OTHER_KEY.public_hex
-    assert row.status_sequence == 0 and row.directive_sequence == 7
-    with database.session() as session:
-        details = [e.details for e in list_audit(session) if e.action == "device.enroll"]
-    assert details[0]["rekey"] and details[0]["previous_public_key"] == KEY.public_hex
+    assert row is not None and row.public_key == KEY.public_hex
+    topic = DeviceTopics("cam-01").status
+    with pytest.raises(DeviceSignatureError):
+        verify_device_payload(topic, sign_device_payload(topic, b"{}", attacker), row.public_key)
+    # The token stays unused (the refusal consumed nothing) and still enrolls a new id.
+    _, created = enroll(database, request("cam-02", enroll_token=stolen))
+    assert created
+    assert audit_actions(database).count(("device.enroll", "device cam-01")) == 1
 
 
 @pytest.mark.parametrize("problem", ["unknown", "used", "expired"])
@@ -166,22 +183,161 @@ def test_a_bad_token_enrolls_nothing(database: Database, problem: str) -> None:
     assert stored(database) is None
 
 
-def test_a_failed_rekey_leaves_the_token_unused(database: Database) -> None:
-    enroll(database, request(), open_enrollment=True)
+def test_a_failed_unit_of_work_leaves_the_token_unused(database: Database) -> None:
     secret = token(database)
     with pytest.raises(RuntimeError), database.session() as session:
-        enroll_device(
-            session,
-            request(public_key=OTHER_KEY.public_hex, enroll_token=secret),
-            open_enrollment=False,
-            now=NOW,
-        )
+        enroll_device(session, request(enroll_token=secret), open_enrollment=False, now=NOW)
         raise RuntimeError("the unit of work fails later")
-    row = stored(database)
-    assert row is not None and row.public_key == KEY.public_hex
+    assert stored(database) is None
     with database.session() as session:
         unused = session.scalar(select(EnrollToken))
         assert unused is not None and unused.used_at is None
+
+
+# --- removal -----------------------------------------------------------------------------------
+
+
+def make_rollout(db: Database, state: str, device_id: str = "cam-01") -> int:
+    with db.session() as session:
+        bundle = session.scalar(select(BundleRow))
+        if bundle is None:
+            bundle = BundleRow(
+                name="model",
+                version="1.0.0",
+                sha256="ab" * 32,
+                length=10,
+                release_counter=1,
+                profiles=["rpi4"],
+                min_agent_version=None,
+                manifest={},
+                pushed_by="ops",
+                pushed_at=NOW,
+            )
+            session.add(bundle)
+            session.flush()
+        rollout = Rollout(
+            bundle_id=bundle.id,
+            selector={},
+            plan={},
+            state=state,
+            stage_index=0,
+            stage_started_at=NOW,
+            created_by="ops",
+            created_at=NOW,
+            updated_at=NOW,
+        )
+        session.add(rollout)
+        session.flush()
+        session.add(
+            RolloutDevice(
+                rollout_id=rollout.id,
+                device_id=device_id,
+                stage_index=0,
+                shadow=False,
+                state="succeeded",
+                attempts=1,
+                directive_sequence=1,
+                updated_at=NOW,
+            )
+        )
+        return rollout.id
+
+
+def rows_of(db: Database, device_id: str) -> dict[str, int]:
+    with db.session() as session:
+        return {
+            model.__tablename__: int(
+                session.scalar(
+                    select(func.count()).select_from(model).where(model.device_id == device_id)
+                )
+                or 0
+            )
+            for model in (StatusReportRow, TelemetryBucket, RolloutDevice)
+        }
+
+
+def test_removing_a_device_deletes_its_rows_and_lets_it_enroll_with_a_new_key(
+    database: Database,
+) -> None:
+    enroll(database, request(), open_enrollment=True)
+    enroll(database, request("cam-02"), open_enrollment=True)
+    rollout_id = make_rollout(database, "completed")
+    make_rollout(database, "completed", device_id="cam-02")
+    with database.session() as session:
+        row = session.get(Device, "cam-01")
+        assert row is not None
+        row.status_sequence = 41
+        row.directive_sequence += 3  # it took three directives
+        last_directive = row.directive_sequence
+        for device_id in ("cam-01", "cam-02"):
+            session.add(
+                StatusReportRow(
+                    device_id=device_id,
+                    sequence=41,
+                    received_at=NOW,
+                    sent_at=NOW,
+                    install_state="committed",
+                )
+            )
+            session.add(
+                TelemetryBucket(
+                    device_id=device_id,
+                    bundle_name="model",
+                    bundle_version="1.0.0",
+                    bucket_start=NOW,
+                    latency={},
+                    bins={},
+                )
+            )
+    assert rows_of(database, "cam-01") == {
+        "status_reports": 1,
+        "telemetry_buckets": 1,
+        "rollout_devices": 1,
+    }
+
+    with database.session() as session:
+        remove_device(session, "cam-01", OPERATOR, now=NOW)
+    assert stored(database) is None
+    # ON DELETE CASCADE took the rows that named it (SQLite: the foreign_keys pragma
+    # is on; PostgreSQL: always), and nothing of the other device.
+    assert rows_of(database, "cam-01") == dict.fromkeys(rows_of(database, "cam-01"), 0)
+    assert set(rows_of(database, "cam-02").values()) == {1}
+    with database.session() as session:
+        assert session.get(Rollout, rollout_id) is not None  # the rollout's history stays
+        removal = [e for e in list_audit(session) if e.action == "device.remove"]
+    assert [(e.actor, e.target) for e in removal] == [("ops", "device cam-01")]
+    assert removal[0].details["public_key"] == KEY.public_hex
+
+    # The re-flashed device enrolls again with its new key, a second later: its status
+    # counts from scratch, its directives above any it was sent before (an agent that
+    # kept its state refuses numbers it has seen).
+    again = request(public_key=OTHER_KEY.public_hex, enroll_token=token(database))
+    with database.session() as session:
+        _, created = enroll_device(
+            session, again, open_enrollment=False, now=NOW + dt.timedelta(seconds=1)
+        )
+    assert created
+    row = stored(database)
+    assert row is not None and row.public_key == OTHER_KEY.public_hex
+    assert row.status_sequence == 0
+    assert row.directive_sequence > last_directive
+
+
+@pytest.mark.parametrize("state", ["running", "paused", "aborting"])
+def test_a_device_in_an_active_rollout_cannot_be_removed(database: Database, state: str) -> None:
+    enroll(database, request(), open_enrollment=True)
+    rollout_id = make_rollout(database, state)
+    refused = f"rollout {rollout_id} \\({state}\\)"
+    with pytest.raises(ConflictError, match=refused), database.session() as session:
+        remove_device(session, "cam-01", OPERATOR, now=NOW)
+    assert stored(database) is not None
+    assert rows_of(database, "cam-01")["rollout_devices"] == 1
+    assert ("device.remove", "device cam-01") not in audit_actions(database)
+
+
+def test_removing_an_unknown_device_is_not_found(database: Database) -> None:
+    with pytest.raises(NotFoundError, match="cam-404"), database.session() as session:
+        remove_device(session, "cam-404", OPERATOR, now=NOW)
 
 
 # --- the request schema ------------------------------------------------------------------------
@@ -378,9 +534,11 @@ def test_key_cache_verifies_an_enrolled_devices_message_and_caches(
         cache.public_key("cam-01")
     assert cache.loads == loads  # served from memory
 
-    # Re-keyed elsewhere (another replica): the old key refuses the new frames...
-    secret = token(db)
-    enroll(db, request(public_key=OTHER_KEY.public_hex, enroll_token=secret))
+    # Removed and enrolled again with a new key elsewhere (another replica): the old
+    # key refuses the new frames...
+    with db.session() as session:
+        remove_device(session, "cam-01", OPERATOR, now=NOW)
+    enroll(db, request(public_key=OTHER_KEY.public_hex, enroll_token=token(db)))
     new_frame = sign_device_payload(topic, b"{}", OTHER_KEY)
     with pytest.raises(DeviceSignatureError):
         verify_device_payload(topic, new_frame, cache.public_key("cam-01") or "")

@@ -289,10 +289,14 @@ def test_timeouts_are_retried_up_to_max_retries(
     f.run(1)
     f.sim.set_behaviour("dev-01", "ok")  # the retry works for this one
     f.run(3)
+    # Back to pending, but a device gets at most one directive a minute (the rate limit
+    # is counted from the stored notification times).
+    assert f.devices(rid)["dev-01"] == "pending"
+    assert [d.sequence for d in f.received("dev-01")] == [1]
+    assert f.devices(rid)["dev-00"] == "notified"
+    f.run(8, seconds=10)  # the first timeout: retried once; dev-01's retry goes out too
     assert f.devices(rid)["dev-01"] == "succeeded"
     assert [d.sequence for d in f.received("dev-01")] == [1, 2]
-    assert f.devices(rid)["dev-00"] == "notified"
-    f.run(7, seconds=10)  # the first timeout: retried once
     f.run(7, seconds=10)  # the second: no retries left
     assert f.devices(rid)["dev-00"] == "timed_out"
     assert [d.sequence for d in f.received("dev-00")] == [1, 2]
@@ -317,6 +321,51 @@ def test_late_joiners_join_the_current_stage(fleet3: Fleet) -> None:
     assert devices["late-match"] == "succeeded" and "late-other" not in devices
     assert f.received("late-other") == []
     f.run_until(rid, "completed", seconds=5)
+
+
+def test_devices_in_another_active_rollout_are_skipped_and_join_when_it_ends(
+    database: Database, tmp_path: Path, keyset: KeySet, trust: TrustRoot
+) -> None:
+    f = make_fleet(database, tmp_path, keyset, trust, 4)
+    add_bundle(database, name="other", version="1.0.0", now=f.clock())
+    stages = [{"count": 1}, {"percent": 100, "gates": {"bake_s": 600}}]
+    first = f.start({"stages": stages, "gates": FAST}, {"site": "a"})
+    (canary,) = f.devices(first)
+    rest = sorted(f"dev-{i:02d}" for i in range(4) if f"dev-{i:02d}" != canary)
+    # Before the first rollout reaches them, a second one takes a device of its later
+    # stage and a device enrolled meanwhile (a late joiner of both).
+    taken = rest[0]
+    with database.session() as session:
+        device = session.get(Device, taken)
+        assert device is not None
+        device.tags = {"site": "a", "group": "b"}
+    f.clock.advance(1)
+    add_device(database, "late", now=f.clock(), tags={"site": "a", "group": "b"})
+    second = f.start(
+        {"stages": [{"percent": 100}], "gates": {"bake_s": 30}}, {"group": "b"}, "other"
+    )
+    f.run(6, seconds=2)  # the canary passes; the first rollout's second stage begins
+    devices = f.devices(first)
+    assert devices[taken] == "skipped" and devices["late"] == "skipped"
+    assert [devices[d] for d in rest[1:]] == ["succeeded", "succeeded"]
+    with database.session() as session:
+        rd = session.get(RolloutDevice, (first, taken))
+        assert rd is not None
+        assert rd.reason == f"in active rollout {second}; joins when that one ends"
+    status = f.status(first)
+    assert status.stage_index == 1
+    # Left out, and not counted by the gates: the late joiner in the stage it came in.
+    assert (status.stages[0].assigned, status.stages[0].states["skipped"]) == (1, 1)
+    assert (status.stages[1].assigned, status.stages[1].states["skipped"]) == (2, 1)
+    assert status.devices["skipped"] == 2
+    assert [d.bundle.name for d in f.received(taken) if d.bundle] == ["other"]
+    f.run_until(second, "completed", seconds=10)
+    f.run(2)  # now they join the first rollout's current stage
+    devices = f.devices(first)
+    assert devices[taken] == "succeeded" and devices["late"] == "succeeded"
+    assert [d.bundle.name for d in f.received(taken) if d.bundle] == ["other", "demo"]
+    f.run_until(first, "completed", seconds=60)
+    assert f.status(first).stages[1].assigned == 4
 
 
 def test_offline_devices_wait_and_are_notified_when_back(
@@ -378,6 +427,36 @@ def test_rate_limit_per_minute(
     f.run(1)
     assert notified() == 8
     assert len(f.publisher.calls) == 8
+
+
+def test_renotifications_share_the_rate_limit(
+    database: Database, tmp_path: Path, keyset: KeySet, trust: TrustRoot
+) -> None:
+    f = make_fleet(database, tmp_path, keyset, trust, 4)
+    for i in range(4):
+        f.sim.set_behaviour(f"dev-{i:02d}", "silent")
+    rid = f.start({"stages": [{"percent": 100}], "rate_limit_per_minute": 2})
+    f.run(1)
+    notified = sorted(d for d, s in f.devices(rid).items() if s == "notified")
+    waiting = sorted(d for d, s in f.devices(rid).items() if s == "pending")
+    assert len(notified) == 2 and len(f.publisher.calls) == 2
+    for device_id in notified:  # offline before answering: to be notified again when back
+        f.sim.set_online(device_id, False)
+    f.run(1)
+    for device_id in notified:
+        f.sim.set_online(device_id, True)
+    f.run(1, seconds=30)  # back within the minute: the limit holds them
+    f.run(1, seconds=28)  # 59 s after the first two
+    assert len(f.publisher.calls) == 2
+    f.run(1)  # 60 s: room for two more, taken by the re-notifications first
+    assert len(f.publisher.calls) == 4
+    assert all(len(f.received(d)) == 2 for d in notified)
+    assert [f.devices(rid)[d] for d in waiting] == ["pending", "pending"]
+    f.run(1, seconds=59)
+    assert len(f.publisher.calls) == 4
+    f.run(1)
+    assert len(f.publisher.calls) == 6
+    assert all(len(f.received(d)) == 1 for d in waiting)
 
 
 def test_shadow_stage_then_real_install(

@@ -89,7 +89,7 @@ def test_agent_on_the_embedded_broker_enrolls_installs_and_goes_offline(
         db = open_database(sqlite_url(data))  # the server's own SQLite file
         try:
             with db.session() as session:
-                token = create_api_token(session, "ops", Role.OPERATOR)
+                token, _ = create_api_token(session, "ops", Role.OPERATOR)
         finally:
             db.dispose()
         with server.api(token) as api:

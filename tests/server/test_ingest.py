@@ -15,8 +15,10 @@ from edgefleet.mqtt.messages import Heartbeat, StatusReport, encode_message
 from edgefleet.mqtt.topics import DeviceTopics, TopicKind
 from edgefleet.server.db.database import Database
 from edgefleet.server.db.models import Base, Device, StatusReportRow, TelemetryBucket
+from edgefleet.server.devices import DeviceKeyCache, remove_device
 from edgefleet.server.mqtt.ingest import Ingestor
 from edgefleet.server.mqtt.retention import apply_retention
+from edgefleet.server.principals import Principal, Role
 from edgefleet.server.settings import ServerSettings
 from edgefleet.timefmt import format_time
 from tests.server.fleet import SimDevice, telemetry_window
@@ -151,6 +153,46 @@ def test_heartbeats_coalesce_and_update_the_device(
     assert (row.agent_version, row.model_name, row.model_version) == ("0.2.0", "demo", "1.0.0")
     assert row.install_state == "committed"
     assert ingestor.counts["heartbeat"] == 2
+
+
+def test_an_older_heartbeat_after_a_newer_one_changes_nothing(
+    ingestor: Ingestor, database: Database, devices: list[SimDevice]
+) -> None:
+    dev = devices[0]
+    new = heartbeat(
+        dev,
+        sent_at=format_time(T0 + dt.timedelta(seconds=60)),
+        uptime_s=60,
+        model_name="demo",
+        model_version="2.0.0",
+        install_state="committed",
+    )
+    old = heartbeat(
+        dev, uptime_s=1, model_name="demo", model_version="1.0.0", install_state="idle"
+    )  # sent at T0: a replay, or a copy another replica flushes late
+    # within one batch: the newer one arrives first
+    ingestor.handle(*signed(dev, TopicKind.HEARTBEAT, new))
+    ingestor.handle(*signed(dev, TopicKind.HEARTBEAT, old))
+    ingestor.flush()
+    row = device_row(database, dev.id)
+    assert (row.model_version, row.install_state) == ("2.0.0", "committed")
+    assert row.heartbeat is not None and row.heartbeat["uptime_s"] == 60
+    # against the stored row: the older one in a batch of its own
+    ingestor.handle(*signed(dev, TopicKind.HEARTBEAT, old))
+    ingestor.flush()
+    again = device_row(database, dev.id)
+    assert (again.model_version, again.install_state, again.heartbeat) == (
+        "2.0.0",
+        "committed",
+        row.heartbeat,
+    )
+    # one sent in the same second as the stored one is applied (whole seconds)
+    same_second = heartbeat(
+        dev, sent_at=format_time(T0 + dt.timedelta(seconds=60)), install_state="downloading"
+    )
+    ingestor.handle(*signed(dev, TopicKind.HEARTBEAT, same_second))
+    ingestor.flush()
+    assert device_row(database, dev.id).install_state == "downloading"
 
 
 def test_status_reports_are_deduplicated_applied_and_trimmed(
@@ -428,3 +470,50 @@ def test_the_newest_of_heartbeat_and_status_wins_within_a_batch(
     ingestor.handle(*signed(dev, TopicKind.HEARTBEAT, heartbeat(dev, install_state="verifying")))
     ingestor.flush()
     assert device_row(database, dev.id).install_state == "verifying"
+
+
+class Monotonic:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("where", ["this replica", "another replica"])
+def test_a_device_removed_and_enrolled_with_a_new_key_counts_its_status_from_one(
+    database: Database, devices: list[SimDevice], tmp_path: Path, where: str
+) -> None:
+    enroll(database, devices)
+    monotonic = Monotonic()
+    keys = DeviceKeyCache(database, monotonic=monotonic)  # the real cache, from the database
+    ingestor = Ingestor(database, keys, make_settings(tmp_path), clock=Clock())
+    old = devices[0]
+    for seq, state in enumerate(["downloading", "verifying", "committed"], 1):
+        ingestor.handle(*signed(old, TopicKind.STATUS, status(old, seq, state)))
+    ingestor.flush()
+    assert device_row(database, old.id).status_sequence == 3
+
+    # Re-flashed: an operator removes the device, it enrolls again with a new key.
+    with database.session() as session:
+        remove_device(session, old.id, Principal("ops", Role.OPERATOR))
+    new = SimDevice(old.id)
+    enroll(database, [new])
+    if where == "this replica":
+        keys.invalidate(new.id)  # as the API's enroll and remove routes do
+    else:
+        monotonic.now += 5  # the cache re-reads a key once after a signature failure
+    ingestor.handle(*signed(new, TopicKind.STATUS, status(new, 1, "idle")))
+    ingestor.flush()
+    assert ingestor.duplicates["status"] == 0 and ingestor.counts["status"] == 4
+    row = device_row(database, new.id)
+    assert (row.status_sequence, row.install_state) == (1, "idle")
+    with database.session() as session:
+        kept = session.scalars(
+            select(StatusReportRow.sequence).where(StatusReportRow.device_id == new.id)
+        ).all()
+    assert kept == [1]
+    # The new key's sequence is the one remembered now; the old key is refused.
+    ingestor.handle(*signed(new, TopicKind.STATUS, status(new, 1, "idle")))
+    ingestor.handle(*signed(old, TopicKind.STATUS, status(old, 4, "idle")))
+    assert ingestor.duplicates["status"] == 1 and ingestor.refused["device-signature"] == 1

@@ -40,7 +40,6 @@ def test_smallest_plan_gets_every_default() -> None:
     assert plan.gates.max_latency_p95_ratio == 1.5
     assert plan.gates.min_shadow_agreement == 0.95
     assert plan.gates.min_requests == 20
-    assert plan.gates.max_drift is None
     assert plan.stage_name(0) == "stage 1"
 
 
@@ -94,7 +93,7 @@ def test_plan_round_trips_through_its_stored_form() -> None:
     }
     assert stored["stages"][1] == {"count": 3, "shadow": False}
     assert stored["gates"]["bake_s"] == 60  # defaults are filled in
-    assert stored["gates"]["max_drift"] is None
+    assert "max_drift" not in stored["gates"]
     assert plan_from_dict(stored) == plan
     assert plan_to_dict(plan_from_dict(stored)) == stored
 
@@ -170,6 +169,31 @@ def test_oversized_plan_text_is_refused_before_parsing() -> None:
 def test_plan_from_dict_refuses_what_is_not_a_mapping() -> None:
     with pytest.raises(InvalidRequestError, match="mapping"):
         plan_from_dict([{"percent": 100}])
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("{stages: [{percent: 100}], gates: {max_drift: 0.2}}", "gates"),
+        ("stages: [{percent: 100, gates: {max_drift: 0}}]", "stages.0.gates"),
+    ],
+)
+def test_drift_gate_is_refused_until_drift_gates_exist(text: str, where: str) -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        load_plan(text)
+    assert str(caught.value) == (
+        f"invalid plan: {where}: max_drift: drift gates are not available yet"
+    )
+
+
+def test_stored_plans_with_an_empty_drift_gate_still_load() -> None:
+    # Rollouts stored while max_drift was accepted carry `max_drift: null`.
+    stored = plan_to_dict(load_plan(SMALLEST))
+    stored["gates"]["max_drift"] = None
+    stored["stages"][0]["gates"] = {"max_drift": None}
+    plan = plan_from_dict(stored)
+    assert plan.gates == Gates() and plan.stage_gates(0) == Gates()
+    assert "max_drift" not in plan_to_dict(plan)["gates"]
 
 
 def test_min_success_plus_max_failure_above_one_is_allowed() -> None:

@@ -119,7 +119,7 @@ def test_two_replicas_share_telemetry_and_one_drives_each_rollout(
         db = Database(postgres_url)
         try:
             with db.session() as session:
-                token = create_api_token(session, "ops", Role.OPERATOR)
+                token, _ = create_api_token(session, "ops", Role.OPERATOR)
         finally:
             db.dispose()
 

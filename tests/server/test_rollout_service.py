@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -10,7 +12,7 @@ from sqlalchemy import func, select
 
 from edgefleet.server.audit import list_audit
 from edgefleet.server.db.database import Database
-from edgefleet.server.db.models import BundleRow, Rollout, RolloutDevice
+from edgefleet.server.db.models import BundleRow, Device, Rollout, RolloutDevice
 from edgefleet.server.errors import (
     ConflictError,
     InvalidRequestError,
@@ -18,14 +20,18 @@ from edgefleet.server.errors import (
     RolloutStateError,
 )
 from edgefleet.server.principals import Principal, Role
+from edgefleet.server.rollouts.machine import RolloutEvent, apply_event
 from edgefleet.server.rollouts.plan import plan_from_dict
+from edgefleet.server.rollouts.selection import order_selection
 from edgefleet.server.rollouts.service import (
     abort_rollout,
+    add_stage_devices,
     get_rollout,
     list_rollouts,
     pause_rollout,
     resume_rollout,
     rollout_status,
+    select_devices,
     start_rollout,
 )
 from tests.server.rolloutsim import START, add_bundle, add_device
@@ -139,6 +145,74 @@ def test_devices_in_another_active_rollout_are_refused(database: Database) -> No
         _start(database, bundle="other")
     # Disjoint devices are fine.
     _start(database, bundle="other", selector={"site": "paris"})
+
+
+def test_a_later_stage_skips_devices_of_another_active_rollout(database: Database) -> None:
+    _fleet(database)
+    # Rollout 1 covers dev-0..3 in two stages; its first stage holds two of them.
+    plan = {"stages": [{"percent": 50}, {"percent": 100}]}
+    first = _start(database, plan, selector={"site": "berlin"})
+    free = sorted({"dev-0", "dev-1", "dev-2", "dev-3"} - set(_assigned(database, first)))
+    with database.session() as session:  # rollout 2 takes one of the others meanwhile
+        device = session.get(Device, free[0])
+        assert device is not None
+        device.tags = {"site": "berlin", "line": "2"}
+    second = _start(database, {"stages": [{"percent": 100}]}, {"line": "2"}, "other")
+    with database.session() as session:  # stage 2 begins (the driver does this)
+        rollout = get_rollout(session, first)
+        bundle = session.scalars(select(BundleRow).where(BundleRow.name == "demo")).one()
+        selection = order_selection(first, select_devices(session, bundle, rollout.selector))
+        added = add_stage_devices(session, rollout, plan_from_dict(plan), 1, selection, START)
+    assert added == [free[1]]
+    assigned = _assigned(database, first)
+    assert (assigned[free[0]], assigned[free[1]]) == ("skipped", "pending")
+    with database.session() as session:
+        status = rollout_status(session, first, START)
+    assert status.stages[1].states["skipped"] == 1 and status.stages[1].assigned == 1
+    # A device a rollout skipped is not part of it: once rollout 2 ends, another may take it.
+    with database.session() as session:
+        rollout = abort_rollout(session, second, OPERATOR)
+        apply_event(
+            session, rollout, RolloutEvent.ROLLED_BACK, actor="driver", reason="", now=START
+        )
+    third = _start(database, {"stages": [{"percent": 100}]}, {"line": "2"}, "other")
+    assert _assigned(database, third) == {free[0]: "pending"}
+
+
+def test_simultaneous_starts_of_overlapping_selections_are_serialised(
+    database: Database,
+) -> None:
+    # Without the membership lock the second start would read the devices as free
+    # (PostgreSQL reads what is committed; SQLite reads before taking its write lock)
+    # and commit an overlap once the first committed.
+    _fleet(database)
+    outcome: list[BaseException | int] = []
+
+    def start_other() -> None:
+        try:
+            outcome.append(_start(database, bundle="other"))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    with database.session() as session:
+        row = session.scalars(select(BundleRow).where(BundleRow.name == "demo")).one()
+        start_rollout(
+            session,
+            bundle=row,
+            selector={"site": "berlin"},
+            plan=plan_from_dict(SMALLEST),
+            actor=OPERATOR,
+            now=START,
+        )
+        racer = threading.Thread(target=start_other)
+        racer.start()
+        time.sleep(0.3)
+        assert racer.is_alive() and not outcome  # waiting for this start to commit
+    racer.join(10)
+    (result,) = outcome
+    assert isinstance(result, ConflictError), result
+    with database.session() as session:
+        assert session.scalar(select(func.count()).select_from(Rollout)) == 1
 
 
 def test_pause_resume_abort_follow_the_state_machine_and_are_audited(

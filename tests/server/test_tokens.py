@@ -34,10 +34,12 @@ OPERATOR = Principal("ops-bot", Role.OPERATOR)
 
 def test_an_api_token_is_shown_once_and_stored_as_its_sha256(database: Database) -> None:
     with database.session() as session:
-        secret = create_api_token(session, "ci", Role.OPERATOR, now=NOW)
+        secret, created = create_api_token(session, "ci", Role.OPERATOR, now=NOW)
+        created_id = created.id
     assert re.fullmatch(r"efa_[A-Za-z0-9_-]{43}", secret)
     with database.session() as session:
         (row,) = session.scalars(select(ApiToken)).all()
+        assert row.id == created_id  # the row returned is the one stored
         stored = [str(getattr(row, column.key)) for column in ApiToken.__table__.columns]
         assert row.token_hash == hashlib.sha256(secret.encode()).hexdigest()
         assert not any(secret[4:] in value for value in stored)
@@ -47,7 +49,7 @@ def test_an_api_token_is_shown_once_and_stored_as_its_sha256(database: Database)
 
 def test_each_token_secret_is_new(sqlite_database: Database) -> None:
     with sqlite_database.session() as session:
-        secrets = {create_api_token(session, "same-name", "viewer") for _ in range(20)}
+        secrets = {create_api_token(session, "same-name", "viewer")[0] for _ in range(20)}
     assert len(secrets) == 20
 
 
@@ -71,8 +73,8 @@ def test_a_revoked_token_is_refused_and_revoking_again_keeps_the_time(
     database: Database,
 ) -> None:
     with database.session() as session:
-        secret = create_api_token(session, "laptop", Role.ADMIN, now=NOW)
-        token_id = session.scalars(select(ApiToken.id)).one()
+        secret, token = create_api_token(session, "laptop", Role.ADMIN, now=NOW)
+        token_id = token.id
     with database.session() as session:
         revoked = revoke_api_token(session, token_id, now=NOW, actor=ADMIN)
         assert revoked.revoked_at == NOW
@@ -164,7 +166,7 @@ def test_an_unknown_enroll_token_is_refused(sqlite_database: Database, presented
 
 def test_an_api_token_is_not_an_enroll_token(sqlite_database: Database) -> None:
     with sqlite_database.session() as session:
-        api_secret = create_api_token(session, "ci", Role.ADMIN)
+        api_secret, _ = create_api_token(session, "ci", Role.ADMIN)
     with sqlite_database.session() as session, pytest.raises(EnrollmentError, match="unknown"):
         consume_enroll_token(session, api_secret, "dev-1", now=NOW)
 
@@ -212,8 +214,10 @@ def test_devices_racing_with_one_token_enroll_once(database: Database) -> None:
         ({}, dt.timedelta(0), "lifetime"),
         ({}, dt.timedelta(days=366), "lifetime"),
         ({f"t{i}": "v" for i in range(33)}, dt.timedelta(hours=1), "at most 32 tags"),
-        ({"": "v"}, dt.timedelta(hours=1), "names 1 to 128"),
-        ({"k": "v" * 129}, dt.timedelta(hours=1), "at most 128"),
+        ({"": "v"}, dt.timedelta(hours=1), "a name is 1-64"),
+        ({"site=x": "v"}, dt.timedelta(hours=1), "a name is 1-64"),
+        ({"k": "v" * 129}, dt.timedelta(hours=1), "a value is 1-128"),
+        ({"k": "a,b"}, dt.timedelta(hours=1), "a value is 1-128"),
         ({"k": 3}, dt.timedelta(hours=1), "strings to strings"),
     ],
 )

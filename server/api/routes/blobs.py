@@ -3,7 +3,8 @@
 No token is needed: a device downloads what a signed directive names by
 SHA-256 and length, and verifies the bytes and the release signature itself,
 so serving them to anyone reveals only bundles (which are not secret) to
-someone who already knows their digest.
+someone who already knows their digest. Only digests of stored bundles (a
+`BundleRow`) are served: a file a failed push left behind is a 404.
 
 Answers: 200 with the whole file, 206 with `Content-Range: bytes a-b/len` for
 one satisfiable range, 416 with `Content-Range: bytes */len` otherwise
@@ -18,7 +19,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Path
 from fastapi.responses import StreamingResponse
 
-from edgefleet.server.api.deps import ContextDep
+from edgefleet.server.api.deps import ContextDep, SessionDep
 from edgefleet.server.api.errors import ErrorBody
 from edgefleet.server.api.routes import API_PREFIX
 from edgefleet.server.errors import NotFoundError, StorageError
@@ -84,9 +85,10 @@ def ranged_file_response(
 def get_blob(
     sha256: Annotated[str, Path(pattern=r"^[0-9a-f]{64}$")],
     context: ContextDep,
+    session: SessionDep,
     range_header: RangeHeader = None,
 ) -> StreamingResponse:
-    path = context.bundles.open_blob(sha256)
+    path = context.bundles.open_blob(session, sha256)
     if path is None:
         raise NotFoundError(f"no bundle with SHA-256 {sha256}")
     return ranged_file_response(path, range_header, sha256)

@@ -11,15 +11,14 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Path, Query, status
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from edgefleet.server.api.deps import ContextDep, OperatorDep, SessionDep, ViewerDep
 from edgefleet.server.api.errors import errors
 from edgefleet.server.api.routes import API_PREFIX
 from edgefleet.server.api.schemas import MAX_ID, RolloutAction, RolloutCreate, RolloutSummary
+from edgefleet.server.bundles import bundle_labels
 from edgefleet.server.context import ServerContext
-from edgefleet.server.db.models import BundleRow
 from edgefleet.server.principals import Principal
 from edgefleet.server.rollouts.machine import RolloutState
 from edgefleet.server.rollouts.plan import plan_from_dict
@@ -75,15 +74,7 @@ def get_rollouts(
     state: Annotated[str | None, Query(pattern="^(" + "|".join(STATES) + ")$")] = None,
 ) -> list[RolloutSummary]:
     rollouts = list_rollouts(session, state=state)
-    ids = {r.bundle_id for r in rollouts}
-    bundles = (
-        {
-            row.id: f"{row.name}@{row.version}"
-            for row in session.scalars(select(BundleRow).where(BundleRow.id.in_(ids)))
-        }
-        if ids
-        else {}
-    )
+    bundles = bundle_labels(session, (r.bundle_id for r in rollouts))
     return [
         RolloutSummary(
             id=r.id,

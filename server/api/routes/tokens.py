@@ -9,19 +9,12 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Response, status
-from sqlalchemy import select
 
 from edgefleet.server.api.deps import AdminDep, ContextDep, SessionDep
 from edgefleet.server.api.errors import errors
 from edgefleet.server.api.routes import API_PREFIX
 from edgefleet.server.api.schemas import MAX_ID, TokenCreate, TokenCreated, TokenPublic
-from edgefleet.server.db.models import ApiToken
-from edgefleet.server.tokens import (
-    create_api_token,
-    hash_secret,
-    list_api_tokens,
-    revoke_api_token,
-)
+from edgefleet.server.tokens import create_api_token, list_api_tokens, revoke_api_token
 
 router = APIRouter(prefix=f"{API_PREFIX}/tokens", tags=["tokens"])
 
@@ -38,8 +31,7 @@ TokenId = Annotated[int, Path(ge=1, le=MAX_ID)]
 def create_token(
     body: TokenCreate, session: SessionDep, context: ContextDep, admin: AdminDep
 ) -> TokenCreated:
-    secret = create_api_token(session, body.name, body.role, context.clock(), actor=admin)
-    row = session.scalars(select(ApiToken).where(ApiToken.token_hash == hash_secret(secret))).one()
+    secret, row = create_api_token(session, body.name, body.role, context.clock(), actor=admin)
     return TokenCreated(**TokenPublic.from_row(row).model_dump(), token=secret)
 
 
