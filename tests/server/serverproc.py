@@ -22,9 +22,18 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from edgefleet.agent.config import (
+    AgentConfig,
+    HealthSettings,
+    LocalApiSettings,
+    MqttSettings,
+    TelemetrySettings,
+    write_config,
+)
 from edgefleet.keys import save_private_key
 from edgefleet.trust import TrustRoot
 from tests.agent.broker import free_port
+from tests.agent.power_loss_driver import PROFILE
 from tests.conftest import KeySet
 
 API = "/api/v1"
@@ -132,4 +141,44 @@ def json_of(response: httpx.Response, status: int) -> Any:
     return response.json()
 
 
-__all__ = ["API", "ServerProcess", "json_of", "wait_until", "write_server_keys"]
+def start_agent(
+    tmp_path: Path, device: str, broker_url: str, server_url: str, trust: Path
+) -> subprocess.Popen[bytes]:
+    """`edgefleet agent run` for `device` with fast timings; its log in `agent_log`."""
+    config_path = tmp_path / f"{device}.toml"
+    write_config(
+        config_path,
+        AgentConfig(
+            device_id=device,
+            profile=PROFILE,
+            state_dir=tmp_path / device,
+            trust_root=trust,
+            server_url=server_url,
+            mqtt=MqttSettings(url=broker_url),
+            telemetry=TelemetrySettings(window_seconds=1, heartbeat_seconds=1),
+            health=HealthSettings(duration_seconds=1, min_requests=0),
+            local_api=LocalApiSettings(port=free_port()),
+        ),
+    )
+    with (tmp_path / f"{device}.log").open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "edgefleet", "agent", "run", "--config", str(config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def agent_log(tmp_path: Path, device: str) -> str:
+    path = tmp_path / f"{device}.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+__all__ = [
+    "API",
+    "ServerProcess",
+    "agent_log",
+    "json_of",
+    "start_agent",
+    "wait_until",
+    "write_server_keys",
+]

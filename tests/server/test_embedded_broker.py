@@ -12,30 +12,28 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from edgefleet.agent.config import (
-    AgentConfig,
-    HealthSettings,
-    LocalApiSettings,
-    MqttSettings,
-    TelemetrySettings,
-    write_config,
-)
 from edgefleet.server.db.migrate import open_database
 from edgefleet.server.principals import Role
 from edgefleet.server.settings import sqlite_url
 from edgefleet.server.tokens import create_api_token
 from edgefleet.trust import TrustRoot
 from tests.agent.broker import free_port, unique_device_id
-from tests.agent.power_loss_driver import PROFILE, Bundles, prepare_bundles
+from tests.agent.power_loss_driver import Bundles, prepare_bundles
 from tests.conftest import KeySet
-from tests.server.serverproc import ServerProcess, json_of, wait_until, write_server_keys
+from tests.server.serverproc import (
+    ServerProcess,
+    agent_log,
+    json_of,
+    start_agent,
+    wait_until,
+    write_server_keys,
+)
 
 WAIT = 30.0
 ACCEPTED = "edgefleet_mqtt_messages_accepted_total"
@@ -44,32 +42,6 @@ ACCEPTED = "edgefleet_mqtt_messages_accepted_total"
 @pytest.fixture(scope="module")
 def releases(tmp_path_factory: pytest.TempPathFactory, keyset: KeySet) -> Bundles:
     return prepare_bundles(tmp_path_factory.mktemp("embedded-bundles"), keyset.release)
-
-
-def start_agent(
-    tmp_path: Path, device: str, broker_url: str, server_url: str, trust: Path
-) -> subprocess.Popen[bytes]:
-    config_path = tmp_path / f"{device}.toml"
-    write_config(
-        config_path,
-        AgentConfig(
-            device_id=device,
-            profile=PROFILE,
-            state_dir=tmp_path / device,
-            trust_root=trust,
-            server_url=server_url,
-            mqtt=MqttSettings(url=broker_url),
-            telemetry=TelemetrySettings(window_seconds=1, heartbeat_seconds=1),
-            health=HealthSettings(duration_seconds=1, min_requests=0),
-            local_api=LocalApiSettings(port=free_port()),
-        ),
-    )
-    with (tmp_path / f"{device}.log").open("wb") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "edgefleet", "agent", "run", "--config", str(config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
 
 
 def test_agent_on_the_embedded_broker_enrolls_installs_and_goes_offline(
@@ -155,8 +127,3 @@ def test_agent_on_the_embedded_broker_enrolls_installs_and_goes_offline(
     # SIGTERM (how systemd stops it) runs the whole shutdown: the last batch is written.
     assert server.process.returncode == 0, log
     assert "stopping" in log, log
-
-
-def agent_log(tmp_path: Path, device: str) -> str:
-    path = tmp_path / f"{device}.log"
-    return path.read_text(errors="replace") if path.exists() else ""

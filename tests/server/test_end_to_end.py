@@ -23,19 +23,12 @@ from typing import Any
 
 import pytest
 
-from edgefleet.agent.config import (
-    AgentConfig,
-    HealthSettings,
-    LocalApiSettings,
-    MqttSettings,
-    TelemetrySettings,
-    write_config,
-)
 from edgefleet.keys import save_private_key
 from edgefleet.trust import TrustRoot
 from tests.agent.broker import MosquittoBroker, free_port, mosquitto_or_skip, unique_device_id
-from tests.agent.power_loss_driver import PROFILE, Bundles, prepare_bundles
+from tests.agent.power_loss_driver import Bundles, prepare_bundles
 from tests.conftest import KeySet
+from tests.server.serverproc import agent_log, start_agent
 
 WAIT = 90.0
 
@@ -67,7 +60,7 @@ def get_json(url: str, token: str) -> Any:
         return json.loads(response.read())
 
 
-def stop(process: subprocess.Popen[str]) -> str:
+def stop(process: subprocess.Popen[Any]) -> str:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
@@ -90,30 +83,6 @@ def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
         yield running
 
 
-def start_agent(tmp_path: Path, device: str, broker_url: str, server_url: str, trust: Path) -> Any:
-    config_path = tmp_path / f"{device}.toml"
-    write_config(
-        config_path,
-        AgentConfig(
-            device_id=device,
-            profile=PROFILE,
-            state_dir=tmp_path / device,
-            trust_root=trust,
-            server_url=server_url,
-            mqtt=MqttSettings(url=broker_url),
-            telemetry=TelemetrySettings(window_seconds=1, heartbeat_seconds=1),
-            health=HealthSettings(duration_seconds=1, min_requests=0),
-            local_api=LocalApiSettings(port=free_port()),
-        ),
-    )
-    return subprocess.Popen(
-        [sys.executable, "-m", "edgefleet", "agent", "run", "--config", str(config_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
 def test_rollout_to_real_agents_completes_then_abort_rolls_back(
     tmp_path: Path, broker: MosquittoBroker, releases: Bundles, keyset: KeySet, trust: TrustRoot
 ) -> None:
@@ -134,7 +103,7 @@ def test_rollout_to_real_agents_completes_then_abort_rolls_back(
         stderr=subprocess.STDOUT,
         text=True,
     )  # fmt: skip
-    agents: list[subprocess.Popen[str]] = []
+    agents: list[subprocess.Popen[bytes]] = []
     try:
         token = cli("server", "token", "create", "--role", "operator", "--name", "ops",
                     "--data", data).stdout.strip()  # fmt: skip
@@ -159,8 +128,10 @@ def test_rollout_to_real_agents_completes_then_abort_rolls_back(
             listed = get_json(f"{server_url}/api/v1/devices", token)
             return {item["id"]: item for item in listed["items"]}
 
-        assert wait_until(lambda: set(fleet()) == set(devices) and all(
-            d["online"] for d in fleet().values())), [stop(a) for a in agents]  # fmt: skip
+        def all_online() -> bool:
+            return set(fleet()) == set(devices) and all(d["online"] for d in fleet().values())
+
+        assert wait_until(all_online), [agent_log(tmp_path, d) for d in devices]
 
         plan = tmp_path / "plan.yaml"
         plan.write_text("stages: [{percent: 34}, {percent: 100}]\ngates: {bake_s: 1}\n")
