@@ -118,7 +118,8 @@ class FleetServer:
         self.bundles = BundleStore(settings.data_dir, self.trust)
         self.broker: EmbeddedBroker | None = None
         if settings.embedded_broker:
-            self.broker = EmbeddedBroker(settings.mqtt_port, host=_broker_host(settings))
+            # It listens where the API does: devices reach both on that address.
+            self.broker = EmbeddedBroker(settings.mqtt_port, host=settings.host)
         self.device_keys = DeviceKeyCache(self.db)
         self.ingest: Ingestor | None = None
         self.link: ServerLink | None = None
@@ -148,13 +149,14 @@ class FleetServer:
             self._handle_message,
             session_expiry_s=_session_expiry_s(settings),
         )
+        issuer = DirectiveIssuer([self.server_key], settings)
         context = ServerContext(
             settings=settings,
             db=self.db,
             trust=self.trust,
             bundles=self.bundles,
             publisher=self.link,
-            issuer=DirectiveIssuer([self.server_key], settings),
+            issuer=issuer,
             device_keys=self.device_keys,
         )
         blocks = BlockService(self.bundles, self.db, context.publisher)
@@ -172,8 +174,7 @@ class FleetServer:
         log.info(
             "connected to the MQTT broker at %s as replica %s", broker_url, settings.replica_id
         )
-        assert context.issuer is not None
-        driver = RolloutDriver(self.db, context.issuer, context.publisher, settings)
+        driver = RolloutDriver(self.db, issuer, context.publisher, settings)
         self._driver_thread = threading.Thread(
             target=driver.run, args=(self._driver_stop,), name="edgefleet-driver", daemon=True
         )
@@ -231,11 +232,6 @@ def _session_expiry_s(settings: ServerSettings) -> int:
     a dead one's rollouts, one lease TTL later, receives every device answer.
     """
     return max(1, int(settings.lease_ttl.total_seconds() / 3))
-
-
-def _broker_host(settings: ServerSettings) -> str:
-    # The embedded broker listens where the API does: devices reach both on that address.
-    return settings.host
 
 
 def run_server(settings: ServerSettings) -> None:

@@ -140,6 +140,15 @@ def add_bundle(
         return row.id
 
 
+def existing_or_new_bundle(
+    db: Database, *, name: str = "model", version: str = "1.0.0", now: dt.datetime = START
+) -> int:
+    """The id of the bundle `name` (any version), adding `name@version` when there is none."""
+    with db.session() as session:
+        found = session.scalar(select(BundleRow.id).where(BundleRow.name == name))
+    return found if found is not None else add_bundle(db, name=name, version=version, now=now)
+
+
 @dataclass
 class SimDevice:
     """How one simulated device answers: "ok", "fail" or "silent" (never answers)."""

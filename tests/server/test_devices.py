@@ -17,7 +17,6 @@ from edgefleet.mqtt import DeviceKey, DeviceTopics, sign_device_payload, verify_
 from edgefleet.server.audit import list_audit
 from edgefleet.server.db.database import Database
 from edgefleet.server.db.models import (
-    BundleRow,
     Device,
     EnrollToken,
     Rollout,
@@ -38,6 +37,7 @@ from edgefleet.server.devices import (
 from edgefleet.server.errors import ConflictError, EnrollmentError, NotFoundError
 from edgefleet.server.principals import Principal, Role
 from edgefleet.server.tokens import create_enroll_token
+from tests.server.rolloutsim import existing_or_new_bundle
 
 NOW = dt.datetime(2030, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
 OPERATOR = Principal("ops", Role.OPERATOR)
@@ -198,25 +198,10 @@ def test_a_failed_unit_of_work_leaves_the_token_unused(database: Database) -> No
 
 
 def make_rollout(db: Database, state: str, device_id: str = "cam-01") -> int:
+    bundle_id = existing_or_new_bundle(db, now=NOW)
     with db.session() as session:
-        bundle = session.scalar(select(BundleRow))
-        if bundle is None:
-            bundle = BundleRow(
-                name="model",
-                version="1.0.0",
-                sha256="ab" * 32,
-                length=10,
-                release_counter=1,
-                profiles=["rpi4"],
-                min_agent_version=None,
-                manifest={},
-                pushed_by="ops",
-                pushed_at=NOW,
-            )
-            session.add(bundle)
-            session.flush()
         rollout = Rollout(
-            bundle_id=bundle.id,
+            bundle_id=bundle_id,
             selector={},
             plan={},
             state=state,

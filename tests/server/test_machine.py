@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import func, select
 
 from edgefleet.server.db.database import Database
-from edgefleet.server.db.models import BundleRow, Rollout, RolloutTransition
+from edgefleet.server.db.models import Rollout, RolloutTransition
 from edgefleet.server.errors import RolloutStateError
 from edgefleet.server.rollouts.machine import (
     TRANSITIONS,
@@ -21,6 +21,7 @@ from edgefleet.server.rollouts.machine import (
     next_state,
 )
 from edgefleet.server.rollouts.plan import load_plan, plan_to_dict
+from tests.server.rolloutsim import existing_or_new_bundle
 
 R, E = RolloutState, RolloutEvent
 T0 = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.timezone.utc)
@@ -70,25 +71,10 @@ THREE_STAGES = "stages: [{count: 1}, {percent: 50}, {percent: 100}]"
 def make_rollout(
     db: Database, *, plan: str = THREE_STAGES, state: RolloutState = R.CREATED, stage: int = 0
 ) -> int:
+    bundle_id = existing_or_new_bundle(db, now=T0)
     with db.session() as session:
-        bundle = session.scalar(select(BundleRow).where(BundleRow.name == "model"))
-        if bundle is None:
-            bundle = BundleRow(
-                name="model",
-                version="1.0.0",
-                sha256="ab" * 32,
-                length=10,
-                release_counter=1,
-                profiles=["x86_64-avx2"],
-                min_agent_version=None,
-                manifest={},
-                pushed_by="ops",
-                pushed_at=T0,
-            )
-            session.add(bundle)
-            session.flush()
         rollout = Rollout(
-            bundle_id=bundle.id,
+            bundle_id=bundle_id,
             selector={},
             plan=plan_to_dict(load_plan(plan)),
             state=state.value,

@@ -1,1 +1,1 @@
-"""Part of the fleet server."""
+"""Alembic migrations of the fleet server's database, applied at start (`db.migrate`)."""

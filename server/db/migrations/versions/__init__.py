@@ -1,1 +1,1 @@
-"""Part of the fleet server."""
+"""One module per schema revision; 0001 creates every table of `db.models`."""
