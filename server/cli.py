@@ -182,6 +182,8 @@ def run_command(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not verbose:  # Alembic narrates its plugins and each migration step at INFO
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     from edgefleet.server.runner import run_server
 
     run_server(settings)

@@ -35,6 +35,15 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def describe_database_error(exc: SQLAlchemyError) -> str:
+    """The driver's own message (one or two lines), without SQLAlchemy's statement dump and
+    its "Background on this error" link: what a log line or an API answer should say."""
+    cause = getattr(exc, "orig", None) or exc
+    text = str(cause).split("\n(Background on this error")[0]
+    text = text.split("\n[SQL:")[0].strip()
+    return f"{type(exc).__name__}: {text}"
+
+
 def create_db_engine(url: str) -> Engine:
     """An engine for `url` (sqlite:///path or postgresql+psycopg://...).
 
@@ -86,7 +95,7 @@ class Database:
             session.commit()
         except SQLAlchemyError as exc:
             session.rollback()
-            raise StorageError(f"database error: {exc.__class__.__name__}: {exc}") from exc
+            raise StorageError(f"database error: {describe_database_error(exc)}") from exc
         except BaseException:
             session.rollback()
             raise

@@ -29,7 +29,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from edgefleet.server.db.database import Database
+from edgefleet.server.db.database import Database, describe_database_error
 from edgefleet.server.errors import StorageError
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -69,7 +69,9 @@ def current_revision(db: Database) -> str | None:
         with db.engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
     except SQLAlchemyError as exc:
-        raise StorageError(f"cannot read the schema revision: {exc}") from exc
+        raise StorageError(
+            f"cannot read the schema revision: {describe_database_error(exc)}"
+        ) from exc
 
 
 def _check_known(connection: Connection) -> None:
@@ -102,7 +104,9 @@ def upgrade_database(db: Database) -> None:
                 )
             _check_known(conn)
             command.upgrade(alembic_config(conn), "head")
-    except (SQLAlchemyError, CommandError) as exc:
+    except SQLAlchemyError as exc:
+        raise StorageError(f"cannot migrate the database: {describe_database_error(exc)}") from exc
+    except CommandError as exc:
         raise StorageError(f"cannot migrate the database: {exc}") from exc
 
 
