@@ -2,13 +2,15 @@
 #   make demo   the end-to-end demo, in its own virtual environment (.venv-demo)
 #   make test   the test suite, in its own virtual environment (.venv-test)
 #   make lint   ruff and mypy (CI runs it after the tests)
+#   make dist   the wheel and the sdist in dist/ (what a device installs: docs/agent.md)
 
 PYTHON ?= python3
 DEMO_VENV := .venv-demo
 TEST_VENV := .venv-test
+DIST_VENV := .venv-dist
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format typecheck bench clean
+.PHONY: demo test lint format typecheck bench dist clean
 
 $(DEMO_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(DEMO_VENV)
@@ -20,6 +22,11 @@ $(TEST_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(TEST_VENV)
 	$(TEST_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(TEST_VENV)/bin/python -m pip install --quiet -e '.[all,dev]'
+	touch $@
+
+$(DIST_VENV)/.installed:
+	$(PYTHON) -m venv $(DIST_VENV)
+	$(DIST_VENV)/bin/python -m pip install --quiet --upgrade pip build
 	touch $@
 
 demo: $(DEMO_VENV)/.installed
@@ -54,5 +61,10 @@ bench: $(TEST_VENV)/.installed
 	PYTHONPATH=. $(TEST_VENV)/bin/python bench/server_notify.py
 	PYTHONPATH=. $(TEST_VENV)/bin/python bench/server_devices_list.py
 
+# `python -m build`: the sdist, then the wheel built from it (so the sdist is complete).
+dist: $(DIST_VENV)/.installed
+	rm -rf dist
+	$(DIST_VENV)/bin/python -m build --outdir dist .
+
 clean:
-	rm -rf $(DEMO_VENV) $(TEST_VENV) build demo-output
+	rm -rf $(DEMO_VENV) $(TEST_VENV) $(DIST_VENV) build dist demo-output

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import grp
 import io
 import logging
 import os
 import signal
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 import numpy as np
+from pydantic import ValidationError
 
 # The heavy parts (onnxruntime, paho, urllib, the installer) are imported in the
 # commands that need them: `agent init` and `--help` stay light.
 from edgefleet.agent.client import AgentRequestError
-from edgefleet.agent.config import AgentConfig, MqttSettings, load_config, write_config
+from edgefleet.agent.config import AgentConfig, load_config, write_config
+from edgefleet.agent.enrolltoken import write_enroll_token
 from edgefleet.agent.layout import StateLayout
 from edgefleet.cli.errors import EXIT_REFUSED, EXIT_USAGE
 from edgefleet.cli.options import echo_json, json_option
@@ -42,6 +46,41 @@ def agent() -> None:
     """The on-device agent: installs signed bundles crash-safely, serves the model, reports."""
 
 
+def _local_api_port(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
+    """`--local-api-port`: a TCP port, 0 (a free port, picked at start) or `none` (no API)."""
+    if value.lower() == "none":
+        return None
+    if value.isdigit() and int(value) <= 65535:
+        return int(value)
+    raise click.BadParameter(f"{value!r} is not a port (0 to 65535) or none")
+
+
+# The option of `agent init` that sets each field, to name it when a value is refused.
+INIT_OPTIONS = {
+    "device_id": "--device-id",
+    "server_url": "--server",
+    "mqtt.url": "--mqtt",
+}
+
+
+def _refused_option(exc: ValidationError) -> UsageError:
+    """One line naming the `agent init` option whose value the configuration refused."""
+    first = exc.errors()[0]
+    field = ".".join(str(part) for part in first["loc"])
+    reason = first["msg"].removeprefix("Value error, ")
+    return UsageError(f"{INIT_OPTIONS.get(field, field)}: {reason}")
+
+
+def _group_id(name: str) -> int:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise UsageError(
+            f"--group {name}: no such group here; create it first (the service's user and "
+            "group: `systemd-sysusers`, docs/agent.md)"
+        ) from None
+
+
 @agent.command("init")
 @click.option("--device-id", required=True, help="This device's id: letters, digits, . _ -")
 @click.option(
@@ -61,14 +100,36 @@ def agent() -> None:
     help="Where the agent keeps installed versions, downloads and its state.",
 )
 @click.option("--mqtt", "mqtt_url", help="Broker URL: mqtt://host:1883 or mqtts://host:8883.")
-@click.option("--server", "server_url", help="Fleet server URL (bundle downloads, enrollment).")
-@click.option("--enroll-token", help="One-time enrollment token from the fleet server.")
+@click.option(
+    "--server",
+    "server_url",
+    help="Fleet server URL, http:// or https:// (bundle downloads, enrollment).",
+)
+@click.option(
+    "--enroll-token",
+    help="One-time enrollment token from the fleet server; kept in the state directory "
+    "until the device enrolled, then deleted.",
+)
+@click.option(
+    "--local-api-port",
+    metavar="PORT|none",
+    default="8765",
+    callback=_local_api_port,
+    show_default=True,
+    help="Port of the local HTTP API on 127.0.0.1 (one per agent on a machine); 0: a free "
+    "port picked at start; none: no local API.",
+)
+@click.option(
+    "--group",
+    help="Group that may read the configuration (the service's, e.g. edgefleet): mode 0640 "
+    "instead of 0600.",
+)
 @click.option(
     "-o",
     "--output",
     type=click.Path(dir_okay=False, path_type=Path),
     required=True,
-    help="Configuration file to write (agent.toml).",
+    help="Configuration file to write (agent.toml); missing directories are created (0755).",
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing configuration file.")
 def init_command(
@@ -79,6 +140,8 @@ def init_command(
     mqtt_url: str | None,
     server_url: str | None,
     enroll_token: str | None,
+    local_api_port: int | None,
+    group: str | None,
     output: Path,
     force: bool,
 ) -> None:
@@ -89,24 +152,50 @@ def init_command(
     """
     if output.exists() and not force:
         raise UsageError(f"{output} exists: pass --force to overwrite it")
+    if enroll_token is not None and server_url is None:
+        raise UsageError("--enroll-token needs --server: the token is for that fleet server")
     trust = load_trust_root(trust_path)
     resolved = load_profile(profile).name
     try:
-        config = AgentConfig(
-            device_id=device_id,
-            profile=resolved,
-            state_dir=state_dir.resolve(),
-            trust_root=trust_path.resolve(),
-            server_url=server_url,
-            enroll_token=enroll_token,
-            mqtt=MqttSettings(url=mqtt_url),
+        config = AgentConfig.model_validate(
+            {
+                "device_id": device_id,
+                "profile": resolved,
+                "state_dir": state_dir.resolve(),
+                "trust_root": trust_path.resolve(),
+                "server_url": server_url,
+                "mqtt": {"url": mqtt_url},
+                "local_api": {"enabled": False}
+                if local_api_port is None
+                else {"port": local_api_port},
+            }
         )
-    except ValueError as exc:
-        raise UsageError(f"invalid setting: {exc}") from exc
-    write_config(output, config)
+    except ValidationError as exc:
+        raise _refused_option(exc) from None
+    group_id = _group_id(group) if group is not None else None
+    try:
+        write_config(output, config, group=group_id)
+    except OSError as exc:
+        for_group = f" for group {group}" if group is not None else ""
+        hint = "; run it as root" if isinstance(exc, PermissionError) else ""
+        raise UsageError(f"cannot write {output}{for_group}: {exc.strerror or exc}{hint}") from None
+    if enroll_token is not None:
+        try:
+            write_enroll_token(StateLayout(config.state_dir), enroll_token)
+        except OSError as exc:
+            hint = "; run it as root" if isinstance(exc, PermissionError) else ""
+            raise UsageError(
+                f"cannot keep the enrollment token in {config.state_dir}: "
+                f"{exc.strerror or exc}{hint}"
+            ) from None
+    api = (
+        f"local API on {config.local_api.host}:{local_api_port}"
+        if local_api_port is not None
+        else "no local API"
+    )
     click.echo(
         f"wrote {output}: device {device_id}, profile {resolved}, trust root version "
-        f"{trust.version}, state in {config.state_dir}"
+        f"{trust.version}, state in {config.state_dir}, {api}"
         + (f", broker {mqtt_url}" if mqtt_url else ", no broker (offline: `agent install`)")
     )
 
@@ -127,6 +216,27 @@ def _offline_installer(config: AgentConfig) -> Installer:
     return Installer(config, layout, load_agent_trust(config, layout))
 
 
+def _agent_to_change(config: AgentConfig) -> str | None:
+    """The running agent's URL for an install or a rollback; None: none runs, do it here.
+
+    Raises:
+        UsageError: the agent runs without its local API: it cannot be asked, and a change
+            behind its back would not reach the model it serves.
+    """
+    from edgefleet.agent.client import running_agent
+
+    running = running_agent(_layout(config))
+    if running is None:
+        return None
+    if running.url is None:
+        raise UsageError(
+            f"the agent (pid {running.pid}) runs without its local API ([local_api] "
+            "enabled = false), so it cannot take this: stop it first (systemctl stop "
+            "edgefleet-agent), or give it a local API (`agent init --local-api-port`)"
+        )
+    return running.url
+
+
 def _relay(exc: AgentRequestError) -> NoReturn:
     """Report the running agent's refusal or error as if it happened here."""
     kind = "refused" if exc.status == 422 else "error"
@@ -140,7 +250,11 @@ def _echo_status(status: dict[str, Any]) -> None:
     click.echo(f"previous:        {status['previous'] or '-'}")
     if status.get("challenger"):
         click.echo(f"in shadow:       {status['challenger']}")
-    click.echo(f"security floor:  {status['security_floor']}")
+    floors = status["security_floors"]
+    shown = ", ".join(f"{name} {floors[name]}" for name in sorted(floors))
+    click.echo(f"security floors: {shown or 'none'}")
+    if status.get("refused"):
+        click.echo(f"last refused:    {status['refused']} (nothing changed)")
     if status.get("reason"):
         click.echo(f"last reason:     {status['reason']}")
 
@@ -186,8 +300,8 @@ def parse_tags(values: tuple[str, ...]) -> dict[str, str]:
 )
 @click.option(
     "--token",
-    help="One-time enrollment token (default: enroll_token of the config; none: the server "
-    "must allow open enrollment).",
+    help="One-time enrollment token (default: the one `agent init --enroll-token` kept until "
+    "enrollment; none: the server must allow open enrollment).",
 )
 @click.option(
     "--tag", "tags", multiple=True, metavar="KEY=VALUE", help="A tag for this device (repeat)."
@@ -235,14 +349,15 @@ def enroll_command(
 @json_option
 def status_command(config_path: Path, as_json: bool) -> None:
     """Install state, installed versions, and whether the agent is running."""
-    from edgefleet.agent.client import call_json, running_agent_url
+    from edgefleet.agent.client import call_json, running_agent
     from edgefleet.agent.enroll import load_enrollment
     from edgefleet.agent.runner import status_dict
 
     config = read_config(config_path)
     status = status_dict(_offline_installer(config))
-    url = running_agent_url(_layout(config))
-    status["running"] = url is not None
+    running = running_agent(_layout(config))
+    url = running.url if running is not None else None
+    status["running"] = running is not None
     enrollment = load_enrollment(_layout(config))
     status["enrolled_with"] = enrollment.server_url if enrollment else None
     if url is not None:
@@ -251,12 +366,28 @@ def status_command(config_path: Path, as_json: bool) -> None:
         echo_json(status)
         return
     click.echo(f"device:          {config.device_id} ({config.profile})")
-    click.echo(f"agent:           {'running at ' + url if url else 'not running'}")
+    if running is None:
+        click.echo("agent:           not running")
+    elif url is None:
+        click.echo(f"agent:           running (pid {running.pid}) without its local API")
+    else:
+        click.echo(f"agent:           running at {url}")
     click.echo(f"enrolled with:   {status['enrolled_with'] or 'no fleet server'}")
     _echo_status(status)
-    steps = status.get("model", {}).get("steps", [])
-    for step in steps:
-        click.echo(f"  fallback step {step.get('name')}: {step.get('breaker', '-')}")
+    for step in status.get("model", {}).get("steps", []):
+        click.echo(_step_line(step))
+
+
+def _step_line(step: dict[str, Any]) -> str:
+    """One step of the fallback chain as `agent status` shows it."""
+    failed = sum(step["failures"].values())
+    limit = f"{step['timeout_ms']:g} ms"
+    if step["timeout_per_sample_ms"]:
+        limit += f" + {step['timeout_per_sample_ms']:g} ms per sample"
+    return (
+        f"  fallback step {step['step']}: {step['model']}, breaker {step['breaker']}, "
+        f"{step['answered']} answered, {failed} failed, time limit {limit}"
+    )
 
 
 @agent.command("install")
@@ -274,11 +405,11 @@ def install_command(bundle_path: Path, config_path: Path) -> None:
     running agent when there is one, so the new model is health-checked under
     its live traffic.
     """
-    from edgefleet.agent.client import call_json, running_agent_url
+    from edgefleet.agent.client import call_json
     from edgefleet.agent.runner import status_dict
 
     config = read_config(config_path)
-    url = running_agent_url(_layout(config))
+    url = _agent_to_change(config)
     if url is not None:
         try:
             status = call_json(url, "POST", "/v1/install", {"path": str(bundle_path.resolve())})
@@ -295,11 +426,11 @@ def install_command(bundle_path: Path, config_path: Path) -> None:
 @config_option
 def rollback_command(config_path: Path) -> None:
     """Serve the previous version again."""
-    from edgefleet.agent.client import call_json, running_agent_url
+    from edgefleet.agent.client import call_json
     from edgefleet.agent.runner import status_dict
 
     config = read_config(config_path)
-    url = running_agent_url(_layout(config))
+    url = _agent_to_change(config)
     if url is not None:
         try:
             status = call_json(url, "POST", "/v1/rollback")
@@ -312,13 +443,41 @@ def rollback_command(config_path: Path) -> None:
     _echo_status(status)
 
 
+def read_inputs(path: Path, model: dict[str, Any] | None) -> dict[str, np.ndarray]:
+    """The inputs in `path`: an .npz (one array per input), or an .npy for a one-input model.
+
+    `model` is the served version as `/v1/model` describes it ("current"), or None.
+
+    Raises:
+        UsageError: not an .npz or .npy, or an .npy while the model takes other than one input.
+    """
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise UsageError(f"{path} is not a readable .npz or .npy file: {exc}") from exc
+    if not isinstance(loaded, np.ndarray):
+        with loaded as archive:
+            return {name: archive[name] for name in archive.files}
+    names = [spec["name"] for spec in model["inputs"]] if model else []
+    if len(names) != 1:
+        takes = (
+            f"the model takes {len(names)} inputs ({', '.join(names)})"
+            if model
+            else "no model is installed to name it"
+        )
+        raise UsageError(
+            f"{path} holds one array, but {takes}: pass an .npz with one array per input name"
+        )
+    return {names[0]: loaded}
+
+
 @agent.command("predict")
 @click.option(
     "--input",
     "input_path",
     required=True,
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    help=".npz with one array per model input, samples first.",
+    help=".npz with one array per model input, or .npy for a model with one input; samples first.",
 )
 @click.option(
     "-o",
@@ -333,26 +492,26 @@ def predict_command(input_path: Path, output: Path | None, config_path: Path) ->
     Through the running agent when there is one (so the predictions are
     monitored like any other), in this process otherwise.
     """
-    from edgefleet.agent.client import call, running_agent_url
+    from edgefleet.agent.client import call, call_json, running_agent_url
     from edgefleet.agent.inference import Predictor
 
     config = read_config(config_path)
     url = running_agent_url(_layout(config))
     if url is not None:
         try:
-            raw = call(
-                url, "POST", "/v1/predict/batch", input_path.read_bytes(), "application/x-npz"
-            )
+            model = call_json(url, "GET", "/v1/model")
+            body = io.BytesIO()
+            np.savez(body, **read_inputs(input_path, model["current"]))  # type: ignore[arg-type]
+            raw = call(url, "POST", "/v1/predict/batch", body.getvalue(), "application/x-npz")
         except AgentRequestError as exc:
             _relay(exc)
         with np.load(io.BytesIO(raw), allow_pickle=False) as archive:
             outputs = {name: archive[name] for name in archive.files}
         answered = "the running agent"
     else:
-        with np.load(input_path, allow_pickle=False) as archive:
-            inputs = {name: archive[name] for name in archive.files}
         predictor = Predictor.open(_layout(config), config.inference, config.profile)
         try:
+            inputs = read_inputs(input_path, predictor.model_info().as_dict()["current"])
             prediction = predictor.predict(inputs)
         finally:
             predictor.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from edgefleet.agent.errors import AgentError
@@ -20,14 +21,36 @@ class AgentRequestError(AgentError):
         self.code, self.status = code, status
 
 
-def running_agent_url(layout: StateLayout) -> str | None:
-    """The base URL of the agent serving this state directory, if one is running."""
+@dataclass(frozen=True)
+class RunningAgent:
+    """The agent running on a state directory, as its localapi.json records it."""
+
+    pid: int
+    url: str | None  # its local API's base URL; None: the API is off
+
+
+def running_agent(layout: StateLayout) -> RunningAgent | None:
+    """The agent running on this state directory, or None when none is."""
     try:
         record = json.loads(layout.local_api_file.read_text())
-        os.kill(int(record["pid"]), 0)  # raises when no such process
+        pid = int(record["pid"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return f"http://{record['host']}:{record['port']}"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # it runs as another user (the service's): it exists
+    host, port = record.get("host"), record.get("port")
+    url = f"http://{host}:{port}" if host is not None and port is not None else None
+    return RunningAgent(pid, url)
+
+
+def running_agent_url(layout: StateLayout) -> str | None:
+    """The base URL of the agent serving this state directory, if one runs with its API."""
+    running = running_agent(layout)
+    return running.url if running is not None else None
 
 
 def call(

@@ -4,11 +4,18 @@ Environment variables override paths only (EDGEFLEET_STATE_DIR,
 EDGEFLEET_TRUST_ROOT, EDGEFLEET_MQTT_CA_FILE, EDGEFLEET_MQTT_CERT_FILE,
 EDGEFLEET_MQTT_KEY_FILE), so that a container or a test can move files
 without editing the file; every other setting lives in the file.
+
+The file holds no secret: the one-time enrollment token waits in the state
+directory (`edgefleet.agent.enrolltoken`) and is deleted once the device
+enrolled. `write_config` creates missing parent directories (0755) and writes
+the file mode 0600, or 0640 with a group (the service's) that may read it.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,8 +23,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgefleet.agent.errors import ConfigError
-from edgefleet.fileio import atomic_write_bytes
-from edgefleet.mqtt.topics import DEVICE_ID_PATTERN
+from edgefleet.fileio import atomic_writer
+from edgefleet.mqtt.topics import is_valid_device_id
 from edgefleet.validation import describe_validation_error
 
 if sys.version_info >= (3, 11):
@@ -48,8 +55,11 @@ class MqttSettings(_Section):
     @field_validator("url")
     @classmethod
     def _scheme(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("mqtt://", "mqtts://")):
-            raise ValueError("must start with mqtt:// or mqtts://")
+        if value is None:
+            return None
+        parts = urllib.parse.urlsplit(value)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError(f"{value!r} is not mqtt://host[:port] or mqtts://host[:port]")
         return value
 
 
@@ -66,7 +76,12 @@ class TelemetrySettings(_Section):
 
 
 class InferenceSettings(_Section):
+    # A call of n samples may take timeout_ms + n x (timeout_per_sample_ms, else
+    # timeout_factor x the time per sample measured on this device): inference/timing.py.
     timeout_ms: int = Field(default=1000, ge=1)
+    timeout_factor: float = Field(default=10.0, ge=1)
+    timeout_per_sample_ms: float | None = Field(default=None, gt=0)
+    max_batch_samples: int = Field(default=1024, ge=1)  # larger batches are refused
     breaker_failures: int = Field(default=5, ge=1)  # consecutive failures that open it
     breaker_reset_seconds: float = Field(default=30.0, gt=0)
     shadow_sample_rate: float = Field(default=0.1, ge=0, le=1)
@@ -82,23 +97,53 @@ class HealthSettings(_Section):
 
 
 class LocalApiSettings(_Section):
+    enabled: bool = True  # false: the agent serves no HTTP API (in-process use only)
     host: str = "127.0.0.1"
-    port: int = Field(default=8765, ge=0, le=65535)
+    port: int = Field(default=8765, ge=0, le=65535)  # 0: a free port, picked at start
+
+
+def check_server_url(url: str) -> str:
+    """`url` without a trailing slash.
+
+    Raises:
+        ValueError: not an http:// or https:// URL with a host.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not http://host[:port] or https://host[:port]")
+    return url.rstrip("/")
 
 
 class AgentConfig(_Section):
-    device_id: str = Field(pattern=DEVICE_ID_PATTERN)
+    device_id: str
     profile: str
     state_dir: Path
     trust_root: Path
     server_url: str | None = None
-    enroll_token: str | None = None
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     limits: Limits = Field(default_factory=Limits)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
     local_api: LocalApiSettings = Field(default_factory=LocalApiSettings)
+    # Read from an agent.toml written by an older agent, so that such a device still
+    # starts and enrolls; never written back (dump_config leaves it out).
+    legacy_enroll_token: str | None = Field(default=None, alias="enroll_token", exclude=True)
+
+    @field_validator("device_id")
+    @classmethod
+    def _device_id(cls, value: str) -> str:
+        if not is_valid_device_id(value):
+            raise ValueError(
+                f"{value!r} is not a device id: 1 to 128 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
+        return value
+
+    @field_validator("server_url")
+    @classmethod
+    def _server_url(cls, value: str | None) -> str | None:
+        return None if value is None else check_server_url(value)
 
 
 def _apply_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
@@ -159,5 +204,24 @@ def dump_config(config: AgentConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_config(path: Path, config: AgentConfig) -> None:
-    atomic_write_bytes(Path(path), dump_config(config).encode("utf-8"), mode=0o600)
+def make_directories(directory: Path, mode: int = 0o755) -> None:
+    """Create `directory` and its missing parents with exactly `mode` (whatever the umask)."""
+    missing = [d for d in (directory, *directory.parents) if not d.exists()]
+    for created in reversed(missing):
+        created.mkdir(exist_ok=True)
+        os.chmod(created, mode)
+
+
+def write_config(path: Path, config: AgentConfig, group: int | None = None) -> None:
+    """Write agent.toml atomically: mode 0600, or 0640 and group `group` (a gid) when given.
+
+    Raises:
+        OSError: a directory could not be created, or the group not given to the file
+            (only root, or a member of the group, can).
+    """
+    path = Path(path)
+    make_directories(path.parent)
+    with atomic_writer(path, mode=0o600 if group is None else 0o640) as handle:
+        if group is not None:
+            os.fchown(handle.fileno(), -1, group)
+        handle.write(dump_config(config).encode("utf-8"))

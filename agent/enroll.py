@@ -9,9 +9,11 @@ first time it needs one, and never sends it anywhere: the server gets the
 public half and from then on accepts from this device id only messages that
 key signed (`edgefleet.mqtt.devicesig`). An enrollment token, when the server
 requires one, is a one-time secret from an operator; it also carries tags the
-server gives the device. A 200 or 201 answer is recorded in
-`state_dir/enrolled.json` (server, device id, public key), so the agent knows
-not to enroll again; the token is never written there. A token sent over plain
+server gives the device. `agent init` keeps it in `state_dir/enroll-token`
+(`edgefleet.agent.enrolltoken`) until it is used. A 200 or 201 answer is
+recorded in `state_dir/enrolled.json` (server, device id, public key), so the
+agent knows not to enroll again, and the kept token is deleted: once enrolled,
+no file of the device holds it. A token sent over plain
 http:// to another host is logged as a warning (once per server URL): anyone on
 the way could read it and use it first.
 
@@ -42,7 +44,8 @@ from http.client import HTTPException
 from typing import Any
 
 from edgefleet import __version__
-from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.config import AgentConfig, check_server_url
+from edgefleet.agent.enrolltoken import forget_enroll_token, read_enroll_token
 from edgefleet.agent.errors import (
     ConfigError,
     EnrollmentRefusedError,
@@ -94,10 +97,10 @@ def normalize_server_url(url: str) -> str:
     Raises:
         ConfigError: not an http:// or https:// URL with a host.
     """
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"server URL {url!r} is not http(s)://host[:port]")
-    return url.rstrip("/")
+    try:
+        return check_server_url(url)
+    except ValueError as exc:
+        raise ConfigError(f"server URL {exc}") from None
 
 
 def is_cleartext_to_another_host(url: str) -> bool:
@@ -213,23 +216,24 @@ def enroll(
 ) -> Enrollment:
     """Enroll this device (making its key if needed) and record it in enrolled.json.
 
-    `server_url` and `token` default to the configuration's.
+    `server_url` defaults to the configuration's, `token` to the one `agent init` kept
+    (`enroll-token` in the state directory), which is deleted once enrolled.
 
     Raises:
         ConfigError: no server URL, or not an http(s) URL.
+        OSError: the kept token cannot be read, or the state directory refused a write.
         KeyFileError: the device key file is broken.
         EnrollmentRefusedError: the server answered 4xx (its reason in the message).
         ServerUnreachableError: no answer, a 5xx or a 429 (`retry_after` when it said).
-        OSError: the state directory refused a write.
     """
     url = server_url or config.server_url
     if not url:
         raise ConfigError("no fleet server: set server_url in agent.toml or pass --server")
     base = normalize_server_url(url)
     key = ensure_device_key(layout)
-    body = enroll_request(
-        config, key, token=token if token is not None else config.enroll_token, tags=tags
-    )
+    if token is None:
+        token = read_enroll_token(layout) or config.legacy_enroll_token
+    body = enroll_request(config, key, token=token, tags=tags)
     if body["enroll_token"] is not None and is_cleartext_to_another_host(base):
         _warn_cleartext_token(base)
     status, answer = _post_json(base + ENROLL_PATH, body, timeout)
@@ -246,6 +250,7 @@ def enroll(
     atomic_write_bytes(
         layout.enrollment_file, json.dumps(asdict(enrollment), indent=2).encode() + b"\n"
     )
+    forget_enroll_token(layout)
     log.info("enrolled %s with %s (HTTP %d)", config.device_id, base, status)
     return enrollment
 

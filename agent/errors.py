@@ -3,6 +3,7 @@
     AgentError (edgefleet EdgefleetError)
     ├── ConfigError               agent.toml missing, unreadable or invalid (exit 2)
     ├── InputSchemaError          a prediction input that does not match the model's schema
+    │   └── BatchTooLargeError        more samples than one call may take (max_batch_samples)
     ├── InferenceError            every step of the fallback chain failed
     ├── NoModelError              nothing installed yet and no default answer configured
     ├── InstallError              an install failed; the device still serves the old model
@@ -35,6 +36,10 @@ class ConfigError(AgentError, LocalError):
 
 class InputSchemaError(AgentError):
     """A prediction input that does not match the model's schema (name, dtype, shape, NaN)."""
+
+
+class BatchTooLargeError(InputSchemaError):
+    """A batch with more samples than one model call may take (`max_batch_samples`)."""
 
 
 class InferenceError(AgentError):

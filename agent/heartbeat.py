@@ -83,7 +83,11 @@ class HeartbeatSource:
         return round(100.0 * (busy - last_busy) / (total - last_total), 1)
 
     def beat(
-        self, install_state: str, model_name: str | None, model_version: str | None
+        self,
+        install_state: str,
+        model_name: str | None,
+        model_version: str | None,
+        security_floors: dict[str, int] | None = None,
     ) -> Heartbeat:
         used, total = memory(self.proc)
         disk = os.statvfs(self.state_dir)
@@ -101,4 +105,5 @@ class HeartbeatSource:
             model_name=model_name,
             model_version=model_version,
             install_state=install_state,
+            security_floors=security_floors,
         )

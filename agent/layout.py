@@ -8,6 +8,8 @@
                             each holds the bundle's files and manifest.json (the signed envelope)
       current -> versions/<id>    symlink: the version being served (atomically replaced)
       previous -> versions/<id>   symlink: the version to roll back to
+      timings/<id>.json     the time per sample this device measured for a version (smoke
+                            test, health check): it scales the inference time limit
       outbox/               store-and-forward queue of MQTT messages (edgefleet.agent.outbox)
       inbox/                directives received over MQTT, persisted before they are
                             acknowledged and removed once the installer has handled them
@@ -15,6 +17,8 @@
       device.key            this device's Ed25519 signing key (raw 32-byte seed, mode 0600),
                             made at enrollment; it signs every message the device sends
       enrolled.json         the fleet server this device enrolled with, and the key it enrolled
+      enroll-token          the one-time enrollment token from `agent init` (mode 0600),
+                            deleted once the device enrolled (edgefleet.agent.enrolltoken)
 
 Invariant: `current` always names a complete, verified, smoke-tested version
 directory, or does not exist (nothing installed yet); it is only ever changed
@@ -63,6 +67,10 @@ class StateLayout:
         return self.root / "previous"
 
     @property
+    def timings(self) -> Path:
+        return self.root / "timings"
+
+    @property
     def outbox(self) -> Path:
         return self.root / "outbox"
 
@@ -81,6 +89,10 @@ class StateLayout:
     @property
     def enrollment_file(self) -> Path:
         return self.root / "enrolled.json"
+
+    @property
+    def enroll_token_file(self) -> Path:
+        return self.root / "enroll-token"
 
     def create(self) -> None:
         for directory in (

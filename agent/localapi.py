@@ -11,7 +11,8 @@
 
 Predictions through this API are served and monitored exactly like in-process
 ones. Errors are JSON {"error", "code"} with 400 (bad input), 409 (an install
-is running), 422 (a refused bundle), or 503 (nothing to serve); never a traceback.
+is running), 413 (a batch above `max_batch_samples`, or a body above 64 MiB),
+422 (a refused bundle), or 503 (nothing to serve); never a traceback.
 Standard library only: a device needs no web framework.
 """
 
@@ -20,6 +21,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import socket
 import threading
 from collections.abc import Callable
 from http import HTTPStatus
@@ -30,6 +33,8 @@ from typing import Any
 import numpy as np
 
 from edgefleet.agent.errors import (
+    BatchTooLargeError,
+    ConfigError,
     InferenceError,
     InputSchemaError,
     InstallInProgressError,
@@ -52,6 +57,8 @@ class ApiError(Exception):
 
 
 def _status_for(exc: EdgefleetError) -> HTTPStatus:
+    if isinstance(exc, BatchTooLargeError):
+        return HTTPStatus.REQUEST_ENTITY_TOO_LARGE
     if isinstance(exc, InputSchemaError):
         return HTTPStatus.BAD_REQUEST
     if isinstance(exc, InstallInProgressError):
@@ -67,6 +74,24 @@ def _jsonable(outputs: dict[str, np.ndarray]) -> dict[str, Any]:
     return {name: value.tolist() for name, value in outputs.items()}
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A socket listening on `host`:`port` (0: a free port) for the local API.
+
+    Raises:
+        ConfigError: the port is taken (another agent?) or the address is not this
+            machine's; the message names the port and the setting to change.
+    """
+    try:
+        return socket.create_server((host, port))
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ConfigError(
+            f"the local API cannot listen on {host}:{port}: {reason}; set "
+            "[local_api] port in agent.toml to a free port (`edgefleet agent init "
+            "--local-api-port N`), or [local_api] enabled = false to run without it"
+        ) from None
+
+
 class LocalApi:
     """Serves the API on a background thread; `install` and `rollback` are the agent's."""
 
@@ -79,7 +104,14 @@ class LocalApi:
         install: Callable[[Path], dict[str, Any]],
         rollback: Callable[[], dict[str, Any]],
         install_state: Callable[[], str],
+        listener: socket.socket | None = None,
     ) -> None:
+        """`listener`: a socket from `listen` (the runner binds before it resumes an install);
+        none: listen on `host`:`port` now.
+
+        Raises:
+            ConfigError: the address cannot be listened on (see `listen`).
+        """
         self.predictor = predictor
         self.install, self.rollback, self.install_state = install, rollback, install_state
         api = self
@@ -129,7 +161,12 @@ class LocalApi:
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("local API: " + format, *args)
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
+        listener = listener or listen(host, port)
+        self._server = ThreadingHTTPServer(
+            listener.getsockname()[:2], Handler, bind_and_activate=False
+        )
+        self._server.socket.close()
+        self._server.socket = listener  # bound and listening already
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, daemon=True, name="edgefleet-local-api"

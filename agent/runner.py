@@ -5,7 +5,11 @@ an install that a power cut interrupted BEFORE the predictor loads `current`,
 so a model that crashed the process is rolled back before it is served again.
 The challenger of a shadow install (persisted by the installer) is handed to
 the predictor once it is open; a challenger that does not load is logged and
-left out, never a reason not to serve.
+left out, never a reason not to serve. Before all that the local API's port is
+bound (unless `[local_api] enabled = false`): a taken port stops the agent at
+once with the setting to change, before a restart loop could count as restarts
+of an interrupted install. localapi.json records the running agent's pid, and
+its API's address (none when the API is off).
 
 Threads: the main loop (telemetry windows, heartbeats, systemd watchdog), one
 install worker (directives from the inbox, one at a time), the MQTT link's
@@ -27,6 +31,7 @@ import datetime as dt
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -37,9 +42,10 @@ from edgefleet.agent.enroll import AutoEnroller, ensure_device_key, is_enrolled,
 from edgefleet.agent.heartbeat import HeartbeatSource
 from edgefleet.agent.inference import Predictor
 from edgefleet.agent.install import Installer
+from edgefleet.agent.install.engine import describe
 from edgefleet.agent.layout import StateLayout
 from edgefleet.agent.link import AgentLink
-from edgefleet.agent.localapi import LocalApi
+from edgefleet.agent.localapi import LocalApi, listen
 from edgefleet.agent.outbox import Outbox
 from edgefleet.agent.sdnotify import notify, watchdog_interval_seconds
 from edgefleet.agent.telemetry import TelemetryRecorder
@@ -89,8 +95,9 @@ def status_dict(installer: Installer) -> dict[str, Any]:
         "current": status.current,
         "previous": status.previous,
         "reason": status.reason,
+        "refused": status.refused,
         "last_directive_sequence": status.last_directive_sequence,
-        "security_floor": status.security_floor,
+        "security_floors": status.security_floors,
         "challenger": status.challenger,
     }
 
@@ -155,6 +162,11 @@ class Agent:
 
     def _start_enrollment(self) -> None:
         """Enroll in the background when a server is configured and this key is not enrolled."""
+        if self.config.legacy_enroll_token is not None:
+            log.warning(
+                "agent.toml holds enroll_token (written by an older agent); it is used until "
+                "the device enrolls: remove that line, the token belongs in no configuration file"
+            )
         key = self.device_key
         if not self.config.server_url or key is None:
             return
@@ -183,7 +195,7 @@ class Agent:
             if challenger is not None:
                 self.predictor.set_challenger(challenger.directory)
         except EdgefleetError as exc:
-            log.warning("the challenger does not run in shadow: %s: %s", type(exc).__name__, exc)
+            log.warning("the challenger does not run in shadow: %s", describe(exc))
 
     # --- MQTT callbacks (the link's network thread) -----------------------------------------
 
@@ -214,7 +226,7 @@ class Agent:
                 try:
                     self.installer.install_directive(path.read_bytes())
                 except EdgefleetError as exc:
-                    log.warning("directive %s: %s: %s", path.name, type(exc).__name__, exc)
+                    log.warning("directive %s: %s", path.name, describe(exc))
                 path.unlink(missing_ok=True)
                 if self.stopping.is_set():
                     return
@@ -232,10 +244,12 @@ class Agent:
     def _beat(self) -> None:
         info = self.predictor.model_info() if self.predictor else None
         current = info.current if info else None
+        status = self.installer.status()
         beat = self.heartbeats.beat(
-            self.installer.status().state.value,
+            status.state.value,
             current.name if current else None,
             current.version if current else None,
+            status.security_floors,
         )
         if self.link is not None:
             self.link.publish(TopicKind.HEARTBEAT, beat)
@@ -259,27 +273,49 @@ class Agent:
             if self.link is not None:
                 self.link.publish(TopicKind.TELEMETRY, window)
 
+    def _start_local_api(self, listener: socket.socket | None) -> LocalApi | None:
+        """Serve the local API on `listener` (None: it is off), and record this process in
+        localapi.json, so that the CLI on this device finds the agent (or knows it runs
+        without its API)."""
+        assert self.predictor is not None
+        api: LocalApi | None = None
+        address: dict[str, Any] = {"host": None, "port": None}
+        if listener is not None:
+            api = LocalApi(
+                self.predictor,
+                self.config.local_api.host,
+                self.config.local_api.port,
+                install=self.install_file,
+                rollback=self.rollback,
+                install_state=lambda: self.installer.status().state.value,
+                listener=listener,
+            )
+            api.start()
+            address["host"], address["port"] = api.address
+            log.info("agent %s serving on %s:%d", self.config.device_id, *api.address)
+        else:
+            log.info("agent %s running without its local API", self.config.device_id)
+        atomic_write_bytes(
+            self.layout.local_api_file, json.dumps({**address, "pid": os.getpid()}).encode()
+        )
+        return api
+
     def run(self) -> None:
-        """Serve until `stopping` is set (SIGTERM, SIGINT, or a caller)."""
+        """Serve until `stopping` is set (SIGTERM, SIGINT, or a caller).
+
+        Raises:
+            ConfigError: the local API's port cannot be listened on; checked before
+                anything else, so that a restart loop over a taken port does not count
+                as restarts of an interrupted install.
+        """
+        settings = self.config.local_api
+        listener = listen(settings.host, settings.port) if settings.enabled else None
         self.installer.resume()
         self.predictor = Predictor.open(
             self.layout, self.config.inference, self.profile, self.telemetry
         )
         self._start_challenger()
-        api = LocalApi(
-            self.predictor,
-            self.config.local_api.host,
-            self.config.local_api.port,
-            install=self.install_file,
-            rollback=self.rollback,
-            install_state=lambda: self.installer.status().state.value,
-        )
-        api.start()
-        host, port = api.address
-        atomic_write_bytes(
-            self.layout.local_api_file,
-            json.dumps({"host": host, "port": port, "pid": os.getpid()}).encode(),
-        )
+        api = self._start_local_api(listener)
         if self.link is not None:
             self.link.start()
         self._start_enrollment()
@@ -289,7 +325,6 @@ class Agent:
         worker.start()
         self._inbox_ready.set()
         notify("READY=1")
-        log.info("agent %s serving on %s:%d", self.config.device_id, host, port)
         watchdog = watchdog_interval_seconds()
         next_beat = next_pet = 0.0
         try:
@@ -305,7 +340,8 @@ class Agent:
                     next_pet = now + watchdog
         finally:
             notify("STOPPING=1")
-            api.stop()
+            if api is not None:
+                api.stop()
             self.layout.local_api_file.unlink(missing_ok=True)
             worker.join(timeout=10)
             if self.link is not None:

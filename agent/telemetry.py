@@ -22,7 +22,10 @@ requests, and when a window closes, the values are binned in bulk.
 
 Live counters (`mark` / `snapshot_since`, the installer's HealthProbe) run over
 the recorder's whole life, across windows and model switches; latency p95 uses
-the last LATENCY_RING answered calls. Thread-safe: one lock, held briefly.
+the last LATENCY_RING answered calls, and so does the median latency per sample
+(a call's latency over its samples), which the health check records as this
+device's measurement of the model (edgefleet.agent.inference.timing).
+Thread-safe: one lock, held briefly.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edgefleet.agent.inference.bins import tensor_bins
+from edgefleet.agent.inference.timing import sample_count
 from edgefleet.agent.install.interfaces import HealthSnapshot
 from edgefleet.drift import DriftReference
 from edgefleet.mqtt.messages import (
@@ -131,6 +135,7 @@ class TelemetryRecorder:
         self._out_of_range = self._label_errors = 0
         self._abs_error = 0.0
         self._latencies = [0.0] * LATENCY_RING
+        self._sample_latencies = [0.0] * LATENCY_RING  # each call's latency over its samples
 
     # --- the model whose traffic is counted -----------------------------------------------
 
@@ -168,11 +173,14 @@ class TelemetryRecorder:
         latency = prediction.latency_ms
         slot = bisect_left(self.latency_bounds_ms, latency)
         fallback = prediction.step != "primary"
+        per_sample = latency / sample_count(inputs)
         with self._lock:
             window = self._window
             window.requests += 1
             window.latency[slot] += 1
-            self._latencies[self._answered % LATENCY_RING] = latency
+            ring = self._answered % LATENCY_RING
+            self._latencies[ring] = latency
+            self._sample_latencies[ring] = per_sample
             self._answered += 1
             self._requests += 1
             if fallback:
@@ -292,19 +300,26 @@ class TelemetryRecorder:
             return TelemetryMark(self._requests, self._errors, self._fallbacks, self._answered)
 
     def snapshot_since(self, mark: object) -> HealthSnapshot:
-        """Requests, errors (calls without an answer), fallbacks and p95 latency since `mark`."""
+        """Requests, errors (calls without an answer), fallbacks, p95 latency and the median
+        latency per sample since `mark`."""
         if not isinstance(mark, TelemetryMark):
             raise TypeError("pass a mark from this recorder's mark()")
         with self._lock:
             answered = self._answered - mark.answered
             start = self._answered - min(answered, LATENCY_RING)
-            recent = [self._latencies[i % LATENCY_RING] for i in range(start, self._answered)]
+            slots = [i % LATENCY_RING for i in range(start, self._answered)]
+            recent = [self._latencies[i] for i in slots]
+            per_sample = [self._sample_latencies[i] for i in slots]
             requests = self._requests - mark.requests
             errors = self._errors - mark.errors
             fallbacks = self._fallbacks - mark.fallbacks
         p95 = float(np.percentile(recent, 95)) if recent else None
         return HealthSnapshot(
-            requests=requests, errors=errors, fallbacks=fallbacks, latency_p95_ms=p95
+            requests=requests,
+            errors=errors,
+            fallbacks=fallbacks,
+            latency_p95_ms=p95,
+            sample_ms=float(np.median(per_sample)) if per_sample else None,
         )
 
     since = snapshot_since  # the installer's HealthProbe protocol

@@ -60,6 +60,11 @@ def version_id(name: str, version: str, bundle_sha256: str) -> str:
     return f"{name}@{version}-{bundle_sha256[:12]}"
 
 
+def name_of(version_id_: str) -> str:
+    """The model name inside a version id (`demo@1.2.3-abc...` -> `demo`)."""
+    return version_id_.partition("@")[0]
+
+
 def version_of(version_id_: str) -> str:
     """The semantic version inside a version id (`demo@1.2.3-rc.1-abc...` -> `1.2.3-rc.1`)."""
     return version_id_.partition("@")[2].rpartition("-")[0]

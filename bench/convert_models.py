@@ -3,7 +3,9 @@
 For each fixture model (tests/fixtures/models), in one run:
 
 - `edgefleet.converter.convert` is timed end to end, with the calibration,
-  validation and label splits the converter tests use (tests/fixtures/datasets.py).
+  validation and label splits the converter tests use (tests/fixtures/datasets.py),
+  then run a second time, back to back, on the same inputs: both choices are
+  printed with the report's decision (how sure each was), and whether they agree.
 - Two peers are built the way onnxruntime's documentation tells a user to:
   `quant_pre_process`, then `quantize_static` with every default (QDQ, QInt8
   activations and weights, per-tensor, MinMax) calibrated on the calibration
@@ -23,7 +25,8 @@ rounds cancels out instead of landing on one side of the ratio.
 Goals (exit status 1 when one is missed): accuracy drop <= 1 point for labelled
 classifiers; chosen latency <= 0.7x fp32 on the CNN and never above 1.0x fp32
 (met by construction when the converter ships the fp32 file itself); size <= 0.3x
-fp32 when an int8 candidate is chosen; chosen at least as fast as each
+fp32 when an int8 candidate is chosen; the two conversions choose the same
+candidate; chosen at least as fast as each
 onnxruntime default (ratio <= 1.05, for noise) and at least as accurate
 (accuracy >= the default's, or RMSE <= 1.01x the default's, unless the default's
 lower RMSE comes from clipping: its 99th-percentile deviation from fp32 breaks the
@@ -113,6 +116,9 @@ class Result:
     metric: str  # "accuracy" or "rmse"
     convert_seconds: float
     chosen: str  # candidate name; "float" ships the source model itself
+    decision: str  # the report's decision: what was chosen and how sure
+    again: str  # the second conversion's choice
+    again_decision: str
     rows: dict[str, Row]
 
     def latency_ratio(self, row: str, reference: str = "fp32") -> float | None:
@@ -224,6 +230,12 @@ def measure(
             row.latencies_ms.append(measure_latency_ms(session, feed))
 
 
+def _convert(model: Path, out: Path, options: ConvertOptions) -> tuple[str, str]:
+    """The chosen candidate's name and the report's decision."""
+    result = convert(model, out, options)
+    return result.chosen.candidate.name, str(result.report["decision"])
+
+
 def run_model(name: str, target: str, scratch: Path) -> Result:
     case, workdir = CASES[name], scratch / name
     model = REPO / "tests" / "fixtures" / "models" / case.file
@@ -233,16 +245,20 @@ def run_model(name: str, target: str, scratch: Path) -> Result:
     chosen = Row(workdir / "out" / "model.onnx")
     started = time.perf_counter()
     try:
-        chosen_name = convert(model, workdir / "out", options).chosen.candidate.name
+        chosen_name, decision = _convert(model, workdir / "out", options)
     except Exception as exc:
-        chosen_name, chosen.error = "none", f"convert: {_failure(exc)}"
+        chosen_name, decision, chosen.error = "none", "-", f"convert: {_failure(exc)}"
     seconds = time.perf_counter() - started
+    try:
+        again, again_decision = _convert(model, workdir / "out-again", options)
+    except Exception as exc:
+        again, again_decision = "none", f"convert: {_failure(exc)}"
     peers = build_ort_defaults(model, case, calibration, workdir)
     rows = dict(zip(ROWS, [Row(model), chosen, *peers], strict=True))
     label_array = np.load(labels)
     measure(rows, load_onnx(model)[1], load_profile(target), validation, label_array)
     metric = "accuracy" if label_array.dtype.kind in "iu" else "rmse"
-    return Result(name, metric, seconds, chosen_name, rows)
+    return Result(name, metric, seconds, chosen_name, decision, again, again_decision, rows)
 
 
 def _x(ratio: float | None) -> str:
@@ -288,6 +304,8 @@ def goals(result: Result) -> list[Goal]:
                 figure += f" (peer clips: deviation {other.deviation:.2f} > {limit})"
                 met = True
         found.append(Goal(f"as accurate as {peer}", model, figure, met))
+    figure = result.chosen if result.again == result.chosen else f"{result.chosen}, {result.again}"
+    found.append(Goal("same choice twice in a row", model, figure, result.again == result.chosen))
     if model == "cnn":
         seconds = result.convert_seconds
         found.append(Goal("conversion < 120 s", model, f"{seconds:.1f} s", seconds < 120))
@@ -300,6 +318,10 @@ def print_model(result: Result) -> None:
     score = "accuracy %" if result.metric == "accuracy" else "RMSE"
     seconds = result.convert_seconds
     print(f"\n{result.model} ({CASES[result.model].file}): converted in {seconds:.1f} s")
+    agree = "they agree" if result.again == result.chosen else "they DIFFER"
+    print(f"  first:  {result.decision}")
+    print(f"  second: {result.again_decision}")
+    print(f"  chose {result.chosen}, then {result.again}: {agree}")
     header = ["model", score, "min cosine", "latency ms", "vs fp32", "size vs fp32"]
     print(f"{header[0]:<{width}}" + "".join(f"  {h:>12}" for h in header[1:]))
     for key, row in result.rows.items():
@@ -342,6 +364,10 @@ def to_json(result: Result) -> dict[str, Any]:
         "file": CASES[result.model].file,
         "convert_seconds": result.convert_seconds,
         "chosen": result.chosen,
+        "decision": result.decision,
+        "chosen_again": result.again,
+        "decision_again": result.again_decision,
+        "choices_agree": result.again == result.chosen,
         "rows": rows,
     }
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from edgefleet.converter.modelinfo import ModelKind
+from edgefleet.errors import UsageError
 from edgefleet.profiles import Profile
 
 Method = Literal["float", "static", "dynamic"]
@@ -109,3 +110,21 @@ def calibration_variants(candidate: Candidate, profile: Profile) -> list[Candida
         for method in profile.quantization.calibration
         if method != candidate.calibration
     ]
+
+
+def pinned_candidate(name: str, profile: Profile, kind: ModelKind) -> Candidate:
+    """The candidate called `name` (as in the report) among those valid for the model and target.
+
+    Raises:
+        UsageError: no valid candidate has that name.
+    """
+    valid = [FLOAT]
+    for structure in structural_candidates(profile, kind):
+        valid += [structure, *calibration_variants(structure, profile)]
+    found = next((c for c in valid if c.name == name), None)
+    if found is None:
+        raise UsageError(
+            f"candidate {name!r} is not valid for a {kind} model on {profile.name}: "
+            f"choose one of {', '.join(c.name for c in valid)}"
+        )
+    return found

@@ -1,28 +1,103 @@
 """Choosing the candidate to ship: a pure function of the measurements.
 
+Speed is judged head to head: each candidate and the float model run in
+interleaved rounds (`PairedTiming`), and a candidate's speed is the median of
+its per-round latency ratios to the float model, with a distribution-free
+interval of that median. Load on the machine slows both models of a round
+alike, so a ratio survives it where two separate latencies do not.
+
 - Only candidates that meet the accuracy budget and produced finite outputs count.
-- `latency` (default): the fastest of those (within LATENCY_TIE of the fastest,
-  the most accurate), and only if it is at least MIN_SPEEDUP faster than the
-  float model on this machine; otherwise the float model ships and the report
-  says why. A quantized model slower than float is never shipped.
+- `latency` (default): a candidate must be clearly faster than the float model:
+  the upper end of its interval at most 1 - MIN_SPEEDUP (at least 12 of 15
+  rounds at that speed or better). Among those, the fastest (by `latency_ms`,
+  the median of its per-round times); candidates as fast as it (within
+  LATENCY_TIE) are told apart by accuracy, then size, then name, which do not
+  vary from run to run. Candidates are ranked by their own time rather than by
+  their ratio to float because load slows the float model and an int8 model
+  unequally: measured at different moments, equally fast candidates get ratios
+  far apart, while their own times stay close. Otherwise the float model ships and the report says
+  why. A quantized model not clearly faster than float is never shipped.
 - `size`: the smallest of those, if smaller than the float model; ties go to
   the faster.
+- A pinned candidate (ConvertOptions.candidate) is shipped if it meets the
+  budget, whatever its speed (the report says what it is); otherwise the
+  conversion fails.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from edgefleet.converter.candidates import Candidate
+from edgefleet.converter.errors import ConversionFailedError
 
 Optimize = Literal["latency", "size"]
 
-# Below this gain, a timing difference on a shared machine is noise, not speed.
+# A candidate must be at least this much faster than float, and clearly so.
 MIN_SPEEDUP = 0.05
 # Candidates this close to the fastest count as equally fast: the more accurate wins.
-LATENCY_TIE = 0.03
+LATENCY_TIE = 0.10
+# Coverage of the interval of the median ratio (order statistics of a binomial(n, 1/2)).
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class PairedTiming:
+    """Per interleaved round, the median time (ms) of one inference of a candidate and of float."""
+
+    candidate_ms: tuple[float, ...]
+    float_ms: tuple[float, ...]
+
+    @property
+    def rounds(self) -> int:
+        return len(self.candidate_ms)
+
+    @property
+    def ratios(self) -> list[float]:
+        """The per-round latency ratios to float, sorted."""
+        return sorted(c / f for c, f in zip(self.candidate_ms, self.float_ms, strict=True))
+
+    @property
+    def ratio(self) -> float:
+        """The median per-round ratio: below 1 is faster than float."""
+        return statistics.median(self.ratios)
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """A CONFIDENCE interval of the median ratio, free of any assumed distribution.
+
+        The k-th smallest and k-th largest ratios, with k the largest rank such that
+        a binomial(n, 1/2) falls below k with probability at most (1 - CONFIDENCE) / 2;
+        with too few rounds for that, the smallest and largest ratios.
+        """
+        ratios, n = self.ratios, self.rounds
+        tail = (1 - CONFIDENCE) / 2
+        k, below = 0, 0.0
+        while k < n // 2 and below + math.comb(n, k) / 2**n <= tail:
+            below += math.comb(n, k) / 2**n
+            k += 1
+        k = max(k, 1)
+        return ratios[k - 1], ratios[n - k]
+
+    @property
+    def rounds_faster(self) -> int:
+        return sum(1 for r in self.ratios if r < 1)
+
+    @property
+    def clearly_faster(self) -> bool:
+        return self.interval[1] <= 1 - MIN_SPEEDUP
+
+    def describe(self) -> str:
+        """E.g. "0.31x float latency (0.29-0.33), faster in 15/15 paired rounds"."""
+        low, high = self.interval
+        return (
+            f"{self.ratio:.2f}x float latency ({low:.2f}-{high:.2f}), "
+            f"faster in {self.rounds_faster}/{self.rounds} paired rounds"
+        )
 
 
 @dataclass
@@ -31,6 +106,7 @@ class Evaluation:
     path: Path | None = None
     size_bytes: int = 0
     latency_ms: float | None = None
+    timing: PairedTiming | None = None  # against float; None for float itself
     metrics: dict[str, float] = field(default_factory=dict)
     per_output: dict[str, dict[str, float]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)  # budget misses
@@ -42,11 +118,16 @@ class Evaluation:
     def usable(self) -> bool:
         return self.error is None and not self.failures and self.latency_ms is not None
 
+    @property
+    def is_float(self) -> bool:
+        return self.candidate.method == "float"
 
-def latency_ratio(evaluation: Evaluation, reference: Evaluation) -> float | None:
-    if evaluation.latency_ms is None or not reference.latency_ms:
-        return None
-    return evaluation.latency_ms / reference.latency_ms
+
+def latency_ratio(evaluation: Evaluation) -> float | None:
+    """The candidate's median latency ratio to float (1 for float itself)."""
+    if evaluation.is_float:
+        return 1.0
+    return evaluation.timing.ratio if evaluation.timing is not None else None
 
 
 def accuracy_score(evaluation: Evaluation) -> float:
@@ -60,42 +141,92 @@ def accuracy_score(evaluation: Evaluation) -> float:
     return min(cosines, default=0.0)
 
 
-def choose(evaluations: list[Evaluation], optimize: Optimize) -> Evaluation:
+def _speed(evaluation: Evaluation) -> str:
+    return evaluation.timing.describe() if evaluation.timing is not None else "not timed"
+
+
+def _as_fast(evaluation: Evaluation, fastest: Evaluation) -> bool:
+    assert evaluation.latency_ms is not None and fastest.latency_ms is not None
+    return evaluation.latency_ms <= fastest.latency_ms * (1 + LATENCY_TIE)
+
+
+def speed_ranking(timed: list[Evaluation]) -> list[Evaluation]:
+    """Timed evaluations, fastest first, in an order that timing noise barely moves.
+
+    Those as fast as the fastest (`_as_fast`) come first, by accuracy, then size,
+    then name; the others follow by latency.
+    """
+    if not timed:
+        return []
+    by_latency = sorted(timed, key=lambda e: (e.latency_ms or 0.0, e.candidate.name))
+    tied = [e for e in by_latency if _as_fast(e, by_latency[0])]
+    tied.sort(key=lambda e: (-accuracy_score(e), e.size_bytes, e.candidate.name))
+    return tied + [e for e in by_latency if e not in tied]
+
+
+def _choose_latency(usable: list[Evaluation]) -> tuple[Evaluation | None, str]:
+    fast = [e for e in usable if e.timing is not None and e.timing.clearly_faster]
+    for evaluation in usable:
+        if evaluation not in fast:
+            evaluation.verdict = (
+                f"rejected: not clearly {1 - MIN_SPEEDUP:.2f}x float latency or faster: "
+                f"{_speed(evaluation)}"
+            )
+    if not fast:
+        return None, "no candidate within the accuracy budget is clearly faster than float"
+    ranked = speed_ranking(fast)
+    chosen = ranked[0]
+    for evaluation in ranked[1:]:
+        why = "as fast, less accurate or larger" if _as_fast(evaluation, chosen) else "slower"
+        evaluation.verdict = f"rejected: {why} than {chosen.candidate.name}: {_speed(evaluation)}"
+    return chosen, ""
+
+
+def _choose_size(usable: list[Evaluation], baseline: Evaluation) -> tuple[Evaluation | None, str]:
+    ranked = sorted(usable, key=lambda e: (e.size_bytes, latency_ratio(e) or 0.0, e.candidate.name))
+    smaller = [e for e in ranked if e.size_bytes < baseline.size_bytes]
+    for evaluation in ranked:
+        evaluation.verdict = "rejected: size not the best within budget"
+    if not smaller:
+        return None, "no candidate within the accuracy budget is smaller than the float model"
+    return smaller[0], ""
+
+
+def choose(
+    evaluations: list[Evaluation], optimize: Optimize, pinned: str | None = None
+) -> Evaluation:
     """Pick the evaluation to ship and write every evaluation's verdict.
 
     `evaluations` must hold the float model's, with candidate method "float".
+    `pinned` names the candidate to ship instead of choosing.
+
+    Raises:
+        ConversionFailedError: the pinned candidate failed or misses the budget.
     """
-    baseline = next(e for e in evaluations if e.candidate.method == "float")
+    baseline = next(e for e in evaluations if e.is_float)
     for evaluation in evaluations:
         if evaluation.error:
             evaluation.verdict = f"rejected: failed ({evaluation.error})"
         elif evaluation.failures:
             evaluation.verdict = "rejected: " + "; ".join(evaluation.failures)
-    usable = [e for e in evaluations if e.usable and e is not baseline]
-    if optimize == "latency":
-        assert baseline.latency_ms is not None
-        limit = baseline.latency_ms * (1 - MIN_SPEEDUP)
-        fast = [e for e in usable if (e.latency_ms or 0.0) <= limit]
-        fastest = min((e.latency_ms or 0.0 for e in fast), default=0.0)
-        tied = [e for e in fast if (e.latency_ms or 0.0) <= fastest * (1 + LATENCY_TIE)]
-        winners = sorted(tied, key=lambda e: (-accuracy_score(e), e.size_bytes))
-        winners += sorted((e for e in fast if e not in tied), key=lambda e: e.latency_ms or 0.0)
-        ranked = sorted(usable, key=lambda e: e.latency_ms or 0.0)
-        for evaluation in ranked:
-            if evaluation not in winners:
-                ratio = latency_ratio(evaluation, baseline) or 0.0
-                evaluation.verdict = (
-                    f"rejected: {ratio:.2f}x float latency, not {1 - MIN_SPEEDUP:.2f}x or faster"
-                )
-        why_float = "no candidate within the accuracy budget beats the float model's latency"
+    if pinned is not None:
+        chosen = next(e for e in evaluations if e.candidate.name == pinned)
+        if not chosen.usable:
+            raise ConversionFailedError(
+                f"the pinned candidate {pinned} cannot be shipped: "
+                f"{chosen.verdict.removeprefix('rejected: ')}; pin another candidate or "
+                "raise the budget"
+            )
+        why = "pinned" if chosen.is_float else f"pinned; {_speed(chosen)}"
     else:
-        ranked = sorted(usable, key=lambda e: (e.size_bytes, e.latency_ms or 0.0))
-        winners = [e for e in ranked if e.size_bytes < baseline.size_bytes]
-        why_float = "no candidate within the accuracy budget is smaller than the float model"
-    chosen = winners[0] if winners else baseline
-    for evaluation in winners[1:]:
-        evaluation.verdict = f"rejected: {optimize} not the best within budget"
-    chosen.verdict = "chosen" if chosen is not baseline else f"chosen: {why_float}"
+        usable = [e for e in evaluations if e.usable and e is not baseline]
+        found, why = (
+            _choose_latency(usable) if optimize == "latency" else _choose_size(usable, baseline)
+        )
+        chosen = found or baseline
+        if found is not None:
+            why = _speed(found) if optimize == "latency" else f"smallest; {_speed(found)}"
+    chosen.verdict = f"chosen: {why}"
     if chosen is not baseline:
         baseline.verdict = "kept as the on-device fallback"
     return chosen

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from edgefleet.bundle import build_bundle
+from edgefleet.bundle import build_bundle, parse_security_floor
 from edgefleet.cli.options import echo_json, json_option, load_signing_keys, passphrase_env_option
 from edgefleet.converter.context import ConversionResult, ConvertOptions
 from edgefleet.converter.evaluate import Budget
@@ -101,6 +101,12 @@ def parse_budget(items: tuple[str, ...]) -> Budget:
     help="What to choose for among candidates within budget.",
 )
 @click.option(
+    "--candidate",
+    metavar="NAME",
+    help="Ship this candidate instead of choosing (a name from the report, e.g. float or "
+    "static-qdq-u8s8-per-channel-minmax); it is still measured and must meet the budget.",
+)
+@click.option(
     "-o",
     "--output",
     type=click.Path(path_type=Path),
@@ -115,6 +121,12 @@ def parse_budget(items: tuple[str, ...]) -> Budget:
 )
 @click.option("--name", help="Bundle name (with --sign).")
 @click.option("--version", "version", help="Bundle version (with --sign).")
+@click.option(
+    "--security-floor",
+    metavar="COUNTER|VERSION",
+    help="With --sign: once this release commits on a device, refuse releases of this name "
+    "below it (as `bundle build --security-floor`).",
+)
 @passphrase_env_option
 @json_option
 def convert_command(
@@ -125,10 +137,12 @@ def convert_command(
     labels: Path | None,
     budget_items: tuple[str, ...],
     optimize: str,
+    candidate: str | None,
     output: Path,
     release_key: Path | None,
     name: str | None,
     version: str | None,
+    security_floor: str | None,
     passphrase_env: str | None,
     as_json: bool,
 ) -> None:
@@ -136,15 +150,18 @@ def convert_command(
 
     Every quantization setting that is valid on the target is tried and
     measured against the float model on the validation data (accuracy with
-    labels, output fidelity without) and on this machine's clock. The fastest
-    candidate within the accuracy budget is chosen; a model slower than the
-    float one is never shipped. The float model always goes along as the
-    device's fallback. See docs/converter.md.
+    labels, output fidelity without) and timed head to head with the float
+    model on this machine. The fastest candidate within the accuracy budget
+    that is clearly faster than float is chosen; a model slower than the float
+    one is never shipped, unless pinned with --candidate. A quantized model
+    carries the float model along as the device's fallback. See
+    docs/converter.md.
     """
-    if release_key is None and (name or version):
-        raise UsageError("--name and --version go with --sign")
+    if release_key is None and (name or version or security_floor):
+        raise UsageError("--name, --version and --security-floor go with --sign")
     if release_key is not None and not (name and version):
         raise UsageError("--sign needs --name and --version for the bundle")
+    floor = None if security_floor is None else parse_security_floor(security_floor)
     options = ConvertOptions(
         target=target,
         calibration=calibration,
@@ -152,6 +169,7 @@ def convert_command(
         labels=labels,
         budget=parse_budget(budget_items),
         optimize="size" if optimize == "size" else "latency",
+        candidate=candidate,
     )
     if release_key is None:
         result = convert(model, output, options, _TerminalProgress())
@@ -161,7 +179,9 @@ def convert_command(
     with tempfile.TemporaryDirectory(prefix="edgefleet-convert-") as scratch:
         result = convert(model, Path(scratch) / "out", options, _TerminalProgress())
         assert name is not None and version is not None
-        build_bundle(result.out_dir, output, name=name, version=version, keys=keys)
+        build_bundle(
+            result.out_dir, output, name=name, version=version, keys=keys, security_floor=floor
+        )
         _summarize(result, as_json, bundle=output)
 
 

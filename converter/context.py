@@ -23,6 +23,9 @@ class ConvertOptions:
     labels: Path | None = None
     budget: Budget = field(default_factory=Budget)
     optimize: Optimize = "latency"
+    # Ship this candidate (its name in the report, e.g. "float") instead of choosing one;
+    # it is still measured and held to the budget.
+    candidate: str | None = None
 
 
 @dataclass
@@ -36,6 +39,8 @@ class ConversionContext:
     labels: np.ndarray | None
     workdir: Path
     float_outputs: Outputs
+    float_session: object  # for timing candidates against the float model, head to head
+    float_ms: float
     float_metrics: dict[str, float]
     progress: Progress
     notes: list[str]

@@ -40,14 +40,32 @@ class Dataset:
     size: int
 
     def sample(self, index: int) -> Feed:
+        # `array[index, ...]` keeps a scalar entry an array of rank 0: onnxruntime takes
+        # arrays, not the NumPy scalars that `array[index]` gives for a 1-D array.
         return {
-            name: array[index] if self.whole_entries[name] else array[index : index + 1]
+            name: array[index, ...] if self.whole_entries[name] else array[index : index + 1]
             for name, array in self.arrays.items()
         }
 
     def samples(self, indices: Sequence[int] | None = None) -> Iterator[Feed]:
         for index in range(self.size) if indices is None else indices:
             yield self.sample(index)
+
+    def as_whole_entries(self) -> Dataset:
+        """The same samples with every input as one whole entry per sample.
+
+        A batched array gains an axis of 1 after the sample axis, so entry i is
+        exactly the feed of sample i.
+        """
+        return Dataset(
+            self.source,
+            {
+                name: array if self.whole_entries[name] else array[:, np.newaxis]
+                for name, array in self.arrays.items()
+            },
+            dict.fromkeys(self.arrays, True),
+            self.size,
+        )
 
     def subset(self, count: int) -> Dataset:
         """The first `count` samples."""

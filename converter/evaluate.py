@@ -5,6 +5,7 @@ Metrics are pure functions of arrays; sessions and timing are at the edges.
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -14,11 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
+from edgefleet.converter.choose import PairedTiming
 from edgefleet.converter.data import Dataset, Feed
 from edgefleet.converter.errors import CorruptModelError, UnsupportedOperatorError, summarize
 from edgefleet.profiles import Profile
 
 Outputs = dict[str, np.ndarray]
+
+PAIRED_ROUNDS = 15
+ROUND_SECONDS = 0.01  # per model per round
+MAX_RUNS_PER_ROUND = 50
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,9 @@ def open_session(path: Path, profile: Profile) -> object:
     options.intra_op_num_threads = session_threads(profile)
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    # Idle worker threads would otherwise spin for a while after each run, taking the
+    # cores from the other model of an interleaved timing (measure_paired).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     available = set(ort.get_available_providers())
     providers = [p for p in profile.execution_providers if p in available] or [
         "CPUExecutionProvider"
@@ -96,6 +105,44 @@ def measure_latency_ms(
         run(None, feed)
         times.append(time.perf_counter() - begin)
     return statistics.median(times) * 1000
+
+
+def _run_ms(run: object, feed: Feed) -> float:
+    begin = time.perf_counter()
+    run(None, feed)  # type: ignore[operator]
+    return (time.perf_counter() - begin) * 1000
+
+
+def measure_paired(
+    candidate: object, baseline: object, feed: Feed, float_ms: float, rounds: int = PAIRED_ROUNDS
+) -> PairedTiming:
+    """Time a candidate session against the float model's in interleaved rounds.
+
+    A round runs the two models in turn, candidate and float, run after run (the
+    first of each pair alternating), for about ROUND_SECONDS of the float model,
+    and keeps each model's fastest run. Runs side by side see the same load;
+    and other work on a shared machine slows a run down, never speeds it up, so
+    the fastest run is the steadiest figure.
+    """
+    pairs = max(1, min(MAX_RUNS_PER_ROUND, round(ROUND_SECONDS * 1000 / max(float_ms, 1e-6))))
+    candidate_run, float_run = (s.run for s in (candidate, baseline))  # type: ignore[attr-defined]
+    for run in (candidate_run, float_run):
+        for _ in range(3):
+            run(None, feed)
+    candidate_ms: list[float] = []
+    float_ms_rounds: list[float] = []
+    for index in range(rounds):
+        candidate_best = float_best = math.inf
+        for pair in range(pairs):
+            if (index + pair) % 2:
+                float_best = min(float_best, _run_ms(float_run, feed))
+                candidate_best = min(candidate_best, _run_ms(candidate_run, feed))
+            else:
+                candidate_best = min(candidate_best, _run_ms(candidate_run, feed))
+                float_best = min(float_best, _run_ms(float_run, feed))
+        candidate_ms.append(candidate_best)
+        float_ms_rounds.append(float_best)
+    return PairedTiming(tuple(candidate_ms), tuple(float_ms_rounds))
 
 
 # --- metrics: pure functions of arrays ---------------------------------------------------

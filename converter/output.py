@@ -2,7 +2,8 @@
 
 Files (see docs/converter.md):
     model.onnx | model.tflite   the model to serve
-    model.float.onnx            the float model, the on-device fallback (ONNX only)
+    model.float.onnx            the float model, the on-device fallback (ONNX only; absent
+                                when the float model is the one served)
     schema.json                 inputs and outputs, with observed ranges
     smoke.npz, smoke.json       sample inputs, expected outputs, tolerance
     drift-reference.json        quantile bins and reference counts per feature
@@ -33,6 +34,7 @@ from edgefleet.converter.context import ConversionContext, ConversionResult
 from edgefleet.converter.data import Dataset
 from edgefleet.converter.evaluate import Outputs, open_session, run_outputs
 from edgefleet.converter.reference import (
+    smoke_samples,
     write_drift_reference,
     write_schema,
     write_smoke_test,
@@ -90,6 +92,7 @@ def write_bundle_metadata(
         "chosen": chosen.candidate.name,
         "settings": {k: v for k, v in chosen.candidate.settings().items() if v is not None},
         "optimize": options.optimize,
+        "pinned": options.candidate is not None,
     }
     if options.validation is not None:
         lineage["validation_sha256"] = file_sha256(options.validation)[1]
@@ -111,7 +114,8 @@ def write_output(
     report = build_report(context, chosen, evaluations)
     with staged_directory(out_dir) as staging:
         shutil.copyfile(chosen.path, staging / SERVED_ONNX)
-        shutil.copyfile(context.model, staging / FALLBACK_ONNX)
+        if not chosen.is_float:  # a float model served needs no second copy as its fallback
+            shutil.copyfile(context.model, staging / FALLBACK_ONNX)
         session = open_session(staging / SERVED_ONNX, context.profile)
         reference = reference_data(context)
         reference_outputs: Outputs = run_outputs(session, reference, names)
@@ -119,9 +123,10 @@ def write_output(
         write_drift_reference(
             staging, context.info, reference.arrays, reference_outputs, reference.size
         )
-        smoke_outputs = run_outputs(session, context.validation.subset(8), names)
-        float_smoke = {name: values[:8] for name, values in context.float_outputs.items()}
-        write_smoke_test(staging, context.validation.subset(8), smoke_outputs, float_smoke, names)
+        smoke = smoke_samples(context.validation)
+        smoke_outputs = run_outputs(session, smoke, names)
+        float_smoke = run_outputs(context.float_session, smoke, names)
+        write_smoke_test(staging, smoke, smoke_outputs, float_smoke, names)
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         (staging / TABLE_FILE).write_text(format_table(report))
         import onnxruntime

@@ -2,23 +2,25 @@
 
 Steps: load and check the model and data for the target; measure the float
 model; preprocess; quantize and measure every valid candidate (structures
-first, then other calibrations for the fastest); when none meets the budget,
-keep the worst nodes in float and retry; choose; confirm the choice against
-the float model head to head; write the output. Everything is built in a
-temporary directory beside OUT_DIR and renamed into place at the end, so
-OUT_DIR is never half-written.
+first, then other calibrations for the fastest), each timed against the float
+model in interleaved rounds; when none meets the budget, keep the worst nodes
+in float and retry; choose; write the output. With a pinned candidate, only
+that one is quantized and measured. Everything is built in a temporary
+directory beside OUT_DIR and renamed into place at the end, so OUT_DIR is
+never half-written.
 """
 
 from __future__ import annotations
 
 import shutil
+import statistics
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from edgefleet.converter import candidates as cand
-from edgefleet.converter.choose import MIN_SPEEDUP, Evaluation, choose
+from edgefleet.converter.choose import Evaluation, accuracy_score, choose, latency_ratio
 from edgefleet.converter.context import ConversionContext, ConversionResult, ConvertOptions
 from edgefleet.converter.data import Dataset, load_dataset, load_labels
 from edgefleet.converter.errors import (
@@ -31,6 +33,7 @@ from edgefleet.converter.evaluate import (
     fidelity,
     has_non_finite,
     measure_latency_ms,
+    measure_paired,
     open_session,
     run_outputs,
     task_metrics,
@@ -46,9 +49,8 @@ from edgefleet.profiles import Profile, load_profile
 
 CALIBRATION_SAMPLES = 200
 VALIDATION_SAMPLES = 500
-TOP_STRUCTURES = 2  # fastest structures tried with other calibration methods
+TOP_STRUCTURES = 2  # structures tried with other calibration methods
 EXCLUSION_STEPS = (2, 4, 8)  # nodes kept in float, per retry
-CONFIRM_ROUNDS = 5
 
 
 def _check_target(info: ModelInfo, profile: Profile) -> None:
@@ -104,7 +106,10 @@ def _evaluate(context: ConversionContext, candidate: cand.Candidate, path: Path)
             evaluation.per_output,
             context.options.budget,
         )
-        evaluation.latency_ms = measure_latency_ms(session, context.validation.sample(0))
+        evaluation.timing = measure_paired(
+            session, context.float_session, context.validation.sample(0), context.float_ms
+        )
+        evaluation.latency_ms = statistics.median(evaluation.timing.candidate_ms)
     except Exception as exc:
         evaluation.error = summarize(exc)
     return evaluation
@@ -131,15 +136,8 @@ def _search(context: ConversionContext, float_model: Path) -> list[Evaluation]:
     evaluations = [_quantize_and_evaluate(context, c, float_model) for c in structures]
     context.progress.finish()
 
-    fastest = sorted(
-        (
-            e
-            for e in evaluations
-            if e.error is None and e.latency_ms is not None and e.candidate.method == "static"
-        ),
-        key=lambda e: e.latency_ms or 0.0,
-    )[:TOP_STRUCTURES]
-    variants = [v for e in fastest for v in cand.calibration_variants(e.candidate, context.profile)]
+    bases = _calibration_bases(evaluations, context.options.optimize)
+    variants = [v for e in bases for v in cand.calibration_variants(e.candidate, context.profile)]
     if variants:
         context.progress.start("trying other calibration methods", len(variants))
         evaluations += [_quantize_and_evaluate(context, c, float_model) for c in variants]
@@ -148,6 +146,24 @@ def _search(context: ConversionContext, float_model: Path) -> list[Evaluation]:
     if not any(e.usable for e in evaluations):
         evaluations += _retry_without_worst_nodes(context, evaluations, float_model)
     return evaluations
+
+
+def _calibration_bases(evaluations: list[Evaluation], optimize: str) -> list[Evaluation]:
+    """The static structures worth other calibration methods, chosen without timing noise.
+
+    Those that ran and (optimizing latency) are clearly faster than float, the most
+    accurate first, then the smallest: which of them measured fastest varies from run
+    to run, and would make the candidates tried, and so the choice, vary with it.
+    """
+    eligible = [
+        e
+        for e in evaluations
+        if e.error is None
+        and e.candidate.method == "static"
+        and (optimize != "latency" or (e.timing is not None and e.timing.clearly_faster))
+    ]
+    eligible.sort(key=lambda e: (-accuracy_score(e), e.size_bytes, e.candidate.name))
+    return eligible[:TOP_STRUCTURES]
 
 
 def _retry_without_worst_nodes(
@@ -160,7 +176,7 @@ def _retry_without_worst_nodes(
             for e in evaluations
             if e.error is None and e.path is not None and e.candidate.quant_format == "QDQ"
         ),
-        key=lambda e: e.latency_ms or 0.0,
+        key=lambda e: (latency_ratio(e) or 0.0, e.candidate.name),
     )
     if not qdq:
         return []
@@ -188,21 +204,6 @@ def _retry_without_worst_nodes(
     return retries
 
 
-def _confirm(context: ConversionContext, chosen: Evaluation, baseline: Evaluation) -> bool:
-    """Measure chosen and float head to head, interleaved; True when chosen is still faster."""
-    assert chosen.path is not None and baseline.path is not None
-    sessions = [open_session(e.path, context.profile) for e in (chosen, baseline)]  # type: ignore[arg-type]
-    feed = context.validation.sample(0)
-    ratios = []
-    for _ in range(CONFIRM_ROUNDS):
-        chosen_ms, float_ms = (
-            measure_latency_ms(s, feed, min_runs=20, min_seconds=0.1) for s in sessions
-        )
-        ratios.append(chosen_ms / float_ms)
-    ratio = float(np.median(ratios))
-    return ratio <= 1 - MIN_SPEEDUP / 2
-
-
 def convert(
     model: Path,
     out_dir: Path,
@@ -214,7 +215,9 @@ def convert(
     Raises:
         UnknownProfileError: no such target.
         ModelError, DataError: the model or data is unusable (see converter.errors).
-        UsageError: `out_dir` exists and is not empty; inconsistent options.
+        UsageError: `out_dir` exists and is not empty; inconsistent options; a pinned
+            candidate that is not valid for the model and target.
+        ConversionFailedError: the pinned candidate fails or misses the budget.
     """
     model, out_dir = Path(model), Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
@@ -223,9 +226,14 @@ def convert(
     if is_tflite(model):
         from edgefleet.converter.tflite import convert_tflite
 
+        if options.candidate not in (None, cand.FLOAT.name):
+            raise UsageError("a TFLite model is packed unchanged: the only candidate is float")
         return convert_tflite(model, out_dir, profile, options, progress)
     onnx_model, info = load_onnx(model)
     _check_target(info, profile)
+    pinned = None
+    if options.candidate is not None:
+        pinned = cand.pinned_candidate(options.candidate, profile, info.kind)
     calibration, validation, labels, notes = _load_data(info, options)
 
     with tempfile.TemporaryDirectory(prefix="edgefleet-convert-") as scratch:
@@ -240,13 +248,14 @@ def convert(
         if has_non_finite(float_outputs):
             raise DataError("the float model gives NaN or infinite outputs on the validation data")
         float_metrics = task_metrics(float_outputs, labels) if labels is not None else {}
+        float_ms = measure_latency_ms(session, validation.sample(0))
         baseline = Evaluation(
             candidate=cand.FLOAT,
             path=float_path,
             size_bytes=float_path.stat().st_size,
             metrics=float_metrics,
             per_output=fidelity(float_outputs, float_outputs),
-            latency_ms=measure_latency_ms(session, validation.sample(0)),
+            latency_ms=float_ms,
         )
         context = ConversionContext(
             model=model,
@@ -258,21 +267,22 @@ def convert(
             labels=labels,
             workdir=workdir,
             float_outputs=float_outputs,
+            float_session=session,
+            float_ms=float_ms,
             float_metrics=float_metrics,
             progress=progress,
             notes=notes,
         )
-        prepared = preprocess(onnx_model, info, workdir)
+        evaluations = [baseline]
+        if pinned != cand.FLOAT:
+            prepared = preprocess(onnx_model, info, workdir)
+            notes += prepared.notes
+            if pinned is None:
+                evaluations += _search(context, prepared.path)
+            else:
+                progress.start("quantizing and measuring the pinned candidate", 1)
+                evaluations.append(_quantize_and_evaluate(context, pinned, prepared.path))
+                progress.finish()
         del onnx_model
-        notes += prepared.notes
-        evaluations = [baseline, *_search(context, prepared.path)]
-        while True:
-            chosen = choose(evaluations, options.optimize)
-            if (
-                chosen is baseline
-                or options.optimize != "latency"
-                or _confirm(context, chosen, baseline)
-            ):
-                break
-            chosen.error = "slower than float when measured head to head"
+        chosen = choose(evaluations, options.optimize, options.candidate)
         return write_output(out_dir, context, chosen, evaluations)

@@ -5,14 +5,19 @@
    inference, and graph optimization (so quantization sees the fused graph and
    does not optimize during quantization). Symbolic inference fails on some
    dynamic dimensions; then ONNX shape inference alone is used, and if even
-   that fails, the model is quantized unoptimized, as it came.
+   that fails, the model is quantized unoptimized, as it came. onnxruntime
+   saves the model of a failed symbolic inference into the current directory,
+   so the step runs with the work directory as the current directory.
 
 Each step that was skipped is recorded, so the report says what was done.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +51,16 @@ def _upgrade_opset(model: onnx.ModelProto, info: ModelInfo, notes: list[str]) ->
     return upgraded
 
 
+@contextlib.contextmanager
+def _working_directory(path: Path) -> Iterator[None]:
+    previous = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
 def preprocess(model: onnx.ModelProto, info: ModelInfo, workdir: Path) -> PreprocessResult:
     """Write the preprocessed float model into `workdir` and say what was done."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -62,7 +77,8 @@ def preprocess(model: onnx.ModelProto, info: ModelInfo, workdir: Path) -> Prepro
     ]
     for description, options in attempts:
         try:
-            quant_pre_process(str(source), str(output), **options)
+            with _working_directory(workdir):
+                quant_pre_process(str(source), str(output), **options)
         except Exception as exc:
             notes.append(f"{description} failed: {summarize(exc, 200)}")
             continue

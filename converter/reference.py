@@ -4,7 +4,8 @@
   dimensions by name) and the range observed on the reference data; the
   agent checks inputs against it before the model sees them.
 - `smoke.npz` + `smoke.json`: sample inputs and the shipped model's outputs
-  for them, with the tolerance the on-device smoke test allows.
+  for them, with the tolerance the on-device smoke test allows (`smoke_samples`
+  says how the samples are laid out).
 - `drift-reference.json`: see `edgefleet.drift`.
 """
 
@@ -128,6 +129,17 @@ def smoke_tolerance(expected: Outputs, float_outputs: Outputs | None) -> dict[st
             error = float(np.abs(float_outputs[name].astype(np.float64) - values).max())
         tolerance[name] = max(floor, error)
     return tolerance
+
+
+def smoke_samples(validation: Dataset) -> Dataset:
+    """The first SMOKE_SAMPLES validation samples, as the smoke test stores them.
+
+    In batches of one along the first axis when every input is fed so; otherwise
+    (an input without a batch axis: a state, a scalar) every input as one whole
+    entry per sample, so that entry i of each array is exactly sample i's feed.
+    """
+    samples = validation.subset(SMOKE_SAMPLES)
+    return samples.as_whole_entries() if any(samples.whole_entries.values()) else samples
 
 
 def write_smoke_test(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform
 from typing import Any
 
-from edgefleet.converter.choose import Evaluation, latency_ratio
+from edgefleet.converter.choose import CONFIDENCE, Evaluation, latency_ratio
 from edgefleet.converter.context import ConversionContext
 from edgefleet.converter.evaluate import session_threads
 from edgefleet.tables import format_columns
@@ -24,11 +24,25 @@ def _headline(metrics: dict[str, float], per_output: dict[str, dict[str, float]]
     return f"cos {min(cosines):.4f}" if cosines else "-"
 
 
+def _paired_rounds(evaluation: Evaluation) -> dict[str, Any] | None:
+    timing = evaluation.timing
+    if timing is None:
+        return None
+    return {
+        "rounds": timing.rounds,
+        "faster_rounds": timing.rounds_faster,
+        "median_ratio": timing.ratio,
+        "interval": list(timing.interval),
+        "confidence": CONFIDENCE,
+        "candidate_ms": list(timing.candidate_ms),
+        "float_ms": list(timing.float_ms),
+    }
+
+
 def candidate_rows(evaluations: list[Evaluation]) -> list[dict[str, Any]]:
-    baseline = next(e for e in evaluations if e.candidate.method == "float")
+    baseline = next(e for e in evaluations if e.is_float)
     rows = []
     for evaluation in evaluations:
-        ratio = latency_ratio(evaluation, baseline)
         rows.append(
             {
                 "name": evaluation.candidate.name,
@@ -38,7 +52,8 @@ def candidate_rows(evaluations: list[Evaluation]) -> list[dict[str, Any]]:
                 if evaluation.size_bytes
                 else None,
                 "latency_ms": evaluation.latency_ms,
-                "latency_ratio": ratio,
+                "latency_ratio": latency_ratio(evaluation),
+                "paired_rounds": _paired_rounds(evaluation),
                 "metrics": evaluation.metrics,
                 "per_output": evaluation.per_output,
                 "budget_failures": evaluation.failures,
@@ -75,6 +90,8 @@ def build_report(
             "labels": context.labels is not None,
         },
         "chosen": chosen.candidate.name,
+        "pinned": context.options.candidate is not None,
+        "decision": f"{chosen.candidate.name} {chosen.verdict}",
         "candidates": candidate_rows(evaluations),
         "notes": context.notes,
     }
@@ -90,12 +107,17 @@ def format_table(report: dict[str, Any]) -> str:
             size += f" ({row['size_ratio']:.2f}x)"
         latency = "-"
         if row["latency_ms"] is not None:
-            latency = f"{row['latency_ms']:.3f} ms ({row['latency_ratio']:.2f}x)"
+            latency = f"{row['latency_ms']:.3f} ms ({row['latency_ratio']:.2f}x"
+            paired = row["paired_rounds"]
+            if paired is not None:
+                latency += f", faster in {paired['faster_rounds']}/{paired['rounds']}"
+            latency += ")"
         accuracy = _headline(row["metrics"], row["per_output"])
         lines.append((row["name"], size, latency, accuracy, row["verdict"]))
     out = [
         f"{report['model']} ({report['kind']}) for {report['target']}, optimizing "
         f"{report['optimize']}: chose {report['chosen']}",
+        f"decision: {report['decision']}",
         "",
         format_columns([header, *lines]),
     ]

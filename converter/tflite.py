@@ -37,7 +37,12 @@ from edgefleet.converter.evaluate import (
 from edgefleet.converter.modelinfo import ModelInfo, TensorSpec
 from edgefleet.converter.output import reference_data, staged_directory, write_bundle_metadata
 from edgefleet.converter.progress import Progress
-from edgefleet.converter.reference import write_drift_reference, write_schema, write_smoke_test
+from edgefleet.converter.reference import (
+    smoke_samples,
+    write_drift_reference,
+    write_schema,
+    write_smoke_test,
+)
 from edgefleet.converter.report import REPORT_FILE, TABLE_FILE, build_report, format_table
 from edgefleet.litert import LiteRTModel
 from edgefleet.profiles import Profile
@@ -109,11 +114,12 @@ def convert_tflite(
             "the TFLite model gives NaN or infinite outputs on the validation data"
         )
     metrics = task_metrics(validation_outputs, labels) if labels is not None else {}
+    latency_ms = measure_latency_ms(session, validation.sample(0))
     evaluation = Evaluation(
         candidate=cand.FLOAT,
         path=model,
         size_bytes=model.stat().st_size,
-        latency_ms=measure_latency_ms(session, validation.sample(0)),
+        latency_ms=latency_ms,
         metrics=metrics,
         per_output=fidelity(validation_outputs, validation_outputs),
         verdict="chosen: TFLite models are packed unchanged",
@@ -128,6 +134,8 @@ def convert_tflite(
         labels=labels,
         workdir=model.parent,
         float_outputs=validation_outputs,
+        float_session=session,
+        float_ms=latency_ms,
         float_metrics=metrics,
         progress=progress,
         notes=[f"validated with {session.runtime}; packed unchanged"],
@@ -139,13 +147,8 @@ def convert_tflite(
         reference_outputs = run_outputs(session, reference, names)
         write_schema(staging, info, reference.arrays, reference_outputs)
         write_drift_reference(staging, info, reference.arrays, reference_outputs, reference.size)
-        write_smoke_test(
-            staging,
-            validation.subset(8),
-            run_outputs(session, validation.subset(8), names),
-            None,
-            names,
-        )
+        smoke = smoke_samples(validation)
+        write_smoke_test(staging, smoke, run_outputs(session, smoke, names), None, names)
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         (staging / TABLE_FILE).write_text(format_table(report))
         write_bundle_metadata(staging, context, evaluation, session.runtime)

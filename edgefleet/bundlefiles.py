@@ -4,7 +4,8 @@ The converter writes them, the agent reads them, the server shows them; this
 module is their one definition.
 
     model.onnx | model.tflite   the model to serve
-    model.float.onnx            the float model: the first fallback (ONNX only)
+    model.float.onnx            the float model: the first fallback (ONNX only; absent
+                                when model.onnx is the float model)
     schema.json                 ModelSchema: inputs and outputs, observed ranges
     smoke.npz                   arrays "input/<name>" and "expected/<name>", samples first
     smoke.json                  SmokeSpec: sample count, batching, tolerance per output

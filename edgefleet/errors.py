@@ -23,6 +23,7 @@
     │   │   ├── MissingFileError         a file the manifest lists that the bundle lacks
     │   │   ├── DuplicateFileError
     │   │   ├── UnsafePathError          absolute, `..`, or otherwise not a plain relative path
+    │   │   ├── PathConflictError        a listed file is also a directory of another (`a`, `a/b`)
     │   │   ├── LinkInBundleError        symlink, hard link, device or any non-regular member
     │   │   ├── ProfileMismatchError     the bundle does not support the device's hardware profile
     │   │   ├── AgentTooOldError         the bundle needs a newer agent
@@ -136,6 +137,10 @@ class DuplicateFileError(BundleError):
 
 class UnsafePathError(BundleError):
     """An absolute path, a `..` component, or another path that could escape the bundle."""
+
+
+class PathConflictError(BundleError):
+    """A listed file's path is also a directory of another listed path (`a` and `a/b`)."""
 
 
 class LinkInBundleError(BundleError):

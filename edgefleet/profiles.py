@@ -2,11 +2,14 @@
 
 One TOML file per target in `hardware/profiles/` (shipped as the package
 `edgefleet.hardware`). `host_profile()` picks the profile that matches this
-machine, for `--target host` and `--profile host`.
+machine, for `--target host` and `--profile host`; the environment variable
+EDGEFLEET_HOST_PROFILE names the profile `host` stands for instead (to convert
+or test as on another machine, e.g. without VNNI).
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from collections.abc import Iterable
@@ -31,6 +34,7 @@ Calibration = Literal["MinMax", "Percentile", "Entropy"]
 Runtime = Literal["onnxruntime", "tflite"]
 
 HOST = "host"
+HOST_PROFILE_ENV = "EDGEFLEET_HOST_PROFILE"
 
 
 class UnknownProfileError(LocalError):
@@ -117,11 +121,19 @@ def cpu_flags() -> set[str]:
 
 
 def host_profile() -> Profile:
-    """The most specific profile that matches this machine.
+    """The profile EDGEFLEET_HOST_PROFILE names, else the most specific that matches this machine.
 
     Raises:
-        UnknownProfileError: none matches.
+        UnknownProfileError: none matches, or the variable names no profile.
     """
+    forced = os.environ.get(HOST_PROFILE_ENV)
+    if forced:
+        if forced not in all_profiles():
+            raise UnknownProfileError(
+                f"{HOST_PROFILE_ENV}={forced!r} names no hardware profile: set it to one of "
+                f"{', '.join(all_profiles())}, or unset it to match this machine"
+            )
+        return all_profiles()[forced]
     machine = platform.machine()
     flags = cpu_flags()
     matching = [p for p in all_profiles().values() if p.matches_host(machine, flags)]

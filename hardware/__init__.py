@@ -1,4 +1,5 @@
-"""Hardware target profiles, shipped as data (imported as edgefleet.hardware).
+"""Hardware target profiles and the agent's systemd files, shipped as data (edgefleet.hardware).
 
 One TOML file per target in `profiles/`; `edgefleet.profiles` loads them.
+`systemd/` holds the agent's unit and its system user (docs/agent.md, "systemd").
 """

@@ -44,9 +44,9 @@ def server() -> None:
     \b
     First run, on one machine:
       edgefleet keys init keys/
-      edgefleet server token create --role admin --name me        # prints the token
       edgefleet server run --embedded-broker --trust keys/trust.json \\
           --server-key keys/server.key
+      edgefleet server token create --role admin --name me    # another shell; prints it
     Clients (`edgefleet bundles|rollout|devices`) then use --server and --token
     (or EDGEFLEET_SERVER and EDGEFLEET_TOKEN).
     """
@@ -207,19 +207,32 @@ def token() -> None:
 def token_create_command(role: str, name: str, data_dir: Path, db_url: str | None) -> None:
     """Create an API token; prints only the token.
 
-    Works on the database directly (migrating it first when needed), so the
-    first admin token can be made before the server ever ran. The database
+    Works on the server's database directly, so the first admin token needs
+    no token: give --data or --db as `server run` got them. It never creates
+    a database (a token in a database no server reads would be refused); a
+    PostgreSQL database not migrated yet is migrated first. The database
     keeps only the token's hash: it cannot be shown again.
 
     \b
       export EDGEFLEET_TOKEN=$(edgefleet server token create --role operator --name ci)
     """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
     from edgefleet.server.db.migrate import open_database
     from edgefleet.server.tokens import create_api_token
 
-    if db_url is None:
-        data_dir.mkdir(parents=True, exist_ok=True)
-    db = open_database(db_url or sqlite_url(data_dir))
+    url = db_url or sqlite_url(data_dir)
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise UsageError(f"--db {url!r}: not a database URL") from None
+    if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file():
+        raise UsageError(
+            f"no server database at {Path(parsed.database or '').resolve()}: pass --data DIR "
+            "(or --db URL) as given to `edgefleet server run`; it creates the database"
+        )
+    db = open_database(url)
     try:
         with db.session() as session:
             secret, _ = create_api_token(session, name, Role(role))

@@ -133,6 +133,9 @@ class DevicePublic(BaseModel):
     tags: dict[str, str]
     enrolled_at: dt.datetime
     heartbeat: HeartbeatSummary | None
+    # Per model name, the lowest release counter the device runs; None: not reported
+    # (an agent that predates floors per name).
+    security_floors: dict[str, int] | None
 
     @classmethod
     def from_row(cls, row: Device) -> DevicePublic:
@@ -152,7 +155,15 @@ class DevicePublic(BaseModel):
             tags={str(k): str(v) for k, v in (row.tags or {}).items()},
             enrolled_at=row.enrolled_at,
             heartbeat=HeartbeatSummary.from_heartbeat(row.heartbeat),
+            security_floors=_floors(row.security_floors),
         )
+
+
+def _floors(stored: Any) -> dict[str, int] | None:
+    """The stored floors as reported; None when there are none (or JSON null)."""
+    if not isinstance(stored, Mapping):
+        return None
+    return {str(name): int(floor) for name, floor in stored.items()}
 
 
 def _actor(device_id: str) -> Principal:

@@ -1,12 +1,13 @@
 """`edgefleet server run`: one replica of the fleet server, assembled and run.
 
-Start order (each step can fail with a clear error before anything listens):
+Start order (each step can fail with one clear error line): the HTTP port is
+bound first (a port in use stops the start before anything else runs), then
 keys and trust root, database (migrations applied), the embedded broker if
 asked for, the MQTT link (ingestion of status, heartbeats, telemetry and block
-requests), then the background loops (rollout driver, fleet timestamp,
-retention) and finally the HTTP API in the foreground. SIGINT or SIGTERM stop
-the API; everything else then stops in reverse order, and the ingestion's last
-batch is written before the process exits.
+requests), the background loops (rollout driver, fleet timestamp, retention)
+and finally the HTTP API in the foreground, serving on the socket bound first.
+SIGINT or SIGTERM stop the API; everything else then stops in reverse order,
+and the ingestion's last batch is written before the process exits.
 
 Several replicas may run on one PostgreSQL database and one broker: MQTT
 shared subscriptions spread the device messages over them, and leases in the
@@ -16,9 +17,12 @@ timestamp.
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import gc
 import logging
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -234,12 +238,49 @@ def _session_expiry_s(settings: ServerSettings) -> int:
     return max(1, int(settings.lease_ttl.total_seconds() / 3))
 
 
+def bind_http_socket(host: str, port: int) -> socket.socket:
+    """The API's listening socket, bound (not yet listening) at `host`:`port`.
+
+    Bound as uvicorn would bind it, but before anything else of the server starts.
+
+    Raises:
+        UsageError: the port is taken, or the address cannot be bound (the message
+            names the option to change).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise UsageError(
+                f"--port {port}: {host}:{port} is already in use (another server?): "
+                "stop what listens there, or pass another --port"
+            ) from None
+        reason = exc.strerror or str(exc)
+        raise UsageError(f"--host {host} --port {port}: cannot listen there: {reason}") from None
+    return sock
+
+
 def run_server(settings: ServerSettings) -> None:
     """Run one replica until SIGINT or SIGTERM.
 
     Raises:
-        Everything `FleetServer` and `FleetServer.start` raise, before anything listens.
+        UsageError: the HTTP port is taken; nothing else was started.
+        Everything `FleetServer` and `FleetServer.start` raise, before the API serves.
     """
+    sock = bind_http_socket(settings.host, settings.port)
+    try:
+        # With --port 0 the system chose the port: directives and logs name that one.
+        settings = dataclasses.replace(settings, port=sock.getsockname()[1])
+        _run_bound(settings, sock)
+    finally:
+        sock.close()
+
+
+def _run_bound(settings: ServerSettings, sock: socket.socket) -> None:
     server = FleetServer(settings)
     try:
         context = server.start()
@@ -260,7 +301,7 @@ def run_server(settings: ServerSettings) -> None:
         # with the handler it found; this one turns SIGTERM (systemd's stop) into a
         # normal exit so that everything below still stops in order.
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
-        uvicorn.Server(config).run()
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
         log.info("stopping")
         server.close()

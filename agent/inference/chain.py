@@ -9,12 +9,14 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, NamedTuple
 
 import numpy as np
 
 from edgefleet.agent.inference.loaded import LoadedVersion, Step
 from edgefleet.agent.inference.schema import InputValidator
+from edgefleet.agent.inference.timing import CallLimit
 
 StepName = Literal["primary", "float", "previous", "default"]
 
@@ -51,6 +53,7 @@ class ChainStep:
     label: str
     revalidate: bool  # the inputs were checked against another schema
     answered: Tally
+    limit: CallLimit  # the version's, measured on this device (timing.py)
 
 
 @dataclass(frozen=True)
@@ -68,8 +71,12 @@ def build_serving(
     current: LoadedVersion | None,
     previous: LoadedVersion | None,
     tallies: Mapping[StepName, Tally],
+    limits: Mapping[Path, CallLimit],
 ) -> Serving:
-    """primary and float of `current`, then `previous`'s served model; absent steps left out."""
+    """primary and float of `current`, then `previous`'s served model; absent steps left out.
+
+    `limits` holds the call limit of each version, by directory.
+    """
     chain: list[tuple[StepName, LoadedVersion, Step]] = []
     if current is not None:
         chain.append(("primary", current, current.served))
@@ -86,6 +93,7 @@ def build_serving(
             version.label,
             version.schema.inputs != first,
             tallies[position],
+            limits[version.directory],
         )
         for position, version, step in chain
     )

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from edgefleet.agent.inference.loaded import LoadedVersion, Step
+from edgefleet.agent.inference.timing import CallLimit
 
 if TYPE_CHECKING:
     from edgefleet.agent.inference.shadow import Challenger
@@ -47,6 +48,9 @@ class StepInfo:
     breaker_opened: int
     answered: int
     failures: dict[str, int]  # error | nan | timeout | schema -> count
+    # A call of n samples is stopped after timeout_ms + n x timeout_per_sample_ms.
+    timeout_ms: float
+    timeout_per_sample_ms: float
 
     @classmethod
     def of(
@@ -56,6 +60,7 @@ class StepInfo:
         step: Step,
         answered: int,
         failures: Mapping[tuple[str, str], int],
+        limit: CallLimit,
     ) -> StepInfo:
         return cls(
             step=position,
@@ -66,6 +71,8 @@ class StepInfo:
             breaker_opened=step.breaker.opened,
             answered=answered,
             failures={kind: n for (where, kind), n in failures.items() if where == position},
+            timeout_ms=limit.floor_ms,
+            timeout_per_sample_ms=round(limit.per_sample_ms, 3),
         )
 
 

@@ -1,14 +1,16 @@
 """The in-process prediction API for applications on the device (`edgefleet.agent.Predictor`).
 
-The fallback chain (DESIGN.md): the served model of `current` ("primary",
+The fallback chain (docs/design.md): the served model of `current` ("primary",
 possibly quantized) -> that bundle's float model ("float") -> the served model
 of `previous` ("previous") -> the configured default answer ("default"). A
-step fails when it raises, returns NaN or infinity, or passes the per-call
-timeout; each failure is counted by step and kind, each answer by the step
+step fails when it raises, returns NaN or infinity, or passes its call limit
+(timing.py: scaled with the batch from the time per sample this device
+measured); each failure is counted by step and kind, each answer by the step
 that gave it, and each step sits behind a circuit breaker. Steps that do not
 exist (no float model, the float model is the served one, nothing previous)
 are left out. When every step fails: `InferenceError`; when nothing is
-installed and there is no default answer: `NoModelError`.
+installed and there is no default answer: `NoModelError`. A batch above
+`max_batch_samples` is refused before any model runs: `BatchTooLargeError`.
 
 Inputs are checked against the schema of `current` before any model sees
 them. `previous` gets them checked again against its own schema when that
@@ -66,6 +68,13 @@ from edgefleet.agent.inference.runtimes import (
     outputs_are_finite,
 )
 from edgefleet.agent.inference.shadow import Challenger
+from edgefleet.agent.inference.timing import (
+    CallLimit,
+    call_limit,
+    check_batch_size,
+    read_timing,
+    sample_count,
+)
 from edgefleet.agent.layout import StateLayout
 from edgefleet.profiles import Profile, load_profile
 
@@ -97,7 +106,6 @@ class Predictor:
         self._layout = layout
         self._settings = settings
         self._runtime = runtime
-        self._timeout_s = settings.timeout_ms / 1000.0
         self.telemetry = telemetry
         self._default = (
             load_default_answer(settings.default_answer) if settings.default_answer else None
@@ -150,9 +158,11 @@ class Predictor:
 
         Versions already loaded are kept as they are (their open models and
         breakers too): after an install the old `current` becomes `previous`
-        without loading anything. A version whose schema cannot be read is
-        left out of the chain and logged; the served model of `current` is
-        opened now, and when it fails to open its step fails on each request.
+        without loading anything, but each version's call limit is worked out
+        again from the timing last measured for it (timing.py). A version whose
+        schema cannot be read is left out of the chain and logged; the served
+        model of `current` is opened now, and when it fails to open its step
+        fails on each request.
         """
         with self._reload_lock:
             old = self._serving
@@ -170,7 +180,8 @@ class Predictor:
                     current.served.runner()
                 except InferenceError as exc:
                     log.error("the current model does not load: %s", exc)
-            self._serving = build_serving(current, previous, self._answered)
+            limits = {v.directory: self._limit(v) for v in (current, previous) if v is not None}
+            self._serving = build_serving(current, previous, self._answered, limits)
             if self.telemetry is not None:
                 self.telemetry.set_model(
                     current.name if current else None,
@@ -192,6 +203,10 @@ class Predictor:
             log.error("version %s is left out of the fallback chain: %s", directory.name, exc)
             return None
 
+    def _limit(self, version: LoadedVersion) -> CallLimit:
+        timing = read_timing(self._layout, version.directory.name)
+        return call_limit(self._settings, timing.sample_ms)
+
     # --- predictions -----------------------------------------------------------------------
 
     def predict(self, inputs: Mapping[str, Any]) -> Prediction:
@@ -212,7 +227,9 @@ class Predictor:
             except InputSchemaError:
                 self._refused()
                 raise
-        outputs, step, model = self._answer(serving, inputs, feed)
+        samples = sample_count(feed)
+        self._check_size(samples)
+        outputs, step, model = self._answer(serving, inputs, feed, samples)
         prediction = Prediction(outputs, step, model, (time.perf_counter() - start) * 1000.0)
         telemetry = self.telemetry
         if telemetry is not None:
@@ -247,14 +264,15 @@ class Predictor:
             except InputSchemaError as exc:
                 raise InputSchemaError(f"request {index}: {exc}") from exc
         names = list(checked[0])
-        sizes = [len(feed[names[0]]) if names else 1 for feed in checked]
+        sizes = [sample_count(feed) for feed in checked]
+        self._check_size(sum(sizes))
         try:
             stacked = {n: np.concatenate([feed[n] for feed in checked]) for n in names}
         except ValueError as exc:
             if self.telemetry is not None:
                 self.telemetry.record_schema_violation()
             raise InputSchemaError(f"the requests cannot be stacked into one batch: {exc}") from exc
-        outputs, step, model = self._answer(serving, stacked, stacked)
+        outputs, step, model = self._answer(serving, stacked, stacked, sum(sizes))
         latency_ms = (time.perf_counter() - start) * 1000.0
         if self.telemetry is not None:
             self.telemetry.record(Prediction(outputs, step, model, latency_ms), stacked, outputs)
@@ -280,8 +298,19 @@ class Predictor:
         if self.telemetry is not None:
             self.telemetry.record_schema_violation()
 
+    def _check_size(self, samples: int) -> None:
+        try:
+            check_batch_size(samples, self._settings)
+        except InputSchemaError:
+            self._refused()
+            raise
+
     def _answer(
-        self, serving: Serving, inputs: Mapping[str, Any], feed: dict[str, np.ndarray]
+        self,
+        serving: Serving,
+        inputs: Mapping[str, Any],
+        feed: dict[str, np.ndarray],
+        samples: int,
     ) -> tuple[dict[str, np.ndarray], StepName, str]:
         reasons: list[str] = []
         for entry in serving.steps:
@@ -299,7 +328,9 @@ class Predictor:
                     self._failed(step, position, "schema", exc, reasons)
                     continue
             try:
-                outputs = (step.loaded or step.runner()).run(step_feed, self._timeout_s)
+                outputs = (step.loaded or step.runner()).run(
+                    step_feed, entry.limit.seconds(samples)
+                )
             except InferenceTimeoutError as exc:
                 self._failed(step, position, "timeout", exc, reasons)
                 continue
@@ -314,7 +345,6 @@ class Predictor:
             entry.answered.add()
             return outputs, position, entry.label
         if self._default is not None:
-            samples = next((len(a) for a in feed.values() if a.ndim), 1)
             first = serving.steps[0].version if serving.steps else None
             outputs = default_outputs(
                 self._default, samples, first.schema.outputs if first is not None else None
@@ -353,7 +383,7 @@ class Predictor:
         version = load_version(Path(version_dir), self._runtime)
         version.served.runner()
         record = self.telemetry.record_shadow if self.telemetry is not None else None
-        self._challenger = Challenger(version, self._timeout_s, record)
+        self._challenger = Challenger(version, self._limit(version), record)
 
     def wait_shadow(self, timeout: float | None = None) -> bool:
         """Wait for the challenger's queued comparisons; False on timeout."""
@@ -385,7 +415,7 @@ class Predictor:
         with self._count_lock:
             failures = dict(self._failures)
         steps = [
-            StepInfo.of(e.position, e.version, e.step, answered[e.position], failures)
+            StepInfo.of(e.position, e.version, e.step, answered[e.position], failures, e.limit)
             for e in serving.steps
         ]
         return describe(

@@ -27,6 +27,7 @@ import numpy as np
 from edgefleet.agent.errors import AgentError
 from edgefleet.agent.inference.loaded import LoadedVersion
 from edgefleet.agent.inference.runtimes import outputs_are_finite
+from edgefleet.agent.inference.timing import CallLimit, sample_count
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +74,11 @@ class Challenger:
     def __init__(
         self,
         version: LoadedVersion,
-        timeout_s: float,
+        limit: CallLimit,
         on_result: Callable[[bool], None] | None = None,
     ) -> None:
         self.version = version
-        self._timeout_s = timeout_s
+        self._limit = limit
         self._on_result = on_result
         self.stats = ShadowStats()
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=MAX_PENDING)  # None: stop
@@ -103,7 +104,7 @@ class Challenger:
     def _compare(self, inputs: Mapping[str, np.ndarray], answer: Mapping[str, np.ndarray]) -> bool:
         try:
             feed = self.version.validator.validate(inputs)
-            found = self.version.served.runner().run(feed, self._timeout_s)
+            found = self.version.served.runner().run(feed, self._limit.seconds(sample_count(feed)))
         except AgentError as exc:
             self.stats.failures += 1
             log.info("challenger %s failed: %s", self.version.label, exc)

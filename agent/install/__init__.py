@@ -43,8 +43,11 @@ Interfaces for the parts others build (all in `interfaces.py`, all Protocols):
   a restart the last report is sent again with the same sequence (deduplicate
   by sequence). `install_state` is the State's value: idle, downloading,
   verifying, checking, staging, smoke_testing, activating, health_checking,
-  shadowing, committed, rolling_back, failed. `reason` explains FAILED,
-  ROLLING_BACK, a retry, the health note of COMMITTED, or that it runs in shadow.
+  shadowing, committed, rolling_back, failed; or `refused` for the report of
+  a refusal, after which the machine rests as before (see engine.py).
+  `reason` explains FAILED, a refusal, ROLLING_BACK, a retry, the health note
+  of COMMITTED, or that it runs in shadow; it starts with the error's code as
+  the CLI prints it (`tampered-file: ...`).
 - `HealthProbe.mark() -> object`, `HealthProbe.since(mark) -> HealthSnapshot(
   requests, errors, fallbacks, latency_p95_ms)`: the predictor's counters. The
   installer marks at the start of a run; the traffic until the end of the smoke
@@ -69,8 +72,14 @@ Errors: directive refusals and bundle refusals are the core's (edgefleet.errors)
 unchanged; the agent's own are CompatibilityError, SmokeTestError,
 HealthCheckError, DownloadError, InstallInProgressError, RollbackError. An
 install that fails raises its error to the caller of install_* after the
-machine has rolled back, persisted FAILED and reported why; resume() never
-raises an install's error (it is in the status and the reports).
+machine has rolled back, persisted FAILED and reported why; a refused one
+(a bundle the core refuses, a version below its security floor) after the
+machine persisted the refusal, resting as before, and reported it `refused`.
+resume() never raises an install's error (it is in the status and the reports).
+
+Security floors (state.json `security_floors`, one per model name): nothing
+below its name's floor is installed or rolled back to; a release stating a
+floor in its signed manifest raises its name's floor when it commits.
 """
 
 from edgefleet.agent.install.fetch import LocalFileFetcher, TransportFetchers

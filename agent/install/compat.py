@@ -1,6 +1,6 @@
 """Can this device run the bundle? Runtime, free disk and memory (the CHECKING state).
 
-Profile and minimum agent version are not checked here: the Foundation verifier
+Profile and minimum agent version are not checked here: the core's bundle verifier
 checks them with the signatures (ProfileMismatchError, AgentTooOldError) in
 VERIFYING. What is left is what only the device can tell, each a pure function
 of the manifest's figures and the `Host` answers, so tests can fill a disk or

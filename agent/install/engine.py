@@ -9,11 +9,15 @@ One step, always in this order:
 
 A handler's exception becomes an event here and nowhere else: a DownloadError
 while attempts are left is RETRY (jittered exponential backoff, persisted
-attempt counter), any other exception is FAIL with its class and message as
-the reported reason; before activation or shadowing FAIL ends in FAILED
-(nothing was switched), after it in ROLLING_BACK. Terminal states then clean
-up: remove the downloaded file, remove a staged version that failed, prune to
-keep N (sparing the challenger).
+attempt counter); refused input (an UntrustedInputError: a bundle that fails
+verification, a version below its security floor) before anything was switched
+is REFUSE, which leaves the machine resting as before (`states.refused_state`)
+and is reported with the install state `refused`; any other exception is FAIL.
+The reported reason is the error's code (as the CLI prints it: `tampered-file`,
+`smoke-test`) and its message. Before activation or shadowing FAIL ends in
+FAILED (nothing was switched), after it in ROLLING_BACK. Terminal states then
+clean up: remove the downloaded file, remove a staged version that failed,
+prune to keep N (sparing the challenger).
 
 An exception while persisting or reporting (a full disk, a broken outbox) is
 not an event: it propagates to the caller, state.json keeps the last state
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 from collections.abc import Iterator
 
@@ -46,14 +51,29 @@ from edgefleet.agent.install.record import (
     load_state,
     save_state,
 )
-from edgefleet.agent.install.states import TERMINAL, Event, State, next_state
-from edgefleet.agent.versions import version_of
+from edgefleet.agent.install.states import (
+    REFUSABLE,
+    REFUSED,
+    TERMINAL,
+    Event,
+    State,
+    next_state,
+    refused_state,
+)
+from edgefleet.agent.versions import name_of, version_of
+from edgefleet.cli.errors import error_code
+from edgefleet.errors import EdgefleetError, UntrustedInputError
 from edgefleet.mqtt import StatusReport
 from edgefleet.timefmt import format_time
 
 
 def describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:2000]
+    """`code: message`, the code as the CLI prints it (`unknown-key`, `smoke-test`)."""
+    code = error_code(exc) if isinstance(exc, (EdgefleetError, OSError)) else "internal"
+    return f"{code}: {exc}"[:2000]
+
+
+log = logging.getLogger(__name__)
 
 
 class Engine(StateHandlers):
@@ -75,8 +95,24 @@ class Engine(StateHandlers):
         finally:
             os.close(fd)  # releases the lock
 
+    def _load_state(self) -> StateFile:
+        """Raises: InstallError when state.json cannot be read."""
+        current = self.versions.current_id()
+        served = name_of(current) if current else None
+        return load_state(self.layout.state_file, served, self._rollback_counter(served))
+
+    def _rollback_counter(self, served: str | None) -> int | None:
+        """The release counter of `previous` when it is a version of the served model."""
+        previous = self.versions.previous_id()
+        if served is None or previous is None or name_of(previous) != served:
+            return None
+        try:
+            return self.versions.load(previous).release_counter
+        except InstallError:
+            return None  # a damaged previous version: nothing to roll back to
+
     def _load_at_rest(self) -> StateFile:
-        state = self._state = load_state(self.layout.state_file)
+        state = self._state = self._load_state()
         if state.state not in TERMINAL:
             raise InstallInProgressError(
                 f"an install is in state {state.state.value}; it continues when the agent "
@@ -86,16 +122,12 @@ class Engine(StateHandlers):
 
     def _enter(self, state: StateFile, target: State, record: InstallRecord) -> StateFile:
         """Persist `target` with `record`, then report it: the first half of every step."""
-        floor = state.security_floor
-        served = record.kind == "install" and not record.shadow
-        if target is State.COMMITTED and served and record.release_counter:
-            floor = max(floor, record.release_counter)
         entered = state.model_copy(
             update={
                 "state": target,
                 "store_count": state.store_count + 1,
                 "report_sequence": state.report_sequence + 1,
-                "security_floor": floor,
+                "security_floors": record.floors_on_entering(target, state.security_floors),
                 "challenger": record.challenger_on_entering(target, state.challenger),
                 "install": record,
             }
@@ -122,11 +154,16 @@ class Engine(StateHandlers):
                     event, record = self.handler(state.state)(record)
                 except Exception as exc:  # every failure becomes an event: see the docstring
                     event, record = self._on_error(state.state, record, exc)
-                    if event is Event.FAIL:
+                    if event in (Event.FAIL, Event.REFUSE):
                         error = error or exc
-            state = self._enter(state, next_state(state.state, event), record)
+            state = self._enter(state, self._next(state.state, event), record)
         self._settle(state)
         return state, error
+
+    def _next(self, state: State, event: Event) -> State:
+        if event is Event.REFUSE:
+            return refused_state(state, serving=self.versions.current_id() is not None)
+        return next_state(state, event)
 
     def _on_error(self, state: State, record: InstallRecord, exc: Exception) -> Step:
         if (
@@ -137,6 +174,10 @@ class Engine(StateHandlers):
             attempts = record.attempts + 1
             reason = f"attempt {attempts} of {MAX_DOWNLOAD_ATTEMPTS} failed: {describe(exc)}"
             return Event.RETRY, record.model_copy(update={"attempts": attempts, "reason": reason})
+        if isinstance(exc, UntrustedInputError) and state in REFUSABLE:
+            return Event.REFUSE, record.model_copy(
+                update={"reason": describe(exc), "refused": error_code(exc)}
+            )
         keep_partial = isinstance(exc, DownloadError)
         reason = describe(exc)
         if record.reason and state is State.ROLLING_BACK:
@@ -149,11 +190,12 @@ class Engine(StateHandlers):
         record = state.install
         if self.reporter is None or record is None:
             return
+        refused = record.refused is not None and state.state in TERMINAL
         status = StatusReport(
             device_id=self.config.device_id,
             sent_at=format_time(self.clock.now()),
             sequence=state.report_sequence,
-            install_state=state.state.value,
+            install_state=REFUSED if refused else state.state.value,
             bundle_name=record.bundle_name,
             bundle_version=record.bundle_version,
             previous_version=version_of(record.from_version) if record.from_version else None,
@@ -162,11 +204,38 @@ class Engine(StateHandlers):
         )
         self.reporter.report(status)
 
+    def _forget_previous_below_its_floor(self, state: StateFile) -> None:
+        """Unlink `previous` when a floor its release committed lies above it.
+
+        It could no longer be rolled back to, and must not answer as the fallback
+        chain's previous step either; pruning then removes it like any old version.
+        """
+        previous_id = self.versions.previous_id()
+        if previous_id is None:
+            return
+        try:
+            previous = self.versions.load(previous_id)
+        except InstallError:
+            return  # a damaged version: the predictor leaves it out already
+        if previous.release_counter >= state.floor_of(previous.name):
+            return
+        current = self.versions.current()
+        self.versions.restore(current, None)
+        log.info(
+            "%s is below the security floor of %s: no longer kept as the previous version",
+            previous.id,
+            previous.name,
+        )
+        if self.on_activated is not None and current is not None:
+            self.on_activated(current)  # the predictor drops its previous step
+
     def _settle(self, state: StateFile) -> None:
         """A terminal state's cleanup; idempotent, so a resume may run it again."""
         record = state.install
         if record is None or record.kind != "install":
             return
+        if state.state is State.COMMITTED:
+            self._forget_previous_below_its_floor(state)
         kept = {self.versions.current_id(), self.versions.previous_id(), state.challenger}
         if state.state is State.FAILED and record.to_version and record.to_version not in kept:
             self.versions.remove(record.to_version)

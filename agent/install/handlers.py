@@ -20,6 +20,7 @@ from pathlib import Path
 from edgefleet import __version__
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.errors import CompatibilityError, DownloadError, InstallError
+from edgefleet.agent.inference.timing import record_timing
 from edgefleet.agent.install.compat import BundleNeeds, check_compatibility, check_disk
 from edgefleet.agent.install.fetch import LocalFileFetcher, backoff_delay
 from edgefleet.agent.install.health import Baseline, run_health_check
@@ -62,7 +63,7 @@ class StateHandlers:
     host: Host
     rng: random.Random
     versions: Versions
-    _state: StateFile  # the last persisted state (for the security floor)
+    _state: StateFile  # the last persisted state (for the security floors)
     _mark: object | None  # the probe's mark at the start of this run (for the baseline)
     _handed: list[str | None]  # the challengers handed to `on_shadow` by this call, in order
 
@@ -83,7 +84,7 @@ class StateHandlers:
     def _policy(self) -> BundlePolicy:
         return BundlePolicy(
             profile=self.config.profile,
-            security_floor=self._state.security_floor,
+            security_floors=self._state.security_floors,
             agent_version=__version__,
         )
 
@@ -148,6 +149,7 @@ class StateHandlers:
             "bundle_name": manifest.name,
             "bundle_version": manifest.version,
             "release_counter": manifest.release_counter,
+            "security_floor": manifest.security_floor,
             "files_bytes": manifest.total_length,
             "served_model": served,
             "served_bytes": listed[served].length if served else None,
@@ -199,7 +201,8 @@ class StateHandlers:
             providers, threads = profile.execution_providers, profile.threads
         except LocalError:
             providers, threads = ["CPUExecutionProvider"], 1
-        run_smoke_test(version.directory, providers or ["CPUExecutionProvider"], threads)
+        smoke = run_smoke_test(version.directory, providers or ["CPUExecutionProvider"], threads)
+        record_timing(self.layout, version.id, smoke_sample_ms=smoke.sample_ms)
         update: dict[str, object] = {}
         if self.probe is not None and self._mark is not None:
             before = self.probe.since(self._mark)
@@ -245,8 +248,10 @@ class StateHandlers:
         baseline = None
         if record.baseline_requests is not None:
             baseline = Baseline(record.baseline_requests, record.baseline_p95_ms)
-        note = run_health_check(self.probe, self.clock, self.config.health, baseline)
-        return Event.DONE, record.model_copy(update={"reason": note})
+        health = run_health_check(self.probe, self.clock, self.config.health, baseline)
+        if health.sample_ms and current is not None:
+            record_timing(self.layout, current, live_sample_ms=health.sample_ms)
+        return Event.DONE, record.model_copy(update={"reason": health.note})
 
     def _roll_back(self, record: InstallRecord) -> Step:
         if record.kind == "install":

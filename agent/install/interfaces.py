@@ -57,6 +57,7 @@ class HealthSnapshot:
     errors: int
     fallbacks: int
     latency_p95_ms: float | None  # None when there were no requests
+    sample_ms: float | None = None  # median latency per sample of the answered calls
 
 
 class HealthProbe(Protocol):

@@ -15,9 +15,10 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from edgefleet.agent.config import AgentConfig
-from edgefleet.agent.errors import CompatibilityError, RollbackError
+from edgefleet.agent.errors import CompatibilityError, InstallError, RollbackError
 from edgefleet.agent.install.engine import Engine, describe
 from edgefleet.agent.install.fetch import TransportFetchers
 from edgefleet.agent.install.interfaces import (
@@ -34,13 +35,13 @@ from edgefleet.agent.install.record import (
     MAX_RESUMES,
     InstallRecord,
     StateFile,
-    load_state,
     save_state,
 )
-from edgefleet.agent.install.states import TERMINAL, Event, State, next_state, resume_state
+from edgefleet.agent.install.states import TERMINAL, Event, State, resume_state
 from edgefleet.agent.layout import StateLayout
-from edgefleet.agent.versions import InstalledVersion, Versions, version_of
-from edgefleet.errors import UsageError
+from edgefleet.agent.versions import InstalledVersion, Versions, name_of, version_of
+from edgefleet.cli.errors import error_code
+from edgefleet.errors import BelowSecurityFloorError, EdgefleetError, UsageError
 from edgefleet.mqtt import BundleRef, verify_directive
 from edgefleet.timefmt import format_time
 from edgefleet.trust import TrustRoot
@@ -57,12 +58,17 @@ class InstallStatus:
     previous: str | None
     install: InstallRecord | None
     last_directive_sequence: int
-    security_floor: int
+    security_floors: dict[str, int]  # per model name: the lowest release counter it runs
     challenger: str | None  # the version running in shadow beside `current`
 
     @property
     def reason(self) -> str | None:
         return self.install.reason if self.install else None
+
+    @property
+    def refused(self) -> str | None:
+        """The error code when the last install or rollback was refused (nothing changed)."""
+        return self.install.refused if self.install else None
 
 
 class Installer(Engine):
@@ -116,7 +122,9 @@ class Installer(Engine):
                 SmokeTestError, HealthCheckError, DownloadError, ...), after the
                 machine has rolled back, reported and persisted FAILED.
             CompatibilityError: a shadow directive, and nothing is served to compare it
-                with (refused: reported FAILED, nothing changed).
+                with (refused: reported `refused`, nothing changed).
+            BelowSecurityFloorError: a rollback directive to a version below its name's
+                security floor (refused: reported `refused`, nothing changed).
             RollbackError: a rollback directive, and nothing to roll back to.
         """
         with self._locked():
@@ -144,9 +152,13 @@ class Installer(Engine):
                 shadow=directive.shadow,
             )
             if directive.shadow and record.from_version is None:
-                reason = "a shadow install needs a version being served to compare it with"
-                self._start(state, record.model_copy(update={"reason": reason}), Event.REFUSE)
-                raise CompatibilityError(reason)
+                self._refuse(
+                    state,
+                    record,
+                    CompatibilityError(
+                        "a shadow install needs a version being served to compare it with"
+                    ),
+                )
             return self._start(state, record, Event.INSTALL)
 
     def install_file(self, path: Path) -> InstallStatus:
@@ -171,6 +183,8 @@ class Installer(Engine):
 
         Raises:
             RollbackError: there is no previous version and no challenger; nothing changed.
+            BelowSecurityFloorError: the previous version is below its name's security
+                floor (refused: reported `refused`, nothing changed).
             InstallInProgressError: an install is running or awaits `resume()`.
         """
         with self._locked():
@@ -190,7 +204,7 @@ class Installer(Engine):
         """
         with self._locked():
             self._handed = []
-            state = self._state = load_state(self.layout.state_file)
+            state = self._state = self._load_state()
             record = state.install
             if record is None:
                 return self.status()
@@ -239,19 +253,19 @@ class Installer(Engine):
             InstallError: state.json cannot be read, or the challenger's directory
                 is gone or damaged.
         """
-        id_ = load_state(self.layout.state_file).challenger
+        id_ = self._load_state().challenger
         return None if id_ is None else self.versions.load(id_)
 
     def status(self) -> InstallStatus:
         """Raises: InstallError when state.json cannot be read."""
-        state = load_state(self.layout.state_file)
+        state = self._load_state()
         return InstallStatus(
             state=state.state,
             current=self.versions.current_id(),
             previous=self.versions.previous_id(),
             install=state.install,
             last_directive_sequence=state.last_directive_sequence,
-            security_floor=state.security_floor,
+            security_floors=dict(state.security_floors),
             challenger=state.challenger,
         )
 
@@ -272,10 +286,16 @@ class Installer(Engine):
     def _start(self, state: StateFile, record: InstallRecord, event: Event) -> InstallStatus:
         self._handed = []
         fresh = state.model_copy(update={"store_count": 0})
-        _, error = self._run(self._enter(fresh, next_state(state.state, event), record))
+        _, error = self._run(self._enter(fresh, self._next(state.state, event), record))
         if error is not None:
             raise error
         return self.status()
+
+    def _refuse(self, state: StateFile, record: InstallRecord, error: EdgefleetError) -> NoReturn:
+        """Persist and report a directive or rollback refused at rest, then raise `error`."""
+        update = {"reason": describe(error), "refused": error_code(error)}
+        self._start(state, record.model_copy(update=update), Event.REFUSE)
+        raise error
 
     def _start_rollback(
         self,
@@ -315,17 +335,37 @@ class Installer(Engine):
             "rollback",
             directive_sequence=directive_sequence,
             to_version=target,
-            bundle_name=target.partition("@")[0] if target else None,
+            bundle_name=name_of(target) if target else None,
             bundle_version=version_of(target) if target else None,
             reason=reason,
         )
+        if target is not None and target != current:
+            below = self._below_floor(state, target)
+            if below is not None:
+                self._refuse(state, record, below)
         return self._start(state, record, Event.ROLLBACK)
+
+    def _below_floor(self, state: StateFile, id_: str) -> BelowSecurityFloorError | None:
+        """The refusal of activating version `id_` when it is below its name's floor.
+
+        A damaged version is not judged here: ROLLING_BACK fails on it and reports why.
+        """
+        try:
+            version = self.versions.load(id_)
+        except InstallError:
+            return None
+        floor = state.floor_of(version.name)
+        if version.release_counter >= floor:
+            return None
+        return BelowSecurityFloorError(
+            f"rolling back to {version.name}@{version.version} (release counter "
+            f"{version.release_counter}) would run a version below the security floor {floor} "
+            f"of {version.name}: install a release at or above the floor instead"
+        )
 
 
 def _is_version(version_id_: str | None, bundle: BundleRef) -> bool:
     """True when the version id (`name@version-digest`) is `bundle`'s name and version."""
     if version_id_ is None:
         return False
-    return (
-        version_id_.partition("@")[0] == bundle.name and version_of(version_id_) == bundle.version
-    )
+    return name_of(version_id_) == bundle.name and version_of(version_id_) == bundle.version

@@ -2,8 +2,8 @@
 
 Format (versioned by `format`; a newer format is refused, never guessed at):
 
-    {"format": 2, "state": "downloading", "store_count": 3, "report_sequence": 17,
-     "last_directive_sequence": 12, "security_floor": 1000002,
+    {"format": 3, "state": "downloading", "store_count": 3, "report_sequence": 17,
+     "last_directive_sequence": 12, "security_floors": {"demo": 1000001000000},
      "challenger": "demo@1.2.0-0123456789ab",
      "install": {...InstallRecord, or null when no install ever started...}}
 
@@ -12,9 +12,12 @@ Format (versioned by `format`; a newer format is refused, never guessed at):
 - `report_sequence` is the `sequence` of the last status report (per device).
 - `last_directive_sequence` is the highest directive sequence accepted; it is
   written with the first state of the directive's install, before any action.
-- `security_floor` is the highest release counter this device has committed;
-  bundles below it are refused (rolling back to a version already here is not).
-  A shadow install does not raise it: its bundle is not served.
+- `security_floors` maps a model name to the lowest release counter of that
+  name this device runs: installs and rollbacks to a version below it are
+  refused. Only a release key raises it: a release whose signed manifest states
+  a `security_floor` raises its name's floor to that value when it COMMITS
+  (after its health check; a shadow install does not, its promotion does). It
+  never falls.
 - `challenger` is the version running in shadow beside `current` (its id under
   versions/, which pruning spares), or null. It is written with the state that
   changes it, before that state's handler tells the predictor: SHADOWING sets
@@ -22,8 +25,13 @@ Format (versioned by `format`; a newer format is refused, never guessed at):
   it, and ROLLING_BACK a failed install restores the one the install started
   with (`InstallRecord.challenger_on_entering`).
 
-Format 1 (before shadow installs) is read as format 2 without a challenger;
-an agent that only reads format 1 refuses a format 2 file rather than guess.
+Formats 1 (before shadow installs) and 2 (before floors per name) are read as
+format 3: without a challenger, and their single `security_floor` (then the
+highest counter ever committed, which no release key chose) becomes the floor
+of the model name the device serves, lowered to the counter of `previous` when
+that is a version of the same model, so that the rollback the device could do
+before the upgrade still works. An agent that reads only older
+formats refuses a newer file rather than guess.
 
 Written with `atomic_write_bytes` (temp file, fsync, rename, fsync of the
 directory): a reader sees the previous write or this one, never a part.
@@ -33,7 +41,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -42,8 +50,9 @@ from edgefleet.agent.install.states import State
 from edgefleet.fileio import atomic_write_bytes
 from edgefleet.validation import describe_validation_error
 
-STATE_FORMAT = 2
-READABLE_FORMATS = frozenset({1, 2})  # 1: written before shadow installs
+STATE_FORMAT = 3
+# 1: written before shadow installs; 2: before floors per model name
+READABLE_FORMATS = frozenset({1, 2, 3})
 MAX_STORE_COUNT = 40  # a full install with every retry stores ~20 times
 MAX_RESUMES = 3  # restarts within one install before it rolls back instead
 
@@ -69,6 +78,7 @@ class InstallRecord(BaseModel):
     shadow: bool = False  # run beside `current` as the challenger, never serve it
     to_version: str | None = None
     release_counter: int | None = None
+    security_floor: int | None = None  # the floor the bundle's manifest states
     files_bytes: int | None = None  # what extracting takes on disk
     served_model: str | None = None
     served_bytes: int | None = None
@@ -77,6 +87,7 @@ class InstallRecord(BaseModel):
     baseline_requests: int | None = None  # traffic before activation, for the latency check
     baseline_p95_ms: float | None = None
     reason: str | None = None  # why it failed, or the health check's note
+    refused: str | None = None  # the error code when it was refused: nothing changed
     keep_partial: bool = False  # a download failed: keep the transport's partial file
 
     def protected(self) -> set[str]:
@@ -108,22 +119,42 @@ class InstallRecord(BaseModel):
             return self.from_challenger if self.kind == "install" else None
         return challenger
 
+    def floors_on_entering(self, target: State, floors: dict[str, int]) -> dict[str, int]:
+        """The security floors to persist with `target`: a served release that commits
+        raises its name's floor to the one its manifest states (never lowers it)."""
+        name, stated = self.bundle_name, self.security_floor
+        served = self.kind == "install" and not self.shadow and self.refused is None
+        if target is not State.COMMITTED or not served or name is None or stated is None:
+            return floors
+        return {**floors, name: max(floors.get(name, 0), stated)}
+
 
 class StateFile(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    format: Literal[2] = 2  # STATE_FORMAT
+    format: Literal[3] = 3  # STATE_FORMAT
     state: State = State.IDLE
     store_count: int = Field(default=0, ge=0)
     report_sequence: int = Field(default=0, ge=0)
     last_directive_sequence: int = Field(default=0, ge=0)
-    security_floor: int = Field(default=0, ge=0)
+    security_floors: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
     challenger: str | None = None  # the version running in shadow beside `current`
     install: InstallRecord | None = None
 
+    def floor_of(self, name: str) -> int:
+        """The lowest release counter of model `name` this device runs (0: no floor)."""
+        return self.security_floors.get(name, 0)
 
-def load_state(path: Path) -> StateFile:
+
+def load_state(
+    path: Path, served_name: str | None = None, rollback_counter: int | None = None
+) -> StateFile:
     """The persisted state; a fresh one when the file does not exist.
+
+    `served_name`, the model name the device serves, receives the single
+    `security_floor` of a format 1 or 2 file (without one, the name of its last
+    install does), capped at `rollback_counter`, the counter of the previous
+    version of that model (see the module docstring).
 
     Raises:
         InstallError: unreadable, not JSON, another format, or invalid. The file is
@@ -145,11 +176,27 @@ def load_state(path: Path) -> StateFile:
             f"{path} has format {found!r}; this agent reads formats "
             f"{', '.join(map(str, sorted(READABLE_FORMATS)))}: was it written by a newer agent?"
         )
-    raw["format"] = STATE_FORMAT  # format 1 is format 2 without a challenger
+    if found < STATE_FORMAT:
+        raw = _upgrade(raw, served_name, rollback_counter)
     try:
         return StateFile.model_validate(raw)
     except ValidationError as exc:
         raise InstallError(f"{path}: {describe_validation_error(exc, 'state')}") from exc
+
+
+def _upgrade(
+    raw: dict[str, Any], served_name: str | None, rollback_counter: int | None
+) -> dict[str, Any]:
+    """A format 1 or 2 state as format 3 (see the module docstring)."""
+    upgraded = {k: v for k, v in raw.items() if k != "security_floor"}
+    upgraded["format"] = STATE_FORMAT
+    floor = raw.get("security_floor", 0)
+    if rollback_counter is not None and isinstance(floor, int):
+        floor = min(floor, rollback_counter)
+    install = raw.get("install")
+    name = served_name or (install.get("bundle_name") if isinstance(install, dict) else None)
+    upgraded["security_floors"] = {name: floor} if name and floor else {}
+    return upgraded
 
 
 def save_state(path: Path, state: StateFile) -> None:

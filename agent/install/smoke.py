@@ -5,6 +5,9 @@ install path does not depend on the predictor. Samples are run one at a time,
 as the converter ran them: with `batched`, sample i is `array[i:i+1]`, else
 `array[i]`. Each output must have the expected shape, no NaN where a number is
 expected, and lie within the output's `atol` (0 for integer outputs: exact).
+Each run is timed: the median time of one sample (the first run left out as
+warm-up when there are others) is this device's measurement of the model,
+which scales the predictor's call limit (edgefleet.agent.inference.timing).
 
 Foreign errors (onnxruntime's and LiteRT's own classes, numpy's) are translated
 into SmokeTestError here, so callers see only the agent's errors.
@@ -12,8 +15,11 @@ into SmokeTestError here, so callers see only the agent's errors.
 
 from __future__ import annotations
 
+import statistics
+import time
 import zipfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -109,10 +115,16 @@ def compare_output(name: str, got: np.ndarray, want: np.ndarray, atol: float) ->
     return None
 
 
+@dataclass(frozen=True)
+class SmokeResult:
+    summary: str  # one line
+    sample_ms: float  # the median time of one sample's run on this device
+
+
 def run_smoke_test(
     directory: Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 1
-) -> str:
-    """Run the staged version in `directory` on its smoke samples; return a one-line summary.
+) -> SmokeResult:
+    """Run the staged version in `directory` on its smoke samples, timing each run.
 
     Raises:
         SmokeTestError: missing or unreadable samples, a model that does not load
@@ -132,11 +144,14 @@ def run_smoke_test(
     except Exception as exc:  # the runtimes raise their own classes, not a common base
         raise SmokeTestError(f"the model does not load: {_first_line(exc)}") from exc
     names = sorted(expected)
+    times_ms = []
     for index in range(spec.samples):
         pick = slice(index, index + 1) if spec.batched else index
         feed = {name: np.asarray(array[pick]) for name, array in inputs.items()}
         try:
+            started = time.perf_counter()
             outputs = runner.run(names, feed)
+            times_ms.append((time.perf_counter() - started) * 1000.0)
         except Exception as exc:  # as above: onnxruntime/LiteRT errors have no common base
             raise SmokeTestError(f"sample {index}: the model fails: {_first_line(exc)}") from exc
         for name, got in zip(names, outputs, strict=True):
@@ -145,7 +160,11 @@ def run_smoke_test(
             )
             if reason:
                 raise SmokeTestError(f"sample {index}: {reason}")
-    return f"{spec.samples} smoke samples match their expected outputs"
+    sample_ms = statistics.median(times_ms[1:] or times_ms)
+    return SmokeResult(
+        f"{spec.samples} smoke samples match their expected outputs ({sample_ms:.3g} ms each)",
+        sample_ms,
+    )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -5,7 +5,7 @@ Pure: no I/O, so the tables are tested on their own. `engine.py` runs them.
 A directive is verified before the machine starts (nothing is persisted for a
 refused one, as python-tuf stores nothing it has not verified), so there is no
 "verifying directive" state. Profile and agent version are checked with the
-bundle's signatures in VERIFYING (the Foundation verifier raises its own
+bundle's signatures in VERIFYING (the core's bundle verifier raises its own
 errors); CHECKING is what only this device can tell: runtime, disk, memory.
 
 A shadow install (a directive with `shadow: true`) takes the install's path
@@ -40,7 +40,10 @@ class State(str, enum.Enum):
 class Event(str, enum.Enum):
     INSTALL = "install"  # a verified directive or a bundle file to install
     ROLLBACK = "rollback"  # a verified rollback directive, or `agent rollback`
-    REFUSE = "refuse"  # a verified directive this agent cannot carry out (shadow, nothing served)
+    # Input refused before anything changed: a bundle that fails verification (any
+    # UntrustedInputError), a version below its security floor, a shadow directive
+    # on a device serving nothing. The machine rests as before (see `refused_state`).
+    REFUSE = "refuse"
     DONE = "done"  # the state's handler succeeded
     SHADOW = "shadow"  # a shadow install passed its smoke test: run it beside, never serve it
     RETRY = "retry"  # a transient error with attempts left
@@ -54,17 +57,14 @@ TERMINAL = frozenset({State.IDLE, State.COMMITTED, State.FAILED})
 
 S, E = State, Event
 
-# One row per transition (STYLE.md, the Mender example).
+# One row per transition, as in the Mender client (docs/design.md, house style).
 TRANSITIONS: dict[tuple[State, Event], State] = {
     (S.IDLE, E.INSTALL): S.DOWNLOADING,
     (S.IDLE, E.ROLLBACK): S.ROLLING_BACK,
-    (S.IDLE, E.REFUSE): S.FAILED,
     (S.COMMITTED, E.INSTALL): S.DOWNLOADING,
     (S.COMMITTED, E.ROLLBACK): S.ROLLING_BACK,
-    (S.COMMITTED, E.REFUSE): S.FAILED,
     (S.FAILED, E.INSTALL): S.DOWNLOADING,
     (S.FAILED, E.ROLLBACK): S.ROLLING_BACK,
-    (S.FAILED, E.REFUSE): S.FAILED,
     (S.DOWNLOADING, E.DONE): S.VERIFYING,
     (S.DOWNLOADING, E.RETRY): S.DOWNLOADING,
     (S.DOWNLOADING, E.FAIL): S.FAILED,
@@ -106,6 +106,14 @@ RESUME: dict[State, State] = {
 # States after which `current` may already name the new version.
 SWITCHED = frozenset({State.ACTIVATING, State.HEALTH_CHECKING})
 
+# Where REFUSE may happen: at rest (a directive or rollback refused before it
+# starts) and in every state before anything is switched or handed over.
+REFUSABLE = TERMINAL | {S.DOWNLOADING, S.VERIFYING, S.CHECKING, S.STAGING, S.SMOKE_TESTING}
+
+# The `install_state` of the status report of a refusal. Not a state: the
+# machine rests where `refused_state` says, and heartbeats report that.
+REFUSED = "refused"
+
 
 class TransitionError(RuntimeError):
     """The machine asked for a transition the table does not have: a bug, not an input."""
@@ -117,6 +125,18 @@ def next_state(state: State, event: Event) -> State:
         return TRANSITIONS[(state, event)]
     except KeyError:
         raise TransitionError(f"no transition from {state.value} on {event.value}") from None
+
+
+def refused_state(state: State, serving: bool) -> State:
+    """Where REFUSE in `state` leads: a refusal changes nothing on the device, so the
+    machine rests as any device serving its version does (COMMITTED), or IDLE when
+    it serves nothing.
+
+    Raises: TransitionError when `state` is past the point where nothing changed.
+    """
+    if state not in REFUSABLE:
+        raise TransitionError(f"no transition from {state.value} on {Event.REFUSE.value}")
+    return State.COMMITTED if serving else State.IDLE
 
 
 def resume_state(

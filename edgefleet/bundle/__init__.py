@@ -18,9 +18,14 @@ from edgefleet.bundle.verify import (
 )
 
 if TYPE_CHECKING:
-    from edgefleet.bundle.build import METADATA_NAME, BundleMetadata, build_bundle
+    from edgefleet.bundle.build import (
+        METADATA_NAME,
+        BundleMetadata,
+        build_bundle,
+        parse_security_floor,
+    )
 
-_BUILD = {"METADATA_NAME", "BundleMetadata", "build_bundle"}
+_BUILD = {"METADATA_NAME", "BundleMetadata", "build_bundle", "parse_security_floor"}
 
 __all__ = [
     "MANIFEST_NAME",
@@ -33,6 +38,7 @@ __all__ = [
     "VerifiedBundle",
     "build_bundle",
     "extract_bundle",
+    "parse_security_floor",
     "read_manifest",
     "verify_bundle",
 ]

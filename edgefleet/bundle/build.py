@@ -26,6 +26,7 @@ from edgefleet.canonical import parse_json
 from edgefleet.errors import EdgefleetError, UsageError
 from edgefleet.fileio import atomic_writer, file_sha256
 from edgefleet.keys import SigningKey
+from edgefleet.profiles import load_profile
 from edgefleet.semver import Version
 from edgefleet.signing import sign_document
 from edgefleet.timefmt import format_time, utcnow
@@ -58,6 +59,24 @@ class BundleMetadata:
             release_counter=raw.get("release_counter"),
             lineage=dict(raw.get("lineage", {})),
         )
+
+
+def parse_security_floor(text: str) -> int:
+    """A security floor given as a release counter (`1000001000000`) or a version (`1.1.0`).
+
+    A version stands for its derived release counter (ADR 0003), the counter a
+    bundle of that version gets unless it sets its own.
+
+    Raises: UsageError when `text` is neither.
+    """
+    if text.isdigit():
+        return int(text)
+    try:
+        return Version.parse(text).derived_release_counter()
+    except ValueError as exc:
+        raise UsageError(
+            f"security floor {text!r} is neither a release counter nor a version: {exc}"
+        ) from None
 
 
 def _collect_files(src_dir: Path) -> list[tuple[str, Path]]:
@@ -114,12 +133,17 @@ def build_bundle(
     min_agent_version: str | None = None,
     lineage: dict[str, Any] | None = None,
     created: dt.datetime | None = None,
+    security_floor: int | None = None,
 ) -> Manifest:
     """Pack `src_dir` into a bundle at `output`, its manifest signed by `keys`.
 
     Values given here override those in `src_dir/edgefleet-bundle.json`.
+    `security_floor`, when given, is stated in the manifest: once this release
+    commits on a device, that device refuses releases of this name below it.
+    Each profile is a shipped hardware profile's name, or `host` for this machine's.
 
     Raises:
+        UnknownProfileError: a profile no agent has (`edgefleet targets list`).
         UsageError: bad arguments or metadata, links or special files in `src_dir`,
             a path a bundle cannot hold, or a file that changed while it was packed.
     """
@@ -139,7 +163,14 @@ def build_bundle(
             counter = parsed_version.derived_release_counter()
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    chosen_profiles = list(dict.fromkeys([*profiles])) or metadata.profiles
+    if security_floor is not None and security_floor > counter:
+        raise UsageError(
+            f"security floor {security_floor} is above the release counter {counter} of "
+            f"{version}: a release cannot refuse itself; give a floor at or below it"
+        )
+    chosen_profiles = list(
+        dict.fromkeys(load_profile(profile).name for profile in [*profiles] or metadata.profiles)
+    )
     if not chosen_profiles:
         raise UsageError(
             f"name the hardware profile(s) this bundle is for: --profile P, or 'profiles' in "
@@ -161,6 +192,7 @@ def build_bundle(
             min_agent_version=min_agent_version or metadata.min_agent_version or __version__,
             files=entries,
             lineage={**metadata.lineage, **(lineage or {})},
+            security_floor=security_floor,
         )
         check_manifest_paths(manifest)
     except (ValidationError, EdgefleetError) as exc:

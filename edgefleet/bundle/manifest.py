@@ -1,8 +1,13 @@
 """The bundle manifest: the signed list of what a bundle holds and where it may run.
 
 Invariants a parsed `Manifest` guarantees: every path is a plain relative path
-that stays inside the bundle and appears once; the manifest's own name is not
-among them; version and minimum agent version are semantic versions.
+that stays inside the bundle and appears once, and no file's path is a
+directory of another's; the manifest's own name is not among them; version and
+minimum agent version are semantic versions; a stated security floor is at or
+below the release counter.
+
+`security_floor` is optional and written into the signed manifest only when
+set, so agents that predate it keep accepting bundles that do not state one.
 """
 
 from __future__ import annotations
@@ -11,9 +16,21 @@ import datetime as dt
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from edgefleet.errors import DuplicateFileError, MalformedDocumentError, UnsafePathError
+from edgefleet.errors import (
+    DuplicateFileError,
+    MalformedDocumentError,
+    PathConflictError,
+    UnsafePathError,
+)
 from edgefleet.semver import SEMVER_PATTERN
 from edgefleet.signing import Envelope, parse_envelope
 from edgefleet.timefmt import parse_time
@@ -73,6 +90,9 @@ class Manifest(BaseModel):
     min_agent_version: str = Field(pattern=SEMVER_PATTERN)
     files: list[FileEntry]
     lineage: dict[str, Any] = Field(default_factory=dict)
+    # The lowest release counter of this model name a device accepts once this
+    # release has committed there (the release key's decision; None: unchanged).
+    security_floor: int | None = Field(default=None, ge=0)
 
     @field_validator("profiles")
     @classmethod
@@ -81,6 +101,15 @@ class Manifest(BaseModel):
             if not re.match(PROFILE_PATTERN, profile):
                 raise ValueError(f"profile {profile!r} is not a profile name")
         return value
+
+    @model_validator(mode="after")
+    def _floor_at_or_below_counter(self) -> Manifest:
+        if self.security_floor is not None and self.security_floor > self.release_counter:
+            raise ValueError(
+                f"security_floor {self.security_floor} is above the release counter "
+                f"{self.release_counter}: a release cannot refuse itself"
+            )
+        return self
 
     @property
     def created_at(self) -> dt.datetime:
@@ -94,12 +123,14 @@ class Manifest(BaseModel):
         return {entry.path: entry for entry in self.files}
 
     def to_signed(self) -> dict[str, Any]:
-        return self.model_dump(by_alias=True)
+        unset = {"security_floor"} if self.security_floor is None else None
+        return self.model_dump(by_alias=True, exclude=unset)
 
 
 def check_manifest_paths(manifest: Manifest) -> None:
-    """Raises: UnsafePathError, DuplicateFileError."""
+    """Raises: UnsafePathError, DuplicateFileError, PathConflictError."""
     seen: set[str] = set()
+    directories: dict[str, str] = {}  # every parent directory -> a path below it
     for entry in manifest.files:
         check_bundle_path(entry.path)
         if entry.path == MANIFEST_NAME:
@@ -107,6 +138,15 @@ def check_manifest_paths(manifest: Manifest) -> None:
         if entry.path in seen:
             raise DuplicateFileError(f"the manifest lists {entry.path!r} twice")
         seen.add(entry.path)
+        parts = entry.path.split("/")
+        for depth in range(1, len(parts)):
+            directories.setdefault("/".join(parts[:depth]), entry.path)
+    conflicts = sorted(seen & directories.keys())
+    if conflicts:
+        raise PathConflictError(
+            f"the manifest lists {conflicts[0]!r} as a file and {directories[conflicts[0]]!r} "
+            "inside it: a path cannot be both a file and a directory"
+        )
 
 
 def parse_manifest_envelope(data: bytes) -> tuple[Envelope, Manifest]:

@@ -17,8 +17,8 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, BinaryIO
 
@@ -60,10 +60,14 @@ class BundleLimits:
 
 @dataclass(frozen=True)
 class BundlePolicy:
-    """What this device requires of a bundle beyond its signatures."""
+    """What this device requires of a bundle beyond its signatures.
+
+    `security_floors`: the lowest release counter accepted, per model name (a
+    name not listed has no floor).
+    """
 
     profile: str | None = None
-    security_floor: int | None = None
+    security_floors: Mapping[str, int] = field(default_factory=dict)
     agent_version: str | None = None
 
 
@@ -84,10 +88,12 @@ def _check_policy(manifest: Manifest, policy: BundlePolicy) -> None:
             f"bundle {manifest.name}@{manifest.version} is for {', '.join(manifest.profiles)}, "
             f"not for profile {policy.profile}"
         )
-    if policy.security_floor is not None and manifest.release_counter < policy.security_floor:
+    floor = policy.security_floors.get(manifest.name, 0)
+    if manifest.release_counter < floor:
         raise BelowSecurityFloorError(
             f"bundle {manifest.name}@{manifest.version} has release counter "
-            f"{manifest.release_counter}, below the security floor {policy.security_floor}"
+            f"{manifest.release_counter}, below the security floor {floor} of {manifest.name}: "
+            "only a release at or above the floor installs"
         )
     if policy.agent_version is not None and Version.parse(policy.agent_version) < Version.parse(
         manifest.min_agent_version

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import click
 
 from edgefleet import __version__
-from edgefleet.cli.errors import run_with_error_handling
+from edgefleet.cli.errors import MissingExtraError, run_with_error_handling
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,29 @@ COMMANDS: dict[str, _LazyCommand] = {
 }
 
 
+_RUNNING_GROUP = "edgefleet.cli.group"
+
+
+def _missing_extra(group: str | None, exc: ImportError) -> MissingExtraError | None:
+    """What to report for `exc`, raised while command group `group` loaded or ran.
+
+    A module of the group's extra that is not installed: which extra to
+    install. None for any other import error (of edgefleet itself, or under a
+    core group, whose dependencies are always installed): a bug, not a setup.
+    """
+    entry = COMMANDS.get(group or "")
+    if entry is None or entry.extra is None or (exc.name or "edgefleet").startswith("edgefleet"):
+        return None
+    return MissingExtraError(
+        f"'edgefleet {group}' needs the {entry.extra} extra ({exc}): "
+        f"pip install 'edgefleet[{entry.extra}]'"
+    )
+
+
 class _LazyGroup(click.Group):
+    """Imports each group when it runs; a module its extra provides that is missing,
+    at import or while a command runs, becomes one `error [missing-extra]` line."""
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
 
@@ -75,19 +97,20 @@ class _LazyGroup(click.Group):
         entry = COMMANDS.get(cmd_name)
         if entry is None:
             return None
+        ctx.meta[_RUNNING_GROUP] = cmd_name
         module_name, attribute = entry.target.split(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if entry.extra is None or (exc.name or "").startswith("edgefleet"):
-                raise
-            raise click.UsageError(
-                f"'edgefleet {cmd_name}' needs the {entry.extra} extra "
-                f"(missing module {exc.name}): pip install 'edgefleet[{entry.extra}]'"
-            ) from exc
-        command = getattr(module, attribute)
+        command = getattr(importlib.import_module(module_name), attribute)
         assert isinstance(command, click.Command)
         return command
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except ImportError as exc:
+            missing = _missing_extra(ctx.meta.get(_RUNNING_GROUP), exc)
+            if missing is None:
+                raise
+            raise missing from exc
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Listing the help of each group must not import it.

@@ -11,6 +11,7 @@ from edgefleet.bundle import (
     BundlePolicy,
     Manifest,
     build_bundle,
+    parse_security_floor,
     read_manifest,
     verify_bundle,
 )
@@ -23,6 +24,7 @@ from edgefleet.cli.options import (
     load_signing_keys,
     passphrase_env_option,
 )
+from edgefleet.profiles import load_profile
 from edgefleet.signing import Envelope
 from edgefleet.trust import load_trust_chain
 
@@ -47,7 +49,10 @@ def bundle() -> None:
     help="Release private key (repeat for a threshold of release keys).",
 )
 @click.option(
-    "--profile", "profiles", multiple=True, help="Hardware profile the bundle is for (repeatable)."
+    "--profile",
+    "profiles",
+    multiple=True,
+    help="Hardware profile the bundle is for (repeatable; `edgefleet targets list`), or host.",
 )
 @click.option(
     "--release-counter",
@@ -55,6 +60,12 @@ def bundle() -> None:
     help="Monotonic release counter [default: derived from the version].",
 )
 @click.option("--min-agent-version", help="Oldest agent that may install the bundle.")
+@click.option(
+    "--security-floor",
+    metavar="COUNTER|VERSION",
+    help="Once this release commits on a device, refuse releases of this name below it "
+    "(a release counter, or a version such as 1.1.0 for its derived counter).",
+)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @passphrase_env_option
 def build_command(
@@ -65,6 +76,7 @@ def build_command(
     profiles: tuple[str, ...],
     release_counter: int | None,
     min_agent_version: str | None,
+    security_floor: str | None,
     output: Path,
     passphrase_env: str | None,
 ) -> None:
@@ -84,10 +96,12 @@ def build_command(
         profiles=profiles,
         release_counter=release_counter,
         min_agent_version=min_agent_version,
+        security_floor=None if security_floor is None else parse_security_floor(security_floor),
     )
+    floor = "" if manifest.security_floor is None else f", security floor {manifest.security_floor}"
     click.echo(
         f"built {output}: {manifest.name}@{manifest.version}, release counter "
-        f"{manifest.release_counter}, {len(manifest.files)} file(s), "
+        f"{manifest.release_counter}{floor}, {len(manifest.files)} file(s), "
         f"{human_bytes(manifest.total_length)}, for {', '.join(manifest.profiles)}"
     )
 
@@ -109,9 +123,15 @@ def build_command(
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
     help="Newer trust roots to accept first, one version at a time, in order.",
 )
-@click.option("--profile", help="Refuse the bundle unless it supports this hardware profile.")
 @click.option(
-    "--floor", type=click.IntRange(min=0), help="Security floor: refuse release counters below it."
+    "--profile",
+    help="Refuse the bundle unless it supports this hardware profile (or host: this machine's).",
+)
+@click.option(
+    "--floor",
+    type=click.IntRange(min=0),
+    help="The device's security floor for the bundle's model name: refuse release counters "
+    "below it.",
 )
 @click.option("--agent-version", help="Refuse the bundle if it needs a newer agent than this.")
 @click.option(
@@ -150,7 +170,13 @@ def verify_command(
     """
     trust = load_trust_chain(trust_path, newer_trust)
     limits = BundleLimits(max_bundle_bytes=max_size, max_manifest_bytes=max_manifest_size)
-    policy = BundlePolicy(profile=profile, security_floor=floor, agent_version=agent_version)
+    # A device keeps a floor per model name; the one given here is for this bundle's name.
+    floors = {} if floor is None else {read_manifest(bundle_path, limits)[1].name: floor}
+    policy = BundlePolicy(
+        profile=None if profile is None else load_profile(profile).name,
+        security_floors=floors,
+        agent_version=agent_version,
+    )
     with ProgressBar(bundle_path.stat().st_size, "verifying") as bar:
         verified = verify_bundle(bundle_path, trust, policy, limits, progress=bar.advance)
     manifest = verified.manifest
@@ -186,6 +212,7 @@ def _echo_manifest(manifest: Manifest, envelope: Envelope) -> None:
         ("created", manifest.created),
         ("profiles", ", ".join(manifest.profiles)),
         ("min agent version", manifest.min_agent_version),
+        ("security floor", "-" if manifest.security_floor is None else manifest.security_floor),
         ("signed by", ", ".join(s.keyid[:12] for s in envelope.signatures) or "nobody"),
     ]
     for label, value in details:

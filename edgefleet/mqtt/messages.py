@@ -30,9 +30,11 @@ from edgefleet.validation import Timestamp, describe_validation_error
 
 SCHEMA_VERSION = 1
 MAX_MESSAGE_BYTES = 256 * 1024
+MAX_SECURITY_FLOORS = 1024  # model names with a floor, in one heartbeat
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
-# Install states belong to the agent's state machine; the schema only keeps them tame.
+# Install states belong to the agent's state machine (plus `refused`, the report of a
+# refusal that changed nothing); the schema only keeps them tame.
 InstallState = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
 FeatureName = Annotated[str, Field(min_length=1, max_length=128)]
 
@@ -79,6 +81,11 @@ class Heartbeat(Message):
     model_name: BundleName | None = None
     model_version: Version | None = None
     install_state: InstallState
+    # Per model name, the lowest release counter the device runs (its security floors).
+    # Optional: agents that predate it do not send it, and the server keeps what it had.
+    security_floors: (
+        Annotated[dict[BundleName, Count], Field(max_length=MAX_SECURITY_FLOORS)] | None
+    ) = None
 
     @model_validator(mode="after")
     def _within_totals(self) -> Heartbeat:

@@ -94,6 +94,7 @@ def show_command(client: ApiClient, device_id: str, as_json: bool) -> None:
         ("arch", "arch"),
         ("runtimes", "runtimes"),
         ("agent version", "agent_version"),
+        ("security floors", "security_floors"),
         ("tags", "tags"),
         ("enrolled", "enrolled_at"),
     ]:

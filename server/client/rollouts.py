@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import click
-import yaml
 
 from edgefleet.cli.errors import EXIT_REFUSED
 from edgefleet.cli.options import echo_json, echo_table, json_option
@@ -17,6 +16,7 @@ from edgefleet.errors import UsageError
 from edgefleet.server.client.api import ApiClient, JsonObject
 from edgefleet.server.client.options import cell, client_command, parse_bundle_ref
 from edgefleet.server.errors import RateLimitedError
+from edgefleet.server.plantext import MAX_PLAN_BYTES, parse_plan_text
 from edgefleet.timefmt import format_time, utcnow
 
 # A rollout in one of these states changes no more.
@@ -78,14 +78,22 @@ def start_command(
 
 
 def load_plan_file(path: Path) -> Any:
-    """The plan file's content as data (YAML is a superset of JSON).
+    """The plan file's content as data (YAML is a superset of JSON), read as the
+    server reads plan text (`edgefleet.server.plantext`: size, aliases, depth and
+    non-finite numbers refused).
 
-    Raises: UsageError when it is not YAML or not a mapping.
+    Raises: UsageError when it is not such YAML, or not a mapping.
     """
+    with path.open("rb") as handle:
+        data = handle.read(MAX_PLAN_BYTES + 1)
+    if len(data) > MAX_PLAN_BYTES:
+        raise UsageError(f"plan {path}: longer than {MAX_PLAN_BYTES} bytes")
     try:
-        plan = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UsageError(f"plan {path}: not YAML or JSON: {exc}") from exc
+        plan = parse_plan_text(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UsageError(f"plan {path}: not UTF-8 text") from None
+    except ValueError as exc:
+        raise UsageError(f"plan {path}: {exc}") from None
     if not isinstance(plan, dict):
         raise UsageError(
             f"plan {path}: expected a mapping with 'stages', e.g. "
@@ -240,10 +248,22 @@ def current_stage(status: JsonObject) -> JsonObject:
     return {}
 
 
-def _states_text(states: object) -> str:
+def _states_text(states: object, unchecked: object = 0) -> str:
+    """`2 succeeded (1 unchecked), 1 installing`: the devices per state."""
     if not isinstance(states, dict):
         return "-"
-    return ", ".join(f"{n} {state}" for state, n in states.items() if n) or "no devices yet"
+    parts = []
+    for state, n in states.items():
+        if n:
+            note = f" ({unchecked} unchecked)" if state == "succeeded" and unchecked else ""
+            parts.append(f"{n} {state}{note}")
+    return ", ".join(parts) or "no devices yet"
+
+
+def _unchecked(status: JsonObject) -> int:
+    """Devices of every stage whose install committed unchecked (no live traffic judged it)."""
+    stages = status.get("stages") or []
+    return sum(int(s.get("unchecked") or 0) for s in stages if isinstance(s, dict))
 
 
 def summary_line(status: JsonObject) -> str:
@@ -253,7 +273,7 @@ def summary_line(status: JsonObject) -> str:
     if stage.get("name"):
         text += f" ({stage['name']}{', shadow' if stage.get('shadow') else ''})"
     if stage:
-        text += f": {_states_text(stage.get('states'))}"
+        text += f": {_states_text(stage.get('states'), stage.get('unchecked'))}"
     if stage.get("decision"):
         reasons = "; ".join(stage.get("reasons") or [])
         text += f"; gate {stage['decision']}" + (f" ({reasons})" if reasons else "")
@@ -271,7 +291,7 @@ def echo_status(status: JsonObject) -> None:
     click.echo(f"state:     {status.get('state')}{reason}")
     click.echo(f"stage:     {_stage_text(status)}  since {cell(status.get('stage_started_at'))}")
     click.echo(f"selection: {selector}")
-    click.echo(f"devices:   {_states_text(status.get('devices'))}")
+    click.echo(f"devices:   {_states_text(status.get('devices'), _unchecked(status))}")
     click.echo(f"started:   {cell(status.get('created_at'))} by {cell(status.get('created_by'))}")
     stages = status.get("stages") or []
     if stages:
@@ -284,10 +304,15 @@ def echo_status(status: JsonObject) -> None:
                     cell(s.get("name")),
                     cell(s.get("shadow")),
                     cell(s.get("assigned")),
-                    _states_text(s.get("states")) if s.get("assigned") else "-",
+                    _states_text(s.get("states"), s.get("unchecked")) if s.get("assigned") else "-",
                 ]
                 for s in stages
             ],
+        )
+    if _unchecked(status):
+        click.echo(
+            "unchecked: installed, but its health check judged no live request (no traffic, "
+            "or no predictor running); the gates count it as installed"
         )
     if stage.get("decision"):
         click.echo(f"\ngate:      {stage['decision']}")

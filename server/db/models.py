@@ -153,6 +153,9 @@ class Device(Base):
     status_sequence: Mapped[int] = mapped_column(BigInteger, default=0)
     # Last directive sequence issued to this device (allocated by UPDATE ... + 1).
     directive_sequence: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Per model name, the lowest release counter the device runs, from its heartbeats;
+    # None until an agent that reports them sends one.
+    security_floors: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class StatusReportRow(Base):

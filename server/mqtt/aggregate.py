@@ -28,9 +28,11 @@ from edgefleet.mqtt.messages import BinCounts, TelemetryWindow
 Latency = dict[str, Any]  # {"bounds_ms": [...], "counts": [...]}
 Bins = dict[str, dict[str, dict[str, Any]]]  # {"inputs"|"outputs": {feature: {...}}}
 
-# Device.health from the error and fallback rates of the recent window.
+# Device.health from the error and fallback rates of the newest window, taken over at
+# least MIN_REQUESTS requests (see health_of).
 DEGRADED_RATE = 0.05
 FAILING_RATE = 0.20
+MIN_REQUESTS = 20
 
 _COUNTERS = (
     "windows",
@@ -56,10 +58,15 @@ def bucket_start(window_start: dt.datetime, bucket: dt.timedelta) -> dt.datetime
 
 
 def health_of(requests: int, errors: int, fallbacks: int) -> str | None:
-    """ok / degraded / failing from one window's rates; None when it served nothing."""
+    """ok / degraded / failing from one window's rates; None when it served nothing.
+
+    A rate is taken over at least MIN_REQUESTS requests, the missing ones counted
+    as answered: one failed batch in a quiet window (1 of 1: 1/20 = 5%) is not a
+    failing device, while 5 failures of 5 (25%) are.
+    """
     if requests <= 0:
         return None
-    rate = max(errors, fallbacks) / requests
+    rate = max(errors, fallbacks) / max(requests, MIN_REQUESTS)
     if rate > FAILING_RATE:
         return "failing"
     if rate > DEGRADED_RATE:
@@ -221,6 +228,7 @@ def aggregate_from_row(
 __all__ = [
     "DEGRADED_RATE",
     "FAILING_RATE",
+    "MIN_REQUESTS",
     "TelemetryAggregate",
     "aggregate_from_row",
     "bucket_start",

@@ -12,7 +12,11 @@
   replayed heartbeat or one another replica flushes late cannot move
   `model_version` or `install_state` back. One sent in the same second is
   applied (`sent_at` has whole seconds; an agent may beat twice in one);
-- the newest of a heartbeat and the status reports sets `install_state`;
+- the newest of a heartbeat and the status reports sets `install_state`,
+  except a `refused` report: a refused install changes nothing on the device
+  (its agent rests where it was), so it is kept as history only;
+- a heartbeat that carries `security_floors` replaces the stored ones (one
+  that does not, from an older agent, leaves them as they are);
 - telemetry buckets are read (locked), merged and written back, or inserted, as
   bulk statements (a flush carries hundreds; ORM objects would cost more than
   the SQL). When another replica inserted the same bucket first, the unit of
@@ -39,6 +43,7 @@ from edgefleet.timefmt import parse_time
 
 _CHUNK = 500  # ids per IN (...) list
 _SHADOW_MARK = " runs in shadow beside "  # the agent's reason for a shadow install's COMMITTED
+_REFUSED = "refused"  # the install_state of an agent's report of a refusal
 
 BucketKey = tuple[str, str, str, dt.datetime]  # device, bundle name, version, bucket start
 
@@ -130,7 +135,7 @@ class BatchWriter:
             device.status_sequence = report.sequence
             session.add(_status_row(device.id, received, report))
             accepted += 1
-            if order > state_order:
+            if order > state_order and report.install_state != _REFUSED:
                 state_order = order
                 device.install_state = report.install_state
             if report.install_state == "committed" and _SHADOW_MARK not in (report.reason or ""):
@@ -144,6 +149,8 @@ class BatchWriter:
                 mode="json", exclude={"schema_version", "device_id"}
             )
             device.agent_version = heartbeat.agent_version
+            if heartbeat.security_floors is not None:
+                device.security_floors = dict(heartbeat.security_floors)
             if update.heartbeat_order > model_order:
                 device.model_name = heartbeat.model_name
                 device.model_version = heartbeat.model_version

@@ -17,9 +17,10 @@ discovered halfway through:
 - a device is named once in the whole plan.
 
 Gate values are checked by their fields (shares within 0..1, `min_success_share`
-above 0). `min_success_share + max_failure_share > 1` is allowed: a stage whose
-devices have all finished below the success share fails (see `gates.py`), so
-no pair of values leaves a stage waiting forever. `max_drift` is refused until
+above 0); no number may be infinite or NaN (JSON bodies may carry them).
+`min_success_share + max_failure_share > 1` is allowed: a stage whose devices
+have all finished below the success share fails (see `gates.py`), so no pair
+of values leaves a stage waiting forever. `max_drift` is refused until
 drift gates exist: a gate accepted but never judged would let an operator
 believe drift is watched.
 
@@ -36,7 +37,6 @@ from fractions import Fraction
 from itertools import islice
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -47,11 +47,11 @@ from pydantic import (
 )
 
 from edgefleet.server.errors import InvalidRequestError
+from edgefleet.server.plantext import parse_plan_text
 from edgefleet.validation import describe_validation_error
 
 MAX_STAGES = 20
 MAX_NAMED_DEVICES = 1000  # per stage
-MAX_PLAN_BYTES = 64 * 1024
 DeviceName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 
 
@@ -70,7 +70,7 @@ def _refuse_drift(data: Any) -> Any:
 class Gates(BaseModel):
     """What a stage must show before the next one starts (defaults for every stage)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
     min_success_share: float = Field(default=0.9, gt=0.0, le=1.0)
     max_failure_share: float = Field(default=0.1, ge=0.0, le=1.0)
@@ -91,7 +91,7 @@ class Gates(BaseModel):
 class GateOverrides(BaseModel):
     """A stage's own gate values; a field left out takes the plan's value."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
     min_success_share: float | None = Field(default=None, gt=0.0, le=1.0)
     max_failure_share: float | None = Field(default=None, ge=0.0, le=1.0)
@@ -112,7 +112,7 @@ class GateOverrides(BaseModel):
 class Stage(BaseModel):
     """One stage: named devices, a count or a percent of the selection (cumulative)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
     name: str | None = Field(default=None, min_length=1, max_length=64)
     devices: list[DeviceName] | None = Field(
@@ -135,7 +135,7 @@ class Stage(BaseModel):
 class Plan(BaseModel):
     """A validated rollout plan (see the module docstring for what is refused)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
     stages: list[Stage] = Field(min_length=1, max_length=MAX_STAGES)
     rate_limit_per_minute: int = Field(default=600, ge=1, le=1_000_000)
@@ -223,20 +223,17 @@ def _invalid(exc: ValidationError) -> InvalidRequestError:
 
 
 def load_plan(text: str) -> Plan:
-    """Parse a plan from YAML or JSON text (JSON is read as YAML).
+    """Parse a plan from YAML or JSON text (JSON is read as YAML; `plantext` says
+    what is refused before the plan is looked at: size, aliases, depth, non-finite numbers).
 
     Raises:
         InvalidRequestError: not YAML, not a mapping, or an impossible plan; the
             message is one line naming the field.
     """
-    if len(text.encode("utf-8", "surrogatepass")) > MAX_PLAN_BYTES:
-        raise InvalidRequestError(f"invalid plan: longer than {MAX_PLAN_BYTES} bytes")
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise InvalidRequestError(f"invalid plan: not valid YAML or JSON{at}") from exc
+        raw = parse_plan_text(text)
+    except ValueError as exc:
+        raise InvalidRequestError(f"invalid plan: {exc}") from None
     return plan_from_dict(raw)
 
 

@@ -5,8 +5,13 @@ newest status report that answers its directive (`StatusReportRow.directive_sequ
 == RolloutDevice.directive_sequence`): a report for an older directive never
 moves it. The agent's install states (agent/install/states.py) end in
 `committed` (installed, already current, a shadow install running as the
-challenger, or a requested rollback done) or `failed` (refused, or a failed
-install rolled back); every other state is on the way.
+challenger, or a requested rollback done), `failed` (a failed install rolled
+back) or `refused` (the bundle or the rollback was refused, nothing changed on
+the device: its reason names the code, such as `below-security-floor`); every
+other state is on the way.
+
+`unchecked_counts` counts the succeeded devices whose install committed
+without a health check under live traffic (the agent's reason says so).
 
 `stage_counts` gathers `gates.StageCounts` for one stage from the device rows,
 `Device.online` and `TelemetryBucket` rows, in a few aggregate queries (no
@@ -23,7 +28,7 @@ import enum
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from edgefleet.server.db.models import (
@@ -60,9 +65,15 @@ AWAITING_INSTALL = frozenset({D.NOTIFIED, D.INSTALLING})
 # The agent's resting install states (agent/install/states.py: TERMINAL minus idle).
 AGENT_SUCCESS = frozenset({"committed"})
 # "rolled_back" is not a state of today's agent; accepted for agents that rest there.
-AGENT_FAILURE = frozenset({"failed", "rolled_back"})
+# "refused" is not a state either: the report of a refusal (the agent rests as before).
+AGENT_FAILURE = frozenset({"failed", "refused", "rolled_back"})
 
 PREVIOUS_LATENCY_WINDOW = dt.timedelta(hours=24)
+
+# What the agent's COMMITTED reason says when no live request judged the new
+# version (agent/install/health.py): no traffic during the check, or no
+# predictor running to observe.
+UNCHECKED_NOTES = ("committed unchecked", "committed without a health check")
 
 
 def _values(states: Iterable[DeviceState]) -> list[str]:
@@ -72,9 +83,9 @@ def _values(states: Iterable[DeviceState]) -> list[str]:
 def reconcile(session: Session, rollout: Rollout, now: dt.datetime) -> int:
     """Apply the newest answers to `rollout`'s directives; returns how many devices moved.
 
-    notified/installing -> succeeded (committed), failed (failed: reason kept),
-    or installing (any other state); rolling_back -> rolled_back (committed) or
-    failed (the rollback failed).
+    notified/installing -> succeeded (committed: the agent's note kept), failed
+    (failed: reason kept), or installing (any other state); rolling_back ->
+    rolled_back (committed) or failed (the rollback failed).
     """
     watched = _values([D.NOTIFIED, D.INSTALLING, D.ROLLING_BACK])
     rows = session.execute(
@@ -120,10 +131,31 @@ def _answer(
             return D.FAILED, f"the rollback failed: {reason or agent_state}"
         return None, None
     if agent_state in AGENT_SUCCESS:
-        return D.SUCCEEDED, None
+        return D.SUCCEEDED, reason  # the agent's note: how its health check judged it
     if agent_state in AGENT_FAILURE:
         return D.FAILED, reason or f"the device reported {agent_state}"
     return D.INSTALLING, f"the device reported {agent_state}"
+
+
+def unchecked_counts(session: Session, rollout_id: int) -> dict[int, int]:
+    """Succeeded devices per stage index whose install committed unchecked.
+
+    The agent commits an install that no live request could judge (an idle
+    device, or no predictor running) and says so in the COMMITTED report's
+    reason (agent/install/health.py); `reconcile` keeps that reason. Stages
+    without such devices are left out.
+    """
+    notes = [RolloutDevice.reason.contains(note, autoescape=True) for note in UNCHECKED_NOTES]
+    rows = session.execute(
+        select(RolloutDevice.stage_index, func.count())
+        .where(
+            RolloutDevice.rollout_id == rollout_id,
+            RolloutDevice.state == D.SUCCEEDED.value,
+            or_(*notes),
+        )
+        .group_by(RolloutDevice.stage_index)
+    ).all()
+    return {int(index): int(count) for index, count in rows}
 
 
 def state_counts(
@@ -308,4 +340,5 @@ __all__ = [
     "reconcile",
     "stage_counts",
     "state_counts",
+    "unchecked_counts",
 ]

@@ -13,6 +13,12 @@ stages can be cut from it, and records the first stage's devices as pending.
 Later stages are cut when they begin, from the selection as it is then, so
 devices enrolled meanwhile take part.
 
+A start is refused when the bundle's release counter is below the security
+floor that any selected device reported for the bundle's model name: such a
+device would refuse the install (`below-security-floor`), and only a release
+at or above the floor reaches it. Devices that never reported floors (agents
+that predate them) are not held back.
+
 A device takes part in one active (running, paused, aborting) rollout at a
 time. A start whose selection overlaps another active rollout is refused; a
 later stage (and the driver's late joiners) records such a device as
@@ -45,7 +51,12 @@ from edgefleet.server.rollouts.machine import (
 )
 from edgefleet.server.rollouts.membership import busy_devices, lock_membership, skipped_reason
 from edgefleet.server.rollouts.plan import Plan, plan_from_dict, plan_to_dict, stage_targets
-from edgefleet.server.rollouts.progress import DeviceState, stage_counts, state_counts
+from edgefleet.server.rollouts.progress import (
+    DeviceState,
+    stage_counts,
+    state_counts,
+    unchecked_counts,
+)
 from edgefleet.server.rollouts.selection import matches, order_selection
 from edgefleet.timefmt import utcnow
 
@@ -140,8 +151,9 @@ def start_rollout(
     Raises:
         InvalidRequestError: no device is selected, or the plan names a device
             outside the selection.
-        ConflictError: a rollout of the same bundle name is active, or a
-            selected device takes part in another active rollout.
+        ConflictError: a rollout of the same bundle name is active, a selected
+            device takes part in another active rollout, or a selected device's
+            security floor for the bundle's name is above its release counter.
         StorageError: see `lock_membership`.
     """
     now = now or utcnow()
@@ -153,6 +165,7 @@ def start_rollout(
             f"no enrolled device matches {shown} with a profile the bundle supports "
             f"({', '.join(map(str, bundle.profiles))})"
         )
+    _refuse_below_floor(session, bundle, selection)
     _refuse_overlap(session, bundle, selection)
     rollout = Rollout(
         bundle_id=bundle.id,
@@ -186,6 +199,30 @@ def start_rollout(
         now=now,
     )
     return rollout
+
+
+def _refuse_below_floor(session: Session, bundle: BundleRow, selection: Sequence[str]) -> None:
+    chosen = set(selection)
+    rows = session.execute(
+        select(Device.id, Device.security_floors)
+        .where(Device.profile.in_([str(p) for p in bundle.profiles]))
+        .order_by(Device.id)
+    ).all()
+    above = [
+        (device_id, int(floors[bundle.name]))
+        for device_id, floors in rows
+        if device_id in chosen
+        and isinstance(floors, dict)
+        and int(floors.get(bundle.name, 0)) > bundle.release_counter
+    ]
+    if above:
+        device_id, floor = above[0]
+        raise ConflictError(
+            f"{len(above)} selected device(s) have a security floor for {bundle.name} above "
+            f"{bundle.name}@{bundle.version} (release counter {bundle.release_counter}), e.g. "
+            f"{device_id} at {floor}: they would refuse it; roll out a release at or above "
+            "their floor, or narrow the selector"
+        )
 
 
 def _refuse_overlap(session: Session, bundle: BundleRow, selection: Sequence[str]) -> None:
@@ -326,6 +363,9 @@ class StageStatus(_Public):
     # Devices per state (pending, notified, ..., rolled_back, skipped: left out because
     # they take part in another active rollout).
     states: dict[str, int]
+    # Of the succeeded devices, those whose install committed unchecked: no live
+    # request judged the new version on the device (no traffic, no predictor).
+    unchecked: int = 0
     # The gate verdict: only for the current stage of a running or paused rollout.
     decision: str | None = None
     reasons: list[str] = []
@@ -377,6 +417,7 @@ def rollout_status(
     if bundle is None:  # the foreign key forbids it
         raise NotFoundError(f"the bundle of rollout {rollout_id} is gone")
     plan = plan_from_dict(rollout.plan)
+    unchecked = unchecked_counts(session, rollout.id)
     stages: list[StageStatus] = []
     for index, stage in enumerate(plan.stages):
         states = state_counts(session, rollout.id, index)
@@ -395,6 +436,7 @@ def rollout_status(
                 shadow=stage.shadow,
                 assigned=sum(n for k, n in states.items() if k != DeviceState.SKIPPED.value),
                 states=states,
+                unchecked=unchecked.get(index, 0),
                 **verdict,
             )
         )

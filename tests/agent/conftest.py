@@ -19,21 +19,29 @@ from tests.fixtures import datasets
 
 @dataclass(frozen=True)
 class Bundles:
-    """Converted bundle directories (converter output) of the fixture models; never modify them."""
+    """Converted bundle directories (converter output) of the fixture models; never modify them.
+
+    The converter's choice is pinned, so the bundles are the same on every machine:
+    the MLP ships its float model alone (model.onnx, no model.float.onnx); the CNN
+    ships a static QDQ model with its float model as the fallback.
+    """
 
     mlp: Path  # digits_mlp.onnx for x86_64-vnni: input features [batch, 64]; label, probabilities
     cnn: Path  # digits_cnn.onnx for x86_64-vnni: input image [batch, 1, 32, 32]; logits
     tflite: Path  # digits_mlp.tflite for aarch64: input features [batch, 64]; probabilities
 
 
+CNN_CANDIDATE = "static-qdq-u8s8-per-channel-minmax"
+
+
 @pytest.fixture(scope="session")
 def bundles(tmp_path_factory: pytest.TempPathFactory) -> Bundles:
     root = tmp_path_factory.mktemp("bundles")
     made = {}
-    for key, model, input_name, data, target in (
-        ("mlp", "digits_mlp.onnx", "features", datasets.digits_tabular, "x86_64-vnni"),
-        ("cnn", "digits_cnn.onnx", "image", datasets.digits_images, "x86_64-vnni"),
-        ("tflite", "digits_mlp.tflite", "features", datasets.digits_tabular, "aarch64"),
+    for key, model, input_name, data, target, candidate in (
+        ("mlp", "digits_mlp.onnx", "features", datasets.digits_tabular, "x86_64-vnni", "float"),
+        ("cnn", "digits_cnn.onnx", "image", datasets.digits_images, "x86_64-vnni", CNN_CANDIDATE),
+        ("tflite", "digits_mlp.tflite", "features", datasets.digits_tabular, "aarch64", "float"),
     ):
         case = _write_case(root / f"{key}-data", model, input_name, data)
         out = root / key
@@ -42,6 +50,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> Bundles:
             calibration=case.calibration,
             validation=case.validation,
             labels=case.labels,
+            candidate=candidate,
         )
         convert(case.model, out, options)
         made[key] = out

@@ -1,14 +1,24 @@
-"""A device installs `edgefleet[agent]` alone: the agent runs without converter or server code."""
+"""A device installs the wheel with `[agent]` alone: the agent runs without converter or server.
+
+As docs/agent.md says a device does: the wheel (`make dist` builds it with the
+sdist) installed into a virtual environment of its own, which also carries the
+systemd files.
+"""
 
 from __future__ import annotations
 
+import re
+import shutil
 import subprocess
+import sys
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+SOURCES = ("pyproject.toml", "README.md", "edgefleet", "agent", "server", "converter", "hardware")
 PROBE = """
 import sys
 import edgefleet.agent.cli, edgefleet.agent.runner
@@ -19,14 +29,46 @@ converter = sorted(m for m in sys.modules if m.startswith("edgefleet.converter")
 crypto = any(m.startswith("cryptography") for m in sys.modules)  # verification is PyNaCl's
 print(loaded, converter, crypto)
 """
+# How docs/agent.md finds the systemd files in the installed package.
+SYSTEMD_FILES = "import edgefleet.hardware as h; print(h.__path__[0])"
+
+
+def build_wheel(tmp_path: Path) -> tuple[Path, str]:
+    """The wheel of a copy of the sources (the build writes beside them), and the build's log."""
+    source = tmp_path / "source"
+    for name in SOURCES:
+        origin = REPO / name
+        if origin.is_dir():
+            shutil.copytree(origin, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            source.mkdir(exist_ok=True)
+            shutil.copy(origin, source / name)
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-v", "-w", tmp_path / "dist", source],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert built.returncode == 0, built.stdout + built.stderr
+    (wheel,) = (tmp_path / "dist").glob("edgefleet-*-py3-none-any.whl")
+    return wheel, built.stdout + built.stderr
 
 
 @pytest.mark.slow
-def test_agent_extra_alone_installs_and_imports(tmp_path: Path) -> None:
-    venv.create(tmp_path / "venv", with_pip=True)
-    python = tmp_path / "venv" / "bin" / "python"
+def test_the_wheel_with_the_agent_extra_alone_installs_and_runs(tmp_path: Path) -> None:
+    wheel, log = build_wheel(tmp_path)
+    assert re.findall(r"\w+Warning: .*", log) == []  # setuptools' warnings, for one
+    names = zipfile.ZipFile(wheel).namelist()
+    profiles = sorted(p.name for p in (REPO / "hardware" / "profiles").glob("*.toml"))
+    assert profiles and all(f"edgefleet/hardware/profiles/{p}" in names for p in profiles)
+    for systemd_file in ("edgefleet-agent.service", "edgefleet-sysusers.conf"):
+        assert f"edgefleet/hardware/systemd/{systemd_file}" in names
+
+    prefix = tmp_path / "opt" / "edgefleet"  # /opt/edgefleet on a device
+    venv.create(prefix, with_pip=True)
+    python = prefix / "bin" / "python"
     subprocess.run(
-        [python, "-m", "pip", "install", "--quiet", f"{REPO}[agent]"],
+        [python, "-m", "pip", "install", "--quiet", f"{wheel}[agent]"],
         check=True,
         capture_output=True,
         timeout=600,
@@ -36,10 +78,24 @@ def test_agent_extra_alone_installs_and_imports(tmp_path: Path) -> None:
     )
     assert probe.stdout.strip() == "[] [] False"
     refused = subprocess.run(
-        [python, "-m", "edgefleet", "convert", "--help"],
+        [prefix / "bin" / "edgefleet", "convert", "--help"],
         capture_output=True,
         text=True,
         cwd=tmp_path,
     )
     assert refused.returncode != 0
     assert "pip install 'edgefleet[converter]'" in refused.stderr
+    targets = subprocess.run(
+        [prefix / "bin" / "edgefleet", "targets", "list"],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert all(p.removesuffix(".toml") in targets.stdout for p in profiles)
+    found = subprocess.run(
+        [python, "-c", SYSTEMD_FILES], check=True, capture_output=True, text=True, cwd=tmp_path
+    )
+    unit = Path("systemd", "edgefleet-agent.service")
+    shipped = Path(found.stdout.strip()) / unit
+    assert shipped.read_bytes() == (REPO / "hardware" / unit).read_bytes()

@@ -229,3 +229,104 @@ def agent_log(agent: subprocess.Popen[str]) -> str:
     if agent.poll() is None:
         return "(agent still running)"
     return agent.stdout.read() if agent.stdout else ""
+
+
+# --- several agents on one machine; an agent without its local API -----------------------------
+
+
+def init_device(tmp_path: Path, name: str, trust: TrustRoot, *local_api_port: str) -> Path:
+    """`agent init` for an offline device `name` under tmp_path; returns its agent.toml."""
+    (tmp_path / "trust.json").write_bytes(trust.raw)
+    config = tmp_path / name / "agent.toml"
+    port_option = ["--local-api-port", *local_api_port] if local_api_port else []
+    cli(
+        "agent", "init", "--device-id", name, "--trust", tmp_path / "trust.json",
+        "--profile", PROFILE, "--state-dir", tmp_path / name / "state", *port_option,
+        "-o", config,
+    )  # fmt: skip
+    return config
+
+
+def start_agent(config: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "edgefleet", "agent", "run", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def stop_agent(agent: subprocess.Popen[str]) -> None:
+    agent.send_signal(signal.SIGTERM)
+    try:
+        agent.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        agent.kill()
+        agent.wait()
+
+
+def running_record(config: Path) -> dict[str, object] | None:
+    path = config.parent / "state" / "localapi.json"
+    record: dict[str, object] | None = json.loads(path.read_text()) if path.exists() else None
+    return record
+
+
+def test_two_agents_on_one_machine_each_on_its_own_port(tmp_path: Path, trust: TrustRoot) -> None:
+    ports = [free_port(), free_port()]
+    configs = [init_device(tmp_path, f"cam-{n}", trust, str(port)) for n, port in enumerate(ports)]
+    agents = [start_agent(config) for config in configs]
+    try:
+        for config, port, agent in zip(configs, ports, agents, strict=True):
+            assert wait_until((config.parent / "state" / "localapi.json").exists), agent_log(agent)
+            assert running_record(config) == {"host": "127.0.0.1", "port": port, "pid": agent.pid}
+            assert api(port, "/v1/health")["status"] == "no-model"
+
+        # A third configured with the first one's port stops at once, saying what to change.
+        clash = init_device(tmp_path, "cam-2", trust, str(ports[0]))
+        third = cli("agent", "run", "--config", clash, check=False)
+        assert third.returncode == 2
+        assert third.stdout == "" and third.stderr.count("\n") == 1
+        assert third.stderr.startswith(
+            f"error [config]: the local API cannot listen on 127.0.0.1:{ports[0]}: "
+            "Address already in use; set [local_api] port in agent.toml to a free port"
+        )
+        assert "--local-api-port" in third.stderr and "enabled = false" in third.stderr
+        assert not (clash.parent / "state" / "state.json").exists()  # it did not start
+    finally:
+        for agent in agents:
+            stop_agent(agent)
+    assert [agent.returncode for agent in agents] == [0, 0]
+
+
+def test_an_agent_without_its_local_api(
+    tmp_path: Path, trust: TrustRoot, signed_bundles: Bundles
+) -> None:
+    config = init_device(tmp_path, "cam-quiet", trust, "none")
+    assert "[local_api]\nenabled = false\n" in config.read_text()
+    cli("agent", "install", signed_bundles.releases[0], "--config", config)  # none runs yet
+    agent = start_agent(config)
+    try:
+        assert wait_until(lambda: running_record(config) is not None), agent_log(agent)
+        assert running_record(config) == {"host": None, "port": None, "pid": agent.pid}
+        status = json.loads(cli("agent", "status", "--json", "--config", config).stdout)
+        assert status["running"] and status["current"].startswith("demo@1.0.0")
+
+        features, _ = datasets.digits_tabular()
+        np.savez(tmp_path / "batch.npz", features=features[:4])
+        predicted = cli("agent", "predict", "--input", tmp_path / "batch.npz", "--config", config)
+        assert "in this process" in predicted.stdout
+
+        # A change behind the running agent's back would not reach the model it serves.
+        refused = cli(
+            "agent", "install", signed_bundles.releases[1], "--config", config, check=False
+        )
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+        assert refused.stderr.startswith(
+            f"error [usage]: the agent (pid {agent.pid}) runs without its local API"
+        )
+        assert "stop it first" in refused.stderr
+        assert agent.poll() is None
+    finally:
+        stop_agent(agent)
+    assert agent.returncode == 0, agent_log(agent)
+    assert running_record(config) is None

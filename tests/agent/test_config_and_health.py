@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.agent.config import AgentConfig, load_config, write_config
+from edgefleet.agent.config import AgentConfig, HealthSettings, load_config, write_config
 from edgefleet.agent.errors import ConfigError
 from edgefleet.agent.heartbeat import HeartbeatSource, cpu_times, memory, temperature_celsius
+from edgefleet.agent.install import HealthSnapshot, judge_health
 from edgefleet.agent.sdnotify import notify
 
 
@@ -98,3 +99,28 @@ def test_systemd_notify_sends_a_datagram(tmp_path: Path, monkeypatch: pytest.Mon
         assert server.recv(64) == b"READY=1"
     monkeypatch.delenv("NOTIFY_SOCKET")
     assert not notify("READY=1")  # not run by systemd: a no-op
+
+
+HEALTH = HealthSettings(min_requests=20, max_error_rate=0.05, max_fallback_rate=0.05)
+
+
+@pytest.mark.parametrize(
+    ("requests", "errors", "fallbacks", "failure"),
+    [
+        (500, 1, 0, None),  # one failure among many: healthy
+        (1, 1, 0, None),  # one failed batch in a quiet check: 1 of at least 20 requests
+        (3, 1, 0, None),
+        (2, 2, 0, "error rate 10.0% (2 of 2 requests, counted over the 20 the check needs"),
+        (3, 0, 3, "fallback rate 15.0% (3 of 3 requests, counted over the 20 the check needs"),
+        (500, 60, 0, "error rate 12.0% (60 of 500 requests) is above the limit 5.0%"),
+    ],
+)
+def test_health_is_a_rate_over_at_least_min_requests(
+    requests: int, errors: int, fallbacks: int, failure: str | None
+) -> None:
+    snapshot = HealthSnapshot(requests, errors, fallbacks, latency_p95_ms=1.0)
+    verdict = judge_health(snapshot, None, HEALTH)
+    if failure is None:
+        assert verdict is None
+    else:
+        assert verdict is not None and failure in verdict

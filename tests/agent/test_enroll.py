@@ -24,7 +24,14 @@ from click.testing import CliRunner
 
 from edgefleet import __version__
 from edgefleet.agent.cli import agent as agent_group
-from edgefleet.agent.config import AgentConfig, LocalApiSettings, MqttSettings, write_config
+from edgefleet.agent.config import (
+    AgentConfig,
+    LocalApiSettings,
+    MqttSettings,
+    dump_config,
+    load_config,
+    write_config,
+)
 from edgefleet.agent.enroll import (
     AutoEnroller,
     EnrollBackoff,
@@ -34,6 +41,7 @@ from edgefleet.agent.enroll import (
     is_enrolled,
     load_enrollment,
 )
+from edgefleet.agent.enrolltoken import write_enroll_token
 from edgefleet.agent.errors import ConfigError, EnrollmentRefusedError, ServerUnreachableError
 from edgefleet.agent.layout import StateLayout
 from edgefleet.agent.link import AgentLink, Backoff
@@ -141,8 +149,9 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
 def test_enroll_registers_a_new_key_and_records_it(
     tmp_path: Path, trust: TrustRoot, server: FleetServer
 ) -> None:
-    config = make_config(tmp_path, trust, server_url=server.url + "/", enroll_token="efe_secret")
+    config = make_config(tmp_path, trust, server_url=server.url + "/")
     layout = StateLayout(config.state_dir)
+    write_enroll_token(layout, "efe_secret")  # as `agent init --enroll-token` keeps it
     server.tags = {"fleet": "pilot"}
     enrollment = enroll(config, layout, tags={"site": "berlin"})
 
@@ -166,6 +175,7 @@ def test_enroll_registers_a_new_key_and_records_it(
     recorded = load_enrollment(layout)
     assert recorded == enrollment and is_enrolled(config, layout, key)
     assert "efe_secret" not in layout.enrollment_file.read_text()  # the token is not kept
+    assert not layout.enroll_token_file.exists()
 
     # Again (say, a new token): the same key, no new one.
     enroll(config, layout, token="efe_other")
@@ -252,31 +262,26 @@ def test_which_server_urls_send_the_token_in_the_clear(url: str, cleartext: bool
 def test_a_token_over_plain_http_to_another_host_is_warned_about_once(
     tmp_path: Path, trust: TrustRoot, server: FleetServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    config = make_config(tmp_path, trust, server_url=server.url, enroll_token="efe_secret")
+    config = make_config(tmp_path, trust, server_url=server.url)
     layout = StateLayout(config.state_dir)
 
     def warnings() -> list[str]:
         return [r.getMessage() for r in caplog.records if "plain http://" in r.getMessage()]
 
     with caplog.at_level("WARNING", logger="edgefleet.agent.enroll"):
-        enroll(config, layout)  # this machine: nobody on the way
+        enroll(config, layout, token="efe_secret")  # this machine: nobody on the way
         assert warnings() == []
         remote = f"http://192.0.2.1:{free_port()}"  # TEST-NET-1: nothing answers there
         for _ in range(2):  # as AutoEnroller retries
             with pytest.raises(ServerUnreachableError):
-                enroll(config, layout, server_url=remote, timeout=0.3)
+                enroll(config, layout, server_url=remote, token="efe_secret", timeout=0.3)
         (warning,) = warnings()
         assert remote in warning and "efe_secret" not in warning
         caplog.clear()
         # Without a token there is nothing to read on the way.
         quiet = f"http://192.0.2.1:{free_port()}"
         with pytest.raises(ServerUnreachableError):
-            enroll(
-                config.model_copy(update={"enroll_token": None}),
-                layout,
-                server_url=quiet,
-                timeout=0.3,
-            )
+            enroll(config, layout, server_url=quiet, timeout=0.3)
         assert warnings() == []
 
 
@@ -317,6 +322,57 @@ def test_agent_enroll_command_reports_a_refusal_in_one_line(
     )
     code = run_with_error_handling(agent_group, ["enroll", "--config", str(path), "--tag", "x"])
     assert code == 2 and "not key=value" in capsys.readouterr().err
+
+
+def files_holding(text: str, *places: Path) -> list[Path]:
+    """Every file under `places` (files or directories) whose bytes contain `text`."""
+    files = [f for place in places for f in ([place] if place.is_file() else place.rglob("*"))]
+    return [f for f in files if f.is_file() and text.encode() in f.read_bytes()]
+
+
+def test_the_enrollment_token_is_on_disk_only_until_the_device_enrolled(
+    tmp_path: Path, trust: TrustRoot, server: FleetServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "trust.json").write_bytes(trust.raw)
+    config_path, state = tmp_path / "etc" / "agent.toml", tmp_path / "state"
+    token = "efe_" + "k" * 43
+    init = [
+        "init", "--device-id", "cam-017", "--trust", str(tmp_path / "trust.json"),
+        "--profile", "x86_64-vnni", "--state-dir", str(state), "--server", server.url,
+        "--enroll-token", token, "-o", str(config_path),
+    ]  # fmt: skip
+    assert run_with_error_handling(agent_group, init) == 0, capsys.readouterr().err
+    assert files_holding(token, config_path, state) == [state / "enroll-token"]
+    assert stat.S_IMODE((state / "enroll-token").stat().st_mode) == 0o600
+
+    # A refusal keeps it (the next attempt may succeed: a server that was not ready yet).
+    server.script = [Answer(403, {"error": "enrollment", "detail": "not yet"})]
+    assert run_with_error_handling(agent_group, ["enroll", "--config", str(config_path)]) == 2
+    assert files_holding(token, config_path, state) == [state / "enroll-token"]
+
+    assert run_with_error_handling(agent_group, ["enroll", "--config", str(config_path)]) == 0
+    assert [r["enroll_token"] for r in server.requests] == [token, token]
+    assert files_holding(token, config_path, state) == []
+    assert (state / "enrolled.json").exists() and (state / "device.key").exists()
+
+
+def test_an_older_agent_toml_holding_the_token_still_loads_and_enrolls(
+    tmp_path: Path, trust: TrustRoot, server: FleetServer
+) -> None:
+    # Devices configured by an older agent carry enroll_token in agent.toml: after an upgrade
+    # they must still start and enroll, and the token is never written back.
+    (tmp_path / "trust.json").write_bytes(trust.raw)
+    config_path = tmp_path / "agent.toml"
+    config_path.write_text(
+        'device_id = "cam-017"\nprofile = "x86_64-vnni"\n'
+        f'state_dir = "{tmp_path / "state"}"\ntrust_root = "{tmp_path / "trust.json"}"\n'
+        f'server_url = "{server.url}"\nenroll_token = "efe_older"\n'
+    )
+    config = load_config(config_path)
+    assert config.legacy_enroll_token == "efe_older"
+    assert "efe_older" not in dump_config(config)
+    enroll(config, StateLayout(config.state_dir))
+    assert [r["enroll_token"] for r in server.requests] == ["efe_older"]
 
 
 # --- automatic enrollment ---------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -74,13 +75,26 @@ def test_tflite_bundle_is_served_without_a_float_step(
     assert [s.step for s in info.steps] == ["primary"]
 
 
-def test_served_model_that_is_the_float_model_gets_no_float_step(
+def test_bundle_serving_its_float_model_has_no_float_step(
     bundles: Bundles, layout: StateLayout
 ) -> None:
-    # The converter chose the float model for the MLP: a float step would repeat it.
+    # The MLP's conversion ships the float model (pinned): one copy, no separate fallback.
     report = json.loads((bundles.mlp / "report.json").read_text())
     assert report["chosen"] == "float"
+    assert not (bundles.mlp / "model.float.onnx").exists()
     install_version(layout, bundles.mlp, "digits-mlp@0.3.1-cccccccccccc")
+    info = Predictor.open(layout, InferenceSettings(), PROFILE).model_info()
+    assert [s.step for s in info.steps] == ["primary"]
+
+
+def test_served_model_that_is_the_float_model_gets_no_float_step(
+    bundles: Bundles, layout: StateLayout, tmp_path: Path
+) -> None:
+    # A bundle carrying the float model twice: a float step would repeat the primary.
+    twice = tmp_path / "mlp-twice"
+    shutil.copytree(bundles.mlp, twice)
+    shutil.copyfile(twice / "model.onnx", twice / "model.float.onnx")
+    install_version(layout, twice, "digits-mlp@0.3.1-cccccccccccc")
     info = Predictor.open(layout, InferenceSettings(), PROFILE).model_info()
     assert [s.step for s in info.steps] == ["primary"]
     assert info.current is not None
@@ -211,6 +225,8 @@ def test_model_info_is_plain_data(bundles: Bundles, layout: StateLayout) -> None
         "breaker_opened": 0,
         "answered": 1,
         "failures": {},
+        "timeout_ms": 1000.0,
+        "timeout_per_sample_ms": 0.0,  # never measured on this device: the floor alone
     }
 
 

@@ -1,9 +1,10 @@
 """Everything the installer must refuse: each with its exact error, the device unchanged.
 
 Directives are refused before anything is persisted (state.json byte for byte
-the same, no report). Bundles and device limits fail the install: FAILED is
-persisted and reported with the reason, nothing is staged or left in
-downloads/, and the device serves what it served.
+the same, no report). A refused bundle is reported `refused` with its error
+code and the machine rests as before (COMMITTED: the device serves what it
+served); device limits fail the install (FAILED, reported with the reason).
+Either way nothing is staged or left in downloads/.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from edgefleet.agent.errors import CompatibilityError, SmokeTestError
 from edgefleet.agent.install import Host, Installer, State
 from edgefleet.agent.install.compat import check_runtime
 from edgefleet.bundle import build_bundle
+from edgefleet.cli.errors import error_code
 from edgefleet.keys import SigningKey
 from edgefleet.mqtt import BundleRef
 from edgefleet.signing import Envelope
@@ -35,6 +37,7 @@ from tests.agent.power_loss_driver import (
     make_directive,
     prepare_bundles,
 )
+from tests.agent.releases import release
 from tests.conftest import KeySet, make_trust_root
 from tests.core.forge import Member, flip_byte, forge, manifest_for, write_bundle
 
@@ -230,6 +233,10 @@ BUNDLE_ATTACKS: dict[str, tuple[Maker, type[errors.EdgefleetError]]] = {
         errors.AgentTooOldError,
     ),
     "below the security floor": (lambda t, b, k: b.releases[0], errors.BelowSecurityFloorError),
+    "below the floor a release stated": (
+        lambda t, b, k: release(b, t, k.release, "demo", "1.0.9"),
+        errors.BelowSecurityFloorError,
+    ),
     "unlisted file": (
         _forged([*(Member(n, d) for n, d in FILES.items()), Member("run.sh", b"rm -rf /")]),
         errors.UnlistedFileError,
@@ -258,7 +265,9 @@ BUNDLE_ATTACKS: dict[str, tuple[Maker, type[errors.EdgefleetError]]] = {
 def test_bundle_attack_through_install_file_refused_with_nothing_staged(
     serving: Device, bundles: Bundles, keyset: KeySet, tmp_path: Path, attack: str
 ) -> None:
-    serving.installer.install_file(bundles.releases[1])
+    # demo 1.1.0 stating the floor 1.1.0: 1.0.x is below it from now on.
+    stating = release(bundles, tmp_path / "floor", keyset.release, "demo", "1.1.0", "1.1.0")
+    serving.installer.install_file(stating)
     serving.reporter.reports.clear()
     _, versions, downloads, current, previous = snapshot(serving)
     maker, error = BUNDLE_ATTACKS[attack]
@@ -267,9 +276,15 @@ def test_bundle_attack_through_install_file_refused_with_nothing_staged(
         serving.installer.install_file(maker(tmp_path / "attack", bundles, keyset))
     assert type(raised.value) is error, raised.value
     assert snapshot(serving)[1:] == (versions, downloads, current, previous)
-    assert serving.reporter.states[-1] == "failed"
-    assert error.__name__ in (serving.reporter.reports[-1].reason or "")
-    assert serving.installer.status().state is State.FAILED
+    status, report = serving.installer.status(), serving.reporter.reports[-1]
+    assert report.reason is not None and report.reason.startswith(f"{error_code(raised.value)}: ")
+    assert error.__name__ not in report.reason
+    if issubclass(error, errors.UntrustedInputError):  # refused: nothing changed, nor the state
+        assert (report.install_state, status.state) == ("refused", State.COMMITTED)
+        assert status.refused == error_code(raised.value)
+    else:  # the bundle is genuine but does not work here
+        assert (report.install_state, status.state) == ("failed", State.FAILED)
+        assert status.refused is None
 
 
 def test_bundle_over_the_size_limit_refused_before_it_is_copied(
@@ -279,7 +294,8 @@ def test_bundle_over_the_size_limit_refused_before_it_is_copied(
     device = Device.boot(config, server=tmp_path / "s")
     with pytest.raises(errors.BundleTooLargeError):
         device.installer.install_file(bundles.releases[0])
-    assert device.reporter.states == ["downloading", "failed"]
+    assert device.reporter.states == ["downloading", "refused"]
+    assert device.installer.status().state is State.IDLE  # it serves nothing, as before
     assert list((config.state_dir / "downloads").iterdir()) == []
 
 
@@ -306,6 +322,9 @@ def test_delivered_bytes_that_are_not_the_directives_bundle_refused(
     with pytest.raises(error):
         serving.installer.install_directive(make_directive(keyset.server, ref, sequence=1))
     assert snapshot(serving)[1:] == before
+    report = serving.reporter.reports[-1]
+    assert (report.install_state, report.directive_sequence) == ("refused", 1)
+    assert serving.installer.status().state is State.COMMITTED
 
 
 def test_directive_naming_a_bundle_over_the_limit_is_not_downloaded(

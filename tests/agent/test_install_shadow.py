@@ -36,6 +36,7 @@ from tests.agent.power_loss_driver import (
     make_directive,
     prepare_bundles,
 )
+from tests.agent.releases import release
 from tests.conftest import KeySet
 
 TO_SMOKE = ["downloading", "verifying", "checking", "staging", "smoke_testing"]
@@ -50,6 +51,15 @@ def bundles(tmp_path_factory: pytest.TempPathFactory, keyset: KeySet) -> Bundles
         tmp_path_factory.getbasetemp() / f"install-bundles-{keyset.release.keyid[:8]}",
         keyset.release,
     )
+
+
+@pytest.fixture(scope="session")
+def challenger_bundle(
+    tmp_path_factory: pytest.TempPathFactory, bundles: Bundles, keyset: KeySet
+) -> Path:
+    """demo 1.2.0 stating the security floor 1.1.0: raised by a promotion, not by a shadow run."""
+    directory = tmp_path_factory.mktemp("challenger")
+    return release(bundles, directory, keyset.release, "demo", "1.2.0", security_floor="1.1.0")
 
 
 @pytest.fixture
@@ -74,9 +84,11 @@ def serving_two(config: AgentConfig, tmp_path: Path, bundles: Bundles) -> Device
 
 
 @pytest.fixture
-def shadowing(serving_two: Device, bundles: Bundles, keyset: KeySet) -> Device:
+def shadowing(
+    serving_two: Device, bundles: Bundles, keyset: KeySet, challenger_bundle: Path
+) -> Device:
     """Serving demo 1.1.0 (previous 1.0.0) with 1.2.0 in shadow (directive 1); cleared."""
-    serving_two.installer.install_directive(directive(serving_two, keyset, bundles.releases[2], 1))
+    serving_two.installer.install_directive(directive(serving_two, keyset, challenger_bundle, 1))
     serving_two.reporter.reports.clear()
     serving_two.shadowed.clear()
     return serving_two
@@ -98,11 +110,11 @@ def challenger(device: Device) -> str | None:
 
 
 def test_shadow_directive_stages_smoke_tests_and_runs_beside_current(
-    serving_two: Device, bundles: Bundles, keyset: KeySet
+    serving_two: Device, bundles: Bundles, keyset: KeySet, challenger_bundle: Path
 ) -> None:
     device = serving_two
-    before, floor = ids(device), device.installer.status().security_floor
-    status = device.installer.install_directive(directive(device, keyset, bundles.releases[2], 1))
+    before = ids(device)
+    status = device.installer.install_directive(directive(device, keyset, challenger_bundle, 1))
     assert device.reporter.states == SHADOW_CHAIN
     assert all(
         r.directive_sequence == 1 and r.bundle_version == "1.2.0" for r in device.reporter.reports
@@ -113,7 +125,7 @@ def test_shadow_directive_stages_smoke_tests_and_runs_beside_current(
     assert device.shadowed == [new] and device.activated == []  # current never moved
     assert status.reason is not None and f"{new} runs in shadow beside {before[0]}" in status.reason
     assert "never returned" in (device.reporter.reports[-1].reason or "")
-    assert status.security_floor == floor  # not served: the floor stays
+    assert status.security_floors == {}  # not served: its stated floor does not apply yet
     staged = device.installer.challenger()
     assert staged is not None and staged.id == new and device.versions.is_intact(staged)
     assert list(device.config.state_dir.joinpath("downloads").iterdir()) == []
@@ -131,11 +143,11 @@ def test_challenger_survives_a_restart(shadowing: Device) -> None:
 
 
 def test_prune_never_deletes_the_challenger(
-    tmp_path: Path, trust: TrustRoot, bundles: Bundles, keyset: KeySet
+    tmp_path: Path, trust: TrustRoot, bundles: Bundles, keyset: KeySet, challenger_bundle: Path
 ) -> None:
     config = device_config(tmp_path / "d", trust.raw, limits=Limits(keep_versions=2))
     device = boot_serving(config, tmp_path / "server", bundles, 2)
-    device.installer.install_directive(directive(device, keyset, bundles.releases[2], 1))
+    device.installer.install_directive(directive(device, keyset, challenger_bundle, 1))
     running = challenger(device)
     device.installer.install_file(bundles.releases[3])  # another bundle: it keeps running
     assert challenger(device) == running and device.shadowed == [running]
@@ -145,30 +157,31 @@ def test_prune_never_deletes_the_challenger(
 
 
 def test_promotion_by_a_normal_install_of_the_same_bundle_clears_the_challenger(
-    shadowing: Device, bundles: Bundles, keyset: KeySet
+    shadowing: Device, bundles: Bundles, keyset: KeySet, challenger_bundle: Path
 ) -> None:
     device, running = shadowing, challenger(shadowing)
     old = ids(device)[0]
     status = device.installer.install_directive(
-        directive(device, keyset, bundles.releases[2], 2, shadow=False)
+        directive(device, keyset, challenger_bundle, 2, shadow=False)
     )
     assert device.reporter.states == INSTALL_CHAIN
     assert device.shadowed == [None] and device.activated == [running]
     assert (status.current, status.previous, status.challenger) == (running, old, None)
-    assert status.security_floor == 1_000_002_000_000  # served now: the floor rises
+    assert status.security_floors == {"demo": 1_000_001_000_000}  # served now: it applies
 
 
 def test_failed_promotion_puts_the_challenger_back(
-    shadowing: Device, bundles: Bundles, keyset: KeySet
+    shadowing: Device, bundles: Bundles, keyset: KeySet, challenger_bundle: Path
 ) -> None:
     running, before = challenger(shadowing), ids(shadowing)
     device = shadowing.reboot(probe=ScriptedProbe(HEALTHY, FAILING))
-    promote = directive(device, keyset, bundles.releases[2], 2, shadow=False)
+    promote = directive(device, keyset, challenger_bundle, 2, shadow=False)
     with pytest.raises(HealthCheckError, match="error rate"):
         device.installer.install_directive(promote)
     assert device.reporter.states == ROLLED_BACK
     assert ids(device) == before and challenger(device) == running
     assert device.shadowed == [None, running]  # stopped when promoted, back after the rollback
+    assert device.installer.status().security_floors == {}  # it never committed
     assert running is not None and device.versions.path_of(running).is_dir()  # not removed
 
 
@@ -193,9 +206,9 @@ def test_shadow_bundle_failing_its_smoke_test_is_refused_and_nothing_changes(
     with pytest.raises(SmokeTestError):
         shadowing.installer.install_directive(broken)
     assert shadowing.reporter.states == [*TO_SMOKE, "failed"]
-    assert "SmokeTestError" in (shadowing.reporter.reports[-1].reason or "")
+    assert (shadowing.reporter.reports[-1].reason or "").startswith("smoke-test: ")
     after = load_state(shadowing.config.state_dir / "state.json")
-    assert (after.challenger, after.security_floor) == (running, state_before.security_floor)
+    assert (after.challenger, after.security_floors) == (running, state_before.security_floors)
     assert shadowing.shadowed == [] and ids(shadowing) == before
     assert shadowing.versions.ids() == on_disk
 
@@ -215,9 +228,7 @@ def test_challenger_the_predictor_cannot_load_is_rolled_back_to_the_previous_one
     with pytest.raises(InferenceError):
         shadowing.installer.install_directive(directive(shadowing, keyset, bundles.releases[3], 2))
     assert shadowing.reporter.states == [*TO_SMOKE, "shadowing", "rolling_back", "failed"]
-    assert "InferenceError: onnxruntime: out of memory" in (
-        shadowing.installer.status().reason or ""
-    )
+    assert "inference: onnxruntime: out of memory" in (shadowing.installer.status().reason or "")
     assert handed[-1] == running and challenger(shadowing) == running
     assert ids(shadowing) == before
     assert not any(id_.startswith("demo@1.3.0-") for id_ in shadowing.versions.ids())
@@ -239,12 +250,12 @@ def test_rollback_directive_rolls_back_and_stops_the_challenger(
 
 
 def test_rollback_directive_naming_the_shadowed_bundle_only_stops_the_challenger(
-    shadowing: Device, bundles: Bundles, keyset: KeySet
+    shadowing: Device, bundles: Bundles, keyset: KeySet, challenger_bundle: Path
 ) -> None:
     before = ids(shadowing)
     running = challenger(shadowing)
     assert running is not None and running.startswith("demo@1.2.0-")
-    ref = shadowing.publish(bundles.releases[2])  # the challenger's bundle
+    ref = shadowing.publish(challenger_bundle)  # the challenger's bundle
     rollback = make_directive(keyset.server, ref, sequence=2, action="rollback")
     status = shadowing.installer.install_directive(rollback)
     assert ids(shadowing) == before and status.challenger is None
@@ -273,7 +284,8 @@ def test_shadow_directive_on_a_device_serving_nothing_is_refused(
     with pytest.raises(CompatibilityError, match="compare it with"):
         device.installer.install_directive(directive(device, keyset, bundles.releases[0], 1))
     status = device.installer.status()
-    assert device.reporter.states == ["failed"] and device.shadowed == []
+    assert device.reporter.states == ["refused"] and device.shadowed == []
+    assert (status.state, status.refused) == (State.IDLE, "compatibility")
     assert (status.current, status.challenger, status.last_directive_sequence) == (None, None, 1)
     assert device.versions.ids() == []
 
@@ -291,12 +303,12 @@ def test_bundle_being_served_is_not_run_in_shadow(
 
 @pytest.mark.parametrize("mid", [False, True], ids=["after persisting", "after handing over"])
 def test_power_cut_in_shadowing_resumes_and_hands_the_challenger_over_once(
-    serving_two: Device, bundles: Bundles, keyset: KeySet, mid: bool
+    serving_two: Device, bundles: Bundles, keyset: KeySet, mid: bool, challenger_bundle: Path
 ) -> None:
     before = ids(serving_two)
     cut = serving_two.reboot(cut=Cut(at="shadowing", mid=mid))
     with pytest.raises(PowerCut):
-        cut.installer.install_directive(directive(cut, keyset, bundles.releases[2], 1))
+        cut.installer.install_directive(directive(cut, keyset, challenger_bundle, 1))
     assert cut.shadowed == ([challenger(cut)] if mid else [])
     restarted = serving_two.reboot()
     status = restarted.installer.resume()
@@ -309,8 +321,11 @@ def test_power_cut_in_shadowing_resumes_and_hands_the_challenger_over_once(
 def test_state_file_written_before_shadow_installs_is_read(serving_two: Device) -> None:
     path = serving_two.config.state_dir / "state.json"
     raw = json.loads(path.read_text())
-    del raw["challenger"], raw["install"]["shadow"], raw["install"]["from_challenger"]
-    path.write_text(json.dumps({**raw, "format": 1}))
+    del raw["challenger"], raw["security_floors"]
+    for added in ("shadow", "from_challenger", "security_floor", "refused"):
+        del raw["install"][added]
+    path.write_text(json.dumps({**raw, "format": 1, "security_floor": 1_000_001_000_000}))
     status = serving_two.reboot().installer.resume()
     assert status.state is State.COMMITTED and status.challenger is None
-    assert load_state(path).format == 2  # read as format 2 without a challenger
+    assert status.security_floors == {"demo": 1_000_001_000_000}  # the served name's
+    assert load_state(path).format == 3  # read as format 3 without a challenger

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -10,8 +12,13 @@ from edgefleet.agent.config import HealthSettings
 from edgefleet.agent.install import RESUME, TERMINAL, TRANSITIONS, Event, HealthSnapshot, State
 from edgefleet.agent.install.fetch import BACKOFF_CAP_SECONDS, backoff_delay
 from edgefleet.agent.install.health import Baseline, judge_health
-from edgefleet.agent.install.record import InstallRecord
-from edgefleet.agent.install.states import TransitionError, next_state, resume_state
+from edgefleet.agent.install.record import InstallRecord, load_state
+from edgefleet.agent.install.states import (
+    TransitionError,
+    next_state,
+    refused_state,
+    resume_state,
+)
 
 WORKING = [state for state in State if state not in TERMINAL]
 BEFORE_SWITCH = [State.DOWNLOADING, State.VERIFYING, State.CHECKING, State.STAGING]
@@ -124,6 +131,64 @@ def test_challenger_persisted_on_entering_each_state(
     assert install.challenger_on_entering(entered, before) == after
 
 
+@pytest.mark.parametrize("state", [*sorted(TERMINAL), *BEFORE_SWITCH])
+def test_a_refusal_leaves_the_machine_resting_as_before(state: State) -> None:
+    assert refused_state(state, serving=True) is State.COMMITTED
+    assert refused_state(state, serving=False) is State.IDLE
+    assert (state, Event.REFUSE) not in TRANSITIONS  # never FAILED
+
+
+@pytest.mark.parametrize(
+    "state", [State.ACTIVATING, State.HEALTH_CHECKING, State.SHADOWING, State.ROLLING_BACK]
+)
+def test_nothing_is_refused_once_something_was_switched(state: State) -> None:
+    with pytest.raises(TransitionError):
+        refused_state(state, serving=True)
+
+
+def stating(floor: int | None, kind: str = "install", **fields: object) -> InstallRecord:
+    return record(kind).model_copy(update={"bundle_name": "m", "security_floor": floor, **fields})
+
+
+# (record, state entered, floors persisted with it)
+FLOOR_CASES = [
+    (stating(7), State.COMMITTED, {"m": 7, "m2": 9}),  # a release stating a floor commits
+    (stating(3), State.COMMITTED, {"m": 5, "m2": 9}),  # never lowered
+    (stating(None), State.COMMITTED, {"m": 5, "m2": 9}),  # states none: unchanged
+    (stating(7), State.HEALTH_CHECKING, {"m": 5, "m2": 9}),  # not before its health check
+    (stating(7), State.ROLLING_BACK, {"m": 5, "m2": 9}),
+    (stating(7), State.FAILED, {"m": 5, "m2": 9}),  # the health check failed
+    (stating(7, shadow=True), State.COMMITTED, {"m": 5, "m2": 9}),  # runs in shadow only
+    (stating(7, refused="tampered-file"), State.COMMITTED, {"m": 5, "m2": 9}),
+    (stating(7, "rollback"), State.COMMITTED, {"m": 5, "m2": 9}),
+]
+
+
+@pytest.mark.parametrize(("install", "entered", "floors"), FLOOR_CASES)
+def test_only_a_committed_release_stating_a_floor_raises_its_names_floor(
+    install: InstallRecord, entered: State, floors: dict[str, int]
+) -> None:
+    assert install.floors_on_entering(entered, {"m": 5, "m2": 9}) == floors
+
+
+@pytest.mark.parametrize("old_format", [1, 2])
+def test_the_single_floor_of_an_older_state_file_becomes_the_served_names(
+    tmp_path: Path, old_format: int
+) -> None:
+    path = tmp_path / "state.json"
+    old = {"format": old_format, "state": "committed", "security_floor": 1_000_002_000_000}
+    path.write_text(json.dumps(old))
+    state = load_state(path, served_name="demo")
+    assert state.format == 3 and state.security_floors == {"demo": 1_000_002_000_000}
+    assert load_state(path, served_name=None).security_floors == {}  # nothing to name it by
+    path.write_text(json.dumps({**old, "security_floor": 0}))
+    assert load_state(path, served_name="demo").security_floors == {}
+    # Capped at the previous version of the served model: its rollback stays possible.
+    path.write_text(json.dumps(old))
+    capped = load_state(path, served_name="demo", rollback_counter=1_000_001_000_000)
+    assert capped.security_floors == {"demo": 1_000_001_000_000}
+
+
 SETTINGS = HealthSettings(
     duration_seconds=60,
     min_requests=20,
@@ -143,7 +208,8 @@ HEALTH_CASES = [
     (HealthSnapshot(100, 0, 0, 99.0), None, None),  # no baseline: latency not judged
     (HealthSnapshot(100, 0, 0, 99.0), Baseline(5, 1.0), None),  # baseline too thin
     (HealthSnapshot(10, 0, 0, 99.0), BASELINE, None),  # too few requests for a p95
-    (HealthSnapshot(3, 1, 0, 1.0), BASELINE, "error rate 33.3%"),  # rates judged on any
+    (HealthSnapshot(3, 1, 0, 1.0), BASELINE, None),  # 1 error of at least 20 requests: 5%
+    (HealthSnapshot(3, 2, 0, 1.0), BASELINE, "error rate 10.0% (2 of 3 requests, counted"),
     (HealthSnapshot(0, 0, 0, None), BASELINE, None),
 ]
 

@@ -98,6 +98,32 @@ def test_batch_predict_takes_and_returns_npz(served: tuple[Client, Predictor]) -
         assert outputs["probabilities"].shape == (32, 10)
 
 
+def test_a_batch_above_max_batch_samples_is_413_with_the_reason(
+    tmp_path: Path, bundles: Bundles
+) -> None:
+    layout = StateLayout(tmp_path / "state")
+    install_version(layout, bundles.mlp, "digits@1.0.0-aaaaaaaaaaaa")
+    predictor = Predictor.open(layout, InferenceSettings(max_batch_samples=16), PROFILE)
+    api = _serve(predictor)
+    try:
+        client = Client(api.address[1])
+        features, _ = datasets.digits_tabular()
+        buffer = io.BytesIO()
+        np.savez(buffer, features=features[:17])
+        status, data = client.request(
+            "POST", "/v1/predict/batch", buffer.getvalue(), "application/x-npz"
+        )
+        answer = json.loads(data)
+        assert status == 413 and answer["code"] == "batch-too-large"
+        assert "17 samples, more than the 16" in answer["error"]
+        status, _ = client.json("POST", "/v1/predict", {"inputs": {"features": [[0.0] * 64] * 17}})
+        assert status == 413
+        assert predictor.model_info().steps[0].answered == 0
+    finally:
+        api.stop()
+        predictor.close()
+
+
 @pytest.mark.parametrize(
     ("payload", "code"),
     [

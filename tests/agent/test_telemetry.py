@@ -297,6 +297,20 @@ def test_health_snapshot_since_a_mark() -> None:
     assert rec.snapshot_since(mark).requests == 102
 
 
+def test_health_snapshot_has_the_median_latency_per_sample() -> None:
+    """The health check's measurement of the model: each call's latency over its samples."""
+    rec = recorder(None)
+    out: dict[str, np.ndarray] = {}
+    mark = rec.mark()
+    assert rec.snapshot_since(mark).sample_ms is None
+    for samples, ms in ((360, 720.0), (1, 3.0), (16, 32.0), (4, 8.0), (1, 50.0)):
+        batch = {"features": np.zeros((samples, 64), np.float32)}
+        rec.record(answer(out, ms=ms), batch, out)
+    rec.record(answer(out, ms=9.0), {"threshold": np.float32(0.5)}, out)  # rank 0: one sample
+    # per sample: 2, 3, 2, 2, 50, 9 -> median 2.5
+    assert rec.snapshot_since(mark).sample_ms == pytest.approx(2.5)
+
+
 def test_latency_p95_uses_the_most_recent_calls() -> None:
     rec = recorder(None)
     out: dict[str, np.ndarray] = {}

@@ -90,7 +90,7 @@ def test_stage_refuses_a_bundle_below_the_floor_and_leaves_nothing(
     versions: Versions, bundles: Bundles, trust: TrustRoot
 ) -> None:
     with pytest.raises(errors.BelowSecurityFloorError):
-        versions.stage(bundles.releases[0], trust, BundlePolicy(security_floor=10**15))
+        versions.stage(bundles.releases[0], trust, BundlePolicy(security_floors={"demo": 10**15}))
     assert list(versions.layout.versions.iterdir()) == []
 
 

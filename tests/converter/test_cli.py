@@ -11,6 +11,8 @@ from edgefleet.cli import cli
 from edgefleet.cli.errors import run_with_error_handling
 from tests.converter.conftest import Case
 
+STATIC_QDQ = "static-qdq-u8s8-per-tensor-minmax"
+
 
 def run(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
     capsys.readouterr()
@@ -36,11 +38,15 @@ def test_convert_and_sign_in_one_go(
         mlp.validation,
         "--labels",
         mlp.labels,
+        "--candidate",
+        STATIC_QDQ,
         "--sign",
         tmp_path / "keys" / "release.key",
         "--name",
         "digits",
         "--version",
+        "1.0.0",
+        "--security-floor",
         "1.0.0",
         "-o",
         bundle,
@@ -62,6 +68,7 @@ def test_convert_and_sign_in_one_go(
     manifest = json.loads(out)["manifest"]
     assert "model.float.onnx" in {f["path"] for f in manifest["files"]}
     assert manifest["lineage"]["target"] == "x86_64-vnni"
+    assert manifest["security_floor"] == 1_000_000_000_000  # stated, signed with the rest
 
 
 def test_convert_json_summary(
@@ -83,6 +90,48 @@ def test_convert_json_summary(
     report = json.loads(out)
     assert report["out_dir"] == str(tmp_path / "out")
     assert report["chosen"] in {row["name"] for row in report["candidates"]}
+
+
+@pytest.mark.parametrize(
+    ("candidate", "budget", "expected"),
+    [
+        ("fastest", "accuracy_drop=1", "error [usage]: candidate 'fastest' is not valid"),
+        (STATIC_QDQ, "accuracy_drop=-50", "error [conversion-failed]: the pinned candidate"),
+    ],
+)
+def test_pinned_candidate_that_cannot_ship_is_one_line_and_writes_nothing(
+    mlp: Case,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    candidate: str,
+    budget: str,
+    expected: str,
+) -> None:
+    status, out, err = run(
+        capsys,
+        "convert",
+        mlp.model,
+        "--target",
+        "x86_64-vnni",
+        "--calibration",
+        mlp.calibration,
+        "--validation",
+        mlp.validation,
+        "--labels",
+        mlp.labels,
+        "--budget",
+        budget,
+        "--candidate",
+        candidate,
+        "-o",
+        tmp_path / "out",
+    )
+    assert status == 2 and out == ""
+    # Progress lines (stderr is not a terminal here), then the error in one line.
+    *progress, last = err.splitlines()
+    assert last.startswith(expected)
+    assert not [line for line in progress if not line.endswith(")")]
+    assert not (tmp_path / "out").exists()
 
 
 def test_sign_needs_name_and_version(

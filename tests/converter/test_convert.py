@@ -12,7 +12,10 @@ import pytest
 
 from edgefleet.bundle import BundlePolicy, build_bundle, verify_bundle
 from edgefleet.converter import Budget, ConvertOptions, convert
+from edgefleet.converter.errors import ConversionFailedError
 from edgefleet.drift import DriftReference
+from edgefleet.errors import UsageError
+from edgefleet.profiles import HOST_PROFILE_ENV, UnknownProfileError
 from tests.conftest import KeySet
 from tests.converter.conftest import Case
 
@@ -27,6 +30,8 @@ EXPECTED_FILES = {
     "report.txt",
     "edgefleet-bundle.json",
 }
+# Valid on x86_64-vnni for the digits MLP (dense) and CNN (convolutional), within budget.
+STATIC_QDQ = "static-qdq-u8s8-per-tensor-minmax"
 
 
 def options(case: Case, **overrides: object) -> ConvertOptions:
@@ -59,13 +64,124 @@ def test_cnn_gets_static_candidates_and_a_choice_within_budget(cnn: Case, tmp_pa
     )
     chosen = rows[report["chosen"]]
     assert chosen["verdict"].startswith("chosen")
+    assert report["decision"] == f"{chosen['name']} {chosen['verdict']}"
     float_row = rows["float"]
-    if chosen["name"] != "float":
-        assert chosen["latency_ms"] < float_row["latency_ms"]
-        assert float_row["metrics"]["accuracy"] - chosen["metrics"]["accuracy"] <= 1.0
-    # The float model goes along unchanged as the fallback.
-    assert (out / "model.float.onnx").read_bytes() == cnn.model.read_bytes()
+    assert float_row["metrics"]["accuracy"] - chosen["metrics"]["accuracy"] <= 1.0
+    # Every quantized candidate that ran was timed head to head with float, round by round.
+    for row in rows.values():
+        if row["name"] != "float" and row["error"] is None:
+            paired = row["paired_rounds"]
+            assert paired["rounds"] == len(paired["candidate_ms"]) == len(paired["float_ms"]) > 1
+            low, high = paired["interval"]
+            assert low <= paired["median_ratio"] == row["latency_ratio"] <= high
     assert result.chosen.candidate.name == report["chosen"]
+
+
+def test_pinned_quantized_candidate_ships_with_the_float_model_as_fallback(
+    cnn: Case, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    result = convert(cnn.model, out, options(cnn, candidate=STATIC_QDQ))
+    assert {p.name for p in out.iterdir()} == EXPECTED_FILES
+    report = report_of(out)
+    assert report["chosen"] == STATIC_QDQ and report["pinned"] is True
+    # Only the pinned candidate is quantized, and it is measured like any other.
+    assert [row["name"] for row in report["candidates"]] == ["float", STATIC_QDQ]
+    assert result.chosen.verdict.startswith("chosen: pinned; ")
+    assert "paired rounds" in result.chosen.verdict
+    assert (out / "model.float.onnx").read_bytes() == cnn.model.read_bytes()
+    assert "paired rounds" in (out / "report.txt").read_text()
+    assert json.loads((out / "edgefleet-bundle.json").read_text())["lineage"]["pinned"] is True
+
+
+def test_pinned_float_ships_one_copy_of_the_model(mlp: Case, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = convert(mlp.model, out, options(mlp, candidate="float"))
+    assert {p.name for p in out.iterdir()} == EXPECTED_FILES - {"model.float.onnx"}
+    assert (out / "model.onnx").read_bytes() == mlp.model.read_bytes()
+    assert result.chosen.verdict == "chosen: pinned"
+    assert [row["name"] for row in report_of(out)["candidates"]] == ["float"]
+
+
+def test_pinned_candidate_outside_the_budget_is_an_error_and_writes_nothing(
+    mlp: Case, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    impossible = options(mlp, candidate=STATIC_QDQ, budget=Budget(accuracy_drop=-50.0))
+    with pytest.raises(ConversionFailedError, match=f"pinned candidate {STATIC_QDQ}.*accuracy"):
+        convert(mlp.model, out, impossible)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_pinned_candidate_must_be_valid_for_model_and_target(mlp: Case, tmp_path: Path) -> None:
+    # QOperator with signed activations is never valid on x86; the message lists what is.
+    with pytest.raises(UsageError, match=f"not valid for a dense model.*{STATIC_QDQ}"):
+        convert(
+            mlp.model,
+            tmp_path / "out",
+            options(mlp, candidate="static-qoperator-s8s8-per-tensor-minmax"),
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_host_target_follows_the_forced_host_profile(
+    mlp: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # This machine may or may not have VNNI: the variable decides what `host` means.
+    monkeypatch.setenv(HOST_PROFILE_ENV, "x86_64-avx2")
+    convert(mlp.model, tmp_path / "out", options(mlp, target="host", candidate="float"))
+    assert report_of(tmp_path / "out")["target"] == "x86_64-avx2"
+    monkeypatch.setenv(HOST_PROFILE_ENV, "pentium-mmx")
+    with pytest.raises(UnknownProfileError, match=f"{HOST_PROFILE_ENV}='pentium-mmx'"):
+        convert(mlp.model, tmp_path / "out2", options(mlp, target="host", candidate="float"))
+
+
+def test_failed_symbolic_shape_inference_leaves_nothing_in_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    # Two inputs whose batch dimensions have different names meet in an Add: symbolic
+    # shape inference cannot merge them and fails; onnxruntime runs the model fine.
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"]),
+            helper.make_node("Add", ["h", "y"], ["out"]),
+        ],
+        "conflicting-dims",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16]),
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4]),
+        ],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 4])],
+        [numpy_helper.from_array(rng.normal(size=(16, 4)).astype(np.float32), "w")],
+    )
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    model = inputs / "conflicting.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    data = inputs / "data.npz"
+    np.savez(
+        data, x=rng.random((16, 16), dtype=np.float32), y=rng.random((16, 4), dtype=np.float32)
+    )
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    out = tmp_path / "out"
+    # Random weights and data: only the preprocessing is under test, not the accuracy.
+    any_fidelity = Budget(min_cosine=-1.0, min_top1_agreement=0.0)
+    pinned = ConvertOptions(
+        target="x86_64-vnni", calibration=data, budget=any_fidelity, candidate=STATIC_QDQ
+    )
+    convert(model, out, pinned)
+    notes = report_of(out)["notes"]
+    assert any(
+        n.startswith("symbolic shape inference and graph optimization failed") for n in notes
+    )
+    assert list(cwd.iterdir()) == []
 
 
 def test_smoke_test_reproduces_on_the_shipped_model(mlp: Case, tmp_path: Path) -> None:
@@ -173,7 +289,7 @@ def test_output_signs_into_a_bundle_that_verifies(
     mlp: Case, tmp_path: Path, keyset: KeySet, trust: object
 ) -> None:
     out = tmp_path / "out"
-    convert(mlp.model, out, options(mlp))
+    convert(mlp.model, out, options(mlp, candidate=STATIC_QDQ))
     bundle = tmp_path / "mlp.efb"
     manifest = build_bundle(out, bundle, name="digits-mlp", version="1.0.0", keys=[keyset.release])
     assert manifest.profiles == ["x86_64-vnni"]

@@ -72,7 +72,9 @@ def test_valid_bundle_verifies_and_extracts(
     tmp_path: Path, keyset: KeySet, trust: TrustRoot
 ) -> None:
     bundle = forge(tmp_path / "ok.efb", FILES, [keyset.release])
-    verified = verify_bundle(bundle, trust, BundlePolicy(profile="x86_64-avx2", security_floor=7))
+    verified = verify_bundle(
+        bundle, trust, BundlePolicy(profile="x86_64-avx2", security_floors={"demo": 7})
+    )
     assert verified.manifest.name == "demo"
     extract_bundle(bundle, tmp_path / "out", trust)
     assert (tmp_path / "out" / "model.onnx").read_bytes() == MODEL
@@ -192,6 +194,18 @@ def test_file_repeated_in_bundle_refused(
     members = [Member(n, d) for n, d in FILES.items()] + [Member("model.onnx", MODEL)]
     bundle = forge(tmp_path / "b.efb", FILES, [keyset.release], members=members)
     assert_refused(bundle, errors.DuplicateFileError)
+
+
+@pytest.mark.parametrize("inner", ["samples/inputs.npz/x", "samples/inputs.npz/deeper/x"])
+def test_file_that_is_also_a_directory_refused(
+    tmp_path: Path, keyset: KeySet, assert_refused: Refused, inner: str
+) -> None:
+    # Signed and well-formed, but no file system holds both: staging would fail mid-way.
+    files = {**FILES, inner: b"under a file"}
+    bundle = forge(tmp_path / "b.efb", files, [keyset.release])
+    assert_refused(bundle, errors.PathConflictError)
+    with pytest.raises(errors.PathConflictError, match=r"'samples/inputs\.npz' as a file"):
+        verify_bundle(bundle, make_trust_root(keyset))
 
 
 def test_file_of_other_length_refused(
@@ -315,15 +329,17 @@ def test_bundle_for_other_profile_refused(
 
 
 def test_release_counter_below_floor_refused(
-    tmp_path: Path, keyset: KeySet, assert_refused: Refused
+    tmp_path: Path, keyset: KeySet, trust: TrustRoot, assert_refused: Refused
 ) -> None:
     bundle = forge(tmp_path / "b.efb", FILES, [keyset.release], release_counter=7)
     assert_refused(
         bundle,
         errors.BelowSecurityFloorError,
-        policy=BundlePolicy(security_floor=8),
+        policy=BundlePolicy(security_floors={"demo": 8}),
         cli_args=["--floor", "8"],
     )
+    # A floor is per model name: another name's floor does not apply.
+    verify_bundle(bundle, trust, BundlePolicy(security_floors={"other": 8}))
 
 
 def test_bundle_for_newer_agent_refused(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from edgefleet.profiles import UnknownProfileError, all_profiles, host_profile
 from tests.clirun import Cli
 from tests.conftest import write_model_dir
 
@@ -58,7 +59,7 @@ def test_passphrase_encrypted_keys(
         "--version",
         "1.0.0",
         "--profile",
-        "p1",
+        "aarch64",
         "--key",
         tmp_path / "keys" / "release.key",
         "-o",
@@ -129,7 +130,7 @@ def test_build_refuses_symlink_and_leaves_nothing(tmp_path: Path, keydir: Path, 
         "--version",
         "1.0.0",
         "--profile",
-        "p1",
+        "aarch64",
         "--key",
         keydir / "release.key",
         "-o",
@@ -170,7 +171,7 @@ def test_build_refuses_bad_version(tmp_path: Path, keydir: Path, run: Cli) -> No
         "--version",
         "v1",
         "--profile",
-        "p1",
+        "aarch64",
         "--key",
         keydir / "release.key",
         "-o",
@@ -219,7 +220,7 @@ def test_rotation_keeps_old_version_and_devices_follow(
             "--version",
             "1.0.0",
             "--profile",
-            "p1",
+            "aarch64",
             "--key",
             key,
             "-o",
@@ -287,3 +288,63 @@ def test_installed_command_runs() -> None:
         [sys.executable, "-m", "edgefleet", "--help"], capture_output=True, text=True, check=True
     )
     assert "bundle" in result.stdout and "keys" in result.stdout
+
+
+def _build(run: Cli, src: Path, key: Path, output: Path, *profiles: str, status: int = 0) -> str:
+    args: list[str | Path] = ["bundle", "build", src, "--name", "demo", "--version", "1.0.0"]
+    for profile in profiles:
+        args += ["--profile", profile]
+    return run(*args, "--key", key, "-o", output, status=status)[1]
+
+
+def test_host_stands_for_this_machines_profile(tmp_path: Path, keydir: Path, run: Cli) -> None:
+    try:
+        host = host_profile().name
+    except UnknownProfileError:
+        pytest.skip("no shipped hardware profile matches this machine")
+    other = next(name for name in all_profiles() if name != host)
+    bundle = tmp_path / "demo.efb"
+    _build(run, write_model_dir(tmp_path / "src"), keydir / "release.key", bundle, "host", host)
+    trust: list[str | Path] = ["--trust", keydir / "trust.json"]
+    out, _ = run("bundle", "verify", bundle, *trust, "--profile", "host", "--json")
+    assert json.loads(out)["manifest"]["profiles"] == [host]  # resolved, and only once
+    _, err = run("bundle", "verify", bundle, *trust, "--profile", other, status=1)
+    assert err.startswith("refused [profile-mismatch]: ")
+
+
+def test_an_unknown_profile_is_unknown_not_a_mismatch(
+    tmp_path: Path, keydir: Path, run: Cli
+) -> None:
+    bundle = tmp_path / "demo.efb"
+    src = write_model_dir(tmp_path / "src")
+    err = _build(run, src, keydir / "release.key", bundle, "riscv-9000", status=2)
+    assert err.startswith("error [unknown-profile]: ") and "aarch64" in err
+    assert len(err.splitlines()) == 1 and not bundle.exists()
+    _build(run, src, keydir / "release.key", bundle, "aarch64")
+    _, err = run(
+        "bundle", "verify", bundle, "--trust", keydir / "trust.json", "--profile", "riscv-9000",
+        status=2,
+    )  # fmt: skip
+    assert err.startswith("error [unknown-profile]: ") and "aarch64" in err
+
+
+def test_usage_errors_are_one_line(run: Cli) -> None:
+    _, err = run("bundle", "verify", status=2)
+    assert err == "error [usage]: Missing argument 'FILE' (see 'edgefleet bundle verify -h')\n"
+    _, err = run("nope", status=2)
+    assert err == "error [usage]: No such command 'nope' (see 'edgefleet -h')\n"
+
+
+def test_a_missing_extra_is_named_when_a_command_needs_it(
+    tmp_path: Path, keydir: Path, run: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As on a device with only the agent extra: `server run` imports uvicorn when it runs.
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
+    monkeypatch.delitem(sys.modules, "edgefleet.server.runner", raising=False)
+    _, err = run(
+        "server", "run", "--trust", keydir / "trust.json", "--server-key",
+        keydir / "server.key", "--data", tmp_path / "data", status=2,
+    )  # fmt: skip
+    assert len(err.splitlines()) == 1 and "uvicorn" in err
+    assert err.startswith("error [missing-extra]: 'edgefleet server' needs the server extra (")
+    assert err.endswith("): pip install 'edgefleet[server]'\n")

@@ -30,6 +30,8 @@ from tests.conftest import PROFILE
 
 START = dt.datetime(2026, 3, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
 LATENCY_BOUNDS = [5.0, 10.0, 20.0, 50.0, 100.0]
+# The agent's COMMITTED reason when its health check saw no request (agent/install/health.py).
+IDLE_NOTE = "committed unchecked: no traffic in 60 s of health check"
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,8 @@ def existing_or_new_bundle(
 
 @dataclass
 class SimDevice:
-    """How one simulated device answers: "ok", "fail" or "silent" (never answers)."""
+    """How one simulated device answers: "ok", "fail", "silent" (never answers) or "idle"
+    (commits, but no traffic came to check the new version: the agent's note says so)."""
 
     behaviour: str = "ok"
     last_sequence: int = 0
@@ -257,7 +260,8 @@ class DeviceSimulator:
             device.previous_version = device.model_version
             device.model_name = bundle.name
             device.model_version = bundle.version
-        self._report(session, device, sim, "committed", directive, bundle.version)
+        note = IDLE_NOTE if sim.behaviour == "idle" else None
+        self._report(session, device, sim, "committed", directive, bundle.version, note)
 
     def _report(
         self,

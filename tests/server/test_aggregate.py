@@ -41,6 +41,13 @@ def test_bucket_start_refuses_an_empty_bucket() -> None:
         (100, 0, 20, "degraded"),
         (100, 21, 0, "failing"),
         (100, 3, 30, "failing"),
+        # A rate over at least 20 requests: one failed batch in a quiet window is 1/20.
+        (500, 1, 0, "ok"),
+        (1, 1, 0, "ok"),
+        (1, 0, 1, "ok"),
+        (2, 2, 0, "degraded"),
+        (5, 5, 0, "failing"),
+        (500, 120, 0, "failing"),
     ],
 )
 def test_health_from_the_worse_of_error_and_fallback_rate(

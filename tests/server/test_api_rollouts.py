@@ -101,3 +101,30 @@ def test_unknown_rollouts_are_404_and_bad_ids_422(api: Api) -> None:
     long_reason = api.post("/rollouts/1/pause", Role.OPERATOR, json={"reason": "x" * 5000})
     assert long_reason.status_code == 422
     assert api.post("/rollouts/1/pause", Role.OPERATOR, json={"why": "x"}).status_code == 422
+
+
+@pytest.mark.parametrize(
+    ("plan", "field"),
+    [
+        ('{"stages": [{"percent": Infinity}]}', "stages.0.percent"),
+        (
+            '{"stages": [{"percent": 100}], "gates": {"max_latency_p95_ratio": Infinity}}',
+            "gates.max_latency_p95_ratio",
+        ),
+        ('{"stages": [{"percent": 100, "gates": {"bake_s": NaN}}]}', "stages.0.gates.bake_s"),
+    ],
+)
+def test_a_plan_with_numbers_that_are_not_finite_is_refused(
+    api: Api, plan: str, field: str
+) -> None:
+    # Python's JSON parser, which the API's is, reads Infinity and NaN.
+    body = '{"bundle": "demo@1.2.3", "select": "site=berlin", "plan": ' + plan + "}"
+    response = api.post(
+        "/rollouts", Role.OPERATOR, content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    assert response.json() == {
+        "error": "invalid-request",
+        "detail": f"invalid plan: {field}: Input should be a finite number",
+    }
+    assert api.get("/rollouts").json() == []

@@ -18,6 +18,7 @@ from edgefleet.bundle import build_bundle
 from edgefleet.errors import (
     BadSignatureError,
     BundleError,
+    PathConflictError,
     TamperedFileError,
     TrustRootExpiredError,
     UnknownKeyError,
@@ -34,6 +35,7 @@ from edgefleet.server.principals import Principal, Role
 from edgefleet.timefmt import utcnow
 from edgefleet.trust import TrustRoot
 from tests.conftest import write_model_dir
+from tests.core.forge import forge
 from tests.server.conftest import PROFILE, KeySet, make_trust_root
 
 ALICE = Principal("alice", Role.OPERATOR)
@@ -220,6 +222,17 @@ def test_file_changed_after_signing_is_refused(
         handle.write(bytes([byte[0] ^ 0x01]))
     incoming = upload(store, bundle)
     with pytest.raises(TamperedFileError, match=r"model\.onnx"), sqlite_database.session() as s:
+        store.push(s, incoming, ALICE)
+    assert_nothing_stored(sqlite_database, store, incoming)
+
+
+def test_a_manifest_listing_a_file_and_a_path_inside_it_is_refused(
+    sqlite_database: Database, store: BundleStore, tmp_path: Path, keyset: KeySet
+) -> None:
+    # Signed by the release key, yet no device could stage it: `a` cannot also be a directory.
+    files = {"a": b"a file", "a/b": b"a file inside the file"}
+    incoming = upload(store, forge(tmp_path / "conflict.efb", files, [keyset.release]))
+    with pytest.raises(PathConflictError, match="'a' as a file"), sqlite_database.session() as s:
         store.push(s, incoming, ALICE)
     assert_nothing_stored(sqlite_database, store, incoming)
 

@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import threading
+import tracemalloc
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,8 +24,10 @@ from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 
+from edgefleet.server.plantext import MAX_PLAN_BYTES
 from tests.agent.broker import free_port
 from tests.clirun import Cli
+from tests.server.test_plan import billion_laughs
 
 TOKEN = "efa_" + "t" * 43
 
@@ -445,6 +448,34 @@ def test_rollout_start_refuses_a_plan_that_is_not_a_mapping(
             "rollout", "start", "--bundle", "demo@1", "--plan", plan, url=api.url, status=2
         )
         assert f"plan {plan}" in err
+    assert api.requests == []
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("stages: [{percent: .inf}]\n", "stages.0.percent: inf is not a finite number"),
+        ("stages: [{percent: 100}]\ngates: {bake_s: .nan}\n", "gates.bake_s: nan is not a"),
+        (billion_laughs(), "aliases (*name) are not allowed (line 3, column "),
+        ("stages: " + "[" * 20_000, "nested deeper than 16 levels"),
+        ("stages: [{percent: 100}]\n#" + "x" * MAX_PLAN_BYTES, "longer than 65536 bytes"),
+        ("stages: [{percent: 100, name: caf\xe9}]\n".encode("latin-1"), "not UTF-8 text"),
+    ],
+)
+def test_rollout_start_refuses_a_plan_no_server_would_take_in_one_line(
+    api: FakeApi, run: Run, tmp_path: Path, text: str | bytes, reason: str
+) -> None:
+    plan = tmp_path / "plan.yaml"
+    plan.write_bytes(text if isinstance(text, bytes) else text.encode())
+    tracemalloc.start()
+    try:
+        _, err = run("rollout", "start", "--bundle", "demo@1.2.3", "--plan", plan, url=api.url,
+                     status=2)  # fmt: skip
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error [usage]: plan {plan}: {reason}")
+    assert peak < 20 * 1024 * 1024  # an alias bomb expanded would take gigabytes
     assert api.requests == []
 
 

@@ -8,6 +8,7 @@ translation and its rendering meet the server's actual answers.
 
 from __future__ import annotations
 
+import socket
 import sys
 import types
 from collections.abc import Iterator
@@ -16,10 +17,12 @@ from pathlib import Path
 import pytest
 
 from edgefleet.server.db.database import Database
+from edgefleet.server.db.migrate import open_database
 from edgefleet.server.principals import Role
-from edgefleet.server.settings import ServerSettings
+from edgefleet.server.settings import ServerSettings, sqlite_url
 from edgefleet.server.tokens import authenticate
 from edgefleet.trust import TrustRoot
+from tests.agent.broker import free_port
 from tests.clirun import Cli
 from tests.server.apiclient import Api, make_api, serve
 
@@ -141,14 +144,16 @@ def test_rollout_start_status_pause_resume_abort(
 
 
 def test_token_create_prints_only_the_token(run: Cli, tmp_path: Path) -> None:
-    data = tmp_path / "fresh" / "data"  # not there yet: created, the database migrated
+    data = tmp_path / "data"
+    data.mkdir()
+    open_database(sqlite_url(data)).dispose()  # what `server run --data DIR` does first
     out, err = run(
         "server", "token", "create", "--role", "operator", "--name", "ci", "--data", data
     )
     secret = out.strip()
     assert out == secret + "\n" and secret.startswith("efa_")
     assert "not shown again" in err
-    db = Database(f"sqlite:///{data / 'server.db'}")
+    db = Database(sqlite_url(data))
     try:
         with db.session() as session:
             principal = authenticate(session, secret)
@@ -157,10 +162,49 @@ def test_token_create_prints_only_the_token(run: Cli, tmp_path: Path) -> None:
     assert (principal.name, principal.role) == ("ci", Role.OPERATOR)
 
     url = f"sqlite:///{tmp_path / 'other.db'}"
+    open_database(url).dispose()
     out, _ = run("server", "token", "create", "--role", "admin", "--name", "me", "--db", url)
     assert out.startswith("efa_") and out.strip() != secret
     _, err = run("server", "token", "create", "--role", "root", "--name", "x", status=2)
     assert "'root' is not one of" in err
+
+
+def test_token_create_never_creates_a_database(
+    run: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Run from another directory than the server's: a new database there would hold a
+    # token the running server never sees.
+    monkeypatch.chdir(tmp_path)
+    _, err = run("server", "token", "create", "--role", "admin", "--name", "me", status=2)
+    expected = tmp_path / "edgefleet-data" / "server.db"
+    assert err.splitlines() == [
+        f"error [usage]: no server database at {expected}: pass --data DIR (or --db URL) as "
+        "given to `edgefleet server run`; it creates the database"
+    ]
+    url = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    _, err = run("server", "token", "create", "--role", "admin", "--name", "me", "--db", url,
+                 status=2)  # fmt: skip
+    assert f"no server database at {tmp_path / 'elsewhere.db'}: " in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_server_run_with_its_port_taken_starts_nothing(run: Cli, tmp_path: Path) -> None:
+    run("keys", "init", tmp_path / "keys")
+    data = tmp_path / "data"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        _, err = run(
+            "server", "run", "--embedded-broker", "--mqtt-port", str(free_port()),
+            "--port", str(port), "--data", data, "--trust", tmp_path / "keys" / "trust.json",
+            "--server-key", tmp_path / "keys" / "server.key", status=2,
+        )  # fmt: skip
+    assert err.splitlines() == [
+        f"error [usage]: --port {port}: 127.0.0.1:{port} is already in use (another "
+        "server?): stop what listens there, or pass another --port"
+    ]
+    assert not data.exists()  # no database, no broker: nothing started before the check
 
 
 def test_token_create_migrates_a_fresh_postgresql_database(run: Cli, postgres_url: str) -> None:
@@ -183,7 +227,7 @@ def test_server_run_turns_flags_into_settings(
     trust.write_text("{}")
     key.write_text("")
     received: list[ServerSettings] = []
-    # The runner is the lead's: stand in for it with its interface, run_server(settings).
+    # The runner has tests of its own: stand in for it with its interface, run_server(settings).
     runner = types.ModuleType("edgefleet.server.runner")
     runner.run_server = received.append  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "edgefleet.server.runner", runner)

@@ -5,7 +5,11 @@ processes on one broker. The agents enroll themselves and sign every report;
 the operator pushes two signed bundles with the CLI, rolls 1.0.0 out with the
 smallest plan (`{percent: 34}, {percent: 100}`) and watches it complete, then
 starts 1.1.0, aborts it after the canary stage, and sees the canary rolled
-back to 1.0.0 while the others never left it.
+back to 1.0.0 while the others never left it. Then a hotfix 1.0.1, numbered
+between the rolled-back and the aborted release and stating the security floor
+1.0.1, rolls out to every device, the canary included (an abort never leaves a
+floor behind); the devices report the floor, and the server refuses to roll
+1.0.0 out again.
 """
 
 from __future__ import annotations
@@ -105,9 +109,6 @@ def test_rollout_to_real_agents_completes_then_abort_rolls_back(
     )  # fmt: skip
     agents: list[subprocess.Popen[bytes]] = []
     try:
-        token = cli("server", "token", "create", "--role", "operator", "--name", "ops",
-                    "--data", data).stdout.strip()  # fmt: skip
-        env = {"EDGEFLEET_SERVER": server_url, "EDGEFLEET_TOKEN": token}
 
         def health() -> bool:
             assert server.poll() is None, stop(server)
@@ -117,7 +118,10 @@ def test_rollout_to_real_agents_completes_then_abort_rolls_back(
             except OSError:
                 return False
 
-        assert wait_until(health), stop(server)
+        assert wait_until(health), stop(server)  # it has created its database
+        token = cli("server", "token", "create", "--role", "operator", "--name", "ops",
+                    "--data", data).stdout.strip()  # fmt: skip
+        env = {"EDGEFLEET_SERVER": server_url, "EDGEFLEET_TOKEN": token}
         for release in releases.releases[:2]:
             cli("bundles", "push", release, env=env)
 
@@ -167,6 +171,40 @@ def test_rollout_to_real_agents_completes_then_abort_rolls_back(
         )
         assert wait_until(lambda: fleet()[canary]["model_version"] == "1.0.0"), fleet()
         assert all(d["model_version"] == "1.0.0" for d in fleet().values())
+
+        # The hotfix: between 1.0.0 (rolled back to) and 1.1.0 (aborted), for every device.
+        save_private_key(tmp_path / "release.key", keyset.release)
+        hotfix = tmp_path / "demo-1.0.1.efb"
+        cli("bundle", "build", releases.model_dir, "--name", "demo", "--version", "1.0.1",
+            "--key", tmp_path / "release.key", "--security-floor", "1.0.1",
+            "-o", hotfix)  # fmt: skip
+        cli("bundles", "push", hotfix, env=env)
+        plan.write_text("stages: [{percent: 34}, {percent: 100}]\ngates: {bake_s: 1}\n")
+        third = json.loads(
+            cli(
+                "rollout", "start", "--bundle", "demo@1.0.1", "--plan", plan, "--json", env=env
+            ).stdout
+        )["id"]
+        watched = cli("rollout", "status", str(third), "--watch", "--interval", "1", env=env)
+        assert "completed" in watched.stdout
+        assert wait_until(lambda: all(d["model_version"] == "1.0.1" for d in fleet().values())), (
+            fleet()
+        )
+        floor = {"demo": 1_000_000_000_001}  # 1.0.1 as a release counter
+        assert wait_until(lambda: all(d["security_floors"] == floor for d in fleet().values())), (
+            fleet()
+        )
+        again = subprocess.run(
+            [sys.executable, "-m", "edgefleet", "rollout", "start", "--bundle", "demo@1.0.0",
+             "--plan", str(plan)],
+            capture_output=True, text=True, timeout=120, env={**os.environ, **env},
+        )  # fmt: skip
+        assert again.returncode == 2, again
+        assert again.stderr.startswith(
+            "error [conflict]: 3 selected device(s) have a security floor for demo above "
+            "demo@1.0.0 (release counter 1000000000000)"
+        ), again.stderr
+        assert again.stderr.count("\n") == 1, again.stderr
 
         admin = cli("server", "token", "create", "--role", "admin", "--name", "root",
                     "--data", data).stdout.strip()  # fmt: skip

@@ -279,6 +279,23 @@ def test_health_follows_the_newest_window(
     assert device_row(database, dev.id).health == "degraded"
 
 
+def test_health_is_weighed_by_the_requests_of_the_window(
+    ingestor: Ingestor, database: Database, devices: list[SimDevice]
+) -> None:
+    dev = devices[2]
+    windows = [
+        (500, 1, "ok"),  # one failure among many
+        (1, 1, "ok"),  # one failed batch in a quiet window: not a failing device
+        (100, 60, "failing"),
+    ]
+    for minute, (requests, errors, health) in enumerate(windows):
+        start = T0 + dt.timedelta(minutes=minute)
+        window = telemetry(dev, start, requests=requests, errors=errors)
+        ingestor.handle(*signed(dev, TopicKind.TELEMETRY, window))
+        ingestor.flush()
+        assert device_row(database, dev.id).health == health
+
+
 def test_presence_sets_online_and_offline(
     ingestor: Ingestor, database: Database, devices: list[SimDevice]
 ) -> None:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
+import re
+import time
+import tracemalloc
 
 import pytest
 
 from edgefleet.server.errors import InvalidRequestError
+from edgefleet.server.plantext import MAX_PLAN_BYTES
 from edgefleet.server.rollouts.plan import (
-    MAX_PLAN_BYTES,
     GateOverrides,
     Gates,
     Plan,
@@ -164,6 +168,71 @@ def test_oversized_plan_text_is_refused_before_parsing() -> None:
     text = "stages: [{percent: 100}]\n#" + "x" * MAX_PLAN_BYTES
     with pytest.raises(InvalidRequestError, match="longer than"):
         load_plan(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("stages: [{percent: .inf}]", "stages.0.percent: inf is not a finite number"),
+        ("stages: [{percent: 100}]\ngates: {bake_s: .nan}", "gates.bake_s: nan is not a finite"),
+        (
+            "stages: [{percent: 100}]\ngates: {max_latency_p95_ratio: 1.0e+999}",
+            "gates.max_latency_p95_ratio: inf is not",
+        ),
+        ("stages: [{percent: 100, name: 2026-01-01}]", "stages.0.name: a date is not plan data"),
+    ],
+)
+def test_numbers_that_are_not_finite_and_yaml_only_values_are_refused(
+    text: str, where: str
+) -> None:
+    with pytest.raises(InvalidRequestError, match=f"^invalid plan: {re.escape(where)}"):
+        load_plan(text)
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        ({"stages": [{"percent": math.inf}]}, "stages.0.percent"),
+        (
+            {"stages": [{"percent": 100}], "gates": {"max_latency_p95_ratio": math.inf}},
+            "gates.max_latency_p95_ratio",
+        ),
+        ({"stages": [{"percent": 100, "gates": {"bake_s": math.nan}}]}, "stages.0.gates.bake_s"),
+    ],
+)
+def test_a_json_body_with_infinite_numbers_is_refused_naming_the_field(
+    raw: dict[str, object], field: str
+) -> None:
+    # The API's JSON parser accepts Infinity and NaN: the plan's own fields refuse them.
+    with pytest.raises(InvalidRequestError, match=f"^invalid plan: {re.escape(field)}: .*finite"):
+        plan_from_dict(json.loads(json.dumps(raw)))
+
+
+def billion_laughs(levels: int = 9) -> str:
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for level in range(1, levels + 1):
+        refs = ", ".join([f"*a{level - 1}"] * 10)
+        lines.append(f"a{level}: &a{level} [{refs}]")
+    return "stages: [{percent: 100}]\n" + "\n".join(lines) + "\n"
+
+
+def test_yaml_aliases_are_refused_before_they_expand() -> None:
+    text = billion_laughs()  # 10^9 strings once expanded; under a kilobyte as text
+    assert len(text) < 1024
+    started = time.process_time()
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidRequestError, match=r"aliases \(\*name\) are not allowed"):
+            load_plan(text)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert time.process_time() - started < 5 and peak < 10 * 1024 * 1024
+
+
+def test_deep_nesting_is_refused() -> None:
+    with pytest.raises(InvalidRequestError, match="nested deeper than"):
+        load_plan("stages: " + "[" * 30_000)
 
 
 def test_plan_from_dict_refuses_what_is_not_a_mapping() -> None:

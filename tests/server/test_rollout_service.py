@@ -138,6 +138,34 @@ def test_second_active_rollout_of_a_bundle_name_is_refused(database: Database) -
             )
 
 
+def test_start_refuses_a_bundle_below_a_selected_devices_floor_for_its_name(
+    database: Database,
+) -> None:
+    _fleet(database)  # demo@2.0.0 has release counter 1
+    floors = {
+        "dev-1": {"demo": 5},
+        "dev-3": {"demo": 9},
+        "dev-0": {"m2": 50},  # another name's floor holds nothing back
+        "dev-4": {"demo": 1},  # at the floor: accepted
+        "dev-5": {"demo": 7},  # in paris: not selected below
+    }
+    with database.session() as session:
+        for device_id, floor in floors.items():
+            row = session.get(Device, device_id)
+            assert row is not None
+            row.security_floors = floor
+    with pytest.raises(ConflictError) as refused:
+        _start(database, selector={"site": "berlin"})
+    assert str(refused.value).startswith(
+        "2 selected device(s) have a security floor for demo above demo@2.0.0 "
+        "(release counter 1), e.g. dev-1 at 5"
+    )
+    with database.session() as session:
+        assert session.scalar(select(func.count()).select_from(Rollout)) == 0
+        session.get(Device, "dev-5").security_floors = None  # type: ignore[union-attr]
+    _start(database, selector={"site": "paris"})  # dev-4 at its floor, dev-5 reports none
+
+
 def test_devices_in_another_active_rollout_are_refused(database: Database) -> None:
     _fleet(database)
     rid = _start(database, {"stages": [{"percent": 100}]}, selector={"site": "berlin"})

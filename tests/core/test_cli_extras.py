@@ -1,0 +1,283 @@
+"""Every command, with any subset of the extras installed, ends in one line and 0, 1 or 2.
+
+The package is installed into fresh virtual environments (no system site
+packages, so nothing leaks in): the core alone, and the core with the agent
+extra. Each runs every command of the click tree with plausible arguments; a
+command of a group whose extra is missing must say which extra to install.
+The test environment itself (every extra) runs the same commands.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import venv
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+import pytest
+
+from edgefleet.cli import COMMANDS, cli
+
+REPO = Path(__file__).resolve().parents[2]
+SOURCES = ("pyproject.toml", "README.md", "edgefleet", "agent", "server", "converter", "hardware")
+ERROR_LINE = re.compile(r"^(error|refused) \[[a-z0-9-]+\]: \S")
+
+
+def plausible_args(work: Path, free_port: int) -> dict[str, list[str]]:
+    """Arguments a user could well type, for every command (keyed by its path)."""
+    keys = work / "keys"
+    trust = str(keys / "trust.json")
+    bundle = str(work / "demo.efb")
+    config = str(work / "agent.toml")
+    return {
+        "keys init": ["keys", "init", str(work / "keys2")],
+        "keys generate": ["keys", "generate", "-o", str(work / "spare.key")],
+        "keys show": ["keys", "show", trust],
+        "keys rotate": [
+            "keys",
+            "rotate",
+            "--trust",
+            trust,
+            "--root-key",
+            str(keys / "root.key"),
+            "--add-release",
+            str(work / "extra.pub"),
+        ],
+        "bundle build": [
+            "bundle",
+            "build",
+            str(work / "model"),
+            "--name",
+            "demo",
+            "--version",
+            "1.1.0",
+            "--profile",
+            "host",
+            "--key",
+            str(keys / "release.key"),
+            "-o",
+            str(work / "demo2.efb"),
+        ],
+        "bundle verify": ["bundle", "verify", bundle, "--trust", trust, "--profile", "aarch64"],
+        "bundle inspect": ["bundle", "inspect", bundle],
+        "targets list": ["targets", "list"],
+        "targets show": ["targets", "show", "host"],
+        "agent init": [
+            "agent",
+            "init",
+            "--device-id",
+            "cam-1",
+            "--trust",
+            trust,
+            "--profile",
+            "host",
+            "--state-dir",
+            str(work / "state"),
+            "-o",
+            config,
+        ],
+        "agent status": ["agent", "status", "--config", config],
+        "agent install": ["agent", "install", bundle, "--config", config],
+        "agent rollback": ["agent", "rollback", "--config", config],
+        "agent predict": ["agent", "predict", "--input", str(work / "x.npy"), "--config", config],
+        "agent enroll": ["agent", "enroll", "--config", config],
+        "agent run": ["agent", "run", "--config", str(work / "no-such-agent.toml")],
+        "convert": [
+            "convert",
+            str(work / "model" / "model.onnx"),
+            "--target",
+            "host",
+            "--calibration",
+            str(work / "cal.npz"),
+            "-o",
+            str(work / "c.efb"),
+        ],
+        # The release key is no server key: with every extra it stops before serving.
+        "server run": [
+            "server",
+            "run",
+            "--trust",
+            trust,
+            "--server-key",
+            str(keys / "release.key"),
+            "--data",
+            str(work / "server"),
+            "--port",
+            str(free_port),
+        ],
+        "server token create": [
+            "server",
+            "token",
+            "create",
+            "--role",
+            "admin",
+            "--name",
+            "me",
+            "--data",
+            str(work / "server"),
+        ],
+        "bundles push": ["bundles", "push", bundle],
+        "bundles list": ["bundles", "list"],
+        "bundles show": ["bundles", "show", "demo@1.0.0"],
+        "devices list": ["devices", "list"],
+        "devices show": ["devices", "show", "cam-1"],
+        "devices remove": ["devices", "remove", "cam-1"],
+        "devices enroll-token": ["devices", "enroll-token", "--ttl", "2h"],
+        "rollout start": [
+            "rollout",
+            "start",
+            "--bundle",
+            "demo@1.0.0",
+            "--plan",
+            str(work / "plan.yaml"),
+        ],
+        "rollout status": ["rollout", "status", "1"],
+        "rollout list": ["rollout", "list"],
+        "rollout pause": ["rollout", "pause", "1"],
+        "rollout resume": ["rollout", "resume", "1"],
+        "rollout abort": ["rollout", "abort", "1", "--reason", "test"],
+    }
+
+
+def command_paths() -> set[str]:
+    """Every leaf command of the `edgefleet` tree (this environment has every extra)."""
+    ctx = click.Context(cli)
+
+    def walk(command: click.Command, path: list[str]) -> Iterator[str]:
+        if isinstance(command, click.Group):
+            for name in command.list_commands(ctx):
+                sub = command.get_command(ctx, name)
+                assert sub is not None
+                yield from walk(sub, [*path, name])
+        else:
+            yield " ".join(path)
+
+    return set(walk(cli, []))
+
+
+def test_every_command_has_plausible_args(tmp_path: Path) -> None:
+    assert set(plausible_args(tmp_path, 1)) == command_paths()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The package built once from a copy of the sources (the tree stays untouched)."""
+    source = tmp_path_factory.mktemp("source")
+    for name in SOURCES:
+        origin = REPO / name
+        if origin.is_dir():
+            shutil.copytree(origin, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(origin, source / name)
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", out, f"{source}/"],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    (built,) = out.glob("edgefleet-*.whl")
+    return built
+
+
+def _fresh_venv(where: Path, requirement: str) -> Path:
+    venv.create(where, with_pip=True)  # no system site packages: only what is installed here
+    python = where / "bin" / "python"
+    subprocess.run(
+        [python, "-m", "pip", "install", "--quiet", requirement],
+        check=True,
+        capture_output=True,
+        timeout=900,
+    )
+    return python
+
+
+def _run(python: Path | str, args: list[str], work: Path) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "EDGEFLEET_SERVER": "http://127.0.0.1:9",  # nothing listens there
+        "EDGEFLEET_TOKEN": "efa_" + "x" * 43,
+    }
+    return subprocess.run(
+        [python, "-m", "edgefleet", *args],
+        capture_output=True,
+        text=True,
+        cwd=work,
+        env=env,
+        timeout=300,
+    )
+
+
+def _prepare(python: Path | str, work: Path) -> None:
+    """Keys, a model directory, a bundle, a plan: made with the environment's own core."""
+    model = work / "model"
+    model.mkdir()
+    (model / "model.onnx").write_bytes(b"not really a model")
+    (model / "notes.txt").write_text("release notes\n")
+    (work / "x.npy").write_bytes(b"not an array")
+    (work / "cal.npz").write_bytes(b"not an archive")
+    (work / "plan.yaml").write_text("stages: [{percent: 100}]\n")
+    keys = work / "keys"
+    for args in (
+        ["keys", "init", str(keys)],
+        ["keys", "generate", "-o", str(work / "extra.key")],
+        ["bundle", "build", str(model), "--name", "demo", "--version", "1.0.0", "--profile",
+         "aarch64", "--key", str(keys / "release.key"), "-o", str(work / "demo.efb")],
+    ):  # fmt: skip
+        made = _run(python, args, work)
+        assert made.returncode == 0, made.stderr
+
+
+def _check_every_command(python: Path | str, installed: set[str], work: Path) -> None:
+    _prepare(python, work)
+    failures = []
+    for path, args in plausible_args(work, _free_port()).items():
+        result = _run(python, args, work)
+        lines = result.stderr.strip().splitlines()
+        extra = COMMANDS[path.split()[0]].extra
+        problem = None
+        if "Traceback" in result.stdout + result.stderr:
+            problem = "a traceback"
+        elif result.returncode not in (0, 1, 2):
+            problem = f"exit status {result.returncode}"
+        elif result.returncode != 0 and not (len(lines) == 1 and ERROR_LINE.match(lines[0])):
+            problem = "not one error line"
+        elif (
+            extra is not None
+            and extra not in installed
+            and (result.returncode != 2 or f"pip install 'edgefleet[{extra}]'" not in result.stderr)
+        ):
+            problem = f"does not name the missing {extra} extra"
+        if problem:
+            failures.append(f"{path}: {problem} (exit {result.returncode})\n{result.stderr}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("extras", "installed"), [("", set()), ("[agent]", {"agent"})], ids=["core", "agent"]
+)
+def test_every_command_ends_in_one_line_without_extras(
+    wheel: Path, tmp_path: Path, extras: str, installed: set[str]
+) -> None:
+    python = _fresh_venv(tmp_path / "venv", f"{wheel}{extras}")
+    work = tmp_path / "work"
+    work.mkdir()
+    _check_every_command(python, installed, work)
+
+
+@pytest.mark.slow
+def test_every_command_ends_in_one_line_with_every_extra(tmp_path: Path) -> None:
+    _check_every_command(sys.executable, {"agent", "server", "converter"}, tmp_path)
