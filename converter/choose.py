@@ -9,14 +9,17 @@ alike, so a ratio survives it where two separate latencies do not.
 - Only candidates that meet the accuracy budget and produced finite outputs count.
 - `latency` (default): a candidate must be clearly faster than the float model:
   the upper end of its interval at most 1 - MIN_SPEEDUP (at least 12 of 15
-  rounds at that speed or better). Among those, the fastest (by `latency_ms`,
-  the median of its per-round times); candidates as fast as it (within
-  LATENCY_TIE) are told apart by accuracy, then size, then name, which do not
-  vary from run to run. Candidates are ranked by their own time rather than by
-  their ratio to float because load slows the float model and an int8 model
-  unequally: measured at different moments, equally fast candidates get ratios
-  far apart, while their own times stay close. Otherwise the float model ships and the report says
-  why. A quantized model not clearly faster than float is never shipped.
+  rounds at that speed or better). Among those, the fastest structure (the
+  quantized operators; its calibration variants run at one speed and are
+  timed together, by their fastest run over all rounds); structures
+  as fast as it (within LATENCY_TIE) and the calibration variants of each are
+  told apart by accuracy, then size, then name, which do not vary from run to
+  run. Candidates are ranked by their own time rather than by their ratio to
+  float because load slows the float model and an int8 model unequally:
+  measured at different moments, equally fast candidates get ratios far
+  apart, while their own times stay close. Otherwise the float model ships and
+  the report says why. A quantized model not clearly faster than float is
+  never shipped.
 - `size`: the smallest of those, if smaller than the float model; ties go to
   the faster.
 - A pinned candidate (ConvertOptions.candidate) is shipped if it meets the
@@ -26,6 +29,7 @@ alike, so a ratio survives it where two separate latencies do not.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -82,6 +86,12 @@ class PairedTiming:
             k += 1
         k = max(k, 1)
         return ratios[k - 1], ratios[n - k]
+
+    @property
+    def best_ms(self) -> float:
+        """The candidate's fastest run over all rounds: what load, which only adds time,
+        disturbs least; candidates are ranked by it."""
+        return min(self.candidate_ms)
 
     @property
     def rounds_faster(self) -> int:
@@ -145,23 +155,53 @@ def _speed(evaluation: Evaluation) -> str:
     return evaluation.timing.describe() if evaluation.timing is not None else "not timed"
 
 
-def _as_fast(evaluation: Evaluation, fastest: Evaluation) -> bool:
-    assert evaluation.latency_ms is not None and fastest.latency_ms is not None
-    return evaluation.latency_ms <= fastest.latency_ms * (1 + LATENCY_TIE)
+def _structure(evaluation: Evaluation) -> str:
+    """The candidate's name without its calibration method: the operators it runs."""
+    return dataclasses.replace(evaluation.candidate, calibration=None).name
+
+
+def _quality(evaluation: Evaluation) -> tuple[float, int, str]:
+    """Sort key among equally fast candidates: more accurate, then smaller, then by name."""
+    return (-accuracy_score(evaluation), evaluation.size_bytes, evaluation.candidate.name)
 
 
 def speed_ranking(timed: list[Evaluation]) -> list[Evaluation]:
     """Timed evaluations, fastest first, in an order that timing noise barely moves.
 
-    Those as fast as the fastest (`_as_fast`) come first, by accuracy, then size,
-    then name; the others follow by latency.
+    A candidate's time is its fastest run (`PairedTiming.best_ms`). Candidates
+    of one structure (the same quantized operators, calibrated by different
+    methods) run at one speed: they are timed together (the fastest of their
+    runs) and ordered among themselves by `_quality` alone. Structures
+    within LATENCY_TIE of the fastest count as equally fast and come first,
+    ordered by their best candidate's quality; the others follow by time.
     """
-    if not timed:
+    groups: dict[str, list[Evaluation]] = {}
+    for evaluation in timed:
+        groups.setdefault(_structure(evaluation), []).append(evaluation)
+    for members in groups.values():
+        members.sort(key=_quality)
+    group_ms = {key: min(_best_ms(e) for e in members) for key, members in groups.items()}
+    by_time = sorted(groups, key=lambda key: (group_ms[key], key))
+    if not by_time:
         return []
-    by_latency = sorted(timed, key=lambda e: (e.latency_ms or 0.0, e.candidate.name))
-    tied = [e for e in by_latency if _as_fast(e, by_latency[0])]
-    tied.sort(key=lambda e: (-accuracy_score(e), e.size_bytes, e.candidate.name))
-    return tied + [e for e in by_latency if e not in tied]
+    fastest_ms = group_ms[by_time[0]]
+    tied = [key for key in by_time if group_ms[key] <= fastest_ms * (1 + LATENCY_TIE)]
+    tied.sort(key=lambda key: _quality(groups[key][0]))
+    order = tied + [key for key in by_time if key not in tied]
+    return [evaluation for key in order for evaluation in groups[key]]
+
+
+def _best_ms(evaluation: Evaluation) -> float:
+    if evaluation.timing is not None:
+        return evaluation.timing.best_ms
+    return evaluation.latency_ms or 0.0
+
+
+def _rejection(evaluation: Evaluation, chosen: Evaluation) -> str:
+    if _structure(evaluation) == _structure(chosen):
+        return "the same operators, less accurate or larger"
+    as_fast = _best_ms(evaluation) <= _best_ms(chosen) * (1 + LATENCY_TIE)
+    return "as fast, less accurate or larger" if as_fast else "slower"
 
 
 def _choose_latency(usable: list[Evaluation]) -> tuple[Evaluation | None, str]:
@@ -177,7 +217,7 @@ def _choose_latency(usable: list[Evaluation]) -> tuple[Evaluation | None, str]:
     ranked = speed_ranking(fast)
     chosen = ranked[0]
     for evaluation in ranked[1:]:
-        why = "as fast, less accurate or larger" if _as_fast(evaluation, chosen) else "slower"
+        why = _rejection(evaluation, chosen)
         evaluation.verdict = f"rejected: {why} than {chosen.candidate.name}: {_speed(evaluation)}"
     return chosen, ""
 

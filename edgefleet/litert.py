@@ -13,12 +13,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgefleet.extras import install_hint
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
     import numpy as np
 
-MISSING = "TFLite models need LiteRT: pip install 'edgefleet[tflite]'"
+MISSING = "TFLite models need LiteRT: " + install_hint("tflite")
 
 
 def interpreter_class() -> tuple[Any, str]:

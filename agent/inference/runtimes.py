@@ -33,6 +33,7 @@ import numpy as np
 from edgefleet.agent.errors import InferenceError
 from edgefleet.agent.inference.watchdog import Watchdog, shared_watchdog
 from edgefleet.bundlefiles import FALLBACK_ONNX, SERVED_ONNX, SERVED_TFLITE
+from edgefleet.extras import install_hint
 from edgefleet.litert import LiteRTModel
 
 Which = Literal["served", "fallback"]
@@ -89,9 +90,7 @@ class OnnxRunner:
         try:
             import onnxruntime as ort
         except ImportError as exc:
-            raise InferenceError(
-                "ONNX models need onnxruntime: pip install 'edgefleet[agent]'"
-            ) from exc
+            raise InferenceError("ONNX models need onnxruntime: " + install_hint("agent")) from exc
         self.path = Path(path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = runtime_threads(threads)

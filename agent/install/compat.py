@@ -18,6 +18,7 @@ from edgefleet.agent.install.interfaces import Host
 from edgefleet.bundle import Manifest
 from edgefleet.bundlefiles import SERVED_MODELS, SERVED_ONNX, SERVED_TFLITE
 from edgefleet.errors import LocalError
+from edgefleet.extras import install_hint
 from edgefleet.profiles import load_profile
 
 # The runtime a served file needs: the profile's name for it and the modules that provide it.
@@ -70,10 +71,10 @@ def check_runtime(served_model: str, profile_name: str, host: Host) -> str:
     for module in modules:
         if host.has_module(module):
             return module
-    extra = "edgefleet[tflite]" if runtime == "tflite" else "edgefleet[agent]"
+    extra = "tflite" if runtime == "tflite" else "agent"
     raise CompatibilityError(
         f"{served_model} needs {runtime} ({' or '.join(modules)}), which is not installed: "
-        f"pip install '{extra}'"
+        + install_hint(extra)
     )
 
 

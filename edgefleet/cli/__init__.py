@@ -16,6 +16,7 @@ import click
 
 from edgefleet import __version__
 from edgefleet.cli.errors import MissingExtraError, run_with_error_handling
+from edgefleet.extras import install_hint
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,7 @@ def _missing_extra(group: str | None, exc: ImportError) -> MissingExtraError | N
     if entry is None or entry.extra is None or (exc.name or "edgefleet").startswith("edgefleet"):
         return None
     return MissingExtraError(
-        f"'edgefleet {group}' needs the {entry.extra} extra ({exc}): "
-        f"pip install 'edgefleet[{entry.extra}]'"
+        f"'edgefleet {group}' needs the {entry.extra} extra ({exc}): " + install_hint(entry.extra)
     )
 
 

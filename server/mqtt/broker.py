@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edgefleet.extras import install_hint
 from edgefleet.mqtt.messages import MAX_MESSAGE_BYTES
 from edgefleet.server.errors import BrokerError
 
@@ -97,7 +98,7 @@ class EmbeddedBroker:
             from iotcore import Broker  # optional: only the embedded broker needs it
         except ImportError as exc:
             raise BrokerError(
-                "the embedded broker needs the iotcore package: pip install 'edgefleet[server]'"
+                "the embedded broker needs the iotcore package: " + install_hint("server")
             ) from exc
         directory = self._config_dir
         if directory is None:

@@ -84,7 +84,7 @@ def test_the_wheel_with_the_agent_extra_alone_installs_and_runs(tmp_path: Path) 
         cwd=tmp_path,
     )
     assert refused.returncode != 0
-    assert "pip install 'edgefleet[converter]'" in refused.stderr
+    assert "pip install '.[converter]'" in refused.stderr
     targets = subprocess.run(
         [prefix / "bin" / "edgefleet", "targets", "list"],
         check=True,

@@ -327,5 +327,6 @@ def test_state_file_written_before_shadow_installs_is_read(serving_two: Device) 
     path.write_text(json.dumps({**raw, "format": 1, "security_floor": 1_000_001_000_000}))
     status = serving_two.reboot().installer.resume()
     assert status.state is State.COMMITTED and status.challenger is None
-    assert status.security_floors == {"demo": 1_000_001_000_000}  # the served name's
+    # The served name's, lowered to its previous version (1.0.0) so it can still roll back.
+    assert status.security_floors == {"demo": 1_000_000_000_000}
     assert load_state(path).format == 3  # read as format 3 without a challenger

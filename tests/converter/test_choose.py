@@ -100,7 +100,7 @@ def test_same_measurements_give_the_same_choice_in_any_order() -> None:
             baseline(),
             evaluation(STATIC, rounds(0.31, spikes={4: 3.0}), accuracy=97.9),
             evaluation(OTHER, rounds(0.30, spikes={9: 3.0}), accuracy=97.9, size=90),
-            evaluation(replace(STATIC, calibration="Entropy"), rounds(0.45), accuracy=98.5),
+            evaluation(replace(OTHER, quant_format="QDQ"), rounds(0.45), accuracy=98.5),
         ]
 
     chosen = set()
@@ -119,6 +119,21 @@ def test_equally_fast_candidates_go_to_the_more_accurate_whichever_measured_fast
         as_fast = evaluation(OTHER, rounds(other_ratio), accuracy=98.0)
         assert choose([base, fast, as_fast], "latency") is as_fast
         assert fast.verdict.startswith("rejected: as fast, less accurate or larger than")
+
+
+def test_calibrations_of_one_structure_never_compete_on_speed() -> None:
+    # Percentile and Entropy of one structure run the same operators: whichever measured
+    # faster (here far beyond the tie margin), the more accurate ships.
+    percentile = replace(STATIC, calibration="Percentile")
+    entropy = replace(STATIC, calibration="Entropy")
+    for percentile_ratio, entropy_ratio in ((0.30, 0.45), (0.45, 0.30)):
+        base = baseline()
+        more_accurate = evaluation(percentile, rounds(percentile_ratio), accuracy=98.3)
+        less_accurate = evaluation(entropy, rounds(entropy_ratio), accuracy=98.1)
+        assert choose([base, less_accurate, more_accurate], "latency") is more_accurate
+        assert less_accurate.verdict.startswith(
+            f"rejected: the same operators, less accurate or larger than {percentile.name}"
+        )
 
 
 def test_paired_timing_interval_and_counts() -> None:

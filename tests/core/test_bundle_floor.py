@@ -12,17 +12,6 @@ from tests.clirun import Cli
 from tests.conftest import write_model_dir
 
 
-@pytest.fixture
-def run(capsys: pytest.CaptureFixture[str]) -> Cli:
-    return Cli(capsys)
-
-
-@pytest.fixture
-def keydir(tmp_path: Path, run: Cli) -> Path:
-    run("keys", "init", tmp_path / "keys")
-    return tmp_path / "keys"
-
-
 def build(run: Cli, keydir: Path, out: Path, version: str, *extra: str, status: int = 0) -> str:
     src = write_model_dir(out.parent / f"src-{out.stem}")
     _, err = run(

@@ -11,20 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from edgefleet.extras import install_hint
 from edgefleet.profiles import UnknownProfileError, all_profiles, host_profile
 from tests.clirun import Cli
 from tests.conftest import write_model_dir
-
-
-@pytest.fixture
-def run(capsys: pytest.CaptureFixture[str]) -> Cli:
-    return Cli(capsys)
-
-
-@pytest.fixture
-def keydir(tmp_path: Path, run: Cli) -> Path:
-    run("keys", "init", tmp_path / "keys")
-    return tmp_path / "keys"
 
 
 def test_keys_init_writes_keys_and_trust_root(keydir: Path, run: Cli) -> None:
@@ -347,4 +337,4 @@ def test_a_missing_extra_is_named_when_a_command_needs_it(
     )  # fmt: skip
     assert len(err.splitlines()) == 1 and "uvicorn" in err
     assert err.startswith("error [missing-extra]: 'edgefleet server' needs the server extra (")
-    assert err.endswith("): pip install 'edgefleet[server]'\n")
+    assert err.endswith(f"): {install_hint('server')}\n")

@@ -23,6 +23,7 @@ import click
 import pytest
 
 from edgefleet.cli import COMMANDS, cli
+from edgefleet.extras import install_hint
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCES = ("pyproject.toml", "README.md", "edgefleet", "agent", "server", "converter", "hardware")
@@ -257,7 +258,7 @@ def _check_every_command(python: Path | str, installed: set[str], work: Path) ->
         elif (
             extra is not None
             and extra not in installed
-            and (result.returncode != 2 or f"pip install 'edgefleet[{extra}]'" not in result.stderr)
+            and (result.returncode != 2 or install_hint(extra) not in result.stderr)
         ):
             problem = f"does not name the missing {extra} extra"
         if problem:
