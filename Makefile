@@ -1,7 +1,7 @@
 # The two commands of the README, and the checks CI runs.
 #   make demo   the end-to-end demo, in its own virtual environment (.venv-demo)
 #   make test   the test suite, in its own virtual environment (.venv-test)
-#   make lint   ruff and mypy (CI runs it after the tests)
+#   make lint   ruff, mypy and the import contracts (CI runs it after the tests)
 #   make dist   the wheel and the sdist in dist/ (what a device installs: docs/agent.md)
 
 PYTHON ?= python3
@@ -12,13 +12,13 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test lint format typecheck bench dist clean
 
-$(DEMO_VENV)/.installed: pyproject.toml
+$(DEMO_VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(DEMO_VENV)
 	$(DEMO_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(DEMO_VENV)/bin/python -m pip install --quiet '.[all]' scikit-learn
 	touch $@
 
-$(TEST_VENV)/.installed: pyproject.toml
+$(TEST_VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(TEST_VENV)
 	$(TEST_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(TEST_VENV)/bin/python -m pip install --quiet -e '.[all,dev]'
@@ -36,18 +36,19 @@ demo: $(DEMO_VENV)/.installed
 test: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-# mypy cannot follow setuptools' package-dir mapping (agent/ -> edgefleet.agent),
-# so it checks a tree of links laid out as the installed package is.
+# mypy and lint-imports cannot follow setuptools' package-dir mapping (agent/ ->
+# edgefleet.agent), so they check a tree of links laid out as the installed package is.
 typecheck: $(TEST_VENV)/.installed
 	rm -rf build/typecheck && mkdir -p build/typecheck
 	cp -rs "$(CURDIR)/edgefleet" build/typecheck/edgefleet
-	for part in agent server converter; do cp -rs "$(CURDIR)/$$part" build/typecheck/edgefleet/$$part; done
+	for part in agent server converter client; do cp -rs "$(CURDIR)/$$part" build/typecheck/edgefleet/$$part; done
 	cp -rs "$(CURDIR)/tests" build/typecheck/tests
 	cd build/typecheck && "$(CURDIR)/$(TEST_VENV)/bin/mypy" --config-file "$(CURDIR)/pyproject.toml" edgefleet tests
 
 lint: $(TEST_VENV)/.installed typecheck
 	$(TEST_VENV)/bin/ruff check .
 	$(TEST_VENV)/bin/ruff format --check .
+	cd build/typecheck && "$(CURDIR)/$(TEST_VENV)/bin/lint-imports" --no-cache "$(CURDIR)/pyproject.toml"
 
 format: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/ruff check --fix .
@@ -55,6 +56,7 @@ format: $(TEST_VENV)/.installed
 
 bench: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/python bench/verify_bundle.py
+	PYTHONPATH=. $(TEST_VENV)/bin/python bench/install_bundle.py
 	$(TEST_VENV)/bin/python bench/convert_models.py
 	PYTHONPATH=. $(TEST_VENV)/bin/python bench/predictor.py
 	PYTHONPATH=. $(TEST_VENV)/bin/python bench/server_ingest.py

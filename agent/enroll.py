@@ -52,14 +52,16 @@ from edgefleet.agent.errors import (
     ServerUnreachableError,
 )
 from edgefleet.agent.layout import StateLayout
+from edgefleet.backoff import Backoff
 from edgefleet.errors import EdgefleetError, KeyFileError
 from edgefleet.fileio import atomic_write_bytes
 from edgefleet.mqtt.devicesig import DeviceKey
 from edgefleet.timefmt import format_time, utcnow
+from edgefleet.wire import API_PREFIX
 
 log = logging.getLogger(__name__)
 
-ENROLL_PATH = "/api/v1/devices/enroll"
+ENROLL_PATH = f"{API_PREFIX}/devices/enroll"
 # The runtimes a profile names, and the modules that provide each (as agent/install/compat.py).
 RUNTIME_MODULES: dict[str, tuple[str, ...]] = {
     "onnxruntime": ("onnxruntime",),
@@ -312,16 +314,7 @@ def _retry_after(value: str | None) -> float | None:
         return None  # an HTTP date: fall back to our own backoff
 
 
-@dataclass(frozen=True)
-class EnrollBackoff:
-    """Waits between attempts: uniform(cap/2, cap), cap = min(maximum, initial * 2**attempt)."""
-
-    initial: float = 2.0
-    maximum: float = 300.0
-
-    def delay(self, attempt: int, rng: random.Random) -> float:
-        cap = min(self.maximum, self.initial * 2 ** min(attempt, 32))
-        return rng.uniform(cap / 2, cap)
+ENROLL_BACKOFF = Backoff(initial=2.0, maximum=300.0)
 
 
 class AutoEnroller:
@@ -336,7 +329,7 @@ class AutoEnroller:
         layout: StateLayout,
         stopping: threading.Event,
         *,
-        backoff: EnrollBackoff | None = None,
+        backoff: Backoff = ENROLL_BACKOFF,
         on_enrolled: Callable[[Enrollment], None] | None = None,
         timeout: float = 30.0,
         rng: random.Random | None = None,
@@ -344,7 +337,7 @@ class AutoEnroller:
         self.config = config
         self.layout = layout
         self.stopping = stopping
-        self.backoff = backoff or EnrollBackoff()
+        self.backoff = backoff
         self.on_enrolled = on_enrolled
         self.timeout = timeout
         self.rng = rng or random.Random()

@@ -1,6 +1,6 @@
 """The agent's MQTT link: what the device says and hears over its persistent session.
 
-What it guarantees (the connection itself is `transport.mqtt.PersistentSession`):
+What it guarantees (the connection itself is the core's `edgefleet.mqtt.session`):
 - one persistent session under the device id, so QoS 1 directives published
   while the device is away arrive when it returns (MQTT 5 or 3.1.1);
 - presence: the Last Will publishes a retained `offline` on the device's
@@ -16,7 +16,8 @@ What it guarantees (the connection itself is `transport.mqtt.PersistentSession`)
   reported through `on_problem`; nothing a peer sends can stop the link;
 - status reports and telemetry go through the `Outbox` (disk first) and are
   removed after their PUBACK, oldest first, at most `max_inflight` at a time;
-  heartbeats are published only while connected;
+  heartbeats are published only while connected (one the broker does not take
+  is skipped and counted like one sent while disconnected);
 - with a device key (an enrolled device), every message the device sends
   (status, heartbeat, telemetry, block request) leaves in a frame signed for its
   topic (`edgefleet.mqtt.devicesig`), so the server knows it came from this
@@ -26,7 +27,9 @@ What it guarantees (the connection itself is `transport.mqtt.PersistentSession`)
   a server that requires signatures refuses them. Presence is never signed: the
   Last Will is fixed at connect time, and presence only marks online or
   offline until the next signed heartbeat;
-- reconnects with jittered exponential backoff (`Backoff`, bounded).
+- reconnects with jittered exponential backoff (`edgefleet.backoff.Backoff`,
+  bounded); TLS from `[mqtt]` ca_file, cert_file, key_file with `mqtts://`, and
+  credentials from the URL's `user:password@`.
 
 Callbacks run in the session's network thread: keep them short, and persist
 what must survive (an accepted directive) before returning, because the PUBACK
@@ -41,26 +44,17 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import MQTTErrorCode
+from typing import TYPE_CHECKING
 
 from edgefleet.agent.config import MqttSettings
+from edgefleet.agent.errors import ConfigError
 from edgefleet.agent.outbox import Outbox
 from edgefleet.agent.transport.blocks import BlocksHandler
-from edgefleet.agent.transport.mqtt import (
-    SESSION_EXPIRY_SECONDS,
-    Backoff,
-    BrokerAddress,
-    MqttProtocol,
-    PersistentSession,
-    SessionHooks,
-    SessionState,
-    parse_broker_url,
-)
+from edgefleet.backoff import Backoff
 from edgefleet.errors import (
     MalformedDocumentError,
     MessageSchemaError,
+    PublishError,
     UntrustedInputError,
     UsageError,
 )
@@ -74,6 +68,15 @@ from edgefleet.mqtt.messages import (
     TelemetryWindow,
     encode_message,
 )
+from edgefleet.mqtt.session import (
+    RECONNECT_BACKOFF,
+    SESSION_EXPIRY_SECONDS,
+    BrokerAddress,
+    MqttProtocol,
+    MqttSession,
+    SessionState,
+    TlsFiles,
+)
 from edgefleet.mqtt.topics import (
     FLEET_TIMESTAMP_QOS,
     DeviceTopics,
@@ -81,15 +84,14 @@ from edgefleet.mqtt.topics import (
     fleet_timestamp_topic,
 )
 
+if TYPE_CHECKING:
+    import paho.mqtt.client as mqtt
+
 __all__ = [
     "AgentLink",
-    "Backoff",
-    "BrokerAddress",
     "LinkCounters",
     "LinkState",
-    "MqttProtocol",
     "PayloadHandler",
-    "parse_broker_url",
 ]
 
 log = logging.getLogger(__name__)
@@ -132,7 +134,7 @@ class AgentLink:
         device_key: DeviceKey | None = None,
         protocol: MqttProtocol = "5",
         session_expiry_seconds: int = SESSION_EXPIRY_SECONDS,
-        backoff: Backoff | None = None,
+        backoff: Backoff = RECONNECT_BACKOFF,
         max_inflight: int = 16,
         connect_timeout: float = 10.0,
         poll_interval: float = 1.0,
@@ -159,21 +161,33 @@ class AgentLink:
         self._counter_lock = threading.Lock()
         self._pump_lock = threading.Lock()
         self._inflight: dict[int, mqtt.MQTTMessageInfo] = {}  # outbox seq -> paho's handle
-        hooks = SessionHooks(self._on_connected, self._on_message, self._pump, self._problem)
-        self._session = PersistentSession(
-            str(self.topics.device_id),
-            settings,
-            hooks,
-            last_will=(self.topics.presence, Presence.OFFLINE.payload),
-            farewell=(self.topics.presence, Presence.OFFLINE.payload),
-            protocol=protocol,
-            session_expiry_seconds=session_expiry_seconds,
-            backoff=backoff or Backoff(),
-            max_inflight=max_inflight + 8,  # presence and block requests beside the outbox
-            connect_timeout=connect_timeout,
-            poll_interval=poll_interval,
-            rng=rng,
-        )
+        try:
+            self._session = MqttSession(
+                settings.url,
+                str(self.topics.device_id),
+                on_message=self._on_message,
+                on_tick=self._pump,
+                on_problem=self._problem,
+                subscriptions=[
+                    (self.topics.directive, TopicKind.DIRECTIVE.qos),
+                    (fleet_timestamp_topic(), FLEET_TIMESTAMP_QOS),
+                    (self.topics.blocks_data, TopicKind.BLOCKS_DATA.qos),
+                ],
+                birth=(self.topics.presence, Presence.ONLINE.payload),
+                last_will=(self.topics.presence, Presence.OFFLINE.payload),
+                farewell=(self.topics.presence, Presence.OFFLINE.payload),
+                tls=TlsFiles(settings.ca_file, settings.cert_file, settings.key_file),
+                protocol=protocol,
+                session_expiry_s=session_expiry_seconds,
+                keepalive_s=settings.keepalive_seconds,
+                backoff=backoff,
+                max_inflight=max_inflight + 8,  # presence and block requests beside the outbox
+                connect_timeout_s=connect_timeout,
+                poll_s=poll_interval,
+                rng=rng,
+            )
+        except UsageError as exc:  # a bad URL or TLS files: the configuration's fault
+            raise ConfigError(str(exc)) from exc
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -192,6 +206,11 @@ class AgentLink:
     @property
     def is_connected(self) -> bool:
         return self._session.is_ready
+
+    @property
+    def alive(self) -> bool:
+        """Whether the network thread runs (connected or reconnecting): started, not ended."""
+        return self._session.alive
 
     def counters(self) -> LinkCounters:
         """A snapshot of what the link counted, for heartbeats and `agent status`."""
@@ -274,7 +293,12 @@ class AgentLink:
                 self._count("heartbeats_skipped")
                 return
             topic = self.topics.heartbeat
-            self._session.publish(topic, self._outgoing(topic, encode_message(message)), kind.qos)
+            try:
+                self._session.publish(
+                    topic, self._outgoing(topic, encode_message(message)), kind.qos
+                )
+            except PublishError:
+                self._count("heartbeats_skipped")  # the connection dropped meanwhile
             return
         if isinstance(message, TelemetryWindow):
             dropped = self.outbox.take_dropped_count()
@@ -291,8 +315,11 @@ class AgentLink:
             return False
         kind = TopicKind.BLOCKS_REQUEST
         topic = self.topics.blocks_request
-        info = self._session.publish(topic, self._outgoing(topic, payload), kind.qos)
-        return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+        try:
+            self._session.publish(topic, self._outgoing(topic, payload), kind.qos)
+        except PublishError:
+            return False
+        return True
 
     def set_blocks_handler(self, handler: BlocksHandler | None) -> None:
         self._handlers[self.topics.blocks_data] = (MAX_BLOCK_PAYLOAD_BYTES, handler)
@@ -318,21 +345,15 @@ class AgentLink:
                     self.outbox.remove(entry.seq)
                     continue
                 topic = self.topics.topic(entry.kind)
-                self._inflight[entry.seq] = self._session.publish(
-                    topic, self._outgoing(topic, payload), entry.kind.qos
-                )
+                try:
+                    self._inflight[entry.seq] = self._session.publish(
+                        topic, self._outgoing(topic, payload), entry.kind.qos
+                    )
+                except PublishError as exc:  # stopping: it stays in the outbox for next time
+                    self._problem(str(exc))
+                    return
 
     # -- session hooks (network thread) ------------------------------------------------------
-
-    def _on_connected(self, client: mqtt.Client) -> None:
-        client.publish(self.topics.presence, Presence.ONLINE.payload, qos=1, retain=True)
-        client.subscribe(
-            [
-                (self.topics.directive, TopicKind.DIRECTIVE.qos),
-                (fleet_timestamp_topic(), FLEET_TIMESTAMP_QOS),
-                (self.topics.blocks_data, TopicKind.BLOCKS_DATA.qos),
-            ]
-        )
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         self._count("received")

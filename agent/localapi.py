@@ -42,8 +42,8 @@ from edgefleet.agent.errors import (
     RollbackError,
 )
 from edgefleet.agent.inference import Predictor
-from edgefleet.cli.errors import error_code
 from edgefleet.errors import EdgefleetError, UntrustedInputError
+from edgefleet.wire import error_code
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 * 1024 * 1024

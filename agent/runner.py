@@ -12,17 +12,20 @@ of an interrupted install. localapi.json records the running agent's pid, and
 its API's address (none when the API is off).
 
 Threads: the main loop (telemetry windows, heartbeats, systemd watchdog), one
-install worker (directives from the inbox, one at a time), the MQTT link's
-network thread, the local API's request threads, and, while a device with a
-`server_url` is not yet enrolled, the enroller (`edgefleet.agent.enroll`),
-which retries in the background so that serving never waits for the server.
+install worker (an `edgefleet.worker.Worker`: directives from the inbox, one at
+a time; a failure it does not expect is logged and the directive tried again
+later), the MQTT link's network thread, the local API's request threads, and,
+while a device with a `server_url` is not yet enrolled, the enroller
+(`edgefleet.agent.enroll`), which retries in the background so that serving
+never waits for the server.
 The device key is made at start when a server is configured, so the link
 signs every message from the first one; the server accepts them once the
 enrollment of that key went through.
 
 A directive is persisted to inbox/ in the link's thread before it is
 acknowledged, so a crash between the broker's delivery and the install loses
-nothing.
+nothing. The main loop pets the systemd watchdog only while the install worker
+and the link live: if either has ended, systemd restarts the agent.
 """
 
 from __future__ import annotations
@@ -62,9 +65,11 @@ from edgefleet.mqtt.topics import TopicKind
 from edgefleet.profiles import load_profile
 from edgefleet.timefmt import format_time, utcnow
 from edgefleet.trust import TrustRoot, load_trust_root
+from edgefleet.worker import Worker
 
 log = logging.getLogger(__name__)
 TICK_SECONDS = 0.5
+INBOX_POLL_SECONDS = 2.0  # the install worker looks at inbox/ this often unless woken
 
 
 def load_agent_trust(config: AgentConfig, layout: StateLayout) -> TrustRoot:
@@ -109,7 +114,6 @@ class Agent:
         self.trust = load_agent_trust(config, self.layout)
         self.profile = load_profile(config.profile)
         self.stopping = threading.Event()
-        self._inbox_ready = threading.Event()
         self._fleet_sequence = 0
         self._fleet_payload = b""
         self._fleet_expires: dt.datetime | None = None
@@ -144,6 +148,8 @@ class Agent:
             on_shadow=self._set_challenger,
         )
         self.heartbeats = HeartbeatSource(config.device_id, self.layout.root)
+        self.install_worker = Worker("edgefleet-install", self._install_inbox, INBOX_POLL_SECONDS)
+        self._watchdog_withheld = False
 
     def _load_device_key(self) -> DeviceKey | None:
         """The key that signs this device's messages; made now when a server is configured.
@@ -203,7 +209,7 @@ class Agent:
         # Persist before the PUBACK (sent when this returns); the worker installs.
         name = f"{time.time_ns():020d}.directive"
         atomic_write_bytes(self.layout.inbox / name, payload)
-        self._inbox_ready.set()
+        self.install_worker.wake()
 
     def _receive_fleet_timestamp(self, payload: bytes) -> None:
         if payload == self._fleet_payload:
@@ -218,18 +224,21 @@ class Agent:
 
     # --- install worker ---------------------------------------------------------------------
 
-    def _install_worker(self) -> None:
-        while not self.stopping.is_set():
-            self._inbox_ready.wait(timeout=TICK_SECONDS * 4)
-            self._inbox_ready.clear()
-            for path in sorted(self.layout.inbox.glob("*.directive")):
-                try:
-                    self.installer.install_directive(path.read_bytes())
-                except EdgefleetError as exc:
-                    log.warning("directive %s: %s", path.name, describe(exc))
-                path.unlink(missing_ok=True)
-                if self.stopping.is_set():
-                    return
+    def _install_inbox(self) -> None:
+        """The install worker's step: install the directives in inbox/, oldest first.
+
+        A refused or failed directive is logged and removed. Anything else (an
+        OSError: a full disk, a broken outbox) leaves it in inbox/ and reaches the
+        worker, which logs it and tries again one interval later.
+        """
+        for path in sorted(self.layout.inbox.glob("*.directive")):
+            if self.stopping.is_set():
+                return
+            try:
+                self.installer.install_directive(path.read_bytes())
+            except EdgefleetError as exc:
+                log.warning("directive %s: %s", path.name, describe(exc))
+            path.unlink(missing_ok=True)
 
     def install_file(self, path: Path) -> dict[str, Any]:
         self.installer.install_file(path)
@@ -272,6 +281,30 @@ class Agent:
                 return
             if self.link is not None:
                 self.link.publish(TopicKind.TELEMETRY, window)
+
+    def _workers_alive(self) -> bool:
+        """Whether the install worker and the MQTT link still run.
+
+        The systemd watchdog is petted only while they do: an agent that serves
+        but installs no directive any more is restarted by systemd. The first
+        time one is found dead, that is logged.
+        """
+        dead = [
+            name
+            for name, alive in (
+                ("install worker", self.install_worker.alive),
+                ("MQTT link", self.link is None or self.link.alive),
+            )
+            if not alive
+        ]
+        if dead and not self._watchdog_withheld:
+            self._watchdog_withheld = True
+            log.critical(
+                "the %s ended, so directives are no longer installed: the systemd watchdog "
+                "is no longer petted, and systemd (when it runs the agent) restarts the agent",
+                " and the ".join(dead),
+            )
+        return not dead
 
     def _start_local_api(self, listener: socket.socket | None) -> LocalApi | None:
         """Serve the local API on `listener` (None: it is off), and record this process in
@@ -319,11 +352,7 @@ class Agent:
         if self.link is not None:
             self.link.start()
         self._start_enrollment()
-        worker = threading.Thread(
-            target=self._install_worker, name="edgefleet-install", daemon=True
-        )
-        worker.start()
-        self._inbox_ready.set()
+        self.install_worker.start()
         notify("READY=1")
         watchdog = watchdog_interval_seconds()
         next_beat = next_pet = 0.0
@@ -335,7 +364,8 @@ class Agent:
                 if now >= next_beat:
                     self._beat()
                     next_beat = now + self.config.telemetry.heartbeat_seconds
-                if watchdog is not None and now >= next_pet:
+                alive = self._workers_alive()
+                if watchdog is not None and alive and now >= next_pet:
                     notify("WATCHDOG=1")
                     next_pet = now + watchdog
         finally:
@@ -343,7 +373,7 @@ class Agent:
             if api is not None:
                 api.stop()
             self.layout.local_api_file.unlink(missing_ok=True)
-            worker.join(timeout=10)
+            self.install_worker.stop(timeout=10)
             if self.link is not None:
                 self.link.stop()
             self.predictor.close()

@@ -20,7 +20,7 @@ Rounds alternate, for the default page (limit 100) and for limit=1000:
 
 For a breakdown, two in-process steps in the same rounds: `orm` (a
 `Database.session()` with `list_devices` + `count_devices`, the route's
-queries) and `orm+json` (that plus `DevicePublic.from_row` and JSON, the
+queries) and `orm+json` (that plus `DevicePublic.model_validate` and JSON, the
 route's work without HTTP); and `GET /api/v1/health` over the same connection
 (no token, one `SELECT 1` session: the floor of a request to this app).
 p50 and p95 over every sample; ratio = api / raw.
@@ -50,14 +50,14 @@ from sqlalchemy import select
 
 from bench.server_notify import add_fleet, scratch_database
 from edgefleet.keys import SigningKey
-from edgefleet.server.api import create_app
-from edgefleet.server.api.routes.devices import DeviceList
+from edgefleet.server.api.app import create_app
+from edgefleet.server.api.schemas.devices import DeviceList, DevicePublic
 from edgefleet.server.bundles import BundleStore
 from edgefleet.server.context import ServerContext
 from edgefleet.server.db.database import Database
 from edgefleet.server.db.migrate import open_database
 from edgefleet.server.db.models import Device
-from edgefleet.server.devices import DevicePublic, count_devices, list_devices
+from edgefleet.server.devices import count_devices, list_devices
 from edgefleet.server.principals import Role
 from edgefleet.server.settings import ServerSettings
 from edgefleet.server.tokens import create_api_token
@@ -213,7 +213,7 @@ def run_rounds(
             rows = list_devices(session, limit=limit)
             total = count_devices(session)
             DeviceList(
-                items=[DevicePublic.from_row(r) for r in rows], total=total
+                items=[DevicePublic.model_validate(r) for r in rows], total=total
             ).model_dump_json()
 
     def floor(limit: int) -> None:

@@ -15,7 +15,7 @@ counts what arrives and when. Rounds alternate between:
   --db) holding --devices enrolled, online devices and one bundle; timed from
   the call of `start_rollout` (one stage of 100%, every device) until the
   subscriber has received a directive for every device. In between, the real
-  `RolloutDriver` ticks every `driver_interval_s` (`RolloutDriver.run`) and
+  `RolloutDriver` ticks every `driver_interval_s` (`runner.driver_worker`) and
   publishes through a real `ServerLink` (wrapped in `CountingPublisher`, as
   the runner does). The plan's rate_limit_per_minute is set far above the
   fleet size so the rate limit never throttles; the driver's own cap,
@@ -52,7 +52,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -81,9 +80,11 @@ from edgefleet.server.rollouts import driver as driver_module
 from edgefleet.server.rollouts.driver import RolloutDriver, TickReport
 from edgefleet.server.rollouts.plan import plan_from_dict
 from edgefleet.server.rollouts.service import start_rollout
+from edgefleet.server.runner import driver_worker
 from edgefleet.server.settings import ServerSettings
 from edgefleet.tables import format_columns
 from edgefleet.timefmt import format_time, utcnow
+from edgefleet.worker import Worker
 from tests.agent.broker import MosquittoBroker, host_port
 from tests.conftest import PROFILE, KeySet, make_trust_root
 
@@ -489,8 +490,7 @@ def edgefleet_round(
         link = ServerLink(
             broker_url, f"bench-server-{index}", "bench", {TopicKind.PRESENCE: _ignore}
         )
-        stop = threading.Event()
-        thread: threading.Thread | None = None
+        worker: Worker | None = None
         try:
             add_fleet(db, devices, all_online=True)
             link.start()
@@ -513,13 +513,12 @@ def edgefleet_round(
                 bundle = session.scalars(select(BundleRow)).one()
                 start_rollout(session, bundle=bundle, selector={}, plan=plan, actor=OPERATOR)
             result.start_rollout_s = time.monotonic() - start
-            thread = threading.Thread(target=driver.run, args=(stop,), daemon=True)
-            thread.start()
+            worker = driver_worker(driver, settings.driver_interval_s)
+            worker.start()
             got = subscriber.result()
         finally:
-            stop.set()
-            if thread is not None:
-                thread.join(60)
+            if worker is not None:
+                worker.stop(60)
             link.stop()
             db.dispose()
     if got.count < devices or got.topics != devices:

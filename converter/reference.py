@@ -42,11 +42,6 @@ SMOKE_SAMPLES = 8
 Outputs = dict[str, np.ndarray]
 
 
-def stacked_inputs(dataset: Dataset) -> dict[str, np.ndarray]:
-    """Each input's values with samples along the first axis (as outputs are stacked)."""
-    return dict(dataset.arrays)
-
-
 def _observed_range(array: np.ndarray) -> list[float] | None:
     if array.dtype.kind not in "iuf" or array.size == 0:
         return None

@@ -38,10 +38,13 @@
     │   └── DeviceSignatureError     a device message not signed by that device's enrolled key
     └── LocalError                   a problem on this machine, not in the input
         ├── KeyFileError             unreadable key file, wrong or missing passphrase
-        └── UsageError               the caller asked for something inconsistent
+        ├── UsageError               the caller asked for something inconsistent
+        └── PublishError             the broker did not take a message
 
 Untrusted-input errors are what an attacker can provoke: callers report them and
 keep their trusted state unchanged. Local errors are for the operator to fix.
+The fleet server's API answers with errors of its own (ServerError and below),
+which its clients raise too: they are the wire contract's (`edgefleet.wire`).
 """
 
 from __future__ import annotations
@@ -204,3 +207,7 @@ class KeyFileError(LocalError):
 
 class UsageError(LocalError):
     """The caller asked for something inconsistent."""
+
+
+class PublishError(LocalError):
+    """The broker did not take the message: not connected, queue full, or refused."""

@@ -83,7 +83,7 @@ def check_forwarded_allow_ips(text: str | None) -> str | None:
     "--mqtt",
     "mqtt_url",
     metavar="URL",
-    help="An external broker: mqtt://host:1883 (TLS to the broker is not built yet) "
+    help="An external broker: mqtt://[user:password@]host:1883, or mqtts://...:8883 for TLS "
     "[default: mqtt://127.0.0.1:1883].",
 )
 @click.option(

@@ -1,7 +1,7 @@
 """Everything the HTTP API needs from the running server, in one value.
 
 The runner (or a test) builds a `ServerContext` once and hands it to
-`edgefleet.server.api.create_app`; nothing in the API opens a database, reads
+`edgefleet.server.api.app.create_app`; nothing in the API opens a database, reads
 a file of settings or starts a thread at import time.
 
 `publisher` is wrapped in a `CountingPublisher` when the context is built, so

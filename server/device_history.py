@@ -8,39 +8,11 @@ from __future__ import annotations
 
 import datetime as dt
 
-from pydantic import BaseModel
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from edgefleet.server.api.schemas.devices import StatusReportPublic, TelemetrySummary
 from edgefleet.server.db.models import StatusReportRow, TelemetryBucket
-
-
-class StatusReportPublic(BaseModel):
-    """One stored status report of a device."""
-
-    sequence: int
-    received_at: dt.datetime
-    sent_at: dt.datetime
-    install_state: str
-    bundle_name: str | None
-    bundle_version: str | None
-    directive_sequence: int | None
-    reason: str | None
-
-
-class TelemetrySummary(BaseModel):
-    """One bundle version's telemetry of the device over `since`..now."""
-
-    bundle_name: str
-    bundle_version: str
-    since: dt.datetime
-    windows: int
-    requests: int
-    errors: int
-    fallbacks: int
-    schema_violations: int
-    error_rate: float | None
-    fallback_rate: float | None
 
 
 def recent_status_reports(session: Session, device_id: str, limit: int) -> list[StatusReportPublic]:
@@ -51,7 +23,7 @@ def recent_status_reports(session: Session, device_id: str, limit: int) -> list[
         .order_by(StatusReportRow.sequence.desc())
         .limit(limit)
     )
-    return [StatusReportPublic.model_validate(row, from_attributes=True) for row in rows]
+    return [StatusReportPublic.model_validate(row) for row in rows]
 
 
 def telemetry_summary(
@@ -92,4 +64,4 @@ def telemetry_summary(
     return out
 
 
-__all__ = ["StatusReportPublic", "TelemetrySummary", "recent_status_reports", "telemetry_summary"]
+__all__ = ["recent_status_reports", "telemetry_summary"]

@@ -35,16 +35,13 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from edgefleet.mqtt.devicesig import is_valid_public_key
-from edgefleet.mqtt.topics import DEVICE_ID_PATTERN
-from edgefleet.semver import SEMVER_PATTERN
+from edgefleet.server.api.schemas.enroll import EnrollRequest
 from edgefleet.server.audit import record_audit
 from edgefleet.server.db.database import Database
 from edgefleet.server.db.models import (
@@ -55,115 +52,8 @@ from edgefleet.server.db.models import (
 from edgefleet.server.errors import ConflictError, EnrollmentError, NotFoundError
 from edgefleet.server.principals import Principal, Role
 from edgefleet.server.rollouts.machine import ACTIVE_STATES
-from edgefleet.server.tags import MAX_TAGS, TagName, TagValue
 from edgefleet.server.tokens import consume_enroll_token
 from edgefleet.timefmt import utcnow
-
-MAX_RUNTIMES = 16
-RuntimeName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,31}$")]
-
-
-class EnrollRequest(BaseModel):
-    """What a device sends to enroll (`POST /api/v1/devices/enroll`)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
-
-    device_id: Annotated[str, Field(pattern=DEVICE_ID_PATTERN)]
-    public_key: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-    profile: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
-    arch: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")]
-    runtimes: list[RuntimeName] = Field(default_factory=list, max_length=MAX_RUNTIMES)
-    agent_version: Annotated[str, Field(max_length=64, pattern=SEMVER_PATTERN)]
-    tags: dict[TagName, TagValue] = Field(default_factory=dict, max_length=MAX_TAGS)
-    enroll_token: Annotated[str, Field(min_length=1, max_length=128)] | None = None
-
-    @field_validator("public_key")
-    @classmethod
-    def _usable_key(cls, value: str) -> str:
-        if not is_valid_public_key(value):
-            raise ValueError("not a usable Ed25519 public key (not on the curve, or small order)")
-        return value
-
-    @field_validator("runtimes")
-    @classmethod
-    def _unique(cls, value: list[str]) -> list[str]:
-        if len(set(value)) != len(value):
-            raise ValueError("runtimes repeat")
-        return value
-
-
-class HeartbeatSummary(BaseModel):
-    """The health figures of a device's last heartbeat."""
-
-    sent_at: str | None = None
-    uptime_s: int | None = None
-    cpu_percent: float | None = None
-    memory_used_bytes: int | None = None
-    memory_total_bytes: int | None = None
-    disk_free_bytes: int | None = None
-    disk_total_bytes: int | None = None
-    temperature_c: float | None = None
-
-    @classmethod
-    def from_heartbeat(cls, heartbeat: Mapping[str, Any] | None) -> HeartbeatSummary | None:
-        """The summary of a stored heartbeat, or None when there is none or it is unusable."""
-        if not isinstance(heartbeat, Mapping):
-            return None
-        try:
-            return cls.model_validate({k: heartbeat.get(k) for k in cls.model_fields})
-        except ValidationError:
-            return None
-
-
-class DevicePublic(BaseModel):
-    """A device as the API shows it: inventory, what it serves, its health."""
-
-    id: str
-    online: bool
-    model_name: str | None
-    model_version: str | None
-    previous_version: str | None
-    install_state: str | None
-    health: str
-    last_seen: dt.datetime | None
-    profile: str
-    arch: str
-    runtimes: list[str]
-    agent_version: str
-    tags: dict[str, str]
-    enrolled_at: dt.datetime
-    heartbeat: HeartbeatSummary | None
-    # Per model name, the lowest release counter the device runs; None: not reported
-    # (an agent that predates floors per name).
-    security_floors: dict[str, int] | None
-
-    @classmethod
-    def from_row(cls, row: Device) -> DevicePublic:
-        return cls(
-            id=row.id,
-            online=bool(row.online),
-            model_name=row.model_name,
-            model_version=row.model_version,
-            previous_version=row.previous_version,
-            install_state=row.install_state,
-            health=row.health or "unknown",
-            last_seen=row.last_seen,
-            profile=row.profile,
-            arch=row.arch,
-            runtimes=[str(r) for r in row.runtimes or []],
-            agent_version=row.agent_version,
-            tags={str(k): str(v) for k, v in (row.tags or {}).items()},
-            enrolled_at=row.enrolled_at,
-            heartbeat=HeartbeatSummary.from_heartbeat(row.heartbeat),
-            security_floors=_floors(row.security_floors),
-        )
-
-
-def _floors(stored: Any) -> dict[str, int] | None:
-    """The stored floors as reported; None when there are none (or JSON null)."""
-    if not isinstance(stored, Mapping):
-        return None
-    return {str(name): int(floor) for name, floor in stored.items()}
 
 
 def _actor(device_id: str) -> Principal:
@@ -434,9 +324,6 @@ class DeviceKeyCache:
 
 __all__ = [
     "DeviceKeyCache",
-    "DevicePublic",
-    "EnrollRequest",
-    "HeartbeatSummary",
     "count_devices",
     "enroll_device",
     "get_device",

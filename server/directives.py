@@ -6,11 +6,12 @@ Invariants:
   threads) never hand the same number to one device, and a transaction that
   rolls back gives its numbers back with everything else it did;
 - nothing is published before the transaction that recorded the directive has
-  committed (`publish_all` is called after the `with db.session()` block): a
-  device never acts on a directive the database does not know about. The
-  opposite gap (committed, then the process dies before publishing) is closed
-  by the rollout driver, which re-notifies devices whose directive it has no
-  answer to;
+  committed (`publish_directive` is called after the `with db.session()` block):
+  a device never acts on a directive the database does not know about. The
+  opposite gaps are closed by the rollout driver: a directive the broker did
+  not take (`PublishError`) is undone in the database and sent again at the
+  next tick; one lost because the process died before publishing is re-sent by
+  the timeout and retry path;
 - the payload is signed with the server key(s) over canonical JSON
   (`edgefleet.mqtt.sign_directive`); devices verify it against their trust root.
 """
@@ -18,7 +19,7 @@ Invariants:
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -43,6 +44,7 @@ from edgefleet.server.errors import NotFoundError
 from edgefleet.server.mqtt.interfaces import Publisher
 from edgefleet.server.settings import ServerSettings
 from edgefleet.timefmt import format_time, utcnow
+from edgefleet.wire import API_PREFIX
 
 DIRECTIVE_QOS = TopicKind.DIRECTIVE.qos  # 1: the persistent session holds it for offline devices
 
@@ -82,7 +84,7 @@ class DirectiveIssuer:
 
     def sources(self, bundle: BundleRow) -> list[Source]:
         """Where a device fetches `bundle`: HTTP by digest first, MQTT blocks as the fallback."""
-        url = f"{self.settings.base_url}/api/v1/blobs/{bundle.sha256}"
+        url = f"{self.settings.base_url}{API_PREFIX}/blobs/{bundle.sha256}"
         return [HttpSource(url=url), MqttBlocksSource(block_size=self.settings.block_size)]
 
     def prepare_install(
@@ -183,18 +185,16 @@ def allocate_directive_sequence(session: Session, device: Device) -> int:
     return int(value)
 
 
-def publish_all(publisher: Publisher, directives: Iterable[OutgoingDirective]) -> int:
-    """Publish committed directives at QoS 1, not retained (a retained directive would be
+def publish_directive(publisher: Publisher, directive: OutgoingDirective) -> None:
+    """Publish a committed directive at QoS 1, not retained (a retained directive would be
     replayed to the device on every reconnect, which its sequence check refuses anyway).
 
-    Returns the number published. Call only after the transaction that prepared
-    them has committed.
+    Call only after the transaction that prepared it has committed.
+
+    Raises:
+        PublishError: the broker did not take it.
     """
-    count = 0
-    for directive in directives:
-        publisher.publish(directive.topic, directive.payload, qos=DIRECTIVE_QOS, retain=False)
-        count += 1
-    return count
+    publisher.publish(directive.topic, directive.payload, qos=DIRECTIVE_QOS, retain=False)
 
 
 def _ref(bundle: BundleRow) -> BundleRef:
@@ -208,5 +208,5 @@ __all__ = [
     "DirectiveIssuer",
     "OutgoingDirective",
     "allocate_directive_sequence",
-    "publish_all",
+    "publish_directive",
 ]

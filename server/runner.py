@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import gc
 import logging
 import signal
 import socket
-import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import uvicorn
 from fastapi import FastAPI
@@ -44,15 +42,16 @@ from edgefleet.server.mqtt.blockservice import BlockService
 from edgefleet.server.mqtt.broker import EmbeddedBroker
 from edgefleet.server.mqtt.ingest import Ingestor
 from edgefleet.server.mqtt.link import ServerLink
-from edgefleet.server.mqtt.retention import apply_retention
+from edgefleet.server.mqtt.retention import run_retention
 from edgefleet.server.rollouts.driver import RolloutDriver
 from edgefleet.server.settings import ServerSettings
-from edgefleet.timefmt import utcnow
 from edgefleet.trust import TrustRoot, load_trust_root, public_keys
+from edgefleet.worker import Worker
 
 log = logging.getLogger(__name__)
 
 MAINTENANCE_INTERVAL_S = 30.0
+WORKER_STOP_TIMEOUT_S = 30.0  # a rollout driver tick may be notifying a large stage
 BROKER_CONNECT_TIMEOUT_S = 30.0
 
 
@@ -75,32 +74,35 @@ def load_server_key(settings: ServerSettings, trust: TrustRoot) -> SigningKey:
     return key
 
 
-@dataclass
-class _Loop:
-    """A background loop: `step` every `interval` seconds on its own thread."""
+def driver_worker(driver: RolloutDriver, interval: float) -> Worker:
+    """The rollout driver's loop: a tick every `interval` seconds.
 
-    name: str
-    step: Callable[[], object]
-    interval: float
-    stop: threading.Event = field(default_factory=threading.Event)
-    thread: threading.Thread | None = None
+    A tick that used all its directives (a large stage) is followed by the next
+    one at once, so notifying a big fleet is not paced by the interval; not when
+    nothing got out (a broker down): that would spin.
+    """
 
-    def start(self) -> None:
-        self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-        self.thread.start()
+    def drive() -> None:
+        report = driver.tick()
+        if report.saturated and report.published > 0:
+            worker.wake()
 
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                self.step()
-            except Exception:  # a failed step (database restart, ...) must not end the loop
-                log.exception("%s failed; retrying in %.0f s", self.name, self.interval)
-            self.stop.wait(self.interval)
+    worker = Worker("edgefleet-driver", drive, interval)
+    return worker
 
-    def close(self, timeout: float = 10.0) -> None:
-        self.stop.set()
-        if self.thread is not None:
-            self.thread.join(timeout)
+
+def timestamp_worker(timestamper: FleetTimestamper) -> Worker:
+    """The fleet timestamp's loop, ticked well within the lease so that the
+    replica that publishes keeps its lease."""
+    lease_refresh = max(0.5, timestamper.settings.lease_ttl.total_seconds() / 3)
+    return Worker("edgefleet-fleet-timestamp", timestamper.tick, lease_refresh)
+
+
+def retention_worker(
+    db: Database, settings: ServerSettings, interval: float = MAINTENANCE_INTERVAL_S
+) -> Worker:
+    """Retention every `interval` seconds: old telemetry deleted, silent devices offline."""
+    return Worker("edgefleet-retention", functools.partial(run_retention, db, settings), interval)
 
 
 class FleetServer:
@@ -127,9 +129,7 @@ class FleetServer:
         self.device_keys = DeviceKeyCache(self.db)
         self.ingest: Ingestor | None = None
         self.link: ServerLink | None = None
-        self._loops: list[_Loop] = []
-        self._driver_stop = threading.Event()
-        self._driver_thread: threading.Thread | None = None
+        self.workers: list[Worker] = []  # the background loops, in start order
 
     def start(self) -> ServerContext:
         """Start the broker, the MQTT link and the background loops; return the API's context.
@@ -168,55 +168,36 @@ class FleetServer:
         context.ingest = self.ingest
         self.ingest.start()
         self.link.start()
+        where = self.link.address.where  # the URL may carry a password
         if not self.link.wait_connected(BROKER_CONNECT_TIMEOUT_S):
             self.close()
             raise UsageError(
-                f"cannot reach the MQTT broker at {broker_url} within "
+                f"cannot reach the MQTT broker at {where} within "
                 f"{BROKER_CONNECT_TIMEOUT_S:.0f} s: start mosquitto, pass --mqtt URL, "
                 "or run with --embedded-broker"
             )
-        log.info(
-            "connected to the MQTT broker at %s as replica %s", broker_url, settings.replica_id
-        )
+        log.info("connected to the MQTT broker at %s as replica %s", where, settings.replica_id)
         driver = RolloutDriver(self.db, issuer, context.publisher, settings)
-        self._driver_thread = threading.Thread(
-            target=driver.run, args=(self._driver_stop,), name="edgefleet-driver", daemon=True
-        )
-        self._driver_thread.start()
         timestamper = FleetTimestamper(
             self.db, [self.server_key], self.trust.version, context.publisher, settings
         )
-        # Ticked well within the lease so the replica that publishes keeps its lease.
-        lease_refresh = max(0.5, settings.lease_ttl.total_seconds() / 3)
-        self._loops = [
-            _Loop("edgefleet-fleet-timestamp", timestamper.tick, lease_refresh),
-            _Loop("edgefleet-retention", self._maintain, MAINTENANCE_INTERVAL_S),
+        self.workers = [
+            driver_worker(driver, settings.driver_interval_s),
+            timestamp_worker(timestamper),
+            retention_worker(self.db, settings),
         ]
-        for loop in self._loops:
-            loop.start()
+        for worker in self.workers:
+            worker.start()
         return context
 
     def _handle_message(self, topic: str, payload: bytes) -> None:
         assert self.ingest is not None  # set before the link starts
         self.ingest.handle(topic, payload)
 
-    def _maintain(self) -> None:
-        with self.db.session() as session:
-            result = apply_retention(session, self.settings, utcnow())
-        if result.buckets_deleted or result.devices_marked_offline:
-            log.info(
-                "retention: %d telemetry bucket(s) deleted, %d silent device(s) marked offline",
-                result.buckets_deleted,
-                result.devices_marked_offline,
-            )
-
     def close(self) -> None:
         """Stop everything in reverse order; the ingestion's last batch is written. Idempotent."""
-        for loop in self._loops:
-            loop.close()
-        self._driver_stop.set()
-        if self._driver_thread is not None:
-            self._driver_thread.join(30)
+        for worker in reversed(self.workers):
+            worker.stop(WORKER_STOP_TIMEOUT_S)
         if self.link is not None:
             self.link.stop()
         if self.ingest is not None:

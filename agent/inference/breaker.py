@@ -68,9 +68,3 @@ class CircuitBreaker:
                     self.opened += 1
                 self.state = BreakerState.OPEN
                 self._opened_at = self._clock()
-
-    def seconds_until_trial(self) -> float | None:
-        """How long until a trial call is allowed; None unless OPEN."""
-        if self.state is not BreakerState.OPEN:
-            return None
-        return max(0.0, self.reset_seconds - (self._clock() - self._opened_at))

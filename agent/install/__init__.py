@@ -9,10 +9,14 @@
     installer.rollback()                   # `agent rollback`
     installer.status()                     # `agent status`
 
-States and transitions are tables in `states.py` (one row per transition) with
-the resume table beside them; `handlers.py` does each state's work, `engine.py`
-steps the tables (persist, report, handle, transition), `machine.py` holds the
-public entry points; `record.py` is the state.json format; `versions.py`
+Built by composition, as the Mender client is: states and transitions are
+tables in `states.py` (one row per transition) with the resume table beside
+them; `handlers.py` holds the table of handlers, one function per working state
+(context, record) -> (event, record); `context.py` is the install context they
+all take (configuration, layout, versions, trust, fetcher, reporter, probe,
+callbacks, clock, host); `engine.py` steps the tables over a context (persist,
+report, handle, transition); `machine.py` is `Installer`, the public entry
+points; `record.py` is the state.json format; `versions.py`
 (edgefleet.agent.versions) owns versions/ and the current/previous links.
 
 Shadow installs (a directive with `shadow: true`): DOWNLOADING .. SMOKE_TESTING
@@ -36,7 +40,9 @@ Interfaces for the parts others build (all in `interfaces.py`, all Protocols):
   with jittered exponential backoff, MAX_DOWNLOAD_ATTEMPTS in all, the partial
   file kept) or an UntrustedInputError (fatal). Pass one Fetcher (the
   transports' SourcesFetcher) or a mapping {transport: Fetcher}. `agent install`
-  uses `LocalFileFetcher`.
+  uses `LocalFileFetcher`. A fetcher that checks the length and SHA-256 itself
+  says so (`checks_digest = True`, as the transports do): the installer then
+  does not hash the file again; from any other it checks the file in VERIFYING.
 - `Reporter.report(status: StatusReport) -> None`: the MQTT outbox. One report
   per transition, after the state is persisted and before its handler runs,
   numbered by a per-device `sequence` kept in state.json. At-least-once: after

@@ -20,25 +20,20 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from edgefleet.agent.errors import CompatibilityError, DownloadError
-from edgefleet.agent.install.interfaces import Fetcher
+from edgefleet.agent.install.interfaces import Fetcher, checks_digest
+from edgefleet.backoff import Backoff
 from edgefleet.errors import BundleTooLargeError, FileLengthError, TamperedFileError
 from edgefleet.fileio import fsync_directory
 from edgefleet.mqtt import Directive
 
 _CHUNK = 1 << 20
 MAX_DOWNLOAD_ATTEMPTS = 5
-BACKOFF_BASE_SECONDS = 2.0
-BACKOFF_CAP_SECONDS = 300.0
+DOWNLOAD_BACKOFF = Backoff(initial=2.0, maximum=300.0)
 
 
 def backoff_delay(attempt: int, rng: random.Random) -> float:
-    """Seconds to wait before download attempt `attempt` + 1 (attempt >= 1 failures so far).
-
-    Exponential with "equal jitter": half the step is fixed, half random, so a
-    fleet that lost its server at once does not come back in lockstep.
-    """
-    step = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2.0 ** max(attempt - 1, 0))
-    return step / 2 + rng.uniform(0, step / 2)
+    """Seconds to wait before download attempt `attempt` + 1 (attempt >= 1 failures so far)."""
+    return DOWNLOAD_BACKOFF.delay(attempt - 1, rng)
 
 
 def copy_bounded(source: Path, destination: Path, max_bytes: int) -> tuple[int, str]:
@@ -76,6 +71,8 @@ def copy_bounded(source: Path, destination: Path, max_bytes: int) -> tuple[int, 
 
 class LocalFileFetcher:
     """A Fetcher that reads the bundle from a local file instead of a transport."""
+
+    checks_digest = True  # `fetch` hashes the file as it copies it
 
     def __init__(self, source: Path) -> None:
         self.source = Path(source)
@@ -117,6 +114,7 @@ class TransportFetchers:
 
     def __init__(self, by_transport: Mapping[str, Fetcher]) -> None:
         self.by_transport = dict(by_transport)
+        self.checks_digest = all(map(checks_digest, self.by_transport.values()))
 
     def fetch(self, directive: Directive, destination: Path) -> Path:
         """Raises:

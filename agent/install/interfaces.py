@@ -30,12 +30,22 @@ class Fetcher(Protocol):
     never more than `directive.bundle.length` bytes, resuming what a previous
     call left in `destination`'s directory (`<sha256>.part`, `<sha256>.blocks`).
 
+    A fetcher that writes `destination` only once the file's length and SHA-256
+    are the directive's (the transports do) says so with a class attribute
+    `checks_digest = True`, and the installer does not hash what it delivered
+    again; from any other fetcher the installer checks the file itself.
+
     Raises:
         DownloadError: the transport failed; the installer retries with backoff.
         Any UntrustedInputError: the bytes are wrong (fatal, no retry).
     """
 
     def fetch(self, directive: Directive, destination: Path) -> Path: ...
+
+
+def checks_digest(fetcher: Fetcher) -> bool:
+    """True when `fetcher` checks the length and SHA-256 of what it delivers (see Fetcher)."""
+    return getattr(fetcher, "checks_digest", False) is True
 
 
 class Reporter(Protocol):

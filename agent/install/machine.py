@@ -1,11 +1,13 @@
-"""The installer: the public entry points of the install machine.
+"""The installer: the public entry points of the install machine, over an install context.
 
+`Installer` builds the install context (context.py) and keeps nothing else.
 Each entry point takes the state directory's lock, checks the machine is at
 rest, persists the first state of an install or rollback with its record and
-lets the engine (engine.py) step through the tables of states.py until the
-machine rests again. `resume()` continues what a restart interrupted, then
-hands the persisted challenger to `on_shadow` again (a restarted predictor
-runs none); `challenger()` names it for a predictor opened later.
+lets the engine (engine.py) step through the tables of states.py and the
+handlers (handlers.py) until the machine rests again. `resume()` continues
+what a restart interrupted, then hands the persisted challenger to
+`on_shadow` again (a restarted predictor runs none); `challenger()` names it
+for a predictor opened later.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ from typing import NoReturn
 
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.errors import CompatibilityError, InstallError, RollbackError
-from edgefleet.agent.install.engine import Engine, describe
+from edgefleet.agent.install import engine
+from edgefleet.agent.install.context import InstallContext
+from edgefleet.agent.install.engine import describe
 from edgefleet.agent.install.fetch import TransportFetchers
+from edgefleet.agent.install.handlers import hand_challenger
 from edgefleet.agent.install.interfaces import (
     Clock,
     Fetcher,
@@ -40,11 +45,11 @@ from edgefleet.agent.install.record import (
 from edgefleet.agent.install.states import TERMINAL, Event, State, resume_state
 from edgefleet.agent.layout import StateLayout
 from edgefleet.agent.versions import InstalledVersion, Versions, name_of, version_of
-from edgefleet.cli.errors import error_code
 from edgefleet.errors import BelowSecurityFloorError, EdgefleetError, UsageError
 from edgefleet.mqtt import BundleRef, verify_directive
 from edgefleet.timefmt import format_time
 from edgefleet.trust import TrustRoot
+from edgefleet.wire import error_code
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +76,7 @@ class InstallStatus:
         return self.install.refused if self.install else None
 
 
-class Installer(Engine):
+class Installer:
     """Installs bundles crash-safely; see the package docstring for the interfaces."""
 
     def __init__(
@@ -89,22 +94,63 @@ class Installer(Engine):
         host: Host | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        self.config = config
-        self.layout = layout
-        self.trust = trust  # replace it when the trust root is rotated
-        self.fetcher = TransportFetchers(fetchers) if isinstance(fetchers, Mapping) else fetchers
-        self.reporter = reporter
-        self.probe = probe
-        self.on_activated = on_activated
-        self.on_shadow = on_shadow
-        self.clock = clock or SystemClock()
-        self.host = host or Host()
-        self.rng = rng or random.Random()
-        self.versions = Versions(layout, config.limits.keep_versions)
         layout.create()
-        self._state = StateFile()
-        self._mark: object | None = None
-        self._handed: list[str | None] = []
+        self.context = InstallContext(
+            config=config,
+            layout=layout,
+            trust=trust,
+            versions=Versions(layout, config.limits.keep_versions),
+            fetcher=TransportFetchers(fetchers) if isinstance(fetchers, Mapping) else fetchers,
+            reporter=reporter,
+            probe=probe,
+            on_activated=on_activated,
+            on_shadow=on_shadow,
+            clock=clock or SystemClock(),
+            host=host or Host(),
+            rng=rng or random.Random(),
+        )
+
+    # --- the context's parts, as the agent and its tests use them ---------------------------
+
+    @property
+    def config(self) -> AgentConfig:
+        return self.context.config
+
+    @property
+    def layout(self) -> StateLayout:
+        return self.context.layout
+
+    @property
+    def versions(self) -> Versions:
+        return self.context.versions
+
+    @property
+    def trust(self) -> TrustRoot:
+        return self.context.trust
+
+    @property
+    def fetcher(self) -> Fetcher | None:
+        return self.context.fetcher
+
+    @fetcher.setter
+    def fetcher(self, fetcher: Fetcher | None) -> None:
+        self.context.fetcher = fetcher
+
+    @property
+    def on_activated(self) -> OnActivated | None:
+        return self.context.on_activated
+
+    @on_activated.setter
+    def on_activated(self, on_activated: OnActivated | None) -> None:
+        self.context.on_activated = on_activated
+
+    @property
+    def on_shadow(self) -> OnShadow | None:
+        return self.context.on_shadow
+
+    @on_shadow.setter
+    def on_shadow(self, on_shadow: OnShadow | None) -> None:
+        self.context.on_shadow = on_shadow
 
     # --- public entry points ---------------------------------------------------------------
 
@@ -127,14 +173,15 @@ class Installer(Engine):
                 security floor (refused: reported `refused`, nothing changed).
             RollbackError: a rollback directive, and nothing to roll back to.
         """
-        with self._locked():
-            state = self._load_at_rest()
+        context = self.context
+        with engine.locked(context):
+            state = engine.read_state_at_rest(context)
             directive = verify_directive(
                 data,
-                self.trust,
-                device_id=self.config.device_id,
+                context.trust,
+                device_id=context.config.device_id,
                 last_sequence=state.last_directive_sequence,
-                now=self.clock.now(),
+                now=context.clock.now(),
             )
             state = state.model_copy(update={"last_directive_sequence": directive.sequence})
             if directive.action == "rollback":
@@ -171,8 +218,8 @@ class Installer(Engine):
         source = Path(path).resolve()
         if not source.is_file():
             raise UsageError(f"{path} is not a bundle file")
-        with self._locked():
-            state = self._load_at_rest()
+        with engine.locked(self.context):
+            state = engine.read_state_at_rest(self.context)
             record = self._new_record("install", source_file=str(source))
             return self._start(state, record, Event.INSTALL)
 
@@ -187,8 +234,8 @@ class Installer(Engine):
                 floor (refused: reported `refused`, nothing changed).
             InstallInProgressError: an install is running or awaits `resume()`.
         """
-        with self._locked():
-            return self._start_rollback(self._load_at_rest(), None)
+        with engine.locked(self.context):
+            return self._start_rollback(engine.read_state_at_rest(self.context), None)
 
     def resume(self) -> InstallStatus:
         """Continue or roll back what a restart interrupted. Call it at startup,
@@ -202,24 +249,24 @@ class Installer(Engine):
             InstallInProgressError: another process is installing.
             InstallError: state.json cannot be read.
         """
-        with self._locked():
-            self._handed = []
-            state = self._state = self._load_state()
+        context = self.context
+        with engine.locked(context):
+            state = context.persisted = engine.read_state(context)
             record = state.install
             if record is None:
                 return self.status()
             if state.state in TERMINAL:
-                self._report(state)  # again: the last report may not have gone out
-                self._settle(state)
+                engine.report(context, state)  # again: the last report may not have gone out
+                engine.settle(context, state)
                 self._hand_challenger_again()
                 return self.status()
             # Count the restart durably before anything else can crash this boot too.
             record = record.model_copy(update={"resumes": record.resumes + 1})
             state = state.model_copy(update={"install": record})
-            save_state(self.layout.state_file, state)
-            self._report(state)
+            save_state(context.layout.state_file, state)
+            engine.report(context, state)
             target = resume_state(
-                state.state, self.versions.current_id(), record.from_version, record.to_version
+                state.state, context.versions.current_id(), record.from_version, record.to_version
             )
             assert target is not None
             if record.resumes > MAX_RESUMES:
@@ -229,17 +276,17 @@ class Installer(Engine):
             elif target is State.ROLLING_BACK and record.reason is None:
                 reason = f"interrupted in {state.state.value}; current is not what it recorded"
                 record = record.model_copy(update={"reason": reason})
-            self._run(self._enter(state, target, record))
+            engine.run(context, engine.enter(context, state, target, record))
             self._hand_challenger_again()
             return self.status()
 
     def _hand_challenger_again(self) -> None:
         """After a restart the predictor runs no challenger: hand it the persisted one."""
-        challenger = self._state.challenger
-        if challenger is None or (self._handed and self._handed[-1] == challenger):
+        challenger, handed = self.context.persisted.challenger, self.context.handed
+        if challenger is None or (handed and handed[-1] == challenger):
             return
         try:
-            self._hand_challenger(challenger)
+            hand_challenger(self.context, challenger)
         except Exception as exc:  # a shadow run is an experiment: never fail a resume for it
             log.warning("the challenger %s was not handed over: %s", challenger, describe(exc))
 
@@ -253,12 +300,12 @@ class Installer(Engine):
             InstallError: state.json cannot be read, or the challenger's directory
                 is gone or damaged.
         """
-        id_ = self._load_state().challenger
+        id_ = engine.read_state(self.context).challenger
         return None if id_ is None else self.versions.load(id_)
 
     def status(self) -> InstallStatus:
         """Raises: InstallError when state.json cannot be read."""
-        state = self._load_state()
+        state = engine.read_state(self.context)
         return InstallStatus(
             state=state.state,
             current=self.versions.current_id(),
@@ -275,18 +322,19 @@ class Installer(Engine):
         return InstallRecord.model_validate(
             {
                 "kind": kind,
-                "started_at": format_time(self.clock.now()),
+                "started_at": format_time(self.context.clock.now()),
                 "from_version": self.versions.current_id(),
                 "from_previous": self.versions.previous_id(),
-                "from_challenger": self._state.challenger,
+                "from_challenger": self.context.persisted.challenger,
                 **fields,
             }
         )
 
     def _start(self, state: StateFile, record: InstallRecord, event: Event) -> InstallStatus:
-        self._handed = []
+        context = self.context
         fresh = state.model_copy(update={"store_count": 0})
-        _, error = self._run(self._enter(fresh, self._next(state.state, event), record))
+        target = engine.next_after(context, state.state, event)
+        _, error = engine.run(context, engine.enter(context, fresh, target, record))
         if error is not None:
             raise error
         return self.status()

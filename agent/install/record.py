@@ -90,11 +90,6 @@ class InstallRecord(BaseModel):
     refused: str | None = None  # the error code when it was refused: nothing changed
     keep_partial: bool = False  # a download failed: keep the transport's partial file
 
-    def protected(self) -> set[str]:
-        """The versions this record refers to, which pruning must spare."""
-        refers = (self.from_version, self.from_previous, self.from_challenger, self.to_version)
-        return {v for v in refers if v}
-
     def is_promotion(self) -> bool:
         """A normal install of the version running in shadow: it is served from now on."""
         return (

@@ -1,6 +1,8 @@
 """The install state machine as data: states, events, the transition and resume tables.
 
-Pure: no I/O, so the tables are tested on their own. `engine.py` runs them.
+Pure: no I/O, so the tables are tested on their own. Beside them, the table of
+handlers (`handlers.HANDLERS`: a state's work, naming the event); `engine.py`
+runs them.
 
 A directive is verified before the machine starts (nothing is persisted for a
 refused one, as python-tuf stores nothing it has not verified), so there is no

@@ -22,8 +22,8 @@ Invariants of every fetcher:
 
 Modules: `base` (the interface, the final check), `http`, `blocks` (the MQTT
 block fetcher) with `bitmap` (its part file and resume bitmap), `sources`
-(trying a directive's sources in order), and `mqtt` (`PersistentSession`, the
-paho client kept connected that `edgefleet.agent.link.AgentLink` is built on).
+(trying a directive's sources in order). The MQTT connection itself is
+`edgefleet.agent.link.AgentLink`, on the core's `edgefleet.mqtt.session`.
 """
 
 from edgefleet.agent.transport.base import Fetcher, FetchStats, SourceFetcher

@@ -44,6 +44,8 @@ _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 class HttpFetcher:
     """Fetches bundles from the directive's http(s) sources, resuming with Range."""
 
+    checks_digest = True  # the installer's marker: `finish` checks length and SHA-256
+
     def __init__(
         self,
         *,

@@ -20,6 +20,8 @@ class SourcesFetcher:
     (TamperedFileError, FileLengthError), which the install reports as such.
     """
 
+    checks_digest = True  # the installer's marker: every transport here checks the digest
+
     def __init__(
         self, *, http: SourceFetcher | None = None, blocks: SourceFetcher | None = None
     ) -> None:

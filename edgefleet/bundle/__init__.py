@@ -15,6 +15,7 @@ from edgefleet.bundle.verify import (
     extract_bundle,
     read_manifest,
     verify_bundle,
+    verify_manifest,
 )
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ __all__ = [
     "parse_security_floor",
     "read_manifest",
     "verify_bundle",
+    "verify_manifest",
 ]
 
 

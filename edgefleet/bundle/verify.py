@@ -2,11 +2,14 @@
 
 Verification streams the bundle once in constant memory. The manifest comes
 first and its release signatures, size, profile, floor and agent version are
-checked before any file is read; then each member must be a regular file at a
-safe path, listed once, with the listed length and SHA-256. Extraction writes
-into a temporary directory beside the destination and renames it into place
-only when every check has passed; on any failure the temporary directory is
-removed, so nothing of a refused bundle is left on disk.
+checked before any file is read (`verify_manifest` stops there); then each
+member must be a regular file at a safe path, listed once, with the listed
+length and SHA-256. Extraction is that same pass, writing each file into a
+temporary directory beside the destination, renamed into place only when
+every check has passed; on any failure the temporary directory is removed, so
+nothing of a refused bundle is left on disk. An installer therefore reads a
+bundle once: `verify_manifest` to decide before it takes any disk, then
+`extract_bundle`, which checks every file as it writes it.
 """
 
 from __future__ import annotations
@@ -124,18 +127,16 @@ def _no_sink(_entry: FileEntry) -> Iterator[None]:
     yield None
 
 
-def _walk(
-    source: BinaryIO,
+def _verified_manifest(
+    stream: TarStream,
+    members: Iterator[Member],
     trust: TrustRoot,
     policy: BundlePolicy,
     limits: BundleLimits,
-    sink: _SinkFactory,
     now: dt.datetime | None,
-    progress: Callable[[int], None] | None,
-) -> VerifiedBundle:
+) -> tuple[Envelope, Manifest]:
+    """Read the first member and check its signatures, limits and policy (steps 1-5)."""
     trust.verify_not_expired(now)
-    stream = TarStream(source)
-    members = stream.members()
     envelope, manifest = parse_manifest_envelope(_read_manifest(stream, members, limits))
     trust.verify_signed_by(envelope, "release")
     if len(manifest.files) > limits.max_files:
@@ -148,7 +149,21 @@ def _walk(
             f"{limits.max_bundle_bytes}"
         )
     _check_policy(manifest, policy)
+    return envelope, manifest
 
+
+def _walk(
+    source: BinaryIO,
+    trust: TrustRoot,
+    policy: BundlePolicy,
+    limits: BundleLimits,
+    sink: _SinkFactory,
+    now: dt.datetime | None,
+    progress: Callable[[int], None] | None,
+) -> VerifiedBundle:
+    stream = TarStream(source)
+    members = stream.members()
+    envelope, manifest = _verified_manifest(stream, members, trust, policy, limits, now)
     listed = manifest.files_by_path()
     seen: set[str] = set()
     for member in members:
@@ -197,6 +212,30 @@ def _open_bundle(path: Path, limits: BundleLimits) -> Iterator[BinaryIO]:
                 f"{path} is {size} bytes, over the bundle size limit of {limits.max_bundle_bytes}"
             )
         yield handle
+
+
+def verify_manifest(
+    path: Path,
+    trust: TrustRoot,
+    policy: BundlePolicy = BundlePolicy(),
+    limits: BundleLimits = BundleLimits(),
+    now: dt.datetime | None = None,
+) -> tuple[Envelope, Manifest]:
+    """Check the bundle's manifest (signatures, limits, policy) reading the first member only.
+
+    The files are NOT checked: `extract_bundle` checks each as it writes it.
+    Use this to decide on a bundle before extracting it, never to trust its files.
+
+    Raises:
+        TrustRootExpiredError: `trust` has expired.
+        BundleError: the file or its manifest is refused (see edgefleet.errors).
+        SignatureError: the release role did not sign the manifest.
+        MalformedDocumentError: the manifest is not a manifest.
+        OSError: the file cannot be read.
+    """
+    with _open_bundle(path, limits) as source:
+        stream = TarStream(source)
+        return _verified_manifest(stream, stream.members(), trust, policy, limits, now)
 
 
 def verify_bundle(

@@ -46,19 +46,19 @@ COMMANDS: dict[str, _LazyCommand] = {
         "edgefleet.server.cli:server", "Run the fleet server; create API tokens.", "server"
     ),
     "bundles": _LazyCommand(
-        "edgefleet.server.client.bundles:bundles",
+        "edgefleet.client.bundles:bundles",
         "Push bundles to the fleet server; list and show them.",
-        "server",
+        "client",
     ),
     "rollout": _LazyCommand(
-        "edgefleet.server.client.rollouts:rollout",
+        "edgefleet.client.rollouts:rollout",
         "Start, watch, pause, resume and abort staged rollouts.",
-        "server",
+        "client",
     ),
     "devices": _LazyCommand(
-        "edgefleet.server.client.devices:devices",
+        "edgefleet.client.devices:devices",
         "List enrolled devices, show one, create enrollment tokens.",
-        "server",
+        "client",
     ),
     "convert": _LazyCommand(
         "edgefleet.converter.cli:convert_command",

@@ -1,18 +1,18 @@
 """How the CLI reports errors: one line naming the reason, never a traceback.
 
 A refusal prints `refused [code]: message` (exit status 1) where code is the
-error class in kebab case (tampered-file, unknown-key, ...), so scripts can
-match on it; a local problem prints `error [code]: message` (exit status 2),
+error class in kebab case (tampered-file, unknown-key, ...), the code an API
+error answer carries too (`edgefleet.wire.error_code`), so scripts can match
+on it; a local problem prints `error [code]: message` (exit status 2),
 click's own usage errors included (`error [usage]: ...`).
 """
 
 from __future__ import annotations
 
-import re
-
 import click
 
 from edgefleet.errors import EdgefleetError, LocalError, UntrustedInputError
+from edgefleet.wire import error_code
 
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
@@ -26,15 +26,7 @@ _SHOWS_HELP: tuple[type[click.UsageError], ...] = tuple(
 
 
 class MissingExtraError(LocalError):
-    """A command needs a pip extra (server, agent, converter) that is not installed."""
-
-
-def error_code(exc: EdgefleetError | OSError) -> str:
-    """`TamperedFileError` -> `tampered-file`; `FileNotFoundError` -> `file-not-found`."""
-    name = type(exc).__name__.removesuffix("Error")
-    if name == "OS":
-        return "os"
-    return re.sub(r"(?<!^)(?=[A-Z])", "-", name).lower()
+    """A command needs a pip extra (agent, server, client, converter) that is not installed."""
 
 
 def _usage_line(exc: click.UsageError) -> str:

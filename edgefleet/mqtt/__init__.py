@@ -2,8 +2,9 @@
 device-signed messages.
 
 Only this package builds topic strings, turns payload bytes into messages, and
-verifies directives, fleet timestamps and device signatures. It holds no client
-and does no network I/O (a `DeviceKey` reads and writes its own file).
+verifies directives, fleet timestamps and device signatures; none of that does
+network I/O (a `DeviceKey` reads and writes its own file). The one MQTT client
+of both links is `edgefleet.mqtt.session`, imported on its own (it needs paho).
 """
 
 from edgefleet.mqtt.devicesig import (

@@ -55,7 +55,7 @@ class StatusReport(Message):
     what: ClassVar[str] = "status report"
 
     sent_at: Timestamp
-    sequence: Count  # per device, so the server can order reports and spot gaps
+    sequence: Count  # per device, so the server can order reports and drop duplicates
     install_state: InstallState
     bundle_name: BundleName | None = None
     bundle_version: Version | None = None
@@ -189,7 +189,9 @@ class Presence(str, enum.Enum):
 
 MessageT = TypeVar("MessageT", bound=Message)
 
-# Which schema each device-to-server topic kind carries (block requests come later).
+# Which schema each reported topic kind carries: what the agent's link publishes and the
+# server ingests. Block requests, the other device message, are parsed by
+# `edgefleet.mqtt.blocks.parse_block_request` and answered by the block service.
 MESSAGE_TYPES: dict[TopicKind, type[Message]] = {
     TopicKind.STATUS: StatusReport,
     TopicKind.HEARTBEAT: Heartbeat,

@@ -1,5 +1,5 @@
-"""The fleet server's HTTP API (FastAPI): `create_app(context)`."""
+"""The fleet server's HTTP API (FastAPI): `edgefleet.server.api.app.create_app(context)`.
 
-from edgefleet.server.api.app import API_PREFIX, create_app
-
-__all__ = ["API_PREFIX", "create_app"]
+Importing this package builds nothing: the domain modules import their bodies
+from `edgefleet.server.api.schemas` without loading the app and its routes.
+"""

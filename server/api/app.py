@@ -18,7 +18,6 @@ from edgefleet.server.api.limits import MAX_JSON_BODY, BodyLimitMiddleware
 from edgefleet.server.api.metrics import MetricsMiddleware, register_metrics
 from edgefleet.server.api.ratelimit import RateLimiter
 from edgefleet.server.api.routes import (
-    API_PREFIX,
     audit,
     blobs,
     bundles,
@@ -29,6 +28,7 @@ from edgefleet.server.api.routes import (
     tokens,
 )
 from edgefleet.server.context import ServerContext
+from edgefleet.wire import API_PREFIX
 
 API_VERSION = "1"
 
@@ -73,4 +73,4 @@ def create_app(context: ServerContext) -> FastAPI:
     return app
 
 
-__all__ = ["API_PREFIX", "create_app"]
+__all__ = ["create_app"]

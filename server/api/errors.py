@@ -1,8 +1,9 @@
 """The one place where errors become HTTP answers.
 
-Every error answer has the body `{"error": code, "detail": message}`. The code
-is the error class in kebab case (`edgefleet.cli.errors.error_code`), so the
-CLI's client raises the same class with the same message; errors that are not
+Every error answer has the body `{"error": code, "detail": message}`
+(`edgefleet.wire.error_body`). The code is the error class in kebab case
+(`edgefleet.wire.error_code`), so the CLI's client raises the same class with
+the same message; errors that are not
 ours get a code by status (`not-found`, `method-not-allowed`, ...).
 
     NotFoundError                 404
@@ -29,7 +30,6 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from edgefleet.cli.errors import error_code
 from edgefleet.errors import EdgefleetError, UntrustedInputError
 from edgefleet.server.errors import (
     AuthError,
@@ -42,6 +42,7 @@ from edgefleet.server.errors import (
     StorageError,
 )
 from edgefleet.server.ranges import RangeNotSatisfiableError, unsatisfied_range
+from edgefleet.wire import error_body, error_code
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class ErrorBody(BaseModel):
 def error_response(
     status: int, code: str, detail: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+    return JSONResponse(error_body(code, detail), status_code=status, headers=headers)
 
 
 def status_of(exc: EdgefleetError) -> int:

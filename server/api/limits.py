@@ -13,6 +13,8 @@ import json
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from edgefleet.wire import error_body
+
 MAX_JSON_BODY = 1024 * 1024
 
 
@@ -56,9 +58,8 @@ class BodyLimitMiddleware:
         await self.app(scope, _replay([whole], receive), send)
 
     async def _refuse(self, send: Send) -> None:
-        body = json.dumps(
-            {"error": "too-large", "detail": f"the request body exceeds {self.limit} bytes"}
-        ).encode()
+        detail = f"the request body exceeds {self.limit} bytes"
+        body = json.dumps(error_body("too-large", detail)).encode()
         await send(
             {
                 "type": "http.response.start",

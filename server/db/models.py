@@ -8,6 +8,9 @@ Invariants:
   retention deletes old buckets;
 - a rollout's state changes only through `RolloutTransition` rows written in
   the same transaction as the new state (see `edgefleet.server.rollouts.machine`);
+- state columns hold `RolloutState` and `DeviceState` members, stored as their
+  values in plain VARCHAR(16) columns (no native enum type, no CHECK
+  constraint): writing any other value fails before it reaches the database;
 - the per-device directive sequence is allocated by an UPDATE on `Device`
   inside the transaction that records the directive, so two replicas never
   hand out the same number.
@@ -20,6 +23,7 @@ migrated database.
 from __future__ import annotations
 
 import datetime as dt
+import enum
 from typing import Any, ClassVar
 
 from sqlalchemy import (
@@ -28,6 +32,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     Dialect,
+    Enum,
     ForeignKey,
     Index,
     Integer,
@@ -69,6 +74,51 @@ class UtcDateTime(TypeDecorator[dt.datetime]):
         if value.tzinfo is None:
             return value.replace(tzinfo=dt.timezone.utc)
         return value.astimezone(dt.timezone.utc)
+
+
+class RolloutState(str, enum.Enum):
+    """A rollout's state (`Rollout.state`); `edgefleet.server.rollouts.machine` moves it."""
+
+    CREATED = "created"  # virtual: only the from_state of START
+    RUNNING = "running"
+    PAUSED = "paused"
+    ABORTING = "aborting"  # rollback directives out; waiting for devices to roll back
+    ABORTED = "aborted"
+    COMPLETED = "completed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class DeviceState(str, enum.Enum):
+    """A device's part in a rollout (`RolloutDevice.state`)."""
+
+    PENDING = "pending"  # assigned to a stage, no directive yet
+    NOTIFIED = "notified"  # install directive published, no answer yet
+    INSTALLING = "installing"  # the device reported a state on the way
+    SUCCEEDED = "succeeded"  # the device reported committed
+    FAILED = "failed"  # the device reported failed (final once retries are used up)
+    TIMED_OUT = "timed_out"  # no final answer within the plan's device_timeout_s
+    ROLLING_BACK = "rolling_back"  # rollback directive published (the rollout aborts)
+    ROLLED_BACK = "rolled_back"  # the device reported the rollback committed
+    # Left out: the device takes part in another active rollout (the reason names it);
+    # it joins the current stage once that one ends. Not counted by the stage's gates.
+    SKIPPED = "skipped"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def state_column(states: type[enum.Enum]) -> Enum:
+    """A state column: the members of `states`, stored as their values in a VARCHAR(16)."""
+    return Enum(
+        states,
+        native_enum=False,
+        create_constraint=False,
+        length=16,
+        validate_strings=True,
+        values_callable=lambda members: [member.value for member in members],
+    )
 
 
 class Base(DeclarativeBase):
@@ -221,7 +271,7 @@ class Rollout(Base):
     bundle_id: Mapped[int] = mapped_column(ForeignKey("bundles.id"))
     selector: Mapped[dict[str, Any]]  # tag -> value; empty: every device the bundle supports
     plan: Mapped[dict[str, Any]]  # the validated plan, with defaults filled in
-    state: Mapped[str] = mapped_column(String(16), index=True)
+    state: Mapped[RolloutState] = mapped_column(state_column(RolloutState), index=True)
     stage_index: Mapped[int] = mapped_column(Integer, default=0)
     stage_started_at: Mapped[dt.datetime | None]
     reason: Mapped[str | None] = mapped_column(Text)  # why it paused, aborted or failed
@@ -240,8 +290,8 @@ class RolloutTransition(Base):
         ForeignKey("rollouts.id", ondelete="CASCADE"), index=True
     )
     at: Mapped[dt.datetime]
-    from_state: Mapped[str] = mapped_column(String(16))
-    to_state: Mapped[str] = mapped_column(String(16))
+    from_state: Mapped[RolloutState] = mapped_column(state_column(RolloutState))
+    to_state: Mapped[RolloutState] = mapped_column(state_column(RolloutState))
     stage_index: Mapped[int] = mapped_column(Integer)
     actor: Mapped[str] = mapped_column(String(128))  # a token name, or "driver"
     reason: Mapped[str] = mapped_column(Text)
@@ -261,9 +311,7 @@ class RolloutDevice(Base):
     )
     stage_index: Mapped[int] = mapped_column(Integer)
     shadow: Mapped[bool] = mapped_column(Boolean, default=False)
-    # pending | notified | installing | succeeded | failed | timed_out
-    # | rolling_back | rolled_back | skipped (in another active rollout)
-    state: Mapped[str] = mapped_column(String(16))
+    state: Mapped[DeviceState] = mapped_column(state_column(DeviceState))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     directive_sequence: Mapped[int | None] = mapped_column(BigInteger)
     notified_at: Mapped[dt.datetime | None]

@@ -8,7 +8,8 @@
 - `ingest.Ingestor`: device messages -> device state, status history and
   telemetry buckets, checked (device signature, schema) and written in batches.
 - `aggregate`: pure merging of telemetry windows.
-- `retention.apply_retention`: old buckets out, silent devices offline.
+- `retention.run_retention` (the retention worker's step): old buckets out, silent
+  devices offline.
 - `broker.EmbeddedBroker`: the iotcore (rumqttd) broker for one-machine setups.
 - `blockservice.BlockService`: bundle blocks over MQTT.
 

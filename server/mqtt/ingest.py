@@ -15,7 +15,7 @@ The per-message path touches no database. Accepted messages are merged into
 an in-memory batch: heartbeats coalesce per device (the last one sent wins),
 presence too, status reports queue, telemetry windows merge into
 `TelemetryAggregate`s per (device, bundle, version, bucket). `flush` (every
-`settings.telemetry_flush_s` on a thread of its own, and at `stop`) writes a
+`settings.telemetry_flush_s` on the worker `flusher`, and at `stop`) writes a
 batch in one unit of work (`batch.BatchWriter`: status deduplicated by
 sequence, telemetry merged into buckets, devices locked in id order).
 A batch that cannot be written stays queued and is retried at the next flush
@@ -32,7 +32,7 @@ redelivered by the broker or re-sent from a device's outbox is not counted
 twice. Crash window: what is in the link's queue and the unflushed batch
 (about `telemetry_flush_s` of data) is lost if the process dies.
 
-Lifecycle in a server: `start()` (flush thread), hand `handle` to the link,
+Lifecycle in a server: `start()` (the flusher), hand `handle` to the link,
 and at shutdown stop the link first (it handles what it queued), then `stop()`
 here (a last flush).
 """
@@ -64,6 +64,7 @@ from edgefleet.server.mqtt.batch import BatchWriter, DeviceUpdate, IngestBatch
 from edgefleet.server.mqtt.interfaces import DeviceKeys, MessageHandler
 from edgefleet.server.settings import ServerSettings
 from edgefleet.timefmt import parse_time, utcnow
+from edgefleet.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +115,7 @@ class Ingestor:
         self._bucket_starts: dict[str, dt.datetime] = {}
         self._topics: dict[str, tuple[DeviceId, TopicKind]] = {}
         self._last_log: dict[str, float] = {}
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.flusher = Worker("edgefleet-flush", self.flush, settings.telemetry_flush_s)
 
     # -- per message (the link's worker thread) ----------------------------------------------
 
@@ -298,29 +298,17 @@ class Ingestor:
     # -- flushing ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Flush every `settings.telemetry_flush_s` on a thread until `stop`.
+        """Flush every `settings.telemetry_flush_s` on the worker `flusher` until `stop`.
 
         Raises:
             RuntimeError: called twice.
         """
-        if self._thread is not None:
-            raise RuntimeError("the ingestor was already started")
-        self._thread = threading.Thread(target=self._run, name="edgefleet-flush", daemon=True)
-        self._thread.start()
+        self.flusher.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """End the flush thread, then write what is left."""
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        """Stop the flusher, then write what is left."""
+        self.flusher.stop(timeout)
         self.flush()
-
-    def _run(self) -> None:
-        while not self._stopping.wait(self._settings.telemetry_flush_s):
-            try:
-                self.flush()
-            except Exception:
-                log.exception("flushing ingested messages failed")
 
     def flush(self) -> int:
         """Write the current batch (and any left from failed flushes); return messages written.

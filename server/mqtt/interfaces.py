@@ -11,7 +11,11 @@ from typing import Protocol
 
 
 class Publisher(Protocol):
-    """Something that hands a message to the broker (server -> devices)."""
+    """Something that hands a message to the broker (server -> devices).
+
+    `publish` raises `edgefleet.errors.PublishError` when the broker did not take
+    the message (what "taken" means: `edgefleet.mqtt.session`).
+    """
 
     def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool = False) -> None: ...
 

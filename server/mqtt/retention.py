@@ -1,7 +1,7 @@
 """Retention: old telemetry buckets go, silent devices are marked offline.
 
-Run periodically (the runner calls it next to the rollout driver). Both steps
-are single set-based statements, idempotent and safe with several replicas.
+`run_retention` is the step of the runner's retention worker (every 30 s). Both
+steps are single set-based statements, idempotent and safe with several replicas.
 A device is marked offline when its `last_seen` is older than
 `settings.offline_after`: its Last Will may never have reached us (a broker
 restart forgets sessions; presence is unsigned and may be lost), and no
@@ -12,13 +12,18 @@ their `online` is already false unless presence said otherwise.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from dataclasses import dataclass
 
 from sqlalchemy import CursorResult, delete, update
 from sqlalchemy.orm import Session
 
+from edgefleet.server.db.database import Database
 from edgefleet.server.db.models import Device, TelemetryBucket
 from edgefleet.server.settings import ServerSettings
+from edgefleet.timefmt import utcnow
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,8 +56,25 @@ def apply_retention(
     return RetentionResult(_rowcount(deleted), _rowcount(marked))
 
 
+def run_retention(db: Database, settings: ServerSettings) -> RetentionResult:
+    """`apply_retention` now, in a unit of work of its own; what it changed is logged.
+
+    Raises:
+        StorageError: the database failed.
+    """
+    with db.session() as session:
+        result = apply_retention(session, settings, utcnow())
+    if result.buckets_deleted or result.devices_marked_offline:
+        log.info(
+            "retention: %d telemetry bucket(s) deleted, %d silent device(s) marked offline",
+            result.buckets_deleted,
+            result.devices_marked_offline,
+        )
+    return result
+
+
 def _rowcount(result: object) -> int:
     return int(result.rowcount) if isinstance(result, CursorResult) else 0
 
 
-__all__ = ["RetentionResult", "apply_retention"]
+__all__ = ["RetentionResult", "apply_retention", "run_retention"]

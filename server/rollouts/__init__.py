@@ -2,7 +2,9 @@
 
 The rules are pure (`plan`, `gates`, `selection`) or touch only the rollout
 row and its history (`machine`); the service and the driver that apply them
-to the fleet live beside them (`service`, `driver`, `progress`, `membership`).
+to the fleet live beside them (`service`, `progress`, `membership`; the driver
+by phase: `driver`, `step`, `running`, `joining`, `notify`, `aborting`,
+`publication`).
 """
 
 from edgefleet.server.rollouts.gates import (
@@ -14,7 +16,6 @@ from edgefleet.server.rollouts.gates import (
 )
 from edgefleet.server.rollouts.machine import (
     ACTIVE_STATES,
-    DRIVEN_STATES,
     FINAL_STATES,
     TRANSITIONS,
     RolloutEvent,
@@ -42,7 +43,6 @@ from edgefleet.server.rollouts.selection import (
 
 __all__ = [
     "ACTIVE_STATES",
-    "DRIVEN_STATES",
     "FINAL_STATES",
     "TRANSITIONS",
     "GateCheck",

@@ -1,5 +1,8 @@
 """The rollout state machine: states, events and the transition table.
 
+`RolloutState` is the type of the state columns, so it is defined with the
+tables (`edgefleet.server.db.models`) and exported from here.
+
     created --START--> running --ADVANCE--> running (next stage)
                        running --COMPLETE--> completed
                        running --PAUSE--> paused --RESUME--> running
@@ -29,17 +32,8 @@ from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
-from edgefleet.server.db.models import Rollout, RolloutTransition
+from edgefleet.server.db.models import Rollout, RolloutState, RolloutTransition
 from edgefleet.server.errors import RolloutStateError
-
-
-class RolloutState(str, enum.Enum):
-    CREATED = "created"  # virtual: only the from_state of START
-    RUNNING = "running"
-    PAUSED = "paused"
-    ABORTING = "aborting"  # rollback directives out; waiting for devices to roll back
-    ABORTED = "aborted"
-    COMPLETED = "completed"
 
 
 class RolloutEvent(str, enum.Enum):
@@ -53,45 +47,46 @@ class RolloutEvent(str, enum.Enum):
     ROLLED_BACK = "rolled_back"  # every device that took the bundle is back (or gone)
 
 
-R, V = RolloutState, RolloutEvent
-
 # One row per transition. GATE_FAILED names its default target; a plan with
 # on_gate_failure "pause" takes it to PAUSED instead (GATE_FAILURE_TARGETS).
 TRANSITIONS: dict[tuple[RolloutState, RolloutEvent], RolloutState] = {
-    (R.CREATED, V.START): R.RUNNING,
-    (R.RUNNING, V.ADVANCE): R.RUNNING,
-    (R.RUNNING, V.COMPLETE): R.COMPLETED,
-    (R.RUNNING, V.PAUSE): R.PAUSED,
-    (R.PAUSED, V.RESUME): R.RUNNING,
-    (R.RUNNING, V.ABORT): R.ABORTING,
-    (R.PAUSED, V.ABORT): R.ABORTING,
-    (R.RUNNING, V.GATE_FAILED): R.ABORTING,
-    (R.ABORTING, V.ROLLED_BACK): R.ABORTED,
+    (RolloutState.CREATED, RolloutEvent.START): RolloutState.RUNNING,
+    (RolloutState.RUNNING, RolloutEvent.ADVANCE): RolloutState.RUNNING,
+    (RolloutState.RUNNING, RolloutEvent.COMPLETE): RolloutState.COMPLETED,
+    (RolloutState.RUNNING, RolloutEvent.PAUSE): RolloutState.PAUSED,
+    (RolloutState.PAUSED, RolloutEvent.RESUME): RolloutState.RUNNING,
+    (RolloutState.RUNNING, RolloutEvent.ABORT): RolloutState.ABORTING,
+    (RolloutState.PAUSED, RolloutEvent.ABORT): RolloutState.ABORTING,
+    (RolloutState.RUNNING, RolloutEvent.GATE_FAILED): RolloutState.ABORTING,
+    (RolloutState.ABORTING, RolloutEvent.ROLLED_BACK): RolloutState.ABORTED,
 }
 
-GATE_FAILURE_TARGETS: dict[str, RolloutState] = {"abort": R.ABORTING, "pause": R.PAUSED}
+GATE_FAILURE_TARGETS: dict[str, RolloutState] = {
+    "abort": RolloutState.ABORTING,
+    "pause": RolloutState.PAUSED,
+}
 
-# States the driver works on, states an operator can still change, and the end.
-DRIVEN_STATES = frozenset({R.RUNNING, R.ABORTING})
-ACTIVE_STATES = frozenset({R.RUNNING, R.PAUSED, R.ABORTING})
-FINAL_STATES = frozenset({R.COMPLETED, R.ABORTED})
+# States the driver works on and an operator can still change (a device takes part in
+# at most one rollout in them), and the end.
+ACTIVE_STATES = frozenset({RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.ABORTING})
+FINAL_STATES = frozenset({RolloutState.COMPLETED, RolloutState.ABORTED})
 
 # What an error message says the caller tried to do.
 _VERBS = {
-    V.START: "start",
-    V.ADVANCE: "advance",
-    V.COMPLETE: "complete",
-    V.PAUSE: "pause",
-    V.RESUME: "resume",
-    V.ABORT: "abort",
-    V.GATE_FAILED: "fail a gate",
-    V.ROLLED_BACK: "finish rolling back",
+    RolloutEvent.START: "start",
+    RolloutEvent.ADVANCE: "advance",
+    RolloutEvent.COMPLETE: "complete",
+    RolloutEvent.PAUSE: "pause",
+    RolloutEvent.RESUME: "resume",
+    RolloutEvent.ABORT: "abort",
+    RolloutEvent.GATE_FAILED: "fail a gate",
+    RolloutEvent.ROLLED_BACK: "finish rolling back",
 }
 
 # Events whose reason becomes Rollout.reason ("why it paused, aborted or failed");
 # RESUME and START clear it, the others leave it as it was.
-_SETS_REASON = frozenset({V.PAUSE, V.ABORT, V.GATE_FAILED})
-_CLEARS_REASON = frozenset({V.START, V.RESUME})
+_SETS_REASON = frozenset({RolloutEvent.PAUSE, RolloutEvent.ABORT, RolloutEvent.GATE_FAILED})
+_CLEARS_REASON = frozenset({RolloutEvent.START, RolloutEvent.RESUME})
 
 
 def next_state(
@@ -99,8 +94,8 @@ def next_state(
 ) -> RolloutState | None:
     """The state `event` leads to from `state`, or None when the table has no such row."""
     target = TRANSITIONS.get((state, event))
-    if target is not None and event is V.GATE_FAILED:
-        return GATE_FAILURE_TARGETS.get(on_gate_failure, R.ABORTING)
+    if target is not None and event is RolloutEvent.GATE_FAILED:
+        return GATE_FAILURE_TARGETS.get(on_gate_failure, RolloutState.ABORTING)
     return target
 
 
@@ -136,31 +131,26 @@ def apply_event(
             COMPLETE before it; or the row changed since it was read ("changed
             concurrently"), in which case nothing was written.
     """
-    try:
-        source = RolloutState(rollout.state)
-    except ValueError:
-        raise RolloutStateError(
-            f"rollout {rollout.id} is in unknown state {rollout.state!r}; cannot {_VERBS[event]}"
-        ) from None
+    source = rollout.state
     plan = rollout.plan if isinstance(rollout.plan, dict) else {}
     on_gate_failure = str(plan.get("on_gate_failure", "abort"))
     target = next_state(source, event, on_gate_failure=on_gate_failure)
     if target is None:
-        raise RolloutStateError(f"rollout {rollout.id} is {source.value}; cannot {_VERBS[event]}")
+        raise RolloutStateError(f"rollout {rollout.id} is {source}; cannot {_VERBS[event]}")
 
     stages = _stage_count(rollout)
     stage_index = rollout.stage_index
     stage_started_at = rollout.stage_started_at
-    if event is V.START:
+    if event is RolloutEvent.START:
         stage_index, stage_started_at = 0, now
-    elif event is V.ADVANCE:
+    elif event is RolloutEvent.ADVANCE:
         if stage_index + 1 >= stages:
             raise RolloutStateError(
                 f"rollout {rollout.id} is at its last stage ({stage_index + 1} of {stages}); "
                 "cannot advance (complete it instead)"
             )
         stage_index, stage_started_at = stage_index + 1, now
-    elif event is V.COMPLETE and stage_index + 1 < stages:
+    elif event is RolloutEvent.COMPLETE and stage_index + 1 < stages:
         raise RolloutStateError(
             f"rollout {rollout.id} is at stage {stage_index + 1} of {stages}; cannot complete"
         )
@@ -172,7 +162,7 @@ def apply_event(
         new_reason = rollout.reason
 
     values = {
-        "state": target.value,
+        "state": target,
         "stage_index": stage_index,
         "stage_started_at": stage_started_at,
         "updated_at": now,
@@ -182,7 +172,7 @@ def apply_event(
         update(Rollout)
         .where(
             Rollout.id == rollout.id,
-            Rollout.state == source.value,
+            Rollout.state == source,
             Rollout.stage_index == rollout.stage_index,
         )
         .values(**values)
@@ -191,7 +181,7 @@ def apply_event(
     assert isinstance(result, CursorResult)
     if result.rowcount != 1:
         raise RolloutStateError(
-            f"rollout {rollout.id} changed concurrently (it was {source.value}); "
+            f"rollout {rollout.id} changed concurrently (it was {source}); "
             f"cannot {_VERBS[event]}: read it again"
         )
     # The row already holds these values: mark them persisted, not dirty.
@@ -201,8 +191,8 @@ def apply_event(
         RolloutTransition(
             rollout_id=rollout.id,
             at=now,
-            from_state=source.value,
-            to_state=target.value,
+            from_state=source,
+            to_state=target,
             stage_index=stage_index,
             actor=actor,
             reason=reason,
@@ -213,7 +203,6 @@ def apply_event(
 
 __all__ = [
     "ACTIVE_STATES",
-    "DRIVEN_STATES",
     "FINAL_STATES",
     "GATE_FAILURE_TARGETS",
     "TRANSITIONS",

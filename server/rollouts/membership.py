@@ -16,13 +16,10 @@ from __future__ import annotations
 from sqlalchemy import ScalarSelect, SQLColumnExpression, func, select
 from sqlalchemy.orm import Session, aliased
 
-from edgefleet.server.db.models import Rollout, RolloutDevice
+from edgefleet.server.db.models import DeviceState, Rollout, RolloutDevice
 from edgefleet.server.leases import next_counter
 from edgefleet.server.rollouts.machine import ACTIVE_STATES
-from edgefleet.server.rollouts.progress import DeviceState
 
-_ACTIVE = [state.value for state in ACTIVE_STATES]
-_SKIPPED = DeviceState.SKIPPED.value
 MEMBERSHIP_LOCK = "rollout-membership"  # the counter whose row lock serialises membership
 
 
@@ -51,7 +48,7 @@ def busy_devices(session: Session, rollout_id: int | None = None) -> dict[str, i
     query = (
         select(RolloutDevice.device_id, func.min(RolloutDevice.rollout_id))
         .join(Rollout, Rollout.id == RolloutDevice.rollout_id)
-        .where(Rollout.state.in_(_ACTIVE), RolloutDevice.state != _SKIPPED)
+        .where(Rollout.state.in_(ACTIVE_STATES), RolloutDevice.state != DeviceState.SKIPPED)
         .group_by(RolloutDevice.device_id)
     )
     if rollout_id is not None:
@@ -71,8 +68,8 @@ def other_rollout_of(device_id: SQLColumnExpression[str], rollout_id: int) -> Sc
         .where(
             other.device_id == device_id,
             other.rollout_id != rollout_id,
-            other.state != _SKIPPED,
-            Rollout.state.in_(_ACTIVE),
+            other.state != DeviceState.SKIPPED,
+            Rollout.state.in_(ACTIVE_STATES),
         )
         .scalar_subquery()
     )

@@ -46,8 +46,8 @@ from pydantic import (
     model_validator,
 )
 
+from edgefleet.plantext import parse_plan_text
 from edgefleet.server.errors import InvalidRequestError
-from edgefleet.server.plantext import parse_plan_text
 from edgefleet.validation import describe_validation_error
 
 MAX_STAGES = 20
@@ -223,7 +223,7 @@ def _invalid(exc: ValidationError) -> InvalidRequestError:
 
 
 def load_plan(text: str) -> Plan:
-    """Parse a plan from YAML or JSON text (JSON is read as YAML; `plantext` says
+    """Parse a plan from YAML or JSON text (JSON is read as YAML; `edgefleet.plantext` says
     what is refused before the plan is looked at: size, aliases, depth, non-finite numbers).
 
     Raises:

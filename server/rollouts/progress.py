@@ -24,8 +24,7 @@ queries so they are tested on their own.
 from __future__ import annotations
 
 import datetime as dt
-import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select
@@ -34,6 +33,7 @@ from sqlalchemy.orm import Session
 from edgefleet.server.db.models import (
     BundleRow,
     Device,
+    DeviceState,
     Rollout,
     RolloutDevice,
     StatusReportRow,
@@ -41,26 +41,8 @@ from edgefleet.server.db.models import (
 )
 from edgefleet.server.rollouts.gates import StageCounts
 
-
-class DeviceState(str, enum.Enum):
-    """A device's part in a rollout (`RolloutDevice.state`)."""
-
-    PENDING = "pending"  # assigned to a stage, no directive yet
-    NOTIFIED = "notified"  # install directive published, no answer yet
-    INSTALLING = "installing"  # the device reported a state on the way
-    SUCCEEDED = "succeeded"  # the device reported committed
-    FAILED = "failed"  # the device reported failed (final once retries are used up)
-    TIMED_OUT = "timed_out"  # no final answer within the plan's device_timeout_s
-    ROLLING_BACK = "rolling_back"  # rollback directive published (the rollout aborts)
-    ROLLED_BACK = "rolled_back"  # the device reported the rollback committed
-    # Left out: the device takes part in another active rollout (the reason names it);
-    # it joins the current stage once that one ends. Not counted by the stage's gates.
-    SKIPPED = "skipped"
-
-
-D = DeviceState
-FINISHED = frozenset({D.SUCCEEDED, D.FAILED, D.TIMED_OUT})
-AWAITING_INSTALL = frozenset({D.NOTIFIED, D.INSTALLING})
+FINISHED = frozenset({DeviceState.SUCCEEDED, DeviceState.FAILED, DeviceState.TIMED_OUT})
+AWAITING_INSTALL = frozenset({DeviceState.NOTIFIED, DeviceState.INSTALLING})
 
 # The agent's resting install states (agent/install/states.py: TERMINAL minus idle).
 AGENT_SUCCESS = frozenset({"committed"})
@@ -76,10 +58,6 @@ PREVIOUS_LATENCY_WINDOW = dt.timedelta(hours=24)
 UNCHECKED_NOTES = ("committed unchecked", "committed without a health check")
 
 
-def _values(states: Iterable[DeviceState]) -> list[str]:
-    return [state.value for state in states]
-
-
 def reconcile(session: Session, rollout: Rollout, now: dt.datetime) -> int:
     """Apply the newest answers to `rollout`'s directives; returns how many devices moved.
 
@@ -87,7 +65,7 @@ def reconcile(session: Session, rollout: Rollout, now: dt.datetime) -> int:
     (failed: reason kept), or installing (any other state); rolling_back ->
     rolled_back (committed) or failed (the rollback failed).
     """
-    watched = _values([D.NOTIFIED, D.INSTALLING, D.ROLLING_BACK])
+    watched = [DeviceState.NOTIFIED, DeviceState.INSTALLING, DeviceState.ROLLING_BACK]
     rows = session.execute(
         select(
             RolloutDevice,
@@ -110,10 +88,10 @@ def reconcile(session: Session, rollout: Rollout, now: dt.datetime) -> int:
         newest[rd.device_id] = (rd, state, reason, received)  # ordered: the last one wins
     moved = 0
     for rd, agent_state, reason, received in newest.values():
-        target, why = _answer(DeviceState(rd.state), agent_state, reason)
-        if target is None or (target.value == rd.state and why == rd.reason):
+        target, why = _answer(rd.state, agent_state, reason)
+        if target is None or (target is rd.state and why == rd.reason):
             continue
-        rd.state = target.value
+        rd.state = target
         rd.reason = why
         rd.updated_at = min(received, now)
         moved += 1
@@ -124,17 +102,17 @@ def _answer(
     current: DeviceState, agent_state: str, reason: str | None
 ) -> tuple[DeviceState | None, str | None]:
     """The device state an agent's report leads to, and the reason to keep."""
-    if current is D.ROLLING_BACK:
+    if current is DeviceState.ROLLING_BACK:
         if agent_state in AGENT_SUCCESS:
-            return D.ROLLED_BACK, reason
+            return DeviceState.ROLLED_BACK, reason
         if agent_state in AGENT_FAILURE:
-            return D.FAILED, f"the rollback failed: {reason or agent_state}"
+            return DeviceState.FAILED, f"the rollback failed: {reason or agent_state}"
         return None, None
     if agent_state in AGENT_SUCCESS:
-        return D.SUCCEEDED, reason  # the agent's note: how its health check judged it
+        return DeviceState.SUCCEEDED, reason  # the agent's note: how its health check judged it
     if agent_state in AGENT_FAILURE:
-        return D.FAILED, reason or f"the device reported {agent_state}"
-    return D.INSTALLING, f"the device reported {agent_state}"
+        return DeviceState.FAILED, reason or f"the device reported {agent_state}"
+    return DeviceState.INSTALLING, f"the device reported {agent_state}"
 
 
 def unchecked_counts(session: Session, rollout_id: int) -> dict[int, int]:
@@ -150,7 +128,7 @@ def unchecked_counts(session: Session, rollout_id: int) -> dict[int, int]:
         select(RolloutDevice.stage_index, func.count())
         .where(
             RolloutDevice.rollout_id == rollout_id,
-            RolloutDevice.state == D.SUCCEEDED.value,
+            RolloutDevice.state == DeviceState.SUCCEEDED,
             or_(*notes),
         )
         .group_by(RolloutDevice.stage_index)
@@ -171,7 +149,7 @@ def state_counts(
         query = query.where(RolloutDevice.stage_index == stage_index)
     counts = {state.value: 0 for state in DeviceState}
     for state, count in session.execute(query).all():
-        counts[str(state)] = int(count)
+        counts[state.value] = int(count)
     return counts
 
 
@@ -196,23 +174,22 @@ def stage_counts(
     in_stage = and_(
         RolloutDevice.rollout_id == rollout.id,
         RolloutDevice.stage_index == stage_index,
-        RolloutDevice.state != D.SKIPPED.value,
+        RolloutDevice.state != DeviceState.SKIPPED,
     )
     states = state_counts(session, rollout.id, stage_index)
-    assigned = sum(n for state, n in states.items() if state != D.SKIPPED.value)
-    finished_values = _values(FINISHED)
+    assigned = sum(n for state, n in states.items() if state != DeviceState.SKIPPED)
     offline = session.scalar(
         select(func.count())
         .select_from(RolloutDevice)
         .join(Device, Device.id == RolloutDevice.device_id)
-        .where(in_stage, Device.online.is_(False), RolloutDevice.state.not_in(finished_values))
+        .where(in_stage, Device.online.is_(False), RolloutDevice.state.not_in(FINISHED))
     )
     last_finished = session.scalar(
         select(func.max(RolloutDevice.updated_at)).where(
-            in_stage, RolloutDevice.state.in_(finished_values)
+            in_stage, RolloutDevice.state.in_(FINISHED)
         )
     )
-    finished = sum(states[v] for v in finished_values)
+    finished = sum(states[state] for state in FINISHED)
     since_finish = None if last_finished is None else (now - last_finished).total_seconds()
     started = rollout.stage_started_at or now
     since = started - bucket
@@ -257,12 +234,12 @@ def stage_counts(
         ).one()
     return StageCounts(
         assigned=assigned,
-        pending=states[D.PENDING.value],
-        notified=states[D.NOTIFIED.value],
-        installing=states[D.INSTALLING.value],
-        succeeded=states[D.SUCCEEDED.value],
-        failed=states[D.FAILED.value],
-        timed_out=states[D.TIMED_OUT.value],
+        pending=states[DeviceState.PENDING],
+        notified=states[DeviceState.NOTIFIED],
+        installing=states[DeviceState.INSTALLING],
+        succeeded=states[DeviceState.SUCCEEDED],
+        failed=states[DeviceState.FAILED],
+        timed_out=states[DeviceState.TIMED_OUT],
         offline=int(offline or 0),
         reporting=int(reporting),
         requests=int(requests),

@@ -34,10 +34,10 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from edgefleet.server.api.schemas.rollouts import RolloutStatus, StageStatus, TransitionPublic
 from edgefleet.server.audit import record_audit
 from edgefleet.server.db.models import BundleRow, Device, Rollout, RolloutDevice, RolloutTransition
 from edgefleet.server.errors import ConflictError, InvalidRequestError, NotFoundError
@@ -62,7 +62,6 @@ from edgefleet.timefmt import utcnow
 
 log = logging.getLogger(__name__)
 
-_ACTIVE = [state.value for state in ACTIVE_STATES]
 _SHOWN_DEVICES = 5  # devices named in a conflict message
 
 
@@ -119,7 +118,7 @@ def add_stage_devices(
                 device_id=device_id,
                 stage_index=stage_index,
                 shadow=shadow,
-                state=(DeviceState.PENDING if other is None else DeviceState.SKIPPED).value,
+                state=DeviceState.PENDING if other is None else DeviceState.SKIPPED,
                 attempts=0,
                 updated_at=now,
                 reason=None if other is None else skipped_reason(other),
@@ -171,7 +170,7 @@ def start_rollout(
         bundle_id=bundle.id,
         selector=dict(selector),
         plan=plan_to_dict(plan),
-        state=RolloutState.CREATED.value,
+        state=RolloutState.CREATED,
         stage_index=0,
         stage_started_at=None,
         reason=None,
@@ -229,7 +228,7 @@ def _refuse_overlap(session: Session, bundle: BundleRow, selection: Sequence[str
     same = session.execute(
         select(Rollout.id, BundleRow.version)
         .join(BundleRow, BundleRow.id == Rollout.bundle_id)
-        .where(BundleRow.name == bundle.name, Rollout.state.in_(_ACTIVE))
+        .where(BundleRow.name == bundle.name, Rollout.state.in_(ACTIVE_STATES))
         .order_by(Rollout.id)
     ).first()
     if same is not None:
@@ -268,11 +267,11 @@ def list_rollouts(session: Session, state: str | None = None) -> list[Rollout]:
     query = select(Rollout).order_by(Rollout.id.desc())
     if state is not None:
         try:
-            RolloutState(state)
+            wanted = RolloutState(state)
         except ValueError:
             known = ", ".join(s.value for s in RolloutState if s is not RolloutState.CREATED)
             raise InvalidRequestError(f"state {state!r} is not one of {known}") from None
-        query = query.where(Rollout.state == state)
+        query = query.where(Rollout.state == wanted)
     return list(session.scalars(query))
 
 
@@ -345,59 +344,6 @@ def abort_rollout(
 # --- reading ------------------------------------------------------------------------------
 
 
-class _Public(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-
-class GateCheckPublic(_Public):
-    name: str
-    passed: bool | None  # None: not (yet) judged
-    detail: str
-
-
-class StageStatus(_Public):
-    index: int
-    name: str
-    shadow: bool
-    assigned: int  # the stage's devices, skipped ones not included
-    # Devices per state (pending, notified, ..., rolled_back, skipped: left out because
-    # they take part in another active rollout).
-    states: dict[str, int]
-    # Of the succeeded devices, those whose install committed unchecked: no live
-    # request judged the new version on the device (no traffic, no predictor).
-    unchecked: int = 0
-    # The gate verdict: only for the current stage of a running or paused rollout.
-    decision: str | None = None
-    reasons: list[str] = []
-    checks: list[GateCheckPublic] = []
-
-
-class TransitionPublic(_Public):
-    at: dt.datetime
-    from_state: str
-    to_state: str
-    stage_index: int
-    actor: str
-    reason: str
-
-
-class RolloutStatus(_Public):
-    id: int
-    bundle: str  # name@version
-    state: str
-    stage_index: int
-    stage_count: int
-    stage_started_at: dt.datetime | None
-    selector: dict[str, str]
-    devices: dict[str, int]  # per state, over every stage (skipped included)
-    stages: list[StageStatus]
-    transitions: list[TransitionPublic]
-    created_by: str
-    created_at: dt.datetime
-    updated_at: dt.datetime
-    reason: str | None
-
-
 def rollout_status(
     session: Session,
     rollout_id: int,
@@ -423,7 +369,7 @@ def rollout_status(
         states = state_counts(session, rollout.id, index)
         verdict: dict[str, Any] = {}
         current = index == rollout.stage_index
-        if current and rollout.state in (RolloutState.RUNNING.value, RolloutState.PAUSED.value):
+        if current and rollout.state in (RolloutState.RUNNING, RolloutState.PAUSED):
             counts = stage_counts(
                 session, rollout, bundle, index, shadow=stage.shadow, now=now, bucket=bucket
             )
@@ -434,7 +380,7 @@ def rollout_status(
                 index=index,
                 name=plan.stage_name(index),
                 shadow=stage.shadow,
-                assigned=sum(n for k, n in states.items() if k != DeviceState.SKIPPED.value),
+                assigned=sum(n for k, n in states.items() if k != DeviceState.SKIPPED),
                 states=states,
                 unchecked=unchecked.get(index, 0),
                 **verdict,
@@ -455,17 +401,7 @@ def rollout_status(
         selector={str(k): str(v) for k, v in rollout.selector.items()},
         devices=state_counts(session, rollout.id),
         stages=stages,
-        transitions=[
-            TransitionPublic(
-                at=t.at,
-                from_state=t.from_state,
-                to_state=t.to_state,
-                stage_index=t.stage_index,
-                actor=t.actor,
-                reason=t.reason,
-            )
-            for t in transitions
-        ],
+        transitions=[TransitionPublic.model_validate(t) for t in transitions],
         created_by=rollout.created_by,
         created_at=rollout.created_at,
         updated_at=rollout.updated_at,
@@ -474,10 +410,6 @@ def rollout_status(
 
 
 __all__ = [
-    "GateCheckPublic",
-    "RolloutStatus",
-    "StageStatus",
-    "TransitionPublic",
     "abort_rollout",
     "add_stage_devices",
     "get_rollout",

@@ -8,17 +8,25 @@ systemd files.
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
-import sys
 import venv
 import zipfile
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-SOURCES = ("pyproject.toml", "README.md", "edgefleet", "agent", "server", "converter", "hardware")
+from tests.wheelenv import REPO, build_wheel
+
+# The folders whose every file the wheel holds, and where: the core, and the
+# top-level folders mapped into the edgefleet namespace.
+PACKAGE_FOLDERS = {
+    "edgefleet": "edgefleet",
+    "agent": "edgefleet/agent",
+    "client": "edgefleet/client",
+    "converter": "edgefleet/converter",
+    "hardware": "edgefleet/hardware",
+    "server": "edgefleet/server",
+}
 PROBE = """
 import sys
 import edgefleet.agent.cli, edgefleet.agent.runner
@@ -33,25 +41,14 @@ print(loaded, converter, crypto)
 SYSTEMD_FILES = "import edgefleet.hardware as h; print(h.__path__[0])"
 
 
-def build_wheel(tmp_path: Path) -> tuple[Path, str]:
-    """The wheel of a copy of the sources (the build writes beside them), and the build's log."""
-    source = tmp_path / "source"
-    for name in SOURCES:
-        origin = REPO / name
-        if origin.is_dir():
-            shutil.copytree(origin, source / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            source.mkdir(exist_ok=True)
-            shutil.copy(origin, source / name)
-    built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-v", "-w", tmp_path / "dist", source],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert built.returncode == 0, built.stdout + built.stderr
-    (wheel,) = (tmp_path / "dist").glob("edgefleet-*-py3-none-any.whl")
-    return wheel, built.stdout + built.stderr
+def package_files() -> set[str]:
+    """Every file of every package folder (subpackages and data), as the wheel names it."""
+    return {
+        f"{inside}/{path.relative_to(REPO / folder).as_posix()}"
+        for folder, inside in PACKAGE_FOLDERS.items()
+        for path in (REPO / folder).rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    }
 
 
 @pytest.mark.slow
@@ -59,6 +56,7 @@ def test_the_wheel_with_the_agent_extra_alone_installs_and_runs(tmp_path: Path) 
     wheel, log = build_wheel(tmp_path)
     assert re.findall(r"\w+Warning: .*", log) == []  # setuptools' warnings, for one
     names = zipfile.ZipFile(wheel).namelist()
+    assert package_files() - set(names) == set()  # subpackages are found, not listed
     profiles = sorted(p.name for p in (REPO / "hardware" / "profiles").glob("*.toml"))
     assert profiles and all(f"edgefleet/hardware/profiles/{p}" in names for p in profiles)
     for systemd_file in ("edgefleet-agent.service", "edgefleet-sysusers.conf"):

@@ -3,16 +3,21 @@
 One agent process, end to end: a USB-stick install through the running agent,
 predictions through the local API and `agent predict`, a signed directive over
 MQTT that installs the next version from an HTTP server, status reports,
-heartbeats and telemetry on the broker, and a clean stop on SIGTERM.
+heartbeats and telemetry on the broker, and a clean stop on SIGTERM. Then, in
+this process, the install worker surviving a foreign error, and the systemd
+watchdog petted only while that worker lives.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import hashlib
 import json
+import logging
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -33,6 +38,7 @@ from edgefleet.agent.config import (
     TelemetrySettings,
     write_config,
 )
+from edgefleet.agent.runner import TICK_SECONDS, Agent
 from edgefleet.mqtt.directives import BundleRef, Directive, HttpSource, sign_directive
 from edgefleet.mqtt.topics import DeviceTopics
 from edgefleet.timefmt import format_time, utcnow
@@ -330,3 +336,95 @@ def test_an_agent_without_its_local_api(
         stop_agent(agent)
     assert agent.returncode == 0, agent_log(agent)
     assert running_record(config) is None
+
+
+# --- the install worker, and the systemd watchdog that watches it -------------------------------
+
+
+def quiet_agent(tmp_path: Path, trust: TrustRoot, broker_url: str | None = None) -> Agent:
+    """An agent in this process: no local API, nothing installed, a broker if given."""
+    (tmp_path / "trust.json").write_bytes(trust.raw)
+    return Agent(
+        AgentConfig(
+            device_id=unique_device_id("worker"),
+            profile=PROFILE,
+            state_dir=tmp_path / "state",
+            trust_root=tmp_path / "trust.json",
+            mqtt=MqttSettings(url=broker_url),
+            local_api=LocalApiSettings(enabled=False),
+        )
+    )
+
+
+def test_the_install_worker_survives_a_foreign_error(
+    tmp_path: Path, trust: TrustRoot, caplog: pytest.LogCaptureFixture
+) -> None:
+    agent = quiet_agent(tmp_path, trust)
+    worker = agent.install_worker
+    unreadable = agent.layout.inbox / f"{1:020d}.directive"
+    unreadable.mkdir()  # reading it fails with an OSError, as a broken disk would
+    with caplog.at_level(logging.INFO):
+        worker.start()
+        try:
+            assert wait_until(lambda: worker.failures == 1)
+            assert unreadable.exists()  # kept, to be tried again
+            unreadable.rmdir()
+            refused = agent.layout.inbox / f"{2:020d}.directive"
+            refused.write_bytes(b"not a directive")
+            assert wait_until(lambda: not refused.exists())  # the next step ran
+            assert worker.alive and worker.healthy and worker.failures == 1
+        finally:
+            worker.stop()
+    assert isinstance(worker.last_failure, IsADirectoryError)
+    [logged] = [r for r in caplog.records if r.exc_info and r.exc_info[1] is worker.last_failure]
+    assert logged.levelno == logging.ERROR and logged.getMessage().startswith("edgefleet-install")
+    assert any(r.getMessage().startswith(f"directive {refused.name}: ") for r in caplog.records)
+
+
+@pytest.mark.parametrize("ending", ["install worker", "MQTT link"])
+def test_the_watchdog_is_petted_only_while_the_workers_live(
+    ending: str,
+    tmp_path: Path,
+    trust: TrustRoot,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    request: pytest.FixtureRequest,
+) -> None:
+    broker: MosquittoBroker | None = None
+    if ending == "MQTT link":
+        broker = request.getfixturevalue("broker")
+    agent = quiet_agent(tmp_path, trust, broker.url if broker else None)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+        systemd.bind(str(tmp_path / "notify.sock"))
+        systemd.settimeout(WAIT)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
+        monkeypatch.setenv("WATCHDOG_USEC", "200000")  # pet at every tick of the main loop
+        running = threading.Thread(target=agent.run, daemon=True)
+        running.start()
+        try:
+            assert systemd.recv(64) == b"READY=1"
+            assert [systemd.recv(64) for _ in range(2)] == [b"WATCHDOG=1"] * 2
+            if agent.link is None:
+                agent.install_worker.stop()  # it ends; the agent's main loop goes on
+            else:
+                agent.link.stop()  # its network thread ends; the main loop goes on
+            assert wait_until(
+                lambda: any(
+                    r.message.startswith(f"the {ending} ended")
+                    and "watchdog is no longer petted" in r.message
+                    for r in caplog.records
+                )
+            )
+            # What was petted before the main loop saw the worker dead is in the buffer.
+            systemd.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while systemd.recv(64) == b"WATCHDOG=1":
+                    pass
+            systemd.settimeout(5 * TICK_SECONDS)  # five ticks of the main loop
+            with pytest.raises(TimeoutError):
+                systemd.recv(64)
+            assert running.is_alive()  # it serves on: systemd is the one to restart it
+        finally:
+            agent.stopping.set()
+            running.join(30)
+    assert not running.is_alive()

@@ -34,7 +34,6 @@ from edgefleet.agent.config import (
 )
 from edgefleet.agent.enroll import (
     AutoEnroller,
-    EnrollBackoff,
     enroll,
     installed_runtimes,
     is_cleartext_to_another_host,
@@ -44,8 +43,9 @@ from edgefleet.agent.enroll import (
 from edgefleet.agent.enrolltoken import write_enroll_token
 from edgefleet.agent.errors import ConfigError, EnrollmentRefusedError, ServerUnreachableError
 from edgefleet.agent.layout import StateLayout
-from edgefleet.agent.link import AgentLink, Backoff
+from edgefleet.agent.link import AgentLink
 from edgefleet.agent.outbox import Outbox
+from edgefleet.backoff import Backoff
 from edgefleet.cli.errors import run_with_error_handling
 from edgefleet.mqtt import (
     DeviceKey,
@@ -58,7 +58,7 @@ from edgefleet.mqtt.topics import TopicKind
 from edgefleet.trust import TrustRoot
 from tests.agent.broker import MosquittoBroker, Observer, free_port, unique_device_id
 
-FAST = EnrollBackoff(initial=0.02, maximum=0.1)
+FAST = Backoff(initial=0.02, maximum=0.1)
 SENT = "2030-01-02T03:04:05Z"
 
 

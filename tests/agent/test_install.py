@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,11 +26,14 @@ from edgefleet.agent.errors import (
     SmokeTestError,
 )
 from edgefleet.agent.install import HealthSnapshot, State, StateFile, load_state
-from edgefleet.agent.install.fetch import MAX_DOWNLOAD_ATTEMPTS
+from edgefleet.agent.install.fetch import MAX_DOWNLOAD_ATTEMPTS, LocalFileFetcher
 from edgefleet.agent.install.record import MAX_RESUMES, MAX_STORE_COUNT, save_state
 from edgefleet.agent.versions import InstalledVersion, version_of
-from edgefleet.cli.errors import error_code
+from edgefleet.bundle import build_bundle
+from edgefleet.fileio import file_sha256
+from edgefleet.mqtt import BundleRef
 from edgefleet.trust import TrustRoot
+from edgefleet.wire import error_code
 from tests.agent.power_loss_driver import (
     FAILING,
     HEALTHY,
@@ -115,6 +119,42 @@ def test_file_install_takes_the_same_path_without_a_directive(
     assert device.reporter.states == INSTALL_CHAIN
     assert status.current is not None and status.current.startswith("demo@1.0.0-")
     assert status.previous is None and status.last_directive_sequence == 0
+
+
+def _bytes_read_by_this_process() -> int:
+    """What the kernel counts as read by this process (all its threads): `rchar`."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("/proc/self/io has no rchar")
+
+
+@pytest.mark.parametrize("delivery", ["file", "directive"])
+def test_an_install_reads_the_bundle_once_after_copying_it_in(
+    device: Device, bundles: Bundles, keyset: KeySet, tmp_path: Path, delivery: str
+) -> None:
+    # The copy under downloads/ hashes the file (as a transport does), the manifest
+    # alone decides, and extraction checks every file: two reads, where hashing the
+    # file again and verifying it whole before extracting made four.
+    source = tmp_path / "big"
+    shutil.copytree(bundles.model_dir, source)
+    (source / "weights.bin").write_bytes(os.urandom(16 * 1024 * 1024))
+    bundle = tmp_path / "big.efb"
+    build_bundle(source, bundle, name="demo", version="1.5.0", keys=[keyset.release])
+    size = bundle.stat().st_size
+    directive = None
+    if delivery == "directive":  # delivered offline with its bundle: a fetcher that checks it
+        ref = BundleRef(name="demo", version="1.5.0", sha256=file_sha256(bundle)[1], length=size)
+        directive = make_directive(keyset.server, ref, sequence=1)
+        device.installer.fetcher = LocalFileFetcher(bundle)
+    before = _bytes_read_by_this_process()
+    if directive is None:
+        status = device.installer.install_file(bundle)
+    else:
+        status = device.installer.install_directive(directive)
+    reads = (_bytes_read_by_this_process() - before) / size
+    assert status.current is not None and status.current.startswith("demo@1.5.0-")
+    assert 2 <= reads < 2.5, f"the bundle was read {reads:.2f} times"
 
 
 def test_installing_the_version_being_served_commits_without_switching(

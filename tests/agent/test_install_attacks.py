@@ -23,12 +23,12 @@ from edgefleet.agent.errors import CompatibilityError, SmokeTestError
 from edgefleet.agent.install import Host, Installer, State
 from edgefleet.agent.install.compat import check_runtime
 from edgefleet.bundle import build_bundle
-from edgefleet.cli.errors import error_code
 from edgefleet.keys import SigningKey
 from edgefleet.mqtt import BundleRef
 from edgefleet.signing import Envelope
 from edgefleet.timefmt import utcnow
 from edgefleet.trust import TrustRoot
+from edgefleet.wire import error_code
 from tests.agent.power_loss_driver import (
     PROFILE,
     Bundles,

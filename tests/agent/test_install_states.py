@@ -10,7 +10,7 @@ import pytest
 
 from edgefleet.agent.config import HealthSettings
 from edgefleet.agent.install import RESUME, TERMINAL, TRANSITIONS, Event, HealthSnapshot, State
-from edgefleet.agent.install.fetch import BACKOFF_CAP_SECONDS, backoff_delay
+from edgefleet.agent.install.fetch import DOWNLOAD_BACKOFF, backoff_delay
 from edgefleet.agent.install.health import Baseline, judge_health
 from edgefleet.agent.install.record import InstallRecord, load_state
 from edgefleet.agent.install.states import (
@@ -229,5 +229,6 @@ def test_backoff_grows_is_jittered_and_capped() -> None:
     rng = random.Random(7)
     delays = [backoff_delay(attempt, rng) for attempt in range(1, 12)]
     assert 1.0 <= delays[0] <= 2.0 and 2.0 <= delays[1] <= 4.0 and 4.0 <= delays[2] <= 8.0
-    assert all(BACKOFF_CAP_SECONDS / 2 <= d <= BACKOFF_CAP_SECONDS for d in delays[-3:])
+    cap = DOWNLOAD_BACKOFF.maximum
+    assert all(cap / 2 <= d <= cap for d in delays[-3:])
     assert len({round(d, 6) for d in delays}) == len(delays)

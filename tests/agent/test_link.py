@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import random
 import socket
 import threading
 import time
@@ -14,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from edgefleet.agent.config import MqttSettings
-from edgefleet.agent.errors import ConfigError
-from edgefleet.agent.link import AgentLink, Backoff, LinkState, MqttProtocol, parse_broker_url
+from edgefleet.agent.link import AgentLink, LinkState
 from edgefleet.agent.outbox import Outbox
+from edgefleet.backoff import Backoff
 from edgefleet.errors import UsageError
 from edgefleet.mqtt import (
     MAX_DIRECTIVE_BYTES,
@@ -27,13 +26,14 @@ from edgefleet.mqtt import (
     sign_directive,
     verify_directive,
 )
+from edgefleet.mqtt.session import MqttProtocol
 from edgefleet.mqtt.topics import TopicKind
 from edgefleet.timefmt import format_time, utcnow
 from edgefleet.trust import TrustRoot
 from tests.agent.broker import MosquittoBroker, Observer, publish_once, unique_device_id
 from tests.conftest import KeySet
 
-FAST = Backoff(initial=0.05, maximum=0.3, stable_after=60)
+FAST = Backoff(initial=0.05, maximum=0.3)
 SENT = "2030-01-02T03:04:05Z"
 
 
@@ -333,27 +333,3 @@ def test_publish_refuses_what_a_device_must_not_send(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError):
         link.start()
     link.stop()
-
-
-def test_broker_urls() -> None:
-    assert parse_broker_url("mqtt://broker").port == 1883
-    secure = parse_broker_url("mqtts://user:pw@broker.example:9999")
-    assert (secure.host, secure.port, secure.tls, secure.username) == (
-        "broker.example",
-        9999,
-        True,
-        "user",
-    )
-    for bad in ("http://broker", "mqtt://", "mqtt://broker:port"):
-        with pytest.raises(ConfigError):
-            parse_broker_url(bad)
-
-
-def test_backoff_is_jittered_exponential_and_bounded() -> None:
-    backoff = Backoff(initial=1.0, maximum=60.0)
-    rng = random.Random(4)
-    for attempt in range(40):
-        cap = min(60.0, 2.0**attempt)
-        delays = [backoff.delay(attempt, rng) for _ in range(50)]
-        assert all(cap / 2 <= d <= cap for d in delays)
-        assert len(set(delays)) > 1  # jittered

@@ -16,8 +16,9 @@ from cryptography.x509.oid import NameOID
 
 from edgefleet.agent.config import MqttSettings
 from edgefleet.agent.errors import ConfigError
-from edgefleet.agent.link import AgentLink, Backoff
+from edgefleet.agent.link import AgentLink
 from edgefleet.agent.outbox import Outbox
+from edgefleet.backoff import Backoff
 from tests.agent.broker import MosquittoBroker, Observer, free_port, unique_device_id
 
 
@@ -79,7 +80,12 @@ def _write(
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    directory = tmp_path_factory.mktemp("pki")
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def make_pki(directory: Path) -> Pki:
+    """A CA, a broker certificate for 127.0.0.1, a client certificate, and an unrelated CA."""
+    directory.mkdir(parents=True, exist_ok=True)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_cert = _issue("edgefleet test CA", ca_key, None, ca=True)
     ca, _ = _write(directory, "ca", ca_cert, ca_key)

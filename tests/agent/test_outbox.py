@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from edgefleet.agent.config import MqttSettings
-from edgefleet.agent.link import AgentLink, Backoff
+from edgefleet.agent.link import AgentLink
 from edgefleet.agent.outbox import Outbox, outbox_is_empty
+from edgefleet.backoff import Backoff
 from edgefleet.errors import UsageError
 from edgefleet.mqtt import (
     BinCounts,

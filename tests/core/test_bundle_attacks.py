@@ -18,11 +18,12 @@ import pytest
 from edgefleet import errors
 from edgefleet.bundle import BundleLimits, BundlePolicy, extract_bundle, verify_bundle
 from edgefleet.cli import cli
-from edgefleet.cli.errors import error_code, run_with_error_handling
+from edgefleet.cli.errors import run_with_error_handling
 from edgefleet.keys import SigningKey
 from edgefleet.signing import Envelope, sign_document
 from edgefleet.timefmt import utcnow
 from edgefleet.trust import TrustRoot
+from edgefleet.wire import error_code
 from tests.conftest import KeySet, make_trust_root
 from tests.core.forge import Member, flip_byte, forge, manifest_for, write_bundle
 

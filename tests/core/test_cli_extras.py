@@ -1,9 +1,10 @@
 """Every command, with any subset of the extras installed, ends in one line and 0, 1 or 2.
 
 The package is installed into fresh virtual environments (no system site
-packages, so nothing leaks in): the core alone, and the core with the agent
-extra. Each runs every command of the click tree with plausible arguments; a
-command of a group whose extra is missing must say which extra to install.
+packages, so nothing leaks in, `tests.wheelenv`): the core alone, the core with
+the agent extra, and the core with the client extra. Each runs every command
+of the click tree with plausible arguments; a command of a group whose extra is
+missing must say which extra to install.
 The test environment itself (every extra) runs the same commands.
 """
 
@@ -11,11 +12,9 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
-import venv
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,9 +23,8 @@ import pytest
 
 from edgefleet.cli import COMMANDS, cli
 from edgefleet.extras import install_hint
+from tests.wheelenv import build_wheel, fresh_venv
 
-REPO = Path(__file__).resolve().parents[2]
-SOURCES = ("pyproject.toml", "README.md", "edgefleet", "agent", "server", "converter", "hardware")
 ERROR_LINE = re.compile(r"^(error|refused) \[[a-z0-9-]+\]: \S")
 
 
@@ -175,34 +173,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The package built once from a copy of the sources (the tree stays untouched)."""
-    source = tmp_path_factory.mktemp("source")
-    for name in SOURCES:
-        origin = REPO / name
-        if origin.is_dir():
-            shutil.copytree(origin, source / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(origin, source / name)
-    out = tmp_path_factory.mktemp("wheel")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", out, f"{source}/"],
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
-    (built,) = out.glob("edgefleet-*.whl")
+    built, _ = build_wheel(tmp_path_factory.mktemp("wheel"))
     return built
-
-
-def _fresh_venv(where: Path, requirement: str) -> Path:
-    venv.create(where, with_pip=True)  # no system site packages: only what is installed here
-    python = where / "bin" / "python"
-    subprocess.run(
-        [python, "-m", "pip", "install", "--quiet", requirement],
-        check=True,
-        capture_output=True,
-        timeout=900,
-    )
-    return python
 
 
 def _run(python: Path | str, args: list[str], work: Path) -> subprocess.CompletedProcess[str]:
@@ -268,12 +240,14 @@ def _check_every_command(python: Path | str, installed: set[str], work: Path) ->
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("extras", "installed"), [("", set()), ("[agent]", {"agent"})], ids=["core", "agent"]
+    ("extras", "installed"),
+    [("", set()), ("[agent]", {"agent"}), ("[client]", {"client"})],
+    ids=["core", "agent", "client"],
 )
 def test_every_command_ends_in_one_line_without_extras(
     wheel: Path, tmp_path: Path, extras: str, installed: set[str]
 ) -> None:
-    python = _fresh_venv(tmp_path / "venv", f"{wheel}{extras}")
+    python = fresh_venv(tmp_path / "venv", f"{wheel}{extras}")
     work = tmp_path / "work"
     work.mkdir()
     _check_every_command(python, installed, work)
@@ -281,4 +255,4 @@ def test_every_command_ends_in_one_line_without_extras(
 
 @pytest.mark.slow
 def test_every_command_ends_in_one_line_with_every_extra(tmp_path: Path) -> None:
-    _check_every_command(sys.executable, {"agent", "server", "converter"}, tmp_path)
+    _check_every_command(sys.executable, {"agent", "server", "client", "converter"}, tmp_path)

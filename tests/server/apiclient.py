@@ -21,7 +21,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 from nacl.signing import SigningKey as NaclSigningKey
 
-from edgefleet.server.api import create_app
+from edgefleet.server.api.app import create_app
 from edgefleet.server.bundles import BundleStore
 from edgefleet.server.context import ServerContext
 from edgefleet.server.db.database import Database
@@ -30,10 +30,11 @@ from edgefleet.server.settings import ServerSettings
 from edgefleet.server.tokens import create_api_token
 from edgefleet.timefmt import utcnow
 from edgefleet.trust import TrustRoot
+from edgefleet.wire import API_PREFIX
 from tests.agent.broker import free_port
 from tests.conftest import PROFILE
 
-API = "/api/v1"
+API = API_PREFIX  # the paths below are relative to it
 
 
 @dataclass

@@ -32,11 +32,10 @@ from edgefleet.agent.config import (
 )
 from edgefleet.keys import save_private_key
 from edgefleet.trust import TrustRoot
+from edgefleet.wire import API_PREFIX as API
 from tests.agent.broker import free_port
 from tests.agent.power_loss_driver import PROFILE
 from tests.conftest import KeySet
-
-API = "/api/v1"
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:

@@ -79,7 +79,7 @@ def test_wrong_content_type_on_json_routes(api: Api) -> None:
 
 
 def test_the_error_codes_match_the_client_translation(api: Api) -> None:
-    from edgefleet.server.client.errors import error_from_response
+    from edgefleet.client.errors import error_from_response
     from edgefleet.server.errors import AuthError, ForbiddenError, NotFoundError
 
     cases = [

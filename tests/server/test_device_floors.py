@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from edgefleet.mqtt.topics import TopicKind
+from edgefleet.server.api.schemas.devices import DevicePublic
 from edgefleet.server.db.database import Database
-from edgefleet.server.devices import DevicePublic
 from edgefleet.server.mqtt.ingest import Ingestor
 from edgefleet.server.rollouts.progress import DeviceState, _answer
 from tests.server.fleet import SimDevice
@@ -39,11 +39,11 @@ def ingestor(database: Database, device: SimDevice, tmp_path: Path) -> Ingestor:
 def test_heartbeats_report_the_floors_and_an_older_agents_keeps_them(
     ingestor: Ingestor, database: Database, device: SimDevice
 ) -> None:
-    assert DevicePublic.from_row(device_row(database, device.id)).security_floors is None
+    assert DevicePublic.model_validate(device_row(database, device.id)).security_floors is None
     floors = {"demo": 1_000_001_000_000, "m2": 5_000_000_000_000}
     ingestor.handle(*signed(device, TopicKind.HEARTBEAT, heartbeat(device, security_floors=floors)))
     ingestor.flush()
-    assert DevicePublic.from_row(device_row(database, device.id)).security_floors == floors
+    assert DevicePublic.model_validate(device_row(database, device.id)).security_floors == floors
     # An agent that predates floors per name sends none: what was reported stays.
     later = heartbeat(device, uptime_s=9, sent_at="2026-03-01T12:00:05Z")
     ingestor.handle(*signed(device, TopicKind.HEARTBEAT, later))
@@ -63,7 +63,7 @@ def test_a_refused_install_is_history_and_leaves_the_device_committed(
     refused = status(device, 2, "refused", **other, reason=reason)
     ingestor.handle(*signed(device, TopicKind.STATUS, refused))
     ingestor.flush()
-    shown = DevicePublic.from_row(device_row(database, device.id))
+    shown = DevicePublic.model_validate(device_row(database, device.id))
     assert (shown.install_state, shown.model_name, shown.model_version) == (
         "committed",
         "demo",

@@ -14,6 +14,8 @@ from sqlalchemy import func, insert, select
 
 from edgefleet.errors import DeviceSignatureError
 from edgefleet.mqtt import DeviceKey, DeviceTopics, sign_device_payload, verify_device_payload
+from edgefleet.server.api.schemas.devices import DevicePublic
+from edgefleet.server.api.schemas.enroll import EnrollRequest
 from edgefleet.server.audit import list_audit
 from edgefleet.server.db.database import Database
 from edgefleet.server.db.models import (
@@ -26,8 +28,6 @@ from edgefleet.server.db.models import (
 )
 from edgefleet.server.devices import (
     DeviceKeyCache,
-    DevicePublic,
-    EnrollRequest,
     count_devices,
     enroll_device,
     get_device,
@@ -73,7 +73,7 @@ def enroll(
 ) -> tuple[dict[str, Any], bool]:
     with db.session() as session:
         device, created = enroll_device(session, req, open_enrollment=open_enrollment, now=NOW)
-        return DevicePublic.from_row(device).model_dump(mode="json"), created
+        return DevicePublic.model_validate(device).model_dump(mode="json"), created
 
 
 def stored(db: Database, device_id: str = "cam-01") -> Device | None:
@@ -478,13 +478,31 @@ def test_get_device_and_its_public_form(database: Database) -> None:
     }
     _add(database, [{"id": "cam-9", "heartbeat": heartbeat, "last_seen": NOW, "online": True}])
     with database.session() as session:
-        public = DevicePublic.from_row(get_device(session, "cam-9")).model_dump(mode="json")
+        public = DevicePublic.model_validate(get_device(session, "cam-9")).model_dump(mode="json")
         with pytest.raises(NotFoundError, match="cam-8"):
             get_device(session, "cam-8")
     assert public["heartbeat"]["cpu_percent"] == 12.5
     assert public["heartbeat"]["temperature_c"] is None
     assert public["last_seen"] == "2030-01-02T03:04:05Z"
     assert set(public) >= {"id", "online", "model_name", "profile", "runtimes", "tags"}
+
+
+def test_a_missing_or_unusable_heartbeat_is_shown_as_none(database: Database) -> None:
+    # The heartbeat is stored as the device sent it; the public form shows its figures
+    # only when they fit the summary.
+    _add(
+        database,
+        [
+            {"id": "cam-1", "heartbeat": None},
+            {"id": "cam-2", "heartbeat": {"cpu_percent": "hot", "uptime_s": 5}},
+            {"id": "cam-3", "heartbeat": ["not", "an", "object"]},
+            {"id": "cam-4", "heartbeat": {"uptime_s": 5, "something_new": 1}},
+        ],
+    )
+    with database.session() as session:
+        shown = {d.id: DevicePublic.model_validate(d).heartbeat for d in list_devices(session)}
+    assert shown["cam-1"] is None and shown["cam-2"] is None and shown["cam-3"] is None
+    assert shown["cam-4"] is not None and shown["cam-4"].uptime_s == 5
 
 
 # --- the key cache, with device signatures ------------------------------------------------------

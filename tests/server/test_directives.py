@@ -12,7 +12,7 @@ from edgefleet.errors import ReplayedDirectiveError, UsageError, WrongDeviceErro
 from edgefleet.mqtt import HttpSource, MqttBlocksSource, verify_directive
 from edgefleet.server.db.database import Database
 from edgefleet.server.db.models import BundleRow, Device
-from edgefleet.server.directives import DirectiveIssuer, OutgoingDirective, publish_all
+from edgefleet.server.directives import DirectiveIssuer, OutgoingDirective, publish_directive
 from edgefleet.server.errors import NotFoundError
 from edgefleet.trust import TrustRoot
 from tests.conftest import KeySet
@@ -150,13 +150,16 @@ def test_issuer_needs_a_key(tmp_path: Path) -> None:
         DirectiveIssuer([], make_settings(tmp_path))
 
 
-def test_publish_all_at_qos1_not_retained(database: Database, issuer: DirectiveIssuer) -> None:
+def test_directives_are_published_at_qos1_not_retained(
+    database: Database, issuer: DirectiveIssuer
+) -> None:
     add_device(database, "dev-1")
     add_device(database, "dev-2")
     add_bundle(database)
     outs = [_install(database, issuer, "dev-1"), _install(database, issuer, "dev-2")]
     publisher = RecordingPublisher()
-    assert publish_all(publisher, outs) == 2
+    for out in outs:
+        publish_directive(publisher, out)
     assert [(c.topic, c.payload, c.qos, c.retain) for c in publisher.calls] == [
         (o.topic, o.payload, 1, False) for o in outs
     ]

@@ -17,7 +17,9 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from edgefleet.mqtt import Directive
+from edgefleet.errors import PublishError
+from edgefleet.mqtt import Directive, parse_device_topic
+from edgefleet.server.api.schemas.rollouts import RolloutStatus
 from edgefleet.server.db.database import Database
 from edgefleet.server.db.migrate import open_database
 from edgefleet.server.db.models import BundleRow, Device, Lease, RolloutDevice, RolloutTransition
@@ -28,7 +30,6 @@ from edgefleet.server.rollouts.driver import RolloutDriver
 from edgefleet.server.rollouts.plan import plan_from_dict
 from edgefleet.server.rollouts.progress import latency_percentile, merge_latency
 from edgefleet.server.rollouts.service import (
-    RolloutStatus,
     abort_rollout,
     pause_rollout,
     resume_rollout,
@@ -595,7 +596,7 @@ class FlakyPublisher(RecordingPublisher):
 
     def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool = False) -> None:
         if self.budget <= 0:
-            raise ConnectionError("broker unavailable")
+            raise PublishError(f"cannot publish to {topic}: not connected to the broker")
         self.budget -= 1
         super().publish(topic, payload, qos=qos, retain=retain)
 
@@ -617,6 +618,81 @@ def test_directives_the_broker_refused_are_sent_again_next_tick(
     f.sim.step()
     f.run_until(rid, "completed")
     assert len(publisher.calls) == 3
+
+
+class RefusingPublisher(RecordingPublisher):
+    """Raises `PublishError` for the devices in `refused`, as the server's link does for a
+    message the broker did not take; takes the others."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused: set[str] = set()
+
+    def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool = False) -> None:
+        device_id, _ = parse_device_topic(topic)
+        if device_id in self.refused:
+            raise PublishError(f"the MQTT client refused a message to {topic}: queue full")
+        super().publish(topic, payload, qos=qos, retain=retain)
+
+
+def test_an_install_the_broker_did_not_take_is_undone_and_sent_within_the_rate_limit(
+    database: Database,
+    tmp_path: Path,
+    keyset: KeySet,
+    trust: TrustRoot,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    publisher = RefusingPublisher()
+    f = make_fleet(database, tmp_path, keyset, trust, 3, publisher=publisher)
+    rid = f.start({"stages": [{"percent": 100}], "rate_limit_per_minute": 2, "gates": FAST})
+    publisher.refused = {"dev-00"}
+    with caplog.at_level("WARNING", logger="edgefleet.server.rollouts"):
+        report = f.driver.tick()
+    # dev-00 is not left notified; dev-01 after it was still published.
+    assert report.published == 1
+    assert f.devices(rid) == {"dev-00": "pending", "dev-01": "notified", "dev-02": "pending"}
+    with database.session() as session:
+        refused = session.get(RolloutDevice, (rid, "dev-00"))
+        assert refused is not None
+        assert (refused.attempts, refused.notified_at) == (0, None)
+        assert "not published" in (refused.reason or "")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+    assert "1 of 2 directive(s) not published" in warnings[0]
+
+    publisher.refused = set()
+    f.clock.advance(1)  # within the minute: dev-01's directive still counts, dev-00's does not
+    assert f.driver.tick().published == 1
+    assert f.devices(rid) == {"dev-00": "notified", "dev-01": "notified", "dev-02": "pending"}
+    assert len(publisher.to_device("dev-00")) == 1
+    assert publisher.to_device("dev-02") == []
+    f.sim.step()
+    f.run_until(rid, "completed", seconds=20)
+    assert [len(f.received(d)) for d in ("dev-00", "dev-01", "dev-02")] == [1, 1, 1]
+
+
+def test_a_rollback_the_broker_did_not_take_is_sent_next_tick(
+    database: Database, tmp_path: Path, keyset: KeySet, trust: TrustRoot
+) -> None:
+    publisher = RefusingPublisher()
+    f = make_fleet(database, tmp_path, keyset, trust, 3, publisher=publisher)
+    rid = f.start({"stages": [{"percent": 100}], "gates": {"bake_s": 600}})
+    f.run(3)
+    assert set(f.devices(rid).values()) == {"succeeded"}
+    with f.db.session() as session:
+        abort_rollout(session, rid, OPERATOR, now=f.clock())
+    publisher.refused = {"dev-01"}
+    assert f.driver.tick().published == 2
+    assert f.devices(rid) == {
+        "dev-00": "rolling_back",
+        "dev-01": "installing",
+        "dev-02": "rolling_back",
+    }
+    assert f.state(rid) == "aborting"
+    publisher.refused = set()
+    f.run_until(rid, "aborted")
+    assert [d.action for d in f.received("dev-01")] == ["install", "rollback"]
+    assert set(f.devices(rid).values()) == {"rolled_back"}
 
 
 def test_latency_percentile_and_merge() -> None:

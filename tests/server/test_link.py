@@ -1,9 +1,11 @@
-"""The server link on a real mosquitto: shared load, presence for all, sessions, backpressure."""
+"""The server link on a real mosquitto: shared load, presence for all, sessions, backpressure,
+what publishing promises, TLS and credentials."""
 
 from __future__ import annotations
 
 import datetime as dt
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,6 +14,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+from edgefleet.backoff import Backoff
+from edgefleet.errors import PublishError
 from edgefleet.mqtt.directives import BundleRef, Directive, HttpSource, sign_directive
 from edgefleet.mqtt.topics import DeviceTopics, TopicKind
 from edgefleet.server.db.database import Database
@@ -27,10 +31,13 @@ from tests.agent.broker import (
     MosquittoBroker,
     Observer,
     connect,
+    free_port,
     paho_client,
     publish_once,
     unique_device_id,
 )
+from tests.agent.test_link import wait_until
+from tests.agent.test_link_tls import make_pki
 from tests.conftest import KeySet
 from tests.server.fleet import FleetSimulator, make_devices
 from tests.server.test_ingest import Keys, enroll, make_settings
@@ -179,9 +186,11 @@ def test_the_session_survives_a_lost_connection_and_ends_on_stop(
     with MosquittoBroker.running(tmp_path / "mosq") as own:
         handler = Recorder()
         client_id = unique_device_id("srv")
-        link = start_link(own, handler, client_id=client_id, backoff_initial_s=0.5)
+        link = start_link(
+            own, handler, client_id=client_id, backoff=Backoff(initial=0.5, maximum=30.0)
+        )
         device = DeviceTopics(unique_device_id())
-        sock = link._client.socket()
+        sock = link._session.client.socket()
         assert isinstance(sock, socket.socket)
         sock.shutdown(socket.SHUT_RDWR)  # the link is away for a moment; its session is kept
         publish_once(own.url, device.status, b"while away", qos=1)
@@ -198,6 +207,82 @@ def test_the_session_survives_a_lost_connection_and_ends_on_stop(
             assert again.messages == []
         finally:
             second.stop()
+
+
+def test_publish_keeps_qos1_while_the_broker_is_away_and_refuses_what_it_would_drop(
+    tmp_path: Path,
+) -> None:
+    with MosquittoBroker.running(tmp_path / "mosq") as own:
+        link = start_link(own, Recorder(), backoff=Backoff(initial=0.2, maximum=0.5))
+        device = DeviceTopics(unique_device_id())
+        try:
+            own.stop()
+            assert wait_until(lambda: not link.is_connected)
+            # QoS 1: paho keeps it and sends it after the reconnect (retained, so an
+            # observer that subscribes at any time later sees whether it arrived).
+            link.publish(device.directive, b"kept", qos=1, retain=True)
+            with pytest.raises(PublishError, match="not connected"):
+                link.publish(device.blocks_data, b"block", qos=0)  # paho would drop it
+            own.start()
+            assert link.wait_connected(WAIT)
+            observer = Observer(own.url, [device.directive])
+            try:
+                assert observer.wait_for(lambda: observer.on(device.directive) == [b"kept"])
+            finally:
+                observer.close()
+        finally:
+            link.stop()
+        with pytest.raises(PublishError, match="stopped"):  # nobody would ever send it
+            link.publish(device.directive, b"after stop", qos=1)
+
+
+def test_credentials_in_the_url_reach_the_broker(tmp_path: Path) -> None:
+    passwords = tmp_path / "passwords"
+    subprocess.run(
+        ["mosquitto_passwd", "-b", "-c", str(passwords), "fleet@site", "s3cret:pw"],
+        check=True,
+        capture_output=True,
+    )
+    extra = f"allow_anonymous false\npassword_file {passwords}\n"
+    with MosquittoBroker.running(tmp_path / "mosq", extra) as own:
+        where = f"127.0.0.1:{own.port}"
+        wrong = ServerLink(f"mqtt://fleet%40site:nope@{where}", "srv-wrong", "g", Recorder())
+        wrong.start()
+        try:
+            assert not wrong.wait_connected(1.0)
+        finally:
+            wrong.stop()
+        good = ServerLink(f"mqtt://fleet%40site:s3cret%3Apw@{where}", "srv-good", "g", Recorder())
+        good.start()
+        try:
+            assert good.wait_connected(WAIT)
+        finally:
+            good.stop()
+
+
+def test_mqtts_urls_connect_over_tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pki = make_pki(tmp_path / "pki")
+    port = free_port()
+    extra = f"listener {port} 127.0.0.1\ncertfile {pki.server_cert}\nkeyfile {pki.server_key}\n"
+    with MosquittoBroker.running(tmp_path / "mosq", extra) as own:
+        monkeypatch.setenv("SSL_CERT_FILE", str(pki.other_ca))  # a CA that did not sign it
+        untrusted = ServerLink(f"mqtts://127.0.0.1:{port}", "srv-untrusted", "g", Recorder())
+        untrusted.start()
+        try:
+            assert not untrusted.wait_connected(1.0)
+        finally:
+            untrusted.stop()
+        monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca))  # the system's CAs, as tests set them
+        handler = Recorder()
+        link = ServerLink(f"mqtts://127.0.0.1:{port}", "srv-tls", "g", handler)
+        link.start()
+        try:
+            assert link.wait_connected(WAIT)
+            device = DeviceTopics(unique_device_id())
+            publish_once(own.url, device.status, b"over tls")
+            assert handler.wait_for(1) and handler.messages == [(device.status, b"over tls")]
+        finally:
+            link.stop()
 
 
 def test_bad_arguments_are_refused() -> None:

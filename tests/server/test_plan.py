@@ -11,8 +11,8 @@ import tracemalloc
 
 import pytest
 
+from edgefleet.plantext import MAX_PLAN_BYTES
 from edgefleet.server.errors import InvalidRequestError
-from edgefleet.server.plantext import MAX_PLAN_BYTES
 from edgefleet.server.rollouts.plan import (
     GateOverrides,
     Gates,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from edgefleet.server.client.rollouts import echo_status, summary_line
+from edgefleet.client.rollouts import echo_status, summary_line
 from edgefleet.server.db.database import Database
 from edgefleet.server.db.models import RolloutDevice
 from edgefleet.trust import TrustRoot

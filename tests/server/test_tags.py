@@ -8,8 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from edgefleet.server.api.routes.devices import parse_tag_filters
-from edgefleet.server.api.schemas import EnrollTokenCreate
-from edgefleet.server.devices import EnrollRequest
+from edgefleet.server.api.schemas.enroll import EnrollRequest, EnrollTokenCreate
 from edgefleet.server.errors import InvalidRequestError
 from edgefleet.server.rollouts.selection import parse_selector
 from edgefleet.server.tags import MAX_TAGS, check_tags

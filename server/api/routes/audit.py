@@ -8,9 +8,10 @@ from fastapi import APIRouter, Query
 
 from edgefleet.server.api.deps import AdminDep, SessionDep
 from edgefleet.server.api.errors import errors
-from edgefleet.server.api.routes import API_PREFIX
-from edgefleet.server.api.schemas import MAX_ID, AuditPublic
+from edgefleet.server.api.schemas.audit import AuditPublic
+from edgefleet.server.api.schemas.base import MAX_ID
 from edgefleet.server.audit import list_audit
+from edgefleet.wire import API_PREFIX
 
 router = APIRouter(prefix=f"{API_PREFIX}/audit", tags=["audit"])
 
@@ -28,4 +29,4 @@ def get_audit(
     before_id: Annotated[int | None, Query(ge=1, le=MAX_ID, description="page back")] = None,
 ) -> list[AuditPublic]:
     entries = list_audit(session, limit=limit, before_id=before_id)
-    return [AuditPublic.from_row(entry) for entry in entries]
+    return [AuditPublic.model_validate(entry) for entry in entries]

@@ -21,9 +21,9 @@ from fastapi.responses import StreamingResponse
 
 from edgefleet.server.api.deps import ContextDep, SessionDep
 from edgefleet.server.api.errors import ErrorBody
-from edgefleet.server.api.routes import API_PREFIX
 from edgefleet.server.errors import NotFoundError, StorageError
 from edgefleet.server.ranges import content_range, iter_file, parse_range
+from edgefleet.wire import API_PREFIX
 
 router = APIRouter(prefix=f"{API_PREFIX}/blobs", tags=["bundles"])
 

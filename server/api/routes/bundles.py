@@ -23,12 +23,12 @@ from edgefleet.bundle.manifest import NAME_PATTERN
 from edgefleet.semver import SEMVER_PATTERN
 from edgefleet.server.api.deps import ContextDep, OperatorDep, SessionDep, ViewerDep
 from edgefleet.server.api.errors import BodyTooLargeError, errors
-from edgefleet.server.api.routes import API_PREFIX
 from edgefleet.server.api.routes.blobs import FILE_RESPONSES, RangeHeader, ranged_file_response
-from edgefleet.server.api.schemas import BundlePublic
+from edgefleet.server.api.schemas.bundles import BundlePublic
 from edgefleet.server.context import ServerContext
 from edgefleet.server.errors import InvalidRequestError
 from edgefleet.server.principals import Principal
+from edgefleet.wire import API_PREFIX
 
 router = APIRouter(prefix=f"{API_PREFIX}/bundles", tags=["bundles"])
 
@@ -46,7 +46,7 @@ _UPLOAD_BODY = {
 def _store(context: ServerContext, upload: FilePath, actor: Principal) -> tuple[BundlePublic, bool]:
     with context.db.session() as session:
         row, created = context.bundles.push(session, upload, actor)
-        public = BundlePublic.from_row(row)
+        public = BundlePublic.model_validate(row)
     return public, created
 
 
@@ -109,7 +109,7 @@ def list_bundles(
     _viewer: ViewerDep,
     name: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
 ) -> list[BundlePublic]:
-    return [BundlePublic.from_row(row) for row in context.bundles.list(session, name)]
+    return [BundlePublic.model_validate(row) for row in context.bundles.list(session, name)]
 
 
 @router.get(
@@ -125,7 +125,7 @@ def get_bundle(
     session: SessionDep,
     _viewer: ViewerDep,
 ) -> BundlePublic:
-    return BundlePublic.from_row(context.bundles.get(session, name, version))
+    return BundlePublic.model_validate(context.bundles.get(session, name, version))
 
 
 @router.get(

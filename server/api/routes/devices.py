@@ -12,21 +12,14 @@ import datetime as dt
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response, status
-from pydantic import BaseModel
 
 from edgefleet.mqtt import is_valid_device_id
 from edgefleet.server.api.deps import ContextDep, OperatorDep, SessionDep, ViewerDep
 from edgefleet.server.api.errors import errors
-from edgefleet.server.api.routes import API_PREFIX
-from edgefleet.server.api.schemas import PRINTABLE
-from edgefleet.server.device_history import (
-    StatusReportPublic,
-    TelemetrySummary,
-    recent_status_reports,
-    telemetry_summary,
-)
+from edgefleet.server.api.schemas.base import PRINTABLE
+from edgefleet.server.api.schemas.devices import DeviceDetail, DeviceList, DevicePublic
+from edgefleet.server.device_history import recent_status_reports, telemetry_summary
 from edgefleet.server.devices import (
-    DevicePublic,
     count_devices,
     get_device,
     list_devices,
@@ -34,21 +27,12 @@ from edgefleet.server.devices import (
 )
 from edgefleet.server.errors import InvalidRequestError, NotFoundError
 from edgefleet.server.rollouts.selection import parse_selector
+from edgefleet.wire import API_PREFIX
 
 router = APIRouter(prefix=f"{API_PREFIX}/devices", tags=["devices"])
 
 TELEMETRY_WINDOW = dt.timedelta(hours=24)
 MAX_TAG_FILTERS = 16
-
-
-class DeviceList(BaseModel):
-    items: list[DevicePublic]
-    total: int
-
-
-class DeviceDetail(DevicePublic):
-    status_reports: list[StatusReportPublic]
-    telemetry: list[TelemetrySummary]
 
 
 def parse_tag_filters(tags: list[str]) -> dict[str, str]:
@@ -87,7 +71,7 @@ def get_devices(
     tags = parse_tag_filters(tag) or None
     rows = list_devices(session, online=online, tags=tags, model=model, limit=limit, offset=offset)
     total = count_devices(session, online=online, tags=tags, model=model)
-    return DeviceList(items=[DevicePublic.from_row(row) for row in rows], total=total)
+    return DeviceList(items=[DevicePublic.model_validate(row) for row in rows], total=total)
 
 
 @router.get(
@@ -105,7 +89,7 @@ def get_one_device(
     if not is_valid_device_id(device_id):
         raise NotFoundError(f"no device {device_id[:128]!r}")
     device = get_device(session, device_id)
-    public = DevicePublic.from_row(device)
+    public = DevicePublic.model_validate(device)
     return DeviceDetail(
         **public.model_dump(),
         status_reports=recent_status_reports(

@@ -17,10 +17,15 @@ from fastapi.responses import JSONResponse
 
 from edgefleet.server.api.deps import ClientLimitDep, ContextDep, OperatorDep, SessionDep
 from edgefleet.server.api.errors import ErrorBody, errors
-from edgefleet.server.api.routes import API_PREFIX
-from edgefleet.server.api.schemas import EnrollTokenCreate, EnrollTokenCreated
-from edgefleet.server.devices import DevicePublic, EnrollRequest, enroll_device
+from edgefleet.server.api.schemas.devices import DevicePublic
+from edgefleet.server.api.schemas.enroll import (
+    EnrollRequest,
+    EnrollTokenCreate,
+    EnrollTokenCreated,
+)
+from edgefleet.server.devices import enroll_device
 from edgefleet.server.tokens import create_enroll_token
+from edgefleet.wire import API_PREFIX
 
 router = APIRouter(prefix=API_PREFIX, tags=["devices"])
 
@@ -44,7 +49,7 @@ def enroll(
     device, created = enroll_device(
         session, body, open_enrollment=context.settings.open_enrollment, now=context.clock()
     )
-    public = DevicePublic.from_row(device)
+    public = DevicePublic.model_validate(device)
     session.commit()  # before the key cache forgets: ingestion must read the new key
     if context.device_keys is not None:
         context.device_keys.invalidate(device.id)

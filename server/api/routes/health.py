@@ -8,9 +8,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from edgefleet.server.api.deps import ContextDep
-from edgefleet.server.api.routes import API_PREFIX
-from edgefleet.server.api.schemas import Health
+from edgefleet.server.api.schemas.health import Health
 from edgefleet.server.errors import StorageError
+from edgefleet.wire import API_PREFIX
 
 router = APIRouter(prefix=API_PREFIX, tags=["health"])
 metrics_router = APIRouter(tags=["health"])

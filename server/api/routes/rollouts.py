@@ -15,8 +15,13 @@ from sqlalchemy.orm import Session
 
 from edgefleet.server.api.deps import ContextDep, OperatorDep, SessionDep, ViewerDep
 from edgefleet.server.api.errors import errors
-from edgefleet.server.api.routes import API_PREFIX
-from edgefleet.server.api.schemas import MAX_ID, RolloutAction, RolloutCreate, RolloutSummary
+from edgefleet.server.api.schemas.base import MAX_ID
+from edgefleet.server.api.schemas.rollouts import (
+    RolloutAction,
+    RolloutCreate,
+    RolloutStatus,
+    RolloutSummary,
+)
 from edgefleet.server.bundles import bundle_labels
 from edgefleet.server.context import ServerContext
 from edgefleet.server.principals import Principal
@@ -24,7 +29,6 @@ from edgefleet.server.rollouts.machine import RolloutState
 from edgefleet.server.rollouts.plan import plan_from_dict
 from edgefleet.server.rollouts.selection import parse_selector
 from edgefleet.server.rollouts.service import (
-    RolloutStatus,
     abort_rollout,
     list_rollouts,
     pause_rollout,
@@ -32,6 +36,7 @@ from edgefleet.server.rollouts.service import (
     rollout_status,
     start_rollout,
 )
+from edgefleet.wire import API_PREFIX
 
 router = APIRouter(prefix=f"{API_PREFIX}/rollouts", tags=["rollouts"])
 
@@ -75,20 +80,7 @@ def get_rollouts(
 ) -> list[RolloutSummary]:
     rollouts = list_rollouts(session, state=state)
     bundles = bundle_labels(session, (r.bundle_id for r in rollouts))
-    return [
-        RolloutSummary(
-            id=r.id,
-            bundle=bundles.get(r.bundle_id, "?"),
-            state=r.state,
-            stage_index=r.stage_index,
-            stage_count=len(r.plan.get("stages", [])),
-            created_by=r.created_by,
-            created_at=r.created_at,
-            updated_at=r.updated_at,
-            reason=r.reason,
-        )
-        for r in rollouts
-    ]
+    return [RolloutSummary.model_validate(r, context=bundles) for r in rollouts]
 
 
 @router.get(

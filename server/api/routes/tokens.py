@@ -12,9 +12,10 @@ from fastapi import APIRouter, Path, Response, status
 
 from edgefleet.server.api.deps import AdminDep, ContextDep, SessionDep
 from edgefleet.server.api.errors import errors
-from edgefleet.server.api.routes import API_PREFIX
-from edgefleet.server.api.schemas import MAX_ID, TokenCreate, TokenCreated, TokenPublic
+from edgefleet.server.api.schemas.base import MAX_ID
+from edgefleet.server.api.schemas.tokens import TokenCreate, TokenCreated, TokenPublic
 from edgefleet.server.tokens import create_api_token, list_api_tokens, revoke_api_token
+from edgefleet.wire import API_PREFIX
 
 router = APIRouter(prefix=f"{API_PREFIX}/tokens", tags=["tokens"])
 
@@ -32,7 +33,7 @@ def create_token(
     body: TokenCreate, session: SessionDep, context: ContextDep, admin: AdminDep
 ) -> TokenCreated:
     secret, row = create_api_token(session, body.name, body.role, context.clock(), actor=admin)
-    return TokenCreated(**TokenPublic.from_row(row).model_dump(), token=secret)
+    return TokenCreated(**TokenPublic.model_validate(row).model_dump(), token=secret)
 
 
 @router.get(
@@ -42,7 +43,7 @@ def create_token(
     responses=errors(),
 )
 def list_tokens(session: SessionDep, _admin: AdminDep) -> list[TokenPublic]:
-    return [TokenPublic.from_row(row) for row in list_api_tokens(session)]
+    return [TokenPublic.model_validate(row) for row in list_api_tokens(session)]
 
 
 @router.delete(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from edgefleet.cli.options import echo_json, echo_table, json_option
-from edgefleet.server.client.api import ApiClient, JsonObject
-from edgefleet.server.client.options import cell, client_command, parse_duration, parse_tags
+from edgefleet.client.api import ApiClient, JsonObject
+from edgefleet.client.options import cell, client_command, parse_duration, parse_tags
 
 
 @click.group()

@@ -12,12 +12,12 @@ import click
 
 from edgefleet.cli.errors import EXIT_REFUSED
 from edgefleet.cli.options import echo_json, echo_table, json_option
+from edgefleet.client.api import ApiClient, JsonObject
+from edgefleet.client.options import cell, client_command, parse_bundle_ref
 from edgefleet.errors import UsageError
-from edgefleet.server.client.api import ApiClient, JsonObject
-from edgefleet.server.client.options import cell, client_command, parse_bundle_ref
-from edgefleet.server.errors import RateLimitedError
-from edgefleet.server.plantext import MAX_PLAN_BYTES, parse_plan_text
+from edgefleet.plantext import MAX_PLAN_BYTES, parse_plan_text
 from edgefleet.timefmt import format_time, utcnow
+from edgefleet.wire import RateLimitedError
 
 # A rollout in one of these states changes no more.
 FINAL_STATES = frozenset({"completed", "aborted"})
@@ -79,7 +79,7 @@ def start_command(
 
 def load_plan_file(path: Path) -> Any:
     """The plan file's content as data (YAML is a superset of JSON), read as the
-    server reads plan text (`edgefleet.server.plantext`: size, aliases, depth and
+    server reads plan text (`edgefleet.plantext`: size, aliases, depth and
     non-finite numbers refused).
 
     Raises: UsageError when it is not such YAML, or not a mapping.
@@ -228,7 +228,7 @@ _action(
 )
 
 
-# -- rendering: the server's RolloutStatus (edgefleet.server.rollouts.service) -----------------
+# -- rendering: the API's rollout status ---------------------------------------------------------
 
 
 def _stage_text(status: JsonObject) -> str:

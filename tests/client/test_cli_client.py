@@ -4,7 +4,7 @@ The server here is `FakeApi`: a small stdlib HTTP server of our own API's shape
 (/api/v1, bearer tokens, `{"error": code, "detail": message}` bodies) that
 records every request, so a test can assert what the CLI sent (streamed bytes,
 query parameters, the parsed plan) and make the server answer any error.
-Tests against the real app served by uvicorn are in test_cli_server.py.
+Tests against the real app served by uvicorn are in tests/server/test_cli_server.py.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 
-from edgefleet.server.plantext import MAX_PLAN_BYTES
+from edgefleet.plantext import MAX_PLAN_BYTES
 from tests.agent.broker import free_port
 from tests.clirun import Cli
 from tests.server.test_plan import billion_laughs
@@ -148,7 +148,7 @@ class FakeApi:
 
     @staticmethod
     def rollout(rollout_id: int, state: str) -> dict[str, Any]:
-        """The shape of edgefleet.server.rollouts.service.RolloutStatus."""
+        """The shape of edgefleet.server.api.schemas.rollouts.RolloutStatus."""
         canary = {
             "index": 0,
             "name": "canary",

@@ -13,8 +13,8 @@ from typing import Any
 
 import click
 
+from edgefleet.client.api import DEFAULT_SERVER, ApiClient
 from edgefleet.errors import UsageError
-from edgefleet.server.client.api import DEFAULT_SERVER, ApiClient
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}

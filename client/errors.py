@@ -1,7 +1,7 @@
 """How an API answer becomes an error on the client side.
 
 The server's error bodies are `{"error": code, "detail": message}` where code
-is the error class in kebab case (`edgefleet.cli.errors.error_code`). The
+is the error class in kebab case (the wire contract, `edgefleet.wire`). The
 client raises the same class the server raised, with the server's message, so
 `edgefleet rollout pause 3` prints exactly what the server refused and why:
 
@@ -22,12 +22,10 @@ Errors added here, for what only a client sees (all ServerErrors):
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Iterator
 from typing import Any
 
-from edgefleet.errors import EdgefleetError, UntrustedInputError
-from edgefleet.server.errors import (
+from edgefleet.errors import EdgefleetError
+from edgefleet.wire import (
     AuthError,
     ConflictError,
     ForbiddenError,
@@ -36,6 +34,7 @@ from edgefleet.server.errors import (
     RateLimitedError,
     ServerError,
     StorageError,
+    error_class,
 )
 
 
@@ -51,8 +50,6 @@ class ServerResponseError(ServerError):
         self.status = status
 
 
-_SHARED_MODULES = frozenset({"edgefleet.errors", "edgefleet.server.errors"})
-
 _BY_STATUS: dict[int, type[EdgefleetError]] = {
     401: AuthError,
     403: ForbiddenError,
@@ -62,24 +59,6 @@ _BY_STATUS: dict[int, type[EdgefleetError]] = {
     422: InvalidRequestError,
     503: StorageError,
 }
-
-
-def _subclasses(cls: type[EdgefleetError]) -> Iterator[type[EdgefleetError]]:
-    for sub in cls.__subclasses__():
-        yield sub
-        yield from _subclasses(sub)
-
-
-def _code_of(cls: type[EdgefleetError]) -> str:
-    # The rule of edgefleet.cli.errors.error_code, applied to a class.
-    name = cls.__name__.removesuffix("Error")
-    return re.sub(r"(?<!^)(?=[A-Z])", "-", name).lower()
-
-
-def _known_codes() -> dict[str, type[EdgefleetError]]:
-    # Only the two shared trees: the answer must not depend on which modules are loaded.
-    classes = [*_subclasses(ServerError), *_subclasses(UntrustedInputError)]
-    return {_code_of(cls): cls for cls in classes if cls.__module__ in _SHARED_MODULES}
 
 
 def _detail_text(detail: Any) -> str:
@@ -112,12 +91,11 @@ def error_from_response(
             f"HTTP {status} from {url}" + (f": {snippet}" if snippet else ""), status
         )
     message = _detail_text(parsed["detail"])
-    code = parsed.get("error")
     if status == 429:
         seconds = _seconds(retry_after)
         suffix = f" (retry after {seconds:g} s)" if seconds is not None else ""
         return RateLimitedError(message + suffix, seconds)
-    cls = _known_codes().get(code) if isinstance(code, str) else None
+    cls = error_class(parsed.get("error"))
     if cls is None:
         cls = _BY_STATUS.get(status)
     if cls is None:

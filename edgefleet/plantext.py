@@ -1,4 +1,4 @@
-"""Rollout plan text (YAML or JSON) to data, safely: what the CLI reads and the server parses.
+"""Rollout plan text (YAML or JSON) to data, safely: what the client reads and the server parses.
 
 A plan file is small and plain, so anything beyond that is refused before it
 costs time or memory:
@@ -11,40 +11,47 @@ costs time or memory:
   and JSON cannot carry them to the server; nor can it carry what YAML alone
   has (dates, sets, binary), which are refused too.
 
-Needs PyYAML only, so the CLI client imports it without the server's dependencies.
+The client (`edgefleet.client`) and the server both read plan text and neither
+may import the other, so the rules live here, in the core. The core does not
+depend on PyYAML: `parse_plan_text` imports it when called, and the client and
+server extras install it; `check_plain` needs nothing.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
-
-import yaml
-from yaml.nodes import Node
 
 MAX_PLAN_BYTES = 64 * 1024
 MAX_DEPTH = 16
 
 
-class _PlanLoader(yaml.SafeLoader):
+@functools.cache
+def _plan_loader() -> Any:
     """PyYAML's safe loader, refusing aliases and deep nesting while it composes."""
+    import yaml
+    from yaml.nodes import Node
 
-    _depth = 0
+    class PlanLoader(yaml.SafeLoader):
+        _depth = 0
 
-    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
-        refusal = None
-        if self.check_event(yaml.AliasEvent):
-            refusal = "aliases (*name) are not allowed"
-        elif self._depth >= MAX_DEPTH:
-            refusal = f"nested deeper than {MAX_DEPTH} levels"
-        if refusal is not None:
-            mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]  # stubs
-            raise ValueError(f"{refusal} (line {mark.line + 1}, column {mark.column + 1})")
-        self._depth += 1
-        try:
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
+        def compose_node(self, parent: Node | None, index: Any) -> Node | None:
+            refusal = None
+            if self.check_event(yaml.AliasEvent):
+                refusal = "aliases (*name) are not allowed"
+            elif self._depth >= MAX_DEPTH:
+                refusal = f"nested deeper than {MAX_DEPTH} levels"
+            if refusal is not None:
+                mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]  # stubs
+                raise ValueError(f"{refusal} (line {mark.line + 1}, column {mark.column + 1})")
+            self._depth += 1
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+
+    return PlanLoader
 
 
 def parse_plan_text(text: str) -> Any:
@@ -52,11 +59,14 @@ def parse_plan_text(text: str) -> Any:
 
     Raises:
         ValueError: one line saying what is wrong, and where.
+        ImportError: PyYAML is not installed (the client and server extras have it).
     """
+    import yaml
+
     if len(text.encode("utf-8", "surrogatepass")) > MAX_PLAN_BYTES:
         raise ValueError(f"longer than {MAX_PLAN_BYTES} bytes")
     try:
-        data = yaml.load(text, Loader=_PlanLoader)  # a SafeLoader: builds plain data only
+        data = yaml.load(text, Loader=_plan_loader())  # a SafeLoader: builds plain data only
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -1,4 +1,4 @@
-"""`ApiClient`: the fleet server's HTTP API (/api/v1) as Python calls, over httpx.
+"""`ApiClient`: the fleet server's HTTP API (`edgefleet.wire`) as Python calls, over httpx.
 
 Every answer is the server's JSON as plain dicts and lists: the client does
 not import the server's schemas (they live beside FastAPI, which a laptop
@@ -18,15 +18,14 @@ from urllib.parse import quote
 
 import httpx
 
-from edgefleet.errors import UsageError
-from edgefleet.server.client.errors import (
+from edgefleet.client.errors import (
     ServerResponseError,
     ServerUnreachableError,
     error_from_response,
 )
-from edgefleet.server.errors import AuthError
+from edgefleet.errors import UsageError
+from edgefleet.wire import API_PREFIX, AuthError
 
-API_PREFIX = "/api/v1"
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 UPLOAD_CHUNK = 256 * 1024
 # Reading an answer: a push waits while the server verifies the whole bundle.
@@ -88,7 +87,7 @@ class ApiClient:
         headers: Mapping[str, str] | None = None,
         timeout: float | None = None,
     ) -> httpx.Response:
-        """One request to `path` under /api/v1; returns a successful (< 400) response.
+        """One request to `path` under the API prefix; returns a successful (< 400) response.
 
         Raises:
             ServerError (or a core UntrustedInputError): the server's error, with its message.

@@ -8,8 +8,8 @@ from typing import Any
 import click
 
 from edgefleet.cli.options import ProgressBar, echo_json, echo_table, human_bytes, json_option
-from edgefleet.server.client.api import ApiClient, JsonObject
-from edgefleet.server.client.options import cell, client_command, parse_bundle_ref
+from edgefleet.client.api import ApiClient, JsonObject
+from edgefleet.client.options import cell, client_command, parse_bundle_ref
 
 
 @click.group()

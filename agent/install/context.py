@@ -1,0 +1,59 @@
+"""The install context: everything the engine and the state handlers work with.
+
+One object, built by `Installer` and passed to every handler (handlers.py) and
+to the engine (engine.py), as the Mender client passes its context: the
+device's configuration and state directory, the trust root, the transport,
+the callbacks into the rest of the agent, the clock and the host; then what
+the call in progress has learned, which a restart forgets (it is never needed
+to resume: what must survive is in state.json).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.install.interfaces import (
+    Clock,
+    Fetcher,
+    HealthProbe,
+    Host,
+    OnActivated,
+    OnShadow,
+    Reporter,
+)
+from edgefleet.agent.install.record import StateFile
+from edgefleet.agent.layout import StateLayout
+from edgefleet.agent.versions import Versions
+from edgefleet.trust import TrustRoot
+
+
+@dataclass
+class InstallContext:
+    config: AgentConfig
+    layout: StateLayout
+    trust: TrustRoot
+    versions: Versions
+    fetcher: Fetcher | None
+    reporter: Reporter | None
+    probe: HealthProbe | None
+    on_activated: OnActivated | None
+    on_shadow: OnShadow | None
+    clock: Clock
+    host: Host
+    rng: random.Random
+    # --- the call in progress (`engine.locked` starts each call afresh) ---
+    persisted: StateFile = field(default_factory=StateFile)  # the last state read or written
+    mark: object | None = None  # the probe's mark at the start of the run (the baseline)
+    handed: list[str | None] = field(default_factory=list)  # challengers handed to on_shadow
+    # A bundle file whose length and SHA-256 were checked in this call (copied in, or
+    # delivered by a transport that checks them): VERIFYING does not hash it again.
+    checked_download: Path | None = None
+
+    def start_call(self) -> None:
+        """Forget what the previous call learned."""
+        self.mark = None
+        self.handed = []
+        self.checked_download = None
