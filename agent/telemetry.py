@@ -6,9 +6,12 @@ Per window (`close_window`, a `TelemetryWindow` of edgefleet.mqtt.messages):
   answer; `fallbacks` the answered calls that a step other than the primary
   model answered. The latency histogram holds the answered calls.
 - per input feature and per output feature (as the bundle's drift reference
-  defines them, edgefleet.drift), the values counted into exactly the
-  reference's bins, plus NaN, below-range and above-range counts. Outputs of
-  the configured default answer are not counted: they say nothing of the model.
+  defines them: drift-features.json's per-sample features, edgefleet.driftfeatures,
+  or for bundles without it drift-reference.json's pooled values,
+  edgefleet.drift), the values counted into exactly the reference's bins, plus
+  NaN, below-range and above-range counts, under the reference's feature names
+  ("image[0].mean", "logits.top1", "features[3]"). Outputs of the configured
+  default answer are not counted: they say nothing of the model.
 - shadow agreement and labelled accuracy, when there were any.
 Input values outside the reference range by more than the schema margin
 (schema.py `allowed_range`: a warning, not an error) are counted as they are
@@ -43,7 +46,7 @@ import numpy as np
 from edgefleet.agent.inference.bins import tensor_bins
 from edgefleet.agent.inference.timing import sample_count
 from edgefleet.agent.install.interfaces import HealthSnapshot
-from edgefleet.drift import DriftReference
+from edgefleet.driftfeatures import AnyReference
 from edgefleet.mqtt.messages import (
     BinCounts,
     LabelledCounts,
@@ -70,7 +73,7 @@ class _Window:
         start: dt.datetime,
         name: str | None,
         version: str | None,
-        reference: DriftReference | None,
+        reference: AnyReference | None,
         slots: int,
     ) -> None:
         self.start = start
@@ -109,7 +112,7 @@ class TelemetryRecorder:
     def __init__(
         self,
         device_id: str,
-        drift_reference: DriftReference | None,
+        drift_reference: AnyReference | None,
         window_seconds: float,
         latency_bounds_ms: Sequence[float] = DEFAULT_LATENCY_BOUNDS_MS,
         *,
@@ -143,7 +146,7 @@ class TelemetryRecorder:
         self,
         bundle_name: str | None,
         bundle_version: str | None,
-        drift_reference: DriftReference | None,
+        drift_reference: AnyReference | None,
         now: dt.datetime | None = None,
     ) -> None:
         """Count from now on for this model; a window with traffic of another model ends here."""

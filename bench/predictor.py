@@ -54,7 +54,7 @@ from edgefleet.agent.inference import Predictor
 from edgefleet.agent.inference.runtimes import OnnxRunner
 from edgefleet.agent.layout import StateLayout
 from edgefleet.agent.telemetry import TelemetryRecorder
-from edgefleet.drift import REFERENCE_FILE, DriftReference
+from edgefleet.driftfeatures import AnyReference, load_reference
 from edgefleet.tables import format_columns
 
 TARGET = "x86_64-vnni"
@@ -123,7 +123,7 @@ def alternate(calls: dict[str, Callable[[], object]], count: int) -> dict[str, f
 def measure_model(bundle: Path, state: Path, serve_float: bool, count: int) -> dict[str, Any]:
     layout = install(bundle, state, serve_float)
     feed = {"image": np.load(bundle / "smoke.npz")["input/image"][:1]}
-    reference = DriftReference.model_validate_json((bundle / REFERENCE_FILE).read_bytes())
+    reference, _ = load_reference(bundle)  # as the agent reads it
     recorder = TelemetryRecorder("bench-device", reference, 60)
     with_telemetry = Predictor.open(layout, InferenceSettings(), TARGET, recorder)
     # The peer is the very InferenceSession the predictor runs.
@@ -160,7 +160,7 @@ def measure_model(bundle: Path, state: Path, serve_float: bool, count: int) -> d
 
 
 def record_alone_us(
-    predictor: Predictor, feed: dict[str, np.ndarray], reference: DriftReference, count: int
+    predictor: Predictor, feed: dict[str, np.ndarray], reference: AnyReference | None, count: int
 ) -> float:
     samples = [predictor.predict(feed) for _ in range(256)]
     accounting = TelemetryRecorder("bench-device", reference, 60)

@@ -255,6 +255,23 @@ class ApiClient:
         body = {"reason": reason} if reason else {}
         return self._object("POST", f"/rollouts/{rollout_id}/{action}", json_body=body)
 
+    # -- alerts --------------------------------------------------------------------------------
+
+    def list_alerts(
+        self, *, device: str | None = None, open_only: bool = False, limit: int = 100
+    ) -> list[JsonObject]:
+        """Drift alerts, newest first."""
+        params: dict[str, Any] = {"limit": limit}
+        if device:
+            params["device"] = device
+        if open_only:
+            params["open"] = "true"
+        return self._items("/alerts", params=params)
+
+    def ack_alert(self, alert_id: int) -> JsonObject:
+        """Acknowledge an alert (operator role; 404 when there is no such alert)."""
+        return self._object("POST", f"/alerts/{alert_id}/ack")
+
 
 def _seg(value: str) -> str:
     """One path segment: a name with a slash must not reach another route."""

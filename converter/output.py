@@ -6,7 +6,8 @@ Files (see docs/converter.md):
                                 when the float model is the one served)
     schema.json                 inputs and outputs, with observed ranges
     smoke.npz, smoke.json       sample inputs, expected outputs, tolerance
-    drift-reference.json        quantile bins and reference counts per feature
+    drift-reference.json        quantile bins and reference counts per feature (first format)
+    drift-features.json         per-sample features, their bins and calibrated thresholds
     report.json, report.txt     every candidate, its numbers and verdict
     edgefleet-bundle.json       profiles, lineage, minimum agent version (for `bundle build`)
 
@@ -35,11 +36,18 @@ from edgefleet.converter.data import Dataset
 from edgefleet.converter.evaluate import Outputs, open_session, run_outputs
 from edgefleet.converter.reference import (
     smoke_samples,
+    write_drift_features,
     write_drift_reference,
     write_schema,
     write_smoke_test,
 )
-from edgefleet.converter.report import REPORT_FILE, TABLE_FILE, build_report, format_table
+from edgefleet.converter.report import (
+    REPORT_FILE,
+    TABLE_FILE,
+    build_report,
+    drift_feature_rows,
+    format_table,
+)
 from edgefleet.fileio import file_sha256, fsync_directory
 
 # The oldest agent that understands this output's files.
@@ -123,6 +131,8 @@ def write_output(
         write_drift_reference(
             staging, context.info, reference.arrays, reference_outputs, reference.size
         )
+        _, described = write_drift_features(staging, context.info, reference, reference_outputs)
+        report["drift_features"] = drift_feature_rows(described)
         smoke = smoke_samples(context.validation)
         smoke_outputs = run_outputs(session, smoke, names)
         float_smoke = run_outputs(context.float_session, smoke, names)

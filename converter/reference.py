@@ -6,7 +6,13 @@
 - `smoke.npz` + `smoke.json`: sample inputs and the shipped model's outputs
   for them, with the tolerance the on-device smoke test allows (`smoke_samples`
   says how the samples are laid out).
-- `drift-reference.json`: see `edgefleet.drift`.
+- `drift-reference.json`: see `edgefleet.drift` (the first format, for agents
+  that know no other).
+- `drift-features.json`: see `edgefleet.driftfeatures`; per-sample features,
+  each with thresholds calibrated by `edgefleet.converter.driftcal` at
+  WINDOW_SIZES samples per window, at the false-alarm rate FALSE_ALARM (the
+  smaller rates that many features judged at once need come from the
+  calibrated tail).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from edgefleet.bundlefiles import (
     TensorSchema,
 )
 from edgefleet.converter.data import Dataset
+from edgefleet.converter.driftcal import calibrate
 from edgefleet.converter.modelinfo import ModelInfo, TensorSpec
 from edgefleet.drift import (
     REFERENCE_FILE,
@@ -37,8 +44,23 @@ from edgefleet.drift import (
     feature_values,
     quantile_edges,
 )
+from edgefleet.driftfeatures import (
+    CLASS_SUMMARIES,
+    FEATURES_FILE,
+    DriftFeature,
+    DriftFeatures,
+    LenientThresholds,
+    TensorPlan,
+    class_edges,
+    feature_name,
+    plan_tensor,
+    sample_values,
+)
 
 SMOKE_SAMPLES = 8
+WINDOW_SIZES = (50, 100, 200, 500, 1000, 2000, 5000)
+FALSE_ALARM = 0.01
+CALIBRATION_SEED = 0  # the same data gives the same thresholds
 Outputs = dict[str, np.ndarray]
 
 
@@ -103,6 +125,91 @@ def write_drift_reference(
     )
     (directory / REFERENCE_FILE).write_text(reference.model_dump_json(indent=1) + "\n")
     return reference
+
+
+def _calibrated_features(
+    plan: TensorPlan, rows: np.ndarray, rng: np.random.Generator
+) -> list[DriftFeature]:
+    """The plan's features of these stacked reference samples, each with its thresholds."""
+    layout = plan.layout
+    features = []
+    for summary in plan.summaries:
+        values = sample_values(rows, layout, summary)
+        assert values is not None  # plan_tensor chose summaries that apply to these samples
+        for column_index, column in enumerate(values.T):
+            whole = layout.axis is None or summary in CLASS_SUMMARIES
+            index = None if whole else column_index
+            edges = class_edges(layout.width or 1) if summary == "top1" else quantile_edges(column)
+            thresholds = calibrate(
+                list(column.reshape(-1, 1)), edges, WINDOW_SIZES, [FALSE_ALARM], rng
+            )
+            features.append(
+                DriftFeature(
+                    name=feature_name(layout, summary, index),
+                    tensor=layout.tensor,
+                    index=index,
+                    histogram=count_into(column, edges),
+                    summary=summary,
+                    thresholds=LenientThresholds.model_validate(thresholds.model_dump()),
+                )
+            )
+    return features
+
+
+def drift_feature_plans(
+    info: ModelInfo, inputs: Dataset, outputs: Outputs
+) -> tuple[list[tuple[TensorPlan, np.ndarray]], list[tuple[TensorPlan, np.ndarray]]]:
+    """Per input and per output tensor: its features and its reference samples, stacked.
+
+    An input given as whole entries (no batch axis) is one sample per entry;
+    outputs are per sample when any input is batched, else per entry too.
+    """
+    channels_first = info.format == "onnx"
+    outputs_batched = not all(inputs.whole_entries.values())
+
+    def plans(
+        arrays: dict[str, np.ndarray], batched: dict[str, bool], output: bool
+    ) -> list[tuple[TensorPlan, np.ndarray]]:
+        found = []
+        for name, array in arrays.items():
+            plan = plan_tensor(
+                name, array.shape[1:], array.dtype.kind, batched[name], channels_first, output
+            )
+            if plan is not None:
+                found.append((plan, array))
+        return found
+
+    input_batched = {name: not whole for name, whole in inputs.whole_entries.items()}
+    return (
+        plans(inputs.arrays, input_batched, output=False),
+        plans(outputs, dict.fromkeys(outputs, outputs_batched), output=True),
+    )
+
+
+def write_drift_features(
+    directory: Path, info: ModelInfo, inputs: Dataset, outputs: Outputs
+) -> tuple[DriftFeatures, list[tuple[TensorPlan, list[str]]]]:
+    """Write drift-features.json; returns it, and per tensor its plan and feature names."""
+    rng = np.random.default_rng(CALIBRATION_SEED)
+    input_plans, output_plans = drift_feature_plans(info, inputs, outputs)
+    described: list[tuple[TensorPlan, list[str]]] = []
+
+    def features(found: list[tuple[TensorPlan, np.ndarray]]) -> list[DriftFeature]:
+        result = []
+        for plan, rows in found:
+            tensor_features = _calibrated_features(plan, rows, rng)
+            described.append((plan, [f.name for f in tensor_features]))
+            result.extend(tensor_features)
+        return result
+
+    reference = DriftFeatures(
+        samples=inputs.size,
+        tensors=[plan.layout for plan, _ in [*input_plans, *output_plans]],
+        inputs=features(input_plans),
+        outputs=features(output_plans),
+    )
+    (directory / FEATURES_FILE).write_text(reference.model_dump_json(indent=1) + "\n")
+    return reference, described
 
 
 def smoke_tolerance(expected: Outputs, float_outputs: Outputs | None) -> dict[str, float]:

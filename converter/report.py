@@ -8,6 +8,8 @@ from typing import Any
 from edgefleet.converter.choose import CONFIDENCE, Evaluation, latency_ratio
 from edgefleet.converter.context import ConversionContext
 from edgefleet.converter.evaluate import session_threads
+from edgefleet.converter.reference import FALSE_ALARM, WINDOW_SIZES
+from edgefleet.driftfeatures import FEATURES_FILE, TensorPlan
 from edgefleet.tables import format_columns
 
 REPORT_FILE = "report.json"
@@ -97,6 +99,20 @@ def build_report(
     }
 
 
+def drift_feature_rows(described: list[tuple[TensorPlan, list[str]]]) -> list[dict[str, Any]]:
+    """The report's drift features: per tensor, its features in drift-features.json and why."""
+    return [
+        {"tensor": plan.layout.tensor, "features": names, "why": plan.why}
+        for plan, names in described
+    ]
+
+
+def _feature_list(names: list[str]) -> str:
+    if len(names) <= 4:
+        return ", ".join(names)
+    return f"{names[0]} .. {names[-1]} ({len(names)} features)"
+
+
 def format_table(report: dict[str, Any]) -> str:
     """A readable table of every candidate, widest columns first trimmed."""
     header = ("candidate", "size", "latency", "accuracy", "verdict")
@@ -121,6 +137,16 @@ def format_table(report: dict[str, Any]) -> str:
         "",
         format_columns([header, *lines]),
     ]
+    if report.get("drift_features"):
+        out += [
+            "",
+            f"drift features ({FEATURES_FILE}; thresholds for windows of "
+            f"{WINDOW_SIZES[0]} to {WINDOW_SIZES[-1]} samples at {FALSE_ALARM:.0%} false alarms):",
+            *(
+                f"  {row['tensor']}: {_feature_list(row['features'])}: {row['why']}"
+                for row in report["drift_features"]
+            ),
+        ]
     if report["notes"]:
         out += ["", "notes:", *(f"  - {note}" for note in report["notes"])]
     return "\n".join(out) + "\n"

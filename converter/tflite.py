@@ -39,11 +39,18 @@ from edgefleet.converter.output import reference_data, staged_directory, write_b
 from edgefleet.converter.progress import Progress
 from edgefleet.converter.reference import (
     smoke_samples,
+    write_drift_features,
     write_drift_reference,
     write_schema,
     write_smoke_test,
 )
-from edgefleet.converter.report import REPORT_FILE, TABLE_FILE, build_report, format_table
+from edgefleet.converter.report import (
+    REPORT_FILE,
+    TABLE_FILE,
+    build_report,
+    drift_feature_rows,
+    format_table,
+)
 from edgefleet.litert import LiteRTModel
 from edgefleet.profiles import Profile
 
@@ -147,6 +154,8 @@ def convert_tflite(
         reference_outputs = run_outputs(session, reference, names)
         write_schema(staging, info, reference.arrays, reference_outputs)
         write_drift_reference(staging, info, reference.arrays, reference_outputs, reference.size)
+        _, described = write_drift_features(staging, info, reference, reference_outputs)
+        report["drift_features"] = drift_feature_rows(described)
         smoke = smoke_samples(validation)
         write_smoke_test(staging, smoke, run_outputs(session, smoke, names), None, names)
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")

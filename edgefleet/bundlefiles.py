@@ -10,6 +10,7 @@ module is their one definition.
     smoke.npz                   arrays "input/<name>" and "expected/<name>", samples first
     smoke.json                  SmokeSpec: sample count, batching, tolerance per output
     drift-reference.json        edgefleet.drift.DriftReference
+    drift-features.json         edgefleet.driftfeatures.DriftFeatures
     report.json, report.txt     the converter's report
 """
 

@@ -15,6 +15,10 @@ that axis, or none (a scalar per sample), is one feature as a whole.
 
 The binning functions need numpy, which the converter and the agent have; the
 rest of the core does not import them.
+
+This file is drift-reference.json, whose format is frozen; the per-sample
+features with calibrated thresholds are in drift-features.json
+(edgefleet.driftfeatures), which agents that know it read in preference.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ REFERENCE_FILE = "drift-reference.json"
 class Histogram(BaseModel):
     """Counts of values in bins [e0, e1), [e1, e2), ..., [e(k-1), ek], and outside them."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
     edges: list[float] = Field(min_length=2)
     counts: list[int]
@@ -52,7 +56,7 @@ class Histogram(BaseModel):
 
 
 class FeatureReference(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
     name: str  # "features[3]", "image[c0]", "logits[7]", or the tensor name when whole
     tensor: str
@@ -61,7 +65,9 @@ class FeatureReference(BaseModel):
 
 
 class DriftReference(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    """drift-reference.json: the frozen first format (read leniently, written unchanged)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
     schema_version: Literal[1] = 1
     samples: int = Field(ge=1)

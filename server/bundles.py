@@ -14,7 +14,11 @@ Invariants:
   under a stored name and version is refused (`BundleExistsError`), pushing
   the same bytes again changes nothing;
 - an upload that is refused is deleted, so nothing of a refused bundle stays
-  on disk.
+  on disk;
+- a new bundle's drift reference, if it carries one, is stored in the same
+  unit of work as its row (`edgefleet.server.drift.reference`); pushing a
+  stored bundle again stores its reference if it has none yet (it was pushed
+  before this server stored references).
 
 If the caller's commit fails after `push` moved the file, the file stays as
 an orphan named by its digest. That is harmless: its bytes were verified, no
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import builtins
 import datetime as dt
+import logging
 import os
 import re
 import secrets
@@ -42,11 +47,14 @@ from edgefleet.bundle import BundleLimits, Manifest, VerifiedBundle, verify_bund
 from edgefleet.errors import UsageError
 from edgefleet.fileio import file_sha256, fsync_directory
 from edgefleet.server.audit import record_audit
-from edgefleet.server.db.models import BundleRow
+from edgefleet.server.db.models import BundleRow, DriftReferenceRow
+from edgefleet.server.drift.reference import read_reference, store_reference
 from edgefleet.server.errors import BundleExistsError, NotFoundError, StorageError
 from edgefleet.server.principals import Principal
 from edgefleet.timefmt import utcnow
 from edgefleet.trust import TrustRoot
+
+log = logging.getLogger(__name__)
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 BUNDLE_SUFFIX = ".efb"
@@ -186,6 +194,9 @@ class BundleStore:
             self._check_same(existing, sha256)
             if not self.path_of(existing).is_file():
                 self._place(upload, sha256)  # the data directory lost it: restore
+            if session.get(DriftReferenceRow, existing.id) is None:
+                # Pushed before this server stored references: store it now.
+                self._store_drift_reference(session, existing, manifest, self.clock())
             return existing, False
 
         self._place(upload, sha256)
@@ -213,15 +224,34 @@ class BundleStore:
                 f"bundle {manifest.name}@{manifest.version} was pushed by someone else at "
                 "the same moment; push again to compare"
             ) from exc
+        details: dict[str, Any] = {
+            "sha256": sha256,
+            "length": length,
+            "release_counter": manifest.release_counter,
+        }
+        drift = self._store_drift_reference(session, row, manifest, now)
+        if drift is not None:
+            details["drift_reference"] = drift
         record_audit(
-            session,
-            actor,
-            "bundle.push",
-            f"{manifest.name}@{manifest.version}",
-            {"sha256": sha256, "length": length, "release_counter": manifest.release_counter},
-            now=now,
+            session, actor, "bundle.push", f"{manifest.name}@{manifest.version}", details, now=now
         )
         return row, True
+
+    def _store_drift_reference(
+        self, session: Session, row: BundleRow, manifest: Manifest, now: dt.datetime
+    ) -> str | None:
+        """Store the bundle's drift reference; what the audit says of it (None: it has none)."""
+        try:
+            features, notes = read_reference(self.path_of(row), manifest)
+        except OSError as exc:
+            raise StorageError(f"cannot read bundle {row.sha256}: {exc}") from exc
+        for note in notes:
+            log.warning("bundle %s@%s: drift reference: %s", row.name, row.version, note)
+        if features is not None:
+            store_reference(session, row, features, now)
+        if not notes:
+            return None if features is None else "stored"
+        return ("stored; " if features is not None else "") + "unusable: " + "; ".join(notes)
 
     @staticmethod
     def _check_same(existing: BundleRow, sha256: str) -> None:

@@ -1,7 +1,7 @@
 """Every error the fleet server's domain code raises, in one tree.
 
     ServerError                       (an EdgefleetError)
-    ├── NotFoundError                 no such bundle, device, rollout or token
+    ├── NotFoundError                 no such bundle, device, rollout, token or alert
     ├── ConflictError                 the request clashes with what is stored
     │   ├── BundleExistsError             another bundle under that name and version
     │   └── RolloutStateError             the rollout's state does not allow the action

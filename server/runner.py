@@ -4,15 +4,16 @@ Start order (each step can fail with one clear error line): the HTTP port is
 bound first (a port in use stops the start before anything else runs), then
 keys and trust root, database (migrations applied), the embedded broker if
 asked for, the MQTT link (ingestion of status, heartbeats, telemetry and block
-requests), the background loops (rollout driver, fleet timestamp, retention)
+requests), the background loops (rollout driver, fleet timestamp, retention,
+drift evaluator)
 and finally the HTTP API in the foreground, serving on the socket bound first.
 SIGINT or SIGTERM stop the API; everything else then stops in reverse order,
 and the ingestion's last batch is written before the process exits.
 
 Several replicas may run on one PostgreSQL database and one broker: MQTT
 shared subscriptions spread the device messages over them, and leases in the
-database decide which replica drives each rollout and publishes the fleet
-timestamp.
+database decide which replica drives each rollout, publishes the fleet
+timestamp and judges drift.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from edgefleet.server.db.database import Database
 from edgefleet.server.db.migrate import open_database
 from edgefleet.server.devices import DeviceKeyCache
 from edgefleet.server.directives import DirectiveIssuer
+from edgefleet.server.drift.evaluator import DriftEvaluator
 from edgefleet.server.fleettime import FleetTimestamper
 from edgefleet.server.mqtt.blockservice import BlockService
 from edgefleet.server.mqtt.broker import EmbeddedBroker
@@ -103,6 +105,12 @@ def retention_worker(
 ) -> Worker:
     """Retention every `interval` seconds: old telemetry deleted, silent devices offline."""
     return Worker("edgefleet-retention", functools.partial(run_retention, db, settings), interval)
+
+
+def drift_worker(evaluator: DriftEvaluator) -> Worker:
+    """The drift evaluator's loop: a tick every `drift_interval_s`; only the replica
+    holding its lease judges (the lease outlives two intervals, so it keeps it)."""
+    return Worker("edgefleet-drift", evaluator.tick, evaluator.settings.drift_interval_s)
 
 
 class FleetServer:
@@ -185,6 +193,7 @@ class FleetServer:
             driver_worker(driver, settings.driver_interval_s),
             timestamp_worker(timestamper),
             retention_worker(self.db, settings),
+            drift_worker(DriftEvaluator(self.db, settings)),
         ]
         for worker in self.workers:
             worker.start()

@@ -50,6 +50,13 @@ class ServerSettings:
     telemetry_retention: dt.timedelta = dt.timedelta(days=30)
     telemetry_flush_s: float = 1.0
     status_reports_kept: int = 20
+    # Drift checks (docs/drift.md): how often the evaluator looks for new windows, how
+    # long a window is (widened up to drift_window_max while too few samples came in),
+    # and how many windows in a row open or close an alert.
+    drift_interval_s: float = 60.0
+    drift_window: dt.timedelta = dt.timedelta(minutes=15)
+    drift_window_max: dt.timedelta = dt.timedelta(hours=1)
+    drift_persistence: int = 2
     offline_after: dt.timedelta = dt.timedelta(seconds=120)  # no heartbeat for this long
     api_rate_per_minute: int = 600  # per token (per client address when unauthenticated)
     # Proxies whose X-Forwarded-For names the client (comma-separated addresses or

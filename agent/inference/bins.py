@@ -2,13 +2,27 @@
 
 The bins are exactly the converter's (edgefleet.drift): a value v of a feature
 with edges e0..ek falls in bin i when e_i <= v < e_(i+1), in the last bin when
-v == ek, below when v < e0, above when v > ek, and NaN apart; which values form
-a feature follows the reference's `feature_axes`. `count_into` gives the same
-counts one feature at a time; this module gets them cheaply:
+v == ek, below when v < e0, above when v > ek, and NaN apart. `count_into`
+gives the same counts one feature at a time; this module gets them cheaply.
+Which values form a feature depends on the reference the bundle carries
+(`edgefleet.driftfeatures.load_reference` prefers drift-features.json):
 
-- per request, `TensorBins.take` keeps one copy of the tensor's values (one
-  numpy call in the usual cases: a copy, or a `take` of fixed indices), since
-  the caller may reuse its buffers as soon as the call returns;
+- drift-features.json (`SummaryBins`): per sample of each request, the
+  feature's summary (`edgefleet.driftfeatures.sample_values`, the converter's
+  own function: the value itself, a channel's mean and standard deviation, the
+  top-1 class, the confidence); a tensor without a batch axis (a scalar, a
+  state) is one sample. `take` keeps a copy of the samples; the summaries are
+  computed in bulk, a few vectorized numpy reductions per tensor, when the
+  values are binned or once RAW_BYTES of samples wait (so a large image is
+  summarized every request or two, and memory stays bounded);
+- drift-reference.json (`TensorBins`): pooled values along the reference's
+  `feature_axes`, a rank-0 tensor (a scalar input) being one value.
+
+Either way:
+
+- per request, `take` keeps a copy of the values (for pooled values one numpy
+  call in the usual cases: a copy, or a `take` of fixed indices), since the
+  caller may reuse its buffers as soon as the call returns;
 - `flush` bins everything pending in one vectorized pass per feature
   (searchsorted, then bincount), so the fixed cost of numpy calls is shared
   by up to FLUSH_REQUESTS requests (agent/telemetry.py).
@@ -21,13 +35,15 @@ image instead of staying in a few). For the 32x32 digit images that is 32 of
 pooled values rather than enumerate it; `sum(counts) + nan + below + above`
 equals the number of values counted, exactly.
 
-Input tensors also count values outside their reference range by more than the
-schema margin (schema.py `allowed_range`): a warning counter, not an error.
+Input tensors of raw values (pooled, or `value` features) also count values
+outside their reference range by more than the schema margin (schema.py
+`allowed_range`): a warning counter, not an error.
 """
 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -35,9 +51,17 @@ import numpy as np
 
 from edgefleet.agent.inference.schema import allowed_range
 from edgefleet.drift import DriftReference, FeatureReference
+from edgefleet.driftfeatures import (
+    AnyReference,
+    DriftFeature,
+    TensorLayout,
+    as_samples,
+    sample_values,
+)
 from edgefleet.mqtt.messages import BinCounts
 
 MAX_ROWS_PER_SAMPLE = 32
+RAW_BYTES = 1 << 20  # per tensor: samples kept for summarizing in bulk before it is done
 MAX_PLANS = 16
 _UNKNOWN: Any = object()
 
@@ -60,26 +84,20 @@ class _Plan(NamedTuple):
     picks: np.ndarray | None  # flat indices of the values to keep (one feature, subsampled)
 
 
-class TensorBins:
-    """One tensor's features: values waiting to be binned, and the counts so far."""
+class FeatureBins(ABC):
+    """One tensor's features: values waiting to be binned, and the counts so far.
 
-    def __init__(
-        self,
-        tensor: str,
-        axis: int | None,
-        features: Sequence[FeatureReference],
-        check_range: bool,
-    ) -> None:
+    `take` keeps a request's values as rows of one value per feature, in the
+    order of `names`; `flush` bins them.
+    """
+
+    def __init__(self, tensor: str, ordered: Sequence[FeatureReference], check_range: bool) -> None:
         self.tensor = tensor
-        self.axis = axis
-        ordered = sorted(features, key=lambda f: f.index or 0)
         self.names = [f.name for f in ordered]
         self.edges = [np.asarray(f.histogram.edges, dtype=np.float64) for f in ordered]
         # Per feature: one count per bin, then below, above, nan.
         self.counts = [np.zeros(len(e) + 2, dtype=np.int64) for e in self.edges]
         self.pending: list[np.ndarray] = []
-        # How to cut each shape seen into rows of features (None: not countable).
-        self._plans: dict[tuple[int, ...], _Plan | None] = {}
         self.skipped = 0  # tensors whose shape does not fit the reference
         # Inputs: the tensor's reference range widened by the schema margin (schema.py).
         self.allowed = (
@@ -88,43 +106,9 @@ class TensorBins:
             else None
         )
 
-    def _plan(self, array: np.ndarray) -> _Plan | None:
-        if array.ndim == 0 or array.dtype.kind not in "biuf":
-            return None
-        per_sample = array.shape[1:]
-        features = len(self.names)
-        if self.axis is not None and (
-            self.axis >= len(per_sample) or per_sample[self.axis] != features
-        ):
-            return None
-        move = features > 1 and self.axis is not None and self.axis != len(per_sample) - 1
-        stride = stride_for(per_sample, self.axis, math.prod(per_sample) // features)
-        picks = np.arange(0, array.size, stride) if features == 1 and stride > 1 else None
-        return _Plan(features, stride, move, picks)
-
+    @abstractmethod
     def take(self, array: np.ndarray | None) -> None:
-        """Keep a copy of (a strided subsample of) this request's values, for the next flush."""
-        if array is None:
-            self.skipped += 1
-            return
-        plan = self._plans.get(array.shape, _UNKNOWN)
-        if plan is _UNKNOWN:
-            if len(self._plans) >= MAX_PLANS:  # batch sizes vary: keep the cache small
-                self._plans.clear()
-            plan = self._plans[array.shape] = self._plan(array)
-        if plan is None:
-            self.skipped += 1
-            return
-        # One numpy call (a copy) for the usual cases; rows are cut at flush time.
-        if plan.picks is not None:
-            self.pending.append(array.take(plan.picks))
-        elif not plan.move and plan.stride == 1:
-            self.pending.append(array.copy())
-        else:
-            if plan.move:
-                assert self.axis is not None
-                array = np.moveaxis(array, self.axis + 1, -1)
-            self.pending.append(array.reshape(-1, plan.features)[:: plan.stride].copy())
+        """Keep this request's values for the next flush (None: the tensor was not there)."""
 
     def flush(self) -> int:
         """Bin the pending values; returns how many inputs were outside the allowed range."""
@@ -171,13 +155,145 @@ class TensorBins:
         return result
 
 
-def tensor_bins(reference: DriftReference | None, outputs: bool) -> list[TensorBins]:
+class TensorBins(FeatureBins):
+    """Pooled values of drift-reference.json's features (subsampled: see the module docstring)."""
+
+    def __init__(
+        self,
+        tensor: str,
+        axis: int | None,
+        features: Sequence[FeatureReference],
+        check_range: bool,
+    ) -> None:
+        super().__init__(tensor, sorted(features, key=lambda f: f.index or 0), check_range)
+        self.axis = axis
+        # How to cut each shape seen into rows of features (None: not countable).
+        self._plans: dict[tuple[int, ...], _Plan | None] = {}
+
+    def _plan(self, array: np.ndarray) -> _Plan | None:
+        if array.ndim == 0 or array.dtype.kind not in "biuf":
+            return None
+        per_sample = array.shape[1:]
+        features = len(self.names)
+        if self.axis is not None and (
+            self.axis >= len(per_sample) or per_sample[self.axis] != features
+        ):
+            return None
+        move = features > 1 and self.axis is not None and self.axis != len(per_sample) - 1
+        stride = stride_for(per_sample, self.axis, math.prod(per_sample) // features)
+        picks = np.arange(0, array.size, stride) if features == 1 and stride > 1 else None
+        return _Plan(features, stride, move, picks)
+
+    def take(self, array: np.ndarray | None) -> None:
+        """Keep a copy of (a strided subsample of) this request's values, for the next flush."""
+        if array is None:
+            self.skipped += 1
+            return
+        if array.ndim == 0:  # a scalar input: one value per request
+            array = array.reshape(1)
+        plan = self._plans.get(array.shape, _UNKNOWN)
+        if plan is _UNKNOWN:
+            if len(self._plans) >= MAX_PLANS:  # batch sizes vary: keep the cache small
+                self._plans.clear()
+            plan = self._plans[array.shape] = self._plan(array)
+        if plan is None:
+            self.skipped += 1
+            return
+        # One numpy call (a copy) for the usual cases; rows are cut at flush time.
+        if plan.picks is not None:
+            self.pending.append(array.take(plan.picks))
+        elif not plan.move and plan.stride == 1:
+            self.pending.append(array.copy())
+        else:
+            if plan.move:
+                assert self.axis is not None
+                array = np.moveaxis(array, self.axis + 1, -1)
+            self.pending.append(array.reshape(-1, plan.features)[:: plan.stride].copy())
+
+
+class SummaryBins(FeatureBins):
+    """drift-features.json's features of one tensor: per-sample summaries of each request."""
+
+    def __init__(
+        self, layout: TensorLayout, features: Sequence[DriftFeature], check_range: bool
+    ) -> None:
+        summaries = list(dict.fromkeys(f.summary for f in features))
+        ordered = sorted(features, key=lambda f: (summaries.index(f.summary), f.index or 0))
+        super().__init__(layout.tensor, ordered, check_range)
+        self.layout = layout
+        # Per summary, the columns of `sample_values` that are features, in `names` order.
+        self.columns = [
+            (summary, np.asarray([f.index or 0 for f in ordered if f.summary == summary]))
+            for summary in summaries
+        ]
+
+        # Copies of the requests' samples not yet summarized, by per-sample shape.
+        self.raw: dict[tuple[int, ...], list[np.ndarray]] = {}
+        self.raw_bytes = 0
+        # Per tensor shape and dtype seen: its per-sample shape, or None when it does not fit
+        # the layout (a few checks, but per request: cached).
+        self._fits: dict[tuple[tuple[int, ...], str], tuple[int, ...] | None] = {}
+
+    def take(self, array: np.ndarray | None) -> None:
+        """Keep a copy of this request's samples; summarized in bulk (`flush`, or RAW_BYTES)."""
+        if array is None:
+            self.skipped += 1
+            return
+        key = (array.shape, array.dtype.char)
+        if key not in self._fits:
+            if len(self._fits) >= MAX_PLANS:  # batch sizes vary: keep the cache small
+                self._fits.clear()
+            rows = as_samples(array, self.layout)
+            self._fits[key] = None if rows is None else rows.shape[1:]
+        per_sample = self._fits[key]
+        if per_sample is None:
+            self.skipped += 1
+            return
+        self.raw.setdefault(per_sample, []).append(array.copy())
+        self.raw_bytes += array.nbytes
+        if self.raw_bytes >= RAW_BYTES:
+            self._summarize()
+
+    def _summarize(self) -> None:
+        """Turn the kept samples into rows of feature values, one vectorized pass per shape."""
+        for parts in self.raw.values():
+            # Unbatched tensors are one sample each: stacking adds the sample axis.
+            stack = np.concatenate if self.layout.batched else np.stack
+            rows = stack(parts)
+            blocks = []
+            for summary, columns in self.columns:
+                values = sample_values(rows, self.layout, summary)
+                if values is None or values.shape[1] <= columns.max():
+                    self.skipped += len(parts)
+                    break
+                blocks.append(values[:, columns])
+            else:
+                self.pending.append(blocks[0] if len(blocks) == 1 else np.hstack(blocks))
+        self.raw = {}
+        self.raw_bytes = 0
+
+    def flush(self) -> int:
+        self._summarize()
+        return super().flush()
+
+
+def tensor_bins(reference: AnyReference | None, outputs: bool) -> list[FeatureBins]:
+    """The counters of a reference's input (or output) features, one per tensor."""
     if reference is None:
         return []
     by_tensor: dict[str, list[FeatureReference]] = {}
     for feature in reference.outputs if outputs else reference.inputs:
         by_tensor.setdefault(feature.tensor, []).append(feature)
-    return [
-        TensorBins(tensor, reference.feature_axes.get(tensor), features, not outputs)
-        for tensor, features in by_tensor.items()
-    ]
+    if isinstance(reference, DriftReference):
+        return [
+            TensorBins(tensor, reference.feature_axes.get(tensor), features, not outputs)
+            for tensor, features in by_tensor.items()
+        ]
+    layouts = {layout.tensor: layout for layout in reference.tensors}
+    result: list[FeatureBins] = []
+    for tensor, features in by_tensor.items():
+        if tensor in layouts:
+            summaries = [f for f in features if isinstance(f, DriftFeature)]
+            raw_values = all(f.summary == "value" for f in summaries)
+            result.append(SummaryBins(layouts[tensor], summaries, not outputs and raw_values))
+    return result

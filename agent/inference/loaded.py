@@ -19,7 +19,6 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 from pydantic import ValidationError
@@ -31,7 +30,7 @@ from edgefleet.agent.inference.schema import InputValidator
 from edgefleet.bundle import MANIFEST_NAME
 from edgefleet.bundle.manifest import NAME_PATTERN, parse_manifest_envelope
 from edgefleet.bundlefiles import SCHEMA_FILE, ModelSchema, TensorSchema
-from edgefleet.drift import REFERENCE_FILE, DriftReference
+from edgefleet.driftfeatures import AnyReference, load_reference
 from edgefleet.errors import EdgefleetError
 from edgefleet.semver import SEMVER_PATTERN
 
@@ -104,12 +103,9 @@ def _label(directory: Path) -> tuple[str, str]:
     return name, version
 
 
-_Document = TypeVar("_Document", ModelSchema, DriftReference)
-
-
-def _read_json_model(path: Path, model: type[_Document]) -> _Document:
+def _read_schema(path: Path) -> ModelSchema:
     try:
-        return model.model_validate_json(path.read_bytes())
+        return ModelSchema.model_validate_json(path.read_bytes())
     except (OSError, ValidationError) as exc:
         raise InferenceError(f"cannot read {path}: {exc}") from exc
 
@@ -121,7 +117,7 @@ class LoadedVersion:
     version: str
     schema: ModelSchema
     validator: InputValidator
-    reference: DriftReference | None
+    reference: AnyReference | None
     served: Step
     fallback: Step | None  # None: no float model, or the served model is the float model
     notes: list[str] = field(default_factory=list)
@@ -139,15 +135,10 @@ def load_version(directory: Path, settings: RuntimeSettings) -> LoadedVersion:
             test makes sure an installed version has one).
     """
     directory = Path(directory)
-    schema = _read_json_model(directory / SCHEMA_FILE, ModelSchema)
-    reference: DriftReference | None = None
-    notes: list[str] = []
-    if (directory / REFERENCE_FILE).is_file():
-        try:
-            reference = _read_json_model(directory / REFERENCE_FILE, DriftReference)
-        except InferenceError as exc:  # telemetry without bins beats no model
-            notes.append(f"drift reference unusable: {exc}")
-            log.warning("%s", notes[-1])
+    schema = _read_schema(directory / SCHEMA_FILE)
+    reference, notes = load_reference(directory)  # telemetry without bins beats no model
+    for note in notes:
+        log.warning("drift reference: %s", note)
     served_path = model_path(directory, "served")
     fallback_path = model_path(directory, "fallback")
     fallback: Step | None = None

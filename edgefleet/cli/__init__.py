@@ -60,6 +60,11 @@ COMMANDS: dict[str, _LazyCommand] = {
         "List enrolled devices, show one, create enrollment tokens.",
         "client",
     ),
+    "alerts": _LazyCommand(
+        "edgefleet.client.alerts:alerts",
+        "List drift alerts; acknowledge them.",
+        "client",
+    ),
     "convert": _LazyCommand(
         "edgefleet.converter.cli:convert_command",
         "Quantize a model for a target, prove it, sign it.",

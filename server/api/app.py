@@ -18,6 +18,7 @@ from edgefleet.server.api.limits import MAX_JSON_BODY, BodyLimitMiddleware
 from edgefleet.server.api.metrics import MetricsMiddleware, register_metrics
 from edgefleet.server.api.ratelimit import RateLimiter
 from edgefleet.server.api.routes import (
+    alerts,
     audit,
     blobs,
     bundles,
@@ -33,10 +34,10 @@ from edgefleet.wire import API_PREFIX
 API_VERSION = "1"
 
 DESCRIPTION = """\
-The edgefleet fleet server: bundles, devices, rollouts.
+The edgefleet fleet server: bundles, devices, rollouts, drift alerts.
 
 Authenticate with `Authorization: Bearer <API token>`. Roles: viewer (read),
-operator (push bundles, run rollouts, mint enrollment tokens), admin (tokens,
+operator (push bundles, run rollouts, acknowledge alerts, mint enrollment tokens), admin (tokens,
 audit log). Every error answer is `{"error": code, "detail": message}`.
 """
 
@@ -60,7 +61,7 @@ def create_app(context: ServerContext) -> FastAPI:
     install_error_handlers(app)
 
     # enroll before devices: /devices/enroll is not /devices/{device_id}
-    for module in (health, enroll, bundles, blobs, devices, rollouts, tokens, audit):
+    for module in (health, enroll, bundles, blobs, devices, rollouts, alerts, tokens, audit):
         app.include_router(module.router)
     app.include_router(health.metrics_router)
 

@@ -8,11 +8,17 @@
     edgefleet_directives_published_total                   the `directive` kind of the above
     edgefleet_devices{online}                              gauge, read from the database
     edgefleet_rollouts{state}                              gauge, read from the database
+    edgefleet_open_alerts{kind}                            gauge: drift alerts not resolved
+    edgefleet_feature_drift_statistic{bundle,feature}      gauge: each cohort's last judged
+                                                           statistic per feature
     edgefleet_metrics_database_up                          0 when the gauges could not be read
 
-Database-backed gauges are read at scrape time (two grouped COUNT queries); a
-failing database yields `edgefleet_metrics_database_up 0` rather than a
-failed scrape. Route labels are templates (`/api/v1/devices/{device_id}`), and
+Database-backed gauges are read at scrape time (grouped COUNT queries, and
+the cohorts' drift states); a failing database yields
+`edgefleet_metrics_database_up 0` rather than a failed scrape. Drift
+statistics are of cohorts only (one series per bundle version and feature),
+of versions judged within the last `drift_window_max`, at most
+MAX_DRIFT_SERIES series. Route labels are templates (`/api/v1/devices/{device_id}`), and
 requests that match no route share `unmatched`, so label cardinality stays bounded.
 """
 
@@ -25,13 +31,17 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgefleet.server.context import ServerContext
-from edgefleet.server.db.models import Device, Rollout
+from edgefleet.server.db.models import Device, DriftState, Rollout
+from edgefleet.server.drift.alerts import open_alerts_by_kind
+from edgefleet.server.drift.evaluator import ALERT_KINDS, COHORT
 from edgefleet.server.errors import StorageError
 from edgefleet.server.rollouts.machine import RolloutState
 
+MAX_DRIFT_SERIES = 1000
 ROLLOUT_STATES = tuple(s.value for s in RolloutState if s is not RolloutState.CREATED)
 
 
@@ -132,6 +142,8 @@ class ServerCollector(Collector):
                         select(Rollout.state, func.count()).group_by(Rollout.state)
                     )
                 }
+                alerts = open_alerts_by_kind(session)
+                drift = self._drift_statistics(session)
         except StorageError:
             yield GaugeMetricFamily(
                 "edgefleet_metrics_database_up", "1 when the database answered.", value=0
@@ -143,9 +155,47 @@ class ServerCollector(Collector):
             rollouts.add_metric([state], by_state.get(state, 0))
         yield devices
         yield rollouts
+        open_alerts = GaugeMetricFamily(
+            "edgefleet_open_alerts", "Drift alerts not resolved, by kind.", labels=["kind"]
+        )
+        for kind in sorted(set(ALERT_KINDS) | set(alerts)):
+            open_alerts.add_metric([kind], alerts.get(kind, 0))
+        yield open_alerts
+        yield drift
         yield GaugeMetricFamily(
             "edgefleet_metrics_database_up", "1 when the database answered.", value=1
         )
+
+    def _drift_statistics(self, session: Session) -> GaugeMetricFamily:
+        gauge = GaugeMetricFamily(
+            "edgefleet_feature_drift_statistic",
+            "The drift statistic of each cohort's last judged window, by bundle version "
+            "and feature (the threshold it is compared with is in the alert's evidence).",
+            labels=["bundle", "feature"],
+        )
+        since = self.context.clock() - self.context.settings.drift_window_max
+        query = (
+            select(
+                DriftState.bundle_name,
+                DriftState.bundle_version,
+                DriftState.feature,
+                DriftState.statistic,
+            )
+            .where(
+                DriftState.scope == COHORT,
+                DriftState.statistic.is_not(None),
+                DriftState.window_end >= since,
+            )
+            .order_by(DriftState.bundle_name, DriftState.bundle_version, DriftState.feature)
+            .limit(MAX_DRIFT_SERIES)
+        )
+        seen: set[tuple[str, str]] = set()  # an input and an output may share a name
+        for name, version, feature, statistic in session.execute(query):
+            labels = (f"{name}@{version}", feature)
+            if statistic is not None and labels not in seen:
+                seen.add(labels)
+                gauge.add_metric(list(labels), statistic)
+        return gauge
 
 
 class MetricsMiddleware:

@@ -33,6 +33,7 @@ from sqlalchemy import (
     DateTime,
     Dialect,
     Enum,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -260,6 +261,76 @@ class TelemetryBucket(Base):
     latency: Mapped[dict[str, Any]]
     # {"inputs": {feature: {"counts": [...], "nan": n, "below": n, "above": n}}, "outputs": {...}}
     bins: Mapped[dict[str, Any]]
+
+
+class DriftReferenceRow(Base):
+    """The drift reference a bundle carries (`edgefleet.drift`), stored at push."""
+
+    __tablename__ = "drift_references"
+
+    bundle_id: Mapped[int] = mapped_column(
+        ForeignKey("bundles.id", ondelete="CASCADE"), primary_key=True
+    )
+    reference: Mapped[dict[str, Any]]  # the reference file's JSON, as validated
+    stored_at: Mapped[dt.datetime]
+
+
+class DriftState(Base):
+    """The drift evaluator's persistence state of one check: a feature (or the dataset)
+    of one device's or one cohort's bundle version."""
+
+    __tablename__ = "drift_states"
+    __table_args__ = (
+        UniqueConstraint(
+            "scope",
+            "subject",
+            "bundle_name",
+            "bundle_version",
+            "kind",
+            "feature",
+            name="uq_drift_states_key",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    scope: Mapped[str] = mapped_column(String(16))  # device | cohort
+    subject: Mapped[str] = mapped_column(String(128))  # the device id; "" for a cohort
+    bundle_name: Mapped[str] = mapped_column(String(128))
+    bundle_version: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(32))  # an alert kind
+    feature: Mapped[str] = mapped_column(String(256))  # "" for dataset drift
+    persistence: Mapped[dict[str, Any]]  # edgefleet.driftstats.Persistence, serialised
+    window_end: Mapped[dt.datetime]  # end of the last window judged
+    # The last judged window's statistic and threshold (None: dataset drift)
+    statistic: Mapped[float | None] = mapped_column(Float)
+    threshold: Mapped[float | None] = mapped_column(Float)
+
+
+class Alert(Base):
+    """A drift alert: opened and resolved by the drift evaluator, acknowledged by people."""
+
+    __tablename__ = "alerts"
+    __table_args__ = (
+        Index("ix_alerts_device_id", "device_id"),
+        Index("ix_alerts_resolved_at", "resolved_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))  # edgefleet.server.drift.evaluator.ALERT_KINDS
+    scope: Mapped[str] = mapped_column(String(16))  # device | cohort
+    device_id: Mapped[str | None] = mapped_column(
+        ForeignKey("devices.id", ondelete="CASCADE")
+    )  # None for a cohort
+    bundle_name: Mapped[str] = mapped_column(String(128))
+    bundle_version: Mapped[str] = mapped_column(String(64))
+    feature: Mapped[str | None] = mapped_column(String(256))  # None for dataset drift
+    opened_at: Mapped[dt.datetime]
+    resolved_at: Mapped[dt.datetime | None]
+    acknowledged_by: Mapped[str | None] = mapped_column(String(128))
+    acknowledged_at: Mapped[dt.datetime | None]
+    # What opened it (statistic, threshold, window, samples, psi, js), and, once
+    # resolved, the window that closed it.
+    evidence: Mapped[dict[str, Any]]
 
 
 class Rollout(Base):

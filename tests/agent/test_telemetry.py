@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from edgefleet.agent.inference import Prediction
+from edgefleet.agent.inference.loaded import RuntimeSettings, load_version
 from edgefleet.agent.install.interfaces import HealthProbe
 from edgefleet.agent.telemetry import (
     DEFAULT_LATENCY_BOUNDS_MS,
@@ -17,9 +21,19 @@ from edgefleet.agent.telemetry import (
     LATENCY_RING,
     TelemetryRecorder,
 )
+from edgefleet.converter import ConvertOptions, convert
 from edgefleet.drift import REFERENCE_FILE, DriftReference, count_into
-from edgefleet.mqtt.messages import TelemetryWindow, encode_message, parse_message
+from edgefleet.driftfeatures import (
+    FEATURES_FILE,
+    AnyReference,
+    DriftFeature,
+    DriftFeatures,
+    load_reference,
+    sample_values,
+)
+from edgefleet.mqtt.messages import BinCounts, TelemetryWindow, encode_message, parse_message
 from tests.agent.conftest import Bundles
+from tests.fixtures.scalar_input import LEVELS, write_case
 
 T0 = dt.datetime(2026, 3, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
 
@@ -29,7 +43,7 @@ def reference(bundle: Path) -> DriftReference:
 
 
 def recorder(
-    ref: DriftReference | None, latency_bounds_ms: tuple[float, ...] = DEFAULT_LATENCY_BOUNDS_MS
+    ref: AnyReference | None, latency_bounds_ms: tuple[float, ...] = DEFAULT_LATENCY_BOUNDS_MS
 ) -> TelemetryRecorder:
     return TelemetryRecorder(
         "cam-01",
@@ -343,3 +357,162 @@ def test_recording_from_many_threads_loses_nothing(bundles: Bundles) -> None:
     assert window.requests == 4 * FLUSH_REQUESTS
     assert window.shadow is not None and window.shadow.requests == 4 * FLUSH_REQUESTS
     assert sum(window.inputs["image[0]"].counts) == 4 * FLUSH_REQUESTS * 32
+
+
+# --- drift-features.json: per-sample features, preferred when the bundle carries them ------------
+
+
+def features_reference(bundle: Path) -> DriftFeatures:
+    reference, notes = load_reference(bundle)
+    assert isinstance(reference, DriftFeatures) and notes == []
+    return reference
+
+
+def expected_counts(feature: DriftFeature, values: np.ndarray) -> tuple[list[int], int, int, int]:
+    histogram = count_into(values, feature.histogram.edges)
+    return histogram.counts, histogram.below, histogram.above, histogram.nan
+
+
+def got_counts(counts: BinCounts) -> tuple[list[int], int, int, int]:
+    return counts.counts, counts.below, counts.above, counts.nan
+
+
+def cnn_images(bundles: Bundles) -> np.ndarray:
+    with np.load(bundles.cnn / "smoke.npz") as smoke:
+        head = smoke["input/image"]
+    rng = np.random.default_rng(5)
+    # The smoke images and noisy variants of them: real digits the model answers.
+    noisy = head[rng.integers(0, len(head), 300)] + rng.normal(0, 0.05, (300, *head.shape[1:]))
+    return np.concatenate([head, noisy]).astype(np.float32)
+
+
+def test_image_windows_count_the_converters_per_sample_summaries(bundles: Bundles) -> None:
+    ref = features_reference(bundles.cnn)
+    session = ort.InferenceSession(
+        str(bundles.cnn / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    images = cnn_images(bundles)
+    rec = recorder(ref)
+    batches = np.split(images, np.cumsum([1, 3, 1, 7] * 20))  # several flushes, varied batches
+    logits = []
+    for batch in batches:
+        (out,) = session.run(["logits"], {"image": batch})
+        rec.record(answer({"logits": out}), {"image": batch}, {"logits": out})
+        logits.append(out)
+    window = close(rec)
+    assert set(window.inputs) == {"image[0].mean", "image[0].std"}
+    assert set(window.outputs) == {"logits.top1", "logits.confidence"}
+    layouts = {layout.tensor: layout for layout in ref.tensors}
+    stacked = {"image": images, "logits": np.concatenate(logits)}
+    for feature in [*ref.inputs, *ref.outputs]:
+        values = sample_values(stacked[feature.tensor], layouts[feature.tensor], feature.summary)
+        assert values is not None
+        column = values[:, feature.index or 0]
+        got = (window.inputs | window.outputs)[feature.name]
+        assert got_counts(got) == expected_counts(feature, column), feature.name
+        assert sum(got.counts) + got.below + got.above + got.nan == len(images)  # one per sample
+
+
+def test_brighter_images_move_the_mean_feature(bundles: Bundles) -> None:
+    ref = features_reference(bundles.cnn)
+    images = cnn_images(bundles)
+    windows = []
+    for shift in (0.0, 0.5):
+        rec = recorder(ref)
+        for batch in np.array_split(images + shift, 20):
+            logits = np.zeros((len(batch), 10), np.float32)
+            rec.record(answer({"logits": logits}), {"image": batch}, {"logits": logits})
+        windows.append(close(rec).inputs["image[0].mean"])
+    plain, brighter = windows
+    top_bins = plain.counts[-1] + plain.above, brighter.counts[-1] + brighter.above
+    assert top_bins[1] > 2 * top_bins[0]
+    assert brighter.above > plain.above
+
+
+@pytest.fixture(scope="module")
+def scalar_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("scalar")
+    case = write_case(root / "case")
+    out = root / "out"
+    options = ConvertOptions(
+        target="x86_64-vnni",
+        calibration=case.calibration,
+        validation=case.validation,
+        candidate="float",
+    )
+    convert(case.model, out, options)
+    return out
+
+
+def record_levels(ref: AnyReference, levels: int, requests: int) -> TelemetryWindow:
+    rec = recorder(ref)
+    pixels = np.full((3, 64), 8.0, np.float32)
+    probabilities = np.full((3, 10), 0.1, np.float32)
+    outputs: dict[str, np.ndarray] = {
+        "label": np.zeros(3, np.int64),
+        "probabilities": probabilities,
+    }
+    for _ in range(requests):
+        rec.record(answer(outputs), {"pixels": pixels, "levels": np.array(levels)}, outputs)
+    return close(rec)
+
+
+def test_a_scalar_input_is_counted_once_per_request(scalar_bundle: Path) -> None:
+    ref = features_reference(scalar_bundle)
+    assert record_levels(ref, LEVELS, 5).inputs["levels"].counts == [5]
+    halved = record_levels(ref, LEVELS // 2, 5).inputs["levels"]  # fed 8 against 16
+    assert (halved.counts, halved.below) == ([0], 5)
+    pixel = record_levels(ref, LEVELS, 5).inputs["pixels[0]"]
+    assert sum(pixel.counts) + pixel.below + pixel.above == 15  # per sample: 3 per request
+
+
+def test_a_scalar_input_is_counted_with_the_first_format_too(scalar_bundle: Path) -> None:
+    v1 = DriftReference.model_validate_json((scalar_bundle / REFERENCE_FILE).read_bytes())
+    halved = record_levels(v1, LEVELS // 2, 5).inputs["levels"]
+    assert (halved.counts, halved.below) == ([0], 5)
+
+
+def test_a_bundle_with_the_first_format_only_is_still_counted(
+    bundles: Bundles, tmp_path: Path
+) -> None:
+    old = tmp_path / "old-bundle"
+    shutil.copytree(bundles.mlp, old)
+    (old / FEATURES_FILE).unlink()
+    settings = RuntimeSettings(
+        threads=1,
+        providers=("CPUExecutionProvider",),
+        breaker_failures=3,
+        breaker_reset_seconds=30,
+        clock=time.monotonic,
+    )
+    loaded = load_version(old, settings)
+    assert isinstance(loaded.reference, DriftReference)
+    assert loaded.notes == []
+    rec = recorder(loaded.reference)
+    features = np.full((4, 64), 0.5, np.float32)
+    probabilities = np.full((4, 10), 0.1, np.float32)
+    outputs: dict[str, np.ndarray] = {
+        "label": np.zeros(4, np.int64),
+        "probabilities": probabilities,
+    }
+    rec.record(answer(outputs), {"features": features}, outputs)
+    counts = close(rec).inputs["features[3]"]
+    assert sum(counts.counts) + counts.below + counts.above == 4
+    # The same bundle with drift-features.json: the per-sample features are preferred.
+    assert isinstance(load_version(bundles.mlp, settings).reference, DriftFeatures)
+
+
+def test_per_sample_features_count_inputs_as_they_were_when_recorded(bundles: Bundles) -> None:
+    ref = features_reference(bundles.cnn)
+    rec = recorder(ref)
+    buffer = np.zeros((1, 1, 32, 32), np.float32)  # a camera loop writes into one buffer
+    logits = np.zeros((1, 10), np.float32)
+    for _ in range(10):
+        buffer[:] = 0.0  # the frame
+        logits[:] = 0.0
+        rec.record(answer({"logits": logits}), {"image": buffer}, {"logits": logits})
+        buffer[:] = 7.0  # the camera writes the next frame before telemetry summarizes the last
+        logits[:] = 99.0
+    window = close(rec)
+    assert window.inputs["image[0].mean"].above == 0  # a mean of 7.0 was never an input
+    assert window.outputs["logits.confidence"].above == 0

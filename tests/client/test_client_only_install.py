@@ -76,6 +76,7 @@ def test_the_client_extra_alone_drives_a_running_server(
         assert (listed["name"], listed["version"]) == ("demo", "1.2.3")
         assert json.loads(edgefleet("devices", "list", "--json")) == {"items": [], "total": 0}
         assert edgefleet("devices", "enroll-token", "--ttl", "1h").startswith("efe_")
+        assert json.loads(edgefleet("alerts", "list", "--open", "--json")) == []
     finally:
         log = server.stop()
     assert "Traceback" not in log

@@ -26,6 +26,7 @@ EXPECTED_FILES = {
     "smoke.npz",
     "smoke.json",
     "drift-reference.json",
+    "drift-features.json",
     "report.json",
     "report.txt",
     "edgefleet-bundle.json",

@@ -141,6 +141,8 @@ def plausible_args(work: Path, free_port: int) -> dict[str, list[str]]:
         "rollout pause": ["rollout", "pause", "1"],
         "rollout resume": ["rollout", "resume", "1"],
         "rollout abort": ["rollout", "abort", "1", "--reason", "test"],
+        "alerts list": ["alerts", "list", "--open"],
+        "alerts ack": ["alerts", "ack", "1"],
     }
 
 

@@ -118,6 +118,8 @@ REQUIRED_ROLE: dict[tuple[str, str], Role | None] = {
     ("POST", "/api/v1/rollouts/{rollout_id}/pause"): Role.OPERATOR,
     ("POST", "/api/v1/rollouts/{rollout_id}/resume"): Role.OPERATOR,
     ("POST", "/api/v1/rollouts/{rollout_id}/abort"): Role.OPERATOR,
+    ("GET", "/api/v1/alerts"): Role.VIEWER,
+    ("POST", "/api/v1/alerts/{alert_id}/ack"): Role.OPERATOR,
     ("POST", "/api/v1/tokens"): Role.ADMIN,
     ("GET", "/api/v1/tokens"): Role.ADMIN,
     ("DELETE", "/api/v1/tokens/{token_id}"): Role.ADMIN,
@@ -132,6 +134,7 @@ PATH_VALUES = {
     "device_id": "no-such-device",
     "rollout_id": "999999",
     "token_id": "999999",
+    "alert_id": "999999",
 }
 BELOW = {Role.OPERATOR: Role.VIEWER, Role.ADMIN: Role.OPERATOR}
 

@@ -25,13 +25,21 @@ from edgefleet.mqtt.topics import TopicKind
 from edgefleet.server.db.database import Database
 from edgefleet.server.db.models import BundleRow, Device, TelemetryBucket
 from edgefleet.server.directives import DirectiveIssuer
+from edgefleet.server.drift.evaluator import LEASE_NAME as DRIFT_LEASE
+from edgefleet.server.drift.evaluator import DriftEvaluator
 from edgefleet.server.fleettime import FleetTimestamper
+from edgefleet.server.leases import lease_holder
 from edgefleet.server.mqtt.ingest import Ingestor
 from edgefleet.server.principals import Principal, Role
 from edgefleet.server.rollouts.driver import RolloutDriver
 from edgefleet.server.rollouts.plan import plan_from_dict
 from edgefleet.server.rollouts.service import start_rollout
-from edgefleet.server.runner import driver_worker, retention_worker, timestamp_worker
+from edgefleet.server.runner import (
+    drift_worker,
+    driver_worker,
+    retention_worker,
+    timestamp_worker,
+)
 from edgefleet.timefmt import utcnow
 from edgefleet.worker import Worker
 from tests.conftest import KeySet
@@ -152,6 +160,22 @@ def test_retention_survives_a_foreign_error(
 
     worker = retention_worker(db, settings, STEP_S)
     survives_a_full_disk(worker, db, marked_offline, caplog)
+
+
+def test_the_drift_evaluator_survives_a_foreign_error(
+    db: FullDiskDatabase,
+    sqlite_database: Database,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = make_settings(tmp_path, drift_interval_s=STEP_S)
+
+    def evaluating() -> bool:
+        with sqlite_database.session() as session:
+            return lease_holder(session, DRIFT_LEASE) == settings.replica_id
+
+    worker = drift_worker(DriftEvaluator(db, settings))
+    survives_a_full_disk(worker, db, evaluating, caplog)
 
 
 def test_the_ingestion_flusher_survives_a_foreign_error(

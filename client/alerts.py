@@ -1,0 +1,85 @@
+"""`edgefleet alerts`: the drift alerts the fleet server opened; acknowledging them."""
+
+from __future__ import annotations
+
+import click
+
+from edgefleet.cli.options import echo_json, echo_table, json_option
+from edgefleet.client.api import ApiClient, JsonObject
+from edgefleet.client.options import cell, client_command
+
+
+@click.group()
+def alerts() -> None:
+    """Drift alerts: list them, acknowledge them.
+
+    \b
+    The server's drift evaluator opens an alert when a feature of a device's
+    (or a whole cohort's) telemetry drifts from the bundle's reference for
+    several windows in a row, and resolves it when the feature is back for as
+    many. Acknowledging says someone has seen it; it stays open until it resolves.
+    """
+
+
+@alerts.command("list")
+@click.option("--device", metavar="DEVICE_ID", help="Only this device's alerts.")
+@click.option("--open", "open_only", is_flag=True, help="Only alerts not resolved yet.")
+@click.option(
+    "--limit", type=click.IntRange(1, 1000), default=100, show_default=True, help="How many."
+)
+@json_option
+@client_command
+def list_command(
+    client: ApiClient, device: str | None, open_only: bool, limit: int, as_json: bool
+) -> None:
+    """Alerts, newest first, with the evidence that opened them."""
+    rows = client.list_alerts(device=device, open_only=open_only, limit=limit)
+    if as_json:
+        echo_json(rows)
+        return
+    if not rows:
+        click.echo("no open alerts" if open_only else "no alerts")
+        return
+    echo_table(
+        ["ID", "KIND", "WHERE", "BUNDLE", "FEATURE", "EVIDENCE", "OPENED", "RESOLVED", "ACK"],
+        [
+            [
+                row.get("id"),
+                row.get("kind"),
+                row.get("device_id") or "cohort",
+                f"{row.get('bundle_name')}@{row.get('bundle_version')}",
+                cell(row.get("feature")),
+                _evidence(row.get("evidence") or {}),
+                cell(row.get("opened_at")),
+                cell(row.get("resolved_at")),
+                cell(row.get("acknowledged_by")),
+            ]
+            for row in rows
+        ],
+    )
+
+
+@alerts.command("ack")
+@click.argument("alert_id", metavar="ID", type=click.IntRange(1, 2**31 - 1))
+@client_command
+def ack_command(client: ApiClient, alert_id: int) -> None:
+    """Acknowledge alert ID (it stays open until the evaluator resolves it).
+
+    Needs the operator role; the audit log records who acknowledged it.
+    """
+    alert = client.ack_alert(alert_id)
+    click.echo(f"alert {alert_id} acknowledged by {alert.get('acknowledged_by')}")
+
+
+def _evidence(evidence: JsonObject) -> str:
+    """statistic/threshold over n samples (PSI, JS), or the drifted share of a dataset."""
+    if "drifted" in evidence:
+        drifted = evidence.get("drifted") or []
+        return f"{len(drifted)} of {evidence.get('features_judged')} features drifted"
+    statistic, threshold = evidence.get("statistic"), evidence.get("threshold")
+    if not isinstance(statistic, (int, float)) or not isinstance(threshold, (int, float)):
+        return "-"
+    return (
+        f"{statistic:.1f} > {threshold:.1f} over {evidence.get('samples')} samples "
+        f"(PSI {evidence.get('psi', 0):.2f}, JS {evidence.get('js', 0):.2f})"
+    )

@@ -1,0 +1,162 @@
+"""Drift thresholds calibrated by resampling whole reference samples (see edgefleet.driftstats).
+
+For each window size n, many times: draw a pseudo-reference of as many samples
+as the reference has and a window of n samples, both with replacement from the
+reference samples, count their values into the reference's bins and compute the
+statistic. Nothing drifted between the two, so the statistic's upper quantile
+at the false-alarm rate is the threshold, and the mean excess over it fits the
+tail that smaller rates need. Drawing both sides accounts for the reference's
+own finite size; drawing whole samples keeps a sample's values (every pixel of
+an image) together, so their correlation raises the threshold as it should.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from edgefleet.driftstats import PSEUDO_COUNT, FeatureThresholds
+
+DRAW_EXCEEDANCES = 40  # draws beyond the threshold, on average, that calibrate the tail
+MIN_DRAWS = 1000
+CHUNK = 256  # draws resampled at once (bounds the memory a large reference needs)
+
+
+def sample_cells(per_sample_values: list[np.ndarray], edges: list[float]) -> np.ndarray:
+    """Per sample, its value counts in the cells of edgefleet.driftstats (ordered bins, then NaN).
+
+    The bins are those of edgefleet.drift.count_into; values outside the edges
+    count in the outer bins.
+    """
+    bins = len(edges) - 1
+    cells = np.zeros((len(per_sample_values), bins + 1), dtype=np.int64)
+    for row, values in enumerate(per_sample_values):
+        flat = np.asarray(values, dtype=np.float64).reshape(-1)
+        nan = np.isnan(flat)
+        positions = np.searchsorted(np.asarray(edges), flat[~nan], side="right") - 1
+        cells[row, :bins] = np.bincount(np.clip(positions, 0, bins - 1), minlength=bins)
+        cells[row, bins] = int(nan.sum())
+    return cells
+
+
+def _squared_z_sum(
+    reference: np.ndarray,
+    live: np.ndarray,
+    reference_total: np.ndarray,
+    live_total: np.ndarray,
+    cumulative: bool,
+) -> np.ndarray:
+    """edgefleet.driftstats._squared_z_sum for rows (terms along the last axis)."""
+    both = (reference_total > 0) & (live_total > 0)
+    reference_safe = np.where(both, reference_total, 1)[:, None]
+    live_safe = np.where(both, live_total, 1)[:, None]
+    pooled = (reference + live + PSEUDO_COUNT) / (reference_total + live_total + 2 * PSEUDO_COUNT)[
+        :, None
+    ]
+    variance = pooled * (1 - pooled) if cumulative else pooled
+    difference = reference / reference_safe - live / live_safe
+    weight = np.where(both[:, None], reference_safe * live_safe / (reference_safe + live_safe), 0)
+    return np.asarray((weight * difference**2 / variance).sum(axis=1))
+
+
+def cumulative_part(reference: np.ndarray, live: np.ndarray) -> np.ndarray:
+    """The statistic's sum over the boundaries between cells, for rows of cell counts."""
+    return _squared_z_sum(
+        np.cumsum(reference[:, :-1], axis=1),
+        np.cumsum(live[:, :-1], axis=1),
+        reference.sum(axis=1),
+        live.sum(axis=1),
+        cumulative=True,
+    )
+
+
+def cell_part(reference: np.ndarray, live: np.ndarray) -> np.ndarray:
+    """The statistic's sum over the cells (Pearson's chi-square), for rows of cell counts."""
+    return _squared_z_sum(
+        reference, live, reference.sum(axis=1), live.sum(axis=1), cumulative=False
+    )
+
+
+def statistics(reference: np.ndarray, live: np.ndarray) -> np.ndarray:
+    """edgefleet.driftstats.statistic for rows of cell counts (ordered bins, then NaN)."""
+    return np.asarray(cumulative_part(reference, live) + cell_part(reference, live))
+
+
+Statistics = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def _resampled(
+    kinds: np.ndarray, shares: np.ndarray, size: int, draws: int, rng: np.random.Generator
+) -> np.ndarray:
+    """`draws` rows of cell counts, each of `size` samples drawn with replacement.
+
+    `kinds` are the distinct rows of per-sample cell counts and `shares` how
+    often each occurs among the reference samples: drawing samples with
+    replacement and grouping them by kind is one multinomial draw over the
+    kinds, whose cost does not grow with `size` (a per-sample feature has at
+    most one kind per cell).
+    """
+    return np.asarray(rng.multinomial(size, shares, size=draws) @ kinds)
+
+
+def null_statistics(
+    cells: np.ndarray,
+    windows: Sequence[int],
+    draws: int,
+    rng: np.random.Generator,
+    statistic: Statistics = statistics,
+) -> dict[int, np.ndarray]:
+    """Per window size, `draws` statistics between a resampled pseudo-reference and window.
+
+    Each pseudo-reference serves every window size once. `statistic` (rows of
+    cell counts to values, a row or a column each) is for comparing statistics.
+    """
+    kinds, occurrences = np.unique(cells, axis=0, return_counts=True)
+    shares = occurrences / occurrences.sum()
+    results: dict[int, list[np.ndarray]] = {window: [] for window in windows}
+    for start in range(0, draws, CHUNK):
+        count = min(CHUNK, draws - start)
+        reference = _resampled(kinds, shares, cells.shape[0], count, rng)
+        for window in windows:
+            live = _resampled(kinds, shares, window, count, rng)
+            results[window].append(statistic(reference, live))
+    return {window: np.concatenate(parts) for window, parts in results.items()}
+
+
+def calibrate(
+    per_sample_values: list[np.ndarray],
+    edges: list[float],
+    window_sizes: Sequence[int],
+    false_alarms: Sequence[float],
+    rng: np.random.Generator,
+) -> FeatureThresholds:
+    """Thresholds for windows of `window_sizes` samples (per_sample_values[i]: sample i's values).
+
+    The thresholds are measured at the largest of `false_alarms` (with
+    DRAW_EXCEEDANCES draws beyond each, on average); the smaller rates, and
+    those that many features judged at once need, come from the fitted tail.
+    """
+    if not per_sample_values:
+        raise ValueError("calibration needs at least one reference sample")
+    if not window_sizes or min(window_sizes) < 1:
+        raise ValueError("window sizes must be at least 1 sample")
+    if not false_alarms or not all(0 < rate < 1 for rate in false_alarms):
+        raise ValueError("false-alarm rates must be in (0, 1)")
+    false_alarm = max(false_alarms)
+    draws = max(MIN_DRAWS, math.ceil(DRAW_EXCEEDANCES / false_alarm))
+    cells = sample_cells(per_sample_values, edges)
+    by_window: dict[int, float] = {}
+    tail: dict[int, float] = {}
+    for window, null in null_statistics(cells, sorted(set(window_sizes)), draws, rng).items():
+        threshold = float(np.quantile(null, 1 - false_alarm))
+        beyond = null[null > threshold]
+        by_window[window] = threshold
+        tail[window] = float((beyond - threshold).mean()) if beyond.size else 0.0
+    return FeatureThresholds(
+        false_alarm=false_alarm,
+        by_window=by_window,
+        tail=tail,
+        values_per_sample=float(cells.sum()) / cells.shape[0],
+    )

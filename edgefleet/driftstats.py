@@ -1,0 +1,352 @@
+"""Drift verdicts from bin counts: the statistic, calibrated thresholds, persistence.
+
+Pure Python (the server has no numpy). The counts a device sends are of values,
+not of independent samples (an image feature pools every pixel of a channel),
+so no textbook p-value applies: each feature's thresholds are calibrated by the
+converter (`edgefleet.converter.driftcal`), which resamples whole reference
+samples to measure how large the statistic gets between a reference and a
+window when nothing drifted.
+
+The cells: the reference's bins in order, with values below the first edge
+counted in the first bin and values above the last edge in the last, and NaN as
+a cell of its own.
+
+The statistic adds two sums of squared two-sample z-scores of the window's
+shares against the reference's, over the cells in order with NaN last. The
+first is of the share below each boundary between cells (cumulative shares, as
+the Anderson-Darling test compares them: the most sensitive to shifts, and a
+rise of NaN moves every one of them). The second is of each cell's own share
+(Pearson's chi-square: sensitive to changes of spread, a value that repeats).
+Each z-score's variance comes from the pooled share, with a pseudo-count of one
+half so that an empty cell never divides by zero; cells empty on both sides add
+nothing. Without correlation between values each sum is about chi-square with
+one degree of freedom fewer than it has terms; with correlation, larger. PSI
+and the Jensen-Shannon distance, shown beside the verdict, use the same cells
+with a pseudo-count of one half in each.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+if TYPE_CHECKING:  # edgefleet.drift imports this module for FeatureThresholds
+    from edgefleet.drift import Histogram
+
+PSEUDO_COUNT = 0.5
+DATASET_SHARE = 0.5
+PERSISTENCE_WINDOWS = 2
+
+Status = Literal["ok", "drift", "insufficient"]
+Transition = Literal["open", "still-open", "close", "quiet"]
+
+
+class FeatureThresholds(BaseModel):
+    """A feature's statistic thresholds, calibrated at several window sample counts.
+
+    `by_window[n]` is the threshold that a window of n samples exceeds with
+    probability `false_alarm` when nothing drifted. Beyond it the statistic's
+    tail is taken as exponential with scale `tail[n]` (its mean excess over the
+    threshold), which gives the thresholds for smaller false-alarm rates (many
+    features judged at once). A window without a tail scale gets the most
+    cautious one: an exponential tail from zero through the threshold.
+    `values_per_sample` is how many values one sample adds to the counts (one
+    for a per-sample feature, many for pooled pixels): it turns a window's
+    counts into its sample count.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    false_alarm: float = Field(gt=0, lt=1)
+    by_window: dict[int, float] = Field(min_length=1)
+    tail: dict[int, float] = Field(default_factory=dict)
+    values_per_sample: float = Field(default=1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _windows(self) -> FeatureThresholds:
+        if any(samples < 1 for samples in self.by_window):
+            raise ValueError("window sample counts must be at least 1")
+        if not set(self.tail) <= set(self.by_window):
+            raise ValueError("every tail scale needs a threshold at the same window")
+        if any(value < 0 for value in [*self.by_window.values(), *self.tail.values()]):
+            raise ValueError("thresholds and tail scales must not be negative")
+        return self
+
+
+def _at_window(thresholds: FeatureThresholds, samples: int) -> tuple[float, float] | None:
+    """The threshold at `false_alarm` and the tail scale for a window of `samples`."""
+
+    def pair(window: int) -> tuple[float, float]:
+        threshold = thresholds.by_window[window]
+        fallback = threshold / math.log(1 / thresholds.false_alarm)
+        return threshold, thresholds.tail.get(window, fallback)
+
+    windows = sorted(thresholds.by_window)
+    if samples < windows[0]:
+        return None
+    if samples >= windows[-1]:
+        return pair(windows[-1])
+    upper = next(window for window in windows if window > samples)
+    lower = max(window for window in windows if window <= samples)
+    weight = math.log(samples / lower) / math.log(upper / lower)
+    (low_threshold, low_tail), (high_threshold, high_tail) = pair(lower), pair(upper)
+    return (
+        low_threshold + weight * (high_threshold - low_threshold),
+        low_tail + weight * (high_tail - low_tail),
+    )
+
+
+def threshold_at(
+    thresholds: FeatureThresholds, samples: int, false_alarm: float | None = None
+) -> float | None:
+    """The statistic threshold for a window of `samples`, or None below the smallest window.
+
+    Between calibrated windows the threshold is interpolated linearly in the
+    logarithm of the sample count; above the largest, the largest's applies.
+    `false_alarm` (at most the calibrated rate; default: that rate) moves the
+    threshold along the fitted tail.
+    """
+    rate = thresholds.false_alarm if false_alarm is None else false_alarm
+    if not 0 < rate <= thresholds.false_alarm:
+        raise ValueError(f"false_alarm must be in (0, {thresholds.false_alarm}], not {rate}")
+    found = _at_window(thresholds, samples)
+    if found is None:
+        return None
+    threshold, tail = found
+    return threshold + tail * math.log(thresholds.false_alarm / rate)
+
+
+def tail_probability(thresholds: FeatureThresholds, samples: int, value: float) -> float | None:
+    """How often a window of `samples` reaches `value` when nothing drifted, from the fitted tail.
+
+    At most the calibrated rate (a value below its threshold gets that rate);
+    None below the smallest calibrated window.
+    """
+    found = _at_window(thresholds, samples)
+    if found is None:
+        return None
+    threshold, tail = found
+    if value <= threshold:
+        return thresholds.false_alarm
+    if tail == 0:
+        return 0.0
+    return thresholds.false_alarm * math.exp(-(value - threshold) / tail)
+
+
+def _cells(histogram: Histogram) -> tuple[list[int], int]:
+    """The ordered cells (values outside the edges folded into the outer bins) and the NaN cell."""
+    ordered = list(histogram.counts)
+    ordered[0] += histogram.below
+    ordered[-1] += histogram.above
+    return ordered, histogram.nan
+
+
+def _check_edges(reference: Histogram, live: Histogram) -> None:
+    if reference.edges != live.edges:
+        raise ValueError("the live counts use other bin edges than the reference")
+
+
+def _squared_z_sum(
+    reference: list[int], live: list[int], reference_total: int, live_total: int, cumulative: bool
+) -> float:
+    """Sum of squared two-sample z-scores of shares: of cumulative shares, or of cell shares."""
+    if reference_total == 0 or live_total == 0:
+        return 0.0
+    weight = reference_total * live_total / (reference_total + live_total)
+    total = 0.0
+    for reference_count, live_count in zip(reference, live, strict=True):
+        pooled = (reference_count + live_count + PSEUDO_COUNT) / (
+            reference_total + live_total + 2 * PSEUDO_COUNT
+        )
+        variance = pooled * (1 - pooled) if cumulative else pooled
+        difference = reference_count / reference_total - live_count / live_total
+        total += weight * difference**2 / variance
+    return total
+
+
+def _running(counts: list[int]) -> list[int]:
+    sums, total = [], 0
+    for count in counts:
+        total += count
+        sums.append(total)
+    return sums
+
+
+def statistic(reference: Histogram, live: Histogram) -> float:
+    """The drift statistic of a live window against the reference counts (see the module text)."""
+    _check_edges(reference, live)
+    reference_ordered, reference_nan = _cells(reference)
+    live_ordered, live_nan = _cells(live)
+    reference_cells, live_cells = [*reference_ordered, reference_nan], [*live_ordered, live_nan]
+    reference_total, live_total = sum(reference_cells), sum(live_cells)
+    cumulative = _squared_z_sum(
+        _running(reference_ordered),
+        _running(live_ordered),
+        reference_total,
+        live_total,
+        cumulative=True,
+    )
+    cells = _squared_z_sum(
+        reference_cells, live_cells, reference_total, live_total, cumulative=False
+    )
+    return cumulative + cells
+
+
+def _shares(histogram: Histogram) -> list[float]:
+    ordered, nan = _cells(histogram)
+    cells = [count + PSEUDO_COUNT for count in [*ordered, nan]]
+    total = sum(cells)
+    return [cell / total for cell in cells]
+
+
+def psi(reference: Histogram, live: Histogram) -> float:
+    """The population stability index over the same cells (natural logarithm)."""
+    _check_edges(reference, live)
+    return sum(
+        (live_share - reference_share) * math.log(live_share / reference_share)
+        for reference_share, live_share in zip(_shares(reference), _shares(live), strict=True)
+    )
+
+
+def js_distance(reference: Histogram, live: Histogram) -> float:
+    """The Jensen-Shannon distance over the same cells (natural logarithm, as scipy's)."""
+    _check_edges(reference, live)
+    divergence = 0.0
+    for reference_share, live_share in zip(_shares(reference), _shares(live), strict=True):
+        middle = (reference_share + live_share) / 2
+        divergence += reference_share * math.log(reference_share / middle) / 2
+        divergence += live_share * math.log(live_share / middle) / 2
+    return math.sqrt(max(divergence, 0.0))
+
+
+def window_samples(thresholds: FeatureThresholds | None, live: Histogram) -> int:
+    """How many samples a window's counts come from."""
+    values = sum(live.counts) + live.below + live.above + live.nan
+    per_sample = thresholds.values_per_sample if thresholds is not None else 1.0
+    return round(values / per_sample)
+
+
+@dataclass(frozen=True)
+class FeatureVerdict:
+    feature: str
+    samples: int
+    statistic: float
+    threshold: float | None  # None: no thresholds, or too few samples to judge
+    status: Status
+    psi: float
+    js: float
+
+
+def judge_feature(
+    name: str,
+    reference: Histogram,
+    thresholds: FeatureThresholds | None,
+    live: Histogram,
+    features_judged: int = 1,
+) -> FeatureVerdict:
+    """One feature's verdict; `features_judged` share the false-alarm rate (Bonferroni)."""
+    if features_judged < 1:
+        raise ValueError("features_judged must be at least 1")
+    samples = window_samples(thresholds, live)
+    threshold = (
+        None
+        if thresholds is None
+        else threshold_at(thresholds, samples, thresholds.false_alarm / features_judged)
+    )
+    value = statistic(reference, live)
+    status: Status = "insufficient" if threshold is None else "drift" if value > threshold else "ok"
+    return FeatureVerdict(
+        feature=name,
+        samples=samples,
+        statistic=value,
+        threshold=threshold,
+        status=status,
+        psi=psi(reference, live),
+        js=js_distance(reference, live),
+    )
+
+
+@dataclass(frozen=True)
+class WindowVerdict:
+    features: list[FeatureVerdict]
+    drifted: list[str]
+    dataset_drift: bool  # at least `dataset_share` of the judged features drifted
+
+
+def judge_window(
+    references: Mapping[str, tuple[Histogram, FeatureThresholds | None]],
+    live: Mapping[str, Histogram],
+    dataset_share: float = DATASET_SHARE,
+) -> WindowVerdict:
+    """Judge every feature that has both a reference and live counts.
+
+    The features judged are those with thresholds and enough samples. They
+    share the false-alarm rate by Holm's method: the most surprising feature
+    is judged at the rate divided by their number, and each time one drifts the
+    next is judged at the rate divided by one fewer. The chance that any of
+    them raises a false alarm stays within the rate, as with Bonferroni's
+    division, but features that drift together are found more readily.
+    """
+    names = [name for name in references if name in live]
+    surprise: dict[str, float] = {}
+    for name in names:
+        thresholds = references[name][1]
+        if thresholds is not None:
+            samples = window_samples(thresholds, live[name])
+            chance = tail_probability(
+                thresholds, samples, statistic(references[name][0], live[name])
+            )
+            if chance is not None:
+                surprise[name] = chance
+    judged = len(surprise)
+    verdicts: dict[str, FeatureVerdict] = {}
+    for name in sorted(surprise, key=surprise.__getitem__):
+        drifted_so_far = sum(1 for verdict in verdicts.values() if verdict.status == "drift")
+        reference, thresholds = references[name]
+        verdicts[name] = judge_feature(
+            name, reference, thresholds, live[name], judged - drifted_so_far
+        )
+    ordered = [
+        verdicts.get(name) or judge_feature(name, *references[name], live[name]) for name in names
+    ]
+    drifted = [verdict.feature for verdict in ordered if verdict.status == "drift"]
+    return WindowVerdict(
+        features=ordered,
+        drifted=drifted,
+        dataset_drift=judged > 0 and len(drifted) >= dataset_share * judged,
+    )
+
+
+class Persistence:
+    """Opens after `windows` drifted windows in a row, closes after `windows` calm ones in a row."""
+
+    def __init__(self, windows: int = PERSISTENCE_WINDOWS, is_open: bool = False, streak: int = 0):
+        if windows < 1:
+            raise ValueError("windows must be at least 1")
+        self.windows = windows
+        self.is_open = is_open
+        self.streak = streak  # consecutive windows that argue for changing the state
+
+    def update(self, drifted: bool) -> Transition:
+        if drifted != self.is_open:
+            self.streak += 1
+            if self.streak >= self.windows:
+                self.is_open, self.streak = drifted, 0
+                return "open" if drifted else "close"
+        else:
+            self.streak = 0
+        return "still-open" if self.is_open else "quiet"
+
+    def to_json(self) -> dict[str, int | bool]:
+        """The state as a JSON object (a database column of JSON type stores it as it is)."""
+        return {"windows": self.windows, "open": self.is_open, "streak": self.streak}
+
+    @classmethod
+    def from_json(cls, state: Mapping[str, int | bool]) -> Persistence:
+        return cls(
+            windows=int(state["windows"]), is_open=bool(state["open"]), streak=int(state["streak"])
+        )

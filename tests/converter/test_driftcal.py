@@ -1,0 +1,140 @@
+"""Drift thresholds calibrated by resampling whole reference samples."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from scipy.stats import binomtest
+
+from edgefleet.converter.driftcal import calibrate, sample_cells, statistics
+from edgefleet.drift import count_into, quantile_edges
+from edgefleet.driftstats import FeatureThresholds, statistic, threshold_at
+
+WINDOWS = [50, 200, 500]
+WINDOW = 200
+REFERENCE_SAMPLES = 1000
+Samples = Callable[[np.random.Generator, int], np.ndarray]
+
+
+def per_sample(values: np.ndarray) -> list[np.ndarray]:
+    """One entry per sample (row): the values it adds to the counts."""
+    return [np.atleast_1d(row) for row in values]
+
+
+def each_value_a_sample(values: np.ndarray) -> list[np.ndarray]:
+    """What a calibration that took pooled values for independent samples would see."""
+    return per_sample(values.reshape(-1))
+
+
+def normal(rng: np.random.Generator, samples: int) -> np.ndarray:
+    return rng.normal(size=samples)
+
+
+def images(rng: np.random.Generator, samples: int) -> np.ndarray:
+    """Samples of 32 pixels that share a brightness: pooled, the values are far from independent."""
+    brightness = rng.normal(size=(samples, 1))
+    return brightness + 0.3 * rng.normal(size=(samples, 32))
+
+
+def alarms(
+    make: Samples,
+    rng: np.random.Generator,
+    rates: list[float],
+    references: int = 4,
+    windows: int = 500,
+) -> list[int]:
+    """Alarms per rate in fresh windows, each against a fresh reference calibrated anew."""
+    found = [0] * len(rates)
+    for _ in range(references):
+        reference = make(rng, REFERENCE_SAMPLES)
+        edges = quantile_edges(reference)
+        thresholds = calibrate(per_sample(reference), edges, WINDOWS, [max(rates)], rng)
+        reference_counts = count_into(reference, edges)
+        cuts = [threshold_at(thresholds, WINDOW, rate) for rate in rates]
+        for _ in range(windows):
+            value = statistic(reference_counts, count_into(make(rng, WINDOW), edges))
+            for index, cut in enumerate(cuts):
+                assert cut is not None
+                found[index] += value > cut
+    return found
+
+
+def consistent(found: int, windows: int, rate: float) -> bool:
+    """Whether `found` alarms in `windows` fit `rate` (two-sided binomial test at 0.1%)."""
+    return bool(binomtest(found, windows, rate).pvalue > 0.001)
+
+
+def test_the_vectorised_statistic_is_the_core_statistic() -> None:
+    rng = np.random.default_rng(1)
+    reference = np.concatenate([rng.normal(size=300), [np.nan] * 4])
+    edges = quantile_edges(reference)
+    window = np.concatenate([rng.normal(0.4, 1.5, size=120), [np.nan, -9.0, 9.0]])
+    cells = [sample_cells(per_sample(values), edges).sum(axis=0) for values in (reference, window)]
+    expected = statistic(count_into(reference, edges), count_into(window, edges))
+    assert statistics(cells[0][None], cells[1][None])[0] == pytest.approx(expected)
+    folded = count_into(window, edges)
+    assert cells[1].tolist() == [
+        folded.counts[0] + folded.below,
+        *folded.counts[1:-1],
+        folded.counts[-1] + folded.above,
+        folded.nan,
+    ]
+
+
+def test_calibrated_thresholds_hold_their_false_alarm_rate_on_fresh_windows() -> None:
+    found = alarms(normal, np.random.default_rng(2), [0.05, 0.005])
+    assert consistent(found[0], 2000, 0.05), found
+    assert consistent(found[1], 2000, 0.005), found  # through the fitted tail
+
+
+def test_pooled_correlated_values_get_higher_thresholds_that_hold() -> None:
+    rng = np.random.default_rng(3)
+    reference = images(rng, REFERENCE_SAMPLES)
+    edges = quantile_edges(reference)
+    pooled = calibrate(per_sample(reference), edges, [WINDOW], [0.05], rng)
+    independent = calibrate(each_value_a_sample(reference), edges, [WINDOW * 32], [0.05], rng)
+    assert pooled.values_per_sample == 32 and independent.values_per_sample == 1
+    pooled_cut = threshold_at(pooled, WINDOW)
+    independent_cut = threshold_at(independent, WINDOW * 32)
+    assert pooled_cut is not None and independent_cut is not None
+    assert pooled_cut > 5 * independent_cut
+
+    reference_counts = count_into(reference, edges)
+    calm = [
+        statistic(reference_counts, count_into(images(rng, WINDOW), edges)) for _ in range(1000)
+    ]
+    assert consistent(sum(value > pooled_cut for value in calm), 1000, 0.05)
+    assert sum(value > independent_cut for value in calm) > 500  # most calm windows would alarm
+
+
+def test_calibration_refuses_what_it_cannot_use() -> None:
+    rng = np.random.default_rng(4)
+    with pytest.raises(ValueError, match="sample"):
+        calibrate([], [0.0, 1.0], WINDOWS, [0.01], rng)
+    with pytest.raises(ValueError, match="false-alarm"):
+        calibrate([np.zeros(1)], [0.0, 1.0], WINDOWS, [1.5], rng)
+
+
+def test_thresholds_are_a_valid_reference_field() -> None:
+    rng = np.random.default_rng(5)
+    reference = normal(rng, 300)
+    thresholds = calibrate(per_sample(reference), quantile_edges(reference), WINDOWS, [0.01], rng)
+    assert FeatureThresholds.model_validate_json(thresholds.model_dump_json()) == thresholds
+    assert sorted(thresholds.by_window) == WINDOWS and sorted(thresholds.tail) == WINDOWS
+
+
+def test_a_few_percent_of_missing_values_is_found_even_among_many_features() -> None:
+    rng = np.random.default_rng(6)
+    reference = normal(rng, REFERENCE_SAMPLES)
+    edges = quantile_edges(reference)
+    thresholds = calibrate(per_sample(reference), edges, [500], [0.01], rng)
+    cut = threshold_at(thresholds, 500, 0.01 / 50)  # the strictest share among 50 features
+    assert cut is not None
+    reference_counts = count_into(reference, edges)
+    windows = [normal(rng, 500) for _ in range(100)]
+    for window in windows:
+        window[rng.random(500) < 0.05] = np.nan
+    found = [statistic(reference_counts, count_into(window, edges)) > cut for window in windows]
+    assert sum(found) >= 60  # NaN, the last cell, moves every cumulative share

@@ -1,0 +1,199 @@
+"""Drift verdicts from bin counts: the statistic, thresholds, judging and persistence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from scipy.spatial.distance import jensenshannon
+
+from edgefleet.drift import Histogram
+from edgefleet.driftstats import (
+    PSEUDO_COUNT,
+    FeatureThresholds,
+    Persistence,
+    js_distance,
+    judge_feature,
+    judge_window,
+    psi,
+    statistic,
+    tail_probability,
+    threshold_at,
+)
+
+EDGES = [0.0, 1.0, 2.0, 3.0, 4.0]
+REFERENCE = Histogram(edges=EDGES, counts=[250, 250, 250, 250])
+THRESHOLDS = FeatureThresholds(
+    false_alarm=0.01, by_window={100: 20.0, 400: 30.0, 1600: 34.0}, tail={100: 2.0, 400: 4.0}
+)
+
+
+def live(counts: list[int], below: int = 0, above: int = 0, nan: int = 0) -> Histogram:
+    return Histogram(edges=EDGES, counts=counts, below=below, above=above, nan=nan)
+
+
+def test_a_window_shaped_like_the_reference_scores_zero_and_a_shift_scores_more() -> None:
+    assert statistic(REFERENCE, live([100, 100, 100, 100])) == pytest.approx(0.0, abs=1e-3)
+    slight = statistic(REFERENCE, live([80, 100, 100, 120]))
+    strong = statistic(REFERENCE, live([40, 80, 120, 160]))
+    assert 0 < slight < strong
+
+
+def test_a_change_of_spread_is_seen_although_the_middle_stays() -> None:
+    spread = live([150, 50, 50, 150])
+    assert statistic(REFERENCE, spread) > statistic(REFERENCE, live([90, 110, 110, 90])) * 10
+
+
+def test_values_outside_the_edges_count_in_the_outer_bins() -> None:
+    folded = statistic(REFERENCE, live([130, 100, 100, 70]))
+    outside = statistic(REFERENCE, live([100, 100, 100, 50], below=30, above=20))
+    assert outside == pytest.approx(folded)
+
+
+def test_missing_values_are_a_cell_of_their_own() -> None:
+    same_shape = live([90, 90, 90, 90], nan=40)
+    assert statistic(REFERENCE, same_shape) > statistic(REFERENCE, live([100, 100, 100, 100])) + 30
+    assert psi(REFERENCE, same_shape) > 0
+
+
+def test_counts_in_other_bins_are_refused() -> None:
+    other = Histogram(edges=[0.0, 1.0, 2.0, 3.0, 5.0], counts=[1, 1, 1, 1])
+    with pytest.raises(ValueError, match="other bin edges"):
+        statistic(REFERENCE, other)
+
+
+def test_psi_and_js_are_the_textbook_formulas_over_the_same_cells() -> None:
+    window = live([40, 80, 120, 160], nan=3)
+    reference_cells = [count + PSEUDO_COUNT for count in [*REFERENCE.counts, 0]]
+    live_cells = [count + PSEUDO_COUNT for count in [40, 80, 120, 160, 3]]
+    reference_shares = [c / sum(reference_cells) for c in reference_cells]
+    live_shares = [c / sum(live_cells) for c in live_cells]
+    expected_psi = sum(
+        (b - a) * math.log(b / a) for a, b in zip(reference_shares, live_shares, strict=True)
+    )
+    assert psi(REFERENCE, window) == pytest.approx(expected_psi)
+    assert js_distance(REFERENCE, window) == pytest.approx(
+        float(jensenshannon(reference_shares, live_shares))
+    )
+    assert js_distance(REFERENCE, REFERENCE) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_threshold_is_missing_below_the_smallest_window_and_flat_above_the_largest() -> None:
+    assert threshold_at(THRESHOLDS, 99) is None
+    assert threshold_at(THRESHOLDS, 100) == 20.0
+    assert threshold_at(THRESHOLDS, 1600) == 34.0
+    assert threshold_at(THRESHOLDS, 100_000) == 34.0
+
+
+def test_threshold_between_windows_is_linear_in_the_logarithm_of_the_sample_count() -> None:
+    assert threshold_at(THRESHOLDS, 200) == pytest.approx(25.0)  # halfway from 100 to 400
+    assert threshold_at(THRESHOLDS, 800) == pytest.approx(32.0)
+
+
+def test_smaller_false_alarm_rates_follow_the_exponential_tail() -> None:
+    assert threshold_at(THRESHOLDS, 100, 0.001) == pytest.approx(20.0 + 2.0 * math.log(10))
+    assert threshold_at(THRESHOLDS, 200, 0.001) == pytest.approx(25.0 + 3.0 * math.log(10))
+    # no tail calibrated at 1600: the cautious tail, exponential from zero through the threshold
+    cautious = 34.0 / math.log(100)
+    assert threshold_at(THRESHOLDS, 1600, 0.001) == pytest.approx(34.0 + cautious * math.log(10))
+    with pytest.raises(ValueError, match="false_alarm"):
+        threshold_at(THRESHOLDS, 100, 0.05)
+
+
+def test_thresholds_refuse_a_tail_without_a_threshold() -> None:
+    with pytest.raises(ValueError, match="tail"):
+        FeatureThresholds(false_alarm=0.01, by_window={100: 1.0}, tail={200: 1.0})
+
+
+def test_a_feature_without_thresholds_or_with_too_few_samples_is_insufficient() -> None:
+    shifted = live([10, 20, 30, 40])
+    assert judge_feature("x", REFERENCE, None, shifted).status == "insufficient"
+    few = judge_feature("x", REFERENCE, THRESHOLDS, shifted)
+    assert few.samples == 100 and few.status == "drift"
+    fewer = judge_feature("x", REFERENCE, THRESHOLDS, live([10, 20, 30, 39]))
+    assert (fewer.samples, fewer.threshold, fewer.status) == (99, None, "insufficient")
+
+
+def test_pooled_values_are_counted_as_samples() -> None:
+    pooled = THRESHOLDS.model_copy(update={"values_per_sample": 64.0})
+    window = live([1600, 1600, 1600, 1600])  # 6400 values: 100 samples
+    verdict = judge_feature("image[c0]", REFERENCE, pooled, window)
+    assert (verdict.samples, verdict.threshold) == (100, 20.0)
+
+
+def test_judging_many_features_raises_each_threshold() -> None:
+    window = live([70, 100, 100, 130])
+    alone = judge_feature("x", REFERENCE, THRESHOLDS, window)
+    among_ten = judge_feature("x", REFERENCE, THRESHOLDS, window, features_judged=10)
+    assert alone.threshold is not None and among_ten.threshold is not None
+    assert among_ten.threshold == pytest.approx(alone.threshold + 4.0 * math.log(10))
+    assert alone.statistic == among_ten.statistic
+
+
+def test_a_window_is_dataset_drift_when_half_the_judged_features_drift() -> None:
+    calm, shifted = live([100, 100, 100, 100]), live([10, 40, 150, 200])
+    references: dict[str, tuple[Histogram, FeatureThresholds | None]] = {
+        name: (REFERENCE, THRESHOLDS) for name in "abcd"
+    }
+    references["unthresholded"] = (REFERENCE, None)
+    one = judge_window(references, {"a": shifted, "b": calm, "c": calm, "d": calm})
+    assert one.drifted == ["a"] and not one.dataset_drift
+    assert [verdict.feature for verdict in one.features] == ["a", "b", "c", "d"]
+    two = judge_window(
+        references, {"a": shifted, "b": shifted, "c": calm, "d": calm, "unthresholded": shifted}
+    )
+    assert two.drifted == ["a", "b"] and two.dataset_drift
+    # four features judged: each gets a quarter of the false-alarm rate
+    assert two.features[0].threshold == pytest.approx(30.0 + 4.0 * math.log(4))
+    assert two.features[-1].status == "insufficient"
+
+
+def test_each_feature_found_drifting_eases_the_threshold_of_the_next_holm() -> None:
+    strong, moderate = live([40, 100, 100, 160]), live([71, 100, 100, 129])
+    references = {name: (REFERENCE, THRESHOLDS) for name in "abcd"}
+    moderate_alone = judge_feature("c", REFERENCE, THRESHOLDS, moderate, features_judged=4)
+    assert moderate_alone.status == "ok"  # Bonferroni's division by four would miss it
+    verdict = judge_window(
+        references, {"a": strong, "b": strong, "c": moderate, "d": live([100, 100, 100, 100])}
+    )
+    thresholds = [feature.threshold for feature in verdict.features]
+    assert thresholds == pytest.approx([30.0 + 4.0 * math.log(k) for k in (4, 3, 2, 1)])
+    assert verdict.drifted == ["a", "b", "c"] and verdict.dataset_drift
+
+
+def test_tail_probability_matches_the_thresholds() -> None:
+    threshold = threshold_at(THRESHOLDS, 400, 0.002)
+    assert threshold is not None
+    assert tail_probability(THRESHOLDS, 400, threshold) == pytest.approx(0.002)
+    assert tail_probability(THRESHOLDS, 400, 1.0) == 0.01
+    assert tail_probability(THRESHOLDS, 50, 100.0) is None
+
+
+def test_no_judged_feature_is_no_dataset_drift() -> None:
+    verdict = judge_window({"a": (REFERENCE, None)}, {"a": live([0, 0, 0, 400])})
+    assert not verdict.dataset_drift and verdict.drifted == []
+
+
+def test_persistence_opens_and_closes_after_consecutive_windows() -> None:
+    persistence = Persistence(windows=2)
+    opening = [persistence.update(d) for d in [True, False, True, True]]
+    assert opening == ["quiet", "quiet", "quiet", "open"]
+    closing = [persistence.update(d) for d in [False, True, False, True, False, False, False]]
+    assert closing == [
+        "still-open",
+        "still-open",
+        "still-open",
+        "still-open",
+        "still-open",
+        "close",
+        "quiet",
+    ]
+
+
+def test_persistence_state_survives_a_round_trip_mid_streak() -> None:
+    persistence = Persistence(windows=3)
+    persistence.update(True)
+    persistence.update(True)
+    restored = Persistence.from_json(persistence.to_json())
+    assert restored.update(True) == "open"
+    assert Persistence.from_json(restored.to_json()).is_open
