@@ -51,7 +51,7 @@ from edgefleet.agent.errors import (
     EnrollmentRefusedError,
     ServerUnreachableError,
 )
-from edgefleet.agent.layout import StateLayout
+from edgefleet.agent.layout import PRIVATE_FILE, StateLayout
 from edgefleet.backoff import Backoff
 from edgefleet.errors import EdgefleetError, KeyFileError
 from edgefleet.fileio import atomic_write_bytes
@@ -250,7 +250,9 @@ def enroll(
         else {},
     )
     atomic_write_bytes(
-        layout.enrollment_file, json.dumps(asdict(enrollment), indent=2).encode() + b"\n"
+        layout.enrollment_file,
+        json.dumps(asdict(enrollment), indent=2).encode() + b"\n",
+        mode=PRIVATE_FILE,
     )
     forget_enroll_token(layout)
     log.info("enrolled %s with %s (HTTP %d)", config.device_id, base, status)

@@ -13,6 +13,7 @@
     │   └── DownloadError             a transport failed (transient: retried with backoff)
     ├── InstallInProgressError    another install is running (state machine busy)
     ├── RollbackError             nothing to roll back to
+    ├── PrivatePathError          an install from a file inside the agent's state directory
     └── EnrollmentError           enrolling this device with the fleet server failed
         ├── EnrollmentRefusedError    the server said no (bad token, a new key for an id): fatal
         └── ServerUnreachableError    no answer, or a 5xx or 429 (transient: retried)
@@ -76,6 +77,10 @@ class InstallInProgressError(AgentError):
 
 class RollbackError(AgentError):
     """There is no previous version to roll back to."""
+
+
+class PrivatePathError(AgentError, LocalError):
+    """An install asked for a file inside the agent's state directory (its key, its state)."""
 
 
 class EnrollmentError(AgentError):

@@ -20,6 +20,12 @@
       enroll-token          the one-time enrollment token from `agent init` (mode 0600),
                             deleted once the device enrolled (edgefleet.agent.enrolltoken)
 
+Private: the state directory and its subdirectories are mode 0700 (`create`
+makes them so, also when they existed), and the files that hold secrets or
+the device's state (`state.json`, `enrolled.json`, `device.key`,
+`enroll-token`, everything under downloads/) are written with mode
+`PRIVATE_FILE`.
+
 Invariant: `current` always names a complete, verified, smoke-tested version
 directory, or does not exist (nothing installed yet); it is only ever changed
 by an atomic rename of a new symlink over it.
@@ -32,6 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgefleet.fileio import fsync_directory
+
+PRIVATE_DIR = 0o700
+PRIVATE_FILE = 0o600
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,8 @@ class StateLayout:
         return self.root / "enroll-token"
 
     def create(self) -> None:
+        """Make the state directory and its subdirectories, mode `PRIVATE_DIR` (also
+        when they existed, so that an older, readable state directory becomes private)."""
         for directory in (
             self.root,
             self.trust_dir,
@@ -103,7 +114,8 @@ class StateLayout:
             self.outbox,
             self.inbox,
         ):
-            directory.mkdir(parents=True, exist_ok=True)
+            directory.mkdir(PRIVATE_DIR, parents=True, exist_ok=True)
+            directory.chmod(PRIVATE_DIR)
 
     def resolve_link(self, link: Path) -> Path | None:
         """The version directory a link names, or None when the link is absent."""

@@ -10,9 +10,13 @@
     POST /v1/rollback         `agent rollback` while the agent runs
 
 Predictions through this API are served and monitored exactly like in-process
-ones. Errors are JSON {"error", "code"} with 400 (bad input), 409 (an install
-is running), 413 (a batch above `max_batch_samples`, or a body above 64 MiB),
-422 (a refused bundle), or 503 (nothing to serve); never a traceback.
+ones. Errors are JSON {"error", "code"} with 400 (bad input: a bad or negative
+Content-Length, a body shorter than announced, JSON nested too deep, a body
+that is not an .npz), 403 (an install from a file in the agent's state
+directory), 409 (an install is running), 413 (a batch above
+`max_batch_samples`, a body above 64 MiB, or an .npz whose arrays would
+decompress beyond 64 MiB), 422 (a refused bundle), or 503 (nothing to serve);
+never a traceback.
 Standard library only: a device needs no web framework.
 """
 
@@ -21,9 +25,12 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import socket
 import threading
+import zipfile
+import zlib
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.lib.format as npy_format
 
 from edgefleet.agent.errors import (
     BatchTooLargeError,
@@ -39,15 +47,18 @@ from edgefleet.agent.errors import (
     InputSchemaError,
     InstallInProgressError,
     NoModelError,
+    PrivatePathError,
     RollbackError,
 )
 from edgefleet.agent.inference import Predictor
-from edgefleet.errors import EdgefleetError, UntrustedInputError
+from edgefleet.errors import EdgefleetError, LocalError, UntrustedInputError
 from edgefleet.wire import error_code
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 * 1024 * 1024
+MAX_NPZ_ARRAY_BYTES = MAX_BODY_BYTES  # all arrays of one .npz, decompressed
 NPZ = "application/x-npz"
+REQUEST_TIMEOUT_SECONDS = 30  # a client that stops sending mid-request is dropped
 
 
 class ApiError(Exception):
@@ -59,7 +70,9 @@ class ApiError(Exception):
 def _status_for(exc: EdgefleetError) -> HTTPStatus:
     if isinstance(exc, BatchTooLargeError):
         return HTTPStatus.REQUEST_ENTITY_TOO_LARGE
-    if isinstance(exc, InputSchemaError):
+    if isinstance(exc, PrivatePathError):
+        return HTTPStatus.FORBIDDEN
+    if isinstance(exc, (InputSchemaError, LocalError)):
         return HTTPStatus.BAD_REQUEST
     if isinstance(exc, InstallInProgressError):
         return HTTPStatus.CONFLICT
@@ -118,21 +131,45 @@ class LocalApi:
 
         class Handler(BaseHTTPRequestHandler):
             server_version = "edgefleet-agent"
+            timeout = REQUEST_TIMEOUT_SECONDS
 
             def do_GET(self) -> None:
                 self._answer(lambda: api.get(self.path))
 
             def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                if length > MAX_BODY_BYTES:
-                    self._send(
-                        HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                        {"error": "body too large", "code": "too-large"},
-                    )
+                try:
+                    body = self._read_body()
+                except ApiError as exc:
+                    self.close_connection = True  # what is left of the body is not read
+                    self._send(exc.status, {"error": str(exc), "code": exc.code})
                     return
-                body = self.rfile.read(length)
                 content_type = self.headers.get("Content-Type", "")
                 self._answer(lambda: api.post(self.path, body, content_type))
+
+            def _read_body(self) -> bytes:
+                announced = self.headers.get("Content-Length") or "0"
+                if not announced.isdigit():  # digits only: no sign, no spaces
+                    raise ApiError(
+                        HTTPStatus.BAD_REQUEST,
+                        f"Content-Length {announced!r} is not a number of bytes",
+                        "bad-length",
+                    )
+                length = int(announced)
+                if length > MAX_BODY_BYTES:
+                    raise ApiError(
+                        HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                        f"the body is {length} bytes, more than the {MAX_BODY_BYTES} allowed",
+                        "too-large",
+                    )
+                body = self.rfile.read(length)
+                if len(body) < length:
+                    raise ApiError(
+                        HTTPStatus.BAD_REQUEST,
+                        f"the body ended after {len(body)} of the {length} bytes its "
+                        "Content-Length announced",
+                        "bad-length",
+                    )
+                return body
 
             def _answer(self, work: Callable[[], tuple[HTTPStatus, Any]]) -> None:
                 try:
@@ -237,14 +274,7 @@ class LocalApi:
         }
 
     def _predict_npz(self, body: bytes) -> bytes:
-        try:
-            with np.load(io.BytesIO(body), allow_pickle=False) as archive:
-                arrays = {name: archive[name] for name in archive.files}
-        except (OSError, ValueError) as exc:
-            raise ApiError(
-                HTTPStatus.BAD_REQUEST, f"body is not an .npz: {exc}", "bad-request"
-            ) from exc
-        prediction = self.predictor.predict(arrays)
+        prediction = self.predictor.predict(_load_npz(body))
         out = io.BytesIO()
         np.savez(out, **prediction.outputs)  # type: ignore[arg-type]
         return out.getvalue()
@@ -269,11 +299,76 @@ class LocalApi:
         return {"recorded": True}
 
 
+def _load_npz(body: bytes) -> dict[str, np.ndarray]:
+    """The arrays of an .npz body, refused before any member decompresses beyond
+    `MAX_NPZ_ARRAY_BYTES` in all (declared sizes checked first; reads capped, for
+    archives whose headers lie)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(body)) as archive:
+            members = archive.infolist()
+            if not members:
+                raise ApiError(HTTPStatus.BAD_REQUEST, "the .npz holds no arrays", "bad-request")
+            declared = sum(member.file_size for member in members)
+            if declared > MAX_NPZ_ARRAY_BYTES:
+                raise _npz_too_large(f"its arrays declare {declared} bytes")
+            arrays, left = {}, MAX_NPZ_ARRAY_BYTES
+            for member in members:
+                with archive.open(member) as reader:
+                    data = reader.read(left + 1)
+                if len(data) > left:
+                    raise _npz_too_large("its arrays decompress to more than they declare")
+                left -= len(data)
+                name = member.filename.removesuffix(".npy")
+                arrays[name] = _read_npy(data)
+    except (
+        zipfile.BadZipFile,
+        zlib.error,
+        NotImplementedError,
+        RuntimeError,
+        ValueError,
+        EOFError,
+        OSError,
+    ) as exc:
+        raise ApiError(
+            HTTPStatus.BAD_REQUEST, f"the body is not an .npz of arrays: {exc}", "bad-request"
+        ) from exc
+    return arrays
+
+
+def _read_npy(data: bytes) -> np.ndarray:
+    """One .npy member, refused (ValueError) when its header declares more than it holds:
+    the array is allocated from the header before its data is read."""
+    stream = io.BytesIO(data)
+    version = npy_format.read_magic(stream)
+    if version == (1, 0):
+        shape, _, dtype = npy_format.read_array_header_1_0(stream)
+    elif version == (2, 0):
+        shape, _, dtype = npy_format.read_array_header_2_0(stream)
+    else:
+        raise ValueError(f".npy format version {version} is not supported")
+    if dtype.itemsize * math.prod(shape) > len(data) - stream.tell():
+        raise ValueError(f"an array of shape {shape} holds less data than it declares")
+    stream.seek(0)
+    return npy_format.read_array(stream, allow_pickle=False)
+
+
+def _npz_too_large(why: str) -> ApiError:
+    return ApiError(
+        HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+        f"the .npz is refused: {why}, more than the {MAX_NPZ_ARRAY_BYTES} allowed; "
+        "send fewer samples per batch",
+        "too-large",
+    )
+
+
 def _json(body: bytes) -> dict[str, Any]:
     try:
         value = json.loads(body or b"{}")
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(HTTPStatus.BAD_REQUEST, f"body is not JSON: {exc}", "bad-request") from exc
+    except RecursionError as exc:
+        message = "body is JSON nested too deep"
+        raise ApiError(HTTPStatus.BAD_REQUEST, message, "bad-request") from exc
     if not isinstance(value, dict):
         raise ApiError(HTTPStatus.BAD_REQUEST, "body must be a JSON object", "bad-request")
     return value

@@ -58,6 +58,8 @@ class ServerSettings:
     drift_window_max: dt.timedelta = dt.timedelta(hours=1)
     drift_persistence: int = 2
     offline_after: dt.timedelta = dt.timedelta(seconds=120)  # no heartbeat for this long
+    # A device message dated further ahead of this server's clock is refused (docs/server.md).
+    max_clock_ahead: dt.timedelta = dt.timedelta(minutes=5)
     api_rate_per_minute: int = 600  # per token (per client address when unauthenticated)
     # Proxies whose X-Forwarded-For names the client (comma-separated addresses or
     # networks, "*" any); None trusts no proxy header: the client is the TCP peer.

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from edgefleet.agent.errors import CompatibilityError, DownloadError
 from edgefleet.agent.install.interfaces import Fetcher, checks_digest
+from edgefleet.agent.layout import PRIVATE_FILE
 from edgefleet.backoff import Backoff
 from edgefleet.errors import BundleTooLargeError, FileLengthError, TamperedFileError
 from edgefleet.fileio import fsync_directory
@@ -47,7 +48,8 @@ def copy_bounded(source: Path, destination: Path, max_bytes: int) -> tuple[int, 
     digest = hashlib.sha256()
     length = 0
     try:
-        with open(source, "rb") as reader, open(partial, "wb") as writer:
+        partial.unlink(missing_ok=True)  # created anew: private whatever an older one was
+        with open(source, "rb") as reader, open(partial, "xb", opener=_private) as writer:
             while chunk := reader.read(_CHUNK):
                 length += len(chunk)
                 if length > max_bytes:
@@ -67,6 +69,10 @@ def copy_bounded(source: Path, destination: Path, max_bytes: int) -> tuple[int, 
         raise
     fsync_directory(destination.parent)
     return length, digest.hexdigest()
+
+
+def _private(path: str, flags: int) -> int:
+    return os.open(path, flags, PRIVATE_FILE)
 
 
 class LocalFileFetcher:

@@ -20,7 +20,12 @@ from pathlib import Path
 from typing import NoReturn
 
 from edgefleet.agent.config import AgentConfig
-from edgefleet.agent.errors import CompatibilityError, InstallError, RollbackError
+from edgefleet.agent.errors import (
+    CompatibilityError,
+    InstallError,
+    PrivatePathError,
+    RollbackError,
+)
 from edgefleet.agent.install import engine
 from edgefleet.agent.install.context import InstallContext
 from edgefleet.agent.install.engine import describe
@@ -213,9 +218,16 @@ class Installer:
 
         Raises:
             UsageError: `path` is not a file.
+            PrivatePathError: `path` (symlinks resolved) is inside the state directory: the
+                agent's own key and state are never copied out as a bundle.
             InstallInProgressError, and whatever failed the install (as `install_directive`).
         """
         source = Path(path).resolve()
+        if source.is_relative_to(self.layout.root.resolve()):
+            raise PrivatePathError(
+                f"{path} is inside the agent's state directory {self.layout.root}: "
+                "install from a bundle file outside it"
+            )
         if not source.is_file():
             raise UsageError(f"{path} is not a bundle file")
         with engine.locked(self.context):

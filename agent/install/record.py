@@ -47,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgefleet.agent.errors import InstallError
 from edgefleet.agent.install.states import State
+from edgefleet.agent.layout import PRIVATE_FILE
 from edgefleet.fileio import atomic_write_bytes
 from edgefleet.validation import describe_validation_error
 
@@ -195,4 +196,5 @@ def _upgrade(
 
 
 def save_state(path: Path, state: StateFile) -> None:
-    atomic_write_bytes(path, state.model_dump_json(indent=1).encode("utf-8") + b"\n")
+    data = state.model_dump_json(indent=1).encode("utf-8") + b"\n"
+    atomic_write_bytes(path, data, mode=PRIVATE_FILE)

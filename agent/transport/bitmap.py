@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from edgefleet.agent.errors import DownloadError
+from edgefleet.agent.layout import PRIVATE_FILE
 from edgefleet.errors import UsageError
 from edgefleet.fileio import atomic_write_bytes, fsync_directory
 from edgefleet.mqtt.blocks import block_count, block_extent
@@ -63,10 +64,13 @@ def _load_bits(path: Path, header: bytes, count: int) -> bytearray | None:
 def _write_bits(path: Path, header: bytes, bits: bytearray, durable: bool) -> None:
     data = header + bytes(bits)
     if durable:
-        atomic_write_bytes(path, data)
+        atomic_write_bytes(path, data, mode=PRIVATE_FILE)
         return
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_bytes(data)
+    temporary.unlink(missing_ok=True)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
     os.replace(temporary, path)
 
 
@@ -140,7 +144,7 @@ class BlockFile:
         self._sync_interval = sync_interval
         try:
             self._bits = self._open_bits()
-            self._fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
+            self._fd = os.open(part, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)
         except OSError as exc:
             raise DownloadError(f"cannot prepare {part.name}: {exc.strerror or exc}") from exc
         try:

@@ -22,9 +22,11 @@ import ssl
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import BinaryIO
 
 from edgefleet import __version__
 from edgefleet.agent.errors import DownloadError
+from edgefleet.agent.layout import PRIVATE_FILE
 from edgefleet.agent.transport.base import (
     FetchStats,
     already_fetched,
@@ -218,7 +220,7 @@ class HttpFetcher:
                 bytes written so far are fsynced and kept).
         """
         try:
-            handle = part.open("r+b" if offset else "wb")
+            handle = part.open("r+b") if offset else _create_private(part)
         except OSError as exc:
             raise DownloadError(f"cannot open {part.name}: {exc.strerror or exc}") from exc
         with handle:
@@ -259,3 +261,9 @@ class HttpFetcher:
             return response.read(size)
         except (OSError, http.client.HTTPException) as exc:
             raise DownloadError(f"{url}: transfer failed ({exc}); what arrived is kept") from exc
+
+
+def _create_private(part: Path) -> BinaryIO:
+    """A new, empty `part`, mode 0600 (an older one is replaced, whatever its mode)."""
+    part.unlink(missing_ok=True)
+    return os.fdopen(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE), "wb")

@@ -4,14 +4,15 @@
     SessionDep      a unit of work, committed before the answer is sent
     ViewerDep       a Principal of at least the viewer role (likewise OperatorDep,
                     AdminDep); checked once here, never in the routes
-    ClientLimitDep  the per-address rate limit, for routes without a token
+    EnrollLimitDep  the per-address rate limit of enrollment (no token)
 
 Authentication: `Authorization: Bearer <API token>`. No header, an unknown
 secret (an enrollment token included: it is not an API token) or a revoked
 token is a 401; a known token of too low a role a 403. Every authenticated
 request takes a token from its API token's bucket; every failed
-authentication one from its client address's bucket, so guessing is
-throttled too.
+authentication one from its client address's failed-login bucket, so guessing
+is throttled too. Enrollment has a bucket of its own per address: failed
+logins from an address never throttle enrollment from it, nor the reverse.
 """
 
 from __future__ import annotations
@@ -69,16 +70,25 @@ def client_address(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-def limit_client(request: Request, limiter: LimiterDep) -> None:
-    """Take a token from the caller's address bucket.
+def limit_failed_login(request: Request, limiter: LimiterDep) -> None:
+    """Take a token from the caller's address bucket of failed authentications.
 
     Raises:
-        RateLimitedError: the address made too many requests.
+        RateLimitedError: the address failed to authenticate too often.
     """
-    limiter.check(f"address:{client_address(request)}")
+    limiter.check(f"failed-login:{client_address(request)}")
 
 
-ClientLimitDep = Annotated[None, Depends(limit_client)]
+def limit_enrollment(request: Request, limiter: LimiterDep) -> None:
+    """Take a token from the caller's address bucket of enrollments.
+
+    Raises:
+        RateLimitedError: the address made too many enrollment requests.
+    """
+    limiter.check(f"enroll:{client_address(request)}")
+
+
+EnrollLimitDep = Annotated[None, Depends(limit_enrollment)]
 
 
 def get_principal(
@@ -95,14 +105,14 @@ def get_principal(
             made too many requests.
     """
     if credentials is None or not credentials.credentials:
-        limiter.check(f"address:{client_address(request)}")
+        limit_failed_login(request, limiter)
         raise AuthError("an API token is required: send 'Authorization: Bearer <token>'")
     secret = credentials.credentials
     try:
         with context.db.session() as session:
             principal = authenticate(session, secret)
     except AuthError:
-        limiter.check(f"address:{client_address(request)}")
+        limit_failed_login(request, limiter)
         raise
     limiter.check("token:" + hashlib.sha256(secret.encode("utf-8", "replace")).hexdigest()[:32])
     return principal
@@ -128,8 +138,8 @@ AdminDep = Annotated[Principal, Depends(require_role(Role.ADMIN))]
 
 __all__ = [
     "AdminDep",
-    "ClientLimitDep",
     "ContextDep",
+    "EnrollLimitDep",
     "LimiterDep",
     "OperatorDep",
     "SessionDep",

@@ -1,10 +1,11 @@
 """Per-caller token buckets: `api_rate_per_minute` requests a minute, bursts up to that.
 
 A bucket is kept per API token (keyed by a digest of the secret, never the
-secret itself) and per client address for the unauthenticated routes
-(enrollment) and for failed authentications. State is in memory, per
-process: with several replicas each applies the limit on its own, which is
-enough to stop a runaway script without a shared store.
+secret itself), and per client address two: one for enrollment (the route
+without a token) and one for failed authentications, so guessing tokens from
+an address never throttles enrollment from it (`deps.py`). State is in
+memory, per process: with several replicas each applies the limit on its own,
+which is enough to stop a runaway script without a shared store.
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@
   kept (in the batch, or stored in `Device.heartbeat`) changes nothing, so a
   replayed heartbeat or one another replica flushes late cannot move
   `model_version` or `install_state` back. One sent in the same second is
-  applied (`sent_at` has whole seconds; an agent may beat twice in one);
+  applied (`sent_at` has whole seconds; an agent may beat twice in one).
+  A stored heartbeat dated more than `max_clock_ahead` after the new one
+  arrived (kept before ingestion refused such dates) orders nothing;
 - the newest of a heartbeat and the status reports sets `install_state`,
   except a `refused` report: a refused install changes nothing on the device
   (its agent rests where it was), so it is kept as history only;
@@ -89,9 +91,12 @@ class IngestBatch:
 class BatchWriter:
     """Writes `IngestBatch`es; counts the status reports it drops as duplicates."""
 
-    def __init__(self, *, is_sqlite: bool, status_reports_kept: int) -> None:
+    def __init__(
+        self, *, is_sqlite: bool, status_reports_kept: int, max_clock_ahead: dt.timedelta
+    ) -> None:
         self._is_sqlite = is_sqlite
         self._reports_kept = status_reports_kept
+        self._max_clock_ahead = max_clock_ahead
         self.duplicates = 0  # status reports at or below the stored sequence
 
     def write(self, session: Session, batch: IngestBatch) -> None:
@@ -144,7 +149,10 @@ class BatchWriter:
                 device.model_version = report.bundle_version
                 device.previous_version = report.previous_version
         heartbeat = update.heartbeat
-        if heartbeat is not None and not _sent_before(update.heartbeat_sent_at, device.heartbeat):
+        latest = None if update.last_seen is None else update.last_seen + self._max_clock_ahead
+        if heartbeat is not None and not _sent_before(
+            update.heartbeat_sent_at, device.heartbeat, latest
+        ):
             device.heartbeat = heartbeat.model_dump(
                 mode="json", exclude={"schema_version", "device_id"}
             )
@@ -250,19 +258,23 @@ def _status_row(device_id: str, received: dt.datetime, report: StatusReport) -> 
     )
 
 
-def _sent_before(sent_at: dt.datetime | None, stored: dict[str, Any] | None) -> bool:
+def _sent_before(
+    sent_at: dt.datetime | None, stored: dict[str, Any] | None, latest: dt.datetime | None
+) -> bool:
     """Whether a heartbeat sent at `sent_at` is older than the `stored` one.
 
     A stored heartbeat without a readable `sent_at` (none yet, or written by an
-    older server) orders nothing: the new one is applied.
+    older server), or dated after `latest` (the latest time a device may date a
+    message now), orders nothing: the new one is applied.
     """
     stored_at = stored.get("sent_at") if isinstance(stored, dict) else None
     if sent_at is None or not isinstance(stored_at, str):
         return False
     try:
-        return sent_at < parse_time(stored_at)
+        stored_sent_at = parse_time(stored_at)
     except MalformedDocumentError:
         return False
+    return sent_at < stored_sent_at and (latest is None or stored_sent_at <= latest)
 
 
 def _utc(row: Any) -> dt.datetime:

@@ -7,7 +7,12 @@ counted (`.refused` by reason), logged (one line per reason per `LOG_EVERY_S`)
 and dropped. Order of checks for
 a device message: the topic (a per-device topic of this namespace), the device's
 enrolled key (unknown -> "unknown-device"), its signature over topic and bytes
-("device-signature", `edgefleet.mqtt.devicesig`), then the schema ("malformed").
+("device-signature", `edgefleet.mqtt.devicesig`), the schema ("malformed"), then
+the time the device dated it (a heartbeat's or status report's `sent_at`, a
+telemetry window's end): more than `settings.max_clock_ahead` ahead of this
+server's clock is "clock-ahead", logged once per device per `LOG_EVERY_S`, so
+neither a wrong clock nor a stolen key can date a heartbeat that outranks the
+device's honest ones until that date.
 Presence (the Last Will) is unsigned by design: it only sets online/offline and
 the next signed heartbeat corrects it.
 
@@ -103,7 +108,9 @@ class Ingestor:
         self._flush_lock = threading.Lock()
         self._batch = IngestBatch()
         self._writer = BatchWriter(
-            is_sqlite=db.is_sqlite, status_reports_kept=settings.status_reports_kept
+            is_sqlite=db.is_sqlite,
+            status_reports_kept=settings.status_reports_kept,
+            max_clock_ahead=settings.max_clock_ahead,
         )
         self._pending: collections.deque[IngestBatch] = collections.deque()
         self._order = 0
@@ -155,12 +162,25 @@ class Ingestor:
         if message.device_id != device_id:
             self._refuse("malformed", f"a message on {topic!r} names {message.device_id!r}")
             return
+        now = self._clock()
         if isinstance(message, TelemetryWindow):
-            self._on_telemetry(device_id, message)
+            self._on_telemetry(device_id, message, now)
         elif isinstance(message, Heartbeat):
-            self._on_heartbeat(device_id, message)
+            self._on_heartbeat(device_id, message, now)
         elif isinstance(message, StatusReport):
-            self._on_status(device_id, key, message)
+            self._on_status(device_id, key, message, now)
+
+    def _dated_ahead(self, device_id: str, what: str, dated: str, now: dt.datetime) -> bool:
+        """Whether the device dated a message beyond `max_clock_ahead` from `now` (refused)."""
+        ahead = parse_time(dated) - now
+        if ahead <= self._settings.max_clock_ahead:
+            return False
+        detail = (
+            f"device {device_id!r} dated a {what} {ahead} ahead of this server's clock "
+            f"(tolerance {self._settings.max_clock_ahead}): check both clocks (NTP)"
+        )
+        self._refuse("clock-ahead", detail, per=device_id)
+        return True
 
     def _verify(self, device_id: str, topic: str, payload: bytes) -> tuple[bytes, str] | None:
         """(message bytes, the key that verified them) when the device's enrolled key
@@ -217,8 +237,9 @@ class Ingestor:
         except Exception:
             log.exception("the block service failed on %s", topic)
 
-    def _on_heartbeat(self, device_id: str, message: Heartbeat) -> None:
-        now = self._clock()
+    def _on_heartbeat(self, device_id: str, message: Heartbeat, now: dt.datetime) -> None:
+        if self._dated_ahead(device_id, message.what, message.sent_at, now):
+            return
         with self._lock:
             update = self._seen(device_id, now)
             self._order += 1
@@ -226,8 +247,9 @@ class Ingestor:
             self._batch.messages += 1
             self.counts["heartbeat"] += 1
 
-    def _on_status(self, device_id: str, key: str, message: StatusReport) -> None:
-        now = self._clock()
+    def _on_status(self, device_id: str, key: str, message: StatusReport, now: dt.datetime) -> None:
+        if self._dated_ahead(device_id, message.what, message.sent_at, now):
+            return
         with self._lock:
             seen = self._status_seen.get(device_id)
             # A sequence is remembered with the key that signed it: a device removed
@@ -242,7 +264,9 @@ class Ingestor:
             self._batch.messages += 1
             self.counts["status"] += 1
 
-    def _on_telemetry(self, device_id: str, window: TelemetryWindow) -> None:
+    def _on_telemetry(self, device_id: str, window: TelemetryWindow, now: dt.datetime) -> None:
+        if self._dated_ahead(device_id, window.what, window.window_end, now):
+            return
         start = self._bucket_starts.get(window.window_start)
         if start is None:
             if len(self._bucket_starts) > 4096:
@@ -251,7 +275,6 @@ class Ingestor:
             self._bucket_starts[window.window_start] = start
         key = (device_id, window.bundle_name, window.bundle_version, start)
         health = health_of(window.requests, window.errors, window.fallbacks)
-        now = self._clock()
         identity = (device_id, window.window_start)
         with self._lock:
             seen = self._windows_seen
@@ -287,12 +310,14 @@ class Ingestor:
         update.last_seen = now
         return update
 
-    def _refuse(self, reason: str, detail: object) -> None:
+    def _refuse(self, reason: str, detail: object, per: str = "") -> None:
+        """Count a refusal; log it once per `LOG_EVERY_S` per reason (and per `per`, a device)."""
         with self._lock:
             self.refused[reason] += 1
         now = time.monotonic()
-        if now - self._last_log.get(reason, -LOG_EVERY_S) >= LOG_EVERY_S:
-            self._last_log[reason] = now
+        subject = f"{reason} {per}"
+        if now - self._last_log.get(subject, -LOG_EVERY_S) >= LOG_EVERY_S:
+            self._last_log[subject] = now
             log.warning("refused a device message (%s): %s", reason, detail)
 
     # -- flushing ----------------------------------------------------------------------------

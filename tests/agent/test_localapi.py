@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
+import socket
 import urllib.error
 import urllib.request
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.lib.format as npy_format
 import pytest
 
 from edgefleet.agent.config import InferenceSettings
 from edgefleet.agent.inference import Predictor
 from edgefleet.agent.layout import StateLayout
-from edgefleet.agent.localapi import LocalApi
+from edgefleet.agent.localapi import MAX_NPZ_ARRAY_BYTES, NPZ, LocalApi
 from edgefleet.agent.telemetry import TelemetryRecorder
 from edgefleet.errors import TamperedFileError
 from tests.agent.conftest import Bundles, install_version
@@ -198,3 +202,135 @@ def test_nothing_installed_is_503(tmp_path: Path) -> None:
     finally:
         api.stop()
         predictor.close()
+
+
+# --- attacks: bad lengths, deep JSON, garbage and bombs get 4xx, never 500 -------------------
+
+
+def _raw_post(port: int, path: str, head: dict[str, str], body: bytes) -> tuple[int, Any]:
+    """Send a request exactly as given (lengths that urllib would correct), then stop
+    sending: the server sees the end of the body where the client stopped."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1"]
+        lines += [f"{name}: {value}" for name, value in head.items()]
+        connection.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        connection.shutdown(socket.SHUT_WR)
+        response = http.client.HTTPResponse(connection)
+        response.begin()
+        return response.status, json.loads(response.read())
+
+
+@pytest.mark.parametrize(
+    ("length", "body", "status"),
+    [
+        ("-1", b"{}", 400),
+        ("abc", b"{}", 400),
+        ("+2", b"{}", 400),
+        ("1000", b'{"inputs": {}}', 400),
+        (str(64 * 1024 * 1024 + 1), b"{}", 413),
+    ],
+    ids=["negative", "not-a-number", "signed", "shorter-than-announced", "above-the-cap"],
+)
+def test_bad_content_lengths_are_refused(
+    served: tuple[Client, Predictor], length: str, body: bytes, status: int
+) -> None:
+    client, predictor = served
+    port = int(client.base.rsplit(":", 1)[1])
+    answer_status, answer = _raw_post(
+        port, "/v1/predict", {"Content-Length": length, "Content-Type": "application/json"}, body
+    )
+    assert answer_status == status, answer
+    assert answer["code"] in ("bad-length", "too-large") and answer["error"]
+    assert client.json("GET", "/v1/health")[0] == 200  # the agent serves on
+    assert predictor.model_info().steps[0].answered == 0
+
+
+def test_deeply_nested_json_is_400(served: tuple[Client, Predictor]) -> None:
+    client, _ = served
+    status, data = client.request("POST", "/v1/predict", b"[" * 100_000 + b"]" * 100_000)
+    assert status == 400 and json.loads(data)["code"] == "bad-request"
+    status, data = client.request("POST", "/v1/install", b'{"path": ' + b"[" * 100_000)
+    assert status == 400
+
+
+def _npz(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _zip(name: str, data: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+GARBAGE_BATCHES = {
+    "empty-body": b"",
+    "garbage": bytes(range(256)) * 4,
+    "no-arrays": _npz(),
+    "an-npy-not-an-npz": _npy(np.zeros((2, 64))),
+    "pickled-member": _zip("features.npy", _npy(np.array([{"a": 1}], dtype=object))),
+    "member-not-npy": _zip("features.npy", b"not an array"),
+    "truncated-zip": _npz(features=np.zeros((2, 64)))[:-30],
+}
+
+
+@pytest.mark.parametrize("body", GARBAGE_BATCHES.values(), ids=list(GARBAGE_BATCHES))
+def test_bad_batches_are_400(served: tuple[Client, Predictor], body: bytes) -> None:
+    client, _ = served
+    status, data = client.request("POST", "/v1/predict/batch", body, "application/x-npz")
+    answer = json.loads(data)
+    assert status == 400, answer
+    assert answer["code"] == "bad-request" and "npz" in answer["error"]
+
+
+def test_an_npy_header_declaring_more_than_it_holds_is_400(
+    served: tuple[Client, Predictor],
+) -> None:
+    """A member that declares 10**12 float64 values and holds one: nothing is allocated."""
+    client, _ = served
+    member = io.BytesIO()
+    header = {"descr": "<f8", "fortran_order": False, "shape": (10**12,)}
+    npy_format.write_array_header_1_0(member, header)
+    member.write(np.zeros(1).tobytes())
+    body = _zip("features.npy", member.getvalue())
+    status, data = client.request("POST", "/v1/predict/batch", body, NPZ)
+    answer = json.loads(data)
+    assert status == 400 and "declares" in answer["error"], answer
+
+
+def test_an_npz_that_decompresses_beyond_the_cap_is_413(
+    served: tuple[Client, Predictor],
+) -> None:
+    client, predictor = served
+    bomb = io.BytesIO()
+    np.savez_compressed(bomb, features=np.zeros((MAX_NPZ_ARRAY_BYTES // 512 + 1, 64)))
+    assert len(bomb.getvalue()) < 1024 * 1024  # a small body
+    status, data = client.request("POST", "/v1/predict/batch", bomb.getvalue(), NPZ)
+    answer = json.loads(data)
+    assert status == 413 and answer["code"] == "too-large", answer
+    assert "declare" in answer["error"]
+    assert predictor.model_info().steps[0].answered == 0
+
+
+def test_an_npz_whose_header_understates_its_size_is_refused(
+    served: tuple[Client, Predictor],
+) -> None:
+    """The declared size says 1 KiB; the member inflates to 1 MiB: never read past it."""
+    client, _ = served
+    body = bytearray(_zip("features.npy", _npy(np.zeros((2048, 64)))))
+    with zipfile.ZipFile(io.BytesIO(bytes(body))) as archive:
+        info = archive.infolist()[0]
+    real = info.file_size.to_bytes(4, "little")
+    assert body.count(real) == 2  # local header and central directory
+    body = bytearray(bytes(body).replace(real, (1024).to_bytes(4, "little")))
+    status, data = client.request("POST", "/v1/predict/batch", bytes(body), NPZ)
+    assert status == 400, json.loads(data)

@@ -68,6 +68,15 @@ def test_the_unit_starts_what_the_docs_install() -> None:
     assert "--state-dir /var/lib/edgefleet" in DOCS
 
 
+def test_the_unit_keeps_the_state_private() -> None:
+    """Every file the agent creates is its user's alone, and so is the state directory
+    (the unit verifies with these values: test_the_unit_verifies)."""
+    unit = service()
+    assert unit["UMask"] == "0077"
+    assert unit["StateDirectoryMode"] == "0700"
+    assert "`UMask=0077`" in DOCS and "(mode 0700)" in DOCS
+
+
 def test_sysusers_creates_the_user_and_group_the_unit_runs_as(tmp_path: Path) -> None:
     sysusers = systemd_tool("systemd-sysusers")
     root = tmp_path / "root"

@@ -1,4 +1,5 @@
-"""Rate limiting: a token bucket per API token and per client address, 429 with Retry-After."""
+"""Rate limiting: a token bucket per API token, and per client address for enrollment and
+for failed logins apart; 429 with Retry-After."""
 
 from __future__ import annotations
 
@@ -66,6 +67,21 @@ def test_enrollment_and_failed_logins_are_limited_per_address(
     api2 = make_api(sqlite_database, tmp_path / "2", trust, api_rate_per_minute=2)
     guesses = [api2.get("/bundles", "efa_guess").status_code for _ in range(3)]
     assert guesses == [401, 401, 429]
+
+
+def test_failed_logins_do_not_throttle_enrollment_from_the_same_address(
+    sqlite_database: Database, tmp_path: Path, trust: TrustRoot
+) -> None:
+    api = make_api(sqlite_database, tmp_path, trust)
+    # time stands still: no bucket refills while the test runs, however slow the machine
+    cast(FastAPI, api.client.app).state.limiter = RateLimiter(3, clock=Ticks())
+    guesses = [api.get("/bundles", "efa_guess").status_code for _ in range(10)]
+    assert guesses == [401] * 3 + [429] * 7
+    assert api.enroll("cam-1").status_code == 201
+    # nor does enrollment throttle failed logins: each has its own bucket
+    assert [api.enroll(f"cam-{n}").status_code for n in range(2, 5)] == [201, 201, 429]
+    assert api.get("/bundles", "efa_guess").status_code == 429
+    assert api.get("/bundles", Role.VIEWER).status_code == 200  # a valid token: its own
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import threading
 from pathlib import Path
 from typing import Any
@@ -99,15 +100,14 @@ def heartbeat(device: SimDevice, **fields: object) -> bytes:
 
 
 def status(device: SimDevice, sequence: int, state: str, **fields: object) -> bytes:
-    return encode_message(
-        StatusReport(
-            device_id=device.id,
-            sent_at=format_time(T0),
-            sequence=sequence,
-            install_state=state,
-            **fields,  # type: ignore[arg-type]
-        )
-    )
+    values: dict[str, object] = {
+        "device_id": device.id,
+        "sent_at": format_time(T0),
+        "sequence": sequence,
+        "install_state": state,
+    }
+    values.update(fields)
+    return encode_message(StatusReport(**values))  # type: ignore[arg-type]
 
 
 def telemetry(device: SimDevice, start: dt.datetime, **fields: object) -> bytes:
@@ -120,9 +120,16 @@ def devices() -> list[SimDevice]:
 
 
 @pytest.fixture
-def ingestor(database: Database, devices: list[SimDevice], tmp_path: Path) -> Ingestor:
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def ingestor(
+    database: Database, devices: list[SimDevice], tmp_path: Path, clock: Clock
+) -> Ingestor:
     enroll(database, devices)
-    return Ingestor(database, Keys(devices), make_settings(tmp_path), clock=Clock())
+    return Ingestor(database, Keys(devices), make_settings(tmp_path), clock=clock)
 
 
 def device_row(db: Database, device_id: str) -> Device:
@@ -195,6 +202,72 @@ def test_an_older_heartbeat_after_a_newer_one_changes_nothing(
     assert device_row(database, dev.id).install_state == "downloading"
 
 
+def test_messages_dated_ahead_are_refused_and_do_not_block_the_next_honest_one(
+    ingestor: Ingestor,
+    database: Database,
+    devices: list[SimDevice],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dev = devices[0]
+    tomorrow = format_time(T0 + dt.timedelta(days=1))
+    pinned = {"model_name": "demo", "model_version": "6.6.6", "install_state": "committed"}
+    with caplog.at_level(logging.WARNING, logger="edgefleet.server.mqtt.ingest"):
+        ingestor.handle(
+            *signed(dev, TopicKind.HEARTBEAT, heartbeat(dev, sent_at=tomorrow, **pinned))
+        )
+        ingestor.handle(*signed(dev, TopicKind.HEARTBEAT, heartbeat(dev, sent_at=tomorrow)))
+        report = status(dev, 1, "committed", sent_at=tomorrow, bundle_version="6.6.6")
+        ingestor.handle(*signed(dev, TopicKind.STATUS, report))
+        window = telemetry(dev, T0 + dt.timedelta(minutes=5))  # ends 6 minutes ahead
+        ingestor.handle(*signed(dev, TopicKind.TELEMETRY, window))
+        other = devices[1]
+        ingestor.handle(*signed(other, TopicKind.HEARTBEAT, heartbeat(other, sent_at=tomorrow)))
+    assert dict(ingestor.refused) == {"clock-ahead": 5}
+    lines = [r.getMessage() for r in caplog.records if "clock-ahead" in r.getMessage()]
+    # one line per device, not one per message
+    assert len(lines) == 2 and dev.id in lines[0] and other.id in lines[1]
+    assert ingestor.flush() == 0
+    row = device_row(database, dev.id)
+    assert row.heartbeat is None and row.status_sequence == 0 and not row.online
+
+    # the honest heartbeat that follows is applied; so is one just within the tolerance
+    honest = {"model_name": "demo", "model_version": "1.0.0", "install_state": "committed"}
+    ingestor.handle(*signed(dev, TopicKind.HEARTBEAT, heartbeat(dev, **honest)))
+    ingestor.flush()
+    assert device_row(database, dev.id).model_version == "1.0.0"
+    within = format_time(T0 + dt.timedelta(minutes=5))
+    ingestor.handle(*signed(dev, TopicKind.HEARTBEAT, heartbeat(dev, sent_at=within, uptime_s=9)))
+    ingestor.handle(*signed(dev, TopicKind.TELEMETRY, telemetry(dev, T0 + dt.timedelta(minutes=4))))
+    assert ingestor.flush() == 2
+    stored = device_row(database, dev.id).heartbeat
+    assert stored is not None and stored["uptime_s"] == 9
+    assert dict(ingestor.refused) == {"clock-ahead": 5}
+
+
+def test_a_stored_heartbeat_dated_ahead_does_not_pin_the_device(
+    ingestor: Ingestor, database: Database, devices: list[SimDevice]
+) -> None:
+    dev = devices[0]
+    # written before ingestion refused such dates: a heartbeat dated a day ahead
+    ingestor.handle(
+        *signed(dev, TopicKind.HEARTBEAT, heartbeat(dev, model_version="6.6.6", model_name="demo"))
+    )
+    ingestor.flush()
+    with database.session() as session:
+        row = session.get(Device, dev.id)
+        assert row is not None and row.heartbeat is not None
+        row.heartbeat = {**row.heartbeat, "sent_at": format_time(T0 + dt.timedelta(days=1))}
+    honest = heartbeat(
+        dev,
+        sent_at=format_time(T0 - dt.timedelta(minutes=1)),
+        model_name="demo",
+        model_version="1.0.0",
+    )
+    ingestor.handle(*signed(dev, TopicKind.HEARTBEAT, honest))
+    ingestor.flush()
+    assert device_row(database, dev.id).model_version == "1.0.0"
+
+
 def test_status_reports_are_deduplicated_applied_and_trimmed(
     database: Database, devices: list[SimDevice], tmp_path: Path
 ) -> None:
@@ -240,8 +313,9 @@ def test_a_shadow_commit_does_not_change_the_served_version(
 
 
 def test_telemetry_merges_into_buckets_across_flushes_once_per_window(
-    ingestor: Ingestor, database: Database, devices: list[SimDevice]
+    ingestor: Ingestor, database: Database, devices: list[SimDevice], clock: Clock
 ) -> None:
+    clock.now = T0 + dt.timedelta(hours=2)  # every window below is in the past
     dev = devices[0]
     for minute in range(3):
         start = T0 + dt.timedelta(minutes=minute)

@@ -4,7 +4,8 @@ POST /devices/enroll takes no API token: a device proves it may join with a
 one-time enrollment token (or nothing, when the server runs with open
 enrollment), and from then on signs its MQTT messages with the key it
 enrolled. It is rate limited per client address, because nothing else
-throttles an unauthenticated caller. 201: enrolled now; 200: the same device
+throttles an unauthenticated caller, in a bucket of its own (failed logins from
+the same address have theirs). 201: enrolled now; 200: the same device
 and key were enrolled already (an agent retrying after a lost answer).
 """
 
@@ -15,7 +16,7 @@ import datetime as dt
 from fastapi import APIRouter, status
 from fastapi.responses import JSONResponse
 
-from edgefleet.server.api.deps import ClientLimitDep, ContextDep, OperatorDep, SessionDep
+from edgefleet.server.api.deps import ContextDep, EnrollLimitDep, OperatorDep, SessionDep
 from edgefleet.server.api.errors import ErrorBody, errors
 from edgefleet.server.api.schemas.devices import DevicePublic
 from edgefleet.server.api.schemas.enroll import (
@@ -44,7 +45,7 @@ router = APIRouter(prefix=API_PREFIX, tags=["devices"])
     },
 )
 def enroll(
-    body: EnrollRequest, context: ContextDep, session: SessionDep, _limit: ClientLimitDep
+    body: EnrollRequest, context: ContextDep, session: SessionDep, _limit: EnrollLimitDep
 ) -> JSONResponse:
     device, created = enroll_device(
         session, body, open_enrollment=context.settings.open_enrollment, now=context.clock()
