@@ -362,6 +362,7 @@ def status_command(config_path: Path, as_json: bool) -> None:
     status["enrolled_with"] = enrollment.server_url if enrollment else None
     if url is not None:
         status["model"] = call_json(url, "GET", "/v1/model")
+        status["drift"] = call_json(url, "GET", "/v1/health").get("drift")
     if as_json:
         echo_json(status)
         return
@@ -373,6 +374,8 @@ def status_command(config_path: Path, as_json: bool) -> None:
     else:
         click.echo(f"agent:           running at {url}")
     click.echo(f"enrolled with:   {status['enrolled_with'] or 'no fleet server'}")
+    if status.get("drift"):
+        click.echo(f"drift:           {status['drift']}")
     _echo_status(status)
     for step in status.get("model", {}).get("steps", []):
         click.echo(_step_line(step))

@@ -102,6 +102,15 @@ class LocalApiSettings(_Section):
     port: int = Field(default=8765, ge=0, le=65535)  # 0: a free port, picked at start
 
 
+class DriftSettings(_Section):
+    """The device's raw inputs kept while its own check flags drift (docs/agent.md)."""
+
+    capture_inputs: bool = False  # off: nothing is kept
+    capture_samples: int = Field(default=200, ge=1)
+    capture_max_bytes: int = Field(default=8 * 1024**2, ge=1)
+    upload_inputs: bool = False  # off: kept files never leave the device
+
+
 def check_server_url(url: str) -> str:
     """`url` without a trailing slash.
 
@@ -126,6 +135,7 @@ class AgentConfig(_Section):
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
     local_api: LocalApiSettings = Field(default_factory=LocalApiSettings)
+    drift: DriftSettings = Field(default_factory=DriftSettings)
     # Read from an agent.toml written by an older agent, so that such a device still
     # starts and enrolls; never written back (dump_config leaves it out).
     legacy_enroll_token: str | None = Field(default=None, alias="enroll_token", exclude=True)

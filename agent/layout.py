@@ -19,6 +19,9 @@
       enrolled.json         the fleet server this device enrolled with, and the key it enrolled
       enroll-token          the one-time enrollment token from `agent init` (mode 0600),
                             deleted once the device enrolled (edgefleet.agent.enrolltoken)
+      samples/              raw inputs kept while the device's own check flags drift, one
+                            <start>-<bundle>-<version>.npz (mode 0600) and its .json per
+                            episode (edgefleet.agent.reservoir; off by default)
 
 Private: the state directory and its subdirectories are mode 0700 (`create`
 makes them so, also when they existed), and the files that hold secrets or
@@ -102,6 +105,10 @@ class StateLayout:
     @property
     def enroll_token_file(self) -> Path:
         return self.root / "enroll-token"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples"
 
     def create(self) -> None:
         """Make the state directory and its subdirectories, mode `PRIVATE_DIR` (also

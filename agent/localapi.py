@@ -1,6 +1,6 @@
 """The agent's local HTTP API, for applications on the device (localhost only).
 
-    GET  /v1/health           {"status", "model", "install_state"}
+    GET  /v1/health           {"status", "model", "install_state", "drift"}
     GET  /v1/model            what is served: versions, fallback chain, breakers
     POST /v1/predict          {"inputs": {name: nested list}}
                               -> {"outputs", "answered_by", "model", "latency_ms"}
@@ -117,6 +117,7 @@ class LocalApi:
         install: Callable[[Path], dict[str, Any]],
         rollback: Callable[[], dict[str, Any]],
         install_state: Callable[[], str],
+        drift: Callable[[], str] | None = None,
         listener: socket.socket | None = None,
     ) -> None:
         """`listener`: a socket from `listen` (the runner binds before it resumes an install);
@@ -127,6 +128,7 @@ class LocalApi:
         """
         self.predictor = predictor
         self.install, self.rollback, self.install_state = install, rollback, install_state
+        self.drift = drift  # the device's own drift check: "ok", "drift on ...", "insufficient"
         api = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -231,6 +233,7 @@ class LocalApi:
                 "status": "ok" if model or info.has_default else "no-model",
                 "model": model,
                 "install_state": self.install_state(),
+                "drift": self.drift() if self.drift is not None else None,
             }
         if path == "/v1/model":
             return HTTPStatus.OK, self.predictor.model_info().as_dict()

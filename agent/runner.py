@@ -50,11 +50,13 @@ from edgefleet.agent.layout import StateLayout
 from edgefleet.agent.link import AgentLink
 from edgefleet.agent.localapi import LocalApi, listen
 from edgefleet.agent.outbox import Outbox
+from edgefleet.agent.reservoir import DeviceDrift
 from edgefleet.agent.sdnotify import notify, watchdog_interval_seconds
 from edgefleet.agent.telemetry import TelemetryRecorder
 from edgefleet.agent.transport.blocks import MqttBlockFetcher
 from edgefleet.agent.transport.http import HttpFetcher
 from edgefleet.agent.transport.sources import SourcesFetcher
+from edgefleet.agent.upload import UPLOAD_POLL_SECONDS, SampleUploader
 from edgefleet.agent.versions import InstalledVersion
 from edgefleet.errors import EdgefleetError, FleetTimestampError, KeyFileError
 from edgefleet.fileio import atomic_write_bytes
@@ -135,7 +137,10 @@ class Agent:
             http=HttpFetcher(),
             blocks=MqttBlockFetcher(self.link) if self.link is not None else None,
         )
-        self.telemetry = TelemetryRecorder(config.device_id, None, config.telemetry.window_seconds)
+        self.drift = DeviceDrift(config.drift, self.layout.samples)
+        self.telemetry = TelemetryRecorder(
+            config.device_id, None, config.telemetry.window_seconds, drift=self.drift
+        )
         self.predictor: Predictor | None = None
         self.installer = Installer(
             config,
@@ -149,6 +154,7 @@ class Agent:
         )
         self.heartbeats = HeartbeatSource(config.device_id, self.layout.root)
         self.install_worker = Worker("edgefleet-install", self._install_inbox, INBOX_POLL_SECONDS)
+        self.upload_worker = self._sample_upload_worker()
         self._watchdog_withheld = False
 
     def _load_device_key(self) -> DeviceKey | None:
@@ -165,6 +171,21 @@ class Agent:
                 "device key: %s: messages go out unsigned and the device does not enroll", exc
             )
             return None
+
+    def _sample_upload_worker(self) -> Worker | None:
+        """The worker that uploads kept raw inputs: only with `[drift] upload_inputs = true`."""
+        key, server_url = self.device_key, self.config.server_url
+        if not self.config.drift.upload_inputs or key is None or server_url is None:
+            return None
+        uploader = SampleUploader(
+            server_url,
+            self.config.device_id,
+            key,
+            self.layout.samples,
+            current_file=lambda: self.drift.current_file,
+            is_enrolled=lambda: is_enrolled(self.config, self.layout, key),
+        )
+        return Worker("edgefleet-sample-upload", uploader.step, UPLOAD_POLL_SECONDS)
 
     def _start_enrollment(self) -> None:
         """Enroll in the background when a server is configured and this key is not enrolled."""
@@ -321,6 +342,7 @@ class Agent:
                 install=self.install_file,
                 rollback=self.rollback,
                 install_state=lambda: self.installer.status().state.value,
+                drift=lambda: self.drift.status.describe(),
                 listener=listener,
             )
             api.start()
@@ -353,6 +375,8 @@ class Agent:
             self.link.start()
         self._start_enrollment()
         self.install_worker.start()
+        if self.upload_worker is not None:
+            self.upload_worker.start()
         notify("READY=1")
         watchdog = watchdog_interval_seconds()
         next_beat = next_pet = 0.0
@@ -374,6 +398,8 @@ class Agent:
                 api.stop()
             self.layout.local_api_file.unlink(missing_ok=True)
             self.install_worker.stop(timeout=10)
+            if self.upload_worker is not None:
+                self.upload_worker.stop(timeout=10)
             if self.link is not None:
                 self.link.stop()
             self.predictor.close()

@@ -12,7 +12,9 @@ Per window (`close_window`, a `TelemetryWindow` of edgefleet.mqtt.messages):
   NaN, below-range and above-range counts, under the reference's feature names
   ("image[0].mean", "logits.top1", "features[3]"). Outputs of the configured
   default answer are not counted: they say nothing of the model.
-- shadow agreement and labelled accuracy, when there were any.
+- shadow agreement and labelled feedback, when there were any: labelled
+  answers, the class labels among them that were right, and for regression
+  feedback the sums of |error| and error squared.
 Input values outside the reference range by more than the schema margin
 (schema.py `allowed_range`: a warning, not an error) are counted as they are
 binned, into `counters()["out_of_range"]` for the local API; on the wire they
@@ -22,6 +24,9 @@ Cost (goal: at most 3% of the inference time of the CNN fixture): a request
 hands one copy per tensor to the binning (edgefleet.agent.inference.bins,
 which also documents how large tensors are subsampled); every FLUSH_REQUESTS
 requests, and when a window closes, the values are binned in bulk.
+With a `drift` (edgefleet.agent.reservoir.DeviceDrift), each closed window is
+judged on the device, and each request's inputs are offered to its reservoir
+(which keeps nothing unless capture is on and drift is flagged).
 
 Live counters (`mark` / `snapshot_since`, the installer's HealthProbe) run over
 the recorder's whole life, across windows and model switches; latency p95 uses
@@ -60,6 +65,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
     from edgefleet.agent.inference.chain import Prediction
+    from edgefleet.agent.reservoir import DeviceDrift
 
 DEFAULT_LATENCY_BOUNDS_MS = (0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 FLUSH_REQUESTS = 256
@@ -79,11 +85,14 @@ class _Window:
         self.start = start
         self.name = name
         self.version = version
+        self.reference = reference
         self.requests = self.errors = self.fallbacks = self.schema_violations = 0
         self.pending = 0  # requests whose values wait to be binned
         self.latency = [0] * slots
         self.shadow_requests = self.shadow_agreements = 0
         self.labelled = self.correct = 0
+        self.regression_labels = 0  # labelled answers that were numbers, not classes
+        self.abs_error = self.squared_error = 0.0
         self.inputs = tensor_bins(reference, outputs=False)
         self.outputs = tensor_bins(reference, outputs=True)
 
@@ -119,8 +128,10 @@ class TelemetryRecorder:
         bundle_name: str | None = None,
         bundle_version: str | None = None,
         now: dt.datetime | None = None,
+        drift: DeviceDrift | None = None,
     ) -> None:
         self.device_id = device_id
+        self.drift = drift  # the device's own drift check (and reservoir), fed here
         self.window_seconds = window_seconds  # the period of the caller's `close_window` calls
         self.latency_bounds_ms = tuple(float(b) for b in latency_bounds_ms)
         self._lock = threading.Lock()
@@ -132,7 +143,9 @@ class TelemetryRecorder:
             len(self.latency_bounds_ms) + 1,
         )
         self._reference = drift_reference
-        self._early: deque[TelemetryWindow] = deque(maxlen=MAX_EARLY_WINDOWS)
+        self._early: deque[tuple[TelemetryWindow, AnyReference | None]] = deque(
+            maxlen=MAX_EARLY_WINDOWS
+        )
         # Live counters, over the recorder's life.
         self._requests = self._errors = self._fallbacks = self._answered = 0
         self._out_of_range = self._label_errors = 0
@@ -157,7 +170,7 @@ class TelemetryRecorder:
             moment = now or utcnow()
             if window.name is not None and window.requests:
                 closed, moment = self._finish(window, moment)
-                self._early.append(closed)
+                self._early.append((closed, window.reference))
             self._reference = drift_reference
             self._window = self._new_window(moment, bundle_name, bundle_version)
 
@@ -197,6 +210,8 @@ class TelemetryRecorder:
             window.pending += 1
             if window.pending >= FLUSH_REQUESTS:
                 self._out_of_range += window.flush()
+        if self.drift is not None:
+            self.drift.offer(inputs, (window.name, window.version))
 
     def record_error(self) -> None:
         """A call that every step of the chain failed."""
@@ -226,6 +241,11 @@ class TelemetryRecorder:
                 self._window.labelled += 1
                 self._window.correct += int(correct)
             if error is not None and math.isfinite(error):
+                window = self._window
+                window.labelled += 1
+                window.regression_labels += 1
+                window.abs_error += abs(error)
+                window.squared_error += error * error
                 self._label_errors += 1
                 self._abs_error += abs(error)
 
@@ -243,17 +263,22 @@ class TelemetryRecorder:
         That is a window ended early by a model switch when there is one (the
         running window then keeps running), else the running window, ended at
         `now` (a new one starts there). None while no model is set. Times are
-        whole seconds; a window lasts at least one.
+        whole seconds; a window lasts at least one. The device's own drift
+        check, when there is one, judges the window here.
         """
         with self._lock:
             if self._early:
-                return self._early.popleft()
-            window = self._window
-            if window.name is None or window.version is None:
-                return None
-            closed, end = self._finish(window, now or utcnow())
-            self._window = self._new_window(end, window.name, window.version)
-            return closed
+                closed, reference = self._early.popleft()
+            else:
+                window = self._window
+                if window.name is None or window.version is None:
+                    return None
+                closed, end = self._finish(window, now or utcnow())
+                reference = window.reference
+                self._window = self._new_window(end, window.name, window.version)
+        if self.drift is not None:
+            self.drift.observe(closed, reference)
+        return closed
 
     def _finish(self, window: _Window, now: dt.datetime) -> tuple[TelemetryWindow, dt.datetime]:
         assert window.name is not None and window.version is not None
@@ -267,11 +292,16 @@ class TelemetryRecorder:
             if window.shadow_requests
             else None
         )
-        labelled = (
-            LabelledCounts(count=window.labelled, correct=window.correct)
-            if window.labelled
-            else None
-        )
+        labelled = None
+        if window.regression_labels:
+            labelled = LabelledCounts(
+                count=window.labelled,
+                correct=window.correct,
+                abs_error=window.abs_error,
+                squared_error=window.squared_error,
+            )
+        elif window.labelled:
+            labelled = LabelledCounts(count=window.labelled, correct=window.correct)
         inputs: dict[str, BinCounts] = {}
         outputs: dict[str, BinCounts] = {}
         for bins in window.inputs:

@@ -23,6 +23,13 @@ def alerts() -> None:
 
 @alerts.command("list")
 @click.option("--device", metavar="DEVICE_ID", help="Only this device's alerts.")
+@click.option(
+    "--cohort",
+    metavar="COHORT",
+    help="Only this cohort's alerts: version, tag:KEY=VALUE, profile:PROFILE or "
+    "stage:ROLLOUT_ID/STAGE_INDEX.",
+)
+@click.option("--kind", metavar="KIND", help="Only alerts of this kind (e.g. feature-drift).")
 @click.option("--open", "open_only", is_flag=True, help="Only alerts not resolved yet.")
 @click.option(
     "--limit", type=click.IntRange(1, 1000), default=100, show_default=True, help="How many."
@@ -30,10 +37,23 @@ def alerts() -> None:
 @json_option
 @client_command
 def list_command(
-    client: ApiClient, device: str | None, open_only: bool, limit: int, as_json: bool
+    client: ApiClient,
+    device: str | None,
+    cohort: str | None,
+    kind: str | None,
+    open_only: bool,
+    limit: int,
+    as_json: bool,
 ) -> None:
-    """Alerts, newest first, with the evidence that opened them."""
-    rows = client.list_alerts(device=device, open_only=open_only, limit=limit)
+    """Alerts, newest first, with the evidence that opened them.
+
+    A device alert names its DEVICE, a cohort alert its COHORT: version (every
+    device on the bundle version), tag:KEY=VALUE, profile:PROFILE, or
+    stage:ROLLOUT_ID/STAGE_INDEX (the devices of a stage of an active rollout).
+    """
+    rows = client.list_alerts(
+        device=device, cohort=cohort, kind=kind, open_only=open_only, limit=limit
+    )
     if as_json:
         echo_json(rows)
         return
@@ -41,12 +61,24 @@ def list_command(
         click.echo("no open alerts" if open_only else "no alerts")
         return
     echo_table(
-        ["ID", "KIND", "WHERE", "BUNDLE", "FEATURE", "EVIDENCE", "OPENED", "RESOLVED", "ACK"],
+        [
+            "ID",
+            "KIND",
+            "DEVICE",
+            "COHORT",
+            "BUNDLE",
+            "FEATURE",
+            "EVIDENCE",
+            "OPENED",
+            "RESOLVED",
+            "ACK",
+        ],
         [
             [
                 row.get("id"),
                 row.get("kind"),
-                row.get("device_id") or "cohort",
+                cell(row.get("device_id")),
+                cell(row.get("cohort")),
                 f"{row.get('bundle_name')}@{row.get('bundle_version')}",
                 cell(row.get("feature")),
                 _evidence(row.get("evidence") or {}),

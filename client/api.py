@@ -205,6 +205,15 @@ class ApiClient:
     def get_bundle(self, name: str, version: str) -> JsonObject:
         return self._object("GET", f"/bundles/{_seg(name)}/{_seg(version)}")
 
+    def get_accuracy(
+        self, name: str, version: str, *, device: str | None = None, hours: int = 24
+    ) -> JsonObject:
+        """Labelled accuracy of a bundle version over the last `hours`, per device."""
+        params: dict[str, Any] = {"bundle": name, "version": version, "hours": hours}
+        if device:
+            params["device"] = device
+        return self._object("GET", "/accuracy", params=params)
+
     # -- devices -------------------------------------------------------------------------------
 
     def list_devices(
@@ -258,12 +267,19 @@ class ApiClient:
     # -- alerts --------------------------------------------------------------------------------
 
     def list_alerts(
-        self, *, device: str | None = None, open_only: bool = False, limit: int = 100
+        self,
+        *,
+        device: str | None = None,
+        cohort: str | None = None,
+        kind: str | None = None,
+        open_only: bool = False,
+        limit: int = 100,
     ) -> list[JsonObject]:
-        """Drift alerts, newest first."""
+        """Alerts, newest first (of one device, one cohort, one kind)."""
         params: dict[str, Any] = {"limit": limit}
-        if device:
-            params["device"] = device
+        for name, value in (("device", device), ("cohort", cohort), ("kind", kind)):
+            if value:
+                params[name] = value
         if open_only:
             params["open"] = "true"
         return self._items("/alerts", params=params)
@@ -271,6 +287,34 @@ class ApiClient:
     def ack_alert(self, alert_id: int) -> JsonObject:
         """Acknowledge an alert (operator role; 404 when there is no such alert)."""
         return self._object("POST", f"/alerts/{alert_id}/ack")
+
+    # -- webhooks ------------------------------------------------------------------------------
+
+    def list_webhook_deliveries(
+        self, *, failed: bool = False, limit: int = 100
+    ) -> list[JsonObject]:
+        """Alert events not delivered to the webhook yet (only given-up ones: `failed`)."""
+        params: dict[str, Any] = {"limit": limit}
+        if failed:
+            params["failed"] = "true"
+        return self._items("/webhooks/deliveries", params=params)
+
+    def retry_webhook_delivery(self, delivery_id: int) -> JsonObject:
+        """Send an undelivered event again (operator role; 404 none, 409 delivered)."""
+        return self._object("POST", f"/webhooks/deliveries/{delivery_id}/retry")
+
+    # -- samples -------------------------------------------------------------------------------
+
+    def list_samples(self, *, device: str | None = None, limit: int = 100) -> list[JsonObject]:
+        """Raw inputs devices uploaded, newest first (metadata only)."""
+        params: dict[str, Any] = {"limit": limit}
+        if device:
+            params["device"] = device
+        return self._items("/samples", params=params)
+
+    def get_sample_file(self, sample_id: int) -> bytes:
+        """The .npz of uploaded raw inputs (operator role; the server audits the download)."""
+        return self.request("GET", f"/samples/{sample_id}").content
 
 
 def _seg(value: str) -> str:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
 import click
 
 from edgefleet.cli.options import ProgressBar, echo_json, echo_table, human_bytes, json_option
+from edgefleet.client.accuracy import echo_accuracy
 from edgefleet.client.api import ApiClient, JsonObject
 from edgefleet.client.options import cell, client_command, parse_bundle_ref
+from edgefleet.wire import NotFoundError
 
 
 @click.group()
@@ -95,6 +98,8 @@ def show_command(client: ApiClient, ref: str, as_json: bool) -> None:
         echo_json(row)
         return
     _echo_bundle(row)
+    with contextlib.suppress(NotFoundError):  # a server that predates GET /accuracy
+        echo_accuracy(client.get_accuracy(name, version))
 
 
 def _echo_bundle(row: JsonObject) -> None:

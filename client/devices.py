@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import click
 
 from edgefleet.cli.options import echo_json, echo_table, json_option
+from edgefleet.client.accuracy import echo_accuracy
 from edgefleet.client.api import ApiClient, JsonObject
 from edgefleet.client.options import cell, client_command, parse_duration, parse_tags
+from edgefleet.wire import NotFoundError
 
 
 @click.group()
@@ -134,6 +138,10 @@ def show_command(client: ApiClient, device_id: str, as_json: bool) -> None:
                 for t in telemetry
             ],
         )
+    name, version = device.get("model_name"), device.get("model_version")
+    if isinstance(name, str) and isinstance(version, str):
+        with contextlib.suppress(NotFoundError):  # a bundle the server does not hold
+            echo_accuracy(client.get_accuracy(name, version, device=device_id))
 
 
 @devices.command("remove")

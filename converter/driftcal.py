@@ -3,11 +3,13 @@
 For each window size n, many times: draw a pseudo-reference of as many samples
 as the reference has and a window of n samples, both with replacement from the
 reference samples, count their values into the reference's bins and compute the
-statistic. Nothing drifted between the two, so the statistic's upper quantile
-at the false-alarm rate is the threshold, and the mean excess over it fits the
-tail that smaller rates need. Drawing both sides accounts for the reference's
-own finite size; drawing whole samples keeps a sample's values (every pixel of
-an image) together, so their correlation raises the threshold as it should.
+statistic's two parts. Each part's upper 1% quantile over all the draws is its
+scale (the "scaled-sum" statistic divides each part by it); nothing drifted
+between the two sides, so the statistic's upper quantile at the false-alarm
+rate is the threshold, and the mean excess over it fits the tail that smaller
+rates need. Drawing both sides accounts for the reference's own finite size;
+drawing whole samples keeps a sample's values (every pixel of an image)
+together, so their correlation raises the threshold as it should.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import numpy as np
 
 from edgefleet.driftstats import PSEUDO_COUNT, FeatureThresholds
 
+PART_SCALE_QUANTILE = 0.99
+MIN_PART_SCALE = 1.0  # a part that stays 0 without drift (one cell) still gets a finite scale
 DRAW_EXCEEDANCES = 40  # draws beyond the threshold, on average, that calibrate the tail
 MIN_DRAWS = 1000
 CHUNK = 256  # draws resampled at once (bounds the memory a large reference needs)
@@ -79,9 +83,21 @@ def cell_part(reference: np.ndarray, live: np.ndarray) -> np.ndarray:
     )
 
 
-def statistics(reference: np.ndarray, live: np.ndarray) -> np.ndarray:
-    """edgefleet.driftstats.statistic for rows of cell counts (ordered bins, then NaN)."""
-    return np.asarray(cumulative_part(reference, live) + cell_part(reference, live))
+def both_parts(reference: np.ndarray, live: np.ndarray) -> np.ndarray:
+    """Per row of cell counts (ordered bins, then NaN), the cumulative part and the cell part."""
+    return np.stack([cumulative_part(reference, live), cell_part(reference, live)], axis=1)
+
+
+def statistics(
+    reference: np.ndarray, live: np.ndarray, part_scales: tuple[float, float] | None = None
+) -> np.ndarray:
+    """edgefleet.driftstats.statistic for rows of cell counts: "scaled-sum" with `part_scales`."""
+    return scaled_sum(both_parts(reference, live), part_scales or (1.0, 1.0))
+
+
+def scaled_sum(parts: np.ndarray, part_scales: tuple[float, float]) -> np.ndarray:
+    """Rows of both parts to the "scaled-sum" statistic."""
+    return np.asarray((parts / np.asarray(part_scales)).sum(axis=1))
 
 
 Statistics = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -110,8 +126,8 @@ def null_statistics(
 ) -> dict[int, np.ndarray]:
     """Per window size, `draws` statistics between a resampled pseudo-reference and window.
 
-    Each pseudo-reference serves every window size once. `statistic` (rows of
-    cell counts to values, a row or a column each) is for comparing statistics.
+    Each pseudo-reference serves every window size once. `statistic` maps rows
+    of cell counts to a value per row, or to a row of values per row (both parts).
     """
     kinds, occurrences = np.unique(cells, axis=0, return_counts=True)
     shares = occurrences / occurrences.sum()
@@ -134,7 +150,8 @@ def calibrate(
 ) -> FeatureThresholds:
     """Thresholds for windows of `window_sizes` samples (per_sample_values[i]: sample i's values).
 
-    The thresholds are measured at the largest of `false_alarms` (with
+    For the "scaled-sum" statistic, with the part scales measured on the same
+    draws. The thresholds are measured at the largest of `false_alarms` (with
     DRAW_EXCEEDANCES draws beyond each, on average); the smaller rates, and
     those that many features judged at once need, come from the fitted tail.
     """
@@ -147,9 +164,16 @@ def calibrate(
     false_alarm = max(false_alarms)
     draws = max(MIN_DRAWS, math.ceil(DRAW_EXCEEDANCES / false_alarm))
     cells = sample_cells(per_sample_values, edges)
+    parts = null_statistics(cells, sorted(set(window_sizes)), draws, rng, both_parts)
+    every_draw = np.concatenate(list(parts.values()))
+    cumulative_scale, cell_scale = np.maximum(
+        np.quantile(every_draw, PART_SCALE_QUANTILE, axis=0), MIN_PART_SCALE
+    )
+    part_scales = (float(cumulative_scale), float(cell_scale))
     by_window: dict[int, float] = {}
     tail: dict[int, float] = {}
-    for window, null in null_statistics(cells, sorted(set(window_sizes)), draws, rng).items():
+    for window, null_parts in parts.items():
+        null = scaled_sum(null_parts, part_scales)
         threshold = float(np.quantile(null, 1 - false_alarm))
         beyond = null[null > threshold]
         by_window[window] = threshold
@@ -159,4 +183,6 @@ def calibrate(
         by_window=by_window,
         tail=tail,
         values_per_sample=float(cells.sum()) / cells.shape[0],
+        statistic="scaled-sum",
+        part_scales=part_scales,
     )

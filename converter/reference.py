@@ -42,7 +42,7 @@ from edgefleet.drift import (
     count_into,
     feature_axis,
     feature_values,
-    quantile_edges,
+    reference_edges,
 )
 from edgefleet.driftfeatures import (
     CLASS_SUMMARIES,
@@ -106,7 +106,7 @@ def _features(
                     name=label,
                     tensor=name,
                     index=None if axis is None else index,
-                    histogram=count_into(feature, quantile_edges(feature)),
+                    histogram=count_into(feature, reference_edges(feature)),
                 )
             )
     return features
@@ -139,7 +139,7 @@ def _calibrated_features(
         for column_index, column in enumerate(values.T):
             whole = layout.axis is None or summary in CLASS_SUMMARIES
             index = None if whole else column_index
-            edges = class_edges(layout.width or 1) if summary == "top1" else quantile_edges(column)
+            edges = class_edges(layout.width or 1) if summary == "top1" else reference_edges(column)
             thresholds = calibrate(
                 list(column.reshape(-1, 1)), edges, WINDOW_SIZES, [FALSE_ALARM], rng
             )

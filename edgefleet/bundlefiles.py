@@ -29,6 +29,7 @@ SMOKE_FILE = "smoke.npz"
 SMOKE_SPEC_FILE = "smoke.json"
 SMOKE_INPUT_PREFIX = "input/"
 SMOKE_EXPECTED_PREFIX = "expected/"
+REPORT_FILE = "report.json"  # the converter's report (a JSON object)
 
 Dim = int | str | None  # fixed size, symbolic name (dynamic), or unknown
 

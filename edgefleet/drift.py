@@ -1,7 +1,7 @@
 """The drift reference: the contract between the converter, the agent and the server.
 
 The converter runs the shipped model on reference data and records, per input
-feature and per output feature, bin edges at reference quantiles and the
+feature and per output feature, bin edges (`reference_edges`) and the
 reference counts. The agent counts live values into exactly those bins (plus
 NaN, below-range and above-range counters) and the server compares windows of
 counts with the reference.
@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
 MAX_FEATURES = 64
 QUANTILE_BINS = 10
+MAX_BINS = 2 * QUANTILE_BINS  # what reference_edges gives at most (see there)
+FREQUENT_WIDTH = 0.1  # a frequent value's bin reaches this share of the way to its neighbours
 REFERENCE_FILE = "drift-reference.json"
 
 
@@ -97,6 +99,59 @@ def quantile_edges(values: np.ndarray, bins: int = QUANTILE_BINS) -> list[float]
     if edges.size == 1:
         edges = np.array([edges[0], edges[0]])
     return [float(edge) for edge in edges]
+
+
+def _between(distinct: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Each edge moved half-way between the reference values on either side of it."""
+    import numpy as np
+
+    above = np.clip(np.searchsorted(distinct, edges, side="left"), 1, distinct.size - 1)
+    return np.asarray((distinct[above - 1] + distinct[above]) / 2)
+
+
+def reference_edges(values: np.ndarray, bins: int = QUANTILE_BINS) -> list[float]:
+    """A feature's bin edges: frequent values apart, the other values in quantile bins.
+
+    A value is frequent when it carries at least 1/`bins` of the reference
+    (integer pixels that are mostly 0, a sensor's resting value, a clipped
+    bound): it gets a bin of its own reaching FREQUENT_WIDTH of the way to the
+    neighbouring reference values, so that even a shift of a fraction of a step
+    moves it out. The values between frequent values (and beyond the first and
+    last) are split into quantile bins, as many as `bins` times their share
+    (at least one), with edges half-way between neighbouring reference values.
+    Without frequent values these are `quantile_edges`' bins, edges moved so.
+
+    At most MAX_BINS bins: at most `bins` values are frequent, and each stretch
+    between or beside them gets one bin plus `bins` times its share (between two
+    neighbouring frequent values, an empty bin). The bound keeps what a device
+    sends per feature small, and each cell estimable from the reference (every
+    cell adds noise to the statistic's cell part).
+    """
+    import numpy as np
+
+    finite = values[np.isfinite(values)].astype(np.float64)
+    if finite.size == 0:
+        return [0.0, 0.0]
+    distinct, occurrences = np.unique(finite, return_counts=True)
+    if distinct.size == 1:
+        return [float(distinct[0])] * 2
+    frequent = occurrences * bins >= finite.size
+    steps = np.diff(distinct)
+    edges = [distinct[:1], distinct[-1:]]
+    for index in np.flatnonzero(frequent):
+        if index > 0:
+            edges.append(distinct[index : index + 1] - FREQUENT_WIDTH * steps[index - 1])
+        if index < distinct.size - 1:
+            edges.append(distinct[index : index + 1] + FREQUENT_WIDTH * steps[index])
+    # Stretches of values that are not frequent: [start, stop) indices into `distinct`.
+    bounds = np.flatnonzero(np.diff(np.concatenate([[1], frequent.astype(np.int8), [1]])))
+    for start, stop in zip(bounds[::2], bounds[1::2], strict=True):
+        low, high = distinct[start], distinct[stop - 1]
+        stretch = finite[(finite >= low) & (finite <= high)]
+        stretch_bins = max(1, stretch.size * bins // finite.size)
+        inner = np.asarray(quantile_edges(stretch, stretch_bins)[1:-1])
+        edges.append(_between(distinct, inner[inner > low]))
+    return [float(edge) for edge in np.unique(np.concatenate(edges))]
 
 
 def count_into(values: np.ndarray, edges: list[float]) -> Histogram:

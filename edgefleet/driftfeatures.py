@@ -12,7 +12,14 @@ Two files, and how they evolve (docs/adr/0008-drift-reference-evolution.md):
   ignored, a newer schema_version is logged once and read as far as it is
   understood, and a feature of an unknown `summary` is left out while the
   others are still counted. A later change adds fields or summaries to this
-  file, never a third file.
+  file, never a third file. Thresholds name the statistic they were
+  calibrated for (`FeatureThresholds.statistic`; absent in files written
+  before it existed: "sum"), and every reader judges a feature with the
+  statistic its thresholds name. They are written under the key
+  `statistic_thresholds`, which readers that predate the name do not know:
+  they count such a feature without judging it, rather than compare another
+  statistic with its thresholds. The key `thresholds` (files written before)
+  is still read.
 
 Which features drift-features.json defines, per tensor (`plan_tensor`):
 
@@ -41,7 +48,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from edgefleet.drift import (
     QUANTILE_BINS,
@@ -61,6 +68,7 @@ MAX_CLASSES = 64  # top-1 class bins up to this many classes; beyond, the confid
 MAX_SUMMARY_VALUES = 256  # at most this many values of a sample give a feature's mean and spread
 FEATURES_FILE = "drift-features.json"
 FEATURES_SCHEMA_VERSION = 2
+THRESHOLDS_KEY = "statistic_thresholds"  # thresholds that name their statistic, as written
 CLASS_SUMMARIES = ("top1", "confidence")  # one per sample, over the class axis
 SUMMARIES = ("value", "mean", "std", *CLASS_SUMMARIES)
 
@@ -86,10 +94,21 @@ class LenientThresholds(FeatureThresholds):
 class DriftFeature(FeatureReference):
     """One feature of drift-features.json: which per-sample summary, its bins and thresholds."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    model_config = ConfigDict(
+        frozen=True,
+        extra="ignore",
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+    )
 
     summary: str  # one of SUMMARIES; others come from a newer converter and are left out
-    thresholds: LenientThresholds | None = None  # None: too few reference samples to calibrate
+    # None: too few reference samples to calibrate. Written under THRESHOLDS_KEY (module text).
+    thresholds: LenientThresholds | None = Field(
+        default=None,
+        validation_alias=AliasChoices(THRESHOLDS_KEY, "thresholds"),
+        serialization_alias=THRESHOLDS_KEY,
+    )
 
 
 class DriftFeatures(BaseModel):

@@ -11,18 +11,25 @@ The cells: the reference's bins in order, with values below the first edge
 counted in the first bin and values above the last edge in the last, and NaN as
 a cell of its own.
 
-The statistic adds two sums of squared two-sample z-scores of the window's
-shares against the reference's, over the cells in order with NaN last. The
-first is of the share below each boundary between cells (cumulative shares, as
-the Anderson-Darling test compares them: the most sensitive to shifts, and a
-rise of NaN moves every one of them). The second is of each cell's own share
-(Pearson's chi-square: sensitive to changes of spread, a value that repeats).
-Each z-score's variance comes from the pooled share, with a pseudo-count of one
-half so that an empty cell never divides by zero; cells empty on both sides add
-nothing. Without correlation between values each sum is about chi-square with
-one degree of freedom fewer than it has terms; with correlation, larger. PSI
-and the Jensen-Shannon distance, shown beside the verdict, use the same cells
-with a pseudo-count of one half in each.
+The statistic has two parts, sums of squared two-sample z-scores of the
+window's shares against the reference's, over the cells in order with NaN last.
+The cumulative part is of the share below each boundary between cells
+(cumulative shares, as the Anderson-Darling test compares them: the most
+sensitive to shifts, and a rise of NaN moves every one of them). The cell part
+is of each cell's own share (Pearson's chi-square: sensitive to changes of
+spread, a value that repeats). Each z-score's variance comes from the pooled
+share, with a pseudo-count of one half so that an empty cell never divides by
+zero; cells empty on both sides add nothing. Without correlation between values
+each part is about chi-square with one degree of freedom fewer than it has
+terms; with correlation, larger.
+
+Thresholds name the statistic they were calibrated for (`FeatureThresholds.
+statistic`), and a feature is judged with that one: "scaled-sum" (what the
+converter calibrates) divides each part by its own scale, the part's upper 1%
+quantile without drift measured at calibration (`part_scales`), and adds them;
+"sum" (thresholds that name none: bundles converted before) adds the parts as
+they are. PSI and the Jensen-Shannon distance, shown beside the verdict, use
+the same cells with a pseudo-count of one half in each.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ DATASET_SHARE = 0.5
 PERSISTENCE_WINDOWS = 2
 
 Status = Literal["ok", "drift", "insufficient"]
+StatisticName = Literal["sum", "scaled-sum"]
 Transition = Literal["open", "still-open", "close", "quiet"]
 
 
@@ -56,7 +64,9 @@ class FeatureThresholds(BaseModel):
     cautious one: an exponential tail from zero through the threshold.
     `values_per_sample` is how many values one sample adds to the counts (one
     for a per-sample feature, many for pooled pixels): it turns a window's
-    counts into its sample count.
+    counts into its sample count. `statistic` names the statistic they were
+    calibrated for (absent: "sum"); "scaled-sum" needs `part_scales`, the
+    cumulative and the cell part's scales.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -65,9 +75,15 @@ class FeatureThresholds(BaseModel):
     by_window: dict[int, float] = Field(min_length=1)
     tail: dict[int, float] = Field(default_factory=dict)
     values_per_sample: float = Field(default=1.0, gt=0)
+    statistic: StatisticName = "sum"
+    part_scales: tuple[float, float] | None = None
 
     @model_validator(mode="after")
     def _windows(self) -> FeatureThresholds:
+        if (self.statistic == "scaled-sum") != (self.part_scales is not None):
+            raise ValueError('part_scales are needed by the "scaled-sum" statistic, and only by it')
+        if self.part_scales is not None and min(self.part_scales) <= 0:
+            raise ValueError("part scales must be positive")
         if any(samples < 1 for samples in self.by_window):
             raise ValueError("window sample counts must be at least 1")
         if not set(self.tail) <= set(self.by_window):
@@ -176,8 +192,22 @@ def _running(counts: list[int]) -> list[int]:
     return sums
 
 
-def statistic(reference: Histogram, live: Histogram) -> float:
-    """The drift statistic of a live window against the reference counts (see the module text)."""
+def statistic(
+    reference: Histogram, live: Histogram, thresholds: FeatureThresholds | None = None
+) -> float:
+    """The drift statistic of a live window against the reference counts (see the module text).
+
+    The one `thresholds` were calibrated for; without thresholds, "sum".
+    """
+    cumulative, cells = statistic_parts(reference, live)
+    if thresholds is None or thresholds.part_scales is None:
+        return cumulative + cells
+    cumulative_scale, cell_scale = thresholds.part_scales
+    return cumulative / cumulative_scale + cells / cell_scale
+
+
+def statistic_parts(reference: Histogram, live: Histogram) -> tuple[float, float]:
+    """The statistic's cumulative part and cell part (see the module text)."""
     _check_edges(reference, live)
     reference_ordered, reference_nan = _cells(reference)
     live_ordered, live_nan = _cells(live)
@@ -193,7 +223,7 @@ def statistic(reference: Histogram, live: Histogram) -> float:
     cells = _squared_z_sum(
         reference_cells, live_cells, reference_total, live_total, cumulative=False
     )
-    return cumulative + cells
+    return cumulative, cells
 
 
 def _shares(histogram: Histogram) -> list[float]:
@@ -257,7 +287,7 @@ def judge_feature(
         if thresholds is None
         else threshold_at(thresholds, samples, thresholds.false_alarm / features_judged)
     )
-    value = statistic(reference, live)
+    value = statistic(reference, live, thresholds)
     status: Status = "insufficient" if threshold is None else "drift" if value > threshold else "ok"
     return FeatureVerdict(
         feature=name,
@@ -298,7 +328,7 @@ def judge_window(
         if thresholds is not None:
             samples = window_samples(thresholds, live[name])
             chance = tail_probability(
-                thresholds, samples, statistic(references[name][0], live[name])
+                thresholds, samples, statistic(references[name][0], live[name], thresholds)
             )
             if chance is not None:
                 surprise[name] = chance

@@ -48,6 +48,7 @@ from edgefleet.errors import UsageError
 from edgefleet.fileio import file_sha256, fsync_directory
 from edgefleet.server.audit import record_audit
 from edgefleet.server.db.models import BundleRow, DriftReferenceRow
+from edgefleet.server.drift.accuracy import read_report
 from edgefleet.server.drift.reference import read_reference, store_reference
 from edgefleet.server.errors import BundleExistsError, NotFoundError, StorageError
 from edgefleet.server.principals import Principal
@@ -229,6 +230,7 @@ class BundleStore:
             "length": length,
             "release_counter": manifest.release_counter,
         }
+        self._store_report(row, manifest)
         drift = self._store_drift_reference(session, row, manifest, now)
         if drift is not None:
             details["drift_reference"] = drift
@@ -236,6 +238,16 @@ class BundleStore:
             session, actor, "bundle.push", f"{manifest.name}@{manifest.version}", details, now=now
         )
         return row, True
+
+    def _store_report(self, row: BundleRow, manifest: Manifest) -> None:
+        """Keep the converter's report.json with the bundle (its reference accuracy); an
+        unusable one is logged and left out, the push goes on."""
+        try:
+            row.report, note = read_report(self.path_of(row), manifest)
+        except OSError as exc:
+            raise StorageError(f"cannot read bundle {row.sha256}: {exc}") from exc
+        if note is not None:
+            log.warning("bundle %s@%s: report not stored: %s", row.name, row.version, note)
 
     def _store_drift_reference(
         self, session: Session, row: BundleRow, manifest: Manifest, now: dt.datetime

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
+import urllib.parse
 from pathlib import Path
 
 import click
@@ -77,6 +79,34 @@ def check_forwarded_allow_ips(text: str | None) -> str | None:
     return ",".join(items)
 
 
+def webhook_from_options(url: str | None, secret_env: str | None) -> tuple[str, bytes] | None:
+    """(URL, secret) of the webhook that alert events go to; None without `--webhook-url`.
+
+    Raises:
+        UsageError: the URL is not http(s)://host/..., or the secret's variable is
+            not named, not set or empty (an unsigned event could be forged).
+    """
+    if url is None:
+        if secret_env is not None:
+            raise UsageError("--webhook-secret-env needs --webhook-url: where should events go?")
+        return None
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise UsageError(f"--webhook-url {url!r}: give an http:// or https:// URL with a host")
+    if secret_env is None:
+        raise UsageError(
+            "--webhook-url needs --webhook-secret-env VAR: the environment variable holding "
+            "the secret events are signed with"
+        )
+    secret = os.environ.get(secret_env, "")
+    if not secret:
+        raise UsageError(
+            f"--webhook-secret-env {secret_env}: that environment variable is not set or "
+            "empty; set it to the secret the webhook's receiver verifies signatures with"
+        )
+    return url, secret.encode("utf-8")
+
+
 @server.command("run")
 @db_option
 @click.option(
@@ -138,6 +168,18 @@ def check_forwarded_allow_ips(text: str | None) -> str | None:
     help="The server's private key, listed in the trust root; signs directives.",
 )
 @passphrase_env_option
+@click.option(
+    "--webhook-url",
+    metavar="URL",
+    help="POST alert events (opened, resolved, acknowledged) to this http(s) URL, signed "
+    "and retried [default: no events].",
+)
+@click.option(
+    "--webhook-secret-env",
+    metavar="VAR",
+    help="Name of an environment variable holding the secret that signs webhook events "
+    "(HMAC-SHA256); required with --webhook-url.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages too.")
 def run_command(
     db_url: str | None,
@@ -153,6 +195,8 @@ def run_command(
     trust_path: Path,
     server_key_path: Path,
     passphrase_env: str | None,
+    webhook_url: str | None,
+    webhook_secret_env: str | None,
     verbose: bool,
 ) -> None:
     """Run the fleet server until SIGTERM or Ctrl-C.
@@ -163,6 +207,7 @@ def run_command(
     """
     if mqtt_url and embedded_broker:
         raise UsageError("--mqtt and --embedded-broker exclude each other: choose one broker")
+    webhook = webhook_from_options(webhook_url, webhook_secret_env)
     settings = ServerSettings(
         data_dir=data_dir.resolve(),
         trust_path=trust_path.resolve(),
@@ -177,6 +222,8 @@ def run_command(
         forwarded_allow_ips=check_forwarded_allow_ips(forwarded_allow_ips),
         open_enrollment=open_enrollment,
         server_key_passphrase=passphrase_from_env(passphrase_env),
+        webhook_url=webhook[0] if webhook else None,
+        webhook_secret=webhook[1] if webhook else None,
     )
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,

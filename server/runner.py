@@ -5,7 +5,7 @@ bound first (a port in use stops the start before anything else runs), then
 keys and trust root, database (migrations applied), the embedded broker if
 asked for, the MQTT link (ingestion of status, heartbeats, telemetry and block
 requests), the background loops (rollout driver, fleet timestamp, retention,
-drift evaluator)
+drift evaluator, and webhook delivery when a webhook URL is set)
 and finally the HTTP API in the foreground, serving on the socket bound first.
 SIGINT or SIGTERM stop the API; everything else then stops in reverse order,
 and the ingestion's last batch is written before the process exits.
@@ -13,7 +13,7 @@ and the ingestion's last batch is written before the process exits.
 Several replicas may run on one PostgreSQL database and one broker: MQTT
 shared subscriptions spread the device messages over them, and leases in the
 database decide which replica drives each rollout, publishes the fleet
-timestamp and judges drift.
+timestamp, judges drift and delivers webhook events.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ from edgefleet.server.mqtt.link import ServerLink
 from edgefleet.server.mqtt.retention import run_retention
 from edgefleet.server.rollouts.driver import RolloutDriver
 from edgefleet.server.settings import ServerSettings
+from edgefleet.server.webhooks.delivery import WebhookDeliverer
+from edgefleet.server.webhooks.events import record_alert_events
 from edgefleet.trust import TrustRoot, load_trust_root, public_keys
 from edgefleet.worker import Worker
 
@@ -113,6 +115,18 @@ def drift_worker(evaluator: DriftEvaluator) -> Worker:
     return Worker("edgefleet-drift", evaluator.tick, evaluator.settings.drift_interval_s)
 
 
+def webhook_worker(deliverer: WebhookDeliverer) -> Worker:
+    """Webhook delivery every `webhook_interval_s`; a tick that left deliveries due is
+    followed by the next one at once."""
+
+    def deliver() -> None:
+        if deliverer.tick().saturated:
+            worker.wake()
+
+    worker = Worker("edgefleet-webhooks", deliver, deliverer.settings.webhook_interval_s)
+    return worker
+
+
 class FleetServer:
     """The parts of one replica; `start()`, then serve the API, then `close()`."""
 
@@ -129,6 +143,10 @@ class FleetServer:
         self.trust.verify_not_expired()
         self.server_key = load_server_key(settings, self.trust)
         self.db: Database = open_database(settings.database_url)
+        self.deliverer: WebhookDeliverer | None = None
+        if settings.webhook_url is not None:
+            record_alert_events(self.db, settings.base_url)
+            self.deliverer = WebhookDeliverer(self.db, settings)
         self.bundles = BundleStore(settings.data_dir, self.trust)
         self.broker: EmbeddedBroker | None = None
         if settings.embedded_broker:
@@ -195,6 +213,8 @@ class FleetServer:
             retention_worker(self.db, settings),
             drift_worker(DriftEvaluator(self.db, settings)),
         ]
+        if self.deliverer is not None:
+            self.workers.append(webhook_worker(self.deliverer))
         for worker in self.workers:
             worker.start()
         return context
@@ -213,6 +233,8 @@ class FleetServer:
             self.ingest.stop()
         if self.broker is not None:
             self.broker.stop()
+        if self.deliverer is not None:
+            self.deliverer.close()
         self.db.dispose()
 
 

@@ -57,6 +57,24 @@ class ServerSettings:
     drift_window: dt.timedelta = dt.timedelta(minutes=15)
     drift_window_max: dt.timedelta = dt.timedelta(hours=1)
     drift_persistence: int = 2
+    # Cohorts (docs/drift.md): fewer devices than this are not judged as a cohort (each
+    # device is already); at most this many tag cohorts per bundle version and tick.
+    drift_min_cohort_devices: int = 2
+    drift_max_tag_cohorts: int = 50
+    # Accuracy from labels (docs/drift.md): an accuracy-drop alert needs at least
+    # accuracy_min_labels labelled answers in a window, accuracy significantly below the
+    # reference minus accuracy_drop_tolerance (at the rate accuracy_false_alarm), or an
+    # RMSE above the reference x (1 + accuracy_drop_tolerance).
+    accuracy_drop_tolerance: float = 0.05
+    accuracy_min_labels: int = 50
+    accuracy_false_alarm: float = 0.01
+    # Alert events POSTed to a webhook (docs/server.md "Webhooks"), signed with HMAC-SHA256
+    # under webhook_secret; without a URL no event is recorded and nothing is sent.
+    webhook_url: str | None = None
+    webhook_secret: bytes | None = field(default=None, repr=False)
+    webhook_max_attempts: int = 12  # then a delivery is given up (failed) until retried
+    webhook_timeout_s: float = 10.0
+    webhook_interval_s: float = 5.0
     offline_after: dt.timedelta = dt.timedelta(seconds=120)  # no heartbeat for this long
     # A device message dated further ahead of this server's clock is refused (docs/server.md).
     max_clock_ahead: dt.timedelta = dt.timedelta(minutes=5)
@@ -65,6 +83,10 @@ class ServerSettings:
     # networks, "*" any); None trusts no proxy header: the client is the TCP peer.
     forwarded_allow_ips: str | None = None
     max_bundle_bytes: int = 4 * 1024**3
+    # A device's upload of raw inputs (docs/server.md, "Raw inputs"): larger ones are
+    # refused (413); one dated further back than the replay window too.
+    max_sample_bytes: int = 64 * 1024**2
+    sample_replay_window: dt.timedelta = dt.timedelta(minutes=10)
     block_size: int = 64 * 1024
 
     @property

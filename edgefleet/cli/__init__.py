@@ -65,6 +65,16 @@ COMMANDS: dict[str, _LazyCommand] = {
         "List drift alerts; acknowledge them.",
         "client",
     ),
+    "webhooks": _LazyCommand(
+        "edgefleet.client.webhooks:webhooks",
+        "Alert events sent to the server's webhook: list undelivered ones, retry.",
+        "client",
+    ),
+    "samples": _LazyCommand(
+        "edgefleet.client.samples:samples",
+        "Raw inputs devices kept while drifting: list them, download one.",
+        "client",
+    ),
     "convert": _LazyCommand(
         "edgefleet.converter.cli:convert_command",
         "Quantize a model for a target, prove it, sign it.",

@@ -138,14 +138,29 @@ class ShadowCounts(_Part):
         return self
 
 
+NonNegativeFinite = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
 class LabelledCounts(_Part):
+    """Feedback on the window's answers: `count` labelled, `correct` of the class labels right.
+
+    Regression feedback (a number, not a class) adds to `count` and to the sums
+    `abs_error` and `squared_error` of its errors. Those two are optional and left
+    out of the bytes when absent (`encode_message` omits None), so a window without
+    regression feedback reads exactly as before, to servers of either age.
+    """
+
     count: Count
     correct: Count
+    abs_error: NonNegativeFinite | None = None
+    squared_error: NonNegativeFinite | None = None
 
     @model_validator(mode="after")
     def _correct_bounded(self) -> LabelledCounts:
         if self.correct > self.count:
             raise ValueError("correct is above count")
+        if (self.abs_error is None) != (self.squared_error is None):
+            raise ValueError("abs_error and squared_error come together")
         return self
 
 
@@ -207,7 +222,9 @@ def encode_message(message: Message) -> bytes:
     """
     if not isinstance(message, Message):
         raise UsageError(f"{type(message).__name__} is not an edgefleet MQTT message")
-    return message.model_dump_json().encode("utf-8")
+    # Fields left at None are left out: an optional field added later is then absent,
+    # not null, in every message that does not use it, and older receivers accept it.
+    return message.model_dump_json(exclude_none=True).encode("utf-8")
 
 
 def parse_message(

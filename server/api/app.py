@@ -18,6 +18,7 @@ from edgefleet.server.api.limits import MAX_JSON_BODY, BodyLimitMiddleware
 from edgefleet.server.api.metrics import MetricsMiddleware, register_metrics
 from edgefleet.server.api.ratelimit import RateLimiter
 from edgefleet.server.api.routes import (
+    accuracy,
     alerts,
     audit,
     blobs,
@@ -26,7 +27,9 @@ from edgefleet.server.api.routes import (
     enroll,
     health,
     rollouts,
+    samples,
     tokens,
+    webhooks,
 )
 from edgefleet.server.context import ServerContext
 from edgefleet.wire import API_PREFIX
@@ -61,14 +64,30 @@ def create_app(context: ServerContext) -> FastAPI:
     install_error_handlers(app)
 
     # enroll before devices: /devices/enroll is not /devices/{device_id}
-    for module in (health, enroll, bundles, blobs, devices, rollouts, alerts, tokens, audit):
+    routers = (
+        health,
+        enroll,
+        bundles,
+        blobs,
+        devices,
+        rollouts,
+        alerts,
+        accuracy,
+        webhooks,
+        samples,
+        tokens,
+        audit,
+    )
+    for module in routers:
         app.include_router(module.router)
     app.include_router(health.metrics_router)
 
     app.add_middleware(
         BodyLimitMiddleware,
         limit=MAX_JSON_BODY,
-        exempt=frozenset({("POST", f"{API_PREFIX}/bundles")}),
+        exempt=frozenset(
+            {("POST", f"{API_PREFIX}/bundles"), ("POST", f"{API_PREFIX}/devices/*/samples")}
+        ),
     )
     app.add_middleware(MetricsMiddleware, metrics=register_metrics(context))
     return app

@@ -1,14 +1,16 @@
 """A cap on request bodies, so a huge JSON body is refused (413) before it is parsed.
 
-Bodies of every route but the bundle upload are read by this middleware, at
-most `limit` bytes, then replayed to the app; a declared Content-Length above
-the limit is refused without reading anything. The bundle upload streams to
-disk under its own, much larger limit (`routes/bundles.py`).
+Bodies of every route but the file uploads (`exempt`: bundles, a device's raw
+inputs) are read by this middleware, at most `limit` bytes, then replayed to
+the app; a declared Content-Length above the limit is refused without reading
+anything. The uploads stream to disk under their own, larger limits
+(`routes/bundles.py`, `routes/samples.py`).
 """
 
 from __future__ import annotations
 
 import json
+from fnmatch import fnmatchcase
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -19,7 +21,8 @@ MAX_JSON_BODY = 1024 * 1024
 
 
 class BodyLimitMiddleware:
-    """Refuse request bodies over `limit` bytes with 413, except for `exempt` (method, path)."""
+    """Refuse request bodies over `limit` bytes with 413, except for `exempt` (method, path
+    pattern; `*` stands for a path segment such as a device id)."""
 
     def __init__(
         self,
@@ -32,7 +35,7 @@ class BodyLimitMiddleware:
         self.exempt = exempt
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or (scope["method"], scope["path"].rstrip("/")) in self.exempt:
+        if scope["type"] != "http" or self._exempt(scope["method"], scope["path"].rstrip("/")):
             await self.app(scope, receive, send)
             return
         declared = Headers(scope=scope).get("content-length")
@@ -56,6 +59,12 @@ class BodyLimitMiddleware:
                 break
         whole: Message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
         await self.app(scope, _replay([whole], receive), send)
+
+    def _exempt(self, method: str, path: str) -> bool:
+        return any(
+            method == exempt_method and fnmatchcase(path, pattern)
+            for exempt_method, pattern in self.exempt
+        )
 
     async def _refuse(self, send: Send) -> None:
         detail = f"the request body exceeds {self.limit} bytes"

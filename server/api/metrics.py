@@ -11,6 +11,10 @@
     edgefleet_open_alerts{kind}                            gauge: drift alerts not resolved
     edgefleet_feature_drift_statistic{bundle,feature}      gauge: each cohort's last judged
                                                            statistic per feature
+    edgefleet_labelled_accuracy{bundle}                    gauge: each version's accuracy
+                                                           from labelled feedback
+    edgefleet_webhook_deliveries_pending                   gauge: alert events still to be sent
+    edgefleet_webhook_deliveries_failed                    gauge: alert events given up on
     edgefleet_metrics_database_up                          0 when the gauges could not be read
 
 Database-backed gauges are read at scrape time (grouped COUNT queries, and
@@ -18,8 +22,10 @@ the cohorts' drift states); a failing database yields
 `edgefleet_metrics_database_up 0` rather than a failed scrape. Drift
 statistics are of cohorts only (one series per bundle version and feature),
 of versions judged within the last `drift_window_max`, at most
-MAX_DRIFT_SERIES series. Route labels are templates (`/api/v1/devices/{device_id}`), and
-requests that match no route share `unmatched`, so label cardinality stays bounded.
+MAX_DRIFT_SERIES series; labelled accuracy is of the versions with class labels
+in the last `drift_window_max`, at most MAX_DRIFT_SERIES series too. Route labels
+are templates (`/api/v1/devices/{device_id}`), and requests that match no route
+share `unmatched`, so label cardinality stays bounded.
 """
 
 from __future__ import annotations
@@ -35,11 +41,14 @@ from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgefleet.server.context import ServerContext
-from edgefleet.server.db.models import Device, DriftState, Rollout
+from edgefleet.server.db.models import Device, DriftState, Rollout, TelemetryBucket
+from edgefleet.server.drift.accuracy import ACCURACY_DROP, Labelled
 from edgefleet.server.drift.alerts import open_alerts_by_kind
+from edgefleet.server.drift.cohorts import VERSION_COHORT
 from edgefleet.server.drift.evaluator import ALERT_KINDS, COHORT
 from edgefleet.server.errors import StorageError
 from edgefleet.server.rollouts.machine import RolloutState
+from edgefleet.server.webhooks.deliveries import delivery_counts
 
 MAX_DRIFT_SERIES = 1000
 ROLLOUT_STATES = tuple(s.value for s in RolloutState if s is not RolloutState.CREATED)
@@ -144,6 +153,10 @@ class ServerCollector(Collector):
                 }
                 alerts = open_alerts_by_kind(session)
                 drift = self._drift_statistics(session)
+                accuracy = self._labelled_accuracy(session)
+                pending, failed = delivery_counts(
+                    session, self.context.settings.webhook_max_attempts
+                )
         except StorageError:
             yield GaugeMetricFamily(
                 "edgefleet_metrics_database_up", "1 when the database answered.", value=0
@@ -156,12 +169,23 @@ class ServerCollector(Collector):
         yield devices
         yield rollouts
         open_alerts = GaugeMetricFamily(
-            "edgefleet_open_alerts", "Drift alerts not resolved, by kind.", labels=["kind"]
+            "edgefleet_open_alerts", "Alerts not resolved, by kind.", labels=["kind"]
         )
-        for kind in sorted(set(ALERT_KINDS) | set(alerts)):
+        for kind in sorted({*ALERT_KINDS, ACCURACY_DROP} | set(alerts)):
             open_alerts.add_metric([kind], alerts.get(kind, 0))
         yield open_alerts
         yield drift
+        yield accuracy
+        yield GaugeMetricFamily(
+            "edgefleet_webhook_deliveries_pending",
+            "Alert events not delivered to the webhook yet, with attempts left.",
+            value=pending,
+        )
+        yield GaugeMetricFamily(
+            "edgefleet_webhook_deliveries_failed",
+            "Alert events given up on after every attempt failed (until retried).",
+            value=failed,
+        )
         yield GaugeMetricFamily(
             "edgefleet_metrics_database_up", "1 when the database answered.", value=1
         )
@@ -169,7 +193,7 @@ class ServerCollector(Collector):
     def _drift_statistics(self, session: Session) -> GaugeMetricFamily:
         gauge = GaugeMetricFamily(
             "edgefleet_feature_drift_statistic",
-            "The drift statistic of each cohort's last judged window, by bundle version "
+            "The drift statistic of each version cohort's last judged window, by bundle version "
             "and feature (the threshold it is compared with is in the alert's evidence).",
             labels=["bundle", "feature"],
         )
@@ -183,6 +207,7 @@ class ServerCollector(Collector):
             )
             .where(
                 DriftState.scope == COHORT,
+                DriftState.subject == VERSION_COHORT,
                 DriftState.statistic.is_not(None),
                 DriftState.window_end >= since,
             )
@@ -195,6 +220,36 @@ class ServerCollector(Collector):
             if statistic is not None and labels not in seen:
                 seen.add(labels)
                 gauge.add_metric(list(labels), statistic)
+        return gauge
+
+    def _labelled_accuracy(self, session: Session) -> GaugeMetricFamily:
+        gauge = GaugeMetricFamily(
+            "edgefleet_labelled_accuracy",
+            "Accuracy (a share 0..1) of each bundle version's class-labelled feedback over the "
+            "last drift_window_max (regression feedback is in GET /api/v1/accuracy).",
+            labels=["bundle"],
+        )
+        since = self.context.clock() - self.context.settings.drift_window_max
+        bucket = TelemetryBucket
+        query = (
+            select(
+                bucket.bundle_name,
+                bucket.bundle_version,
+                func.sum(bucket.labelled_count),
+                func.sum(bucket.labelled_correct),
+                func.sum(bucket.labelled_abs_error),
+                func.sum(bucket.labelled_squared_error),
+            )
+            .where(bucket.bucket_start >= since, bucket.labelled_count > 0)
+            .group_by(bucket.bundle_name, bucket.bundle_version)
+            .order_by(bucket.bundle_name, bucket.bundle_version)
+            .limit(MAX_DRIFT_SERIES)
+        )
+        for name, version, count, correct, abs_sum, squared_sum in session.execute(query):
+            labelled = Labelled(int(count), int(correct), float(abs_sum), float(squared_sum))
+            accuracy = labelled.figures()["accuracy"]
+            if accuracy is not None:
+                gauge.add_metric([f"{name}@{version}"], accuracy)
         return gauge
 
 

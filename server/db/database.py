@@ -76,6 +76,8 @@ class Database:
         self.url = url
         self.engine = create_db_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # What every unit of work's `Session.info` starts with (e.g. where alert events go).
+        self.session_info: dict[str, Any] = {}
 
     @property
     def is_sqlite(self) -> bool:
@@ -89,7 +91,7 @@ class Database:
             StorageError: the database failed (the unit of work was rolled back).
             Any error raised inside the block, after the rollback.
         """
-        session = self._sessions()
+        session = self._sessions(info=self.session_info)
         try:
             yield session
             session.commit()

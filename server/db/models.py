@@ -174,6 +174,8 @@ class BundleRow(Base):
     profiles: Mapped[list[Any]]  # hardware profile names the bundle supports
     min_agent_version: Mapped[str | None] = mapped_column(String(64))
     manifest: Mapped[dict[str, Any]]  # the signed manifest's summary, for `bundles show`
+    # The converter's report.json as pushed (None: the bundle has none, or it was unreadable).
+    report: Mapped[dict[str, Any] | None]
     pushed_by: Mapped[str] = mapped_column(String(128))
     pushed_at: Mapped[dt.datetime]
 
@@ -257,6 +259,9 @@ class TelemetryBucket(Base):
     shadow_agreements: Mapped[int] = mapped_column(BigInteger, default=0)
     labelled_count: Mapped[int] = mapped_column(BigInteger, default=0)
     labelled_correct: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Regression models' labelled feedback: sums of |error| and error^2 over labelled_count.
+    labelled_abs_error: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    labelled_squared_error: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     # {"bounds_ms": [...], "counts": [...]}: windows with other bounds are not merged in.
     latency: Mapped[dict[str, Any]]
     # {"inputs": {feature: {"counts": [...], "nan": n, "below": n, "above": n}}, "outputs": {...}}
@@ -294,7 +299,8 @@ class DriftState(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     scope: Mapped[str] = mapped_column(String(16))  # device | cohort
-    subject: Mapped[str] = mapped_column(String(128))  # the device id; "" for a cohort
+    # The device id, or the cohort ("version", "tag:K=V", ...: edgefleet.server.drift.cohorts)
+    subject: Mapped[str] = mapped_column(String(256))
     bundle_name: Mapped[str] = mapped_column(String(128))
     bundle_version: Mapped[str] = mapped_column(String(64))
     kind: Mapped[str] = mapped_column(String(32))  # an alert kind
@@ -316,11 +322,14 @@ class Alert(Base):
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    kind: Mapped[str] = mapped_column(String(32))  # edgefleet.server.drift.evaluator.ALERT_KINDS
+    kind: Mapped[str] = mapped_column(String(32))  # evaluator.ALERT_KINDS, accuracy.ACCURACY_DROP
     scope: Mapped[str] = mapped_column(String(16))  # device | cohort
     device_id: Mapped[str | None] = mapped_column(
         ForeignKey("devices.id", ondelete="CASCADE")
     )  # None for a cohort
+    # A cohort alert's cohort: "version" (every device on the bundle version), "tag:K=V",
+    # "profile:P" or "stage:ROLLOUT/INDEX"; None for a device alert.
+    cohort: Mapped[str | None] = mapped_column(String(256))
     bundle_name: Mapped[str] = mapped_column(String(128))
     bundle_version: Mapped[str] = mapped_column(String(64))
     feature: Mapped[str | None] = mapped_column(String(256))  # None for dataset drift
@@ -331,6 +340,42 @@ class Alert(Base):
     # What opened it (statistic, threshold, window, samples, psi, js), and, once
     # resolved, the window that closed it.
     evidence: Mapped[dict[str, Any]]
+
+
+class WebhookDelivery(Base):
+    """One alert event waiting for, or done with, delivery to the server's webhook."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_delivered_at", "delivered_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    alert_id: Mapped[int | None] = mapped_column(ForeignKey("alerts.id", ondelete="SET NULL"))
+    event: Mapped[str] = mapped_column(String(32))  # alert.opened | alert.resolved | ...
+    payload: Mapped[dict[str, Any]]  # the JSON body, fixed when the event happened
+    created_at: Mapped[dt.datetime]
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime]
+    delivered_at: Mapped[dt.datetime | None]
+    last_status: Mapped[int | None] = mapped_column(Integer)  # HTTP status of the last try
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class InputSample(Base):
+    """Raw inputs a device captured (its reservoir) and uploaded; the file is in the data dir."""
+
+    __tablename__ = "input_samples"
+    __table_args__ = (Index("ix_input_samples_device_id", "device_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    bundle_name: Mapped[str] = mapped_column(String(128))
+    bundle_version: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(Text)  # why the device captured them
+    samples: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))  # of the stored file (its name too)
+    captured_at: Mapped[dt.datetime]
+    received_at: Mapped[dt.datetime]
 
 
 class Rollout(Base):

@@ -1,4 +1,9 @@
-"""Drift alerts: listing and acknowledgement (the evaluator opens and resolves them).
+"""Alerts: opened and resolved by the evaluators (drift, accuracy), listed, acknowledged.
+
+Every alert is opened with `open_alert` and resolved with `resolve_alert`, in
+the evaluator's unit of work: the one place that sees every change of an
+alert's life. Each change (opened, resolved, acknowledged) records its webhook
+event in the same unit of work (`edgefleet.server.webhooks.events`).
 
 Acknowledging says a person has seen an alert; it neither resolves it nor
 stops the evaluator from resolving it. It is audited ("alert.ack");
@@ -9,6 +14,7 @@ from __future__ import annotations
 
 import builtins
 import datetime as dt
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -17,15 +23,55 @@ from edgefleet.server.audit import record_audit
 from edgefleet.server.db.models import Alert
 from edgefleet.server.errors import NotFoundError
 from edgefleet.server.principals import Principal
+from edgefleet.server.webhooks.events import (
+    ALERT_ACKNOWLEDGED,
+    ALERT_OPENED,
+    ALERT_RESOLVED,
+    record_event,
+)
+
+
+def open_alert(session: Session, alert: Alert) -> Alert:
+    """Store a new alert (its id is set when this returns)."""
+    session.add(alert)
+    session.flush()
+    record_event(session, ALERT_OPENED, alert, alert.opened_at)
+    return alert
+
+
+def resolve_alert(
+    session: Session, alert: Alert, now: dt.datetime, resolved_by: dict[str, Any]
+) -> None:
+    """Resolve an open alert; `resolved_by` (the evidence that closed it) joins its evidence."""
+    alert.resolved_at = now
+    alert.evidence = {**alert.evidence, "resolved_by": resolved_by}
+    record_event(session, ALERT_RESOLVED, alert, now)
 
 
 def list_alerts(
-    session: Session, *, device: str | None = None, open_only: bool = False, limit: int = 100
+    session: Session,
+    *,
+    device: str | None = None,
+    cohort: str | None = None,
+    bundle: str | None = None,
+    version: str | None = None,
+    kind: str | None = None,
+    open_only: bool = False,
+    limit: int = 100,
 ) -> builtins.list[Alert]:
-    """Alerts, newest first: of one device (`device`), unresolved ones only (`open_only`)."""
+    """Alerts, newest first: of one device (`device`), one cohort (`cohort`, exactly:
+    "version", "tag:K=V", ...), one bundle name and version, one kind; unresolved ones
+    only (`open_only`)."""
     query = select(Alert).order_by(Alert.opened_at.desc(), Alert.id.desc()).limit(limit)
-    if device is not None:
-        query = query.where(Alert.device_id == device)
+    for column, wanted in (
+        (Alert.device_id, device),
+        (Alert.cohort, cohort),
+        (Alert.bundle_name, bundle),
+        (Alert.bundle_version, version),
+        (Alert.kind, kind),
+    ):
+        if wanted is not None:
+            query = query.where(column == wanted)
     if open_only:
         query = query.where(Alert.resolved_at.is_(None))
     return list(session.scalars(query))
@@ -51,6 +97,7 @@ def acknowledge_alert(session: Session, alert_id: int, actor: Principal, now: dt
             {"kind": alert.kind, "scope": alert.scope, "feature": alert.feature},
             now=now,
         )
+        record_event(session, ALERT_ACKNOWLEDGED, alert, now)
     return alert
 
 
@@ -60,4 +107,10 @@ def open_alerts_by_kind(session: Session) -> dict[str, int]:
     return {str(kind): int(count) for kind, count in session.execute(query)}
 
 
-__all__ = ["acknowledge_alert", "list_alerts", "open_alerts_by_kind"]
+__all__ = [
+    "acknowledge_alert",
+    "list_alerts",
+    "open_alert",
+    "open_alerts_by_kind",
+    "resolve_alert",
+]

@@ -4,12 +4,15 @@ One replica evaluates: the one holding the lease "drift-evaluator". A tick
 (every `drift_interval_s`) does, in one unit of work with the lease:
 
 - the window ends at the end of the last complete telemetry bucket; a subject
-  (a device serving a bundle version, or the cohort of all devices on that
-  version) is judged again once its last window ended at least `drift_window`
-  earlier, so consecutive windows do not overlap while data keeps coming;
+  (a device serving a bundle version, or a cohort of the devices on that
+  version: `edgefleet.server.drift.cohorts`) is judged again once its last
+  window ended at least `drift_window` earlier, so consecutive windows do not
+  overlap while data keeps coming;
 - the window spans `drift_window` back from its end, widened one bucket at a
   time up to `drift_window_max` while a feature with thresholds has too few
   samples to be judged;
+- one query loads a version's buckets (with each device's profile and tags);
+  a cohort's buckets are its devices' buckets summed per bucket in memory;
 - the bins of the window's buckets are summed per feature and judged with
   `edgefleet.driftstats.judge_window`, inputs and outputs separately (the
   false-alarm rate is shared among the features of each side);
@@ -19,12 +22,13 @@ One replica evaluates: the one holding the lease "drift-evaluator". A tick
   ones. A feature without thresholds, or with too few samples, leaves its
   state alone: no evidence either way;
 - a subject that sent nothing for `drift_window_max` (a device moved to
-  another version, or went silent) has its open alerts resolved and its
-  states forgotten.
+  another version, or went silent), and a cohort not judged any more (gone, as
+  a finished rollout's stages, or skipped), has its open alerts resolved and
+  its states forgotten.
 
 Alert kinds: `feature-drift` (an input feature), `prediction-drift` (an output
 feature), `dataset-drift` (a share of the input features at once). Device and
-cohort alerts are separate (`scope`).
+cohort alerts are separate (`scope`; a cohort alert names its `cohort`).
 """
 
 from __future__ import annotations
@@ -42,7 +46,10 @@ from sqlalchemy.orm import Session
 from edgefleet.drift import Histogram
 from edgefleet.driftstats import FeatureVerdict, Persistence, WindowVerdict, judge_window
 from edgefleet.server.db.database import Database
-from edgefleet.server.db.models import Alert, DriftState, TelemetryBucket
+from edgefleet.server.db.models import Alert, Device, DriftState, TelemetryBucket
+from edgefleet.server.drift.accuracy import judge_accuracy
+from edgefleet.server.drift.alerts import open_alert, resolve_alert
+from edgefleet.server.drift.cohorts import Cohorts, Member, judged_cohorts
 from edgefleet.server.drift.reference import JudgedFeatures, Side, load_references
 from edgefleet.server.leases import acquire_lease
 from edgefleet.server.mqtt.aggregate import Bins, bucket_start, merge_bins
@@ -58,21 +65,24 @@ DATASET_DRIFT = "dataset-drift"
 ALERT_KINDS = (FEATURE_DRIFT, PREDICTION_DRIFT, DATASET_DRIFT)
 DEVICE = "device"
 COHORT = "cohort"
-COHORT_SUBJECT = ""  # drift_states.subject of a cohort
 
 
 @dataclass(frozen=True)
 class Subject:
-    """What one window is judged for: a device on a bundle version, or the version's cohort."""
+    """What one window is judged for: a device on a bundle version, or a cohort of it."""
 
     scope: str
-    device_id: str | None
+    key: str  # drift_states.subject: the device id, or the cohort ("version", "tag:K=V", ...)
     bundle_name: str
     bundle_version: str
 
     @property
-    def key(self) -> str:
-        return self.device_id if self.device_id is not None else COHORT_SUBJECT
+    def device_id(self) -> str | None:
+        return self.key if self.scope == DEVICE else None
+
+    @property
+    def cohort(self) -> str | None:
+        return self.key if self.scope == COHORT else None
 
 
 @dataclass
@@ -119,6 +129,7 @@ class DriftEvaluator:
             references = load_references(session, versions)
             for (name, version), features in sorted(references.items()):
                 _Version(session, self.settings, name, version, features, end, now, report).run()
+            judge_accuracy(session, self.settings, end, now, report.opened, report.resolved)
             _end_silent(session, earliest, end, now, report)
         if report.opened or report.resolved:
             log.info(
@@ -172,8 +183,7 @@ def _end_silent(
         "window_end": format_time(end),
     }
     for alert in session.scalars(silent):
-        alert.resolved_at = now
-        alert.evidence = {**alert.evidence, "resolved_by": evidence}
+        resolve_alert(session, alert, now, evidence)
         report.resolved.append(alert.id)
     state = DriftState
     session.execute(
@@ -216,35 +226,76 @@ class _Version:
         self.report = report
 
     def run(self) -> None:
-        query = select(
-            TelemetryBucket.device_id, TelemetryBucket.bucket_start, TelemetryBucket.bins
-        ).where(
-            TelemetryBucket.bundle_name == self.name,
-            TelemetryBucket.bundle_version == self.version,
-            TelemetryBucket.bucket_start >= self.end - self.settings.drift_window_max,
-            TelemetryBucket.bucket_start < self.end,
-        )
-        by_device: dict[str, list[tuple[dt.datetime, Bins]]] = {}
-        for device_id, start, bins in self.session.execute(query):
-            by_device.setdefault(device_id, []).append((start, bins))
+        by_device, members = self._buckets()
         states = self._states()
         for device_id, buckets in sorted(by_device.items()):
             subject = Subject(DEVICE, device_id, self.name, self.version)
             self._judge(subject, buckets, states.setdefault((DEVICE, device_id), {}))
-        every = [bucket for buckets in by_device.values() for bucket in buckets]
-        cohort = Subject(COHORT, None, self.name, self.version)
-        cohort_states = states.setdefault((COHORT, COHORT_SUBJECT), {})
-        self._judge(cohort, every, cohort_states, devices=len(by_device))
+        cohorts = judged_cohorts(self.session, self.settings, self.name, self.version, members)
+        for cohort, devices in cohorts.judged.items():
+            subject = Subject(COHORT, cohort, self.name, self.version)
+            buckets = _summed(by_device[device_id] for device_id in devices)
+            self._judge(subject, buckets, states.setdefault((COHORT, cohort), {}), len(devices))
+        self._end_unjudged_cohorts(cohorts, states)
+
+    def _buckets(self) -> tuple[dict[str, list[tuple[dt.datetime, Bins]]], list[Member]]:
+        """The version's buckets of the last `drift_window_max`, by device, and its devices."""
+        query = (
+            select(
+                TelemetryBucket.device_id,
+                TelemetryBucket.bucket_start,
+                TelemetryBucket.bins,
+                Device.profile,
+                Device.tags,
+            )
+            .outerjoin(Device, Device.id == TelemetryBucket.device_id)
+            .where(
+                TelemetryBucket.bundle_name == self.name,
+                TelemetryBucket.bundle_version == self.version,
+                TelemetryBucket.bucket_start >= self.end - self.settings.drift_window_max,
+                TelemetryBucket.bucket_start < self.end,
+            )
+        )
+        by_device: dict[str, list[tuple[dt.datetime, Bins]]] = {}
+        members: dict[str, Member] = {}
+        for device_id, start, bins, profile, tags in self.session.execute(query):
+            by_device.setdefault(device_id, []).append((start, bins))
+            members[device_id] = Member(device_id, profile, tags or {})
+        return by_device, list(members.values())
 
     def _states(self) -> dict[tuple[str, str], _States]:
-        """The version's states by subject (scope, key), then by (kind, feature)."""
+        """The version's drift states by subject (scope, key), then by (kind, feature)."""
         query = select(DriftState).where(
-            DriftState.bundle_name == self.name, DriftState.bundle_version == self.version
+            DriftState.bundle_name == self.name,
+            DriftState.bundle_version == self.version,
+            DriftState.kind.in_(ALERT_KINDS),
         )
         states: dict[tuple[str, str], _States] = {}
         for state in self.session.scalars(query):
             states.setdefault((state.scope, state.subject), {})[(state.kind, state.feature)] = state
         return states
+
+    def _end_unjudged_cohorts(
+        self, cohorts: Cohorts, states: dict[tuple[str, str], _States]
+    ) -> None:
+        """Resolve the open alerts of the version's cohorts not judged any more (a finished
+        rollout's stages, a tag no device has now, a cohort skipped) and forget their states."""
+        ended = select(Alert).where(
+            Alert.scope == COHORT,
+            Alert.bundle_name == self.name,
+            Alert.bundle_version == self.version,
+            Alert.cohort.not_in(list(cohorts.judged)),
+            Alert.kind.in_(ALERT_KINDS),
+            Alert.resolved_at.is_(None),
+        )
+        for alert in self.session.scalars(ended):
+            reason = cohorts.skipped.get(alert.cohort or "", "the cohort no longer exists")
+            resolve_alert(self.session, alert, self.now, {"reason": reason})
+            self.report.resolved.append(alert.id)
+        for (scope, key), subject_states in states.items():
+            if scope == COHORT and key not in cohorts.judged:
+                for state in subject_states.values():
+                    self.session.delete(state)
 
     def _judge(
         self,
@@ -324,22 +375,22 @@ class _Version:
             kind=check.kind,
             scope=subject.scope,
             device_id=subject.device_id,
+            cohort=subject.cohort,
             bundle_name=subject.bundle_name,
             bundle_version=subject.bundle_version,
             feature=check.feature or None,
             opened_at=self.now,
             evidence=check.evidence,
         )
-        self.session.add(alert)
-        self.session.flush()
+        open_alert(self.session, alert)
         self.report.opened.append(alert.id)
 
     def _resolve(self, subject: Subject, check: _Check) -> None:
         query = select(Alert).where(
             Alert.scope == subject.scope,
-            Alert.device_id.is_(None)
-            if subject.device_id is None
-            else Alert.device_id == subject.device_id,
+            Alert.device_id == subject.device_id
+            if subject.scope == DEVICE
+            else Alert.cohort == subject.cohort,
             Alert.bundle_name == subject.bundle_name,
             Alert.bundle_version == subject.bundle_version,
             Alert.kind == check.kind,
@@ -347,8 +398,7 @@ class _Version:
             Alert.resolved_at.is_(None),
         )
         for alert in self.session.scalars(query):
-            alert.resolved_at = self.now
-            alert.evidence = {**alert.evidence, "resolved_by": check.evidence}
+            resolve_alert(self.session, alert, self.now, check.evidence)
             self.report.resolved.append(alert.id)
 
 
@@ -392,6 +442,17 @@ def _checks(
         }
         checks.append(_Check(DATASET_DRIFT, "", inputs.dataset_drift, evidence))
     return checks
+
+
+def _summed(
+    per_device: Iterable[list[tuple[dt.datetime, Bins]]],
+) -> list[tuple[dt.datetime, Bins]]:
+    """Devices' buckets summed per bucket start."""
+    summed: dict[dt.datetime, Bins] = {}
+    for buckets in per_device:
+        for start, bins in buckets:
+            merge_bins(summed.setdefault(start, {}), bins)
+    return sorted(summed.items())
 
 
 def _judge_side(reference: Side, live_bins: dict[str, dict[str, Any]]) -> WindowVerdict:

@@ -118,13 +118,14 @@ def _member(bundle: Path, manifest: Manifest, path: str) -> bytes | None:
         return None
     if entry.length > MAX_REFERENCE_BYTES:
         raise UnusableReferenceError(f"{path} is {entry.length} bytes, over {MAX_REFERENCE_BYTES}")
-    data = _member_bytes(bundle, path)
+    data = member_bytes(bundle, path)
     if data is None or hashlib.sha256(data).hexdigest() != entry.sha256:
         raise UnusableReferenceError(f"{path} changed since the bundle was verified")
     return data
 
 
-def _member_bytes(bundle: Path, member_path: str) -> bytes | None:
+def member_bytes(bundle: Path, member_path: str) -> bytes | None:
+    """The bytes of the bundle's regular file `member_path`; None when absent or unreadable."""
     try:
         with open(bundle, "rb") as source:
             stream = TarStream(source)
@@ -195,6 +196,7 @@ __all__ = [
     "JudgedFeatures",
     "UnusableReferenceError",
     "load_references",
+    "member_bytes",
     "read_reference",
     "store_reference",
 ]

@@ -2,7 +2,7 @@
 
 A `TelemetryAggregate` is what one `TelemetryBucket` row holds: counters that
 add, a latency histogram and per-feature bin counts. Merging rules:
-- counters add;
+- counters add, and so do the sums of regression errors;
 - latency histograms add element-wise only when their bounds are equal; a
   window with other bounds is not merged into the histogram (its counters
   still are) and is counted in `latency_skipped`;
@@ -46,6 +46,8 @@ _COUNTERS = (
     "labelled_count",
     "labelled_correct",
 )
+# Regression feedback: sums of |error| and error squared over the labelled answers.
+_SUMS = ("labelled_abs_error", "labelled_squared_error")
 
 
 def bucket_start(window_start: dt.datetime, bucket: dt.timedelta) -> dt.datetime:
@@ -88,6 +90,8 @@ class TelemetryAggregate:
     shadow_agreements: int = 0
     labelled_count: int = 0
     labelled_correct: int = 0
+    labelled_abs_error: float = 0.0
+    labelled_squared_error: float = 0.0
     latency: Latency = field(default_factory=dict)
     bins: Bins = field(default_factory=dict)
     latency_skipped: int = 0  # windows whose latency bounds differed (not merged)
@@ -108,6 +112,8 @@ class TelemetryAggregate:
         if labelled is not None:
             self.labelled_count += labelled.count
             self.labelled_correct += labelled.correct
+            self.labelled_abs_error += labelled.abs_error or 0.0
+            self.labelled_squared_error += labelled.squared_error or 0.0
         latency = window.latency
         if not merge_latency(self.latency, latency.bounds_ms, latency.counts):
             self.latency_skipped += 1
@@ -122,7 +128,7 @@ class TelemetryAggregate:
 
     def merge(self, other: TelemetryAggregate) -> None:
         """Merge another aggregate (of the same key) in."""
-        for name in _COUNTERS:
+        for name in _COUNTERS + _SUMS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         if other.latency and not merge_latency(
             self.latency, other.latency["bounds_ms"], other.latency["counts"]
@@ -132,9 +138,9 @@ class TelemetryAggregate:
         self.latency_skipped += other.latency_skipped
         self.bins_skipped += other.bins_skipped
 
-    def counters(self) -> dict[str, int]:
-        """The additive counters by column name of `TelemetryBucket`."""
-        return {name: getattr(self, name) for name in _COUNTERS}
+    def counters(self) -> dict[str, int | float]:
+        """The additive counters and sums by column name of `TelemetryBucket`."""
+        return {name: getattr(self, name) for name in _COUNTERS + _SUMS}
 
 
 def merge_latency(target: Latency, bounds_ms: list[float], counts: list[int]) -> bool:
@@ -212,12 +218,14 @@ def _added(a: list[int], b: list[int]) -> list[int]:
 
 
 def aggregate_from_row(
-    counters: Mapping[str, int | None], latency: Latency | None, bins: Bins | None
+    counters: Mapping[str, float | None], latency: Latency | None, bins: Bins | None
 ) -> TelemetryAggregate:
     """An aggregate holding what a stored bucket row holds (copies, safe to mutate)."""
     agg = TelemetryAggregate()
     for name in _COUNTERS:
         setattr(agg, name, int(counters.get(name) or 0))
+    for name in _SUMS:
+        setattr(agg, name, float(counters.get(name) or 0.0))
     if latency:
         merge_latency(agg.latency, latency["bounds_ms"], latency["counts"])
     if bins:

@@ -11,8 +11,13 @@ Decision, in this order:
    requests, the error rate, the fallback rate or the p95 latency against the
    previous version's is beyond its limit; in a shadow stage with at least
    `min_requests` shadow comparisons, the agreement is below
-   `min_shadow_agreement`; or every device finished and the success share is
-   still below `min_success_share` (no later report can change it).
+   `min_shadow_agreement`; with `max_drift` set, the share of the stage's
+   devices that installed and have an open drift alert of the new version is
+   above it, or the stage's cohort has one; with `max_accuracy_drop` set and
+   at least `min_labels` labelled requests, the labelled accuracy fell more
+   than that below the reference (RMSE rose more than that share above it,
+   for regression); or every device finished and the success share is still
+   below `min_success_share` (no later report can change it).
 2. ADVANCE when the success share is reached, `min_reporting` devices sent
    telemetry for the new version (capped at the devices that installed), and the stage
    baked for `bake_s` since it settled (every device finished) or, when some
@@ -34,7 +39,19 @@ from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from typing import Any
 
+from edgefleet.server.drift.accuracy import Labelled, ReferenceAccuracy
 from edgefleet.server.rollouts.plan import Gates
+
+SHOWN = 3  # devices and features named in a check's detail before "and N more"
+
+
+@dataclass(frozen=True)
+class Drifting:
+    """A device of the stage with open drift alerts of the new version, on these features
+    ("dataset" for dataset drift)."""
+
+    device_id: str
+    features: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -46,6 +63,13 @@ class StageCounts:
     devices that sent telemetry for the new version since the stage started.
     Traffic counts are of the new version on the stage's devices since the
     stage started; `previous_latency_p95_ms` is the previous version's p95.
+    `drifting`: the stage's devices that installed the new version and have
+    open drift alerts of it opened since the stage started; `cohort_drift`:
+    the features of the stage cohort's such alerts. `labels`: labelled
+    feedback of the new version on the stage's devices since the stage
+    started; `previous_labels`: of the previous version on the same devices
+    over as long before the stage; `reference`: the bundle's reference
+    accuracy from the converter's report (None without one).
     `settled_elapsed_s`: seconds since every device finished (succeeded, failed
     or timed out), None while some have not. `success_elapsed_s`: seconds since
     the success share was reached (the driver may pass the time since the most
@@ -68,6 +92,11 @@ class StageCounts:
     previous_latency_p95_ms: float | None = None
     shadow_requests: int = 0
     shadow_agreements: int = 0
+    drifting: tuple[Drifting, ...] = ()
+    cohort_drift: tuple[str, ...] = ()
+    labels: Labelled = field(default_factory=Labelled)
+    previous_labels: Labelled = field(default_factory=Labelled)
+    reference: ReferenceAccuracy | None = None
     stage_elapsed_s: float = 0.0
     settled_elapsed_s: float | None = None
     success_elapsed_s: float | None = None
@@ -202,6 +231,74 @@ def _shadow_check(gates: Gates, c: StageCounts, shadow: bool) -> GateCheck:
     return GateCheck(name, agreement >= _exact(gates.min_shadow_agreement), detail)
 
 
+def _names(items: list[str]) -> str:
+    more = f" and {len(items) - SHOWN} more" if len(items) > SHOWN else ""
+    return ", ".join(items[:SHOWN]) + more
+
+
+def _drift_check(gates: Gates, c: StageCounts, shadow: bool) -> GateCheck:
+    name = "max_drift"
+    if gates.max_drift is None:
+        return GateCheck(name, None, "not judged: max_drift is not set")
+    if shadow:
+        return GateCheck(name, None, "not judged: shadow devices do not serve the new version")
+    if c.reporting == 0:
+        return GateCheck(name, None, "not judged: no telemetry of the new version yet")
+    devices = [f"{d.device_id} ({_names(list(d.features))})" for d in c.drifting]
+    which = f": {_names(devices)}" if devices else ""
+    detail = f"{len(c.drifting)} of {c.assigned} devices drift{which}; at most {gates.max_drift:g}"
+    passed = Fraction(len(c.drifting), c.assigned) <= _exact(gates.max_drift)
+    if c.cohort_drift:
+        detail += f"; the stage's devices drift as a whole ({_names(list(c.cohort_drift))})"
+        passed = False
+    return GateCheck(name, passed, detail)
+
+
+def _rmse(labelled: Labelled) -> float:
+    return math.sqrt(labelled.squared_error / labelled.count)
+
+
+def _accuracy_check(gates: Gates, c: StageCounts) -> GateCheck:
+    name = "max_accuracy_drop"
+    drop = gates.max_accuracy_drop
+    if drop is None:
+        return GateCheck(name, None, "not judged: max_accuracy_drop is not set")
+    labels, before = c.labels, c.previous_labels
+    if labels.count < gates.min_labels:
+        return GateCheck(
+            name, None, f"not judged: {labels.count} of {gates.min_labels} labels needed"
+        )
+    if c.reference is not None:
+        metric, source = c.reference.metric, "the converter's reference"
+        reference_share = _exact(c.reference.value)
+        reference_rmse = c.reference.value
+    elif before.count >= gates.min_labels:
+        metric = "rmse" if before.regression else "accuracy"
+        source = "the previous version before the stage"
+        reference_share = Fraction(before.correct, before.count)
+        reference_rmse = _rmse(before)
+    else:
+        return GateCheck(
+            name,
+            None,
+            f"not judged: no reference accuracy, and {before.count} of {gates.min_labels} "
+            "labels of the previous version",
+        )
+    if metric == "rmse":
+        ratio = 1 + drop
+        detail = (
+            f"RMSE {_rmse(labels):.4g} over {labels.count} labels vs {reference_rmse:.4g} "
+            f"from {source} (at most x{ratio:g})"
+        )
+        return GateCheck(name, _rmse(labels) <= reference_rmse * ratio, detail)
+    detail = (
+        f"{labels.correct} of {labels.count} labels right ({_pct(labels.correct, labels.count)}) "
+        f"vs {float(100 * reference_share):.1f}% from {source} (at most {drop:g} lower)"
+    )
+    share = Fraction(labels.correct, labels.count)
+    return GateCheck(name, share >= reference_share - _exact(drop), detail)
+
+
 def _reporting_check(gates: Gates, c: StageCounts) -> GateCheck:
     # Capped at the devices that installed: a failed one never reports the new version,
     # and the success share already says how many must install.
@@ -243,6 +340,8 @@ def evaluate_stage(gates: Gates, counts: StageCounts, *, shadow: bool) -> Verdic
         success,
         *_health_checks(gates, counts),
         _shadow_check(gates, counts, shadow),
+        _drift_check(gates, counts, shadow),
+        _accuracy_check(gates, counts),
         _reporting_check(gates, counts),
         _bake_check(gates, counts, success),
     ]
@@ -259,4 +358,11 @@ def evaluate_stage(gates: Gates, counts: StageCounts, *, shadow: bool) -> Verdic
     return Verdict(GateDecision.ADVANCE, ["every gate passed"], checks)
 
 
-__all__ = ["GateCheck", "GateDecision", "StageCounts", "Verdict", "evaluate_stage"]
+__all__ = [
+    "Drifting",
+    "GateCheck",
+    "GateDecision",
+    "StageCounts",
+    "Verdict",
+    "evaluate_stage",
+]

@@ -20,9 +20,8 @@ Gate values are checked by their fields (shares within 0..1, `min_success_share`
 above 0); no number may be infinite or NaN (JSON bodies may carry them).
 `min_success_share + max_failure_share > 1` is allowed: a stage whose devices
 have all finished below the success share fails (see `gates.py`), so no pair
-of values leaves a stage waiting forever. `max_drift` is refused until
-drift gates exist: a gate accepted but never judged would let an operator
-believe drift is watched.
+of values leaves a stage waiting forever. `max_drift` and `max_accuracy_drop`
+are off (None) unless set; a stage cannot turn off a gate the plan sets.
 
 Pure: no I/O and no database. The plan stored with a rollout is
 `plan_to_dict(plan)` (JSON, every default filled in) and read back with
@@ -55,18 +54,6 @@ MAX_NAMED_DEVICES = 1000  # per stage
 DeviceName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 
 
-def _refuse_drift(data: Any) -> Any:
-    """Refuse `max_drift` until drift gates exist, rather than accept a gate never judged.
-
-    `max_drift: null` is dropped: rollouts stored before the refusal carry it.
-    """
-    if isinstance(data, dict) and "max_drift" in data:
-        if data["max_drift"] is not None:
-            raise ValueError("max_drift: drift gates are not available yet")
-        data = {k: v for k, v in data.items() if k != "max_drift"}
-    return data
-
-
 class Gates(BaseModel):
     """What a stage must show before the next one starts (defaults for every stage)."""
 
@@ -81,11 +68,9 @@ class Gates(BaseModel):
     max_latency_p95_ratio: float = Field(default=1.5, gt=0.0)
     min_shadow_agreement: float = Field(default=0.95, ge=0.0, le=1.0)
     min_requests: int = Field(default=20, ge=1)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_drift(cls, data: Any) -> Any:
-        return _refuse_drift(data)
+    max_drift: float | None = Field(default=None, ge=0.0, le=1.0)
+    max_accuracy_drop: float | None = Field(default=None, ge=0.0, le=1.0)
+    min_labels: int = Field(default=50, ge=1)
 
 
 class GateOverrides(BaseModel):
@@ -102,11 +87,9 @@ class GateOverrides(BaseModel):
     max_latency_p95_ratio: float | None = Field(default=None, gt=0.0)
     min_shadow_agreement: float | None = Field(default=None, ge=0.0, le=1.0)
     min_requests: int | None = Field(default=None, ge=1)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_drift(cls, data: Any) -> Any:
-        return _refuse_drift(data)
+    max_drift: float | None = Field(default=None, ge=0.0, le=1.0)
+    max_accuracy_drop: float | None = Field(default=None, ge=0.0, le=1.0)
+    min_labels: int | None = Field(default=None, ge=1)
 
 
 class Stage(BaseModel):

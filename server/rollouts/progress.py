@@ -14,8 +14,9 @@ other state is on the way.
 without a health check under live traffic (the agent's reason says so).
 
 `stage_counts` gathers `gates.StageCounts` for one stage from the device rows,
-`Device.online` and `TelemetryBucket` rows, in a few aggregate queries (no
-per-device round trips), so it stays cheap for stages of thousands of devices.
+`Device.online`, `TelemetryBucket` rows, open drift `Alert` rows and the
+bundle's reference accuracy, in a few aggregate queries (no per-device round
+trips), so it stays cheap for stages of thousands of devices.
 
 Pure helpers (`merge_latency`, `latency_percentile`) are separate from the
 queries so they are tested on their own.
@@ -31,6 +32,7 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from edgefleet.server.db.models import (
+    Alert,
     BundleRow,
     Device,
     DeviceState,
@@ -39,7 +41,16 @@ from edgefleet.server.db.models import (
     StatusReportRow,
     TelemetryBucket,
 )
-from edgefleet.server.rollouts.gates import StageCounts
+from edgefleet.server.drift.accuracy import Labelled, reference_accuracy
+from edgefleet.server.drift.cohorts import stage_cohort
+from edgefleet.server.drift.evaluator import (
+    COHORT,
+    DATASET_DRIFT,
+    DEVICE,
+    FEATURE_DRIFT,
+    PREDICTION_DRIFT,
+)
+from edgefleet.server.rollouts.gates import Drifting, StageCounts
 
 FINISHED = frozenset({DeviceState.SUCCEEDED, DeviceState.FAILED, DeviceState.TIMED_OUT})
 AWAITING_INSTALL = frozenset({DeviceState.NOTIFIED, DeviceState.INSTALLING})
@@ -51,6 +62,7 @@ AGENT_SUCCESS = frozenset({"committed"})
 AGENT_FAILURE = frozenset({"failed", "refused", "rolled_back"})
 
 PREVIOUS_LATENCY_WINDOW = dt.timedelta(hours=24)
+DRIFT_KINDS = (FEATURE_DRIFT, PREDICTION_DRIFT, DATASET_DRIFT)  # what the drift gate counts
 
 # What the agent's COMMITTED reason says when no live request judged the new
 # version (agent/install/health.py): no traffic during the check, or no
@@ -192,6 +204,7 @@ def stage_counts(
     finished = sum(states[state] for state in FINISHED)
     since_finish = None if last_finished is None else (now - last_finished).total_seconds()
     started = rollout.stage_started_at or now
+    elapsed = max(dt.timedelta(0), now - started)
     since = started - bucket
     on_stage = and_(
         TelemetryBucket.device_id == RolloutDevice.device_id,
@@ -211,18 +224,21 @@ def stage_counts(
     latency = merge_latency(
         session.scalars(select(TelemetryBucket.latency).where(new_version)).all()
     )
+    previous_version = and_(
+        TelemetryBucket.device_id == RolloutDevice.device_id,
+        in_stage,
+        TelemetryBucket.bundle_name == bundle.name,
+        TelemetryBucket.bundle_version == RolloutDevice.previous_version,
+        TelemetryBucket.bucket_start < started,
+    )
     previous = merge_latency(
         session.scalars(
             select(TelemetryBucket.latency).where(
-                TelemetryBucket.device_id == RolloutDevice.device_id,
-                in_stage,
-                TelemetryBucket.bundle_name == bundle.name,
-                TelemetryBucket.bundle_version == RolloutDevice.previous_version,
-                TelemetryBucket.bucket_start >= started - PREVIOUS_LATENCY_WINDOW,
-                TelemetryBucket.bucket_start < started,
+                previous_version, TelemetryBucket.bucket_start >= started - PREVIOUS_LATENCY_WINDOW
             )
         ).all()
     )
+    drifting, cohort_drift = _open_drift(session, rollout, bundle, stage_index, started)
     shadow_requests = shadow_agreements = 0
     if shadow:
         shadow_requests, shadow_agreements, reporting = session.execute(
@@ -249,10 +265,69 @@ def stage_counts(
         previous_latency_p95_ms=latency_percentile(previous, 0.95),
         shadow_requests=int(shadow_requests),
         shadow_agreements=int(shadow_agreements),
-        stage_elapsed_s=max(0.0, (now - started).total_seconds()),
+        drifting=drifting,
+        cohort_drift=cohort_drift,
+        labels=_labels(session, new_version),
+        previous_labels=_labels(
+            session, and_(previous_version, TelemetryBucket.bucket_start >= started - elapsed)
+        ),
+        reference=reference_accuracy(bundle),
+        stage_elapsed_s=elapsed.total_seconds(),
         settled_elapsed_s=since_finish if assigned and finished == assigned else None,
         success_elapsed_s=since_finish,
     )
+
+
+def _open_drift(
+    session: Session,
+    rollout: Rollout,
+    bundle: BundleRow,
+    stage_index: int,
+    started: dt.datetime,
+) -> tuple[tuple[Drifting, ...], tuple[str, ...]]:
+    """The stage's installed devices with open drift alerts of the bundle's version opened
+    since the stage started (with their features), and the stage cohort's drifting features."""
+    open_drift = and_(
+        Alert.kind.in_(DRIFT_KINDS),
+        Alert.bundle_name == bundle.name,
+        Alert.bundle_version == bundle.version,
+        Alert.resolved_at.is_(None),
+        Alert.opened_at >= started,
+    )
+    rows = session.execute(
+        select(Alert.device_id, Alert.feature)
+        .join(RolloutDevice, RolloutDevice.device_id == Alert.device_id)
+        .where(
+            open_drift,
+            Alert.scope == DEVICE,
+            RolloutDevice.rollout_id == rollout.id,
+            RolloutDevice.stage_index == stage_index,
+            RolloutDevice.state == DeviceState.SUCCEEDED,
+        )
+    ).all()
+    features: dict[str, set[str]] = {}
+    for device_id, feature in rows:
+        features.setdefault(str(device_id), set()).add(feature or "dataset")
+    drifting = tuple(Drifting(d, tuple(sorted(features[d]))) for d in sorted(features))
+    cohort = session.scalars(
+        select(Alert.feature).where(
+            open_drift, Alert.scope == COHORT, Alert.cohort == stage_cohort(rollout.id, stage_index)
+        )
+    ).all()
+    return drifting, tuple(sorted({feature or "dataset" for feature in cohort}))
+
+
+def _labels(session: Session, where: Any) -> Labelled:
+    """Labelled feedback summed over the telemetry buckets `where` selects."""
+    count, correct, abs_error, squared_error = session.execute(
+        select(
+            func.coalesce(func.sum(TelemetryBucket.labelled_count), 0),
+            func.coalesce(func.sum(TelemetryBucket.labelled_correct), 0),
+            func.coalesce(func.sum(TelemetryBucket.labelled_abs_error), 0.0),
+            func.coalesce(func.sum(TelemetryBucket.labelled_squared_error), 0.0),
+        ).where(where)
+    ).one()
+    return Labelled(int(count), int(correct), float(abs_error), float(squared_error))
 
 
 Histogram = tuple[list[float], list[int]]

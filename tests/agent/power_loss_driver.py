@@ -311,12 +311,24 @@ def _convert(model: str, target: str, out_dir: Path) -> Path:
     from edgefleet.converter import ConvertOptions, convert
     from tests.fixtures import datasets
 
-    features, _ = datasets.digits_tabular()
+    features, labels = datasets.digits_tabular()
+    split = datasets.split(len(features))
     calibration = out_dir.parent / f"{out_dir.name}-calibration.npz"
-    np.savez(calibration, features=features[datasets.split(len(features)).calibration])
+    np.savez(calibration, features=features[split.calibration])
+    validation = out_dir.parent / f"{out_dir.name}-validation.npz"
+    np.savez(validation, features=features[split.validation])
+    validation_labels = out_dir.parent / f"{out_dir.name}-labels.npy"
+    np.save(validation_labels, labels[split.validation])
     # The float model ships whatever this machine measures: the tests kill installs, not
-    # candidates, and a pinned choice converts faster and the same way everywhere.
-    options = ConvertOptions(target=target, calibration=calibration, candidate="float")
+    # candidates, and a pinned choice converts faster and the same way everywhere. With
+    # labels, the report states its accuracy (the server's reference for labelled feedback).
+    options = ConvertOptions(
+        target=target,
+        calibration=calibration,
+        validation=validation,
+        labels=validation_labels,
+        candidate="float",
+    )
     convert(MODELS / model, out_dir, options)
     return out_dir
 

@@ -199,11 +199,17 @@ def test_agent_serves_installs_and_reports(
         publish_once(
             broker.url, topics.directive, sign_directive(directive, [keyset.server]), qos=1
         )
-        done = {"model": "demo@1.1.0", "install_state": "committed", "status": "ok"}
+        done = {
+            "model": "demo@1.1.0",
+            "install_state": "committed",
+            "status": "ok",
+            "drift": "insufficient",  # no traffic: the device's check has no verdict yet
+        }
         assert wait_until(lambda: api(port, "/v1/health") == done), agent_log(agent)
 
         status = json.loads(cli("agent", "status", "--json", "--config", config_path).stdout)
         assert status["running"] and status["state"] == "committed"
+        assert status["drift"] == "insufficient"
         assert status["current"].startswith("demo@1.1.0")
         assert status["previous"].startswith("demo@1.0.0")
 

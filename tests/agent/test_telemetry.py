@@ -220,7 +220,9 @@ def test_shadow_and_labels() -> None:
     window = close(rec)
     assert window.shadow is not None and window.labelled is not None
     assert (window.shadow.requests, window.shadow.agreements) == (3, 2)
-    assert (window.labelled.count, window.labelled.correct) == (2, 1)
+    # Regression feedback counts as labelled and travels as error sums.
+    assert (window.labelled.count, window.labelled.correct) == (4, 1)
+    assert (window.labelled.abs_error, window.labelled.squared_error) == (2.0, 2.5)
     assert rec.counters()["mean_abs_error"] == 1.0
 
 

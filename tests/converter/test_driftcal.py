@@ -54,7 +54,7 @@ def alarms(
         reference_counts = count_into(reference, edges)
         cuts = [threshold_at(thresholds, WINDOW, rate) for rate in rates]
         for _ in range(windows):
-            value = statistic(reference_counts, count_into(make(rng, WINDOW), edges))
+            value = statistic(reference_counts, count_into(make(rng, WINDOW), edges), thresholds)
             for index, cut in enumerate(cuts):
                 assert cut is not None
                 found[index] += value > cut
@@ -74,6 +74,11 @@ def test_the_vectorised_statistic_is_the_core_statistic() -> None:
     cells = [sample_cells(per_sample(values), edges).sum(axis=0) for values in (reference, window)]
     expected = statistic(count_into(reference, edges), count_into(window, edges))
     assert statistics(cells[0][None], cells[1][None])[0] == pytest.approx(expected)
+    scaled = FeatureThresholds(
+        false_alarm=0.01, by_window={100: 1.0}, statistic="scaled-sum", part_scales=(30.0, 12.0)
+    )
+    expected = statistic(count_into(reference, edges), count_into(window, edges), scaled)
+    assert statistics(cells[0][None], cells[1][None], (30.0, 12.0))[0] == pytest.approx(expected)
     folded = count_into(window, edges)
     assert cells[1].tolist() == [
         folded.counts[0] + folded.below,
@@ -99,14 +104,18 @@ def test_pooled_correlated_values_get_higher_thresholds_that_hold() -> None:
     pooled_cut = threshold_at(pooled, WINDOW)
     independent_cut = threshold_at(independent, WINDOW * 32)
     assert pooled_cut is not None and independent_cut is not None
-    assert pooled_cut > 5 * independent_cut
+    assert pooled.part_scales is not None and independent.part_scales is not None
+    # the correlated values' parts reach far more without drift: each part's scale says so
+    assert all(p > 5 * i for p, i in zip(pooled.part_scales, independent.part_scales, strict=True))
 
     reference_counts = count_into(reference, edges)
-    calm = [
-        statistic(reference_counts, count_into(images(rng, WINDOW), edges)) for _ in range(1000)
-    ]
-    assert consistent(sum(value > pooled_cut for value in calm), 1000, 0.05)
-    assert sum(value > independent_cut for value in calm) > 500  # most calm windows would alarm
+    calm = [count_into(images(rng, WINDOW), edges) for _ in range(1000)]
+    pooled_alarms = sum(statistic(reference_counts, w, pooled) > pooled_cut for w in calm)
+    assert consistent(pooled_alarms, 1000, 0.05)
+    independent_alarms = sum(
+        statistic(reference_counts, w, independent) > independent_cut for w in calm
+    )
+    assert independent_alarms > 500  # most calm windows would alarm
 
 
 def test_calibration_refuses_what_it_cannot_use() -> None:
@@ -123,6 +132,7 @@ def test_thresholds_are_a_valid_reference_field() -> None:
     thresholds = calibrate(per_sample(reference), quantile_edges(reference), WINDOWS, [0.01], rng)
     assert FeatureThresholds.model_validate_json(thresholds.model_dump_json()) == thresholds
     assert sorted(thresholds.by_window) == WINDOWS and sorted(thresholds.tail) == WINDOWS
+    assert thresholds.statistic == "scaled-sum" and thresholds.part_scales is not None
 
 
 def test_a_few_percent_of_missing_values_is_found_even_among_many_features() -> None:
@@ -136,5 +146,8 @@ def test_a_few_percent_of_missing_values_is_found_even_among_many_features() -> 
     windows = [normal(rng, 500) for _ in range(100)]
     for window in windows:
         window[rng.random(500) < 0.05] = np.nan
-    found = [statistic(reference_counts, count_into(window, edges)) > cut for window in windows]
+    found = [
+        statistic(reference_counts, count_into(window, edges), thresholds) > cut
+        for window in windows
+    ]
     assert sum(found) >= 60  # NaN, the last cell, moves every cumulative share

@@ -143,6 +143,10 @@ def plausible_args(work: Path, free_port: int) -> dict[str, list[str]]:
         "rollout abort": ["rollout", "abort", "1", "--reason", "test"],
         "alerts list": ["alerts", "list", "--open"],
         "alerts ack": ["alerts", "ack", "1"],
+        "webhooks deliveries": ["webhooks", "deliveries", "--failed"],
+        "webhooks retry": ["webhooks", "retry", "1"],
+        "samples list": ["samples", "list", "--device", "cam-1"],
+        "samples get": ["samples", "get", "1", "-o", str(work / "samples.npz")],
     }
 
 

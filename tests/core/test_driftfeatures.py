@@ -9,14 +9,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ConfigDict
 
 from edgefleet import driftfeatures
-from edgefleet.drift import REFERENCE_FILE, DriftReference, count_into, quantile_edges
+from edgefleet.drift import (
+    REFERENCE_FILE,
+    DriftReference,
+    FeatureReference,
+    count_into,
+    quantile_edges,
+)
 from edgefleet.driftfeatures import (
     FEATURES_FILE,
     MAX_CLASSES,
     MAX_SUMMARY_VALUES,
+    DriftFeature,
     DriftFeatures,
+    LenientThresholds,
     TensorLayout,
     as_samples,
     load_reference,
@@ -194,3 +203,41 @@ def test_a_newer_features_file_is_read_as_far_as_it_is_understood(
     assert first.inputs[0].thresholds is not None  # unknown threshold fields ignored
     warnings = [r for r in caplog.records if "schema_version 3" in r.getMessage()]
     assert len(warnings) == 1  # logged once
+
+
+def test_thresholds_written_before_they_named_a_statistic_are_read_as_the_plain_sum(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / FEATURES_FILE).write_text(json.dumps(_features_document(np.arange(100.0))))
+    reference, _ = load_reference(tmp_path)
+    assert isinstance(reference, DriftFeatures)
+    thresholds = reference.inputs[0].thresholds
+    assert thresholds is not None and thresholds.statistic == "sum"
+
+
+class ReaderBeforeNamedThresholds(FeatureReference):
+    """DriftFeature as readers that predate the statistic's name read it."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    summary: str
+    thresholds: LenientThresholds | None = None
+
+
+def test_thresholds_that_name_a_statistic_are_hidden_from_readers_that_predate_the_name() -> None:
+    values = np.arange(100.0)
+    named = LenientThresholds(
+        false_alarm=0.01, by_window={50: 2.0}, statistic="scaled-sum", part_scales=(9.0, 5.0)
+    )
+    feature = DriftFeature(
+        name="x[0]",
+        tensor="x",
+        index=0,
+        summary="value",
+        histogram=count_into(values, quantile_edges(values)),
+        thresholds=named,
+    )
+    written = feature.model_dump_json()
+    assert DriftFeature.model_validate_json(written).thresholds == named
+    before = ReaderBeforeNamedThresholds.model_validate_json(written)
+    assert before.histogram == feature.histogram and before.thresholds is None

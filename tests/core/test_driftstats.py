@@ -17,6 +17,7 @@ from edgefleet.driftstats import (
     judge_window,
     psi,
     statistic,
+    statistic_parts,
     tail_probability,
     threshold_at,
 )
@@ -103,6 +104,37 @@ def test_smaller_false_alarm_rates_follow_the_exponential_tail() -> None:
 def test_thresholds_refuse_a_tail_without_a_threshold() -> None:
     with pytest.raises(ValueError, match="tail"):
         FeatureThresholds(false_alarm=0.01, by_window={100: 1.0}, tail={200: 1.0})
+
+
+def test_thresholds_are_judged_with_the_statistic_they_name() -> None:
+    window = live([150, 50, 50, 150])
+    cumulative, cells = statistic_parts(REFERENCE, window)
+    scaled = THRESHOLDS.model_copy(update={"statistic": "scaled-sum", "part_scales": (8.0, 4.0)})
+    verdict = judge_feature("x", REFERENCE, scaled, window)
+    assert verdict.statistic == pytest.approx(cumulative / 8.0 + cells / 4.0)
+    assert verdict.status == "ok"  # 23.7 against 30, where the plain sum (117) drifts
+
+
+def test_thresholds_that_name_no_statistic_are_judged_with_the_plain_sum() -> None:
+    written_before = '{"false_alarm": 0.01, "by_window": {"100": 20.0, "400": 30.0}}'
+    thresholds = FeatureThresholds.model_validate_json(written_before)
+    assert thresholds.statistic == "sum"
+    window = live([150, 50, 50, 150])
+    cumulative, cells = statistic_parts(REFERENCE, window)
+    verdict = judge_window({"x": (REFERENCE, thresholds)}, {"x": window}).features[0]
+    assert verdict.statistic == pytest.approx(cumulative + cells)
+    assert verdict.status == "drift"
+
+
+def test_the_scaled_sum_needs_its_part_scales_and_only_it_has_them() -> None:
+    with pytest.raises(ValueError, match="part_scales"):
+        FeatureThresholds(false_alarm=0.01, by_window={100: 2.0}, statistic="scaled-sum")
+    with pytest.raises(ValueError, match="part_scales"):
+        FeatureThresholds(false_alarm=0.01, by_window={100: 20.0}, part_scales=(8.0, 4.0))
+    with pytest.raises(ValueError, match="positive"):
+        FeatureThresholds(
+            false_alarm=0.01, by_window={100: 2.0}, statistic="scaled-sum", part_scales=(0.0, 4.0)
+        )
 
 
 def test_a_feature_without_thresholds_or_with_too_few_samples_is_insufficient() -> None:

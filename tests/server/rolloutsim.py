@@ -303,6 +303,7 @@ class DeviceSimulator:
         fallbacks: int = 0,
         latency_counts: list[int] | None = None,
         shadow: tuple[int, int] | None = None,
+        labelled: tuple[int, int] | None = None,
         at: dt.datetime | None = None,
     ) -> None:
         """Add one telemetry bucket per device (what the ingestor's flush writes)."""
@@ -332,8 +333,8 @@ class DeviceSimulator:
                         dropped_windows=0,
                         shadow_requests=shadow[0] if shadow else 0,
                         shadow_agreements=shadow[1] if shadow else 0,
-                        labelled_count=0,
-                        labelled_correct=0,
+                        labelled_count=labelled[0] if labelled else 0,
+                        labelled_correct=labelled[1] if labelled else 0,
                         latency={
                             "bounds_ms": LATENCY_BOUNDS,
                             "counts": latency_counts or [requests, 0, 0, 0, 0, 0],

@@ -120,6 +120,12 @@ REQUIRED_ROLE: dict[tuple[str, str], Role | None] = {
     ("POST", "/api/v1/rollouts/{rollout_id}/abort"): Role.OPERATOR,
     ("GET", "/api/v1/alerts"): Role.VIEWER,
     ("POST", "/api/v1/alerts/{alert_id}/ack"): Role.OPERATOR,
+    ("GET", "/api/v1/accuracy"): Role.VIEWER,
+    ("GET", "/api/v1/webhooks/deliveries"): Role.VIEWER,
+    ("POST", "/api/v1/webhooks/deliveries/{delivery_id}/retry"): Role.OPERATOR,
+    ("POST", "/api/v1/devices/{device_id}/samples"): None,  # signed with the device's key
+    ("GET", "/api/v1/samples"): Role.VIEWER,
+    ("GET", "/api/v1/samples/{sample_id}"): Role.OPERATOR,
     ("POST", "/api/v1/tokens"): Role.ADMIN,
     ("GET", "/api/v1/tokens"): Role.ADMIN,
     ("DELETE", "/api/v1/tokens/{token_id}"): Role.ADMIN,
@@ -135,6 +141,8 @@ PATH_VALUES = {
     "rollout_id": "999999",
     "token_id": "999999",
     "alert_id": "999999",
+    "sample_id": "999999",
+    "delivery_id": "999999",
 }
 BELOW = {Role.OPERATOR: Role.VIEWER, Role.ADMIN: Role.OPERATOR}
 

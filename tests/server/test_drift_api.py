@@ -16,11 +16,12 @@ from sqlalchemy import select
 
 from edgefleet.server.db.database import Database
 from edgefleet.server.db.models import Alert, AuditEntry
+from edgefleet.server.drift.cohorts import VERSION_COHORT, profile_cohort, tag_cohort
 from edgefleet.server.drift.evaluator import DATASET_DRIFT, FEATURE_DRIFT, PREDICTION_DRIFT
 from edgefleet.server.principals import Role
 from edgefleet.trust import TrustRoot
 from tests.clirun import Cli
-from tests.conftest import KeySet
+from tests.conftest import PROFILE, KeySet
 from tests.server.apiclient import Api, make_api, serve
 from tests.server.driftdata import Fleet, alerts, digits, pooled_reference, write_bundle
 from tests.server.rolloutsim import add_device
@@ -28,8 +29,9 @@ from tests.server.rolloutsim import add_device
 
 @pytest.fixture
 def drifted(database: Database, tmp_path: Path, trust: TrustRoot, keyset: KeySet) -> Api:
-    """An app whose device "shifted" drifted (its alerts and its cohort's are open) and
-    whose device "steady" did not."""
+    """An app whose device "shifted" drifted (its alerts and its cohorts' are open: the
+    version, the profile, the tag line=1 the two devices share) and whose device "steady"
+    did not."""
     api = make_api(database, tmp_path, trust)
     features = digits().features
     bundle = write_bundle(
@@ -41,7 +43,7 @@ def drifted(database: Database, tmp_path: Path, trust: TrustRoot, keyset: KeySet
     )
     assert api.push(bundle).status_code == 201
     for device_id in ("steady", "shifted"):
-        add_device(database, device_id, model=("demo", "1.0.0"))
+        add_device(database, device_id, model=("demo", "1.0.0"), tags={"line": "1"})
     fleet = Fleet(database, tmp_path, "1.0.0")
     for _ in range(4):
         fleet.send("steady", drifted=False)
@@ -80,6 +82,32 @@ def test_list_alerts_filters_by_device_and_state(drifted: Api) -> None:
         first.resolved_at = drifted.clock.now
     still_open = drifted.get("/alerts", Role.VIEWER, params={"open": "true"}).json()
     assert {row["id"] for row in still_open} == {row["id"] for row in rows} - {rows[-1]["id"]}
+
+
+def test_list_alerts_filters_by_cohort_bundle_version_and_kind(drifted: Api) -> None:
+    def listed(**params: str) -> list[dict[str, object]]:
+        response = drifted.get("/alerts", Role.VIEWER, params=params)
+        assert response.status_code == 200, response.text
+        rows: list[dict[str, object]] = response.json()
+        return rows
+
+    every = listed()
+    assert {row["cohort"] for row in every} == {
+        None,  # the device's
+        VERSION_COHORT,
+        profile_cohort(PROFILE),
+        tag_cohort("line", "1"),
+    }
+    assert all((row["cohort"] is None) == (row["scope"] == "device") for row in every)
+    tagged = listed(cohort=tag_cohort("line", "1"))
+    assert tagged and {row["cohort"] for row in tagged} == {tag_cohort("line", "1")}
+    assert listed(cohort="tag:line") == []  # exact, not a prefix
+    datasets = listed(kind=DATASET_DRIFT)
+    assert len(datasets) == 4 and {row["kind"] for row in datasets} == {DATASET_DRIFT}
+    assert len(listed(bundle="demo", version="1.0.0")) == len(every)
+    assert listed(bundle="other") == [] and listed(version="2.0.0") == []
+    too_long = drifted.get("/alerts", Role.VIEWER, params={"cohort": "x" * 257})
+    assert too_long.status_code == 422
 
 
 def test_ack_is_the_operators_and_audited_once(drifted: Api) -> None:
@@ -121,7 +149,9 @@ def test_metrics_show_open_alerts_and_cohort_statistics(drifted: Api) -> None:
     features = digits().features
     assert set(statistics) == {f.name for f in [*features.inputs, *features.outputs]}
     cohort_pixel = next(
-        row for row in open_alerts if row["scope"] == "cohort" and row["kind"] == FEATURE_DRIFT
+        row
+        for row in open_alerts
+        if row["cohort"] == VERSION_COHORT and row["kind"] == FEATURE_DRIFT
     )
     assert statistics[cohort_pixel["feature"]] == pytest.approx(
         cohort_pixel["evidence"]["statistic"]
@@ -150,8 +180,8 @@ def run(capsys: pytest.CaptureFixture[str]) -> Cli:
 def test_cli_lists_and_acknowledges(served: Api, run: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
     out, _ = run("alerts", "list", "--device", "shifted")
     lines = out.splitlines()
-    assert lines[0].split()[:3] == ["ID", "KIND", "WHERE"]
-    assert all(" shifted " in line for line in lines[1:])
+    assert lines[0].split()[:4] == ["ID", "KIND", "DEVICE", "COHORT"]
+    assert all(line.split()[2:4] == ["shifted", "-"] for line in lines[1:])
     pixel_line = next(line for line in lines if FEATURE_DRIFT in line)
     assert " > " in pixel_line and "samples (PSI " in pixel_line
     out, _ = run("alerts", "list", "--open", "--json")
@@ -167,3 +197,6 @@ def test_cli_lists_and_acknowledges(served: Api, run: Cli, monkeypatch: pytest.M
     assert err.startswith("error [forbidden]: ")
     out, _ = run("alerts", "list", "--device", "steady")
     assert out.strip() == "no alerts"
+    out, _ = run("alerts", "list", "--cohort", "tag:line=1", "--kind", DATASET_DRIFT)
+    rows = out.splitlines()[1:]
+    assert len(rows) == 1 and rows[0].split()[1:4] == [DATASET_DRIFT, "-", "tag:line=1"]

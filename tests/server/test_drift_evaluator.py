@@ -8,14 +8,35 @@ or shifted. The clock is moved by hand: each tick sees whole buckets.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
-from sqlalchemy import delete, select
+from alembic import command
+from sqlalchemy import delete, select, text
 
 from edgefleet.server.bundles import BundleStore
 from edgefleet.server.db.database import Database
-from edgefleet.server.db.models import AuditEntry, DriftReferenceRow, DriftState
+from edgefleet.server.db.migrate import alembic_config, open_database, upgrade_database
+from edgefleet.server.db.models import (
+    Alert,
+    AuditEntry,
+    BundleRow,
+    DeviceState,
+    DriftReferenceRow,
+    DriftState,
+    Rollout,
+    RolloutDevice,
+    RolloutState,
+)
+from edgefleet.server.drift.cohorts import (
+    VERSION_COHORT,
+    Member,
+    profile_cohort,
+    stage_cohort,
+    tag_cohort,
+    version_cohorts,
+)
 from edgefleet.server.drift.evaluator import (
     COHORT,
     DATASET_DRIFT,
@@ -27,7 +48,7 @@ from edgefleet.server.drift.evaluator import (
 )
 from edgefleet.server.drift.reference import load_references
 from edgefleet.trust import TrustRoot
-from tests.conftest import KeySet
+from tests.conftest import PROFILE, KeySet
 from tests.server.driftdata import (
     SAMPLES_PER_BUCKET,
     START,
@@ -71,13 +92,14 @@ def test_drift_opens_alerts_after_persistence_and_recovery_resolves_them(
         fleet.send("shifted", drifted=shifted_drifts)
         return fleet.tick()
 
-    first = bucket(True)  # the first window: two devices and their cohort judged
-    assert first.held and first.judged == 3 and first.opened == []
+    # The first window: two devices and their cohorts (the version, their profile) judged.
+    first = bucket(True)
+    assert first.held and first.judged == 4 and first.opened == []
     for _ in range(2):  # the next window is not complete yet
         assert bucket(True).judged == 0
     assert alerts(database) == []
     opening = bucket(True)  # the second drifted window in a row
-    assert opening.judged == 3 and opening.opened
+    assert opening.judged == 4 and opening.opened
 
     opened = alerts(database)
     assert {a.device_id for a in opened} == {"shifted", None}  # none for the steady device
@@ -100,7 +122,9 @@ def test_drift_opens_alerts_after_persistence_and_recovery_resolves_them(
         a.feature for a in pixels
     }
     cohort = [a for a in opened if a.scope == COHORT]
-    assert cohort and all(a.bundle_version == "1.0.0" for a in cohort)
+    assert {a.cohort for a in cohort} == {VERSION_COHORT, profile_cohort(PROFILE)}
+    assert all(a.bundle_version == "1.0.0" for a in cohort)
+    assert all(a.cohort is None for a in device)
     assert all(a.evidence["devices"] == 2 for a in cohort)
     assert all(a.resolved_at is None for a in opened)
 
@@ -151,14 +175,12 @@ def test_an_undrifted_fleet_opens_nothing(
     for _ in range(12):
         fleet.send("steady", drifted=False)
         judged += fleet.tick().judged
-    assert judged == 2 * 4  # the device and its cohort, once every three buckets
+    assert judged == 4  # the device, once every three buckets (a cohort of one is not)
     assert alerts(sqlite_database) == []
     with sqlite_database.session() as session:
         states = list(session.scalars(select(DriftState)))
     assert {(s.scope, s.kind) for s in states} == {
-        (scope, kind)
-        for scope in (DEVICE, COHORT)
-        for kind in (FEATURE_DRIFT, DATASET_DRIFT, PREDICTION_DRIFT)
+        (DEVICE, kind) for kind in (FEATURE_DRIFT, DATASET_DRIFT, PREDICTION_DRIFT)
     }
     assert all(s.persistence["open"] is False for s in states)
 
@@ -204,7 +226,7 @@ def test_features_without_thresholds_are_shown_never_judged(
     fleet = Fleet(sqlite_database, tmp_path, "0.9.0")
     for _ in range(8):
         fleet.send("old-agent", drifted=True)
-        assert fleet.tick().judged == 2  # looked at each time for enough samples...
+        assert fleet.tick().judged == 1  # looked at each time for enough samples...
     assert alerts(sqlite_database) == []  # ...and never judged: no thresholds
     with sqlite_database.session() as session:
         assert list(session.scalars(select(DriftState))) == []
@@ -279,3 +301,181 @@ def test_an_unusable_reference_file_does_not_refuse_the_bundle(
     assert all(thresholds is None for _, thresholds in stored.inputs.values())
     note = audit.details["drift_reference"]
     assert note.startswith("stored; unusable: drift-features.json: ")
+
+
+# --- cohorts
+
+
+def test_a_tag_cohort_drifts_while_the_version_and_the_other_tag_do_not(
+    database: Database, store: BundleStore, features_bundle: Path, tmp_path: Path
+) -> None:
+    push(database, store, features_bundle)
+    for device_id in ("a1", "a2"):
+        add_device(database, device_id, tags={"site": "a"})
+    for device_id in ("b1", "b2", "b3", "b4"):
+        add_device(database, device_id, tags={"site": "b"})
+    fleet = Fleet(database, tmp_path, "1.0.0")
+    # Site a's few samples drift; in the version's sum they are under 2% of the samples.
+    for _ in range(12):
+        for device_id in ("a1", "a2"):
+            fleet.send(device_id, drifted=True, samples=10)
+        for device_id in ("b1", "b2", "b3", "b4"):
+            fleet.send(device_id, drifted=False, samples=300)
+        fleet.tick()
+    cohort = [a for a in alerts(database) if a.scope == COHORT]
+    assert {a.cohort for a in cohort} == {tag_cohort("site", "a")}
+    assert FEATURE_DRIFT in {a.kind for a in cohort}
+    assert all(a.evidence["devices"] == 2 and a.device_id is None for a in cohort)
+    with database.session() as session:
+        judged = {s.subject for s in session.scalars(select(DriftState)) if s.scope == COHORT}
+    # The calm cohorts were judged, not skipped.
+    assert judged == {
+        VERSION_COHORT,
+        profile_cohort(PROFILE),
+        tag_cohort("site", "a"),
+        tag_cohort("site", "b"),
+    }
+
+
+def add_rollout(db: Database, stages: dict[str, int], state: RolloutState) -> int:
+    """A rollout of demo@1.0.0 with its devices in the given stages (all installed)."""
+    with db.session() as session:
+        bundle = session.scalars(
+            select(BundleRow).where(BundleRow.name == "demo", BundleRow.version == "1.0.0")
+        ).one()
+        rollout = Rollout(
+            bundle_id=bundle.id,
+            selector={},
+            plan={},
+            state=state,
+            stage_index=1,
+            stage_started_at=START,
+            created_by="ops",
+            created_at=START,
+            updated_at=START,
+        )
+        session.add(rollout)
+        session.flush()
+        for device_id, stage_index in stages.items():
+            session.add(
+                RolloutDevice(
+                    rollout_id=rollout.id,
+                    device_id=device_id,
+                    stage_index=stage_index,
+                    shadow=False,
+                    state=DeviceState.SUCCEEDED,
+                    attempts=1,
+                    directive_sequence=1,
+                    updated_at=START,
+                )
+            )
+        return rollout.id
+
+
+def test_a_stage_cohort_alert_opens_for_the_stage_and_resolves_when_the_rollout_ends(
+    database: Database, store: BundleStore, features_bundle: Path, tmp_path: Path
+) -> None:
+    push(database, store, features_bundle)
+    canaries, others = ("c1", "c2"), ("d1", "d2", "d3", "d4")
+    for device_id in (*canaries, *others):
+        add_device(database, device_id)
+    rollout_id = add_rollout(
+        database, {**dict.fromkeys(canaries, 0), **dict.fromkeys(others, 1)}, RolloutState.RUNNING
+    )
+    fleet = Fleet(database, tmp_path, "1.0.0")
+    for _ in range(12):
+        for device_id in canaries:
+            fleet.send(device_id, drifted=True, samples=10)
+        for device_id in others:
+            fleet.send(device_id, drifted=False, samples=300)
+        fleet.tick()
+    cohort = [a for a in alerts(database) if a.scope == COHORT]
+    assert {a.cohort for a in cohort} == {stage_cohort(rollout_id, 0)}
+    assert all(a.evidence["devices"] == 2 for a in cohort)
+    opened = [a for a in cohort if a.resolved_at is None]
+    assert opened
+
+    with database.session() as session:
+        session.get_one(Rollout, rollout_id).state = RolloutState.COMPLETED
+    ended = fleet.tick()  # the stage is no cohort any more, whether a window is due or not
+    assert {a.id for a in opened} <= set(ended.resolved)
+    for alert in alerts(database):
+        if alert.id in {a.id for a in opened}:
+            assert alert.evidence["resolved_by"] == {"reason": "the cohort no longer exists"}
+    with database.session() as session:
+        subjects = {s.subject for s in session.scalars(select(DriftState))}
+    assert stage_cohort(rollout_id, 0) not in subjects and VERSION_COHORT in subjects
+
+
+def test_cohorts_below_the_minimum_are_not_judged(
+    sqlite_database: Database, store: BundleStore, features_bundle: Path, tmp_path: Path
+) -> None:
+    push(sqlite_database, store, features_bundle)
+    for device_id in ("a1", "a2"):
+        add_device(sqlite_database, device_id, tags={"site": "a"})
+    fleet = Fleet(sqlite_database, tmp_path, "1.0.0", drift_min_cohort_devices=3)
+    for _ in range(6):
+        for device_id in ("a1", "a2"):
+            fleet.send(device_id, drifted=True)
+        fleet.tick()
+    opened = alerts(sqlite_database)
+    assert {a.device_id for a in opened} == {"a1", "a2"}  # the devices' own, no cohort's
+    with sqlite_database.session() as session:
+        assert {s.scope for s in session.scalars(select(DriftState))} == {DEVICE}
+
+
+def member(device_id: str, **tags: str) -> Member:
+    return Member(device_id, PROFILE, tags)
+
+
+def test_tag_cohorts_over_the_cap_are_skipped_largest_kept_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    members = [member("d1", line="1", serial="s1"), member("d2", line="1", serial="s2")]
+    members += [member("d3", line="2", serial="s3"), member("d4", line="2", serial="s4")]
+    members += [member("d5", line="2", serial="s5")]
+    stages = {stage_cohort(7, 0): {"d1", "d9"}, stage_cohort(7, 1): {"d2", "d3", "d4"}}
+    with caplog.at_level(logging.INFO, logger="edgefleet.server.drift.cohorts"):
+        cohorts = version_cohorts(
+            members, stages, min_devices=2, max_tag_cohorts=1, label="demo@1.0.0"
+        )
+    assert cohorts.judged == {
+        VERSION_COHORT: ["d1", "d2", "d3", "d4", "d5"],
+        profile_cohort(PROFILE): ["d1", "d2", "d3", "d4", "d5"],
+        stage_cohort(7, 1): ["d2", "d3", "d4"],
+        tag_cohort("line", "2"): ["d3", "d4", "d5"],
+    }
+    assert cohorts.skipped[tag_cohort("line", "1")] == "over the cap of 1 tag cohorts"
+    assert cohorts.skipped[tag_cohort("serial", "s1")] == "fewer than 2 devices"
+    assert cohorts.skipped[stage_cohort(7, 0)] == "fewer than 2 devices"  # d9 sends nothing
+    assert "demo@1.0.0: 1 tag cohort(s) over the cap of 1 not judged" in caplog.text
+
+
+def test_the_cohort_state_stored_before_cohorts_had_names_is_the_version_cohort(
+    tmp_path: Path,
+) -> None:
+    db = open_database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    try:
+        with db.engine.begin() as conn:
+            command.downgrade(alembic_config(conn), "0003")
+            conn.execute(
+                text(
+                    "INSERT INTO drift_states (scope, subject, bundle_name, bundle_version,"
+                    " kind, feature, persistence, window_end)"
+                    " VALUES ('cohort', '', 'demo', '1.0.0', 'dataset-drift', '', '{}',"
+                    " '2026-12-01 12:00:00.000000')"
+                )
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO alerts (kind, scope, bundle_name, bundle_version, opened_at,"
+                    " evidence) VALUES ('dataset-drift', 'cohort', 'demo', '1.0.0',"
+                    " '2026-12-01 12:00:00.000000', '{}')"
+                )
+            )
+        upgrade_database(db)
+        with db.session() as session:
+            assert session.scalars(select(DriftState.subject)).one() == VERSION_COHORT
+            assert session.scalars(select(Alert.cohort)).one() == VERSION_COHORT
+    finally:
+        db.dispose()

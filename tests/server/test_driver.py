@@ -22,8 +22,18 @@ from edgefleet.mqtt import Directive, parse_device_topic
 from edgefleet.server.api.schemas.rollouts import RolloutStatus
 from edgefleet.server.db.database import Database
 from edgefleet.server.db.migrate import open_database
-from edgefleet.server.db.models import BundleRow, Device, Lease, RolloutDevice, RolloutTransition
+from edgefleet.server.db.models import (
+    Alert,
+    BundleRow,
+    Device,
+    Lease,
+    RolloutDevice,
+    RolloutTransition,
+)
 from edgefleet.server.directives import DirectiveIssuer
+from edgefleet.server.drift.alerts import open_alert
+from edgefleet.server.drift.cohorts import stage_cohort
+from edgefleet.server.drift.evaluator import DATASET_DRIFT, FEATURE_DRIFT
 from edgefleet.server.principals import Principal, Role
 from edgefleet.server.rollouts import driver as driver_module
 from edgefleet.server.rollouts.driver import RolloutDriver
@@ -758,3 +768,147 @@ def test_directives_per_tick_are_capped_for_installs_and_rollbacks(
     assert f.state(rid) == "aborting"
     f.sim.step()
     f.run_until(rid, "aborted")
+
+
+def _open_drift_alert(
+    db: Database,
+    now: dt.datetime,
+    *,
+    device: str | None,
+    version: str = "2.0.0",
+    feature: str | None = "temperature",
+    cohort: str | None = None,
+) -> None:
+    with db.session() as session:
+        open_alert(
+            session,
+            Alert(
+                kind=FEATURE_DRIFT if feature else DATASET_DRIFT,
+                scope="cohort" if device is None else "device",
+                device_id=device,
+                cohort=cohort,
+                bundle_name="demo",
+                bundle_version=version,
+                feature=feature,
+                opened_at=now,
+                evidence={},
+            ),
+        )
+
+
+def _checks(f: Fleet, rollout_id: int) -> dict[str, Any]:
+    with f.db.session() as session:
+        stage = rollout_status(session, rollout_id, f.clock()).stages[0]
+        return {c.name: c for c in stage.checks}
+
+
+DRIFT_PLAN = {
+    "stages": [{"count": 2}, {"percent": 100}],
+    "on_gate_failure": "pause",
+    "gates": {"max_drift": 0.0, "bake_s": 5},
+}
+
+
+@pytest.mark.parametrize("whose", ["device", "stage cohort"])
+def test_drift_gate_pauses_a_rollout_whose_canaries_drift(
+    database: Database, tmp_path: Path, keyset: KeySet, trust: TrustRoot, whose: str
+) -> None:
+    f = make_fleet(database, tmp_path, keyset, trust, 4)
+    rid = f.start({**DRIFT_PLAN, "gates": {"max_drift": 0.0, "bake_s": 600}})
+    f.run(2)
+    canaries = sorted(d for d, s in f.devices(rid).items() if s == "succeeded")
+    assert len(canaries) == 2
+    f.sim.telemetry(canaries)
+    assert _checks(f, rid)["max_drift"].passed is True
+    if whose == "device":
+        _open_drift_alert(database, f.clock(), device=canaries[0])
+    else:
+        _open_drift_alert(database, f.clock(), device=None, cohort=stage_cohort(rid, 0))
+    f.run()
+    status = f.status(rid)
+    assert status.state == "paused"
+    assert "max_drift" in (status.reason or "") and "temperature" in (status.reason or "")
+    assert [t[1] for t in f.transitions(rid)] == ["running", "paused"]
+    assert all(f.received(d) == [] for d in f.devices(rid) if d not in canaries)
+
+
+def test_drift_of_another_version_or_another_device_does_not_hold_the_stage(
+    database: Database, tmp_path: Path, keyset: KeySet, trust: TrustRoot
+) -> None:
+    f = make_fleet(database, tmp_path, keyset, trust, 4)
+    rid = f.start(DRIFT_PLAN)
+    f.run(2)
+    canaries = sorted(d for d, s in f.devices(rid).items() if s == "succeeded")
+    others = sorted({f"dev-{i:02d}" for i in range(4)} - set(canaries))  # still on 1.0.0
+    f.sim.telemetry(canaries)
+    # The previous version drifting on a canary, and a device outside the stage drifting.
+    _open_drift_alert(database, f.clock(), device=canaries[0], version="1.0.0")
+    _open_drift_alert(database, f.clock(), device=others[0], version="1.0.0")
+    _open_drift_alert(database, f.clock(), device=None, cohort="version", version="1.0.0")
+    check = _checks(f, rid)["max_drift"]
+    assert check.passed is True and check.detail == "0 of 2 devices drift; at most 0"
+    f.run_until(rid, "completed")
+    assert [t[1] for t in f.transitions(rid)] == ["running", "running", "completed"]
+
+
+def test_accuracy_gate_fails_against_the_reference_once_enough_labels_came(
+    database: Database, tmp_path: Path, keyset: KeySet, trust: TrustRoot
+) -> None:
+    f = make_fleet(database, tmp_path, keyset, trust, 4)
+    report = {"chosen": "int8", "candidates": [{"name": "int8", "metrics": {"accuracy": 95.0}}]}
+    with database.session() as session:
+        bundle = session.scalars(select(BundleRow).where(BundleRow.version == "2.0.0")).one()
+        bundle.report = report
+    rid = f.start(
+        {
+            "stages": [{"count": 2}, {"percent": 100}],
+            "on_gate_failure": "pause",
+            "gates": {"max_accuracy_drop": 0.05, "min_labels": 50, "bake_s": 600},
+        }
+    )
+    f.run(2)
+    canaries = sorted(d for d, s in f.devices(rid).items() if s == "succeeded")
+    f.sim.telemetry(canaries, labelled=(20, 12))  # 40 labels, 60% right
+    f.run()
+    check = _checks(f, rid)["max_accuracy_drop"]
+    assert (check.passed, check.detail) == (None, "not judged: 40 of 50 labels needed")
+    assert f.state(rid) == "running"
+    f.sim.telemetry(canaries, labelled=(10, 6))  # 60 labels, 60% right
+    f.run()
+    status = f.status(rid)
+    assert status.state == "paused"
+    assert (
+        "max_accuracy_drop: 36 of 60 labels right (60.0%) vs 95.0% from the converter's reference"
+        in (status.reason or "")
+    )
+
+
+def test_accuracy_gate_without_a_reference_compares_with_the_previous_version(
+    database: Database, tmp_path: Path, keyset: KeySet, trust: TrustRoot
+) -> None:
+    f = make_fleet(database, tmp_path, keyset, trust, 4)
+    rid = f.start(
+        {
+            "stages": [{"count": 2}, {"percent": 100}],
+            "on_gate_failure": "pause",
+            "gates": {"max_accuracy_drop": 0.05, "bake_s": 7200},
+        }
+    )
+    f.run(2)
+    canaries = sorted(d for d, s in f.devices(rid).items() if s == "succeeded")
+    others = sorted({f"dev-{i:02d}" for i in range(4)} - set(canaries))
+    before = START - dt.timedelta(minutes=30)
+    f.sim.telemetry(canaries, version="1.0.0", labelled=(50, 48), at=before)
+    f.sim.telemetry(others, version="1.0.0", labelled=(50, 10), at=before)  # not the stage's
+    f.sim.telemetry(canaries, labelled=(30, 21))  # 60 labels, 70% right
+    check = _checks(f, rid)["max_accuracy_drop"]
+    # The stage ran seconds: the previous version's labels of 30 minutes before are too old.
+    assert check.passed is None
+    assert check.detail == (
+        "not judged: no reference accuracy, and 0 of 50 labels of the previous version"
+    )
+    f.clock.advance(3600)
+    f.run()
+    reason = f.status(rid).reason or ""
+    assert f.state(rid) == "paused"
+    assert "60 labels right (70.0%) vs 96.0% from the previous version before the stage" in reason

@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
+from edgefleet.server.drift.accuracy import Labelled, ReferenceAccuracy
 from edgefleet.server.rollouts.gates import (
+    Drifting,
     GateCheck,
     GateDecision,
     StageCounts,
@@ -33,6 +35,14 @@ HEALTHY: dict[str, Any] = {
     "stage_elapsed_s": 600.0,
     "settled_elapsed_s": 300.0,
 }
+
+
+DRIFT = {"max_drift": 0.1}
+ONE_DRIFTS = (Drifting("dev-01", ("temperature",)),)
+TWO_DRIFT = (Drifting("dev-01", ("pressure", "temperature")), Drifting("dev-03", ("dataset",)))
+ACCURACY = {"max_accuracy_drop": 0.05}
+REFERENCE_95 = ReferenceAccuracy("accuracy", 0.95)
+RMSE_2 = ReferenceAccuracy("rmse", 2.0)
 
 
 @dataclass(frozen=True)
@@ -214,6 +224,96 @@ CASES = {
     "stage override is what counts": Case(
         {"errors": 30}, FAIL, ["max_error_rate"], gates={"max_error_rate": 0.01}
     ),
+    # --- drift ---
+    "drift is not judged without max_drift": Case(
+        {"drifting": TWO_DRIFT, "cohort_drift": ("x",)}, ADVANCE, PASSED, passed={"max_drift": None}
+    ),
+    "one drifting device in ten is at the limit": Case(
+        {"drifting": ONE_DRIFTS}, ADVANCE, PASSED, gates=DRIFT, passed={"max_drift": True}
+    ),
+    "two drifting devices in ten are over the limit": Case(
+        {"drifting": TWO_DRIFT}, FAIL, ["max_drift: 2 of 10 devices drift"], gates=DRIFT
+    ),
+    "a drifting stage cohort fails the stage": Case(
+        {"cohort_drift": ("pressure",)}, FAIL, ["drift as a whole (pressure)"], gates=DRIFT
+    ),
+    "drift is not judged before any telemetry": Case(
+        {"drifting": TWO_DRIFT, "reporting": 0},
+        ADVANCE,
+        PASSED,
+        gates={"max_drift": 0.0},
+        passed={"max_drift": None},
+    ),
+    "drift is not judged in a shadow stage": Case(
+        {"drifting": TWO_DRIFT, "shadow_requests": 100, "shadow_agreements": 100},
+        ADVANCE,
+        PASSED,
+        gates={"max_drift": 0.0},
+        shadow=True,
+        passed={"max_drift": None},
+    ),
+    # --- accuracy ---
+    "accuracy is not judged without max_accuracy_drop": Case(
+        {"labels": Labelled(100, 10), "reference": REFERENCE_95},
+        ADVANCE,
+        PASSED,
+        passed={"max_accuracy_drop": None},
+    ),
+    "60% labelled accuracy against a 95% reference fails": Case(
+        {"labels": Labelled(100, 60), "reference": REFERENCE_95},
+        FAIL,
+        ["max_accuracy_drop: 60 of 100 labels right (60.0%) vs 95.0% from the converter's"],
+        gates=ACCURACY,
+    ),
+    "accuracy exactly at the reference minus the drop passes": Case(
+        {"labels": Labelled(100, 90), "reference": REFERENCE_95},
+        ADVANCE,
+        PASSED,
+        gates=ACCURACY,
+        passed={"max_accuracy_drop": True},
+    ),
+    "accuracy below min_labels is not judged": Case(
+        {"labels": Labelled(49, 0), "reference": REFERENCE_95},
+        ADVANCE,
+        PASSED,
+        gates=ACCURACY,
+        passed={"max_accuracy_drop": None},
+    ),
+    "without a reference the previous version's accuracy is the reference": Case(
+        {"labels": Labelled(100, 80), "previous_labels": Labelled(50, 45)},
+        FAIL,
+        ["80.0%) vs 90.0% from the previous version"],
+        gates=ACCURACY,
+    ),
+    "without a reference and too few previous labels accuracy is not judged": Case(
+        {"labels": Labelled(100, 0), "previous_labels": Labelled(49, 49)},
+        ADVANCE,
+        PASSED,
+        gates=ACCURACY,
+        passed={"max_accuracy_drop": None},
+    ),
+    "regression: RMSE at the reference times (1 + drop) passes": Case(
+        {"labels": Labelled(100, 0, squared_error=900.0), "reference": RMSE_2},
+        ADVANCE,
+        PASSED,
+        gates={"max_accuracy_drop": 0.5},
+        passed={"max_accuracy_drop": True},
+    ),
+    "regression: RMSE above the reference times (1 + drop) fails": Case(
+        {"labels": Labelled(100, 0, squared_error=1600.0), "reference": RMSE_2},
+        FAIL,
+        ["max_accuracy_drop: RMSE 4 over 100 labels vs 2 from the converter's"],
+        gates={"max_accuracy_drop": 0.5},
+    ),
+    "regression against the previous version": Case(
+        {
+            "labels": Labelled(100, 0, squared_error=1600.0),
+            "previous_labels": Labelled(100, 0, squared_error=400.0),
+        },
+        FAIL,
+        ["vs 2 from the previous version before the stage (at most x1.5)"],
+        gates={"max_accuracy_drop": 0.5},
+    ),
 }
 
 
@@ -246,10 +346,13 @@ def test_every_gate_has_a_check() -> None:
         "max_fallback_rate",
         "max_latency_p95_ratio",
         "min_shadow_agreement",
+        "max_drift",
+        "max_accuracy_drop",
         "min_reporting",
         "bake_s",
     ]
-    assert set(Gates.model_fields) - {"min_requests"} == {c.name for c in verdict.checks}
+    thresholds = {"min_requests", "min_labels"}  # how much data a check needs, not checks
+    assert set(Gates.model_fields) - thresholds == {c.name for c in verdict.checks}
 
 
 def test_shares_are_compared_exactly() -> None:
@@ -273,3 +376,25 @@ def test_verdict_is_json_safe() -> None:
     assert Verdict(WAIT, ["x"], [GateCheck("bake_s", None, "y")]).to_dict()["checks"] == [
         {"name": "bake_s", "passed": None, "detail": "y"}
     ]
+
+
+def test_drift_detail_names_devices_and_features() -> None:
+    gates = Gates(max_drift=0.1)
+    counts = StageCounts(**(HEALTHY | {"drifting": TWO_DRIFT}))
+    check = next(
+        c for c in evaluate_stage(gates, counts, shadow=False).checks if c.name == "max_drift"
+    )
+    assert check == GateCheck(
+        "max_drift",
+        False,
+        "2 of 10 devices drift: dev-01 (pressure, temperature), dev-03 (dataset); at most 0.1",
+    )
+    many = tuple(Drifting(f"dev-{i:02d}", ("a", "b", "c", "d")) for i in range(5))
+    counts = StageCounts(**(HEALTHY | {"drifting": many}))
+    check = next(
+        c for c in evaluate_stage(gates, counts, shadow=False).checks if c.name == "max_drift"
+    )
+    assert check.detail == (
+        "5 of 10 devices drift: dev-00 (a, b, c and 1 more), dev-01 (a, b, c and 1 more), "
+        "dev-02 (a, b, c and 1 more) and 2 more; at most 0.1"
+    )

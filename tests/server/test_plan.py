@@ -97,7 +97,7 @@ def test_plan_round_trips_through_its_stored_form() -> None:
     }
     assert stored["stages"][1] == {"count": 3, "shadow": False}
     assert stored["gates"]["bake_s"] == 60  # defaults are filled in
-    assert "max_drift" not in stored["gates"]
+    assert stored["gates"]["max_drift"] is None  # off unless set
     assert plan_from_dict(stored) == plan
     assert plan_to_dict(plan_from_dict(stored)) == stored
 
@@ -240,29 +240,51 @@ def test_plan_from_dict_refuses_what_is_not_a_mapping() -> None:
         plan_from_dict([{"percent": 100}])
 
 
+def test_drift_and_accuracy_gates_are_set_per_plan_and_per_stage() -> None:
+    plan = load_plan(
+        """
+        gates: {max_drift: 0.2, max_accuracy_drop: 0.05}
+        stages:
+          - {count: 1, gates: {max_drift: 0, min_labels: 200}}
+          - {percent: 100}
+        """
+    )
+    assert plan.stage_gates(0) == Gates(max_drift=0.0, max_accuracy_drop=0.05, min_labels=200)
+    assert plan.stage_gates(1) == Gates(max_drift=0.2, max_accuracy_drop=0.05)
+    assert Gates().max_drift is None and Gates().max_accuracy_drop is None
+    assert Gates().min_labels == 50
+    assert plan_from_dict(plan_to_dict(plan)) == plan
+
+
 @pytest.mark.parametrize(
-    ("text", "where"),
+    ("text", "message"),
     [
-        ("{stages: [{percent: 100}], gates: {max_drift: 0.2}}", "gates"),
-        ("stages: [{percent: 100, gates: {max_drift: 0}}]", "stages.0.gates"),
+        (
+            "{stages: [{percent: 100}], gates: {max_drift: 1.5}}",
+            "gates.max_drift: Input should be less than or equal to 1",
+        ),
+        (
+            "stages: [{percent: 100, gates: {max_accuracy_drop: -0.1}}]",
+            "stages.0.gates.max_accuracy_drop: Input should be greater than or equal to 0",
+        ),
+        (
+            "{stages: [{percent: 100}], gates: {min_labels: 0}}",
+            "gates.min_labels: Input should be greater than or equal to 1",
+        ),
     ],
 )
-def test_drift_gate_is_refused_until_drift_gates_exist(text: str, where: str) -> None:
+def test_drift_and_accuracy_gate_values_out_of_range_are_refused(text: str, message: str) -> None:
     with pytest.raises(InvalidRequestError) as caught:
         load_plan(text)
-    assert str(caught.value) == (
-        f"invalid plan: {where}: max_drift: drift gates are not available yet"
-    )
+    assert str(caught.value).startswith(f"invalid plan: {message}")
 
 
 def test_stored_plans_with_an_empty_drift_gate_still_load() -> None:
-    # Rollouts stored while max_drift was accepted carry `max_drift: null`.
     stored = plan_to_dict(load_plan(SMALLEST))
     stored["gates"]["max_drift"] = None
     stored["stages"][0]["gates"] = {"max_drift": None}
     plan = plan_from_dict(stored)
     assert plan.gates == Gates() and plan.stage_gates(0) == Gates()
-    assert "max_drift" not in plan_to_dict(plan)["gates"]
 
 
 def test_min_success_plus_max_failure_above_one_is_allowed() -> None:

@@ -30,12 +30,38 @@ def get_alerts(
     device: Annotated[
         str | None, Query(max_length=128, description="only this device's alerts")
     ] = None,
+    cohort: Annotated[
+        str | None,
+        Query(
+            max_length=256,
+            description='only this cohort\'s alerts, exactly: "version", "tag:KEY=VALUE", '
+            '"profile:PROFILE" or "stage:ROLLOUT_ID/STAGE_INDEX"',
+        ),
+    ] = None,
+    bundle: Annotated[
+        str | None, Query(max_length=128, description="only alerts of this bundle name")
+    ] = None,
+    version: Annotated[
+        str | None, Query(max_length=64, description="only alerts of this bundle version")
+    ] = None,
+    kind: Annotated[
+        str | None, Query(max_length=32, description="only alerts of this kind")
+    ] = None,
     open_only: Annotated[
         bool, Query(alias="open", description="only alerts not resolved yet")
     ] = False,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[AlertPublic]:
-    rows = list_alerts(session, device=device, open_only=open_only, limit=limit)
+    rows = list_alerts(
+        session,
+        device=device,
+        cohort=cohort,
+        bundle=bundle,
+        version=version,
+        kind=kind,
+        open_only=open_only,
+        limit=limit,
+    )
     return [AlertPublic.model_validate(row) for row in rows]
 
 

@@ -15,6 +15,11 @@ class AlertPublic(RowView):
     kind: str = Field(description="feature-drift, prediction-drift or dataset-drift")
     scope: Literal["device", "cohort"]
     device_id: str | None = Field(description="the device; null for a cohort alert")
+    cohort: str | None = Field(
+        description='the cohort: "version" (every device on the bundle version), '
+        '"tag:KEY=VALUE", "profile:PROFILE" or "stage:ROLLOUT_ID/STAGE_INDEX" (the devices '
+        "of a stage of an active rollout); null for a device alert"
+    )
     bundle_name: str
     bundle_version: str
     feature: str | None = Field(description="the feature; null for dataset drift")
