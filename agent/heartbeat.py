@@ -4,6 +4,12 @@ CPU use is the share of non-idle time between two readings of /proc/stat, so
 the first heartbeat after start reports the average since boot. Temperature is
 the highest thermal zone, where /sys has one (most single-board computers do;
 virtual machines do not).
+
+Beside the readings, a heartbeat carries what the agent knows of itself
+(`AgentReport`): its MQTT link's counters, the breaker of each fallback step,
+its trust root's version and whether it is frozen out (its newest fleet
+timestamp expired and no newer one arrived). Each is left out of the bytes
+when unknown, so servers that predate them accept the heartbeat.
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgefleet import __version__
-from edgefleet.mqtt.messages import Heartbeat
+from edgefleet.agent.inference.info import ModelInfo
+from edgefleet.agent.link import LinkCounters
+from edgefleet.mqtt.messages import MAX_PROBLEM_CHARS, BreakerReport, Heartbeat, LinkReport
 from edgefleet.timefmt import format_time, utcnow
 
 PROC = Path("/proc")
@@ -64,6 +72,36 @@ def temperature_celsius(thermal: Path = THERMAL) -> float | None:
     return max(readings) if readings else None
 
 
+def link_report(counters: LinkCounters, outbox_depth: int) -> LinkReport:
+    """What a heartbeat says of the MQTT link, from its counters and the outbox's depth."""
+    problem = counters.last_problem
+    return LinkReport(
+        connects=counters.connects,
+        disconnects=counters.connection_losses,
+        publish_failures=counters.heartbeats_skipped + counters.rejected,
+        outbox_depth=outbox_depth,
+        last_problem=None if problem is None else problem[:MAX_PROBLEM_CHARS],
+    )
+
+
+def breaker_reports(info: ModelInfo) -> list[BreakerReport]:
+    """The breaker state of each step of the fallback chain, in chain order."""
+    return [
+        BreakerReport.model_validate({"step": step.step, "state": step.breaker})
+        for step in info.steps
+    ]
+
+
+@dataclass(frozen=True)
+class AgentReport:
+    """What the agent reports of itself in each heartbeat (None: not known, left out)."""
+
+    link: LinkReport | None = None
+    breakers: list[BreakerReport] | None = None
+    trust_root_version: int | None = None
+    frozen_reason: str | None = None  # why it is frozen out; None: it is not
+
+
 @dataclass
 class HeartbeatSource:
     """Builds heartbeats; keeps the previous CPU reading to compute use between beats."""
@@ -88,7 +126,9 @@ class HeartbeatSource:
         model_name: str | None,
         model_version: str | None,
         security_floors: dict[str, int] | None = None,
+        report: AgentReport | None = None,
     ) -> Heartbeat:
+        report = report or AgentReport()
         used, total = memory(self.proc)
         disk = os.statvfs(self.state_dir)
         return Heartbeat(
@@ -106,4 +146,11 @@ class HeartbeatSource:
             model_version=model_version,
             install_state=install_state,
             security_floors=security_floors,
+            link=report.link,
+            breakers=report.breakers,
+            trust_root_version=report.trust_root_version,
+            frozen_out=report.frozen_reason is not None,
+            frozen_reason=(
+                None if report.frozen_reason is None else report.frozen_reason[:MAX_PROBLEM_CHARS]
+            ),
         )

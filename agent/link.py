@@ -5,7 +5,7 @@ What it guarantees (the connection itself is the core's `edgefleet.mqtt.session`
   while the device is away arrive when it returns (MQTT 5 or 3.1.1);
 - presence: the Last Will publishes a retained `offline` on the device's
   presence topic when the connection dies; on every connect the link publishes
-  a retained `online`, and on `stop` a retained `offline` before DISCONNECT;
+  a retained `online`, and on `stop` a retained `offline-clean` before DISCONNECT;
 - subscriptions to the device's directive topic, the fleet timestamp and the
   device's blocks_data topic, renewed on every connect;
 - received payloads go to the callbacks unparsed (verification belongs to
@@ -19,9 +19,9 @@ What it guarantees (the connection itself is the core's `edgefleet.mqtt.session`
   heartbeats are published only while connected (one the broker does not take
   is skipped and counted like one sent while disconnected);
 - with a device key (an enrolled device), every message the device sends
-  (status, heartbeat, telemetry, block request) leaves in a frame signed for its
-  topic (`edgefleet.mqtt.devicesig`), so the server knows it came from this
-  device. The outbox keeps the plain message and it is signed as it is handed
+  (status, heartbeat, telemetry, diagnostics answer, block request) leaves in a frame
+  signed for its topic (`edgefleet.mqtt.devicesig`), so the server knows it came
+  from this device. The outbox keeps the plain message and it is signed as it is handed
   to the broker, so messages queued before the key existed are signed too.
   Without a key (an offline device, an older setup) payloads go out plain, and
   a server that requires signatures refuses them. Presence is never signed: the
@@ -175,7 +175,7 @@ class AgentLink:
                 ],
                 birth=(self.topics.presence, Presence.ONLINE.payload),
                 last_will=(self.topics.presence, Presence.OFFLINE.payload),
-                farewell=(self.topics.presence, Presence.OFFLINE.payload),
+                farewell=(self.topics.presence, Presence.OFFLINE_CLEAN.payload),
                 tls=TlsFiles(settings.ca_file, settings.cert_file, settings.key_file),
                 protocol=protocol,
                 session_expiry_s=session_expiry_seconds,
@@ -271,10 +271,11 @@ class AgentLink:
     # -- publishing --------------------------------------------------------------------------
 
     def publish(self, kind: TopicKind, message: Message) -> None:
-        """Send a status report, telemetry window or heartbeat from this device.
+        """Send a status report, telemetry window, diagnostics answer or heartbeat from this
+        device.
 
-        Status and telemetry are queued on disk first (see `Outbox`); a telemetry
-        window gets the outbox's count of dropped windows added to its
+        Status, telemetry and diagnostics answers are queued on disk first (see
+        `Outbox`); a telemetry window gets the outbox's count of dropped windows added to its
         `dropped_windows`. A heartbeat is sent at once at QoS 0, or skipped and
         counted while disconnected (the next one supersedes it).
 

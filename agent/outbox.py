@@ -1,4 +1,5 @@
-"""Store-and-forward: status reports and telemetry windows wait on disk until the broker has them.
+"""Store-and-forward: status reports, telemetry windows and diagnostics answers wait on disk
+until the broker has them.
 
     outbox/
       000000000001.status.msg       one message per file, numbered in the order put
@@ -16,9 +17,9 @@ Invariants:
   telemetry windows not already handed to the broker; each drop is counted,
   and the count (persisted) goes out with the next telemetry window as
   `dropped_windows` (`take_dropped_count`); dropping a window that carried
-  such a count adds it back, so no drop goes unreported. Status reports are never dropped:
-  they alone may take the outbox over its bound (there is one per install
-  transition, so few).
+  such a count adds it back, so no drop goes unreported. Status reports and
+  diagnostics answers are never dropped: they alone may take the outbox over
+  its bound (there is one per install transition or operator's request, so few).
 
 Heartbeats do not come here: the next one supersedes them (see `AgentLink.publish`).
 """
@@ -37,9 +38,13 @@ from edgefleet.errors import UsageError
 from edgefleet.fileio import atomic_write_bytes
 from edgefleet.mqtt.topics import TopicKind
 
-_TAGS = {TopicKind.STATUS: "status", TopicKind.TELEMETRY: "telemetry"}
+_TAGS = {
+    TopicKind.STATUS: "status",
+    TopicKind.TELEMETRY: "telemetry",
+    TopicKind.DIAGNOSTICS: "diagnostics",
+}
 _KINDS = {tag: kind for kind, tag in _TAGS.items()}
-_NAME = re.compile(r"^(\d{12})\.(status|telemetry)\.msg$")
+_NAME = re.compile(r"^(\d{12})\.(status|telemetry|diagnostics)\.msg$")
 _DROPPED = "dropped.count"
 
 
@@ -116,11 +121,13 @@ class Outbox:
         """Queue `payload`; return its number, or None when a telemetry window had no room.
 
         Raises:
-            UsageError: a kind other than status or telemetry.
+            UsageError: a kind other than status, telemetry or diagnostics.
             OSError: the disk refused the write (nothing was queued).
         """
         if kind not in _TAGS:
-            raise UsageError(f"the outbox holds status and telemetry, not {kind.value}")
+            raise UsageError(
+                f"the outbox holds status, telemetry and diagnostics, not {kind.value}"
+            )
         size = len(payload)
         with self._lock:
             self._make_room(size)

@@ -24,8 +24,13 @@ enrollment of that key went through.
 
 A directive is persisted to inbox/ in the link's thread before it is
 acknowledged, so a crash between the broker's delivery and the install loses
-nothing. The main loop pets the systemd watchdog only while the install worker
-and the link live: if either has ended, systemd restarts the agent.
+nothing. A diagnostics directive goes the same way (its sequence is the
+device's directive sequence): the install worker answers it with the log
+lines a `LogRing` on the root logger kept in memory and `full_status()`
+(`edgefleet.agent.diagnostics`).
+
+The main loop pets the systemd watchdog only while the install worker and the
+link live: if either has ended, systemd restarts the agent.
 """
 
 from __future__ import annotations
@@ -37,13 +42,22 @@ import os
 import socket
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from edgefleet.agent.config import AgentConfig
-from edgefleet.agent.enroll import AutoEnroller, ensure_device_key, is_enrolled, load_device_key
-from edgefleet.agent.heartbeat import HeartbeatSource
+from edgefleet.agent.diagnostics import LogRing, diagnostics_answer, redact, system_figures
+from edgefleet.agent.enroll import (
+    AutoEnroller,
+    ensure_device_key,
+    is_enrolled,
+    load_device_key,
+    load_enrollment,
+)
+from edgefleet.agent.heartbeat import AgentReport, HeartbeatSource, breaker_reports, link_report
 from edgefleet.agent.inference import Predictor
+from edgefleet.agent.inference.info import ModelInfo
 from edgefleet.agent.install import Installer
 from edgefleet.agent.install.engine import describe
 from edgefleet.agent.layout import StateLayout
@@ -61,7 +75,7 @@ from edgefleet.agent.versions import InstalledVersion
 from edgefleet.errors import EdgefleetError, FleetTimestampError, KeyFileError
 from edgefleet.fileio import atomic_write_bytes
 from edgefleet.mqtt.devicesig import DeviceKey
-from edgefleet.mqtt.directives import verify_fleet_timestamp
+from edgefleet.mqtt.directives import Directive, verify_fleet_timestamp
 from edgefleet.mqtt.messages import StatusReport
 from edgefleet.mqtt.topics import TopicKind
 from edgefleet.profiles import load_profile
@@ -119,6 +133,7 @@ class Agent:
         self._fleet_sequence = 0
         self._fleet_payload = b""
         self._fleet_expires: dt.datetime | None = None
+        self._frozen_reason: str | None = None  # set while the newest fleet timestamp expired
         self.device_key = self._load_device_key()
         self.enroller: AutoEnroller | None = None
         self.link: AgentLink | None = None
@@ -142,6 +157,7 @@ class Agent:
             config.device_id, None, config.telemetry.window_seconds, drift=self.drift
         )
         self.predictor: Predictor | None = None
+        self.log_ring = LogRing()  # installed on the root logger while `run` runs
         self.installer = Installer(
             config,
             self.layout,
@@ -151,6 +167,7 @@ class Agent:
             probe=self.telemetry,
             on_activated=self._reload,
             on_shadow=self._set_challenger,
+            on_diagnostics=self._answer_diagnostics,
         )
         self.heartbeats = HeartbeatSource(config.device_id, self.layout.root)
         self.install_worker = Worker("edgefleet-install", self._install_inbox, INBOX_POLL_SECONDS)
@@ -242,6 +259,7 @@ class Agent:
             return
         self._fleet_sequence, self._fleet_payload = stamp.sequence, payload
         self._fleet_expires = stamp.expires_at
+        self._frozen_reason = None
 
     # --- install worker ---------------------------------------------------------------------
 
@@ -260,6 +278,35 @@ class Agent:
             except EdgefleetError as exc:
                 log.warning("directive %s: %s", path.name, describe(exc))
             path.unlink(missing_ok=True)
+
+    def _answer_diagnostics(self, directive: Directive) -> None:
+        """The installer's `on_diagnostics`: send the recent log lines and the full status."""
+        if self.link is None:  # directives arrive over the link: never without one
+            return
+        answer = diagnostics_answer(directive, self.log_ring.lines(), self.full_status())
+        self.link.publish(TopicKind.DIAGNOSTICS, answer)
+        log.info("diagnostics request %d answered", directive.request_id)
+
+    def full_status(self) -> dict[str, Any]:
+        """What `agent status --json` shows, and what only the running agent knows: link
+        counters, trust root version, frozen out, the system's figures. No key, no token."""
+        info = self.predictor.model_info() if self.predictor else None
+        enrollment = load_enrollment(self.layout)
+        link = self.link
+        return {
+            **status_dict(self.installer),
+            "device_id": self.config.device_id,
+            "running": True,
+            "enrolled_with": redact(enrollment.server_url) if enrollment else None,
+            "model": info.as_dict() if info else None,
+            "drift": self.drift.status.describe(),
+            "link": None
+            if link is None
+            else {**asdict(link.counters()), "outbox_depth": len(link.outbox)},
+            "trust_root_version": self.trust.version,
+            "frozen_reason": self._frozen_reason,
+            "system": system_figures(self.layout.root),
+        }
 
     def install_file(self, path: Path) -> dict[str, Any]:
         self.installer.install_file(path)
@@ -280,19 +327,31 @@ class Agent:
             current.name if current else None,
             current.version if current else None,
             status.security_floors,
+            self.report(info),
         )
         if self.link is not None:
             self.link.publish(TopicKind.HEARTBEAT, beat)
+
+    def report(self, info: ModelInfo | None) -> AgentReport:
+        """What the next heartbeat says of the agent itself (`info`: the served model's)."""
+        link = self.link
+        return AgentReport(
+            link=None if link is None else link_report(link.counters(), len(link.outbox)),
+            breakers=breaker_reports(info) if info else None,
+            trust_root_version=self.trust.version,
+            frozen_reason=self._frozen_reason,
+        )
 
     def _check_frozen_out(self) -> None:
         # The server publishes a fresh signed timestamp on a schedule; when the newest
         # one has expired, someone between server and device is withholding updates.
         if self._fleet_expires is not None and utcnow() >= self._fleet_expires:
-            log.warning(
-                "frozen out? the newest fleet timestamp expired at %s and no newer one "
-                "arrived: updates may be withheld between the fleet server and this device",
-                format_time(self._fleet_expires),
+            self._frozen_reason = (
+                f"the newest fleet timestamp expired at {format_time(self._fleet_expires)} "
+                "and no newer one arrived: updates may be withheld between the fleet server "
+                "and this device"
             )
+            log.warning("frozen out? %s", self._frozen_reason)
             self._fleet_expires = None  # warn once per expired timestamp
 
     def _flush_telemetry(self) -> None:
@@ -365,6 +424,7 @@ class Agent:
         """
         settings = self.config.local_api
         listener = listen(settings.host, settings.port) if settings.enabled else None
+        logging.getLogger().addHandler(self.log_ring)
         self.installer.resume()
         self.predictor = Predictor.open(
             self.layout, self.config.inference, self.profile, self.telemetry
@@ -403,3 +463,4 @@ class Agent:
             if self.link is not None:
                 self.link.stop()
             self.predictor.close()
+            logging.getLogger().removeHandler(self.log_ring)

@@ -241,6 +241,14 @@ class ApiClient:
         """Remove an enrolled device (operator role; 404 unknown, 409 in an active rollout)."""
         self.request("DELETE", f"/devices/{_seg(device_id)}")
 
+    def request_diagnostics(self, device_id: str) -> JsonObject:
+        """Ask a device for its log lines and status (operator role); the request row."""
+        return self._object("POST", f"/devices/{_seg(device_id)}/diagnostics")
+
+    def list_diagnostics(self, device_id: str, limit: int = 5) -> list[JsonObject]:
+        """The device's most recent diagnostics requests with their answers, newest first."""
+        return self._items(f"/devices/{_seg(device_id)}/diagnostics", params={"limit": limit})
+
     def create_enroll_token(self, tags: Mapping[str, str], ttl_s: int) -> JsonObject:
         return self._object(
             "POST", "/enroll-tokens", json_body={"tags": dict(tags), "ttl_s": ttl_s}

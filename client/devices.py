@@ -1,21 +1,36 @@
-"""`edgefleet devices`: the enrolled fleet, one device in detail, enrollment tokens."""
+"""`edgefleet devices`: the enrolled fleet, one device in detail, its health verdict,
+enrollment tokens."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 
 import click
 
-from edgefleet.cli.options import echo_json, echo_table, json_option
+from edgefleet.cli.options import echo_json, echo_table, human_bytes, json_option
 from edgefleet.client.accuracy import echo_accuracy
 from edgefleet.client.api import ApiClient, JsonObject
+from edgefleet.client.diagnostics import diagnose_command
 from edgefleet.client.options import cell, client_command, parse_duration, parse_tags
+from edgefleet.errors import UsageError
 from edgefleet.wire import NotFoundError
+
+PAGE = 1000  # devices per request when `devices health` reads the whole fleet
+# The verdict's colour on a terminal; the state word is printed either way.
+STATE_COLOURS = {
+    "ok": "green",
+    "degraded": "yellow",
+    "failing": "red",
+    "offline": "magenta",
+    "unknown": "white",
+}
 
 
 @click.group()
 def devices() -> None:
-    """Enrolled devices: list, show, remove, and tokens for enrolling new ones.
+    """Enrolled devices: list, show, health, diagnose, remove, and tokens for enrolling new ones.
 
     \b
     A device enrolls once (`edgefleet agent enroll`) with a one-time token
@@ -104,6 +119,14 @@ def show_command(client: ApiClient, device_id: str, as_json: bool) -> None:
     ]:
         click.echo(f"{label + ':':<18}{cell(device.get(key))}")
     click.echo(f"{'serving:':<18}{_model(device)}")
+    verdict: JsonObject = device.get("verdict") or {}
+    if verdict:
+        click.echo(f"{'verdict:':<18}{_verdict_text(verdict, colour=_colour_wanted())}")
+    beat: JsonObject | None = device.get("heartbeat")
+    if beat:
+        click.echo("\nlast heartbeat:")
+        for label, text in _heartbeat_lines(beat):
+            click.echo(f"  {label + ':':<16}{text}")
     reports: list[JsonObject] = answer.get("status_reports") or []
     if reports:
         click.echo("\nlast status reports:")
@@ -142,6 +165,118 @@ def show_command(client: ApiClient, device_id: str, as_json: bool) -> None:
     if isinstance(name, str) and isinstance(version, str):
         with contextlib.suppress(NotFoundError):  # a bundle the server does not hold
             echo_accuracy(client.get_accuracy(name, version, device=device_id))
+
+
+@devices.command("health")
+@click.argument("device_ids", nargs=-1, metavar="[DEVICE_ID]...")
+@click.option(
+    "--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Only devices tagged so (no ids)."
+)
+@json_option
+@client_command
+def health_command(
+    client: ApiClient, device_ids: tuple[str, ...], tags: tuple[str, ...], as_json: bool
+) -> None:
+    """Is each device all right, and if not, why: one line per device.
+
+    \b
+    The verdict is the server's: ok, degraded, failing, offline or unknown,
+    with its reasons (offline for how long, model errors or fallbacks, frozen
+    out, breakers open, disk almost full, hot, a failed install, open alerts).
+    Names given: those devices; none: every device (or those with --tag).
+    Exit status 0 when every device shown is ok, 1 when one is not, so a
+    script can ask `edgefleet devices health cam-017 || page-someone`.
+    Coloured on a terminal, unless NO_COLOR is set.
+    """
+    if device_ids and tags:
+        raise UsageError("give device ids or --tag, not both")
+    if device_ids:
+        rows = [client.get_device(device_id) for device_id in device_ids]
+    else:
+        rows = _every_device(client, parse_tags(tags))
+    verdicts = [(str(row.get("id")), row.get("verdict") or {}) for row in rows]
+    if as_json:
+        echo_json([{"id": device_id, **verdict} for device_id, verdict in verdicts])
+    elif not verdicts:
+        click.echo("no devices match")
+    else:
+        colour = _colour_wanted()
+        width = max(len(device_id) for device_id, _ in verdicts)
+        for device_id, verdict in verdicts:
+            click.echo(f"{device_id:<{width}}  {_verdict_text(verdict, colour=colour)}")
+    if any(verdict.get("state") != "ok" for _, verdict in verdicts):
+        click.get_current_context().exit(1)
+
+
+def _every_device(client: ApiClient, tags: dict[str, str]) -> list[JsonObject]:
+    rows: list[JsonObject] = []
+    while True:
+        page = client.list_devices(tags=tags, limit=PAGE, offset=len(rows))
+        items: list[JsonObject] = page.get("items") or []
+        rows.extend(items)
+        if not items or len(rows) >= int(page.get("total", 0)):
+            return rows
+
+
+def _colour_wanted() -> bool:
+    """Colour on a terminal, unless NO_COLOR is set (https://no-color.org)."""
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
+def _verdict_text(verdict: JsonObject, *, colour: bool) -> str:
+    """`degraded  disk almost full: 3.1% free; hot: 87.0 °C (limit 85 °C)`."""
+    state = str(verdict.get("state", "unknown"))
+    word = f"{state:<8}"
+    if colour:
+        word = click.style(word, fg=STATE_COLOURS.get(state), bold=state != "ok")
+    reasons: list[str] = verdict.get("reasons") or []
+    return f"{word}  {'; '.join(reasons)}".rstrip()
+
+
+def _heartbeat_lines(beat: JsonObject) -> list[tuple[str, str]]:
+    """The last heartbeat's figures, in words (what the agent did not report: '-')."""
+    lines = [
+        ("sent", cell(beat.get("sent_at"))),
+        ("CPU", _percent(beat.get("cpu_percent"))),
+        ("memory", _used_of(beat.get("memory_used_bytes"), beat.get("memory_total_bytes"))),
+        ("disk free", _used_of(beat.get("disk_free_bytes"), beat.get("disk_total_bytes"))),
+        ("temperature", _celsius(beat.get("temperature_c"))),
+    ]
+    link: JsonObject | None = beat.get("link")
+    if link:
+        text = (
+            f"{link.get('connects')} connects, {link.get('disconnects')} connections lost, "
+            f"{link.get('publish_failures')} publish failures, "
+            f"{link.get('outbox_depth')} queued"
+        )
+        if link.get("last_problem"):
+            text += f"; last problem: {link['last_problem']}"
+        lines.append(("link", text))
+    breakers: list[JsonObject] | None = beat.get("breakers")
+    if breakers:
+        lines.append(("breakers", ", ".join(f"{b.get('step')} {b.get('state')}" for b in breakers)))
+    lines.append(("trust root", cell(beat.get("trust_root_version"))))
+    frozen = beat.get("frozen_out")
+    if frozen is not None:
+        lines.append(("frozen out", f"yes: {beat.get('frozen_reason')}" if frozen else "no"))
+    return lines
+
+
+def _percent(value: object) -> str:
+    return f"{value:.1f}%" if isinstance(value, (int, float)) else "-"
+
+
+def _used_of(part: object, total: object) -> str:
+    if not isinstance(part, int) or not isinstance(total, int) or total <= 0:
+        return "-"
+    return f"{human_bytes(part)} of {human_bytes(total)} ({part / total:.0%})"
+
+
+def _celsius(value: object) -> str:
+    return f"{value:.1f} °C" if isinstance(value, (int, float)) else "- (no sensor)"
+
+
+devices.add_command(diagnose_command)
 
 
 @devices.command("remove")

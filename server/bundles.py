@@ -84,6 +84,7 @@ def manifest_summary(verified: VerifiedBundle) -> dict[str, Any]:
         "version": manifest.version,
         "created": manifest.created,
         "release_counter": manifest.release_counter,
+        "security_floor": manifest.security_floor,
         "min_agent_version": manifest.min_agent_version,
         "profiles": list(manifest.profiles),
         "files": [

@@ -145,9 +145,10 @@ def enroll_device(
     return device, True
 
 
-def _filters(
+def device_filters(
     online: bool | None, tags: Mapping[str, str] | None, model: str | None
 ) -> list[ColumnElement[bool]]:
+    """The WHERE conditions of `list_devices` (the pages add their own to them)."""
     conditions: list[ColumnElement[bool]] = []
     if online is not None:
         conditions.append(Device.online.is_(online))
@@ -175,7 +176,7 @@ def list_devices(
     ("name" or "name@version"); `limit` from `offset`."""
     query = (
         select(Device)
-        .where(*_filters(online, tags, model))
+        .where(*device_filters(online, tags, model))
         .order_by(Device.id)
         .limit(max(0, limit))
         .offset(max(0, offset))
@@ -191,7 +192,7 @@ def count_devices(
     model: str | None = None,
 ) -> int:
     """How many devices `list_devices` would page through with these filters."""
-    query = select(func.count()).select_from(Device).where(*_filters(online, tags, model))
+    query = select(func.count()).select_from(Device).where(*device_filters(online, tags, model))
     return int(session.scalar(query) or 0)
 
 
@@ -325,6 +326,7 @@ class DeviceKeyCache:
 __all__ = [
     "DeviceKeyCache",
     "count_devices",
+    "device_filters",
     "enroll_device",
     "get_device",
     "list_devices",

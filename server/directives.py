@@ -57,13 +57,13 @@ class OutgoingDirective:
     topic: str
     payload: bytes
     sequence: int
-    action: str  # install | rollback
+    action: str  # install | rollback | diagnostics
     shadow: bool = False
     expires_at: dt.datetime | None = None
 
 
 class DirectiveIssuer:
-    """Builds and signs install and rollback directives for devices.
+    """Builds and signs install, rollback and diagnostics directives for devices.
 
     The issuer holds no state of its own: sequences live in the database, so
     every replica may hold an issuer.
@@ -122,6 +122,27 @@ class DirectiveIssuer:
             session, device, action="rollback", bundle=_ref(bundle), sources=[], shadow=False
         )
 
+    def prepare_diagnostics(
+        self, session: Session, device: Device, request_id: int
+    ) -> OutgoingDirective:
+        """Allocate a sequence for `device` and sign a request for its log lines and status,
+        expiring `settings.diagnostics_ttl` after it is issued.
+
+        Raises:
+            NotFoundError: the device row is gone.
+            StorageError: (from the session) the database failed.
+        """
+        return self._prepare(
+            session,
+            device,
+            action="diagnostics",
+            bundle=None,
+            sources=[],
+            shadow=False,
+            request_id=request_id,
+            ttl=self.settings.diagnostics_ttl,
+        )
+
     def _prepare(
         self,
         session: Session,
@@ -131,10 +152,12 @@ class DirectiveIssuer:
         bundle: BundleRef | None,
         sources: list[Source],
         shadow: bool,
+        request_id: int | None = None,
+        ttl: dt.timedelta | None = None,
     ) -> OutgoingDirective:
         sequence = allocate_directive_sequence(session, device)
         issued = self.clock()
-        expires = issued + self.settings.directive_ttl
+        expires = issued + (ttl or self.settings.directive_ttl)
         directive = Directive.model_validate(
             {
                 "issued": format_time(issued),
@@ -145,6 +168,7 @@ class DirectiveIssuer:
                 "bundle": bundle,
                 "sources": sources,
                 "shadow": shadow,
+                "request_id": request_id,
             }
         )
         payload = sign_directive(directive, self.server_keys)

@@ -42,6 +42,8 @@ class ServerSettings:
     replica_id: str = field(default_factory=default_replica_id)
     share_group: str = "edgefleet-server"
     directive_ttl: dt.timedelta = dt.timedelta(days=7)
+    # A diagnostics request unanswered this long is expired (its directive expires too).
+    diagnostics_ttl: dt.timedelta = dt.timedelta(minutes=5)
     fleet_timestamp_period: dt.timedelta = dt.timedelta(minutes=10)
     fleet_timestamp_ttl: dt.timedelta = dt.timedelta(hours=1)
     driver_interval_s: float = 1.0

@@ -21,6 +21,7 @@ from edgefleet.agent.install.interfaces import (
     HealthProbe,
     Host,
     OnActivated,
+    OnDiagnostics,
     OnShadow,
     Reporter,
 )
@@ -44,6 +45,7 @@ class InstallContext:
     clock: Clock
     host: Host
     rng: random.Random
+    on_diagnostics: OnDiagnostics | None = None
     # --- the call in progress (`engine.locked` starts each call afresh) ---
     persisted: StateFile = field(default_factory=StateFile)  # the last state read or written
     mark: object | None = None  # the probe's mark at the start of the run (the baseline)

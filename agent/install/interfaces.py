@@ -90,6 +90,10 @@ OnActivated = Callable[["InstalledVersion | None"], None]
 # stops it. It may raise: in SHADOWING that fails the shadow install.
 OnShadow = Callable[["InstalledVersion | None"], None]
 
+# Called with a verified diagnostics directive, once its sequence is persisted (a replay
+# is refused), so the agent answers with its log lines and status.
+OnDiagnostics = Callable[[Directive], None]
+
 
 class Clock(Protocol):
     """Wall time (directive expiry, report times), monotonic time and sleeping."""

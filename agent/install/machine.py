@@ -37,6 +37,7 @@ from edgefleet.agent.install.interfaces import (
     HealthProbe,
     Host,
     OnActivated,
+    OnDiagnostics,
     OnShadow,
     Reporter,
     SystemClock,
@@ -96,6 +97,7 @@ class Installer:
         clock: Clock | None = None,
         *,
         on_shadow: OnShadow | None = None,
+        on_diagnostics: OnDiagnostics | None = None,
         host: Host | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -113,6 +115,7 @@ class Installer:
             clock=clock or SystemClock(),
             host=host or Host(),
             rng=rng or random.Random(),
+            on_diagnostics=on_diagnostics,
         )
 
     # --- the context's parts, as the agent and its tests use them ---------------------------
@@ -160,7 +163,9 @@ class Installer:
     # --- public entry points ---------------------------------------------------------------
 
     def install_directive(self, data: bytes) -> InstallStatus:
-        """Verify a directive (refusing replays) and carry it out: install, shadow or roll back.
+        """Verify a directive (refusing replays) and carry it out: install, shadow, roll back,
+        or answer a diagnostics request (`on_diagnostics`, after the sequence is persisted;
+        the machine's state is left as it was).
 
         A shadow directive stages and smoke-tests the bundle as an install does,
         then makes it the challenger (`on_shadow`) instead of switching `current`.
@@ -189,6 +194,12 @@ class Installer:
                 now=context.clock.now(),
             )
             state = state.model_copy(update={"last_directive_sequence": directive.sequence})
+            if directive.action == "diagnostics":
+                save_state(context.layout.state_file, state)  # spent: a replay is refused
+                context.persisted = state
+                if context.on_diagnostics is not None:
+                    context.on_diagnostics(directive)
+                return self.status()
             if directive.action == "rollback":
                 return self._start_rollback(state, directive.sequence, directive.bundle)
             bundle = directive.bundle

@@ -1,7 +1,8 @@
 """Signed server-to-device documents: directives and the fleet timestamp.
 
 A directive tells one device to install a bundle (named by digest and length,
-with the transports to fetch it by) or to roll back. The fleet timestamp is
+with the transports to fetch it by), to roll back, or to send its recent log
+lines and status (`diagnostics`, answering with the request's id). The fleet timestamp is
 published retained to the whole fleet at a fixed period, so a device whose
 newest timestamp has expired knows it is being frozen out (a stolen broker can
 withhold messages, never forge them).
@@ -114,14 +115,21 @@ class Directive(_Dated):
     spec_version: Literal[1] = 1
     device_id: DeviceIdText
     sequence: int = Field(ge=1)
-    action: Literal["install", "rollback"]
+    action: Literal["install", "rollback", "diagnostics"]
     bundle: BundleRef | None = None
     sources: list[Source] = Field(default_factory=list, max_length=16)
     shadow: bool = False  # install beside the serving model and compare, do not serve
+    # The server's diagnostics request this directive asks the device to answer.
+    request_id: Annotated[int, Field(ge=1)] | None = None
 
     @model_validator(mode="after")
     def _action_consistent(self) -> Directive:
-        if self.action == "install":
+        if (self.action == "diagnostics") != (self.request_id is not None):
+            raise ValueError("a request_id comes with a diagnostics directive, and only with one")
+        if self.action == "diagnostics":
+            if self.bundle is not None or self.sources or self.shadow:
+                raise ValueError("a diagnostics directive names no bundle, sources or shadow")
+        elif self.action == "install":
             if self.bundle is None:
                 raise ValueError("an install directive must name a bundle")
             if not self.sources:
@@ -130,6 +138,13 @@ class Directive(_Dated):
             # A rollback returns to the version the device already holds.
             raise ValueError("a rollback directive takes no sources")
         return self
+
+    def to_signed(self) -> dict[str, Any]:
+        # Left out unless set, so install and rollback directives sign the same bytes as
+        # before and agents that predate diagnostics accept them.
+        return self.model_dump(
+            by_alias=True, exclude={"request_id"} if self.request_id is None else None
+        )
 
 
 class FleetTimestamp(_Dated):

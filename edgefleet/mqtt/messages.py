@@ -31,6 +31,14 @@ from edgefleet.validation import Timestamp, describe_validation_error
 SCHEMA_VERSION = 1
 MAX_MESSAGE_BYTES = 256 * 1024
 MAX_SECURITY_FLOORS = 1024  # model names with a floor, in one heartbeat
+MAX_BREAKERS = 16  # fallback steps reported in one heartbeat
+MAX_PROBLEM_CHARS = 512  # a problem described in words (link, frozen out)
+# A diagnostics answer: at most this many log lines, of at most this many characters
+# each and this many bytes (UTF-8) together; the whole answer at most MAX_DIAGNOSTICS_BYTES.
+MAX_LOG_LINES = 200
+MAX_LOG_LINE_CHARS = 1024
+MAX_LOG_BYTES = 64 * 1024
+MAX_DIAGNOSTICS_BYTES = 128 * 1024
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 # Install states belong to the agent's state machine (plus `refused`, the report of a
@@ -64,6 +72,30 @@ class StatusReport(Message):
     directive_sequence: Annotated[int, Field(ge=1)] | None = None
 
 
+class _Part(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+ProblemText = Annotated[str, Field(max_length=MAX_PROBLEM_CHARS)]
+
+
+class LinkReport(_Part):
+    """The agent's MQTT link counters since it started (agent/link.py `LinkCounters`)."""
+
+    connects: Count
+    disconnects: Count  # connections lost (not counting a clean stop)
+    publish_failures: Count  # heartbeats skipped and messages the broker rejected
+    outbox_depth: Count  # status reports and telemetry waiting to be sent
+    last_problem: ProblemText | None = None
+
+
+class BreakerReport(_Part):
+    """One step of the device's fallback chain and the state of its circuit breaker."""
+
+    step: Annotated[str, Field(min_length=1, max_length=64)]  # primary | float | previous
+    state: Literal["closed", "open", "half-open"]
+
+
 class Heartbeat(Message):
     """Periodic health of the device and its agent."""
 
@@ -86,6 +118,13 @@ class Heartbeat(Message):
     security_floors: (
         Annotated[dict[BundleName, Count], Field(max_length=MAX_SECURITY_FLOORS)] | None
     ) = None
+    # Optional, left out when unused, so servers that predate them accept the rest:
+    link: LinkReport | None = None
+    breakers: Annotated[list[BreakerReport], Field(max_length=MAX_BREAKERS)] | None = None
+    trust_root_version: Annotated[int, Field(ge=1)] | None = None
+    # The newest fleet timestamp expired and no newer one arrived: updates may be withheld.
+    frozen_out: bool | None = None
+    frozen_reason: ProblemText | None = None
 
     @model_validator(mode="after")
     def _within_totals(self) -> Heartbeat:
@@ -94,10 +133,6 @@ class Heartbeat(Message):
         if self.disk_free_bytes > self.disk_total_bytes:
             raise ValueError("disk_free_bytes is above disk_total_bytes")
         return self
-
-
-class _Part(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
 
 class LatencyHistogram(_Part):
@@ -191,11 +226,51 @@ class TelemetryWindow(Message):
         return self
 
 
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+class LogLine(_Part):
+    """One record of the agent's log: when, how severe, from where, what."""
+
+    at: Timestamp
+    level: LogLevel
+    logger: Annotated[str, Field(max_length=128)]
+    message: Annotated[str, Field(max_length=MAX_LOG_LINE_CHARS)]
+
+
+class DiagnosticsReport(Message):
+    """A device's answer to a diagnostics directive: its recent log lines and its status.
+
+    `status` is what `agent status --json` shows (versions, fallback chain and
+    breakers, install and drift state, link counters, disk and memory); its
+    shape belongs to the agent, so it is an object here, bounded by the size of
+    the whole answer (`MAX_DIAGNOSTICS_BYTES`, which the receiver passes to
+    `parse_message`).
+    """
+
+    what: ClassVar[str] = "diagnostics answer"
+
+    sent_at: Timestamp
+    request_id: Annotated[int, Field(ge=1)]
+    directive_sequence: Annotated[int, Field(ge=1)]
+    log_lines: Annotated[list[LogLine], Field(max_length=MAX_LOG_LINES)]
+    status: dict[str, Any]
+
+    @model_validator(mode="after")
+    def _log_bounded(self) -> DiagnosticsReport:
+        total = sum(len(line.message.encode("utf-8")) for line in self.log_lines)
+        if total > MAX_LOG_BYTES:
+            raise ValueError(f"log lines hold {total} bytes, above the {MAX_LOG_BYTES} limit")
+        return self
+
+
 class Presence(str, enum.Enum):
-    """The retained payload on a device's presence topic; OFFLINE is its Last Will."""
+    """The retained payload on a device's presence topic: OFFLINE is its Last Will (the
+    connection was lost), OFFLINE_CLEAN what it publishes before disconnecting cleanly."""
 
     ONLINE = "online"
     OFFLINE = "offline"
+    OFFLINE_CLEAN = "offline-clean"
 
     @property
     def payload(self) -> bytes:
@@ -211,6 +286,7 @@ MESSAGE_TYPES: dict[TopicKind, type[Message]] = {
     TopicKind.STATUS: StatusReport,
     TopicKind.HEARTBEAT: Heartbeat,
     TopicKind.TELEMETRY: TelemetryWindow,
+    TopicKind.DIAGNOSTICS: DiagnosticsReport,
 }
 
 
@@ -270,7 +346,8 @@ def parse_message(
 def parse_device_message(
     topic: str, payload: bytes, max_bytes: int = MAX_MESSAGE_BYTES
 ) -> tuple[DeviceId, Message]:
-    """Parse a message received on a device's status, heartbeat or telemetry topic.
+    """Parse a message received on a device's status, heartbeat, telemetry or diagnostics
+    topic.
 
     Raises:
         MessageSchemaError: a foreign topic, a kind that carries no message
@@ -292,8 +369,10 @@ def parse_device_message(
 
 
 def parse_presence(payload: bytes) -> Presence:
-    """Raises: MessageSchemaError when `payload` is not `online` or `offline`."""
+    """Raises: MessageSchemaError when `payload` is not a `Presence` value."""
     for presence in Presence:
         if payload == presence.payload:
             return presence
-    raise MessageSchemaError(f"presence payload {bytes(payload[:32])!r} is not online or offline")
+    raise MessageSchemaError(
+        f"presence payload {bytes(payload[:32])!r} is not online, offline or offline-clean"
+    )

@@ -9,6 +9,8 @@ Layout (namespace `edgefleet/v1`, versioned so that a v2 can run beside it):
     edgefleet/v1/devices/{device_id}/presence        device -> server, Last Will, retained
     edgefleet/v1/devices/{device_id}/blocks/request  device -> server, MQTT block transfer
     edgefleet/v1/devices/{device_id}/blocks/data     server -> device, MQTT block transfer
+    edgefleet/v1/devices/{device_id}/diagnostics     device -> server, the answer to a
+                                                     diagnostics directive
     edgefleet/v1/fleet/timestamp                     server -> all, signed, retained
 
 Invariants: a `DeviceId` is exactly one topic level and never holds `/`, `+`,
@@ -49,6 +51,7 @@ class TopicKind(str, enum.Enum):
     PRESENCE = "presence"
     BLOCKS_REQUEST = "blocks/request"
     BLOCKS_DATA = "blocks/data"
+    DIAGNOSTICS = "diagnostics"
 
     @property
     def direction(self) -> Direction:
@@ -60,8 +63,8 @@ class TopicKind(str, enum.Enum):
     def qos(self) -> int:
         """QoS to publish and subscribe with.
 
-        Directives, status and telemetry at QoS 1 so that a persistent session
-        delivers them after an outage; heartbeats are superseded by the next one
+        Directives, status, telemetry and diagnostics answers at QoS 1 so that a
+        persistent session delivers them after an outage; heartbeats are superseded by the next one
         and block data is re-requested by bitmap, so QoS 0 is enough for those.
         """
         if self in (TopicKind.HEARTBEAT, TopicKind.BLOCKS_DATA):
@@ -161,6 +164,10 @@ class DeviceTopics:
     @property
     def blocks_data(self) -> str:
         return self.topic(TopicKind.BLOCKS_DATA)
+
+    @property
+    def diagnostics(self) -> str:
+        return self.topic(TopicKind.DIAGNOSTICS)
 
 
 def fleet_timestamp_topic() -> str:

@@ -6,7 +6,9 @@ in one process share nothing.
 
 Layers, outermost first: metrics (counts every answer, 413s and 500s too),
 the body cap, FastAPI's routing with the error handlers of
-`edgefleet.server.api.errors`. Routes live under /api/v1 except /metrics.
+`edgefleet.server.api.errors`. Routes live under /api/v1 except /metrics and
+the pages for browsers (`edgefleet.server.web`: /, /login, /devices, ...,
+their files under /static, and the API docs at /api/v1/docs).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from edgefleet.server.api.routes import (
     blobs,
     bundles,
     devices,
+    diagnostics,
     enroll,
     health,
     rollouts,
@@ -32,6 +35,7 @@ from edgefleet.server.api.routes import (
     webhooks,
 )
 from edgefleet.server.context import ServerContext
+from edgefleet.server.web.app import install_pages
 from edgefleet.wire import API_PREFIX
 
 API_VERSION = "1"
@@ -56,7 +60,7 @@ def create_app(context: ServerContext) -> FastAPI:
         version=API_VERSION,
         description=DESCRIPTION,
         openapi_url=f"{API_PREFIX}/openapi.json",
-        docs_url=f"{API_PREFIX}/docs",
+        docs_url=None,  # served by install_pages from the vendored Swagger UI files
         redoc_url=None,
     )
     app.state.context = context
@@ -70,6 +74,7 @@ def create_app(context: ServerContext) -> FastAPI:
         bundles,
         blobs,
         devices,
+        diagnostics,
         rollouts,
         alerts,
         accuracy,
@@ -81,6 +86,7 @@ def create_app(context: ServerContext) -> FastAPI:
     for module in routers:
         app.include_router(module.router)
     app.include_router(health.metrics_router)
+    install_pages(app, docs_path=f"{API_PREFIX}/docs")
 
     app.add_middleware(
         BodyLimitMiddleware,

@@ -242,6 +242,8 @@ class TelemetryBucket(Base):
             name="uq_telemetry_buckets_key",
         ),
         Index("ix_telemetry_buckets_bucket_start", "bucket_start"),
+        # A device's recent buckets (the verdicts, the device page), whatever the version.
+        Index("ix_telemetry_buckets_device_id_bucket_start", "device_id", "bucket_start"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -376,6 +378,76 @@ class InputSample(Base):
     sha256: Mapped[str] = mapped_column(String(64))  # of the stored file (its name too)
     captured_at: Mapped[dt.datetime]
     received_at: Mapped[dt.datetime]
+
+
+class HeartbeatSample(Base):
+    """A device's heartbeats merged per time slot: 1 minute, coarser with age (history.py)."""
+
+    __tablename__ = "heartbeat_samples"
+    __table_args__ = (
+        UniqueConstraint(
+            "device_id", "resolution_s", "slot_start", name="uq_heartbeat_samples_key"
+        ),
+        Index("ix_heartbeat_samples_slot_start", "slot_start"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    slot_start: Mapped[dt.datetime]
+    resolution_s: Mapped[int] = mapped_column(Integer)  # the slot's length
+    samples: Mapped[int] = mapped_column(Integer)  # heartbeats merged in
+    cpu_sum: Mapped[float] = mapped_column(Float)  # percent, summed over samples
+    cpu_max: Mapped[float] = mapped_column(Float)
+    memory_used_sum: Mapped[float] = mapped_column(Float)  # bytes, summed over samples
+    memory_total: Mapped[int] = mapped_column(BigInteger)  # the latest
+    disk_free_min: Mapped[int] = mapped_column(BigInteger)
+    disk_total: Mapped[int] = mapped_column(BigInteger)  # the latest
+    temperature_samples: Mapped[int] = mapped_column(Integer)  # heartbeats that had one
+    temperature_sum: Mapped[float] = mapped_column(Float)
+    temperature_max: Mapped[float | None] = mapped_column(Float)
+
+
+class PresenceChange(Base):
+    """A change of a device's online state, with the reason in words."""
+
+    __tablename__ = "presence_changes"
+    __table_args__ = (Index("ix_presence_changes_device_id_at", "device_id", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    at: Mapped[dt.datetime]
+    online: Mapped[bool] = mapped_column(Boolean)
+    reason: Mapped[str] = mapped_column(Text)
+
+
+class DiagnosticsRequest(Base):
+    """An operator's request for a device's recent log lines and status, and its answer."""
+
+    __tablename__ = "diagnostics_requests"
+    __table_args__ = (Index("ix_diagnostics_requests_device_id", "device_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    requested_by: Mapped[str] = mapped_column(String(128))
+    requested_at: Mapped[dt.datetime]
+    expires_at: Mapped[dt.datetime]  # unanswered after this: expired
+    directive_sequence: Mapped[int | None] = mapped_column(BigInteger)
+    answered_at: Mapped[dt.datetime | None]
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the device's answer, bounded
+    error: Mapped[str | None] = mapped_column(Text)  # why there is no result
+
+
+class WebSession(Base):
+    """A signed-in browser: the SHA-256 of its cookie, the API token it was opened with."""
+
+    __tablename__ = "web_sessions"
+    __table_args__ = (Index("ix_web_sessions_expires_at", "expires_at"),)
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    token_id: Mapped[int] = mapped_column(ForeignKey("api_tokens.id", ondelete="CASCADE"))
+    csrf_token: Mapped[str] = mapped_column(String(64))  # sent back in every form
+    created_at: Mapped[dt.datetime]
+    expires_at: Mapped[dt.datetime]
 
 
 class Rollout(Base):

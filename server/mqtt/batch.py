@@ -19,6 +19,13 @@
   (its agent rests where it was), so it is kept as history only;
 - a heartbeat that carries `security_floors` replaces the stored ones (one
   that does not, from an older agent, leaves them as they are);
+- a change of `Device.online` adds a `PresenceChange` row with the reason of
+  the message that made it (none when the device's state did not change);
+- every heartbeat is merged into its device's 1-minute `HeartbeatSample` slot
+  (`edgefleet.server.history`), the same way as telemetry buckets;
+- a diagnostics answer is stored on the request it names
+  (`edgefleet.server.diagnostics.record_answer`); one that matches no open
+  request (expired, answered already, another device's) is dropped and logged;
 - telemetry buckets are read (locked), merged and written back, or inserted, as
   bulk statements (a flush carries hundreds; ORM objects would cost more than
   the SQL). When another replica inserted the same bucket first, the unit of
@@ -30,6 +37,7 @@ A batch is never modified here, so a failed write can be retried as it is.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -38,10 +46,14 @@ from sqlalchemy import Table, bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from edgefleet.errors import MalformedDocumentError
-from edgefleet.mqtt.messages import Heartbeat, StatusReport
-from edgefleet.server.db.models import Device, StatusReportRow, TelemetryBucket
+from edgefleet.mqtt.messages import DiagnosticsReport, Heartbeat, StatusReport
+from edgefleet.server.db.models import Device, PresenceChange, StatusReportRow, TelemetryBucket
+from edgefleet.server.diagnostics import record_answer
+from edgefleet.server.history import HeartbeatSlot, SlotKey, merge_heartbeat_slots
 from edgefleet.server.mqtt.aggregate import TelemetryAggregate, aggregate_from_row
 from edgefleet.timefmt import parse_time
+
+log = logging.getLogger(__name__)
 
 _CHUNK = 500  # ids per IN (...) list
 _SHADOW_MARK = " runs in shadow beside "  # the agent's reason for a shadow install's COMMITTED
@@ -55,6 +67,8 @@ class DeviceUpdate:
     """What one batch changes on one device."""
 
     online: bool | None = None
+    online_reason: str = ""  # why `online` was set, for the presence change it may make
+    online_at: dt.datetime | None = None  # when it was set
     last_seen: dt.datetime | None = None
     heartbeat: Heartbeat | None = None  # set through `offer_heartbeat`
     heartbeat_sent_at: dt.datetime | None = None  # of `heartbeat`, parsed
@@ -85,6 +99,9 @@ class IngestBatch:
 
     devices: dict[str, DeviceUpdate] = field(default_factory=dict)
     telemetry: dict[BucketKey, TelemetryAggregate] = field(default_factory=dict)
+    # (device, answer, received at), in arrival order
+    diagnostics: list[tuple[str, DiagnosticsReport, dt.datetime]] = field(default_factory=list)
+    heartbeat_slots: dict[SlotKey, HeartbeatSlot] = field(default_factory=dict)
     messages: int = 0
 
 
@@ -112,6 +129,20 @@ class BatchWriter:
             if device is not None:
                 self._apply(session, device, changes)
         self._write_telemetry(session, batch.telemetry, devices)
+        for device_id, report, received_at in batch.diagnostics:
+            if device_id not in devices or not record_answer(
+                session, device_id, report, received_at
+            ):
+                log.info(
+                    "diagnostics answer %d from %r matches no open request: dropped",
+                    report.request_id,
+                    device_id,
+                )
+        merge_heartbeat_slots(
+            session,
+            {key: slot for key, slot in batch.heartbeat_slots.items() if key[0] in devices},
+            lock=not self._is_sqlite,
+        )
 
     def _lock_devices(self, session: Session, ids: list[str]) -> dict[str, Device]:
         devices: dict[str, Device] = {}
@@ -123,8 +154,16 @@ class BatchWriter:
         return devices
 
     def _apply(self, session: Session, device: Device, update: DeviceUpdate) -> None:
-        if update.online is not None:
+        if update.online is not None and update.online != device.online:
             device.online = update.online
+            session.add(
+                PresenceChange(
+                    device_id=device.id,
+                    at=update.online_at,
+                    online=update.online,
+                    reason=update.online_reason,
+                )
+            )
         if update.last_seen is not None and (
             device.last_seen is None or device.last_seen < update.last_seen
         ):

@@ -7,7 +7,9 @@ counted (`.refused` by reason), logged (one line per reason per `LOG_EVERY_S`)
 and dropped. Order of checks for
 a device message: the topic (a per-device topic of this namespace), the device's
 enrolled key (unknown -> "unknown-device"), its signature over topic and bytes
-("device-signature", `edgefleet.mqtt.devicesig`), the schema ("malformed"), then
+("device-signature", `edgefleet.mqtt.devicesig`), for a diagnostics answer its size
+("diagnostics-too-large", above `MAX_DIAGNOSTICS_BYTES`: nothing of it is stored), the
+schema ("malformed"), then
 the time the device dated it (a heartbeat's or status report's `sent_at`, a
 telemetry window's end): more than `settings.max_clock_ahead` ahead of this
 server's clock is "clock-ahead", logged once per device per `LOG_EVERY_S`, so
@@ -17,9 +19,11 @@ Presence (the Last Will) is unsigned by design: it only sets online/offline and
 the next signed heartbeat corrects it.
 
 The per-message path touches no database. Accepted messages are merged into
-an in-memory batch: heartbeats coalesce per device (the last one sent wins),
-presence too, status reports queue, telemetry windows merge into
-`TelemetryAggregate`s per (device, bundle, version, bucket). `flush` (every
+an in-memory batch: heartbeats coalesce per device (the last one sent wins)
+and each is merged into its device's minute of heartbeat history
+(`edgefleet.server.history`), presence coalesces too (with the reason of the
+change it may make), status reports and diagnostics answers queue, telemetry
+windows merge into `TelemetryAggregate`s per (device, bundle, version, bucket). `flush` (every
 `settings.telemetry_flush_s` on the worker `flusher`, and at `stop`) writes a
 batch in one unit of work (`batch.BatchWriter`: status deduplicated by
 sequence, telemetry merged into buckets, devices locked in id order).
@@ -54,14 +58,18 @@ from collections.abc import Callable
 from edgefleet.errors import DeviceSignatureError, MessageSchemaError, UsageError
 from edgefleet.mqtt.devicesig import verify_device_payload
 from edgefleet.mqtt.messages import (
+    MAX_DIAGNOSTICS_BYTES,
     MESSAGE_TYPES,
+    DiagnosticsReport,
     Heartbeat,
+    Presence,
     StatusReport,
     TelemetryWindow,
     parse_message,
     parse_presence,
 )
 from edgefleet.mqtt.topics import DeviceId, TopicKind, parse_device_topic
+from edgefleet.server import history
 from edgefleet.server.db.database import Database
 from edgefleet.server.errors import StorageError
 from edgefleet.server.mqtt.aggregate import TelemetryAggregate, bucket_start, health_of
@@ -77,6 +85,12 @@ LOG_EVERY_S = 10.0
 TELEMETRY_DEDUPE_SIZE = 200_000
 TOPIC_CACHE_SIZE = 100_000
 MAX_PENDING_BATCHES = 10
+# The reason a presence message gives for the change it makes (PresenceChange.reason).
+PRESENCE_REASONS = {
+    Presence.ONLINE: "connected",
+    Presence.OFFLINE_CLEAN: "disconnected cleanly",
+    Presence.OFFLINE: "connection lost (last will)",
+}
 WRITE_ATTEMPTS = 3
 
 
@@ -153,6 +167,13 @@ class Ingestor:
         if model_cls is None:  # a kind devices do not publish (directive, blocks/data)
             self._refuse("bad-topic", f"devices do not publish on {topic!r}")
             return
+        if kind is TopicKind.DIAGNOSTICS and len(message_bytes) > MAX_DIAGNOSTICS_BYTES:
+            detail = (
+                f"a diagnostics answer of {len(message_bytes)} bytes from {device_id!r}, "
+                f"above the {MAX_DIAGNOSTICS_BYTES} limit"
+            )
+            self._refuse("diagnostics-too-large", detail, per=device_id)
+            return
         try:
             # parse_device_message without parsing the topic a second time
             message = parse_message(model_cls, message_bytes)
@@ -169,6 +190,8 @@ class Ingestor:
             self._on_heartbeat(device_id, message, now)
         elif isinstance(message, StatusReport):
             self._on_status(device_id, key, message, now)
+        elif isinstance(message, DiagnosticsReport):
+            self._on_diagnostics(device_id, message, now)
 
     def _dated_ahead(self, device_id: str, what: str, dated: str, now: dt.datetime) -> bool:
         """Whether the device dated a message beyond `max_clock_ahead` from `now` (refused)."""
@@ -213,15 +236,17 @@ class Ingestor:
 
     def _on_presence(self, device_id: str, payload: bytes) -> None:
         try:
-            online = parse_presence(payload).value == "online"
+            presence = parse_presence(payload)
         except MessageSchemaError as exc:
             self._refuse("malformed", exc)
             return
         now = self._clock()
         with self._lock:
             update = self._update(device_id)
-            update.online = online
-            if online:
+            update.online = presence is Presence.ONLINE
+            update.online_reason = PRESENCE_REASONS[presence]
+            update.online_at = now
+            if update.online:
                 update.last_seen = now
             self._batch.messages += 1
             self.counts["presence"] += 1
@@ -244,6 +269,12 @@ class Ingestor:
             update = self._seen(device_id, now)
             self._order += 1
             update.offer_heartbeat(message, self._order)  # an older one than kept is dropped
+            slot_key = (device_id, history.slot_start(now, history.SLOT_S))
+            slots = self._batch.heartbeat_slots
+            slot = slots.get(slot_key)
+            if slot is None:
+                slot = slots[slot_key] = history.HeartbeatSlot()
+            slot.add(message)
             self._batch.messages += 1
             self.counts["heartbeat"] += 1
 
@@ -263,6 +294,15 @@ class Ingestor:
             update.statuses.append((self._order, now, message))
             self._batch.messages += 1
             self.counts["status"] += 1
+
+    def _on_diagnostics(self, device_id: str, message: DiagnosticsReport, now: dt.datetime) -> None:
+        if self._dated_ahead(device_id, message.what, message.sent_at, now):
+            return
+        with self._lock:
+            self._seen(device_id, now)
+            self._batch.diagnostics.append((device_id, message, now))
+            self._batch.messages += 1
+            self.counts["diagnostics"] += 1
 
     def _on_telemetry(self, device_id: str, window: TelemetryWindow, now: dt.datetime) -> None:
         if self._dated_ahead(device_id, window.what, window.window_end, now):
@@ -306,7 +346,8 @@ class Ingestor:
     def _seen(self, device_id: str, now: dt.datetime) -> DeviceUpdate:
         """A signed message arrived just now: the device is connected."""
         update = self._update(device_id)
-        update.online = True
+        if update.online is not True:
+            update.online, update.online_reason, update.online_at = True, "reporting again", now
         update.last_seen = now
         return update
 

@@ -10,7 +10,7 @@ this module adds what is the server's. What it guarantees:
 - `mqtts://` for TLS to the broker (the system's CAs), and `user:password@`
   in the URL for the broker's password authentication;
 - subscriptions renewed on every connect: `$share/{group}.{kind}/...` for status,
-  heartbeat, telemetry and block requests (replicas in the same group share
+  heartbeat, telemetry, block requests and diagnostics answers (replicas in the same group share
   them, each message goes to one replica), and a plain subscription for
   presence (every replica sees every presence change; retained presence is
   not delivered on shared subscriptions);
@@ -55,6 +55,7 @@ SHARED_KINDS = (
     TopicKind.HEARTBEAT,
     TopicKind.TELEMETRY,
     TopicKind.BLOCKS_REQUEST,
+    TopicKind.DIAGNOSTICS,
 )
 RECONNECT_BACKOFF = Backoff(initial=0.5, maximum=30.0)
 _STOP = ("", b"")  # the worker's end marker

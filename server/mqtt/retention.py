@@ -1,26 +1,39 @@
-"""Retention: old telemetry buckets and delivered webhook events go, silent devices
-are marked offline.
+"""Retention: old telemetry buckets, heartbeat history, presence changes and delivered
+webhook events go, heartbeat history is downsampled with age, silent devices are marked
+offline.
 
-`run_retention` is the step of the runner's retention worker (every 30 s). Each
-step is a single set-based statement, idempotent and safe with several replicas.
-A device is marked offline when its `last_seen` is older than
-`settings.offline_after`: its Last Will may never have reached us (a broker
-restart forgets sessions; presence is unsigned and may be lost), and no
-heartbeat means no news. Devices never seen (last_seen NULL) are left alone:
-their `online` is already false unless presence said otherwise.
+`run_retention` is the step of the runner's retention worker (every 30 s), on
+every replica. Each deletion is a single set-based statement, idempotent and
+safe with several replicas; downsampling reads the rows it merges locked
+(PostgreSQL), so two replicas never merge the same rows
+(`edgefleet.server.history.downsample`). A device is marked offline when its
+`last_seen` is older than `settings.offline_after`: its Last Will may never
+have reached us (a broker restart forgets sessions; presence is unsigned and
+may be lost), and no heartbeat means no news; the update returns the devices
+it changed, and each gets a `PresenceChange` ("no heartbeat for 120 s").
+Devices never seen (last_seen NULL) are left alone: their `online` is already
+false unless presence said otherwise.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 from dataclasses import dataclass
 
-from sqlalchemy import CursorResult, delete, update
+from sqlalchemy import CursorResult, delete, insert, update
 from sqlalchemy.orm import Session
 
 from edgefleet.server.db.database import Database
-from edgefleet.server.db.models import Device, TelemetryBucket, WebhookDelivery
+from edgefleet.server.db.models import (
+    Device,
+    HeartbeatSample,
+    PresenceChange,
+    TelemetryBucket,
+    WebhookDelivery,
+)
+from edgefleet.server.history import downsample
 from edgefleet.server.settings import ServerSettings
 from edgefleet.timefmt import utcnow
 
@@ -32,13 +45,17 @@ class RetentionResult:
     buckets_deleted: int
     devices_marked_offline: int
     deliveries_deleted: int  # webhook events delivered longer ago than the retention
+    heartbeat_rows_deleted: int = 0  # heartbeat history older than the retention
+    heartbeat_rows_merged: int = 0  # finer heartbeat slots merged into coarser ones
+    presence_changes_deleted: int = 0
 
 
 def apply_retention(
     session: Session, settings: ServerSettings, now: dt.datetime
 ) -> RetentionResult:
-    """Delete telemetry buckets, and webhook events delivered, longer ago than
-    `telemetry_retention`; mark silent devices offline.
+    """Delete telemetry buckets, heartbeat history, presence changes, and webhook
+    events delivered, longer ago than `telemetry_retention`; downsample heartbeat
+    history; mark silent devices offline (each with a presence change).
 
     Runs inside the caller's unit of work.
 
@@ -50,16 +67,36 @@ def apply_retention(
     delivered = session.execute(
         delete(WebhookDelivery).where(WebhookDelivery.delivered_at < cutoff)
     )
+    heartbeats = session.execute(delete(HeartbeatSample).where(HeartbeatSample.slot_start < cutoff))
+    presence = session.execute(delete(PresenceChange).where(PresenceChange.at < cutoff))
+    merged = downsample(session, now, lock=session.get_bind().dialect.name != "sqlite")
     silent_since = now - settings.offline_after
-    marked = session.execute(
+    marked = session.scalars(
         update(Device)
         .where(Device.online.is_(True))
         .where(Device.last_seen.is_not(None))
         .where(Device.last_seen < silent_since)
         .values(online=False)
+        .returning(Device.id)
         .execution_options(synchronize_session=False)
+    ).all()
+    if marked:
+        reason = f"no heartbeat for {int(settings.offline_after.total_seconds())} s"
+        session.execute(
+            insert(PresenceChange),
+            [
+                {"device_id": device_id, "at": now, "online": False, "reason": reason}
+                for device_id in marked
+            ],
+        )
+    return RetentionResult(
+        _rowcount(deleted),
+        len(marked),
+        _rowcount(delivered),
+        heartbeat_rows_deleted=_rowcount(heartbeats),
+        heartbeat_rows_merged=merged,
+        presence_changes_deleted=_rowcount(presence),
     )
-    return RetentionResult(_rowcount(deleted), _rowcount(marked), _rowcount(delivered))
 
 
 def run_retention(db: Database, settings: ServerSettings) -> RetentionResult:
@@ -70,12 +107,16 @@ def run_retention(db: Database, settings: ServerSettings) -> RetentionResult:
     """
     with db.session() as session:
         result = apply_retention(session, settings, utcnow())
-    if result.buckets_deleted or result.devices_marked_offline or result.deliveries_deleted:
+    if any(dataclasses.astuple(result)):
         log.info(
-            "retention: %d telemetry bucket(s) and %d delivered webhook event(s) deleted, "
+            "retention: %d telemetry bucket(s), %d heartbeat slot(s), %d presence change(s) "
+            "and %d delivered webhook event(s) deleted, %d heartbeat slot(s) downsampled, "
             "%d silent device(s) marked offline",
             result.buckets_deleted,
+            result.heartbeat_rows_deleted,
+            result.presence_changes_deleted,
             result.deliveries_deleted,
+            result.heartbeat_rows_merged,
             result.devices_marked_offline,
         )
     return result

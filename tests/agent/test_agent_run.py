@@ -39,7 +39,15 @@ from edgefleet.agent.config import (
     write_config,
 )
 from edgefleet.agent.runner import TICK_SECONDS, Agent
-from edgefleet.mqtt.directives import BundleRef, Directive, HttpSource, sign_directive
+from edgefleet.mqtt.directives import (
+    BundleRef,
+    Directive,
+    FleetTimestamp,
+    HttpSource,
+    sign_directive,
+    sign_fleet_timestamp,
+)
+from edgefleet.mqtt.messages import Heartbeat, parse_message
 from edgefleet.mqtt.topics import DeviceTopics
 from edgefleet.timefmt import format_time, utcnow
 from edgefleet.trust import TrustRoot
@@ -222,7 +230,18 @@ def test_agent_serves_installs_and_reports(
                 for r in reports()
             )
         )
-        assert wait_until(lambda: bool(observer.on(topics.heartbeat)))
+
+        def heartbeats() -> list[Heartbeat]:
+            return [parse_message(Heartbeat, p) for p in observer.on(topics.heartbeat)]
+
+        # What the agent reports of itself passes the wire model the server parses with.
+        assert wait_until(lambda: any(b.breakers for b in heartbeats()))
+        reporting = next(b for b in heartbeats() if b.breakers)
+        assert reporting.link is not None and reporting.link.connects >= 1
+        assert reporting.breakers is not None and reporting.breakers[0].step == "primary"
+        assert {b.state for b in reporting.breakers} <= {"closed", "open", "half-open"}
+        assert reporting.trust_root_version == trust.version
+        assert reporting.frozen_out is False and reporting.frozen_reason is None
         assert wait_until(
             lambda: any(json.loads(w)["requests"] > 0 for w in observer.on(topics.telemetry))
         )
@@ -360,6 +379,39 @@ def quiet_agent(tmp_path: Path, trust: TrustRoot, broker_url: str | None = None)
             local_api=LocalApiSettings(enabled=False),
         )
     )
+
+
+def test_frozen_out_is_reported_until_a_fresh_fleet_timestamp_arrives(
+    tmp_path: Path, trust: TrustRoot, keyset: KeySet
+) -> None:
+    agent = quiet_agent(tmp_path, trust)
+
+    def stamp(sequence: int, lifetime: dt.timedelta) -> bytes:
+        now = utcnow()
+        return sign_fleet_timestamp(
+            FleetTimestamp(
+                issued=format_time(now),
+                expires=format_time(now + lifetime),
+                sequence=sequence,
+                trust_root_version=trust.version,
+            ),
+            [keyset.server],
+        )
+
+    def frozen_reason() -> str | None:
+        agent._check_frozen_out()  # what the main loop does at every tick
+        return agent.report(None).frozen_reason
+
+    agent._receive_fleet_timestamp(stamp(1, dt.timedelta(seconds=2)))
+    assert frozen_reason() is None
+    assert wait_until(lambda: frozen_reason() is not None)  # its expiry passes
+    reason = frozen_reason()
+    assert reason is not None and reason.startswith("the newest fleet timestamp expired at ")
+    beat = agent.heartbeats.beat("idle", None, None, report=agent.report(None))
+    assert beat.frozen_out and beat.frozen_reason == reason
+    assert beat.trust_root_version == trust.version
+    agent._receive_fleet_timestamp(stamp(2, dt.timedelta(hours=1)))
+    assert frozen_reason() is None
 
 
 def test_the_install_worker_survives_a_foreign_error(

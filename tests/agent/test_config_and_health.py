@@ -9,9 +9,18 @@ import pytest
 
 from edgefleet.agent.config import AgentConfig, HealthSettings, load_config, write_config
 from edgefleet.agent.errors import ConfigError
-from edgefleet.agent.heartbeat import HeartbeatSource, cpu_times, memory, temperature_celsius
+from edgefleet.agent.heartbeat import (
+    AgentReport,
+    HeartbeatSource,
+    cpu_times,
+    link_report,
+    memory,
+    temperature_celsius,
+)
 from edgefleet.agent.install import HealthSnapshot, judge_health
+from edgefleet.agent.link import LinkCounters
 from edgefleet.agent.sdnotify import notify
+from edgefleet.mqtt.messages import Heartbeat, encode_message, parse_message
 
 
 def _config(tmp_path: Path) -> AgentConfig:
@@ -79,6 +88,26 @@ def test_heartbeat_reads_this_machine(tmp_path: Path) -> None:
     assert 0 <= beat.cpu_percent <= 100
     assert 0 < beat.disk_free_bytes <= beat.disk_total_bytes
     assert beat.model_name == "digits" and beat.uptime_s > 0
+
+
+def test_heartbeat_carries_what_the_agent_reports_of_itself(tmp_path: Path) -> None:
+    counters = LinkCounters(connects=3, connection_losses=2, heartbeats_skipped=4, rejected=1)
+    counters.last_problem = "x" * 2000  # a long problem is cut to what the wire takes
+    report = AgentReport(
+        link=link_report(counters, outbox_depth=7),
+        trust_root_version=2,
+        frozen_reason="the newest fleet timestamp expired",
+    )
+    beat = HeartbeatSource("cam-01", tmp_path).beat("idle", None, None, report=report)
+    parsed = parse_message(Heartbeat, encode_message(beat))  # what a server receives
+    assert parsed.link is not None
+    assert (parsed.link.connects, parsed.link.disconnects) == (3, 2)
+    assert (parsed.link.publish_failures, parsed.link.outbox_depth) == (5, 7)
+    assert parsed.link.last_problem == "x" * 512
+    assert parsed.trust_root_version == 2 and parsed.frozen_out
+    assert parsed.frozen_reason == "the newest fleet timestamp expired"
+    calm = HeartbeatSource("cam-01", tmp_path).beat("idle", None, None)
+    assert calm.frozen_out is False and calm.link is None and calm.breakers is None
 
 
 def test_temperature_from_thermal_zones(tmp_path: Path) -> None:

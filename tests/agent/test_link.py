@@ -185,7 +185,9 @@ def test_network_blip_fires_the_will_then_the_link_comes_back_online(
         observer.close()
 
 
-def test_clean_stop_publishes_offline_too(broker: MosquittoBroker, tmp_path: Path) -> None:
+def test_clean_stop_publishes_offline_clean_not_the_will(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
     device = unique_device_id()
     link = make_link(broker.url, tmp_path, device)
     observer = Observer(broker.url, [link.topics.presence])
@@ -193,7 +195,7 @@ def test_clean_stop_publishes_offline_too(broker: MosquittoBroker, tmp_path: Pat
         with running(link):
             assert observer.wait_for(lambda: observer.on(link.topics.presence) == [b"online"])
         assert observer.wait_for(
-            lambda: observer.on(link.topics.presence) == [b"online", b"offline"]
+            lambda: observer.on(link.topics.presence) == [b"online", b"offline-clean"]
         )
     finally:
         observer.close()

@@ -126,6 +126,8 @@ def plausible_args(work: Path, free_port: int) -> dict[str, list[str]]:
         "bundles show": ["bundles", "show", "demo@1.0.0"],
         "devices list": ["devices", "list"],
         "devices show": ["devices", "show", "cam-1"],
+        "devices health": ["devices", "health", "cam-1"],
+        "devices diagnose": ["devices", "diagnose", "cam-1"],
         "devices remove": ["devices", "remove", "cam-1"],
         "devices enroll-token": ["devices", "enroll-token", "--ttl", "2h"],
         "rollout start": [

@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
+from edgefleet.drift import Histogram
+from edgefleet.driftstats import js_distance
+
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
@@ -69,3 +72,45 @@ def test_without_overlap_the_interval_is_clopper_pearsons(bench: ModuleType) -> 
     low, high = bench.conservative_interval(0.01, effective)
     exact = binomtest(30, 3000).proportion_ci(0.95)
     assert (low, high) == pytest.approx((exact.low, exact.high), rel=0.01)
+
+
+def test_a_cut_detecting_as_many_is_the_largest_that_does(bench: ModuleType) -> None:
+    scores = [3.0, 2.0, 2.0, 1.0]
+    assert bench.above(scores, bench.cut_detecting(scores, 2)) == 3  # the tie comes along
+    assert bench.above(scores, bench.cut_detecting(scores, 1)) == 1
+    assert bench.cut_detecting(scores, 1) > 2.0
+    assert bench.above(scores, bench.cut_detecting(scores, 0)) == 0
+
+
+def tally(bench: ModuleType, ours: list[float], psi_flagged: int) -> object:
+    windows = len(ours)
+    flagged = dict.fromkeys(bench.METHODS, 0) | {"PSI>0.2": psi_flagged, "JS>0.1": psi_flagged}
+    scores = {"ours": ours, "PSI": [0.0] * windows, "JS": [0.0] * windows}
+    return bench.Tally(windows=windows, flagged=flagged, scores=scores)
+
+
+def test_the_goal_is_judged_at_each_cut_offs_own_detection_and_rate(bench: ModuleType) -> None:
+    calm = tally(bench, [float(score) for score in range(10)], psi_flagged=1)  # 10% calm alarms
+    # Detecting the cut-off's 5 of 10 takes one calm alarm: as few as the cut-off's.
+    level = tally(bench, [8.5, 8.6, 8.7, 8.8, 9.5, 0, 0, 0, 0, 0], psi_flagged=5)
+    # Detecting 5 takes a cut under 6.5: three calm alarms, the cut-off raises one.
+    behind = tally(bench, [6.5, 7.5, 8.5, 9.5, 9.6, 0, 0, 0, 0, 0], psi_flagged=5)
+    table, weaker = bench.matched({"no shift": calm, "level": level, "behind": behind})
+    assert weaker == {"PSI>0.2": ["behind"], "JS>0.1": ["behind"]}
+    column = table[0].index("our calm rate at its detection %")
+    assert [line[column] for line in table[1:]] == ["-", "10.00", "30.00"]
+
+
+def test_the_compared_js_distance_is_the_one_shown_beside_verdicts(bench: ModuleType) -> None:
+    edges = [0.0, 1.0, 2.0, 3.0]
+    reference = Histogram(edges=edges, counts=[50, 30, 20], nan=0)
+    live = Histogram(edges=edges, counts=[10, 30, 40], below=5, nan=15)
+    rows = [np.array([bench.cells(histogram)]) for histogram in (reference, live)]
+    assert bench.js_distances(*rows)[0] == pytest.approx(js_distance(reference, live))
+
+
+def test_the_spread_part_sees_a_wider_window_more_than_a_shifted_one(bench: ModuleType) -> None:
+    reference = np.array([[10, 20, 40, 20, 10, 0]])
+    wider = np.array([[20, 20, 20, 20, 20, 0]])
+    shifted = np.array([[0, 10, 20, 40, 30, 0]])
+    assert bench.spread_part(reference, wider)[0] > 5 * bench.spread_part(reference, shifted)[0]

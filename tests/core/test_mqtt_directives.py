@@ -332,3 +332,23 @@ def test_oversized_fleet_timestamp_refused(keyset: KeySet, trust: TrustRoot) -> 
     data = sign_fleet_timestamp(timestamp(), [keyset.server])
     with pytest.raises(errors.MalformedDocumentError, match="limit"):
         verify_ts(data[:-1] + b" " * MAX_DIRECTIVE_BYTES + b"}", trust)
+
+
+def test_a_diagnostics_directive_names_a_request_and_no_bundle(
+    trust: TrustRoot, keyset: KeySet
+) -> None:
+    asking = directive(action="diagnostics", bundle=None, sources=[], request_id=12)
+    signed = sign_directive(asking, [keyset.server])
+    accepted = verify_directive(signed, trust, device_id=DEVICE, last_sequence=4, now=NOW)
+    assert (accepted.action, accepted.request_id) == ("diagnostics", 12)
+    with pytest.raises(ValueError, match="request_id"):
+        directive(action="diagnostics", bundle=None, sources=[])
+    with pytest.raises(ValueError, match="no bundle"):
+        directive(action="diagnostics", sources=[], request_id=12)
+    with pytest.raises(ValueError, match="request_id"):
+        directive(request_id=12)  # an install
+
+
+def test_install_directives_sign_no_request_id_so_older_agents_accept_them() -> None:
+    assert "request_id" not in directive().to_signed()
+    assert "request_id" not in directive(action="rollback", sources=[]).to_signed()

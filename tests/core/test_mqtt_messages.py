@@ -261,5 +261,31 @@ def test_device_message_on_wrong_kind_refused() -> None:
 def test_presence_payloads() -> None:
     assert parse_presence(Presence.OFFLINE.payload) is Presence.OFFLINE
     assert parse_presence(b"online") is Presence.ONLINE
+    assert parse_presence(b"offline-clean") is Presence.OFFLINE_CLEAN
     with pytest.raises(errors.MessageSchemaError):
         parse_presence(b"ONLINE")
+
+
+def test_heartbeat_reports_of_the_agent_are_optional_and_bounded() -> None:
+    plain = encode_message(heartbeat())
+    for name in ("link", "breakers", "trust_root_version", "frozen_out", "frozen_reason"):
+        assert f'"{name}"'.encode() not in plain  # left out: older servers accept it
+    reported = as_dict(heartbeat()) | {
+        "link": {"connects": 1, "disconnects": 0, "publish_failures": 2, "outbox_depth": 0},
+        "breakers": [{"step": "primary", "state": "half-open"}],
+        "trust_root_version": 2,
+        "frozen_out": True,
+        "frozen_reason": "the newest fleet timestamp expired",
+    }
+    parsed = parse_message(Heartbeat, payload(reported))
+    assert parsed.link is not None and parsed.link.publish_failures == 2
+    assert parsed.breakers is not None and parsed.breakers[0].state == "half-open"
+    for field, value in [
+        ("breakers", [{"step": "primary", "state": "ajar"}]),
+        ("breakers", [{"step": "primary", "state": "open"}] * 17),
+        ("trust_root_version", 0),
+        ("frozen_reason", "x" * 513),
+        ("link", {"connects": 1}),
+    ]:
+        with pytest.raises(errors.MessageSchemaError, match=field):
+            parse_message(Heartbeat, payload(reported | {field: value}))

@@ -62,7 +62,14 @@ def test_server_filters_cover_device_to_server_kinds() -> None:
     assert device_filter(TopicKind.TELEMETRY) == "edgefleet/v1/devices/+/telemetry"
     assert sorted(server_filters()) == sorted(
         f"edgefleet/v1/devices/+/{kind}"
-        for kind in ("status", "heartbeat", "telemetry", "presence", "blocks/request")
+        for kind in (
+            "status",
+            "heartbeat",
+            "telemetry",
+            "presence",
+            "blocks/request",
+            "diagnostics",
+        )
     )
 
 
