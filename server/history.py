@@ -19,7 +19,7 @@ the reasons in words.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, cast
 
@@ -35,6 +35,7 @@ from edgefleet.server.db.models import (
     StatusReportRow,
     TelemetryBucket,
 )
+from edgefleet.server.db.rows import as_utc, in_chunks
 
 SLOT_S = 60  # heartbeats are merged per minute
 # (age, resolution): slots older than the age are merged into slots of that many seconds.
@@ -52,7 +53,6 @@ HOT_C = 85.0
 RECENT = dt.timedelta(hours=24)  # an install that failed or was refused this recently counts
 TELEMETRY_SPAN = dt.timedelta(hours=1)  # the rates the verdict quotes
 PROBLEM_INSTALL_STATES = ("failed", "refused")
-_CHUNK = 500
 
 VerdictState = Literal["ok", "degraded", "failing", "offline", "unknown"]
 _SEVERITY: dict[str, int] = {"ok": 0, "unknown": 1, "degraded": 2, "failing": 3, "offline": 4}
@@ -155,7 +155,7 @@ def merge_heartbeat_slots(
     table = cast(Table, HeartbeatSample.__table__)
     starts = sorted({key[1] for key in slots})
     existing: dict[SlotKey, Any] = {}
-    for chunk in _chunks(sorted({key[0] for key in slots})):
+    for chunk in in_chunks(sorted({key[0] for key in slots})):
         query = (
             select(table)
             .where(table.c.device_id.in_(chunk))
@@ -166,7 +166,7 @@ def merge_heartbeat_slots(
         if lock:
             query = query.with_for_update()
         for found in session.execute(query):
-            existing[(found.device_id, _utc(found.slot_start))] = found
+            existing[(found.device_id, as_utc(found.slot_start))] = found
     inserts: list[dict[str, Any]] = []
     updates: list[dict[str, Any]] = []
     for key, slot in sorted(slots.items(), key=lambda item: item[0]):
@@ -217,7 +217,7 @@ def downsample(session: Session, now: dt.datetime, *, lock: bool) -> int:
         for row in rows:
             key = (row.device_id, slot_start(row.slot_start, resolution_s))
             coarse.setdefault(key, HeartbeatSlot()).merge(HeartbeatSlot.of_row(row._mapping))
-        for chunk in _chunks(row.id for row in rows):
+        for chunk in in_chunks(row.id for row in rows):
             session.execute(delete(table).where(table.c.id.in_(chunk)))
         merge_heartbeat_slots(session, coarse, resolution_s=resolution_s, lock=lock)
         merged_away += len(rows)
@@ -404,7 +404,7 @@ def verdict_facts(
     alerts: dict[str, list[str]] = {}
     problems: dict[str, str] = {}
     rates: dict[str, tuple[int, int, int]] = {}
-    for chunk in _chunks(device_ids):
+    for chunk in in_chunks(device_ids):
         for alert in session.scalars(
             select(Alert)
             .where(Alert.device_id.in_(chunk), Alert.resolved_at.is_(None))
@@ -483,22 +483,6 @@ def _install_problem(report: StatusReportRow, now: dt.datetime) -> str:
     verb = "was refused" if report.install_state == "refused" else "failed"
     reason = f": {report.reason}" if report.reason else ""
     return f"install of {what} {verb} {describe_age(now - report.received_at)} ago{reason}"
-
-
-def _utc(value: dt.datetime) -> dt.datetime:
-    """A Core row's datetime as aware UTC (SQLite hands back naive ones)."""
-    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
-
-
-def _chunks(items: Iterable[Any]) -> Iterator[list[Any]]:
-    chunk: list[Any] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == _CHUNK:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 __all__ = [

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -48,6 +47,7 @@ from sqlalchemy.orm import Session
 from edgefleet.errors import MalformedDocumentError
 from edgefleet.mqtt.messages import DiagnosticsReport, Heartbeat, StatusReport
 from edgefleet.server.db.models import Device, PresenceChange, StatusReportRow, TelemetryBucket
+from edgefleet.server.db.rows import as_utc, in_chunks
 from edgefleet.server.diagnostics import record_answer
 from edgefleet.server.history import HeartbeatSlot, SlotKey, merge_heartbeat_slots
 from edgefleet.server.mqtt.aggregate import TelemetryAggregate, aggregate_from_row
@@ -55,7 +55,6 @@ from edgefleet.timefmt import parse_time
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 500  # ids per IN (...) list
 _SHADOW_MARK = " runs in shadow beside "  # the agent's reason for a shadow install's COMMITTED
 _REFUSED = "refused"  # the install_state of an agent's report of a refusal
 
@@ -146,7 +145,7 @@ class BatchWriter:
 
     def _lock_devices(self, session: Session, ids: list[str]) -> dict[str, Device]:
         devices: dict[str, Device] = {}
-        for chunk in _chunks(ids):
+        for chunk in in_chunks(ids):
             query = select(Device).where(Device.id.in_(chunk)).order_by(Device.id)
             if not self._is_sqlite:
                 query = query.with_for_update()
@@ -234,7 +233,7 @@ class BatchWriter:
         table = cast(Table, TelemetryBucket.__table__)
         starts = sorted({key[3] for key in wanted})
         existing: dict[BucketKey, Any] = {}
-        for chunk in _chunks(sorted({key[0] for key in wanted})):
+        for chunk in in_chunks(sorted({key[0] for key in wanted})):
             query = (
                 select(table)
                 .where(table.c.device_id.in_(chunk))
@@ -245,7 +244,12 @@ class BatchWriter:
                 query = query.with_for_update()
             for found in session.execute(query):
                 existing[
-                    (found.device_id, found.bundle_name, found.bundle_version, _utc(found))
+                    (
+                        found.device_id,
+                        found.bundle_name,
+                        found.bundle_version,
+                        as_utc(found.bucket_start),
+                    )
                 ] = found
         inserts: list[dict[str, Any]] = []
         updates: list[dict[str, Any]] = []
@@ -314,23 +318,6 @@ def _sent_before(
     except MalformedDocumentError:
         return False
     return sent_at < stored_sent_at and (latest is None or stored_sent_at <= latest)
-
-
-def _utc(row: Any) -> dt.datetime:
-    """A Core row's bucket_start as an aware UTC datetime (SQLite hands back naive ones)."""
-    start: dt.datetime = row.bucket_start
-    return start if start.tzinfo else start.replace(tzinfo=dt.timezone.utc)
-
-
-def _chunks(items: Iterable[str]) -> Iterator[list[str]]:
-    chunk: list[str] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == _CHUNK:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 __all__ = ["BatchWriter", "BucketKey", "DeviceUpdate", "IngestBatch"]
