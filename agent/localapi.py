@@ -17,6 +17,16 @@ directory), 409 (an install is running), 413 (a batch above
 `max_batch_samples`, a body above 64 MiB, or an .npz whose arrays would
 decompress beyond 64 MiB), 422 (a refused bundle), or 503 (nothing to serve);
 never a traceback.
+
+Programs on the device call it; web pages in a browser on the device must not
+be able to (a page from anywhere could otherwise roll the model back). So a
+request is refused, before anything else is read, when it carries an `Origin`
+header (403 `cross-origin`: browsers send one with every cross-site request),
+when its `Host` is not this machine (403 `bad-host`: a page whose name was
+made to point at 127.0.0.1, DNS rebinding; any host is taken when the API
+listens on every address), or when it is a POST with a Content-Type an HTML
+form can send without asking (415 `form-content-type`:
+application/x-www-form-urlencoded, multipart/form-data, text/plain).
 Standard library only: a device needs no web framework.
 """
 
@@ -32,6 +42,7 @@ import threading
 import zipfile
 import zlib
 from collections.abc import Callable
+from email.message import Message
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -87,6 +98,50 @@ def _jsonable(outputs: dict[str, np.ndarray]) -> dict[str, Any]:
     return {name: value.tolist() for name, value in outputs.items()}
 
 
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+# What an HTML form on any web page can POST without the browser asking first (CORS).
+FORM_CONTENT_TYPES = frozenset(
+    {"application/x-www-form-urlencoded", "multipart/form-data", "text/plain"}
+)
+
+
+def _host_name(host_header: str) -> str:
+    """The name in a Host header, without its port ("[::1]:8765" -> "::1")."""
+    if host_header.startswith("["):
+        return host_header[1:].split("]", 1)[0]
+    return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
+
+
+def refuse_browsers(headers: Message, listen_host: str) -> None:
+    """Refuse what a web page in a browser on the device could send (module docstring).
+
+    Raises:
+        ApiError: 403 `cross-origin` (an Origin header), 403 `bad-host` (a Host that is not
+            this machine: DNS rebinding), 415 `form-content-type`.
+    """
+    if headers.get("Origin") is not None:
+        raise ApiError(
+            HTTPStatus.FORBIDDEN,
+            "requests from web pages are refused: call the agent from a program on the device",
+            "cross-origin",
+        )
+    host = _host_name(headers.get("Host", "").strip()).lower()
+    wildcard = listen_host in ("0.0.0.0", "::")
+    if host and not wildcard and host not in LOOPBACK_NAMES and host != listen_host:
+        raise ApiError(
+            HTTPStatus.FORBIDDEN,
+            f"Host {host!r} is not this machine: address the agent as 127.0.0.1 or localhost",
+            "bad-host",
+        )
+    kind = headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+    if kind in FORM_CONTENT_TYPES:
+        raise ApiError(
+            HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+            f"Content-Type {kind} is refused: send application/json (or {NPZ} for a batch)",
+            "form-content-type",
+        )
+
+
 def listen(host: str, port: int) -> socket.socket:
     """A socket listening on `host`:`port` (0: a free port) for the local API.
 
@@ -136,10 +191,11 @@ class LocalApi:
             timeout = REQUEST_TIMEOUT_SECONDS
 
             def do_GET(self) -> None:
-                self._answer(lambda: api.get(self.path))
+                self._answer(lambda: api.get(self.path), guarded=True)
 
             def do_POST(self) -> None:
                 try:
+                    refuse_browsers(self.headers, api.listen_host)
                     body = self._read_body()
                 except ApiError as exc:
                     self.close_connection = True  # what is left of the body is not read
@@ -173,8 +229,12 @@ class LocalApi:
                     )
                 return body
 
-            def _answer(self, work: Callable[[], tuple[HTTPStatus, Any]]) -> None:
+            def _answer(
+                self, work: Callable[[], tuple[HTTPStatus, Any]], guarded: bool = False
+            ) -> None:
                 try:
+                    if guarded:
+                        refuse_browsers(self.headers, api.listen_host)
                     status, payload = work()
                 except ApiError as exc:
                     status, payload = exc.status, {"error": str(exc), "code": exc.code}
@@ -201,6 +261,7 @@ class LocalApi:
                 log.debug("local API: " + format, *args)
 
         listener = listener or listen(host, port)
+        self.listen_host = str(listener.getsockname()[0])
         self._server = ThreadingHTTPServer(
             listener.getsockname()[:2], Handler, bind_and_activate=False
         )

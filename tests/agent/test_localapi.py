@@ -335,3 +335,72 @@ def test_an_npz_whose_header_understates_its_size_is_refused(
     body = bytearray(bytes(body).replace(real, (1024).to_bytes(4, "little")))
     status, data = client.request("POST", "/v1/predict/batch", bytes(body), NPZ)
     assert status == 400, json.loads(data)
+
+
+# --- web pages in a browser on the device are refused ------------------------------------------
+
+
+def _raw(port: int, method: str, path: str, head: dict[str, str], body: bytes = b"") -> Any:
+    """A request with exactly these headers (the Host header among them, as a browser sets it)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        lines = [f"{method} {path} HTTP/1.1", f"Content-Length: {len(body)}"]
+        lines += [f"{name}: {value}" for name, value in head.items()]
+        connection.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        response = http.client.HTTPResponse(connection)
+        response.begin()
+        return response.status, json.loads(response.read())
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "head", "status", "code"),
+    [
+        ("POST", "/v1/rollback", {"Host": "127.0.0.1", "Origin": "https://evil.example"},
+         403, "cross-origin"),
+        ("POST", "/v1/rollback", {"Host": "127.0.0.1", "Origin": "null"}, 403, "cross-origin"),
+        ("GET", "/v1/model", {"Host": "127.0.0.1", "Origin": "https://evil.example"},
+         403, "cross-origin"),
+        ("GET", "/v1/model", {"Host": "rebound.evil.example:8765"}, 403, "bad-host"),
+        ("POST", "/v1/rollback", {"Host": "rebound.evil.example"}, 403, "bad-host"),
+        ("POST", "/v1/rollback", {"Host": "localhost", "Content-Type": "text/plain"},
+         415, "form-content-type"),
+        ("POST", "/v1/rollback",
+         {"Host": "127.0.0.1", "Content-Type": "application/x-www-form-urlencoded"},
+         415, "form-content-type"),
+        ("POST", "/v1/rollback",
+         {"Host": "127.0.0.1", "Content-Type": "multipart/form-data; boundary=x"},
+         415, "form-content-type"),
+    ],
+    ids=["origin", "null-origin", "origin-get", "rebound-host-get", "rebound-host", "text-plain",
+         "urlencoded", "multipart"],
+)  # fmt: skip
+def test_what_a_web_page_could_send_is_refused(
+    tmp_path: Path,
+    bundles: Bundles,
+    method: str,
+    path: str,
+    head: dict[str, str],
+    status: int,
+    code: str,
+) -> None:
+    layout = StateLayout(tmp_path / "state")
+    install_version(layout, bundles.mlp, "digits@1.0.0-aaaaaaaaaaaa")
+    rollbacks: list[int] = []
+    predictor = Predictor.open(layout, InferenceSettings(), PROFILE, None)
+
+    def rollback() -> dict[str, Any]:
+        rollbacks.append(1)
+        return {"state": "rolled_back"}
+
+    api = _serve(predictor, rollback=rollback)
+    try:
+        answer_status, answer = _raw(api.address[1], method, path, head, b"{}")
+        assert (answer_status, answer["code"]) == (status, code), answer
+        assert rollbacks == []
+        # The same call from a program on the device is served.
+        plain = {"Host": f"127.0.0.1:{api.address[1]}", "Content-Type": "application/json"}
+        assert _raw(api.address[1], method, path, plain, b"{}")[0] == 200
+        assert _raw(api.address[1], method, path, {**plain, "Host": "[::1]"}, b"{}")[0] == 200
+        assert rollbacks == ([1, 1] if path == "/v1/rollback" else [])
+    finally:
+        api.stop()
+        predictor.close()
