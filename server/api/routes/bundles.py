@@ -17,7 +17,6 @@ from typing import Annotated
 from anyio import to_thread
 from fastapi import APIRouter, Path, Query, Request, status
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.requests import ClientDisconnect
 
 from edgefleet.bundle.manifest import NAME_PATTERN
 from edgefleet.semver import SEMVER_PATTERN
@@ -25,6 +24,7 @@ from edgefleet.server.api.deps import ContextDep, OperatorDep, SessionDep, Viewe
 from edgefleet.server.api.errors import BodyTooLargeError, errors
 from edgefleet.server.api.routes.blobs import FILE_RESPONSES, RangeHeader, ranged_file_response
 from edgefleet.server.api.schemas.bundles import BundlePublic
+from edgefleet.server.api.uploads import receive_upload
 from edgefleet.server.context import ServerContext
 from edgefleet.server.errors import InvalidRequestError
 from edgefleet.server.principals import Principal
@@ -73,23 +73,7 @@ def _declared_length(request: Request, limit: int) -> None:
 async def push_bundle(request: Request, context: ContextDep, operator: OperatorDep) -> JSONResponse:
     limit = context.settings.max_bundle_bytes
     _declared_length(request, limit)
-    upload = await to_thread.run_sync(context.bundles.new_upload_path)
-    try:
-        received = 0
-        with open(upload, "wb") as out:
-            async for chunk in request.stream():
-                received += len(chunk)
-                if received > limit:
-                    raise BodyTooLargeError(f"the bundle exceeds this server's {limit} bytes")
-                out.write(chunk)
-        if received == 0:
-            raise InvalidRequestError("empty body: send the bundle file (application/octet-stream)")
-    except ClientDisconnect as exc:
-        upload.unlink(missing_ok=True)
-        raise InvalidRequestError("the upload was interrupted") from exc
-    except BaseException:
-        upload.unlink(missing_ok=True)
-        raise
+    upload = await receive_upload(request, context, limit, "bundle", allow_empty=False)
     public, created = await to_thread.run_sync(_store, context, upload, operator)
     return JSONResponse(
         public.model_dump(mode="json"),

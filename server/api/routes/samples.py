@@ -21,7 +21,6 @@ from fastapi import APIRouter, Path, Query, Request, status
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from sqlalchemy import select
-from starlette.requests import ClientDisconnect
 
 from edgefleet.errors import DeviceSignatureError, UsageError
 from edgefleet.mqtt import is_valid_device_id
@@ -37,6 +36,7 @@ from edgefleet.server.api.errors import BodyTooLargeError, errors
 from edgefleet.server.api.routes.blobs import FILE_RESPONSES, ranged_file_response
 from edgefleet.server.api.schemas.base import MAX_ID
 from edgefleet.server.api.schemas.samples import SamplePublic
+from edgefleet.server.api.uploads import receive_upload
 from edgefleet.server.audit import record_audit
 from edgefleet.server.context import ServerContext
 from edgefleet.server.db.models import Device
@@ -129,21 +129,7 @@ async def upload_samples(
     limit = context.settings.max_sample_bytes
     if meta.size_bytes > limit:
         raise BodyTooLargeError(f"the upload is {meta.size_bytes} bytes; this server takes {limit}")
-    upload = await to_thread.run_sync(context.bundles.new_upload_path)
-    try:
-        received = 0
-        with open(upload, "wb") as out:
-            async for chunk in request.stream():
-                received += len(chunk)
-                if received > limit:
-                    raise BodyTooLargeError(f"the upload exceeds this server's {limit} bytes")
-                out.write(chunk)
-    except ClientDisconnect as exc:
-        upload.unlink(missing_ok=True)
-        raise InvalidRequestError("the upload was interrupted") from exc
-    except BaseException:
-        upload.unlink(missing_ok=True)
-        raise
+    upload = await receive_upload(request, context, limit, "upload")
     public, created = await to_thread.run_sync(_store, context, upload, meta, context.clock())
     return JSONResponse(
         public.model_dump(mode="json"),
