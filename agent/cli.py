@@ -7,6 +7,7 @@ import io
 import logging
 import os
 import signal
+import ssl
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -18,9 +19,10 @@ from pydantic import ValidationError
 # The heavy parts (onnxruntime, paho, urllib, the installer) are imported in the
 # commands that need them: `agent init` and `--help` stay light.
 from edgefleet.agent.client import AgentRequestError
-from edgefleet.agent.config import AgentConfig, load_config, write_config
+from edgefleet.agent.config import load_config, settle_device_id, write_config
 from edgefleet.agent.enrolltoken import write_enroll_token
 from edgefleet.agent.layout import StateLayout
+from edgefleet.agentconfig import AgentConfig
 from edgefleet.cli.errors import EXIT_REFUSED, EXIT_USAGE
 from edgefleet.cli.options import echo_json, json_option
 from edgefleet.errors import UsageError
@@ -81,6 +83,26 @@ def _group_id(name: str) -> int:
         ) from None
 
 
+def _check_tls_files(ca: Path | None, cert: Path | None, key: Path | None) -> None:
+    """Raises: UsageError naming the file that does not load, or --cert without --key."""
+    if (cert is None) != (key is None):
+        raise UsageError("--cert and --key go together: the client certificate and its key")
+    if ca is not None:
+        try:
+            ssl.create_default_context(cafile=str(ca))
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(
+                f"--ca {ca}: not a CA certificate in PEM ({exc}); give the fleet CA's ca.crt"
+            ) from None
+    if cert is not None and key is not None:
+        try:
+            ssl.create_default_context().load_cert_chain(str(cert), str(key))
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(
+                f"--cert {cert} --key {key}: not a PEM certificate and its unencrypted key ({exc})"
+            ) from None
+
+
 @agent.command("init")
 @click.option("--device-id", required=True, help="This device's id: letters, digits, . _ -")
 @click.option(
@@ -131,6 +153,26 @@ def _group_id(name: str) -> int:
     required=True,
     help="Configuration file to write (agent.toml); missing directories are created (0755).",
 )
+@click.option(
+    "--ca",
+    "ca_file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="The fleet CA's certificate (PEM): trusted for the fleet server's HTTPS and the "
+    "broker's mqtts:// (instead of the system's CAs).",
+)
+@click.option(
+    "--cert",
+    "cert_file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Client certificate for the broker (PEM; with --key). Without it, an mqtts:// "
+    "device uses the certificate it gets at enrollment.",
+)
+@click.option(
+    "--key",
+    "key_file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="The private key of --cert (PEM).",
+)
 @click.option("--force", is_flag=True, help="Overwrite an existing configuration file.")
 def init_command(
     device_id: str,
@@ -142,6 +184,9 @@ def init_command(
     enroll_token: str | None,
     local_api_port: int | None,
     group: str | None,
+    ca_file: Path | None,
+    cert_file: Path | None,
+    key_file: Path | None,
     output: Path,
     force: bool,
 ) -> None:
@@ -154,6 +199,7 @@ def init_command(
         raise UsageError(f"{output} exists: pass --force to overwrite it")
     if enroll_token is not None and server_url is None:
         raise UsageError("--enroll-token needs --server: the token is for that fleet server")
+    _check_tls_files(ca_file, cert_file, key_file)
     trust = load_trust_root(trust_path)
     resolved = load_profile(profile).name
     try:
@@ -164,7 +210,13 @@ def init_command(
                 "state_dir": state_dir.resolve(),
                 "trust_root": trust_path.resolve(),
                 "server_url": server_url,
-                "mqtt": {"url": mqtt_url},
+                "server_ca_file": ca_file.resolve() if ca_file else None,
+                "mqtt": {
+                    "url": mqtt_url,
+                    "ca_file": ca_file.resolve() if ca_file else None,
+                    "cert_file": cert_file.resolve() if cert_file else None,
+                    "key_file": key_file.resolve() if key_file else None,
+                },
                 "local_api": {"enabled": False}
                 if local_api_port is None
                 else {"port": local_api_port},
@@ -200,8 +252,16 @@ def init_command(
     )
 
 
-def read_config(config_path: Path) -> AgentConfig:
-    return load_config(config_path, os.environ)
+def read_config(config_path: Path, *, make_device_id: bool = False) -> AgentConfig:
+    """The configuration, its device id settled (`make_device_id`: make it for an
+    agent.toml that says device_id = "auto", when it is not made yet)."""
+    config = load_config(config_path, os.environ)
+    try:
+        return settle_device_id(config, make=make_device_id)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot keep the device id in {config.state_dir}: {exc.strerror or exc}"
+        ) from None
 
 
 def _layout(config: AgentConfig) -> StateLayout:
@@ -253,6 +313,10 @@ def _echo_status(status: dict[str, Any]) -> None:
     floors = status["security_floors"]
     shown = ", ".join(f"{name} {floors[name]}" for name in sorted(floors))
     click.echo(f"security floors: {shown or 'none'}")
+    click.echo(
+        f"trust root:      version {status['trust_root_version']} "
+        f"(expires {status['trust_root_expires']})"
+    )
     if status.get("refused"):
         click.echo(f"last refused:    {status['refused']} (nothing changed)")
     if status.get("reason"):
@@ -270,7 +334,7 @@ def run_command(config_path: Path, verbose: bool) -> None:
     )
     from edgefleet.agent.runner import Agent
 
-    running = Agent(read_config(config_path))
+    running = Agent(read_config(config_path, make_device_id=True))
     for number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(number, lambda *_: running.stopping.set())
     running.run()
@@ -322,7 +386,7 @@ def enroll_command(
     """
     from edgefleet.agent.enroll import enroll
 
-    config = read_config(config_path)
+    config = read_config(config_path, make_device_id=True)
     enrollment = enroll(
         config, _layout(config), server_url=server_url, token=token, tags=parse_tags(tags)
     )
@@ -408,14 +472,14 @@ def install_command(bundle_path: Path, config_path: Path) -> None:
     running agent when there is one, so the new model is health-checked under
     its live traffic.
     """
-    from edgefleet.agent.client import call_json
+    from edgefleet.agent.client import change
     from edgefleet.agent.runner import status_dict
 
     config = read_config(config_path)
     url = _agent_to_change(config)
     if url is not None:
         try:
-            status = call_json(url, "POST", "/v1/install", {"path": str(bundle_path.resolve())})
+            status = change(_layout(config), url, "/v1/install", bundle_path)
         except AgentRequestError as exc:
             _relay(exc)
     else:
@@ -429,14 +493,14 @@ def install_command(bundle_path: Path, config_path: Path) -> None:
 @config_option
 def rollback_command(config_path: Path) -> None:
     """Serve the previous version again."""
-    from edgefleet.agent.client import call_json
+    from edgefleet.agent.client import change
     from edgefleet.agent.runner import status_dict
 
     config = read_config(config_path)
     url = _agent_to_change(config)
     if url is not None:
         try:
-            status = call_json(url, "POST", "/v1/rollback")
+            status = change(_layout(config), url, "/v1/rollback")
         except AgentRequestError as exc:
             _relay(exc)
     else:

@@ -1,14 +1,25 @@
-"""Talking to the running agent's local API from the CLI on the same device."""
+"""Talking to the running agent's local API from the CLI on the same device.
+
+Reads go to its TCP address. Changes (`change`: install, rollback) go through
+its Unix socket, or else over TCP with the token from its state directory;
+both take the rights of root or of the agent's user (edgefleet.agent.localapi).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import os
+import socket
+import urllib.parse
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from edgefleet.agent.errors import AgentError
 from edgefleet.agent.layout import StateLayout
+from edgefleet.errors import UsageError
 
 TIMEOUT_SECONDS = 600.0  # an install through the agent includes its health check
 
@@ -30,10 +41,16 @@ class RunningAgent:
 
 
 def running_agent(layout: StateLayout) -> RunningAgent | None:
-    """The agent running on this state directory, or None when none is."""
+    """The agent running on this state directory, or None when none is.
+
+    Raises:
+        UsageError: the state directory cannot be read by this user.
+    """
     try:
         record = json.loads(layout.local_api_file.read_text())
         pid = int(record["pid"])
+    except PermissionError:
+        raise UsageError(_not_allowed(layout, f"cannot read {layout.local_api_file}")) from None
     except (OSError, ValueError, KeyError, TypeError):
         return None
     try:
@@ -89,3 +106,81 @@ def call(
 def call_json(url: str, method: str, path: str, payload: dict[str, Any] | None = None) -> Any:
     body = json.dumps(payload).encode() if payload is not None else None
     return json.loads(call(url, method, path, body))
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP over the agent's Unix socket."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__("localhost", timeout=TIMEOUT_SECONDS)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            connection.settimeout(self.timeout)
+            connection.connect(str(self.socket_path))
+        except OSError:
+            connection.close()
+            raise
+        self.sock = connection
+
+
+def change(layout: StateLayout, url: str, path: str, bundle: Path | None = None) -> Any:
+    """POST a change to the running agent (`bundle`: an install of that file's bytes),
+    through its Unix socket, or, when that cannot be reached, over TCP at `url` with its
+    token; the agent's JSON answer.
+
+    Raises:
+        UsageError: neither the socket nor the token is open to this user.
+        AgentRequestError: the agent answered with an error.
+        OSError: the agent cannot be reached.
+    """
+    headers: dict[str, str] = {}
+    connection: http.client.HTTPConnection = _UnixConnection(layout.local_api_socket)
+    try:
+        connection.connect()
+    except OSError as exc:
+        try:
+            token = layout.local_api_token.read_text().strip()
+        except OSError as token_exc:
+            raise UsageError(
+                _not_allowed(
+                    layout,
+                    f"cannot connect to {layout.local_api_socket} ({exc.strerror}) nor read "
+                    f"{layout.local_api_token} ({token_exc.strerror})",
+                )
+            ) from None
+        address = urllib.parse.urlsplit(url)
+        connection = http.client.HTTPConnection(
+            str(address.hostname), address.port, timeout=TIMEOUT_SECONDS
+        )
+        headers["Authorization"] = f"Bearer {token}"
+    try:
+        if bundle is None:
+            connection.request("POST", path, headers=headers)
+        else:
+            headers["Content-Type"] = "application/octet-stream"
+            headers["Content-Length"] = str(bundle.stat().st_size)
+            # The agent may refuse before reading it all: its answer says why.
+            refused_early = contextlib.suppress(BrokenPipeError, ConnectionResetError)
+            with bundle.open("rb") as body, refused_early:
+                connection.request("POST", path, body, headers)
+        response = connection.getresponse()
+        data = response.read()
+    finally:
+        connection.close()
+    if response.status >= 400:
+        try:
+            detail: dict[str, Any] = json.loads(data)
+        except ValueError:
+            detail = {"error": response.reason, "code": "http"}
+        raise AgentRequestError(str(detail.get("error")), str(detail.get("code")), response.status)
+    return json.loads(data)
+
+
+def _not_allowed(layout: StateLayout, what: str) -> str:
+    return (
+        f"{what}: only root and the agent's user may reach the agent on {layout.root}; run "
+        "this as root (sudo) or as the agent's user (sudo -u edgefleet)"
+    )

@@ -2,12 +2,17 @@
 
     POST {server_url}/api/v1/devices/enroll      (JSON, no API token)
     {"device_id", "public_key", "profile", "arch", "runtimes", "agent_version",
-     "tags", "enroll_token"}
+     "tags", "enroll_token", "csr"}
 
 The device makes its Ed25519 key (`state_dir/device.key`, `DeviceKey`) the
 first time it needs one, and never sends it anywhere: the server gets the
 public half and from then on accepts from this device id only messages that
-key signed (`edgefleet.mqtt.devicesig`). An enrollment token, when the server
+key signed (`edgefleet.mqtt.devicesig`). `csr` is the signing request for the
+device's TLS key (`edgefleet.agent.tlsidentity`, made here too); the answer's
+`certificate` and `ca_certificate`, when the server has a CA, are stored in
+`state_dir/tls/` for the broker connection. A device whose TLS key cannot be
+made enrolls without a csr (logged). HTTPS trusts `server_ca_file` when set.
+An enrollment token, when the server
 requires one, is a one-time secret from an operator; it also carries tags the
 server gives the device. `agent init` keeps it in `state_dir/enroll-token`
 (`edgefleet.agent.enrolltoken`) until it is used. A 200 or 201 answer is
@@ -34,6 +39,7 @@ import json
 import logging
 import platform
 import random
+import ssl
 import threading
 import urllib.error
 import urllib.parse
@@ -44,7 +50,6 @@ from http.client import HTTPException
 from typing import Any
 
 from edgefleet import __version__
-from edgefleet.agent.config import AgentConfig, check_server_url
 from edgefleet.agent.enrolltoken import forget_enroll_token, read_enroll_token
 from edgefleet.agent.errors import (
     ConfigError,
@@ -52,6 +57,15 @@ from edgefleet.agent.errors import (
     ServerUnreachableError,
 )
 from edgefleet.agent.layout import PRIVATE_FILE, StateLayout
+from edgefleet.agent.tlsidentity import (
+    TlsIdentityError,
+    describe_unreachable,
+    ensure_signing_request,
+    https_opener,
+    server_ssl_context,
+    store_certificate,
+)
+from edgefleet.agentconfig import AgentConfig, check_server_url
 from edgefleet.backoff import Backoff
 from edgefleet.errors import EdgefleetError, KeyFileError
 from edgefleet.fileio import atomic_write_bytes
@@ -193,6 +207,7 @@ def enroll_request(
     *,
     token: str | None,
     tags: Mapping[str, str] | None = None,
+    csr: bytes | None = None,
 ) -> dict[str, Any]:
     """The JSON body of the enrollment request."""
     return {
@@ -204,6 +219,7 @@ def enroll_request(
         "agent_version": __version__,
         "tags": dict(tags or {}),
         "enroll_token": token,
+        "csr": None if csr is None else csr.decode("ascii"),
     }
 
 
@@ -235,10 +251,16 @@ def enroll(
     key = ensure_device_key(layout)
     if token is None:
         token = read_enroll_token(layout) or config.legacy_enroll_token
-    body = enroll_request(config, key, token=token, tags=tags)
+    csr = _signing_request(config, layout)
+    body = enroll_request(config, key, token=token, tags=tags, csr=csr)
     if body["enroll_token"] is not None and is_cleartext_to_another_host(base):
         _warn_cleartext_token(base)
-    status, answer = _post_json(base + ENROLL_PATH, body, timeout)
+    status, answer = _post_json(base + ENROLL_PATH, body, timeout, server_ssl_context(config))
+    if isinstance(answer, dict):
+        try:
+            store_certificate(layout, answer)
+        except TlsIdentityError as exc:
+            log.error("enrolled, but the certificate in the answer is not kept: %s", exc)
     answered_tags = answer.get("tags") if isinstance(answer, dict) else None
     enrollment = Enrollment(
         server_url=base,
@@ -259,7 +281,18 @@ def enroll(
     return enrollment
 
 
-def _post_json(url: str, body: dict[str, Any], timeout: float) -> tuple[int, Any]:
+def _signing_request(config: AgentConfig, layout: StateLayout) -> bytes | None:
+    """The TLS signing request to enroll with, or None (logged) when the key cannot be made."""
+    try:
+        return ensure_signing_request(layout, config.device_id)
+    except TlsIdentityError as exc:
+        log.error("%s: enrolling without a certificate request", exc)
+        return None
+
+
+def _post_json(
+    url: str, body: dict[str, Any], timeout: float, context: ssl.SSLContext | None
+) -> tuple[int, Any]:
     request = urllib.request.Request(
         url,
         data=json.dumps(body).encode("utf-8"),
@@ -267,16 +300,14 @@ def _post_json(url: str, body: dict[str, Any], timeout: float) -> tuple[int, Any
         headers={"Content-Type": "application/json", "Accept": "application/json"},
     )
     # No environment proxies, as for downloads: a device talks to its server directly.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with opener.open(request, timeout=timeout) as response:
+        with https_opener(context).open(request, timeout=timeout) as response:
             status = int(response.status)
             raw = response.read(MAX_ANSWER_BYTES)
     except urllib.error.HTTPError as exc:
         raise _http_error(url, exc) from exc
     except (urllib.error.URLError, HTTPException, OSError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        raise ServerUnreachableError(f"cannot reach the fleet server at {url}: {reason}") from exc
+        raise ServerUnreachableError(describe_unreachable(url, exc)) from exc
     if status not in (200, 201):
         raise ServerUnreachableError(f"the fleet server answered HTTP {status} to enrollment")
     try:

@@ -14,9 +14,18 @@
       inbox/                directives received over MQTT, persisted before they are
                             acknowledged and removed once the installer has handled them
       localapi.json         address and pid of the running agent's local HTTP API
+      api.sock              the local API's Unix socket (mode 0600): installs and rollbacks
+                            from root and the agent's user (edgefleet.agent.localapi)
+      api-token             the secret a TCP caller of the local API presents for an install
+                            or a rollback (mode 0600), made anew at each start
       device.key            this device's Ed25519 signing key (raw 32-byte seed, mode 0600),
                             made at enrollment; it signs every message the device sends
       enrolled.json         the fleet server this device enrolled with, and the key it enrolled
+      tls/                  the device's X.509 identity (edgefleet.agent.tlsidentity):
+                            device.key (ECDSA, mode 0600, made here), device.csr, device.crt
+                            (mode 0600) and device.json (its not-after), ca.crt (the fleet CA)
+      device-id             the id made at the first start when agent.toml says device_id =
+                            "auto" (edgefleet.agent.config.settle_device_id); never changed
       enroll-token          the one-time enrollment token from `agent init` (mode 0600),
                             deleted once the device enrolled (edgefleet.agent.enrolltoken)
       samples/              raw inputs kept while the device's own check flags drift, one
@@ -26,8 +35,8 @@
 Private: the state directory and its subdirectories are mode 0700 (`create`
 makes them so, also when they existed), and the files that hold secrets or
 the device's state (`state.json`, `enrolled.json`, `device.key`,
-`enroll-token`, everything under downloads/) are written with mode
-`PRIVATE_FILE`.
+`enroll-token`, `tls/device.key`, `tls/device.crt`, everything under
+downloads/) are written with mode `PRIVATE_FILE`.
 
 Invariant: `current` always names a complete, verified, smoke-tested version
 directory, or does not exist (nothing installed yet); it is only ever changed
@@ -95,12 +104,40 @@ class StateLayout:
         return self.root / "localapi.json"
 
     @property
+    def local_api_socket(self) -> Path:
+        return self.root / "api.sock"
+
+    @property
+    def local_api_token(self) -> Path:
+        return self.root / "api-token"
+
+    @property
     def device_key(self) -> Path:
         return self.root / "device.key"
 
     @property
     def enrollment_file(self) -> Path:
         return self.root / "enrolled.json"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.root / "tls"
+
+    @property
+    def tls_key(self) -> Path:
+        return self.tls_dir / "device.key"
+
+    @property
+    def tls_certificate(self) -> Path:
+        return self.tls_dir / "device.crt"
+
+    @property
+    def tls_ca_certificate(self) -> Path:
+        return self.tls_dir / "ca.crt"
+
+    @property
+    def device_id_file(self) -> Path:
+        return self.root / "device-id"
 
     @property
     def enroll_token_file(self) -> Path:
@@ -116,6 +153,7 @@ class StateLayout:
         for directory in (
             self.root,
             self.trust_dir,
+            self.tls_dir,
             self.downloads,
             self.versions,
             self.outbox,

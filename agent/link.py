@@ -6,8 +6,10 @@ What it guarantees (the connection itself is the core's `edgefleet.mqtt.session`
 - presence: the Last Will publishes a retained `offline` on the device's
   presence topic when the connection dies; on every connect the link publishes
   a retained `online`, and on `stop` a retained `offline-clean` before DISCONNECT;
-- subscriptions to the device's directive topic, the fleet timestamp and the
-  device's blocks_data topic, renewed on every connect;
+- subscriptions to the device's directive topic, the fleet timestamp, the
+  device's blocks_data topic and (with `on_trust_root`) every retained trust root
+  version (`TRUST_ROOT_FILTER`; the callback gets the version its topic names and
+  the document), renewed on every connect;
 - received payloads go to the callbacks unparsed (verification belongs to
   their owners). A payload over its size limit, or one whose callback raises
   MessageSchemaError or MalformedDocumentError, counts as malformed; any other
@@ -46,10 +48,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from edgefleet.agent.config import MqttSettings
 from edgefleet.agent.errors import ConfigError
 from edgefleet.agent.outbox import Outbox
 from edgefleet.agent.transport.blocks import BlocksHandler
+from edgefleet.agentconfig import MqttSettings
 from edgefleet.backoff import Backoff
 from edgefleet.errors import (
     MalformedDocumentError,
@@ -79,10 +81,15 @@ from edgefleet.mqtt.session import (
 )
 from edgefleet.mqtt.topics import (
     FLEET_TIMESTAMP_QOS,
+    TRUST_ROOT_FILTER,
+    TRUST_ROOT_PREFIX,
+    TRUST_ROOT_QOS,
     DeviceTopics,
     TopicKind,
     fleet_timestamp_topic,
+    parse_trust_root_topic,
 )
+from edgefleet.trust import MAX_TRUST_ROOT_BYTES
 
 if TYPE_CHECKING:
     import paho.mqtt.client as mqtt
@@ -92,11 +99,13 @@ __all__ = [
     "LinkCounters",
     "LinkState",
     "PayloadHandler",
+    "TrustRootHandler",
 ]
 
 log = logging.getLogger(__name__)
 
 PayloadHandler = Callable[[bytes], None]
+TrustRootHandler = Callable[[int, bytes], None]  # (the version its topic names, the document)
 LinkState = SessionState
 
 
@@ -130,6 +139,7 @@ class AgentLink:
         on_directive: PayloadHandler,
         on_fleet_timestamp: PayloadHandler,
         on_blocks: BlocksHandler | None = None,
+        on_trust_root: TrustRootHandler | None = None,
         on_problem: Callable[[str], None] | None = None,
         device_key: DeviceKey | None = None,
         protocol: MqttProtocol = "5",
@@ -154,6 +164,7 @@ class AgentLink:
             fleet_timestamp_topic(): (MAX_FLEET_TIMESTAMP_BYTES, on_fleet_timestamp),
             self.topics.blocks_data: (MAX_BLOCK_PAYLOAD_BYTES, on_blocks),
         }
+        self._on_trust_root = on_trust_root
         self._on_problem = on_problem
         self._device_key = device_key
         self._max_inflight = max_inflight
@@ -172,6 +183,7 @@ class AgentLink:
                     (self.topics.directive, TopicKind.DIRECTIVE.qos),
                     (fleet_timestamp_topic(), FLEET_TIMESTAMP_QOS),
                     (self.topics.blocks_data, TopicKind.BLOCKS_DATA.qos),
+                    *([(TRUST_ROOT_FILTER, TRUST_ROOT_QOS)] if on_trust_root else []),
                 ],
                 birth=(self.topics.presence, Presence.ONLINE.payload),
                 last_will=(self.topics.presence, Presence.OFFLINE.payload),
@@ -230,6 +242,21 @@ class AgentLink:
             RuntimeError: called twice.
         """
         self._session.start()
+
+    def load_tls_files(self, settings: MqttSettings) -> None:
+        """From the next connect on, trust `settings.ca_file` too and present
+        `settings.cert_file` (a newly enrolled or renewed certificate); the current
+        connection, if any, keeps what it opened with.
+
+        Raises:
+            ConfigError: not mqtts://, or the files are not a CA, a certificate and its key.
+        """
+        try:
+            self._session.load_tls_files(
+                TlsFiles(settings.ca_file, settings.cert_file, settings.key_file)
+            )
+        except (UsageError, OSError) as exc:
+            raise ConfigError(f"cannot load the MQTT TLS files: {exc}") from exc
 
     def wait_connected(self, timeout: float) -> bool:
         return self._session.wait_ready(timeout)
@@ -358,7 +385,7 @@ class AgentLink:
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         self._count("received")
-        limit, handler = self._handlers.get(topic, (0, None))
+        limit, handler = self._handler_for(topic)
         if handler is None:
             self._count("unexpected")
             return
@@ -378,6 +405,14 @@ class AgentLink:
             self._count("handler_errors")
             log.exception("handler for %s failed", topic)
             self._problem(f"handler for {topic} failed: {type(exc).__name__}: {exc}")
+
+    def _handler_for(self, topic: str) -> tuple[int, PayloadHandler | None]:
+        on_trust_root = self._on_trust_root
+        if on_trust_root is not None and topic.startswith(TRUST_ROOT_PREFIX + "/"):
+            return MAX_TRUST_ROOT_BYTES, lambda payload: on_trust_root(
+                parse_trust_root_topic(topic), payload
+            )
+        return self._handlers.get(topic, (0, None))
 
     # -- accounting --------------------------------------------------------------------------
 

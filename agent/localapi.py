@@ -6,17 +6,30 @@
                               -> {"outputs", "answered_by", "model", "latency_ms"}
     POST /v1/predict/batch    an .npz of inputs (samples first) -> an .npz of outputs
     POST /v1/feedback         {"predicted": p, "label": l}: labelled accuracy (or error, for floats)
-    POST /v1/install          {"path": "/media/usb/model.efb"}: `agent install` while the agent runs
+    POST /v1/install          the bundle's bytes (application/octet-stream): `agent install`
+                              while the agent runs
     POST /v1/rollback         `agent rollback` while the agent runs
+
+Install and rollback change the device, so they need authentication; the
+other calls stay open (and do no extra work for it). The API listens twice:
+on TCP (`[local_api] host`/`port`) and on the Unix socket STATE_DIR/api.sock
+(mode 0600, in the 0700 state directory: only the agent's user and root get
+in). A change on the socket is authenticated by those file permissions; on
+TCP it needs `Authorization: Bearer TOKEN`, TOKEN being the secret the agent
+writes at each start to STATE_DIR/api-token (mode 0600: reading it takes the
+same rights as the socket). Without it: 401 `unauthorized`, before the body
+is read. An install's body is streamed to a 0600 file in downloads/ (at most
+`[limits] max_bundle_bytes`) and installed from there; the agent never opens
+a path a caller names.
 
 Predictions through this API are served and monitored exactly like in-process
 ones. Errors are JSON {"error", "code"} with 400 (bad input: a bad or negative
 Content-Length, a body shorter than announced, JSON nested too deep, a body
-that is not an .npz), 403 (an install from a file in the agent's state
-directory), 409 (an install is running), 413 (a batch above
-`max_batch_samples`, a body above 64 MiB, or an .npz whose arrays would
-decompress beyond 64 MiB), 422 (a refused bundle), or 503 (nothing to serve);
-never a traceback.
+that is not an .npz), 401 (a change without the token), 409 (an install is
+running), 413 (a batch above `max_batch_samples`, a body above 64 MiB, an
+.npz whose arrays would decompress beyond 64 MiB, a bundle above
+`max_bundle_bytes`), 415 (an install that is not application/octet-stream),
+422 (a refused bundle), or 503 (nothing to serve); never a traceback.
 
 Programs on the device call it; web pages in a browser on the device must not
 be able to (a page from anywhere could otherwise roll the model back). So a
@@ -26,18 +39,22 @@ when its `Host` is not this machine (403 `bad-host`: a page whose name was
 made to point at 127.0.0.1, DNS rebinding; any host is taken when the API
 listens on every address), or when it is a POST with a Content-Type an HTML
 form can send without asking (415 `form-content-type`:
-application/x-www-form-urlencoded, multipart/form-data, text/plain).
+application/x-www-form-urlencoded, multipart/form-data, text/plain). These
+checks apply on the Unix socket too.
 Standard library only: a device needs no web framework.
 """
 
 from __future__ import annotations
 
+import hmac
 import io
 import json
 import logging
 import math
 import os
+import secrets
 import socket
+import socketserver
 import threading
 import zipfile
 import zlib
@@ -58,17 +75,22 @@ from edgefleet.agent.errors import (
     InputSchemaError,
     InstallInProgressError,
     NoModelError,
-    PrivatePathError,
     RollbackError,
 )
 from edgefleet.agent.inference import Predictor
+from edgefleet.agent.install.handlers import LOCAL_COPY
+from edgefleet.agent.layout import PRIVATE_FILE
 from edgefleet.errors import EdgefleetError, LocalError, UntrustedInputError
+from edgefleet.fileio import atomic_write_bytes
 from edgefleet.wire import error_code
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 * 1024 * 1024
 MAX_NPZ_ARRAY_BYTES = MAX_BODY_BYTES  # all arrays of one .npz, decompressed
 NPZ = "application/x-npz"
+BUNDLE = "application/octet-stream"
+CHANGES = frozenset({"/v1/install", "/v1/rollback"})  # what needs authentication
+UPLOAD_CHUNK_BYTES = 1024 * 1024
 REQUEST_TIMEOUT_SECONDS = 30  # a client that stops sending mid-request is dropped
 
 
@@ -81,8 +103,6 @@ class ApiError(Exception):
 def _status_for(exc: EdgefleetError) -> HTTPStatus:
     if isinstance(exc, BatchTooLargeError):
         return HTTPStatus.REQUEST_ENTITY_TOO_LARGE
-    if isinstance(exc, PrivatePathError):
-        return HTTPStatus.FORBIDDEN
     if isinstance(exc, (InputSchemaError, LocalError)):
         return HTTPStatus.BAD_REQUEST
     if isinstance(exc, InstallInProgressError):
@@ -160,8 +180,44 @@ def listen(host: str, port: int) -> socket.socket:
         ) from None
 
 
+def listen_unix(path: Path) -> socket.socket:
+    """A Unix socket listening at `path` (mode 0600; a stale one from an agent that
+    crashed is replaced) for the local API's authenticated side.
+
+    Raises:
+        ConfigError: the socket cannot be made there (a path too long, a file system
+            without sockets); the message names the path.
+    """
+    path.unlink(missing_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(path))
+        path.chmod(PRIVATE_FILE)
+        listener.listen()
+    except OSError as exc:
+        listener.close()
+        raise ConfigError(
+            f"the local API cannot listen on the Unix socket {path}: {exc.strerror or exc}; "
+            "give the agent a shorter state_dir in agent.toml, or "
+            "[local_api] enabled = false to run without the API"
+        ) from None
+    return listener
+
+
+def issue_token(path: Path) -> str:
+    """A fresh secret for `Authorization: Bearer` on TCP, written to `path` (mode 0600):
+    the agent makes one at each start."""
+    token = secrets.token_urlsafe(32)
+    atomic_write_bytes(path, token.encode(), PRIVATE_FILE)
+    return token
+
+
 class LocalApi:
-    """Serves the API on a background thread; `install` and `rollback` are the agent's."""
+    """Serves the API on background threads; `install` and `rollback` are the agent's.
+
+    `install` takes the path of a bundle this API wrote in `uploads` (downloads/);
+    `token` is the secret a TCP caller must present for a change (module docstring).
+    """
 
     def __init__(
         self,
@@ -172,11 +228,16 @@ class LocalApi:
         install: Callable[[Path], dict[str, Any]],
         rollback: Callable[[], dict[str, Any]],
         install_state: Callable[[], str],
+        token: str,
+        uploads: Path,
+        max_bundle_bytes: int,
         drift: Callable[[], str] | None = None,
         listener: socket.socket | None = None,
+        unix_listener: socket.socket | None = None,
     ) -> None:
         """`listener`: a socket from `listen` (the runner binds before it resumes an install);
-        none: listen on `host`:`port` now.
+        none: listen on `host`:`port` now. `unix_listener`: one from `listen_unix`; none:
+        TCP only (changes then need the token).
 
         Raises:
             ConfigError: the address cannot be listened on (see `listen`).
@@ -184,27 +245,43 @@ class LocalApi:
         self.predictor = predictor
         self.install, self.rollback, self.install_state = install, rollback, install_state
         self.drift = drift  # the device's own drift check: "ok", "drift on ...", "insufficient"
+        self.uploads, self.max_bundle_bytes = uploads, max_bundle_bytes
+        self._bearer = f"Bearer {token}".encode()
         api = self
 
         class Handler(BaseHTTPRequestHandler):
             server_version = "edgefleet-agent"
             timeout = REQUEST_TIMEOUT_SECONDS
+            authenticated = False  # a change needs the token (TCP)
 
             def do_GET(self) -> None:
                 self._answer(lambda: api.get(self.path), guarded=True)
 
             def do_POST(self) -> None:
+                upload: Path | None = None
                 try:
                     refuse_browsers(self.headers, api.listen_host)
-                    body = self._read_body()
+                    if self.path in CHANGES and not self.authenticated:
+                        api.authenticate(self.headers)
+                    if self.path == "/v1/install":
+                        upload = self._receive_bundle()
+                        body = b""
+                    else:
+                        body = self._read_body()
                 except ApiError as exc:
                     self.close_connection = True  # what is left of the body is not read
                     self._send(exc.status, {"error": str(exc), "code": exc.code})
                     return
+                if upload is not None:
+                    try:
+                        self._answer(lambda: (HTTPStatus.OK, api.install(upload)))
+                    finally:
+                        upload.unlink(missing_ok=True)
+                    return
                 content_type = self.headers.get("Content-Type", "")
                 self._answer(lambda: api.post(self.path, body, content_type))
 
-            def _read_body(self) -> bytes:
+            def _length(self, limit: int) -> int:
                 announced = self.headers.get("Content-Length") or "0"
                 if not announced.isdigit():  # digits only: no sign, no spaces
                     raise ApiError(
@@ -213,21 +290,51 @@ class LocalApi:
                         "bad-length",
                     )
                 length = int(announced)
-                if length > MAX_BODY_BYTES:
+                if length > limit:
                     raise ApiError(
                         HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                        f"the body is {length} bytes, more than the {MAX_BODY_BYTES} allowed",
+                        f"the body is {length} bytes, more than the {limit} allowed",
                         "too-large",
                     )
+                return length
+
+            def _read_body(self) -> bytes:
+                length = self._length(MAX_BODY_BYTES)
                 body = self.rfile.read(length)
                 if len(body) < length:
-                    raise ApiError(
-                        HTTPStatus.BAD_REQUEST,
-                        f"the body ended after {len(body)} of the {length} bytes its "
-                        "Content-Length announced",
-                        "bad-length",
-                    )
+                    raise _short_body(len(body), length)
                 return body
+
+            def _receive_bundle(self) -> Path:
+                """The install's body, streamed to a new 0600 file in downloads/."""
+                kind = self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+                if kind != BUNDLE:
+                    raise ApiError(
+                        HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                        f"send the bundle file's bytes as {BUNDLE}, not {kind or 'no type'}",
+                        "bad-content-type",
+                    )
+                length = self._length(api.max_bundle_bytes)
+                if length == 0:
+                    raise ApiError(
+                        HTTPStatus.BAD_REQUEST, "the body holds no bundle", "bad-request"
+                    )
+                path = api.uploads / f"{LOCAL_COPY}.upload-{secrets.token_hex(8)}"
+                received = 0
+                try:
+                    with open(
+                        os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE), "wb"
+                    ) as file:
+                        while received < length:
+                            chunk = self.rfile.read(min(UPLOAD_CHUNK_BYTES, length - received))
+                            if not chunk:
+                                raise _short_body(received, length)
+                            file.write(chunk)
+                            received += len(chunk)
+                except BaseException:
+                    path.unlink(missing_ok=True)
+                    raise
+                return path
 
             def _answer(
                 self, work: Callable[[], tuple[HTTPStatus, Any]], guarded: bool = False
@@ -260,29 +367,48 @@ class LocalApi:
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("local API: " + format, *args)
 
+        class SocketHandler(Handler):
+            authenticated = True  # only the agent's user and root can connect
+
         listener = listener or listen(host, port)
         self.listen_host = str(listener.getsockname()[0])
-        self._server = ThreadingHTTPServer(
-            listener.getsockname()[:2], Handler, bind_and_activate=False
-        )
-        self._server.socket.close()
-        self._server.socket = listener  # bound and listening already
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, daemon=True, name="edgefleet-local-api"
-        )
+        self._servers: list[socketserver.TCPServer] = [_serve_on(listener, Handler)]
+        if unix_listener is not None:
+            self._servers.append(_serve_on(unix_listener, SocketHandler))
+        self._threads = [
+            threading.Thread(target=server.serve_forever, daemon=True, name="edgefleet-local-api")
+            for server in self._servers
+        ]
 
     @property
     def address(self) -> tuple[str, int]:
-        host, port = self._server.server_address[:2]
+        host, port = self._servers[0].socket.getsockname()[:2]
         return str(host), int(port)
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
+
+    def authenticate(self, headers: Message) -> None:
+        """Refuse a change over TCP without this start's token (compared in constant time).
+
+        Raises:
+            ApiError: 401 `unauthorized`.
+        """
+        presented = headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(presented, self._bearer):
+            raise ApiError(
+                HTTPStatus.UNAUTHORIZED,
+                "installs and rollbacks need the agent's token (Authorization: Bearer, from "
+                "api-token in its state directory) or its Unix socket: run `edgefleet agent "
+                "install` or `agent rollback` as root or as the agent's user",
+                "unauthorized",
+            )
 
     # --- routes ----------------------------------------------------------------------------
 
@@ -303,11 +429,6 @@ class LocalApi:
     def post(self, path: str, body: bytes, content_type: str) -> tuple[HTTPStatus, Any]:
         if path == "/v1/predict/batch":
             return HTTPStatus.OK, self._predict_npz(body)
-        if path == "/v1/install":
-            target = _json(body).get("path")
-            if not isinstance(target, str):
-                raise ApiError(HTTPStatus.BAD_REQUEST, 'expected {"path": "..."}', "bad-request")
-            return HTTPStatus.OK, self.install(Path(target))
         if path == "/v1/rollback":
             return HTTPStatus.OK, self.rollback()
         payload = _json(body)
@@ -414,6 +535,30 @@ def _read_npy(data: bytes) -> np.ndarray:
         raise ValueError(f"an array of shape {shape} holds less data than it declares")
     stream.seek(0)
     return npy_format.read_array(stream, allow_pickle=False)
+
+
+def _serve_on(
+    listener: socket.socket, handler: type[BaseHTTPRequestHandler]
+) -> socketserver.TCPServer:
+    """A threading HTTP server on a socket that is bound and listening already."""
+    server_class = (
+        socketserver.ThreadingUnixStreamServer
+        if listener.family == socket.AF_UNIX
+        else ThreadingHTTPServer
+    )
+    server = server_class(listener.getsockname(), handler, bind_and_activate=False)
+    server.socket.close()
+    server.socket = listener
+    server.daemon_threads = True
+    return server
+
+
+def _short_body(received: int, length: int) -> ApiError:
+    return ApiError(
+        HTTPStatus.BAD_REQUEST,
+        f"the body ended after {received} of the {length} bytes its Content-Length announced",
+        "bad-length",
+    )
 
 
 def _npz_too_large(why: str) -> ApiError:

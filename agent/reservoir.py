@@ -42,7 +42,7 @@ from edgefleet.fileio import atomic_write_bytes, atomic_writer
 from edgefleet.timefmt import format_time
 
 if TYPE_CHECKING:
-    from edgefleet.agent.config import DriftSettings
+    from edgefleet.agentconfig import DriftSettings
     from edgefleet.mqtt.messages import TelemetryWindow
 
 KEEP_FILES = 4  # episode files kept on the device (oldest deleted)

@@ -17,10 +17,18 @@ a time; a failure it does not expect is logged and the directive tried again
 later), the MQTT link's network thread, the local API's request threads, and,
 while a device with a `server_url` is not yet enrolled, the enroller
 (`edgefleet.agent.enroll`), which retries in the background so that serving
-never waits for the server.
+never waits for the server, and the certificate worker
+(`edgefleet.agent.tlsidentity`), which renews the device's client certificate
+for the broker before it expires. With mqtts:// and no configured client
+certificate, the link starts only once the device has its enrolled one.
 The device key is made at start when a server is configured, so the link
 signs every message from the first one; the server accepts them once the
 enrollment of that key went through.
+
+Fleet timestamps and trust roots arrive in the link's thread and are handed to
+the install worker (in memory: both are retained, so the broker sends them
+again at the next connect), which alone writes state.json: newer trust roots
+first, N+1 after N, then the newest timestamp, then the directives.
 
 A directive is persisted to inbox/ in the link's thread before it is
 acknowledged, so a crash between the broker's delivery and the install loses
@@ -36,17 +44,19 @@ link live: if either has ended, systemd restarts the agent.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
 import socket
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.diagnostics import LogRing, diagnostics_answer, redact, system_figures
 from edgefleet.agent.enroll import (
     AutoEnroller,
@@ -55,6 +65,7 @@ from edgefleet.agent.enroll import (
     load_device_key,
     load_enrollment,
 )
+from edgefleet.agent.errors import InstallInProgressError
 from edgefleet.agent.heartbeat import AgentReport, HeartbeatSource, breaker_reports, link_report
 from edgefleet.agent.inference import Predictor
 from edgefleet.agent.inference.info import ModelInfo
@@ -62,21 +73,28 @@ from edgefleet.agent.install import Installer
 from edgefleet.agent.install.engine import describe
 from edgefleet.agent.layout import StateLayout
 from edgefleet.agent.link import AgentLink
-from edgefleet.agent.localapi import LocalApi, listen
+from edgefleet.agent.localapi import LocalApi, issue_token, listen, listen_unix
 from edgefleet.agent.outbox import Outbox
 from edgefleet.agent.reservoir import DeviceDrift
 from edgefleet.agent.sdnotify import notify, watchdog_interval_seconds
 from edgefleet.agent.telemetry import TelemetryRecorder
+from edgefleet.agent.tlsidentity import (
+    CertificateRenewer,
+    link_settings,
+    server_ssl_context,
+    waits_for_certificate,
+)
 from edgefleet.agent.transport.blocks import MqttBlockFetcher
 from edgefleet.agent.transport.http import HttpFetcher
 from edgefleet.agent.transport.sources import SourcesFetcher
 from edgefleet.agent.upload import UPLOAD_POLL_SECONDS, SampleUploader
 from edgefleet.agent.versions import InstalledVersion
-from edgefleet.errors import EdgefleetError, FleetTimestampError, KeyFileError
+from edgefleet.agentconfig import AgentConfig
+from edgefleet.errors import EdgefleetError, KeyFileError
 from edgefleet.fileio import atomic_write_bytes
 from edgefleet.mqtt.devicesig import DeviceKey
-from edgefleet.mqtt.directives import Directive, verify_fleet_timestamp
-from edgefleet.mqtt.messages import StatusReport
+from edgefleet.mqtt.directives import Directive
+from edgefleet.mqtt.messages import MAX_PROBLEM_CHARS, StatusReport
 from edgefleet.mqtt.topics import TopicKind
 from edgefleet.profiles import load_profile
 from edgefleet.timefmt import format_time, utcnow
@@ -86,25 +104,37 @@ from edgefleet.worker import Worker
 log = logging.getLogger(__name__)
 TICK_SECONDS = 0.5
 INBOX_POLL_SECONDS = 2.0  # the install worker looks at inbox/ this often unless woken
+MAX_PENDING_TRUST_ROOTS = 16  # newer trust roots kept until the one before them is taken
+RENEWAL_POLL_SECONDS = 60.0  # the certificate worker's step (it checks hourly, backs off)
 
 
 def load_agent_trust(config: AgentConfig, layout: StateLayout) -> TrustRoot:
-    """The device's trusted root: state/trust/root.json, seeded from the flashed one once."""
+    """The trust root a state.json without one trusts: state/trust/root.json, which older
+    agents copied from the flashed file, else the flashed file. The installer writes it into
+    state.json with its next state, and from then on state.json holds the device's root."""
     layout.create()
-    if not layout.trust_root.exists():
-        flashed = load_trust_root(config.trust_root)  # checks its signatures first
-        atomic_write_bytes(layout.trust_root, flashed.raw)
-    return load_trust_root(layout.trust_root)
+    return load_trust_root(layout.trust_root if layout.trust_root.exists() else config.trust_root)
+
+
+def _digest(payload: bytes) -> bytes:
+    return hashlib.sha256(payload).digest()
 
 
 class _Reporter:
-    """Status reports go to the MQTT outbox; on a device without a broker, to the log."""
+    """Status reports go to the MQTT outbox; on a device without a broker, to the log.
 
-    def __init__(self, link: AgentLink | None) -> None:
+    A report says whether the device may be frozen out (`frozen_reason()`), as heartbeats do.
+    """
+
+    def __init__(self, link: AgentLink | None, frozen_reason: Callable[[], str | None]) -> None:
         self.link = link
+        self._frozen_reason = frozen_reason
 
     def report(self, status: StatusReport) -> None:
         log.info("install %s %s", status.install_state, status.reason or "")
+        frozen = self._frozen_reason()
+        if frozen is not None:
+            status = status.model_copy(update={"frozen_reason": frozen[:MAX_PROBLEM_CHARS]})
         if self.link is not None:
             self.link.publish(TopicKind.STATUS, status)
 
@@ -120,6 +150,8 @@ def status_dict(installer: Installer) -> dict[str, Any]:
         "last_directive_sequence": status.last_directive_sequence,
         "security_floors": status.security_floors,
         "challenger": status.challenger,
+        "trust_root_version": status.trust_root.version,
+        "trust_root_expires": status.trust_root.signed.expires,
     }
 
 
@@ -127,29 +159,38 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.layout = StateLayout(config.state_dir)
-        self.trust = load_agent_trust(config, self.layout)
         self.profile = load_profile(config.profile)
         self.stopping = threading.Event()
-        self._fleet_sequence = 0
-        self._fleet_payload = b""
+        # Fleet timestamps and trust roots arrive on the link's thread; the install worker
+        # verifies and persists them (it alone writes state.json), newer roots first.
+        self._trust_lock = threading.Lock()
+        self._fleet_payload = b""  # the last fleet timestamp received
+        self._pending_timestamp: bytes | None = None
+        self._pending_roots: dict[int, bytes] = {}  # version -> document, not yet next
+        self._refused_roots: deque[bytes] = deque(maxlen=MAX_PENDING_TRUST_ROOTS)  # digests
         self._fleet_expires: dt.datetime | None = None
         self._frozen_reason: str | None = None  # set while the newest fleet timestamp expired
         self.device_key = self._load_device_key()
         self.enroller: AutoEnroller | None = None
         self.link: AgentLink | None = None
+        # mqtts:// without a configured client certificate: the link starts once
+        # enrollment (or a renewal request) brought the device its own.
+        self._link_waits = waits_for_certificate(config, self.layout)
+        self._link_lock = threading.Lock()  # the enroller and the renewal worker both call
         if config.mqtt.url:
             outbox = Outbox(self.layout.outbox, config.telemetry.outbox_max_bytes)
             self.link = AgentLink(
                 config.device_id,
-                config.mqtt,
+                link_settings(config, self.layout),
                 outbox,
                 on_directive=self._receive_directive,
                 on_fleet_timestamp=self._receive_fleet_timestamp,
+                on_trust_root=self._receive_trust_root,
                 on_problem=lambda problem: log.warning("MQTT: %s", problem),
                 device_key=self.device_key,
             )
         fetcher = SourcesFetcher(
-            http=HttpFetcher(),
+            http=HttpFetcher(ssl_context=server_ssl_context(config, system_cas=True)),
             blocks=MqttBlockFetcher(self.link) if self.link is not None else None,
         )
         self.drift = DeviceDrift(config.drift, self.layout.samples)
@@ -161,17 +202,19 @@ class Agent:
         self.installer = Installer(
             config,
             self.layout,
-            self.trust,
+            load_agent_trust(config, self.layout),
             fetcher,
-            _Reporter(self.link),
+            _Reporter(self.link, lambda: self._frozen_reason),
             probe=self.telemetry,
             on_activated=self._reload,
             on_shadow=self._set_challenger,
             on_diagnostics=self._answer_diagnostics,
         )
+        self._trust_version = self.installer.trust.version
         self.heartbeats = HeartbeatSource(config.device_id, self.layout.root)
         self.install_worker = Worker("edgefleet-install", self._install_inbox, INBOX_POLL_SECONDS)
         self.upload_worker = self._sample_upload_worker()
+        self.renewal_worker = self._certificate_renewal_worker()
         self._watchdog_withheld = False
 
     def _load_device_key(self) -> DeviceKey | None:
@@ -201,8 +244,52 @@ class Agent:
             self.layout.samples,
             current_file=lambda: self.drift.current_file,
             is_enrolled=lambda: is_enrolled(self.config, self.layout, key),
+            ssl_context=server_ssl_context(self.config),
         )
         return Worker("edgefleet-sample-upload", uploader.step, UPLOAD_POLL_SECONDS)
+
+    def _certificate_renewal_worker(self) -> Worker | None:
+        """The worker that renews the enrolled client certificate (or asks for the one an
+        enrolled device lacks while its link waits): with a server and a device key."""
+        key, server_url = self.device_key, self.config.server_url
+        if key is None or server_url is None:
+            return None
+        renewer = CertificateRenewer(
+            self.config,
+            self.layout,
+            server_url,
+            key,
+            on_renewed=self._certificate_arrived,
+            wanted=lambda: self._link_waits and is_enrolled(self.config, self.layout, key),
+        )
+        return Worker("edgefleet-certificate", renewer.step, RENEWAL_POLL_SECONDS)
+
+    def _certificate_arrived(self) -> None:
+        """A certificate was stored: a waiting link loads it and starts; a running link
+        presents it from its next connect."""
+        link = self.link
+        if link is None or self.config.mqtt.cert_file is not None:
+            return
+        settings = link_settings(self.config, self.layout)
+        if settings.cert_file is None:
+            return  # the server has no CA: still nothing to connect with
+        with self._link_lock:
+            link.load_tls_files(settings)
+            if self._link_waits and not self.stopping.is_set():
+                self._link_waits = False
+                log.info("this device has its certificate: connecting to the broker")
+                link.start()
+
+    def _start_link(self) -> None:
+        if self.link is None:
+            return
+        if self._link_waits:
+            log.warning(
+                "the broker needs this device's certificate (mqtts://, no [mqtt] cert_file): "
+                "the MQTT link waits until enrollment brings it"
+            )
+            return
+        self.link.start()
 
     def _start_enrollment(self) -> None:
         """Enroll in the background when a server is configured and this key is not enrolled."""
@@ -216,7 +303,12 @@ class Agent:
             return
         if is_enrolled(self.config, self.layout, key):
             return
-        self.enroller = AutoEnroller(self.config, self.layout, self.stopping)
+        self.enroller = AutoEnroller(
+            self.config,
+            self.layout,
+            self.stopping,
+            on_enrolled=lambda _enrollment: self._certificate_arrived(),
+        )
         self.enroller.start()
 
     def _reload(self, _version: object) -> None:
@@ -250,26 +342,91 @@ class Agent:
         self.install_worker.wake()
 
     def _receive_fleet_timestamp(self, payload: bytes) -> None:
-        if payload == self._fleet_payload:
-            return  # the retained timestamp, redelivered on every reconnect
-        try:
-            stamp = verify_fleet_timestamp(payload, self.trust, last_sequence=self._fleet_sequence)
-        except FleetTimestampError as exc:
-            log.warning("fleet timestamp refused: %s", exc)
-            return
-        self._fleet_sequence, self._fleet_payload = stamp.sequence, payload
-        self._fleet_expires = stamp.expires_at
-        self._frozen_reason = None
+        with self._trust_lock:
+            if payload == self._fleet_payload:
+                return  # the retained timestamp, redelivered on every reconnect
+            self._fleet_payload = self._pending_timestamp = payload
+        self.install_worker.wake()
+
+    def _receive_trust_root(self, version: int, payload: bytes) -> None:
+        """Keep a newer trust root until the worker can take it (at most
+        MAX_PENDING_TRUST_ROOTS wait; the lowest versions are kept, the next one first)."""
+        if not payload:
+            return  # a retained topic being cleared
+        with self._trust_lock:
+            if version <= self._trust_version or _digest(payload) in self._refused_roots:
+                return
+            pending = self._pending_roots
+            if version not in pending and len(pending) >= MAX_PENDING_TRUST_ROOTS:
+                highest = max(pending)
+                if version > highest:
+                    return  # comes again, retained, at the next connect
+                del pending[highest]
+            pending[version] = payload
+        self.install_worker.wake()
 
     # --- install worker ---------------------------------------------------------------------
 
+    def _apply_trust_messages(self) -> None:
+        """Take the pending trust roots N+1, N+2, ... in order, then the newest fleet timestamp.
+
+        A refused root is logged once and dropped (retained, it comes again at each
+        connect and is ignored); the versions after it wait. When another installer
+        holds the state directory, what is pending waits for the next step.
+        """
+        while (next_root := self._next_pending_root()) is not None:
+            version, payload = next_root
+            try:
+                root = self.installer.accept_trust_root(payload)
+            except InstallInProgressError:
+                return
+            except EdgefleetError as exc:
+                log.warning("trust root version %d refused: %s", version, describe(exc))
+                with self._trust_lock:
+                    self._refused_roots.append(_digest(payload))
+                    self._pending_roots.pop(version, None)
+                break
+            with self._trust_lock:
+                self._trust_version = root.version
+            log.info(
+                "trust root version %d accepted (expires %s)", root.version, root.signed.expires
+            )
+        self._apply_fleet_timestamp()
+
+    def _next_pending_root(self) -> tuple[int, bytes] | None:
+        with self._trust_lock:
+            for stale in [v for v in self._pending_roots if v <= self._trust_version]:
+                del self._pending_roots[stale]
+            version = self._trust_version + 1
+            payload = self._pending_roots.get(version)
+        return None if payload is None else (version, payload)
+
+    def _apply_fleet_timestamp(self) -> None:
+        with self._trust_lock:
+            payload, self._pending_timestamp = self._pending_timestamp, None
+        if payload is None:
+            return
+        try:
+            stamp = self.installer.accept_fleet_timestamp(payload)
+        except InstallInProgressError:
+            with self._trust_lock:
+                self._pending_timestamp = self._pending_timestamp or payload
+            return
+        except EdgefleetError as exc:
+            log.warning("fleet timestamp refused: %s", describe(exc))
+            return
+        self._fleet_expires = stamp.expires_at
+        self._frozen_reason = None
+
     def _install_inbox(self) -> None:
-        """The install worker's step: install the directives in inbox/, oldest first.
+        """The install worker's step: trust messages first (`_apply_trust_messages`), then
+        install the directives in inbox/, oldest first.
 
         A refused or failed directive is logged and removed. Anything else (an
         OSError: a full disk, a broken outbox) leaves it in inbox/ and reaches the
         worker, which logs it and tries again one interval later.
         """
+        self._apply_trust_messages()
         for path in sorted(self.layout.inbox.glob("*.directive")):
             if self.stopping.is_set():
                 return
@@ -303,13 +460,13 @@ class Agent:
             "link": None
             if link is None
             else {**asdict(link.counters()), "outbox_depth": len(link.outbox)},
-            "trust_root_version": self.trust.version,
             "frozen_reason": self._frozen_reason,
             "system": system_figures(self.layout.root),
         }
 
-    def install_file(self, path: Path) -> dict[str, Any]:
-        self.installer.install_file(path)
+    def install_upload(self, path: Path) -> dict[str, Any]:
+        """Install a bundle the local API received into downloads/ (`LocalApi`)."""
+        self.installer.install_upload(path)
         return status_dict(self.installer)
 
     def rollback(self) -> dict[str, Any]:
@@ -338,7 +495,7 @@ class Agent:
         return AgentReport(
             link=None if link is None else link_report(link.counters(), len(link.outbox)),
             breakers=breaker_reports(info) if info else None,
-            trust_root_version=self.trust.version,
+            trust_root_version=self._trust_version,
             frozen_reason=self._frozen_reason,
         )
 
@@ -373,7 +530,7 @@ class Agent:
             name
             for name, alive in (
                 ("install worker", self.install_worker.alive),
-                ("MQTT link", self.link is None or self.link.alive),
+                ("MQTT link", self.link is None or self._link_waits or self.link.alive),
             )
             if not alive
         ]
@@ -386,23 +543,30 @@ class Agent:
             )
         return not dead
 
-    def _start_local_api(self, listener: socket.socket | None) -> LocalApi | None:
-        """Serve the local API on `listener` (None: it is off), and record this process in
-        localapi.json, so that the CLI on this device finds the agent (or knows it runs
-        without its API)."""
+    def _start_local_api(
+        self, listeners: tuple[socket.socket, socket.socket] | None
+    ) -> LocalApi | None:
+        """Serve the local API on `listeners` (TCP, Unix socket; None: it is off) with a
+        fresh token in api-token (mode 0600), and record this process in localapi.json,
+        so that the CLI on this device finds the agent (or knows it runs without its API)."""
         assert self.predictor is not None
         api: LocalApi | None = None
         address: dict[str, Any] = {"host": None, "port": None}
-        if listener is not None:
+        if listeners is not None:
+            token = issue_token(self.layout.local_api_token)
             api = LocalApi(
                 self.predictor,
                 self.config.local_api.host,
                 self.config.local_api.port,
-                install=self.install_file,
+                install=self.install_upload,
                 rollback=self.rollback,
                 install_state=lambda: self.installer.status().state.value,
+                token=token,
+                uploads=self.layout.downloads,
+                max_bundle_bytes=self.config.limits.max_bundle_bytes,
                 drift=lambda: self.drift.status.describe(),
-                listener=listener,
+                listener=listeners[0],
+                unix_listener=listeners[1],
             )
             api.start()
             address["host"], address["port"] = api.address
@@ -423,20 +587,25 @@ class Agent:
                 as restarts of an interrupted install.
         """
         settings = self.config.local_api
-        listener = listen(settings.host, settings.port) if settings.enabled else None
+        listeners = (
+            (listen(settings.host, settings.port), listen_unix(self.layout.local_api_socket))
+            if settings.enabled
+            else None
+        )
         logging.getLogger().addHandler(self.log_ring)
         self.installer.resume()
         self.predictor = Predictor.open(
             self.layout, self.config.inference, self.profile, self.telemetry
         )
         self._start_challenger()
-        api = self._start_local_api(listener)
-        if self.link is not None:
-            self.link.start()
+        api = self._start_local_api(listeners)
+        self._start_link()
         self._start_enrollment()
         self.install_worker.start()
         if self.upload_worker is not None:
             self.upload_worker.start()
+        if self.renewal_worker is not None:
+            self.renewal_worker.start()
         notify("READY=1")
         watchdog = watchdog_interval_seconds()
         next_beat = next_pet = 0.0
@@ -456,10 +625,17 @@ class Agent:
             notify("STOPPING=1")
             if api is not None:
                 api.stop()
-            self.layout.local_api_file.unlink(missing_ok=True)
+            for path in (
+                self.layout.local_api_file,
+                self.layout.local_api_socket,
+                self.layout.local_api_token,
+            ):
+                path.unlink(missing_ok=True)
             self.install_worker.stop(timeout=10)
             if self.upload_worker is not None:
                 self.upload_worker.stop(timeout=10)
+            if self.renewal_worker is not None:
+                self.renewal_worker.stop(timeout=10)
             if self.link is not None:
                 self.link.stop()
             self.predictor.close()

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import random
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +27,7 @@ from http.client import HTTPException
 from pathlib import Path
 
 from edgefleet.agent.reservoir import delete_episode, episode_files, read_meta
+from edgefleet.agent.tlsidentity import describe_unreachable, https_opener
 from edgefleet.backoff import Backoff
 from edgefleet.mqtt.devicesig import DeviceKey
 from edgefleet.samplewire import (
@@ -48,8 +50,14 @@ class UploadError(Exception):
     """The server did not take the file (no answer, or an error status)."""
 
 
-def upload_file(server_url: str, device_id: str, key: DeviceKey, path: Path) -> None:
-    """Send one episode file.
+def upload_file(
+    server_url: str,
+    device_id: str,
+    key: DeviceKey,
+    path: Path,
+    context: ssl.SSLContext | None = None,
+) -> None:
+    """Send one episode file, over HTTPS trusting `context` (None: the system's CAs).
 
     Raises:
         UploadError: no answer, or an answer other than 2xx.
@@ -74,16 +82,14 @@ def upload_file(server_url: str, device_id: str, key: DeviceKey, path: Path) -> 
             SIGNATURE_HEADER: sign_upload(meta_bytes, device_id, key),
         },
     )
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with opener.open(request, timeout=TIMEOUT_SECONDS) as response:
+        with https_opener(context).open(request, timeout=TIMEOUT_SECONDS) as response:
             response.read(4096)
     except urllib.error.HTTPError as exc:
         detail = exc.read(1024).decode("utf-8", "replace").strip()
         raise UploadError(f"the fleet server answered {exc.code}: {detail}") from exc
     except (urllib.error.URLError, HTTPException, OSError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        raise UploadError(f"cannot reach the fleet server at {server_url}: {reason}") from exc
+        raise UploadError(describe_unreachable(server_url, exc)) from exc
 
 
 class SampleUploader:
@@ -98,6 +104,7 @@ class SampleUploader:
         *,
         current_file: Callable[[], Path | None],
         is_enrolled: Callable[[], bool],
+        ssl_context: ssl.SSLContext | None = None,
         backoff: Backoff = UPLOAD_BACKOFF,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -108,6 +115,7 @@ class SampleUploader:
         self.directory = directory
         self.current_file = current_file
         self.is_enrolled = is_enrolled
+        self.ssl_context = ssl_context
         self.backoff = backoff
         self.failures = 0
         self._rng = rng or random.Random()
@@ -123,7 +131,7 @@ class SampleUploader:
             if path == running:
                 continue
             try:
-                upload_file(self.server_url, self.device_id, self.key, path)
+                upload_file(self.server_url, self.device_id, self.key, path, self.ssl_context)
             except (UploadError, OSError, ValueError, TypeError) as exc:
                 delay = self.backoff.delay(self.failures, self._rng)
                 self.failures += 1

@@ -38,14 +38,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from edgefleet.agent.config import (
-    AgentConfig,
-    HealthSettings,
-    LocalApiSettings,
-    MqttSettings,
-    write_config,
-)
+from edgefleet.agent.config import write_config
 from edgefleet.agent.inference.runtimes import runtime_threads
+from edgefleet.agentconfig import AgentConfig, HealthSettings, LocalApiSettings, MqttSettings
 from edgefleet.keys import SigningKey
 from edgefleet.profiles import load_profile
 from edgefleet.tables import format_columns

@@ -45,13 +45,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgefleet.agent.config import MqttSettings
 from edgefleet.agent.errors import DownloadError
 from edgefleet.agent.link import AgentLink
 from edgefleet.agent.outbox import Outbox
 from edgefleet.agent.transport import HttpFetcher, MqttBlockFetcher
 from edgefleet.agent.transport.base import bitmap_path, part_path
 from edgefleet.agent.transport.bitmap import recorded_blocks
+from edgefleet.agentconfig import MqttSettings
 from edgefleet.backoff import Backoff
 from edgefleet.mqtt.blocks import block_count, block_extent
 from edgefleet.mqtt.directives import BundleRef, Directive, HttpSource, MqttBlocksSource, Source

@@ -39,7 +39,6 @@ from pathlib import Path
 
 import numpy as np
 
-from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.install import Installer, State
 from edgefleet.agent.install.context import InstallContext
 from edgefleet.agent.install.handlers import (
@@ -52,6 +51,7 @@ from edgefleet.agent.install.handlers import (
 from edgefleet.agent.install.record import InstallRecord
 from edgefleet.agent.layout import StateLayout
 from edgefleet.agent.transport import HttpFetcher
+from edgefleet.agentconfig import AgentConfig
 from edgefleet.bundle import build_bundle, verify_bundle
 from edgefleet.converter import ConvertOptions, convert
 from edgefleet.fileio import file_sha256

@@ -49,11 +49,11 @@ from typing import Any
 
 import numpy as np
 
-from edgefleet.agent.config import InferenceSettings
 from edgefleet.agent.inference import Predictor
 from edgefleet.agent.inference.runtimes import OnnxRunner
 from edgefleet.agent.layout import StateLayout
 from edgefleet.agent.telemetry import TelemetryRecorder
+from edgefleet.agentconfig import InferenceSettings
 from edgefleet.driftfeatures import AnyReference, load_reference
 from edgefleet.tables import format_columns
 
@@ -66,7 +66,7 @@ FIRST_ANSWER_CHILD = """
 import json, sys, time
 started = time.perf_counter()
 import numpy as np
-from edgefleet.agent.config import InferenceSettings
+from edgefleet.agentconfig import InferenceSettings
 from edgefleet.agent.inference import Predictor
 imported = time.perf_counter()
 x = np.load(sys.argv[2])["input/image"][:1]

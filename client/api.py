@@ -199,6 +199,21 @@ class ApiClient:
         )
         return cast(JsonObject, self._decode(response)), response.status_code == 201
 
+    def push_trust_root(self, document: bytes) -> JsonObject:
+        """Hand the server trust root version N+1 (admin); it checks it as a device would.
+
+        Raises:
+            A core TrustRootError / MalformedDocumentError: the server refused it.
+            ServerUnreachableError, ServerError: as `request`.
+        """
+        return self._object(
+            "POST", "/trust", content=iter([document]), headers={"Content-Type": "application/json"}
+        )
+
+    def get_trust_root(self) -> JsonObject:
+        """The newest trust root version the server holds, and its expiry."""
+        return self._object("GET", "/trust")
+
     def list_bundles(self, name: str | None = None) -> list[JsonObject]:
         return self._items("/bundles", params={"name": name} if name else None)
 
@@ -249,9 +264,13 @@ class ApiClient:
         """The device's most recent diagnostics requests with their answers, newest first."""
         return self._items(f"/devices/{_seg(device_id)}/diagnostics", params={"limit": limit})
 
-    def create_enroll_token(self, tags: Mapping[str, str], ttl_s: int) -> JsonObject:
+    def create_enroll_token(
+        self, tags: Mapping[str, str], ttl_s: int, max_uses: int = 1
+    ) -> JsonObject:
         return self._object(
-            "POST", "/enroll-tokens", json_body={"tags": dict(tags), "ttl_s": ttl_s}
+            "POST",
+            "/enroll-tokens",
+            json_body={"tags": dict(tags), "ttl_s": ttl_s, "max_uses": max_uses},
         )
 
     # -- rollouts ------------------------------------------------------------------------------

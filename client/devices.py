@@ -14,6 +14,7 @@ from edgefleet.client.accuracy import echo_accuracy
 from edgefleet.client.api import ApiClient, JsonObject
 from edgefleet.client.diagnostics import diagnose_command
 from edgefleet.client.options import cell, client_command, parse_duration, parse_tags
+from edgefleet.client.provision import provision_command
 from edgefleet.errors import UsageError
 from edgefleet.wire import NotFoundError
 
@@ -30,13 +31,14 @@ STATE_COLOURS = {
 
 @click.group()
 def devices() -> None:
-    """Enrolled devices: list, show, health, diagnose, remove, and tokens for enrolling new ones.
+    """Enrolled devices: list, show, health, diagnose, remove; tokens and images for new ones.
 
     \b
     A device enrolls once (`edgefleet agent enroll`) with a one-time token
     from `edgefleet devices enroll-token`; from then on it reports over MQTT.
     A new key for an enrolled id (a re-flashed device) is refused until an
-    operator runs `edgefleet devices remove ID`.
+    operator runs `edgefleet devices remove ID`. `edgefleet devices provision`
+    writes what to copy into a device's image (also as `edgefleet device`).
     """
 
 
@@ -139,7 +141,7 @@ def show_command(client: ApiClient, device_id: str, as_json: bool) -> None:
                     cell(r.get("install_state")),
                     _bundle_of(r),
                     cell(r.get("directive_sequence")),
-                    cell(r.get("reason")),
+                    cell(_report_reason(r)),
                 ]
                 for r in reports
             ],
@@ -277,6 +279,7 @@ def _celsius(value: object) -> str:
 
 
 devices.add_command(diagnose_command)
+devices.add_command(provision_command)
 
 
 @devices.command("remove")
@@ -315,24 +318,36 @@ def remove_command(client: ApiClient, device_id: str) -> None:
     metavar="DURATION",
     help="How long the token stays valid: 90s, 30m, 24h, 7d.",
 )
+@click.option(
+    "--uses",
+    type=click.IntRange(1, 100_000),
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="How many devices may enroll with it (a claim for a golden image: many).",
+)
 @json_option
 @client_command
-def enroll_token_command(client: ApiClient, tags: tuple[str, ...], ttl: str, as_json: bool) -> None:
-    """Create a one-time enrollment token; prints only the token.
+def enroll_token_command(
+    client: ApiClient, tags: tuple[str, ...], ttl: str, uses: int, as_json: bool
+) -> None:
+    """Create an enrollment token; prints only the token.
 
     \b
     Give it to one device:
       edgefleet agent enroll --config agent.toml --token "$(edgefleet devices enroll-token)"
+    or, with --uses N, bake it into an image that N devices enroll from.
     The server keeps only its hash; it cannot be shown again.
     """
-    answer = client.create_enroll_token(parse_tags(tags), parse_duration(ttl))
+    answer = client.create_enroll_token(parse_tags(tags), parse_duration(ttl), uses)
     if as_json:
         echo_json(answer)
         return
     click.echo(answer["token"])
     expires = answer.get("expires_at")
     if expires:
-        click.echo(f"valid until {cell(expires)} UTC, for one device", err=True)
+        devices = "one device" if uses == 1 else f"{uses} devices"
+        click.echo(f"valid until {cell(expires)} UTC, for {devices}", err=True)
 
 
 def _model(row: JsonObject) -> str:
@@ -340,6 +355,13 @@ def _model(row: JsonObject) -> str:
     if not name:
         return "-"
     return f"{name}@{version}" if version else str(name)
+
+
+def _report_reason(report: JsonObject) -> str:
+    """A status report's reason, and that the device may be frozen out when it said so."""
+    frozen = report.get("frozen_reason")
+    reason = cell(report.get("reason"))
+    return reason if not frozen else f"{reason} (frozen out: {frozen})"
 
 
 def _bundle_of(report: JsonObject) -> str:

@@ -11,7 +11,8 @@
     │   ├── TrustRootError
     │   │   ├── TrustRootExpiredError
     │   │   ├── TrustRootVersionError    a new trust root that is not exactly version N+1
-    │   │   └── TrustRootSignatureError  a new trust root not signed by old and new root keys
+    │   │   ├── TrustRootSignatureError  a new trust root not signed by old and new root keys
+    │   │   └── ServerKeyNotListedError  a trust root whose server role lacks the server's key
     │   ├── BundleError
     │   │   ├── NotABundleError          empty, not a tar archive, or no manifest first
     │   │   ├── BundleTruncatedError
@@ -96,6 +97,11 @@ class TrustRootVersionError(TrustRootError):
 
 class TrustRootSignatureError(TrustRootError):
     """A new trust root not signed by the root keys of both the old and the new version."""
+
+
+class ServerKeyNotListedError(TrustRootError):
+    """A trust root whose server role does not list the fleet server's key: devices
+    would refuse everything that server signs."""
 
 
 class BundleError(UntrustedInputError):

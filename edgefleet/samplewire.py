@@ -51,12 +51,22 @@ def samples_path(device_id: str) -> str:
     return f"{API_PREFIX}/devices/{device_id}/samples"
 
 
+def sign_request(path: str, meta: bytes, key: DeviceKey) -> str:
+    """The signature header's value for the metadata bytes `meta` of a request to `path`."""
+    return key.sign(device_signed_bytes(path, meta)).hex()
+
+
+def verify_request(path: str, meta: bytes, signature_hex: str, public_key_hex: str) -> None:
+    """Raises: DeviceSignatureError when the device's key did not sign `meta` for `path`."""
+    frame = FRAME_MAGIC + signature_hex.encode("ascii", "replace") + b"\n" + meta
+    verify_device_payload(path, frame, public_key_hex)
+
+
 def sign_upload(meta: bytes, device_id: str, key: DeviceKey) -> str:
-    """The signature header's value for the metadata bytes `meta`."""
-    return key.sign(device_signed_bytes(samples_path(device_id), meta)).hex()
+    """The signature header's value for the metadata bytes `meta` of an upload."""
+    return sign_request(samples_path(device_id), meta, key)
 
 
 def verify_upload(meta: bytes, signature_hex: str, device_id: str, public_key_hex: str) -> None:
     """Raises: DeviceSignatureError when the device's key did not sign `meta` for its route."""
-    frame = FRAME_MAGIC + signature_hex.encode("ascii", "replace") + b"\n" + meta
-    verify_device_payload(samples_path(device_id), frame, public_key_hex)
+    verify_request(samples_path(device_id), meta, signature_hex, public_key_hex)

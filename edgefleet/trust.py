@@ -137,17 +137,25 @@ def _verify_self_signed(envelope: Envelope, signed: TrustRootSigned, what: str) 
     return root
 
 
-def load_trust_root(path: Path) -> TrustRoot:
-    """Read the locally trusted trust root (the device's anchor, or the operator's copy).
+def parse_trust_root(data: bytes, what: str) -> TrustRoot:
+    """A locally trusted trust root from its bytes (the device's anchor, or the operator's copy).
 
     Its root signatures are checked; its expiry is not (see `verify_not_expired`).
 
     Raises:
+        MalformedDocumentError, TrustRootSignatureError.
+    """
+    envelope, signed = _parse(data, what)
+    return _verify_self_signed(envelope, signed, what)
+
+
+def load_trust_root(path: Path) -> TrustRoot:
+    """`parse_trust_root` of a file.
+
+    Raises:
         MalformedDocumentError, TrustRootSignatureError; OSError when unreadable.
     """
-    data = Path(path).read_bytes()
-    envelope, signed = _parse(data, str(path))
-    return _verify_self_signed(envelope, signed, str(path))
+    return parse_trust_root(Path(path).read_bytes(), str(path))
 
 
 def update_trust_root(trusted: TrustRoot, data: bytes, what: str = "new trust root") -> TrustRoot:

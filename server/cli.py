@@ -10,6 +10,8 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import shlex
+import ssl
 import urllib.parse
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import click
 from edgefleet.cli.options import passphrase_env_option, passphrase_from_env
 from edgefleet.errors import UsageError
 from edgefleet.server.principals import Role
-from edgefleet.server.settings import ServerSettings, sqlite_url
+from edgefleet.server.settings import DEFAULT_SHARE_GROUP, ServerSettings, sqlite_url
 
 DEFAULT_DATA_DIR = Path("edgefleet-data")
 
@@ -107,6 +109,86 @@ def webhook_from_options(url: str | None, secret_env: str | None) -> tuple[str, 
     return url, secret.encode("utf-8")
 
 
+def reload_command_from_option(command: str | None) -> tuple[str, ...]:
+    """`--broker-reload-command`, split like a shell line.
+
+    Raises:
+        UsageError: unbalanced quotes, or nothing to run.
+    """
+    if command is None:
+        return ()
+    try:
+        words = tuple(shlex.split(command))
+    except ValueError as exc:
+        raise UsageError(f"--broker-reload-command {command!r}: {exc}") from None
+    if not words:
+        raise UsageError("--broker-reload-command is empty: name the command to run")
+    return words
+
+
+def check_mqtt_tls(
+    mqtt_url: str | None, ca_file: Path | None, cert_file: Path | None, key_file: Path | None
+) -> None:
+    """Refuse TLS files that would be silently unused or half a client identity.
+
+    Raises:
+        UsageError: TLS files without an mqtts:// --mqtt URL, or a certificate without
+            its key (or a key without its certificate).
+    """
+    given = [name for name, path in (("--mqtt-ca", ca_file), ("--mqtt-cert", cert_file),
+                                     ("--mqtt-key", key_file)) if path is not None]  # fmt: skip
+    if given and not (mqtt_url or "").startswith("mqtts://"):
+        raise UsageError(
+            f"{', '.join(given)} need --mqtt mqtts://HOST:PORT: the files are used only over TLS"
+        )
+    if (cert_file is None) != (key_file is None):
+        raise UsageError("--mqtt-cert and --mqtt-key go together: give both or neither")
+
+
+def share_group_from_file(path: Path | None) -> str:
+    """The share group name in `--share-group-file` (one line); the default without it.
+
+    Raises:
+        UsageError: the file is missing or unreadable, or holds no valid name.
+    """
+    if path is None:
+        return DEFAULT_SHARE_GROUP
+    from edgefleet.server.mqtt.link import SHARED_KINDS, kind_share_filter
+
+    try:
+        name = path.read_bytes().decode("ascii").strip()
+        for kind in SHARED_KINDS:
+            kind_share_filter(name, kind)
+    except FileNotFoundError:
+        raise UsageError(
+            f"--share-group-file {path} does not exist: pass the share-group file that "
+            "`edgefleet broker config` wrote in its output directory"
+        ) from None
+    except OSError as exc:
+        raise UsageError(f"--share-group-file {path} cannot be read: {exc.strerror}") from None
+    except (UnicodeDecodeError, UsageError):
+        raise UsageError(
+            f"--share-group-file {path} does not hold a share group name (one line of "
+            "letters, digits, '.', '_' or '-', as `edgefleet broker config` writes)"
+        ) from None
+    return name
+
+
+def check_https_files(cert_file: Path | None, key_file: Path | None) -> None:
+    """Raises: UsageError when only one is given, or they are not a certificate and its key."""
+    if (cert_file is None) != (key_file is None):
+        raise UsageError("--tls-cert and --tls-key go together: give both or neither")
+    if cert_file is None or key_file is None:
+        return
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(
+            f"--tls-cert {cert_file} --tls-key {key_file}: not a PEM certificate and its "
+            f"unencrypted key ({exc}); e.g. issue them with the fleet CA or your own"
+        ) from None
+
+
 @server.command("run")
 @db_option
 @click.option(
@@ -128,6 +210,36 @@ def webhook_from_options(url: str | None, secret_env: str | None) -> tuple[str, 
     show_default=True,
     help="Port of the embedded broker.",
 )
+@click.option(
+    "--mqtt-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Listen address of the embedded broker: loopback only (it has no TLS and no "
+    "authentication; beyond one machine use `edgefleet broker config` and mosquitto).",
+)
+@click.option(
+    "--mqtt-ca",
+    "mqtt_ca_file",
+    metavar="FILE",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="With --mqtt mqtts://...: the CA certificate the broker's is checked against "
+    "[default: the system's CAs].",
+)
+@click.option(
+    "--mqtt-cert",
+    "mqtt_cert_file",
+    metavar="FILE",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="With --mqtt mqtts://...: this replica's client certificate (its broker identity, "
+    "e.g. server-edgefleet.crt from `edgefleet broker config`); needs --mqtt-key.",
+)
+@click.option(
+    "--mqtt-key",
+    "mqtt_key_file",
+    metavar="FILE",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="The private key of --mqtt-cert.",
+)
 @data_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="HTTP listen address.")
 @click.option(
@@ -136,8 +248,23 @@ def webhook_from_options(url: str | None, secret_env: str | None) -> tuple[str, 
 @click.option(
     "--public-url",
     metavar="URL",
-    help="The URL devices download bundles from, when not http://HOST:PORT "
-    "(behind a proxy, or --host 0.0.0.0).",
+    help="The URL devices download bundles from, when not http://HOST:PORT (https:// with "
+    "--tls-cert) (behind a proxy, or --host 0.0.0.0).",
+)
+@click.option(
+    "--tls-cert",
+    "tls_cert_file",
+    metavar="FILE",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Serve HTTPS with this certificate (PEM, chain included); needs --tls-key "
+    "[default: plain HTTP, e.g. behind a proxy that terminates TLS].",
+)
+@click.option(
+    "--tls-key",
+    "tls_key_file",
+    metavar="FILE",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="The private key of --tls-cert (PEM, unencrypted).",
 )
 @click.option(
     "--forwarded-allow-ips",
@@ -150,6 +277,37 @@ def webhook_from_options(url: str | None, secret_env: str | None) -> tuple[str, 
     "--open-enrollment",
     is_flag=True,
     help="Let devices enroll without a token (a lab; never a fleet in the field).",
+)
+@click.option(
+    "--ca",
+    "ca_dir",
+    metavar="DIR",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="The fleet CA (`edgefleet ca init DIR`): sign devices' client certificates at "
+    "enrollment and renewal [default: no certificates].",
+)
+@click.option(
+    "--crl",
+    "crl_path",
+    metavar="FILE",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Keep the certificate revocation list in FILE (beside the broker), rewritten at "
+    "start and after each device removal; needs --ca.",
+)
+@click.option(
+    "--share-group-file",
+    "share_group_file",
+    metavar="FILE",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The file holding the server's secret share group name (OUT/share-group from "
+    "`edgefleet broker config`; the same for every replica): a device must know the name "
+    "to join the server's shared subscriptions [default: the well-known edgefleet-server].",
+)
+@click.option(
+    "--broker-reload-command",
+    metavar="CMD",
+    help="Run CMD (split like a shell line, run without one) after the CRL file changes, "
+    "e.g. 'systemctl restart mosquitto'; needs --crl.",
 )
 @click.option(
     "--trust",
@@ -186,12 +344,22 @@ def run_command(
     mqtt_url: str | None,
     embedded_broker: bool,
     mqtt_port: int,
+    mqtt_host: str,
+    mqtt_ca_file: Path | None,
+    mqtt_cert_file: Path | None,
+    mqtt_key_file: Path | None,
     data_dir: Path,
     host: str,
     port: int,
     public_url: str | None,
+    tls_cert_file: Path | None,
+    tls_key_file: Path | None,
     forwarded_allow_ips: str | None,
     open_enrollment: bool,
+    ca_dir: Path | None,
+    crl_path: Path | None,
+    share_group_file: Path | None,
+    broker_reload_command: str | None,
     trust_path: Path,
     server_key_path: Path,
     passphrase_env: str | None,
@@ -207,7 +375,19 @@ def run_command(
     """
     if mqtt_url and embedded_broker:
         raise UsageError("--mqtt and --embedded-broker exclude each other: choose one broker")
+    check_mqtt_tls(mqtt_url, mqtt_ca_file, mqtt_cert_file, mqtt_key_file)
+    check_https_files(tls_cert_file, tls_key_file)
+    if embedded_broker:
+        from edgefleet.server.mqtt.broker import check_loopback
+
+        check_loopback(mqtt_host)
     webhook = webhook_from_options(webhook_url, webhook_secret_env)
+    reload_command = reload_command_from_option(broker_reload_command)
+    share_group = share_group_from_file(share_group_file)
+    if crl_path is not None and ca_dir is None:
+        raise UsageError("--crl needs --ca: the CRL is signed by the fleet CA")
+    if reload_command and crl_path is None:
+        raise UsageError("--broker-reload-command needs --crl: it runs after the CRL changes")
     settings = ServerSettings(
         data_dir=data_dir.resolve(),
         trust_path=trust_path.resolve(),
@@ -216,11 +396,21 @@ def run_command(
         mqtt_url=mqtt_url,
         embedded_broker=embedded_broker,
         mqtt_port=mqtt_port,
+        mqtt_host=mqtt_host,
+        mqtt_ca_file=mqtt_ca_file.resolve() if mqtt_ca_file else None,
+        mqtt_cert_file=mqtt_cert_file.resolve() if mqtt_cert_file else None,
+        mqtt_key_file=mqtt_key_file.resolve() if mqtt_key_file else None,
         host=host,
         port=port,
         public_url=public_url,
+        tls_cert_file=tls_cert_file.resolve() if tls_cert_file else None,
+        tls_key_file=tls_key_file.resolve() if tls_key_file else None,
         forwarded_allow_ips=check_forwarded_allow_ips(forwarded_allow_ips),
         open_enrollment=open_enrollment,
+        ca_dir=ca_dir.resolve() if ca_dir else None,
+        crl_path=crl_path.resolve() if crl_path else None,
+        broker_reload_command=reload_command,
+        share_group=share_group,
         server_key_passphrase=passphrase_from_env(passphrase_env),
         webhook_url=webhook[0] if webhook else None,
         webhook_secret=webhook[1] if webhook else None,
@@ -231,6 +421,13 @@ def run_command(
     )
     if not verbose:  # Alembic narrates its plugins and each migration step at INFO
         logging.getLogger("alembic").setLevel(logging.WARNING)
+    if mqtt_cert_file is not None and share_group_file is None:
+        logging.getLogger(__name__).warning(
+            "--mqtt-cert without --share-group-file: the server subscribes under the well-known "
+            "share group %r, which a device of the broker could join and divert reports from; "
+            "pass --share-group-file OUT/share-group from `edgefleet broker config`",
+            share_group,
+        )
     from edgefleet.server.runner import run_server
 
     run_server(settings)

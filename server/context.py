@@ -26,11 +26,14 @@ from edgefleet.mqtt import parse_device_topic
 from edgefleet.server.db.database import Database
 from edgefleet.server.mqtt.interfaces import Publisher
 from edgefleet.server.settings import ServerSettings
+from edgefleet.server.trustroots import TrustRoots, publish_trust_root
 from edgefleet.timefmt import utcnow
 from edgefleet.trust import TrustRoot
 
 if TYPE_CHECKING:
+    from edgefleet.fleetca import FleetCa
     from edgefleet.server.bundles import BundleStore
+    from edgefleet.server.certificates import CrlFile
     from edgefleet.server.directives import DirectiveIssuer
 
 
@@ -98,13 +101,18 @@ class ServerContext:
     `issuer` is None on a server without a server key loaded (read-only use);
     `ingest` is None when no MQTT ingestion runs in this process (tests);
     `device_keys`, when given, is told about every enrollment.
+    `ca` is the fleet CA that signs devices' certificates (None: the server issues
+    none); `crl`, when given, is refreshed after every device removal.
+    `trust` holds the newest trust root: each version adopted (pushed here or
+    stored by another replica) becomes the one `bundles` verifies releases with,
+    and is published retained through `publisher`.
     `registry` is this server's own Prometheus registry: two apps in one
     process (tests) never share metrics.
     """
 
     settings: ServerSettings
     db: Database
-    trust: TrustRoot
+    trust: TrustRoots
     bundles: BundleStore
     publisher: Publisher
     issuer: DirectiveIssuer | None = None
@@ -112,10 +120,17 @@ class ServerContext:
     clock: Callable[[], dt.datetime] = utcnow
     ingest: IngestCounters | None = None
     device_keys: KeyCache | None = None
+    ca: FleetCa | None = None
+    crl: CrlFile | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.publisher, CountingPublisher):
             self.publisher = CountingPublisher(self.publisher)
+        self.trust.add_listener(self._adopt_trust_root)
+
+    def _adopt_trust_root(self, root: TrustRoot) -> None:
+        self.bundles.trust = root
+        publish_trust_root(self.publisher, root)
 
     @property
     def published(self) -> dict[str, int]:

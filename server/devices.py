@@ -43,6 +43,7 @@ from sqlalchemy.orm import Session
 
 from edgefleet.server.api.schemas.enroll import EnrollRequest
 from edgefleet.server.audit import record_audit
+from edgefleet.server.certificates import revoke_device_certificates
 from edgefleet.server.db.database import Database
 from edgefleet.server.db.models import (
     Device,
@@ -208,10 +209,11 @@ def remove_device(
     session: Session, device_id: str, actor: Principal, now: dt.datetime | None = None
 ) -> None:
     """Forget `device_id`: its key, inventory, status reports, telemetry buckets and
-    rollout memberships (the last three by ON DELETE CASCADE). The id may then
-    enroll again, with any key. Audited as "device.remove".
+    rollout memberships (the last three by ON DELETE CASCADE), and revoke its client
+    certificates. The id may then enroll again, with any key. Audited as "device.remove".
 
-    Callers with a `DeviceKeyCache` invalidate it after the unit of work commits.
+    Callers with a `DeviceKeyCache` invalidate it after the unit of work commits, and
+    refresh the CRL file (`CrlFile`).
 
     Raises:
         NotFoundError: no device has that id.
@@ -246,6 +248,7 @@ def remove_device(
     }
     session.delete(device)
     session.flush()
+    details["revoked_certificates"] = revoke_device_certificates(session, device_id, now)
     record_audit(session, actor, "device.remove", f"device {device_id}", details, now)
 
 

@@ -2,10 +2,12 @@
 
 Start order (each step can fail with one clear error line): the HTTP port is
 bound first (a port in use stops the start before anything else runs), then
-keys and trust root, database (migrations applied), the embedded broker if
+keys and trust root file, database (migrations applied), the stored trust roots
+reconciled with the file (`edgefleet.server.trustroots`), the embedded broker if
 asked for, the MQTT link (ingestion of status, heartbeats, telemetry and block
-requests), the background loops (rollout driver, fleet timestamp, retention,
-drift evaluator, and webhook delivery when a webhook URL is set)
+requests; every stored trust root republished retained on each connect), the
+background loops (rollout driver, fleet timestamp, trust roots stored by other
+replicas, retention, drift evaluator, and webhook delivery when a webhook URL is set)
 and finally the HTTP API in the foreground, serving on the socket bound first.
 SIGINT or SIGTERM stop the API; everything else then stops in reverse order,
 and the ingestion's last batch is written before the process exits.
@@ -30,9 +32,12 @@ import uvicorn
 from fastapi import FastAPI
 
 from edgefleet.errors import UsageError
-from edgefleet.keys import SigningKey, load_private_key
+from edgefleet.fleetca import load_ca
+from edgefleet.keys import load_private_key
+from edgefleet.mqtt.session import TlsFiles
 from edgefleet.server.api.app import create_app
 from edgefleet.server.bundles import BundleStore
+from edgefleet.server.certificates import CrlFile
 from edgefleet.server.context import ServerContext
 from edgefleet.server.db.database import Database
 from edgefleet.server.db.migrate import open_database
@@ -47,9 +52,10 @@ from edgefleet.server.mqtt.link import ServerLink
 from edgefleet.server.mqtt.retention import run_retention
 from edgefleet.server.rollouts.driver import RolloutDriver
 from edgefleet.server.settings import ServerSettings
+from edgefleet.server.trustroots import open_trust_roots
 from edgefleet.server.webhooks.delivery import WebhookDeliverer
 from edgefleet.server.webhooks.events import record_alert_events
-from edgefleet.trust import TrustRoot, load_trust_root, public_keys
+from edgefleet.trust import TrustRoot, load_trust_root
 from edgefleet.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -57,25 +63,6 @@ log = logging.getLogger(__name__)
 MAINTENANCE_INTERVAL_S = 30.0
 WORKER_STOP_TIMEOUT_S = 30.0  # a rollout driver tick may be notifying a large stage
 BROKER_CONNECT_TIMEOUT_S = 30.0
-
-
-def load_server_key(settings: ServerSettings, trust: TrustRoot) -> SigningKey:
-    """The server key, checked to be one the trust root lists for the server role.
-
-    Raises:
-        KeyFileError: unreadable key file or wrong passphrase.
-        UsageError: the key is not a server key of this trust root (devices would
-            refuse every directive it signs).
-    """
-    key = load_private_key(settings.server_key_path, settings.server_key_passphrase)
-    listed = {public.keyid for public in public_keys(trust, "server")}
-    if key.public.keyid not in listed:
-        raise UsageError(
-            f"{settings.server_key_path} is not a server key of trust root version "
-            f"{trust.version} ({settings.trust_path}); devices would refuse its directives. "
-            "Use the server.key made with that trust root, or rotate the trust root to add it"
-        )
-    return key
 
 
 def driver_worker(driver: RolloutDriver, interval: float) -> Worker:
@@ -131,27 +118,38 @@ class FleetServer:
     """The parts of one replica; `start()`, then serve the API, then `close()`."""
 
     def __init__(self, settings: ServerSettings) -> None:
-        """Load keys and trust root, open and migrate the database.
+        """Load keys and trust root, open and migrate the database, reconcile the stored
+        trust roots with the file.
 
         Raises:
-            TrustRootError, KeyFileError, UsageError: bad trust root or server key.
+            TrustRootError, KeyFileError, UsageError: bad trust root, server key or fleet CA;
+                a file that does not chain with the stored roots; a server key the newest
+                one does not list (ServerKeyNotListedError).
             StorageError: the database cannot be opened or migrated.
         """
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.trust = load_trust_root(settings.trust_path)
-        self.trust.verify_not_expired()
-        self.server_key = load_server_key(settings, self.trust)
+        file_root = load_trust_root(settings.trust_path)
+        self.server_key = load_private_key(settings.server_key_path, settings.server_key_passphrase)
+        self.ca = load_ca(settings.ca_dir) if settings.ca_dir is not None else None
         self.db: Database = open_database(settings.database_url)
+        self.trust = open_trust_roots(
+            self.db,
+            file_root,
+            self.server_key.public.keyid,
+            source=f"--trust {settings.trust_path}",
+        )
+        self.crl: CrlFile | None = None
+        if self.ca is not None and settings.crl_path is not None:
+            self.crl = CrlFile(self.db, self.ca, settings.crl_path, settings.broker_reload_command)
         self.deliverer: WebhookDeliverer | None = None
         if settings.webhook_url is not None:
             record_alert_events(self.db, settings.base_url)
             self.deliverer = WebhookDeliverer(self.db, settings)
-        self.bundles = BundleStore(settings.data_dir, self.trust)
+        self.bundles = BundleStore(settings.data_dir, self.trust.current)
         self.broker: EmbeddedBroker | None = None
         if settings.embedded_broker:
-            # It listens where the API does: devices reach both on that address.
-            self.broker = EmbeddedBroker(settings.mqtt_port, host=settings.host)
+            self.broker = EmbeddedBroker(settings.mqtt_port, host=settings.mqtt_host)
         self.device_keys = DeviceKeyCache(self.db)
         self.ingest: Ingestor | None = None
         self.link: ServerLink | None = None
@@ -162,12 +160,20 @@ class FleetServer:
 
         Raises:
             BrokerError: the embedded broker cannot start.
-            UsageError: the broker cannot be reached in time.
+            UsageError: the broker cannot be reached in time, or the CRL file cannot be written.
         """
         settings = self.settings
         removed = self.bundles.remove_stale_uploads()
         if removed:
             log.info("removed %d upload(s) left by an earlier run", removed)
+        if self.crl is not None:
+            try:
+                self.crl.refresh()
+            except OSError as exc:
+                raise UsageError(
+                    f"cannot write the revocation list {self.crl.path}: {exc.strerror or exc}; "
+                    "pass --crl a file in a writable directory"
+                ) from exc
         if self.broker is not None:
             self.broker.start()
             log.info("embedded MQTT broker listening on %s", self.broker.url)
@@ -177,7 +183,9 @@ class FleetServer:
             f"edgefleet-server-{settings.replica_id}",
             settings.share_group,
             self._handle_message,
+            retained=self.trust.retained_messages,
             session_expiry_s=_session_expiry_s(settings),
+            tls=TlsFiles(settings.mqtt_ca_file, settings.mqtt_cert_file, settings.mqtt_key_file),
         )
         issuer = DirectiveIssuer([self.server_key], settings)
         context = ServerContext(
@@ -188,6 +196,8 @@ class FleetServer:
             publisher=self.link,
             issuer=issuer,
             device_keys=self.device_keys,
+            ca=self.ca,
+            crl=self.crl,
         )
         blocks = BlockService(self.bundles, self.db, context.publisher)
         self.ingest = Ingestor(self.db, self.device_keys, settings, blocks=blocks.handle)
@@ -205,11 +215,17 @@ class FleetServer:
         log.info("connected to the MQTT broker at %s as replica %s", where, settings.replica_id)
         driver = RolloutDriver(self.db, issuer, context.publisher, settings)
         timestamper = FleetTimestamper(
-            self.db, [self.server_key], self.trust.version, context.publisher, settings
+            self.db, [self.server_key], self.trust.current.version, context.publisher, settings
         )
+        self.trust.add_listener(functools.partial(_name_in_timestamps, timestamper))
         self.workers = [
             driver_worker(driver, settings.driver_interval_s),
             timestamp_worker(timestamper),
+            Worker(
+                "edgefleet-trust-roots",
+                self.trust.refresh,
+                settings.fleet_timestamp_period.total_seconds(),
+            ),
             retention_worker(self.db, settings),
             drift_worker(DriftEvaluator(self.db, settings)),
         ]
@@ -236,6 +252,10 @@ class FleetServer:
         if self.deliverer is not None:
             self.deliverer.close()
         self.db.dispose()
+
+
+def _name_in_timestamps(timestamper: FleetTimestamper, root: TrustRoot) -> None:
+    timestamper.trust_version = root.version
 
 
 def _session_expiry_s(settings: ServerSettings) -> int:
@@ -302,8 +322,9 @@ def _run_bound(settings: ServerSettings, sock: socket.socket) -> None:
         gc.freeze()
         config = http_config(app, settings)
         log.info(
-            "fleet server %s: API on http://%s:%d/api/v1 (docs at /api/v1/docs), database %s%s",
+            "fleet server %s: API on %s://%s:%d/api/v1 (docs at /api/v1/docs), database %s%s",
             settings.replica_id,
+            settings.scheme,
             settings.host,
             settings.port,
             _safe_url(server.db),
@@ -320,7 +341,8 @@ def _run_bound(settings: ServerSettings, sock: socket.socket) -> None:
 
 
 def http_config(app: FastAPI, settings: ServerSettings) -> uvicorn.Config:
-    """How uvicorn serves the API: address, and which proxies may name the client.
+    """How uvicorn serves the API: address, HTTPS when given a certificate, and which
+    proxies may name the client.
 
     Without `settings.forwarded_allow_ips` no proxy header is read (uvicorn on
     its own would trust X-Forwarded-For from 127.0.0.1, or from what the
@@ -336,6 +358,8 @@ def http_config(app: FastAPI, settings: ServerSettings) -> uvicorn.Config:
         lifespan="off",
         proxy_headers=settings.forwarded_allow_ips is not None,
         forwarded_allow_ips=settings.forwarded_allow_ips or "",
+        ssl_certfile=settings.tls_cert_file,
+        ssl_keyfile=settings.tls_key_file,
     )
 
 

@@ -13,6 +13,10 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The server's share group name without `--share-group-file`: a name every device could
+# guess, fine on the loopback-only embedded broker (docs/security.md, "Limits").
+DEFAULT_SHARE_GROUP = "edgefleet-server"
+
 
 def default_replica_id() -> str:
     """host-pid-random: unique per process, readable in logs and lease tables."""
@@ -33,14 +37,27 @@ class ServerSettings:
     mqtt_url: str | None = None  # mqtt://host:port of an external broker
     embedded_broker: bool = False
     mqtt_port: int = 1883  # of the embedded broker
+    mqtt_host: str = "127.0.0.1"  # of the embedded broker: loopback only (no TLS, no auth)
+    # For an mqtts:// broker: the CA to trust (None: the system's) and this replica's
+    # client certificate and key (its broker identity, CN server:NAME).
+    mqtt_ca_file: Path | None = None
+    mqtt_cert_file: Path | None = None
+    mqtt_key_file: Path | None = None
     host: str = "127.0.0.1"
     port: int = 8080
     # Base URL devices download bundles from (directive HTTP sources); default http://host:port.
     public_url: str | None = None
     open_enrollment: bool = False
+    # The fleet CA (`edgefleet ca init`) that signs devices' client certificates at
+    # enrollment and renewal; None: enrollment answers carry no certificate.
+    ca_dir: Path | None = None
+    # The certificate revocation list kept current for the broker, and the command
+    # (already split, run without a shell) that makes the broker reread it.
+    crl_path: Path | None = None
+    broker_reload_command: tuple[str, ...] = ()
     server_key_passphrase: bytes | None = None
     replica_id: str = field(default_factory=default_replica_id)
-    share_group: str = "edgefleet-server"
+    share_group: str = DEFAULT_SHARE_GROUP
     directive_ttl: dt.timedelta = dt.timedelta(days=7)
     # A diagnostics request unanswered this long is expired (its directive expires too).
     diagnostics_ttl: dt.timedelta = dt.timedelta(minutes=5)
@@ -84,6 +101,9 @@ class ServerSettings:
     # Proxies whose X-Forwarded-For names the client (comma-separated addresses or
     # networks, "*" any); None trusts no proxy header: the client is the TCP peer.
     forwarded_allow_ips: str | None = None
+    # HTTPS: the API's certificate (chain) and its key, PEM; None serves plain HTTP.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
     max_bundle_bytes: int = 4 * 1024**3
     # A device's upload of raw inputs (docs/server.md, "Raw inputs"): larger ones are
     # refused (413); one dated further back than the replay window too.
@@ -96,8 +116,13 @@ class ServerSettings:
         return self.db_url or sqlite_url(self.data_dir)
 
     @property
+    def scheme(self) -> str:
+        """How the API is served: https with a TLS certificate, http otherwise."""
+        return "https" if self.tls_cert_file is not None else "http"
+
+    @property
     def base_url(self) -> str:
-        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+        return (self.public_url or f"{self.scheme}://{self.host}:{self.port}").rstrip("/")
 
     @property
     def broker_url(self) -> str:

@@ -1,4 +1,4 @@
-"""API tokens and one-time enrollment tokens.
+"""API tokens and enrollment tokens (one device's, or a claim for many).
 
 A token is a random secret shown once, when it is created; the database keeps
 only its SHA-256 (hex), so a copy of the database grants nothing. A presented
@@ -9,9 +9,11 @@ is no timing to learn from, and no secret is ever compared in Python.
 Formats: `efa_` (API) or `efe_` (enrollment) + 43 URL-safe characters (32
 random bytes). The prefix lets scanners and people recognise a leaked token.
 
-An enrollment token is consumed by a conditional UPDATE (`... WHERE used_at IS
-NULL`) in the enrolling unit of work, so two devices racing with one token
-cannot both enroll, on SQLite or PostgreSQL.
+An enrollment token may be used by `max_uses` devices (1: one device's token;
+more: a claim baked into a golden image). Each use is counted by a guarded
+UPDATE (`... SET uses = uses + 1 WHERE uses < max_uses AND expires_at > now`)
+in the enrolling unit of work, so devices racing with one token never enroll
+more than `max_uses` of them, on SQLite or PostgreSQL.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ ENROLL_PREFIX = "efe_"
 SECRET_BYTES = 32  # 43 URL-safe characters
 MAX_NAME = 128
 MAX_ENROLL_TTL = dt.timedelta(days=365)
+MAX_TOKEN_USES = 100_000
 
 
 def hash_secret(secret: str) -> str:
@@ -150,19 +153,23 @@ def create_enroll_token(
     tags: dict[str, str],
     ttl: dt.timedelta,
     now: dt.datetime | None = None,
+    *,
+    max_uses: int = 1,
 ) -> tuple[str, EnrollToken]:
-    """A one-time token a device enrolls with until now + ttl; its tags go to the device.
+    """A token `max_uses` devices may enroll with until now + ttl; its tags go to each.
 
     Returns the secret (shown once) and the stored row. Audited as "enroll-token.create".
 
     Raises:
-        InvalidRequestError: `ttl` is not within (0, 365 days], or the tags break
-            the rules of `edgefleet.server.tags`.
+        InvalidRequestError: `ttl` is not within (0, 365 days], `max_uses` not within
+            [1, 100000], or the tags break the rules of `edgefleet.server.tags`.
     """
     if not dt.timedelta(0) < ttl <= MAX_ENROLL_TTL:
         raise InvalidRequestError(
             f"enrollment token lifetime must be between 1 s and {MAX_ENROLL_TTL.days} days"
         )
+    if not 1 <= max_uses <= MAX_TOKEN_USES:
+        raise InvalidRequestError(f"an enrollment token's uses must be 1 to {MAX_TOKEN_USES}")
     now = now or utcnow()
     secret = _new_secret(ENROLL_PREFIX)
     token = EnrollToken(
@@ -171,10 +178,16 @@ def create_enroll_token(
         created_at=now,
         expires_at=now + ttl,
         tags=check_tags(tags),
+        max_uses=max_uses,
+        uses=0,
     )
     session.add(token)
     session.flush()
-    details: dict[str, Any] = {"tags": token.tags, "expires_at": token.expires_at.isoformat()}
+    details: dict[str, Any] = {
+        "tags": token.tags,
+        "expires_at": token.expires_at.isoformat(),
+        "max_uses": max_uses,
+    }
     record_audit(session, actor, "enroll-token.create", f"enroll-token {token.id}", details, now)
     return secret, token
 
@@ -182,13 +195,13 @@ def create_enroll_token(
 def consume_enroll_token(
     session: Session, secret: str, device_id: str, now: dt.datetime | None = None
 ) -> EnrollToken:
-    """Mark the token of `secret` used by `device_id`, in the caller's unit of work.
+    """Count one use of the token of `secret`, by `device_id`, in the caller's unit of work.
 
-    If that unit of work rolls back (the enrollment failed), the token stays unused.
+    If that unit of work rolls back (the enrollment failed), the use is not counted.
 
     Raises:
-        EnrollmentError: the token is unknown, already used (also by a device
-            enrolling at the same moment) or expired.
+        EnrollmentError: the token is unknown, used up (also by devices enrolling at
+            the same moment) or expired.
     """
     now = now or utcnow()
     token = None
@@ -198,25 +211,37 @@ def consume_enroll_token(
         )
     if token is None:
         raise EnrollmentError("unknown enrollment token")
-    if token.used_at is not None:
-        raise EnrollmentError(f"enrollment token {token.id} was already used")
     if token.expires_at <= now:
         raise EnrollmentError(f"enrollment token {token.id} expired")
     claimed = session.execute(
         update(EnrollToken)
-        .where(EnrollToken.id == token.id, EnrollToken.used_at.is_(None))
-        .values(used_at=now, used_by=device_id)
+        .where(
+            EnrollToken.id == token.id,
+            EnrollToken.uses < EnrollToken.max_uses,
+            EnrollToken.expires_at > now,
+        )
+        .values(uses=EnrollToken.uses + 1, used_at=now, used_by=device_id)
         .execution_options(synchronize_session=False)
     )
     if claimed.rowcount != 1:  # type: ignore[attr-defined]
-        raise EnrollmentError(f"enrollment token {token.id} was already used")
+        raise EnrollmentError(_used_up(token))
     session.refresh(token)
     return token
+
+
+def _used_up(token: EnrollToken) -> str:
+    if token.max_uses == 1:
+        return f"enrollment token {token.id} was already used"
+    return (
+        f"enrollment token {token.id} was used by all the {token.max_uses} devices it "
+        "admits; an operator makes a new one with `edgefleet devices enroll-token --uses N`"
+    )
 
 
 __all__ = [
     "API_PREFIX",
     "ENROLL_PREFIX",
+    "MAX_TOKEN_USES",
     "authenticate",
     "consume_enroll_token",
     "create_api_token",

@@ -42,7 +42,6 @@ from typing import TYPE_CHECKING, Any, get_args
 
 import numpy as np
 
-from edgefleet.agent.config import InferenceSettings
 from edgefleet.agent.errors import InferenceError, InputSchemaError, NoModelError
 from edgefleet.agent.inference.breaker import BreakerState, Clock
 from edgefleet.agent.inference.chain import (
@@ -76,6 +75,7 @@ from edgefleet.agent.inference.timing import (
     sample_count,
 )
 from edgefleet.agent.layout import StateLayout
+from edgefleet.agentconfig import InferenceSettings
 from edgefleet.profiles import Profile, load_profile
 
 if TYPE_CHECKING:  # telemetry imports this package (schema.py): no import cycle at run time

@@ -33,9 +33,9 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edgefleet.agent.config import InferenceSettings
 from edgefleet.agent.errors import BatchTooLargeError
 from edgefleet.agent.layout import StateLayout
+from edgefleet.agentconfig import InferenceSettings
 from edgefleet.fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,8 @@
     installer.resume()                     # at startup, BEFORE the predictor loads `current`
     installer.challenger()                 # after the predictor opened: the version in shadow
     installer.install_directive(payload)   # a directive from MQTT (bytes as received)
-    installer.install_file(path)           # `agent install BUNDLE_FILE`
+    installer.install_file(path)           # `agent install BUNDLE_FILE` (no agent running)
+    installer.install_upload(path)         # the same, for a bundle the local API received
     installer.rollback()                   # `agent rollback`
     installer.status()                     # `agent status`
 

@@ -52,11 +52,7 @@ LOCAL_COPY = ".local-install.efb"  # under downloads/: a bundle file being copie
 
 
 def bundle_policy(context: InstallContext) -> BundlePolicy:
-    return BundlePolicy(
-        profile=context.config.profile,
-        security_floors=context.persisted.security_floors,
-        agent_version=__version__,
-    )
+    return context.device_trust().bundle_policy(context.config.profile, __version__)
 
 
 def bundle_limits(context: InstallContext) -> BundleLimits:
@@ -127,7 +123,11 @@ def verify(context: InstallContext, record: InstallRecord) -> Step:
     if context.checked_download != path:
         _check_digest(path, record)
     _, manifest = verify_manifest(
-        path, context.trust, bundle_policy(context), bundle_limits(context), context.clock.now()
+        path,
+        context.device_trust().root,
+        bundle_policy(context),
+        bundle_limits(context),
+        context.clock.now(),
     )
     listed = manifest.files_by_path()
     served = next((name for name in SERVED_MODELS if name in listed), None)
@@ -170,7 +170,7 @@ def stage(context: InstallContext, record: InstallRecord) -> Step:
     try:
         staged = context.versions.stage(
             Path(record.download or ""),
-            context.trust,
+            context.device_trust().root,
             bundle_policy(context),
             bundle_limits(context),
             sha256=record.sha256,

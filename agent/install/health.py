@@ -30,9 +30,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgefleet.agent.config import HealthSettings
 from edgefleet.agent.errors import HealthCheckError
 from edgefleet.agent.install.interfaces import Clock, HealthProbe, HealthSnapshot
+from edgefleet.agentconfig import HealthSettings
 
 POLL_SECONDS = 1.0
 

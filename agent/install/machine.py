@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.errors import (
     CompatibilityError,
     InstallError,
@@ -51,8 +50,9 @@ from edgefleet.agent.install.record import (
 from edgefleet.agent.install.states import TERMINAL, Event, State, resume_state
 from edgefleet.agent.layout import StateLayout
 from edgefleet.agent.versions import InstalledVersion, Versions, name_of, version_of
+from edgefleet.agentconfig import AgentConfig
 from edgefleet.errors import BelowSecurityFloorError, EdgefleetError, UsageError
-from edgefleet.mqtt import BundleRef, verify_directive
+from edgefleet.mqtt import BundleRef, FleetTimestamp
 from edgefleet.timefmt import format_time
 from edgefleet.trust import TrustRoot
 from edgefleet.wire import error_code
@@ -71,6 +71,7 @@ class InstallStatus:
     last_directive_sequence: int
     security_floors: dict[str, int]  # per model name: the lowest release counter it runs
     challenger: str | None  # the version running in shadow beside `current`
+    trust_root: TrustRoot  # the trust root the device verifies everything under
 
     @property
     def reason(self) -> str | None:
@@ -134,7 +135,11 @@ class Installer:
 
     @property
     def trust(self) -> TrustRoot:
-        return self.context.trust
+        """The trust root the device verifies everything under now (as state.json holds it).
+
+        Raises: InstallError when state.json cannot be read.
+        """
+        return self.context.device_trust(engine.read_state(self.context)).root
 
     @property
     def fetcher(self) -> Fetcher | None:
@@ -186,17 +191,12 @@ class Installer:
         context = self.context
         with engine.locked(context):
             state = engine.read_state_at_rest(context)
-            directive = verify_directive(
-                data,
-                context.trust,
-                device_id=context.config.device_id,
-                last_sequence=state.last_directive_sequence,
-                now=context.clock.now(),
+            directive, trust = context.device_trust(state).accept_directive(
+                data, device_id=context.config.device_id, now=context.clock.now()
             )
-            state = state.model_copy(update={"last_directive_sequence": directive.sequence})
+            state = state.with_trust(trust.snapshot())
             if directive.action == "diagnostics":
-                save_state(context.layout.state_file, state)  # spent: a replay is refused
-                context.persisted = state
+                self._persist(state)  # spent: a replay is refused
                 if context.on_diagnostics is not None:
                     context.on_diagnostics(directive)
                 return self.status()
@@ -224,6 +224,47 @@ class Installer:
                 )
             return self._start(state, record, Event.INSTALL)
 
+    def accept_trust_root(self, data: bytes) -> TrustRoot:
+        """Trust root version N+1, persisted in state.json before anything trusts it.
+
+        From then on everything (directives, fleet timestamps, bundles) is verified
+        under it. Allowed while an install awaits `resume()`: only the trust changes.
+
+        Raises:
+            MalformedDocumentError, TrustRootVersionError, TrustRootSignatureError:
+                refused; nothing is persisted.
+            InstallInProgressError: another installer holds the state directory.
+        """
+        context = self.context
+        with engine.locked(context):
+            state = engine.read_state(context)
+            trust = context.device_trust(state).accept_root(data)
+            self._persist(state.with_trust(trust.snapshot()))
+            return trust.root
+
+    def accept_fleet_timestamp(self, data: bytes) -> FleetTimestamp:
+        """A fleet timestamp above the last accepted one (or that one again); its sequence
+        is persisted, so that after a restart an older one is refused.
+
+        Raises:
+            MalformedDocumentError, SignatureError, FleetTimestampError,
+                TrustRootExpiredError: refused; nothing is persisted.
+            InstallInProgressError: another installer holds the state directory.
+        """
+        context = self.context
+        with engine.locked(context):
+            state = engine.read_state(context)
+            stamp, trust = context.device_trust(state).accept_fleet_timestamp(
+                data, now=context.clock.now()
+            )
+            if trust.timestamp_sequence != state.fleet_timestamp_sequence:
+                self._persist(state.with_trust(trust.snapshot()))
+            return stamp
+
+    def _persist(self, state: StateFile) -> None:
+        save_state(self.context.layout.state_file, state)
+        self.context.persisted = state
+
     def install_file(self, path: Path) -> InstallStatus:
         """Install a bundle file (a USB stick): every check of a network install but the directive.
 
@@ -241,6 +282,20 @@ class Installer:
             )
         if not source.is_file():
             raise UsageError(f"{path} is not a bundle file")
+        return self._install_from(source)
+
+    def install_upload(self, path: Path) -> InstallStatus:
+        """Install a bundle the local API received: a file it wrote directly in downloads/
+        (never a path a caller named). The API removes it when the install ends; its name
+        starts with the local copy's, so an install's cleanup removes one a crash left.
+
+        Raises:
+            InstallInProgressError, and whatever failed the install (as `install_directive`).
+        """
+        assert path.parent == self.layout.downloads, path
+        return self._install_from(path)
+
+    def _install_from(self, source: Path) -> InstallStatus:
         with engine.locked(self.context):
             state = engine.read_state_at_rest(self.context)
             record = self._new_record("install", source_file=str(source))
@@ -337,6 +392,7 @@ class Installer:
             last_directive_sequence=state.last_directive_sequence,
             security_floors=dict(state.security_floors),
             challenger=state.challenger,
+            trust_root=self.context.device_trust(state).root,
         )
 
     # --- starting an install or a rollback ---------------------------------------------------

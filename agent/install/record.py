@@ -2,8 +2,9 @@
 
 Format (versioned by `format`; a newer format is refused, never guessed at):
 
-    {"format": 3, "state": "downloading", "store_count": 3, "report_sequence": 17,
+    {"format": 4, "state": "downloading", "store_count": 3, "report_sequence": 17,
      "last_directive_sequence": 12, "security_floors": {"demo": 1000001000000},
+     "trust_root": "{...the trust root document...}", "fleet_timestamp_sequence": 40,
      "challenger": "demo@1.2.0-0123456789ab",
      "install": {...InstallRecord, or null when no install ever started...}}
 
@@ -18,6 +19,13 @@ Format (versioned by `format`; a newer format is refused, never guessed at):
   a `security_floor` raises its name's floor to that value when it COMMITS
   (after its health check; a shadow install does not, its promotion does). It
   never falls.
+- `trust_root` (the trusted trust root document, as text), `last_directive_sequence`,
+  `fleet_timestamp_sequence` and `security_floors` are the device's trust
+  (`edgefleet.devicetrust.DeviceTrust`), persisted here so that a newer root and
+  the counters it checks are written with the install state in one atomic write.
+  A newer root is written before anything trusts it; `fleet_timestamp_sequence`
+  is the highest fleet timestamp sequence accepted, so that after a restart an
+  older timestamp is refused.
 - `challenger` is the version running in shadow beside `current` (its id under
   versions/, which pruning spares), or null. It is written with the state that
   changes it, before that state's handler tells the predictor: SHADOWING sets
@@ -25,12 +33,15 @@ Format (versioned by `format`; a newer format is refused, never guessed at):
   it, and ROLLING_BACK a failed install restores the one the install started
   with (`InstallRecord.challenger_on_entering`).
 
-Formats 1 (before shadow installs) and 2 (before floors per name) are read as
-format 3: without a challenger, and their single `security_floor` (then the
-highest counter ever committed, which no release key chose) becomes the floor
-of the model name the device serves, lowered to the counter of `previous` when
-that is a version of the same model, so that the rollback the device could do
-before the upgrade still works. An agent that reads only older
+Formats 1 (before shadow installs), 2 (before floors per name) and 3 (before
+the trust root and the fleet timestamp sequence) are read as format 4, without
+a trust root (the installer's, from state/trust/root.json or else the flashed
+file, is written with the next state) and with a fleet timestamp sequence of 0.
+Formats 1 and 2 are also without a challenger, and their single `security_floor`
+(then the highest counter ever committed, which no release key chose) becomes
+the floor of the model name the device serves, lowered to the counter of
+`previous` when that is a version of the same model, so that the rollback the
+device could do before the upgrade still works. An agent that reads only older
 formats refuses a newer file rather than guess.
 
 Written with `atomic_write_bytes` (temp file, fsync, rename, fsync of the
@@ -48,12 +59,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from edgefleet.agent.errors import InstallError
 from edgefleet.agent.install.states import State
 from edgefleet.agent.layout import PRIVATE_FILE
+from edgefleet.devicetrust import TrustSnapshot
 from edgefleet.fileio import atomic_write_bytes
 from edgefleet.validation import describe_validation_error
 
-STATE_FORMAT = 3
-# 1: written before shadow installs; 2: before floors per model name
-READABLE_FORMATS = frozenset({1, 2, 3})
+STATE_FORMAT = 4
+# 1: written before shadow installs; 2: before floors per model name; 3: before the trust root
+READABLE_FORMATS = frozenset({1, 2, 3, 4})
 MAX_STORE_COUNT = 40  # a full install with every retry stores ~20 times
 MAX_RESUMES = 3  # restarts within one install before it rolls back instead
 
@@ -128,18 +140,41 @@ class InstallRecord(BaseModel):
 class StateFile(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    format: Literal[3] = 3  # STATE_FORMAT
+    format: Literal[4] = 4  # STATE_FORMAT
     state: State = State.IDLE
     store_count: int = Field(default=0, ge=0)
     report_sequence: int = Field(default=0, ge=0)
     last_directive_sequence: int = Field(default=0, ge=0)
     security_floors: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
+    trust_root: str | None = None  # None only when read from an older format
+    fleet_timestamp_sequence: int = Field(default=0, ge=0)
     challenger: str | None = None  # the version running in shadow beside `current`
     install: InstallRecord | None = None
 
     def floor_of(self, name: str) -> int:
         """The lowest release counter of model `name` this device runs (0: no floor)."""
         return self.security_floors.get(name, 0)
+
+    def trust_snapshot(self, fallback_root: bytes) -> TrustSnapshot:
+        """The device's trust as persisted; `fallback_root` when an older format held none."""
+        root = self.trust_root.encode("utf-8") if self.trust_root is not None else fallback_root
+        return TrustSnapshot(
+            root=root,
+            directive_sequence=self.last_directive_sequence,
+            timestamp_sequence=self.fleet_timestamp_sequence,
+            security_floors=dict(self.security_floors),
+        )
+
+    def with_trust(self, snapshot: TrustSnapshot) -> StateFile:
+        """This state carrying `snapshot` (written with it in one atomic write)."""
+        return self.model_copy(
+            update={
+                "trust_root": snapshot.root.decode("utf-8"),
+                "last_directive_sequence": snapshot.directive_sequence,
+                "fleet_timestamp_sequence": snapshot.timestamp_sequence,
+                "security_floors": dict(snapshot.security_floors),
+            }
+        )
 
 
 def load_state(
@@ -183,9 +218,11 @@ def load_state(
 def _upgrade(
     raw: dict[str, Any], served_name: str | None, rollback_counter: int | None
 ) -> dict[str, Any]:
-    """A format 1 or 2 state as format 3 (see the module docstring)."""
+    """A format 1, 2 or 3 state as format 4 (see the module docstring)."""
     upgraded = {k: v for k, v in raw.items() if k != "security_floor"}
     upgraded["format"] = STATE_FORMAT
+    if raw.get("format") == 3:  # its floors are per name already
+        return upgraded
     floor = raw.get("security_floor", 0)
     if rollback_counter is not None and isinstance(floor, int):
         floor = min(floor, rollback_counter)

@@ -37,6 +37,14 @@ COMMANDS: dict[str, _LazyCommand] = {
     "targets": _LazyCommand(
         "edgefleet.cli.targets:targets", "List and show hardware target profiles.", None
     ),
+    "ca": _LazyCommand(
+        "edgefleet.cli.ca:ca", "The fleet CA: create it, issue TLS certificates.", None
+    ),
+    "broker": _LazyCommand(
+        "edgefleet.cli.broker:broker",
+        "Write a locked-down mosquitto configuration for the fleet.",
+        None,
+    ),
     "agent": _LazyCommand(
         "edgefleet.agent.cli:agent",
         "Run the on-device agent; install, roll back, predict, status.",
@@ -50,6 +58,11 @@ COMMANDS: dict[str, _LazyCommand] = {
         "Push bundles to the fleet server; list and show them.",
         "client",
     ),
+    "trust": _LazyCommand(
+        "edgefleet.client.trust:trust",
+        "Hand the fleet server a newer trust root; show the one it holds.",
+        "client",
+    ),
     "rollout": _LazyCommand(
         "edgefleet.client.rollouts:rollout",
         "Start, watch, pause, resume and abort staged rollouts.",
@@ -57,7 +70,7 @@ COMMANDS: dict[str, _LazyCommand] = {
     ),
     "devices": _LazyCommand(
         "edgefleet.client.devices:devices",
-        "List enrolled devices, show one, create enrollment tokens.",
+        "List enrolled devices, show one; enrollment tokens, images to provision.",
         "client",
     ),
     "alerts": _LazyCommand(
@@ -82,6 +95,9 @@ COMMANDS: dict[str, _LazyCommand] = {
     ),
 }
 
+
+# Another name for a group: resolved when it runs, never listed.
+ALIASES = {"device": "devices"}
 
 _RUNNING_GROUP = "edgefleet.cli.group"
 
@@ -109,6 +125,7 @@ class _LazyGroup(click.Group):
         return sorted(COMMANDS)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        cmd_name = ALIASES.get(cmd_name, cmd_name)
         entry = COMMANDS.get(cmd_name)
         if entry is None:
             return None

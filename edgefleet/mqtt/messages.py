@@ -70,6 +70,9 @@ class StatusReport(Message):
     previous_version: Version | None = None
     reason: Annotated[str, Field(max_length=2048)] | None = None
     directive_sequence: Annotated[int, Field(ge=1)] | None = None
+    # Set while the device's newest fleet timestamp has expired (it may be frozen out);
+    # left out of the bytes otherwise, so a server older than the field takes the rest.
+    frozen_reason: Annotated[str, Field(max_length=MAX_PROBLEM_CHARS)] | None = None
 
 
 class _Part(BaseModel):

@@ -46,6 +46,7 @@ import logging
 import random
 import select
 import socket
+import ssl
 import threading
 import time
 import urllib.parse
@@ -200,6 +201,7 @@ class MqttSession:
         self._thread: threading.Thread | None = None
         self._network_ident: int | None = None
         # Wakes the network thread's select when another thread queued a packet.
+        self._tls_context: ssl.SSLContext | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -230,13 +232,16 @@ class MqttSession:
             client.username_pw_set(self.address.username, self.address.password)
         if self.address.tls:
             try:
-                client.tls_set(
-                    ca_certs=str(tls.ca_file) if tls.ca_file else None,
-                    certfile=str(tls.cert_file) if tls.cert_file else None,
-                    keyfile=str(tls.key_file) if tls.key_file else None,
+                self._tls_context = ssl.create_default_context(
+                    cafile=str(tls.ca_file) if tls.ca_file else None
                 )
+                if tls.cert_file is not None:
+                    self._tls_context.load_cert_chain(
+                        str(tls.cert_file), str(tls.key_file) if tls.key_file else None
+                    )
             except (OSError, ValueError) as exc:
                 raise UsageError(f"cannot load the MQTT TLS files: {exc}") from exc
+            client.tls_set_context(self._tls_context)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -244,6 +249,23 @@ class MqttSession:
         client.on_subscribe = self._on_subscribe
         client.on_socket_register_write = self._wake_network_thread
         return client
+
+    def load_tls_files(self, tls: TlsFiles) -> None:
+        """From the next connect on, trust `tls.ca_file` too and present `tls.cert_file`
+        (mqtts:// only): a client certificate that arrived or was renewed while running.
+
+        Raises:
+            UsageError: not an mqtts:// session.
+            OSError: a file is missing or not a CA, or not a certificate and its key.
+        """
+        if self._tls_context is None:
+            raise UsageError("TLS files need an mqtts:// broker URL")
+        if tls.ca_file is not None:
+            self._tls_context.load_verify_locations(cafile=str(tls.ca_file))
+        if tls.cert_file is not None:
+            self._tls_context.load_cert_chain(
+                str(tls.cert_file), str(tls.key_file) if tls.key_file else None
+            )
 
     # -- lifecycle ---------------------------------------------------------------------------
 

@@ -12,6 +12,8 @@ Layout (namespace `edgefleet/v1`, versioned so that a v2 can run beside it):
     edgefleet/v1/devices/{device_id}/diagnostics     device -> server, the answer to a
                                                      diagnostics directive
     edgefleet/v1/fleet/timestamp                     server -> all, signed, retained
+    edgefleet/v1/fleet/trust-root/{version}          server -> all, every trust root version
+                                                     after 1, signed by root keys, retained
 
 Invariants: a `DeviceId` is exactly one topic level and never holds `/`, `+`,
 `#` or a leading `$`, so a built topic names one device and can never act as a
@@ -29,6 +31,11 @@ from edgefleet.errors import MessageSchemaError, UsageError
 NAMESPACE = "edgefleet/v1"
 DEVICES_PREFIX = f"{NAMESPACE}/devices"
 FLEET_TIMESTAMP_TOPIC = f"{NAMESPACE}/fleet/timestamp"
+TRUST_ROOT_PREFIX = f"{NAMESPACE}/fleet/trust-root"
+# Every version stays retained under its own topic, so a device that slept through
+# several rotations receives each one it lacks on connect and walks N -> N+1.
+TRUST_ROOT_FILTER = f"{TRUST_ROOT_PREFIX}/+"
+TRUST_ROOT_QOS = 1
 
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _DEVICE_ID = re.compile(DEVICE_ID_PATTERN)
@@ -172,6 +179,26 @@ class DeviceTopics:
 
 def fleet_timestamp_topic() -> str:
     return FLEET_TIMESTAMP_TOPIC
+
+
+def trust_root_topic(version: int) -> str:
+    """The retained topic of trust root `version` (>= 1)."""
+    if type(version) is not int or version < 1:
+        raise UsageError(f"trust root version {version!r} is not a positive integer")
+    return f"{TRUST_ROOT_PREFIX}/{version}"
+
+
+def parse_trust_root_topic(topic: str) -> int:
+    """The version a trust-root topic names.
+
+    Raises:
+        MessageSchemaError: not a trust-root topic, or its last level is not a version.
+    """
+    prefix = TRUST_ROOT_PREFIX + "/"
+    text = topic[len(prefix) :] if isinstance(topic, str) and topic.startswith(prefix) else ""
+    if not (text.isascii() and text.isdigit()) or text.startswith("0") or len(text) > 9:
+        raise MessageSchemaError(f"topic {topic!r} is not {prefix}VERSION")
+    return int(text)
 
 
 def device_filter(kind: TopicKind) -> str:

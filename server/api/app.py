@@ -25,6 +25,7 @@ from edgefleet.server.api.routes import (
     audit,
     blobs,
     bundles,
+    certificates,
     devices,
     diagnostics,
     enroll,
@@ -32,6 +33,7 @@ from edgefleet.server.api.routes import (
     rollouts,
     samples,
     tokens,
+    trust,
     webhooks,
 )
 from edgefleet.server.context import ServerContext
@@ -45,7 +47,7 @@ The edgefleet fleet server: bundles, devices, rollouts, drift alerts.
 
 Authenticate with `Authorization: Bearer <API token>`. Roles: viewer (read),
 operator (push bundles, run rollouts, acknowledge alerts, mint enrollment tokens), admin (tokens,
-audit log). Every error answer is `{"error": code, "detail": message}`.
+audit log, trust roots). Every error answer is `{"error": code, "detail": message}`.
 """
 
 
@@ -80,7 +82,9 @@ def create_app(context: ServerContext) -> FastAPI:
         accuracy,
         webhooks,
         samples,
+        certificates,
         tokens,
+        trust,
         audit,
     )
     for module in routers:

@@ -145,7 +145,8 @@ class ApiToken(Base):
 
 
 class EnrollToken(Base):
-    """A one-time enrollment token for a device; only its SHA-256 is stored."""
+    """An enrollment token: one device's, or a claim that `max_uses` devices may enroll
+    with (a golden image); only its SHA-256 is stored."""
 
     __tablename__ = "enroll_tokens"
 
@@ -155,8 +156,39 @@ class EnrollToken(Base):
     created_at: Mapped[dt.datetime]
     expires_at: Mapped[dt.datetime]
     tags: Mapped[dict[str, Any]]  # tags given to the device that enrolls with it
-    used_at: Mapped[dt.datetime | None]
-    used_by: Mapped[str | None] = mapped_column(String(128))
+    max_uses: Mapped[int] = mapped_column(Integer, server_default="1")
+    uses: Mapped[int] = mapped_column(Integer, server_default="0")  # enrollments so far
+    used_at: Mapped[dt.datetime | None]  # the latest use
+    used_by: Mapped[str | None] = mapped_column(String(128))  # the device of the latest use
+
+
+class TrustRootRow(Base):
+    """A version of the fleet's trust root the server accepted (`edgefleet trust push`);
+    the newest is what the server signs under and publishes to devices."""
+
+    __tablename__ = "trust_roots"
+
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    document: Mapped[str] = mapped_column(Text)  # the signed trust root, as pushed (UTF-8 JSON)
+    pushed_at: Mapped[dt.datetime]
+    pushed_by: Mapped[str] = mapped_column(String(128))
+
+
+class DeviceCertificate(Base):
+    """An X.509 client certificate the fleet CA issued to a device.
+
+    No foreign key to `devices`: a removed device's certificates stay, revoked,
+    so that the certificate revocation list keeps naming them until they expire.
+    """
+
+    __tablename__ = "device_certificates"
+    __table_args__ = (Index("ix_device_certificates_device_id", "device_id"),)
+
+    serial: Mapped[str] = mapped_column(String(40), primary_key=True)  # hex, lower case
+    device_id: Mapped[str] = mapped_column(String(128))
+    issued_at: Mapped[dt.datetime]
+    not_after: Mapped[dt.datetime]
+    revoked_at: Mapped[dt.datetime | None]
 
 
 class BundleRow(Base):
@@ -227,6 +259,7 @@ class StatusReportRow(Base):
     bundle_version: Mapped[str | None] = mapped_column(String(64))
     directive_sequence: Mapped[int | None] = mapped_column(BigInteger)
     reason: Mapped[str | None] = mapped_column(Text)
+    frozen_reason: Mapped[str | None] = mapped_column(Text)  # the device may be frozen out
 
 
 class TelemetryBucket(Base):

@@ -298,6 +298,7 @@ def _status_row(device_id: str, received: dt.datetime, report: StatusReport) -> 
         bundle_version=report.bundle_version,
         directive_sequence=report.directive_sequence,
         reason=report.reason,
+        frozen_reason=report.frozen_reason,
     )
 
 

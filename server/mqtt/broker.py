@@ -13,22 +13,29 @@ What it does, checked by tests/server/test_broker.py with paho clients:
   (round robin), so replicas share the ingest;
 - the Last Will is published (and retained) when a connection dies.
 
+It listens on loopback only (`--mqtt-host`, default 127.0.0.1; any other
+address is refused at start): it has no TLS and no authentication, so anyone
+who reached it could read every directive and report, publish as any device,
+join the server's shared subscriptions and overwrite the retained fleet
+topics. A fleet beyond one machine uses mosquitto with the configuration
+`edgefleet broker config` writes (TLS, client certificates, per-device ACLs).
+
 Limits (why mosquitto, EMQX or another clustered broker is the choice for a
 real fleet): sessions, queued messages and retained messages live in memory
 only, so a broker restart forgets them; there is no MQTT 3.1.1 listener on the
-same port (agents must use `protocol = "5"`, their default); no TLS or
-authentication in this config (bind it to localhost, or hand iotcore a full
-rumqttd config of your own).
+same port (agents must use `protocol = "5"`, their default).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edgefleet.brokerconf import MAX_PACKET_BYTES
+from edgefleet.errors import UsageError
 from edgefleet.extras import install_hint
-from edgefleet.mqtt.messages import MAX_MESSAGE_BYTES
 from edgefleet.server.errors import BrokerError
 
 if TYPE_CHECKING:
@@ -36,7 +43,27 @@ if TYPE_CHECKING:
 
 # Largest device message plus the topic and MQTT framing; rumqttd's default (20 KiB)
 # would cut off telemetry windows and block data.
-MAX_PAYLOAD_BYTES = MAX_MESSAGE_BYTES + 4096
+MAX_PAYLOAD_BYTES = MAX_PACKET_BYTES
+
+
+def check_loopback(host: str) -> None:
+    """Refuse a listen address of the embedded broker beyond this machine.
+
+    Raises:
+        UsageError: `host` is not an IPv4 loopback address, saying what to use instead.
+    """
+    try:
+        loopback = ipaddress.IPv4Address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise UsageError(
+            f"--mqtt-host {host}: the embedded broker has no TLS and no authentication, so "
+            "it listens on loopback only (127.0.0.1 or another 127.x address); for devices "
+            "on other machines "
+            "write a locked-down mosquitto configuration with `edgefleet broker config` "
+            "and pass --mqtt mqtts://HOST:PORT"
+        )
 
 
 def broker_config(host: str, port: int, *, max_connections: int = 20_000) -> str:
@@ -64,11 +91,13 @@ next_connection_delay_ms = 1
 
 
 class EmbeddedBroker:
-    """An iotcore (rumqttd) broker in a child process, listening on host:port."""
+    """An iotcore (rumqttd) broker in a child process, listening on host:port (loopback)."""
 
     def __init__(
         self, port: int, host: str = "127.0.0.1", *, config_dir: Path | None = None
     ) -> None:
+        """Raises: UsageError when `host` is not a loopback address (`check_loopback`)."""
+        check_loopback(host)
         self.host = host
         self.port = port
         self._config_dir = config_dir
@@ -77,8 +106,7 @@ class EmbeddedBroker:
 
     @property
     def url(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
-        return f"mqtt://{host}:{self.port}"
+        return f"mqtt://{self.host}:{self.port}"
 
     @property
     def is_running(self) -> bool:
@@ -136,4 +164,10 @@ class EmbeddedBroker:
         self.stop()
 
 
-__all__ = ["MAX_PAYLOAD_BYTES", "BrokerError", "EmbeddedBroker", "broker_config"]
+__all__ = [
+    "MAX_PAYLOAD_BYTES",
+    "BrokerError",
+    "EmbeddedBroker",
+    "broker_config",
+    "check_loopback",
+]

@@ -7,8 +7,11 @@ this module adds what is the server's. What it guarantees:
   id, so a short outage (broker restart, network blip) loses nothing queued for
   this replica; a clean `stop` ends the session (expiry 0 on DISCONNECT) so a
   replica that is gone does not keep absorbing its share of the messages;
-- `mqtts://` for TLS to the broker (the system's CAs), and `user:password@`
-  in the URL for the broker's password authentication;
+- `mqtts://` for TLS to the broker (`tls`: the CA to trust, else the system's,
+  and a client certificate and key: the replica's broker identity), and
+  `user:password@` in the URL for the broker's password authentication; a
+  broker that forces the client id to the certificate's name (the locked-down
+  mosquitto, `edgefleet broker config`) changes nothing here;
 - subscriptions renewed on every connect: `$share/{group}.{kind}/...` for status,
   heartbeat, telemetry, block requests and diagnostics answers (replicas in the same group share
   them, each message goes to one replica), and a plain subscription for
@@ -20,6 +23,9 @@ this module adds what is the server's. What it guarantees:
   the same one, in order). When the queue is full the network thread waits for
   room (counted in `.queue_full_waits`): the broker then holds the messages
   (TCP backpressure) rather than anyone dropping them;
+- on every (re)connect, whatever `retained()` lists is published again, retained
+  (the fleet's trust roots: an embedded broker forgets retained messages when it
+  restarts); publishing the same retained message twice changes nothing;
 - `publish` is safe from any thread, implementing `Publisher`, and raises
   `PublishError` when the broker did not take the message: a QoS 1 message
   while the broker is away is kept and sent after the reconnect, a QoS 0 one
@@ -39,11 +45,11 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from edgefleet.backoff import Backoff
-from edgefleet.errors import UsageError
-from edgefleet.mqtt.session import BrokerAddress, MqttSession
+from edgefleet.errors import PublishError, UsageError
+from edgefleet.mqtt.session import BrokerAddress, MqttSession, TlsFiles
 from edgefleet.mqtt.topics import TopicKind, device_filter, shared_filter
 from edgefleet.server.errors import InvalidRequestError
 from edgefleet.server.mqtt.interfaces import MessageHandler
@@ -66,6 +72,17 @@ def _suffix(kind: TopicKind) -> str:
     return kind.value.rsplit("/", 1)[-1]  # blocks/request -> request
 
 
+def kind_share_filter(share_group: str, kind: TopicKind) -> str:
+    """`$share/{share_group}.{kind}/edgefleet/v1/devices/+/{kind}`: one share group per kind,
+    since rumqttd (the embedded broker) delivers to a client only some of several filters
+    shared under one group name.
+
+    Raises:
+        UsageError: `share_group` with the kind's suffix is not a valid share group name.
+    """
+    return shared_filter(f"{share_group}.{_suffix(kind)}", device_filter(kind))
+
+
 class ServerLink:
     """The replica's connection to the broker. `start`, `wait_connected`, ... `stop`."""
 
@@ -76,7 +93,9 @@ class ServerLink:
         share_group: str,
         handlers: Mapping[TopicKind, MessageHandler] | MessageHandler,
         *,
+        retained: Callable[[], Sequence[tuple[str, bytes, int]]] | None = None,
         session_expiry_s: int = 300,
+        tls: TlsFiles | None = None,
         queue_size: int = 50_000,
         workers: int = 1,
         keepalive_s: int = 30,
@@ -100,20 +119,20 @@ class ServerLink:
             for kind, handler in chosen.items():
                 if kind not in SHARED_KINDS and kind is not TopicKind.PRESENCE:
                     raise InvalidRequestError(f"devices do not publish {kind.value!r}")
-                plain = device_filter(kind)
-                # One share group per kind: rumqttd (the embedded broker) delivers to a
-                # client only some of several filters shared under one group name.
-                group = f"{share_group}.{_suffix(kind)}"
-                wanted = plain if kind is TopicKind.PRESENCE else shared_filter(group, plain)
-                filters.append((wanted, 1))
+                if kind is TopicKind.PRESENCE:
+                    filters.append((device_filter(kind), 1))
+                else:
+                    filters.append((kind_share_filter(share_group, kind), 1))
                 self._handlers[_suffix(kind)] = handler
             self._session = MqttSession(
                 url,
                 client_id,
                 on_message=self._on_message,
+                on_tick=self._republish if retained is not None else None,
                 subscriptions=filters,
                 end_session_on_stop=True,  # a replica that stops leaves the group
                 session_expiry_s=session_expiry_s,
+                tls=tls or TlsFiles(),
                 keepalive_s=keepalive_s,
                 backoff=backoff,
                 max_inflight=1000,
@@ -124,6 +143,8 @@ class ServerLink:
         except UsageError as exc:  # a bad share group or broker URL
             raise InvalidRequestError(str(exc)) from exc
         self.filters = filters
+        self._retained = retained
+        self._retained_on_connect = 0  # the connection whose retained messages were published
         self.client_id = client_id
         self.received = 0
         self.handled = 0
@@ -203,6 +224,18 @@ class ServerLink:
         self._session.publish(topic, payload, qos, retain)
 
     # -- network thread ----------------------------------------------------------------------
+
+    def _republish(self) -> None:
+        """Once per connection: publish the `retained` messages again."""
+        connects = self._session.connects
+        if self._retained is None or connects == self._retained_on_connect:
+            return
+        self._retained_on_connect = connects
+        for topic, payload, qos in self._retained():
+            try:
+                self._session.publish(topic, payload, qos, retain=True)
+            except PublishError as exc:  # the connection went meanwhile: the next one retries
+                log.warning("not republished: %s", exc)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         self.received += 1
@@ -293,4 +326,4 @@ def _shard(topic: str, shards: int) -> int:
     return hash(topic[start:end]) % shards
 
 
-__all__ = ["SHARED_KINDS", "ServerLink"]
+__all__ = ["SHARED_KINDS", "ServerLink", "kind_share_filter"]

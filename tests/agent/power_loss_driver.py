@@ -34,11 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from edgefleet.agent.config import AgentConfig, HealthSettings, load_config
+from edgefleet.agent.config import load_config
 from edgefleet.agent.errors import DownloadError
 from edgefleet.agent.install import HealthSnapshot, Host, Installer, InstallStatus
 from edgefleet.agent.layout import StateLayout
 from edgefleet.agent.versions import InstalledVersion, Versions
+from edgefleet.agentconfig import AgentConfig, HealthSettings
 from edgefleet.bundle import read_manifest
 from edgefleet.keys import SigningKey
 from edgefleet.mqtt import BundleRef, Directive, HttpSource, StatusReport, sign_directive

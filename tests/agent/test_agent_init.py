@@ -143,3 +143,60 @@ def test_the_kept_token_belongs_to_the_state_directorys_owner(tmp_path: Path) ->
     kept = layout.enroll_token_file.stat()
     assert (kept.st_uid, kept.st_gid) == (4321, 4321)
     assert stat.S_IMODE(kept.st_mode) == 0o600
+
+
+@pytest.fixture
+def fleet_files(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """The fleet CA's certificate, and a client certificate and key it issued."""
+    from edgefleet.fleetca import init_ca
+
+    ca = init_ca(tmp_path / "ca")
+    issued, key = ca.issue_key_pair("cam-017")
+    cert_file, key_file = tmp_path / "cam-017.crt", tmp_path / "cam-017.key"
+    cert_file.write_bytes(issued.pem)
+    key_file.write_bytes(key)
+    return tmp_path / "ca" / "ca.crt", cert_file, key_file
+
+
+def test_init_sets_the_fleet_ca_and_the_client_certificate(
+    tmp_path: Path, trust_file: Path, fleet_files: tuple[Path, Path, Path]
+) -> None:
+    ca, cert, key = fleet_files
+    extra = ["--server", "https://fleet.example", "--mqtt", "mqtts://broker:8883"]
+    extra += ["--ca", str(ca), "--cert", str(cert), "--key", str(key)]
+    assert run_with_error_handling(agent_group, init(tmp_path, trust_file, *extra)) == 0
+    config = load_config(tmp_path / "agent.toml")
+    assert config.server_ca_file == ca.resolve() and config.mqtt.ca_file == ca.resolve()
+    assert (config.mqtt.cert_file, config.mqtt.key_file) == (cert.resolve(), key.resolve())
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("cert without key", "--cert and --key go together"),
+        ("not a CA", "not a CA certificate in PEM"),
+        ("key of another certificate", "not a PEM certificate and its unencrypted key"),
+    ],
+)
+def test_init_refuses_tls_files_that_do_not_load_naming_them(
+    tmp_path: Path,
+    trust_file: Path,
+    fleet_files: tuple[Path, Path, Path],
+    capsys: pytest.CaptureFixture[str],
+    case: str,
+    message: str,
+) -> None:
+    _, cert, key = fleet_files
+    if case == "cert without key":
+        extra = ["--cert", str(cert)]
+    elif case == "not a CA":
+        extra = ["--ca", str(key)]
+    else:
+        extra = ["--cert", str(cert), "--key", str(tmp_path / "ca" / "ca.key")]
+    output = tmp_path / "out" / "agent.toml"
+    assert (
+        run_with_error_handling(agent_group, init(tmp_path, trust_file, *extra, output=output)) == 2
+    )
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error [usage]: ") and message in err
+    assert not output.exists()

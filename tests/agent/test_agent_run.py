@@ -26,19 +26,21 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
 
-from edgefleet.agent.config import (
+from edgefleet.agent.config import write_config
+from edgefleet.agent.link import AgentLink
+from edgefleet.agent.runner import TICK_SECONDS, Agent, _Reporter
+from edgefleet.agentconfig import (
     AgentConfig,
     HealthSettings,
     LocalApiSettings,
     MqttSettings,
     TelemetrySettings,
-    write_config,
 )
-from edgefleet.agent.runner import TICK_SECONDS, Agent
 from edgefleet.mqtt.directives import (
     BundleRef,
     Directive,
@@ -47,8 +49,8 @@ from edgefleet.mqtt.directives import (
     sign_directive,
     sign_fleet_timestamp,
 )
-from edgefleet.mqtt.messages import Heartbeat, parse_message
-from edgefleet.mqtt.topics import DeviceTopics
+from edgefleet.mqtt.messages import Heartbeat, StatusReport, encode_message, parse_message
+from edgefleet.mqtt.topics import DeviceTopics, TopicKind
 from edgefleet.timefmt import format_time, utcnow
 from edgefleet.trust import TrustRoot
 from tests.agent.broker import (
@@ -402,15 +404,37 @@ def test_frozen_out_is_reported_until_a_fresh_fleet_timestamp_arrives(
         agent._check_frozen_out()  # what the main loop does at every tick
         return agent.report(None).frozen_reason
 
-    agent._receive_fleet_timestamp(stamp(1, dt.timedelta(seconds=2)))
+    def receive(payload: bytes) -> None:
+        agent._receive_fleet_timestamp(payload)  # the link's thread
+        agent._install_inbox()  # the install worker's step verifies and persists it
+
+    published: list[StatusReport] = []
+
+    class Link:  # the one thing the reporter uses of the agent's link
+        def publish(self, kind: TopicKind, message: StatusReport) -> None:
+            published.append(message)
+
+    reporter = _Reporter(cast(AgentLink, Link()), lambda: agent._frozen_reason)
+    report = StatusReport(
+        device_id=agent.config.device_id,
+        sent_at=format_time(utcnow()),
+        sequence=1,
+        install_state="idle",
+    )
+
+    receive(stamp(1, dt.timedelta(seconds=2)))
     assert frozen_reason() is None
+    reporter.report(report)
+    assert b"frozen_reason" not in encode_message(published[-1])  # older servers take it
     assert wait_until(lambda: frozen_reason() is not None)  # its expiry passes
     reason = frozen_reason()
     assert reason is not None and reason.startswith("the newest fleet timestamp expired at ")
     beat = agent.heartbeats.beat("idle", None, None, report=agent.report(None))
     assert beat.frozen_out and beat.frozen_reason == reason
+    reporter.report(report)
+    assert published[-1].frozen_reason == reason  # status reports say it too
     assert beat.trust_root_version == trust.version
-    agent._receive_fleet_timestamp(stamp(2, dt.timedelta(hours=1)))
+    receive(stamp(2, dt.timedelta(hours=1)))
     assert frozen_reason() is None
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.agent.config import AgentConfig, HealthSettings, load_config, write_config
+from edgefleet.agent.config import load_config, write_config
 from edgefleet.agent.errors import ConfigError
 from edgefleet.agent.heartbeat import (
     AgentReport,
@@ -20,6 +20,7 @@ from edgefleet.agent.heartbeat import (
 from edgefleet.agent.install import HealthSnapshot, judge_health
 from edgefleet.agent.link import LinkCounters
 from edgefleet.agent.sdnotify import notify
+from edgefleet.agentconfig import AgentConfig, HealthSettings
 from edgefleet.mqtt.messages import Heartbeat, encode_message, parse_message
 
 

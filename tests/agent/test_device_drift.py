@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgefleet.agent.config import AgentConfig, DriftSettings, LocalApiSettings, load_config
+from edgefleet.agent.config import load_config
 from edgefleet.agent.driftcheck import DeviceDriftCheck, DriftStatus
 from edgefleet.agent.errors import ConfigError
 from edgefleet.agent.inference import Prediction
 from edgefleet.agent.reservoir import KEEP_FILES, DeviceDrift, InputReservoir, episode_files
 from edgefleet.agent.telemetry import TelemetryRecorder
+from edgefleet.agentconfig import AgentConfig, DriftSettings, LocalApiSettings
 from edgefleet.driftfeatures import DriftFeatures, TensorLayout, load_reference
 from edgefleet.trust import TrustRoot
 from tests.agent.conftest import Bundles

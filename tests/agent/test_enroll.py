@@ -24,14 +24,7 @@ from click.testing import CliRunner
 
 from edgefleet import __version__
 from edgefleet.agent.cli import agent as agent_group
-from edgefleet.agent.config import (
-    AgentConfig,
-    LocalApiSettings,
-    MqttSettings,
-    dump_config,
-    load_config,
-    write_config,
-)
+from edgefleet.agent.config import load_config, write_config
 from edgefleet.agent.enroll import (
     AutoEnroller,
     enroll,
@@ -45,6 +38,7 @@ from edgefleet.agent.errors import ConfigError, EnrollmentRefusedError, ServerUn
 from edgefleet.agent.layout import StateLayout
 from edgefleet.agent.link import AgentLink
 from edgefleet.agent.outbox import Outbox
+from edgefleet.agentconfig import AgentConfig, LocalApiSettings, MqttSettings, dump_config
 from edgefleet.backoff import Backoff
 from edgefleet.cli.errors import run_with_error_handling
 from edgefleet.mqtt import (
@@ -168,6 +162,7 @@ def test_enroll_registers_a_new_key_and_records_it(
         "agent_version": __version__,
         "tags": {"site": "berlin"},
         "enroll_token": "efe_secret",
+        "csr": layout.tls_dir.joinpath("device.csr").read_text(),
     }
     assert sent["arch"] and "onnxruntime" in sent["runtimes"]
     assert enrollment.public_key == key.public_hex and enrollment.server_url == server.url

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from edgefleet.agent.cli import agent as agent_group
-from edgefleet.agent.config import AgentConfig, InferenceSettings, write_config
+from edgefleet.agent.config import write_config
 from edgefleet.agent.inference import Predictor
 from edgefleet.agent.layout import StateLayout
 from edgefleet.agent.localapi import LocalApi
+from edgefleet.agentconfig import AgentConfig, InferenceSettings
 from edgefleet.cli.errors import run_with_error_handling
 from edgefleet.trust import TrustRoot
 from tests.agent.conftest import Bundles, install_version
@@ -53,6 +54,9 @@ def running(config: Path, tmp_path: Path) -> Iterator[Predictor]:
         install=lambda path: {},
         rollback=lambda: {},
         install_state=lambda: "committed",
+        token="unused-here",
+        uploads=layout.downloads,
+        max_bundle_bytes=1,
     )
     api.start()
     host, port = api.address

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgefleet.agent.config import InferenceSettings
 from edgefleet.agent.errors import ConfigError, InputSchemaError, NoModelError
 from edgefleet.agent.inference import Predictor, open_runner
 from edgefleet.agent.layout import StateLayout
 from edgefleet.agent.telemetry import TelemetryRecorder
 from edgefleet.agent.versions import Versions
+from edgefleet.agentconfig import InferenceSettings
 from edgefleet.bundle import build_bundle
 from edgefleet.trust import TrustRoot
 from tests.agent.conftest import Bundles, install_version

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgefleet.agent.config import InferenceSettings
 from edgefleet.agent.errors import InferenceError
 from edgefleet.agent.inference import Predictor, outputs_agree
 from edgefleet.agent.layout import StateLayout
 from edgefleet.agent.telemetry import TelemetryRecorder
+from edgefleet.agentconfig import InferenceSettings
 from tests.agent.conftest import Bundles, install_version, make_broken_cnn
 
 PROFILE = "x86_64-vnni"

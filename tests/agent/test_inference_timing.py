@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgefleet.agent.config import InferenceSettings
 from edgefleet.agent.errors import BatchTooLargeError, InferenceError
 from edgefleet.agent.inference import Predictor
 from edgefleet.agent.inference.timing import (
@@ -24,6 +23,7 @@ from edgefleet.agent.install import HealthSnapshot, State
 from edgefleet.agent.install.smoke import run_smoke_test
 from edgefleet.agent.layout import StateLayout
 from edgefleet.agent.telemetry import TelemetryRecorder
+from edgefleet.agentconfig import InferenceSettings
 from edgefleet.trust import TrustRoot
 from tests.agent.conftest import Bundles, install_version
 from tests.agent.power_loss_driver import Bundles as SignedBundles

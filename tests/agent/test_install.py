@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from edgefleet import errors
-from edgefleet.agent.config import AgentConfig, Limits
 from edgefleet.agent.errors import (
     DownloadError,
     HealthCheckError,
@@ -29,6 +28,7 @@ from edgefleet.agent.install import HealthSnapshot, State, StateFile, load_state
 from edgefleet.agent.install.fetch import MAX_DOWNLOAD_ATTEMPTS, LocalFileFetcher
 from edgefleet.agent.install.record import MAX_RESUMES, MAX_STORE_COUNT, save_state
 from edgefleet.agent.versions import InstalledVersion, version_of
+from edgefleet.agentconfig import AgentConfig, Limits
 from edgefleet.bundle import build_bundle
 from edgefleet.fileio import file_sha256
 from edgefleet.mqtt import BundleRef
@@ -551,6 +551,6 @@ def test_store_counter_over_its_cap_stops_the_install(serving_two: Device) -> No
 
 
 def test_state_file_of_a_newer_agent_is_refused_not_guessed(device: Device) -> None:
-    (device.config.state_dir / "state.json").write_text('{"format": 4, "state": "warp"}')
+    (device.config.state_dir / "state.json").write_text('{"format": 5, "state": "warp"}')
     with pytest.raises(InstallError, match="newer agent"):
         device.installer.resume()

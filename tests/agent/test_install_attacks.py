@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 
 from edgefleet import errors
-from edgefleet.agent.config import AgentConfig, Limits
 from edgefleet.agent.errors import CompatibilityError, SmokeTestError
 from edgefleet.agent.install import Host, Installer, State
 from edgefleet.agent.install.compat import check_runtime
+from edgefleet.agentconfig import AgentConfig, Limits
 from edgefleet.bundle import build_bundle
 from edgefleet.keys import SigningKey
 from edgefleet.mqtt import BundleRef

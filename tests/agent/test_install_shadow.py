@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.agent.config import AgentConfig, Limits
 from edgefleet.agent.errors import (
     CompatibilityError,
     HealthCheckError,
@@ -23,6 +22,7 @@ from edgefleet.agent.errors import (
 )
 from edgefleet.agent.install import State, load_state
 from edgefleet.agent.versions import InstalledVersion
+from edgefleet.agentconfig import AgentConfig, Limits
 from edgefleet.trust import TrustRoot
 from tests.agent.power_loss_driver import (
     FAILING,
@@ -321,7 +321,8 @@ def test_power_cut_in_shadowing_resumes_and_hands_the_challenger_over_once(
 def test_state_file_written_before_shadow_installs_is_read(serving_two: Device) -> None:
     path = serving_two.config.state_dir / "state.json"
     raw = json.loads(path.read_text())
-    del raw["challenger"], raw["security_floors"]
+    del raw["challenger"], raw["security_floors"], raw["trust_root"]
+    del raw["fleet_timestamp_sequence"]
     for added in ("shadow", "from_challenger", "security_floor", "refused"):
         del raw["install"][added]
     path.write_text(json.dumps({**raw, "format": 1, "security_floor": 1_000_001_000_000}))
@@ -329,4 +330,4 @@ def test_state_file_written_before_shadow_installs_is_read(serving_two: Device) 
     assert status.state is State.COMMITTED and status.challenger is None
     # The served name's, lowered to its previous version (1.0.0) so it can still roll back.
     assert status.security_floors == {"demo": 1_000_000_000_000}
-    assert load_state(path).format == 3  # read as format 3 without a challenger
+    assert load_state(path).format == 4  # read as format 4 without a challenger

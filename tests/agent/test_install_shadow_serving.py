@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgefleet.agent.config import AgentConfig, InferenceSettings, LocalApiSettings
 from edgefleet.agent.inference import Predictor
 from edgefleet.agent.runner import Agent
 from edgefleet.agent.telemetry import TelemetryRecorder
 from edgefleet.agent.versions import InstalledVersion
+from edgefleet.agentconfig import AgentConfig, InferenceSettings, LocalApiSettings
 from edgefleet.bundle import build_bundle
 from edgefleet.trust import TrustRoot
 from tests.agent.power_loss_driver import (

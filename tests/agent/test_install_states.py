@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.agent.config import HealthSettings
 from edgefleet.agent.install import RESUME, TERMINAL, TRANSITIONS, Event, HealthSnapshot, State
 from edgefleet.agent.install.fetch import DOWNLOAD_BACKOFF, backoff_delay
 from edgefleet.agent.install.health import Baseline, judge_health
@@ -19,6 +18,7 @@ from edgefleet.agent.install.states import (
     refused_state,
     resume_state,
 )
+from edgefleet.agentconfig import HealthSettings
 
 WORKING = [state for state in State if state not in TERMINAL]
 BEFORE_SWITCH = [State.DOWNLOADING, State.VERIFYING, State.CHECKING, State.STAGING]
@@ -179,7 +179,7 @@ def test_the_single_floor_of_an_older_state_file_becomes_the_served_names(
     old = {"format": old_format, "state": "committed", "security_floor": 1_000_002_000_000}
     path.write_text(json.dumps(old))
     state = load_state(path, served_name="demo")
-    assert state.format == 3 and state.security_floors == {"demo": 1_000_002_000_000}
+    assert state.format == 4 and state.security_floors == {"demo": 1_000_002_000_000}
     assert load_state(path, served_name=None).security_floors == {}  # nothing to name it by
     path.write_text(json.dumps({**old, "security_floor": 0}))
     assert load_state(path, served_name="demo").security_floors == {}
@@ -187,6 +187,22 @@ def test_the_single_floor_of_an_older_state_file_becomes_the_served_names(
     path.write_text(json.dumps(old))
     capped = load_state(path, served_name="demo", rollback_counter=1_000_001_000_000)
     assert capped.security_floors == {"demo": 1_000_001_000_000}
+
+
+def test_a_format_3_state_file_keeps_its_floors_and_trusts_the_fallback_root(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "state.json"
+    old = {"format": 3, "state": "committed", "last_directive_sequence": 7}
+    path.write_text(json.dumps({**old, "security_floors": {"demo": 5, "other": 2}}))
+    state = load_state(path, served_name="demo", rollback_counter=1)
+    assert state.format == 4 and state.security_floors == {"demo": 5, "other": 2}
+    snapshot = state.trust_snapshot(b"flashed root")
+    assert (snapshot.root, snapshot.directive_sequence, snapshot.timestamp_sequence) == (
+        b"flashed root",
+        7,
+        0,
+    )
 
 
 SETTINGS = HealthSettings(

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.agent.config import MqttSettings
 from edgefleet.agent.link import AgentLink, LinkState
 from edgefleet.agent.outbox import Outbox
+from edgefleet.agentconfig import MqttSettings
 from edgefleet.backoff import Backoff
 from edgefleet.errors import UsageError
 from edgefleet.mqtt import (

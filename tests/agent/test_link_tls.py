@@ -14,10 +14,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from edgefleet.agent.config import MqttSettings
 from edgefleet.agent.errors import ConfigError
 from edgefleet.agent.link import AgentLink
 from edgefleet.agent.outbox import Outbox
+from edgefleet.agentconfig import MqttSettings
 from edgefleet.backoff import Backoff
 from tests.agent.broker import MosquittoBroker, Observer, free_port, unique_device_id
 

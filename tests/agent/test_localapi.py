@@ -6,6 +6,7 @@ import http.client
 import io
 import json
 import socket
+import stat
 import urllib.error
 import urllib.request
 import zipfile
@@ -17,21 +18,24 @@ import numpy as np
 import numpy.lib.format as npy_format
 import pytest
 
-from edgefleet.agent.config import InferenceSettings
 from edgefleet.agent.inference import Predictor
 from edgefleet.agent.layout import StateLayout
-from edgefleet.agent.localapi import MAX_NPZ_ARRAY_BYTES, NPZ, LocalApi
+from edgefleet.agent.localapi import BUNDLE, MAX_NPZ_ARRAY_BYTES, NPZ, LocalApi
 from edgefleet.agent.telemetry import TelemetryRecorder
+from edgefleet.agentconfig import InferenceSettings
 from edgefleet.errors import TamperedFileError
 from tests.agent.conftest import Bundles, install_version
 from tests.fixtures import datasets
 
 PROFILE = "x86_64-vnni"
+TOKEN = "the-token-of-this-start"
+MAX_BUNDLE_BYTES = 1024 * 1024
 
 
 class Client:
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, token: str | None = None) -> None:
         self.base = f"http://127.0.0.1:{port}"
+        self.token = token
 
     def request(
         self, method: str, path: str, body: bytes | None = None, kind: str = "application/json"
@@ -39,6 +43,8 @@ class Client:
         request = urllib.request.Request(self.base + path, data=body, method=method)
         if body is not None:
             request.add_header("Content-Type", kind)
+        if self.token is not None:
+            request.add_header("Authorization", f"Bearer {self.token}")
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
                 return response.status, response.read()
@@ -51,14 +57,18 @@ class Client:
         return status, json.loads(data)
 
 
-def _serve(predictor: Predictor, **overrides: Any) -> LocalApi:
+def _serve(predictor: Predictor, uploads: Path, **overrides: Any) -> LocalApi:
     def refuse_install(path: Path) -> dict[str, Any]:
         raise TamperedFileError(f"{path.name} does not match its SHA-256")
 
+    uploads.mkdir(exist_ok=True)
     handlers: dict[str, Any] = {
         "install": refuse_install,
         "rollback": lambda: {"state": "committed"},
         "install_state": lambda: "idle",
+        "token": TOKEN,
+        "uploads": uploads,
+        "max_bundle_bytes": MAX_BUNDLE_BYTES,
     }
     handlers.update(overrides)
     api = LocalApi(predictor, "127.0.0.1", 0, **handlers)
@@ -72,8 +82,8 @@ def served(tmp_path: Path, bundles: Bundles) -> Iterator[tuple[Client, Predictor
     install_version(layout, bundles.mlp, "digits@1.0.0-aaaaaaaaaaaa")
     telemetry = TelemetryRecorder("cam-01", None, 60)
     predictor = Predictor.open(layout, InferenceSettings(), PROFILE, telemetry)
-    api = _serve(predictor)
-    yield Client(api.address[1]), predictor
+    api = _serve(predictor, tmp_path / "uploads")
+    yield Client(api.address[1], TOKEN), predictor
     api.stop()
     predictor.close()
 
@@ -108,7 +118,7 @@ def test_a_batch_above_max_batch_samples_is_413_with_the_reason(
     layout = StateLayout(tmp_path / "state")
     install_version(layout, bundles.mlp, "digits@1.0.0-aaaaaaaaaaaa")
     predictor = Predictor.open(layout, InferenceSettings(max_batch_samples=16), PROFILE)
-    api = _serve(predictor)
+    api = _serve(predictor, tmp_path / "uploads")
     try:
         client = Client(api.address[1])
         features, _ = datasets.digits_tabular()
@@ -186,15 +196,68 @@ def test_model_and_health_describe_what_is_served(served: tuple[Client, Predicto
     assert status == 200 and model["current"]["name"] == "digits"
 
 
-def test_refused_install_is_422_with_the_reason(served: tuple[Client, Predictor]) -> None:
+def test_an_install_takes_the_bundle_bytes_into_a_private_file(
+    tmp_path: Path, bundles: Bundles
+) -> None:
+    """The body lands in a 0600 file in downloads/, is installed from there, and is gone
+    after; a refused bundle is 422 with the reason."""
+    layout = StateLayout(tmp_path / "state")
+    install_version(layout, bundles.mlp, "digits@1.0.0-aaaaaaaaaaaa")
+    predictor = Predictor.open(layout, InferenceSettings(), PROFILE)
+    seen: list[tuple[Path, int, bytes]] = []
+
+    def install(path: Path) -> dict[str, Any]:
+        seen.append((path, stat.S_IMODE(path.stat().st_mode), path.read_bytes()))
+        raise TamperedFileError(f"{path.name} does not match its SHA-256")
+
+    api = _serve(predictor, tmp_path / "uploads", install=install)
+    try:
+        client = Client(api.address[1], TOKEN)
+        status, data = client.request("POST", "/v1/install", b"bundle bytes", BUNDLE)
+        answer = json.loads(data)
+        assert status == 422 and answer["code"] == "tampered-file", answer
+        [(path, mode, received)] = seen
+        assert path.parent == tmp_path / "uploads" and mode == 0o600
+        assert received == b"bundle bytes"
+        assert list((tmp_path / "uploads").iterdir()) == []
+    finally:
+        api.stop()
+        predictor.close()
+
+
+@pytest.mark.parametrize(
+    ("head", "body", "status", "code"),
+    [
+        ({"Content-Length": str(MAX_BUNDLE_BYTES + 1), "Content-Type": BUNDLE}, b"x", 413,
+         "too-large"),
+        ({"Content-Length": "1000", "Content-Type": BUNDLE}, b"x" * 10, 400, "bad-length"),
+        ({"Content-Length": "0", "Content-Type": BUNDLE}, b"", 400, "bad-request"),
+        ({"Content-Length": "-1", "Content-Type": BUNDLE}, b"", 400, "bad-length"),
+        ({"Content-Length": "2", "Content-Type": "application/json"}, b"{}", 415,
+         "bad-content-type"),
+    ],
+    ids=["above-max-bundle-bytes", "shorter-than-announced", "empty", "negative", "json-path"],
+)  # fmt: skip
+def test_bad_install_bodies_are_refused_and_leave_nothing(
+    tmp_path: Path,
+    served: tuple[Client, Predictor],
+    head: dict[str, str],
+    body: bytes,
+    status: int,
+    code: str,
+) -> None:
     client, _ = served
-    status, answer = client.json("POST", "/v1/install", {"path": "/media/usb/model.efb"})
-    assert status == 422 and answer["code"] == "tampered-file"
+    port = int(client.base.rsplit(":", 1)[1])
+    answer_status, answer = _raw_post(
+        port, "/v1/install", {**head, "Authorization": f"Bearer {TOKEN}"}, body
+    )
+    assert (answer_status, answer["code"]) == (status, code), answer
+    assert list((tmp_path / "uploads").iterdir()) == []
 
 
 def test_nothing_installed_is_503(tmp_path: Path) -> None:
     predictor = Predictor.open(StateLayout(tmp_path / "empty"), InferenceSettings(), PROFILE)
-    api = _serve(predictor)
+    api = _serve(predictor, tmp_path / "uploads")
     try:
         client = Client(api.address[1])
         status, answer = client.json("POST", "/v1/predict", {"inputs": {"features": [[0.0] * 64]}})
@@ -250,8 +313,6 @@ def test_deeply_nested_json_is_400(served: tuple[Client, Predictor]) -> None:
     client, _ = served
     status, data = client.request("POST", "/v1/predict", b"[" * 100_000 + b"]" * 100_000)
     assert status == 400 and json.loads(data)["code"] == "bad-request"
-    status, data = client.request("POST", "/v1/install", b'{"path": ' + b"[" * 100_000)
-    assert status == 400
 
 
 def _npz(**arrays: np.ndarray) -> bytes:
@@ -391,13 +452,17 @@ def test_what_a_web_page_could_send_is_refused(
         rollbacks.append(1)
         return {"state": "rolled_back"}
 
-    api = _serve(predictor, rollback=rollback)
+    api = _serve(predictor, tmp_path / "uploads", rollback=rollback)
     try:
         answer_status, answer = _raw(api.address[1], method, path, head, b"{}")
         assert (answer_status, answer["code"]) == (status, code), answer
         assert rollbacks == []
         # The same call from a program on the device is served.
-        plain = {"Host": f"127.0.0.1:{api.address[1]}", "Content-Type": "application/json"}
+        plain = {
+            "Host": f"127.0.0.1:{api.address[1]}",
+            "Content-Type": "application/json",
+            "Authorization": f"Bearer {TOKEN}",
+        }
         assert _raw(api.address[1], method, path, plain, b"{}")[0] == 200
         assert _raw(api.address[1], method, path, {**plain, "Host": "[::1]"}, b"{}")[0] == 200
         assert rollbacks == ([1, 1] if path == "/v1/rollback" else [])

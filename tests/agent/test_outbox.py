@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.agent.config import MqttSettings
 from edgefleet.agent.link import AgentLink
 from edgefleet.agent.outbox import Outbox, outbox_is_empty
+from edgefleet.agentconfig import MqttSettings
 from edgefleet.backoff import Backoff
 from edgefleet.errors import UsageError
 from edgefleet.mqtt import (
@@ -229,7 +229,7 @@ CHILD = textwrap.dedent(
     """
     import os, signal, sys
     from pathlib import Path
-    from edgefleet.agent.config import MqttSettings
+    from edgefleet.agentconfig import MqttSettings
     from edgefleet.agent.link import AgentLink
     from edgefleet.agent.outbox import Outbox
     from edgefleet.mqtt import StatusReport

@@ -1,13 +1,15 @@
 """The agent's state is its own: private modes, and no install copies its key out.
 
-A real installer behind a real local API: `POST /v1/install` naming a file in
-the state directory (directly or through a symlink) is refused with 403 before
-anything is copied, and after an install every directory of the state is 0700
-and the files that hold the device's state and downloads are 0600.
+A real installer behind a real local API: an install of a file in the state
+directory (directly or through a symlink) is refused before anything is
+copied (the local API takes only the bundle's bytes), and after an install
+every directory of the state is 0700 and the files that hold the device's
+state and downloads are 0600.
 """
 
 from __future__ import annotations
 
+import json
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,16 +17,17 @@ from typing import Any
 
 import pytest
 
-from edgefleet.agent.config import AgentConfig, InferenceSettings
+from edgefleet.agent.errors import PrivatePathError
 from edgefleet.agent.inference import Predictor
 from edgefleet.agent.install import State
 from edgefleet.agent.install.fetch import LocalFileFetcher
 from edgefleet.agent.layout import StateLayout
-from edgefleet.agent.localapi import LocalApi
+from edgefleet.agent.localapi import BUNDLE, LocalApi
 from edgefleet.agent.runner import status_dict
+from edgefleet.agentconfig import AgentConfig, InferenceSettings
 from edgefleet.trust import TrustRoot
 from tests.agent.power_loss_driver import PROFILE, Bundles, Device, device_config, prepare_bundles
-from tests.agent.test_localapi import Client
+from tests.agent.test_localapi import TOKEN, Client
 from tests.conftest import KeySet
 
 
@@ -49,7 +52,7 @@ def device(config: AgentConfig, tmp_path: Path) -> Device:
 @pytest.fixture
 def client(device: Device) -> Iterator[Client]:
     def install(path: Path) -> dict[str, Any]:
-        device.installer.install_file(path)
+        device.installer.install_upload(path)
         return status_dict(device.installer)
 
     predictor = Predictor.open(device.installer.layout, InferenceSettings(), PROFILE)
@@ -60,9 +63,12 @@ def client(device: Device) -> Iterator[Client]:
         install=install,
         rollback=lambda: status_dict(device.installer),
         install_state=lambda: device.installer.status().state.value,
+        token=TOKEN,
+        uploads=device.installer.layout.downloads,
+        max_bundle_bytes=1 << 30,
     )
     api.start()
-    yield Client(api.address[1])
+    yield Client(api.address[1], TOKEN)
     api.stop()
     predictor.close()
 
@@ -71,8 +77,8 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(path.lstat().st_mode)
 
 
-def test_an_install_of_a_file_in_the_state_directory_is_403(
-    device: Device, client: Client, tmp_path: Path
+def test_an_install_of_a_file_in_the_state_directory_is_refused(
+    device: Device, tmp_path: Path
 ) -> None:
     layout = device.installer.layout
     secret = layout.root / "device.key"
@@ -80,9 +86,8 @@ def test_an_install_of_a_file_in_the_state_directory_is_403(
     link = tmp_path / "innocent.efb"
     link.symlink_to(secret)
     for path in (secret, link, layout.root / "downloads" / ".." / "device.key"):
-        status, answer = client.json("POST", "/v1/install", {"path": str(path)})
-        assert status == 403 and answer["code"] == "private-path", answer
-        assert "state directory" in answer["error"]
+        with pytest.raises(PrivatePathError, match="state directory"):
+            device.installer.install_file(path)
     assert list(layout.downloads.iterdir()) == []
     assert device.installer.status().install is None  # nothing was started
 
@@ -93,7 +98,8 @@ def test_an_install_through_the_api_leaves_the_state_private(
     layout: StateLayout = device.installer.layout
     layout.root.chmod(0o755)  # a state directory made readable by an older agent
     layout.downloads.chmod(0o755)
-    status, answer = client.json("POST", "/v1/install", {"path": str(bundles.releases[0])})
+    status, data = client.request("POST", "/v1/install", bundles.releases[0].read_bytes(), BUNDLE)
+    answer = json.loads(data)
     assert status == 200 and answer["state"] == State.COMMITTED.value, answer
     device.installer.layout.create()  # as every start of the agent does
     for directory in (layout.root, layout.trust_dir, layout.downloads, layout.versions):

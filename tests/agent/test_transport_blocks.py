@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.agent.config import MqttSettings
 from edgefleet.agent.errors import DownloadError
 from edgefleet.agent.link import AgentLink
 from edgefleet.agent.outbox import Outbox
 from edgefleet.agent.transport import BlocksHandler, MqttBlockFetcher, SourcesFetcher
 from edgefleet.agent.transport.base import bitmap_path, part_path
+from edgefleet.agentconfig import MqttSettings
 from edgefleet.backoff import Backoff
 from edgefleet.errors import TamperedFileError
 from edgefleet.mqtt.blocks import (

@@ -402,8 +402,12 @@ def test_devices_remove_sends_a_delete_and_reports_a_conflict(api: FakeApi, run:
 def test_enroll_token_prints_only_the_token(api: FakeApi, run: Run) -> None:
     out, err = run("devices", "enroll-token", "--tag", "site=berlin", "--ttl", "2h", url=api.url)
     assert out == "efe_secret\n"
-    assert "valid until 2026-11-26 10:00:00 UTC" in err
-    assert api.requests[-1].json() == {"tags": {"site": "berlin"}, "ttl_s": 7200}
+    assert "valid until 2026-11-26 10:00:00 UTC, for one device" in err
+    assert api.requests[-1].json() == {"tags": {"site": "berlin"}, "ttl_s": 7200, "max_uses": 1}
+    _, err = run("devices", "enroll-token", "--uses", "500", url=api.url)
+    assert api.requests[-1].json()["max_uses"] == 500 and "for 500 devices" in err
+    _, err = run("devices", "enroll-token", "--uses", "0", url=api.url, status=2)
+    assert "--uses" in err
     _, err = run("devices", "enroll-token", "--ttl", "soon", url=api.url, status=2)
     assert "duration 'soon'" in err
 

@@ -9,11 +9,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from edgefleet.agent.config import InferenceSettings
 from edgefleet.agent.inference import Predictor
 from edgefleet.agent.install.smoke import run_smoke_test
 from edgefleet.agent.layout import StateLayout
 from edgefleet.agent.versions import Versions
+from edgefleet.agentconfig import InferenceSettings
 from edgefleet.bundle import build_bundle
 from edgefleet.converter import ConvertOptions, convert
 from edgefleet.converter.data import load_dataset

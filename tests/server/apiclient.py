@@ -28,6 +28,7 @@ from edgefleet.server.db.database import Database
 from edgefleet.server.principals import Role
 from edgefleet.server.settings import ServerSettings
 from edgefleet.server.tokens import create_api_token
+from edgefleet.server.trustroots import open_trust_roots
 from edgefleet.timefmt import utcnow
 from edgefleet.trust import TrustRoot
 from edgefleet.wire import API_PREFIX
@@ -126,7 +127,7 @@ def make_api(database: Database, tmp_path: Path, trust: TrustRoot, **settings: A
     context = ServerContext(
         settings=replace(base, **settings),
         db=database,
-        trust=trust,
+        trust=open_trust_roots(database, trust, None, now=clock()),
         bundles=BundleStore(tmp_path / "data", trust, clock),
         publisher=publisher,
         clock=clock,

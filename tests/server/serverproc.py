@@ -22,13 +22,13 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from edgefleet.agent.config import (
+from edgefleet.agent.config import write_config
+from edgefleet.agentconfig import (
     AgentConfig,
     HealthSettings,
     LocalApiSettings,
     MqttSettings,
     TelemetrySettings,
-    write_config,
 )
 from edgefleet.keys import save_private_key
 from edgefleet.trust import TrustRoot

@@ -106,6 +106,8 @@ REQUIRED_ROLE: dict[tuple[str, str], Role | None] = {
     ("POST", "/api/v1/devices/enroll"): None,  # an enrollment token in the body
     ("POST", "/api/v1/enroll-tokens"): Role.OPERATOR,
     ("POST", "/api/v1/bundles"): Role.OPERATOR,
+    ("POST", "/api/v1/trust"): Role.ADMIN,
+    ("GET", "/api/v1/trust"): Role.VIEWER,
     ("GET", "/api/v1/bundles"): Role.VIEWER,
     ("GET", "/api/v1/bundles/{name}/{version}"): Role.VIEWER,
     ("GET", "/api/v1/bundles/{name}/{version}/file"): Role.VIEWER,
@@ -127,6 +129,9 @@ REQUIRED_ROLE: dict[tuple[str, str], Role | None] = {
     ("GET", "/api/v1/webhooks/deliveries"): Role.VIEWER,
     ("POST", "/api/v1/webhooks/deliveries/{delivery_id}/retry"): Role.OPERATOR,
     ("POST", "/api/v1/devices/{device_id}/samples"): None,  # signed with the device's key
+    ("POST", "/api/v1/devices/{device_id}/certificate"): None,  # signed with the device's key
+    ("GET", "/api/v1/ca/certificate"): None,  # public
+    ("GET", "/api/v1/ca/crl"): None,  # public
     ("GET", "/api/v1/samples"): Role.VIEWER,
     ("GET", "/api/v1/samples/{sample_id}"): Role.OPERATOR,
     ("POST", "/api/v1/tokens"): Role.ADMIN,

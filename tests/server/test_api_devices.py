@@ -66,6 +66,23 @@ def test_closed_enrollment_needs_a_one_time_token(
     assert "enroll-token.create" in actions and "device.enroll" in actions
 
 
+def test_a_claim_enrolls_three_devices_and_refuses_a_fourth(
+    sqlite_database: Database, tmp_path: Path, trust: TrustRoot
+) -> None:
+    api = make_api(sqlite_database, tmp_path, trust, open_enrollment=False)
+    body = {"tags": {"image": "pi-v3"}, "ttl_s": 3600, "max_uses": 3}
+    created = api.post("/enroll-tokens", Role.OPERATOR, json=body)
+    assert created.status_code == 201 and created.json()["max_uses"] == 3
+    claim = created.json()["token"]
+    for device_id in ("cam-1", "cam-2", "cam-3"):
+        enrolled = api.enroll(device_id, enroll_token=claim)
+        assert enrolled.status_code == 201 and enrolled.json()["tags"] == {"image": "pi-v3"}
+    fourth = api.enroll("cam-4", enroll_token=claim)
+    assert fourth.status_code == 403, fourth.text
+    assert "used by all the 3 devices" in fourth.json()["detail"]
+    assert api.get("/devices").json()["total"] == 3
+
+
 @pytest.mark.parametrize(
     "change",
     [
@@ -85,7 +102,14 @@ def test_bad_enrollments_are_422(api: Api, change: dict[str, object]) -> None:
 
 
 def test_enroll_token_requests_are_checked(api: Api) -> None:
-    for body in ({"ttl_s": 0}, {"ttl_s": 10**9}, {"tags": {"a b": "c"}}, {"ttl": 5}):
+    for body in (
+        {"ttl_s": 0},
+        {"ttl_s": 10**9},
+        {"tags": {"a b": "c"}},
+        {"ttl": 5},
+        {"max_uses": 0},
+        {"max_uses": 100_001},
+    ):
         response = api.post("/enroll-tokens", Role.OPERATOR, json=body)
         assert response.status_code == 422, (body, response.text)
 

@@ -8,23 +8,35 @@ translation and its rendering meet the server's actual answers.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
+import ssl
 import sys
 import types
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+from cryptography import x509
 
+from edgefleet.agent.enroll import enroll
+from edgefleet.agent.errors import ServerUnreachableError
+from edgefleet.agent.layout import StateLayout
+from edgefleet.agentconfig import AgentConfig
+from edgefleet.fleetca import init_ca
 from edgefleet.server.db.database import Database
 from edgefleet.server.db.migrate import open_database
 from edgefleet.server.principals import Role
 from edgefleet.server.settings import ServerSettings, sqlite_url
 from edgefleet.server.tokens import authenticate
 from edgefleet.trust import TrustRoot
+from edgefleet.wire import API_PREFIX
 from tests.agent.broker import free_port
 from tests.clirun import Cli
+from tests.conftest import KeySet
 from tests.server.apiclient import Api, make_api, serve
+from tests.server.serverproc import ServerProcess, wait_until, write_server_keys
 
 
 @pytest.fixture
@@ -269,6 +281,76 @@ def test_server_run_turns_flags_into_settings(
                      "--forwarded-allow-ips", mistyped, status=2)  # fmt: skip
         assert "--forwarded-allow-ips: " in err and "is not an IP address or network" in err
     assert received == []
+
+
+def test_server_run_serves_https_and_an_agent_enrolls_trusting_only_the_fleet_ca(
+    tmp_path: Path, trust: TrustRoot, keyset: KeySet
+) -> None:
+    ca = init_ca(tmp_path / "ca")
+    issued, key_pem = ca.issue_key_pair("fleet-server", server_names=["127.0.0.1"], client=False)
+    tls_cert, tls_key = tmp_path / "https.crt", tmp_path / "https.key"
+    tls_cert.write_bytes(issued.pem)
+    tls_key.write_bytes(key_pem)
+    trust_path, key_path = write_server_keys(tmp_path / "keys", trust, keyset)
+    server = ServerProcess.start(
+        tmp_path / "server.log", trust_path, key_path, "--data", tmp_path / "data",
+        "--embedded-broker", "--mqtt-port", str(free_port()), "--open-enrollment",
+        "--ca", tmp_path / "ca", "--tls-cert", tls_cert, "--tls-key", tls_key,
+    )  # fmt: skip
+    url = f"https://127.0.0.1:{server.port}"
+    fleet_ca = ssl.create_default_context(cafile=str(tmp_path / "ca" / "ca.crt"))
+
+    def healthy() -> bool:
+        assert server.process.poll() is None, server.log
+        try:
+            return httpx.get(f"{url}{API_PREFIX}/health", verify=fleet_ca).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        assert wait_until(healthy, 30), server.log
+        config = AgentConfig(
+            device_id="cam-https",
+            profile="x86_64-vnni",
+            state_dir=tmp_path / "state",
+            trust_root=trust_path,
+            server_url=url,
+        )
+        layout = StateLayout(config.state_dir)
+        with pytest.raises(ServerUnreachableError, match="does not trust"):
+            enroll(config, layout)  # the system's CAs do not know the fleet CA
+        trusting = config.model_copy(update={"server_ca_file": tmp_path / "ca" / "ca.crt"})
+        enroll(trusting, layout)
+        certificate = x509.load_pem_x509_certificate(layout.tls_certificate.read_bytes())
+        assert certificate.subject.rfc4514_string() == "CN=cam-https"
+        assert layout.tls_ca_certificate.read_bytes() == ca.certificate_pem
+    finally:
+        assert "Traceback" not in server.stop()
+
+
+def test_the_default_public_url_is_https_when_the_server_serves_it(tmp_path: Path) -> None:
+    settings = ServerSettings(tmp_path, tmp_path / "trust.json", tmp_path / "server.key", port=8443)
+    assert settings.base_url == "http://127.0.0.1:8443"
+    served = dataclasses.replace(settings, tls_cert_file=tmp_path, tls_key_file=tmp_path)
+    assert served.base_url == "https://127.0.0.1:8443"
+
+
+def test_server_run_refuses_https_files_that_do_not_load(run: Cli, tmp_path: Path) -> None:
+    trust, key = tmp_path / "trust.json", tmp_path / "server.key"
+    trust.write_text("{}")
+    key.write_text("")
+    ca = init_ca(tmp_path / "ca")
+    issued, _ = ca.issue_key_pair("fleet-server", server_names=["127.0.0.1"])
+    (tmp_path / "https.crt").write_bytes(issued.pem)
+    _, err = run("server", "run", "--trust", trust, "--server-key", key, "--data",
+                 tmp_path / "d", "--tls-cert", tmp_path / "https.crt", "--tls-key",
+                 tmp_path / "ca" / "ca.key", status=2)  # fmt: skip
+    assert err.count("\n") == 1 and "--tls-cert" in err
+    assert "not a PEM certificate and its unencrypted key" in err
+    _, err = run("server", "run", "--trust", trust, "--server-key", key, "--tls-cert",
+                 tmp_path / "https.crt", status=2)  # fmt: skip
+    assert "--tls-cert and --tls-key go together" in err
+    assert not (tmp_path / "d").exists()
 
 
 def test_push_over_the_servers_limit_reports_the_limit(

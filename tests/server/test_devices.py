@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from sqlalchemy import func, insert, select
 
 from edgefleet.errors import DeviceSignatureError
+from edgefleet.fleetca import make_key_and_csr
 from edgefleet.mqtt import DeviceKey, DeviceTopics, sign_device_payload, verify_device_payload
 from edgefleet.server.api.schemas.devices import DevicePublic
 from edgefleet.server.api.schemas.enroll import EnrollRequest
@@ -338,10 +339,12 @@ def test_enroll_request_accepts_the_agents_json() -> None:
         "agent_version": "0.1.0-rc.1+build.5",
         "tags": {"site": "berlin", "room": "B 12"},
         "enroll_token": "efe_abc",
+        "csr": make_key_and_csr("cam-017")[1].decode(),
     }
     parsed = EnrollRequest.model_validate_json(json.dumps(body))
     assert parsed.model_dump() == body
-    minimal = {k: v for k, v in body.items() if k not in ("runtimes", "tags", "enroll_token")}
+    optional = ("runtimes", "tags", "enroll_token", "csr")
+    minimal = {k: v for k, v in body.items() if k not in optional}
     assert EnrollRequest.model_validate(minimal).tags == {}
 
 

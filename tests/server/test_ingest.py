@@ -312,6 +312,20 @@ def test_a_shadow_commit_does_not_change_the_served_version(
     assert row.install_state == "committed" and row.model_version is None
 
 
+def test_a_status_report_keeps_that_the_device_may_be_frozen_out(
+    ingestor: Ingestor, database: Database, devices: list[SimDevice]
+) -> None:
+    dev = devices[0]
+    frozen = "the newest fleet timestamp expired at 2026-12-06T10:00:00Z"
+    ingestor.handle(*signed(dev, TopicKind.STATUS, status(dev, 1, "idle", frozen_reason=frozen)))
+    ingestor.flush()
+    with database.session() as session:
+        kept = session.scalars(
+            select(StatusReportRow.frozen_reason).where(StatusReportRow.device_id == dev.id)
+        ).all()
+    assert kept == [frozen]
+
+
 def test_telemetry_merges_into_buckets_across_flushes_once_per_window(
     ingestor: Ingestor, database: Database, devices: list[SimDevice], clock: Clock
 ) -> None:

@@ -229,3 +229,62 @@ def test_bad_enroll_token_requests_are_refused(
     with sqlite_database.session() as session:
         assert session.scalars(select(EnrollToken)).all() == []
         assert list_audit(session) == []
+
+
+def test_a_claim_enrolls_its_count_of_devices_and_no_more(database: Database) -> None:
+    with database.session() as session:
+        secret, _ = create_enroll_token(
+            session, OPERATOR, {"image": "pi-v3"}, dt.timedelta(days=1), now=NOW, max_uses=3
+        )
+    for device_id in ("dev-1", "dev-2", "dev-3"):
+        with database.session() as session:
+            token = consume_enroll_token(session, secret, device_id, now=NOW)
+            assert token.tags == {"image": "pi-v3"}  # every device gets the claim's tags
+    with (
+        database.session() as session,
+        pytest.raises(EnrollmentError, match="used by all the 3 devices it admits"),
+    ):
+        consume_enroll_token(session, secret, "dev-4", now=NOW)
+    with database.session() as session:
+        row = session.scalars(select(EnrollToken)).one()
+        assert (row.uses, row.max_uses, row.used_by) == (3, 3, "dev-3")
+        (entry,) = list_audit(session)
+        assert entry.details["max_uses"] == 3
+
+
+def test_devices_racing_with_a_claim_never_exceed_its_count(database: Database) -> None:
+    with database.session() as session:
+        secret, _ = create_enroll_token(
+            session, OPERATOR, {}, dt.timedelta(days=1), now=NOW, max_uses=3
+        )
+    racers = 8
+    barrier = threading.Barrier(racers)
+    winners: list[str] = []
+    refusals: list[str] = []
+
+    def enroll(device_id: str) -> None:
+        barrier.wait()
+        try:
+            with database.session() as session:
+                consume_enroll_token(session, secret, device_id, now=NOW)
+            winners.append(device_id)
+        except EnrollmentError as exc:
+            refusals.append(str(exc))
+
+    threads = [threading.Thread(target=enroll, args=(f"dev-{i}",)) for i in range(racers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(winners) == 3 and len(refusals) == racers - 3
+    with database.session() as session:
+        assert session.scalars(select(EnrollToken.uses)).one() == 3
+
+
+@pytest.mark.parametrize("max_uses", [0, 100_001])
+def test_a_claims_count_is_bounded(sqlite_database: Database, max_uses: int) -> None:
+    match = "uses must be 1 to 100000"
+    with pytest.raises(InvalidRequestError, match=match), sqlite_database.session() as session:
+        create_enroll_token(
+            session, OPERATOR, {}, dt.timedelta(hours=1), now=NOW, max_uses=max_uses
+        )

@@ -192,4 +192,6 @@ def delete_device(
     session.commit()  # before the key cache forgets: ingestion must not reload the old key
     if context.device_keys is not None:
         context.device_keys.invalidate(device_id)
+    if context.crl is not None:
+        context.crl.after_removal()
     return Response(status_code=status.HTTP_204_NO_CONTENT)

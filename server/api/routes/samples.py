@@ -3,8 +3,7 @@ download (operator, audited).
 
 The upload carries no API token: the device signs its metadata with its
 enrolled key (`edgefleet.samplewire`). Checked in this order, before the body
-is read: the device (404 when it is not enrolled), the signature (401 when it
-is missing or does not verify), the metadata (422), its date against the replay window (401), the
+is read: the device signature, metadata and date (`edgefleet.server.api.devicesigned`), the
 declared size (413); then the body is streamed to a temporary file, refused
 beyond `settings.max_sample_bytes` (413), and `edgefleet.server.samples`
 checks and stores it (201, or 200 for a file of this device stored already).
@@ -19,19 +18,10 @@ from typing import Annotated
 from anyio import to_thread
 from fastapi import APIRouter, Path, Query, Request, status
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
-from sqlalchemy import select
 
-from edgefleet.errors import DeviceSignatureError, UsageError
-from edgefleet.mqtt import is_valid_device_id
-from edgefleet.samplewire import (
-    MAX_META_BYTES,
-    META_HEADER,
-    SIGNATURE_HEADER,
-    SampleUpload,
-    verify_upload,
-)
+from edgefleet.samplewire import SampleUpload, samples_path
 from edgefleet.server.api.deps import ContextDep, OperatorDep, SessionDep, ViewerDep
+from edgefleet.server.api.devicesigned import verified_meta
 from edgefleet.server.api.errors import BodyTooLargeError, errors
 from edgefleet.server.api.routes.blobs import FILE_RESPONSES, ranged_file_response
 from edgefleet.server.api.schemas.base import MAX_ID
@@ -39,16 +29,12 @@ from edgefleet.server.api.schemas.samples import SamplePublic
 from edgefleet.server.api.uploads import receive_upload
 from edgefleet.server.audit import record_audit
 from edgefleet.server.context import ServerContext
-from edgefleet.server.db.models import Device
-from edgefleet.server.errors import AuthError, InvalidRequestError, NotFoundError
 from edgefleet.server.samples import (
     get_sample,
     list_samples,
     sample_path,
     store_sample,
 )
-from edgefleet.timefmt import parse_time
-from edgefleet.validation import describe_validation_error
 from edgefleet.wire import API_PREFIX
 
 router = APIRouter(prefix=API_PREFIX, tags=["samples"])
@@ -61,48 +47,6 @@ _UPLOAD_BODY = {
         "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
     }
 }
-
-
-def _public_key(context: ServerContext, device_id: str) -> str | None:
-    with context.db.session() as session:
-        return session.scalar(select(Device.public_key).where(Device.id == device_id))
-
-
-async def _verified_meta(request: Request, context: ServerContext, device_id: str) -> SampleUpload:
-    """The upload's metadata, once the device's signature and its date are checked."""
-    public_key = None
-    if is_valid_device_id(device_id):
-        public_key = await to_thread.run_sync(_public_key, context, device_id)
-    if public_key is None:
-        raise NotFoundError(f"no enrolled device {device_id[:128]!r}")
-    meta = request.headers.get(META_HEADER, "").encode("utf-8", "replace")
-    signature = request.headers.get(SIGNATURE_HEADER, "")
-    if not meta or not signature:
-        raise AuthError(
-            f"an upload of samples needs the {META_HEADER} and {SIGNATURE_HEADER} headers"
-        )
-    if len(meta) > MAX_META_BYTES:
-        raise InvalidRequestError(f"{META_HEADER} exceeds {MAX_META_BYTES} bytes")
-    try:
-        verify_upload(meta, signature, device_id, public_key)
-    except (DeviceSignatureError, UsageError) as exc:
-        raise AuthError(f"the upload's signature does not verify: {exc}") from exc
-    try:
-        upload = SampleUpload.model_validate_json(meta)
-    except ValidationError as exc:
-        raise InvalidRequestError(describe_validation_error(exc, META_HEADER)) from exc
-    if upload.device_id != device_id:
-        raise InvalidRequestError(f"the upload names device {upload.device_id}, not {device_id}")
-    now = context.clock()
-    sent = parse_time(upload.sent_at)
-    settings = context.settings
-    if not now - settings.sample_replay_window <= sent <= now + settings.max_clock_ahead:
-        raise AuthError(
-            f"the upload is dated {upload.sent_at}, outside this server's replay window "
-            f"({settings.sample_replay_window} back): send it again, newly signed, or set "
-            "the device's clock"
-        )
-    return upload
 
 
 def _store(
@@ -125,7 +69,9 @@ def _store(
 async def upload_samples(
     request: Request, context: ContextDep, device_id: Annotated[str, Path(max_length=128)]
 ) -> JSONResponse:
-    meta = await _verified_meta(request, context, device_id)
+    meta = await verified_meta(
+        request, context, device_id, samples_path(device_id), SampleUpload.model_validate_json
+    )
     limit = context.settings.max_sample_bytes
     if meta.size_bytes > limit:
         raise BodyTooLargeError(f"the upload is {meta.size_bytes} bytes; this server takes {limit}")

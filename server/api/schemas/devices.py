@@ -109,6 +109,7 @@ class StatusReportPublic(RowView):
     bundle_version: str | None
     directive_sequence: int | None
     reason: str | None
+    frozen_reason: str | None = None  # set while the device may be frozen out
 
 
 class TelemetrySummary(BaseModel):
