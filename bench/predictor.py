@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -191,6 +192,7 @@ def first_answer(state: Path, bundle: Path) -> dict[str, float]:
 def local_api_ms(predictor: Predictor, feed: dict[str, np.ndarray], count: int) -> dict[str, float]:
     from edgefleet.agent.localapi import LocalApi
 
+    uploads = Path(tempfile.mkdtemp(prefix="edgefleet-bench-uploads-"))
     api = LocalApi(
         predictor,
         "127.0.0.1",
@@ -198,6 +200,9 @@ def local_api_ms(predictor: Predictor, feed: dict[str, np.ndarray], count: int) 
         install=lambda path: {},
         rollback=lambda: {},
         install_state=lambda: "idle",
+        token=secrets.token_hex(16),  # predict needs none: only changes are authenticated
+        uploads=uploads,
+        max_bundle_bytes=1,
     )
     api.start()
     url = f"http://127.0.0.1:{api.address[1]}/v1/predict"
@@ -213,6 +218,7 @@ def local_api_ms(predictor: Predictor, feed: dict[str, np.ndarray], count: int) 
         p50 = alternate({"http": over_http, "in_process": lambda: predictor.predict(feed)}, count)
     finally:
         api.stop()
+        shutil.rmtree(uploads, ignore_errors=True)
     return {"http_p50_ms": p50["http"] * 1000, "in_process_p50_ms": p50["in_process"] * 1000}
 
 

@@ -61,6 +61,7 @@ from edgefleet.server.devices import count_devices, list_devices
 from edgefleet.server.principals import Role
 from edgefleet.server.settings import ServerSettings
 from edgefleet.server.tokens import create_api_token
+from edgefleet.server.trustroots import open_trust_roots
 from edgefleet.tables import format_columns
 from tests.agent.broker import free_port
 from tests.conftest import KeySet, make_trust_root
@@ -87,7 +88,7 @@ def serve_child(db_url: str, data_dir: str) -> None:
     context = ServerContext(
         settings=settings,
         db=db,
-        trust=trust,
+        trust=open_trust_roots(db, trust, None),
         bundles=BundleStore(directory, trust),
         publisher=_NoPublisher(),
     )

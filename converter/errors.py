@@ -4,7 +4,8 @@
     ├── ModelError
     │   ├── NotAModelError           not an ONNX or TFLite model at all
     │   ├── CorruptModelError        truncated or damaged, or fails to load
-    │   └── UnsupportedOperatorError uses operators the target's runtime lacks
+    │   ├── UnsupportedOperatorError uses operators the target's runtime lacks
+    │   └── RuntimeNotOnTargetError  needs a runtime the target's profile does not list
     ├── DataError                    calibration, validation or label data unusable
     │   ├── MissingInputError        the data lacks one of the model's inputs
     │   ├── ExtraInputError          the data has arrays the model does not take
@@ -12,6 +13,7 @@
     │   ├── InputDtypeError          an array's dtype does not fit the input
     │   ├── NonFiniteDataError       NaN or infinity in the data
     │   └── EmptyDataError           no samples
+    ├── RuntimeMissingError          the model's runtime is not installed on this machine
     └── ConversionFailedError        a step of the conversion failed on a valid model
 
 Every error names the file and the problem, and nothing is written to OUT_DIR.
@@ -42,6 +44,10 @@ class UnsupportedOperatorError(ModelError):
     """The model uses operators that the target's runtime does not have."""
 
 
+class RuntimeNotOnTargetError(ModelError):
+    """The model needs a runtime (onnxruntime, LiteRT) that the target does not run."""
+
+
 class DataError(ConverterError):
     """Calibration, validation or label data that cannot be used."""
 
@@ -68,6 +74,10 @@ class NonFiniteDataError(DataError):
 
 class EmptyDataError(DataError):
     """The data holds no samples."""
+
+
+class RuntimeMissingError(ConverterError):
+    """The runtime the model needs is not installed here: its extra names the fix."""
 
 
 class ConversionFailedError(ConverterError):

@@ -1,7 +1,8 @@
 """What a model file is: its format, inputs and outputs, operators and kind.
 
 Loading is where bad model files are caught: a file that is not a model, a
-truncated or damaged one, and one whose operators the target cannot run.
+truncated or damaged one, one whose operators the target cannot run, and one
+whose runtime the target's profile does not list.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
-from edgefleet.converter.errors import CorruptModelError, NotAModelError
+from edgefleet.converter.errors import CorruptModelError, NotAModelError, RuntimeNotOnTargetError
+from edgefleet.profiles import Profile, Runtime, all_profiles
 
 ModelFormat = Literal["onnx", "tflite"]
 ModelKind = Literal["recurrent", "attention", "convolutional", "dense", "other"]
 Dim = int | str | None  # fixed size, symbolic name, or unknown
 
+# The runtime each model format needs, as profiles name it.
+RUNTIME_OF: dict[ModelFormat, Runtime] = {"onnx": "onnxruntime", "tflite": "tflite"}
 # Operator domains onnxruntime's CPU build implements.
 SUPPORTED_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
 _RECURRENT_OPS = {"LSTM", "GRU", "RNN", "Scan", "Loop"}
@@ -100,6 +104,20 @@ def _spec(value_info: onnx.ValueInfoProto) -> TensorSpec:
         )
     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)).name
     return TensorSpec(name=value_info.name, dtype=dtype, shape=_dims(value_info))
+
+
+def require_runtime(profile: Profile, model_format: ModelFormat) -> None:
+    """Raises: RuntimeNotOnTargetError when `profile` does not list the runtime the format needs."""
+    runtime = RUNTIME_OF[model_format]
+    if runtime in profile.runtimes:
+        return
+    targets = [p.name for p in all_profiles().values() if runtime in p.runtimes]
+    convert_first = "convert the model to TFLite first, or " if model_format == "onnx" else ""
+    raise RuntimeNotOnTargetError(
+        f"a {'TFLite' if model_format == 'tflite' else 'ONNX'} model needs {runtime}, and "
+        f"target {profile.name} runs {', '.join(profile.runtimes)} only: {convert_first}"
+        f"choose a target that runs {runtime} ({', '.join(targets) or 'none is shipped'})"
+    )
 
 
 def is_tflite(path: Path) -> bool:

@@ -3,9 +3,9 @@
 Steps: load and check the model and data for the target; measure the float
 model; preprocess; quantize and measure every valid candidate (structures
 first, then other calibrations for the fastest), each timed against the float
-model in interleaved rounds; when none meets the budget, keep the worst nodes
-in float and retry; choose; write the output. With a pinned candidate, only
-that one is quantized and measured. Everything is built in a temporary
+model in interleaved rounds; when none meets the budget, keep the layers most
+sensitive to quantization in float and retry; choose; write the output. With
+a pinned candidate, only that one is quantized and measured. Everything is built in a temporary
 directory beside OUT_DIR and renamed into place at the end, so OUT_DIR is
 never half-written.
 """
@@ -18,9 +18,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from edgefleet.converter import candidates as cand
-from edgefleet.converter.choose import Evaluation, accuracy_score, choose, latency_ratio
+from edgefleet.converter.choose import Evaluation, accuracy_score, choose
 from edgefleet.converter.context import ConversionContext, ConversionResult, ConvertOptions
 from edgefleet.converter.data import Dataset, load_dataset, load_labels
 from edgefleet.converter.errors import (
@@ -38,27 +39,29 @@ from edgefleet.converter.evaluate import (
     run_outputs,
     task_metrics,
 )
-from edgefleet.converter.modelinfo import SUPPORTED_DOMAINS, ModelInfo, is_tflite, load_onnx
+from edgefleet.converter.modelinfo import (
+    SUPPORTED_DOMAINS,
+    ModelInfo,
+    is_tflite,
+    load_onnx,
+    require_runtime,
+)
 from edgefleet.converter.output import write_output
 from edgefleet.converter.preprocess import preprocess
 from edgefleet.converter.progress import NO_PROGRESS, Progress
 from edgefleet.converter.quantize import quantize
-from edgefleet.converter.sqnr import worst_nodes
+from edgefleet.converter.sensitivity import SENSITIVITY_SAMPLES, model_layers, rank_layers
 from edgefleet.errors import UsageError
 from edgefleet.profiles import Profile, load_profile
 
 CALIBRATION_SAMPLES = 200
 VALIDATION_SAMPLES = 500
 TOP_STRUCTURES = 2  # structures tried with other calibration methods
-EXCLUSION_STEPS = (2, 4, 8)  # nodes kept in float, per retry
+FLOAT_LAYER_STEPS = (1, 2, 4, 8, 16)  # layers kept in float, per retry
 
 
 def _check_target(info: ModelInfo, profile: Profile) -> None:
-    if "onnxruntime" not in profile.runtimes:
-        raise UnsupportedOperatorError(
-            f"target {profile.name} runs {', '.join(profile.runtimes)} models only, not ONNX: "
-            "convert the model to TFLite first, or choose another target"
-        )
+    require_runtime(profile, "onnx")
     foreign = sorted(info.domains - SUPPORTED_DOMAINS)
     if foreign:
         raise UnsupportedOperatorError(
@@ -144,7 +147,7 @@ def _search(context: ConversionContext, float_model: Path) -> list[Evaluation]:
         context.progress.finish()
 
     if not any(e.usable for e in evaluations):
-        evaluations += _retry_without_worst_nodes(context, evaluations, float_model)
+        evaluations += _recover(context, evaluations, float_model)
     return evaluations
 
 
@@ -166,36 +169,60 @@ def _calibration_bases(evaluations: list[Evaluation], optimize: str) -> list[Eva
     return eligible[:TOP_STRUCTURES]
 
 
-def _retry_without_worst_nodes(
+def _recover(
     context: ConversionContext, evaluations: list[Evaluation], float_model: Path
 ) -> list[Evaluation]:
-    """Keep the nodes with the worst SQNR in float, more each time, until one meets the budget."""
+    """Keep the layers most sensitive to quantization in float, more each time, until one fits.
+
+    The candidate recovered is the most accurate static QDQ one (accuracy, then size,
+    then name: never timing, which varies from run to run); its layers are ranked by
+    `sensitivity.rank_layers`, and the top 1, 2, 4, ... (FLOAT_LAYER_STEPS, always
+    fewer than all) are kept in float with the nodes without weights that follow them.
+    """
     qdq = sorted(
         (
             e
             for e in evaluations
-            if e.error is None and e.path is not None and e.candidate.quant_format == "QDQ"
+            if e.error is None
+            and e.candidate.method == "static"
+            and e.candidate.quant_format == "QDQ"
         ),
-        key=lambda e: (latency_ratio(e) or 0.0, e.candidate.name),
+        key=lambda e: (-accuracy_score(e), e.size_bytes, e.candidate.name),
     )
-    if not qdq:
-        return []
-    base = qdq[0]
-    assert base.path is not None
-    try:
-        ranked = worst_nodes(float_model, base.path, context.calibration, context.workdir)
-    except Exception as exc:
+    layers = model_layers(onnx.load(str(float_model), load_external_data=False))
+    steps = [count for count in FLOAT_LAYER_STEPS if count < len(layers)]
+    if not qdq or not steps:
         context.notes.append(
-            f"no retry without the worst nodes: SQNR analysis failed: {summarize(exc)}"
+            "no recovery: it needs a static QDQ candidate and at least two named layers"
         )
         return []
+    base = qdq[0].candidate
+    ranked = rank_layers(
+        base,
+        float_model,
+        layers,
+        context.calibration,
+        context.profile,
+        context.workdir,
+        context.progress,
+    )
+    context.notes.append(
+        f"sensitivity of {base.name} (one layer quantized at a time, output error on "
+        f"{min(SENSITIVITY_SAMPLES, context.calibration.size)} calibration samples): "
+        + ", ".join(
+            f"{s.layer.name} {s.error:.4f}" + (f" (failed: {s.failure})" if s.failure else "")
+            for s in ranked
+        )
+    )
     retries: list[Evaluation] = []
-    context.progress.start("keeping the worst nodes in float", len(EXCLUSION_STEPS))
-    for count in EXCLUSION_STEPS:
-        if count > len(ranked):
-            break
-        evaluation = _quantize_and_evaluate(
-            context, base.candidate.excluding(tuple(ranked[:count])), float_model
+    context.progress.start("keeping the most sensitive layers in float", len(steps))
+    for count in steps:
+        kept = [s.layer for s in ranked[:count]]
+        candidate = base.excluding(tuple(node for layer in kept for node in layer.nodes))
+        evaluation = _quantize_and_evaluate(context, candidate, float_model)
+        evaluation.notes.append(
+            "layers kept in float, most sensitive first: "
+            + ", ".join(f"{layer.name} ({', '.join(layer.nodes)})" for layer in kept)
         )
         retries.append(evaluation)
         if evaluation.usable:

@@ -33,10 +33,6 @@ class CalibrationReader:
     def __len__(self) -> int:
         return self._dataset.size
 
-    def __iter__(self) -> Iterator[Feed]:
-        # onnxruntime's qdq_loss_debug iterates the reader (its base class's protocol).
-        return self._dataset.samples()
-
     def set_range(self, start_index: int, end_index: int) -> None:
         self._samples = self._dataset.samples(range(start_index, end_index))
 
@@ -68,8 +64,12 @@ def quantize(
     output: Path,
     calibration: Dataset,
     cache_dir: Path,
+    nodes_to_quantize: tuple[str, ...] = (),
 ) -> list[str]:
     """Write `candidate`'s quantized model to `output`; return notes on how.
+
+    `nodes_to_quantize`, when given, are the only nodes quantized (the
+    sensitivity analysis quantizes one layer at a time); the others stay float.
 
     Raises:
         Exception: whatever onnxruntime's tooling raises; the caller records it
@@ -83,6 +83,7 @@ def quantize(
     )
 
     excluded = list(candidate.nodes_to_exclude) or None
+    only = list(nodes_to_quantize) or None
     with quiet_onnxruntime_tooling():
         if candidate.method == "dynamic":
             quantize_dynamic(
@@ -92,6 +93,7 @@ def quantize(
                 reduce_range=candidate.reduce_range,
                 weight_type=_quant_type(candidate.types or "S8"),
                 nodes_to_exclude=excluded,
+                nodes_to_quantize=only,
             )
             return []
         assert candidate.method == "static" and candidate.types and candidate.calibration
@@ -108,6 +110,7 @@ def quantize(
             weight_type=_quant_type(candidate.types[2:]),
             calibrate_method=getattr(CalibrationMethod, candidate.calibration),
             nodes_to_exclude=excluded,
+            nodes_to_quantize=only,
             **options,
         )
         try:

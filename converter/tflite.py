@@ -3,12 +3,15 @@
 A `.tflite` model is loaded with LiteRT (`ai-edge-litert`), or `tflite-runtime`
 where that is what is installed, run on the calibration and validation samples,
 and shipped as it is, with the same schema, smoke test and drift reference as
-an ONNX model. Converting ONNX to TFLite is not done here.
+an ONNX model, for any target whose profile lists `tflite` (x86-64, aarch64,
+armv7). Outputs and latency are this machine's, and the report says so.
+Converting ONNX to TFLite is not done here.
 """
 
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +27,7 @@ from edgefleet.converter.data import Feed, load_dataset, load_labels
 from edgefleet.converter.errors import (
     ConverterError,
     CorruptModelError,
+    RuntimeMissingError,
     UnsupportedOperatorError,
     summarize,
 )
@@ -34,7 +38,7 @@ from edgefleet.converter.evaluate import (
     run_outputs,
     task_metrics,
 )
-from edgefleet.converter.modelinfo import ModelInfo, TensorSpec
+from edgefleet.converter.modelinfo import ModelInfo, TensorSpec, require_runtime
 from edgefleet.converter.output import reference_data, staged_directory, write_bundle_metadata
 from edgefleet.converter.progress import Progress
 from edgefleet.converter.reference import (
@@ -62,7 +66,7 @@ class TFLiteSession:
         try:
             self._model = LiteRTModel(path, threads)
         except ImportError as exc:
-            raise ConverterError(str(exc)) from None
+            raise RuntimeMissingError(str(exc)) from None
         except (ValueError, RuntimeError) as exc:
             message = summarize(exc)
             if "custom" in message.lower() or "op" in message.lower().split():
@@ -94,10 +98,7 @@ def convert_tflite(
     model: Path, out_dir: Path, profile: Profile, options: ConvertOptions, progress: Progress
 ) -> ConversionResult:
     """Validate a TFLite model and write it with its schema, smoke test and drift reference."""
-    if "tflite" not in profile.runtimes:
-        raise UnsupportedOperatorError(
-            f"target {profile.name} runs {', '.join(profile.runtimes)} models only, not TFLite"
-        )
+    require_runtime(profile, "tflite")
     session = TFLiteSession(model, profile.threads)
     inputs, outputs = session.specs()
     info = ModelInfo(
@@ -145,7 +146,10 @@ def convert_tflite(
         float_ms=latency_ms,
         float_metrics=metrics,
         progress=progress,
-        notes=[f"validated with {session.runtime}; packed unchanged"],
+        notes=[
+            f"outputs and latency measured with {session.runtime} on this machine "
+            f"({platform.machine()}), not on a device of target {profile.name}; packed unchanged"
+        ],
     )
     report = build_report(context, evaluation, [evaluation])
     with staged_directory(out_dir) as staging:

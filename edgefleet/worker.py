@@ -8,8 +8,12 @@ The policy is log-and-continue: a step that raises an `Exception` the step
 itself did not handle (an `OSError` from a full disk, a database gone away,
 a bug) is logged at ERROR with its traceback, counted in `failures`, handed to
 the `on_failure` hook, and the worker goes on: the next step runs one interval
-later, however often it is woken meanwhile, so a step that keeps failing never
-spins. Only what is not an `Exception` (`SystemExit`, `KeyboardInterrupt`)
+later. The same failure again (same class, same message) is only logged at
+DEBUG, so a database that stays unreadable fills no log with one traceback a
+second; a different one is logged in full, and the first success after
+failures is logged once at INFO. The next step runs one interval later,
+however often the worker is woken meanwhile, so a step that keeps failing
+never spins. Only what is not an `Exception` (`SystemExit`, `KeyboardInterrupt`)
 ends the thread, logged at CRITICAL; `alive` then turns False, which is what
 the agent's systemd watchdog watches. `healthy` also says whether the last
 step succeeded.
@@ -47,6 +51,7 @@ class Worker:
         self.failures = 0
         self.last_failure: Exception | None = None
         self._failing = False  # the last step failed
+        self._last_problem = ""  # the failure last logged in full, while failing
         self._step = step
         self._on_failure = on_failure
         self._state = WorkerState.NEW
@@ -116,10 +121,18 @@ class Worker:
             self.failures += 1
             self.last_failure = exc
             self._failing = True
-            log.exception("%s failed; retrying in %.1f s", self.name, self.interval)
+            problem = f"{type(exc).__name__}: {exc}"
+            if problem == self._last_problem:
+                log.debug("%s failed again: %s", self.name, problem)
+            else:
+                self._last_problem = problem
+                log.exception("%s failed; retrying in %.1f s", self.name, self.interval)
             self._report(exc)
             return False
+        if self._failing:
+            log.info("%s works again", self.name)
         self._failing = False
+        self._last_problem = ""
         return True
 
     def _report(self, exc: Exception) -> None:

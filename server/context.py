@@ -25,6 +25,7 @@ from edgefleet.errors import MessageSchemaError
 from edgefleet.mqtt import parse_device_topic
 from edgefleet.server.db.database import Database
 from edgefleet.server.mqtt.interfaces import Publisher
+from edgefleet.server.mqtt.link import LinkStatus
 from edgefleet.server.settings import ServerSettings
 from edgefleet.server.trustroots import TrustRoots, publish_trust_root
 from edgefleet.timefmt import utcnow
@@ -48,6 +49,23 @@ class IngestCounters(Protocol):
     @property
     def refused(self) -> Mapping[str, int]:
         """Messages refused, by reason (unknown-device, device-signature, ...)."""
+        ...
+
+
+class LinkView(Protocol):
+    """The MQTT link as the health check and the metrics see it (`ServerLink`)."""
+
+    def status(self) -> LinkStatus:
+        """Connected or not, since when, connects and losses."""
+        ...
+
+
+class BrokerView(Protocol):
+    """The embedded broker as the health check and the metrics see it (`EmbeddedBroker`)."""
+
+    @property
+    def restarts(self) -> int:
+        """Children started again after one ended unasked."""
         ...
 
 
@@ -101,6 +119,8 @@ class ServerContext:
     `issuer` is None on a server without a server key loaded (read-only use);
     `ingest` is None when no MQTT ingestion runs in this process (tests);
     `device_keys`, when given, is told about every enrollment.
+    `link` is the MQTT link (None: no link in this process, as in most tests) and
+    `broker` the embedded broker (None: an external one), for health and metrics.
     `ca` is the fleet CA that signs devices' certificates (None: the server issues
     none); `crl`, when given, is refreshed after every device removal.
     `trust` holds the newest trust root: each version adopted (pushed here or
@@ -119,6 +139,8 @@ class ServerContext:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     clock: Callable[[], dt.datetime] = utcnow
     ingest: IngestCounters | None = None
+    link: LinkView | None = None
+    broker: BrokerView | None = None
     device_keys: KeyCache | None = None
     ca: FleetCa | None = None
     crl: CrlFile | None = None
@@ -139,4 +161,11 @@ class ServerContext:
         return self.publisher.counts
 
 
-__all__ = ["CountingPublisher", "IngestCounters", "KeyCache", "ServerContext"]
+__all__ = [
+    "BrokerView",
+    "CountingPublisher",
+    "IngestCounters",
+    "KeyCache",
+    "LinkView",
+    "ServerContext",
+]

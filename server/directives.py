@@ -12,6 +12,11 @@ Invariants:
   not take (`PublishError`) is undone in the database and sent again at the
   next tick; one lost because the process died before publishing is re-sent by
   the timeout and retry path;
+- a directive is fully determined by what the rollout stored (device, sequence,
+  action, bundle, shadow, and its issued time, `RolloutDevice.notified_at`), and
+  Ed25519 signatures are deterministic: `resign` rebuilds the very bytes first
+  published, so an unanswered directive can be sent again (rollouts/resend.py)
+  and a device that already accepted it ignores it by its sequence;
 - the payload is signed with the server key(s) over canonical JSON
   (`edgefleet.mqtt.sign_directive`); devices verify it against their trust root.
 """
@@ -58,6 +63,7 @@ class OutgoingDirective:
     payload: bytes
     sequence: int
     action: str  # install | rollback | diagnostics
+    issued_at: dt.datetime
     shadow: bool = False
     expires_at: dt.datetime | None = None
 
@@ -143,6 +149,33 @@ class DirectiveIssuer:
             ttl=self.settings.diagnostics_ttl,
         )
 
+    def resign(
+        self,
+        device_id: str,
+        bundle: BundleRow,
+        *,
+        action: str,
+        sequence: int,
+        shadow: bool,
+        issued: dt.datetime,
+    ) -> OutgoingDirective:
+        """The install or rollback directive `sequence` issued at `issued`, signed again.
+
+        The same fields and keys give the same bytes as when it was first prepared
+        (Ed25519 signs deterministically), so sending it again cannot make a device
+        act twice: one that accepted it refuses the repeated sequence.
+        """
+        sources = self.sources(bundle) if action == "install" else []
+        return self._signed(
+            device_id,
+            sequence,
+            issued,
+            action=action,
+            bundle=_ref(bundle),
+            sources=sources,
+            shadow=shadow,
+        )
+
     def _prepare(
         self,
         session: Session,
@@ -156,13 +189,37 @@ class DirectiveIssuer:
         ttl: dt.timedelta | None = None,
     ) -> OutgoingDirective:
         sequence = allocate_directive_sequence(session, device)
-        issued = self.clock()
+        return self._signed(
+            device.id,
+            sequence,
+            self.clock(),
+            action=action,
+            bundle=bundle,
+            sources=sources,
+            shadow=shadow,
+            request_id=request_id,
+            ttl=ttl,
+        )
+
+    def _signed(
+        self,
+        device_id: str,
+        sequence: int,
+        issued: dt.datetime,
+        *,
+        action: str,
+        bundle: BundleRef | None,
+        sources: list[Source],
+        shadow: bool,
+        request_id: int | None = None,
+        ttl: dt.timedelta | None = None,
+    ) -> OutgoingDirective:
         expires = issued + (ttl or self.settings.directive_ttl)
         directive = Directive.model_validate(
             {
                 "issued": format_time(issued),
                 "expires": format_time(expires),
-                "device_id": device.id,
+                "device_id": device_id,
                 "sequence": sequence,
                 "action": action,
                 "bundle": bundle,
@@ -173,11 +230,12 @@ class DirectiveIssuer:
         )
         payload = sign_directive(directive, self.server_keys)
         return OutgoingDirective(
-            device_id=device.id,
-            topic=DeviceTopics(device.id).directive,
+            device_id=device_id,
+            topic=DeviceTopics(device_id).directive,
             payload=payload,
             sequence=sequence,
             action=action,
+            issued_at=issued,
             shadow=shadow,
             expires_at=directive.expires_at,
         )

@@ -9,6 +9,8 @@ stolen broker can withhold messages, never forge them). Invariants:
   in the database), so they keep increasing across replicas and restarts;
   a sequence consumed by a transaction whose publication then fails is simply
   skipped (devices need increasing, not contiguous, sequences);
+- after the broker link reconnects (`publish_again`), the next tick publishes a
+  new timestamp at once: a restarted broker forgot the retained one;
 - the timestamp is published after the transaction that took its sequence has
   committed, and it expires `fleet_timestamp_ttl` after issue, longer than the
   period, so a device always holds a valid one while the server is healthy.
@@ -111,6 +113,10 @@ class FleetTimestamper:
         self.last_sequence = sequence
         log.debug("published fleet timestamp %d", sequence)
         return True
+
+    def publish_again(self) -> None:
+        """Make the next tick publish (if this replica holds the lease), due or not."""
+        self.last_published = None
 
     def sign(self, sequence: int, issued: dt.datetime) -> bytes:
         """The signed fleet timestamp bytes for `sequence` issued at `issued`."""

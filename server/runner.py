@@ -4,8 +4,9 @@ Start order (each step can fail with one clear error line): the HTTP port is
 bound first (a port in use stops the start before anything else runs), then
 keys and trust root file, database (migrations applied), the stored trust roots
 reconciled with the file (`edgefleet.server.trustroots`), the embedded broker if
-asked for, the MQTT link (ingestion of status, heartbeats, telemetry and block
-requests; every stored trust root republished retained on each connect), the
+asked for (supervised: restarted when its process ends), the MQTT link (ingestion
+of status, heartbeats, telemetry and block requests; on each connect every stored
+trust root republished retained and a new fleet timestamp published), the
 background loops (rollout driver, fleet timestamp, trust roots stored by other
 replicas, retention, drift evaluator, and webhook delivery when a webhook URL is set)
 and finally the HTTP API in the foreground, serving on the socket bound first.
@@ -27,6 +28,7 @@ import gc
 import logging
 import signal
 import socket
+from collections.abc import Callable
 
 import uvicorn
 from fastapi import FastAPI
@@ -51,6 +53,7 @@ from edgefleet.server.mqtt.ingest import Ingestor
 from edgefleet.server.mqtt.link import ServerLink
 from edgefleet.server.mqtt.retention import run_retention
 from edgefleet.server.rollouts.driver import RolloutDriver
+from edgefleet.server.rollouts.resend import Returns
 from edgefleet.server.settings import ServerSettings
 from edgefleet.server.trustroots import open_trust_roots
 from edgefleet.server.webhooks.delivery import WebhookDeliverer
@@ -154,6 +157,7 @@ class FleetServer:
         self.ingest: Ingestor | None = None
         self.link: ServerLink | None = None
         self.workers: list[Worker] = []  # the background loops, in start order
+        self._timestamp_again: Callable[[], None] | None = None  # once the loops run
 
     def start(self) -> ServerContext:
         """Start the broker, the MQTT link and the background loops; return the API's context.
@@ -184,6 +188,7 @@ class FleetServer:
             settings.share_group,
             self._handle_message,
             retained=self.trust.retained_messages,
+            on_connect=self._link_connected,
             session_expiry_s=_session_expiry_s(settings),
             tls=TlsFiles(settings.mqtt_ca_file, settings.mqtt_cert_file, settings.mqtt_key_file),
         )
@@ -198,9 +203,14 @@ class FleetServer:
             device_keys=self.device_keys,
             ca=self.ca,
             crl=self.crl,
+            link=self.link,
+            broker=self.broker,
         )
         blocks = BlockService(self.bundles, self.db, context.publisher)
-        self.ingest = Ingestor(self.db, self.device_keys, settings, blocks=blocks.handle)
+        returns = Returns()
+        self.ingest = Ingestor(
+            self.db, self.device_keys, settings, blocks=blocks.handle, on_return=returns.add
+        )
         context.ingest = self.ingest
         self.ingest.start()
         self.link.start()
@@ -213,14 +223,24 @@ class FleetServer:
                 "or run with --embedded-broker"
             )
         log.info("connected to the MQTT broker at %s as replica %s", where, settings.replica_id)
-        driver = RolloutDriver(self.db, issuer, context.publisher, settings)
+        link = self.link
+        driver = RolloutDriver(
+            self.db,
+            issuer,
+            context.publisher,
+            settings,
+            returns=returns,
+            connects=lambda: link.connects,
+        )
         timestamper = FleetTimestamper(
             self.db, [self.server_key], self.trust.current.version, context.publisher, settings
         )
         self.trust.add_listener(functools.partial(_name_in_timestamps, timestamper))
+        timestamps = timestamp_worker(timestamper)
+        self._timestamp_again = functools.partial(_publish_timestamp_again, timestamper, timestamps)
         self.workers = [
             driver_worker(driver, settings.driver_interval_s),
-            timestamp_worker(timestamper),
+            timestamps,
             Worker(
                 "edgefleet-trust-roots",
                 self.trust.refresh,
@@ -234,6 +254,11 @@ class FleetServer:
         for worker in self.workers:
             worker.start()
         return context
+
+    def _link_connected(self) -> None:
+        """The link (re)connected: a restarted broker forgot the retained fleet timestamp."""
+        if self._timestamp_again is not None:
+            self._timestamp_again()
 
     def _handle_message(self, topic: str, payload: bytes) -> None:
         assert self.ingest is not None  # set before the link starts
@@ -252,6 +277,11 @@ class FleetServer:
         if self.deliverer is not None:
             self.deliverer.close()
         self.db.dispose()
+
+
+def _publish_timestamp_again(timestamper: FleetTimestamper, worker: Worker) -> None:
+    timestamper.publish_again()
+    worker.wake()
 
 
 def _name_in_timestamps(timestamper: FleetTimestamper, root: TrustRoot) -> None:

@@ -43,6 +43,8 @@ class ServerSettings:
     mqtt_ca_file: Path | None = None
     mqtt_cert_file: Path | None = None
     mqtt_key_file: Path | None = None
+    # GET /api/v1/health answers 503 once the MQTT link has been down this long.
+    mqtt_down_grace_s: float = 10.0
     host: str = "127.0.0.1"
     port: int = 8080
     # Base URL devices download bundles from (directive HTTP sources); default http://host:port.

@@ -42,7 +42,7 @@ COMMANDS: dict[str, _LazyCommand] = {
     ),
     "broker": _LazyCommand(
         "edgefleet.cli.broker:broker",
-        "Write a locked-down mosquitto configuration for the fleet.",
+        "Write a locked-down mosquitto configuration; check a broker for the fleet.",
         None,
     ),
     "agent": _LazyCommand(

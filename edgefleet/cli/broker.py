@@ -1,8 +1,10 @@
-"""`edgefleet broker config`: a locked-down mosquitto configuration, with its certificates."""
+"""`edgefleet broker config`: a locked-down mosquitto configuration, with its certificates;
+`edgefleet broker check`: whether a broker holds what edgefleet relies on."""
 
 from __future__ import annotations
 
 import getpass
+import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,13 +25,15 @@ from edgefleet.brokerconf import (
     server_identity,
     server_identity_files,
 )
+from edgefleet.cli.errors import MissingExtraError
 from edgefleet.errors import UsageError
+from edgefleet.extras import install_hint
 from edgefleet.fileio import atomic_write_bytes
 
 
 @click.group()
 def broker() -> None:
-    """The fleet's MQTT broker (mosquitto): its locked-down configuration."""
+    """The fleet's MQTT broker: a locked-down mosquitto configuration; check any broker."""
 
 
 @broker.command("config")
@@ -127,3 +131,81 @@ def config_command(
         out_dir / CONF_FILE, mosquitto_conf(out_dir, port, getpass.getuser()).encode(), mode=0o644
     )
     click.echo(f"wrote {out_dir / CONF_FILE}: run mosquitto -c {(out_dir / CONF_FILE).resolve()}")
+
+
+@broker.command("check")
+@click.argument("url")
+@click.option(
+    "--ca",
+    "ca_file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="For mqtts://: the CA the broker's certificate is checked against [default: the "
+    "system's].",
+)
+@click.option(
+    "--cert",
+    "cert_files",
+    multiple=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="For mqtts://: a client certificate (repeatable, each with its --key). On the "
+    "locked-down broker pass server identities (OUT/server-NAME.crt): a device's may use "
+    "only its own topics; and pass two, since that broker names each connection after "
+    "its certificate and a second connection with the same one closes the first.",
+)
+@click.option(
+    "--key",
+    "key_files",
+    multiple=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="The key of each --cert, in the same order.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.5),
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for each answer of the broker.",
+)
+def check_command(
+    url: str,
+    ca_file: Path | None,
+    cert_files: Sequence[Path],
+    key_files: Sequence[Path],
+    timeout: float,
+) -> None:
+    """Check that the MQTT broker at URL (mqtt:// or mqtts://) holds what edgefleet relies on.
+
+    \b
+    mqtt5                 an MQTT 5 connection
+    queued-qos1           QoS 1 messages queued for an offline persistent session
+    shared-subscriptions  one share group per message kind, spread over members
+    last-will             the Will of a connection dropped without DISCONNECT
+    retained              retained messages, and clearing them
+    session-expiry        a session kept within its expiry interval, gone after it
+    payload-sizes         the largest block message and the largest device message
+
+    Prints one PASS or FAIL line per check. Topics are under
+    edgefleet/v1/broker-check/RUN/, which no server or device uses, so a production
+    broker may be checked. Exit status 0 when every check holds, 1 when one fails,
+    2 when the broker cannot be reached.
+    """
+    from edgefleet.brokercheck import BrokerCheckError, CheckTarget, Identity, run_checks
+
+    if len(cert_files) != len(key_files):
+        raise UsageError(
+            f"{len(cert_files)} --cert and {len(key_files)} --key: pass one --key after each --cert"
+        )
+    if importlib.util.find_spec("paho") is None:
+        raise MissingExtraError(
+            "`broker check` needs paho-mqtt, which the agent and the server have: "
+            + install_hint("agent")
+        )
+    identities = [Identity(cert, key) for cert, key in zip(cert_files, key_files, strict=True)]
+    target = CheckTarget(url, ca_file, identities, timeout)
+    results = run_checks(target, lambda result: click.echo(result.line))
+    failed = [result.name for result in results if not result.passed]
+    if failed:
+        raise BrokerCheckError(
+            f"{len(failed)} of {len(results)} checks failed ({', '.join(failed)}): this broker "
+            "lacks what edgefleet relies on, see the FAIL lines"
+        )

@@ -6,6 +6,12 @@
     edgefleet_mqtt_messages_refused_total{reason}          from the ingestion's counters
     edgefleet_mqtt_messages_published_total{kind}          through the context's publisher
     edgefleet_directives_published_total                   the `directive` kind of the above
+    edgefleet_mqtt_link_up                                 gauge: 1 while the MQTT link is connected
+    edgefleet_mqtt_link_state_since_seconds                gauge: when it became so (Unix time)
+    edgefleet_mqtt_link_connects_total                     connections made (the first included)
+    edgefleet_mqtt_link_losses_total                       connections lost
+    edgefleet_embedded_broker_restarts_total               the embedded broker started again
+                                                           after its process ended unasked
     edgefleet_devices{online}                              gauge, read from the database
     edgefleet_rollouts{state}                              gauge, read from the database
     edgefleet_open_alerts{kind}                            gauge: drift alerts not resolved
@@ -131,6 +137,37 @@ class ServerCollector(Collector):
             value=counts.get("directive", 0),
         )
         yield from (accepted, refused, published, directives)
+        yield from self._link()
+
+    def _link(self) -> Iterator[Metric]:
+        if self.context.link is not None:
+            link = self.context.link.status()
+            yield GaugeMetricFamily(
+                "edgefleet_mqtt_link_up",
+                "1 while this server's MQTT link is connected.",
+                value=int(link.connected),
+            )
+            yield GaugeMetricFamily(
+                "edgefleet_mqtt_link_state_since_seconds",
+                "When the MQTT link became connected, or was last seen up (Unix time).",
+                value=link.since,
+            )
+            yield CounterMetricFamily(
+                "edgefleet_mqtt_link_connects",
+                "Connections of the MQTT link made (the first included).",
+                value=link.connects,
+            )
+            yield CounterMetricFamily(
+                "edgefleet_mqtt_link_losses",
+                "Connections of the MQTT link lost.",
+                value=link.losses,
+            )
+        if self.context.broker is not None:
+            yield CounterMetricFamily(
+                "edgefleet_embedded_broker_restarts",
+                "Times the embedded broker was started again after its process ended unasked.",
+                value=self.context.broker.restarts,
+            )
 
     def _database(self) -> Iterator[Metric]:
         devices = GaugeMetricFamily(

@@ -21,6 +21,9 @@
   that does not, from an older agent, leaves them as they are);
 - a change of `Device.online` adds a `PresenceChange` row with the reason of
   the message that made it (none when the device's state did not change);
+- `write` returns the devices that came back: online after offline, or heard
+  from after `return_gap` (the server's `offline_after`) of silence; the rollout
+  side sends them their unanswered directives again (rollouts/resend.py);
 - every heartbeat is merged into its device's 1-minute `HeartbeatSample` slot
   (`edgefleet.server.history`), the same way as telemetry buckets;
 - a diagnostics answer is stored on the request it names
@@ -108,24 +111,34 @@ class BatchWriter:
     """Writes `IngestBatch`es; counts the status reports it drops as duplicates."""
 
     def __init__(
-        self, *, is_sqlite: bool, status_reports_kept: int, max_clock_ahead: dt.timedelta
+        self,
+        *,
+        is_sqlite: bool,
+        status_reports_kept: int,
+        max_clock_ahead: dt.timedelta,
+        return_gap: dt.timedelta,
     ) -> None:
         self._is_sqlite = is_sqlite
         self._reports_kept = status_reports_kept
         self._max_clock_ahead = max_clock_ahead
+        self._return_gap = return_gap
         self.duplicates = 0  # status reports at or below the stored sequence
 
-    def write(self, session: Session, batch: IngestBatch) -> None:
-        """Apply `batch` in `session` (the caller's unit of work).
+    def write(self, session: Session, batch: IngestBatch) -> set[str]:
+        """Apply `batch` in `session` (the caller's unit of work); returns the devices
+        that came back (see the module docstring).
 
         Raises:
             sqlalchemy errors, which `Database.session` turns into StorageError; the
             batch is left unchanged, so the caller can retry it.
         """
         devices = self._lock_devices(session, sorted(batch.devices))
+        returned: set[str] = set()
         for device_id, changes in batch.devices.items():
             device = devices.get(device_id)
             if device is not None:
+                if self._comes_back(device, changes):
+                    returned.add(device_id)
                 self._apply(session, device, changes)
         self._write_telemetry(session, batch.telemetry, devices)
         for device_id, report, received_at in batch.diagnostics:
@@ -141,6 +154,17 @@ class BatchWriter:
             session,
             {key: slot for key, slot in batch.heartbeat_slots.items() if key[0] in devices},
             lock=not self._is_sqlite,
+        )
+        return returned
+
+    def _comes_back(self, device: Device, update: DeviceUpdate) -> bool:
+        """Whether `update` brings `device` back: online after offline, or after silence."""
+        if update.online and not device.online:
+            return True
+        return (
+            update.last_seen is not None
+            and device.last_seen is not None
+            and update.last_seen - device.last_seen >= self._return_gap
         )
 
     def _lock_devices(self, session: Session, ids: list[str]) -> dict[str, Device]:

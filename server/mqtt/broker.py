@@ -20,6 +20,12 @@ join the server's shared subscriptions and overwrite the retained fleet
 topics. A fleet beyond one machine uses mosquitto with the configuration
 `edgefleet broker config` writes (TLS, client certificates, per-device ACLs).
 
+Supervised: a thread watches the child; when it ends unasked (killed, crashed)
+it is reaped at once (no zombie), the end is logged in one line, and a new
+child is started on the same port after a backoff (`RESTART_BACKOFF`, reset
+once a child ran `STABLE_AFTER_S`); `restarts` counts them. The server's link
+reconnects by itself and publishes its retained messages again.
+
 Limits (why mosquitto, EMQX or another clustered broker is the choice for a
 real fleet): sessions, queued messages and retained messages live in memory
 only, so a broker restart forgets them; there is no MQTT 3.1.1 listener on the
@@ -29,10 +35,15 @@ same port (agents must use `protocol = "5"`, their default).
 from __future__ import annotations
 
 import ipaddress
+import logging
+import random
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edgefleet.backoff import Backoff
 from edgefleet.brokerconf import MAX_PACKET_BYTES
 from edgefleet.errors import UsageError
 from edgefleet.extras import install_hint
@@ -40,6 +51,12 @@ from edgefleet.server.errors import BrokerError
 
 if TYPE_CHECKING:
     from iotcore import Broker
+
+log = logging.getLogger(__name__)
+
+RESTART_BACKOFF = Backoff(initial=0.5, maximum=30.0)
+STABLE_AFTER_S = 60.0  # a child that ran this long restarts the backoff from its start
+WATCH_INTERVAL_S = 0.2  # how often the supervisor looks at the child
 
 # Largest device message plus the topic and MQTT framing; rumqttd's default (20 KiB)
 # would cut off telemetry windows and block data.
@@ -91,18 +108,31 @@ next_connection_delay_ms = 1
 
 
 class EmbeddedBroker:
-    """An iotcore (rumqttd) broker in a child process, listening on host:port (loopback)."""
+    """An iotcore (rumqttd) broker in a supervised child process, listening on host:port
+    (loopback)."""
 
     def __init__(
-        self, port: int, host: str = "127.0.0.1", *, config_dir: Path | None = None
+        self,
+        port: int,
+        host: str = "127.0.0.1",
+        *,
+        config_dir: Path | None = None,
+        backoff: Backoff = RESTART_BACKOFF,
+        rng: random.Random | None = None,
     ) -> None:
         """Raises: UsageError when `host` is not a loopback address (`check_loopback`)."""
         check_loopback(host)
         self.host = host
         self.port = port
+        self.restarts = 0  # children started again after one ended unasked
         self._config_dir = config_dir
+        self._backoff = backoff
+        self._rng = rng or random.Random()
         self._tempdir: tempfile.TemporaryDirectory[str] | None = None
         self._broker: Broker | None = None
+        self._lock = threading.Lock()  # start, restart and stop, one at a time
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -110,10 +140,11 @@ class EmbeddedBroker:
 
     @property
     def is_running(self) -> bool:
-        return self._broker is not None and self._broker.is_running
+        broker = self._broker
+        return broker is not None and broker.is_running
 
     def start(self, timeout: float = 10.0) -> None:
-        """Start the broker and return once it accepts connections.
+        """Start the broker, return once it accepts connections, and supervise it.
 
         Raises:
             BrokerError: iotcore is not installed, the port is taken, or the
@@ -143,13 +174,64 @@ class EmbeddedBroker:
                 f"cannot start the embedded broker on {self.host}:{self.port}: {exc}"
             ) from exc
         self._broker = broker
+        self._stopping.clear()
+        self._supervisor = threading.Thread(
+            target=self._supervise,
+            args=(broker, timeout),
+            name="edgefleet-broker-supervisor",
+            daemon=True,
+        )
+        self._supervisor.start()
 
     def stop(self) -> None:
         """Stop the broker (its sessions and retained messages are forgotten). Idempotent."""
-        broker, self._broker = self._broker, None
-        if broker is not None:
-            broker.stop()
+        self._stopping.set()
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None:
+            supervisor.join()
+        with self._lock:
+            broker, self._broker = self._broker, None
+            if broker is not None:
+                broker.stop()
         self._cleanup()
+
+    def _supervise(self, broker: Broker, timeout: float) -> None:
+        """Watch the child; reap and restart it (with backoff) whenever it ends unasked."""
+        retry = 0
+        started = time.monotonic()
+        while not self._stopping.wait(WATCH_INTERVAL_S):
+            if broker.is_running:  # polling the child also reaps it once it ended
+                continue
+            if time.monotonic() - started >= STABLE_AFTER_S:
+                retry = 0
+            delay = self._backoff.delay(retry, self._rng)
+            log.warning(
+                "the embedded MQTT broker on %s:%d ended unexpectedly; restarting it in %.1f s",
+                self.host,
+                self.port,
+                delay,
+            )
+            broker.stop()  # closes our end of its stdin pipe
+            retry += 1
+            while not self._stopping.wait(delay):
+                with self._lock:
+                    if self._stopping.is_set():
+                        return
+                    try:
+                        broker.start(timeout)
+                    except (OSError, RuntimeError) as exc:
+                        delay = self._backoff.delay(retry, self._rng)
+                        retry += 1
+                        log.warning(
+                            "cannot restart the embedded MQTT broker: %s; trying again in %.1f s",
+                            exc,
+                            delay,
+                        )
+                        continue
+                self.restarts += 1
+                started = time.monotonic()
+                log.info("embedded MQTT broker restarted (restart %d)", self.restarts)
+                break
 
     def _cleanup(self) -> None:
         if self._tempdir is not None:
@@ -166,6 +248,7 @@ class EmbeddedBroker:
 
 __all__ = [
     "MAX_PAYLOAD_BYTES",
+    "RESTART_BACKOFF",
     "BrokerError",
     "EmbeddedBroker",
     "broker_config",

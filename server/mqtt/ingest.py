@@ -29,6 +29,9 @@ batch in one unit of work (`batch.BatchWriter`: status deduplicated by
 sequence, telemetry merged into buckets, devices locked in id order).
 A batch that cannot be written stays queued and is retried at the next flush
 (at most `MAX_PENDING_BATCHES`, then the oldest is dropped and counted).
+The devices a written batch brought back (`BatchWriter.write`) are handed to
+`on_return` (the rollout side's `resend.Returns.add`, which only records them:
+ingestion never waits for directives to be sent).
 
 Deduplication of status reports: in memory, the highest sequence per device
 together with the key that signed it (a device removed and enrolled again with
@@ -104,8 +107,10 @@ class Ingestor:
         settings: ServerSettings,
         clock: Callable[[], dt.datetime] = utcnow,
         blocks: MessageHandler | None = None,
+        on_return: Callable[[set[str]], None] | None = None,
     ) -> None:
         self._db = db
+        self._on_return = on_return
         self._keys = keys
         self._settings = settings
         self._clock = clock
@@ -125,6 +130,7 @@ class Ingestor:
             is_sqlite=db.is_sqlite,
             status_reports_kept=settings.status_reports_kept,
             max_clock_ahead=settings.max_clock_ahead,
+            return_gap=settings.offline_after,
         )
         self._pending: collections.deque[IngestBatch] = collections.deque()
         self._order = 0
@@ -405,7 +411,9 @@ class Ingestor:
         for attempt in range(WRITE_ATTEMPTS):
             try:
                 with self._db.session() as session:
-                    self._writer.write(session, batch)
+                    returned = self._writer.write(session, batch)
+                if returned and self._on_return is not None:
+                    self._on_return(returned)
                 return True
             except StorageError as exc:
                 self.flush_failures += 1

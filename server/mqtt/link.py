@@ -26,6 +26,11 @@ this module adds what is the server's. What it guarantees:
 - on every (re)connect, whatever `retained()` lists is published again, retained
   (the fleet's trust roots: an embedded broker forgets retained messages when it
   restarts); publishing the same retained message twice changes nothing;
+- `status()` says whether the link is connected and since when (the connection's
+  start, or the last moment the previous one was seen up), with its connects and
+  losses: for the health check and the metrics; `on_connect` is called once per
+  connection, after the retained messages (the fleet timestamp is published
+  again from there);
 - `publish` is safe from any thread, implementing `Publisher`, and raises
   `PublishError` when the broker did not take the message: a QoS 1 message
   while the broker is away is kept and sent after the reconnect, a QoS 0 one
@@ -46,6 +51,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 from edgefleet.backoff import Backoff
 from edgefleet.errors import PublishError, UsageError
@@ -83,6 +89,16 @@ def kind_share_filter(share_group: str, kind: TopicKind) -> str:
     return shared_filter(f"{share_group}.{_suffix(kind)}", device_filter(kind))
 
 
+@dataclass(frozen=True)
+class LinkStatus:
+    """The link at one moment: `since` is a wall-clock time (seconds since the epoch)."""
+
+    connected: bool
+    since: float
+    connects: int
+    losses: int
+
+
 class ServerLink:
     """The replica's connection to the broker. `start`, `wait_connected`, ... `stop`."""
 
@@ -94,6 +110,7 @@ class ServerLink:
         handlers: Mapping[TopicKind, MessageHandler] | MessageHandler,
         *,
         retained: Callable[[], Sequence[tuple[str, bytes, int]]] | None = None,
+        on_connect: Callable[[], None] | None = None,
         session_expiry_s: int = 300,
         tls: TlsFiles | None = None,
         queue_size: int = 50_000,
@@ -128,7 +145,7 @@ class ServerLink:
                 url,
                 client_id,
                 on_message=self._on_message,
-                on_tick=self._republish if retained is not None else None,
+                on_tick=self._on_tick,
                 subscriptions=filters,
                 end_session_on_stop=True,  # a replica that stops leaves the group
                 session_expiry_s=session_expiry_s,
@@ -144,7 +161,9 @@ class ServerLink:
             raise InvalidRequestError(str(exc)) from exc
         self.filters = filters
         self._retained = retained
-        self._retained_on_connect = 0  # the connection whose retained messages were published
+        self._on_connect = on_connect
+        self._seen_connects = 0  # the connection `_on_tick` last saw begin
+        self._connected_since = self._last_seen_up = time.time()
         self.client_id = client_id
         self.received = 0
         self.handled = 0
@@ -225,17 +244,36 @@ class ServerLink:
 
     # -- network thread ----------------------------------------------------------------------
 
-    def _republish(self) -> None:
-        """Once per connection: publish the `retained` messages again."""
+    def status(self) -> LinkStatus:
+        """Connected or not, since when, and the connects and losses so far (any thread)."""
+        connected = self._session.is_ready
+        return LinkStatus(
+            connected=connected,
+            since=self._connected_since if connected else self._last_seen_up,
+            connects=self._session.connects,
+            losses=self._session.connection_losses,
+        )
+
+    def _on_tick(self) -> None:
+        """Each turn of a ready connection: note it; at its first, publish the `retained`
+        messages again and call `on_connect`."""
+        now = time.time()
+        self._last_seen_up = now
         connects = self._session.connects
-        if self._retained is None or connects == self._retained_on_connect:
+        if connects == self._seen_connects:
             return
-        self._retained_on_connect = connects
-        for topic, payload, qos in self._retained():
+        self._seen_connects = connects
+        self._connected_since = now
+        for topic, payload, qos in self._retained() if self._retained is not None else ():
             try:
                 self._session.publish(topic, payload, qos, retain=True)
             except PublishError as exc:  # the connection went meanwhile: the next one retries
                 log.warning("not republished: %s", exc)
+        if self._on_connect is not None:
+            try:
+                self._on_connect()
+            except Exception:
+                log.exception("the link's on_connect hook failed")
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         self.received += 1
@@ -326,4 +364,4 @@ def _shard(topic: str, shards: int) -> int:
     return hash(topic[start:end]) % shards
 
 
-__all__ = ["SHARED_KINDS", "ServerLink", "kind_share_filter"]
+__all__ = ["SHARED_KINDS", "LinkStatus", "ServerLink", "kind_share_filter"]

@@ -20,6 +20,10 @@ well under the lease TTL. A directive the broker did not take is undone in a
 second unit of work and sent next tick (publication.py). If the process dies
 between commit and publication, the devices stay notified without a
 directive; the timeout and retry path sends them another one.
+
+Before the rollouts, each tick sends unanswered directives again (resend.py):
+to the devices ingestion saw come back (`returns`), and to every online device
+once the broker link connected again (`connects`, the link's connection count).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from edgefleet.server.rollouts.machine import ACTIVE_STATES
 from edgefleet.server.rollouts.plan import plan_from_dict
 from edgefleet.server.rollouts.progress import reconcile
 from edgefleet.server.rollouts.publication import publish_directives
+from edgefleet.server.rollouts.resend import Returns, send_again, unanswered
 from edgefleet.server.rollouts.running import drive_running
 from edgefleet.server.rollouts.step import RolloutStep
 from edgefleet.server.settings import ServerSettings
@@ -65,6 +70,7 @@ class TickReport:
     driven: list[int] = field(default_factory=list)  # rollouts this replica held
     skipped: list[int] = field(default_factory=list)  # held by another replica
     published: int = 0
+    resent: int = 0  # unanswered directives sent again
     events: list[tuple[int, str]] = field(default_factory=list)  # (rollout id, event)
     # A rollout used all of this tick's directives: more are waiting, tick again at once.
     saturated: bool = False
@@ -80,12 +86,18 @@ class RolloutDriver:
         publisher: Publisher,
         settings: ServerSettings,
         clock: Callable[[], dt.datetime] = utcnow,
+        *,
+        returns: Returns | None = None,
+        connects: Callable[[], int] | None = None,
     ) -> None:
         self.db = db
         self.issuer = issuer
         self.publisher = publisher
         self.settings = settings
         self.clock = clock
+        self.returns = returns
+        self.connects = connects
+        self._connects_seen = 0
 
     def tick(self) -> TickReport:
         """Drive every active rollout once (each in its own unit of work).
@@ -97,6 +109,7 @@ class RolloutDriver:
             StorageError: the list of active rollouts could not be read.
         """
         report = TickReport()
+        report.resent = self._send_again()
         with self.db.session() as session:
             ids = list(
                 session.scalars(
@@ -111,6 +124,24 @@ class RolloutDriver:
             except Exception:  # a bug in one rollout must not stop the others
                 log.exception("rollout %d: tick failed", rollout_id)
         return report
+
+    def _send_again(self) -> int:
+        """Send unanswered directives again: to every online device after the broker link
+        connected again, else to the devices that came back. Returns how many went out."""
+        returned = self.returns.take() if self.returns is not None else set()
+        connects = self.connects() if self.connects is not None else self._connects_seen
+        reconnected = connects != self._connects_seen
+        if not returned and not reconnected:
+            return 0
+        try:
+            directives = unanswered(
+                self.db, self.issuer, self.clock(), None if reconnected else returned
+            )
+        except ServerError as exc:
+            log.warning("unanswered directives not sent again: %s", exc)
+            return 0
+        self._connects_seen = connects
+        return send_again(self.publisher, directives)
 
     def _drive(self, rollout_id: int, report: TickReport) -> None:
         now = self.clock()

@@ -10,6 +10,14 @@ back) or `refused` (the bundle or the rollback was refused, nothing changed on
 the device: its reason names the code, such as `below-security-floor`); every
 other state is on the way.
 
+A report can be lost (the server killed before it was ingested), so `reconcile`
+also settles a device from its newest heartbeat, which devices sign like their
+reports and which restates what the device serves and its install state: see
+`heartbeat_answer` for exactly what it must say. Both kinds of answer move the
+device through `_answer` and `_move`, and only while it still waits for one:
+a device settled by its heartbeat ignores the late report of the same outcome,
+so nothing is applied or counted twice.
+
 `unchecked_counts` counts the succeeded devices whose install committed
 without a health check under live traffic (the agent's reason says so).
 
@@ -31,6 +39,7 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
+from edgefleet.errors import MalformedDocumentError
 from edgefleet.server.db.models import (
     Alert,
     BundleRow,
@@ -51,6 +60,7 @@ from edgefleet.server.drift.evaluator import (
     PREDICTION_DRIFT,
 )
 from edgefleet.server.rollouts.gates import Drifting, StageCounts
+from edgefleet.timefmt import format_time, parse_time
 
 FINISHED = frozenset({DeviceState.SUCCEEDED, DeviceState.FAILED, DeviceState.TIMED_OUT})
 AWAITING_INSTALL = frozenset({DeviceState.NOTIFIED, DeviceState.INSTALLING})
@@ -75,7 +85,8 @@ def reconcile(session: Session, rollout: Rollout, now: dt.datetime) -> int:
 
     notified/installing -> succeeded (committed: the agent's note kept), failed
     (failed: reason kept), or installing (any other state); rolling_back ->
-    rolled_back (committed) or failed (the rollback failed).
+    rolled_back (committed) or failed (the rollback failed). Status reports
+    first, then the heartbeats of the devices still waiting (`heartbeat_answer`).
     """
     watched = [DeviceState.NOTIFIED, DeviceState.INSTALLING, DeviceState.ROLLING_BACK]
     rows = session.execute(
@@ -98,16 +109,69 @@ def reconcile(session: Session, rollout: Rollout, now: dt.datetime) -> int:
     newest: dict[str, tuple[RolloutDevice, str, str | None, dt.datetime]] = {}
     for rd, state, reason, received in rows:
         newest[rd.device_id] = (rd, state, reason, received)  # ordered: the last one wins
-    moved = 0
-    for rd, agent_state, reason, received in newest.values():
-        target, why = _answer(rd.state, agent_state, reason)
-        if target is None or (target is rd.state and why == rd.reason):
-            continue
-        rd.state = target
-        rd.reason = why
-        rd.updated_at = min(received, now)
-        moved += 1
+    moved = sum(
+        _move(rd, agent_state, reason, min(received, now))
+        for rd, agent_state, reason, received in newest.values()
+    )
+    bundle = session.get(BundleRow, rollout.bundle_id)
+    assert bundle is not None  # a foreign key
+    restated = session.execute(
+        select(RolloutDevice, Device.heartbeat)
+        .join(Device, Device.id == RolloutDevice.device_id)
+        .where(
+            RolloutDevice.rollout_id == rollout.id,
+            RolloutDevice.state.in_(watched),
+            RolloutDevice.shadow.is_(False),
+            Device.heartbeat.is_not(None),
+        )
+    ).all()
+    for rd, heartbeat in restated:
+        answer = heartbeat_answer(rd, bundle, heartbeat)
+        if answer is not None:
+            moved += _move(rd, answer[0], answer[1], now)
     return moved
+
+
+def heartbeat_answer(
+    rd: RolloutDevice, bundle: BundleRow, heartbeat: dict[str, Any] | None
+) -> tuple[str, str] | None:
+    """The answer (agent state, reason) the device's newest heartbeat gives `rd`'s directive.
+
+    A heartbeat answers when it was sent (`sent_at`, whole seconds) at or after
+    the directive was issued (`notified_at`), its install state is `committed`,
+    and it serves, for an install, the rollout's bundle (name and version), or for
+    a rollback, the bundle's name at the version rolled back to. That is what the
+    lost `committed` report would have said: a device that already served the
+    version commits an install at once, and one that never took the bundle keeps
+    what it serves on a rollback. A shadow install leaves the served version
+    alone, so shadow devices are settled by their reports only. A heartbeat does
+    not say which bundle a `failed` state is about, so failures are not settled
+    from it.
+    """
+    if not heartbeat or rd.notified_at is None or heartbeat.get("install_state") != "committed":
+        return None
+    try:
+        sent_at = parse_time(str(heartbeat.get("sent_at")))
+    except MalformedDocumentError:
+        return None
+    if sent_at < rd.notified_at.replace(microsecond=0):
+        return None
+    served = (heartbeat.get("model_name"), heartbeat.get("model_version"))
+    wanted = rd.previous_version if rd.state is DeviceState.ROLLING_BACK else bundle.version
+    if wanted is None or served != (bundle.name, wanted):
+        return None
+    return "committed", f"the heartbeat of {format_time(sent_at)} restates {bundle.name}@{wanted}"
+
+
+def _move(rd: RolloutDevice, agent_state: str, reason: str | None, at: dt.datetime) -> int:
+    """Move `rd` as the agent's answer leads (see `_answer`); 1 if it moved, else 0."""
+    target, why = _answer(rd.state, agent_state, reason)
+    if target is None or (target is rd.state and why == rd.reason):
+        return 0
+    rd.state = target
+    rd.reason = why
+    rd.updated_at = at
+    return 1
 
 
 def _answer(
@@ -387,6 +451,7 @@ __all__ = [
     "AWAITING_INSTALL",
     "FINISHED",
     "DeviceState",
+    "heartbeat_answer",
     "latency_percentile",
     "merge_latency",
     "reconcile",

@@ -77,9 +77,13 @@ class RolloutStep:
         state: DeviceState,
         reason: str | None,
     ) -> None:
-        """Record `directive` as `rd`'s latest, move `rd` to `state`, queue the directive."""
+        """Record `directive` as `rd`'s latest, move `rd` to `state`, queue the directive.
+
+        `notified_at` is the directive's issued time: with the sequence it is all
+        `DirectiveIssuer.resign` needs to rebuild the same bytes.
+        """
         rd.directive_sequence = directive.sequence
-        rd.notified_at = self.now
+        rd.notified_at = directive.issued_at
         self.set_state(rd, state, reason)
         self.outgoing.append(directive)
         self.room -= 1

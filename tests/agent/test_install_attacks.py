@@ -400,3 +400,9 @@ def test_profile_that_does_not_run_the_bundles_runtime_is_incompatible() -> None
     with pytest.raises(CompatibilityError, match="profile armv7-tflite does not run"):
         check_runtime("model.onnx", "armv7-tflite", Host())
     assert check_runtime("model.tflite", "armv7-tflite", Host()) == "ai_edge_litert"
+
+
+@pytest.mark.parametrize("profile", ["x86_64-avx2", "x86_64-vnni", "aarch64"])
+def test_profiles_that_run_both_runtimes_take_either_model(profile: str) -> None:
+    assert check_runtime("model.onnx", profile, Host()) == "onnxruntime"
+    assert check_runtime("model.tflite", profile, Host()) == "ai_edge_litert"

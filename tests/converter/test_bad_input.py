@@ -137,7 +137,11 @@ def test_unknown_target_refused(mlp: Case, assert_refused: Refused) -> None:
 
 def test_onnx_model_for_tflite_only_target_refused(mlp: Case, assert_refused: Refused) -> None:
     assert_refused(
-        mlp.model, mlp.calibration, errors.UnsupportedOperatorError, target="armv7-tflite"
+        mlp.model,
+        mlp.calibration,
+        errors.RuntimeNotOnTargetError,
+        target="armv7-tflite",
+        match="needs onnxruntime, and target armv7-tflite runs tflite only",
     )
 
 

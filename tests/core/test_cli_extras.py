@@ -79,6 +79,7 @@ def plausible_args(work: Path, free_port: int) -> dict[str, list[str]]:
             "-o",
             str(work / "broker"),
         ],
+        "broker check": ["broker", "check", f"mqtt://127.0.0.1:{free_port}", "--timeout", "2"],
         "agent init": [
             "agent",
             "init",

@@ -112,6 +112,27 @@ def test_a_foreign_error_is_logged_counted_reported_and_survived(
     assert "edgefleet-test failed" in record.getMessage()
 
 
+def test_the_same_failure_again_is_logged_in_full_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A database that stays unreadable: one traceback, not one per step.
+    unreadable = [OSError("database disk image is malformed") for _ in range(5)]
+    failing_disk = [OSError("disk I/O error") for _ in range(2)]
+    steps = Steps(*unreadable, *failing_disk)
+    worker = Worker("edgefleet-test", steps, 0.01)
+    with caplog.at_level(logging.INFO, logger="edgefleet.worker"):
+        worker.start()
+        assert steps.wait_for(8)
+        assert wait_until(lambda: worker.healthy)
+        worker.stop()
+    assert worker.failures == 7
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert [r.exc_info[1] for r in errors if r.exc_info] == [unreadable[0], failing_disk[0]]
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == [
+        "edgefleet-test works again"
+    ]
+
+
 def test_a_failing_step_is_not_run_again_before_its_interval_however_often_woken() -> None:
     steps = Steps(*[OSError("broken")] * 100)
     worker = Worker("edgefleet-test", steps, LONG)

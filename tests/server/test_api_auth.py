@@ -91,7 +91,12 @@ def test_only_admin_manages_tokens_and_reads_the_audit_log(api: Api) -> None:
 
 
 def test_public_routes_need_no_token(api: Api) -> None:
-    assert api.get("/health", None).json() == {"status": "ok", "database": "ok"}
+    assert api.get("/health", None).json() == {
+        "status": "ok",
+        "database": "ok",
+        "mqtt": None,
+        "reason": None,
+    }
     assert api.client.get("/metrics").status_code == 200
     assert_error(api.get("/blobs/" + "0" * 64, None), 404, "not-found")
 

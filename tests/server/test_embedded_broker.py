@@ -5,25 +5,29 @@ a real `edgefleet agent run` connects to it, enrolls itself over HTTP (open
 enrollment), signs its reports, and installs a real signed bundle that a
 rollout sends it. Killing the agent (SIGKILL: no goodbye) makes the broker
 publish the agent's Last Will, and the device shows offline in
-GET /api/v1/devices.
+GET /api/v1/devices. Killing the broker's own process (SIGKILL) leaves no zombie:
+the server restarts it, reconnects, and a device gets the fleet timestamp again.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from edgefleet.mqtt import fleet_timestamp_topic
 from edgefleet.server.db.migrate import open_database
 from edgefleet.server.principals import Role
 from edgefleet.server.settings import sqlite_url
 from edgefleet.server.tokens import create_api_token
 from edgefleet.trust import TrustRoot
-from tests.agent.broker import free_port, unique_device_id
+from tests.agent.broker import Observer, free_port, unique_device_id
 from tests.agent.power_loss_driver import Bundles, prepare_bundles
 from tests.conftest import KeySet
 from tests.server.serverproc import (
@@ -127,3 +131,59 @@ def test_agent_on_the_embedded_broker_enrolls_installs_and_goes_offline(
     # SIGTERM (how systemd stops it) runs the whole shutdown: the last batch is written.
     assert server.process.returncode == 0, log
     assert "stopping" in log, log
+
+
+def children(pid: int) -> dict[int, str]:
+    """The child processes of `pid` (from any of its threads) and their states (Z: zombie)."""
+    found: dict[int, str] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            stat = Path(f"/proc/{child}/stat").read_text()
+            found[int(child)] = stat.rsplit(")", 1)[1].split()[0]
+    return found
+
+
+def test_a_killed_embedded_broker_is_reaped_restarted_and_the_fleet_timestamp_returns(
+    tmp_path: Path, keyset: KeySet, trust: TrustRoot
+) -> None:
+    trust_path, key_path = write_server_keys(tmp_path / "keys", trust, keyset)
+    mqtt_port = free_port()
+    server = ServerProcess.start(
+        tmp_path / "server.log", trust_path, key_path,
+        "--data", tmp_path / "data", "--embedded-broker", "--mqtt-port", str(mqtt_port),
+    )  # fmt: skip
+    device: Observer | None = None
+    try:
+        server.wait_healthy()
+        [broker_pid] = children(server.pid)
+        topic = fleet_timestamp_topic()
+        device = Observer(f"mqtt://127.0.0.1:{mqtt_port}", [topic])  # reconnects by itself
+        assert device.wait_for(lambda: len(device.on(topic)) == 1), server.log
+        first = device.on(topic)[0]
+
+        os.kill(broker_pid, signal.SIGKILL)
+        # Reaped (no <defunct> child), restarted, and the link back on the new broker.
+        assert wait_until(lambda: broker_pid not in children(server.pid), WAIT), server.log
+
+        def link_back() -> bool:
+            health = httpx.get(f"{server.url}/api/v1/health", timeout=5).json()
+            mqtt = health["mqtt"]
+            return bool(mqtt["state"] == "connected" and mqtt["broker_restarts"] == 1)
+
+        assert wait_until(link_back, WAIT), server.log
+        assert wait_until(lambda: len(children(server.pid)) == 1, WAIT), children(server.pid)
+        assert "Z" not in children(server.pid).values()
+        # The restarted broker forgot every retained message: the server published a new
+        # fleet timestamp on its reconnect, and the device (reconnected) receives it.
+        assert device.wait_for(lambda: len(device.on(topic)) >= 2, WAIT), server.log
+        assert device.on(topic)[-1] != first
+        assert server.metric("edgefleet_embedded_broker_restarts_total") == 1
+        assert server.metric("edgefleet_mqtt_link_losses_total") == 1
+        assert server.metric("edgefleet_mqtt_link_up") == 1
+    finally:
+        if device is not None:
+            device.close()
+        log = server.stop()
+    assert "Traceback" not in log, log
+    assert log.count("ended unexpectedly") == 1, log
+    assert server.process.returncode == 0, log

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import datetime as dt
+from typing import Literal
+
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from edgefleet.server.api.deps import ContextDep
-from edgefleet.server.api.schemas.health import Health
+from edgefleet.server.api.schemas.health import Health, MqttLinkHealth
+from edgefleet.server.context import BrokerView
 from edgefleet.server.errors import StorageError
+from edgefleet.server.mqtt.link import LinkStatus
+from edgefleet.timefmt import format_time
 from edgefleet.wire import API_PREFIX
 
 router = APIRouter(prefix=API_PREFIX, tags=["health"])
@@ -19,16 +25,48 @@ metrics_router = APIRouter(tags=["health"])
 @router.get(
     "/health",
     response_model=Health,
-    summary="Is the server up and its database reachable",
-    responses={503: {"model": Health, "description": "the database does not answer"}},
+    summary="Is the server up, its database reachable and its MQTT link connected",
+    responses={
+        503: {
+            "model": Health,
+            "description": "degraded: the database does not answer, or the MQTT link has "
+            "been down longer than mqtt_down_grace_s",
+        }
+    },
 )
 def health(context: ContextDep) -> JSONResponse:
+    reasons: list[str] = []
+    database: Literal["ok", "unreachable"] = "ok"
     try:
         with context.db.session() as session:
             session.execute(text("SELECT 1"))
     except StorageError:
-        return JSONResponse({"status": "degraded", "database": "unreachable"}, status_code=503)
-    return JSONResponse({"status": "ok", "database": "ok"})
+        database = "unreachable"
+        reasons.append("the database does not answer")
+    mqtt: MqttLinkHealth | None = None
+    if context.link is not None:
+        link = context.link.status()
+        mqtt = _link_health(link, context.broker)
+        down_s = context.clock().timestamp() - link.since
+        if not link.connected and down_s > context.settings.mqtt_down_grace_s:
+            reasons.append(f"the MQTT link has been down since {mqtt.since}")
+    answer = Health(
+        status="degraded" if reasons else "ok",
+        database=database,
+        mqtt=mqtt,
+        reason="; ".join(reasons) or None,
+    )
+    return JSONResponse(answer.model_dump(mode="json"), status_code=503 if reasons else 200)
+
+
+def _link_health(link: LinkStatus, broker: BrokerView | None) -> MqttLinkHealth:
+    return MqttLinkHealth(
+        state="connected" if link.connected else "disconnected",
+        since=format_time(dt.datetime.fromtimestamp(link.since, dt.timezone.utc)),
+        connects=link.connects,
+        losses=link.losses,
+        broker_restarts=broker.restarts if broker is not None else None,
+    )
 
 
 @metrics_router.get(
