@@ -1,5 +1,6 @@
 # The two commands of the README, and the checks CI runs.
-#   make demo   the end-to-end demo, in its own virtual environment (.venv-demo)
+#   make demo   the whole loop on this machine (`edgefleet demo`, docs/quickstart.md), in its own
+#               virtual environment (.venv-demo); DEMO_ARGS="--keep" keeps the fleet running
 #   make test   the test suite, in its own virtual environment (.venv-test)
 #   make lint   ruff, mypy and the import contracts (CI runs it after the tests)
 #   make dist   the wheel and the sdist in dist/ (what a device installs: docs/agent.md)
@@ -9,6 +10,7 @@ DEMO_VENV := .venv-demo
 TEST_VENV := .venv-test
 DIST_VENV := .venv-dist
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: demo test lint format typecheck bench dist clean
 
@@ -31,7 +33,7 @@ $(DIST_VENV)/.installed:
 
 demo: $(DEMO_VENV)/.installed
 	$(DEMO_VENV)/bin/python -m pip install --quiet --no-deps --force-reinstall .
-	PATH="$(CURDIR)/$(DEMO_VENV)/bin:$$PATH" bash demo/run.sh
+	$(DEMO_VENV)/bin/edgefleet demo $(DEMO_ARGS)
 
 test: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
@@ -71,4 +73,4 @@ dist: $(DIST_VENV)/.installed
 	$(DIST_VENV)/bin/python -m build --outdir dist .
 
 clean:
-	rm -rf $(DEMO_VENV) $(TEST_VENV) $(DIST_VENV) build dist demo-output
+	rm -rf $(DEMO_VENV) $(TEST_VENV) $(DIST_VENV) build dist

@@ -22,8 +22,9 @@ show in the below/above counts.
 
 Cost (goal: at most 3% of the inference time of the CNN fixture): a request
 hands one copy per tensor to the binning (edgefleet.agent.inference.bins,
-which also documents how large tensors are subsampled); every FLUSH_REQUESTS
-requests, and when a window closes, the values are binned in bulk.
+which also documents how large tensors are subsampled) and puts its latency in
+the ring of the live counters; every FLUSH_REQUESTS requests, and when a window
+closes, the values and the latencies are binned in bulk.
 With a `drift` (edgefleet.agent.reservoir.DeviceDrift), each closed window is
 judged on the device, and each request's inputs are offered to its reservoir
 (which keeps nothing unless capture is on and drift is flagged).
@@ -41,7 +42,6 @@ from __future__ import annotations
 import datetime as dt
 import math
 import threading
-from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -96,8 +96,12 @@ class _Window:
         self.inputs = tensor_bins(reference, outputs=False)
         self.outputs = tensor_bins(reference, outputs=True)
 
-    def flush(self) -> int:
-        """Bin what is pending; returns the input values outside the allowed range."""
+    def flush(self, bounds: np.ndarray, latencies: list[float]) -> int:
+        """Bin what is pending (`latencies`: the pending calls' latencies, the oldest first);
+        returns the input values outside the allowed range."""
+        slots = np.searchsorted(bounds, latencies, side="left")  # as bisect_left
+        for slot, count in enumerate(np.bincount(slots, minlength=len(self.latency)).tolist()):
+            self.latency[slot] += count
         self.pending = 0
         outside = sum(bins.flush() for bins in self.inputs)
         for bins in self.outputs:
@@ -134,6 +138,7 @@ class TelemetryRecorder:
         self.drift = drift  # the device's own drift check (and reservoir), fed here
         self.window_seconds = window_seconds  # the period of the caller's `close_window` calls
         self.latency_bounds_ms = tuple(float(b) for b in latency_bounds_ms)
+        self._bounds = np.asarray(self.latency_bounds_ms, dtype=np.float64)
         self._lock = threading.Lock()
         self._window = _Window(
             now or utcnow(),
@@ -187,13 +192,11 @@ class TelemetryRecorder:
     ) -> None:
         """One answered call: its latency, chain step, and values."""
         latency = prediction.latency_ms
-        slot = bisect_left(self.latency_bounds_ms, latency)
         fallback = prediction.step != "primary"
         per_sample = latency / sample_count(inputs)
         with self._lock:
             window = self._window
             window.requests += 1
-            window.latency[slot] += 1
             ring = self._answered % LATENCY_RING
             self._latencies[ring] = latency
             self._sample_latencies[ring] = per_sample
@@ -209,7 +212,7 @@ class TelemetryRecorder:
                     bins.take(outputs.get(bins.tensor))
             window.pending += 1
             if window.pending >= FLUSH_REQUESTS:
-                self._out_of_range += window.flush()
+                self._flush(window)
         if self.drift is not None:
             self.drift.offer(inputs, (window.name, window.version))
 
@@ -280,9 +283,16 @@ class TelemetryRecorder:
             self.drift.observe(closed, reference)
         return closed
 
+    def _flush(self, window: _Window) -> None:
+        """Bin the running window's pending calls: their values and, from the latency ring
+        (which holds them: FLUSH_REQUESTS <= LATENCY_RING), their latencies."""
+        end = self._answered
+        latencies = [self._latencies[i % LATENCY_RING] for i in range(end - window.pending, end)]
+        self._out_of_range += window.flush(self._bounds, latencies)
+
     def _finish(self, window: _Window, now: dt.datetime) -> tuple[TelemetryWindow, dt.datetime]:
         assert window.name is not None and window.version is not None
-        self._out_of_range += window.flush()
+        self._flush(window)
         end = max(
             now.replace(microsecond=0),
             window.start.replace(microsecond=0) + dt.timedelta(seconds=1),

@@ -11,10 +11,13 @@ Which values form a feature depends on the reference the bundle carries
   feature's summary (`edgefleet.driftfeatures.sample_values`, the converter's
   own function: the value itself, a channel's mean and standard deviation, the
   top-1 class, the confidence); a tensor without a batch axis (a scalar, a
-  state) is one sample. `take` keeps a copy of the samples; the summaries are
-  computed in bulk, a few vectorized numpy reductions per tensor, when the
-  values are binned or once RAW_BYTES of samples wait (so a large image is
-  summarized every request or two, and memory stays bounded);
+  state) is one sample. `take` keeps a copy of the samples as bytes
+  (`tobytes`: numpy's cheapest copy, no array object built per request); the
+  summaries are computed in bulk, a few vectorized numpy reductions per tensor,
+  when the values are binned or once RAW_BYTES of samples wait (so a large
+  image is summarized every request or two, and memory stays bounded);
+  requests of one per-sample shape but different dtypes are stacked as numpy
+  promotes them;
 - drift-reference.json (`TensorBins`): pooled values along the reference's
   `feature_axes`, a rank-0 tensor (a scalar input) being one value.
 
@@ -75,6 +78,15 @@ def stride_for(per_sample: tuple[int, ...], axis: int | None, rows: int) -> int:
     while math.gcd(stride, width) != 1:
         stride += 1
     return stride
+
+
+class _Kept(NamedTuple):
+    """Requests of one tensor shape and dtype, kept as bytes until they are summarized."""
+
+    per_sample: tuple[int, ...]
+    samples: int  # per request
+    dtype: np.dtype[Any]
+    parts: list[bytes]
 
 
 class _Plan(NamedTuple):
@@ -227,44 +239,65 @@ class SummaryBins(FeatureBins):
             for summary in summaries
         ]
 
-        # Copies of the requests' samples not yet summarized, by per-sample shape.
-        self.raw: dict[tuple[int, ...], list[np.ndarray]] = {}
+        # The requests' values not yet summarized, as bytes, by tensor shape and dtype.
+        self.raw: dict[tuple[tuple[int, ...], str], _Kept] = {}
         self.raw_bytes = 0
-        # Per tensor shape and dtype seen: its per-sample shape, or None when it does not fit
-        # the layout (a few checks, but per request: cached).
-        self._fits: dict[tuple[tuple[int, ...], str], tuple[int, ...] | None] = {}
+        # Tensor shapes and dtypes seen that do not fit the layout (checked once: cached).
+        self._unfit: set[tuple[tuple[int, ...], str]] = set()
 
     def take(self, array: np.ndarray | None) -> None:
-        """Keep a copy of this request's samples; summarized in bulk (`flush`, or RAW_BYTES)."""
+        """Keep a copy of this request's values; summarized in bulk (`flush`, or RAW_BYTES).
+
+        The copy is `tobytes`, the cheapest copy numpy makes (no new array object);
+        the first request of each shape and dtype since the last summary is checked
+        against the layout, the others cost one dict lookup.
+        """
         if array is None:
             self.skipped += 1
             return
-        key = (array.shape, array.dtype.char)
-        if key not in self._fits:
-            if len(self._fits) >= MAX_PLANS:  # batch sizes vary: keep the cache small
-                self._fits.clear()
-            rows = as_samples(array, self.layout)
-            self._fits[key] = None if rows is None else rows.shape[1:]
-        per_sample = self._fits[key]
-        if per_sample is None:
-            self.skipped += 1
-            return
-        self.raw.setdefault(per_sample, []).append(array.copy())
+        key = (array.shape, array.dtype.str)
+        kept = self.raw.get(key)
+        if kept is None:
+            kept = self._start(key, array)
+            if kept is None:
+                self.skipped += 1
+                return
+        kept.parts.append(array.tobytes())
         self.raw_bytes += array.nbytes
         if self.raw_bytes >= RAW_BYTES:
             self._summarize()
 
+    def _start(self, key: tuple[tuple[int, ...], str], array: np.ndarray) -> _Kept | None:
+        if key in self._unfit:
+            return None
+        rows = as_samples(array, self.layout)
+        if rows is None:
+            if len(self._unfit) >= MAX_PLANS:  # batch sizes vary: keep the cache small
+                self._unfit.clear()
+            self._unfit.add(key)
+            return None
+        kept = self.raw[key] = _Kept(rows.shape[1:], len(rows), array.dtype, [])
+        return kept
+
     def _summarize(self) -> None:
         """Turn the kept samples into rows of feature values, one vectorized pass per shape."""
-        for parts in self.raw.values():
-            # Unbatched tensors are one sample each: stacking adds the sample axis.
-            stack = np.concatenate if self.layout.batched else np.stack
-            rows = stack(parts)
+        by_shape: dict[tuple[int, ...], list[_Kept]] = {}
+        for kept in self.raw.values():
+            by_shape.setdefault(kept.per_sample, []).append(kept)
+        for per_sample, group in by_shape.items():
+            rows = np.concatenate(  # dtypes as numpy promotes them
+                [
+                    np.frombuffer(b"".join(k.parts), k.dtype).reshape(
+                        (k.samples * len(k.parts), *per_sample)
+                    )
+                    for k in group
+                ]
+            )
             blocks = []
             for summary, columns in self.columns:
                 values = sample_values(rows, self.layout, summary)
                 if values is None or values.shape[1] <= columns.max():
-                    self.skipped += len(parts)
+                    self.skipped += sum(len(k.parts) for k in group)
                     break
                 blocks.append(values[:, columns])
             else:

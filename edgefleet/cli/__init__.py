@@ -78,6 +78,11 @@ COMMANDS: dict[str, _LazyCommand] = {
         "List drift alerts; acknowledge them.",
         "client",
     ),
+    "demo": _LazyCommand(
+        "edgefleet.demo.cli:demo",
+        "Show the whole loop on this machine: a fleet, traffic, rollouts, a bad version.",
+        "all",
+    ),
     "webhooks": _LazyCommand(
         "edgefleet.client.webhooks:webhooks",
         "Alert events sent to the server's webhook: list undelivered ones, retry.",
@@ -87,6 +92,11 @@ COMMANDS: dict[str, _LazyCommand] = {
         "edgefleet.client.samples:samples",
         "Raw inputs devices kept while drifting: list them, download one.",
         "client",
+    ),
+    "simulate": _LazyCommand(
+        "edgefleet.simulate.cli:simulate",
+        "Simulated devices speaking the real protocol, many per process (scale tests).",
+        "simulate",
     ),
     "convert": _LazyCommand(
         "edgefleet.converter.cli:convert_command",

@@ -518,3 +518,54 @@ def test_per_sample_features_count_inputs_as_they_were_when_recorded(bundles: Bu
     window = close(rec)
     assert window.inputs["image[0].mean"].above == 0  # a mean of 7.0 was never an input
     assert window.outputs["logits.confidence"].above == 0
+
+
+def test_images_of_mixed_dtypes_byte_orders_and_layouts_count_as_one_stack(
+    bundles: Bundles,
+) -> None:
+    ref = features_reference(bundles.cnn)
+    images = cnn_images(bundles)[:48]
+    parts = [
+        images[:8],  # float32, contiguous
+        images[8:16].astype(np.float64),  # another dtype, the same per-sample shape
+        images[16:24].astype(">f4"),  # another byte order
+        np.asfortranarray(images[24:32]),  # not C-contiguous
+        images[32:48][::2],  # a strided view
+        images[:1],  # a batch of another size
+    ]
+    rec = recorder(ref)
+    for part in parts:
+        rec.record(answer({}), {"image": part}, {})
+    rec.record(answer({}), {"image": images[:2, 0]}, {})  # no channel axis: skipped
+    window = close(rec)
+    layout = next(layout for layout in ref.tensors if layout.tensor == "image")
+    stacked = np.concatenate(parts)  # as numpy promotes the dtypes: float64
+    for feature in ref.inputs:
+        values = sample_values(stacked, layout, feature.summary)
+        assert values is not None
+        got = window.inputs[feature.name]
+        assert got_counts(got) == expected_counts(feature, values[:, feature.index or 0])
+        assert sum(got.counts) + got.below + got.above + got.nan == len(stacked)
+
+
+def test_latencies_are_bucketed_exactly_across_flushes_and_a_model_switch() -> None:
+    bounds = (1.0, 10.0)
+    rec = recorder(None, latency_bounds_ms=bounds)
+    out: dict[str, np.ndarray] = {}
+    first = [0.5, 1.0, 1.5, 10.0, 12.0] * (FLUSH_REQUESTS // 2)  # more than one flush
+    second = [9.0, 10.0, 10.5] * 3
+    for ms in first:
+        rec.record(answer(out, ms=ms), {}, out)
+    rec.set_model("digits", "2.0.0", None, now=T0 + dt.timedelta(seconds=5))
+    for ms in second:
+        rec.record(answer(out, ms=ms), {}, out)
+    switched, running = close(rec), close(rec, seconds=70)
+
+    def buckets(latencies: list[float]) -> list[int]:  # at or below each bound, then above
+        return [
+            sum(1 for ms in latencies if low < ms <= high)
+            for low, high in zip((-np.inf, *bounds), (*bounds, np.inf), strict=True)
+        ]
+
+    assert switched.bundle_version == "1.0.0" and switched.latency.counts == buckets(first)
+    assert running.bundle_version == "2.0.0" and running.latency.counts == buckets(second)

@@ -1,4 +1,8 @@
-"""A segmentation-style head ending in a sigmoid, built in the test session (nothing committed).
+"""A segmentation-style head ending in a sigmoid, built where it is used (nothing committed).
+
+The tests build it at SIZE x SIZE with CHANNELS channels; bench/convert_models.py
+also builds a larger one (`write_case(directory, size, channels)`), the same
+graph and weight recipe at a size where int8 speeds the convolutions up.
 
 Digits upsampled to 16x16 go through five convolutions, each followed by an
 activation: `stem` (fixed edge and blur filters), `features`, `mix`, `refine`
@@ -27,8 +31,8 @@ import numpy.typing as npt
 
 from tests.fixtures import datasets
 
-SIZE = 16
-CHANNELS = 32
+SIZE = 16  # image height and width, the tests' model
+CHANNELS = 32  # channels of every convolution after the stem
 CONTEXT_SCALE = 200.0
 # The two convolutions on either side of the activation that MinMax int8 ruins.
 SENSITIVE = ("features", "mix")
@@ -52,29 +56,33 @@ def _stem() -> Weights:
     return np.stack(filters)[:, np.newaxis]
 
 
-def _graph_weights(rng: np.random.Generator) -> dict[str, Weights]:
-    half = CHANNELS // 2
+def _graph_weights(rng: np.random.Generator, channels: int) -> dict[str, Weights]:
+    half = channels // 2
     stem = _stem()
-    features = rng.normal(0, 0.3, (CHANNELS, len(stem), 3, 3))
+    features = rng.normal(0, 0.3, (channels, len(stem), 3, 3))
     # Context channels: large, positive responses to the stroke and its blur.
     features[:half] = 0
     features[:half, :2] = CONTEXT_SCALE * np.abs(rng.normal(0, 0.1, (half, 2, 3, 3)))
-    mix = rng.normal(0, 0.5, (CHANNELS, CHANNELS, 1, 1))
+    mix = rng.normal(0, 0.5, (channels, channels, 1, 1))
     mix[:, :half] /= CONTEXT_SCALE  # the context channels count, at their own scale
     weights = {
         "stem.w": stem,
         "features.w": features,
         "mix.w": mix,
-        "refine.w": rng.normal(0, 0.3, (CHANNELS, CHANNELS, 3, 3)),
-        "head.w": rng.normal(0, 0.5, (1, CHANNELS, 1, 1)),
+        "refine.w": rng.normal(0, 0.3 * np.sqrt(CHANNELS / channels), (channels, channels, 3, 3)),
+        "head.w": rng.normal(0, 0.5, (1, channels, 1, 1)),
     }
     for name in ("features", "mix", "refine"):
-        weights[f"{name}.b"] = rng.normal(0, 0.1, CHANNELS)
+        weights[f"{name}.b"] = rng.normal(0, 0.1, channels)
     return {name: np.asarray(value, dtype=np.float32) for name, value in weights.items()}
 
 
 def _build(
-    weights: dict[str, Weights], head_scale: float, head_bias: float, output: str = "mask"
+    weights: dict[str, Weights],
+    size: int,
+    head_scale: float,
+    head_bias: float,
+    output: str = "mask",
 ) -> object:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -96,8 +104,8 @@ def _build(
     graph = helper.make_graph(
         nodes,
         "mask-head",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, SIZE, SIZE])],
-        [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch", 1, SIZE, SIZE])],
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, size, size])],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch", 1, size, size])],
         [numpy_helper.from_array(value, name) for name, value in initializers.items()],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -106,32 +114,32 @@ def _build(
     return model
 
 
-def write_model(path: Path) -> Path:
+def write_model(path: Path, size: int = SIZE, channels: int = CHANNELS) -> Path:
     """Draw the weights, scale the head on the training images, save the model."""
     import onnx
     import onnxruntime as ort
 
-    images, _ = datasets.digits_images(SIZE)
+    images, _ = datasets.digits_images(size)
     train = images[datasets.split(len(images)).train]
-    weights = _graph_weights(np.random.default_rng(0))
-    unscaled = _build(weights, 1.0, 0.0, output="logits")
+    weights = _graph_weights(np.random.default_rng(0), channels)
+    unscaled = _build(weights, size, 1.0, 0.0, output="logits")
     session = ort.InferenceSession(unscaled.SerializeToString())  # type: ignore[attr-defined]
     logits = session.run(["logits"], {"image": train})[0]
     # Logits of spread 3 around a centre one spread above the median: a sparse mask
     # whose edges carry the detail.
     scale = 3.0 / float(logits.std())
     bias = -scale * (float(np.median(logits)) + float(logits.std()))
-    onnx.save(_build(weights, scale, bias), str(path))  # type: ignore[arg-type]
+    onnx.save(_build(weights, size, scale, bias), str(path))  # type: ignore[arg-type]
     return path
 
 
-def write_case(directory: Path) -> MaskHeadCase:
+def write_case(directory: Path, size: int = SIZE, channels: int = CHANNELS) -> MaskHeadCase:
     """The model and its calibration and validation .npz (no labels: judged by fidelity)."""
     directory.mkdir(parents=True, exist_ok=True)
-    images, _ = datasets.digits_images(SIZE)
+    images, _ = datasets.digits_images(size)
     split = datasets.split(len(images))
     case = MaskHeadCase(
-        model=write_model(directory / "mask_head.onnx"),
+        model=write_model(directory / "mask_head.onnx", size, channels),
         calibration=directory / "calibration.npz",
         validation=directory / "validation.npz",
     )

@@ -80,6 +80,18 @@ def plausible_args(work: Path, free_port: int) -> dict[str, list[str]]:
             str(work / "broker"),
         ],
         "broker check": ["broker", "check", f"mqtt://127.0.0.1:{free_port}", "--timeout", "2"],
+        "demo": ["demo", "--agents", "1"],
+        "simulate": [
+            "simulate",
+            "--devices",
+            "1",
+            "--server",
+            f"http://127.0.0.1:{free_port}",
+            "--mqtt",
+            f"mqtt://127.0.0.1:{free_port}",
+            "--trust",
+            trust,
+        ],
         "agent init": [
             "agent",
             "init",
@@ -293,4 +305,6 @@ def test_every_command_ends_in_one_line_without_extras(
 
 @pytest.mark.slow
 def test_every_command_ends_in_one_line_with_every_extra(tmp_path: Path) -> None:
-    _check_every_command(sys.executable, {"agent", "server", "client", "converter"}, tmp_path)
+    _check_every_command(
+        sys.executable, {"agent", "server", "client", "converter", "simulate", "all"}, tmp_path
+    )

@@ -75,10 +75,16 @@ class ServerProcess:
 
     @classmethod
     def start(
-        cls, log_path: Path, trust_path: Path, key_path: Path, *args: str | Path
+        cls,
+        log_path: Path,
+        trust_path: Path,
+        key_path: Path,
+        *args: str | Path,
+        port: int | None = None,
     ) -> ServerProcess:
-        """Start a replica with `args` (--data, --db, --mqtt, ...) on a free HTTP port."""
-        port = free_port()
+        """Start a replica with `args` (--data, --db, --mqtt, ...) on `port` (a restart keeps
+        its predecessor's), else on a free HTTP port."""
+        port = port or free_port()
         command = [
             sys.executable, "-m", "edgefleet", "server", "run", "--port", str(port),
             "--trust", str(trust_path), "--server-key", str(key_path), *map(str, args),
