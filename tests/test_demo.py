@@ -33,6 +33,12 @@ def tmp_path() -> Iterator[Path]:
     shutil.rmtree(directory)
 
 
+def _as_in_a_terminal() -> None:
+    # A shell runs a foreground command with Ctrl-C's default action; a test run started
+    # in the background (`cmd &` in a script) would pass on SIGINT ignored instead.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def demo(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "edgefleet", "demo", "--agents", str(AGENTS), *args],
@@ -40,6 +46,7 @@ def demo(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, "TMPDIR": str(tmp_path), "NO_COLOR": "1"},
+        preexec_fn=_as_in_a_terminal,
     )
 
 
