@@ -56,6 +56,7 @@ from edgefleet.agent.errors import (
     EnrollmentRefusedError,
     ServerUnreachableError,
 )
+from edgefleet.agent.install.compat import RUNTIMES
 from edgefleet.agent.layout import PRIVATE_FILE, StateLayout
 from edgefleet.agent.tlsidentity import (
     TlsIdentityError,
@@ -76,11 +77,8 @@ from edgefleet.wire import API_PREFIX
 log = logging.getLogger(__name__)
 
 ENROLL_PATH = f"{API_PREFIX}/devices/enroll"
-# The runtimes a profile names, and the modules that provide each (as agent/install/compat.py).
-RUNTIME_MODULES: dict[str, tuple[str, ...]] = {
-    "onnxruntime": ("onnxruntime",),
-    "tflite": ("ai_edge_litert", "tflite_runtime"),
-}
+# The runtimes a profile names, and the modules that provide each.
+RUNTIME_MODULES: dict[str, tuple[str, ...]] = dict(RUNTIMES.values())
 MAX_ANSWER_BYTES = 1 << 20
 
 _cleartext_warned: set[str] = set()  # server URLs warned about (once per process)
