@@ -426,7 +426,9 @@ def status_command(config_path: Path, as_json: bool) -> None:
     status["enrolled_with"] = enrollment.server_url if enrollment else None
     if url is not None:
         status["model"] = call_json(url, "GET", "/v1/model")
-        status["drift"] = call_json(url, "GET", "/v1/health").get("drift")
+        health = call_json(url, "GET", "/v1/health")
+        status["drift"] = health.get("drift")
+        status["link"] = health.get("link")
     if as_json:
         echo_json(status)
         return
@@ -438,6 +440,8 @@ def status_command(config_path: Path, as_json: bool) -> None:
     else:
         click.echo(f"agent:           running at {url}")
     click.echo(f"enrolled with:   {status['enrolled_with'] or 'no fleet server'}")
+    if status.get("link"):
+        click.echo(f"broker link:     {status['link']}")
     if status.get("drift"):
         click.echo(f"drift:           {status['drift']}")
     _echo_status(status)

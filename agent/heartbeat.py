@@ -7,9 +7,12 @@ virtual machines do not).
 
 Beside the readings, a heartbeat carries what the agent knows of itself
 (`AgentReport`): its MQTT link's counters, the breaker of each fallback step,
-its trust root's version and whether it is frozen out (its newest fleet
-timestamp expired and no newer one arrived). Each is left out of the bytes
-when unknown, so servers that predate them accept the heartbeat.
+its trust root's version, whether it is frozen out (its newest fleet
+timestamp expired and no newer one arrived), and its answer to the last
+directive it rests after (`directive_answer`: what that directive's last
+status report said, read from state.json, so it survives a restart). Each is
+left out of the bytes when unknown, so servers that predate them accept the
+heartbeat.
 """
 
 from __future__ import annotations
@@ -20,8 +23,16 @@ from pathlib import Path
 
 from edgefleet import __version__
 from edgefleet.agent.inference.info import ModelInfo
+from edgefleet.agent.install.record import InstallRecord
+from edgefleet.agent.install.states import REFUSED, TERMINAL, State
 from edgefleet.agent.link import LinkCounters
-from edgefleet.mqtt.messages import MAX_PROBLEM_CHARS, BreakerReport, Heartbeat, LinkReport
+from edgefleet.mqtt.messages import (
+    MAX_PROBLEM_CHARS,
+    BreakerReport,
+    DirectiveAnswer,
+    Heartbeat,
+    LinkReport,
+)
 from edgefleet.timefmt import format_time, utcnow
 
 PROC = Path("/proc")
@@ -92,6 +103,19 @@ def breaker_reports(info: ModelInfo) -> list[BreakerReport]:
     ]
 
 
+def directive_answer(state: State, install: InstallRecord | None) -> DirectiveAnswer | None:
+    """The answer to the last directive, once the machine rests after it: the install state
+    and reason its last status report carried (`refused` for a refusal). None before any
+    directive, and while one is being carried out."""
+    if install is None or install.directive_sequence is None or state not in TERMINAL:
+        return None
+    return DirectiveAnswer(
+        sequence=install.directive_sequence,
+        install_state=REFUSED if install.refused is not None else state.value,
+        reason=install.reason[:2048] if install.reason else None,
+    )
+
+
 @dataclass(frozen=True)
 class AgentReport:
     """What the agent reports of itself in each heartbeat (None: not known, left out)."""
@@ -100,6 +124,7 @@ class AgentReport:
     breakers: list[BreakerReport] | None = None
     trust_root_version: int | None = None
     frozen_reason: str | None = None  # why it is frozen out; None: it is not
+    answered: DirectiveAnswer | None = None  # see `directive_answer`
 
 
 @dataclass
@@ -153,4 +178,5 @@ class HeartbeatSource:
             frozen_reason=(
                 None if report.frozen_reason is None else report.frozen_reason[:MAX_PROBLEM_CHARS]
             ),
+            answered=report.answered,
         )

@@ -31,7 +31,11 @@ What it guarantees (the connection itself is the core's `edgefleet.mqtt.session`
   offline until the next signed heartbeat;
 - reconnects with jittered exponential backoff (`edgefleet.backoff.Backoff`,
   bounded); TLS from `[mqtt]` ca_file, cert_file, key_file with `mqtts://`, and
-  credentials from the URL's `user:password@`.
+  credentials from the URL's `user:password@`;
+- `describe()` says whether the link is connected and, when not, the last
+  connection problem: a broker's refusal of the device's certificate is named
+  (`broker refused our certificate (revoked or expired?): ...`, with what to
+  do), not left as a lost connection (`agent status`, the log).
 
 Callbacks run in the session's network thread: keep them short, and persist
 what must survive (an accepted directive) before returning, because the PUBACK
@@ -107,6 +111,11 @@ log = logging.getLogger(__name__)
 PayloadHandler = Callable[[bytes], None]
 TrustRootHandler = Callable[[int, bytes], None]  # (the version its topic names, the document)
 LinkState = SessionState
+# What to do when the broker refuses the device's certificate (a removed device's is revoked).
+CERTIFICATE_ADVICE = (
+    "enroll the device again (edgefleet agent enroll) for a new certificate, or set "
+    "[mqtt] cert_file and key_file to one the broker accepts"
+)
 
 
 @dataclass
@@ -169,6 +178,7 @@ class AgentLink:
         self._device_key = device_key
         self._max_inflight = max_inflight
         self._counters = LinkCounters()
+        self._connection_problem: str | None = None  # the session's last problem
         self._counter_lock = threading.Lock()
         self._pump_lock = threading.Lock()
         self._inflight: dict[int, mqtt.MQTTMessageInfo] = {}  # outbox seq -> paho's handle
@@ -178,7 +188,7 @@ class AgentLink:
                 str(self.topics.device_id),
                 on_message=self._on_message,
                 on_tick=self._pump,
-                on_problem=self._problem,
+                on_problem=self._connection_trouble,
                 subscriptions=[
                     (self.topics.directive, TopicKind.DIRECTIVE.qos),
                     (fleet_timestamp_topic(), FLEET_TIMESTAMP_QOS),
@@ -197,6 +207,7 @@ class AgentLink:
                 connect_timeout_s=connect_timeout,
                 poll_s=poll_interval,
                 rng=rng,
+                certificate_advice=CERTIFICATE_ADVICE,
             )
         except UsageError as exc:  # a bad URL or TLS files: the configuration's fault
             raise ConfigError(str(exc)) from exc
@@ -419,6 +430,17 @@ class AgentLink:
     def _count(self, name: str) -> None:
         with self._counter_lock:
             setattr(self._counters, name, getattr(self._counters, name) + 1)
+
+    def describe(self) -> str:
+        """The link in words (`agent status`): connected, or not and the last problem."""
+        if self.is_connected:
+            return "connected"
+        problem = self._connection_problem
+        return "not connected" + (f": {problem}" if problem else "")
+
+    def _connection_trouble(self, text: str) -> None:
+        self._connection_problem = text
+        self._problem(text)
 
     def _problem(self, text: str) -> None:
         with self._counter_lock:

@@ -232,6 +232,7 @@ class LocalApi:
         uploads: Path,
         max_bundle_bytes: int,
         drift: Callable[[], str] | None = None,
+        link: Callable[[], str] | None = None,
         listener: socket.socket | None = None,
         unix_listener: socket.socket | None = None,
     ) -> None:
@@ -245,6 +246,7 @@ class LocalApi:
         self.predictor = predictor
         self.install, self.rollback, self.install_state = install, rollback, install_state
         self.drift = drift  # the device's own drift check: "ok", "drift on ...", "insufficient"
+        self.link = link  # the MQTT link in words: "connected", "not connected: why"
         self.uploads, self.max_bundle_bytes = uploads, max_bundle_bytes
         self._bearer = f"Bearer {token}".encode()
         api = self
@@ -421,6 +423,7 @@ class LocalApi:
                 "model": model,
                 "install_state": self.install_state(),
                 "drift": self.drift() if self.drift is not None else None,
+                "link": self.link() if self.link is not None else None,
             }
         if path == "/v1/model":
             return HTTPStatus.OK, self.predictor.model_info().as_dict()

@@ -36,6 +36,9 @@ nothing. A diagnostics directive goes the same way (its sequence is the
 device's directive sequence): the install worker answers it with the log
 lines a `LogRing` on the root logger kept in memory and `full_status()`
 (`edgefleet.agent.diagnostics`).
+A benchmark directive too; the install worker hands it to the benchmark
+worker, which measures the request's candidates in bounded child processes
+and sends the results (`edgefleet.agent.benchmark`).
 
 The main loop pets the systemd watchdog only while the install worker and the
 link live: if either has ended, systemd restarts the agent.
@@ -57,6 +60,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from edgefleet.agent.benchmark import BenchmarkRunner
 from edgefleet.agent.diagnostics import LogRing, diagnostics_answer, redact, system_figures
 from edgefleet.agent.enroll import (
     AutoEnroller,
@@ -66,7 +70,13 @@ from edgefleet.agent.enroll import (
     load_enrollment,
 )
 from edgefleet.agent.errors import InstallInProgressError
-from edgefleet.agent.heartbeat import AgentReport, HeartbeatSource, breaker_reports, link_report
+from edgefleet.agent.heartbeat import (
+    AgentReport,
+    HeartbeatSource,
+    breaker_reports,
+    directive_answer,
+    link_report,
+)
 from edgefleet.agent.inference import Predictor
 from edgefleet.agent.inference.info import ModelInfo
 from edgefleet.agent.install import Installer
@@ -105,6 +115,7 @@ log = logging.getLogger(__name__)
 TICK_SECONDS = 0.5
 INBOX_POLL_SECONDS = 2.0  # the install worker looks at inbox/ this often unless woken
 MAX_PENDING_TRUST_ROOTS = 16  # newer trust roots kept until the one before them is taken
+BENCHMARK_POLL_SECONDS = 60.0  # the benchmark worker's step, unless woken by a request
 RENEWAL_POLL_SECONDS = 60.0  # the certificate worker's step (it checks hourly, backs off)
 
 
@@ -209,12 +220,20 @@ class Agent:
             on_activated=self._reload,
             on_shadow=self._set_challenger,
             on_diagnostics=self._answer_diagnostics,
+            on_benchmark=self._take_benchmark,
         )
         self._trust_version = self.installer.trust.version
         self.heartbeats = HeartbeatSource(config.device_id, self.layout.root)
         self.install_worker = Worker("edgefleet-install", self._install_inbox, INBOX_POLL_SECONDS)
         self.upload_worker = self._sample_upload_worker()
         self.renewal_worker = self._certificate_renewal_worker()
+        self.benchmarks = self._benchmark_runner()
+        self.benchmark_worker: Worker | None = None
+        if self.benchmarks is not None:
+            self.benchmark_worker = Worker(
+                "edgefleet-benchmark", self.benchmarks.step, BENCHMARK_POLL_SECONDS
+            )
+            self.benchmarks.wake = self.benchmark_worker.wake
         self._watchdog_withheld = False
 
     def _load_device_key(self) -> DeviceKey | None:
@@ -247,6 +266,32 @@ class Agent:
             ssl_context=server_ssl_context(self.config),
         )
         return Worker("edgefleet-sample-upload", uploader.step, UPLOAD_POLL_SECONDS)
+
+    def _benchmark_runner(self) -> BenchmarkRunner | None:
+        """What measures benchmark requests: it needs a server_url and a device key."""
+        key, server_url = self.device_key, self.config.server_url
+        if key is None or server_url is None:
+            return None
+        return BenchmarkRunner(
+            self.config.device_id,
+            self.config.profile,
+            max(1, min(self.profile.threads, os.cpu_count() or 1)),
+            self.layout.root / "benchmarks",
+            server_url,
+            key,
+            lambda: self.installer.trust,
+            server_ssl_context(self.config),
+        )
+
+    def _take_benchmark(self, directive: Directive) -> None:
+        """The installer's `on_benchmark`: queue it for the benchmark worker."""
+        if self.benchmarks is None:
+            log.warning(
+                "benchmark request %d ignored: measuring needs a server_url and a device key",
+                directive.request_id,
+            )
+            return
+        self.benchmarks.submit(directive)
 
     def _certificate_renewal_worker(self) -> Worker | None:
         """The worker that renews the enrolled client certificate (or asks for the one an
@@ -464,6 +509,10 @@ class Agent:
             "system": system_figures(self.layout.root),
         }
 
+    def _describe_link(self) -> str:
+        link = self.link
+        return "none: this device runs offline" if link is None else link.describe()
+
     def install_upload(self, path: Path) -> dict[str, Any]:
         """Install a bundle the local API received into downloads/ (`LocalApi`)."""
         self.installer.install_upload(path)
@@ -492,11 +541,13 @@ class Agent:
     def report(self, info: ModelInfo | None) -> AgentReport:
         """What the next heartbeat says of the agent itself (`info`: the served model's)."""
         link = self.link
+        status = self.installer.status()
         return AgentReport(
             link=None if link is None else link_report(link.counters(), len(link.outbox)),
             breakers=breaker_reports(info) if info else None,
             trust_root_version=self._trust_version,
             frozen_reason=self._frozen_reason,
+            answered=directive_answer(status.state, status.install),
         )
 
     def _check_frozen_out(self) -> None:
@@ -565,6 +616,7 @@ class Agent:
                 uploads=self.layout.downloads,
                 max_bundle_bytes=self.config.limits.max_bundle_bytes,
                 drift=lambda: self.drift.status.describe(),
+                link=self._describe_link,
                 listener=listeners[0],
                 unix_listener=listeners[1],
             )
@@ -606,6 +658,8 @@ class Agent:
             self.upload_worker.start()
         if self.renewal_worker is not None:
             self.renewal_worker.start()
+        if self.benchmark_worker is not None:
+            self.benchmark_worker.start()
         notify("READY=1")
         watchdog = watchdog_interval_seconds()
         next_beat = next_pet = 0.0
@@ -636,6 +690,8 @@ class Agent:
                 self.upload_worker.stop(timeout=10)
             if self.renewal_worker is not None:
                 self.renewal_worker.stop(timeout=10)
+            if self.benchmark_worker is not None:
+                self.benchmark_worker.stop(timeout=10)
             if self.link is not None:
                 self.link.stop()
             self.predictor.close()

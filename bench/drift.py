@@ -1,10 +1,13 @@
 """Benchmark: drift verdicts from bin counts, against raw-sample tests and fixed cut-offs.
 
 Data that packages ship, nothing downloaded: scikit-learn's bundled data sets
-(breast_cancer, wine, digits, diabetes, iris; digits also as 8x8 images) and
-16x16 patches of scikit-image's bundled pictures. Each is split into fit (a
-model is trained on it: logistic regression for classes, ridge for diabetes),
-reference and held-out rows (20/40/40%). Features: every column with at least 5
+(breast_cancer, wine, digits, diabetes, iris; digits also as 8x8 images),
+16x16 patches of scikit-image's bundled pictures (IMAGES) and statsmodels'
+bundled survey data sets randhie (20,190 rows) and fair (6,366 rows; `survey`
+says what they are). Each is split into fit (a model is trained on it:
+logistic regression for classes, ridge for diabetes and randhie), reference
+and held-out rows (20/40/40%, fit and reference at most 2,000 rows each, the
+rest held out). Features: every column with at least 5
 distinct values and the model's outputs (top-1 class and confidence, or the
 prediction); for images the pooled pixels (32 per image, as a device subsamples
 a large tensor) and each image's mean and standard deviation.
@@ -25,8 +28,10 @@ Where the held-out rows are fewer than a window's samples, they are drawn with
 replacement, and the windows carry the held-out rows' chance difference as if
 it were a shift: the goals are judged on the data sets with enough held-out
 rows, and every data set is shown apart. Windows drawn from the same held-out
-rows overlap, so they are correlated: the calm rate's interval counts them as
-fewer independent windows (Kish's design effect, `effective_windows`).
+rows overlap, so they are correlated: the calm rate's interval is measured
+apart, on windows of disjoint rows (`calm_disjoint`: the held-out rows cut
+once into windows, each row in one window at most, at 100, 200, 500 samples
+and the sizes asked for), each an independent trial, reported per feature kind.
 
 The same windows are judged by scipy's two-sample KS test on the raw values
 (p < 0.05, as Evidently does), the textbook chi-square test on the same bins
@@ -37,7 +42,8 @@ windows a run: the first window cannot open one), `by 2` the share of runs
 whose alert opened within 2 windows, `delay` the median window it opened at.
 
 Goals (exit status 1 when one is missed): no shift: an alert open in <= 1% of
-feature-windows (upper end of the conservative 95% interval); a 0.3 sigma mean
+feature-windows, at each calm size (the upper end of the 95% interval,
+`Calm.open_bound`); a 0.3 sigma mean
 shift: an alert within 2 windows in >= 90% of runs; fewer false alarms than
 PSI > 0.2 and JS > 0.1 at equal or better detection, in every shift scenario
 and both ways: with our cut moved until we detect as much as the cut-off, we
@@ -53,6 +59,7 @@ other window sizes, on the same data sets (those with --window held-out rows).
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics as stats
 import sys
 import time
@@ -82,6 +89,10 @@ from edgefleet.driftstats import (
 from edgefleet.tables import format_columns
 
 FALSE_ALARM = 0.01
+MOST_ROWS = 2000
+CALM_SIZES = (100, 200, 500)  # the calm rate is measured at these and --window, --window-sizes
+# statsmodels' bundled data sets: the column the model predicts, and whether as classes.
+STATSMODELS_SETS = {"randhie": ("mdvis", False), "fair": ("affairs", True)}
 PATCH = 16
 POOLED_VALUES = 32
 IMAGES = [
@@ -95,6 +106,11 @@ IMAGES = [
     "brick",
     "astronaut",
     "coffee",
+    "chelsea",
+    "clock",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "rocket",
 ]
 METHODS = ["ours", "KS p<.05", "chi2 p<.05", "PSI>0.2", "JS>0.1"]
 FIXED_CUTOFFS = {"PSI>0.2": ("PSI", 0.2), "JS>0.1": ("JS", 0.1)}
@@ -117,18 +133,46 @@ class Group:
 
 
 def split(rows: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Fit 20%, reference 40%, held-out 40% of the rows, shuffled."""
+    """Fit 20%, reference 40%, held-out the rest of the rows, shuffled.
+
+    Fit and reference take at most MOST_ROWS rows each (a converter's
+    calibration and validation data), so that large data sets hold out more.
+    """
     order = rng.permutation(rows)
-    fit, reference = int(rows * 0.2), int(rows * 0.6)
+    fit = min(int(rows * 0.2), MOST_ROWS)
+    reference = fit + min(int(rows * 0.6) - int(rows * 0.2), MOST_ROWS)
     return order[:fit], order[fit:reference], order[reference:]
 
 
-def tabular(name: str, rng: np.random.Generator) -> Group:
+def scikit_learn(name: str, rng: np.random.Generator) -> Group:
+    """One of scikit-learn's bundled data sets (diabetes a regression, the others classes)."""
     loaded = getattr(datasets, f"load_{name}")()
     rows, targets = np.asarray(loaded.data, dtype=np.float64), np.asarray(loaded.target)
+    return tabular(name, rows, targets, name != "diabetes", rng)
+
+
+def survey(name: str, rng: np.random.Generator) -> Group:
+    """One of statsmodels' bundled survey data sets (STATSMODELS_SETS), offline.
+
+    randhie: 20,190 person-years of the RAND Health Insurance Experiment, the
+    number of doctor visits predicted (a regression); people were followed for
+    up to five years, so one person's rows can fall in both the reference and
+    the held-out rows. fair: 6,366 answers to a 1974 magazine survey, whether
+    the woman had an affair (classes); its own count of affairs is left out of
+    the inputs, as it gives the answer away.
+    """
+    target, classes = STATSMODELS_SETS[name]
+    frame = importlib.import_module(f"statsmodels.datasets.{name}").load_pandas().data
+    targets = np.asarray(frame[target], dtype=np.float64)
+    rows = np.asarray(frame.drop(columns=[target]), dtype=np.float64)
+    return tabular(name, rows, (targets > 0).astype(int) if classes else targets, classes, rng)
+
+
+def tabular(
+    name: str, rows: np.ndarray, targets: np.ndarray, classes: bool, rng: np.random.Generator
+) -> Group:
     fit, reference, held_out = split(len(rows), rng)
     columns = [j for j in range(rows.shape[1]) if np.unique(rows[reference, j]).size >= 5]
-    classes = name != "diabetes"
     model = make_pipeline(
         StandardScaler(), LogisticRegression(max_iter=2000) if classes else Ridge()
     )
@@ -315,6 +359,7 @@ class Tally:
     scores: dict[str, list[float]] = field(
         default_factory=lambda: {"ours": [], "PSI": [], "JS": []}
     )
+    where: list[str] = field(default_factory=list)  # per feature-window: data set and kind
 
     def merged(self, other: Tally) -> Tally:
         return Tally(
@@ -325,6 +370,7 @@ class Tally:
             opened_by_two=self.opened_by_two + other.opened_by_two,
             delays=self.delays + other.delays,
             scores={k: self.scores[k] + other.scores[k] for k in self.scores},
+            where=self.where + other.where,
         )
 
 
@@ -409,6 +455,58 @@ def matched(totals: dict[str, Tally]) -> tuple[list[list[object]], dict[str, lis
     return table, weaker
 
 
+def print_shortfall(totals: dict[str, Tally]) -> None:
+    """Where ours falls short of a fixed cut-off: per scenario, data set and feature kind.
+
+    Ours with its cut moved to the cut-off's calm rate (as in `matched`): the
+    feature-windows the cut-off flags and ours does not, and the other way
+    round; and the calm feature-windows of the same data set and kind that
+    each flags (ours with its cut moved until it detects as much as the
+    cut-off in the whole scenario).
+    """
+    calm = totals["no shift"]
+    table: list[list[object]] = [
+        [
+            "cut-off",
+            "scenario",
+            "data set: kind",
+            "windows",
+            "it only",
+            "ours only",
+            "calm: it",
+            "calm: ours at its detection",
+        ]
+    ]
+    for method, (score, limit) in FIXED_CUTOFFS.items():
+        ours_cut = cut_for(calm.scores["ours"], calm.flagged[method])
+        for name in matched(totals)[1][method]:
+            tally = totals[name]
+            detecting = cut_detecting(tally.scores["ours"], tally.flagged[method])
+            for where in sorted(set(tally.where)):
+                mine = [i for i, w in enumerate(tally.where) if w == where]
+                calm_mine = [i for i, w in enumerate(calm.where) if w == where]
+                theirs = {i for i in mine if tally.scores[score][i] > limit}
+                ours = {i for i in mine if tally.scores["ours"][i] > ours_cut}
+                calm_theirs = sum(calm.scores[score][i] > limit for i in calm_mine)
+                calm_ours = sum(calm.scores["ours"][i] > detecting for i in calm_mine)
+                if theirs != ours or calm_theirs != calm_ours:
+                    table.append(
+                        [
+                            method,
+                            name,
+                            where,
+                            len(mine),
+                            len(theirs - ours),
+                            len(ours - theirs),
+                            calm_theirs,
+                            calm_ours,
+                        ]
+                    )
+    if len(table) > 1:
+        print("Where ours falls short, per data set and feature kind (feature-windows):")
+        print(format_columns(table, rule=True))
+
+
 def changed(scenario: str, feature: str, unshifted: np.ndarray) -> bool:
     """Whether the scenario changes the feature at all (`unshifted`: its held-out values).
 
@@ -488,6 +586,7 @@ def run_group(
                 )
                 tally.scores["PSI"].append(verdict.psi)
                 tally.scores["JS"].append(verdict.js)
+                tally.where.append(f"{group.name}: {feature_kind(group, feature)}")
         tally.runs += len(judged)
         tally.opened_by_two += sum(1 for delay in opened_at.values() if delay <= 2)
         tally.delays += list(opened_at.values())
@@ -633,9 +732,9 @@ def main() -> int:
     rng = np.random.default_rng(args.seed)
     started = time.monotonic()
     groups = [
-        tabular(name, rng) for name in ("breast_cancer", "wine", "digits", "diabetes", "iris")
+        scikit_learn(name, rng) for name in ("breast_cancer", "wine", "digits", "diabetes", "iris")
     ]
-    groups += [digit_images(rng), patches(rng)]
+    groups += [digit_images(rng), patches(rng), *(survey(name, rng) for name in STATSMODELS_SETS)]
     calibrated = time.monotonic() - started
     print(
         f"{sum(len(g.references) for g in groups)} features in {len(groups)} data sets, "
@@ -698,6 +797,7 @@ def main() -> int:
         "cut-off moved to the calm rate our verdict shows."
     )
     print(format_columns(matched(totals)[0], rule=True))
+    print_shortfall(totals)
     by_size = {args.window: totals}
     chosen_names = ", ".join(group.name for group in chosen)
     for size in (size for size in args.window_sizes if size != args.window):
@@ -708,22 +808,21 @@ def main() -> int:
             f"for {', '.join(repeated) or 'none'}):"
         )
         print(format_columns(matched(by_size[size])[0], rule=True))
+        print_shortfall(by_size[size])
 
     calm = totals["no shift"]
-    effective = sum(
-        effective_windows(results["no shift"][group.name], len(group.held_out), args)
-        for group in groups
-        if group.name in fresh
-    )
-    low, high = conservative_interval(calm.open_windows / calm.windows, effective)
+    calm_sizes = sorted({*CALM_SIZES, args.window, *args.window_sizes})
     print(
-        f"\nno shift, after persistence: alert open in {percent(calm.open_windows, calm.windows)}% "
-        f"of {calm.windows} feature-windows, as informative as {effective:.0f} independent ones "
-        f"(95% interval {100 * low:.2f}..{100 * high:.2f}%); "
-        f"in one window: {percent(calm.flagged['ours'], calm.windows)}%"
+        f"\nno shift, overlapping windows as above: alert open in "
+        f"{percent(calm.open_windows, calm.windows)}% of {calm.windows} feature-windows, in one "
+        f"window {percent(calm.flagged['ours'], calm.windows)}%. Windows of disjoint held-out "
+        f"rows (each row in one window at most, so every window an independent trial; the "
+        f"features of a window counted as independent of each other), at "
+        f"{', '.join(map(str, calm_sizes))} samples, every data set whose held-out rows fill one:"
     )
+    calm_by_size = calm_table(groups, calm_sizes, rng)
     print(f"total {time.monotonic() - started:.0f} s")
-    return 0 if goals_met(by_size, args.window, high) else 1
+    return 0 if goals_met(by_size, args.window, calm_by_size) else 1
 
 
 def totals_at(
@@ -741,34 +840,129 @@ def totals_at(
     }
 
 
-def effective_windows(calm: Tally, held_out: int, args: argparse.Namespace) -> float:
-    """How many independent feature-windows the calm ones are worth (Kish's design effect).
+@dataclass
+class Calm:
+    """Feature-windows of disjoint held-out rows without shift: judged, drifted, alert open."""
 
-    A feature's windows are correlated: within a run, an open alert stays open
-    (taken as correlation 1), and windows of other runs share rows, as many as
-    `window / held_out` of a window's (taken as their correlation).
+    windows: int = 0
+    drifted: int = 0
+    open: int = 0
+
+    def merged(self, other: Calm) -> Calm:
+        return Calm(
+            self.windows + other.windows, self.drifted + other.drifted, self.open + other.open
+        )
+
+    def open_bound(self) -> float:
+        """The 95% upper bound of the share of windows with an alert open, in a long run.
+
+        An alert is open in a window only if that window or the one before
+        drifted (it opens on a second drifted window and closes on a second
+        calm one), so the share open is at most twice the share drifted. The
+        windows use disjoint rows, so each is an independent trial: the bound
+        is twice Clopper-Pearson's upper end for the share drifted.
+        """
+        if not self.windows:
+            return 1.0
+        return min(1.0, 2 * clopper_pearson(self.drifted, self.windows)[1])
+
+
+def feature_kind(group: Group, feature: str) -> str:
+    if feature.endswith((":top1", ":confidence", ":prediction")):
+        return "model outputs"
+    if group.kind == "image":
+        return "image summaries (mean, std)" if ":" in feature else "pooled pixels"
+    return "tabular inputs"
+
+
+def calm_disjoint(group: Group, size: int, rng: np.random.Generator) -> dict[str, Calm]:
+    """Per feature kind, the held-out rows cut once into disjoint windows of `size`, in a row.
+
+    Each row is in one window at most, so the windows are independent samples
+    of the population; each feature's windows pass through one `Persistence`,
+    as a device's windows do.
     """
-    per_feature = 3 * args.sequences * args.windows
-    overlap = min(1.0, args.window / held_out)
-    design_effect = args.windows + (per_feature - args.windows) * overlap
-    return float(calm.windows / design_effect)
+    order = rng.permutation(len(group.held_out))
+    persistence = {feature: Persistence() for feature in group.references}
+    by_kind: dict[str, Calm] = {}
+    for start in range(0, len(order) - size + 1, size):
+        values = group.extract(group.held_out[order[start : start + size]])
+        live = {
+            feature: count_into(values[feature], reference.edges)
+            for feature, (reference, _) in group.references.items()
+        }
+        for verdict in judge_window(group.references, live).features:
+            if verdict.status == "insufficient":
+                continue
+            drifted = verdict.status == "drift"
+            transition = persistence[verdict.feature].update(drifted)
+            calm = by_kind.setdefault(feature_kind(group, verdict.feature), Calm())
+            calm.windows += 1
+            calm.drifted += drifted
+            calm.open += transition in ("open", "still-open")
+    return by_kind
 
 
-def conservative_interval(rate: float, effective: float) -> tuple[float, float]:
-    """Clopper-Pearson's 95% interval for `rate` observed over `effective` independent trials."""
-    hits = rate * effective
-    low = float(beta.ppf(0.025, hits, effective - hits + 1)) if hits > 0 else 0.0
-    high = float(beta.ppf(0.975, hits + 1, effective - hits)) if hits < effective else 1.0
+def calm_table(groups: list[Group], sizes: list[int], rng: np.random.Generator) -> dict[int, Calm]:
+    """Print, per window size and feature kind, the calm windows of disjoint rows; the totals."""
+    table: list[list[object]] = [
+        [
+            "samples",
+            "feature kind",
+            "data sets",
+            "feature-windows",
+            "drifted %",
+            "open %",
+            "open, 95% upper bound %",
+        ]
+    ]
+    totals = {}
+    for size in sizes:
+        by_kind: dict[str, Calm] = {}
+        sets: dict[str, list[str]] = {}
+        for group in (g for g in groups if len(g.held_out) >= size):
+            for kind, calm in calm_disjoint(group, size, rng).items():
+                by_kind[kind] = by_kind.get(kind, Calm()).merged(calm)
+                sets.setdefault(kind, []).append(group.name)
+        for kind, calm in [
+            *sorted(by_kind.items()),
+            ("all", reduce(Calm.merged, by_kind.values(), Calm())),
+        ]:
+            table.append(
+                [
+                    size,
+                    kind,
+                    ", ".join(sets.get(kind, ["every one above"])),
+                    calm.windows,
+                    percent(calm.drifted, calm.windows, 2),
+                    percent(calm.open, calm.windows, 2),
+                    f"{100 * calm.open_bound():.2f}",
+                ]
+            )
+        totals[size] = reduce(Calm.merged, by_kind.values(), Calm())
+    print(format_columns(table, rule=True))
+    return totals
+
+
+def clopper_pearson(hits: int, trials: int) -> tuple[float, float]:
+    """Clopper-Pearson's 95% interval for `hits` in `trials` independent trials."""
+    low = float(beta.ppf(0.025, hits, trials - hits + 1)) if hits > 0 else 0.0
+    high = float(beta.ppf(0.975, hits + 1, trials - hits)) if hits < trials else 1.0
     return low, high
 
 
-def goals_met(by_size: dict[int, dict[str, Tally]], window: int, calm_upper: float) -> bool:
+def goals_met(
+    by_size: dict[int, dict[str, Tally]], window: int, calm_by_size: dict[int, Calm]
+) -> bool:
     shift = by_size[window]["mean +0.3 sigma"]
     checks = {
-        "no shift: alert open in <= 1% of feature-windows (95% upper bound)": calm_upper <= 0.01,
-        "mean +0.3 sigma: alert within 2 windows in >= 90% of runs": shift.opened_by_two
-        >= 0.9 * shift.runs,
+        f"no shift, windows of {size}: alert open in <= 1% of feature-windows (95% upper "
+        f"bound {100 * calm.open_bound():.2f}% over {calm.windows})": calm.open_bound() <= 0.01
+        for size, calm in calm_by_size.items()
     }
+    checks["mean +0.3 sigma: alert within 2 windows in >= 90% of runs"] = (
+        shift.opened_by_two >= 0.9 * shift.runs
+    )
     for size, totals in by_size.items():
         calm = totals["no shift"]
         for fixed, weaker in matched(totals)[1].items():

@@ -9,11 +9,17 @@ import sys
 
 import click
 
-from edgefleet.cli.options import echo_json, echo_table, human_bytes, json_option
+from edgefleet.cli.options import (
+    echo_json,
+    echo_table,
+    human_bytes,
+    json_option,
+    parse_duration,
+)
 from edgefleet.client.accuracy import echo_accuracy
 from edgefleet.client.api import ApiClient, JsonObject
 from edgefleet.client.diagnostics import diagnose_command
-from edgefleet.client.options import cell, client_command, parse_duration, parse_tags
+from edgefleet.client.options import cell, client_command, parse_tags
 from edgefleet.client.provision import provision_command
 from edgefleet.errors import UsageError
 from edgefleet.wire import NotFoundError

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,9 +14,6 @@ import click
 
 from edgefleet.client.api import DEFAULT_SERVER, ApiClient
 from edgefleet.errors import UsageError
-
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
-_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def client_command(func: Callable[..., None]) -> Callable[..., None]:
@@ -70,17 +66,6 @@ def parse_bundle_ref(text: str) -> tuple[str, str]:
     if not sep or not name or not version:
         raise UsageError(f"bundle {text!r}: expected NAME@VERSION, e.g. demo@1.2.0")
     return name, version
-
-
-def parse_duration(text: str) -> int:
-    """`90`, `90s`, `30m`, `24h`, `7d` -> seconds.
-
-    Raises: UsageError for any other form or zero.
-    """
-    match = _DURATION.match(text)
-    if match is None or int(match.group(1)) == 0:
-        raise UsageError(f"duration {text!r}: expected a positive number with s, m, h or d")
-    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
 def cell(value: object) -> str:

@@ -29,8 +29,9 @@ import click
 from pydantic import ValidationError
 
 from edgefleet.agentconfig import AUTO_DEVICE_ID, AgentConfig, dump_config, make_directories
+from edgefleet.cli.options import parse_duration
 from edgefleet.client.api import ApiClient
-from edgefleet.client.options import cell, client_command, parse_duration, parse_tags
+from edgefleet.client.options import cell, client_command, parse_tags
 from edgefleet.errors import UsageError
 from edgefleet.fileio import atomic_write_bytes
 from edgefleet.profiles import load_profile

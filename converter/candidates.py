@@ -19,7 +19,7 @@ from edgefleet.converter.modelinfo import ModelKind
 from edgefleet.errors import UsageError
 from edgefleet.profiles import Profile
 
-Method = Literal["float", "static", "dynamic"]
+Method = Literal["float", "static", "dynamic", "tflite"]
 
 STATIC_KINDS: frozenset[ModelKind] = frozenset({"convolutional", "dense"})
 DYNAMIC_KINDS: frozenset[ModelKind] = frozenset({"recurrent", "attention", "dense"})
@@ -29,7 +29,8 @@ DYNAMIC_KINDS: frozenset[ModelKind] = frozenset({"recurrent", "attention", "dens
 class Candidate:
     method: Method
     quant_format: str | None = None  # QDQ | QOperator (static only)
-    types: str | None = None  # activation+weight, e.g. U8S8; dynamic: weight type only
+    # activation+weight, e.g. U8S8; dynamic: weight type only; tflite: float32 | int8
+    types: str | None = None
     per_channel: bool = False
     reduce_range: bool = False
     calibration: str | None = None  # static only
@@ -39,6 +40,8 @@ class Candidate:
     def name(self) -> str:
         if self.method == "float":
             return "float"
+        if self.method == "tflite":
+            return f"tflite-{self.types}"
         parts: list[str] = [self.method]
         if self.quant_format:
             parts.append(self.quant_format.lower())
@@ -69,6 +72,10 @@ class Candidate:
 
 
 FLOAT = Candidate("float")
+# ONNX converted to TFLite by onnx2tf (converter/onnx_to_tflite.py), where the profile runs it.
+TFLITE_FLOAT32 = Candidate("tflite", types="float32")
+TFLITE_INT8 = Candidate("tflite", types="int8")
+TFLITE_CANDIDATES = (TFLITE_FLOAT32, TFLITE_INT8)
 
 
 def structural_candidates(profile: Profile, kind: ModelKind) -> list[Candidate]:
@@ -121,6 +128,8 @@ def pinned_candidate(name: str, profile: Profile, kind: ModelKind) -> Candidate:
     valid = [FLOAT]
     for structure in structural_candidates(profile, kind):
         valid += [structure, *calibration_variants(structure, profile)]
+    if "tflite" in profile.runtimes:  # where only TFLite runs, float is TFLite float32
+        valid += TFLITE_CANDIDATES if "onnxruntime" in profile.runtimes else [TFLITE_INT8]
     found = next((c for c in valid if c.name == name), None)
     if found is None:
         raise UsageError(

@@ -34,7 +34,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from edgefleet.converter.candidates import Candidate
 from edgefleet.converter.errors import ConversionFailedError
@@ -123,6 +123,9 @@ class Evaluation:
     error: str | None = None  # quantization or evaluation failed
     notes: list[str] = field(default_factory=list)
     verdict: str = ""
+    # Where latency was measured: `device ID (profile P)` or the build machine (docs/converter.md).
+    measured_on: str = ""
+    device_figures: dict[str, Any] | None = None  # p50/p90/p99, peak memory, smoke fidelity
 
     @property
     def usable(self) -> bool:
@@ -152,7 +155,10 @@ def accuracy_score(evaluation: Evaluation) -> float:
 
 
 def _speed(evaluation: Evaluation) -> str:
-    return evaluation.timing.describe() if evaluation.timing is not None else "not timed"
+    if evaluation.timing is None:
+        return "not timed"
+    where = f", measured on {evaluation.measured_on}" if evaluation.measured_on else ""
+    return evaluation.timing.describe() + where
 
 
 def _structure(evaluation: Evaluation) -> str:

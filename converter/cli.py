@@ -12,10 +12,11 @@ import click
 
 from edgefleet.bundle import build_bundle, parse_security_floor
 from edgefleet.cli.options import echo_json, json_option, load_signing_keys, passphrase_env_option
-from edgefleet.converter.context import ConversionResult, ConvertOptions
+from edgefleet.converter.context import ConversionResult, ConvertOptions, MeasureOn
 from edgefleet.converter.evaluate import Budget
 from edgefleet.converter.pipeline import convert
 from edgefleet.converter.report import format_table
+from edgefleet.converter.toolenv import onnx2tf_env, prepare_onnx2tf
 from edgefleet.errors import UsageError
 
 _BUDGET_KEYS = {field.name: field.type for field in dataclasses.fields(Budget)}
@@ -64,7 +65,23 @@ def parse_budget(items: tuple[str, ...]) -> Budget:
     return Budget(**values)
 
 
+def _prepare_tools(context: click.Context, _: click.Parameter, value: bool) -> None:
+    if value:
+        prepare_onnx2tf(_TerminalProgress())
+        click.echo(f"onnx2tf tool environment ready: {onnx2tf_env()}")
+        context.exit(0)
+
+
 @click.command("convert")
+@click.option(
+    "--prepare-tools",
+    is_flag=True,
+    is_eager=True,
+    expose_value=False,
+    callback=_prepare_tools,
+    help="Build the onnx2tf tool environment for ONNX to TFLite (once, under "
+    "~/.cache/edgefleet/tools; needs PyPI) and exit.",
+)
 @click.argument("model", type=click.Path(dir_okay=False, exists=True, path_type=Path))
 @click.option(
     "--target", required=True, help="Hardware profile (`edgefleet targets list`), or host."
@@ -107,6 +124,12 @@ def parse_budget(items: tuple[str, ...]) -> Budget:
     "static-qdq-u8s8-per-channel-minmax); it is still measured and must meet the budget.",
 )
 @click.option(
+    "--tflite",
+    is_flag=True,
+    help="Also try TFLite candidates (ONNX converted by onnx2tf) on a target that runs "
+    "onnxruntime too; a target that runs TFLite only always gets them.",
+)
+@click.option(
     "-o",
     "--output",
     type=click.Path(path_type=Path),
@@ -127,6 +150,47 @@ def parse_budget(items: tuple[str, ...]) -> Budget:
     help="With --sign: once this release commits on a device, refuse releases of this name "
     "below it (as `bundle build --security-floor`).",
 )
+@click.option(
+    "--measure-on",
+    metavar="DEVICE|tag=KEY=VALUE",
+    help="Time the candidates on this device, or on the online devices with this tag, of the "
+    "target profile, through the fleet server (--server, --token), instead of this machine; "
+    "the request is signed with the release key (--sign or --measure-key).",
+)
+@click.option(
+    "--server",
+    "server_url",
+    envvar="EDGEFLEET_SERVER",
+    metavar="URL",
+    help="With --measure-on: the fleet server's URL (or set EDGEFLEET_SERVER).",
+)
+@click.option(
+    "--token",
+    envvar="EDGEFLEET_TOKEN",
+    metavar="TOKEN",
+    help="With --measure-on: an operator's API token (or set EDGEFLEET_TOKEN).",
+)
+@click.option(
+    "--measure-key",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="With --measure-on and no --sign: the release key that signs the benchmark request.",
+)
+@click.option(
+    "--measure-timeout",
+    type=click.IntRange(min=1),
+    default=1800,
+    show_default=True,
+    metavar="SECONDS",
+    help="With --measure-on: how long to wait for the devices' figures.",
+)
+@click.option(
+    "--measure-memory",
+    type=click.IntRange(min=16),
+    default=2048,
+    show_default=True,
+    metavar="MIB",
+    help="With --measure-on: each candidate's address-space bound on the device.",
+)
 @passphrase_env_option
 @json_option
 def convert_command(
@@ -138,11 +202,18 @@ def convert_command(
     budget_items: tuple[str, ...],
     optimize: str,
     candidate: str | None,
+    tflite: bool,
     output: Path,
     release_key: Path | None,
     name: str | None,
     version: str | None,
     security_floor: str | None,
+    measure_on: str | None,
+    server_url: str | None,
+    token: str | None,
+    measure_key: Path | None,
+    measure_timeout: int,
+    measure_memory: int,
     passphrase_env: str | None,
     as_json: bool,
 ) -> None:
@@ -151,8 +222,9 @@ def convert_command(
     Every quantization setting that is valid on the target is tried and
     measured against the float model on the validation data (accuracy with
     labels, output fidelity without) and timed head to head with the float
-    model on this machine. The fastest candidate within the accuracy budget
-    that is clearly faster than float is chosen; a model slower than the float
+    model on this machine (with --measure-on, on a device of the target; the
+    report says where each figure was measured). The fastest candidate within
+    the accuracy budget that is clearly faster than float is chosen; a model slower than the float
     one is never shipped, unless pinned with --candidate. A quantized model
     carries the float model along as the device's fallback. See
     docs/converter.md.
@@ -162,6 +234,15 @@ def convert_command(
     if release_key is not None and not (name and version):
         raise UsageError("--sign needs --name and --version for the bundle")
     floor = None if security_floor is None else parse_security_floor(security_floor)
+    measure = _measure_on(
+        measure_on,
+        server_url,
+        token,
+        measure_key or release_key,
+        measure_timeout,
+        measure_memory,
+        passphrase_env,
+    )
     options = ConvertOptions(
         target=target,
         calibration=calibration,
@@ -170,6 +251,8 @@ def convert_command(
         budget=parse_budget(budget_items),
         optimize="size" if optimize == "size" else "latency",
         candidate=candidate,
+        tflite=tflite,
+        measure_on=measure,
     )
     if release_key is None:
         result = convert(model, output, options, _TerminalProgress())
@@ -183,6 +266,40 @@ def convert_command(
             result.out_dir, output, name=name, version=version, keys=keys, security_floor=floor
         )
         _summarize(result, as_json, bundle=output)
+
+
+def _measure_on(
+    target: str | None,
+    server_url: str | None,
+    token: str | None,
+    key: Path | None,
+    timeout_s: int,
+    memory_mib: int,
+    passphrase_env: str | None,
+) -> MeasureOn | None:
+    """The --measure-on settings, or None without --measure-on.
+
+    Raises: UsageError naming what is missing.
+    """
+    if target is None:
+        return None
+    if not server_url:
+        raise UsageError("--measure-on needs the fleet server: --server URL or EDGEFLEET_SERVER")
+    if key is None:
+        raise UsageError(
+            "--measure-on needs the release key that signs the benchmark request: --sign KEY "
+            "or --measure-key KEY"
+        )
+    if target.startswith("tag=") and "=" not in target.removeprefix("tag="):
+        raise UsageError(f"--measure-on {target!r}: use DEVICE or tag=KEY=VALUE")
+    return MeasureOn(
+        target=target,
+        server=server_url,
+        token=token,
+        keys=load_signing_keys([key], passphrase_env),
+        timeout_s=float(timeout_s),
+        max_memory_mib=memory_mib,
+    )
 
 
 def _summarize(result: ConversionResult, as_json: bool, bundle: Path | None) -> None:

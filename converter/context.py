@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +13,26 @@ from edgefleet.converter.data import Dataset
 from edgefleet.converter.evaluate import Budget, Outputs
 from edgefleet.converter.modelinfo import ModelInfo
 from edgefleet.converter.progress import Progress
+from edgefleet.keys import SigningKey
 from edgefleet.profiles import Profile
+
+
+@dataclass(frozen=True)
+class MeasureOn:
+    """Where and how to measure: `target` is a device id or `tag=KEY=VALUE`."""
+
+    target: str
+    server: str
+    token: str | None
+    keys: Sequence[SigningKey]
+    timeout_s: float = 1800.0
+    max_memory_mib: int = 2048
+    max_seconds: int = 300
+
+    def query(self) -> dict[str, str]:
+        if self.target.startswith("tag="):
+            return {"tag": self.target.removeprefix("tag=")}
+        return {"device": self.target}
 
 
 @dataclass(frozen=True)
@@ -26,6 +46,11 @@ class ConvertOptions:
     # Ship this candidate (its name in the report, e.g. "float") instead of choosing one;
     # it is still measured and held to the budget.
     candidate: str | None = None
+    # Time the candidates on devices of the target through the fleet server (converter/remote.py).
+    measure_on: MeasureOn | None = None
+    # Also try the TFLite candidates (onnx2tf) on a profile that runs onnxruntime too; on a
+    # profile that runs TFLite only, they are the only candidates and always tried.
+    tflite: bool = False
 
 
 @dataclass

@@ -14,7 +14,9 @@
     │   ├── NonFiniteDataError       NaN or infinity in the data
     │   └── EmptyDataError           no samples
     ├── RuntimeMissingError          the model's runtime is not installed on this machine
-    └── ConversionFailedError        a step of the conversion failed on a valid model
+    ├── ConversionFailedError        a step of the conversion failed on a valid model
+    └── DeviceMeasurementError       --measure-on: the server refused the benchmark, or no
+                                     device answered in time
 
 Every error names the file and the problem, and nothing is written to OUT_DIR.
 """
@@ -82,6 +84,10 @@ class RuntimeMissingError(ConverterError):
 
 class ConversionFailedError(ConverterError):
     """A conversion step failed on a model that loads."""
+
+
+class DeviceMeasurementError(ConverterError):
+    """The candidates could not be measured on a device of the target (--measure-on)."""
 
 
 def summarize(exc: BaseException, limit: int = 300) -> str:

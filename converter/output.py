@@ -29,11 +29,11 @@ import numpy as np
 
 from edgefleet import __version__
 from edgefleet.bundle import METADATA_NAME
-from edgefleet.bundlefiles import FALLBACK_ONNX, SERVED_ONNX
+from edgefleet.bundlefiles import FALLBACK_ONNX, SERVED_ONNX, SERVED_TFLITE
 from edgefleet.converter.choose import Evaluation
 from edgefleet.converter.context import ConversionContext, ConversionResult
 from edgefleet.converter.data import Dataset
-from edgefleet.converter.evaluate import Outputs, open_session, run_outputs
+from edgefleet.converter.evaluate import Outputs, open_session, run_outputs, session_threads
 from edgefleet.converter.reference import (
     smoke_samples,
     write_drift_features,
@@ -49,6 +49,7 @@ from edgefleet.converter.report import (
     format_table,
 )
 from edgefleet.fileio import file_sha256, fsync_directory
+from edgefleet.profiles import Profile
 
 # The oldest agent that understands this output's files.
 MIN_AGENT_VERSION = "0.1.0"
@@ -114,17 +115,31 @@ def write_bundle_metadata(
     (directory / METADATA_NAME).write_text(json.dumps(metadata, indent=2) + "\n")
 
 
+def open_model_session(path: Path, profile: Profile) -> Any:
+    """An onnxruntime session for an ONNX model, a LiteRT one for a TFLite model (a model
+    converted from ONNX, whose signature names its tensors as the ONNX model does): both
+    `run(names, feed)`."""
+    if path.suffix != ".tflite":
+        return open_session(path, profile)
+    from edgefleet.converter.tflite import TFLiteSession
+
+    return TFLiteSession(path, session_threads(profile))
+
+
 def write_output(
     out_dir: Path, context: ConversionContext, chosen: Evaluation, evaluations: list[Evaluation]
 ) -> ConversionResult:
     names = [spec.name for spec in context.info.outputs]
     assert chosen.path is not None
     report = build_report(context, chosen, evaluations)
+    served = SERVED_TFLITE if chosen.path.suffix == ".tflite" else SERVED_ONNX
     with staged_directory(out_dir) as staging:
-        shutil.copyfile(chosen.path, staging / SERVED_ONNX)
-        if not chosen.is_float:  # a float model served needs no second copy as its fallback
+        shutil.copyfile(chosen.path, staging / served)
+        # A float model served needs no second copy as its fallback; where onnxruntime does
+        # not run, the ONNX model is no fallback.
+        if not chosen.is_float and "onnxruntime" in context.profile.runtimes:
             shutil.copyfile(context.model, staging / FALLBACK_ONNX)
-        session = open_session(staging / SERVED_ONNX, context.profile)
+        session = open_model_session(staging / served, context.profile)
         reference = reference_data(context)
         reference_outputs: Outputs = run_outputs(session, reference, names)
         write_schema(staging, context.info, reference.arrays, reference_outputs)
@@ -141,7 +156,10 @@ def write_output(
         (staging / TABLE_FILE).write_text(format_table(report))
         import onnxruntime
 
-        write_bundle_metadata(staging, context, chosen, f"onnxruntime {onnxruntime.__version__}")
+        runtime = (
+            session.runtime if served == SERVED_TFLITE else f"onnxruntime {onnxruntime.__version__}"
+        )
+        write_bundle_metadata(staging, context, chosen, runtime)
     return ConversionResult(
         out_dir=out_dir,
         profile=context.profile,

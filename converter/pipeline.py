@@ -4,14 +4,19 @@ Steps: load and check the model and data for the target; measure the float
 model; preprocess; quantize and measure every valid candidate (structures
 first, then other calibrations for the fastest), each timed against the float
 model in interleaved rounds; when none meets the budget, keep the layers most
-sensitive to quantization in float and retry; choose; write the output. With
-a pinned candidate, only that one is quantized and measured. Everything is built in a temporary
+sensitive to quantization in float and retry; with --measure-on, time the float
+model and the candidates within budget on a device of the target instead
+(`converter/remote.py`); choose; write the output. With
+a pinned candidate, only that one is quantized and measured. Where the target runs TFLite,
+the model converted by onnx2tf adds TFLite candidates (always where only TFLite runs, then
+the only ones; with --tflite elsewhere). Everything is built in a temporary
 directory beside OUT_DIR and renamed into place at the end, so OUT_DIR is
 never half-written.
 """
 
 from __future__ import annotations
 
+import platform
 import shutil
 import statistics
 import tempfile
@@ -25,6 +30,7 @@ from edgefleet.converter.choose import Evaluation, accuracy_score, choose
 from edgefleet.converter.context import ConversionContext, ConversionResult, ConvertOptions
 from edgefleet.converter.data import Dataset, load_dataset, load_labels
 from edgefleet.converter.errors import (
+    ConversionFailedError,
     DataError,
     UnsupportedOperatorError,
     summarize,
@@ -46,10 +52,13 @@ from edgefleet.converter.modelinfo import (
     load_onnx,
     require_runtime,
 )
-from edgefleet.converter.output import write_output
+from edgefleet.converter.onnx_to_tflite import convert_to_tflite
+from edgefleet.converter.output import open_model_session, write_output
 from edgefleet.converter.preprocess import preprocess
 from edgefleet.converter.progress import NO_PROGRESS, Progress
 from edgefleet.converter.quantize import quantize
+from edgefleet.converter.remote import measure_on_devices
+from edgefleet.converter.report import build_machine_label
 from edgefleet.converter.sensitivity import SENSITIVITY_SAMPLES, model_layers, rank_layers
 from edgefleet.errors import UsageError
 from edgefleet.profiles import Profile, load_profile
@@ -58,10 +67,12 @@ CALIBRATION_SAMPLES = 200
 VALIDATION_SAMPLES = 500
 TOP_STRUCTURES = 2  # structures tried with other calibration methods
 FLOAT_LAYER_STEPS = (1, 2, 4, 8, 16)  # layers kept in float, per retry
+ONNX2TF_DOMAINS = frozenset({"", "ai.onnx"})  # operator domains onnx2tf converts
 
 
 def _check_target(info: ModelInfo, profile: Profile) -> None:
-    require_runtime(profile, "onnx")
+    if "tflite" not in profile.runtimes:  # else converted to TFLite where ONNX does not run
+        require_runtime(profile, "onnx")
     foreign = sorted(info.domains - SUPPORTED_DOMAINS)
     if foreign:
         raise UnsupportedOperatorError(
@@ -94,8 +105,8 @@ def _load_data(
 def _evaluate(context: ConversionContext, candidate: cand.Candidate, path: Path) -> Evaluation:
     evaluation = Evaluation(candidate=candidate, path=path, size_bytes=path.stat().st_size)
     try:
-        session = open_session(path, context.profile)
         names = [spec.name for spec in context.info.outputs]
+        session = open_model_session(path, context.profile)
         outputs = run_outputs(session, context.validation, names)
         if has_non_finite(outputs):
             evaluation.error = "NaN or infinite outputs"
@@ -231,6 +242,69 @@ def _recover(
     return retries
 
 
+def _tflite_search(context: ConversionContext, pinned: cand.Candidate | None) -> list[Evaluation]:
+    """The TFLite candidates converted by onnx2tf, measured here with LiteRT.
+
+    Where the profile runs TFLite only, the TFLite float32 model is the float model: it
+    must match the ONNX model within the budget, and becomes what int8 is timed against.
+    Elsewhere a model onnx2tf cannot take gets no TFLite candidates, and a note says why.
+    """
+    foreign = sorted(context.info.domains - ONNX2TF_DOMAINS)
+    if foreign:
+        why = (
+            f"{context.model.name} uses operators of domain(s) {', '.join(foreign)}, which "
+            "onnx2tf does not convert to TFLite"
+        )
+        if "onnxruntime" in context.profile.runtimes and (
+            pinned is None or pinned.method != "tflite"
+        ):
+            context.notes.append(f"no TFLite candidates: {why}")
+            return []
+        raise UnsupportedOperatorError(
+            f"{why}, and target {context.profile.name} runs TFLite only: export the model "
+            "with standard ONNX operators only"
+        )
+    converted = convert_to_tflite(
+        context.model, context.calibration, context.workdir, context.progress
+    )
+    if context.options.measure_on is None:
+        where = (
+            f"converted by onnx2tf; outputs and latency measured with LiteRT on this machine "
+            f"({platform.machine()}), not on a device of target {context.profile.name}"
+        )
+    else:
+        where = (
+            f"converted by onnx2tf; outputs measured with LiteRT on this machine "
+            f"({platform.machine()}), latency with LiteRT on a device of target "
+            f"{context.profile.name} (--measure-on)"
+        )
+    wanted = [c for c in cand.TFLITE_CANDIDATES if pinned in (None, c)]
+    if "onnxruntime" not in context.profile.runtimes:
+        float32_path = converted[cand.TFLITE_FLOAT32]
+        float32 = _evaluate(context, cand.FLOAT, float32_path)
+        if not float32.usable:
+            raise ConversionFailedError(
+                f"onnx2tf's float32 TFLite model does not match {context.model.name} on the "
+                f"validation data: {float32.error or '; '.join(float32.failures)}"
+            )
+        context.float_session = open_model_session(float32_path, context.profile)
+        context.float_ms = measure_latency_ms(context.float_session, context.validation.sample(0))
+        float32.timing, float32.latency_ms = None, context.float_ms
+        float32.notes = [f"the ONNX model as TFLite float32, {where}"]
+        wanted = [cand.TFLITE_INT8] if pinned in (None, cand.TFLITE_INT8) else []
+        evaluations = [float32]
+    else:
+        evaluations = []
+    context.progress.start("measuring the TFLite candidates", len(wanted))
+    for candidate in wanted:
+        evaluation = _evaluate(context, candidate, converted[candidate])
+        evaluation.notes.append(where)
+        evaluations.append(evaluation)
+        context.progress.advance()
+    context.progress.finish()
+    return evaluations
+
+
 def convert(
     model: Path,
     out_dir: Path,
@@ -255,6 +329,11 @@ def convert(
 
         if options.candidate not in (None, cand.FLOAT.name):
             raise UsageError("a TFLite model is packed unchanged: the only candidate is float")
+        if options.measure_on is not None:
+            raise UsageError(
+                "a TFLite model is packed unchanged: there are no candidates to measure on a "
+                "device; leave out --measure-on"
+            )
         return convert_tflite(model, out_dir, profile, options, progress)
     onnx_model, info = load_onnx(model)
     _check_target(info, profile)
@@ -301,15 +380,45 @@ def convert(
             notes=notes,
         )
         evaluations = [baseline]
-        if pinned != cand.FLOAT:
-            prepared = preprocess(onnx_model, info, workdir)
-            notes += prepared.notes
-            if pinned is None:
-                evaluations += _search(context, prepared.path)
-            else:
-                progress.start("quantizing and measuring the pinned candidate", 1)
-                evaluations.append(_quantize_and_evaluate(context, pinned, prepared.path))
-                progress.finish()
+        if "onnxruntime" not in profile.runtimes:
+            context.notes.append(
+                f"{profile.name} runs TFLite only: the float model is {model.name} converted "
+                "to TFLite float32; fidelity is measured against the ONNX model run with "
+                "onnxruntime on this machine"
+            )
+            evaluations = _tflite_search(context, pinned)
+        else:
+            if pinned is None or pinned.method != "tflite":
+                evaluations += _onnx_search(context, onnx_model, info, pinned)
+            if options.tflite or (pinned is not None and pinned.method == "tflite"):
+                evaluations += _tflite_search(context, pinned)
         del onnx_model
+        if options.measure_on is not None:
+            notes += measure_on_devices(context, evaluations, options.measure_on, progress)
+        for evaluation in evaluations:
+            evaluation.measured_on = evaluation.measured_on or build_machine_label()
         chosen = choose(evaluations, options.optimize, options.candidate)
+        if "onnxruntime" not in profile.runtimes and not chosen.is_float:
+            evaluations[0].verdict = "not shipped: no fallback where only TFLite runs"
         return write_output(out_dir, context, chosen, evaluations)
+
+
+def _onnx_search(
+    context: ConversionContext,
+    onnx_model: onnx.ModelProto,
+    info: ModelInfo,
+    pinned: cand.Candidate | None,
+) -> list[Evaluation]:
+    """The onnxruntime candidates: every valid one, or the pinned one (none for float)."""
+    evaluations: list[Evaluation] = []
+    progress, notes = context.progress, context.notes
+    if pinned != cand.FLOAT:
+        prepared = preprocess(onnx_model, info, context.workdir)
+        notes += prepared.notes
+        if pinned is None:
+            evaluations += _search(context, prepared.path)
+        else:
+            progress.start("quantizing and measuring the pinned candidate", 1)
+            evaluations.append(_quantize_and_evaluate(context, pinned, prepared.path))
+            progress.finish()
+    return evaluations

@@ -16,6 +16,11 @@ REPORT_FILE = "report.json"
 TABLE_FILE = "report.txt"
 
 
+def build_machine_label() -> str:
+    """Where latency is measured without --measure-on: here, whatever the target."""
+    return f"build machine ({platform.machine()}, not the target)"
+
+
 def _headline(metrics: dict[str, float], per_output: dict[str, dict[str, float]]) -> str:
     """The one accuracy figure a reader compares first."""
     if "accuracy" in metrics:
@@ -62,6 +67,8 @@ def candidate_rows(evaluations: list[Evaluation]) -> list[dict[str, Any]]:
                 "error": evaluation.error,
                 "notes": evaluation.notes,
                 "verdict": evaluation.verdict,
+                "latency_measured_on": evaluation.measured_on or build_machine_label(),
+                "device_figures": evaluation.device_figures,
             }
         )
     return rows
@@ -134,6 +141,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"{report['model']} ({report['kind']}) for {report['target']}, optimizing "
         f"{report['optimize']}: chose {report['chosen']}",
         f"decision: {report['decision']}",
+        "latency measured on: "
+        + "; ".join(dict.fromkeys(row["latency_measured_on"] for row in report["candidates"])),
         "",
         format_columns([header, *lines]),
     ]

@@ -5,7 +5,7 @@ where that is what is installed, run on the calibration and validation samples,
 and shipped as it is, with the same schema, smoke test and drift reference as
 an ONNX model, for any target whose profile lists `tflite` (x86-64, aarch64,
 armv7). Outputs and latency are this machine's, and the report says so.
-Converting ONNX to TFLite is not done here.
+ONNX models are converted to TFLite in converter/onnx_to_tflite.py.
 """
 
 from __future__ import annotations

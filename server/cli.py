@@ -7,22 +7,31 @@ commands, so `edgefleet server --help` stays light.
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import logging
 import os
+import re
 import shlex
 import ssl
 import urllib.parse
 from pathlib import Path
+from typing import NamedTuple
 
 import click
 
-from edgefleet.cli.options import passphrase_env_option, passphrase_from_env
+from edgefleet.cli.options import parse_duration, passphrase_env_option, passphrase_from_env
 from edgefleet.errors import UsageError
 from edgefleet.server.principals import Role
-from edgefleet.server.settings import DEFAULT_SHARE_GROUP, ServerSettings, sqlite_url
+from edgefleet.server.settings import (
+    DEFAULT_SHARE_GROUP,
+    ServerSettings,
+    default_replica_name,
+    sqlite_url,
+)
 
 DEFAULT_DATA_DIR = Path("edgefleet-data")
+REPLICA_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 data_option = click.option(
     "--data",
@@ -145,6 +154,22 @@ def check_mqtt_tls(
         raise UsageError("--mqtt-cert and --mqtt-key go together: give both or neither")
 
 
+def replica_name_from_option(given: str | None) -> str:
+    """The replica's name: `--replica-name`, else the host's name.
+
+    Raises:
+        UsageError: the name is not 1 to 64 letters, digits, '.', '_' or '-'.
+    """
+    name = given if given is not None else default_replica_name()
+    if not REPLICA_NAME.fullmatch(name):
+        what = "--replica-name" if given is not None else "the host's name, the default"
+        raise UsageError(
+            f"{what} {name!r} cannot name a replica: pass --replica-name with 1 to 64 "
+            "letters, digits, '.', '_' or '-'"
+        )
+    return name
+
+
 def share_group_from_file(path: Path | None) -> str:
     """The share group name in `--share-group-file` (one line); the default without it.
 
@@ -187,6 +212,58 @@ def check_https_files(cert_file: Path | None, key_file: Path | None) -> None:
             f"--tls-cert {cert_file} --tls-key {key_file}: not a PEM certificate and its "
             f"unencrypted key ({exc}); e.g. issue them with the fleet CA or your own"
         ) from None
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    return None if value is None else parse_duration(value, f"--{param.name}".replace("_", "-"))
+
+
+class DriftTimings(NamedTuple):
+    telemetry_bucket: dt.timedelta
+    drift_interval_s: float
+    drift_window: dt.timedelta
+    drift_window_max: dt.timedelta
+
+
+def drift_timings(
+    telemetry_bucket: int | None,
+    drift_interval: int | None,
+    drift_window: int | None,
+    drift_window_max: int | None,
+) -> DriftTimings:
+    """The telemetry and drift timings from the options in seconds; defaults where not given.
+
+    Raises:
+        UsageError: a bucket wider than the drift window, or a window wider than its maximum.
+    """
+    default = ServerSettings(Path(), Path(), Path())
+
+    def duration(seconds: int | None, otherwise: dt.timedelta) -> dt.timedelta:
+        return otherwise if seconds is None else dt.timedelta(seconds=seconds)
+
+    timings = DriftTimings(
+        telemetry_bucket=duration(telemetry_bucket, default.telemetry_bucket),
+        drift_interval_s=default.drift_interval_s if drift_interval is None else drift_interval,
+        drift_window=duration(drift_window, default.drift_window),
+        drift_window_max=duration(drift_window_max, default.drift_window_max),
+    )
+    if timings.telemetry_bucket > timings.drift_window:
+        raise UsageError(
+            f"--telemetry-bucket ({_seconds(timings.telemetry_bucket)}) is wider than "
+            f"--drift-window ({_seconds(timings.drift_window)}): a drift window holds whole "
+            "buckets; shorten the bucket or widen the window"
+        )
+    if timings.drift_window > timings.drift_window_max:
+        raise UsageError(
+            f"--drift-window ({_seconds(timings.drift_window)}) is wider than "
+            f"--drift-window-max ({_seconds(timings.drift_window_max)}): widen "
+            "--drift-window-max too"
+        )
+    return timings
+
+
+def _seconds(duration: dt.timedelta) -> str:
+    return f"{duration.total_seconds():.0f} s"
 
 
 @server.command("run")
@@ -304,6 +381,13 @@ def check_https_files(cert_file: Path | None, key_file: Path | None) -> None:
     "to join the server's shared subscriptions [default: the well-known edgefleet-server].",
 )
 @click.option(
+    "--replica-name",
+    metavar="NAME",
+    help="This replica's name, which its MQTT session is kept under so that a restart "
+    "resumes it: unique among the replicas (letters, digits, '.', '_', '-') "
+    "[default: the host's name].",
+)
+@click.option(
     "--broker-reload-command",
     metavar="CMD",
     help="Run CMD (split like a shell line, run without one) after the CRL file changes, "
@@ -338,6 +422,33 @@ def check_https_files(cert_file: Path | None, key_file: Path | None) -> None:
     help="Name of an environment variable holding the secret that signs webhook events "
     "(HMAC-SHA256); required with --webhook-url.",
 )
+@click.option(
+    "--telemetry-bucket",
+    metavar="DURATION",
+    callback=_duration,
+    help="Sum devices' telemetry into buckets this long (e.g. 90s, 5m, 1h), the unit of "
+    "drift windows and rollout gates [default: 5m].",
+)
+@click.option(
+    "--drift-interval",
+    metavar="DURATION",
+    callback=_duration,
+    help="How often the drift checks look for windows to judge [default: 60s].",
+)
+@click.option(
+    "--drift-window",
+    metavar="DURATION",
+    callback=_duration,
+    help="How much telemetry one drift or accuracy check judges; at least --telemetry-bucket "
+    "[default: 15m].",
+)
+@click.option(
+    "--drift-window-max",
+    metavar="DURATION",
+    callback=_duration,
+    help="How far a window widens while too few samples came in; at least --drift-window "
+    "[default: 1h].",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages too.")
 def run_command(
     db_url: str | None,
@@ -359,12 +470,17 @@ def run_command(
     ca_dir: Path | None,
     crl_path: Path | None,
     share_group_file: Path | None,
+    replica_name: str | None,
     broker_reload_command: str | None,
     trust_path: Path,
     server_key_path: Path,
     passphrase_env: str | None,
     webhook_url: str | None,
     webhook_secret_env: str | None,
+    telemetry_bucket: int | None,
+    drift_interval: int | None,
+    drift_window: int | None,
+    drift_window_max: int | None,
     verbose: bool,
 ) -> None:
     """Run the fleet server until SIGTERM or Ctrl-C.
@@ -382,6 +498,7 @@ def run_command(
 
         check_loopback(mqtt_host)
     webhook = webhook_from_options(webhook_url, webhook_secret_env)
+    timings = drift_timings(telemetry_bucket, drift_interval, drift_window, drift_window_max)
     reload_command = reload_command_from_option(broker_reload_command)
     share_group = share_group_from_file(share_group_file)
     if crl_path is not None and ca_dir is None:
@@ -411,9 +528,14 @@ def run_command(
         crl_path=crl_path.resolve() if crl_path else None,
         broker_reload_command=reload_command,
         share_group=share_group,
+        replica_name=replica_name_from_option(replica_name),
         server_key_passphrase=passphrase_from_env(passphrase_env),
         webhook_url=webhook[0] if webhook else None,
         webhook_secret=webhook[1] if webhook else None,
+        telemetry_bucket=timings.telemetry_bucket,
+        drift_interval_s=timings.drift_interval_s,
+        drift_window=timings.drift_window,
+        drift_window_max=timings.drift_window_max,
     )
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,

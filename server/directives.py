@@ -62,14 +62,14 @@ class OutgoingDirective:
     topic: str
     payload: bytes
     sequence: int
-    action: str  # install | rollback | diagnostics
+    action: str  # install | rollback | diagnostics | benchmark
     issued_at: dt.datetime
     shadow: bool = False
     expires_at: dt.datetime | None = None
 
 
 class DirectiveIssuer:
-    """Builds and signs install, rollback and diagnostics directives for devices.
+    """Builds and signs install, rollback, diagnostics and benchmark directives for devices.
 
     The issuer holds no state of its own: sequences live in the database, so
     every replica may hold an issuer.
@@ -147,6 +147,28 @@ class DirectiveIssuer:
             shadow=False,
             request_id=request_id,
             ttl=self.settings.diagnostics_ttl,
+        )
+
+    def prepare_benchmark(
+        self, session: Session, device: Device, request_id: int, request: BundleRef, url: str
+    ) -> OutgoingDirective:
+        """Allocate a sequence for `device` and sign a request to measure the candidates of the
+        benchmark request `request` (fetched from `url`), expiring `settings.benchmark_ttl`
+        after it is issued.
+
+        Raises:
+            NotFoundError: the device row is gone.
+            StorageError: (from the session) the database failed.
+        """
+        return self._prepare(
+            session,
+            device,
+            action="benchmark",
+            bundle=request,
+            sources=[HttpSource(url=url)],
+            shadow=False,
+            request_id=request_id,
+            ttl=self.settings.benchmark_ttl,
         )
 
     def resign(

@@ -46,12 +46,14 @@ from edgefleet.server.db.migrate import open_database
 from edgefleet.server.devices import DeviceKeyCache
 from edgefleet.server.directives import DirectiveIssuer
 from edgefleet.server.drift.evaluator import DriftEvaluator
+from edgefleet.server.errors import StorageError
 from edgefleet.server.fleettime import FleetTimestamper
 from edgefleet.server.mqtt.blockservice import BlockService
 from edgefleet.server.mqtt.broker import EmbeddedBroker
 from edgefleet.server.mqtt.ingest import Ingestor
 from edgefleet.server.mqtt.link import ServerLink
 from edgefleet.server.mqtt.retention import run_retention
+from edgefleet.server.replicaname import claim_replica_name, name_worker, release_replica_name
 from edgefleet.server.rollouts.driver import RolloutDriver
 from edgefleet.server.rollouts.resend import Returns
 from edgefleet.server.settings import ServerSettings
@@ -157,6 +159,7 @@ class FleetServer:
         self.ingest: Ingestor | None = None
         self.link: ServerLink | None = None
         self.workers: list[Worker] = []  # the background loops, in start order
+        self._name_worker: Worker | None = None  # renews the replica's name once claimed
         self._timestamp_again: Callable[[], None] | None = None  # once the loops run
 
     def start(self) -> ServerContext:
@@ -182,14 +185,17 @@ class FleetServer:
             self.broker.start()
             log.info("embedded MQTT broker listening on %s", self.broker.url)
         broker_url = self.broker.url if self.broker is not None else settings.broker_url
+        claim_replica_name(self.db, settings)
+        self._name_worker = name_worker(self.db, settings)
+        self._name_worker.start()
         self.link = ServerLink(
             broker_url,
-            f"edgefleet-server-{settings.replica_id}",
+            f"edgefleet-server-{settings.replica_name}",
             settings.share_group,
             self._handle_message,
             retained=self.trust.retained_messages,
             on_connect=self._link_connected,
-            session_expiry_s=_session_expiry_s(settings),
+            session_expiry_s=int(settings.mqtt_session_expiry.total_seconds()),
             tls=TlsFiles(settings.mqtt_ca_file, settings.mqtt_cert_file, settings.mqtt_key_file),
         )
         issuer = DirectiveIssuer([self.server_key], settings)
@@ -222,7 +228,12 @@ class FleetServer:
                 f"{BROKER_CONNECT_TIMEOUT_S:.0f} s: start mosquitto, pass --mqtt URL, "
                 "or run with --embedded-broker"
             )
-        log.info("connected to the MQTT broker at %s as replica %s", where, settings.replica_id)
+        log.info(
+            "connected to the MQTT broker at %s as replica %s (%s)",
+            where,
+            settings.replica_name,
+            settings.replica_id,
+        )
         link = self.link
         driver = RolloutDriver(
             self.db,
@@ -270,6 +281,13 @@ class FleetServer:
             worker.stop(WORKER_STOP_TIMEOUT_S)
         if self.link is not None:
             self.link.stop()
+        if self._name_worker is not None:
+            self._name_worker.stop(WORKER_STOP_TIMEOUT_S)
+            self._name_worker = None
+            try:
+                release_replica_name(self.db, self.settings)
+            except StorageError as exc:  # the claim then expires by itself
+                log.warning("replica name not released: %s", exc)
         if self.ingest is not None:
             self.ingest.stop()
         if self.broker is not None:
@@ -286,18 +304,6 @@ def _publish_timestamp_again(timestamper: FleetTimestamper, worker: Worker) -> N
 
 def _name_in_timestamps(timestamper: FleetTimestamper, root: TrustRoot) -> None:
     timestamper.trust_version = root.version
-
-
-def _session_expiry_s(settings: ServerSettings) -> int:
-    """How long the broker keeps this replica's MQTT session after losing the connection.
-
-    Long enough for a network blip; far shorter than a lease. A broker (mosquitto 2.0
-    at least) keeps handing a disconnected member its round-robin share of the shared
-    subscriptions until its session expires, and a replica that died never resumes
-    it (its client id names the process). Expiring first means a replica taking over
-    a dead one's rollouts, one lease TTL later, receives every device answer.
-    """
-    return max(1, int(settings.lease_ttl.total_seconds() / 3))
 
 
 def bind_http_socket(host: str, port: int) -> socket.socket:

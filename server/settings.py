@@ -23,6 +23,11 @@ def default_replica_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
 
 
+def default_replica_name() -> str:
+    """The host's name: the same after a restart, so the replica resumes its MQTT session."""
+    return socket.gethostname()
+
+
 def sqlite_url(data_dir: Path) -> str:
     """The default database: `server.db` in the data directory."""
     return f"sqlite:///{Path(data_dir).resolve() / 'server.db'}"
@@ -59,10 +64,18 @@ class ServerSettings:
     broker_reload_command: tuple[str, ...] = ()
     server_key_passphrase: bytes | None = None
     replica_id: str = field(default_factory=default_replica_id)
+    # Names the replica's MQTT session (server/replicaname.py); unique among running replicas.
+    replica_name: str = field(default_factory=default_replica_name)
+    # How long the broker keeps a replica's session after the connection was lost, queueing
+    # its share of the device messages: a replica restarted meanwhile reads them; one gone
+    # for good stops absorbing them by the time another replica takes over its leases.
+    mqtt_session_expiry: dt.timedelta = dt.timedelta(seconds=15)
     share_group: str = DEFAULT_SHARE_GROUP
     directive_ttl: dt.timedelta = dt.timedelta(days=7)
     # A diagnostics request unanswered this long is expired (its directive expires too).
     diagnostics_ttl: dt.timedelta = dt.timedelta(minutes=5)
+    # A benchmark's results arriving later than this are refused (its directives expire too).
+    benchmark_ttl: dt.timedelta = dt.timedelta(minutes=30)
     fleet_timestamp_period: dt.timedelta = dt.timedelta(minutes=10)
     fleet_timestamp_ttl: dt.timedelta = dt.timedelta(hours=1)
     driver_interval_s: float = 1.0

@@ -18,8 +18,11 @@ import tempfile
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from edgefleet.demo.cli import drift_mismatch
 
 pytestmark = pytest.mark.slow
 
@@ -76,6 +79,13 @@ def test_the_whole_loop_runs_keeps_the_fleet_and_leaves_nothing_behind(tmp_path:
     assert "rollout of 1.0.0: completed; rollout of 1.1.0: aborted" in output, output
     assert "1.1.0 stopped because: stage 1: max_accuracy_drop" in output, output
     assert f"devices serving: 1.0.0: {AGENTS}\n" in output, output
+    # The drift step: the last two devices' inputs shift; those two alone get drift alerts.
+    assert "inputs shifted on: demo-04, demo-05; the other 3 calm\n" in output, output
+    alerted = re.search(r"devices with drift alerts: (.*)\n", output)
+    assert alerted is not None, output
+    devices = re.findall(r"(demo-\d+) \([a-z, -]+\)", alerted.group(1))
+    assert devices == ["demo-04", "demo-05"], output
+    assert "drift alerts: exactly the shifted devices" in output, output
     url = re.search(r"web page: (\S+)", lines[-1])
     assert url is not None, output
     with urllib.request.urlopen(url.group(1), timeout=30) as page:  # the sign-in page
@@ -107,3 +117,20 @@ def test_a_stopped_demo_stops_everything_with_a_clear_message(
     assert process.returncode == 130, output
     assert left_running(tmp_path) == []
     assert list(tmp_path.glob("efdemo-*")) == []
+
+
+def test_the_drift_step_fails_on_a_missing_or_a_false_alert() -> None:
+    shifted = {"demo-04", "demo-05"}
+
+    def alert(device: str, resolved: bool = False) -> dict[str, Any]:
+        return {"device_id": device, "kind": "dataset-drift", "resolved_at": resolved or None}
+
+    assert drift_mismatch(shifted, [alert("demo-04"), alert("demo-05")]) == ""
+    assert drift_mismatch(shifted, [alert("demo-04"), alert("demo-05", resolved=True)]) == (
+        "no open alert for the shifted demo-05 after 120 s"
+    )
+    calm_alerted = [alert("demo-04"), alert("demo-05"), alert("demo-01", resolved=True)]
+    assert drift_mismatch(shifted, calm_alerted) == "alerts for the calm demo-01"
+    assert drift_mismatch(shifted, [alert("demo-02")]) == (
+        "no open alert for the shifted demo-04, demo-05 after 120 s; alerts for the calm demo-02"
+    )

@@ -22,6 +22,7 @@ from edgefleet.agent.install.interfaces import (
     HealthProbe,
     Host,
     OnActivated,
+    OnBenchmark,
     OnDiagnostics,
     OnShadow,
     Reporter,
@@ -50,6 +51,7 @@ class InstallContext:
     host: Host
     rng: random.Random
     on_diagnostics: OnDiagnostics | None = None
+    on_benchmark: OnBenchmark | None = None
     # --- the call in progress (`engine.locked` starts each call afresh) ---
     persisted: StateFile = field(default_factory=StateFile)  # the last state read or written
     mark: object | None = None  # the probe's mark at the start of the run (the baseline)

@@ -94,6 +94,10 @@ OnShadow = Callable[["InstalledVersion | None"], None]
 # is refused), so the agent answers with its log lines and status.
 OnDiagnostics = Callable[[Directive], None]
 
+# Called with a verified benchmark directive, once its sequence is persisted, so the agent
+# measures the request's candidates apart from installing and serving (agent/benchmark.py).
+OnBenchmark = Callable[[Directive], None]
+
 
 class Clock(Protocol):
     """Wall time (directive expiry, report times), monotonic time and sleeping."""

@@ -36,6 +36,7 @@ from edgefleet.agent.install.interfaces import (
     HealthProbe,
     Host,
     OnActivated,
+    OnBenchmark,
     OnDiagnostics,
     OnShadow,
     Reporter,
@@ -99,6 +100,7 @@ class Installer:
         *,
         on_shadow: OnShadow | None = None,
         on_diagnostics: OnDiagnostics | None = None,
+        on_benchmark: OnBenchmark | None = None,
         host: Host | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -117,6 +119,7 @@ class Installer:
             host=host or Host(),
             rng=rng or random.Random(),
             on_diagnostics=on_diagnostics,
+            on_benchmark=on_benchmark,
         )
 
     # --- the context's parts, as the agent and its tests use them ---------------------------
@@ -169,8 +172,9 @@ class Installer:
 
     def install_directive(self, data: bytes) -> InstallStatus:
         """Verify a directive (refusing replays) and carry it out: install, shadow, roll back,
-        or answer a diagnostics request (`on_diagnostics`, after the sequence is persisted;
-        the machine's state is left as it was).
+        answer a diagnostics request (`on_diagnostics`) or take a benchmark request
+        (`on_benchmark`), each after the sequence is persisted, the machine's state left as
+        it was.
 
         A shadow directive stages and smoke-tests the bundle as an install does,
         then makes it the challenger (`on_shadow`) instead of switching `current`.
@@ -195,10 +199,15 @@ class Installer:
                 data, device_id=context.config.device_id, now=context.clock.now()
             )
             state = state.with_trust(trust.snapshot())
-            if directive.action == "diagnostics":
+            if directive.action in ("diagnostics", "benchmark"):
                 self._persist(state)  # spent: a replay is refused
-                if context.on_diagnostics is not None:
-                    context.on_diagnostics(directive)
+                answer = (
+                    context.on_diagnostics
+                    if directive.action == "diagnostics"
+                    else context.on_benchmark
+                )
+                if answer is not None:
+                    answer(directive)
                 return self.status()
             if directive.action == "rollback":
                 return self._start_rollback(state, directive.sequence, directive.bundle)

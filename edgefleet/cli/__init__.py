@@ -45,6 +45,11 @@ COMMANDS: dict[str, _LazyCommand] = {
         "Write a locked-down mosquitto configuration; check a broker for the fleet.",
         None,
     ),
+    "emulate": _LazyCommand(
+        "edgefleet.cli.emulate:emulate",
+        "Run ARM bundles' smoke tests on an emulated ARM userland (qemu-user).",
+        None,
+    ),
     "agent": _LazyCommand(
         "edgefleet.agent.cli:agent",
         "Run the on-device agent; install, roll back, predict, status.",

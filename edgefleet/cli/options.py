@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,20 @@ passphrase_env_option = click.option(
 )
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, what: str = "duration") -> int:
+    """`90`, `90s`, `30m`, `24h`, `7d` -> seconds; `what` names it in the error.
+
+    Raises: UsageError for any other form or zero.
+    """
+    match = _DURATION.match(text)
+    if match is None or int(match.group(1)) == 0:
+        raise UsageError(f"{what} {text!r}: expected a positive number with s, m, h or d")
+    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
 def passphrase_from_env(variable: str | None) -> bytes | None:

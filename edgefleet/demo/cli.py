@@ -4,7 +4,8 @@ Keys -> two models trained here (a good one, and one under a mixed-up label
 mapping) converted for this machine and signed -> the fleet server with its
 embedded broker -> N agents enrolled by one claim token -> traffic with
 labelled feedback -> a canary rollout 10% -> 50% -> 100% judged on it -> the bad
-version's rollout, aborted by its accuracy gate and rolled back -> a summary.
+version's rollout, aborted by its accuracy gate and rolled back -> the inputs of a
+few devices shifted, and the server's drift alerts for exactly those -> a summary.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 from edgefleet.agentconfig import AgentConfig, dump_config
 from edgefleet.demo.fleet import Api, DemoError, Processes, free_ports, wait_for
 from edgefleet.demo.model import load_digits, mixed_up, write_model
-from edgefleet.demo.traffic import Traffic
+from edgefleet.demo.traffic import BRIGHTER, Traffic
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -38,6 +39,13 @@ STAGES = [{"percent": 10}, {"percent": 50}, {"percent": 100}]
 # Every stage bakes long enough for the accuracy gate to judge its labels (min_labels).
 GATES = {"bake_s": 10, "max_accuracy_drop": 0.1, "min_labels": 40}
 ROLLOUT_TIMEOUT_S = 180.0
+# The server judges drift over windows of seconds rather than a fleet's minutes (5-minute
+# telemetry buckets, 15-minute windows, a check a minute): `server run`'s own options.
+SERVER_TIMINGS = ("--telemetry-bucket", "2s", "--drift-interval", "1s",
+                  "--drift-window", "10s", "--drift-window-max", "60s")  # fmt: skip
+DRIFT_KINDS = ("feature-drift", "prediction-drift", "dataset-drift")
+DRIFT_TIMEOUT_S = 120.0
+SHIFTED_DEVICES = 3  # the last ones; of a fleet smaller than 6, half of it
 # A demo's impatience (defaults 60 s windows, 30 s heartbeats, a 60 s health check).
 AGENT_TIMINGS = {
     "telemetry": {"window_seconds": 2, "heartbeat_seconds": 2},
@@ -72,7 +80,12 @@ class Story:
     help="At the end, keep the fleet running and print the web page's URL, until Ctrl-C.",
 )
 def demo(agents: int, keep: bool) -> None:
-    """Show the whole loop on this machine: convert, roll out, judge, abort a bad version.
+    """Show the whole loop on this machine: convert, roll out, judge, abort, watch drift.
+
+    A good version is rolled out in stages judged on live traffic; a bad one is
+    aborted by its canaries' labelled feedback; then the inputs of a few devices
+    (3 of 20) are brightened, and the demo waits for the server's drift alerts:
+    it fails if a shifted device gets none or a calm one gets one.
 
     Everything runs in a temporary directory and stops at the end, on an error
     and on Ctrl-C: nothing is left running or on disk. See docs/quickstart.md.
@@ -152,7 +165,7 @@ def run(
     processes.start(
         server_log, "server", "run", "--embedded-broker", "--mqtt-port", str(mqtt_port),
         "--port", str(api_port), "--data", work / "server",
-        "--trust", keys / "trust.json", "--server-key", keys / "server.key",
+        "--trust", keys / "trust.json", "--server-key", keys / "server.key", *SERVER_TIMINGS,
     )  # fmt: skip
     api = Api(server_url)
     wait_for("healthy fleet server", api.healthy, 60, processes)
@@ -198,6 +211,10 @@ def run(
     good = rollout(story, processes, api, work, GOOD, plan)
     story.step(f"The bad version {BUNDLE}@{BAD}: its canaries' labelled feedback stops it")
     bad = rollout(story, processes, api, work, BAD, plan)
+    shifted = set(sorted(ports)[-min(SHIFTED_DEVICES, agents // 2) :])
+    calm = len(ports) - len(shifted)
+    story.step(f"Drift: the inputs of {len(shifted)} devices shift, the other {calm} stay calm")
+    alerts = drift(story, processes, api, traffic, shifted)
 
     story.step("Summary")
     serving: dict[str, int] = {}
@@ -212,12 +229,75 @@ def run(
     story.say(
         f"traffic rounds a device did not answer (no model yet, or switching): {traffic.failures}"
     )
-    story.say("drift alerts: not part of this demo yet (docs/quickstart.md says why)")
+    story.say(f"inputs shifted on: {', '.join(sorted(shifted))}; the other {calm} calm")
+    by_device: dict[str, set[str]] = {}
+    for alert in alerts:
+        by_device.setdefault(alert["device_id"], set()).add(alert["kind"])
+    listed = [
+        f"{device} ({', '.join(sorted(kinds))})" for device, kinds in sorted(by_device.items())
+    ]
+    story.say(f"devices with drift alerts: {', '.join(listed) or 'none'}")
+    mismatch = drift_mismatch(shifted, alerts)
+    if mismatch:
+        raise DemoError(f"drift alerts do not match the shift: {mismatch}")
+    story.say("drift alerts: exactly the shifted devices")
     if keep:
         story.step("The fleet keeps running: Ctrl-C stops it")
         story.say(f"web page: {server_url}/login  (sign in with the token {api.token})")
         while True:
             time.sleep(3600)
+
+
+def drift(
+    story: Story, processes: Processes, api: Api, traffic: Traffic, shifted: set[str]
+) -> list[dict[str, Any]]:
+    """Shift the inputs of `shifted`; wait until each has an open drift alert, at most
+    DRIFT_TIMEOUT_S. Returns every device drift alert of the demo (open or resolved)."""
+    traffic.shift(shifted)
+    story.say(
+        f"traffic: the digits sent to {', '.join(sorted(shifted))} are brightened by "
+        f"{BRIGHTER:g} (pixels in [0, 1]), as by a camera whose exposure changed"
+    )
+    deadline = time.monotonic() + DRIFT_TIMEOUT_S
+    last = ""
+    while True:
+        processes.check_running()
+        alerts = [
+            alert
+            for alert in api.get("/alerts?limit=1000")
+            if alert["scope"] == "device" and alert["kind"] in DRIFT_KINDS
+        ]
+        alerted = sorted(shifted & open_on(alerts))
+        calm = sorted({alert["device_id"] for alert in alerts} - shifted)
+        line = f"drift alerts open on {len(alerted)} of {len(shifted)} shifted devices"
+        line += f" ({', '.join(alerted)})" if alerted else ""
+        line += f"; on calm devices: {', '.join(calm) or 'none'}"
+        if line != last:
+            story.say(line)
+            last = line
+        if len(alerted) == len(shifted) or time.monotonic() > deadline:
+            return alerts
+        time.sleep(1)
+
+
+def open_on(alerts: list[dict[str, Any]]) -> set[str]:
+    """The devices with an open alert among `alerts`."""
+    return {alert["device_id"] for alert in alerts if alert["resolved_at"] is None}
+
+
+def drift_mismatch(shifted: set[str], alerts: list[dict[str, Any]]) -> str:
+    """What differs from "an open drift alert for each shifted device, none ever for a
+    calm one"; empty when nothing does."""
+    missing = sorted(shifted - open_on(alerts))
+    calm = sorted({alert["device_id"] for alert in alerts} - shifted)
+    problems = []
+    if missing:
+        problems.append(
+            f"no open alert for the shifted {', '.join(missing)} after {DRIFT_TIMEOUT_S:.0f} s"
+        )
+    if calm:
+        problems.append(f"alerts for the calm {', '.join(calm)}")
+    return "; ".join(problems)
 
 
 def speed_up(path: Path) -> None:

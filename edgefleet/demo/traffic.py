@@ -4,6 +4,8 @@ Each round sends every device a batch of digits (`/v1/predict/batch`), takes the
 top class of each answer and reports it with the true label (`/v1/feedback`),
 as an application whose users correct the device would. Answers are counted per
 version the device said it served, so the summary shows each version's accuracy.
+`shift` brightens the digits of some devices from then on, as a camera whose
+exposure changed would: their inputs drift, the others' stay as they were.
 """
 
 from __future__ import annotations
@@ -23,10 +25,15 @@ from edgefleet.demo.model import Digits
 
 BATCH = 8
 ROUND_PAUSE_S = 0.2
+BRIGHTER = 0.3  # added to every pixel of a shifted device's digits (pixels are in [0, 1])
 
 
 class Traffic:
-    """Runs in a thread until stopped; `requests`, `correct` and `failures` are its counts."""
+    """Runs in a thread until stopped; `requests`, `correct` and `failures` are its counts.
+
+    `requests` and `correct` count per version served, and apart ("VERSION, shifted
+    inputs") for the digits a shifted device answered.
+    """
 
     def __init__(self, digits: Digits, ports: dict[str, int]) -> None:
         self.digits = digits
@@ -34,6 +41,7 @@ class Traffic:
         self.requests: Counter[str] = Counter()  # per version served
         self.correct: Counter[str] = Counter()
         self.failures = 0
+        self.shifted: frozenset[str] = frozenset()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._rng = np.random.default_rng(1)
@@ -41,6 +49,10 @@ class Traffic:
 
     def start(self) -> None:
         self._thread.start()
+
+    def shift(self, devices: set[str]) -> None:
+        """Brighten the digits sent to `devices` from the next round on."""
+        self.shifted = frozenset(devices)
 
     def stop(self) -> None:
         self._stop.set()
@@ -50,14 +62,18 @@ class Traffic:
         with ThreadPoolExecutor(max_workers=4) as pool:
             while not self._stop.wait(ROUND_PAUSE_S):
                 rows = self._rng.integers(0, len(self.digits.held_out), (len(self.ports), BATCH))
-                list(pool.map(self._serve, self.ports.values(), rows))
+                list(pool.map(self._serve, self.ports, rows))
 
-    def _serve(self, port: int, rows: np.ndarray) -> None:
-        base = f"http://127.0.0.1:{port}/v1"
+    def _serve(self, device: str, rows: np.ndarray) -> None:
+        base = f"http://127.0.0.1:{self.ports[device]}/v1"
+        features = self.digits.held_out[rows]
+        shifted = device in self.shifted
+        if shifted:
+            features = np.clip(features + BRIGHTER, 0.0, 1.0).astype(np.float32)
         try:
             version = _get_json(f"{base}/model")["current"]["version"]
             buffer = io.BytesIO()
-            np.savez(buffer, features=self.digits.held_out[rows])
+            np.savez(buffer, features=features)
             answer = _post(f"{base}/predict/batch", buffer.getvalue(), "application/octet-stream")
             with np.load(io.BytesIO(answer)) as outputs:
                 predicted = outputs["probabilities"].argmax(axis=1)
@@ -69,9 +85,10 @@ class Traffic:
             with self._lock:
                 self.failures += 1
             return
+        served = f"{version}, shifted inputs" if shifted else str(version)
         with self._lock:
-            self.requests[str(version)] += len(labels)
-            self.correct[str(version)] += int((predicted == labels).sum())
+            self.requests[served] += len(labels)
+            self.correct[served] += int((predicted == labels).sum())
 
 
 def _get_json(url: str) -> Any:

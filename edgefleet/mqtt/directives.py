@@ -1,8 +1,11 @@
 """Signed server-to-device documents: directives and the fleet timestamp.
 
 A directive tells one device to install a bundle (named by digest and length,
-with the transports to fetch it by), to roll back, or to send its recent log
-lines and status (`diagnostics`, answering with the request's id). The fleet timestamp is
+with the transports to fetch it by), to roll back, to send its recent log
+lines and status (`diagnostics`, answering with the request's id), or to
+measure the candidates of a signed benchmark request (`benchmark`: the request
+named as a bundle, fetched over HTTP, never installed; `edgefleet.benchwire`).
+An agent older than an action refuses its directive as malformed and goes on. The fleet timestamp is
 published retained to the whole fleet at a fixed period, so a device whose
 newest timestamp has expired knows it is being frozen out (a stolen broker can
 withhold messages, never forge them).
@@ -115,20 +118,28 @@ class Directive(_Dated):
     spec_version: Literal[1] = 1
     device_id: DeviceIdText
     sequence: int = Field(ge=1)
-    action: Literal["install", "rollback", "diagnostics"]
+    action: Literal["install", "rollback", "diagnostics", "benchmark"]
     bundle: BundleRef | None = None
     sources: list[Source] = Field(default_factory=list, max_length=16)
     shadow: bool = False  # install beside the serving model and compare, do not serve
-    # The server's diagnostics request this directive asks the device to answer.
+    # The server's diagnostics or benchmark request this directive asks the device to answer.
     request_id: Annotated[int, Field(ge=1)] | None = None
 
     @model_validator(mode="after")
     def _action_consistent(self) -> Directive:
-        if (self.action == "diagnostics") != (self.request_id is not None):
-            raise ValueError("a request_id comes with a diagnostics directive, and only with one")
+        if (self.action in ("diagnostics", "benchmark")) != (self.request_id is not None):
+            raise ValueError(
+                "a request_id comes with a diagnostics or benchmark directive, and only with one"
+            )
         if self.action == "diagnostics":
             if self.bundle is not None or self.sources or self.shadow:
                 raise ValueError("a diagnostics directive names no bundle, sources or shadow")
+        elif self.action == "benchmark":
+            # The bundle is the signed benchmark request (edgefleet.benchwire), never installed.
+            if self.bundle is None or self.shadow:
+                raise ValueError("a benchmark directive names its request as a bundle, no shadow")
+            if not any(isinstance(source, HttpSource) for source in self.sources):
+                raise ValueError("a benchmark directive lists an http source for its request")
         elif self.action == "install":
             if self.bundle is None:
                 raise ValueError("an install directive must name a bundle")

@@ -99,6 +99,15 @@ class BreakerReport(_Part):
     state: Literal["closed", "open", "half-open"]
 
 
+class DirectiveAnswer(_Part):
+    """The last directive the agent answered and how: what its last status report of that
+    directive said (`committed`, `failed` or `refused`, and the reason)."""
+
+    sequence: Annotated[int, Field(ge=1)]  # the directive's sequence
+    install_state: InstallState
+    reason: Annotated[str, Field(max_length=2048)] | None = None
+
+
 class Heartbeat(Message):
     """Periodic health of the device and its agent."""
 
@@ -128,6 +137,8 @@ class Heartbeat(Message):
     # The newest fleet timestamp expired and no newer one arrived: updates may be withheld.
     frozen_out: bool | None = None
     frozen_reason: ProblemText | None = None
+    # Restates the answer to the last directive, so a lost status report is settled.
+    answered: DirectiveAnswer | None = None
 
     @model_validator(mode="after")
     def _within_totals(self) -> Heartbeat:

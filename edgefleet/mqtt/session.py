@@ -36,6 +36,12 @@ Hooks run in the network thread: `on_message` for each message (the PUBACK of
 a QoS 1 message goes out after it returns), `on_tick` after each loop step
 while the session is ready, `on_problem` with one line for each problem (the
 caller logs it; by default it is logged as a warning).
+
+A broker that refuses the client's TLS certificate (revoked, expired, of a CA
+it does not know, or none presented) ends the connection with a TLS alert,
+which paho reports only as a lost connection; the session reads the alert
+from paho's log (`_PahoErrors`) and names the refusal and what to do
+(`describe_tls_refusal`).
 """
 
 from __future__ import annotations
@@ -168,12 +174,16 @@ class MqttSession:
         connect_timeout_s: float = 10.0,
         poll_s: float = 1.0,
         rng: random.Random | None = None,
+        certificate_advice: str = "give the client a certificate the broker accepts",
     ) -> None:
         """
+        `certificate_advice` says what to do when the broker refuses the client's certificate.
+
         Raises:
             UsageError: a bad broker URL, or TLS files that cannot be loaded.
         """
         self.address = parse_broker_url(url)
+        self._certificate_advice = certificate_advice
         self.client_id = client_id
         self.subscriptions = list(subscriptions)
         self.connects = 0
@@ -205,6 +215,7 @@ class MqttSession:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+        self._paho_errors = _PahoErrors()
         try:
             self.client = self._make_client(last_will, tls, max_inflight)
         except BaseException:
@@ -242,6 +253,7 @@ class MqttSession:
             except (OSError, ValueError) as exc:
                 raise UsageError(f"cannot load the MQTT TLS files: {exc}") from exc
             client.tls_set_context(self._tls_context)
+        client.enable_logger(self._paho_errors.logger)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -357,10 +369,14 @@ class MqttSession:
         while not self._stopping.is_set():
             self._state = SessionState.CONNECTING
             ready_at: float | None = None
+            self._paho_errors.last = None
             try:
                 self._connect()
             except (OSError, ValueError) as exc:
-                self._on_problem(f"cannot reach the broker at {self.address.where}: {exc}")
+                self._on_problem(
+                    describe_tls_refusal(str(exc), self._certificate_advice)
+                    or f"cannot reach the broker at {self.address.where}: {exc}"
+                )
             else:
                 ready_at = self._serve()
             self._ready.clear()
@@ -397,7 +413,11 @@ class MqttSession:
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 if ready_at is not None:
                     self.connection_losses += 1
-                self._on_problem(f"connection to the broker ended: {_error(rc)}")
+                socket_error = self._paho_errors.last or ""
+                self._on_problem(
+                    describe_tls_refusal(socket_error, self._certificate_advice)
+                    or f"connection to the broker ended: {_error(rc)}"
+                )
                 break
             if self.client.is_connected():
                 if ready_at is None:
@@ -553,6 +573,47 @@ def _error(rc: MQTTErrorCode) -> str:
     return mqtt.error_string(rc)
 
 
+# TLS alerts by which a broker refuses the client's certificate, as OpenSSL names them,
+# and what the refusal says: the certificate is ..., and what to do.
+_CERTIFICATE_REFUSALS = (
+    ("CERTIFICATE_REVOKED", "revoked or expired?", "it is revoked"),
+    ("CERTIFICATE_EXPIRED", "revoked or expired?", "it expired"),
+    ("UNKNOWN_CA", "unknown CA", "the broker does not trust the CA that issued it"),
+    ("CERTIFICATE_REQUIRED", "none presented", "the broker requires one"),
+    ("BAD_CERTIFICATE", "rejected", "the broker rejected it"),
+    ("CERTIFICATE_UNKNOWN", "rejected", "the broker rejected it"),
+)
+
+
+def describe_tls_refusal(error: str, advice: str) -> str | None:
+    """The broker's refusal of our TLS certificate named, followed by `advice` (what to
+    do); None when `error` (an SSL error's text) is not such a refusal."""
+    for alert, short, what in _CERTIFICATE_REFUSALS:
+        if f"ALERT_{alert}]" in error:
+            return f"broker refused our certificate ({short}): {what}: {advice}"
+    return None
+
+
+class _PahoErrors(logging.Handler):
+    """Keeps the last socket error paho logged (paho returns only "connection lost").
+
+    A private logger at ERROR, so paho's debug lines are never even formatted."""
+
+    PREFIX = "failed to receive on socket: "
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.last: str | None = None
+        self.logger = logging.Logger("edgefleet.mqtt.paho", logging.ERROR)
+        self.logger.propagate = False
+        self.logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith(self.PREFIX):
+            self.last = message[len(self.PREFIX) :]
+
+
 def _log_problem(text: str) -> None:
     log.warning("%s", text)
 
@@ -566,6 +627,7 @@ __all__ = [
     "RetainedMessage",
     "SessionState",
     "TlsFiles",
+    "describe_tls_refusal",
     "parse_broker_url",
     "redact_broker_url",
 ]

@@ -24,6 +24,14 @@ def default_broker_url(server_url: str) -> str:
     return f"mqtt://{host}:1883"
 
 
+def parse_serving(text: str) -> tuple[str, str]:
+    """`--serving NAME@VERSION` as (name, version)."""
+    name, _, version = text.partition("@")
+    if not name or not version:
+        raise UsageError(f"--serving {text!r} is not NAME@VERSION (e.g. digits@1.0.0)")
+    return name, version
+
+
 @click.command("simulate")
 @click.option("--devices", "count", required=True, type=click.IntRange(min=1), help="How many.")
 @click.option("--server", "server_url", required=True, help="The fleet server's URL (enrollment).")
@@ -85,6 +93,19 @@ def default_broker_url(server_url: str) -> str:
     type=click.FloatRange(min=0, min_open=True),
     help="Stop after this many seconds (default: at Ctrl-C).",
 )
+@click.option(
+    "--serving",
+    metavar="NAME@VERSION",
+    help="Every device serves this bundle from the start (installed before it enrolled), "
+    "so it sends telemetry at once [default: none until a rollout installs one].",
+)
+@click.option(
+    "--forwarded-for",
+    is_flag=True,
+    help="Enroll each device with an X-Forwarded-For address of its own (10.x.y.z), as a load "
+    "balancer in front of the server names it: with the server's --forwarded-allow-ips, the "
+    "per-address enrollment limit applies per device, not to this one machine.",
+)
 @click.option("--seed", type=int, help="Seed the random choices (ids, failures, offline periods).")
 def simulate(
     count: int,
@@ -100,6 +121,8 @@ def simulate(
     offline_rate: float,
     offline_seconds: float,
     duration: float | None,
+    serving: str | None,
+    forwarded_for: bool,
     seed: int | None,
 ) -> None:
     """Run N simulated devices that speak the real device protocol, in one process.
@@ -127,6 +150,8 @@ def simulate(
         fail_rate=fail_rate,
         offline_rate=offline_rate,
         offline_seconds=offline_seconds,
+        serving=parse_serving(serving) if serving else None,
+        forwarded_for=forwarded_for,
         seed=seed,
     )
     stop = threading.Event()

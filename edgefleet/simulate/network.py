@@ -84,6 +84,8 @@ class SimulationSettings:
     fail_rate: float = 0.0
     offline_rate: float = 0.0
     offline_seconds: float = 60.0
+    serving: tuple[str, str] | None = None  # (name, version) every device serves at start
+    forwarded_for: bool = False  # enroll with X-Forwarded-For: an address of the device's own
     http_workers: int = 8
     seed: int | None = None
 
@@ -126,7 +128,10 @@ class Simulation:
         self._nodes = [
             self._node(
                 SimDevice(
-                    f"{settings.prefix}-{self._rng.getrandbits(48):012x}", profile=settings.profile
+                    f"{settings.prefix}-{self._rng.getrandbits(48):012x}",
+                    profile=settings.profile,
+                    model_name=settings.serving[0] if settings.serving else None,
+                    model_version=settings.serving[1] if settings.serving else None,
                 )
             )
             for _ in range(settings.devices)
@@ -165,9 +170,12 @@ class Simulation:
     def _enroll(self, device: SimDevice) -> None:
         body = device.enrollment(__version__, self.settings.enroll_token)
         url = f"{self._server}{API_PREFIX}/devices/enroll"
+        headers = {}
+        if self.settings.forwarded_for:  # as a load balancer names the device it forwards for
+            headers["X-Forwarded-For"] = f"10.{'.'.join(map(str, random.randbytes(3)))}"
         for attempt in range(ENROLL_ATTEMPTS):
             try:
-                response = self._http.post(url, json=body)
+                response = self._http.post(url, json=body, headers=headers)
             except httpx.HTTPError as exc:
                 problem: str = f"no answer from {self._server}: {exc}"
             else:

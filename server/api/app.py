@@ -23,6 +23,7 @@ from edgefleet.server.api.routes import (
     accuracy,
     alerts,
     audit,
+    benchmarks,
     blobs,
     bundles,
     certificates,
@@ -77,6 +78,7 @@ def create_app(context: ServerContext) -> FastAPI:
         blobs,
         devices,
         diagnostics,
+        benchmarks,
         rollouts,
         alerts,
         accuracy,
@@ -96,7 +98,11 @@ def create_app(context: ServerContext) -> FastAPI:
         BodyLimitMiddleware,
         limit=MAX_JSON_BODY,
         exempt=frozenset(
-            {("POST", f"{API_PREFIX}/bundles"), ("POST", f"{API_PREFIX}/devices/*/samples")}
+            {
+                ("POST", f"{API_PREFIX}/bundles"),
+                ("POST", f"{API_PREFIX}/benchmarks"),
+                ("POST", f"{API_PREFIX}/devices/*/samples"),
+            }
         ),
     )
     app.add_middleware(MetricsMiddleware, metrics=register_metrics(context))

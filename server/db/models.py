@@ -470,6 +470,40 @@ class DiagnosticsRequest(Base):
     error: Mapped[str | None] = mapped_column(Text)  # why there is no result
 
 
+class Benchmark(Base):
+    """An operator's benchmark request (the converter's candidates, signed by the release key)
+    sent to devices of its target profile; the file is stored under `benchmarks/`."""
+
+    __tablename__ = "benchmarks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    requested_by: Mapped[str] = mapped_column(String(128))
+    requested_at: Mapped[dt.datetime]
+    expires_at: Mapped[dt.datetime]  # results arriving after this are refused
+    profile: Mapped[str] = mapped_column(String(64))
+    selector: Mapped[str] = mapped_column(String(256))  # `device ID` or `tag K=V`
+    sha256: Mapped[str] = mapped_column(String(64))
+    length: Mapped[int] = mapped_column(BigInteger)
+    candidates: Mapped[list[Any]] = mapped_column(JSON)  # the candidates' names
+
+
+class BenchmarkResult(Base):
+    """One device's part of a benchmark: its directive, then its signed results."""
+
+    __tablename__ = "benchmark_results"
+
+    benchmark_id: Mapped[int] = mapped_column(
+        ForeignKey("benchmarks.id", ondelete="CASCADE"), primary_key=True
+    )
+    device_id: Mapped[str] = mapped_column(
+        ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    directive_sequence: Mapped[int | None] = mapped_column(BigInteger)
+    answered_at: Mapped[dt.datetime | None]
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # BenchmarkResults, bounded
+    error: Mapped[str | None] = mapped_column(Text)  # why there is no result
+
+
 class WebSession(Base):
     """A signed-in browser: the SHA-256 of its cookie, the API token it was opened with."""
 

@@ -156,6 +156,8 @@ class ServerLink:
                 connect_timeout_s=connect_timeout_s,
                 poll_s=poll_s,
                 rng=rng,
+                certificate_advice="issue the replica a certificate of the fleet CA (edgefleet "
+                "broker config --server-identity NAME) and pass it with --mqtt-cert, --mqtt-key",
             )
         except UsageError as exc:  # a bad share group or broker URL
             raise InvalidRequestError(str(exc)) from exc

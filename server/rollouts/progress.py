@@ -12,8 +12,9 @@ other state is on the way.
 
 A report can be lost (the server killed before it was ingested), so `reconcile`
 also settles a device from its newest heartbeat, which devices sign like their
-reports and which restates what the device serves and its install state: see
-`heartbeat_answer` for exactly what it must say. Both kinds of answer move the
+reports and which restates what the device serves, its install state and its
+answer to the last directive it rests after: see `heartbeat_answer` for
+exactly what it must say. Both kinds of answer move the
 device through `_answer` and `_move`, and only while it still waits for one:
 a device settled by its heartbeat ignores the late report of the same outcome,
 so nothing is applied or counted twice.
@@ -121,7 +122,6 @@ def reconcile(session: Session, rollout: Rollout, now: dt.datetime) -> int:
         .where(
             RolloutDevice.rollout_id == rollout.id,
             RolloutDevice.state.in_(watched),
-            RolloutDevice.shadow.is_(False),
             Device.heartbeat.is_not(None),
         )
     ).all()
@@ -137,24 +137,36 @@ def heartbeat_answer(
 ) -> tuple[str, str] | None:
     """The answer (agent state, reason) the device's newest heartbeat gives `rd`'s directive.
 
-    A heartbeat answers when it was sent (`sent_at`, whole seconds) at or after
-    the directive was issued (`notified_at`), its install state is `committed`,
-    and it serves, for an install, the rollout's bundle (name and version), or for
-    a rollback, the bundle's name at the version rolled back to. That is what the
-    lost `committed` report would have said: a device that already served the
-    version commits an install at once, and one that never took the bundle keeps
-    what it serves on a rollback. A shadow install leaves the served version
-    alone, so shadow devices are settled by their reports only. A heartbeat does
-    not say which bundle a `failed` state is about, so failures are not settled
-    from it.
+    A heartbeat answers only when it was sent (`sent_at`, whole seconds) at or
+    after the directive was issued (`notified_at`), and then in one of two ways:
+
+    - its `answered` names the directive (`sequence`) with a resting outcome
+      (`committed`, `failed` or `refused`): the outcome and reason of the lost
+      report, shadow installs included; agents that predate `answered` do not
+      send it;
+    - else its install state is `committed` and it serves, for an install, the
+      rollout's bundle (name and version), or for a rollback, the bundle's name
+      at the version rolled back to. That is what the lost `committed` report
+      would have said: a device that already served the version commits an
+      install at once, and one that never took the bundle keeps what it serves
+      on a rollback. A shadow install leaves the served version alone, so this
+      way never settles a shadow device.
     """
-    if not heartbeat or rd.notified_at is None or heartbeat.get("install_state") != "committed":
+    if not heartbeat or rd.notified_at is None:
         return None
     try:
         sent_at = parse_time(str(heartbeat.get("sent_at")))
     except MalformedDocumentError:
         return None
     if sent_at < rd.notified_at.replace(microsecond=0):
+        return None
+    restated = f"restated by the heartbeat of {format_time(sent_at)}"
+    answered = heartbeat.get("answered")
+    if isinstance(answered, dict) and answered.get("sequence") == rd.directive_sequence:
+        outcome = answered.get("install_state")
+        if outcome in AGENT_SUCCESS | AGENT_FAILURE:
+            return str(outcome), f"{answered.get('reason') or outcome} ({restated})"
+    if rd.shadow or heartbeat.get("install_state") != "committed":
         return None
     served = (heartbeat.get("model_name"), heartbeat.get("model_version"))
     wanted = rd.previous_version if rd.state is DeviceState.ROLLING_BACK else bundle.version

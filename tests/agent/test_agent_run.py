@@ -214,12 +214,15 @@ def test_agent_serves_installs_and_reports(
             "install_state": "committed",
             "status": "ok",
             "drift": "insufficient",  # no traffic: the device's check has no verdict yet
+            "link": "connected",
         }
         assert wait_until(lambda: api(port, "/v1/health") == done), agent_log(agent)
 
         status = json.loads(cli("agent", "status", "--json", "--config", config_path).stdout)
         assert status["running"] and status["state"] == "committed"
-        assert status["drift"] == "insufficient"
+        assert status["drift"] == "insufficient" and status["link"] == "connected"
+        shown = cli("agent", "status", "--config", config_path).stdout
+        assert "broker link:     connected\n" in shown
         assert status["current"].startswith("demo@1.1.0")
         assert status["previous"].startswith("demo@1.0.0")
 

@@ -191,6 +191,7 @@ def test_model_and_health_describe_what_is_served(served: tuple[Client, Predicto
         "model": "digits@1.0.0",
         "install_state": "idle",
         "drift": None,  # no drift check given to this API
+        "link": None,  # nor a link
     }
     status, model = client.json("GET", "/v1/model")
     assert status == 200 and model["current"]["name"] == "digits"

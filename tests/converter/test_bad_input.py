@@ -135,16 +135,6 @@ def test_unknown_target_refused(mlp: Case, assert_refused: Refused) -> None:
     assert_refused(mlp.model, mlp.calibration, UnknownProfileError, target="riscv-9000")
 
 
-def test_onnx_model_for_tflite_only_target_refused(mlp: Case, assert_refused: Refused) -> None:
-    assert_refused(
-        mlp.model,
-        mlp.calibration,
-        errors.RuntimeNotOnTargetError,
-        target="armv7-tflite",
-        match="needs onnxruntime, and target armv7-tflite runs tflite only",
-    )
-
-
 def test_operator_the_runtime_lacks_refused(tmp_path: Path, assert_refused: Refused) -> None:
     node = helper.make_node("Frobnicate", ["x"], ["y"], domain="com.example.custom")
     graph = helper.make_graph(

@@ -1,8 +1,7 @@
-"""The drift benchmark's windows: samples of the population, and an interval that counts overlap."""
+"""The drift benchmark's windows: samples of the population, and calm windows of disjoint rows."""
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import sys
 from pathlib import Path
@@ -54,22 +53,8 @@ def test_reweighting_triples_class_0_and_repeats_only_what_it_must(bench: Module
     assert all(np.unique(window).size == 500 for window in windows)
 
 
-def test_overlapping_windows_widen_the_calm_interval(bench: ModuleType) -> None:
-    args = argparse.Namespace(window=500, sequences=10, windows=4)
-    calm = bench.Tally(windows=61 * 120, open_windows=3)
-    effective = bench.effective_windows(calm, 719, args)
-    assert effective < calm.windows / 50
-    _, high = bench.conservative_interval(calm.open_windows / calm.windows, effective)
-    independent = binomtest(calm.open_windows, calm.windows).proportion_ci(0.95).high
-    assert high > 5 * independent
-
-
-def test_without_overlap_the_interval_is_clopper_pearsons(bench: ModuleType) -> None:
-    args = argparse.Namespace(window=1, sequences=10, windows=1)
-    calm = bench.Tally(windows=3000, open_windows=30)
-    effective = bench.effective_windows(calm, 10**9, args)
-    assert effective == pytest.approx(3000, rel=1e-3)
-    low, high = bench.conservative_interval(0.01, effective)
+def test_the_interval_is_clopper_pearsons(bench: ModuleType) -> None:
+    low, high = bench.clopper_pearson(30, 3000)
     exact = binomtest(30, 3000).proportion_ci(0.95)
     assert (low, high) == pytest.approx((exact.low, exact.high), rel=0.01)
 
@@ -114,3 +99,49 @@ def test_the_spread_part_sees_a_wider_window_more_than_a_shifted_one(bench: Modu
     wider = np.array([[20, 20, 20, 20, 20, 0]])
     shifted = np.array([[0, 10, 20, 40, 30, 0]])
     assert bench.spread_part(reference, wider)[0] > 5 * bench.spread_part(reference, shifted)[0]
+
+
+def test_an_alert_is_open_only_in_or_right_after_a_drifted_window(bench: ModuleType) -> None:
+    """What bounds the calm share of windows with an alert open by twice the share drifted."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        drifted = list(rng.random(30) < rng.uniform(0.1, 0.9))
+        persistence = bench.Persistence()
+        for index, flagged in enumerate(drifted):
+            if persistence.update(flagged) in ("open", "still-open"):
+                assert flagged or (index > 0 and drifted[index - 1])
+
+
+def test_the_calm_bound_is_twice_clopper_pearsons_upper_end(bench: ModuleType) -> None:
+    for drifted, windows in ((0, 300), (0, 800), (3, 2000)):
+        upper = binomtest(drifted, windows).proportion_ci(0.95).high
+        calm = bench.Calm(windows=windows, drifted=drifted)
+        assert calm.open_bound() == pytest.approx(2 * upper, rel=1e-6)
+    assert bench.Calm(windows=300).open_bound() > 0.01  # 300 calm windows cannot show 1%
+    assert bench.Calm(windows=800).open_bound() < 0.01
+
+
+def test_calm_windows_take_each_held_out_row_once(bench: ModuleType) -> None:
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(1000, 1))
+    seen: list[np.ndarray] = []
+
+    def extract(batch: np.ndarray) -> dict[str, np.ndarray]:
+        seen.append(batch[:, 0])
+        return {"x": batch[:, 0]}
+
+    calm_group = bench.with_references(
+        bench.Group("calm", "tabular", rows[400:], None, extract), rows[:400], rng
+    )
+    seen.clear()
+    by_kind = bench.calm_disjoint(calm_group, 100, rng)
+    assert by_kind["tabular inputs"].windows == 6 == len(seen)
+    used = np.concatenate(seen)
+    assert np.unique(used).size == used.size == 600
+
+
+def test_large_data_sets_keep_most_rows_held_out(bench: ModuleType) -> None:
+    fit, reference, held_out = bench.split(20190, np.random.default_rng(0))
+    assert (len(fit), len(reference), len(held_out)) == (2000, 2000, 16190)
+    fit, reference, held_out = bench.split(1797, np.random.default_rng(0))
+    assert (len(fit), len(reference), len(held_out)) == (359, 719, 719)  # as 20/40/40%

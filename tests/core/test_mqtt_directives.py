@@ -352,3 +352,27 @@ def test_a_diagnostics_directive_names_a_request_and_no_bundle(
 def test_install_directives_sign_no_request_id_so_older_agents_accept_them() -> None:
     assert "request_id" not in directive().to_signed()
     assert "request_id" not in directive(action="rollback", sources=[]).to_signed()
+
+
+def test_a_benchmark_directive_names_its_request_as_a_bundle_fetched_over_http(
+    trust: TrustRoot, keyset: KeySet
+) -> None:
+    request = BundleRef(name="edgefleet-benchmark", version="0.0.0", sha256="cd" * 32, length=5000)
+    over_http = [HttpSource(url="https://fleet.example/api/v1/benchmarks/3/request")]
+    asking = directive(action="benchmark", bundle=request, sources=over_http, request_id=3)
+    signed = sign_directive(asking, [keyset.server])
+    accepted = verify_directive(signed, trust, device_id=DEVICE, last_sequence=4, now=NOW)
+    assert (accepted.action, accepted.request_id, accepted.bundle) == ("benchmark", 3, request)
+    with pytest.raises(ValueError, match="request_id"):
+        directive(action="benchmark", bundle=request, sources=over_http)
+    with pytest.raises(ValueError, match="names its request"):
+        directive(action="benchmark", bundle=None, sources=over_http, request_id=3)
+    with pytest.raises(ValueError, match="no shadow"):
+        directive(action="benchmark", bundle=request, sources=over_http, request_id=3, shadow=True)
+    with pytest.raises(ValueError, match="http source"):
+        directive(
+            action="benchmark",
+            bundle=request,
+            sources=[MqttBlocksSource(block_size=16_384)],
+            request_id=3,
+        )

@@ -290,16 +290,15 @@ class FaultFleet:
         parts += [f"--- {s.log_path.name}\n{s.log}" for s in self.servers]
         return "\n".join(parts)
 
-    def account(self, agent: Agent, lost_through: int = 0) -> list[dict[str, Any]]:
-        """Every report the agent numbered is stored once (outbox drained), but those up to
-        `lost_through` may be missing; each version was installed once. The stored
-        reports, lowest sequence first."""
+    def account(self, agent: Agent) -> list[dict[str, Any]]:
+        """Every report the agent numbered is stored once (outbox drained), none missing;
+        each version was installed once. The stored reports, lowest sequence first."""
 
         def delivered() -> bool:
             sent = agent.report_sequence()
             stored = self.get(f"/devices/{agent.device_id}")["status_reports"]
             return outbox_is_empty(agent.layout.outbox) and (
-                sent <= lost_through or bool(stored and stored[0]["sequence"] == sent)
+                sent == 0 or bool(stored and stored[0]["sequence"] == sent)
             )
 
         assert wait_until(delivered, WAIT, interval=0.5), agent.log
@@ -309,7 +308,7 @@ class FaultFleet:
         sequences = [r["sequence"] for r in reports]
         assert len(set(sequences)) == len(sequences), sequences  # none stored twice
         missing = set(range(1, agent.report_sequence() + 1)) - set(sequences)
-        assert missing <= set(range(1, lost_through + 1)), (missing, lost_through)
+        assert not missing, missing
         committed = Counter(
             r["bundle_version"] for r in reports if r["install_state"] == "committed"
         )

@@ -2,23 +2,19 @@
 
 Three agents; a two-stage rollout of demo@1.0.0; the server is killed (no
 clean-up, no MQTT DISCONNECT) as soon as a device was sent its directive, and a
-new server process starts on the same port and database. It waits out the
-killed one's lease (15 s), settles what the devices did meanwhile from their
-heartbeats and sends unanswered directives again. The rollout completes, no
-status report is stored twice, every device installed 1.0.0 once, and every
-report is stored but those sent before the killed process's MQTT session
-expired (5 s): the broker hands that session its share of them and nobody
-reads it, the loss docs/server.md states for a crashed replica.
+new server process starts on the same port, database and replica name (the
+host's). It resumes the killed process's MQTT session, which the broker kept
+and queued the device messages for meanwhile, waits out the killed one's
+lease (15 s), settles what the devices did meanwhile and sends unanswered
+directives again. The rollout completes, every device installed 1.0.0 once,
+and every status report the agents sent is stored exactly once: none lost to
+the killed process's session.
 """
 
 from __future__ import annotations
 
-import time
-
 from tests.faults.conftest import WAIT, FaultFleet
 from tests.server.serverproc import wait_until
-
-SESSION_EXPIRY_S = 5  # the server's MQTT session expiry: a third of its 15 s lease TTL
 
 
 def test_a_server_killed_mid_rollout_finishes_it_after_restart(fleet: FaultFleet) -> None:
@@ -33,18 +29,12 @@ def test_a_server_killed_mid_rollout_finishes_it_after_restart(fleet: FaultFleet
     )
     assert fleet.server is not None
     fleet.server.kill()
-    killed_at = time.monotonic()
     fleet.start_server()
-    # Until the killed process's session expires the broker hands it its share of the
-    # device messages, which nobody reads (docs/server.md, Failure modes): reports sent
-    # by then may be lost. Those sent after it must all arrive.
-    assert wait_until(lambda: time.monotonic() > killed_at + SESSION_EXPIRY_S + 1, WAIT)
-    lost_through = {device: fleet.agents[device].report_sequence() for device in devices}
 
     final = fleet.wait_for_state(rollout, {"completed", "paused", "aborted", "failed"})
     assert final["state"] == "completed", final
     listed = fleet.devices()
     for device in devices:
         assert listed[device]["model_version"] == "1.0.0", listed[device]
-        fleet.account(fleet.agents[device], lost_through[device])
+        fleet.account(fleet.agents[device])
         assert [name.split("-")[0] for name in fleet.agents[device].installed()] == ["demo@1.0.0"]

@@ -147,7 +147,13 @@ def json_of(response: httpx.Response, status: int) -> Any:
 
 
 def start_agent(
-    tmp_path: Path, device: str, broker_url: str, server_url: str, trust: Path
+    tmp_path: Path,
+    device: str,
+    broker_url: str,
+    server_url: str,
+    trust: Path,
+    *,
+    profile: str = PROFILE,
 ) -> subprocess.Popen[bytes]:
     """`edgefleet agent run` for `device` with fast timings; its log in `agent_log`."""
     config_path = tmp_path / f"{device}.toml"
@@ -155,7 +161,7 @@ def start_agent(
         config_path,
         AgentConfig(
             device_id=device,
-            profile=PROFILE,
+            profile=profile,
             state_dir=tmp_path / device,
             trust_root=trust,
             server_url=server_url,

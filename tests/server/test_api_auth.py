@@ -143,6 +143,10 @@ REQUIRED_ROLE: dict[tuple[str, str], Role | None] = {
     ("GET", "/api/v1/tokens"): Role.ADMIN,
     ("DELETE", "/api/v1/tokens/{token_id}"): Role.ADMIN,
     ("GET", "/api/v1/audit"): Role.ADMIN,
+    ("POST", "/api/v1/benchmarks"): Role.OPERATOR,
+    ("GET", "/api/v1/benchmarks/{benchmark_id}"): Role.VIEWER,
+    ("GET", "/api/v1/benchmarks/{benchmark_id}/request"): None,  # devices verify what they get
+    ("POST", "/api/v1/devices/{device_id}/benchmarks/{benchmark_id}"): None,  # device-signed
 }
 # Path parameters naming nothing stored: a request that gets past the role check
 # changes nothing (404 or 422).
@@ -156,6 +160,7 @@ PATH_VALUES = {
     "alert_id": "999999",
     "sample_id": "999999",
     "delivery_id": "999999",
+    "benchmark_id": "999999",
 }
 BELOW = {Role.OPERATOR: Role.VIEWER, Role.ADMIN: Role.OPERATOR}
 

@@ -268,8 +268,18 @@ def test_server_run_turns_flags_into_settings(
     assert settings.database_url == f"sqlite:///{(tmp_path / 'd').resolve() / 'server.db'}"
     assert settings.base_url == "http://127.0.0.1:8080"
     assert settings.forwarded_allow_ips is None  # no proxy header trusted
+    assert settings.replica_name == socket.gethostname()  # the same after a restart
 
     received.clear()
+    run("server", "run", "--trust", trust, "--server-key", key, "--replica-name", "edge-1.b_2")
+    assert [s.replica_name for s in received] == ["edge-1.b_2"]
+    received.clear()
+    _, err = run("server", "run", "--trust", trust, "--server-key", key, "--replica-name",
+                 "edge 1", status=2)  # fmt: skip
+    assert err.splitlines() == [
+        "error [usage]: --replica-name 'edge 1' cannot name a replica: pass --replica-name "
+        "with 1 to 64 letters, digits, '.', '_' or '-'"
+    ]
     _, err = run("server", "run", "--embedded-broker", "--mqtt", "mqtt://b:1883", "--trust",
                  trust, "--server-key", key, status=2)  # fmt: skip
     assert "--mqtt and --embedded-broker exclude each other" in err

@@ -20,10 +20,14 @@ its own enrolled key, signing every message):
 - when the replica driving a second rollout is killed (SIGKILL, its lease
   left to expire), the other takes the lease over once it expired (TTL 15 s)
   and completes the rollout; still one install directive per device. This
-  holds because a replica's MQTT session expires well before its leases
-  (`runner._session_expiry_s`): mosquitto keeps handing a dead member of a
-  shared subscription its round-robin share until that session expires, and
-  device answers sent there would never reach the replica taking over.
+  holds because a replica's MQTT session expires no later than its leases
+  (`mqtt_session_expiry`, the lease TTL): mosquitto keeps handing a dead
+  member of a shared subscription its round-robin share until that session
+  expires, and device answers sent there would never reach the replica
+  taking over.
+
+Each replica has its own `--replica-name` (both run on this host, whose name
+is the default): the name keeps its MQTT session.
 """
 
 from __future__ import annotations
@@ -108,7 +112,7 @@ def test_two_replicas_share_telemetry_and_one_drives_each_rollout(
     # Started together: both migrate the fresh database at once (an advisory lock orders them).
     replicas = [
         ServerProcess.start(tmp_path / f"replica-{name}.log", trust_path, key_path,
-                            *shared, "--open-enrollment")
+                            *shared, "--open-enrollment", "--replica-name", name)
         for name in "ab"
     ]  # fmt: skip
     a, b = replicas

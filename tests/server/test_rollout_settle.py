@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select, update
@@ -17,7 +18,13 @@ from sqlalchemy import select, update
 from edgefleet.errors import ReplayedDirectiveError
 from edgefleet.mqtt import Directive, verify_directive
 from edgefleet.mqtt.devicesig import sign_device_payload
-from edgefleet.mqtt.messages import Heartbeat, Presence, StatusReport, encode_message
+from edgefleet.mqtt.messages import (
+    DirectiveAnswer,
+    Heartbeat,
+    Presence,
+    StatusReport,
+    encode_message,
+)
 from edgefleet.mqtt.topics import DeviceTopics, TopicKind
 from edgefleet.server.db.database import Database
 from edgefleet.server.db.models import BundleRow, Device, RolloutDevice
@@ -60,14 +67,14 @@ class Loop:
     status_sequence: int = 0
     accepted: int = 0  # the highest directive sequence the device accepted
 
-    def start(self) -> int:
+    def start(self, plan: dict[str, Any] = PLAN) -> int:
         with self.db.session() as session:
             bundle = session.scalars(select(BundleRow)).one()
             rollout = start_rollout(
                 session,
                 bundle=bundle,
                 selector={},
-                plan=plan_from_dict(PLAN),
+                plan=plan_from_dict(plan),
                 actor=OPERATOR,
                 now=self.clock(),
             )
@@ -100,7 +107,9 @@ class Loop:
         self.ingestor.handle(topic, payload)
         self.ingestor.flush()
 
-    def heartbeat(self, version: str, state: str = "committed") -> None:
+    def heartbeat(
+        self, version: str, state: str = "committed", answered: DirectiveAnswer | None = None
+    ) -> None:
         message = Heartbeat(
             device_id=self.device.id,
             sent_at=format_time(self.clock()),
@@ -114,6 +123,7 @@ class Loop:
             model_name="demo",
             model_version=version,
             install_state=state,
+            answered=answered,
         )
         self.send(TopicKind.HEARTBEAT, encode_message(message))
 
@@ -181,9 +191,9 @@ def loop(database: Database, tmp_path: Path, keyset: KeySet, trust: TrustRoot) -
     return Loop(database, clock, publisher, ingestor, driver, trust, device, connects)
 
 
-def installed(loop: Loop) -> tuple[int, Directive]:
+def installed(loop: Loop, plan: dict[str, Any] = PLAN) -> tuple[int, Directive]:
     """A rollout whose install directive the device accepted and answered `downloading`."""
-    rid = loop.start()
+    rid = loop.start(plan)
     loop.tick()
     (payload,) = loop.directives()
     directive = loop.accept(payload)
@@ -219,6 +229,37 @@ def test_a_lost_committed_report_is_settled_by_the_next_heartbeat(loop: Loop) ->
     for _ in range(10):
         loop.tick()
     assert loop.state(rid) == "completed"
+
+
+def test_a_lost_failure_report_is_settled_by_the_heartbeat_that_restates_it(
+    loop: Loop,
+) -> None:
+    rid, directive = installed(loop, {**PLAN, "max_retries": 0})  # a failure stays failed
+    # The install failed and was rolled back; its report was lost. The heartbeat restates
+    # the answer to that directive.
+    reason = "smoke test failed: the model answered nothing"
+    failed = DirectiveAnswer(sequence=directive.sequence, install_state="failed", reason=reason)
+    loop.heartbeat("1.0.0", "failed", DirectiveAnswer(sequence=directive.sequence + 1,
+                                                       install_state="failed"))  # fmt: skip
+    loop.tick()
+    assert loop.membership(rid).state == "installing"  # the answer to another directive
+    loop.heartbeat("1.0.0", "failed", failed)
+    loop.tick()
+    settled = loop.membership(rid)
+    assert settled.state == "failed"
+    assert settled.reason is not None and settled.reason.startswith(reason)
+    assert "heartbeat" in settled.reason
+    # The lost report turns up late: nothing moves again.
+    loop.status(directive, "failed", "2.0.0")
+    loop.tick()
+    after = loop.membership(rid)
+    assert (after.state, after.reason, after.updated_at) == (
+        settled.state,
+        settled.reason,
+        settled.updated_at,
+    )
+    with loop.db.session() as session:
+        assert state_counts(session, rid)["failed"] == 1
 
 
 def test_a_heartbeat_from_before_the_directive_settles_nothing(loop: Loop) -> None:

@@ -10,19 +10,25 @@ says `offline-clean` and a summary line is printed.
 
 from __future__ import annotations
 
+import http.server
+import json
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
+from sqlalchemy import func, select
 
 from edgefleet.server.db.database import Database
+from edgefleet.server.db.models import TelemetryBucket
 from edgefleet.server.principals import Role
 from edgefleet.server.tokens import create_api_token
+from edgefleet.simulate.network import Simulation, SimulationSettings
 from edgefleet.trust import TrustRoot
 from tests.agent.broker import MosquittoBroker, mosquitto_or_skip
 from tests.conftest import KeySet
@@ -149,3 +155,79 @@ def test_installs_failing_at_fail_rate_one_pause_the_rollout(fleet: Fleet) -> No
         status, out, err = stop(process)
     assert status == 0, err
     assert "0 installs committed, 5 failed" in out, out
+
+
+def test_devices_serving_from_the_start_send_telemetry_before_any_rollout(fleet: Fleet) -> None:
+    process = fleet.simulate(5, "--serving", "digits@0.9.0", "--telemetry-seconds", "1")
+    db = Database(f"sqlite:///{fleet.tmp_path / 'server.db'}")
+
+    def stored_windows() -> int:
+        with db.session() as session:
+            return int(session.scalar(select(func.sum(TelemetryBucket.windows))) or 0)
+
+    try:
+        assert wait_until(lambda: stored_windows() >= 10, 90), fleet.server.log
+        with fleet.api() as api:
+            devices = json_of(api.get("/devices", params={"limit": 10}), 200)["items"]
+        assert {(d["model_name"], d["model_version"]) for d in devices} == {("digits", "0.9.0")}
+    finally:
+        status, _, err = stop(process)
+        db.dispose()
+    assert status == 0, err
+
+
+def test_serving_that_is_not_name_at_version_is_a_usage_error(fleet: Fleet) -> None:
+    process = fleet.simulate(1, "--serving", "digits")
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 2
+    assert err.strip().splitlines() == [
+        "error [usage]: --serving 'digits' is not NAME@VERSION (e.g. digits@1.0.0)"
+    ]
+
+
+class EnrollRecorder(http.server.BaseHTTPRequestHandler):
+    """Answers every enrollment 201 and records who it was forwarded for."""
+
+    forwarded: ClassVar[list[str | None]] = []
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.forwarded.append(self.headers.get("X-Forwarded-For"))
+        body = json.dumps({}).encode()
+        self.send_response(201)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("forwarded_for", [True, False])
+def test_forwarded_for_gives_each_device_an_address_of_its_own(
+    trust: TrustRoot, forwarded_for: bool
+) -> None:
+    EnrollRecorder.forwarded = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), EnrollRecorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    settings = SimulationSettings(
+        devices=20,
+        server_url=f"http://127.0.0.1:{server.server_address[1]}",
+        broker_url="mqtt://127.0.0.1:1",
+        trust=trust,
+        forwarded_for=forwarded_for,
+    )
+    simulation = Simulation(settings)
+    try:
+        simulation.enroll()
+    finally:
+        simulation.close()
+        server.shutdown()
+        server.server_close()
+    addresses = EnrollRecorder.forwarded
+    assert len(addresses) == 20
+    if forwarded_for:
+        assert len(set(addresses)) == 20
+        assert all(a is not None and a.startswith("10.") for a in addresses)
+    else:
+        assert addresses == [None] * 20
