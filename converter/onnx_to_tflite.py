@@ -16,6 +16,7 @@ not be those of the ONNX model, its schema, smoke test and drift reference.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -48,6 +49,10 @@ def convert_to_tflite(
     python = prepare_onnx2tf(progress)
     out = workdir / "tflite"
     out.mkdir()
+    # onnx2tf writes its shape-inferred graph back over the model file it is given:
+    # it gets a copy, never the user's model.
+    source = out / "model.onnx"
+    shutil.copyfile(model, source)
     files = {}
     for index, (name, array) in enumerate(calibration.arrays.items()):
         path = out / f"calibration-{index}.npy"
@@ -58,7 +63,7 @@ def convert_to_tflite(
     progress.start(f"converting to TFLite with onnx2tf {ONNX2TF_VERSION}", 1)
     try:
         result = subprocess.run(
-            [str(python), str(DRIVER), str(model), str(out), str(spec)],
+            [str(python), str(DRIVER), str(source), str(out), str(spec)],
             capture_output=True,
             text=True,
             check=False,

@@ -46,6 +46,7 @@ from edgefleet.server.audit import record_audit
 from edgefleet.server.certificates import revoke_device_certificates
 from edgefleet.server.db.database import Database
 from edgefleet.server.db.models import (
+    AuditEntry,
     Device,
     Rollout,
     RolloutDevice,
@@ -55,6 +56,13 @@ from edgefleet.server.principals import Principal, Role
 from edgefleet.server.rollouts.machine import ACTIVE_STATES
 from edgefleet.server.tokens import consume_enroll_token
 from edgefleet.timefmt import utcnow
+
+KEY_CHANGES = ("device.enroll", "device.remove")  # the audit actions that change a device's key
+COMMIT_ALLOWANCE_S = 60.0  # how long after its audit row's id was drawn a change surely committed
+
+
+def _audit_target(device_id: str) -> str:
+    return f"device {device_id}"
 
 
 def _actor(device_id: str) -> Principal:
@@ -142,7 +150,9 @@ def enroll_device(
             f"device {request.device_id} was enrolled by another request at the same "
             "moment; try again"
         ) from exc
-    record_audit(session, _actor(device.id), "device.enroll", f"device {device.id}", details, now)
+    record_audit(
+        session, _actor(device.id), "device.enroll", _audit_target(device.id), details, now
+    )
     return device, True
 
 
@@ -249,20 +259,28 @@ def remove_device(
     session.delete(device)
     session.flush()
     details["revoked_certificates"] = revoke_device_certificates(session, device_id, now)
-    record_audit(session, actor, "device.remove", f"device {device_id}", details, now)
+    record_audit(session, actor, "device.remove", _audit_target(device_id), details, now)
 
 
 class DeviceKeyCache:
     """Enrolled public keys by device id, for the MQTT ingestion (thread-safe).
 
-    Known keys are kept `ttl_s`, unknown ids `negative_ttl_s` (so a device
-    enrolled through another replica is recognised soon), at most `max_entries`
-    (least recently used dropped). `invalidate` after an enrollment or a removal
-    on this replica; other replicas accept a removed device's key for up to
-    `ttl_s` more (hence a short one: 10 s costs one indexed lookup per device
-    per 10 s). A caller whose signature check failed may ask again with
-    `fresh=True` (the device was removed and enrolled again with a new key,
-    through another replica); that reloads at most once per
+    A known key is kept until something changes it; an unknown id for
+    `negative_ttl_s` (so a device enrolled without an audit entry is still
+    recognised soon); at most `max_entries` (least recently used dropped).
+    Changes are found with one query every `check_interval_s` for the whole
+    cache: the enrollments and removals audited since the last check
+    ("device.enroll", "device.remove", written in the same unit of work as the
+    change), each of which drops that device's entry. So another replica's
+    removal is noticed within `check_interval_s`; `invalidate` after an
+    enrollment or a removal on this replica forgets at once. Audit entries are
+    read again for `COMMIT_ALLOWANCE_S` after they were first seen, so an entry
+    whose id was drawn before one already seen, but committed after it
+    (PostgreSQL), is not missed.
+
+    A caller whose signature check failed may ask again with `fresh=True` (the
+    device was removed and enrolled again with a new key, through another
+    replica, since the last check); that reloads at most once per
     `refresh_interval_s` per device, so forged messages cannot turn every
     message into a database query.
     """
@@ -271,22 +289,28 @@ class DeviceKeyCache:
         self,
         db: Database,
         *,
-        ttl_s: float = 10.0,
+        check_interval_s: float = 5.0,
         negative_ttl_s: float = 5.0,
         refresh_interval_s: float = 5.0,
         max_entries: int = 100_000,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._db = db
-        self._ttl = ttl_s
+        self._check_interval = check_interval_s
         self._negative_ttl = negative_ttl_s
         self._refresh_interval = refresh_interval_s
         self._max_entries = max_entries
         self._monotonic = monotonic
         self._lock = threading.Lock()
+        self._check_lock = threading.Lock()
         # device id -> (key or None, loaded at)
         self._entries: OrderedDict[str, tuple[str | None, float]] = OrderedDict()
-        self.loads = 0  # database lookups made, for tests and metrics
+        self._generation = 0  # invalidations so far: a load that raced one is not kept
+        self._checked_at: float | None = None
+        self._audit_floor = 0  # audit ids at or below it are settled and were read
+        self._audit_seen: dict[int, float] = {}  # audit ids above the floor -> first seen at
+        self.loads = 0  # key lookups made, for tests and metrics
+        self.checks = 0  # change queries made, for tests and metrics
 
     def public_key(self, device_id: str, *, fresh: bool = False) -> str | None:
         """The device's enrolled key (64 hex digits), None when it is not enrolled.
@@ -295,17 +319,21 @@ class DeviceKeyCache:
             StorageError: the database failed (nothing is cached).
         """
         now = self._monotonic()
+        self._check_for_changes(now)
         with self._lock:
+            generation = self._generation
             entry = self._entries.get(device_id)
             if entry is not None:
                 key, loaded = entry
                 age = now - loaded
-                expired = age >= (self._ttl if key is not None else self._negative_ttl)
+                expired = key is None and age >= self._negative_ttl
                 if not expired and not (fresh and age >= self._refresh_interval):
                     self._entries.move_to_end(device_id)
                     return key
         key = self._load(device_id)
         with self._lock:
+            if generation != self._generation:  # invalidated meanwhile: the key may be stale
+                return key
             self._entries[device_id] = (key, now)
             self._entries.move_to_end(device_id)
             while len(self._entries) > self._max_entries:
@@ -317,9 +345,40 @@ class DeviceKeyCache:
         with self._db.session() as session:
             return session.scalar(select(Device.public_key).where(Device.id == device_id))
 
+    def _check_for_changes(self, now: float) -> None:
+        """Every `check_interval_s`: drop the entries of devices enrolled or removed since."""
+        with self._check_lock:
+            if self._checked_at is not None and now - self._checked_at < self._check_interval:
+                return
+            self.checks += 1
+            with self._db.session() as session:
+                if self._checked_at is None:  # the cache is empty: only later changes matter
+                    self._audit_floor = session.scalar(select(func.max(AuditEntry.id))) or 0
+                    self._checked_at = now
+                    return
+                changes = session.execute(
+                    select(AuditEntry.id, AuditEntry.target).where(
+                        AuditEntry.id > self._audit_floor, AuditEntry.action.in_(KEY_CHANGES)
+                    )
+                ).all()
+            for audit_id, target in changes:
+                if audit_id not in self._audit_seen:
+                    self._audit_seen[audit_id] = now
+                    self.invalidate(target.removeprefix(_audit_target("")))
+            settled = [
+                i for i, seen in self._audit_seen.items() if now - seen >= COMMIT_ALLOWANCE_S
+            ]
+            if settled:
+                self._audit_floor = max(settled)
+                self._audit_seen = {
+                    i: seen for i, seen in self._audit_seen.items() if i > self._audit_floor
+                }
+            self._checked_at = now
+
     def invalidate(self, device_id: str | None = None) -> None:
         """Forget `device_id`'s key (it was enrolled or removed), or every key (None)."""
         with self._lock:
+            self._generation += 1
             if device_id is None:
                 self._entries.clear()
             else:

@@ -193,6 +193,7 @@ class FleetServer:
             f"edgefleet-server-{settings.replica_name}",
             settings.share_group,
             self._handle_message,
+            when_stored=self._when_stored,
             retained=self.trust.retained_messages,
             on_connect=self._link_connected,
             session_expiry_s=int(settings.mqtt_session_expiry.total_seconds()),
@@ -274,6 +275,10 @@ class FleetServer:
     def _handle_message(self, topic: str, payload: bytes) -> None:
         assert self.ingest is not None  # set before the link starts
         self.ingest.handle(topic, payload)
+
+    def _when_stored(self, callback: Callable[[], None]) -> None:
+        assert self.ingest is not None  # set before the link starts
+        self.ingest.when_stored(callback)
 
     def close(self) -> None:
         """Stop everything in reverse order; the ingestion's last batch is written. Idempotent."""

@@ -37,6 +37,16 @@ a QoS 1 message goes out after it returns), `on_tick` after each loop step
 while the session is ready, `on_problem` with one line for each problem (the
 caller logs it; by default it is logged as a warning).
 
+Acknowledging later (MQTT 5 flow control): given `on_held_message` instead of
+`on_message`, the session acknowledges nothing by itself. Each message comes
+with a `Receipt`; `acknowledge(receipt)` (any thread) settles it, and the
+PUBACKs go out in the order the messages arrived (as MQTT requires), each as
+soon as it and every message before it is settled. `receive_maximum` (the
+CONNECT's Receive Maximum) bounds how many unacknowledged QoS 1 messages the
+broker sends at once, so whoever holds them holds at most that many, and the
+network thread never has to wait. A receipt of an earlier connection is not
+acknowledged: the resumed session redelivers its message.
+
 A broker that refuses the client's TLS certificate (revoked, expired, of a CA
 it does not know, or none presented) ends the connection with a TLS alert,
 which paho reports only as a lost connection; the session reads the alert
@@ -46,6 +56,7 @@ from paho's log (`_PahoErrors`) and names the refusal and what to do
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import enum
 import logging
@@ -148,6 +159,54 @@ class TlsFiles:
     key_file: Path | None = None
 
 
+@dataclass(frozen=True)
+class Receipt:
+    """One received message, to `MqttSession.acknowledge` once it is safe."""
+
+    connection: int  # the `_InOrderAcks` generation it arrived in
+    sequence: int  # arrival order within the connection
+    mid: int
+    qos: int
+
+
+class _InOrderAcks:
+    """Receipts in arrival order; settled ones are released as a prefix, in order."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._generation = 0
+        self._next = 0
+        self._waiting: collections.deque[Receipt] = collections.deque()
+        self._settled: set[int] = set()
+
+    def new_connection(self) -> None:
+        """Forget the last connection's receipts: its session redelivers them."""
+        with self._lock:
+            self._generation += 1
+            self._waiting.clear()
+            self._settled.clear()
+
+    def receive(self, mid: int, qos: int) -> Receipt:
+        with self._lock:
+            self._next += 1
+            receipt = Receipt(self._generation, self._next, mid, qos)
+            if qos > 0:
+                self._waiting.append(receipt)
+            return receipt
+
+    def settle(self, receipt: Receipt, send: Callable[[Receipt], None]) -> None:
+        """Mark `receipt` settled; `send` every receipt now settled with all before it."""
+        with self._lock:  # held while sending, so that two threads cannot reorder acks
+            if receipt.connection != self._generation or receipt.qos == 0:
+                return
+            self._settled.add(receipt.sequence)
+            waiting = self._waiting
+            while waiting and waiting[0].sequence in self._settled:
+                first = waiting.popleft()
+                self._settled.discard(first.sequence)
+                send(first)
+
+
 class MqttSession:
     """A paho client under a fixed client id, connected and reconnected in its own thread."""
 
@@ -156,7 +215,9 @@ class MqttSession:
         url: str,
         client_id: str,
         *,
-        on_message: Callable[[str, bytes], None],
+        on_message: Callable[[str, bytes], None] | None = None,
+        on_held_message: Callable[[str, bytes, Receipt], None] | None = None,
+        receive_maximum: int | None = None,
         on_tick: Callable[[], None] | None = None,
         on_problem: Callable[[str], None] | None = None,
         subscriptions: Sequence[tuple[str, int]] = (),
@@ -178,10 +239,13 @@ class MqttSession:
     ) -> None:
         """
         `certificate_advice` says what to do when the broker refuses the client's certificate.
+        Exactly one of `on_message` and `on_held_message` (see the module docstring).
 
         Raises:
             UsageError: a bad broker URL, or TLS files that cannot be loaded.
         """
+        if (on_message is None) == (on_held_message is None):
+            raise TypeError("give MqttSession one of on_message and on_held_message")
         self.address = parse_broker_url(url)
         self._certificate_advice = certificate_advice
         self.client_id = client_id
@@ -190,6 +254,9 @@ class MqttSession:
         self.connection_losses = 0
         self.rejected = 0  # PUBACK or SUBACK with a failure reason code
         self._on_message_hook = on_message
+        self._on_held_message = on_held_message
+        self._acks = _InOrderAcks()
+        self._receive_maximum = receive_maximum
         self._on_tick = on_tick
         self._on_problem = on_problem or _log_problem
         self._birth = birth
@@ -234,6 +301,7 @@ class MqttSession:
             client_id=self.client_id,
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
             clean_session=None if v5 else False,
+            manual_ack=self._on_held_message is not None,
         )
         client.connect_timeout = self._connect_timeout
         client.max_inflight_messages_set(max_inflight)
@@ -361,6 +429,16 @@ class MqttSession:
             )
         raise PublishError(f"the MQTT client refused a message to {topic}: {_error(info.rc)}")
 
+    def acknowledge(self, receipt: Receipt) -> None:
+        """Settle a message given to `on_held_message` (any thread); its PUBACK goes out
+        once every message before it is settled too. A receipt of an earlier connection,
+        or after `stop`, is ignored: the broker redelivers its message."""
+        if not self._stopping.is_set():
+            self._acks.settle(receipt, self._send_ack)
+
+    def _send_ack(self, receipt: Receipt) -> None:
+        self.client.ack(receipt.mid, receipt.qos)  # queued; the hook wakes the network thread
+
     # -- network thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -396,6 +474,8 @@ class MqttSession:
         if self._protocol == "5":
             properties = _properties("CONNECT")
             properties.SessionExpiryInterval = self._session_expiry
+            if self._receive_maximum is not None:
+                properties.ReceiveMaximum = self._receive_maximum
             self.client.connect(
                 host, port, self._keepalive, clean_start=False, properties=properties
             )
@@ -515,6 +595,7 @@ class MqttSession:
         if reason.is_failure:
             self._on_problem(f"the broker refused the connection: {reason}")
             return
+        self._acks.new_connection()
         if self._birth is not None:
             client.publish(self._birth[0], self._birth[1], qos=1, retain=True)
         if self.subscriptions:
@@ -555,9 +636,12 @@ class MqttSession:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         payload = message.payload
-        self._on_message_hook(
-            message.topic, payload if isinstance(payload, bytes) else bytes(payload)
-        )
+        data = payload if isinstance(payload, bytes) else bytes(payload)
+        if self._on_held_message is not None:
+            receipt = self._acks.receive(message.mid, message.qos)
+            self._on_held_message(message.topic, data, receipt)
+        elif self._on_message_hook is not None:
+            self._on_message_hook(message.topic, data)
 
 
 def _properties(packet: Literal["CONNECT", "DISCONNECT"]) -> Properties:
@@ -624,6 +708,7 @@ __all__ = [
     "BrokerAddress",
     "MqttProtocol",
     "MqttSession",
+    "Receipt",
     "RetainedMessage",
     "SessionState",
     "TlsFiles",

@@ -3,7 +3,8 @@
 - `interfaces`: `Publisher` (server -> broker), `DeviceKeys`, `MessageHandler`;
   domain code depends on these, never on paho.
 - `link.ServerLink`: the replica's paho connection (shared subscriptions for
-  device messages, plain for presence; a bounded queue and a worker thread);
+  device messages, plain for presence; a queue and a worker thread, messages
+  acknowledged once stored, the broker's flow control bounding the rest);
   implements `Publisher`.
 - `ingest.Ingestor`: device messages -> device state, status history and
   telemetry buckets, checked (device signature, schema) and written in batches.

@@ -41,10 +41,11 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, delete, insert, select, update
+from sqlalchemy import Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from edgefleet.errors import MalformedDocumentError
@@ -105,6 +106,8 @@ class IngestBatch:
     diagnostics: list[tuple[str, DiagnosticsReport, dt.datetime]] = field(default_factory=list)
     heartbeat_slots: dict[SlotKey, HeartbeatSlot] = field(default_factory=dict)
     messages: int = 0
+    # called once the batch (and every one before it) is written: the link's acknowledgements
+    on_stored: list[Callable[[], None]] = field(default_factory=list)
 
 
 class BatchWriter:
@@ -134,12 +137,15 @@ class BatchWriter:
         """
         devices = self._lock_devices(session, sorted(batch.devices))
         returned: set[str] = set()
+        reported: list[str] = []  # devices with new status reports, in id order
         for device_id, changes in batch.devices.items():
             device = devices.get(device_id)
             if device is not None:
                 if self._comes_back(device, changes):
                     returned.add(device_id)
-                self._apply(session, device, changes)
+                if self._apply(session, device, changes):
+                    reported.append(device_id)
+        self._trim_reports(session, sorted(reported))
         self._write_telemetry(session, batch.telemetry, devices)
         for device_id, report, received_at in batch.diagnostics:
             if device_id not in devices or not record_answer(
@@ -176,7 +182,7 @@ class BatchWriter:
             devices.update((d.id, d) for d in session.scalars(query))
         return devices
 
-    def _apply(self, session: Session, device: Device, update: DeviceUpdate) -> None:
+    def _apply(self, session: Session, device: Device, update: DeviceUpdate) -> bool:
         if update.online is not None and update.online != device.online:
             device.online = update.online
             session.add(
@@ -226,18 +232,30 @@ class BatchWriter:
                 device.model_version = heartbeat.model_version
             if update.heartbeat_order > state_order:
                 device.install_state = heartbeat.install_state
-        if accepted:
-            self._trim_reports(session, device.id)
+        return accepted > 0
 
-    def _trim_reports(self, session: Session, device_id: str) -> None:
+    def _trim_reports(self, session: Session, device_ids: list[str]) -> None:
+        """Delete all but the newest `status_reports_kept` reports of each of `device_ids`:
+        one statement per chunk of devices, not a query per device (the unit of work
+        holds SQLite's one write lock, and PostgreSQL's device row locks, meanwhile)."""
+        if not device_ids:
+            return
         session.flush()
-        old = session.scalars(
-            select(StatusReportRow.id)
-            .where(StatusReportRow.device_id == device_id)
-            .order_by(StatusReportRow.sequence.desc(), StatusReportRow.id.desc())
-            .offset(self._reports_kept)
-        ).all()
-        if old:
+        for chunk in in_chunks(device_ids):
+            ranked = (
+                select(
+                    StatusReportRow.id,
+                    func.row_number()
+                    .over(
+                        partition_by=StatusReportRow.device_id,
+                        order_by=(StatusReportRow.sequence.desc(), StatusReportRow.id.desc()),
+                    )
+                    .label("newer"),
+                )
+                .where(StatusReportRow.device_id.in_(chunk))
+                .subquery()
+            )
+            old = select(ranked.c.id).where(ranked.c.newer > self._reports_kept)
             session.execute(delete(StatusReportRow).where(StatusReportRow.id.in_(old)))
 
     def _write_telemetry(

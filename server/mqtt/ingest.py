@@ -27,8 +27,9 @@ windows merge into `TelemetryAggregate`s per (device, bundle, version, bucket). 
 `settings.telemetry_flush_s` on the worker `flusher`, and at `stop`) writes a
 batch in one unit of work (`batch.BatchWriter`: status deduplicated by
 sequence, telemetry merged into buckets, devices locked in id order).
-A batch that cannot be written stays queued and is retried at the next flush
-(at most `MAX_PENDING_BATCHES`, then the oldest is dropped and counted).
+A batch that cannot be written stays queued and is retried at the next flush,
+before any later one; nothing is dropped (the link's flow control bounds what
+waits: `when_stored`).
 The devices a written batch brought back (`BatchWriter.write`) are handed to
 `on_return` (the rollout side's `resend.Returns.add`, which only records them:
 ingestion never waits for directives to be sent).
@@ -41,8 +42,13 @@ a new key counts from 1 again, and is not taken for a replay); at the write,
 Deduplication of telemetry: a window is identified by (device, window_start);
 the most recent `TELEMETRY_DEDUPE_SIZE` identities are remembered, so a window
 redelivered by the broker or re-sent from a device's outbox is not counted
-twice. Crash window: what is in the link's queue and the unflushed batch
-(about `telemetry_flush_s` of data) is lost if the process dies.
+twice.
+
+Nothing handled is lost when the process dies: `when_stored(callback)` calls
+`callback` once every message handled before the call is written (at once
+when the batches hold no message), and the link acknowledges messages to the
+broker only then; what was not acknowledged is redelivered to the replica's
+session.
 
 Lifecycle in a server: `start()` (the flusher), hand `handle` to the link,
 and at shutdown stop the link first (it handles what it queued), then `stop()`
@@ -87,7 +93,6 @@ log = logging.getLogger(__name__)
 LOG_EVERY_S = 10.0
 TELEMETRY_DEDUPE_SIZE = 200_000
 TOPIC_CACHE_SIZE = 100_000
-MAX_PENDING_BATCHES = 10
 # The reason a presence message gives for the change it makes (PresenceChange.reason).
 PRESENCE_REASONS = {
     Presence.ONLINE: "connected",
@@ -121,7 +126,6 @@ class Ingestor:
         self._duplicates: collections.Counter[str] = collections.Counter()  # kind -> n
         self.flushes = 0
         self.flush_failures = 0
-        self.batches_dropped = 0
         self.flushed_messages = 0
         self._lock = threading.Lock()  # guards _batch (worker thread vs flush thread)
         self._flush_lock = threading.Lock()
@@ -367,6 +371,12 @@ class Ingestor:
             self._last_log[subject] = now
             log.warning("refused a device message (%s): %s", reason, detail)
 
+    def when_stored(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (in the flushing thread) once every message handled so far is
+        written. Never raises; `callback` must not raise either."""
+        with self._lock:
+            self._batch.on_stored.append(callback)
+
     # -- flushing ----------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -390,24 +400,24 @@ class Ingestor:
         with self._flush_lock:
             with self._lock:
                 batch, self._batch = self._batch, IngestBatch()
-            if batch.messages:
+            if batch.messages or batch.on_stored:
                 self._pending.append(batch)
-            while len(self._pending) > MAX_PENDING_BATCHES:
-                dropped = self._pending.popleft()
-                self.batches_dropped += 1
-                log.error("dropped %d ingested messages: the database is failing", dropped.messages)
             written = 0
             while self._pending:
                 batch = self._pending[0]
                 if not self._write_with_retries(batch):
                     break
                 self._pending.popleft()
+                for callback in batch.on_stored:
+                    callback()
                 written += batch.messages
             self.flushes += 1
             self.flushed_messages += written
             return written
 
     def _write_with_retries(self, batch: IngestBatch) -> bool:
+        if not batch.messages:
+            return True
         for attempt in range(WRITE_ATTEMPTS):
             try:
                 with self._db.session() as session:
@@ -442,7 +452,6 @@ class Ingestor:
             "flush": {
                 "flushes": self.flushes,
                 "failures": self.flush_failures,
-                "batches_dropped": self.batches_dropped,
                 "messages": self.flushed_messages,
             },
         }

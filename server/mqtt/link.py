@@ -17,12 +17,19 @@ this module adds what is the server's. What it guarantees:
   them, each message goes to one replica), and a plain subscription for
   presence (every replica sees every presence change; retained presence is
   not delivered on shared subscriptions);
-- received messages go into a bounded queue consumed by a worker thread that
-  calls the handlers, so paho's network thread never waits on the database or
-  on signature checks (`workers=n` runs n workers, each device's messages on
-  the same one, in order). When the queue is full the network thread waits for
-  room (counted in `.queue_full_waits`): the broker then holds the messages
-  (TCP backpressure) rather than anyone dropping them;
+- received messages go into a queue consumed by a worker thread that calls
+  the handlers, so paho's network thread never waits, neither on the database,
+  nor on signature checks, nor on room in the queue (`workers=n` runs n workers,
+  each device's messages on the same one, in order);
+- a QoS 1 message is acknowledged to the broker only once it is safe: after
+  its handler returned and, with `when_stored`, once what the handlers took is
+  stored (`when_stored(callback)` calls `callback` then; the ingestor's
+  `Ingestor.when_stored`). The broker sends at most `receive_maximum`
+  unacknowledged messages (MQTT 5 flow control), which bounds the queue; when
+  the handlers fall behind, the rest waits in the broker, and the connection
+  (keepalive, directives going out) is unaffected. A replica that dies loses
+  nothing it was sent: its session (under the same client id) is redelivered
+  what it had not acknowledged when it comes back;
 - on every (re)connect, whatever `retained()` lists is published again, retained
   (the fleet's trust roots: an embedded broker forgets retained messages when it
   restarts); publishing the same retained message twice changes nothing;
@@ -36,11 +43,8 @@ this module adds what is the server's. What it guarantees:
   while the broker is away is kept and sent after the reconnect, a QoS 0 one
   (block data) is refused, and so is anything once the link is stopped.
 
-A QoS 1 message is acknowledged to the broker once it is in the queue, so a
-crash loses what was queued and not yet handled; the ingestor's own in-memory
-batches have the same window (see `ingest.py`). Devices keep retrying what
-matters (status reports stay in their outbox until acknowledged; directives
-are re-sent by the rollout driver).
+A clean `stop` ends the session (see above) after handling what is queued;
+what the ingestor then stores is not acknowledged, and is not needed to be.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ from dataclasses import dataclass
 
 from edgefleet.backoff import Backoff
 from edgefleet.errors import PublishError, UsageError
-from edgefleet.mqtt.session import BrokerAddress, MqttSession, TlsFiles
+from edgefleet.mqtt.session import BrokerAddress, MqttSession, Receipt, TlsFiles
 from edgefleet.mqtt.topics import TopicKind, device_filter, shared_filter
 from edgefleet.server.errors import InvalidRequestError
 from edgefleet.server.mqtt.interfaces import MessageHandler
@@ -70,7 +74,8 @@ SHARED_KINDS = (
     TopicKind.DIAGNOSTICS,
 )
 RECONNECT_BACKOFF = Backoff(initial=0.5, maximum=30.0)
-_STOP = ("", b"")  # the worker's end marker
+RECEIVE_MAXIMUM = 10_000  # unacknowledged messages in flight: ~20 s of a 10,000-device fleet
+_STOP = ("", b"", None)  # the worker's end marker
 _DEVICES_PREFIX = device_filter(TopicKind.STATUS).split("+", 1)[0]  # edgefleet/v1/devices/
 
 
@@ -113,7 +118,8 @@ class ServerLink:
         on_connect: Callable[[], None] | None = None,
         session_expiry_s: int = 300,
         tls: TlsFiles | None = None,
-        queue_size: int = 50_000,
+        when_stored: Callable[[Callable[[], None]], None] | None = None,
+        receive_maximum: int = RECEIVE_MAXIMUM,
         workers: int = 1,
         keepalive_s: int = 30,
         backoff: Backoff = RECONNECT_BACKOFF,
@@ -144,7 +150,8 @@ class ServerLink:
             self._session = MqttSession(
                 url,
                 client_id,
-                on_message=self._on_message,
+                on_held_message=self._on_message,
+                receive_maximum=receive_maximum,
                 on_tick=self._on_tick,
                 subscriptions=filters,
                 end_session_on_stop=True,  # a replica that stops leaves the group
@@ -164,16 +171,17 @@ class ServerLink:
         self.filters = filters
         self._retained = retained
         self._on_connect = on_connect
+        self._when_stored = when_stored
         self._seen_connects = 0  # the connection `_on_tick` last saw begin
         self._connected_since = self._last_seen_up = time.time()
         self.client_id = client_id
         self.received = 0
         self.handled = 0
         self.handler_errors = 0
-        self.queue_full_waits = 0
+        self.acknowledged = 0
         # One queue per worker; a device's messages always go to the same worker, so
         # they are handled in the order they arrived.
-        self._queues = [_Inbox(queue_size) for _ in range(max(1, workers))]
+        self._queues = [_Inbox() for _ in range(max(1, workers))]
         self._workers: list[threading.Thread] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -277,12 +285,11 @@ class ServerLink:
             except Exception:
                 log.exception("the link's on_connect hook failed")
 
-    def _on_message(self, topic: str, payload: bytes) -> None:
+    def _on_message(self, topic: str, payload: bytes, receipt: Receipt) -> None:
         self.received += 1
         queues = self._queues
         target = queues[0] if len(queues) == 1 else queues[_shard(topic, len(queues))]
-        if target.put((topic, payload)):  # it had to wait: the broker holds the rest meanwhile
-            self.queue_full_waits += 1
+        target.put((topic, payload, receipt))
 
     # -- worker thread -----------------------------------------------------------------------
 
@@ -290,10 +297,12 @@ class ServerLink:
         handlers = self._handlers
         while True:
             batch = inbox.take()
+            receipts: list[Receipt] = []
             try:
-                for topic, payload in batch:
-                    if not topic:
+                for topic, payload, receipt in batch:
+                    if receipt is None:
                         return
+                    receipts.append(receipt)
                     handler = handlers.get(topic[topic.rfind("/") + 1 :])
                     if handler is None:
                         continue
@@ -304,38 +313,48 @@ class ServerLink:
                         self.handler_errors += 1
                         log.exception("handler for %s failed", topic)
             finally:
+                self._settle_when_stored(receipts)
                 inbox.done()
+
+    def _settle_when_stored(self, receipts: list[Receipt]) -> None:
+        def settle() -> None:
+            for receipt in receipts:
+                self._session.acknowledge(receipt)
+            self.acknowledged += len(receipts)
+
+        if not receipts:
+            return
+        if self._when_stored is None:
+            settle()
+        else:
+            self._when_stored(settle)
+
+
+_Item = tuple[str, bytes, Receipt | None]  # None: the worker's end marker
 
 
 class _Inbox:
-    """A bounded FIFO that the worker empties in batches.
+    """A FIFO that the worker empties in batches; `put` never waits (the broker's flow
+    control bounds it: see the module docstring).
 
     Cheaper than `queue.Queue` per message: one lock round per `put`, and a
     wake-up only when the worker is actually waiting (a busy worker takes the
     next batch without any signalling).
     """
 
-    def __init__(self, maxsize: int) -> None:
-        self._items: collections.deque[tuple[str, bytes]] = collections.deque()
+    def __init__(self) -> None:
+        self._items: collections.deque[_Item] = collections.deque()
         self._cond = threading.Condition(threading.Lock())
-        self._max = max(1, maxsize)
         self._worker_waiting = False
-        self._producer_waiting = False
         self._in_hand = 0
 
-    def put(self, item: tuple[str, bytes]) -> bool:
-        """Append (waiting for room when full); True when it had to wait."""
+    def put(self, item: _Item) -> None:
         with self._cond:
-            waited = False
-            while len(self._items) >= self._max:
-                waited = self._producer_waiting = True
-                self._cond.wait()
             self._items.append(item)
             if self._worker_waiting:
                 self._cond.notify_all()
-            return waited
 
-    def take(self) -> list[tuple[str, bytes]]:
+    def take(self) -> list[_Item]:
         """Everything queued (waiting while nothing is)."""
         with self._cond:
             while not self._items:
@@ -345,9 +364,6 @@ class _Inbox:
             batch = list(self._items)
             self._items.clear()
             self._in_hand = len(batch)
-            if self._producer_waiting:
-                self._producer_waiting = False
-                self._cond.notify_all()
             return batch
 
     def done(self) -> None:
@@ -366,4 +382,4 @@ def _shard(topic: str, shards: int) -> int:
     return hash(topic[start:end]) % shards
 
 
-__all__ = ["SHARED_KINDS", "LinkStatus", "ServerLink", "kind_share_filter"]
+__all__ = ["RECEIVE_MAXIMUM", "SHARED_KINDS", "LinkStatus", "ServerLink", "kind_share_filter"]

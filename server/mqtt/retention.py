@@ -10,7 +10,9 @@ safe with several replicas; downsampling reads the rows it merges locked
 `last_seen` is older than `settings.offline_after`: its Last Will may never
 have reached us (a broker restart forgets sessions; presence is unsigned and
 may be lost), and no heartbeat means no news; the update returns the devices
-it changed, and each gets a `PresenceChange` ("no heartbeat for 120 s").
+it changed, and each gets a `PresenceChange` ("no heartbeat for 120 s"). On
+PostgreSQL it locks those devices in id order (as ingestion and the rollout
+driver do) and skips one another unit of work holds: no deadlock, no wait.
 Devices never seen (last_seen NULL) are left alone: their `online` is already
 false unless presence said otherwise.
 """
@@ -22,7 +24,7 @@ import datetime as dt
 import logging
 from dataclasses import dataclass
 
-from sqlalchemy import CursorResult, delete, insert, update
+from sqlalchemy import CursorResult, delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from edgefleet.server.db.database import Database
@@ -33,6 +35,7 @@ from edgefleet.server.db.models import (
     TelemetryBucket,
     WebhookDelivery,
 )
+from edgefleet.server.db.rows import in_chunks
 from edgefleet.server.history import downsample
 from edgefleet.server.settings import ServerSettings
 from edgefleet.timefmt import utcnow
@@ -70,16 +73,7 @@ def apply_retention(
     heartbeats = session.execute(delete(HeartbeatSample).where(HeartbeatSample.slot_start < cutoff))
     presence = session.execute(delete(PresenceChange).where(PresenceChange.at < cutoff))
     merged = downsample(session, now, lock=session.get_bind().dialect.name != "sqlite")
-    silent_since = now - settings.offline_after
-    marked = session.scalars(
-        update(Device)
-        .where(Device.online.is_(True))
-        .where(Device.last_seen.is_not(None))
-        .where(Device.last_seen < silent_since)
-        .values(online=False)
-        .returning(Device.id)
-        .execution_options(synchronize_session=False)
-    ).all()
+    marked = _mark_silent_offline(session, now - settings.offline_after)
     if marked:
         reason = f"no heartbeat for {int(settings.offline_after.total_seconds())} s"
         session.execute(
@@ -97,6 +91,33 @@ def apply_retention(
         heartbeat_rows_merged=merged,
         presence_changes_deleted=_rowcount(presence),
     )
+
+
+def _mark_silent_offline(session: Session, silent_since: dt.datetime) -> list[str]:
+    """Set offline the online devices last seen before `silent_since`; return their ids.
+
+    On PostgreSQL the rows are locked in id order, the order ingestion and the
+    rollout driver lock devices in, and a row locked by one of them is skipped:
+    it is being written, so its device is not silent (no deadlock, no wait).
+    """
+    silent = (
+        select(Device.id)
+        .where(Device.online.is_(True))
+        .where(Device.last_seen.is_not(None))
+        .where(Device.last_seen < silent_since)
+        .order_by(Device.id)
+    )
+    if session.get_bind().dialect.name != "sqlite":
+        silent = silent.with_for_update(skip_locked=True)
+    ids = list(session.scalars(silent))
+    for chunk in in_chunks(ids):
+        session.execute(
+            update(Device)
+            .where(Device.id.in_(chunk))
+            .values(online=False)
+            .execution_options(synchronize_session=False)
+        )
+    return ids
 
 
 def run_retention(db: Database, settings: ServerSettings) -> RetentionResult:

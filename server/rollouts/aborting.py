@@ -22,7 +22,7 @@ import datetime as dt
 
 from sqlalchemy import func, select
 
-from edgefleet.server.db.models import DeviceState, RolloutDevice
+from edgefleet.server.db.models import Device, DeviceState, RolloutDevice
 from edgefleet.server.rollouts.machine import RolloutEvent
 from edgefleet.server.rollouts.step import RolloutStep
 
@@ -55,13 +55,17 @@ def _send_rollbacks(step: RolloutStep) -> None:
         for rd, device in step.devices(*_MAY_HOLD_BUNDLE, *_MAY_HAVE_FINISHED)
         if rd.state in _MAY_HOLD_BUNDLE or (device.model_name, device.model_version) == serving
     ]
+    chosen: list[tuple[RolloutDevice, Device]] = []
     for rd, device in candidates:
         if rd.previous_version is None and not rd.shadow:
             if rd.reason != NO_PREVIOUS_VERSION:
                 rd.reason = NO_PREVIOUS_VERSION
             continue
-        if step.room <= 0:
+        if len(chosen) >= step.room:
             break
+        chosen.append((rd, device))
+    # In device id order, the order ingestion locks devices in (see notify.notify).
+    for rd, device in sorted(chosen, key=lambda item: item[0].device_id):
         directive = step.issuer.prepare_rollback(step.session, device, step.bundle)
         why = "stopping the shadow copy" if rd.shadow else f"rolling back to {rd.previous_version}"
         step.send(rd, directive, DeviceState.ROLLING_BACK, why)

@@ -26,11 +26,20 @@ OFFLINE_MARK = "went offline before answering; notified again when back"
 
 
 def notify(step: RolloutStep) -> None:
-    """Re-notify, then notify pending devices, as far as the rate limit and the tick allow."""
+    """Re-notify, then notify pending devices, as far as the rate limit and the tick allow.
+
+    A directive's sequence locks its device's row (PostgreSQL) until commit;
+    they are taken in device id order, the order ingestion locks devices in,
+    so the two never wait for each other in a circle (a deadlock).
+    """
     _mark_offline(step)
     budget = min(_rate_left(step), step.room)
-    budget -= _renotify(step, budget)
-    _notify_pending(step, budget)
+    again = _due_again(step, budget)
+    pending = _pending(step, budget - len(again))
+    chosen = [(rd, device, False) for rd, device in again]
+    chosen += [(rd, device, True) for rd, device in pending]
+    for rd, device, first in sorted(chosen, key=lambda item: item[0].device_id):
+        _install(step, rd, device, count_attempt=first)
 
 
 def _rate_left(step: RolloutStep) -> int:
@@ -63,29 +72,23 @@ def _mark_offline(step: RolloutStep) -> None:
         rd.reason = OFFLINE_MARK
 
 
-def _renotify(step: RolloutStep, budget: int) -> int:
-    """A new directive for notified devices back from offline, or whose directive expired.
-
-    Returns how many were sent.
-    """
+def _due_again(step: RolloutStep, budget: int) -> list[tuple[RolloutDevice, Device]]:
+    """Notified devices back from offline, or whose directive expired: they get a new one."""
     if budget <= 0:
-        return 0
+        return []
     expired = RolloutDevice.notified_at <= step.now - step.settings.directive_ttl
     due = and_(~OFFLINE, _spaced(step), or_(RolloutDevice.reason == OFFLINE_MARK, expired))
-    due_devices = step.devices(DeviceState.NOTIFIED, where=due, limit=budget)
-    for rd, device in due_devices:
-        _install(step, rd, device, count_attempt=False)
-    return len(due_devices)
+    return step.devices(DeviceState.NOTIFIED, where=due, limit=budget)
 
 
-def _notify_pending(step: RolloutStep, budget: int) -> None:
+def _pending(step: RolloutStep, budget: int) -> list[tuple[RolloutDevice, Device]]:
+    """Pending devices to notify now, earlier stages first."""
     if budget <= 0:
-        return
+        return []
     # Offline devices wait: they are notified when they are back. A retry waits until
     # its last directive is out of the rate window.
     where = and_(~OFFLINE, _spaced(step))
-    for rd, device in step.devices(DeviceState.PENDING, where=where, limit=budget):
-        _install(step, rd, device, count_attempt=True)
+    return step.devices(DeviceState.PENDING, where=where, limit=budget)
 
 
 def _install(step: RolloutStep, rd: RolloutDevice, device: Device, *, count_attempt: bool) -> None:

@@ -125,8 +125,11 @@ def test_onnx_model_converts_to_tflite_for_armv7(
 ) -> None:
     case: Case = request.getfixturevalue(model)
     out = tmp_path / "out"
+    given = case.model.read_bytes(), case.model.stat().st_mtime_ns
     status = run_with_error_handling(cli, convert_args(case, "armv7-tflite", out))
     assert status == 0, capsys.readouterr().err
+    # onnx2tf writes over the model it is given: it got a copy, the user's model is untouched.
+    assert (case.model.read_bytes(), case.model.stat().st_mtime_ns) == given
 
     assert sorted(p.name for p in out.glob("model*")) == ["model.tflite"]  # no ONNX on armv7
     inputs, outputs = LiteRTModel(out / "model.tflite", 1).details()

@@ -73,7 +73,16 @@ def plausible_args(work: Path, free_port: int) -> dict[str, list[str]]:
         # The bundle is for aarch64: refused before any root is needed.
         "emulate smoke": ["emulate", "smoke", bundle, "--arch", "armhf", "--trust", trust],
         # No agent runs on the armhf root (no 32-bit ARM wheels of its dependencies): refused.
-        "emulate agent": ["emulate", "agent", "--arch", "armhf", "--", "status", "--config", config],
+        "emulate agent": [
+            "emulate",
+            "agent",
+            "--arch",
+            "armhf",
+            "--",
+            "status",
+            "--config",
+            config,
+        ],
         "ca issue": ["ca", "issue", "fleet.example", "--ca", str(work / "ca"), "-o", str(work)],
         "broker config": [
             "broker",

@@ -38,6 +38,7 @@ from edgefleet.server.devices import (
 from edgefleet.server.errors import ConflictError, EnrollmentError, NotFoundError
 from edgefleet.server.principals import Principal, Role
 from edgefleet.server.tokens import create_enroll_token
+from tests.server.conftest import PostgresServer
 from tests.server.rolloutsim import existing_or_new_bundle
 
 NOW = dt.datetime(2030, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
@@ -524,24 +525,25 @@ def test_key_cache_verifies_an_enrolled_devices_message_and_caches(
 ) -> None:
     db = sqlite_database
     clock = Clock()
-    cache = DeviceKeyCache(db, ttl_s=60, negative_ttl_s=5, monotonic=clock)
+    cache = DeviceKeyCache(db, check_interval_s=5, negative_ttl_s=5, monotonic=clock)
     topic = DeviceTopics("cam-01").status
     frame = sign_device_payload(topic, b"{}", KEY)
 
     assert cache.public_key("cam-01") is None  # not enrolled yet
     enroll(db, request(), open_enrollment=True)
-    assert cache.public_key("cam-01") is None  # the negative answer is cached briefly
+    assert cache.public_key("cam-01") is None  # the negative answer is kept until a check
     clock.now += 5
     key = cache.public_key("cam-01")
     assert key == KEY.public_hex
     assert verify_device_payload(topic, frame, key) == b"{}"
     loads = cache.loads
     for _ in range(100):
+        clock.now += 60
         cache.public_key("cam-01")
-    assert cache.loads == loads  # served from memory
+    assert cache.loads == loads  # kept as long as nothing changes
 
-    # Removed and enrolled again with a new key elsewhere (another replica): the old
-    # key refuses the new frames...
+    # Removed and enrolled again with a new key elsewhere (another replica), before
+    # the cache's next check: the old key refuses the new frames...
     with db.session() as session:
         remove_device(session, "cam-01", OPERATOR, now=NOW)
     enroll(db, request(public_key=OTHER_KEY.public_hex, enroll_token=token(db)))
@@ -549,28 +551,72 @@ def test_key_cache_verifies_an_enrolled_devices_message_and_caches(
     with pytest.raises(DeviceSignatureError):
         verify_device_payload(topic, new_frame, cache.public_key("cam-01") or "")
     # ... `fresh` reloads, but at most once per refresh interval per device.
-    clock.now += 1
-    assert cache.public_key("cam-01", fresh=True) == KEY.public_hex
-    clock.now += 5
     assert cache.public_key("cam-01", fresh=True) == OTHER_KEY.public_hex
+    clock.now += 1
+    assert cache.public_key("cam-01", fresh=True) == OTHER_KEY.public_hex
+    assert cache.loads == loads + 1
     # invalidate (an enrollment on this replica) forgets at once.
     cache.invalidate("cam-01")
     assert cache.public_key("cam-01") == OTHER_KEY.public_hex
-    assert cache.loads == loads + 2  # the early `fresh` was refused a reload
+    assert cache.loads == loads + 2
 
 
-def test_key_cache_expires_and_is_bounded(sqlite_database: Database) -> None:
+def test_key_cache_is_bounded(sqlite_database: Database) -> None:
     clock = Clock()
-    cache = DeviceKeyCache(sqlite_database, ttl_s=60, max_entries=3, monotonic=clock)
+    cache = DeviceKeyCache(sqlite_database, max_entries=3, monotonic=clock)
     enroll(sqlite_database, request(), open_enrollment=True)
     assert cache.public_key("cam-01") == KEY.public_hex
-    clock.now += 60
-    cache.public_key("cam-01")
-    assert cache.loads == 2
     for name in ("a", "b", "c"):
         cache.public_key(name)
     cache.public_key("cam-01")  # dropped as least recently used: loaded again
-    assert cache.loads == 6
+    assert cache.loads == 5
     cache.invalidate()
     cache.public_key("cam-01")
-    assert cache.loads == 7
+    assert cache.loads == 6
+
+
+def test_key_cache_notices_enrollments_and_removals_at_its_next_check(
+    database: Database,
+) -> None:
+    clock = Clock()
+    cache = DeviceKeyCache(database, check_interval_s=5, negative_ttl_s=60, monotonic=clock)
+    enroll(database, request("cam-01"), open_enrollment=True)
+    assert cache.public_key("cam-01") == KEY.public_hex
+    assert cache.public_key("cam-02") is None
+    with database.session() as session:  # through another replica
+        remove_device(session, "cam-01", OPERATOR, now=NOW)
+    enroll(database, request("cam-02"), open_enrollment=True)
+    clock.now += 4.9
+    assert (cache.public_key("cam-01"), cache.public_key("cam-02")) == (KEY.public_hex, None)
+    clock.now += 0.1
+    assert (cache.public_key("cam-01"), cache.public_key("cam-02")) == (None, KEY.public_hex)
+    assert cache.checks == 2
+
+
+def test_key_cache_notices_a_removal_committed_after_a_later_one(
+    postgres_server: PostgresServer,
+) -> None:
+    # PostgreSQL draws audit ids before commit: a removal may become visible after one
+    # with a higher id was already read.
+    postgres_server.require()
+    name = postgres_server.create_database(template=postgres_server.migrated_template())
+    db = Database(postgres_server.url_of(name))
+    try:
+        clock = Clock()
+        cache = DeviceKeyCache(db, check_interval_s=5, monotonic=clock)
+        for device_id in ("cam-01", "cam-02"):
+            enroll(db, request(device_id), open_enrollment=True)
+            assert cache.public_key(device_id) == KEY.public_hex
+        with db.session() as slow:
+            remove_device(slow, "cam-01", OPERATOR, now=NOW)
+            slow.flush()  # its audit id is drawn, not yet committed
+            with db.session() as session:
+                remove_device(session, "cam-02", OPERATOR, now=NOW)
+            clock.now += 5
+            assert cache.public_key("cam-02") is None  # the later removal, read
+            assert cache.public_key("cam-01") == KEY.public_hex
+        clock.now += 5
+        assert cache.public_key("cam-01") is None  # the earlier id, read once committed
+    finally:
+        db.dispose()
+        postgres_server.drop_database(name)

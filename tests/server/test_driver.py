@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import select
 
 from edgefleet.errors import PublishError
-from edgefleet.mqtt import Directive, parse_device_topic
+from edgefleet.mqtt import DeviceTopics, Directive, parse_device_topic
 from edgefleet.server.api.schemas.rollouts import RolloutStatus
 from edgefleet.server.db.database import Database
 from edgefleet.server.db.migrate import open_database
@@ -912,3 +912,28 @@ def test_accuracy_gate_without_a_reference_compares_with_the_previous_version(
     reason = f.status(rid).reason or ""
     assert f.state(rid) == "paused"
     assert "60 labels right (70.0%) vs 96.0% from the previous version before the stage" in reason
+
+
+def test_a_tick_takes_directive_sequences_in_device_id_order(
+    database: Database, tmp_path: Path, keyset: KeySet, trust: TrustRoot
+) -> None:
+    # A sequence locks its device's row until commit; ingestion locks devices in id
+    # order, so the driver must too (PostgreSQL would otherwise find deadlocks).
+    f = make_fleet(database, tmp_path, keyset, trust, 4)
+    for i in range(4):
+        f.sim.set_behaviour(f"dev-{i:02d}", "silent")
+    for device_id in ("dev-00", "dev-01"):
+        f.sim.set_online(device_id, False)  # pending until they are back
+    rid = f.start({"stages": [{"percent": 100}]})
+    f.run(1)
+    assert sorted(d for d, s in f.devices(rid).items() if s == "notified") == ["dev-02", "dev-03"]
+    for device_id in ("dev-02", "dev-03"):
+        f.sim.set_online(device_id, False)  # before answering: notified again when back
+    f.run(1)
+    for i in range(4):
+        f.sim.set_online(f"dev-{i:02d}", True)
+    f.publisher.calls.clear()
+    f.run(1, seconds=60)  # out of the rate window
+    f.run(1)  # re-notifies dev-02 and dev-03, notifies dev-00 and dev-01
+    topics = [call.topic for call in f.publisher.calls]
+    assert topics == [DeviceTopics(f"dev-{i:02d}").directive for i in range(4)]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 
 from edgefleet.mqtt.devicesig import DeviceKey, sign_device_payload
 from edgefleet.mqtt.messages import Heartbeat, StatusReport, encode_message
@@ -300,6 +300,34 @@ def test_status_reports_are_deduplicated_applied_and_trimmed(
     assert device_row(database, dev.id).install_state == "committed"
 
 
+def test_status_reports_of_many_devices_are_trimmed_in_a_few_statements(
+    database: Database, tmp_path: Path
+) -> None:
+    fleet = [SimDevice(f"dev-{i:03d}") for i in range(60)]
+    enroll(database, fleet)
+    settings = make_settings(tmp_path, status_reports_kept=2)
+    ingestor = Ingestor(database, Keys(fleet), settings, clock=Clock())
+    for device in fleet:
+        for seq, state in enumerate(["downloading", "verifying", "activating"], 1):
+            ingestor.handle(*signed(device, TopicKind.STATUS, status(device, seq, state)))
+    deletes: list[str] = []
+
+    def count_deletes(*args: Any) -> None:
+        statement = str(args[2])
+        if statement.lstrip().upper().startswith("DELETE FROM STATUS_REPORTS"):
+            deletes.append(statement)
+
+    event.listen(database.engine, "before_cursor_execute", count_deletes)
+    try:
+        ingestor.flush()
+    finally:
+        event.remove(database.engine, "before_cursor_execute", count_deletes)
+    assert len(deletes) == 1  # one statement for the batch, not one per device
+    with database.session() as session:
+        kept = session.execute(select(StatusReportRow.device_id, StatusReportRow.sequence)).all()
+    assert sorted(kept) == sorted((device.id, seq) for device in fleet for seq in (2, 3))
+
+
 def test_a_shadow_commit_does_not_change_the_served_version(
     ingestor: Ingestor, database: Database, devices: list[SimDevice]
 ) -> None:
@@ -532,6 +560,35 @@ def test_retention_deletes_old_buckets_and_marks_silent_devices_offline(
     assert not device_row(database, devices[2].id).online  # never seen: untouched
 
 
+def test_retention_marks_silent_devices_offline_without_waiting_for_a_flush(
+    database: Database, devices: list[SimDevice], tmp_path: Path
+) -> None:
+    if database.is_sqlite:
+        pytest.skip("SQLite has one writer: nothing is locked row by row")
+    enroll(database, devices)
+    settings = make_settings(tmp_path, offline_after=dt.timedelta(minutes=2))
+    with database.session() as session:
+        session.execute(update(Device).values(online=True, last_seen=T0 - dt.timedelta(minutes=5)))
+    written, silent = devices[0], devices[1:]
+    result: list[int] = []
+
+    def retention() -> None:
+        with database.session() as session:
+            result.append(apply_retention(session, settings, T0).devices_marked_offline)
+
+    with database.session() as flush:  # a flush holding its device's row, as ingestion does
+        flush.scalars(select(Device).where(Device.id == written.id).with_for_update()).all()
+        thread = threading.Thread(target=retention)
+        thread.start()
+        thread.join(60)
+        finished = not thread.is_alive()
+    thread.join()
+    assert finished, "retention waited for a row ingestion held"
+    assert result == [len(silent)]
+    assert device_row(database, written.id).online  # being written: not silent
+    assert not any(device_row(database, device.id).online for device in silent)
+
+
 class RekeyedKeys(Keys):
     """A stale cache: the old key unless asked for a fresh one."""
 
@@ -622,3 +679,51 @@ def test_a_device_removed_and_enrolled_with_a_new_key_counts_its_status_from_one
     ingestor.handle(*signed(new, TopicKind.STATUS, status(new, 1, "idle")))
     ingestor.handle(*signed(old, TopicKind.STATUS, status(old, 4, "idle")))
     assert ingestor.duplicates["status"] == 1 and ingestor.refused["device-signature"] == 1
+
+
+def test_a_device_removed_through_another_replica_is_refused_within_the_check_interval(
+    database: Database, devices: list[SimDevice], tmp_path: Path
+) -> None:
+    enroll(database, devices)
+    other_db = Database(database.url)  # the other replica: its own connections, the same data
+    monotonic = Monotonic()
+    here_keys = DeviceKeyCache(database, monotonic=monotonic)
+    there_keys = DeviceKeyCache(other_db, check_interval_s=5, monotonic=monotonic)
+    here = Ingestor(database, here_keys, make_settings(tmp_path), clock=Clock())
+    there = Ingestor(other_db, there_keys, make_settings(tmp_path), clock=Clock())
+    removed = devices[0]
+    try:
+        for replica in (here, there):
+            replica.handle(*signed(removed, TopicKind.HEARTBEAT, heartbeat(removed)))
+        with database.session() as session:
+            remove_device(session, removed.id, Principal("ops", Role.OPERATOR))
+        here_keys.invalidate(removed.id)  # as the API's remove route does
+        monotonic.now += 4.9
+        for replica in (here, there):
+            replica.handle(*signed(removed, TopicKind.HEARTBEAT, heartbeat(removed)))
+        assert here.refused["unknown-device"] == 1  # at once where it was removed
+        assert there.refused["unknown-device"] == 0  # the other replica has not checked yet
+        monotonic.now += 0.1
+        there.handle(*signed(removed, TopicKind.HEARTBEAT, heartbeat(removed)))
+        assert there.refused["unknown-device"] == 1  # its check noticed the removal
+        kept = devices[1]
+        there.handle(*signed(kept, TopicKind.HEARTBEAT, heartbeat(kept)))
+        assert there.counts["heartbeat"] == 3
+    finally:
+        other_db.dispose()
+
+
+def test_key_lookups_do_not_grow_with_the_messages(database: Database, tmp_path: Path) -> None:
+    fleet = [SimDevice(f"dev-{i:03d}") for i in range(50)]
+    enroll(database, fleet)
+    monotonic = Monotonic()
+    keys = DeviceKeyCache(database, check_interval_s=5, monotonic=monotonic)
+    ingestor = Ingestor(database, keys, make_settings(tmp_path), clock=Clock())
+    rounds = 60  # ten minutes of every device sending a heartbeat every 10 s
+    for _ in range(rounds):
+        monotonic.now += 10
+        for device in fleet:
+            ingestor.handle(*signed(device, TopicKind.HEARTBEAT, heartbeat(device)))
+    assert ingestor.counts["heartbeat"] == len(fleet) * rounds
+    assert keys.loads == len(fleet)  # one lookup per device, none per message
+    assert keys.checks == rounds  # one change query per interval, for all of them

@@ -1,5 +1,5 @@
-"""The server link on a real mosquitto: shared load, presence for all, sessions, backpressure,
-what publishing promises, TLS and credentials."""
+"""The server link on a real mosquitto: shared load, presence for all, sessions, flow
+control and acknowledgement once stored, what publishing promises, TLS and credentials."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -17,12 +17,14 @@ from sqlalchemy import func, select
 from edgefleet.backoff import Backoff
 from edgefleet.errors import PublishError
 from edgefleet.mqtt.directives import BundleRef, Directive, HttpSource, sign_directive
+from edgefleet.mqtt.session import MqttSession, Receipt
 from edgefleet.mqtt.topics import DeviceTopics, TopicKind
 from edgefleet.server.db.database import Database
 from edgefleet.server.db.models import Device, StatusReportRow, TelemetryBucket
 from edgefleet.server.devices import DeviceKeyCache
 from edgefleet.server.errors import InvalidRequestError
 from edgefleet.server.mqtt.ingest import Ingestor
+from edgefleet.server.mqtt.interfaces import MessageHandler
 from edgefleet.server.mqtt.link import ServerLink
 from edgefleet.timefmt import format_time, utcnow
 from edgefleet.trust import TrustRoot
@@ -70,7 +72,11 @@ class Recorder:
         return len(self.messages) >= count
 
 
-def start_link(broker: MosquittoBroker, handler: Recorder, **kwargs: object) -> ServerLink:
+def start_link(
+    broker: MosquittoBroker,
+    handler: Mapping[TopicKind, MessageHandler] | MessageHandler,
+    **kwargs: object,
+) -> ServerLink:
     client_id = str(kwargs.pop("client_id", unique_device_id("srv")))
     # A group of its own: a link another test left behind (its session not yet expired on
     # this module's shared broker) would otherwise be handed part of this test's messages.
@@ -163,26 +169,157 @@ def test_replicas_share_device_messages_and_each_sees_presence(broker: Mosquitto
             link.stop()
 
 
-def test_a_full_queue_holds_the_network_thread_and_drops_nothing(
-    broker: MosquittoBroker,
-) -> None:
-    handler = Recorder(delay=0.002)
-    link = start_link(broker, handler, queue_size=2)
-    device = DeviceTopics(unique_device_id())
+class HeldStore:
+    """The link's `when_stored` hook of a store that is held up: callbacks wait for `release`."""
+
+    def __init__(self) -> None:
+        self.waiting: list[Callable[[], None]] = []
+        self._released = False
+        self._lock = threading.Lock()
+
+    def __call__(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            if not self._released:
+                self.waiting.append(callback)
+                return
+        callback()
+
+    def release(self) -> None:
+        with self._lock:
+            self._released = True
+            waiting, self.waiting = self.waiting, []
+        for callback in waiting:
+            callback()
+
+
+def send_qos1(url: str, topic: str, count: int) -> None:
+    sender = paho_client()
+    connect(sender, url)
     try:
-        sender = paho_client()
-        connect(sender, broker.url)
-        infos = [sender.publish(device.telemetry, str(i).encode(), qos=1) for i in range(200)]
+        infos = [sender.publish(topic, str(i).encode(), qos=1) for i in range(count)]
         for info in infos:
             info.wait_for_publish(WAIT)
+            assert info.is_published()
+    finally:
         sender.disconnect()
         sender.loop_stop()
+
+
+def test_a_held_up_store_holds_messages_in_the_broker_not_the_connection(
+    broker: MosquittoBroker,
+) -> None:
+    store = HeldStore()
+    handler = Recorder()
+    link = start_link(
+        broker,
+        {TopicKind.TELEMETRY: handler},
+        when_stored=store,
+        receive_maximum=5,
+        keepalive_s=2,
+    )
+    device = DeviceTopics(unique_device_id())
+    observer = Observer(broker.url, [device.directive])
+    try:
+        send_qos1(broker.url, device.telemetry, 50)
+        assert handler.wait_for(5)
+        # Nothing is acknowledged, so the broker sends no more than the Receive Maximum ...
+        time.sleep(5.0)  # ... and past the broker's keepalive timeout (3 s) the link is still up
+        assert link.received == 5
+        assert link.status().losses == 0 and link.is_connected
+        link.publish(device.directive, b"directive", qos=1)
+        assert observer.wait_for(lambda: observer.on(device.directive) == [b"directive"])
+        store.release()  # stored at last: acknowledged, and the broker sends the rest
+        assert handler.wait_for(50)
         assert link.wait_idle(WAIT)
         received = [p for t, p in handler.messages if t == device.telemetry]
-        assert received == [str(i).encode() for i in range(200)]
-        assert link.queue_full_waits > 0
+        assert received == [str(i).encode() for i in range(50)]
+        assert link.status().losses == 0
     finally:
+        observer.close()
         link.stop()
+
+
+def test_acknowledgements_go_out_in_arrival_order(broker: MosquittoBroker) -> None:
+    # The second message settled before the first is not acknowledged on its own: a
+    # session that dies then is redelivered both.
+    client_id = unique_device_id("srv")
+    topic = DeviceTopics(unique_device_id()).telemetry
+    held: list[tuple[bytes, Receipt]] = []
+
+    def session() -> MqttSession:
+        started = MqttSession(
+            broker.url,
+            client_id,
+            on_held_message=lambda t, p, receipt: held.append((p, receipt)),
+            subscriptions=[(topic, 1)],
+            end_session_on_stop=True,
+        )
+        started.start()
+        assert started.wait_subscribed(WAIT)
+        return started
+
+    first = session()
+    send_qos1(broker.url, topic, 2)
+    assert wait_until(lambda: len(held) == 2, WAIT)
+    first.acknowledge(held[1][1])
+    first.abort()  # no DISCONNECT: the broker keeps the session
+    held.clear()
+    second = session()
+    assert wait_until(lambda: len(held) == 2, WAIT)
+    assert [p for p, _ in held] == [b"0", b"1"]
+    for _, receipt in reversed(held):
+        second.acknowledge(receipt)
+    second.abort()
+    held.clear()
+    third = session()
+    try:
+        send_qos1(broker.url, topic, 1)  # a marker: everything before it was acknowledged
+        assert wait_until(lambda: len(held) == 1, WAIT)
+        assert [p for p, _ in held] == [b"0"]
+    finally:
+        third.stop()
+
+
+def test_a_replica_that_dies_before_storing_loses_nothing(
+    broker: MosquittoBroker, sqlite_database: Database, tmp_path: Path
+) -> None:
+    devices = make_devices(5)
+    enroll(sqlite_database, devices)
+    client_id, group = unique_device_id("srv"), unique_device_id("group")
+    settings = make_settings(tmp_path)
+    dying = Ingestor(sqlite_database, Keys(devices), settings)  # never flushes: it dies first
+    link = start_link(
+        broker, dying.handle, client_id=client_id, group=group, when_stored=dying.when_stored
+    )
+    fleet = FleetSimulator(broker.url, devices)
+    start = utcnow().replace(second=0) - dt.timedelta(minutes=10)
+    try:
+        for device in devices:
+            for minute in range(4):
+                fleet.telemetry(device.id, start + dt.timedelta(minutes=minute))
+        assert wait_until(lambda: dying.counts["telemetry"] == 20, WAIT)
+        assert link.wait_idle(WAIT)
+    finally:
+        fleet.close()
+        link._session.abort()  # as a killed process: no DISCONNECT, nothing stored
+        link.stop()
+    ingestor = Ingestor(sqlite_database, Keys(devices), settings)
+    ingestor.start()
+    again = start_link(
+        broker, ingestor.handle, client_id=client_id, group=group, when_stored=ingestor.when_stored
+    )
+
+    def stored() -> int:
+        with sqlite_database.session() as session:
+            return int(session.scalar(select(func.sum(TelemetryBucket.windows))) or 0)
+
+    try:
+        assert wait_until(lambda: stored() == 20, WAIT)
+        assert wait_until(lambda: again.acknowledged == again.received, WAIT)
+    finally:
+        again.stop()
+        ingestor.stop()
+    assert stored() == 20
 
 
 def test_the_session_survives_a_lost_connection_and_ends_on_stop(
@@ -308,7 +445,7 @@ def test_a_simulated_fleet_is_ingested_end_to_end(
     enroll(sqlite_database, devices)
     keys = DeviceKeyCache(sqlite_database)  # the real cache, reading the enrolled keys
     ingestor = Ingestor(sqlite_database, keys, make_settings(tmp_path))
-    link = start_link(broker, ingestor.handle)  # type: ignore[arg-type]
+    link = start_link(broker, ingestor.handle)
     fleet = FleetSimulator(broker.url, devices, clients=2)
     start = utcnow().replace(second=0) - dt.timedelta(minutes=10)
     try:
@@ -346,7 +483,7 @@ def test_the_simulator_verifies_directives_and_its_answers_are_ingested(
     devices = make_devices(3)
     enroll(sqlite_database, devices)
     ingestor = Ingestor(sqlite_database, Keys(devices), make_settings(tmp_path))
-    link = start_link(broker, ingestor.handle)  # type: ignore[arg-type]
+    link = start_link(broker, ingestor.handle)
     failing = devices[2].id
     fleet = FleetSimulator(broker.url, devices, trust=trust, fail=[failing])
     now = utcnow()
