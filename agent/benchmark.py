@@ -44,10 +44,7 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
-from http.client import HTTPException
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -56,8 +53,8 @@ from edgefleet import __version__
 from edgefleet.agent.errors import CompatibilityError
 from edgefleet.agent.install.compat import check_runtime
 from edgefleet.agent.install.interfaces import Host
-from edgefleet.agent.tlsidentity import describe_unreachable, https_opener
 from edgefleet.agent.transport.http import HttpFetcher
+from edgefleet.agent.upload import UploadError, post_signed
 from edgefleet.benchwire import (
     EMULATED_ENV,
     REFERENCE_FILE,
@@ -73,10 +70,10 @@ from edgefleet.benchwire import (
 )
 from edgefleet.bundle import BundleLimits, BundlePolicy, extract_bundle
 from edgefleet.bundlefiles import SERVED_ONNX, SERVED_TFLITE
-from edgefleet.errors import EdgefleetError, MalformedDocumentError, UsageError
+from edgefleet.errors import EdgefleetError, MalformedDocumentError
 from edgefleet.mqtt.devicesig import DeviceKey
 from edgefleet.mqtt.directives import Directive, HttpSource
-from edgefleet.samplewire import META_HEADER, SIGNATURE_HEADER, sign_request
+from edgefleet.samplewire import sign_request
 from edgefleet.timefmt import format_time, utcnow
 from edgefleet.trust import TrustRoot
 from edgefleet.wire import error_code
@@ -237,7 +234,7 @@ def upload_results(
     """Send `results`, signed with the device key.
 
     Raises:
-        UsageError: the server refused them, or did not answer (named).
+        UploadError: the server refused them, or did not answer (named).
     """
     body = results.model_dump_json().encode()
     meta = ResultsUpload(
@@ -248,24 +245,8 @@ def upload_results(
         size_bytes=len(body),
     ).model_dump_json()
     path = results_path(results.device_id, benchmark_id)
-    request = urllib.request.Request(
-        server_url + path,
-        data=body,
-        method="POST",
-        headers={
-            "Content-Type": "application/json",
-            META_HEADER: meta,
-            SIGNATURE_HEADER: sign_request(path, meta.encode(), key),
-        },
-    )
-    try:
-        with https_opener(context).open(request, timeout=TIMEOUT_SECONDS) as response:
-            response.read(4096)
-    except urllib.error.HTTPError as exc:
-        detail = exc.read(1024).decode("utf-8", "replace").strip()
-        raise UsageError(f"the fleet server answered {exc.code}: {detail}") from exc
-    except (urllib.error.URLError, HTTPException, OSError) as exc:
-        raise UsageError(describe_unreachable(server_url, exc)) from exc
+    signature = sign_request(path, meta.encode(), key)
+    post_signed(server_url, path, body, "application/json", meta, signature, context)
 
 
 class BenchmarkRunner:
@@ -344,7 +325,7 @@ class BenchmarkRunner:
                 upload_results(self.server_url, request_id, results, self.key, self.ssl_context)
                 log.info("benchmark request %d answered", request_id)
                 return
-            except UsageError as exc:
+            except UploadError as exc:
                 log.warning(
                     "benchmark request %d: results not sent (attempt %d of %d): %s",
                     request_id,

@@ -72,15 +72,36 @@ def upload_file(
         **asdict(read_meta(path)),
     )
     meta_bytes = json.dumps(meta.model_dump(), separators=(",", ":")).encode()
+    post_signed(
+        server_url,
+        samples_path(device_id),
+        body,
+        "application/octet-stream",
+        meta_bytes.decode(),
+        sign_upload(meta_bytes, device_id, key),
+        context,
+    )
+
+
+def post_signed(
+    server_url: str,
+    path: str,
+    body: bytes,
+    content_type: str,
+    meta: str,
+    signature: str,
+    context: ssl.SSLContext | None,
+) -> None:
+    """POST a device-signed upload (`edgefleet.samplewire`'s headers) to `server_url + path`.
+
+    Raises:
+        UploadError: no answer, or an answer other than 2xx (named).
+    """
     request = urllib.request.Request(
-        server_url + samples_path(device_id),
+        server_url + path,
         data=body,
         method="POST",
-        headers={
-            "Content-Type": "application/octet-stream",
-            META_HEADER: meta_bytes.decode(),
-            SIGNATURE_HEADER: sign_upload(meta_bytes, device_id, key),
-        },
+        headers={"Content-Type": content_type, META_HEADER: meta, SIGNATURE_HEADER: signature},
     )
     try:
         with https_opener(context).open(request, timeout=TIMEOUT_SECONDS) as response:

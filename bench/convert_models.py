@@ -437,16 +437,22 @@ def _worst_cosine(candidate: dict[str, Any]) -> float | None:
     return min(cosines, default=None)
 
 
+def _is_recovery(candidate: dict[str, Any]) -> bool:
+    """Made by the recovery step: layers kept float, or tensors recalibrated."""
+    settings = candidate["settings"]
+    return bool(settings.get("nodes_excluded") or settings.get("tensor_calibration"))
+
+
 def recovery_of(report: dict[str, Any]) -> Recovery | None:
     """The recovery step's result, from the report's candidates (None: it did not run)."""
     candidates = report["candidates"]
-    retries = [c for c in candidates if c["settings"].get("nodes_excluded")]
+    retries = [c for c in candidates if _is_recovery(c)]
     if not retries:
         return None
     int8 = [
         _worst_cosine(c)
         for c in candidates
-        if c["name"] != "float" and c["error"] is None and not c["settings"].get("nodes_excluded")
+        if c["name"] != "float" and c["error"] is None and not _is_recovery(c)
     ]
     shipped = [c for c in retries if c["name"] == report["chosen"]]
     retry = (shipped or retries)[-1]

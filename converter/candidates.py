@@ -35,6 +35,8 @@ class Candidate:
     reduce_range: bool = False
     calibration: str | None = None  # static only
     nodes_to_exclude: tuple[str, ...] = ()
+    # (activation tensor, calibration method) where a tensor's range is not `calibration`'s
+    tensor_calibration: tuple[tuple[str, str], ...] = ()
 
     @property
     def name(self) -> str:
@@ -53,6 +55,8 @@ class Candidate:
             parts.append(self.calibration.lower())
         if self.nodes_to_exclude:
             parts.append(f"minus-{len(self.nodes_to_exclude)}-nodes")
+        if self.tensor_calibration:
+            parts.append(f"{len(self.tensor_calibration)}-tensors-recalibrated")
         return "-".join(parts)
 
     def settings(self) -> dict[str, object]:
@@ -65,10 +69,14 @@ class Candidate:
             "reduce_range": self.reduce_range,
             "calibration": self.calibration,
             "nodes_excluded": list(self.nodes_to_exclude),
+            "tensor_calibration": dict(self.tensor_calibration),
         }
 
     def excluding(self, nodes: tuple[str, ...]) -> Candidate:
         return replace(self, nodes_to_exclude=nodes)
+
+    def recalibrating(self, choices: tuple[tuple[str, str], ...]) -> Candidate:
+        return replace(self, tensor_calibration=choices)
 
 
 FLOAT = Candidate("float")

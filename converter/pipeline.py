@@ -3,8 +3,9 @@
 Steps: load and check the model and data for the target; measure the float
 model; preprocess; quantize and measure every valid candidate (structures
 first, then other calibrations for the fastest), each timed against the float
-model in interleaved rounds; when none meets the budget, keep the layers most
-sensitive to quantization in float and retry; with --measure-on, time the float
+model in interleaved rounds; when none meets the budget, choose the calibration
+of the tensors most sensitive to quantization, else keep the most sensitive
+layers in float, and retry; with --measure-on, time the float
 model and the candidates within budget on a device of the target instead
 (`converter/remote.py`); choose; write the output. With
 a pinned candidate, only that one is quantized and measured. Where the target runs TFLite,
@@ -59,7 +60,12 @@ from edgefleet.converter.progress import NO_PROGRESS, Progress
 from edgefleet.converter.quantize import quantize
 from edgefleet.converter.remote import measure_on_devices
 from edgefleet.converter.report import build_machine_label
-from edgefleet.converter.sensitivity import SENSITIVITY_SAMPLES, model_layers, rank_layers
+from edgefleet.converter.sensitivity import (
+    SENSITIVITY_SAMPLES,
+    model_layers,
+    rank_layers,
+    tune_tensor_calibration,
+)
 from edgefleet.errors import UsageError
 from edgefleet.profiles import Profile, load_profile
 
@@ -187,8 +193,10 @@ def _recover(
 
     The candidate recovered is the most accurate static QDQ one (accuracy, then size,
     then name: never timing, which varies from run to run); its layers are ranked by
-    `sensitivity.rank_layers`, and the top 1, 2, 4, ... (FLOAT_LAYER_STEPS, always
-    fewer than all) are kept in float with the nodes without weights that follow them.
+    `sensitivity.rank_layers`. First the tensors of the most sensitive layers get a
+    calibration of their own (`sensitivity.tune_tensor_calibration`); if that candidate
+    misses the budget, the top 1, 2, 4, ... layers (FLOAT_LAYER_STEPS, always fewer than
+    all) are kept in float with the nodes without weights that follow them.
     """
     qdq = sorted(
         (
@@ -225,7 +233,27 @@ def _recover(
             for s in ranked
         )
     )
+    tuning = tune_tensor_calibration(
+        base,
+        float_model,
+        ranked,
+        context.calibration,
+        context.profile,
+        context.workdir,
+        context.progress,
+    )
     retries: list[Evaluation] = []
+    if tuning.candidate.tensor_calibration:
+        evaluation = _quantize_and_evaluate(context, tuning.candidate, float_model)
+        evaluation.notes.append(
+            "calibration per tensor (output error "
+            f"{tuning.error_before:.4f} -> {tuning.error_after:.4f}): "
+            + ", ".join(f"{t} {m}" for t, m in tuning.candidate.tensor_calibration)
+            + f", every other tensor {base.calibration}"
+        )
+        retries.append(evaluation)
+        if evaluation.usable:
+            return retries
     context.progress.start("keeping the most sensitive layers in float", len(steps))
     for count in steps:
         kept = [s.layer for s in ranked[:count]]

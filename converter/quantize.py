@@ -1,7 +1,11 @@
 """Turning a candidate's settings into a quantized model file with onnxruntime's tooling.
 
 Calibration ranges are computed once per calibration method and cached, since
-they depend on the float model and the data only, not on format or types.
+they depend on the float model and the data only, not on format or types. A
+candidate may take some activation tensors' ranges from other methods than its
+own (`Candidate.tensor_calibration`): those ranges come from onnxruntime's
+calibrator, run once per method (`activation_ranges`), and reach the quantizer
+as its per-tensor overrides.
 """
 
 from __future__ import annotations
@@ -9,9 +13,12 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+
+import numpy as np
 
 from edgefleet.converter.candidates import Candidate
 from edgefleet.converter.data import Dataset, Feed
@@ -50,6 +57,40 @@ def quiet_onnxruntime_tooling() -> Iterator[None]:
             yield
     finally:
         root.setLevel(level)
+
+
+def activation_ranges(
+    method: str, float_model: Path, calibration: Dataset, cache_dir: Path
+) -> dict[str, tuple[float, float]]:
+    """Every float tensor's range by calibration `method`, computed once, cached in `cache_dir`."""
+    path = cache_dir / f"ranges-{method}.json"
+    if not path.exists():
+        from onnxruntime.quantization import CalibrationMethod, create_calibrator
+
+        with quiet_onnxruntime_tooling():
+            calibrator = create_calibrator(
+                float_model,
+                augmented_model_path=str(cache_dir / f"augmented-{method}.onnx"),
+                calibrate_method=getattr(CalibrationMethod, method),
+            )
+            calibrator.collect_data(CalibrationReader(calibration))
+            ranges = {
+                name: [float(np.asarray(value).item()) for value in data.range_value]
+                for name, data in calibrator.compute_data().items()
+            }
+        path.write_text(json.dumps(ranges))
+    return {name: (low, high) for name, (low, high) in json.loads(path.read_text()).items()}
+
+
+def _tensor_overrides(
+    candidate: Candidate, float_model: Path, calibration: Dataset, cache_dir: Path
+) -> dict[str, list[dict[str, np.float32]]]:
+    """onnxruntime's TensorQuantOverrides: each recalibrated tensor's range by its method."""
+    overrides = {}
+    for tensor, method in candidate.tensor_calibration:
+        low, high = activation_ranges(method, float_model, calibration, cache_dir)[tensor]
+        overrides[tensor] = [{"rmin": np.float32(low), "rmax": np.float32(high)}]
+    return overrides
 
 
 def _quant_type(code: str) -> object:
@@ -98,6 +139,11 @@ def quantize(
             return []
         assert candidate.method == "static" and candidate.types and candidate.calibration
         options: dict[str, object] = {}
+        extra_options: dict[str, object] = {}
+        if candidate.tensor_calibration:
+            extra_options["TensorQuantOverrides"] = _tensor_overrides(
+                candidate, float_model, calibration, cache_dir
+            )
         if "calibration_cache_path" in inspect.signature(quantize_static).parameters:
             options["calibration_cache_path"] = str(cache_dir / f"{candidate.calibration}.json")
         arguments = dict(
@@ -111,6 +157,7 @@ def quantize(
             calibrate_method=getattr(CalibrationMethod, candidate.calibration),
             nodes_to_exclude=excluded,
             nodes_to_quantize=only,
+            extra_options=extra_options,
             **options,
         )
         try:
@@ -123,7 +170,7 @@ def quantize(
             # that adjustment it quantizes, and the evaluation shows the cost, if any.
             if not (candidate.per_channel and "truth value" in str(exc)):
                 raise
-            arguments["extra_options"] = {"QDQDisableWeightAdjustForInt32Bias": True}
+            extra_options["QDQDisableWeightAdjustForInt32Bias"] = True
             quantize_static(
                 str(float_model), str(output), CalibrationReader(calibration), **arguments
             )

@@ -178,7 +178,9 @@ class BatchWriter:
         for chunk in in_chunks(ids):
             query = select(Device).where(Device.id.in_(chunk)).order_by(Device.id)
             if not self._is_sqlite:
-                query = query.with_for_update()
+                # FOR NO KEY UPDATE: ingestion changes no key, so a rollout inserting a
+                # member row (FOR KEY SHARE on its device, the foreign key) need not wait.
+                query = query.with_for_update(key_share=True)
             devices.update((d.id, d) for d in session.scalars(query))
         return devices
 
@@ -283,7 +285,9 @@ class BatchWriter:
                 .order_by(table.c.id)
             )
             if not self._is_sqlite:
-                query = query.with_for_update()
+                # FOR NO KEY UPDATE: ingestion changes no key, so a rollout inserting a
+                # member row (FOR KEY SHARE on its device, the foreign key) need not wait.
+                query = query.with_for_update(key_share=True)
             for found in session.execute(query):
                 existing[
                     (

@@ -589,6 +589,32 @@ def test_retention_marks_silent_devices_offline_without_waiting_for_a_flush(
     assert not any(device_row(database, device.id).online for device in silent)
 
 
+def test_ingestion_does_not_wait_for_a_rollout_adding_its_device(
+    database: Database, devices: list[SimDevice], tmp_path: Path
+) -> None:
+    """A rollout inserting a member row holds its device's row FOR KEY SHARE (the foreign
+    key) until it commits; ingestion changes no key, so it locks FOR NO KEY UPDATE and goes on
+    (FOR UPDATE would wait, and deadlock when the rollout waits for a row ingestion holds)."""
+    if database.is_sqlite:
+        pytest.skip("SQLite has one writer: nothing is locked row by row")
+    enroll(database, devices)
+    dev = devices[0]
+    ingestor = Ingestor(database, Keys(devices), make_settings(tmp_path), clock=Clock())
+    ingestor.handle(*signed(dev, TopicKind.HEARTBEAT, heartbeat(dev)))
+
+    with database.session() as rollout:  # the lock an inserted rollout_devices row takes
+        query = select(Device).where(Device.id == dev.id).with_for_update(read=True, key_share=True)
+        rollout.scalars(query).all()
+        thread = threading.Thread(target=ingestor.flush)
+        thread.start()
+        thread.join(30)
+        finished = not thread.is_alive()
+    thread.join()
+    assert finished, "ingestion waited for a row a rollout held FOR KEY SHARE"
+    assert ingestor.counts["heartbeat"] == 1
+    assert device_row(database, dev.id).last_seen is not None
+
+
 class RekeyedKeys(Keys):
     """A stale cache: the old key unless asked for a fresh one."""
 
