@@ -54,7 +54,8 @@ def _scale_model(path: Path) -> None:
 
 def _zeros_model(path: Path, scale: tuple[int, int], *, multiply: bool) -> None:
     """y = x + the sum of a tensor of zeros of shape (scale[0], 4 * scale[1]) made at run time
-    (from x's shape, so nothing is folded at load), squared by MatMul when `multiply`."""
+    (from x's shape, whose batch axis is dynamic, so nothing is folded at load: with a static
+    shape onnxruntime would fold it all into a constant), squared by MatMul when `multiply`."""
     nodes = [
         helper.make_node("Shape", ["x"], ["x_shape"]),
         helper.make_node("Mul", ["x_shape", "scale"], ["zeros_shape"]),
@@ -69,8 +70,8 @@ def _zeros_model(path: Path, scale: tuple[int, int], *, multiply: bool) -> None:
     graph = helper.make_graph(
         nodes,
         "zeros",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
         [helper.make_tensor("scale", TensorProto.INT64, [2], list(scale))],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
