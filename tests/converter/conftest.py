@@ -23,6 +23,25 @@ class Case:
     labels: Path
 
 
+def convert_args(case: Case, target: str, out: Path, *extra: str) -> list[str]:
+    """`edgefleet convert` arguments for `case` and `target`, writing `out`."""
+    return [
+        "convert",
+        str(case.model),
+        "--target",
+        target,
+        "--calibration",
+        str(case.calibration),
+        "--validation",
+        str(case.validation),
+        "--labels",
+        str(case.labels),
+        "-o",
+        str(out),
+        *extra,
+    ]
+
+
 def _write_case(
     directory: Path, model: str, input_name: str, data: Callable[[], tuple[np.ndarray, np.ndarray]]
 ) -> Case:

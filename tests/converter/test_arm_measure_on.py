@@ -21,20 +21,12 @@ from typing import Any
 
 import pytest
 
-from edgefleet.agent.config import write_config
-from edgefleet.agentconfig import (
-    AgentConfig,
-    HealthSettings,
-    LocalApiSettings,
-    MqttSettings,
-    TelemetrySettings,
-)
 from edgefleet.bundle import build_bundle
 from edgefleet.emulate.root import ARCHITECTURES, ensure_root
 from edgefleet.emulate.smoke import run_emulated_smoke
 from edgefleet.keys import save_private_key
 from edgefleet.trust import TrustRoot
-from tests.agent.broker import MosquittoBroker, free_port, unique_device_id
+from tests.agent.broker import MosquittoBroker, unique_device_id
 from tests.conftest import KeySet
 from tests.converter.conftest import Case
 from tests.converter.test_arm_emulated import _require_tools
@@ -44,7 +36,13 @@ from tests.converter.test_benchmark_on_device import (  # noqa: F401 (fixtures)
     operator_token,
     server,
 )
-from tests.server.serverproc import ServerProcess, agent_log, json_of, wait_until
+from tests.server.serverproc import (
+    ServerProcess,
+    agent_log,
+    json_of,
+    wait_until,
+    write_agent_config,
+)
 
 TARGET = "aarch64"
 ARCH = ARCHITECTURES["arm64"]
@@ -61,20 +59,8 @@ def start_emulated_agent(
     tmp_path: Path, device: str, broker_url: str, server_url: str, trust: Path
 ) -> subprocess.Popen[bytes]:
     """`edgefleet emulate agent --arch arm64 -- run` for `device`; its log in `agent_log`."""
-    config_path = tmp_path / f"{device}.toml"
-    write_config(
-        config_path,
-        AgentConfig(
-            device_id=device,
-            profile=TARGET,
-            state_dir=tmp_path / device,
-            trust_root=trust,
-            server_url=server_url,
-            mqtt=MqttSettings(url=broker_url),
-            telemetry=TelemetrySettings(window_seconds=1, heartbeat_seconds=1),
-            health=HealthSettings(duration_seconds=1, min_requests=0),
-            local_api=LocalApiSettings(port=free_port()),
-        ),
+    config_path = write_agent_config(
+        tmp_path, device, broker_url, server_url, trust, profile=TARGET
     )
     command = [sys.executable, "-m", "edgefleet", "emulate", "agent", "--arch", ARCH.name,
                "--", "run", "--config", str(config_path)]  # fmt: skip

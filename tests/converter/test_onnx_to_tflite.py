@@ -27,7 +27,7 @@ from edgefleet.converter.toolenv import PREPARE_COMMAND, onnx2tf_python
 from edgefleet.errors import UsageError
 from edgefleet.litert import LiteRTModel
 from edgefleet.profiles import load_profile
-from tests.converter.conftest import Case
+from tests.converter.conftest import Case, convert_args
 from tests.fixtures import datasets
 
 
@@ -87,24 +87,6 @@ def plain_mlp(tmp_path_factory: pytest.TempPathFactory) -> Case:
     np.savez(case.validation, features=features[split.validation])
     np.save(case.labels, targets[split.validation])
     return case
-
-
-def convert_args(case: Case, target: str, out: Path, *extra: str) -> list[str]:
-    return [
-        "convert",
-        str(case.model),
-        "--target",
-        target,
-        "--calibration",
-        str(case.calibration),
-        "--validation",
-        str(case.validation),
-        "--labels",
-        str(case.labels),
-        "-o",
-        str(out),
-        *extra,
-    ]
 
 
 def test_tflite_candidates_are_valid_where_the_profile_runs_tflite() -> None:

@@ -26,7 +26,7 @@ from tests.agent.power_loss_driver import PROFILE
 from tests.conftest import KeySet
 from tests.converter import test_benchmark_on_device as on_device
 from tests.converter import test_onnx_to_tflite as to_tflite
-from tests.converter.conftest import Case
+from tests.converter.conftest import Case, convert_args
 from tests.server.serverproc import ServerProcess, agent_log, json_of, start_agent, wait_until
 
 broker = on_device.broker
@@ -73,7 +73,7 @@ def measured_conversion(
             assert wait_until(online, on_device.WAIT), agent_log(tmp_path, device)
             out = tmp_path / "out"
             converted = on_device.edgefleet(
-                *to_tflite.convert_args(case, target, out, *extra),
+                *convert_args(case, target, out, *extra),
                 "--measure-on", device, "--server", server.url, "--token", token,
                 "--measure-key", release_key, "--measure-timeout", "600",
             )  # fmt: skip

@@ -20,26 +20,9 @@ from edgefleet.extras import install_hint
 from edgefleet.profiles import load_profile
 from edgefleet.trust import TrustRoot
 from tests.conftest import KeySet
-from tests.converter.conftest import Case
+from tests.converter.conftest import Case, convert_args
 
 X86_TARGETS = ["x86_64-avx2", "x86_64-vnni"]
-
-
-def convert_args(case: Case, target: str, out: Path) -> list[str]:
-    return [
-        "convert",
-        str(case.model),
-        "--target",
-        target,
-        "--calibration",
-        str(case.calibration),
-        "--validation",
-        str(case.validation),
-        "--labels",
-        str(case.labels),
-        "-o",
-        str(out),
-    ]
 
 
 @pytest.mark.parametrize("target", X86_TARGETS)

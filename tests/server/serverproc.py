@@ -146,7 +146,7 @@ def json_of(response: httpx.Response, status: int) -> Any:
     return response.json()
 
 
-def start_agent(
+def write_agent_config(
     tmp_path: Path,
     device: str,
     broker_url: str,
@@ -154,8 +154,8 @@ def start_agent(
     trust: Path,
     *,
     profile: str = PROFILE,
-) -> subprocess.Popen[bytes]:
-    """`edgefleet agent run` for `device` with fast timings; its log in `agent_log`."""
+) -> Path:
+    """An agent configuration for `device` with fast timings, at tmp_path/DEVICE.toml."""
     config_path = tmp_path / f"{device}.toml"
     write_config(
         config_path,
@@ -170,6 +170,22 @@ def start_agent(
             health=HealthSettings(duration_seconds=1, min_requests=0),
             local_api=LocalApiSettings(port=free_port()),
         ),
+    )
+    return config_path
+
+
+def start_agent(
+    tmp_path: Path,
+    device: str,
+    broker_url: str,
+    server_url: str,
+    trust: Path,
+    *,
+    profile: str = PROFILE,
+) -> subprocess.Popen[bytes]:
+    """`edgefleet agent run` for `device` with fast timings; its log in `agent_log`."""
+    config_path = write_agent_config(
+        tmp_path, device, broker_url, server_url, trust, profile=profile
     )
     with (tmp_path / f"{device}.log").open("wb") as log:
         return subprocess.Popen(
@@ -191,5 +207,6 @@ __all__ = [
     "json_of",
     "start_agent",
     "wait_until",
+    "write_agent_config",
     "write_server_keys",
 ]
