@@ -196,7 +196,8 @@ def _recover(
     `sensitivity.rank_layers`. First the tensors of the most sensitive layers get a
     calibration of their own (`sensitivity.tune_tensor_calibration`); if that candidate
     misses the budget, the top 1, 2, 4, ... layers (FLOAT_LAYER_STEPS, always fewer than
-    all) are kept in float with the nodes without weights that follow them.
+    all) are kept in float with the nodes without weights that follow them, the tensors'
+    own calibrations kept.
     """
     qdq = sorted(
         (
@@ -257,11 +258,16 @@ def _recover(
     context.progress.start("keeping the most sensitive layers in float", len(steps))
     for count in steps:
         kept = [s.layer for s in ranked[:count]]
-        candidate = base.excluding(tuple(node for layer in kept for node in layer.nodes))
+        nodes = tuple(node for layer in kept for node in layer.nodes)
+        candidate = tuning.candidate.excluding(nodes)
         evaluation = _quantize_and_evaluate(context, candidate, float_model)
         evaluation.notes.append(
             "layers kept in float, most sensitive first: "
             + ", ".join(f"{layer.name} ({', '.join(layer.nodes)})" for layer in kept)
+            + "".join(
+                f"; {tensor} calibrated by {method}"
+                for tensor, method in candidate.tensor_calibration
+            )
         )
         retries.append(evaluation)
         if evaluation.usable:
