@@ -275,10 +275,7 @@ class LocalApi:
                     self._send(exc.status, {"error": str(exc), "code": exc.code})
                     return
                 if upload is not None:
-                    try:
-                        self._answer(lambda: (HTTPStatus.OK, api.install(upload)))
-                    finally:
-                        upload.unlink(missing_ok=True)
+                    self._answer(lambda: (HTTPStatus.OK, api.install_upload(upload)))
                     return
                 content_type = self.headers.get("Content-Type", "")
                 self._answer(lambda: api.post(self.path, body, content_type))
@@ -381,6 +378,14 @@ class LocalApi:
             threading.Thread(target=server.serve_forever, daemon=True, name="edgefleet-local-api")
             for server in self._servers
         ]
+
+    def install_upload(self, upload: Path) -> dict[str, Any]:
+        """Install a bundle this API received, and remove the received file before the
+        answer goes out (a caller that has the answer finds it gone)."""
+        try:
+            return self.install(upload)
+        finally:
+            upload.unlink(missing_ok=True)
 
     @property
     def address(self) -> tuple[str, int]:

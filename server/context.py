@@ -36,10 +36,11 @@ if TYPE_CHECKING:
     from edgefleet.server.bundles import BundleStore
     from edgefleet.server.certificates import CrlFile
     from edgefleet.server.directives import DirectiveIssuer
+    from edgefleet.server.mqtt.ingest import DeadLetter
 
 
 class IngestCounters(Protocol):
-    """What the MQTT ingestion exposes for /metrics (`Ingestor` has both attributes)."""
+    """What the MQTT ingestion exposes for /metrics and /health (`Ingestor` has these)."""
 
     @property
     def counts(self) -> Mapping[str, int]:
@@ -49,6 +50,16 @@ class IngestCounters(Protocol):
     @property
     def refused(self) -> Mapping[str, int]:
         """Messages refused, by reason (unknown-device, device-signature, ...)."""
+        ...
+
+    @property
+    def dead_lettered(self) -> Mapping[str, int]:
+        """Messages accepted that the database refused to store, by kind."""
+        ...
+
+    @property
+    def last_dead_letter(self) -> DeadLetter | None:
+        """The last device whose messages the database refused: when, what, why."""
         ...
 
 

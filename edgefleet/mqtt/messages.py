@@ -3,7 +3,11 @@
 Invariants: every message carries `schema_version` (1 here) and is refused when
 it claims another; unknown fields are refused (a newer sender must bump the
 version, not slip fields past an older server); types are strict (no "5" for
-5, no true for 1); counts are non-negative. `parse_message` is the only way
+5, no true for 1); counts are non-negative and fit a signed 64-bit integer; no
+string holds a NUL character (a database cannot store one: PostgreSQL refuses it
+in text and JSON alike), refused by `parse_message` and replaced by U+FFFD in
+what `encode_message` produces, so what a sender encodes is what a receiver
+accepts. `parse_message` is the only way
 untrusted payload bytes become a message, and it raises `MessageSchemaError`
 with a one-line reason and nothing else, so a receiver can count and report a
 bad payload without crashing. The schemas carry no signature: on the wire a
@@ -23,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from edgefleet.canonical import parse_json
 from edgefleet.errors import MalformedDocumentError, MessageSchemaError, UsageError
-from edgefleet.mqtt._fields import BundleName, Count, DeviceIdText, Version
+from edgefleet.mqtt._fields import BundleName, Count, DeviceIdText, Ordinal, Version
 from edgefleet.mqtt.topics import DeviceId, TopicKind, parse_device_topic
 from edgefleet.timefmt import parse_time
 from edgefleet.validation import Timestamp, describe_validation_error
@@ -69,7 +73,7 @@ class StatusReport(Message):
     bundle_version: Version | None = None
     previous_version: Version | None = None
     reason: Annotated[str, Field(max_length=2048)] | None = None
-    directive_sequence: Annotated[int, Field(ge=1)] | None = None
+    directive_sequence: Ordinal | None = None
     # Set while the device's newest fleet timestamp has expired (it may be frozen out);
     # left out of the bytes otherwise, so a server older than the field takes the rest.
     frozen_reason: Annotated[str, Field(max_length=MAX_PROBLEM_CHARS)] | None = None
@@ -103,7 +107,7 @@ class DirectiveAnswer(_Part):
     """The last directive the agent answered and how: what its last status report of that
     directive said (`committed`, `failed` or `refused`, and the reason)."""
 
-    sequence: Annotated[int, Field(ge=1)]  # the directive's sequence
+    sequence: Ordinal  # the directive's sequence
     install_state: InstallState
     reason: Annotated[str, Field(max_length=2048)] | None = None
 
@@ -133,7 +137,7 @@ class Heartbeat(Message):
     # Optional, left out when unused, so servers that predate them accept the rest:
     link: LinkReport | None = None
     breakers: Annotated[list[BreakerReport], Field(max_length=MAX_BREAKERS)] | None = None
-    trust_root_version: Annotated[int, Field(ge=1)] | None = None
+    trust_root_version: Ordinal | None = None
     # The newest fleet timestamp expired and no newer one arrived: updates may be withheld.
     frozen_out: bool | None = None
     frozen_reason: ProblemText | None = None
@@ -265,8 +269,8 @@ class DiagnosticsReport(Message):
     what: ClassVar[str] = "diagnostics answer"
 
     sent_at: Timestamp
-    request_id: Annotated[int, Field(ge=1)]
-    directive_sequence: Annotated[int, Field(ge=1)]
+    request_id: Ordinal
+    directive_sequence: Ordinal
     log_lines: Annotated[list[LogLine], Field(max_length=MAX_LOG_LINES)]
     status: dict[str, Any]
 
@@ -304,8 +308,42 @@ MESSAGE_TYPES: dict[TopicKind, type[Message]] = {
 }
 
 
+NUL = "\x00"
+NUL_REPLACEMENT = "\ufffd"
+
+
+def _nul_path(value: Any, path: str) -> str | None:
+    """The path of the first string (a key or a value) in `value` that holds a NUL."""
+    if isinstance(value, str):
+        return path if NUL in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if NUL in key:
+                return f"{path}.{key!r}"
+            found = _nul_path(item, f"{path}.{key}")
+            if found is not None:
+                return found
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _nul_path(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
+
+
+def _without_nul(value: Any) -> Any:
+    """`value` with every NUL in its strings (keys and values) replaced by U+FFFD."""
+    if isinstance(value, str):
+        return value.replace(NUL, NUL_REPLACEMENT)
+    if isinstance(value, dict):
+        return {_without_nul(key): _without_nul(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_nul(item) for item in value]
+    return value
+
+
 def encode_message(message: Message) -> bytes:
-    """The JSON bytes to publish for `message`.
+    """The JSON bytes to publish for `message` (a NUL in a string replaced by U+FFFD).
 
     Raises:
         UsageError: `message` is not an edgefleet message.
@@ -314,7 +352,11 @@ def encode_message(message: Message) -> bytes:
         raise UsageError(f"{type(message).__name__} is not an edgefleet MQTT message")
     # Fields left at None are left out: an optional field added later is then absent,
     # not null, in every message that does not use it, and older receivers accept it.
-    return message.model_dump_json(exclude_none=True).encode("utf-8")
+    text = message.model_dump_json(exclude_none=True)
+    if "\\u0000" in text:  # a NUL, escaped (or an escaped backslash before "u0000")
+        data = _without_nul(message.model_dump(mode="json", exclude_none=True))
+        text = type(message).model_validate(data).model_dump_json(exclude_none=True)
+    return text.encode("utf-8")
 
 
 def parse_message(
@@ -323,8 +365,8 @@ def parse_message(
     """Parse untrusted payload bytes into a message of `model_cls`.
 
     Raises:
-        MessageSchemaError: too large, not JSON, another schema version, or a
-            schema violation (the reason names the field).
+        MessageSchemaError: too large, not JSON, another schema version, a string
+            holding a NUL, or a schema violation (the reason names the field).
     """
     what = model_cls.what
     if not isinstance(payload, (bytes, bytearray)):
@@ -348,6 +390,12 @@ def parse_message(
     if type(found) is not int or found != SCHEMA_VERSION:
         raise MessageSchemaError(
             f"{what} has schema_version {found!r}; this side understands {SCHEMA_VERSION}"
+        )
+    # JSON carries a NUL only escaped: the walk runs only when the escape is in the bytes.
+    nul_at = _nul_path(raw, "payload") if b"\\u0000" in payload else None
+    if nul_at is not None:
+        raise MessageSchemaError(
+            f"{what} does not match its schema: field {nul_at} holds a NUL character"
         )
     try:
         return model_cls.model_validate(raw)

@@ -4,6 +4,8 @@
     edgefleet_http_request_duration_seconds{method,route}  histogram
     edgefleet_mqtt_messages_accepted_total{kind}           from the ingestion's counters
     edgefleet_mqtt_messages_refused_total{reason}          from the ingestion's counters
+    edgefleet_ingest_dead_lettered_total{kind}             messages accepted that the database
+                                                           refused to store (dropped)
     edgefleet_mqtt_messages_published_total{kind}          through the context's publisher
     edgefleet_directives_published_total                   the `directive` kind of the above
     edgefleet_mqtt_link_up                                 gauge: 1 while the MQTT link is connected
@@ -117,12 +119,20 @@ class ServerCollector(Collector):
             "MQTT messages from devices refused, by reason.",
             labels=["reason"],
         )
+        dead_lettered = CounterMetricFamily(
+            "edgefleet_ingest_dead_lettered",
+            "MQTT messages from devices accepted, then dropped because the database refused "
+            "to store them, by kind.",
+            labels=["kind"],
+        )
         ingest = self.context.ingest
         if ingest is not None:
             for kind, count in sorted(_snapshot(ingest.counts).items()):
                 accepted.add_metric([kind], count)
             for reason, count in sorted(_snapshot(ingest.refused).items()):
                 refused.add_metric([reason], count)
+            for kind, count in sorted(_snapshot(ingest.dead_lettered).items()):
+                dead_lettered.add_metric([kind], count)
         published = CounterMetricFamily(
             "edgefleet_mqtt_messages_published",
             "MQTT messages published by this server, by topic kind.",
@@ -136,7 +146,7 @@ class ServerCollector(Collector):
             "Signed directives published to devices by this server.",
             value=counts.get("directive", 0),
         )
-        yield from (accepted, refused, published, directives)
+        yield from (accepted, refused, dead_lettered, published, directives)
         yield from self._link()
 
     def _link(self) -> Iterator[Metric]:

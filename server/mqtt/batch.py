@@ -35,6 +35,11 @@
   work fails on the unique key; the caller retries and merges into that row.
 
 A batch is never modified here, so a failed write can be retried as it is.
+`IngestBatch.device_parts` cuts a batch into one batch per device (in device id
+order, each written by `write` like any batch), so the ingestor can write apart
+what one device sent when the database refuses the batch as a whole, and
+`IngestBatch.contents` says what a batch holds, for the log line of a part the
+database refused.
 """
 
 from __future__ import annotations
@@ -78,6 +83,7 @@ class DeviceUpdate:
     heartbeat_order: int = 0
     statuses: list[tuple[int, dt.datetime, StatusReport]] = field(default_factory=list)
     health: tuple[str, str] | None = None  # (window_end, health) of the newest window
+    messages: int = 0  # the device's messages merged in
 
     def offer_heartbeat(self, heartbeat: Heartbeat, order: int) -> bool:
         """Keep `heartbeat` (arrived as the `order`th message) unless the one kept was sent later.
@@ -108,6 +114,40 @@ class IngestBatch:
     messages: int = 0
     # called once the batch (and every one before it) is written: the link's acknowledgements
     on_stored: list[Callable[[], None]] = field(default_factory=list)
+
+    def device_parts(self) -> list[IngestBatch]:
+        """This batch cut into one batch per device, in device id order, without its
+        `on_stored` callbacks. Every message adds to `devices`, so each part has one."""
+        parts: dict[str, IngestBatch] = {}
+
+        def part(device_id: str) -> IngestBatch:
+            found = parts.get(device_id)
+            if found is None:
+                found = parts[device_id] = IngestBatch()
+            return found
+
+        for device_id, changes in self.devices.items():
+            part(device_id).devices[device_id] = changes
+            part(device_id).messages = changes.messages
+        for key, aggregate in self.telemetry.items():
+            part(key[0]).telemetry[key] = aggregate
+        for answer in self.diagnostics:
+            part(answer[0]).diagnostics.append(answer)
+        for slot_key, slot in self.heartbeat_slots.items():
+            part(slot_key[0]).heartbeat_slots[slot_key] = slot
+        return [parts[device_id] for device_id in sorted(parts)]
+
+    def contents(self) -> dict[str, int]:
+        """The messages the batch holds, by kind: status, heartbeat, telemetry (windows),
+        diagnostics and presence (the rest); they add up to `messages`."""
+        counts = {
+            "status": sum(len(changes.statuses) for changes in self.devices.values()),
+            "heartbeat": sum(slot.samples for slot in self.heartbeat_slots.values()),
+            "telemetry": sum(aggregate.windows for aggregate in self.telemetry.values()),
+            "diagnostics": len(self.diagnostics),
+        }
+        counts["presence"] = max(0, self.messages - sum(counts.values()))
+        return counts
 
 
 class BatchWriter:

@@ -27,9 +27,22 @@ windows merge into `TelemetryAggregate`s per (device, bundle, version, bucket). 
 `settings.telemetry_flush_s` on the worker `flusher`, and at `stop`) writes a
 batch in one unit of work (`batch.BatchWriter`: status deduplicated by
 sequence, telemetry merged into buckets, devices locked in id order).
-A batch that cannot be written stays queued and is retried at the next flush,
-before any later one; nothing is dropped (the link's flow control bounds what
-waits: `when_stored`).
+A batch that cannot be written (`WRITE_ATTEMPTS` tries) is either held back
+by an outage or refused for what it holds, and a trivial write tells which
+(`_database_takes_writes`: an UPDATE of no row). When the database does not
+take it (down, unreachable, read-only, not migrated), the batch stays queued
+and is retried at the next flush, before any later one; nothing is dropped (the
+link's flow control bounds what waits: `when_stored`). When the database takes
+it, the batch is cut into one batch per device (`IngestBatch.device_parts`, in
+device id order) written one after the other, before any later batch; a device's
+part that still fails all its tries for what it holds (not for a lock, a
+deadlock or a lost connection, which wait for the next flush as an outage does)
+is dead-lettered: dropped, logged as an
+ERROR naming the device, what was dropped (`IngestBatch.contents`) and the
+database's error, counted by kind in `dead_lettered`, and kept as
+`last_dead_letter` (the health check shows it). The batch's `on_stored`
+callbacks are called once all its parts are written or dropped, so one
+device's message the database refuses does not hold back the fleet.
 The devices a written batch brought back (`BatchWriter.write`) are handed to
 `on_return` (the rollout side's `resend.Returns.add`, which only records them:
 ingestion never waits for directives to be sent).
@@ -63,6 +76,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import false
+from sqlalchemy import update as update_rows
+from sqlalchemy.exc import OperationalError
 
 from edgefleet.errors import DeviceSignatureError, MessageSchemaError, UsageError
 from edgefleet.mqtt.devicesig import verify_device_payload
@@ -80,6 +98,7 @@ from edgefleet.mqtt.messages import (
 from edgefleet.mqtt.topics import DeviceId, TopicKind, parse_device_topic
 from edgefleet.server import history
 from edgefleet.server.db.database import Database
+from edgefleet.server.db.models import Device
 from edgefleet.server.errors import StorageError
 from edgefleet.server.mqtt.aggregate import TelemetryAggregate, bucket_start, health_of
 from edgefleet.server.mqtt.batch import BatchWriter, DeviceUpdate, IngestBatch
@@ -100,6 +119,16 @@ PRESENCE_REASONS = {
     Presence.OFFLINE: "connection lost (last will)",
 }
 WRITE_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """What ingestion dropped of one device because the database refused it."""
+
+    device_id: str
+    at: dt.datetime
+    dropped: dict[str, int]  # messages by kind (`IngestBatch.contents`)
+    error: str  # the database's error, one line
 
 
 class Ingestor:
@@ -127,6 +156,8 @@ class Ingestor:
         self.flushes = 0
         self.flush_failures = 0
         self.flushed_messages = 0
+        self.dead_lettered: collections.Counter[str] = collections.Counter()  # kind -> n
+        self.last_dead_letter: DeadLetter | None = None
         self._lock = threading.Lock()  # guards _batch (worker thread vs flush thread)
         self._flush_lock = threading.Lock()
         self._batch = IngestBatch()
@@ -258,6 +289,7 @@ class Ingestor:
             update.online_at = now
             if update.online:
                 update.last_seen = now
+            update.messages += 1
             self._batch.messages += 1
             self.counts["presence"] += 1
 
@@ -285,6 +317,7 @@ class Ingestor:
             if slot is None:
                 slot = slots[slot_key] = history.HeartbeatSlot()
             slot.add(message)
+            update.messages += 1
             self._batch.messages += 1
             self.counts["heartbeat"] += 1
 
@@ -302,6 +335,7 @@ class Ingestor:
             update = self._seen(device_id, now)
             self._order += 1
             update.statuses.append((self._order, now, message))
+            update.messages += 1
             self._batch.messages += 1
             self.counts["status"] += 1
 
@@ -309,7 +343,7 @@ class Ingestor:
         if self._dated_ahead(device_id, message.what, message.sent_at, now):
             return
         with self._lock:
-            self._seen(device_id, now)
+            self._seen(device_id, now).messages += 1
             self._batch.diagnostics.append((device_id, message, now))
             self._batch.messages += 1
             self.counts["diagnostics"] += 1
@@ -344,6 +378,7 @@ class Ingestor:
                 update.health is None or update.health[0] <= window.window_end
             ):
                 update.health = (window.window_end, health)
+            update.messages += 1
             batch.messages += 1
             self.counts["telemetry"] += 1
 
@@ -395,7 +430,9 @@ class Ingestor:
     def flush(self) -> int:
         """Write the current batch (and any left from failed flushes); return messages written.
 
-        Never raises for a database failure: the batch stays queued and is retried.
+        Never raises for a database failure: in an outage the batch stays queued and
+        is retried; what the database refuses of one device is dead-lettered (see the
+        module docstring).
         """
         with self._flush_lock:
             with self._lock:
@@ -405,31 +442,79 @@ class Ingestor:
             written = 0
             while self._pending:
                 batch = self._pending[0]
-                if not self._write_with_retries(batch):
-                    break
+                failure = self._write_with_retries(batch)
+                if failure is not None:
+                    if not self._database_takes_writes():
+                        break  # an outage: retried at the next flush
+                    if len(batch.devices) > 1:
+                        self._pending.popleft()
+                        parts = batch.device_parts()
+                        parts[-1].on_stored.extend(batch.on_stored)
+                        self._pending.extendleft(reversed(parts))
+                        continue
+                    if _transient(failure):
+                        break  # a lock or a lost connection: retried at the next flush
+                    self._dead_letter(batch, failure)
+                else:
+                    written += batch.messages
                 self._pending.popleft()
                 for callback in batch.on_stored:
                     callback()
-                written += batch.messages
             self.flushes += 1
             self.flushed_messages += written
             return written
 
-    def _write_with_retries(self, batch: IngestBatch) -> bool:
+    def _write_with_retries(self, batch: IngestBatch) -> Exception | None:
+        """Write `batch` in one unit of work, `WRITE_ATTEMPTS` tries; the last error, if
+        every try failed."""
         if not batch.messages:
-            return True
+            return None
+        failure: Exception | None = None
         for attempt in range(WRITE_ATTEMPTS):
             try:
                 with self._db.session() as session:
                     returned = self._writer.write(session, batch)
                 if returned and self._on_return is not None:
                     self._on_return(returned)
-                return True
-            except StorageError as exc:
+                return None
+            # OverflowError: sqlite3 refuses an integer beyond 64 bits (a sum of counts)
+            # before the database sees it; PostgreSQL answers a StorageError.
+            except (StorageError, OverflowError) as exc:
+                failure = exc
                 self.flush_failures += 1
                 log.warning("writing ingested messages failed (attempt %d): %s", attempt + 1, exc)
                 time.sleep(0.05 * (attempt + 1))
-        return False
+        return failure
+
+    def _database_takes_writes(self) -> bool:
+        """Whether the database takes a trivial write (an UPDATE of no device): False when
+        it is down, unreachable, read-only or not migrated."""
+        try:
+            with self._db.session() as session:
+                session.execute(update_rows(Device).where(false()).values(online=Device.online))
+        except StorageError as exc:
+            log.warning("the database takes no write, ingested messages wait: %s", exc)
+            return False
+        return True
+
+    def _dead_letter(self, part: IngestBatch, failure: Exception) -> None:
+        """Drop `part` (one device's messages), which the database refused while it takes
+        writes: logged, counted and kept as `last_dead_letter`."""
+        (device_id,) = part.devices
+        dropped = part.contents()
+        error = " ".join(str(failure).split())
+        # Replaced, not changed in place: readers in other threads (/metrics, /health)
+        # see the counts before or after, never a dict being changed.
+        self.dead_lettered = self.dead_lettered + collections.Counter(dropped)
+        self.last_dead_letter = DeadLetter(device_id, self._clock(), dropped, error)
+        what = ", ".join(f"{n} {kind}" for kind, n in dropped.items() if n)
+        log.error(
+            "dropped what device %r sent (%s messages: %s): the database refuses it: %s",
+            device_id,
+            part.messages,
+            what,
+            error,
+        )
 
     # -- metrics -----------------------------------------------------------------------------
 
@@ -454,7 +539,14 @@ class Ingestor:
                 "failures": self.flush_failures,
                 "messages": self.flushed_messages,
             },
+            "dead_lettered": dict(self.dead_lettered),
         }
 
 
-__all__ = ["Ingestor"]
+def _transient(failure: Exception) -> bool:
+    """Whether a write failed for the moment rather than for what it holds: a lock
+    timeout, a deadlock, a connection lost (the DBAPI's OperationalError)."""
+    return isinstance(failure.__cause__, OperationalError)
+
+
+__all__ = ["DeadLetter", "Ingestor"]

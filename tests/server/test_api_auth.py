@@ -95,6 +95,7 @@ def test_public_routes_need_no_token(api: Api) -> None:
         "status": "ok",
         "database": "ok",
         "mqtt": None,
+        "ingestion": None,
         "reason": None,
     }
     assert api.client.get("/metrics").status_code == 200

@@ -21,6 +21,8 @@ class IngestFigures:
     def __init__(self) -> None:
         self.counts = {"heartbeat": 7, "telemetry": 3}
         self.refused = {"device-signature": 2}
+        self.dead_lettered = {"status": 1}
+        self.last_dead_letter = None
 
 
 @pytest.fixture
@@ -71,6 +73,7 @@ def test_fleet_mqtt_and_directive_figures(api: Api) -> None:
     assert samples[("edgefleet_mqtt_messages_accepted_total", (("kind", "heartbeat"),))] == 7
     refused = ("edgefleet_mqtt_messages_refused_total", (("reason", "device-signature"),))
     assert samples[refused] == 2
+    assert samples[("edgefleet_ingest_dead_lettered_total", (("kind", "status"),))] == 1
     assert samples[("edgefleet_directives_published_total", ())] == 2
     published = "edgefleet_mqtt_messages_published_total"
     assert samples[(published, (("kind", "blocks_data"),))] == 1

@@ -11,8 +11,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from edgefleet.server.api.deps import ContextDep
-from edgefleet.server.api.schemas.health import Health, MqttLinkHealth
-from edgefleet.server.context import BrokerView
+from edgefleet.server.api.schemas.health import (
+    DeadLetterHealth,
+    Health,
+    IngestionHealth,
+    MqttLinkHealth,
+)
+from edgefleet.server.context import BrokerView, IngestCounters
 from edgefleet.server.errors import StorageError
 from edgefleet.server.mqtt.link import LinkStatus
 from edgefleet.timefmt import format_time
@@ -54,6 +59,7 @@ def health(context: ContextDep) -> JSONResponse:
         status="degraded" if reasons else "ok",
         database=database,
         mqtt=mqtt,
+        ingestion=None if context.ingest is None else _ingestion_health(context.ingest),
         reason="; ".join(reasons) or None,
     )
     return JSONResponse(answer.model_dump(mode="json"), status_code=503 if reasons else 200)
@@ -66,6 +72,21 @@ def _link_health(link: LinkStatus, broker: BrokerView | None) -> MqttLinkHealth:
         connects=link.connects,
         losses=link.losses,
         broker_restarts=broker.restarts if broker is not None else None,
+    )
+
+
+def _ingestion_health(ingest: IngestCounters) -> IngestionHealth:
+    last = ingest.last_dead_letter
+    return IngestionHealth(
+        dead_lettered=sum(ingest.dead_lettered.values()),
+        last_dead_letter=None
+        if last is None
+        else DeadLetterHealth(
+            device_id=last.device_id,
+            at=format_time(last.at),
+            dropped=last.dropped,
+            error=last.error,
+        ),
     )
 
 

@@ -1,4 +1,5 @@
-"""Health: whether the server is up, its database reachable and its MQTT link connected."""
+"""Health: whether the server is up, its database reachable and its MQTT link connected,
+and what ingestion dropped because the database refused it."""
 
 from __future__ import annotations
 
@@ -15,11 +16,24 @@ class MqttLinkHealth(BaseModel):
     broker_restarts: int | None  # of the embedded broker; None with an external broker
 
 
+class DeadLetterHealth(BaseModel):
+    device_id: str
+    at: str  # when ingestion dropped them
+    dropped: dict[str, int]  # messages by kind: status, heartbeat, telemetry, diagnostics, presence
+    error: str  # the database's error, one line
+
+
+class IngestionHealth(BaseModel):
+    dead_lettered: int  # messages dropped since the server started: the database refused them
+    last_dead_letter: DeadLetterHealth | None  # the last device whose messages were dropped
+
+
 class Health(BaseModel):
     status: Literal["ok", "degraded"]
     database: Literal["ok", "unreachable"]
     mqtt: MqttLinkHealth | None  # None: no MQTT link in this process
+    ingestion: IngestionHealth | None  # None: no MQTT ingestion in this process
     reason: str | None  # why degraded
 
 
-__all__ = ["Health", "MqttLinkHealth"]
+__all__ = ["DeadLetterHealth", "Health", "IngestionHealth", "MqttLinkHealth"]
