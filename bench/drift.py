@@ -28,10 +28,23 @@ Where the held-out rows are fewer than a window's samples, they are drawn with
 replacement, and the windows carry the held-out rows' chance difference as if
 it were a shift: the goals are judged on the data sets with enough held-out
 rows, and every data set is shown apart. Windows drawn from the same held-out
-rows overlap, so they are correlated: the calm rate's interval is measured
-apart, on windows of disjoint rows (`calm_disjoint`: the held-out rows cut
-once into windows, each row in one window at most, at 100, 200, 500 samples
-and the sizes asked for), each an independent trial, reported per feature kind.
+rows overlap, so they are correlated, and their number does not make the
+calm rate more precise.
+
+The calm rate's interval is measured apart (`calm_population`), on a
+population: each data set's rows that trained no model (reference and
+held-out rows). --calm-references references, each drawn with replacement
+from the population, as many rows as the data set's reference, calibrated as
+the reference is; against each, at 100, 200, 500 samples and the sizes asked
+for, --calm-windows windows drawn with replacement from the population, in a
+row through each feature's persistence. Why this is sound: the reference and
+every window are i.i.d. samples of one distribution (the population's rows),
+which is exactly what the calibration promises its rate for; given the
+reference, the windows are independent trials, as many as time allows. What
+it costs: the rate is that of this discrete distribution (rows repeat), not of
+the world the rows came from; the windows of one reference share it, and the
+rate differs from one reference to another (each reference's drifted counts
+are shown); the features of a window share its rows.
 
 The same windows are judged by scipy's two-sample KS test on the raw values
 (p < 0.05, as Evidently does), the textbook chi-square test on the same bins
@@ -42,9 +55,9 @@ windows a run: the first window cannot open one), `by 2` the share of runs
 whose alert opened within 2 windows, `delay` the median window it opened at.
 
 Goals (exit status 1 when one is missed): no shift: an alert open in <= 1% of
-feature-windows, at each calm size (the upper end of the 95% interval,
-`Calm.open_bound`); a 0.3 sigma mean
-shift: an alert within 2 windows in >= 90% of runs; fewer false alarms than
+the feature-windows drawn from the populations, every feature together, at
+each calm size (the upper end of the 95% interval, `Calm.open_bound`); a 0.3
+sigma mean shift: an alert within 2 windows in >= 90% of runs; fewer false alarms than
 PSI > 0.2 and JS > 0.1 at equal or better detection, in every shift scenario
 and both ways: with our cut moved until we detect as much as the cut-off, we
 flag no more calm feature-windows than it does; with our cut moved until we
@@ -53,7 +66,7 @@ and window, before persistence). --window-sizes judges this goal also at
 other window sizes, on the same data sets (those with --window held-out rows).
 
     .venv-test/bin/python bench/drift.py [--window 500] [--sequences 10] [--windows 4] [--seed 0]
-        [--window-sizes 100,200,1000]
+        [--window-sizes 100,200,1000] [--calm-references 10] [--calm-windows 100]
 """
 
 from __future__ import annotations
@@ -91,6 +104,8 @@ from edgefleet.tables import format_columns
 FALSE_ALARM = 0.01
 MOST_ROWS = 2000
 CALM_SIZES = (100, 200, 500)  # the calm rate is measured at these and --window, --window-sizes
+CALM_REFERENCES = 10  # per data set, drawn from its population (--calm-references)
+CALM_WINDOWS = 100  # per reference and window size (--calm-windows)
 # statsmodels' bundled data sets: the column the model predicts, and whether as classes.
 STATSMODELS_SETS = {"randhie": ("mdvis", False), "fair": ("affairs", True)}
 PATCH = 16
@@ -116,6 +131,8 @@ METHODS = ["ours", "KS p<.05", "chi2 p<.05", "PSI>0.2", "JS>0.1"]
 FIXED_CUTOFFS = {"PSI>0.2": ("PSI", 0.2), "JS>0.1": ("JS", 0.1)}
 
 Extract = Callable[[np.ndarray], dict[str, np.ndarray]]
+# Per feature, its reference: the bins' counts and the calibrated thresholds.
+References = dict[str, tuple[Histogram, FeatureThresholds | None]]
 
 
 @dataclass
@@ -127,9 +144,10 @@ class Group:
     held_out: np.ndarray
     labels: np.ndarray | None
     extract: Extract
+    population: np.ndarray  # the rows that trained no model: reference and held-out rows
     reference_rows: int = 0
     reference_values: dict[str, np.ndarray] = field(default_factory=dict)
-    references: dict[str, tuple[Histogram, FeatureThresholds | None]] = field(default_factory=dict)
+    references: References = field(default_factory=dict)
 
 
 def split(rows: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -190,7 +208,14 @@ def tabular(
             values[f"{name}:prediction"] = model.predict(complete)
         return values
 
-    group = Group(name, "tabular", rows[held_out], targets[held_out] if classes else None, extract)
+    group = Group(
+        name,
+        "tabular",
+        rows[held_out],
+        targets[held_out] if classes else None,
+        extract,
+        rows[np.concatenate([reference, held_out])],
+    )
     return with_references(group, rows[reference], rng)
 
 
@@ -232,18 +257,32 @@ def image_group(
         }
 
     held_out_labels = None if labels is None else labels[held_out]
-    group = Group(name, "image", rows[held_out], held_out_labels, extract)
+    population = rows[np.concatenate([reference, held_out])]
+    group = Group(name, "image", rows[held_out], held_out_labels, extract, population)
     return with_references(group, rows[reference], rng)
+
+
+def calibrated(
+    extract: Extract, reference_rows: np.ndarray, rng: np.random.Generator
+) -> tuple[dict[str, np.ndarray], References]:
+    """Each feature's values on the reference rows, and its reference: bins' counts, thresholds.
+
+    As a converter does: bins from the reference's values, thresholds
+    calibrated at its window sizes.
+    """
+    values = extract(reference_rows)
+    references: References = {}
+    for feature, feature_values in values.items():
+        edges = reference_edges(feature_values)
+        per_sample = [np.atleast_1d(row) for row in feature_values]
+        thresholds = calibrate(per_sample, edges, WINDOW_SIZES, [FALSE_ALARM], rng)
+        references[feature] = (count_into(feature_values, edges), thresholds)
+    return values, references
 
 
 def with_references(group: Group, reference_rows: np.ndarray, rng: np.random.Generator) -> Group:
     group.reference_rows = len(reference_rows)
-    for feature, values in group.extract(reference_rows).items():
-        edges = reference_edges(values)
-        per_sample = [np.atleast_1d(row) for row in values]
-        thresholds = calibrate(per_sample, edges, WINDOW_SIZES, [FALSE_ALARM], rng)
-        group.reference_values[feature] = values
-        group.references[feature] = (count_into(values, edges), thresholds)
+    group.reference_values, group.references = calibrated(group.extract, reference_rows, rng)
     return group
 
 
@@ -708,6 +747,14 @@ def row(name: str, tally: Tally) -> list[object]:
 HEADER = ["", "feature-windows", *[f"{m} %" for m in METHODS], "open %", "by 2 %", "delay"]
 
 
+def at_least_one(text: str) -> int:
+    """A count of at least 1."""
+    count = int(text)
+    if count < 1:
+        raise ValueError(text)
+    return count
+
+
 def window_sizes(text: str) -> list[int]:
     """Comma-separated window sizes, each at least 1 sample."""
     sizes = [int(size) for size in text.split(",")]
@@ -727,6 +774,18 @@ def main() -> int:
         type=window_sizes,
         default=[],
         help="also judge the goal against the fixed cut-offs at these sizes, e.g. 100,200,1000",
+    )
+    parser.add_argument(
+        "--calm-references",
+        type=at_least_one,
+        default=CALM_REFERENCES,
+        help="references drawn from each data set's population for the calm rate",
+    )
+    parser.add_argument(
+        "--calm-windows",
+        type=at_least_one,
+        default=CALM_WINDOWS,
+        help="calm windows in a row per reference and window size",
     )
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
@@ -815,13 +874,21 @@ def main() -> int:
     print(
         f"\nno shift, overlapping windows as above: alert open in "
         f"{percent(calm.open_windows, calm.windows)}% of {calm.windows} feature-windows, in one "
-        f"window {percent(calm.flagged['ours'], calm.windows)}%. Windows of disjoint held-out "
-        f"rows (each row in one window at most, so every window an independent trial; the "
-        f"features of a window counted as independent of each other), at "
-        f"{', '.join(map(str, calm_sizes))} samples, every data set whose held-out rows fill one:"
+        f"window {percent(calm.flagged['ours'], calm.windows)}%. Drawn from each data set's "
+        f"population (its reference and held-out rows), with replacement: "
+        f"{args.calm_references} references of the data set's reference size, each calibrated, "
+        f"and against each {args.calm_windows} windows in a row per size, at "
+        f"{', '.join(map(str, calm_sizes))} samples, every data set (the windows independent "
+        f"trials given their reference; the features of a window counted as independent):"
     )
-    calm_by_size = calm_table(groups, calm_sizes, rng)
-    print(f"total {time.monotonic() - started:.0f} s")
+    calm_started = time.monotonic()
+    tallies = {
+        group.name: calm_population(group, calm_sizes, args.calm_references, args.calm_windows, rng)
+        for group in groups
+    }
+    calm_by_size = calm_table(groups, tallies, calm_sizes)
+    finished = time.monotonic()
+    print(f"calm windows {finished - calm_started:.0f} s, total {finished - started:.0f} s")
     return 0 if goals_met(by_size, args.window, calm_by_size) else 1
 
 
@@ -842,7 +909,7 @@ def totals_at(
 
 @dataclass
 class Calm:
-    """Feature-windows of disjoint held-out rows without shift: judged, drifted, alert open."""
+    """Calm feature-windows (no shift): judged, drifted, alert open."""
 
     windows: int = 0
     drifted: int = 0
@@ -858,9 +925,11 @@ class Calm:
 
         An alert is open in a window only if that window or the one before
         drifted (it opens on a second drifted window and closes on a second
-        calm one), so the share open is at most twice the share drifted. The
-        windows use disjoint rows, so each is an independent trial: the bound
-        is twice Clopper-Pearson's upper end for the share drifted.
+        calm one), so the share open is at most twice the share drifted. Given
+        its reference, each window is an independent draw from the population,
+        an independent trial: the bound is twice Clopper-Pearson's upper end
+        for the share drifted (counting the features of a window, and the
+        windows of one reference, as independent: see `calm_population`).
         """
         if not self.windows:
             return 1.0
@@ -875,23 +944,57 @@ def feature_kind(group: Group, feature: str) -> str:
     return "tabular inputs"
 
 
-def calm_disjoint(group: Group, size: int, rng: np.random.Generator) -> dict[str, Calm]:
-    """Per feature kind, the held-out rows cut once into disjoint windows of `size`, in a row.
+def population_rows(group: Group, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` rows drawn with replacement from the data set's population."""
+    return np.asarray(group.population[rng.integers(len(group.population), size=count)])
 
-    Each row is in one window at most, so the windows are independent samples
-    of the population; each feature's windows pass through one `Persistence`,
-    as a device's windows do.
+
+# Per window size, per reference drawn, per feature kind: the calm feature-windows.
+CalmTally = dict[int, list[dict[str, Calm]]]
+
+
+def calm_population(
+    group: Group, sizes: list[int], references: int, windows: int, rng: np.random.Generator
+) -> CalmTally:
+    """Calm windows and their references, all drawn with replacement from the population.
+
+    `references` times: a reference of as many rows as the data set's,
+    calibrated as `with_references` does; against it, at each size, `windows`
+    windows (`calm_windows`). The reference and every window are i.i.d.
+    samples of one distribution, the population's rows, which is what the
+    calibration promises its rate for; given the reference, the windows are
+    independent trials, as many as time allows. The rate is that of this
+    discrete distribution (rows repeat), not of the world the rows came from;
+    the windows of one reference share it, so the rate differs from one
+    reference to another (hence the tally per reference); the features of a
+    window share its rows.
     """
-    order = rng.permutation(len(group.held_out))
-    persistence = {feature: Persistence() for feature in group.references}
+    tally: CalmTally = {size: [] for size in sizes}
+    for _ in range(references):
+        reference_rows = population_rows(group, group.reference_rows, rng)
+        reference = calibrated(group.extract, reference_rows, rng)[1]
+        for size in sizes:
+            tally[size].append(calm_windows(group, reference, size, windows, rng))
+    return tally
+
+
+def calm_windows(
+    group: Group, reference: References, size: int, windows: int, rng: np.random.Generator
+) -> dict[str, Calm]:
+    """Per feature kind, `windows` windows of `size` rows from the population, judged in a row.
+
+    Each feature's windows pass through one `Persistence`, as a device's do.
+    """
+    # Every window's rows at once: a row's feature values depend on that row alone.
+    values = group.extract(population_rows(group, size * windows, rng))
+    persistence = {feature: Persistence() for feature in reference}
     by_kind: dict[str, Calm] = {}
-    for start in range(0, len(order) - size + 1, size):
-        values = group.extract(group.held_out[order[start : start + size]])
+    for start in range(0, size * windows, size):
         live = {
-            feature: count_into(values[feature], reference.edges)
-            for feature, (reference, _) in group.references.items()
+            feature: count_into(values[feature][start : start + size], histogram.edges)
+            for feature, (histogram, _) in reference.items()
         }
-        for verdict in judge_window(group.references, live).features:
+        for verdict in judge_window(reference, live).features:
             if verdict.status == "insufficient":
                 continue
             drifted = verdict.status == "drift"
@@ -903,44 +1006,82 @@ def calm_disjoint(group: Group, size: int, rng: np.random.Generator) -> dict[str
     return by_kind
 
 
-def calm_table(groups: list[Group], sizes: list[int], rng: np.random.Generator) -> dict[int, Calm]:
-    """Print, per window size and feature kind, the calm windows of disjoint rows; the totals."""
+def of_kind(by_kind: dict[str, Calm], kind: str) -> Calm:
+    """The calm windows of one feature kind, or of every kind ("all")."""
+    chosen = by_kind.values() if kind == "all" else [by_kind.get(kind, Calm())]
+    return reduce(Calm.merged, chosen, Calm())
+
+
+def calm_table(
+    groups: list[Group], tallies: dict[str, CalmTally], sizes: list[int]
+) -> dict[int, Calm]:
+    """Print, per window size and feature kind, the calm windows; per data set, each reference's.
+
+    Returns, per size, every feature's windows merged.
+    """
     table: list[list[object]] = [
         [
             "samples",
             "feature kind",
             "data sets",
             "feature-windows",
+            "drifted",
             "drifted %",
+            "open",
             "open %",
             "open, 95% upper bound %",
+            "one reference, most drifted %",
         ]
     ]
     totals = {}
     for size in sizes:
-        by_kind: dict[str, Calm] = {}
-        sets: dict[str, list[str]] = {}
-        for group in (g for g in groups if len(g.held_out) >= size):
-            for kind, calm in calm_disjoint(group, size, rng).items():
-                by_kind[kind] = by_kind.get(kind, Calm()).merged(calm)
-                sets.setdefault(kind, []).append(group.name)
-        for kind, calm in [
-            *sorted(by_kind.items()),
-            ("all", reduce(Calm.merged, by_kind.values(), Calm())),
-        ]:
+        references = [(name, by_kind) for name, tally in tallies.items() for by_kind in tally[size]]
+        kinds = sorted({kind for _, by_kind in references for kind in by_kind})
+        for kind in [*kinds, "all"]:
+            chosen = [(name, of_kind(by_kind, kind)) for name, by_kind in references]
+            chosen = [(name, calm) for name, calm in chosen if calm.windows]
+            calm = reduce(Calm.merged, (calm for _, calm in chosen), Calm())
+            sets = (
+                "every one above"
+                if kind == "all"
+                else ", ".join(dict.fromkeys(n for n, _ in chosen))
+            )
             table.append(
                 [
                     size,
                     kind,
-                    ", ".join(sets.get(kind, ["every one above"])),
+                    sets,
                     calm.windows,
+                    calm.drifted,
                     percent(calm.drifted, calm.windows, 2),
+                    calm.open,
                     percent(calm.open, calm.windows, 2),
                     f"{100 * calm.open_bound():.2f}",
+                    f"{100 * max((c.drifted / c.windows for _, c in chosen), default=0):.2f}",
                 ]
             )
-        totals[size] = reduce(Calm.merged, by_kind.values(), Calm())
+        totals[size] = calm
     print(format_columns(table, rule=True))
+    print(
+        "\nPer data set (population rows / reference rows), each reference's drifted "
+        "feature-windows, of those judged against it:"
+    )
+    per_set: list[list[object]] = [
+        ["data set", "samples", "judged per reference", "drifted, per reference"]
+    ]
+    for group in groups:
+        for size in sizes:
+            calms = [of_kind(by_kind, "all") for by_kind in tallies[group.name][size]]
+            judged = sorted({calm.windows for calm in calms})
+            per_set.append(
+                [
+                    f"{group.name} ({len(group.population)}/{group.reference_rows})",
+                    size,
+                    f"{judged[0]}" if len(judged) == 1 else f"{judged[0]}-{judged[-1]}",
+                    " ".join(str(calm.drifted) for calm in calms),
+                ]
+            )
+    print(format_columns(per_set, rule=True))
     return totals
 
 
@@ -956,8 +1097,10 @@ def goals_met(
 ) -> bool:
     shift = by_size[window]["mean +0.3 sigma"]
     checks = {
-        f"no shift, windows of {size}: alert open in <= 1% of feature-windows (95% upper "
-        f"bound {100 * calm.open_bound():.2f}% over {calm.windows})": calm.open_bound() <= 0.01
+        f"no shift, windows of {size} from the population: alert open in <= 1% of "
+        f"feature-windows (95% upper bound {100 * calm.open_bound():.2f}% over {calm.windows})": (
+            calm.open_bound() <= 0.01
+        )
         for size, calm in calm_by_size.items()
     }
     checks["mean +0.3 sigma: alert within 2 windows in >= 90% of runs"] = (

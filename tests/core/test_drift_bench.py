@@ -1,4 +1,4 @@
-"""The drift benchmark's windows: samples of the population, and calm windows of disjoint rows."""
+"""The drift benchmark's windows: samples of the population, and calm windows drawn from it."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,7 +30,7 @@ def bench() -> ModuleType:
 def group(bench: ModuleType, rows: int) -> object:
     held_out = np.arange(rows, dtype=np.float64)[:, None]
     labels = np.arange(rows) % 10
-    return bench.Group("counting", "tabular", held_out, labels, lambda batch: {})
+    return bench.Group("counting", "tabular", held_out, labels, lambda batch: {}, held_out)
 
 
 def test_a_window_takes_each_held_out_row_once_when_they_suffice(bench: ModuleType) -> None:
@@ -121,23 +122,76 @@ def test_the_calm_bound_is_twice_clopper_pearsons_upper_end(bench: ModuleType) -
     assert bench.Calm(windows=800).open_bound() < 0.01
 
 
-def test_calm_windows_take_each_held_out_row_once(bench: ModuleType) -> None:
-    rng = np.random.default_rng(0)
-    rows = rng.normal(size=(1000, 1))
-    seen: list[np.ndarray] = []
+def calm_group(bench: ModuleType, extract: object) -> Any:
+    """Rows 0 to 999: 0-199 fit a model, 200-499 the reference, 500-999 held out."""
+    rows = (
+        np.random.default_rng(1).normal(size=(1000, 1)) + 1000 * (np.arange(1000) >= 200)[:, None]
+    )
+    group = bench.Group("calm", "tabular", rows[500:], None, extract, rows[200:])
+    return bench.with_references(group, rows[200:500], np.random.default_rng(2))
+
+
+def test_calm_references_and_windows_come_from_the_population_with_replacement(
+    bench: ModuleType,
+) -> None:
+    batches: list[np.ndarray] = []
 
     def extract(batch: np.ndarray) -> dict[str, np.ndarray]:
-        seen.append(batch[:, 0])
+        batches.append(batch[:, 0])
         return {"x": batch[:, 0]}
 
-    calm_group = bench.with_references(
-        bench.Group("calm", "tabular", rows[400:], None, extract), rows[:400], rng
+    group = calm_group(bench, extract)
+    batches.clear()
+    tally = bench.calm_population(group, [100, 400], 2, 5, np.random.default_rng(0))
+    # Per reference: its 300 rows, then 5 windows at each size.
+    assert [batch.size for batch in batches] == [300, 500, 2000] * 2
+    population = set(group.population[:, 0])
+    for batch in batches:
+        assert set(batch) <= population  # never a fit row
+        assert np.unique(batch).size < batch.size  # rows repeat: drawn with replacement
+    assert [[by_kind["tabular inputs"].windows for by_kind in tally[size]] for size in tally] == [
+        [5, 5],
+        [5, 5],
+    ]
+
+
+def test_the_calm_tally_keeps_each_references_windows_apart(bench: ModuleType) -> None:
+    """The windows judged against the second reference are shifted: they alone drift."""
+    window_batches = 0
+
+    def extract(batch: np.ndarray) -> dict[str, np.ndarray]:
+        nonlocal window_batches
+        if batch.size == 6 * 100:  # the windows, one batch per reference (not the reference)
+            window_batches += 1
+            if window_batches == 2:
+                return {"x": batch[:, 0] + 10}
+        return {"x": batch[:, 0]}
+
+    group = calm_group(bench, extract)
+    tally = bench.calm_population(group, [100], 3, 6, np.random.default_rng(0))
+    drifted = [by_kind["tabular inputs"].drifted for by_kind in tally[100]]
+    still_open = [by_kind["tabular inputs"].open for by_kind in tally[100]]
+    assert drifted[1] == 6 and still_open[1] == 5  # open from the second drifted window on
+    assert drifted[0] < 6 and drifted[2] < 6 and still_open[0] == still_open[2] == 0
+
+
+def test_the_calm_table_shows_the_most_drifted_reference(
+    bench: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    group = bench.Group(
+        "calm", "tabular", np.zeros((5, 1)), None, lambda batch: {}, np.zeros((5, 1))
     )
-    seen.clear()
-    by_kind = bench.calm_disjoint(calm_group, 100, rng)
-    assert by_kind["tabular inputs"].windows == 6 == len(seen)
-    used = np.concatenate(seen)
-    assert np.unique(used).size == used.size == 600
+    kind = "tabular inputs"
+    tally = {
+        100: [{kind: bench.Calm(400, 0)}, {kind: bench.Calm(400, 8)}, {kind: bench.Calm(400, 2)}]
+    }
+    totals = bench.calm_table([group], {"calm": tally}, [100])
+    assert totals[100] == bench.Calm(1200, 10)
+    lines = capsys.readouterr().out.splitlines()
+    all_row = next(line for line in lines if line.split()[:2] == ["100", "all"])
+    assert all_row.split()[-1] == "2.00"  # 8 of the second reference's 400
+    per_reference = next(line for line in lines if line.startswith("calm ("))
+    assert per_reference.split()[-4:] == ["400", "0", "8", "2"]
 
 
 def test_large_data_sets_keep_most_rows_held_out(bench: ModuleType) -> None:
