@@ -35,6 +35,7 @@ from edgefleet.converter.context import ConversionContext, ConversionResult
 from edgefleet.converter.data import Dataset
 from edgefleet.converter.evaluate import Outputs, open_session, run_outputs, session_threads
 from edgefleet.converter.reference import (
+    small_reference_note,
     smoke_samples,
     write_drift_features,
     write_drift_reference,
@@ -73,15 +74,25 @@ def staged_directory(out_dir: Path) -> Iterator[Path]:
 
 
 def reference_data(context: ConversionContext) -> Dataset:
-    """Calibration and validation inputs together (once, when they are the same)."""
+    """Calibration and validation inputs together (once, when they are the same): the
+    bundle's schema and drift reference. Too few for a drift reference: a note says so."""
     if context.validation is context.calibration:
-        return context.calibration
-    arrays = {
-        name: np.concatenate([context.calibration.arrays[name], context.validation.arrays[name]])
-        for name in context.calibration.arrays
-    }
-    size = context.calibration.size + context.validation.size
-    return Dataset(context.calibration.source, arrays, context.calibration.whole_entries, size)
+        reference = context.calibration
+    else:
+        arrays = {
+            name: np.concatenate(
+                [context.calibration.arrays[name], context.validation.arrays[name]]
+            )
+            for name in context.calibration.arrays
+        }
+        size = context.calibration.size + context.validation.size
+        reference = Dataset(
+            context.calibration.source, arrays, context.calibration.whole_entries, size
+        )
+    note = small_reference_note(reference.size)
+    if note is not None:
+        context.notes.append(note)
+    return reference
 
 
 def write_bundle_metadata(
@@ -131,6 +142,7 @@ def write_output(
 ) -> ConversionResult:
     names = [spec.name for spec in context.info.outputs]
     assert chosen.path is not None
+    reference = reference_data(context)  # before the report: it may add a note
     report = build_report(context, chosen, evaluations)
     served = SERVED_TFLITE if chosen.path.suffix == ".tflite" else SERVED_ONNX
     with staged_directory(out_dir) as staging:
@@ -140,7 +152,6 @@ def write_output(
         if not chosen.is_float and "onnxruntime" in context.profile.runtimes:
             shutil.copyfile(context.model, staging / FALLBACK_ONNX)
         session = open_model_session(staging / served, context.profile)
-        reference = reference_data(context)
         reference_outputs: Outputs = run_outputs(session, reference, names)
         write_schema(staging, context.info, reference.arrays, reference_outputs)
         write_drift_reference(

@@ -64,6 +64,8 @@ SMOKE_SAMPLES = 8
 WINDOW_SIZES = (50, 100, 200, 500, 1000, 2000, 5000)
 FALSE_ALARM = 0.01
 CALIBRATION_SEED = 0  # the same data gives the same thresholds
+# Below it a report notes that one reference can keep raising drift alarms (docs/drift.md).
+MIN_REFERENCE_SAMPLES = 200
 # Operators that only move values, between a quantized tensor and an output: the
 # output's values are then those of the quantized tensor, step for step.
 ONNX_LAYOUT_OPS = frozenset({"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"})
@@ -117,6 +119,19 @@ def _features(
                 )
             )
     return features
+
+
+def small_reference_note(samples: int) -> str | None:
+    """A note for the report when the drift reference has fewer than MIN_REFERENCE_SAMPLES."""
+    if samples >= MIN_REFERENCE_SAMPLES:
+        return None
+    return (
+        f"drift reference from {samples} samples (calibration and validation together): a "
+        f"window of more samples than that is judged mostly against the reference's own "
+        f"chance difference from the data it was drawn from; the thresholds allow for it on "
+        f"average, but one reference so small can keep raising drift alarms where nothing "
+        f"changed. Give at least {MIN_REFERENCE_SAMPLES} samples"
+    )
 
 
 def write_drift_reference(

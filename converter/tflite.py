@@ -151,10 +151,10 @@ def convert_tflite(
             f"({platform.machine()}), not on a device of target {profile.name}; packed unchanged"
         ],
     )
+    reference = reference_data(context)  # before the report: it may add a note
     report = build_report(context, evaluation, [evaluation])
     with staged_directory(out_dir) as staging:
         shutil.copyfile(model, staging / SERVED_TFLITE)
-        reference = reference_data(context)
         reference_outputs = run_outputs(session, reference, names)
         write_schema(staging, info, reference.arrays, reference_outputs)
         write_drift_reference(staging, info, reference.arrays, reference_outputs, reference.size)

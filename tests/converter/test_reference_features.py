@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from edgefleet.converter import ConvertOptions, convert
-from edgefleet.converter.reference import FALSE_ALARM, WINDOW_SIZES
+from edgefleet.converter.reference import FALSE_ALARM, MIN_REFERENCE_SAMPLES, WINDOW_SIZES
 from edgefleet.drift import REFERENCE_FILE, count_into
 from edgefleet.driftfeatures import FEATURES_FILE, DriftFeatures, sample_values
 from tests.converter.conftest import Case
@@ -133,3 +133,14 @@ def test_a_scalar_input_is_one_value_per_request(tmp_path: Path) -> None:
     assert levels.summary == "value"
     assert levels.histogram.edges == [LEVELS, LEVELS]
     assert levels.histogram.counts == [reference.samples]
+
+
+def test_a_reference_too_small_for_drift_checks_is_noted_in_the_report(
+    regressor: Case, cnn_out: Path, tmp_path: Path
+) -> None:
+    small = converted(regressor, tmp_path / "out")  # diabetes: 44 + 89 samples
+    [note] = [n for n in json.loads((small / "report.json").read_text())["notes"] if "drift" in n]
+    assert note.startswith("drift reference from 133 samples")
+    assert f"at least {MIN_REFERENCE_SAMPLES} samples" in note
+    large = json.loads((cnn_out / "report.json").read_text())  # digits: 180 + 360 samples
+    assert not any(n.startswith("drift reference from") for n in large["notes"])
