@@ -39,6 +39,7 @@ from edgefleet.converter.data import load_dataset
 from edgefleet.converter.evaluate import cosine_similarity
 from edgefleet.converter.modelinfo import load_onnx
 from edgefleet.converter.quantize import quantize
+from tests.converter.spot_frames import CROSS, calibration_and_validation
 
 SIZE = 16
 CHANNELS = 4
@@ -49,11 +50,9 @@ SPOT_WEIGHT = 5.0  # how much more `features` weighs the spot channel than a tex
 CONTEXT_SCALE = 20.0
 DEAD_PIXEL = -40.0
 MIN_COSINE = 0.99  # the default budget, without labels
-CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=np.float32)
 # The two convolutions on either side of the activation no calibration quantizes well.
 SENSITIVE = ("features", "mix")
 
-Frames = npt.NDArray[np.float32]
 Weights = dict[str, npt.NDArray[np.float64]]
 
 
@@ -124,20 +123,9 @@ def _build(weights: Weights, score_bias: float) -> onnx.ModelProto:
     return model
 
 
-def _frames(rng: np.random.Generator, count: int, spots: range | list[int]) -> Frames:
-    frames = rng.uniform(0, 0.5, (count, CHANNELS, SIZE, SIZE)).astype(np.float32)
-    for index in spots:
-        y, x = rng.integers(2, SIZE - 2, 2)
-        patch = frames[index, 0, y - 1 : y + 2, x - 1 : x + 2]
-        frames[index, 0, y - 1 : y + 2, x - 1 : x + 2] = np.maximum(patch, CROSS)
-    return frames
-
-
 def write_case(directory: Path) -> CombinedCase:
     rng = np.random.default_rng(0)
-    calibration = _frames(rng, 200, [3, 120])
-    calibration[0, 1, 5, 7] = DEAD_PIXEL
-    validation = _frames(rng, 300, range(0, 300, 3))
+    calibration, validation = calibration_and_validation(rng, CHANNELS, SIZE, DEAD_PIXEL)
     weights = _weights(rng)
     unbiased = ort.InferenceSession(_build(weights, 0.0).SerializeToString())
     scores = unbiased.run(["score"], {"frame": validation})[0]

@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import numpy.typing as npt
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgefleet.converter import ConvertOptions, convert
+from tests.converter.spot_frames import CROSS, Frames, calibration_and_validation
 
 SIZE = 32
 CHANNELS = 4
@@ -34,9 +34,6 @@ DETECTORS = 64  # the spot channel and 63 texture channels
 SPOT_RESPONSE = 3.0
 DEAD_PIXEL = -500.0
 MIN_COSINE = 0.99  # the default budget, without labels
-CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=np.float32)
-
-Frames = npt.NDArray[np.float32]
 
 
 class SpotCase(NamedTuple):
@@ -106,20 +103,9 @@ def _model(rng: np.random.Generator, validation: Frames) -> onnx.ModelProto:
     return model
 
 
-def _frames(rng: np.random.Generator, count: int, spots: range | list[int]) -> Frames:
-    frames = rng.uniform(0, 0.5, (count, CHANNELS, SIZE, SIZE)).astype(np.float32)
-    for index in spots:
-        y, x = rng.integers(2, SIZE - 2, 2)
-        patch = frames[index, 0, y - 1 : y + 2, x - 1 : x + 2]
-        frames[index, 0, y - 1 : y + 2, x - 1 : x + 2] = np.maximum(patch, CROSS)
-    return frames
-
-
 def write_case(directory: Path) -> SpotCase:
     rng = np.random.default_rng(0)
-    calibration = _frames(rng, 200, [3, 120])
-    calibration[0, 1, 5, 7] = DEAD_PIXEL
-    validation = _frames(rng, 300, range(0, 300, 3))
+    calibration, validation = calibration_and_validation(rng, CHANNELS, SIZE, DEAD_PIXEL)
     case = SpotCase(
         directory / "spot_head.onnx", directory / "calibration.npz", directory / "validation.npz"
     )
