@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from edgefleet.converter import ConvertOptions, convert
 from tests.fixtures import datasets
 
 MODELS = Path(__file__).parent.parent / "fixtures" / "models"
@@ -40,6 +42,20 @@ def convert_args(case: Case, target: str, out: Path, *extra: str) -> list[str]:
         str(out),
         *extra,
     ]
+
+
+def size_report(model: Path, calibration: Path, validation: Path, out: Path) -> dict[str, Any]:
+    """Convert for x86_64-vnni optimizing size, without labels; the report.
+
+    Optimizing size makes the choice a function of sizes and fidelity alone, never of
+    timings, so the recovery fixtures' choices do not depend on the machine's load.
+    """
+    options = ConvertOptions(
+        target="x86_64-vnni", calibration=calibration, validation=validation, optimize="size"
+    )
+    convert(model, out, options)
+    report: dict[str, Any] = json.loads((out / "report.json").read_text())
+    return report
 
 
 def _write_case(

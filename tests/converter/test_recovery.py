@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
@@ -10,9 +9,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgefleet.converter import ConvertOptions, convert
 from edgefleet.converter.sensitivity import Layer, model_layers, output_error
 from tests.converter import mask_head
+from tests.converter.conftest import size_report
 
 MIN_COSINE = 0.99  # the default budget, without labels
 
@@ -27,16 +26,7 @@ def mask_report(
     mask_case: mask_head.MaskHeadCase, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("mask-head-out") / "out"
-    # Optimizing size makes the choice a function of sizes and fidelity alone, not of timings.
-    options = ConvertOptions(
-        target="x86_64-vnni",
-        calibration=mask_case.calibration,
-        validation=mask_case.validation,
-        optimize="size",
-    )
-    convert(mask_case.model, out, options)
-    report: dict[str, Any] = json.loads((out / "report.json").read_text())
-    return report
+    return size_report(mask_case.model, mask_case.calibration, mask_case.validation, out)
 
 
 def _cosine(row: dict[str, Any]) -> float:

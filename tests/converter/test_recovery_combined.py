@@ -22,7 +22,6 @@ with them float, the input still needs its own range.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -33,12 +32,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgefleet.converter import ConvertOptions, convert
 from edgefleet.converter.candidates import Candidate
 from edgefleet.converter.data import load_dataset
 from edgefleet.converter.evaluate import cosine_similarity
 from edgefleet.converter.modelinfo import load_onnx
 from edgefleet.converter.quantize import quantize
+from tests.converter.conftest import size_report
 from tests.converter.spot_frames import CROSS, calibration_and_validation
 
 SIZE = 16
@@ -150,16 +149,7 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> CombinedCase:
 @pytest.fixture(scope="module")
 def report(case: CombinedCase, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("spot-mask-head-out") / "out"
-    # Optimizing size makes the choice a function of sizes and fidelity alone, not of timings.
-    options = ConvertOptions(
-        target="x86_64-vnni",
-        calibration=case.calibration,
-        validation=case.validation,
-        optimize="size",
-    )
-    convert(case.model, out, options)
-    result: dict[str, Any] = json.loads((out / "report.json").read_text())
-    return result
+    return size_report(case.model, case.calibration, case.validation, out)
 
 
 def _cosine(row: dict[str, Any]) -> float:

@@ -16,7 +16,6 @@ Percentile and every other range from MinMax does.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -25,7 +24,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgefleet.converter import ConvertOptions, convert
+from tests.converter.conftest import size_report
 from tests.converter.spot_frames import CROSS, Frames, calibration_and_validation
 
 SIZE = 32
@@ -119,16 +118,7 @@ def write_case(directory: Path) -> SpotCase:
 def spot_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     case = write_case(tmp_path_factory.mktemp("spot-head"))
     out = tmp_path_factory.mktemp("spot-head-out") / "out"
-    # Optimizing size makes the choice a function of sizes and fidelity alone, not of timings.
-    options = ConvertOptions(
-        target="x86_64-vnni",
-        calibration=case.calibration,
-        validation=case.validation,
-        optimize="size",
-    )
-    convert(case.model, out, options)
-    report: dict[str, Any] = json.loads((out / "report.json").read_text())
-    return report
+    return size_report(case.model, case.calibration, case.validation, out)
 
 
 def _cosine(row: dict[str, Any]) -> float:
