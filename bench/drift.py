@@ -93,6 +93,7 @@ from edgefleet.drift import Histogram, count_into, reference_edges
 from edgefleet.driftstats import (
     PSEUDO_COUNT,
     FeatureThresholds,
+    FeatureVerdict,
     Persistence,
     js_distance,
     judge_window,
@@ -413,20 +414,29 @@ class Tally:
         )
 
 
-def surprise(thresholds: FeatureThresholds | None, samples: int, value: float) -> float:
-    """How far a statistic lies beyond the feature's calibrated threshold, in tail scales.
+def surprise(thresholds: FeatureThresholds | None, verdict: FeatureVerdict) -> float:
+    """How far a feature-window lies beyond what the feature's verdict flags, in tail scales.
 
     Our verdict with its false-alarm rate moved from the calibrated a to a * exp(-x)
-    flags exactly the windows whose surprise exceeds x (along the fitted tail).
+    flags exactly the windows whose surprise exceeds x: the statistic along the
+    fitted tail, at the rate left by the outside test's share, or the outside
+    test's chance within its share.
     """
-    threshold = None if thresholds is None else threshold_at(thresholds, samples)
+    threshold = None if thresholds is None else threshold_at(thresholds, verdict.samples)
     if thresholds is None or threshold is None:
         return -np.inf
-    farther = threshold_at(thresholds, samples, thresholds.false_alarm / np.e)
+    share = thresholds.outside_share or 0.0
+    farther = threshold_at(thresholds, verdict.samples, thresholds.false_alarm / np.e)
     assert farther is not None
     if farther == threshold:  # no tail: nothing beyond the threshold was ever drawn
-        return np.inf if value > threshold else -np.inf
-    return (value - threshold) / (farther - threshold)
+        by_statistic = np.inf if verdict.statistic > threshold else -np.inf
+    else:
+        by_statistic = (verdict.statistic - threshold) / (farther - threshold) + np.log(1 - share)
+    if verdict.outside is None:
+        return float(by_statistic)
+    chance = verdict.outside.chance
+    by_outside = np.log(thresholds.false_alarm * share / chance) if chance > 0 else np.inf
+    return float(max(by_statistic, by_outside))
 
 
 def cut_for(calm: list[float], allowed: int) -> float:
@@ -565,7 +575,7 @@ def others(
 ) -> dict[str, bool]:
     """The verdicts of the raw-sample tests and the fixed cut-offs on the same window."""
     ks = ks_2samp(reference[np.isfinite(reference)], window[np.isfinite(window)]).pvalue
-    table = np.array([cells(ref), cells(live)])
+    table = np.array([cells_apart(ref), cells_apart(live)])
     table = table[:, table.sum(axis=0) > 0]
     chi2 = table.shape[1] > 1 and chi2_contingency(table).pvalue < 0.05
     return {
@@ -577,10 +587,16 @@ def others(
 
 
 def cells(histogram: Histogram) -> list[int]:
+    """The statistic's cells: values outside the range folded into the outer bins, NaN last."""
     ordered = list(histogram.counts)
     ordered[0] += histogram.below
     ordered[-1] += histogram.above
     return [*ordered, histogram.nan]
+
+
+def cells_apart(histogram: Histogram) -> list[int]:
+    """The cells of PSI and JS: values below and above the range apart, NaN last."""
+    return [histogram.below, *histogram.counts, histogram.above, histogram.nan]
 
 
 def run_group(
@@ -620,9 +636,7 @@ def run_group(
                 for method, flagged in found.items():
                     tally.flagged[method] += flagged
                 thresholds = group.references[feature][1]
-                tally.scores["ours"].append(
-                    surprise(thresholds, verdict.samples, verdict.statistic)
-                )
+                tally.scores["ours"].append(surprise(thresholds, verdict))
                 tally.scores["PSI"].append(verdict.psi)
                 tally.scores["JS"].append(verdict.js)
                 tally.where.append(f"{group.name}: {feature_kind(group, feature)}")

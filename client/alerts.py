@@ -104,14 +104,22 @@ def ack_command(client: ApiClient, alert_id: int) -> None:
 
 
 def _evidence(evidence: JsonObject) -> str:
-    """statistic/threshold over n samples (PSI, JS), or the drifted share of a dataset."""
+    """What drifted (statistic > threshold, values outside the range) over n samples."""
     if "drifted" in evidence:
         drifted = evidence.get("drifted") or []
         return f"{len(drifted)} of {evidence.get('features_judged')} features drifted"
     statistic, threshold = evidence.get("statistic"), evidence.get("threshold")
     if not isinstance(statistic, (int, float)) or not isinstance(threshold, (int, float)):
         return "-"
+    found = [f"{statistic:.1f} > {threshold:.1f}"] if statistic > threshold else []
+    outside = evidence.get("outside")
+    if isinstance(outside, dict) and outside.get("chance", 1) <= outside.get("cut", 0):
+        found.append(
+            f"{outside.get('below')} below the reference's range, {outside.get('above')} above, "
+            f"{outside.get('nan')} NaN (chance {outside.get('chance', 0):.1e})"
+        )
     return (
-        f"{statistic:.1f} > {threshold:.1f} over {evidence.get('samples')} samples "
+        f"{'; '.join(found) or f'{statistic:.1f} <= {threshold:.1f}'} "
+        f"over {evidence.get('samples')} samples "
         f"(PSI {evidence.get('psi', 0):.2f}, JS {evidence.get('js', 0):.2f})"
     )

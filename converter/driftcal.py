@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from edgefleet.driftstats import PSEUDO_COUNT, FeatureThresholds
+from edgefleet.driftstats import OUTSIDE_SHARE, PSEUDO_COUNT, FeatureThresholds
 
 PART_SCALE_QUANTILE = 0.99
 MIN_PART_SCALE = 1.0  # a part that stays 0 without drift (one cell) still gets a finite scale
@@ -151,9 +151,12 @@ def calibrate(
     """Thresholds for windows of `window_sizes` samples (per_sample_values[i]: sample i's values).
 
     For the "scaled-sum" statistic, with the part scales measured on the same
-    draws. The thresholds are measured at the largest of `false_alarms` (with
-    DRAW_EXCEEDANCES draws beyond each, on average); the smaller rates, and
-    those that many features judged at once need, come from the fitted tail.
+    draws, and a share of the rate for the test of values outside the
+    reference's range, which needs no calibration (`outside_chance` in
+    edgefleet.driftstats). The thresholds are measured at the largest of
+    `false_alarms` (with DRAW_EXCEEDANCES draws beyond each, on average); the
+    smaller rates, and those that many features judged at once need, come from
+    the fitted tail.
     """
     if not per_sample_values:
         raise ValueError("calibration needs at least one reference sample")
@@ -185,4 +188,5 @@ def calibrate(
         values_per_sample=float(cells.sum()) / cells.shape[0],
         statistic="scaled-sum",
         part_scales=part_scales,
+        outside_share=OUTSIDE_SHARE,
     )

@@ -120,6 +120,10 @@ def reference_edges(values: np.ndarray, bins: int = QUANTILE_BINS) -> list[float
     last) are split into quantile bins, as many as `bins` times their share
     (at least one), with edges half-way between neighbouring reference values.
     Without frequent values these are `quantile_edges`' bins, edges moved so.
+    The first and last edges lie FREQUENT_WIDTH of a step (to the neighbouring
+    value) beyond the smallest and the largest reference value: what a device
+    counts below or above them is outside the reference's range by more than
+    rounding, which edgefleet.driftstats judges apart.
 
     At most MAX_BINS bins: at most `bins` values are frequent, and each stretch
     between or beside them gets one bin plus `bins` times its share (between two
@@ -137,7 +141,9 @@ def reference_edges(values: np.ndarray, bins: int = QUANTILE_BINS) -> list[float
         return [float(distinct[0])] * 2
     frequent = occurrences * bins >= finite.size
     steps = np.diff(distinct)
-    edges = [distinct[:1], distinct[-1:]]
+    # The range reaches FREQUENT_WIDTH of a step beyond the extreme values, as a
+    # frequent value's bin does: a device's rounding of an extreme stays inside.
+    edges = [distinct[:1] - FREQUENT_WIDTH * steps[:1], distinct[-1:] + FREQUENT_WIDTH * steps[-1:]]
     for index in np.flatnonzero(frequent):
         if index > 0:
             edges.append(distinct[index : index + 1] - FREQUENT_WIDTH * steps[index - 1])

@@ -23,13 +23,23 @@ zero; cells empty on both sides add nothing. Without correlation between values
 each part is about chi-square with one degree of freedom fewer than it has
 terms; with correlation, larger.
 
+Values a window holds outside the reference's range (below its first edge,
+above its last) and NaN are also judged apart, where thresholds give the test a
+share of their false-alarm rate (`outside_share`): under no drift a window's
+and the reference's samples are exchangeable, so the chance that the window
+holds at least as many of them as it does follows from the counts alone, with
+no calibration (`outside_chance`). Values far outside the reference are the
+plainest sign of drift, and folded into the outer bins they weigh no more than
+any value in those bins.
+
 Thresholds name the statistic they were calibrated for (`FeatureThresholds.
 statistic`), and a feature is judged with that one: "scaled-sum" (what the
 converter calibrates) divides each part by its own scale, the part's upper 1%
 quantile without drift measured at calibration (`part_scales`), and adds them;
 "sum" (thresholds that name none: bundles converted before) adds the parts as
 they are. PSI and the Jensen-Shannon distance, shown beside the verdict, use
-the same cells with a pseudo-count of one half in each.
+the same cells, with the values below and above the range in cells of their
+own, and a pseudo-count of one half in each.
 """
 
 from __future__ import annotations
@@ -47,6 +57,8 @@ if TYPE_CHECKING:  # edgefleet.drift imports this module for FeatureThresholds
 PSEUDO_COUNT = 0.5
 DATASET_SHARE = 0.5
 PERSISTENCE_WINDOWS = 2
+OUTSIDE_SHARE = 0.1  # of a feature's false-alarm rate, for the test of values outside the range
+OUTSIDE_KINDS = 3  # below the range, above it, NaN: the outside test takes the least likely
 
 Status = Literal["ok", "drift", "insufficient"]
 StatisticName = Literal["sum", "scaled-sum"]
@@ -66,7 +78,11 @@ class FeatureThresholds(BaseModel):
     for a per-sample feature, many for pooled pixels): it turns a window's
     counts into its sample count. `statistic` names the statistic they were
     calibrated for (absent: "sum"); "scaled-sum" needs `part_scales`, the
-    cumulative and the cell part's scales.
+    cumulative and the cell part's scales. `outside_share` (absent: no such
+    test) is the share of `false_alarm` that the test of values outside the
+    reference's range takes (`outside_chance`); the statistic is judged at the
+    rest. Readers that predate it ignore it and judge the statistic at the
+    whole rate, as its thresholds were calibrated.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -77,6 +93,7 @@ class FeatureThresholds(BaseModel):
     values_per_sample: float = Field(default=1.0, gt=0)
     statistic: StatisticName = "sum"
     part_scales: tuple[float, float] | None = None
+    outside_share: float | None = Field(default=None, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _windows(self) -> FeatureThresholds:
@@ -226,9 +243,76 @@ def statistic_parts(reference: Histogram, live: Histogram) -> tuple[float, float
     return cumulative, cells
 
 
+def _log_choose(total: int, chosen: int) -> float:
+    return math.lgamma(total + 1) - math.lgamma(chosen + 1) - math.lgamma(total - chosen + 1)
+
+
+def exchangeable_tail(
+    reference_hits: int, reference_samples: int, window_hits: int, window_samples: int
+) -> float:
+    """The chance that a window holds at least `window_hits` samples of a kind, under no drift.
+
+    Nothing drifted: the reference's and the window's samples are exchangeable,
+    so the samples of the kind, on both sides together, fall among the window's
+    as a draw without replacement (hypergeometric: Fisher's exact test, one
+    side). With none in the reference, it is the chance that the window's
+    `window_hits` samples lie below (or above) every reference sample, whatever
+    the distribution. 1.0 when the window's share is no larger than the reference's.
+    """
+    if window_hits <= 0 or window_hits * reference_samples <= reference_hits * window_samples:
+        return 1.0
+    samples = reference_samples + window_samples
+    hits = reference_hits + window_hits
+    every_draw = _log_choose(samples, window_samples)
+    chance = 0.0
+    for drawn in range(window_hits, min(hits, window_samples) + 1):
+        term = math.exp(
+            _log_choose(hits, drawn)
+            + _log_choose(samples - hits, window_samples - drawn)
+            - every_draw
+        )
+        chance += term
+        if term <= chance * 1e-12:  # beyond the mode the terms only fall
+            break
+    return min(1.0, chance)
+
+
+def outside_chance(reference: Histogram, live: Histogram, values_per_sample: float = 1.0) -> float:
+    """The chance that a window holds this many values outside the reference range, under no drift.
+
+    Per kind (below the first edge, above the last, NaN): the window's values
+    come from at least `values/values_per_sample` samples, the reference's from
+    at most as many samples as values (both conservative for pooled values),
+    judged by `exchangeable_tail`. The least likely kind decides, its chance
+    multiplied by the number of kinds (Bonferroni).
+    """
+    _check_edges(reference, live)
+    reference_samples = max(1, round(_value_count(reference) / values_per_sample))
+    live_samples = max(1, round(_value_count(live) / values_per_sample))
+    least = min(
+        exchangeable_tail(
+            min(reference_count, reference_samples),
+            reference_samples,
+            min(live_samples, math.ceil(live_count / values_per_sample)),
+            live_samples,
+        )
+        for reference_count, live_count in (
+            (reference.below, live.below),
+            (reference.above, live.above),
+            (reference.nan, live.nan),
+        )
+    )
+    return min(1.0, OUTSIDE_KINDS * least)
+
+
+def _value_count(histogram: Histogram) -> int:
+    return sum(histogram.counts) + histogram.below + histogram.above + histogram.nan
+
+
 def _shares(histogram: Histogram) -> list[float]:
-    ordered, nan = _cells(histogram)
-    cells = [count + PSEUDO_COUNT for count in [*ordered, nan]]
+    """Shares of the cells with the values below and above the range apart, NaN last."""
+    counts = [histogram.below, *histogram.counts, histogram.above, histogram.nan]
+    cells = [count + PSEUDO_COUNT for count in counts]
     total = sum(cells)
     return [cell / total for cell in cells]
 
@@ -255,9 +339,39 @@ def js_distance(reference: Histogram, live: Histogram) -> float:
 
 def window_samples(thresholds: FeatureThresholds | None, live: Histogram) -> int:
     """How many samples a window's counts come from."""
-    values = sum(live.counts) + live.below + live.above + live.nan
     per_sample = thresholds.values_per_sample if thresholds is not None else 1.0
-    return round(values / per_sample)
+    return round(_value_count(live) / per_sample)
+
+
+def feature_chance(
+    reference: Histogram, thresholds: FeatureThresholds, live: Histogram
+) -> float | None:
+    """The smallest false-alarm rate at which the feature would be judged drifting.
+
+    Each test's chance over its share of the rate: the statistic's from the
+    fitted tail (at most the calibrated rate), the outside test's where the
+    thresholds give it a share. None below the smallest calibrated window.
+    """
+    share = thresholds.outside_share or 0.0
+    value = statistic(reference, live, thresholds)
+    chance = tail_probability(thresholds, window_samples(thresholds, live), value)
+    if chance is None:
+        return None
+    chance /= 1 - share
+    if share:
+        chance = min(chance, outside_chance(reference, live, thresholds.values_per_sample) / share)
+    return chance
+
+
+@dataclass(frozen=True)
+class Outside:
+    """The values of a window outside the reference's range, and the test of them."""
+
+    below: int
+    above: int
+    nan: int
+    chance: float  # `outside_chance`
+    cut: float  # the share of the false-alarm rate it is judged at: drift when chance <= cut
 
 
 @dataclass(frozen=True)
@@ -269,6 +383,7 @@ class FeatureVerdict:
     status: Status
     psi: float
     js: float
+    outside: Outside | None = None  # None: the thresholds give no outside test, or not judged
 
 
 def judge_feature(
@@ -278,17 +393,30 @@ def judge_feature(
     live: Histogram,
     features_judged: int = 1,
 ) -> FeatureVerdict:
-    """One feature's verdict; `features_judged` share the false-alarm rate (Bonferroni)."""
+    """One feature's verdict; `features_judged` share the false-alarm rate (Bonferroni).
+
+    Drift when the statistic exceeds its threshold at the rate left by the
+    outside test's share, or the outside test's chance is within its share.
+    """
     if features_judged < 1:
         raise ValueError("features_judged must be at least 1")
     samples = window_samples(thresholds, live)
-    threshold = (
-        None
-        if thresholds is None
-        else threshold_at(thresholds, samples, thresholds.false_alarm / features_judged)
-    )
     value = statistic(reference, live, thresholds)
-    status: Status = "insufficient" if threshold is None else "drift" if value > threshold else "ok"
+    threshold, outside = None, None
+    if thresholds is not None:
+        rate = thresholds.false_alarm / features_judged
+        share = thresholds.outside_share or 0.0
+        threshold = threshold_at(thresholds, samples, rate * (1 - share))
+        if threshold is not None and share:
+            chance = outside_chance(reference, live, thresholds.values_per_sample)
+            outside = Outside(live.below, live.above, live.nan, chance, rate * share)
+    status: Status = (
+        "insufficient"
+        if threshold is None
+        else "drift"
+        if value > threshold or (outside is not None and outside.chance <= outside.cut)
+        else "ok"
+    )
     return FeatureVerdict(
         feature=name,
         samples=samples,
@@ -297,6 +425,7 @@ def judge_feature(
         status=status,
         psi=psi(reference, live),
         js=js_distance(reference, live),
+        outside=outside,
     )
 
 
@@ -324,12 +453,9 @@ def judge_window(
     names = [name for name in references if name in live]
     surprise: dict[str, float] = {}
     for name in names:
-        thresholds = references[name][1]
+        reference, thresholds = references[name]
         if thresholds is not None:
-            samples = window_samples(thresholds, live[name])
-            chance = tail_probability(
-                thresholds, samples, statistic(references[name][0], live[name], thresholds)
-            )
+            chance = feature_chance(reference, thresholds, live[name])
             if chance is not None:
                 surprise[name] = chance
     judged = len(surprise)

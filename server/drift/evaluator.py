@@ -36,7 +36,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -483,7 +483,7 @@ def _wants_more(verdicts: Iterable[WindowVerdict], references: Iterable[Side]) -
 
 
 def _feature_evidence(verdict: FeatureVerdict) -> dict[str, Any]:
-    return {
+    evidence: dict[str, Any] = {
         "feature": verdict.feature,
         "statistic": verdict.statistic,
         "threshold": verdict.threshold,
@@ -491,6 +491,9 @@ def _feature_evidence(verdict: FeatureVerdict) -> dict[str, Any]:
         "psi": verdict.psi,
         "js": verdict.js,
     }
+    if verdict.outside is not None:
+        evidence["outside"] = asdict(verdict.outside)
+    return evidence
 
 
 __all__ = [

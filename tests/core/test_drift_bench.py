@@ -91,7 +91,7 @@ def test_the_compared_js_distance_is_the_one_shown_beside_verdicts(bench: Module
     edges = [0.0, 1.0, 2.0, 3.0]
     reference = Histogram(edges=edges, counts=[50, 30, 20], nan=0)
     live = Histogram(edges=edges, counts=[10, 30, 40], below=5, nan=15)
-    rows = [np.array([bench.cells(histogram)]) for histogram in (reference, live)]
+    rows = [np.array([bench.cells_apart(histogram)]) for histogram in (reference, live)]
     assert bench.js_distances(*rows)[0] == pytest.approx(js_distance(reference, live))
 
 

@@ -64,9 +64,10 @@ def test_counts_in_other_bins_are_refused() -> None:
 
 
 def test_psi_and_js_are_the_textbook_formulas_over_the_same_cells() -> None:
-    window = live([40, 80, 120, 160], nan=3)
-    reference_cells = [count + PSEUDO_COUNT for count in [*REFERENCE.counts, 0]]
-    live_cells = [count + PSEUDO_COUNT for count in [40, 80, 120, 160, 3]]
+    window = live([40, 80, 120, 160], below=2, above=5, nan=3)
+    # the bins, with the values below and above the range apart, and NaN last
+    reference_cells = [count + PSEUDO_COUNT for count in [0, *REFERENCE.counts, 0, 0]]
+    live_cells = [count + PSEUDO_COUNT for count in [2, 40, 80, 120, 160, 5, 3]]
     reference_shares = [c / sum(reference_cells) for c in reference_cells]
     live_shares = [c / sum(live_cells) for c in live_cells]
     expected_psi = sum(

@@ -20,6 +20,7 @@ def add_alert(
     feature: str | None,
     resolved: bool,
     version: str = "1.0.0",
+    evidence: dict[str, object] | None = None,
 ) -> int:
     now = web.clock()
     with web.context.db.session() as session:
@@ -35,7 +36,8 @@ def add_alert(
                 feature=feature,
                 opened_at=now - dt.timedelta(hours=2),
                 resolved_at=now if resolved else None,
-                evidence={"statistic": 31.5, "threshold": 12.25, "samples": 400, "psi": 0.42},
+                evidence=evidence
+                or {"statistic": 31.5, "threshold": 12.25, "samples": 400, "psi": 0.42},
             ),
         )
         return alert.id
@@ -61,6 +63,17 @@ def test_open_alerts_come_first_and_filters_narrow_them(web: Api) -> None:
     by_device = browser.get("/alerts", params={"device": "dev-a", "kind": ""}).text
     assert f'id="alert-{drift}"' in by_device and f'id="alert-{accuracy}"' not in by_device
     assert browser.get("/alerts", params={"kind": "bogus"}).status_code == 422
+
+
+def test_an_alert_for_values_outside_the_range_says_so(web: Api) -> None:
+    assert web.enroll("dev-a").status_code == 201
+    outside = {"below": 12, "above": 0, "nan": 3, "chance": 2.5e-9, "cut": 1e-4}
+    evidence = {"statistic": 1.5, "threshold": 4.0, "samples": 400, "outside": outside}
+    add_alert(web, "dev-a", "feature-drift", "pixels[5]", resolved=False, evidence=evidence)
+    browser, _ = sign_in(web, Role.VIEWER)
+    text = browser.get("/alerts").text
+    assert "12 below the reference's range, 0 above, 3 NaN (chance 2.5e-09)" in text
+    assert "over threshold" not in text
 
 
 def test_an_operator_acknowledges_an_alert_and_it_is_audited(web: Api) -> None:
