@@ -345,6 +345,9 @@ class DriftState(Base):
     # The last judged window's statistic and threshold (None: dataset drift)
     statistic: Mapped[float | None] = mapped_column(Float)
     threshold: Mapped[float | None] = mapped_column(Float)
+    # The last judged window's verdict: the statistic beyond its threshold, or values outside
+    # the reference's range (None: judged before the server kept it)
+    drifted: Mapped[bool | None] = mapped_column(Boolean)
 
 
 class Alert(Base):

@@ -345,6 +345,7 @@ class _Version:
         state.window_end = self.end
         state.statistic = check.statistic
         state.threshold = check.threshold
+        state.drifted = check.drifted
         if transition == "open":
             self._open(subject, check)
         elif transition == "close":

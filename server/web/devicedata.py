@@ -159,13 +159,15 @@ class DriftCheck:
     statistic: float | None
     threshold: float | None
     window_end: dt.datetime
+    drifted: bool | None  # None: judged before the server kept the verdict
 
     @property
     def verdict(self) -> str:
         """ "drift", "ok", or "not judged" (no statistic: too few samples, dataset drift)."""
         if self.statistic is None or self.threshold is None:
             return "not judged"
-        return "drift" if self.statistic > self.threshold else "ok"
+        drifted = self.statistic > self.threshold if self.drifted is None else self.drifted
+        return "drift" if drifted else "ok"
 
 
 def drift_checks(session: Session, device: Device) -> list[DriftCheck]:
@@ -181,7 +183,9 @@ def drift_checks(session: Session, device: Device) -> list[DriftCheck]:
         )
     )
     checks = [
-        DriftCheck(row.kind, row.feature, row.statistic, row.threshold, row.window_end)
+        DriftCheck(
+            row.kind, row.feature, row.statistic, row.threshold, row.window_end, row.drifted
+        )
         for row in rows
     ]
     order = {"drift": 0, "ok": 1, "not judged": 2}

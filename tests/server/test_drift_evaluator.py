@@ -115,6 +115,17 @@ def test_drift_opens_alerts_after_persistence_and_recovery_resolves_them(
     assert evidence["window_end"] == "2026-12-01T12:20:00Z"
     assert evidence["window_start"] == "2026-12-01T12:05:00Z"
     assert evidence["psi"] > 0 and 0 < evidence["js"] <= 1
+    assert set(evidence["outside"]) == {"below", "above", "nan", "chance", "cut"}
+    with database.session() as session:
+        states = list(session.scalars(select(DriftState).where(DriftState.scope == DEVICE)))
+    shifted = {state.feature for state in states if state.subject == "shifted" and state.drifted}
+    assert shifted >= {a.feature for a in pixels}  # the state keeps the last window's verdict
+    # the steady device's values stay within the reference's range: its verdicts are its statistic's
+    assert all(
+        state.drifted == (state.statistic > state.threshold)
+        for state in states
+        if state.subject == "steady" and state.statistic is not None and state.threshold is not None
+    )
     prediction = next(a for a in device if a.kind == PREDICTION_DRIFT)
     assert prediction.feature == "scores.top1"
     dataset = next(a for a in device if a.kind == DATASET_DRIFT)

@@ -131,6 +131,20 @@ def sick_device(web: Api, tmp_path: Path, keyset: KeySet) -> None:
                     window_end=now,
                     statistic=3.5,
                     threshold=12.0,
+                    drifted=False,
+                ),
+                DriftState(  # drifting by its values outside the reference's range
+                    scope="device",
+                    subject="dev-1",
+                    bundle_name="demo",
+                    bundle_version="2.0.0",
+                    kind="feature-drift",
+                    feature="pixels[9]",
+                    persistence={},
+                    window_end=now,
+                    statistic=2.5,
+                    threshold=12.0,
+                    drifted=True,
                 ),
                 StatusReportRow(
                     device_id="dev-1",
@@ -207,9 +221,11 @@ def test_the_device_page_shows_what_the_database_holds(
     assert "95% of 200 compared" in text  # shadow agreement
     assert "87% of 100 labelled" in text and "93.5% at conversion" in text
     # drift per feature against its threshold, drifting first, with the alert's PSI
-    assert text.index("pixels[53]") < text.index("pixels[7]")
+    drift = text[text.index('id="drift"') :]
+    assert drift.index("pixels[53]") < drift.index("pixels[9]") < drift.index("pixels[7]")
     assert "31.5 / 12.2" in text and text.count("PSI 0.42") == 1
-    assert ">drift</span>" in text and ">ok</span>" in text
+    # pixels[9] drifts by its values outside the reference's range, under its threshold
+    assert text.count(">drift</span>") == 2 and text.count(">ok</span>") == 1
     # open alerts, install history in words, online history
     assert "feature drift of pixels[53] on demo@2.0.0" in text
     assert "installed and serving (demo@2.0.0): health check passed on 50 requests" in text
