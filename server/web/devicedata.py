@@ -183,9 +183,7 @@ def drift_checks(session: Session, device: Device) -> list[DriftCheck]:
         )
     )
     checks = [
-        DriftCheck(
-            row.kind, row.feature, row.statistic, row.threshold, row.window_end, row.drifted
-        )
+        DriftCheck(row.kind, row.feature, row.statistic, row.threshold, row.window_end, row.drifted)
         for row in rows
     ]
     order = {"drift": 0, "ok": 1, "not judged": 2}
