@@ -81,10 +81,65 @@ def test_the_goal_is_judged_at_each_cut_offs_own_detection_and_rate(bench: Modul
     level = tally(bench, [8.5, 8.6, 8.7, 8.8, 9.5, 0, 0, 0, 0, 0], psi_flagged=5)
     # Detecting 5 takes a cut under 6.5: three calm alarms, the cut-off raises one.
     behind = tally(bench, [6.5, 7.5, 8.5, 9.5, 9.6, 0, 0, 0, 0, 0], psi_flagged=5)
-    table, weaker = bench.matched({"no shift": calm, "level": level, "behind": behind})
+    overlapping = tally(bench, [0.0] * 10, psi_flagged=0)  # the scenario runs' own: not judged
+    table, weaker = bench.matched({"no shift": overlapping, "level": level, "behind": behind}, calm)
     assert weaker == {"PSI>0.2": ["behind"], "JS>0.1": ["behind"]}
+    assert [line[0] for line in table[1:]] == ["no shift (population)", "level", "behind"]
     column = table[0].index("our calm rate at its detection %")
     assert [line[column] for line in table[1:]] == ["-", "10.00", "30.00"]
+
+
+def feature_tally(
+    bench: ModuleType, by_feature: dict[str, tuple[list[float], list[float]]]
+) -> object:
+    """Per feature, its windows' scores: ours and PSI (JS the same as PSI)."""
+    features = [name for name, (ours, _) in by_feature.items() for _ in ours]
+    ours = [score for scores, _ in by_feature.values() for score in scores]
+    psi = [score for _, scores in by_feature.values() for score in scores]
+    flagged = dict.fromkeys(bench.METHODS, 0) | {
+        "ours": sum(score > 0 for score in ours),
+        "PSI>0.2": sum(score > 0.2 for score in psi),
+        "JS>0.1": sum(score > 0.1 for score in psi),
+    }
+    return bench.Tally(
+        windows=len(ours),
+        flagged=flagged,
+        scores={"ours": ours, "PSI": psi, "JS": psi},
+        features=features,
+    )
+
+
+def test_per_feature_the_cut_offs_calm_rate_counts_where_it_is_known(bench: ModuleType) -> None:
+    high, low = [1.0] * 20, [0.0] * 20
+    # "busy": the cut-off flags half its calm windows, on which ours ranks the calm scores 0-19.
+    # "quiet": the cut-off flags none of its calm windows; ours' highest there is 100.
+    calm = feature_tally(
+        bench,
+        {
+            "busy": ([float(score) for score in range(20)], high[:10] + low[:10]),
+            "quiet": ([100.0] + [0.0] * 19, low),
+        },
+    )
+    # Shifted: the cut-off flags all of "busy" and none of "quiet"; ours scores 15 on both.
+    shifted = feature_tally(bench, {"busy": ([15.0] * 4, high[:4]), "quiet": ([15.0] * 4, low[:4])})
+    table, weaker = bench.per_feature({"no shift": calm, "shifted": shifted}, calm)
+    header, line = table[0], table[1]
+    assert line[0] == "shifted" and len(table) == 2  # the scenario runs' own no-shift is not
+    # At the cut-off's rate on "busy" (10 of 20), ours' cut is 9: it flags all 4 there. On
+    # "quiet", with the other features taken together (only "quiet" here), its cut is 100.
+    assert line[header.index("ours at its calm rates %")] == "50.00"
+    assert line[header.index("PSI>0.2 %")] == "50.00"
+    # Detecting the 4 on "busy" takes a cut just under 15: calm scores 15 to 19 lie above it.
+    assert line[header.index("our calm at its detections %")] == "12.50"  # 5 of 40
+    assert line[header.index("PSI>0.2 calm %")] == "25.00"  # 10 of 40
+    assert weaker == {"PSI>0.2": [], "JS>0.1": []}
+    # Ours scoring 5 on the shifted "busy" windows stays under its cut there (9): weaker.
+    behind = feature_tally(bench, {"busy": ([5.0] * 4, high[:4]), "quiet": ([15.0] * 4, low[:4])})
+    weaker = bench.per_feature({"behind": behind}, calm)[1]
+    assert weaker == {"PSI>0.2": ["behind"], "JS>0.1": ["behind"]}
+    # A cut-off that flags fewer than RESOLVED calm windows on every feature: all taken together.
+    sparse = feature_tally(bench, {"busy": ([float(score) for score in range(20)], low)})
+    assert set(bench._parts(sparse, "PSI", 0.2)) == {""}
 
 
 def test_the_compared_js_distance_is_the_one_shown_beside_verdicts(bench: ModuleType) -> None:
@@ -142,7 +197,7 @@ def test_calm_references_and_windows_come_from_the_population_with_replacement(
 
     group = calm_group(bench, extract)
     batches.clear()
-    tally = bench.calm_population(group, [100, 400], 2, 5, np.random.default_rng(0))
+    tally, scored = bench.calm_population(group, [100, 400], 2, 5, np.random.default_rng(0))
     # Per reference: its 300 rows, then 5 windows at each size.
     assert [batch.size for batch in batches] == [300, 500, 2000] * 2
     population = set(group.population[:, 0])
@@ -153,6 +208,8 @@ def test_calm_references_and_windows_come_from_the_population_with_replacement(
         [5, 5],
         [5, 5],
     ]
+    assert [scored[size].windows for size in scored] == [10, 10]
+    assert scored[100].where == ["calm: tabular inputs"] * 10
 
 
 def test_the_calm_tally_keeps_each_references_windows_apart(bench: ModuleType) -> None:
@@ -168,11 +225,17 @@ def test_the_calm_tally_keeps_each_references_windows_apart(bench: ModuleType) -
         return {"x": batch[:, 0]}
 
     group = calm_group(bench, extract)
-    tally = bench.calm_population(group, [100], 3, 6, np.random.default_rng(0))
+    tally, scored = bench.calm_population(group, [100], 3, 6, np.random.default_rng(0))
     drifted = [by_kind["tabular inputs"].drifted for by_kind in tally[100]]
     still_open = [by_kind["tabular inputs"].open for by_kind in tally[100]]
     assert drifted[1] == 6 and still_open[1] == 5  # open from the second drifted window on
     assert drifted[0] < 6 and drifted[2] < 6 and still_open[0] == still_open[2] == 0
+    # The scores behind the goal against the cut-offs: the same windows, the same verdicts.
+    assert scored[100].flagged["ours"] == sum(drifted)
+    surprises = scored[100].scores["ours"]
+    assert all(value > 0 for value in surprises[6:12])  # beyond the calibrated cut: drifted
+    assert scored[100].flagged["PSI>0.2"] == sum(value > 0.2 for value in scored[100].scores["PSI"])
+    assert scored[100].flagged["PSI>0.2"] >= 6  # shifted by 10 where the spread is 1
 
 
 def test_the_calm_table_shows_the_most_drifted_reference(
