@@ -1,0 +1,1 @@
+"""The drift benchmark's parts (bench/drift.py runs them)."""

@@ -1,0 +1,215 @@
+"""The goal against the fixed cut-offs (PSI > 0.2, JS > 0.1): ours moved to their detection and
+to their calm rate, pooled over features and feature by feature."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from driftbench.tally import FIXED_CUTOFFS, Tally, percent
+from edgefleet.tables import format_columns
+
+
+def cut_for(calm: list[float], allowed: int) -> float:
+    """The cut above which at most `allowed` of the calm scores lie (ties stay below)."""
+    ordered = np.sort(np.asarray(calm))[::-1]
+    return float(ordered[min(allowed, len(ordered) - 1)])
+
+
+def cut_detecting(scores: list[float], wanted: int) -> float:
+    """The largest cut above which at least `wanted` of the scores lie."""
+    if wanted == 0:
+        return float(np.inf)
+    ordered = np.sort(np.asarray(scores))[::-1]
+    return float(np.nextafter(ordered[wanted - 1], -np.inf))
+
+
+def above(scores: list[float], cut: float) -> int:
+    return int(np.count_nonzero(np.asarray(scores) > cut))
+
+
+def matched(
+    totals: dict[str, Tally], calm: Tally
+) -> tuple[list[list[object]], dict[str, list[str]]]:
+    """The goal's test against each fixed cut-off, per shift scenario, both ways.
+
+    The calm side is `calm`: the windows drawn from the populations, judged by
+    ours and the cut-offs alike (independent trials given their reference, not
+    the overlapping no-shift windows of the scenario runs). At the cut-off's
+    detection: our cut (the rate moved along the fitted tail, no sharing among
+    features) moved until we detect as many of the scenario's feature-windows
+    as the cut-off does; are our calm feature-windows flagged as rarely as the
+    cut-off's? At the cut-off's false-alarm rate: our cut moved until we flag
+    as many calm feature-windows; do we detect as much? Also shown: the
+    cut-off moved to our verdict's calm rate. Returns the table and, per fixed
+    cut-off, the shift scenarios where either way fails.
+    """
+    table: list[list[object]] = [["scenario", "ours %"]]
+    cuts = {}
+    for method, (score_name, _) in FIXED_CUTOFFS.items():
+        table[0] += [
+            f"{method} %",
+            "ours at its calm rate %",
+            "our calm rate at its detection %",
+            f"{score_name} at our calm rate %",
+        ]
+        cuts[method] = (
+            cut_for(calm.scores["ours"], calm.flagged[method]),
+            cut_for(calm.scores[score_name], calm.flagged["ours"]),
+        )
+    weaker: dict[str, list[str]] = {method: [] for method in FIXED_CUTOFFS}
+    shifted = {name: tally for name, tally in totals.items() if name != "no shift"}
+    for name, tally in {"no shift (population)": calm, **shifted}.items():
+        line: list[object] = [name, percent(tally.flagged["ours"], tally.windows, 2)]
+        for method, (score_name, _) in FIXED_CUTOFFS.items():
+            ours_cut, their_cut = cuts[method]
+            ours_there = above(tally.scores["ours"], ours_cut)
+            calm_at_detection = above(
+                calm.scores["ours"], cut_detecting(tally.scores["ours"], tally.flagged[method])
+            )
+            line += [
+                percent(tally.flagged[method], tally.windows, 2),
+                percent(ours_there, tally.windows, 2),
+                "-" if tally is calm else percent(calm_at_detection, calm.windows, 2),
+                percent(above(tally.scores[score_name], their_cut), tally.windows, 2),
+            ]
+            less = ours_there < tally.flagged[method] or calm_at_detection > calm.flagged[method]
+            if tally is not calm and less:
+                weaker[method].append(name)
+        table.append(line)
+    return table, weaker
+
+
+def print_shortfall(totals: dict[str, Tally], calm: Tally) -> None:
+    """Where ours falls short of a fixed cut-off: per scenario, data set and feature kind.
+
+    Ours with its cut moved to the cut-off's calm rate (as in `matched`): the
+    feature-windows the cut-off flags and ours does not, and the other way
+    round; and the calm feature-windows of the same data set and kind that
+    each flags (ours with its cut moved until it detects as much as the
+    cut-off in the whole scenario).
+    """
+    table: list[list[object]] = [
+        [
+            "cut-off",
+            "scenario",
+            "data set: kind",
+            "windows",
+            "it only",
+            "ours only",
+            "calm: it",
+            "calm: ours at its detection",
+        ]
+    ]
+    for method, (score_name, limit) in FIXED_CUTOFFS.items():
+        ours_cut = cut_for(calm.scores["ours"], calm.flagged[method])
+        for name in matched(totals, calm)[1][method]:
+            tally = totals[name]
+            detecting = cut_detecting(tally.scores["ours"], tally.flagged[method])
+            for where in sorted(set(tally.where)):
+                mine = [i for i, w in enumerate(tally.where) if w == where]
+                calm_mine = [i for i, w in enumerate(calm.where) if w == where]
+                theirs = {i for i in mine if tally.scores[score_name][i] > limit}
+                ours = {i for i in mine if tally.scores["ours"][i] > ours_cut}
+                calm_theirs = sum(calm.scores[score_name][i] > limit for i in calm_mine)
+                calm_ours = sum(calm.scores["ours"][i] > detecting for i in calm_mine)
+                if theirs != ours or calm_theirs != calm_ours:
+                    table.append(
+                        [
+                            method,
+                            name,
+                            where,
+                            len(mine),
+                            len(theirs - ours),
+                            len(ours - theirs),
+                            calm_theirs,
+                            calm_ours,
+                        ]
+                    )
+    if len(table) > 1:
+        print("Where ours falls short, per data set and feature kind (feature-windows):")
+        print(format_columns(table, rule=True))
+
+
+RESOLVED = 10  # calm windows a cut-off must flag on a feature for its rate there to count
+
+
+def per_feature(
+    totals: dict[str, Tally], calm: Tally
+) -> tuple[list[list[object]], dict[str, list[str]]]:
+    """The goal's test against each fixed cut-off with the calm alarms spent feature by feature.
+
+    As `matched`, but ours is moved on each feature apart: to the calm rate
+    the cut-off shows on that feature (in `calm`), and to the detection the
+    cut-off shows on that feature in the scenario; the features' counts are
+    then added. This sets the two tests side by side at the same false-alarm
+    rate per feature (a test's power at equal size), where `matched` lets the
+    cut-off's calm alarms fall on the features it happens to favour. A rate
+    is only known on a feature where the cut-off flags at least RESOLVED of
+    its calm windows: "none of 1,000" does not say how rare. The features
+    where it flags fewer are taken together, as `matched` takes them all.
+    """
+    table: list[list[object]] = [["scenario"]]
+    for method in FIXED_CUTOFFS:
+        table[0] += [
+            f"{method} %",
+            "ours at its calm rates %",
+            f"{method} calm %",
+            "our calm at its detections %",
+        ]
+    weaker: dict[str, list[str]] = {method: [] for method in FIXED_CUTOFFS}
+    rows = {name: [name] for name in totals if name != "no shift"}
+    for method, (score_name, limit) in FIXED_CUTOFFS.items():
+        calm_parts = known_rate_parts(calm, score_name, limit)
+        for name, line in rows.items():
+            tally = totals[name]
+            theirs = ours = their_calm = our_calm = calm_windows = 0
+            shifted_parts = known_rate_parts(
+                tally, score_name, limit, resolved=set(calm_parts) - {""}
+            )
+            for part, shifted in shifted_parts.items():
+                quiet = calm_parts.get(part, [])
+                quiet_ours = [calm.scores["ours"][i] for i in quiet]
+                quiet_flagged = sum(calm.scores[score_name][i] > limit for i in quiet)
+                detected = sum(tally.scores[score_name][i] > limit for i in shifted)
+                shifted_ours = [tally.scores["ours"][i] for i in shifted]
+                ours_cut = (
+                    -np.inf if quiet_flagged >= len(quiet) else cut_for(quiet_ours, quiet_flagged)
+                )
+                theirs += detected
+                ours += above(shifted_ours, ours_cut)
+                their_calm += quiet_flagged
+                our_calm += above(quiet_ours, cut_detecting(shifted_ours, detected))
+                calm_windows += len(quiet)
+            line += [
+                percent(theirs, tally.windows, 2),
+                percent(ours, tally.windows, 2),
+                percent(their_calm, calm_windows, 2),
+                percent(our_calm, calm_windows, 2),
+            ]
+            if ours < theirs or our_calm > their_calm:
+                weaker[method].append(name)
+    table += rows.values()
+    return table, weaker
+
+
+def known_rate_parts(
+    tally: Tally, score_name: str, limit: float, resolved: set[str] | None = None
+) -> dict[str, list[int]]:
+    """The positions of `tally`'s feature-windows per feature whose rate is known, the rest as "".
+
+    Known (with `resolved` None, on calm windows): the cut-off flags at least
+    RESOLVED of the feature's windows; else the features named in `resolved`.
+    """
+    positions: dict[str, list[int]] = {}
+    for index, feature in enumerate(tally.features):
+        positions.setdefault(feature, []).append(index)
+    if resolved is None:
+        resolved = {
+            feature
+            for feature, indices in positions.items()
+            if sum(tally.scores[score_name][i] > limit for i in indices) >= RESOLVED
+        }
+    parts: dict[str, list[int]] = {}
+    for feature, indices in positions.items():
+        parts.setdefault(feature if feature in resolved else "", []).extend(indices)
+    return parts

@@ -1,0 +1,104 @@
+"""Scenario runs: windows in a row through the real binning, verdict and persistence, also judged
+by the raw-sample tests and the fixed cut-offs."""
+
+from __future__ import annotations
+
+import argparse
+import statistics as stats
+from functools import reduce
+
+import numpy as np
+from scipy.stats import chi2_contingency, ks_2samp
+
+from driftbench.data import Group, feature_kind
+from driftbench.scenarios import SCENARIOS, Scenario, changed
+from driftbench.tally import METHODS, Tally, percent, score
+from edgefleet.drift import Histogram, count_into
+from edgefleet.driftstats import Persistence, judge_window
+
+
+def raw_tests(
+    reference: np.ndarray, window: np.ndarray, ref: Histogram, live: Histogram
+) -> dict[str, bool]:
+    """The verdicts of the raw-sample tests on the same window: KS, chi-square on the cells."""
+    ks = ks_2samp(reference[np.isfinite(reference)], window[np.isfinite(window)]).pvalue
+    table = np.array([cells_apart(ref), cells_apart(live)])
+    table = table[:, table.sum(axis=0) > 0]
+    chi2 = table.shape[1] > 1 and chi2_contingency(table).pvalue < 0.05
+    return {"KS p<.05": bool(ks < 0.05), "chi2 p<.05": bool(chi2)}
+
+
+def cells_apart(histogram: Histogram) -> list[int]:
+    """The cells of PSI and JS: values below and above the range apart, NaN last."""
+    return [histogram.below, *histogram.counts, histogram.above, histogram.nan]
+
+
+def run_group(
+    scenario: Scenario, group: Group, args: argparse.Namespace, rng: np.random.Generator
+) -> Tally:
+    tally = Tally()
+    unshifted = group.extract(group.held_out)
+    judged = [f for f in group.references if changed(scenario.name, f, unshifted[f])]
+    runs = args.sequences * (3 if scenario.name == "no shift" else 1)
+    for _ in range(runs):
+        persistence = {feature: Persistence() for feature in judged}
+        opened_at: dict[str, int] = {}
+        for index in range(1, args.windows + 1):
+            values = group.extract(scenario.shift(group, args.window, rng))
+            live = {
+                feature: count_into(values[feature], reference.edges)
+                for feature, (reference, _) in group.references.items()
+            }
+            for verdict in judge_window(group.references, live).features:
+                feature = verdict.feature
+                if feature not in persistence:
+                    continue
+                drifted = verdict.status == "drift"
+                transition = persistence[feature].update(drifted)
+                if transition == "open":
+                    opened_at.setdefault(feature, index)
+                tally.open_windows += transition in ("open", "still-open")
+                reference_counts, thresholds = group.references[feature]
+                found = raw_tests(
+                    group.reference_values[feature].reshape(-1),
+                    values[feature].reshape(-1),
+                    reference_counts,
+                    live[feature],
+                )
+                for method, flagged in found.items():
+                    tally.flagged[method] += flagged
+                score(tally, thresholds, verdict)
+                tally.where.append(f"{group.name}: {feature_kind(group, feature)}")
+        tally.runs += len(judged)
+        tally.opened_by_two += sum(1 for delay in opened_at.values() if delay <= 2)
+        tally.delays += list(opened_at.values())
+    return tally
+
+
+def row(name: str, tally: Tally) -> list[object]:
+    return [
+        name,
+        tally.windows,
+        *[percent(tally.flagged[m], tally.windows) for m in METHODS],
+        percent(tally.open_windows, tally.windows),
+        percent(tally.opened_by_two, tally.runs),
+        stats.median(tally.delays) if tally.delays else "-",
+    ]
+
+
+HEADER = ["", "feature-windows", *[f"{m} %" for m in METHODS], "open %", "by 2 %", "delay"]
+
+
+def totals_at(
+    size: int, groups: list[Group], args: argparse.Namespace, rng: np.random.Generator
+) -> dict[str, Tally]:
+    """Per scenario, the tallies of `groups` merged, at windows of `size` samples."""
+    sized = argparse.Namespace(**{**vars(args), "window": size})
+    return {
+        scenario.name: reduce(
+            Tally.merged,
+            [run_group(scenario, group, sized, rng) for group in groups if scenario.applies(group)],
+            Tally(),
+        )
+        for scenario in SCENARIOS
+    }

@@ -1,0 +1,123 @@
+"""The statistic against its parts and other combinations, each calibrated the same way."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from driftbench.data import FALSE_ALARM, Group
+from driftbench.scenarios import SCENARIOS, changed
+from driftbench.tally import percent
+from edgefleet.converter.driftcal import both_parts, null_statistics, sample_cells
+from edgefleet.drift import Histogram, count_into
+from edgefleet.driftstats import PSEUDO_COUNT
+
+
+def cells(histogram: Histogram) -> list[int]:
+    """The statistic's cells: values outside the range folded into the outer bins, NaN last."""
+    ordered = list(histogram.counts)
+    ordered[0] += histogram.below
+    ordered[-1] += histogram.above
+    return [*ordered, histogram.nan]
+
+
+VARIANTS = [
+    "the plain sum (before)",
+    "its cumulative part",
+    "its cell part",
+    "the larger part, scaled",
+    "the statistic (the sum, scaled)",
+    "with a spread part, scaled",
+    "JS distance, calibrated",
+]
+
+
+COMPARE_DRAWS = 2000
+
+
+COMPARE_WINDOWS = 20
+
+
+def spread_part(reference: np.ndarray, live: np.ndarray) -> np.ndarray:
+    """A candidate third part: the squared contrast of the cumulative z-scores about the middle.
+
+    A wider window has more values below the boundaries under the reference's
+    median and fewer below those above it: the boundaries' z-scores take
+    opposite signs on either side, which the contrast (those above minus those
+    below) adds up where the cumulative part's squares treat them apart.
+    """
+    below = np.cumsum(reference[:, :-2], axis=1)
+    live_below = np.cumsum(live[:, :-2], axis=1)
+    reference_total, live_total = reference.sum(axis=1)[:, None], live.sum(axis=1)[:, None]
+    pooled = (below + live_below + PSEUDO_COUNT) / (reference_total + live_total + 2 * PSEUDO_COUNT)
+    weight = reference_total * live_total / (reference_total + live_total)
+    z = (below / reference_total - live_below / live_total) * np.sqrt(
+        weight / (pooled * (1 - pooled))
+    )
+    side = np.where(below / reference_total < 0.5, -1.0, 1.0)
+    return np.asarray((side * z).sum(axis=1) ** 2)
+
+
+def js_distances(reference: np.ndarray, live: np.ndarray) -> np.ndarray:
+    """edgefleet.driftstats.js_distance for rows of cell counts."""
+    reference_shares, live_shares = (
+        (counts + PSEUDO_COUNT) / (counts + PSEUDO_COUNT).sum(axis=1, keepdims=True)
+        for counts in (reference, live)
+    )
+    middle = (reference_shares + live_shares) / 2
+    divergence = (
+        reference_shares * np.log(reference_shares / middle)
+        + live_shares * np.log(live_shares / middle)
+    ).sum(axis=1) / 2
+    return np.asarray(np.sqrt(np.maximum(divergence, 0.0)))
+
+
+def compared_parts(reference: np.ndarray, live: np.ndarray) -> np.ndarray:
+    """Per row of cell counts: the statistic's two parts, a candidate spread part, JS."""
+    return np.column_stack(
+        [both_parts(reference, live), spread_part(reference, live), js_distances(reference, live)]
+    )
+
+
+def every_variant(parts: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Per row of `compared_parts`, each variant's value (`scales`: each one's null quantile)."""
+    scaled = parts / np.maximum(scales, 1e-12)
+    two, plain = scaled[:, :2], parts[:, :2]
+    with_spread = scaled[:, :3].sum(axis=1)
+    return np.stack(
+        [plain.sum(axis=1), *plain.T, two.max(axis=1), two.sum(axis=1), with_spread, parts[:, 3]],
+        axis=1,
+    )
+
+
+def compare_statistics(
+    groups: list[Group], args: argparse.Namespace, rng: np.random.Generator
+) -> list[list[object]]:
+    """Per scenario, the share of feature-windows each variant flags at its own 1% threshold."""
+    cuts, scales, totals = {}, {}, {}
+    for group in groups:
+        for feature, (reference, _) in group.references.items():
+            samples = [np.atleast_1d(row) for row in group.reference_values[feature]]
+            per_sample = sample_cells(samples, reference.edges)
+            null = null_statistics(per_sample, [args.window], COMPARE_DRAWS, rng, compared_parts)
+            scales[feature] = np.quantile(null[args.window], 1 - FALSE_ALARM, axis=0)
+            variants = every_variant(null[args.window], scales[feature])
+            cuts[feature] = np.quantile(variants, 1 - FALSE_ALARM, axis=0)
+            totals[feature] = per_sample.sum(axis=0)[None]
+    table: list[list[object]] = [["scenario", "feature-windows", *(f"{v} %" for v in VARIANTS)]]
+    for scenario in SCENARIOS:
+        flagged, windows = np.zeros(len(VARIANTS)), 0
+        for group in (g for g in groups if scenario.applies(g)):
+            unshifted = group.extract(group.held_out)
+            judged = [f for f in group.references if changed(scenario.name, f, unshifted[f])]
+            for _ in range(COMPARE_WINDOWS):
+                values = group.extract(scenario.shift(group, args.window, rng))
+                for feature in judged:
+                    live = count_into(values[feature], group.references[feature][0].edges)
+                    parts = compared_parts(totals[feature], np.array([cells(live)]))
+                    found = every_variant(parts, scales[feature])[0]
+                    flagged += found > cuts[feature]
+                    windows += 1
+        table.append([scenario.name, windows, *(percent(int(f), windows) for f in flagged)])
+    return table
