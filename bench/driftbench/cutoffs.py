@@ -79,14 +79,14 @@ def matched(
     return table, weaker
 
 
-def print_shortfall(totals: dict[str, Tally], calm: Tally) -> None:
+def print_shortfall(totals: dict[str, Tally], calm: Tally, weaker: dict[str, list[str]]) -> None:
     """Where ours falls short of a fixed cut-off: per scenario, data set and feature kind.
 
     Ours with its cut moved to the cut-off's calm rate (as in `matched`): the
     feature-windows the cut-off flags and ours does not, and the other way
     round; and the calm feature-windows of the same data set and kind that
     each flags (ours with its cut moved until it detects as much as the
-    cut-off in the whole scenario).
+    cut-off in the whole scenario). `weaker`: per cut-off, the scenarios `matched` found.
     """
     table: list[list[object]] = [
         [
@@ -102,7 +102,7 @@ def print_shortfall(totals: dict[str, Tally], calm: Tally) -> None:
     ]
     for method, (score_name, limit) in FIXED_CUTOFFS.items():
         ours_cut = cut_for(calm.scores["ours"], calm.flagged[method])
-        for name in matched(totals, calm)[1][method]:
+        for name in weaker[method]:
             tally = totals[name]
             detecting = cut_detecting(tally.scores["ours"], tally.flagged[method])
             for where in sorted(set(tally.where)):
@@ -159,27 +159,34 @@ def per_feature(
     weaker: dict[str, list[str]] = {method: [] for method in FIXED_CUTOFFS}
     rows = {name: [name] for name in totals if name != "no shift"}
     for method, (score_name, limit) in FIXED_CUTOFFS.items():
-        calm_parts = known_rate_parts(calm, score_name, limit)
+        # Per part, its calm feature-windows: our scores, and how many the cut-off flags.
+        quiet_parts = {
+            part: (
+                [calm.scores["ours"][i] for i in quiet],
+                sum(calm.scores[score_name][i] > limit for i in quiet),
+            )
+            for part, quiet in known_rate_parts(calm, score_name, limit).items()
+        }
         for name, line in rows.items():
             tally = totals[name]
             theirs = ours = their_calm = our_calm = calm_windows = 0
             shifted_parts = known_rate_parts(
-                tally, score_name, limit, resolved=set(calm_parts) - {""}
+                tally, score_name, limit, resolved=set(quiet_parts) - {""}
             )
             for part, shifted in shifted_parts.items():
-                quiet = calm_parts.get(part, [])
-                quiet_ours = [calm.scores["ours"][i] for i in quiet]
-                quiet_flagged = sum(calm.scores[score_name][i] > limit for i in quiet)
+                quiet_ours, quiet_flagged = quiet_parts.get(part, ([], 0))
                 detected = sum(tally.scores[score_name][i] > limit for i in shifted)
                 shifted_ours = [tally.scores["ours"][i] for i in shifted]
                 ours_cut = (
-                    -np.inf if quiet_flagged >= len(quiet) else cut_for(quiet_ours, quiet_flagged)
+                    -np.inf
+                    if quiet_flagged >= len(quiet_ours)
+                    else cut_for(quiet_ours, quiet_flagged)
                 )
                 theirs += detected
                 ours += above(shifted_ours, ours_cut)
                 their_calm += quiet_flagged
                 our_calm += above(quiet_ours, cut_detecting(shifted_ours, detected))
-                calm_windows += len(quiet)
+                calm_windows += len(quiet_ours)
             line += [
                 percent(theirs, tally.windows, 2),
                 percent(ours, tally.windows, 2),
