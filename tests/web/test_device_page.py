@@ -46,6 +46,29 @@ def bucket(
     )
 
 
+def drift_state(
+    feature: str,
+    window_end: dt.datetime,
+    statistic: float,
+    threshold: float,
+    drifted: bool | None = None,
+) -> DriftState:
+    """dev-1's last verdict on one feature of demo@2.0.0 (`drifted` None: not kept)."""
+    return DriftState(
+        scope="device",
+        subject="dev-1",
+        bundle_name="demo",
+        bundle_version="2.0.0",
+        kind="feature-drift",
+        feature=feature,
+        persistence={},
+        window_end=window_end,
+        statistic=statistic,
+        threshold=threshold,
+        drifted=drifted,
+    )
+
+
 def sick_device(web: Api, tmp_path: Path, keyset: KeySet) -> None:
     """dev-1 runs demo@2.0.0 after 1.0.0: slower, more fallbacks, a feature drifting."""
     for version, accuracy in (("1.0.0", 95.0), ("2.0.0", 93.5)):
@@ -108,44 +131,10 @@ def sick_device(web: Api, tmp_path: Path, keyset: KeySet) -> None:
                     labelled_correct=87,
                     latency=[0, 0, 0, 300, 100, 0],
                 ),
-                DriftState(
-                    scope="device",
-                    subject="dev-1",
-                    bundle_name="demo",
-                    bundle_version="2.0.0",
-                    kind="feature-drift",
-                    feature="pixels[53]",
-                    persistence={},
-                    window_end=now,
-                    statistic=31.5,
-                    threshold=12.25,
-                ),
-                DriftState(
-                    scope="device",
-                    subject="dev-1",
-                    bundle_name="demo",
-                    bundle_version="2.0.0",
-                    kind="feature-drift",
-                    feature="pixels[7]",
-                    persistence={},
-                    window_end=now,
-                    statistic=3.5,
-                    threshold=12.0,
-                    drifted=False,
-                ),
-                DriftState(  # drifting by its values outside the reference's range
-                    scope="device",
-                    subject="dev-1",
-                    bundle_name="demo",
-                    bundle_version="2.0.0",
-                    kind="feature-drift",
-                    feature="pixels[9]",
-                    persistence={},
-                    window_end=now,
-                    statistic=2.5,
-                    threshold=12.0,
-                    drifted=True,
-                ),
+                drift_state("pixels[53]", now, statistic=31.5, threshold=12.25),
+                drift_state("pixels[7]", now, statistic=3.5, threshold=12.0, drifted=False),
+                # drifting by its values outside the reference's range
+                drift_state("pixels[9]", now, statistic=2.5, threshold=12.0, drifted=True),
                 StatusReportRow(
                     device_id="dev-1",
                     sequence=5,
