@@ -4,12 +4,14 @@ For each window size n, many times: draw a pseudo-reference of as many samples
 as the reference has and a window of n samples, both with replacement from the
 reference samples, count their values into the reference's bins and compute the
 statistic's two parts. Each part's upper 1% quantile over all the draws is its
-scale (the "scaled-sum" statistic divides each part by it); nothing drifted
-between the two sides, so the statistic's upper quantile at the false-alarm
-rate is the threshold, and the mean excess over it fits the tail that smaller
-rates need. Drawing both sides accounts for the reference's own finite size;
-drawing whole samples keeps a sample's values (every pixel of an image)
-together, so their correlation raises the threshold as it should.
+level, and its mean excess over the level its tail scale (the "tail-max"
+statistic measures each part's excess over its level in that scale, and takes
+the larger); nothing drifted between the two sides, so the statistic's upper
+quantile at the false-alarm rate is the threshold, and the mean excess over it
+fits the tail that smaller rates need. Drawing both sides accounts for the
+reference's own finite size; drawing whole samples keeps a sample's values
+(every pixel of an image) together, so their correlation raises the threshold
+as it should.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import numpy as np
 
 from edgefleet.driftstats import OUTSIDE_SHARE, PSEUDO_COUNT, FeatureThresholds
 
-PART_SCALE_QUANTILE = 0.99
-MIN_PART_SCALE = 1.0  # a part that stays 0 without drift (one cell) still gets a finite scale
+PART_LEVEL_QUANTILE = 0.99
+MIN_TAIL_SCALE = 0.2  # of a part that stays at its level without drift
 DRAW_EXCEEDANCES = 40  # draws beyond the threshold, on average, that calibrate the tail
 MIN_DRAWS = 1000
 CHUNK = 256  # draws resampled at once (bounds the memory a large reference needs)
@@ -89,15 +91,40 @@ def both_parts(reference: np.ndarray, live: np.ndarray) -> np.ndarray:
 
 
 def statistics(
-    reference: np.ndarray, live: np.ndarray, part_scales: tuple[float, float] | None = None
+    reference: np.ndarray, live: np.ndarray, thresholds: FeatureThresholds | None = None
 ) -> np.ndarray:
-    """edgefleet.driftstats.statistic for rows of cell counts: "scaled-sum" with `part_scales`."""
-    return scaled_sum(both_parts(reference, live), part_scales or (1.0, 1.0))
+    """edgefleet.driftstats.statistic for rows of cell counts: the one `thresholds` name."""
+    if thresholds is None:
+        return combined(both_parts(reference, live))
+    return combined(both_parts(reference, live), thresholds.part_scales, thresholds.part_levels)
 
 
-def scaled_sum(parts: np.ndarray, part_scales: tuple[float, float]) -> np.ndarray:
-    """Rows of both parts to the "scaled-sum" statistic."""
-    return np.asarray((parts / np.asarray(part_scales)).sum(axis=1))
+def combined(
+    parts: np.ndarray,
+    part_scales: tuple[float, float] | None = None,
+    part_levels: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """Rows of both parts to a statistic: "sum", "scaled-sum" (scales), "tail-max" (and levels)."""
+    if part_scales is None:
+        return np.asarray(parts.sum(axis=1))
+    if part_levels is None:
+        return np.asarray((parts / np.asarray(part_scales)).sum(axis=1))
+    excess = (parts - np.asarray(part_levels)) / np.asarray(part_scales)
+    return np.asarray(excess.max(axis=1))
+
+
+def part_tails(parts: np.ndarray) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Each part's level (its upper 1% quantile) and tail scale (mean excess over the level).
+
+    A part that stays at its level without drift (one cell) still gets a
+    finite tail scale, MIN_TAIL_SCALE.
+    """
+    levels = np.quantile(parts, PART_LEVEL_QUANTILE, axis=0)
+    scales = []
+    for part, level in zip(parts.T, levels, strict=True):
+        beyond = part[part > level]
+        scales.append(max(float((beyond - level).mean()) if beyond.size else 0.0, MIN_TAIL_SCALE))
+    return (float(levels[0]), float(levels[1])), (scales[0], scales[1])
 
 
 Statistics = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -150,10 +177,10 @@ def calibrate(
 ) -> FeatureThresholds:
     """Thresholds for windows of `window_sizes` samples (per_sample_values[i]: sample i's values).
 
-    For the "scaled-sum" statistic, with the part scales measured on the same
-    draws, and a share of the rate for the test of values outside the
-    reference's range, which needs no calibration (`outside_chance` in
-    edgefleet.driftstats). The thresholds are measured at the largest of
+    For the "tail-max" statistic, with the parts' levels and tail scales
+    measured on the same draws, and a share of the rate for the test of values
+    outside the reference's range, which needs no calibration (`outside_chance`
+    in edgefleet.driftstats). The thresholds are measured at the largest of
     `false_alarms` (with DRAW_EXCEEDANCES draws beyond each, on average); the
     smaller rates, and those that many features judged at once need, come from
     the fitted tail.
@@ -168,15 +195,11 @@ def calibrate(
     draws = max(MIN_DRAWS, math.ceil(DRAW_EXCEEDANCES / false_alarm))
     cells = sample_cells(per_sample_values, edges)
     parts = null_statistics(cells, sorted(set(window_sizes)), draws, rng, both_parts)
-    every_draw = np.concatenate(list(parts.values()))
-    cumulative_scale, cell_scale = np.maximum(
-        np.quantile(every_draw, PART_SCALE_QUANTILE, axis=0), MIN_PART_SCALE
-    )
-    part_scales = (float(cumulative_scale), float(cell_scale))
+    part_levels, part_scales = part_tails(np.concatenate(list(parts.values())))
     by_window: dict[int, float] = {}
     tail: dict[int, float] = {}
     for window, null_parts in parts.items():
-        null = scaled_sum(null_parts, part_scales)
+        null = combined(null_parts, part_scales, part_levels)
         threshold = float(np.quantile(null, 1 - false_alarm))
         beyond = null[null > threshold]
         by_window[window] = threshold
@@ -186,7 +209,8 @@ def calibrate(
         by_window=by_window,
         tail=tail,
         values_per_sample=float(cells.sum()) / cells.shape[0],
-        statistic="scaled-sum",
+        statistic="tail-max",
         part_scales=part_scales,
+        part_levels=part_levels,
         outside_share=OUTSIDE_SHARE,
     )

@@ -15,11 +15,13 @@ Two files, and how they evolve (docs/adr/0008-drift-reference-evolution.md):
   file, never a third file. Thresholds name the statistic they were
   calibrated for (`FeatureThresholds.statistic`; absent in files written
   before it existed: "sum"), and every reader judges a feature with the
-  statistic its thresholds name. They are written under the key
-  `statistic_thresholds`, which readers that predate the name do not know:
-  they count such a feature without judging it, rather than compare another
-  statistic with its thresholds. The key `thresholds` (files written before)
-  is still read.
+  statistic its thresholds name; thresholds of a statistic the reader does
+  not know are left out, so the feature is counted without being judged. They
+  are written under the key THRESHOLDS_KEY, which readers that predate this
+  rule do not know: they too count such a feature without judging it, rather
+  than compare another statistic with its thresholds or refuse the file. The
+  keys of files written before (`statistic_thresholds`, `thresholds`) are
+  still read.
 
 Which features drift-features.json defines, per tensor (`plan_tensor`):
 
@@ -46,9 +48,9 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, get_args
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgefleet.drift import (
     QUANTILE_BINS,
@@ -57,7 +59,7 @@ from edgefleet.drift import (
     FeatureReference,
     feature_axis,
 )
-from edgefleet.driftstats import FeatureThresholds
+from edgefleet.driftstats import FeatureThresholds, StatisticName
 
 if TYPE_CHECKING:
     import numpy as np
@@ -68,7 +70,8 @@ MAX_CLASSES = 64  # top-1 class bins up to this many classes; beyond, the confid
 MAX_SUMMARY_VALUES = 256  # at most this many values of a sample give a feature's mean and spread
 FEATURES_FILE = "drift-features.json"
 FEATURES_SCHEMA_VERSION = 2
-THRESHOLDS_KEY = "statistic_thresholds"  # thresholds that name their statistic, as written
+THRESHOLDS_KEY = "drift_thresholds"  # thresholds of any statistic, as written (module text)
+EARLIER_THRESHOLDS_KEYS = ("statistic_thresholds", "thresholds")  # still read
 CLASS_SUMMARIES = ("top1", "confidence")  # one per sample, over the class axis
 SUMMARIES = ("value", "mean", "std", *CLASS_SUMMARIES)
 
@@ -83,6 +86,9 @@ class TensorLayout(BaseModel):
     rank: int = Field(ge=0)  # of one sample
     axis: int | None  # the feature (or class) axis of one sample; None: the sample as a whole
     width: int | None  # the size along `axis`
+
+
+_reported_statistics: set[object] = set()
 
 
 class LenientThresholds(FeatureThresholds):
@@ -103,12 +109,30 @@ class DriftFeature(FeatureReference):
     )
 
     summary: str  # one of SUMMARIES; others come from a newer converter and are left out
-    # None: too few reference samples to calibrate. Written under THRESHOLDS_KEY (module text).
+    # None: too few reference samples to calibrate, or a statistic this version does not know.
+    # Written under THRESHOLDS_KEY (module text).
     thresholds: LenientThresholds | None = Field(
         default=None,
-        validation_alias=AliasChoices(THRESHOLDS_KEY, "thresholds"),
+        validation_alias=AliasChoices(THRESHOLDS_KEY, *EARLIER_THRESHOLDS_KEYS),
         serialization_alias=THRESHOLDS_KEY,
     )
+
+    @field_validator("thresholds", mode="before")
+    @classmethod
+    def _known_statistic(cls, thresholds: object) -> object:
+        """Thresholds of a statistic this version does not know: left out, the feature counted."""
+        if isinstance(thresholds, dict):
+            statistic = thresholds.get("statistic", "sum")
+            if statistic not in get_args(StatisticName):
+                if statistic not in _reported_statistics:
+                    _reported_statistics.add(statistic)
+                    log.warning(
+                        "drift thresholds for the statistic %r, which this version does not "
+                        "know: its features are counted, not judged",
+                        statistic,
+                    )
+                return None
+        return thresholds
 
 
 class DriftFeatures(BaseModel):

@@ -33,13 +33,23 @@ plainest sign of drift, and folded into the outer bins they weigh no more than
 any value in those bins.
 
 Thresholds name the statistic they were calibrated for (`FeatureThresholds.
-statistic`), and a feature is judged with that one: "scaled-sum" (what the
-converter calibrates) divides each part by its own scale, the part's upper 1%
-quantile without drift measured at calibration (`part_scales`), and adds them;
-"sum" (thresholds that name none: bundles converted before) adds the parts as
-they are. PSI and the Jensen-Shannon distance, shown beside the verdict, use
-the same cells, with the values below and above the range in cells of their
-own, and a pseudo-count of one half in each.
+statistic`), and a feature is judged with that one:
+
+- "tail-max" (what the converter calibrates): each part's excess over its own
+  upper 1% level without drift (`part_levels`), in the scale of that part's
+  tail beyond it (`part_scales`, the mean excess), both measured at
+  calibration; the larger of the two. Each part counts by how unlikely it is
+  (an excess of s is a chance of about 1% times e^-s for that part), and the
+  least likely decides, so a change that only one part sees is not diluted by
+  the other part's noise;
+- "scaled-sum" (bundles converted before it) divides each part by its upper
+  1% level and adds them;
+- "sum" (thresholds that name none: bundles converted before those) adds the
+  parts as they are.
+
+PSI and the Jensen-Shannon distance, shown beside the verdict, use the same
+cells, with the values below and above the range in cells of their own, and a
+pseudo-count of one half in each.
 """
 
 from __future__ import annotations
@@ -61,7 +71,7 @@ OUTSIDE_SHARE = 0.1  # of a feature's false-alarm rate, for the test of values o
 OUTSIDE_KINDS = 3  # below the range, above it, NaN: the outside test takes the least likely
 
 Status = Literal["ok", "drift", "insufficient"]
-StatisticName = Literal["sum", "scaled-sum"]
+StatisticName = Literal["sum", "scaled-sum", "tail-max"]
 Transition = Literal["open", "still-open", "close", "quiet"]
 
 
@@ -78,11 +88,13 @@ class FeatureThresholds(BaseModel):
     for a per-sample feature, many for pooled pixels): it turns a window's
     counts into its sample count. `statistic` names the statistic they were
     calibrated for (absent: "sum"); "scaled-sum" needs `part_scales`, the
-    cumulative and the cell part's scales. `outside_share` (absent: no such
-    test) is the share of `false_alarm` that the test of values outside the
-    reference's range takes (`outside_chance`); the statistic is judged at the
-    rest. Readers that predate it ignore it and judge the statistic at the
-    whole rate, as its thresholds were calibrated.
+    cumulative and the cell part's scales; "tail-max" needs them (the parts'
+    tail scales) and `part_levels` (their 1% levels), and a tail scale at
+    every window, since its values and thresholds may be negative.
+    `outside_share` (absent: no such test) is the share of `false_alarm` that
+    the test of values outside the reference's range takes (`outside_chance`);
+    the statistic is judged at the rest. Readers that predate it ignore it and
+    judge the statistic at the whole rate, as its thresholds were calibrated.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -93,20 +105,31 @@ class FeatureThresholds(BaseModel):
     values_per_sample: float = Field(default=1.0, gt=0)
     statistic: StatisticName = "sum"
     part_scales: tuple[float, float] | None = None
+    part_levels: tuple[float, float] | None = None
     outside_share: float | None = Field(default=None, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _windows(self) -> FeatureThresholds:
-        if (self.statistic == "scaled-sum") != (self.part_scales is not None):
-            raise ValueError('part_scales are needed by the "scaled-sum" statistic, and only by it')
+        if (self.statistic == "sum") != (self.part_scales is None):
+            raise ValueError(
+                'part_scales are needed by the "scaled-sum" and "tail-max" statistics, and only '
+                "by them"
+            )
+        if (self.statistic == "tail-max") != (self.part_levels is not None):
+            raise ValueError('part_levels are needed by the "tail-max" statistic, and only by it')
         if self.part_scales is not None and min(self.part_scales) <= 0:
             raise ValueError("part scales must be positive")
         if any(samples < 1 for samples in self.by_window):
             raise ValueError("window sample counts must be at least 1")
         if not set(self.tail) <= set(self.by_window):
             raise ValueError("every tail scale needs a threshold at the same window")
-        if any(value < 0 for value in [*self.by_window.values(), *self.tail.values()]):
-            raise ValueError("thresholds and tail scales must not be negative")
+        if any(value < 0 for value in self.tail.values()):
+            raise ValueError("tail scales must not be negative")
+        if self.statistic == "tail-max":
+            if set(self.tail) != set(self.by_window):
+                raise ValueError('the "tail-max" statistic needs a tail scale at every window')
+        elif any(value < 0 for value in self.by_window.values()):
+            raise ValueError("thresholds must not be negative")
         return self
 
 
@@ -220,7 +243,12 @@ def statistic(
     if thresholds is None or thresholds.part_scales is None:
         return cumulative + cells
     cumulative_scale, cell_scale = thresholds.part_scales
-    return cumulative / cumulative_scale + cells / cell_scale
+    if thresholds.part_levels is None:
+        return cumulative / cumulative_scale + cells / cell_scale
+    cumulative_level, cell_level = thresholds.part_levels
+    return max(
+        (cumulative - cumulative_level) / cumulative_scale, (cells - cell_level) / cell_scale
+    )
 
 
 def statistic_parts(reference: Histogram, live: Histogram) -> tuple[float, float]:

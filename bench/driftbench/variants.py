@@ -9,7 +9,13 @@ import numpy as np
 from driftbench.data import FALSE_ALARM, Group
 from driftbench.scenarios import SCENARIOS, changed
 from driftbench.tally import percent
-from edgefleet.converter.driftcal import both_parts, null_statistics, sample_cells
+from edgefleet.converter.driftcal import (
+    both_parts,
+    combined,
+    null_statistics,
+    part_tails,
+    sample_cells,
+)
 from edgefleet.drift import Histogram, count_into
 from edgefleet.driftstats import PSEUDO_COUNT
 
@@ -23,12 +29,13 @@ def cells(histogram: Histogram) -> list[int]:
 
 
 VARIANTS = [
-    "the plain sum (before)",
+    "the plain sum",
     "its cumulative part",
     "its cell part",
     "the larger part, scaled",
-    "the statistic (the sum, scaled)",
-    "with a spread part, scaled",
+    "the sum, scaled (before)",
+    "the sum with a spread part, scaled",
+    "the statistic (the larger excess, in tail scales)",
     "JS distance, calibrated",
 ]
 
@@ -80,13 +87,25 @@ def compared_parts(reference: np.ndarray, live: np.ndarray) -> np.ndarray:
     )
 
 
-def every_variant(parts: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """Per row of `compared_parts`, each variant's value (`scales`: each one's null quantile)."""
+def every_variant(
+    parts: np.ndarray, scales: np.ndarray, tails: tuple[tuple[float, float], tuple[float, float]]
+) -> np.ndarray:
+    """Per row of `compared_parts`, each variant's value (`scales`: each one's null quantile;
+    `tails`: the two parts' levels and tail scales, `part_tails`)."""
     scaled = parts / np.maximum(scales, 1e-12)
     two, plain = scaled[:, :2], parts[:, :2]
     with_spread = scaled[:, :3].sum(axis=1)
+    tail_max = combined(plain, part_scales=tails[1], part_levels=tails[0])
     return np.stack(
-        [plain.sum(axis=1), *plain.T, two.max(axis=1), two.sum(axis=1), with_spread, parts[:, 3]],
+        [
+            plain.sum(axis=1),
+            *plain.T,
+            two.max(axis=1),
+            two.sum(axis=1),
+            with_spread,
+            tail_max,
+            parts[:, 3],
+        ],
         axis=1,
     )
 
@@ -95,14 +114,15 @@ def compare_statistics(
     groups: list[Group], args: argparse.Namespace, rng: np.random.Generator
 ) -> list[list[object]]:
     """Per scenario, the share of feature-windows each variant flags at its own 1% threshold."""
-    cuts, scales, totals = {}, {}, {}
+    cuts, scales, tails, totals = {}, {}, {}, {}
     for group in groups:
         for feature, (reference, _) in group.references.items():
             samples = [np.atleast_1d(row) for row in group.reference_values[feature]]
             per_sample = sample_cells(samples, reference.edges)
             null = null_statistics(per_sample, [args.window], COMPARE_DRAWS, rng, compared_parts)
             scales[feature] = np.quantile(null[args.window], 1 - FALSE_ALARM, axis=0)
-            variants = every_variant(null[args.window], scales[feature])
+            tails[feature] = part_tails(null[args.window][:, :2])
+            variants = every_variant(null[args.window], scales[feature], tails[feature])
             cuts[feature] = np.quantile(variants, 1 - FALSE_ALARM, axis=0)
             totals[feature] = per_sample.sum(axis=0)[None]
     table: list[list[object]] = [["scenario", "feature-windows", *(f"{v} %" for v in VARIANTS)]]
@@ -116,7 +136,7 @@ def compare_statistics(
                 for feature in judged:
                     live = count_into(values[feature], group.references[feature][0].edges)
                     parts = compared_parts(totals[feature], np.array([cells(live)]))
-                    found = every_variant(parts, scales[feature])[0]
+                    found = every_variant(parts, scales[feature], tails[feature])[0]
                     flagged += found > cuts[feature]
                     windows += 1
         table.append([scenario.name, windows, *(percent(int(f), windows) for f in flagged)])

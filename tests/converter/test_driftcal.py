@@ -77,8 +77,18 @@ def test_the_vectorised_statistic_is_the_core_statistic() -> None:
     scaled = FeatureThresholds(
         false_alarm=0.01, by_window={100: 1.0}, statistic="scaled-sum", part_scales=(30.0, 12.0)
     )
-    expected = statistic(count_into(reference, edges), count_into(window, edges), scaled)
-    assert statistics(cells[0][None], cells[1][None], (30.0, 12.0))[0] == pytest.approx(expected)
+    tail_max = FeatureThresholds(
+        false_alarm=0.01,
+        by_window={100: 1.0},
+        tail={100: 1.0},
+        statistic="tail-max",
+        part_scales=(3.0, 2.0),
+        part_levels=(30.0, 12.0),
+    )
+    for thresholds in (scaled, tail_max):
+        expected = statistic(count_into(reference, edges), count_into(window, edges), thresholds)
+        found = statistics(cells[0][None], cells[1][None], thresholds)[0]
+        assert found == pytest.approx(expected)
     folded = count_into(window, edges)
     assert cells[1].tolist() == [
         folded.counts[0] + folded.below,
@@ -104,9 +114,9 @@ def test_pooled_correlated_values_get_higher_thresholds_that_hold() -> None:
     pooled_cut = threshold_at(pooled, WINDOW)
     independent_cut = threshold_at(independent, WINDOW * 32)
     assert pooled_cut is not None and independent_cut is not None
-    assert pooled.part_scales is not None and independent.part_scales is not None
-    # the correlated values' parts reach far more without drift: each part's scale says so
-    assert all(p > 5 * i for p, i in zip(pooled.part_scales, independent.part_scales, strict=True))
+    assert pooled.part_levels is not None and independent.part_levels is not None
+    # the correlated values' parts reach far more without drift: each part's level says so
+    assert all(p > 5 * i for p, i in zip(pooled.part_levels, independent.part_levels, strict=True))
 
     reference_counts = count_into(reference, edges)
     calm = [count_into(images(rng, WINDOW), edges) for _ in range(1000)]
@@ -132,7 +142,8 @@ def test_thresholds_are_a_valid_reference_field() -> None:
     thresholds = calibrate(per_sample(reference), quantile_edges(reference), WINDOWS, [0.01], rng)
     assert FeatureThresholds.model_validate_json(thresholds.model_dump_json()) == thresholds
     assert sorted(thresholds.by_window) == WINDOWS and sorted(thresholds.tail) == WINDOWS
-    assert thresholds.statistic == "scaled-sum" and thresholds.part_scales is not None
+    assert thresholds.statistic == "tail-max"
+    assert thresholds.part_scales is not None and thresholds.part_levels is not None
 
 
 def test_a_few_percent_of_missing_values_is_found_even_among_many_features() -> None:

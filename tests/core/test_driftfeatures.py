@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pydantic import ConfigDict
+from pydantic import AliasChoices, ConfigDict, Field
 
 from edgefleet import driftfeatures
 from edgefleet.drift import (
@@ -215,6 +215,31 @@ def test_thresholds_written_before_they_named_a_statistic_are_read_as_the_plain_
     assert thresholds is not None and thresholds.statistic == "sum"
 
 
+def test_thresholds_of_a_statistic_this_version_does_not_know_leave_the_feature_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(driftfeatures, "_reported_statistics", set())
+    document = _features_document(np.arange(100.0))
+    inputs = document["inputs"]
+    assert isinstance(inputs, list)
+    known = inputs[0]
+    newer = {**known, "name": "x[1]", "index": 1}
+    del known["thresholds"], newer["thresholds"]
+    known["statistic_thresholds"] = {"false_alarm": 0.01, "by_window": {"50": 30.0}}
+    newer["drift_thresholds"] = {"false_alarm": 0.01, "by_window": {"50": 3.0}, "statistic": "new"}
+    document["inputs"] = [known, newer, {**newer, "name": "x[2]", "index": 2}]
+    (tmp_path / FEATURES_FILE).write_text(json.dumps(document))
+    with caplog.at_level(logging.WARNING, logger="edgefleet.driftfeatures"):
+        reference, notes = load_reference(tmp_path)
+    assert isinstance(reference, DriftFeatures) and notes == []
+    assert [f.name for f in reference.inputs] == ["x[0]", "x[1]", "x[2]"]  # all still counted
+    first, *newer_ones = reference.inputs
+    assert first.thresholds is not None and first.thresholds.by_window == {50: 30.0}
+    assert all(f.thresholds is None for f in newer_ones)  # not judged with another statistic
+    warnings = [r for r in caplog.records if "'new'" in r.getMessage()]
+    assert len(warnings) == 1  # logged once per statistic
+
+
 class ReaderBeforeNamedThresholds(FeatureReference):
     """DriftFeature as readers that predate the statistic's name read it."""
 
@@ -224,10 +249,15 @@ class ReaderBeforeNamedThresholds(FeatureReference):
     thresholds: LenientThresholds | None = None
 
 
-def test_thresholds_that_name_a_statistic_are_hidden_from_readers_that_predate_the_name() -> None:
+def test_thresholds_are_hidden_from_readers_that_predate_their_statistic() -> None:
     values = np.arange(100.0)
     named = LenientThresholds(
-        false_alarm=0.01, by_window={50: 2.0}, statistic="scaled-sum", part_scales=(9.0, 5.0)
+        false_alarm=0.01,
+        by_window={50: -0.5},
+        tail={50: 1.0},
+        statistic="tail-max",
+        part_scales=(3.0, 2.0),
+        part_levels=(9.0, 5.0),
     )
     feature = DriftFeature(
         name="x[0]",
@@ -241,3 +271,17 @@ def test_thresholds_that_name_a_statistic_are_hidden_from_readers_that_predate_t
     assert DriftFeature.model_validate_json(written).thresholds == named
     before = ReaderBeforeNamedThresholds.model_validate_json(written)
     assert before.histogram == feature.histogram and before.thresholds is None
+    before_any_statistic = ReaderBeforeAnyStatistic.model_validate_json(written)
+    assert before_any_statistic.histogram == feature.histogram
+    assert before_any_statistic.thresholds is None
+
+
+class ReaderBeforeAnyStatistic(FeatureReference):
+    """DriftFeature as readers that refuse a statistic they do not know read it."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    summary: str
+    thresholds: LenientThresholds | None = Field(
+        default=None, validation_alias=AliasChoices("statistic_thresholds", "thresholds")
+    )

@@ -116,6 +116,51 @@ def test_thresholds_are_judged_with_the_statistic_they_name() -> None:
     assert verdict.status == "ok"  # 23.7 against 30, where the plain sum (117) drifts
 
 
+def test_tail_max_judges_by_the_part_that_is_the_less_likely() -> None:
+    tail_max = THRESHOLDS.model_copy(
+        update={
+            "tail": {100: 1.0, 400: 1.0, 1600: 1.0},
+            "by_window": {100: 0.5, 400: 0.5, 1600: 0.5},
+            "statistic": "tail-max",
+            "part_scales": (4.0, 2.0),
+            "part_levels": (14.0, 8.0),
+        }
+    )
+    spread = live([150, 50, 50, 150])  # cumulative shares barely move; the cells do
+    cumulative, cells = statistic_parts(REFERENCE, spread)
+    verdict = judge_feature("x", REFERENCE, tail_max, spread)
+    assert verdict.statistic == pytest.approx(max((cumulative - 14) / 4, (cells - 8) / 2))
+    assert verdict.statistic == pytest.approx((cells - 8) / 2) and verdict.status == "drift"
+    calm = judge_feature("x", REFERENCE, tail_max, live([98, 102, 101, 99]))
+    assert calm.statistic < 0 and calm.status == "ok"  # both parts below their 1% levels
+
+
+def test_tail_max_needs_its_levels_and_a_tail_at_every_window() -> None:
+    with pytest.raises(ValueError, match="part_levels"):
+        FeatureThresholds(
+            false_alarm=0.01, by_window={100: 2.0}, statistic="tail-max", part_scales=(1.0, 1.0)
+        )
+    with pytest.raises(ValueError, match="part_levels"):
+        FeatureThresholds(
+            false_alarm=0.01,
+            by_window={100: 2.0},
+            statistic="scaled-sum",
+            part_scales=(1.0, 1.0),
+            part_levels=(1.0, 1.0),
+        )
+    with pytest.raises(ValueError, match="every window"):
+        FeatureThresholds(
+            false_alarm=0.01,
+            by_window={100: -0.2, 400: 0.1},
+            tail={100: 1.0},
+            statistic="tail-max",
+            part_scales=(1.0, 1.0),
+            part_levels=(1.0, 1.0),
+        )
+    with pytest.raises(ValueError, match="negative"):  # sums of squares: never below zero
+        FeatureThresholds(false_alarm=0.01, by_window={100: -0.2})
+
+
 def test_thresholds_that_name_no_statistic_are_judged_with_the_plain_sum() -> None:
     written_before = '{"false_alarm": 0.01, "by_window": {"100": 20.0, "400": 30.0}}'
     thresholds = FeatureThresholds.model_validate_json(written_before)
