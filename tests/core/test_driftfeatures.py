@@ -277,7 +277,7 @@ def test_thresholds_are_hidden_from_readers_that_predate_their_statistic() -> No
 
 
 class ReaderBeforeAnyStatistic(FeatureReference):
-    """DriftFeature as readers that refuse a statistic they do not know read it."""
+    """DriftFeature as readers before `drift_thresholds` read it: the earlier keys only."""
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
