@@ -94,9 +94,10 @@ def statistics(
     reference: np.ndarray, live: np.ndarray, thresholds: FeatureThresholds | None = None
 ) -> np.ndarray:
     """edgefleet.driftstats.statistic for rows of cell counts: the one `thresholds` name."""
+    parts = both_parts(reference, live)
     if thresholds is None:
-        return combined(both_parts(reference, live))
-    return combined(both_parts(reference, live), thresholds.part_scales, thresholds.part_levels)
+        return combined(parts)
+    return combined(parts, thresholds.part_scales, thresholds.part_levels)
 
 
 def combined(
@@ -119,12 +120,20 @@ def part_tails(parts: np.ndarray) -> tuple[tuple[float, float], tuple[float, flo
     A part that stays at its level without drift (one cell) still gets a
     finite tail scale, MIN_TAIL_SCALE.
     """
-    levels = np.quantile(parts, PART_LEVEL_QUANTILE, axis=0)
-    scales = []
-    for part, level in zip(parts.T, levels, strict=True):
-        beyond = part[part > level]
-        scales.append(max(float((beyond - level).mean()) if beyond.size else 0.0, MIN_TAIL_SCALE))
-    return (float(levels[0]), float(levels[1])), (scales[0], scales[1])
+    (cumulative_level, cumulative_scale), (cell_level, cell_scale) = (
+        upper_tail(part, PART_LEVEL_QUANTILE) for part in parts.T
+    )
+    return (cumulative_level, cell_level), (
+        max(cumulative_scale, MIN_TAIL_SCALE),
+        max(cell_scale, MIN_TAIL_SCALE),
+    )
+
+
+def upper_tail(values: np.ndarray, quantile: float) -> tuple[float, float]:
+    """The `quantile` of `values`, and the mean excess over it of those beyond (0 if none are)."""
+    level = float(np.quantile(values, quantile))
+    beyond = values[values > level]
+    return level, float((beyond - level).mean()) if beyond.size else 0.0
 
 
 Statistics = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -200,10 +209,7 @@ def calibrate(
     tail: dict[int, float] = {}
     for window, null_parts in parts.items():
         null = combined(null_parts, part_scales, part_levels)
-        threshold = float(np.quantile(null, 1 - false_alarm))
-        beyond = null[null > threshold]
-        by_window[window] = threshold
-        tail[window] = float((beyond - threshold).mean()) if beyond.size else 0.0
+        by_window[window], tail[window] = upper_tail(null, 1 - false_alarm)
     return FeatureThresholds(
         false_alarm=false_alarm,
         by_window=by_window,
