@@ -88,9 +88,6 @@ class TensorLayout(BaseModel):
     width: int | None  # the size along `axis`
 
 
-_reported_statistics: set[object] = set()
-
-
 class LenientThresholds(FeatureThresholds):
     """FeatureThresholds as a reference file carries them: fields of a newer converter ignored."""
 
@@ -159,6 +156,7 @@ class DriftFeatures(BaseModel):
 
 AnyReference = DriftReference | DriftFeatures
 _reported_versions: set[int] = set()
+_reported_statistics: set[object] = set()  # statistic names this version does not know
 
 
 def load_reference(directory: Path) -> tuple[AnyReference | None, list[str]]:
