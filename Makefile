@@ -66,6 +66,7 @@ bench: $(TEST_VENV)/.installed
 	PYTHONPATH=. $(TEST_VENV)/bin/python bench/server_devices_list.py
 	PYTHONPATH=. $(TEST_VENV)/bin/python bench/web_pages.py
 	$(TEST_VENV)/bin/python bench/drift.py
+	$(TEST_VENV)/bin/python bench/drift_reference_size.py
 
 # `python -m build`: the sdist, then the wheel built from it (so the sdist is complete).
 dist: $(DIST_VENV)/.installed

@@ -66,6 +66,9 @@ FALSE_ALARM = 0.01
 CALIBRATION_SEED = 0  # the same data gives the same thresholds
 # Below it a report notes that one reference can keep raising drift alarms (docs/drift.md).
 MIN_REFERENCE_SAMPLES = 200
+# Below it a report notes that a change of spread is found less readily
+# (bench/drift_reference_size.py, docs/drift.md).
+SPREAD_REFERENCE_SAMPLES = 500
 # Operators that only move values, between a quantized tensor and an output: the
 # output's values are then those of the quantized tensor, step for step.
 ONNX_LAYOUT_OPS = frozenset({"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"})
@@ -122,15 +125,28 @@ def _features(
 
 
 def small_reference_note(samples: int) -> str | None:
-    """A note for the report when the drift reference has fewer than MIN_REFERENCE_SAMPLES."""
-    if samples >= MIN_REFERENCE_SAMPLES:
+    """A note for the report when the drift reference has fewer than SPREAD_REFERENCE_SAMPLES.
+
+    Below MIN_REFERENCE_SAMPLES it also warns of false alarms.
+    """
+    if samples >= SPREAD_REFERENCE_SAMPLES:
         return None
+    spread = (
+        f"drift checks find a change of spread less readily than with "
+        f"{SPREAD_REFERENCE_SAMPLES} samples or more"
+    )
+    if samples >= MIN_REFERENCE_SAMPLES:
+        return (
+            f"drift reference from {samples} samples (calibration and validation together): "
+            f"{spread}. Give at least {SPREAD_REFERENCE_SAMPLES} samples for them"
+        )
     return (
         f"drift reference from {samples} samples (calibration and validation together): a "
         f"window of more samples than that is judged mostly against the reference's own "
         f"chance difference from the data it was drawn from; the thresholds allow for it on "
         f"average, but one reference so small can keep raising drift alarms where nothing "
-        f"changed. Give at least {MIN_REFERENCE_SAMPLES} samples"
+        f"changed, and {spread}. Give at least {MIN_REFERENCE_SAMPLES} samples "
+        f"({SPREAD_REFERENCE_SAMPLES} for a change of spread)"
     )
 
 

@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from edgefleet.converter import ConvertOptions, convert
-from edgefleet.converter.reference import FALSE_ALARM, MIN_REFERENCE_SAMPLES, WINDOW_SIZES
+from edgefleet.converter.reference import (
+    FALSE_ALARM,
+    MIN_REFERENCE_SAMPLES,
+    SPREAD_REFERENCE_SAMPLES,
+    WINDOW_SIZES,
+    small_reference_note,
+)
 from edgefleet.drift import REFERENCE_FILE, count_into
 from edgefleet.driftfeatures import FEATURES_FILE, DriftFeatures, sample_values
 from tests.converter.conftest import Case
@@ -142,5 +148,18 @@ def test_a_reference_too_small_for_drift_checks_is_noted_in_the_report(
     [note] = [n for n in json.loads((small / "report.json").read_text())["notes"] if "drift" in n]
     assert note.startswith("drift reference from 133 samples")
     assert f"at least {MIN_REFERENCE_SAMPLES} samples" in note
+    assert "change of spread" in note
     large = json.loads((cnn_out / "report.json").read_text())  # digits: 180 + 360 samples
     assert not any(n.startswith("drift reference from") for n in large["notes"])
+
+
+def test_a_reference_too_small_for_changes_of_spread_is_noted_without_the_false_alarm_warning() -> (
+    None
+):
+    note = small_reference_note(SPREAD_REFERENCE_SAMPLES - 1)
+    assert note is not None
+    assert note.startswith(f"drift reference from {SPREAD_REFERENCE_SAMPLES - 1} samples")
+    assert "change of spread" in note and "false" not in note and "alarms" not in note
+    assert f"at least {SPREAD_REFERENCE_SAMPLES} samples" in note
+    assert "alarms" in (small_reference_note(MIN_REFERENCE_SAMPLES - 1) or "")
+    assert small_reference_note(SPREAD_REFERENCE_SAMPLES) is None
