@@ -97,7 +97,7 @@ from driftbench.calm import (
 )
 from driftbench.cutoffs import RESOLVED, matched, per_feature, print_shortfall
 from driftbench.data import STATSMODELS_SETS, digit_images, patches, scikit_learn, survey
-from driftbench.runs import HEADER, row, run_group, totals_at
+from driftbench.runs import HEADER, row, run_group, run_options, totals_at
 from driftbench.scenarios import SCENARIOS
 from driftbench.tally import Tally, percent
 from driftbench.variants import COMPARE_WINDOWS, compare_statistics
@@ -122,11 +122,7 @@ def window_sizes(text: str) -> list[int]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--window", type=int, default=500, help="samples per window")
-    parser.add_argument("--sequences", type=int, default=10, help="runs per scenario, x3 unshifted")
-    parser.add_argument("--windows", type=int, default=4, help="windows per run")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = run_options(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument(
         "--window-sizes",
         type=window_sizes,

@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 from driftbench.data import Group, patches, scikit_learn, survey, with_references
-from driftbench.runs import run_group
+from driftbench.runs import run_group, run_options
 from driftbench.scenarios import SCENARIOS
 from driftbench.tally import Tally, percent
 
@@ -51,11 +51,7 @@ def with_reference_of(group: Group, rows: int, rng: np.random.Generator) -> Grou
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--window", type=int, default=500, help="samples per window")
-    parser.add_argument("--sequences", type=int, default=10, help="runs per scenario, x3 unshifted")
-    parser.add_argument("--windows", type=int, default=4, help="windows per run")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = run_options(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
     started = time.monotonic()

@@ -33,6 +33,15 @@ def cells_apart(histogram: Histogram) -> list[int]:
     return [histogram.below, *histogram.counts, histogram.above, histogram.nan]
 
 
+def run_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`parser` with the options of the scenario runs: window size, runs, windows a run, seed."""
+    parser.add_argument("--window", type=int, default=500, help="samples per window")
+    parser.add_argument("--sequences", type=int, default=10, help="runs per scenario, x3 unshifted")
+    parser.add_argument("--windows", type=int, default=4, help="windows per run")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
 def run_group(
     scenario: Scenario, group: Group, args: argparse.Namespace, rng: np.random.Generator
 ) -> Tally:
