@@ -9,7 +9,7 @@ import numpy as np
 from scipy.stats import beta
 
 from driftbench.data import Group, References, calibrated, feature_kind, population_rows
-from driftbench.tally import Tally, percent, score
+from driftbench.tally import Tally, percent, score, window_scores
 from edgefleet.drift import count_into
 from edgefleet.driftstats import Persistence, judge_window
 from edgefleet.tables import format_columns
@@ -105,7 +105,9 @@ def calm_windows(
             feature: count_into(values[feature][start : start + size], histogram.edges)
             for feature, (histogram, _) in reference.items()
         }
-        for verdict in judge_window(reference, live).features:
+        window = judge_window(reference, live)
+        ours = window_scores(reference, window)
+        for verdict in window.features:
             if verdict.status == "insufficient":
                 continue
             drifted = verdict.status == "drift"
@@ -114,7 +116,7 @@ def calm_windows(
             calm.windows += 1
             calm.drifted += drifted
             calm.open += transition in ("open", "still-open")
-            score(scored, reference[verdict.feature][1], verdict)
+            score(scored, reference[verdict.feature][1], verdict, ours[verdict.feature])
             scored.where.append(f"{group.name}: {feature_kind(group, verdict.feature)}")
     return by_kind
 

@@ -28,16 +28,17 @@ def above(scores: list[float], cut: float) -> int:
 
 
 def matched(
-    totals: dict[str, Tally], calm: Tally
+    totals: dict[str, Tally], calm: Tally, ours: str = "ours"
 ) -> tuple[list[list[object]], dict[str, list[str]]]:
     """The goal's test against each fixed cut-off, per shift scenario, both ways.
 
     The calm side is `calm`: the windows drawn from the populations, judged by
     ours and the cut-offs alike (independent trials given their reference, not
     the overlapping no-shift windows of the scenario runs). At the cut-off's
-    detection: our cut (the rate moved along the fitted tail, no sharing among
-    features) moved until we detect as many of the scenario's feature-windows
-    as the cut-off does; are our calm feature-windows flagged as rarely as the
+    detection: our cut (our verdict's rate moved, `window_scores`; with `ours`
+    "alone", each feature's rate moved as if it were judged alone, `surprise`)
+    moved until we detect as many of the scenario's feature-windows as the
+    cut-off does; are our calm feature-windows flagged as rarely as the
     cut-off's? At the cut-off's false-alarm rate: our cut moved until we flag
     as many calm feature-windows; do we detect as much? Also shown: the
     cut-off moved to our verdict's calm rate. Returns the table and, per fixed
@@ -53,7 +54,7 @@ def matched(
             f"{score_name} at our calm rate %",
         ]
         cuts[method] = (
-            cut_for(calm.scores["ours"], calm.flagged[method]),
+            cut_for(calm.scores[ours], calm.flagged[method]),
             cut_for(calm.scores[score_name], calm.flagged["ours"]),
         )
     weaker: dict[str, list[str]] = {method: [] for method in FIXED_CUTOFFS}
@@ -62,9 +63,9 @@ def matched(
         line: list[object] = [name, percent(tally.flagged["ours"], tally.windows, 2)]
         for method, (score_name, _) in FIXED_CUTOFFS.items():
             ours_cut, their_cut = cuts[method]
-            ours_there = above(tally.scores["ours"], ours_cut)
+            ours_there = above(tally.scores[ours], ours_cut)
             calm_at_detection = above(
-                calm.scores["ours"], cut_detecting(tally.scores["ours"], tally.flagged[method])
+                calm.scores[ours], cut_detecting(tally.scores[ours], tally.flagged[method])
             )
             line += [
                 percent(tally.flagged[method], tally.windows, 2),
@@ -77,6 +78,16 @@ def matched(
                 weaker[method].append(name)
         table.append(line)
     return table, weaker
+
+
+def print_disagreements(tallies: list[Tally]) -> None:
+    """Say whether our score (`window_scores`) flags, at our rate, exactly what our verdict does."""
+    windows = sum(tally.windows for tally in tallies)
+    disagree = sum(tally.score_disagrees for tally in tallies)
+    print(
+        f"Our score above 0 is our verdict in {windows - disagree} of these {windows} "
+        f"feature-windows{'' if disagree else ' (all)'}."
+    )
 
 
 def print_shortfall(totals: dict[str, Tally], calm: Tally, weaker: dict[str, list[str]]) -> None:

@@ -12,7 +12,7 @@ from scipy.stats import chi2_contingency, ks_2samp
 
 from driftbench.data import Group, feature_kind
 from driftbench.scenarios import SCENARIOS, Scenario, changed
-from driftbench.tally import METHODS, Tally, percent, score
+from driftbench.tally import METHODS, Tally, percent, score, window_scores
 from edgefleet.drift import Histogram, count_into
 from edgefleet.driftstats import Persistence, judge_window
 
@@ -58,7 +58,9 @@ def run_group(
                 feature: count_into(values[feature], reference.edges)
                 for feature, (reference, _) in group.references.items()
             }
-            for verdict in judge_window(group.references, live).features:
+            window = judge_window(group.references, live)
+            ours = window_scores(group.references, window)
+            for verdict in window.features:
                 feature = verdict.feature
                 if feature not in persistence:
                     continue
@@ -76,7 +78,7 @@ def run_group(
                 )
                 for method, flagged in found.items():
                     tally.flagged[method] += flagged
-                score(tally, thresholds, verdict)
+                score(tally, thresholds, verdict, ours[feature])
                 tally.where.append(f"{group.name}: {feature_kind(group, feature)}")
         tally.runs += len(judged)
         tally.opened_by_two += sum(1 for delay in opened_at.values() if delay <= 2)

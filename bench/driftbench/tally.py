@@ -3,11 +3,13 @@ them."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgefleet.driftstats import FeatureThresholds, FeatureVerdict, threshold_at
+from edgefleet.drift import Histogram
+from edgefleet.driftstats import FeatureThresholds, FeatureVerdict, WindowVerdict, threshold_at
 
 METHODS = ["ours", "KS p<.05", "chi2 p<.05", "PSI>0.2", "JS>0.1"]
 
@@ -25,12 +27,14 @@ class Tally:
     runs: int = 0
     opened_by_two: int = 0
     delays: list[int] = field(default_factory=list)
-    # Per feature-window, what each method flags above a cut: ours (`surprise`), PSI, JS.
+    # Per feature-window, what each method flags above a cut: ours (`window_scores`), ours with
+    # the feature judged alone (`surprise`), PSI, JS.
     scores: dict[str, list[float]] = field(
-        default_factory=lambda: {"ours": [], "PSI": [], "JS": []}
+        default_factory=lambda: {"ours": [], "alone": [], "PSI": [], "JS": []}
     )
     where: list[str] = field(default_factory=list)  # per feature-window: data set and kind
     features: list[str] = field(default_factory=list)  # per feature-window: the feature
+    score_disagrees: int = 0  # feature-windows where our score above 0 is not our verdict
 
     def merged(self, other: Tally) -> Tally:
         return Tally(
@@ -43,14 +47,17 @@ class Tally:
             scores={k: self.scores[k] + other.scores[k] for k in self.scores},
             where=self.where + other.where,
             features=self.features + other.features,
+            score_disagrees=self.score_disagrees + other.score_disagrees,
         )
 
 
 def surprise(thresholds: FeatureThresholds | None, verdict: FeatureVerdict) -> float:
-    """How far a feature-window lies beyond what the feature's verdict flags, in tail scales.
+    """How far a feature-window lies beyond what the feature's verdict flags, in tail scales,
+    judged alone (the rate not shared with other features: `window_scores` shares it).
 
-    Our verdict with its false-alarm rate moved from the calibrated a to a * exp(-x)
-    flags exactly the windows whose surprise exceeds x: the statistic along the
+    Our verdict on the feature alone, with its false-alarm rate moved from the
+    calibrated a to a * exp(-x), flags exactly the windows whose surprise
+    exceeds x: the statistic along the
     fitted tail, at the rate left by the outside test's share, or the outside
     test's chance within its share.
     """
@@ -71,12 +78,46 @@ def surprise(thresholds: FeatureThresholds | None, verdict: FeatureVerdict) -> f
     return float(max(by_statistic, by_outside))
 
 
-def score(tally: Tally, thresholds: FeatureThresholds | None, verdict: FeatureVerdict) -> None:
-    """Count one feature-window: our verdict, the fixed cut-offs' and the scores behind them."""
+def window_scores(
+    references: Mapping[str, tuple[Histogram, FeatureThresholds | None]], window: WindowVerdict
+) -> dict[str, float]:
+    """Per feature of one window, how far beyond what our verdict flags it lies, in tail scales.
+
+    Our verdict with its false-alarm rate moved from the calibrated a to
+    a * exp(-x) flags exactly the features whose score exceeds x. The verdict
+    shares the rate among the features judged in the window by Holm's method
+    (`judge_window`): the most surprising of m is judged at a / m, the next at
+    a / (m - 1) once the first drifts, and so on. So a feature's score is the
+    smallest, over itself and the features more surprising than it, of
+    surprise less ln(features left to judge): the ROC of the verdict itself,
+    through its operating point. Features not judged (too few samples) score
+    minus infinity.
+    """
+    judged = {
+        verdict.feature: surprise(references[verdict.feature][1], verdict)
+        for verdict in window.features
+        if verdict.status != "insufficient"
+    }
+    scores = {verdict.feature: -np.inf for verdict in window.features}
+    lowest = np.inf
+    ordered = sorted(judged, key=judged.__getitem__, reverse=True)
+    for place, feature in enumerate(ordered):
+        lowest = min(lowest, judged[feature] - np.log(len(ordered) - place))
+        scores[feature] = float(lowest)
+    return scores
+
+
+def score(
+    tally: Tally, thresholds: FeatureThresholds | None, verdict: FeatureVerdict, ours: float
+) -> None:
+    """Count one feature-window: our verdict, the fixed cut-offs' and the scores behind them
+    (`ours`: from `window_scores`)."""
     tally.windows += 1
     tally.features.append(verdict.feature)
     tally.flagged["ours"] += verdict.status == "drift"
-    tally.scores["ours"].append(surprise(thresholds, verdict))
+    tally.scores["ours"].append(ours)
+    tally.scores["alone"].append(surprise(thresholds, verdict))
+    tally.score_disagrees += (ours > 0) != (verdict.status == "drift")
     for method, (name, limit) in FIXED_CUTOFFS.items():
         value = verdict.psi if name == "PSI" else verdict.js
         tally.flagged[method] += value > limit
