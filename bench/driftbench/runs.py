@@ -50,10 +50,11 @@ def run_group(
     judged = [f for f in group.references if changed(scenario.name, f, unshifted[f])]
     runs = args.sequences * (3 if scenario.name == "no shift" else 1)
     for _ in range(runs):
-        persistence = {feature: Persistence() for feature in judged}
+        run = scenario.for_run(group, judged, rng)
+        persistence = {feature: Persistence() for feature in run.judged}
         opened_at: dict[str, int] = {}
         for index in range(1, args.windows + 1):
-            values = group.extract(scenario.shift(group, args.window, rng))
+            values = group.extract(run.shift(group, args.window, rng))
             live = {
                 feature: count_into(values[feature], reference.edges)
                 for feature, (reference, _) in group.references.items()
@@ -80,7 +81,7 @@ def run_group(
                     tally.flagged[method] += flagged
                 score(tally, thresholds, verdict, ours[feature])
                 tally.where.append(f"{group.name}: {feature_kind(group, feature)}")
-        tally.runs += len(judged)
+        tally.runs += len(run.judged)
         tally.opened_by_two += sum(1 for delay in opened_at.values() if delay <= 2)
         tally.delays += list(opened_at.values())
     return tally

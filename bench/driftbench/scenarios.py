@@ -42,6 +42,17 @@ def scale(factor: float) -> Shift:
     return draw
 
 
+def one_column_shift(column: int, sigmas: float) -> Shift:
+    """A mean shift of `sigmas` of one input column (its held-out spread); the rest unchanged."""
+
+    def draw(group: Group, size: int, rng: np.random.Generator) -> np.ndarray:
+        rows = window_rows(group, size, rng).copy()
+        rows[:, column] += sigmas * group.held_out[:, column].std()
+        return rows
+
+    return draw
+
+
 def reweighted(group: Group, size: int, rng: np.random.Generator) -> np.ndarray:
     """Class 0 three times as frequent as in the held-out rows.
 
@@ -82,9 +93,33 @@ def noise(group: Group, size: int, rng: np.random.Generator) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Scenario:
+    """A shift of every window of a run, or (`one_input`, in sigmas) a mean shift of one input
+    drawn at random for each run (`for_run`), where `shift` is unused."""
+
     name: str
     shift: Shift
     applies: Callable[[Group], bool]
+    one_input: float | None = None
+
+    def for_run(self, group: Group, judged: list[str], rng: np.random.Generator) -> Run:
+        """The shift of one run's windows and the features it judges (of `judged`).
+
+        A one-input scenario shifts one of the judged tabular inputs, drawn at
+        random, and judges it alone: the other features are judged in the
+        window as always, and count in the rate the verdict shares among them.
+        """
+        if self.one_input is None:
+            return Run(self.shift, judged)
+        inputs = [feature for feature in judged if feature.startswith(f"{group.name}[")]
+        feature = inputs[int(rng.integers(len(inputs)))]
+        column = int(feature[len(group.name) + 1 : -1])
+        return Run(one_column_shift(column, self.one_input), [feature])
+
+
+@dataclass(frozen=True)
+class Run:
+    shift: Shift
+    judged: list[str]
 
 
 def everywhere(group: Group) -> bool:
@@ -100,6 +135,7 @@ SCENARIOS = [
     *[Scenario(f"mean +{s} sigma", mean_shift(s), everywhere) for s in (0.1, 0.2, 0.3, 0.5)],
     *[Scenario(f"scale x{f}", scale(f), everywhere) for f in (1.1, 1.25, 1.5)],
     Scenario("class 0 x3", reweighted, lambda group: group.labels is not None),
+    Scenario("one input +0.3 sigma", window_rows, tabular_only, one_input=0.3),
     Scenario("stuck sensor", stuck, tabular_only),
     Scenario("5% missing", missing, tabular_only),
     Scenario("brightness +0.05", brightness, lambda group: group.kind == "image"),

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from edgefleet.drift import Histogram
-from edgefleet.driftstats import Persistence, js_distance
+from edgefleet.drift import Histogram, count_into
+from edgefleet.driftstats import Persistence, js_distance, judge_window
 
 BENCH = Path(__file__).parents[2] / "bench"
 PARTS = ("data", "scenarios", "tally", "runs", "cutoffs", "variants", "calm")
@@ -272,3 +272,57 @@ def test_large_data_sets_keep_most_rows_held_out(bench: Any) -> None:
     assert (len(fit), len(reference), len(held_out)) == (2000, 2000, 16190)
     fit, reference, held_out = bench.split(1797, np.random.default_rng(0))
     assert (len(fit), len(reference), len(held_out)) == (359, 719, 719)  # as 20/40/40%
+
+
+def shared_group(bench: Any) -> Any:
+    """Three independent inputs: rows 0-299 fit, 300-799 the reference, 800-1299 held out."""
+    rows = np.random.default_rng(3).normal(size=(1300, 3))
+
+    def extract(batch: np.ndarray) -> dict[str, np.ndarray]:
+        return {f"shared[{column}]": batch[:, column] for column in range(3)}
+
+    group = bench.Group("shared", "tabular", rows[800:], None, extract, rows[300:])
+    return bench.with_references(group, rows[300:800], np.random.default_rng(4))
+
+
+def test_our_score_above_zero_is_the_verdict_with_the_rate_shared_by_holm(bench: Any) -> None:
+    group = shared_group(bench)
+    rng = np.random.default_rng(5)
+    drifted = 0
+    for shift in np.linspace(0.0, 0.4, 40):
+        window = group.held_out[rng.choice(500, 200, replace=False)] + [shift, shift / 2, 0.0]
+        values = group.extract(window)
+        live = {name: count_into(values[name], group.references[name][0].edges) for name in values}
+        verdict = judge_window(group.references, live)
+        scores = bench.window_scores(group.references, verdict)
+        alone = {
+            feature.feature: bench.surprise(group.references[feature.feature][1], feature)
+            for feature in verdict.features
+        }
+        for feature in verdict.features:
+            assert (scores[feature.feature] > 0) == (feature.status == "drift")
+            drifted += feature.status == "drift"
+        # The most surprising of the 3 is judged at a third of the rate: ln 3 further out.
+        first = max(alone, key=alone.__getitem__)
+        assert scores[first] == pytest.approx(alone[first] - np.log(3))
+        assert all(scores[name] <= alone[name] for name in alone)  # sharing never flags more
+    assert 0 < drifted < 3 * 40
+
+
+def test_a_one_input_run_shifts_one_input_and_judges_it_alone(bench: Any) -> None:
+    group = shared_group(bench)
+    (scenario,) = [s for s in bench.SCENARIOS if s.one_input is not None]
+    judged = list(group.references)
+    chosen = set()
+    for seed in range(20):
+        run = scenario.for_run(group, judged, np.random.default_rng(seed))
+        (feature,) = run.judged
+        column = judged.index(feature)
+        rows = run.shift(group, 500, np.random.default_rng(seed))
+        unshifted = bench.window_rows(group, 500, np.random.default_rng(seed))
+        moved = (rows - unshifted).mean(axis=0)
+        spread = group.held_out[:, column].std()
+        assert moved[column] == pytest.approx(scenario.one_input * spread)
+        assert np.all(np.delete(moved, column) == 0)
+        chosen.add(feature)
+    assert chosen == set(judged)  # each input is drawn in some run
