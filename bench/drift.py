@@ -107,7 +107,7 @@ from driftbench.cutoffs import (
     print_shortfall,
 )
 from driftbench.data import STATSMODELS_SETS, digit_images, patches, scikit_learn, survey
-from driftbench.runs import HEADER, row, run_group, run_options, totals_at
+from driftbench.runs import HEADER, Draws, row, run_group, run_options, totals_at
 from driftbench.scenarios import SCENARIOS
 from driftbench.tally import Tally, percent
 from driftbench.variants import COMPARE_WINDOWS, compare_statistics
@@ -166,9 +166,10 @@ def main() -> int:
         f"{args.sequences} runs of {args.windows} windows per scenario and data set "
         f"({3 * args.sequences} without shift)."
     )
+    draws = Draws.seeded(rng, args.seed)
     results = {
         scenario.name: {
-            group.name: run_group(scenario, group, args, rng)
+            group.name: run_group(scenario, group, args, draws.of(scenario))
             for group in groups
             if scenario.applies(group)
         }
@@ -216,7 +217,7 @@ def main() -> int:
 
     by_size = {args.window: totals}
     for size in (size for size in args.window_sizes if size != args.window):
-        by_size[size] = totals_at(size, chosen, args, rng)
+        by_size[size] = totals_at(size, chosen, args, draws)
 
     calm = totals["no shift"]
     calm_sizes = sorted({*CALM_SIZES, args.window, *args.window_sizes})

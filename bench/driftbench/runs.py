@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import statistics as stats
+from dataclasses import dataclass
 from functools import reduce
 
 import numpy as np
@@ -101,15 +102,35 @@ def row(name: str, tally: Tally) -> list[object]:
 HEADER = ["", "feature-windows", *[f"{m} %" for m in METHODS], "open %", "by 2 %", "delay"]
 
 
+@dataclass(frozen=True)
+class Draws:
+    """The scenario runs' random draws: one stream for the scenarios, and one of its own for
+    the one-input scenario, so that its draws leave every other scenario's as they were."""
+
+    shared: np.random.Generator
+    one_input: np.random.Generator
+
+    @classmethod
+    def seeded(cls, rng: np.random.Generator, seed: int) -> Draws:
+        return cls(rng, np.random.default_rng([seed, 1]))
+
+    def of(self, scenario: Scenario) -> np.random.Generator:
+        return self.shared if scenario.one_input is None else self.one_input
+
+
 def totals_at(
-    size: int, groups: list[Group], args: argparse.Namespace, rng: np.random.Generator
+    size: int, groups: list[Group], args: argparse.Namespace, draws: Draws
 ) -> dict[str, Tally]:
     """Per scenario, the tallies of `groups` merged, at windows of `size` samples."""
     sized = argparse.Namespace(**{**vars(args), "window": size})
     return {
         scenario.name: reduce(
             Tally.merged,
-            [run_group(scenario, group, sized, rng) for group in groups if scenario.applies(group)],
+            [
+                run_group(scenario, group, sized, draws.of(scenario))
+                for group in groups
+                if scenario.applies(group)
+            ],
             Tally(),
         )
         for scenario in SCENARIOS
