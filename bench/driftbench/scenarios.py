@@ -46,7 +46,7 @@ def one_column_shift(column: int, sigmas: float) -> Shift:
     """A mean shift of `sigmas` of one input column (its held-out spread); the rest unchanged."""
 
     def draw(group: Group, size: int, rng: np.random.Generator) -> np.ndarray:
-        rows = window_rows(group, size, rng).copy()
+        rows = np.array(window_rows(group, size, rng), dtype=np.float64)
         rows[:, column] += sigmas * group.held_out[:, column].std()
         return rows
 
