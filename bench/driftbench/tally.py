@@ -57,9 +57,8 @@ def surprise(thresholds: FeatureThresholds | None, verdict: FeatureVerdict) -> f
 
     Our verdict on the feature alone, with its false-alarm rate moved from the
     calibrated a to a * exp(-x), flags exactly the windows whose surprise
-    exceeds x: the statistic along the
-    fitted tail, at the rate left by the outside test's share, or the outside
-    test's chance within its share.
+    exceeds x: the statistic along the fitted tail, at the rate left by the
+    outside test's share, or the outside test's chance within its share.
     """
     threshold = None if thresholds is None else threshold_at(thresholds, verdict.samples)
     if thresholds is None or threshold is None:
