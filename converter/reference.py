@@ -138,7 +138,7 @@ def small_reference_note(samples: int) -> str | None:
     if samples >= MIN_REFERENCE_SAMPLES:
         return (
             f"drift reference from {samples} samples (calibration and validation together): "
-            f"{spread}. Give at least {SPREAD_REFERENCE_SAMPLES} samples for them"
+            f"{spread}. Give at least {SPREAD_REFERENCE_SAMPLES} samples to find one as readily"
         )
     return (
         f"drift reference from {samples} samples (calibration and validation together): a "
