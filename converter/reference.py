@@ -131,18 +131,18 @@ def small_reference_note(samples: int) -> str | None:
     """
     if samples >= SPREAD_REFERENCE_SAMPLES:
         return None
+    head = f"drift reference from {samples} samples (calibration and validation together): "
     spread = (
         f"drift checks find a change of spread less readily than with "
         f"{SPREAD_REFERENCE_SAMPLES} samples or more"
     )
     if samples >= MIN_REFERENCE_SAMPLES:
         return (
-            f"drift reference from {samples} samples (calibration and validation together): "
-            f"{spread}. Give at least {SPREAD_REFERENCE_SAMPLES} samples to find one as readily"
+            f"{head}{spread}. Give at least {SPREAD_REFERENCE_SAMPLES} samples to find one as "
+            f"readily"
         )
     return (
-        f"drift reference from {samples} samples (calibration and validation together): a "
-        f"window of more samples than that is judged mostly against the reference's own "
+        f"{head}a window of more samples than that is judged mostly against the reference's own "
         f"chance difference from the data it was drawn from; the thresholds allow for it on "
         f"average, but one reference so small can keep raising drift alarms where nothing "
         f"changed, and {spread}. Give at least {MIN_REFERENCE_SAMPLES} samples "

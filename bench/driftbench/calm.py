@@ -116,7 +116,7 @@ def calm_windows(
             calm.windows += 1
             calm.drifted += drifted
             calm.open += transition in ("open", "still-open")
-            score(scored, reference[verdict.feature][1], verdict, ours[verdict.feature])
+            score(scored, verdict, ours[verdict.feature])
             scored.where.append(f"{group.name}: {feature_kind(group, verdict.feature)}")
     return by_kind
 

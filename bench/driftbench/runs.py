@@ -71,7 +71,7 @@ def run_group(
                 if transition == "open":
                     opened_at.setdefault(feature, index)
                 tally.open_windows += transition in ("open", "still-open")
-                reference_counts, thresholds = group.references[feature]
+                reference_counts = group.references[feature][0]
                 found = raw_tests(
                     group.reference_values[feature].reshape(-1),
                     values[feature].reshape(-1),
@@ -80,7 +80,7 @@ def run_group(
                 )
                 for method, flagged in found.items():
                     tally.flagged[method] += flagged
-                score(tally, thresholds, verdict, ours[feature])
+                score(tally, verdict, ours[feature])
                 tally.where.append(f"{group.name}: {feature_kind(group, feature)}")
         tally.runs += len(run.judged)
         tally.opened_by_two += sum(1 for delay in opened_at.values() if delay <= 2)

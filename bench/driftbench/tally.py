@@ -77,46 +77,53 @@ def surprise(thresholds: FeatureThresholds | None, verdict: FeatureVerdict) -> f
     return float(max(by_statistic, by_outside))
 
 
+@dataclass(frozen=True)
+class Scores:
+    """One feature-window's place on our side: `shared` as the verdict judges it, `alone` with
+    the feature judged alone (`surprise`)."""
+
+    shared: float
+    alone: float
+
+
 def window_scores(
     references: Mapping[str, tuple[Histogram, FeatureThresholds | None]], window: WindowVerdict
-) -> dict[str, float]:
+) -> dict[str, Scores]:
     """Per feature of one window, how far beyond what our verdict flags it lies, in tail scales.
 
     Our verdict with its false-alarm rate moved from the calibrated a to
-    a * exp(-x) flags exactly the features whose score exceeds x. The verdict
-    shares the rate among the features judged in the window by Holm's method
-    (`judge_window`): the most surprising of m is judged at a / m, the next at
-    a / (m - 1) once the first drifts, and so on. So a feature's score is the
-    smallest, over itself and the features more surprising than it, of
-    surprise less ln(features left to judge): the ROC of the verdict itself,
-    through its operating point. Features not judged (too few samples) score
-    minus infinity.
+    a * exp(-x) flags exactly the features whose shared score exceeds x. The
+    verdict shares the rate among the features judged in the window by Holm's
+    method (`judge_window`): the most surprising of m is judged at a / m, the
+    next at a / (m - 1) once the first drifts, and so on. So a feature's
+    shared score is the smallest, over itself and the features more
+    surprising than it, of surprise less ln(features left to judge): the ROC
+    of the verdict itself, through its operating point. Features not judged
+    (too few samples) score minus infinity.
     """
-    judged = {
+    alone = {
         verdict.feature: surprise(references[verdict.feature][1], verdict)
         for verdict in window.features
-        if verdict.status != "insufficient"
     }
-    scores = {verdict.feature: -np.inf for verdict in window.features}
+    judged = [verdict.feature for verdict in window.features if verdict.status != "insufficient"]
+    shared = dict.fromkeys(alone, -np.inf)
     lowest = np.inf
-    ordered = sorted(judged, key=judged.__getitem__, reverse=True)
+    ordered = sorted(judged, key=alone.__getitem__, reverse=True)
     for place, feature in enumerate(ordered):
-        lowest = min(lowest, judged[feature] - np.log(len(ordered) - place))
-        scores[feature] = float(lowest)
-    return scores
+        lowest = min(lowest, alone[feature] - np.log(len(ordered) - place))
+        shared[feature] = float(lowest)
+    return {feature: Scores(shared[feature], alone[feature]) for feature in alone}
 
 
-def score(
-    tally: Tally, thresholds: FeatureThresholds | None, verdict: FeatureVerdict, ours: float
-) -> None:
+def score(tally: Tally, verdict: FeatureVerdict, ours: Scores) -> None:
     """Count one feature-window: our verdict, the fixed cut-offs' and the scores behind them
     (`ours`: from `window_scores`)."""
     tally.windows += 1
     tally.features.append(verdict.feature)
     tally.flagged["ours"] += verdict.status == "drift"
-    tally.scores["ours"].append(ours)
-    tally.scores["alone"].append(surprise(thresholds, verdict))
-    tally.score_disagrees += (ours > 0) != (verdict.status == "drift")
+    tally.scores["ours"].append(ours.shared)
+    tally.scores["alone"].append(ours.alone)
+    tally.score_disagrees += (ours.shared > 0) != (verdict.status == "drift")
     for method, (name, limit) in FIXED_CUTOFFS.items():
         value = verdict.psi if name == "PSI" else verdict.js
         tally.flagged[method] += value > limit

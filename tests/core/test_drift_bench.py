@@ -294,11 +294,13 @@ def test_our_score_above_zero_is_the_verdict_with_the_rate_shared_by_holm(bench:
         values = group.extract(window)
         live = {name: count_into(values[name], group.references[name][0].edges) for name in values}
         verdict = judge_window(group.references, live)
-        scores = bench.window_scores(group.references, verdict)
+        both = bench.window_scores(group.references, verdict)
+        scores = {name: score.shared for name, score in both.items()}
         alone = {
             feature.feature: bench.surprise(group.references[feature.feature][1], feature)
             for feature in verdict.features
         }
+        assert alone == {name: score.alone for name, score in both.items()}
         for feature in verdict.features:
             assert (scores[feature.feature] > 0) == (feature.status == "drift")
             drifted += feature.status == "drift"
