@@ -107,20 +107,20 @@ from driftbench.cutoffs import (
     print_shortfall,
 )
 from driftbench.data import STATSMODELS_SETS, digit_images, patches, scikit_learn, survey
-from driftbench.runs import HEADER, Draws, row, run_group, run_options, totals_at
+from driftbench.runs import (
+    HEADER,
+    Draws,
+    at_least_one,
+    row,
+    run_group,
+    run_options,
+    totals_at,
+)
 from driftbench.scenarios import SCENARIOS
 from driftbench.tally import Tally, percent
 from driftbench.variants import COMPARE_WINDOWS, compare_statistics
 
 from edgefleet.tables import format_columns
-
-
-def at_least_one(text: str) -> int:
-    """A count of at least 1."""
-    count = int(text)
-    if count < 1:
-        raise ValueError(text)
-    return count
 
 
 def window_sizes(text: str) -> list[int]:

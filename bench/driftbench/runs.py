@@ -34,11 +34,21 @@ def cells_apart(histogram: Histogram) -> list[int]:
     return [histogram.below, *histogram.counts, histogram.above, histogram.nan]
 
 
+def at_least_one(text: str) -> int:
+    """A count of at least 1."""
+    count = int(text)
+    if count < 1:
+        raise ValueError(text)
+    return count
+
+
 def run_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """`parser` with the options of the scenario runs: window size, runs, windows a run, seed."""
-    parser.add_argument("--window", type=int, default=500, help="samples per window")
-    parser.add_argument("--sequences", type=int, default=10, help="runs per scenario, x3 unshifted")
-    parser.add_argument("--windows", type=int, default=4, help="windows per run")
+    parser.add_argument("--window", type=at_least_one, default=500, help="samples per window")
+    parser.add_argument(
+        "--sequences", type=at_least_one, default=10, help="runs per scenario, x3 unshifted"
+    )
+    parser.add_argument("--windows", type=at_least_one, default=4, help="windows per run")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
