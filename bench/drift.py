@@ -98,6 +98,7 @@ from driftbench.calm import (
     Calm,
     calm_population,
     calm_table,
+    print_whole_windows,
 )
 from driftbench.cutoffs import (
     RESOLVED,
@@ -242,6 +243,7 @@ def main() -> int:
         size: reduce(Tally.merged, [drawn[group.name][1][size] for group in chosen], Tally())
         for size in calm_sizes
     }
+    print_whole_windows(groups, {name: by_size for name, (_, by_size) in drawn.items()})
     print(f"calm windows {time.monotonic() - calm_started:.0f} s")
 
     chosen_names = ", ".join(group.name for group in chosen)

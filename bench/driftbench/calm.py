@@ -9,7 +9,7 @@ import numpy as np
 from scipy.stats import beta
 
 from driftbench.data import Group, References, calibrated, feature_kind, population_rows
-from driftbench.tally import Tally, percent, score, window_scores
+from driftbench.tally import Tally, percent, score, score_whole, window_scores
 from edgefleet.drift import count_into
 from edgefleet.driftstats import Persistence, judge_window
 from edgefleet.tables import format_columns
@@ -94,7 +94,8 @@ def calm_windows(
 
     Each feature's windows pass through one `Persistence`, as a device's do.
     Each feature-window's verdict and scores (ours, PSI, JS) go into `scored`,
-    the calm side of the goal against the fixed cut-offs (`matched`).
+    the calm side of the goal against the fixed cut-offs (`matched`), and so
+    does each window as a whole (`score_whole`).
     """
     # Every window's rows at once: a row's feature values depend on that row alone.
     values = group.extract(population_rows(group, size * windows, rng))
@@ -107,9 +108,9 @@ def calm_windows(
         }
         window = judge_window(reference, live)
         ours = window_scores(reference, window)
-        for verdict in window.features:
-            if verdict.status == "insufficient":
-                continue
+        judged = [verdict for verdict in window.features if verdict.status != "insufficient"]
+        score_whole(scored, judged)
+        for verdict in judged:
             drifted = verdict.status == "drift"
             transition = persistence[verdict.feature].update(drifted)
             calm = by_kind.setdefault(feature_kind(group, verdict.feature), Calm())
@@ -198,6 +199,35 @@ def calm_table(
             )
     print(format_columns(per_set, rule=True))
     return totals
+
+
+def print_whole_windows(groups: list[Group], scored: dict[str, dict[int, Tally]]) -> None:
+    """Per data set and window size, the calm windows in which ours and each fixed cut-off flag
+    any feature (before persistence): what an operator sees, a device's window with an alarm.
+
+    `scored`: per data set and size, the calm side (`calm_population`).
+    """
+    methods = list(next(iter(next(iter(scored.values())).values())).windows_flagged)
+    table: list[list[object]] = [
+        ["data set", "samples", "windows", "features judged", *[f"{m} %" for m in methods]]
+    ]
+    for group in groups:
+        for size, tally in scored[group.name].items():
+            table.append(
+                [
+                    group.name,
+                    size,
+                    tally.whole_windows,
+                    f"{tally.windows / tally.whole_windows:.1f}" if tally.whole_windows else "-",
+                    *[percent(tally.windows_flagged[m], tally.whole_windows, 1) for m in methods],
+                ]
+            )
+    print(
+        "\nCalm windows from the populations with a false alarm on any feature, before "
+        "persistence (ours shares its 1% among the window's features; a fixed cut-off judges "
+        "each feature alone, so its alarms grow with the features judged):"
+    )
+    print(format_columns(table, rule=True))
 
 
 def clopper_pearson(hits: int, trials: int) -> tuple[float, float]:

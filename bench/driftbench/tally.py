@@ -35,6 +35,11 @@ class Tally:
     where: list[str] = field(default_factory=list)  # per feature-window: data set and kind
     features: list[str] = field(default_factory=list)  # per feature-window: the feature
     score_disagrees: int = 0  # feature-windows where our score above 0 is not our verdict
+    # Whole windows: how many, and in how many ours and each fixed cut-off flag any feature.
+    whole_windows: int = 0
+    windows_flagged: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(["ours", *FIXED_CUTOFFS], 0)
+    )
 
     def merged(self, other: Tally) -> Tally:
         return Tally(
@@ -48,6 +53,10 @@ class Tally:
             where=self.where + other.where,
             features=self.features + other.features,
             score_disagrees=self.score_disagrees + other.score_disagrees,
+            whole_windows=self.whole_windows + other.whole_windows,
+            windows_flagged={
+                m: self.windows_flagged[m] + other.windows_flagged[m] for m in self.windows_flagged
+            },
         )
 
 
@@ -115,19 +124,33 @@ def window_scores(
     return {feature: Scores(shared[feature], alone[feature]) for feature in alone}
 
 
+def flags(verdict: FeatureVerdict) -> dict[str, bool]:
+    """Whether our verdict and each fixed cut-off flag one feature-window."""
+    flagged = {"ours": verdict.status == "drift"}
+    for method, (name, limit) in FIXED_CUTOFFS.items():
+        flagged[method] = (verdict.psi if name == "PSI" else verdict.js) > limit
+    return flagged
+
+
 def score(tally: Tally, verdict: FeatureVerdict, ours: Scores) -> None:
     """Count one feature-window: our verdict, the fixed cut-offs' and the scores behind them
     (`ours`: from `window_scores`)."""
     tally.windows += 1
     tally.features.append(verdict.feature)
-    tally.flagged["ours"] += verdict.status == "drift"
     tally.scores["ours"].append(ours.shared)
     tally.scores["alone"].append(ours.alone)
     tally.score_disagrees += (ours.shared > 0) != (verdict.status == "drift")
-    for method, (name, limit) in FIXED_CUTOFFS.items():
-        value = verdict.psi if name == "PSI" else verdict.js
-        tally.flagged[method] += value > limit
-        tally.scores[name].append(value)
+    for method, flagged in flags(verdict).items():
+        tally.flagged[method] += flagged
+    for name in ("PSI", "JS"):
+        tally.scores[name].append(verdict.psi if name == "PSI" else verdict.js)
+
+
+def score_whole(tally: Tally, judged: list[FeatureVerdict]) -> None:
+    """Count one window as a whole: flagged by a method when any of its judged features is."""
+    tally.whole_windows += 1
+    for method in tally.windows_flagged:
+        tally.windows_flagged[method] += any(flags(verdict)[method] for verdict in judged)
 
 
 def percent(part: int, whole: int, digits: int = 1) -> str:

@@ -248,6 +248,30 @@ def test_the_calm_tally_keeps_each_references_windows_apart(bench: Any) -> None:
     assert scored[100].flagged["PSI>0.2"] >= 6  # shifted by 10 where the spread is 1
 
 
+def test_a_whole_window_counts_once_when_any_of_its_features_is_flagged(bench: Any) -> None:
+    """Two features; the windows judged against the second reference are shifted in both."""
+    window_batches = 0
+
+    def extract(batch: np.ndarray) -> dict[str, np.ndarray]:
+        nonlocal window_batches
+        shift = 0.0
+        if batch.size == 6 * 100:  # the windows, one batch per reference (not the reference)
+            window_batches += 1
+            shift = 10.0 if window_batches == 2 else 0.0
+        return {"x": batch[:, 0] + shift, "y": np.exp(batch[:, 0] - 1000) + shift}
+
+    group = calm_group(bench, extract)
+    scored = bench.calm_population(group, [100], 3, 6, np.random.default_rng(0))[1][100]
+    assert (scored.whole_windows, scored.windows) == (18, 36)
+    verdicts = np.array(scored.scores["ours"]).reshape(18, 2) > 0
+    for method, name, limit in (("PSI>0.2", "PSI", 0.2), ("JS>0.1", "JS", 0.1)):
+        flagged = np.array(scored.scores[name]).reshape(18, 2) > limit
+        assert scored.windows_flagged[method] == int(flagged.any(axis=1).sum())
+        assert flagged[6:12].all()  # both features of each shifted window
+    assert scored.windows_flagged["ours"] == int(verdicts.any(axis=1).sum())
+    assert 6 <= scored.windows_flagged["ours"] < scored.flagged["ours"]
+
+
 def test_the_calm_table_shows_the_most_drifted_reference(
     bench: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
