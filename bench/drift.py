@@ -65,9 +65,9 @@ moved until we flag as many calm feature-windows as it does, we detect as much
 (per feature and window, before persistence; the calm feature-windows are
 those drawn from the populations of the data sets the goals are judged on,
 judged by ours and the cut-offs alike). Our rate is moved as the verdict
-shares it among a window's features, by Holm's method (`window_scores`; the
-bench counts the feature-windows where the score at our rate is not our
-verdict). --window-sizes judges this goal also at other window sizes, on the
+shares it among a window's features, by Benjamini and Hochberg's method
+(`window_scores`; the bench counts the feature-windows where the score at our
+rate is not our verdict). --window-sizes judges this goal also at other window sizes, on the
 same data sets (those with --window held-out rows). Beside the goals: the same
 test with each feature judged alone, its rate not shared (the test until 6
 December 2026); and with the calm alarms spent feature by feature

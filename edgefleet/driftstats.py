@@ -374,7 +374,7 @@ def window_samples(thresholds: FeatureThresholds | None, live: Histogram) -> int
 def feature_chance(
     reference: Histogram, thresholds: FeatureThresholds, live: Histogram
 ) -> float | None:
-    """The smallest false-alarm rate at which the feature would be judged drifting.
+    """The false-alarm rate above which the feature would be judged drifting.
 
     Each test's chance over its share of the rate: the statistic's from the
     fitted tail (at most the calibrated rate), the outside test's where the
@@ -399,7 +399,7 @@ class Outside:
     above: int
     nan: int
     chance: float  # `outside_chance`
-    cut: float  # the share of the false-alarm rate it is judged at: drift when chance <= cut
+    cut: float  # the share of the false-alarm rate it is judged at: drift when chance < cut
 
 
 @dataclass(frozen=True)
@@ -419,20 +419,20 @@ def judge_feature(
     reference: Histogram,
     thresholds: FeatureThresholds | None,
     live: Histogram,
-    features_judged: int = 1,
+    rate_share: float = 1.0,
 ) -> FeatureVerdict:
-    """One feature's verdict; `features_judged` share the false-alarm rate (Bonferroni).
+    """One feature's verdict, judged at `rate_share` of its false-alarm rate.
 
     Drift when the statistic exceeds its threshold at the rate left by the
-    outside test's share, or the outside test's chance is within its share.
+    outside test's share, or the outside test's chance is below its share.
     """
-    if features_judged < 1:
-        raise ValueError("features_judged must be at least 1")
+    if not 0 < rate_share <= 1:
+        raise ValueError("rate_share must be above 0 and at most 1")
     samples = window_samples(thresholds, live)
     value = statistic(reference, live, thresholds)
     threshold, outside = None, None
     if thresholds is not None:
-        rate = thresholds.false_alarm / features_judged
+        rate = thresholds.false_alarm * rate_share
         share = thresholds.outside_share or 0.0
         threshold = threshold_at(thresholds, samples, rate * (1 - share))
         if threshold is not None and share:
@@ -442,7 +442,7 @@ def judge_feature(
         "insufficient"
         if threshold is None
         else "drift"
-        if value > threshold or (outside is not None and outside.chance <= outside.cut)
+        if value > threshold or (outside is not None and outside.chance < outside.cut)
         else "ok"
     )
     return FeatureVerdict(
@@ -472,28 +472,32 @@ def judge_window(
     """Judge every feature that has both a reference and live counts.
 
     The features judged are those with thresholds and enough samples. They
-    share the false-alarm rate by Holm's method: the most surprising feature
-    is judged at the rate divided by their number, and each time one drifts the
-    next is judged at the rate divided by one fewer. The chance that any of
-    them raises a false alarm stays within the rate, as with Bonferroni's
-    division, but features that drift together are found more readily.
+    share the false-alarm rate by Benjamini and Hochberg's method: ranked by
+    their chance (the least likely first), the first k drift for the largest
+    k whose chance is below k / m of the rate, m features judged. In a window
+    without drift the chance that any of them raises a false alarm stays
+    within the rate, as with a plain division by m (Simes' inequality, which
+    holds for features independent or moving together; the drift benchmark
+    measures it). Once some drift, on average at most the rate's share of
+    the features flagged are false alarms, so a change that many features
+    see a little is found.
     """
     names = [name for name in references if name in live]
-    surprise: dict[str, float] = {}
+    relative: dict[str, float] = {}  # each feature's chance, over its false-alarm rate
     for name in names:
         reference, thresholds = references[name]
         if thresholds is not None:
             chance = feature_chance(reference, thresholds, live[name])
             if chance is not None:
-                surprise[name] = chance
-    judged = len(surprise)
-    verdicts: dict[str, FeatureVerdict] = {}
-    for name in sorted(surprise, key=surprise.__getitem__):
-        drifted_so_far = sum(1 for verdict in verdicts.values() if verdict.status == "drift")
-        reference, thresholds = references[name]
-        verdicts[name] = judge_feature(
-            name, reference, thresholds, live[name], judged - drifted_so_far
-        )
+                relative[name] = chance / thresholds.false_alarm
+    ranked = sorted(relative, key=relative.__getitem__)
+    judged = len(ranked)
+    drifting = next((k for k in range(judged, 0, -1) if relative[ranked[k - 1]] < k / judged), 0)
+    # Every feature judged at the same cut: the first `drifting` lie within it, the rest beyond.
+    rate_share = max(drifting, 1) / judged if judged else 1.0
+    verdicts = {
+        name: judge_feature(name, *references[name], live[name], rate_share) for name in ranked
+    }
     ordered = [
         verdicts.get(name) or judge_feature(name, *references[name], live[name]) for name in names
     ]

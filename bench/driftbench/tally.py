@@ -67,7 +67,7 @@ def surprise(thresholds: FeatureThresholds | None, verdict: FeatureVerdict) -> f
     Our verdict on the feature alone, with its false-alarm rate moved from the
     calibrated a to a * exp(-x), flags exactly the windows whose surprise
     exceeds x: the statistic along the fitted tail, at the rate left by the
-    outside test's share, or the outside test's chance within its share.
+    outside test's share, or the outside test's chance below its share.
     """
     threshold = None if thresholds is None else threshold_at(thresholds, verdict.samples)
     if thresholds is None or threshold is None:
@@ -102,11 +102,11 @@ def window_scores(
 
     Our verdict with its false-alarm rate moved from the calibrated a to
     a * exp(-x) flags exactly the features whose shared score exceeds x. The
-    verdict shares the rate among the features judged in the window by Holm's
-    method (`judge_window`): the most surprising of m is judged at a / m, the
-    next at a / (m - 1) once the first drifts, and so on. So a feature's
-    shared score is the smallest, over itself and the features more
-    surprising than it, of surprise less ln(features left to judge): the ROC
+    verdict shares the rate among the m features judged in the window by
+    Benjamini and Hochberg's method (`judge_window`): ranked from the most
+    surprising, the first k drift for the largest k whose chance is below
+    a * k / m. So a feature's shared score is the largest, over itself and the
+    features less surprising than it, of surprise less ln(m / rank): the ROC
     of the verdict itself, through its operating point. Features not judged
     (too few samples) score minus infinity.
     """
@@ -116,11 +116,12 @@ def window_scores(
     }
     judged = [verdict.feature for verdict in window.features if verdict.status != "insufficient"]
     shared = dict.fromkeys(alone, -np.inf)
-    lowest = np.inf
+    highest = -np.inf
     ordered = sorted(judged, key=alone.__getitem__, reverse=True)
-    for place, feature in enumerate(ordered):
-        lowest = min(lowest, alone[feature] - np.log(len(ordered) - place))
-        shared[feature] = float(lowest)
+    for rank in range(len(ordered), 0, -1):
+        feature = ordered[rank - 1]
+        highest = max(highest, alone[feature] - np.log(len(ordered) / rank))
+        shared[feature] = float(highest)
     return {feature: Scores(shared[feature], alone[feature]) for feature in alone}
 
 

@@ -199,13 +199,16 @@ def test_pooled_values_are_counted_as_samples() -> None:
     assert (verdict.samples, verdict.threshold) == (100, 20.0)
 
 
-def test_judging_many_features_raises_each_threshold() -> None:
+def test_a_share_of_the_rate_raises_the_threshold_along_the_tail() -> None:
     window = live([70, 100, 100, 130])
-    alone = judge_feature("x", REFERENCE, THRESHOLDS, window)
-    among_ten = judge_feature("x", REFERENCE, THRESHOLDS, window, features_judged=10)
-    assert alone.threshold is not None and among_ten.threshold is not None
-    assert among_ten.threshold == pytest.approx(alone.threshold + 4.0 * math.log(10))
-    assert alone.statistic == among_ten.statistic
+    whole = judge_feature("x", REFERENCE, THRESHOLDS, window)
+    tenth = judge_feature("x", REFERENCE, THRESHOLDS, window, rate_share=0.1)
+    assert whole.threshold is not None and tenth.threshold is not None
+    assert tenth.threshold == pytest.approx(whole.threshold + 4.0 * math.log(10))
+    assert whole.statistic == tenth.statistic
+    for share in (0.0, 1.5):
+        with pytest.raises(ValueError, match="rate_share"):
+            judge_feature("x", REFERENCE, THRESHOLDS, window, rate_share=share)
 
 
 def test_a_window_is_dataset_drift_when_half_the_judged_features_drift() -> None:
@@ -221,22 +224,35 @@ def test_a_window_is_dataset_drift_when_half_the_judged_features_drift() -> None
         references, {"a": shifted, "b": shifted, "c": calm, "d": calm, "unthresholded": shifted}
     )
     assert two.drifted == ["a", "b"] and two.dataset_drift
-    # four features judged: each gets a quarter of the false-alarm rate
-    assert two.features[0].threshold == pytest.approx(30.0 + 4.0 * math.log(4))
+    # four features judged, two of them drift: each is judged at half the false-alarm rate
+    assert two.features[0].threshold == pytest.approx(30.0 + 4.0 * math.log(2))
     assert two.features[-1].status == "insufficient"
 
 
-def test_each_feature_found_drifting_eases_the_threshold_of_the_next_holm() -> None:
+def test_features_found_drifting_ease_the_cut_for_the_others_benjamini_hochberg() -> None:
     strong, moderate = live([40, 100, 100, 160]), live([71, 100, 100, 129])
     references = {name: (REFERENCE, THRESHOLDS) for name in "abcd"}
-    moderate_alone = judge_feature("c", REFERENCE, THRESHOLDS, moderate, features_judged=4)
+    moderate_alone = judge_feature("c", REFERENCE, THRESHOLDS, moderate, rate_share=0.25)
     assert moderate_alone.status == "ok"  # Bonferroni's division by four would miss it
     verdict = judge_window(
         references, {"a": strong, "b": strong, "c": moderate, "d": live([100, 100, 100, 100])}
     )
+    # Three of four within 3/4 of the rate: every feature is judged at that cut.
     thresholds = [feature.threshold for feature in verdict.features]
-    assert thresholds == pytest.approx([30.0 + 4.0 * math.log(k) for k in (4, 3, 2, 1)])
+    assert thresholds == pytest.approx([30.0 + 4.0 * math.log(4 / 3)] * 4)
     assert verdict.drifted == ["a", "b", "c"] and verdict.dataset_drift
+
+
+def test_a_little_drift_in_every_feature_is_found_where_one_alone_is_not() -> None:
+    slight, calm = live([72, 100, 100, 128]), live([100, 100, 100, 100])
+    references = {name: (REFERENCE, THRESHOLDS) for name in "abcd"}
+    each = judge_feature("a", REFERENCE, THRESHOLDS, slight)
+    assert each.threshold is not None and 30.0 < each.statistic < 30.0 + 4.0 * math.log(4)
+    alone = judge_window(references, {"a": slight, "b": calm, "c": calm, "d": calm})
+    assert alone.drifted == []  # judged at a quarter of the rate
+    together = judge_window(references, dict.fromkeys("abcd", slight))
+    assert together.drifted == ["a", "b", "c", "d"]  # each within the whole rate
+    assert [feature.threshold for feature in together.features] == pytest.approx([30.0] * 4)
 
 
 def test_tail_probability_matches_the_thresholds() -> None:
