@@ -67,11 +67,12 @@ those drawn from the populations of the data sets the goals are judged on,
 judged by ours and the cut-offs alike). Our rate is moved as the verdict
 shares it among a window's features, by Benjamini and Hochberg's method
 (`window_scores`; the bench counts the feature-windows where the score at our
-rate is not our verdict). --window-sizes judges this goal also at other window sizes, on the
-same data sets (those with --window held-out rows). Beside the goals: the same
-test with each feature judged alone, its rate not shared (the test until 6
-December 2026); and with the calm alarms spent feature by feature
-(`per_feature`): ours moved on each feature to the cut-off's calm rate there.
+rate is not our verdict). --window-sizes judges this goal also at other window
+sizes, on the same data sets (those with --window held-out rows). Beside the
+goals: the same test with each feature judged alone, its rate not shared (the
+test until 6 December 2026); with the calm alarms spent feature by feature
+(`per_feature`): ours moved on each feature to the cut-off's calm rate there;
+and the calm windows in which any feature is flagged, per data set.
 
 Its parts are in bench/driftbench: `data` (the data sets and their references),
 `scenarios` (the shifts), `runs` (the scenario runs), `tally` (what a

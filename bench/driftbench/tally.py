@@ -143,8 +143,8 @@ def score(tally: Tally, verdict: FeatureVerdict, ours: Scores) -> None:
     tally.score_disagrees += (ours.shared > 0) != (verdict.status == "drift")
     for method, flagged in flags(verdict).items():
         tally.flagged[method] += flagged
-    for name in ("PSI", "JS"):
-        tally.scores[name].append(verdict.psi if name == "PSI" else verdict.js)
+    tally.scores["PSI"].append(verdict.psi)
+    tally.scores["JS"].append(verdict.js)
 
 
 def score_whole(tally: Tally, judged: list[FeatureVerdict]) -> None:
