@@ -9,7 +9,14 @@ import numpy as np
 from scipy.stats import beta
 
 from driftbench.data import Group, References, calibrated, feature_kind, population_rows
-from driftbench.tally import Tally, percent, score, score_whole, window_scores
+from driftbench.tally import (
+    WHOLE_WINDOW_METHODS,
+    Tally,
+    percent,
+    score,
+    score_whole,
+    window_scores,
+)
 from edgefleet.drift import count_into
 from edgefleet.driftstats import Persistence, judge_window
 from edgefleet.tables import format_columns
@@ -207,9 +214,14 @@ def print_whole_windows(groups: list[Group], scored: dict[str, dict[int, Tally]]
 
     `scored`: per data set and size, the calm side (`calm_population`).
     """
-    methods = list(next(iter(next(iter(scored.values())).values())).windows_flagged)
     table: list[list[object]] = [
-        ["data set", "samples", "windows", "features judged", *[f"{m} %" for m in methods]]
+        [
+            "data set",
+            "samples",
+            "windows",
+            "features judged",
+            *[f"{m} %" for m in WHOLE_WINDOW_METHODS],
+        ]
     ]
     for group in groups:
         for size, tally in scored[group.name].items():
@@ -219,7 +231,10 @@ def print_whole_windows(groups: list[Group], scored: dict[str, dict[int, Tally]]
                     size,
                     tally.whole_windows,
                     f"{tally.windows / tally.whole_windows:.1f}" if tally.whole_windows else "-",
-                    *[percent(tally.windows_flagged[m], tally.whole_windows, 1) for m in methods],
+                    *[
+                        percent(tally.windows_flagged[m], tally.whole_windows, 1)
+                        for m in WHOLE_WINDOW_METHODS
+                    ],
                 ]
             )
     print(

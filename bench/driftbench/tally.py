@@ -17,6 +17,9 @@ METHODS = ["ours", "KS p<.05", "chi2 p<.05", "PSI>0.2", "JS>0.1"]
 FIXED_CUTOFFS = {"PSI>0.2": ("PSI", 0.2), "JS>0.1": ("JS", 0.1)}
 
 
+WHOLE_WINDOW_METHODS = ["ours", *FIXED_CUTOFFS]  # the methods a window as a whole is counted by
+
+
 @dataclass
 class Tally:
     """Per method, flagged feature-windows; for ours also persistence."""
@@ -38,7 +41,7 @@ class Tally:
     # Whole windows: how many, and in how many ours and each fixed cut-off flag any feature.
     whole_windows: int = 0
     windows_flagged: dict[str, int] = field(
-        default_factory=lambda: dict.fromkeys(["ours", *FIXED_CUTOFFS], 0)
+        default_factory=lambda: dict.fromkeys(WHOLE_WINDOW_METHODS, 0)
     )
 
     def merged(self, other: Tally) -> Tally:
@@ -150,8 +153,9 @@ def score(tally: Tally, verdict: FeatureVerdict, ours: Scores) -> None:
 def score_whole(tally: Tally, judged: list[FeatureVerdict]) -> None:
     """Count one window as a whole: flagged by a method when any of its judged features is."""
     tally.whole_windows += 1
-    for method in tally.windows_flagged:
-        tally.windows_flagged[method] += any(flags(verdict)[method] for verdict in judged)
+    flagged = [flags(verdict) for verdict in judged]
+    for method in WHOLE_WINDOW_METHODS:
+        tally.windows_flagged[method] += any(feature[method] for feature in flagged)
 
 
 def percent(part: int, whole: int, digits: int = 1) -> str:
