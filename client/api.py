@@ -330,6 +330,27 @@ class ApiClient:
         """Send an undelivered event again (operator role; 404 none, 409 delivered)."""
         return self._object("POST", f"/webhooks/deliveries/{delivery_id}/retry")
 
+    # -- dead letters --------------------------------------------------------------------------
+
+    def list_dead_letters(self, *, device: str | None = None, limit: int = 100) -> list[JsonObject]:
+        """What the database refused of a device, set aside by ingestion, newest first."""
+        params: dict[str, Any] = {"limit": limit}
+        if device:
+            params["device"] = device
+        return self._items("/dead-letters", params=params)
+
+    def get_dead_letter(self, letter_id: int) -> JsonObject:
+        """One dead letter with its messages (operator role; 404 when there is none)."""
+        return self._object("GET", f"/dead-letters/{letter_id}")
+
+    def replay_dead_letter(self, letter_id: int) -> JsonObject:
+        """Take a dead letter's messages again and write them (operator role; 404, 409)."""
+        return self._object("POST", f"/dead-letters/{letter_id}/replay")
+
+    def discard_dead_letter(self, letter_id: int) -> None:
+        """Delete a dead letter: its messages are not stored (operator role; 404)."""
+        self.request("DELETE", f"/dead-letters/{letter_id}")
+
     # -- samples -------------------------------------------------------------------------------
 
     def list_samples(self, *, device: str | None = None, limit: int = 100) -> list[JsonObject]:

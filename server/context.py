@@ -36,11 +36,12 @@ if TYPE_CHECKING:
     from edgefleet.server.bundles import BundleStore
     from edgefleet.server.certificates import CrlFile
     from edgefleet.server.directives import DirectiveIssuer
-    from edgefleet.server.mqtt.ingest import DeadLetter
+    from edgefleet.server.mqtt.ingest import DeadLetter, Replay
 
 
-class IngestCounters(Protocol):
-    """What the MQTT ingestion exposes for /metrics and /health (`Ingestor` has these)."""
+class Ingestion(Protocol):
+    """What the MQTT ingestion exposes for /metrics, /health and the dead letters' replay
+    (`Ingestor` has these)."""
 
     @property
     def counts(self) -> Mapping[str, int]:
@@ -60,6 +61,10 @@ class IngestCounters(Protocol):
     @property
     def last_dead_letter(self) -> DeadLetter | None:
         """The last device whose messages the database refused: when, what, why."""
+        ...
+
+    def replay(self, letter_id: int) -> Replay:
+        """Take a dead letter's messages again and write them (raises NotFoundError)."""
         ...
 
 
@@ -149,7 +154,7 @@ class ServerContext:
     issuer: DirectiveIssuer | None = None
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     clock: Callable[[], dt.datetime] = utcnow
-    ingest: IngestCounters | None = None
+    ingest: Ingestion | None = None
     link: LinkView | None = None
     broker: BrokerView | None = None
     device_keys: KeyCache | None = None
@@ -175,7 +180,7 @@ class ServerContext:
 __all__ = [
     "BrokerView",
     "CountingPublisher",
-    "IngestCounters",
+    "Ingestion",
     "KeyCache",
     "LinkView",
     "ServerContext",

@@ -84,6 +84,7 @@ class ServerSettings:
     telemetry_retention: dt.timedelta = dt.timedelta(days=30)
     telemetry_flush_s: float = 1.0
     status_reports_kept: int = 20
+    dead_letters_kept: int = 1000  # messages the database refused, set aside (deadletters.py)
     # Drift checks (docs/drift.md): how often the evaluator looks for new windows, how
     # long a window is (widened up to drift_window_max while too few samples came in),
     # and how many windows in a row open or close an alert.

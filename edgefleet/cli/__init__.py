@@ -93,6 +93,11 @@ COMMANDS: dict[str, _LazyCommand] = {
         "Alert events sent to the server's webhook: list undelivered ones, retry.",
         "client",
     ),
+    "dead-letters": _LazyCommand(
+        "edgefleet.client.deadletters:dead_letters",
+        "Messages the server's database refused: list, show, replay, discard.",
+        "client",
+    ),
     "samples": _LazyCommand(
         "edgefleet.client.samples:samples",
         "Raw inputs devices kept while drifting: list them, download one.",

@@ -5,7 +5,7 @@
     edgefleet_mqtt_messages_accepted_total{kind}           from the ingestion's counters
     edgefleet_mqtt_messages_refused_total{reason}          from the ingestion's counters
     edgefleet_ingest_dead_lettered_total{kind}             messages accepted that the database
-                                                           refused to store (dropped)
+                                                           refused to store (set aside)
     edgefleet_mqtt_messages_published_total{kind}          through the context's publisher
     edgefleet_directives_published_total                   the `directive` kind of the above
     edgefleet_mqtt_link_up                                 gauge: 1 while the MQTT link is connected
@@ -121,8 +121,8 @@ class ServerCollector(Collector):
         )
         dead_lettered = CounterMetricFamily(
             "edgefleet_ingest_dead_lettered",
-            "MQTT messages from devices accepted, then dropped because the database refused "
-            "to store them, by kind.",
+            "MQTT messages from devices accepted, then set aside (dead letters) because the "
+            "database refused to store them, by kind.",
             labels=["kind"],
         )
         ingest = self.context.ingest

@@ -416,6 +416,23 @@ class InputSample(Base):
     received_at: Mapped[dt.datetime]
 
 
+class DeadLetterRow(Base):
+    """One device's messages that ingestion accepted and the database refused to store,
+    kept as they arrived (signed) to be inspected and replayed; the newest
+    `dead_letters_kept` are kept."""
+
+    __tablename__ = "dead_letters"
+    __table_args__ = (Index("ix_dead_letters_device_id", "device_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    at: Mapped[dt.datetime]  # when it was set aside
+    error: Mapped[str] = mapped_column(Text)  # the database's, one line
+    dropped: Mapped[dict[str, Any]] = mapped_column(JSON)  # messages by kind
+    # [{"topic", "payload" (base64 of the signed bytes), "received_at"}], in arrival order
+    messages: Mapped[list[Any]] = mapped_column(JSON)
+
+
 class HeartbeatSample(Base):
     """A device's heartbeats merged per time slot: 1 minute, coarser with age (history.py)."""
 

@@ -39,7 +39,9 @@ A batch is never modified here, so a failed write can be retried as it is.
 order, each written by `write` like any batch), so the ingestor can write apart
 what one device sent when the database refuses the batch as a whole, and
 `IngestBatch.contents` says what a batch holds, for the log line of a part the
-database refused.
+database refused. `IngestBatch.kept` holds the signed messages as they arrived
+(all but presence, which only says online or offline), so a part the database
+refuses can be kept as it came and replayed.
 """
 
 from __future__ import annotations
@@ -102,6 +104,17 @@ class DeviceUpdate:
         return True
 
 
+@dataclass(frozen=True)
+class KeptMessage:
+    """A signed device message as it arrived, kept until its batch is written."""
+
+    device_id: str
+    topic: str
+    payload: bytes  # as the device signed it
+    received_at: dt.datetime
+    window_start: str | None = None  # a telemetry window's, its identity beside the device
+
+
 @dataclass
 class IngestBatch:
     """Everything accepted since the last flush."""
@@ -111,6 +124,7 @@ class IngestBatch:
     # (device, answer, received at), in arrival order
     diagnostics: list[tuple[str, DiagnosticsReport, dt.datetime]] = field(default_factory=list)
     heartbeat_slots: dict[SlotKey, HeartbeatSlot] = field(default_factory=dict)
+    kept: list[KeptMessage] = field(default_factory=list)  # in arrival order
     messages: int = 0
     # called once the batch (and every one before it) is written: the link's acknowledgements
     on_stored: list[Callable[[], None]] = field(default_factory=list)
@@ -135,6 +149,8 @@ class IngestBatch:
             part(answer[0]).diagnostics.append(answer)
         for slot_key, slot in self.heartbeat_slots.items():
             part(slot_key[0]).heartbeat_slots[slot_key] = slot
+        for message in self.kept:
+            part(message.device_id).kept.append(message)
         return [parts[device_id] for device_id in sorted(parts)]
 
     def contents(self) -> dict[str, int]:

@@ -37,10 +37,15 @@ it, the batch is cut into one batch per device (`IngestBatch.device_parts`, in
 device id order) written one after the other, before any later batch; a device's
 part that still fails all its tries for what it holds (not for a lock, a
 deadlock or a lost connection, which wait for the next flush as an outage does)
-is dead-lettered: dropped, logged as an
-ERROR naming the device, what was dropped (`IngestBatch.contents`) and the
-database's error, counted by kind in `dead_lettered`, and kept as
-`last_dead_letter` (the health check shows it). The batch's `on_stored`
+is dead-lettered: set aside, logged as an
+ERROR naming the device, what was set aside (`IngestBatch.contents`) and the
+database's error, counted by kind in `dead_lettered`, kept in the database as
+the device sent it (`edgefleet.server.deadletters`, from `IngestBatch.kept`)
+and as `last_dead_letter` (the health check shows it). `replay` takes a dead
+letter's messages again through `_take`, the path of every message, in the
+caller's thread (they are older than what the device sent since, and are
+ordered by their own dates and sequences, as redelivered messages are), and
+writes them. The batch's `on_stored`
 callbacks are called once all its parts are written or dropped, so one
 device's message the database refuses does not hold back the fleet.
 The devices a written batch brought back (`BatchWriter.write`) are handed to
@@ -99,9 +104,15 @@ from edgefleet.mqtt.topics import DeviceId, TopicKind, parse_device_topic
 from edgefleet.server import history
 from edgefleet.server.db.database import Database
 from edgefleet.server.db.models import Device
-from edgefleet.server.errors import StorageError
+from edgefleet.server.deadletters import (
+    discard_dead_letter,
+    get_dead_letter,
+    keep_dead_letter,
+    letters_of,
+)
+from edgefleet.server.errors import ConflictError, NotFoundError, StorageError
 from edgefleet.server.mqtt.aggregate import TelemetryAggregate, bucket_start, health_of
-from edgefleet.server.mqtt.batch import BatchWriter, DeviceUpdate, IngestBatch
+from edgefleet.server.mqtt.batch import BatchWriter, DeviceUpdate, IngestBatch, KeptMessage
 from edgefleet.server.mqtt.interfaces import DeviceKeys, MessageHandler
 from edgefleet.server.settings import ServerSettings
 from edgefleet.timefmt import parse_time, utcnow
@@ -119,6 +130,7 @@ PRESENCE_REASONS = {
     Presence.OFFLINE: "connection lost (last will)",
 }
 WRITE_ATTEMPTS = 3
+TAKEN = "taken"  # what `_take` says of a message merged into the batch
 
 
 @dataclass(frozen=True)
@@ -129,6 +141,17 @@ class DeadLetter:
     at: dt.datetime
     dropped: dict[str, int]  # messages by kind (`IngestBatch.contents`)
     error: str  # the database's error, one line
+    kept_id: int | None = None  # the dead letter that keeps them (None: nothing kept)
+
+
+@dataclass(frozen=True)
+class Replay:
+    """What `Ingestor.replay` made of a dead letter."""
+
+    device_id: str
+    outcomes: dict[str, int]  # per message: TAKEN, "duplicate" or the reason it was refused
+    settled: bool  # written or set aside again, and the dead letter deleted (False: waiting)
+    again: DeadLetter | None  # set aside again: the new dead letter
 
 
 class Ingestor:
@@ -160,6 +183,8 @@ class Ingestor:
         self.last_dead_letter: DeadLetter | None = None
         self._lock = threading.Lock()  # guards _batch (worker thread vs flush thread)
         self._flush_lock = threading.Lock()
+        self._replay_lock = threading.Lock()  # one replay at a time: a dead letter replays once
+        self._replays_waiting: set[int] = set()  # dead letters replayed, not written yet
         self._batch = IngestBatch()
         self._writer = BatchWriter(
             is_sqlite=db.is_sqlite,
@@ -183,56 +208,57 @@ class Ingestor:
 
     def handle(self, topic: str, payload: bytes) -> None:
         """Take one message from the broker. Never raises."""
+        self._take(topic, payload)
+
+    def _take(self, topic: str, payload: bytes) -> str:
+        """Take one message; returns what became of it: TAKEN (into the batch), "duplicate",
+        or the reason it was refused."""
         parsed = self._topics.get(topic)
         if parsed is None:
             try:
                 parsed = parse_device_topic(topic)
             except MessageSchemaError as exc:
-                self._refuse("bad-topic", exc)
-                return
+                return self._refuse("bad-topic", exc)
             if len(self._topics) >= TOPIC_CACHE_SIZE:
                 self._topics.clear()
             self._topics[topic] = parsed
         device_id, kind = parsed
         if kind is TopicKind.PRESENCE:
-            self._on_presence(device_id, payload)
-            return
+            return self._on_presence(device_id, payload)
         verified = self._verify(device_id, topic, payload)
-        if verified is None:
-            return
+        if isinstance(verified, str):
+            return verified
         message_bytes, key = verified
         if kind is TopicKind.BLOCKS_REQUEST:
-            self._on_blocks(topic, message_bytes)
-            return
+            return self._on_blocks(topic, message_bytes)
         model_cls = MESSAGE_TYPES.get(kind)
         if model_cls is None:  # a kind devices do not publish (directive, blocks/data)
-            self._refuse("bad-topic", f"devices do not publish on {topic!r}")
-            return
+            return self._refuse("bad-topic", f"devices do not publish on {topic!r}")
         if kind is TopicKind.DIAGNOSTICS and len(message_bytes) > MAX_DIAGNOSTICS_BYTES:
             detail = (
                 f"a diagnostics answer of {len(message_bytes)} bytes from {device_id!r}, "
                 f"above the {MAX_DIAGNOSTICS_BYTES} limit"
             )
-            self._refuse("diagnostics-too-large", detail, per=device_id)
-            return
+            return self._refuse("diagnostics-too-large", detail, per=device_id)
         try:
             # parse_device_message without parsing the topic a second time
             message = parse_message(model_cls, message_bytes)
         except MessageSchemaError as exc:
-            self._refuse("malformed", exc)
-            return
+            return self._refuse("malformed", exc)
         if message.device_id != device_id:
-            self._refuse("malformed", f"a message on {topic!r} names {message.device_id!r}")
-            return
+            return self._refuse("malformed", f"a message on {topic!r} names {message.device_id!r}")
         now = self._clock()
         if isinstance(message, TelemetryWindow):
-            self._on_telemetry(device_id, message, now)
-        elif isinstance(message, Heartbeat):
-            self._on_heartbeat(device_id, message, now)
-        elif isinstance(message, StatusReport):
-            self._on_status(device_id, key, message, now)
-        elif isinstance(message, DiagnosticsReport):
-            self._on_diagnostics(device_id, message, now)
+            arrived = KeptMessage(device_id, topic, payload, now, message.window_start)
+            return self._on_telemetry(arrived, message)
+        arrived = KeptMessage(device_id, topic, payload, now)
+        if isinstance(message, Heartbeat):
+            return self._on_heartbeat(arrived, message)
+        if isinstance(message, StatusReport):
+            return self._on_status(arrived, key, message)
+        if isinstance(message, DiagnosticsReport):
+            return self._on_diagnostics(arrived, message)
+        return self._refuse("bad-topic", f"devices do not publish on {topic!r}")
 
     def _dated_ahead(self, device_id: str, what: str, dated: str, now: dt.datetime) -> bool:
         """Whether the device dated a message beyond `max_clock_ahead` from `now` (refused)."""
@@ -246,14 +272,13 @@ class Ingestor:
         self._refuse("clock-ahead", detail, per=device_id)
         return True
 
-    def _verify(self, device_id: str, topic: str, payload: bytes) -> tuple[bytes, str] | None:
+    def _verify(self, device_id: str, topic: str, payload: bytes) -> tuple[bytes, str] | str:
         """(message bytes, the key that verified them) when the device's enrolled key
-        signed them; None (counted) if not."""
+        signed them; else the reason it is refused (counted)."""
         try:
             key = self._keys.public_key(device_id)
             if key is None:
-                self._refuse("unknown-device", f"message from unknown device {device_id!r}")
-                return None
+                return self._refuse("unknown-device", f"message from unknown device {device_id!r}")
             try:
                 return verify_device_payload(topic, payload, key), key
             except DeviceSignatureError as exc:
@@ -262,25 +287,21 @@ class Ingestor:
                 # messages cannot each cost a query.
                 fresh = self._keys.public_key(device_id, fresh=True)
                 if fresh is None or fresh == key:
-                    self._refuse("device-signature", exc)
-                    return None
+                    return self._refuse("device-signature", exc)
             try:
                 return verify_device_payload(topic, payload, fresh), fresh
             except DeviceSignatureError as exc:
-                self._refuse("device-signature", exc)
-                return None
+                return self._refuse("device-signature", exc)
         except UsageError as exc:  # a stored key that is not a key: ours to fix, not theirs
-            self._refuse("bad-stored-key", exc)
+            return self._refuse("bad-stored-key", exc)
         except StorageError as exc:
-            self._refuse("key-lookup-failed", exc)
-        return None
+            return self._refuse("key-lookup-failed", exc)
 
-    def _on_presence(self, device_id: str, payload: bytes) -> None:
+    def _on_presence(self, device_id: str, payload: bytes) -> str:
         try:
             presence = parse_presence(payload)
         except MessageSchemaError as exc:
-            self._refuse("malformed", exc)
-            return
+            return self._refuse("malformed", exc)
         now = self._clock()
         with self._lock:
             update = self._update(device_id)
@@ -292,21 +313,23 @@ class Ingestor:
             update.messages += 1
             self._batch.messages += 1
             self.counts["presence"] += 1
+        return TAKEN
 
-    def _on_blocks(self, topic: str, payload: bytes) -> None:
+    def _on_blocks(self, topic: str, payload: bytes) -> str:
         if self._blocks is None:
-            self._refuse("no-block-service", "a block request, and no block service here")
-            return
+            return self._refuse("no-block-service", "a block request, and no block service here")
         with self._lock:
             self.counts["blocks/request"] += 1
         try:
             self._blocks(topic, payload)
         except Exception:
             log.exception("the block service failed on %s", topic)
+        return TAKEN
 
-    def _on_heartbeat(self, device_id: str, message: Heartbeat, now: dt.datetime) -> None:
+    def _on_heartbeat(self, arrived: KeptMessage, message: Heartbeat) -> str:
+        device_id, now = arrived.device_id, arrived.received_at
         if self._dated_ahead(device_id, message.what, message.sent_at, now):
-            return
+            return "clock-ahead"
         with self._lock:
             update = self._seen(device_id, now)
             self._order += 1
@@ -317,40 +340,41 @@ class Ingestor:
             if slot is None:
                 slot = slots[slot_key] = history.HeartbeatSlot()
             slot.add(message)
-            update.messages += 1
-            self._batch.messages += 1
-            self.counts["heartbeat"] += 1
+            self._count_in(update, arrived, "heartbeat")
+        return TAKEN
 
-    def _on_status(self, device_id: str, key: str, message: StatusReport, now: dt.datetime) -> None:
+    def _on_status(self, arrived: KeptMessage, key: str, message: StatusReport) -> str:
+        device_id, now = arrived.device_id, arrived.received_at
         if self._dated_ahead(device_id, message.what, message.sent_at, now):
-            return
+            return "clock-ahead"
         with self._lock:
             seen = self._status_seen.get(device_id)
             # A sequence is remembered with the key that signed it: a device removed
             # and enrolled again has a new key and counts from 1 again.
             if seen is not None and seen[0] == key and message.sequence <= seen[1]:
                 self._duplicates["status"] += 1
-                return
+                return "duplicate"
             self._status_seen[device_id] = (key, message.sequence)
             update = self._seen(device_id, now)
             self._order += 1
             update.statuses.append((self._order, now, message))
-            update.messages += 1
-            self._batch.messages += 1
-            self.counts["status"] += 1
+            self._count_in(update, arrived, "status")
+        return TAKEN
 
-    def _on_diagnostics(self, device_id: str, message: DiagnosticsReport, now: dt.datetime) -> None:
+    def _on_diagnostics(self, arrived: KeptMessage, message: DiagnosticsReport) -> str:
+        device_id, now = arrived.device_id, arrived.received_at
         if self._dated_ahead(device_id, message.what, message.sent_at, now):
-            return
+            return "clock-ahead"
         with self._lock:
-            self._seen(device_id, now).messages += 1
+            update = self._seen(device_id, now)
             self._batch.diagnostics.append((device_id, message, now))
-            self._batch.messages += 1
-            self.counts["diagnostics"] += 1
+            self._count_in(update, arrived, "diagnostics")
+        return TAKEN
 
-    def _on_telemetry(self, device_id: str, window: TelemetryWindow, now: dt.datetime) -> None:
+    def _on_telemetry(self, arrived: KeptMessage, window: TelemetryWindow) -> str:
+        device_id, now = arrived.device_id, arrived.received_at
         if self._dated_ahead(device_id, window.what, window.window_end, now):
-            return
+            return "clock-ahead"
         start = self._bucket_starts.get(window.window_start)
         if start is None:
             if len(self._bucket_starts) > 4096:
@@ -364,7 +388,7 @@ class Ingestor:
             seen = self._windows_seen
             if identity in seen:
                 self._duplicates["telemetry"] += 1
-                return
+                return "duplicate"
             seen[identity] = None
             if len(seen) > TELEMETRY_DEDUPE_SIZE:
                 seen.popitem(last=False)
@@ -378,9 +402,15 @@ class Ingestor:
                 update.health is None or update.health[0] <= window.window_end
             ):
                 update.health = (window.window_end, health)
-            update.messages += 1
-            batch.messages += 1
-            self.counts["telemetry"] += 1
+            self._count_in(update, arrived, "telemetry")
+        return TAKEN
+
+    def _count_in(self, update: DeviceUpdate, arrived: KeptMessage, kind: str) -> None:
+        """A signed message merged into the batch (under the lock): counted and kept."""
+        update.messages += 1
+        self._batch.messages += 1
+        self._batch.kept.append(arrived)
+        self.counts[kind] += 1
 
     def _update(self, device_id: str) -> DeviceUpdate:
         update = self._batch.devices.get(device_id)
@@ -396,8 +426,9 @@ class Ingestor:
         update.last_seen = now
         return update
 
-    def _refuse(self, reason: str, detail: object, per: str = "") -> None:
-        """Count a refusal; log it once per `LOG_EVERY_S` per reason (and per `per`, a device)."""
+    def _refuse(self, reason: str, detail: object, per: str = "") -> str:
+        """Count a refusal; log it once per `LOG_EVERY_S` per reason (and per `per`, a device).
+        Returns `reason`."""
         with self._lock:
             self.refused[reason] += 1
         now = time.monotonic()
@@ -405,6 +436,7 @@ class Ingestor:
         if now - self._last_log.get(subject, -LOG_EVERY_S) >= LOG_EVERY_S:
             self._last_log[subject] = now
             log.warning("refused a device message (%s): %s", reason, detail)
+        return reason
 
     def when_stored(self, callback: Callable[[], None]) -> None:
         """Call `callback` (in the flushing thread) once every message handled so far is
@@ -498,23 +530,100 @@ class Ingestor:
         return True
 
     def _dead_letter(self, part: IngestBatch, failure: Exception) -> None:
-        """Drop `part` (one device's messages), which the database refused while it takes
-        writes: logged, counted and kept as `last_dead_letter`."""
+        """Set aside `part` (one device's messages), which the database refused while it
+        takes writes: logged, counted, kept in the database as they arrived (`deadletters`)
+        and as `last_dead_letter`. Its telemetry windows and status reports are forgotten
+        by the deduplication, so that the device's outbox or a replay can bring them again."""
         (device_id,) = part.devices
         dropped = part.contents()
         error = " ".join(str(failure).split())
+        with self._lock:
+            self._status_seen.pop(device_id, None)
+            for message in part.kept:
+                if message.window_start is not None:
+                    self._windows_seen.pop((device_id, message.window_start), None)
+        kept_id = self._keep(device_id, dropped, error, part)
         # Replaced, not changed in place: readers in other threads (/metrics, /health)
         # see the counts before or after, never a dict being changed.
         self.dead_lettered = self.dead_lettered + collections.Counter(dropped)
-        self.last_dead_letter = DeadLetter(device_id, self._clock(), dropped, error)
+        self.last_dead_letter = DeadLetter(device_id, self._clock(), dropped, error, kept_id)
         what = ", ".join(f"{n} {kind}" for kind, n in dropped.items() if n)
         log.error(
-            "dropped what device %r sent (%s messages: %s): the database refuses it: %s",
+            "set aside what device %r sent (%s messages: %s): the database refuses it: %s%s",
             device_id,
             part.messages,
             what,
             error,
+            "" if kept_id is None else f"; kept as dead letter {kept_id}",
         )
+
+    def _keep(
+        self, device_id: str, dropped: dict[str, int], error: str, part: IngestBatch
+    ) -> int | None:
+        """Store what `part` held as it arrived; its id, or None when there is nothing to keep
+        (presence only) or the database refuses that too (logged: then it is lost)."""
+        if not part.kept:
+            return None
+        try:
+            with self._db.session() as session:
+                return keep_dead_letter(
+                    session,
+                    device_id,
+                    self._clock(),
+                    error,
+                    dropped,
+                    part.kept,
+                    self._settings.dead_letters_kept,
+                )
+        except StorageError as exc:
+            log.error("could not keep what device %r sent either, it is lost: %s", device_id, exc)
+            return None
+
+    def replay(self, letter_id: int) -> Replay:
+        """Take a dead letter's messages again, as if they had just arrived, and write them.
+
+        Each goes through the checks of any message (its signature by the device's
+        enrolled key included). The dead letter is deleted once they are written or
+        set aside again (then as a new dead letter); while the database takes no
+        writes they wait, as any message does, and it is deleted when they are written.
+
+        Raises:
+            NotFoundError: no such dead letter (replayed already, or discarded).
+            ConflictError: its messages replayed here still wait for the database.
+            StorageError: the database could not be read.
+        """
+        with self._replay_lock:
+            if letter_id in self._replays_waiting:
+                raise ConflictError(
+                    f"dead letter {letter_id} was replayed and its messages wait for the "
+                    "database to take writes; it is deleted once they are written"
+                )
+            with self._db.session() as session:
+                row = get_dead_letter(session, letter_id)
+                device_id, messages = row.device_id, letters_of(row)
+            outcomes = collections.Counter(
+                self._take(topic, payload) for topic, payload in messages
+            )
+            discarded = threading.Event()
+
+            def discard() -> None:
+                try:
+                    with self._db.session() as session:
+                        discard_dead_letter(session, letter_id)
+                except (StorageError, NotFoundError) as exc:
+                    log.warning("dead letter %d was replayed and not deleted: %s", letter_id, exc)
+                self._replays_waiting.discard(letter_id)
+                discarded.set()
+
+            before = self.last_dead_letter
+            self._replays_waiting.add(letter_id)
+            self.when_stored(discard)
+            self.flush()
+            after = self.last_dead_letter
+            again = (
+                after if after is not before and after and after.device_id == device_id else None
+            )
+            return Replay(device_id, dict(outcomes), discarded.is_set(), again)
 
     # -- metrics -----------------------------------------------------------------------------
 
@@ -549,4 +658,4 @@ def _transient(failure: Exception) -> bool:
     return isinstance(failure.__cause__, OperationalError)
 
 
-__all__ = ["DeadLetter", "Ingestor"]
+__all__ = ["DeadLetter", "Ingestor", "Replay"]

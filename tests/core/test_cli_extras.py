@@ -204,6 +204,10 @@ def plausible_args(work: Path, free_port: int) -> dict[str, list[str]]:
         "alerts ack": ["alerts", "ack", "1"],
         "webhooks deliveries": ["webhooks", "deliveries", "--failed"],
         "webhooks retry": ["webhooks", "retry", "1"],
+        "dead-letters list": ["dead-letters", "list", "--device", "cam-1"],
+        "dead-letters show": ["dead-letters", "show", "1"],
+        "dead-letters replay": ["dead-letters", "replay", "1"],
+        "dead-letters discard": ["dead-letters", "discard", "1"],
         "samples list": ["samples", "list", "--device", "cam-1"],
         "samples get": ["samples", "get", "1", "-o", str(work / "samples.npz")],
     }

@@ -10,19 +10,24 @@ from prometheus_client.parser import text_string_to_metric_families
 from edgefleet.mqtt import DeviceTopics
 from edgefleet.server.db.database import Database
 from edgefleet.server.db.models import Device
+from edgefleet.server.errors import NotFoundError
+from edgefleet.server.mqtt.ingest import Replay
 from edgefleet.server.principals import Role
 from edgefleet.trust import TrustRoot
 from tests.server.apiclient import Api, make_api
 
 
 class IngestFigures:
-    """Our `IngestCounters` interface with fixed figures."""
+    """Our `Ingestion` interface with fixed figures."""
 
     def __init__(self) -> None:
         self.counts = {"heartbeat": 7, "telemetry": 3}
         self.refused = {"device-signature": 2}
         self.dead_lettered = {"status": 1}
         self.last_dead_letter = None
+
+    def replay(self, letter_id: int) -> Replay:
+        raise NotFoundError(f"no dead letter with id {letter_id}")  # it keeps none
 
 
 @pytest.fixture

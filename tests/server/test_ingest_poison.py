@@ -1,7 +1,8 @@
 """What the database refuses of one device is set aside; the rest of the fleet is stored.
 
 A batch the database refuses as a whole is written one device at a time and the
-part it still refuses is dropped (logged, counted, shown in /health); an outage
+part it still refuses is set aside (logged, counted, shown in /health, kept as a
+dead letter: tests/server/test_dead_letters.py); an outage
 (the database takes no write) keeps everything queued instead.
 """
 
@@ -143,8 +144,10 @@ def test_one_device_the_database_refuses_does_not_hold_back_the_fleet(
                 "presence": 0,
             },
             "error": last.error,
+            "kept_id": last.kept_id,
         },
     }
+    assert last.kept_id is not None  # tests/server/test_dead_letters.py: what it keeps
     samples = {
         (sample.name, tuple(sample.labels.values())): sample.value
         for family in text_string_to_metric_families(api.client.get("/metrics").text)

@@ -17,7 +17,7 @@ from edgefleet.server.api.schemas.health import (
     IngestionHealth,
     MqttLinkHealth,
 )
-from edgefleet.server.context import BrokerView, IngestCounters
+from edgefleet.server.context import BrokerView, Ingestion
 from edgefleet.server.errors import StorageError
 from edgefleet.server.mqtt.link import LinkStatus
 from edgefleet.timefmt import format_time
@@ -75,7 +75,7 @@ def _link_health(link: LinkStatus, broker: BrokerView | None) -> MqttLinkHealth:
     )
 
 
-def _ingestion_health(ingest: IngestCounters) -> IngestionHealth:
+def _ingestion_health(ingest: Ingestion) -> IngestionHealth:
     last = ingest.last_dead_letter
     return IngestionHealth(
         dead_lettered=sum(ingest.dead_lettered.values()),
@@ -86,6 +86,7 @@ def _ingestion_health(ingest: IngestCounters) -> IngestionHealth:
             at=format_time(last.at),
             dropped=last.dropped,
             error=last.error,
+            kept_id=last.kept_id,
         ),
     )
 

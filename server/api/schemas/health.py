@@ -21,6 +21,7 @@ class DeadLetterHealth(BaseModel):
     at: str  # when ingestion dropped them
     dropped: dict[str, int]  # messages by kind: status, heartbeat, telemetry, diagnostics, presence
     error: str  # the database's error, one line
+    kept_id: int | None  # the dead letter that keeps them (GET /dead-letters/{id}); None: lost
 
 
 class IngestionHealth(BaseModel):
