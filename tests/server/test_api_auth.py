@@ -140,6 +140,10 @@ REQUIRED_ROLE: dict[tuple[str, str], Role | None] = {
     ("GET", "/api/v1/ca/crl"): None,  # public
     ("GET", "/api/v1/samples"): Role.VIEWER,
     ("GET", "/api/v1/samples/{sample_id}"): Role.OPERATOR,
+    ("GET", "/api/v1/dead-letters"): Role.VIEWER,
+    ("GET", "/api/v1/dead-letters/{letter_id}"): Role.OPERATOR,
+    ("POST", "/api/v1/dead-letters/{letter_id}/replay"): Role.OPERATOR,
+    ("DELETE", "/api/v1/dead-letters/{letter_id}"): Role.OPERATOR,
     ("POST", "/api/v1/tokens"): Role.ADMIN,
     ("GET", "/api/v1/tokens"): Role.ADMIN,
     ("DELETE", "/api/v1/tokens/{token_id}"): Role.ADMIN,
@@ -160,6 +164,7 @@ PATH_VALUES = {
     "token_id": "999999",
     "alert_id": "999999",
     "sample_id": "999999",
+    "letter_id": "999999",
     "delivery_id": "999999",
     "benchmark_id": "999999",
 }
