@@ -87,6 +87,7 @@ def test_what_the_database_refuses_is_kept_as_it_arrived(
     assert "poison status report" in row.error
     topics = [message["topic"] for message in row.messages]
     assert [topic.rsplit("/", 1)[1] for topic in topics] == ["status", "heartbeat", "telemetry"]
+    assert all("/dev-1/" in topic for topic in topics)  # dev-0's were stored, not kept
     last = ingestor.last_dead_letter
     assert last is not None and last.kept_id == row.id
 
