@@ -6,7 +6,7 @@ import click
 
 from edgefleet.cli.options import echo_json, echo_table, json_option
 from edgefleet.client.api import ApiClient, JsonObject
-from edgefleet.client.options import cell, client_command
+from edgefleet.client.options import cell, client_command, limit_option
 
 
 @click.group()
@@ -31,9 +31,7 @@ def alerts() -> None:
 )
 @click.option("--kind", metavar="KIND", help="Only alerts of this kind (e.g. feature-drift).")
 @click.option("--open", "open_only", is_flag=True, help="Only alerts not resolved yet.")
-@click.option(
-    "--limit", type=click.IntRange(1, 1000), default=100, show_default=True, help="How many."
-)
+@limit_option
 @json_option
 @client_command
 def list_command(

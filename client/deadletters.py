@@ -6,7 +6,7 @@ import click
 
 from edgefleet.cli.options import echo_json, echo_table, json_option
 from edgefleet.client.api import ApiClient, JsonObject
-from edgefleet.client.options import client_command
+from edgefleet.client.options import client_command, limit_option
 
 LETTER_ID = click.IntRange(1, 2**31 - 1)
 
@@ -27,9 +27,7 @@ def dead_letters() -> None:
 
 @dead_letters.command("list")
 @click.option("--device", metavar="DEVICE_ID", help="Only this device's dead letters.")
-@click.option(
-    "--limit", type=click.IntRange(1, 1000), default=100, show_default=True, help="How many."
-)
+@limit_option
 @json_option
 @client_command
 def list_command(client: ApiClient, device: str | None, limit: int, as_json: bool) -> None:

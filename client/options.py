@@ -15,6 +15,11 @@ import click
 from edgefleet.client.api import DEFAULT_SERVER, ApiClient
 from edgefleet.errors import UsageError
 
+# How many rows a list command asks for (the server answers at most 1000).
+limit_option = click.option(
+    "--limit", type=click.IntRange(1, 1000), default=100, show_default=True, help="How many."
+)
+
 
 def client_command(func: Callable[..., None]) -> Callable[..., None]:
     """Add --server and --token to a command; call it with `client=ApiClient(...)`."""

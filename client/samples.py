@@ -8,7 +8,7 @@ import click
 
 from edgefleet.cli.options import echo_json, echo_table, json_option
 from edgefleet.client.api import ApiClient
-from edgefleet.client.options import client_command
+from edgefleet.client.options import client_command, limit_option
 from edgefleet.fileio import atomic_write_bytes
 
 
@@ -26,9 +26,7 @@ def samples() -> None:
 
 @samples.command("list")
 @click.option("--device", metavar="DEVICE_ID", help="Only this device's uploads.")
-@click.option(
-    "--limit", type=click.IntRange(1, 1000), default=100, show_default=True, help="How many."
-)
+@limit_option
 @json_option
 @client_command
 def list_command(client: ApiClient, device: str | None, limit: int, as_json: bool) -> None:

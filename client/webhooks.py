@@ -6,7 +6,7 @@ import click
 
 from edgefleet.cli.options import echo_json, echo_table, json_option
 from edgefleet.client.api import ApiClient
-from edgefleet.client.options import cell, client_command
+from edgefleet.client.options import cell, client_command, limit_option
 
 
 @click.group()
@@ -22,9 +22,7 @@ def webhooks() -> None:
 
 @webhooks.command("deliveries")
 @click.option("--failed", is_flag=True, help="Only events given up after every attempt failed.")
-@click.option(
-    "--limit", type=click.IntRange(1, 1000), default=100, show_default=True, help="How many."
-)
+@limit_option
 @json_option
 @client_command
 def deliveries_command(client: ApiClient, failed: bool, limit: int, as_json: bool) -> None:
