@@ -17,7 +17,7 @@ import base64
 import datetime as dt
 from collections.abc import Sequence
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from edgefleet.server.db.models import DeadLetterRow
@@ -73,6 +73,11 @@ def list_dead_letters(
     return list(session.scalars(query))
 
 
+def count_dead_letters(session: Session) -> int:
+    """How many are kept (not replayed nor discarded)."""
+    return int(session.scalar(select(func.count()).select_from(DeadLetterRow)) or 0)
+
+
 def get_dead_letter(session: Session, letter_id: int) -> DeadLetterRow:
     """Raises: NotFoundError."""
     row = session.get(DeadLetterRow, letter_id)
@@ -97,6 +102,7 @@ def discard_dead_letter(session: Session, letter_id: int) -> DeadLetterRow:
 
 
 __all__ = [
+    "count_dead_letters",
     "discard_dead_letter",
     "get_dead_letter",
     "keep_dead_letter",

@@ -23,6 +23,8 @@
                                                            from labelled feedback
     edgefleet_webhook_deliveries_pending                   gauge: alert events still to be sent
     edgefleet_webhook_deliveries_failed                    gauge: alert events given up on
+    edgefleet_dead_letters                                 gauge: dead letters kept (device
+                                                           messages the database refused)
     edgefleet_metrics_database_up                          0 when the gauges could not be read
 
 Database-backed gauges are read at scrape time (grouped COUNT queries, and
@@ -50,6 +52,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgefleet.server.context import ServerContext
 from edgefleet.server.db.models import Device, DriftState, Rollout, TelemetryBucket
+from edgefleet.server.deadletters import count_dead_letters
 from edgefleet.server.drift.accuracy import ACCURACY_DROP, Labelled
 from edgefleet.server.drift.alerts import open_alerts_by_kind
 from edgefleet.server.drift.cohorts import VERSION_COHORT
@@ -204,6 +207,7 @@ class ServerCollector(Collector):
                 pending, failed = delivery_counts(
                     session, self.context.settings.webhook_max_attempts
                 )
+                dead_letters = count_dead_letters(session)
         except StorageError:
             yield GaugeMetricFamily(
                 "edgefleet_metrics_database_up", "1 when the database answered.", value=0
@@ -232,6 +236,11 @@ class ServerCollector(Collector):
             "edgefleet_webhook_deliveries_failed",
             "Alert events given up on after every attempt failed (until retried).",
             value=failed,
+        )
+        yield GaugeMetricFamily(
+            "edgefleet_dead_letters",
+            "Dead letters kept: device messages the database refused, not replayed or discarded.",
+            value=dead_letters,
         )
         yield GaugeMetricFamily(
             "edgefleet_metrics_database_up", "1 when the database answered.", value=1

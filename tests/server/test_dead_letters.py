@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select, text
 
 from edgefleet.mqtt.devicesig import split_device_frame
@@ -20,7 +21,7 @@ from edgefleet.server.mqtt.ingest import TAKEN, Ingestor
 from edgefleet.server.principals import Role
 from edgefleet.trust import TrustRoot
 from tests.clirun import Cli
-from tests.server.apiclient import make_api, serve
+from tests.server.apiclient import Api, make_api, serve
 from tests.server.fleet import SimDevice
 from tests.server.test_ingest import T0, Clock, Keys, enroll, make_settings, signed, telemetry
 from tests.server.test_ingest_poison import (
@@ -151,6 +152,17 @@ def test_only_the_newest_dead_letters_are_kept(
     assert ingestor.dead_lettered["status"] == 3
 
 
+def kept_gauge(api: Api) -> float:
+    """`edgefleet_dead_letters` as /metrics shows it."""
+    [value] = [
+        sample.value
+        for family in text_string_to_metric_families(api.client.get("/metrics").text)
+        for sample in family.samples
+        if sample.name == "edgefleet_dead_letters"
+    ]
+    return value
+
+
 def test_dead_letters_through_the_api(
     database: Database, tmp_path: Path, trust: TrustRoot, fleet: list[SimDevice]
 ) -> None:
@@ -172,11 +184,13 @@ def test_dead_letters_through_the_api(
     refused = api.post(f"/dead-letters/{row.id}/replay", Role.OPERATOR)
     assert refused.status_code == 409 and "ingests no MQTT" in refused.json()["detail"]
 
+    assert kept_gauge(api) == 1
     api.context.ingest = ingestor
     allow_poison_reports(database)
     replayed = api.post(f"/dead-letters/{row.id}/replay", Role.OPERATOR)
     assert replayed.status_code == 200
     assert replayed.json() == {"outcomes": {TAKEN: 3}, "settled": True, "again": None}
+    assert kept_gauge(api) == 0
     assert api.post(f"/dead-letters/{row.id}/replay", Role.OPERATOR).status_code == 404
     assert stored(database)[0]["dev-1"] == 1
 
