@@ -26,6 +26,11 @@ from edgefleet.server.mqtt.batch import KeptMessage
 from edgefleet.timefmt import format_time
 
 
+def describe_dropped(dropped: dict[str, int]) -> str:
+    """Messages by kind in words: "1 status, 2 telemetry"."""
+    return ", ".join(f"{count} {kind}" for kind, count in dropped.items() if count)
+
+
 def keep_dead_letter(
     session: Session,
     device_id: str,
@@ -103,6 +108,7 @@ def discard_dead_letter(session: Session, letter_id: int) -> DeadLetterRow:
 
 __all__ = [
     "count_dead_letters",
+    "describe_dropped",
     "discard_dead_letter",
     "get_dead_letter",
     "keep_dead_letter",

@@ -105,6 +105,7 @@ from edgefleet.server import history
 from edgefleet.server.db.database import Database
 from edgefleet.server.db.models import Device
 from edgefleet.server.deadletters import (
+    describe_dropped,
     discard_dead_letter,
     get_dead_letter,
     keep_dead_letter,
@@ -547,7 +548,7 @@ class Ingestor:
         # see the counts before or after, never a dict being changed.
         self.dead_lettered = self.dead_lettered + collections.Counter(dropped)
         self.last_dead_letter = DeadLetter(device_id, self._clock(), dropped, error, kept_id)
-        what = ", ".join(f"{n} {kind}" for kind, n in dropped.items() if n)
+        what = describe_dropped(dropped)
         log.error(
             "set aside what device %r sent (%s messages: %s): the database refuses it: %s%s",
             device_id,

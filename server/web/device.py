@@ -19,6 +19,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from edgefleet.mqtt import is_valid_device_id
 from edgefleet.server.api.deps import ContextDep, SessionDep
 from edgefleet.server.db.models import Device
+from edgefleet.server.deadletters import describe_dropped, list_dead_letters
 from edgefleet.server.device_history import recent_status_reports
 from edgefleet.server.devices import get_device
 from edgefleet.server.diagnostics import (
@@ -49,6 +50,7 @@ CHART_PERIOD = dt.timedelta(hours=24)  # heartbeat charts and the model's figure
 PRESENCE_PERIOD = dt.timedelta(days=7)
 SHOWN_ALERTS = 50
 SHOWN_DIAGNOSTICS = 3
+SHOWN_DEAD_LETTERS = 5
 MAX_LOG_LINES = 200  # of a diagnostics answer, shown in a <pre>
 
 
@@ -127,6 +129,8 @@ def device_page(
             if (a.bundle_name, a.bundle_version) == (device.model_name, device.model_version)
         },
         alerts=alerts,
+        dead_letters=list_dead_letters(session, device.id, SHOWN_DEAD_LETTERS),
+        describe_dropped=describe_dropped,
         diagnostics=diagnostics_for(session, device.id, limit=SHOWN_DIAGNOSTICS),
         diagnostics_state=lambda asked: diagnostics_state(asked, now),
         max_log_lines=MAX_LOG_LINES,

@@ -10,6 +10,7 @@ from sqlalchemy import select
 
 from edgefleet.server.db.models import (
     AuditEntry,
+    DeadLetterRow,
     Device,
     DiagnosticsRequest,
     DriftState,
@@ -172,6 +173,15 @@ def sick_device(web: Api, tmp_path: Path, keyset: KeySet) -> None:
                     temperature_max=61.5,
                 )
             )
+        session.add(
+            DeadLetterRow(
+                device_id="dev-1",
+                at=now - dt.timedelta(minutes=30),
+                error="database error: DataError: value out of range for type bigint",
+                dropped={"status": 0, "heartbeat": 1, "telemetry": 2, "diagnostics": 0},
+                messages=[],
+            )
+        )
     add_alert(web, "dev-1", "feature-drift", "pixels[53]", resolved=False, version="2.0.0")
     # an alert of the previous version lends its evidence to no check of the version in service
     add_alert(web, "dev-1", "feature-drift", "pixels[7]", resolved=False)
@@ -219,6 +229,12 @@ def test_the_device_page_shows_what_the_database_holds(
     assert "feature drift of pixels[53] on demo@2.0.0" in text
     assert "installed and serving (demo@2.0.0): health check passed on 50 requests" in text
     assert "offline: last will: the connection dropped" in text
+    # what the database refused of it, kept
+    assert "Messages set aside" in text
+    assert (
+        "30 min ago: 1 heartbeat, 2 telemetry; the database refused them: database error: "
+        "DataError: value out of range for type bigint"
+    ) in text
     assert "No diagnostics asked for yet." in text
     assert "Ask the device" not in text  # a viewer has no button
 
@@ -241,7 +257,9 @@ def test_an_operator_asks_for_diagnostics_and_sees_the_answer(
     assert refused.status_code == 403
     operator, csrf = sign_in(web, Role.OPERATOR)
     assert operator.post("/devices/dev-1/diagnostics").status_code == 403  # no CSRF token
-    assert "Ask the device for its log and status" in operator.get("/devices/dev-1").text
+    fresh = operator.get("/devices/dev-1").text
+    assert "Ask the device for its log and status" in fresh
+    assert "Messages set aside" not in fresh  # shown only when the database refused some
 
     asked = operator.post("/devices/dev-1/diagnostics", data={"csrf_token": csrf})
     assert asked.status_code == 303 and asked.headers["location"] == "/devices/dev-1#diagnostics"
