@@ -40,7 +40,8 @@ def keep_dead_letter(
     messages: Sequence[KeptMessage],
     kept: int,
 ) -> int:
-    """Add a dead letter to `session`'s unit of work, and delete all but the newest `kept`.
+    """Add a dead letter to `session`'s unit of work, and delete all but the newest `kept`
+    (at least this one).
 
     Returns its id.
     """
@@ -61,7 +62,7 @@ def keep_dead_letter(
     session.add(row)
     session.flush()
     oldest_kept = session.scalar(
-        select(DeadLetterRow.id).order_by(DeadLetterRow.id.desc()).offset(kept - 1).limit(1)
+        select(DeadLetterRow.id).order_by(DeadLetterRow.id.desc()).offset(max(kept, 1) - 1).limit(1)
     )
     if oldest_kept is not None:
         session.execute(delete(DeadLetterRow).where(DeadLetterRow.id < oldest_kept))

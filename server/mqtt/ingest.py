@@ -46,7 +46,7 @@ letter's messages again through `_take`, the path of every message, in the
 caller's thread (they are older than what the device sent since, and are
 ordered by their own dates and sequences, as redelivered messages are), and
 writes them. The batch's `on_stored`
-callbacks are called once all its parts are written or dropped, so one
+callbacks are called once all its parts are written or set aside, so one
 device's message the database refuses does not hold back the fleet.
 The devices a written batch brought back (`BatchWriter.write`) are handed to
 `on_return` (the rollout side's `resend.Returns.add`, which only records them:
@@ -136,7 +136,7 @@ TAKEN = "taken"  # what `_take` says of a message merged into the batch
 
 @dataclass(frozen=True)
 class DeadLetter:
-    """What ingestion dropped of one device because the database refused it."""
+    """What ingestion set aside of one device because the database refused it."""
 
     device_id: str
     at: dt.datetime
