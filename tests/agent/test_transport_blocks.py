@@ -286,7 +286,7 @@ def test_malformed_block_messages_are_counted_not_fatal(content: bytes, destinat
         encode_block_data(sha, BLOCK, COUNT + 5, b"x"),  # beyond the file
         encode_block_data(sha, BLOCK, 1, b"short"),  # wrong size for its index
         encode_block_data("0" * 64, BLOCK, 1, content[:BLOCK]),  # another transfer
-        good[:-1] + b"!",  # damaged
+        good[:-1] + bytes([good[-1] ^ 0xFF]),  # damaged: its last byte always changes
     ]
     blocks = MqttBlockFetcher(
         LoopbackChannel(content, noise), request_timeout=1.0, idle_timeout=5.0
