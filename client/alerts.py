@@ -6,7 +6,7 @@ import click
 
 from edgefleet.cli.options import echo_json, echo_table, json_option
 from edgefleet.client.api import ApiClient, JsonObject
-from edgefleet.client.options import cell, client_command, limit_option
+from edgefleet.client.options import ROW_ID, cell, client_command, limit_option
 
 
 @click.group()
@@ -90,7 +90,7 @@ def list_command(
 
 
 @alerts.command("ack")
-@click.argument("alert_id", metavar="ID", type=click.IntRange(1, 2**31 - 1))
+@click.argument("alert_id", metavar="ID", type=ROW_ID)
 @client_command
 def ack_command(client: ApiClient, alert_id: int) -> None:
     """Acknowledge alert ID (it stays open until the evaluator resolves it).

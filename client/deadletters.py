@@ -6,9 +6,7 @@ import click
 
 from edgefleet.cli.options import echo_json, echo_table, json_option
 from edgefleet.client.api import ApiClient, JsonObject
-from edgefleet.client.options import client_command, limit_option
-
-LETTER_ID = click.IntRange(1, 2**31 - 1)
+from edgefleet.client.options import ROW_ID, client_command, limit_option
 
 
 @click.group("dead-letters")
@@ -54,7 +52,7 @@ def list_command(client: ApiClient, device: str | None, limit: int, as_json: boo
 
 
 @dead_letters.command("show")
-@click.argument("letter_id", metavar="ID", type=LETTER_ID)
+@click.argument("letter_id", metavar="ID", type=ROW_ID)
 @json_option
 @client_command
 def show_command(client: ApiClient, letter_id: int, as_json: bool) -> None:
@@ -73,7 +71,7 @@ def show_command(client: ApiClient, letter_id: int, as_json: bool) -> None:
 
 
 @dead_letters.command("replay")
-@click.argument("letter_id", metavar="ID", type=LETTER_ID)
+@click.argument("letter_id", metavar="ID", type=ROW_ID)
 @json_option
 @client_command
 def replay_command(client: ApiClient, letter_id: int, as_json: bool) -> None:
@@ -109,7 +107,7 @@ def replay_command(client: ApiClient, letter_id: int, as_json: bool) -> None:
 
 
 @dead_letters.command("discard")
-@click.argument("letter_id", metavar="ID", type=LETTER_ID)
+@click.argument("letter_id", metavar="ID", type=ROW_ID)
 @client_command
 def discard_command(client: ApiClient, letter_id: int) -> None:
     """Delete dead letter ID: its messages are never stored (operator role, audited)."""

@@ -15,6 +15,9 @@ import click
 from edgefleet.client.api import DEFAULT_SERVER, ApiClient
 from edgefleet.errors import UsageError
 
+# A row's id as an argument (ids are 32-bit integers on PostgreSQL).
+ROW_ID = click.IntRange(1, 2**31 - 1)
+
 # How many rows a list command asks for (the server answers at most 1000).
 limit_option = click.option(
     "--limit", type=click.IntRange(1, 1000), default=100, show_default=True, help="How many."

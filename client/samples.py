@@ -8,7 +8,7 @@ import click
 
 from edgefleet.cli.options import echo_json, echo_table, json_option
 from edgefleet.client.api import ApiClient
-from edgefleet.client.options import client_command, limit_option
+from edgefleet.client.options import ROW_ID, client_command, limit_option
 from edgefleet.fileio import atomic_write_bytes
 
 
@@ -56,7 +56,7 @@ def list_command(client: ApiClient, device: str | None, limit: int, as_json: boo
 
 
 @samples.command("get")
-@click.argument("sample_id", metavar="ID", type=click.IntRange(1, 2**31 - 1))
+@click.argument("sample_id", metavar="ID", type=ROW_ID)
 @click.option(
     "-o",
     "--output",

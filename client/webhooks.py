@@ -6,7 +6,7 @@ import click
 
 from edgefleet.cli.options import echo_json, echo_table, json_option
 from edgefleet.client.api import ApiClient
-from edgefleet.client.options import cell, client_command, limit_option
+from edgefleet.client.options import ROW_ID, cell, client_command, limit_option
 
 
 @click.group()
@@ -54,7 +54,7 @@ def deliveries_command(client: ApiClient, failed: bool, limit: int, as_json: boo
 
 
 @webhooks.command("retry")
-@click.argument("delivery_id", metavar="ID", type=click.IntRange(1, 2**31 - 1))
+@click.argument("delivery_id", metavar="ID", type=ROW_ID)
 @client_command
 def retry_command(client: ApiClient, delivery_id: int) -> None:
     """Send undelivered event ID again now, with a full set of attempts (operator role)."""
