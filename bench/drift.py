@@ -207,10 +207,11 @@ def main() -> int:
     print(format_columns(table, rule=True))
 
     print(
-        f"\nThe statistic (the larger of its parts' excesses over their own 1% levels without "
-        f"drift, each in its tail's scale) against the plain sum, each part alone, the larger "
-        f"part scaled by its 1% level, the sum so scaled (the statistic before), that sum with "
-        f"a third, spread part and the Jensen-Shannon distance, each calibrated the same way "
+        f"\nThe statistic (the largest of its three parts' excesses over their own 1% levels "
+        f"without drift, each in its tail's scale; pooled pixels: of the first two) against the "
+        f"plain sum, each part alone, the larger part scaled by its 1% level, the sum so scaled, "
+        f"that sum with a third, spread part, the larger of the first two parts' excesses (the "
+        f"statistic before) and the Jensen-Shannon distance, each calibrated the same way "
         f"(1% of windows of {args.window} samples per feature, no sharing among features), "
         f"{COMPARE_WINDOWS} windows per scenario and data set, same data sets:"
     )

@@ -11,8 +11,9 @@ The cells: the reference's bins in order, with values below the first edge
 counted in the first bin and values above the last edge in the last, and NaN as
 a cell of its own.
 
-The statistic has two parts, sums of squared two-sample z-scores of the
-window's shares against the reference's, over the cells in order with NaN last.
+The statistic has two parts (three for "tail-max-psi", below), sums of squared
+two-sample z-scores of the window's shares against the reference's, over the
+cells in order with NaN last.
 The cumulative part is of the share below each boundary between cells
 (cumulative shares, as the Anderson-Darling test compares them: the most
 sensitive to shifts, and a rise of NaN moves every one of them). The cell part
@@ -35,15 +36,25 @@ any value in those bins.
 Thresholds name the statistic they were calibrated for (`FeatureThresholds.
 statistic`), and a feature is judged with that one:
 
-- "tail-max" (what the converter calibrates): each part's excess over its own
-  upper 1% level without drift (`part_levels`), in the scale of that part's
-  tail beyond it (`part_scales`, the mean excess), both measured at
-  calibration; the larger of the two. Each part counts by how unlikely it is
-  (an excess of s is a chance of about 1% times e^-s for that part), and the
-  least likely decides, so a change that only one part sees is not diluted by
-  the other part's noise;
-- "scaled-sum" (bundles converted before it) divides each part by its upper
-  1% level and adds them;
+- "tail-max-psi" (what the converter calibrates for features of one value
+  per sample): "tail-max" over three parts, the third the PSI part
+  (`psi_part`): PSI over the cells with the values below and above the range
+  in cells of their own, times the two sides' sample sizes' harmonic weight
+  (as the other parts' z-scores have it). Values outside the range weigh
+  there as PSI weighs them, in cells that the reference's own values never
+  reach, where folded into the outer bins they weigh no more than any value
+  in those bins;
+- "tail-max": each part's excess over its own upper 1% level without drift
+  (`part_levels`), in the scale of that part's tail beyond it
+  (`part_scales`, the mean excess), both measured at calibration; the
+  largest. Each part counts by how unlikely it is (an excess of s is a
+  chance of about 1% times e^-s for that part), and the least likely
+  decides, so a change that only one part sees is not diluted by the other
+  parts' noise. Of the cumulative part and the cell part: what the converter
+  calibrates for features of many values per sample, and bundles converted
+  before "tail-max-psi";
+- "scaled-sum" (bundles converted before "tail-max") divides each part by
+  its upper 1% level and adds them;
 - "sum" (thresholds that name none: bundles converted before those) adds the
   parts as they are.
 
@@ -71,7 +82,11 @@ OUTSIDE_SHARE = 0.1  # of a feature's false-alarm rate, for the test of values o
 OUTSIDE_KINDS = 3  # below the range, above it, NaN: the outside test takes the least likely
 
 Status = Literal["ok", "drift", "insufficient"]
-StatisticName = Literal["sum", "scaled-sum", "tail-max"]
+StatisticName = Literal["sum", "scaled-sum", "tail-max", "tail-max-psi"]
+# The parts each statistic combines: the cumulative and the cell part; "tail-max-psi" adds the
+# PSI part.
+PARTS: dict[str, int] = {"sum": 2, "scaled-sum": 2, "tail-max": 2, "tail-max-psi": 3}
+TAIL_MAX = ("tail-max", "tail-max-psi")  # the statistics of the parts' largest excess
 Transition = Literal["open", "still-open", "close", "quiet"]
 
 
@@ -88,9 +103,10 @@ class FeatureThresholds(BaseModel):
     for a per-sample feature, many for pooled pixels): it turns a window's
     counts into its sample count. `statistic` names the statistic they were
     calibrated for (absent: "sum"); "scaled-sum" needs `part_scales`, the
-    cumulative and the cell part's scales; "tail-max" needs them (the parts'
-    tail scales) and `part_levels` (their 1% levels), and a tail scale at
-    every window, since its values and thresholds may be negative.
+    cumulative and the cell part's scales; "tail-max" and "tail-max-psi" need
+    them (the parts' tail scales, one per part in `PARTS`) and `part_levels`
+    (their 1% levels), and a tail scale at every window, since their values
+    and thresholds may be negative.
     `outside_share` (absent: no such test) is the share of `false_alarm` that
     the test of values outside the reference's range takes (`outside_chance`);
     the statistic is judged at the rest. Readers that predate it ignore it and
@@ -104,19 +120,25 @@ class FeatureThresholds(BaseModel):
     tail: dict[int, float] = Field(default_factory=dict)
     values_per_sample: float = Field(default=1.0, gt=0)
     statistic: StatisticName = "sum"
-    part_scales: tuple[float, float] | None = None
-    part_levels: tuple[float, float] | None = None
+    part_scales: tuple[float, ...] | None = None
+    part_levels: tuple[float, ...] | None = None
     outside_share: float | None = Field(default=None, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _windows(self) -> FeatureThresholds:
         if (self.statistic == "sum") != (self.part_scales is None):
             raise ValueError(
-                'part_scales are needed by the "scaled-sum" and "tail-max" statistics, and only '
-                "by them"
+                'part_scales are needed by every statistic but "sum", and only by them'
             )
-        if (self.statistic == "tail-max") != (self.part_levels is not None):
-            raise ValueError('part_levels are needed by the "tail-max" statistic, and only by it')
+        tail_max = self.statistic in TAIL_MAX
+        if tail_max != (self.part_levels is not None):
+            raise ValueError(
+                f"part_levels are needed by the statistics {TAIL_MAX}, and only by them"
+            )
+        parts = PARTS[self.statistic]
+        for name, values in (("part_scales", self.part_scales), ("part_levels", self.part_levels)):
+            if values is not None and len(values) != parts:
+                raise ValueError(f'"{self.statistic}" has {parts} {name}, one per part')
         if self.part_scales is not None and min(self.part_scales) <= 0:
             raise ValueError("part scales must be positive")
         if any(samples < 1 for samples in self.by_window):
@@ -125,9 +147,9 @@ class FeatureThresholds(BaseModel):
             raise ValueError("every tail scale needs a threshold at the same window")
         if any(value < 0 for value in self.tail.values()):
             raise ValueError("tail scales must not be negative")
-        if self.statistic == "tail-max":
+        if tail_max:
             if set(self.tail) != set(self.by_window):
-                raise ValueError('the "tail-max" statistic needs a tail scale at every window')
+                raise ValueError(f'"{self.statistic}" needs a tail scale at every window')
         elif any(value < 0 for value in self.by_window.values()):
             raise ValueError("thresholds must not be negative")
         return self
@@ -239,15 +261,17 @@ def statistic(
 
     The one `thresholds` were calibrated for; without thresholds, "sum".
     """
-    cumulative, cells = statistic_parts(reference, live)
+    parts: tuple[float, ...] = statistic_parts(reference, live)
     if thresholds is None or thresholds.part_scales is None:
-        return cumulative + cells
-    cumulative_scale, cell_scale = thresholds.part_scales
+        return sum(parts)
+    if PARTS[thresholds.statistic] == 3:
+        parts = (*parts, psi_part(reference, live))
+    scales = thresholds.part_scales
     if thresholds.part_levels is None:
-        return cumulative / cumulative_scale + cells / cell_scale
-    cumulative_level, cell_level = thresholds.part_levels
+        return sum(part / scale for part, scale in zip(parts, scales, strict=True))
     return max(
-        (cumulative - cumulative_level) / cumulative_scale, (cells - cell_level) / cell_scale
+        (part - level) / scale
+        for part, level, scale in zip(parts, thresholds.part_levels, scales, strict=True)
     )
 
 
@@ -269,6 +293,19 @@ def statistic_parts(reference: Histogram, live: Histogram) -> tuple[float, float
         reference_cells, live_cells, reference_total, live_total, cumulative=False
     )
     return cumulative, cells
+
+
+def psi_part(reference: Histogram, live: Histogram) -> float:
+    """The PSI part: `psi` times the two sides' value counts' harmonic weight, R L / (R + L).
+
+    The weight is the other parts' (their z-scores carry it), so that without
+    drift the part keeps about chi-square's scale at every window size.
+    """
+    reference_total, live_total = _value_count(reference), _value_count(live)
+    if reference_total == 0 or live_total == 0:
+        return 0.0
+    weight = reference_total * live_total / (reference_total + live_total)
+    return weight * psi(reference, live)
 
 
 def _log_choose(total: int, chosen: int) -> float:

@@ -10,10 +10,13 @@ from driftbench.data import FALSE_ALARM, Group
 from driftbench.scenarios import SCENARIOS, changed
 from driftbench.tally import percent
 from edgefleet.converter.driftcal import (
+    Statistics,
     both_parts,
     combined,
+    drawn_outside,
     null_statistics,
     part_tails,
+    psi_part,
     sample_cells,
 )
 from edgefleet.drift import Histogram, count_into
@@ -35,7 +38,8 @@ VARIANTS = [
     "the larger part, scaled",
     "the sum, scaled (before)",
     "the sum with a spread part, scaled",
-    "the statistic (the larger excess, in tail scales)",
+    "the two parts' larger excess, in tail scales (before)",
+    "the statistic (with the PSI part, the largest excess)",
     "JS distance, calibrated",
 ]
 
@@ -80,22 +84,52 @@ def js_distances(reference: np.ndarray, live: np.ndarray) -> np.ndarray:
     return np.asarray(np.sqrt(np.maximum(divergence, 0.0)))
 
 
-def compared_parts(reference: np.ndarray, live: np.ndarray) -> np.ndarray:
-    """Per row of cell counts: the statistic's two parts, a candidate spread part, JS."""
+STATISTIC_PARTS = [0, 1, 4]  # of `compared_parts`: the cumulative, the cell and the PSI part
+
+
+def compared_parts(reference: np.ndarray, live: np.ndarray, outside: np.ndarray) -> np.ndarray:
+    """Per row of cell counts: the statistic's two parts, a candidate spread part, JS, and the
+    PSI part (`outside`: the live rows' values below and above the range, in their outer bins)."""
     return np.column_stack(
-        [both_parts(reference, live), spread_part(reference, live), js_distances(reference, live)]
+        [
+            both_parts(reference, live),
+            spread_part(reference, live),
+            js_distances(reference, live),
+            psi_part(reference, live, outside),
+        ]
     )
 
 
+def compared_null(one_value: bool, rng: np.random.Generator) -> Statistics:
+    """`compared_parts` of drawn rows; with one value per sample, with values outside the range
+    drawn as the calibration draws them (pooled values: none, and no PSI part, as calibrated)."""
+
+    def parts(reference: np.ndarray, live: np.ndarray) -> np.ndarray:
+        outside = drawn_outside(reference, live, rng) if one_value else np.zeros((len(live), 2))
+        return compared_parts(reference, live, outside)
+
+    return parts
+
+
 def every_variant(
-    parts: np.ndarray, scales: np.ndarray, tails: tuple[tuple[float, float], tuple[float, float]]
+    parts: np.ndarray,
+    scales: np.ndarray,
+    tails: tuple[tuple[float, ...], tuple[float, ...]],
+    one_value: bool,
 ) -> np.ndarray:
     """Per row of `compared_parts`, each variant's value (`scales`: each one's null quantile;
-    `tails`: the two parts' levels and tail scales, `part_tails`)."""
+    `tails`: the statistic's parts' levels and tail scales, `part_tails`; `one_value`: one value
+    per sample, where the statistic has the PSI part)."""
     scaled = parts / np.maximum(scales, 1e-12)
     two, plain = scaled[:, :2], parts[:, :2]
     with_spread = scaled[:, :3].sum(axis=1)
-    tail_max = combined(plain, part_scales=tails[1], part_levels=tails[0])
+    levels, tail_scales = tails
+    before = combined(plain, part_scales=tail_scales[:2], part_levels=levels[:2])
+    statistic = (
+        combined(parts[:, STATISTIC_PARTS], part_scales=tail_scales, part_levels=levels)
+        if one_value
+        else before
+    )
     return np.stack(
         [
             plain.sum(axis=1),
@@ -103,7 +137,8 @@ def every_variant(
             two.max(axis=1),
             two.sum(axis=1),
             with_spread,
-            tail_max,
+            before,
+            statistic,
             parts[:, 3],
         ],
         axis=1,
@@ -114,15 +149,19 @@ def compare_statistics(
     groups: list[Group], args: argparse.Namespace, rng: np.random.Generator
 ) -> list[list[object]]:
     """Per scenario, the share of feature-windows each variant flags at its own 1% threshold."""
-    cuts, scales, tails, totals = {}, {}, {}, {}
+    cuts, scales, tails, totals, one_value = {}, {}, {}, {}, {}
     for group in groups:
         for feature, (reference, _) in group.references.items():
             samples = [np.atleast_1d(row) for row in group.reference_values[feature]]
             per_sample = sample_cells(samples, reference.edges)
-            null = null_statistics(per_sample, [args.window], COMPARE_DRAWS, rng, compared_parts)
+            one_value[feature] = bool((per_sample.sum(axis=1) == 1).all())
+            drawn = compared_null(one_value[feature], rng)
+            null = null_statistics(per_sample, [args.window], COMPARE_DRAWS, rng, drawn)
             scales[feature] = np.quantile(null[args.window], 1 - FALSE_ALARM, axis=0)
-            tails[feature] = part_tails(null[args.window][:, :2])
-            variants = every_variant(null[args.window], scales[feature], tails[feature])
+            tails[feature] = part_tails(null[args.window][:, STATISTIC_PARTS])
+            variants = every_variant(
+                null[args.window], scales[feature], tails[feature], one_value[feature]
+            )
             cuts[feature] = np.quantile(variants, 1 - FALSE_ALARM, axis=0)
             totals[feature] = per_sample.sum(axis=0)[None]
     table: list[list[object]] = [["scenario", "feature-windows", *(f"{v} %" for v in VARIANTS)]]
@@ -136,8 +175,11 @@ def compare_statistics(
                 values = group.extract(scenario.shift(group, args.window, rng))
                 for feature in judged:
                     live = count_into(values[feature], group.references[feature][0].edges)
-                    parts = compared_parts(totals[feature], np.array([cells(live)]))
-                    found = every_variant(parts, scales[feature], tails[feature])[0]
+                    outside = np.array([[live.below, live.above]])
+                    parts = compared_parts(totals[feature], np.array([cells(live)]), outside)
+                    found = every_variant(
+                        parts, scales[feature], tails[feature], one_value[feature]
+                    )[0]
                     flagged += found > cuts[feature]
                     windows += 1
         table.append([scenario.name, windows, *(percent(int(f), windows) for f in flagged)])

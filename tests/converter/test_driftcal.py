@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from edgefleet.converter.driftcal import calibrate, sample_cells, statistics
+from edgefleet.converter.driftcal import calibrate, outside_draws, sample_cells, statistics
 from edgefleet.drift import count_into, quantile_edges
 from edgefleet.driftstats import FeatureThresholds, statistic, threshold_at
 
@@ -85,9 +86,18 @@ def test_the_vectorised_statistic_is_the_core_statistic() -> None:
         part_scales=(3.0, 2.0),
         part_levels=(30.0, 12.0),
     )
-    for thresholds in (scaled, tail_max):
+    tail_max_psi = FeatureThresholds(
+        false_alarm=0.01,
+        by_window={100: 1.0},
+        tail={100: 1.0},
+        statistic="tail-max-psi",
+        part_scales=(3.0, 2.0, 2.5),
+        part_levels=(30.0, 12.0, 13.0),
+    )
+    outside = np.array([[1, 1]])  # -9.0 below the range, 9.0 above it
+    for thresholds in (scaled, tail_max, tail_max_psi):
         expected = statistic(count_into(reference, edges), count_into(window, edges), thresholds)
-        found = statistics(cells[0][None], cells[1][None], thresholds)[0]
+        found = statistics(cells[0][None], cells[1][None], thresholds, outside)[0]
         assert found == pytest.approx(expected)
     folded = count_into(window, edges)
     assert cells[1].tolist() == [
@@ -116,7 +126,9 @@ def test_pooled_correlated_values_get_higher_thresholds_that_hold() -> None:
     assert pooled_cut is not None and independent_cut is not None
     assert pooled.part_levels is not None and independent.part_levels is not None
     # the correlated values' parts reach far more without drift: each part's level says so
-    assert all(p > 5 * i for p, i in zip(pooled.part_levels, independent.part_levels, strict=True))
+    assert pooled.statistic == "tail-max" and independent.statistic == "tail-max-psi"
+    folded_parts = independent.part_levels[:2]  # the PSI part is one value per sample's only
+    assert all(p > 5 * i for p, i in zip(pooled.part_levels, folded_parts, strict=True))
 
     reference_counts = count_into(reference, edges)
     calm = [count_into(images(rng, WINDOW), edges) for _ in range(1000)]
@@ -142,8 +154,26 @@ def test_thresholds_are_a_valid_reference_field() -> None:
     thresholds = calibrate(per_sample(reference), quantile_edges(reference), WINDOWS, [0.01], rng)
     assert FeatureThresholds.model_validate_json(thresholds.model_dump_json()) == thresholds
     assert sorted(thresholds.by_window) == WINDOWS and sorted(thresholds.tail) == WINDOWS
-    assert thresholds.statistic == "tail-max"
+    assert thresholds.statistic == "tail-max-psi"
     assert thresholds.part_scales is not None and thresholds.part_levels is not None
+    assert len(thresholds.part_scales) == len(thresholds.part_levels) == 3
+
+
+def test_values_outside_the_range_are_drawn_as_a_window_of_the_same_population_holds_them() -> None:
+    rng = np.random.default_rng(7)
+    reference_samples, window_samples, trials = 200, 100, 4000
+    found = np.zeros((trials, 2), dtype=np.int64)
+    for trial in range(trials):
+        reference, window = rng.normal(size=reference_samples), rng.normal(size=window_samples)
+        found[trial] = (window < reference.min()).sum(), (window > reference.max()).sum()
+    drawn = outside_draws(reference_samples, window_samples, trials, rng)
+    assert drawn.shape == (trials, 2) and drawn.min() >= 0
+    # exchangeable samples: n / (N + 1) on average, at least 2 with chance C(n, 2) / C(N + n, 2)
+    at_least_two = math.comb(window_samples, 2) / math.comb(reference_samples + window_samples, 2)
+    for side in (0, 1):
+        for counts in (found[:, side], drawn[:, side]):
+            assert counts.mean() == pytest.approx(window_samples / (reference_samples + 1), rel=0.1)
+            assert consistent(int((counts >= 2).sum()), trials, at_least_two)
 
 
 def test_a_few_percent_of_missing_values_is_found_even_among_many_features() -> None:

@@ -16,6 +16,7 @@ from edgefleet.driftstats import (
     judge_feature,
     judge_window,
     psi,
+    psi_part,
     statistic,
     statistic_parts,
     tail_probability,
@@ -133,6 +134,51 @@ def test_tail_max_judges_by_the_part_that_is_the_less_likely() -> None:
     assert verdict.statistic == pytest.approx((cells - 8) / 2) and verdict.status == "drift"
     calm = judge_feature("x", REFERENCE, tail_max, live([98, 102, 101, 99]))
     assert calm.statistic < 0 and calm.status == "ok"  # both parts below their 1% levels
+
+
+def test_the_psi_part_weighs_values_beyond_the_range_that_the_outer_bins_would_absorb() -> None:
+    tail_max_psi = THRESHOLDS.model_copy(
+        update={
+            "tail": {100: 1.0, 400: 1.0, 1600: 1.0},
+            "by_window": {100: 0.5, 400: 0.5, 1600: 0.5},
+            "statistic": "tail-max-psi",
+            "part_scales": (4.0, 2.0, 2.0),
+            "part_levels": (14.0, 8.0, 8.0),
+        }
+    )
+    inside = live([90, 100, 100, 110])
+    beyond = live([90, 100, 100, 104], above=6)  # six of the last bin's values beyond the range
+    assert statistic_parts(REFERENCE, beyond) == pytest.approx(statistic_parts(REFERENCE, inside))
+    weight = 1000 * 400 / 1400
+    assert psi_part(REFERENCE, beyond) == pytest.approx(weight * psi(REFERENCE, beyond))
+    assert psi_part(REFERENCE, inside) < 8.0 < psi_part(REFERENCE, beyond)
+    calm = judge_feature("x", REFERENCE, tail_max_psi, inside)
+    assert calm.status == "ok"
+    verdict = judge_feature("x", REFERENCE, tail_max_psi, beyond)
+    assert verdict.statistic == pytest.approx((psi_part(REFERENCE, beyond) - 8.0) / 2.0)
+    assert verdict.status == "drift"
+
+
+def test_tail_max_psi_has_three_parts() -> None:
+    for parts in ((1.0, 1.0), (1.0, 1.0, 1.0, 1.0)):
+        with pytest.raises(ValueError, match="one per part"):
+            FeatureThresholds(
+                false_alarm=0.01,
+                by_window={100: 0.5},
+                tail={100: 1.0},
+                statistic="tail-max-psi",
+                part_scales=parts,
+                part_levels=parts,
+            )
+    with pytest.raises(ValueError, match="one per part"):
+        FeatureThresholds(
+            false_alarm=0.01,
+            by_window={100: 0.5},
+            tail={100: 1.0},
+            statistic="tail-max",
+            part_scales=(1.0, 1.0, 1.0),
+            part_levels=(1.0, 1.0, 1.0),
+        )
 
 
 def test_tail_max_needs_its_levels_and_a_tail_at_every_window() -> None:
