@@ -34,6 +34,7 @@ queries so they are tested on their own.
 from __future__ import annotations
 
 import datetime as dt
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -416,7 +417,6 @@ def merge_latency(histograms: Sequence[dict[str, Any] | None]) -> Histogram | No
     than mixed in; None when there is nothing to merge.
     """
     groups: dict[tuple[float, ...], list[int]] = {}
-    weights: dict[tuple[float, ...], int] = {}
     for item in histograms:
         if not item:
             continue
@@ -425,14 +425,14 @@ def merge_latency(histograms: Sequence[dict[str, Any] | None]) -> Histogram | No
             continue
         if len(counts) != len(bounds) + 1:
             continue
-        key = tuple(float(b) for b in bounds)
-        total = groups.setdefault(key, [0] * len(counts))
-        groups[key] = [a + int(b) for a, b in zip(total, counts, strict=True)]
-        weights[key] = weights.get(key, 0) + sum(int(c) for c in counts)
+        key = tuple(bounds)  # 5 and 5.0 are one key: equal numbers hash alike
+        total = groups.get(key)
+        added = map(int, counts)
+        groups[key] = list(added) if total is None else list(map(operator.add, total, added))
     if not groups:
         return None
-    best = max(groups, key=lambda k: weights[k])
-    return list(best), groups[best]
+    best = max(groups, key=lambda key: sum(groups[key]))
+    return [float(bound) for bound in best], groups[best]
 
 
 def latency_percentile(histogram: Histogram | None, quantile: float) -> float | None:

@@ -715,13 +715,14 @@ def test_latency_percentile_and_merge() -> None:
     merged = merge_latency(
         [
             {"bounds_ms": bounds, "counts": [1, 2, 3, 4]},
-            {"bounds_ms": bounds, "counts": [1, 1, 1, 1]},
+            {"bounds_ms": [5, 10, 20], "counts": [1, 1, 1, 1]},  # the same bounds, as integers
             {"bounds_ms": [1.0], "counts": [3, 3]},  # another agent's bounds: fewer requests
             {"bounds_ms": bounds, "counts": [1]},  # malformed: skipped
             None,
         ]
     )
-    assert merged == (bounds, [2, 3, 4, 5])
+    assert merged is not None and merged == (bounds, [2, 3, 4, 5])
+    assert all(isinstance(bound, float) for bound in merged[0])
     assert merge_latency([]) is None
 
 
