@@ -151,10 +151,13 @@ def drawn_outside(reference: np.ndarray, live: np.ndarray, rng: np.random.Genera
 
     Per row, below and above, as `outside_draws` gives them for the rows'
     sample counts, and at most what the row's outer bins hold (they are taken
-    from there).
+    from there; with one bin, both from it).
     """
     drawn = outside_draws(int(reference[0].sum()), int(live[0].sum()), len(live), rng)
-    return np.asarray(np.minimum(drawn, live[:, [0, -2]]))
+    bins = live.shape[1] - 1
+    below = np.minimum(drawn[:, 0], live[:, 0])
+    room = live[:, bins - 1] - (below if bins == 1 else 0)
+    return np.column_stack([below, np.minimum(drawn[:, 1], room)])
 
 
 def parts_with_outside(rng: np.random.Generator) -> Statistics:

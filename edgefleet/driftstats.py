@@ -39,11 +39,11 @@ statistic`), and a feature is judged with that one:
 - "tail-max-psi" (what the converter calibrates for features of one value
   per sample): "tail-max" over three parts, the third the PSI part
   (`psi_part`): PSI over the cells with the values below and above the range
-  in cells of their own, times the two sides' sample sizes' harmonic weight
-  (as the other parts' z-scores have it). Values outside the range weigh
-  there as PSI weighs them, in cells that the reference's own values never
-  reach, where folded into the outer bins they weigh no more than any value
-  in those bins;
+  in cells of their own, times R L / (R + L), R and L the two sides' value
+  counts (the weight the other parts' z-scores carry). Values outside the
+  range weigh there as PSI weighs them, in cells of their own that no
+  reference value reaches; folded into the outer bins (the other parts), they
+  weigh no more than any value there;
 - "tail-max": each part's excess over its own upper 1% level without drift
   (`part_levels`), in the scale of that part's tail beyond it
   (`part_scales`, the mean excess), both measured at calibration; the

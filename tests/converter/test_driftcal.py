@@ -140,6 +140,19 @@ def test_pooled_correlated_values_get_higher_thresholds_that_hold() -> None:
     assert independent_alarms > 500  # most calm windows would alarm
 
 
+def test_a_feature_of_one_bin_is_calibrated_with_values_outside_its_range() -> None:
+    rng = np.random.default_rng(8)
+    constant = np.full(300, 3.0)
+    edges = quantile_edges(constant)
+    thresholds = calibrate(per_sample(constant), edges, [50, 200], [0.01], rng)
+    assert thresholds.statistic == "tail-max-psi" and thresholds.part_levels is not None
+    values = [*thresholds.by_window.values(), *thresholds.tail.values(), *thresholds.part_levels]
+    assert all(np.isfinite(values))
+    moved = count_into(np.full(50, 3.5), edges)  # every value above the range
+    cut = threshold_at(thresholds, 50)
+    assert cut is not None and statistic(count_into(constant, edges), moved, thresholds) > cut
+
+
 def test_calibration_refuses_what_it_cannot_use() -> None:
     rng = np.random.default_rng(4)
     with pytest.raises(ValueError, match="sample"):
