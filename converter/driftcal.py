@@ -101,6 +101,11 @@ def both_parts(reference: np.ndarray, live: np.ndarray) -> np.ndarray:
     return np.stack([cumulative_part(reference, live), cell_part(reference, live)], axis=1)
 
 
+def one_value_per_sample(cells: np.ndarray) -> bool:
+    """Whether every sample of `sample_cells` adds one value: then the PSI part can be drawn."""
+    return bool((cells.sum(axis=1) == 1).all())
+
+
 def psi_part(reference: np.ndarray, live: np.ndarray, outside: np.ndarray) -> np.ndarray:
     """edgefleet.driftstats.psi_part for rows of cell counts (ordered bins, then NaN).
 
@@ -290,7 +295,7 @@ def calibrate(
     false_alarm = max(false_alarms)
     draws = max(MIN_DRAWS, math.ceil(DRAW_EXCEEDANCES / false_alarm))
     cells = sample_cells(per_sample_values, edges)
-    one_value = bool((cells.sum(axis=1) == 1).all())
+    one_value = one_value_per_sample(cells)
     parts_of = parts_with_outside(rng) if one_value else both_parts
     parts = null_statistics(cells, sorted(set(window_sizes)), draws, rng, parts_of)
     part_levels, part_scales = part_tails(np.concatenate(list(parts.values())))

@@ -15,6 +15,7 @@ from edgefleet.converter.driftcal import (
     combined,
     drawn_outside,
     null_statistics,
+    one_value_per_sample,
     part_tails,
     psi_part,
     sample_cells,
@@ -154,7 +155,7 @@ def compare_statistics(
         for feature, (reference, _) in group.references.items():
             samples = [np.atleast_1d(row) for row in group.reference_values[feature]]
             per_sample = sample_cells(samples, reference.edges)
-            one_value[feature] = bool((per_sample.sum(axis=1) == 1).all())
+            one_value[feature] = one_value_per_sample(per_sample)
             drawn = compared_null(one_value[feature], rng)
             null = null_statistics(per_sample, [args.window], COMPARE_DRAWS, rng, drawn)
             scales[feature] = np.quantile(null[args.window], 1 - FALSE_ALARM, axis=0)
