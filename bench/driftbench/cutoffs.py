@@ -3,19 +3,94 @@ to their calm rate, pooled over features and feature by feature."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+from numpy.typing import ArrayLike
+from scipy.stats import binomtest
 
 from driftbench.tally import FIXED_CUTOFFS, Tally, percent
 from edgefleet.tables import format_columns
 
+# Ours is weaker than a cut-off in a scenario when a paired test finds the cut-off ahead at this
+# one-sided level, either way (`Comparison.weaker`). Declared on 7 December 2026, before seeds 4
+# and 5 were first run, and not to be changed after seeing a run.
+WEAKER_EVIDENCE = 0.05
 
-def cut_for(calm: list[float], allowed: int) -> float:
+
+@dataclass(frozen=True)
+class Comparison:
+    """Ours against one fixed cut-off in one scenario, both ways, in feature-windows flagged by
+    one of the two only: the shifted ones with ours at the cut-off's calm rate, and the calm ones
+    with ours at the cut-off's detection. Both flag the same windows, so they are paired."""
+
+    detected_only_by_it: int = 0
+    detected_only_by_ours: int = 0
+    calm_only_by_ours: int = 0
+    calm_only_by_it: int = 0
+
+    def added(self, other: Comparison) -> Comparison:
+        return Comparison(
+            self.detected_only_by_it + other.detected_only_by_it,
+            self.detected_only_by_ours + other.detected_only_by_ours,
+            self.calm_only_by_ours + other.calm_only_by_ours,
+            self.calm_only_by_it + other.calm_only_by_it,
+        )
+
+    def short(self) -> bool:
+        """Ours behind in count either way: detects fewer, or flags more calm windows."""
+        return (
+            self.detected_only_by_it > self.detected_only_by_ours
+            or self.calm_only_by_ours > self.calm_only_by_it
+        )
+
+    def its_lead_chance(self) -> float:
+        """The chance, were the two equal, of a lead as large as the cut-off's, the smaller of
+        the two ways: McNemar's exact test, one-sided. Where the two are equal, each window one
+        of them flags alone is the cut-off's as often as ours."""
+        return min(
+            lead_chance(self.detected_only_by_it, self.detected_only_by_ours),
+            lead_chance(self.calm_only_by_ours, self.calm_only_by_it),
+        )
+
+    def weaker(self) -> bool:
+        """Whether the cut-off's lead is more than the draw (at WEAKER_EVIDENCE, either way).
+
+        The test counts the feature-windows as independent pairs, which they
+        are not: windows drawn from the same held-out rows overlap, and the
+        features of a window share its rows. So it finds a lead more readily
+        than it should, as does leaving out the chance in our moved cut: both
+        err against ours.
+        """
+        return self.its_lead_chance() < WEAKER_EVIDENCE
+
+
+def lead_chance(ahead: int, behind: int) -> float:
+    """One-sided exact p-value of `ahead` against `behind` discordant pairs, each side 1/2."""
+    if ahead + behind == 0:
+        return 1.0
+    return float(binomtest(ahead, ahead + behind, 0.5, alternative="greater").pvalue)
+
+
+# Per fixed cut-off, per shift scenario: ours against it.
+Comparisons = dict[str, dict[str, Comparison]]
+
+
+def weaker_in(comparisons: dict[str, Comparison]) -> list[str]:
+    return [name for name, comparison in comparisons.items() if comparison.weaker()]
+
+
+def short_in(comparisons: dict[str, Comparison]) -> list[str]:
+    return [name for name, comparison in comparisons.items() if comparison.short()]
+
+
+def cut_for(calm: ArrayLike, allowed: int) -> float:
     """The cut above which at most `allowed` of the calm scores lie (ties stay below)."""
     ordered = np.sort(np.asarray(calm))[::-1]
     return float(ordered[min(allowed, len(ordered) - 1)])
 
 
-def cut_detecting(scores: list[float], wanted: int) -> float:
+def cut_detecting(scores: ArrayLike, wanted: int) -> float:
     """The largest cut above which at least `wanted` of the scores lie."""
     if wanted == 0:
         return float(np.inf)
@@ -23,13 +98,28 @@ def cut_detecting(scores: list[float], wanted: int) -> float:
     return float(np.nextafter(ordered[wanted - 1], -np.inf))
 
 
-def above(scores: list[float], cut: float) -> int:
+def above(scores: ArrayLike, cut: float) -> int:
     return int(np.count_nonzero(np.asarray(scores) > cut))
+
+
+def compared(
+    shifted_ours: np.ndarray,
+    shifted_theirs: np.ndarray,
+    calm_ours: np.ndarray,
+    calm_theirs: np.ndarray,
+) -> Comparison:
+    """The feature-windows one side flags alone (each array: flagged or not, per window)."""
+    return Comparison(
+        detected_only_by_it=int(np.count_nonzero(shifted_theirs & ~shifted_ours)),
+        detected_only_by_ours=int(np.count_nonzero(shifted_ours & ~shifted_theirs)),
+        calm_only_by_ours=int(np.count_nonzero(calm_ours & ~calm_theirs)),
+        calm_only_by_it=int(np.count_nonzero(calm_theirs & ~calm_ours)),
+    )
 
 
 def matched(
     totals: dict[str, Tally], calm: Tally, ours: str = "ours"
-) -> tuple[list[list[object]], dict[str, list[str]]]:
+) -> tuple[list[list[object]], Comparisons]:
     """The goal's test against each fixed cut-off, per shift scenario, both ways.
 
     The calm side is `calm`: the windows drawn from the populations, judged by
@@ -41,8 +131,9 @@ def matched(
     cut-off does; are our calm feature-windows flagged as rarely as the
     cut-off's? At the cut-off's false-alarm rate: our cut moved until we flag
     as many calm feature-windows; do we detect as much? Also shown: the
-    cut-off moved to our verdict's calm rate. Returns the table and, per fixed
-    cut-off, the shift scenarios where either way fails.
+    cut-off moved to our verdict's calm rate, and the chance of the cut-off's
+    lead were the two equal (`Comparison.its_lead_chance`). Returns the table
+    and, per fixed cut-off, each shift scenario's `Comparison`.
     """
     table: list[list[object]] = [["scenario", "ours %"]]
     cuts = {}
@@ -52,32 +143,37 @@ def matched(
             "ours at its calm rate %",
             "our calm rate at its detection %",
             f"{score_name} at our calm rate %",
+            "its lead by chance p",
         ]
         cuts[method] = (
             cut_for(calm.scores[ours], calm.flagged[method]),
             cut_for(calm.scores[score_name], calm.flagged["ours"]),
         )
-    weaker: dict[str, list[str]] = {method: [] for method in FIXED_CUTOFFS}
+    comparisons: Comparisons = {method: {} for method in FIXED_CUTOFFS}
     shifted = {name: tally for name, tally in totals.items() if name != "no shift"}
     for name, tally in {"no shift (population)": calm, **shifted}.items():
         line: list[object] = [name, percent(tally.flagged["ours"], tally.windows, 2)]
-        for method, (score_name, _) in FIXED_CUTOFFS.items():
+        for method, (score_name, limit) in FIXED_CUTOFFS.items():
             ours_cut, their_cut = cuts[method]
-            ours_there = above(tally.scores[ours], ours_cut)
-            calm_at_detection = above(
-                calm.scores[ours], cut_detecting(tally.scores[ours], tally.flagged[method])
+            detecting = cut_detecting(tally.scores[ours], tally.flagged[method])
+            comparison = compared(
+                np.asarray(tally.scores[ours]) > ours_cut,
+                np.asarray(tally.scores[score_name]) > limit,
+                np.asarray(calm.scores[ours]) > detecting,
+                np.asarray(calm.scores[score_name]) > limit,
             )
+            calm_at_detection = percent(above(calm.scores[ours], detecting), calm.windows, 2)
             line += [
                 percent(tally.flagged[method], tally.windows, 2),
-                percent(ours_there, tally.windows, 2),
-                "-" if tally is calm else percent(calm_at_detection, calm.windows, 2),
+                percent(above(tally.scores[ours], ours_cut), tally.windows, 2),
+                "-" if tally is calm else calm_at_detection,
                 percent(above(tally.scores[score_name], their_cut), tally.windows, 2),
+                "-" if tally is calm else f"{comparison.its_lead_chance():.3g}",
             ]
-            less = ours_there < tally.flagged[method] or calm_at_detection > calm.flagged[method]
-            if tally is not calm and less:
-                weaker[method].append(name)
+            if tally is not calm:
+                comparisons[method][name] = comparison
         table.append(line)
-    return table, weaker
+    return table, comparisons
 
 
 def print_disagreements(tallies: list[Tally]) -> None:
@@ -90,14 +186,15 @@ def print_disagreements(tallies: list[Tally]) -> None:
     )
 
 
-def print_shortfall(totals: dict[str, Tally], calm: Tally, weaker: dict[str, list[str]]) -> None:
+def print_shortfall(totals: dict[str, Tally], calm: Tally, comparisons: Comparisons) -> None:
     """Where ours falls short of a fixed cut-off: per scenario, data set and feature kind.
 
     Ours with its cut moved to the cut-off's calm rate (as in `matched`): the
     feature-windows the cut-off flags and ours does not, and the other way
     round; and the calm feature-windows of the same data set and kind that
     each flags (ours with its cut moved until it detects as much as the
-    cut-off in the whole scenario). `weaker`: per cut-off, the scenarios `matched` found.
+    cut-off in the whole scenario). For the scenarios where ours is behind in
+    count (`Comparison.short`), whether or not by more than the draw.
     """
     table: list[list[object]] = [
         [
@@ -113,7 +210,7 @@ def print_shortfall(totals: dict[str, Tally], calm: Tally, weaker: dict[str, lis
     ]
     for method, (score_name, limit) in FIXED_CUTOFFS.items():
         ours_cut = cut_for(calm.scores["ours"], calm.flagged[method])
-        for name in weaker[method]:
+        for name in short_in(comparisons[method]):
             tally = totals[name]
             detecting = cut_detecting(tally.scores["ours"], tally.flagged[method])
             for where in sorted(set(tally.where)):
@@ -144,9 +241,7 @@ def print_shortfall(totals: dict[str, Tally], calm: Tally, weaker: dict[str, lis
 RESOLVED = 10  # calm windows a cut-off must flag on a feature for its rate there to count
 
 
-def per_feature(
-    totals: dict[str, Tally], calm: Tally
-) -> tuple[list[list[object]], dict[str, list[str]]]:
+def per_feature(totals: dict[str, Tally], calm: Tally) -> tuple[list[list[object]], Comparisons]:
     """The goal's test against each fixed cut-off with the calm alarms spent feature by feature.
 
     As `matched`, but ours is moved on each feature apart: to the calm rate
@@ -166,48 +261,62 @@ def per_feature(
             "ours at its calm rates %",
             f"{method} calm %",
             "our calm at its detections %",
+            "its lead by chance p",
         ]
-    weaker: dict[str, list[str]] = {method: [] for method in FIXED_CUTOFFS}
+    comparisons: Comparisons = {method: {} for method in FIXED_CUTOFFS}
     rows = {name: [name] for name in totals if name != "no shift"}
     for method, (score_name, limit) in FIXED_CUTOFFS.items():
-        # Per part, its calm feature-windows: our scores, and how many the cut-off flags.
+        # Per part, its calm feature-windows: our scores and whether the cut-off flags each.
         quiet_parts = {
             part: (
-                [calm.scores["ours"][i] for i in quiet],
-                sum(calm.scores[score_name][i] > limit for i in quiet),
+                np.asarray([calm.scores["ours"][i] for i in quiet]),
+                np.asarray([calm.scores[score_name][i] > limit for i in quiet], dtype=bool),
             )
             for part, quiet in known_rate_parts(calm, score_name, limit).items()
         }
         for name, line in rows.items():
             tally = totals[name]
             theirs = ours = their_calm = our_calm = calm_windows = 0
+            comparison = Comparison()
             shifted_parts = known_rate_parts(
                 tally, score_name, limit, resolved=set(quiet_parts) - {""}
             )
             for part, shifted in shifted_parts.items():
-                quiet_ours, quiet_flagged = quiet_parts.get(part, ([], 0))
-                detected = sum(tally.scores[score_name][i] > limit for i in shifted)
-                shifted_ours = [tally.scores["ours"][i] for i in shifted]
+                quiet_ours, quiet_theirs = quiet_parts.get(
+                    part, (np.zeros(0), np.zeros(0, dtype=bool))
+                )
+                shifted_ours = np.asarray([tally.scores["ours"][i] for i in shifted])
+                shifted_theirs = np.asarray([tally.scores[score_name][i] > limit for i in shifted])
+                detected = int(np.count_nonzero(shifted_theirs))
+                quiet_flagged = int(np.count_nonzero(quiet_theirs))
                 ours_cut = (
                     -np.inf
                     if quiet_flagged >= len(quiet_ours)
                     else cut_for(quiet_ours, quiet_flagged)
                 )
+                detecting = cut_detecting(shifted_ours, detected)
+                part_comparison = compared(
+                    shifted_ours > ours_cut,
+                    shifted_theirs,
+                    quiet_ours > detecting,
+                    quiet_theirs,
+                )
+                comparison = comparison.added(part_comparison)
                 theirs += detected
                 ours += above(shifted_ours, ours_cut)
                 their_calm += quiet_flagged
-                our_calm += above(quiet_ours, cut_detecting(shifted_ours, detected))
+                our_calm += above(quiet_ours, detecting)
                 calm_windows += len(quiet_ours)
             line += [
                 percent(theirs, tally.windows, 2),
                 percent(ours, tally.windows, 2),
                 percent(their_calm, calm_windows, 2),
                 percent(our_calm, calm_windows, 2),
+                f"{comparison.its_lead_chance():.3g}",
             ]
-            if ours < theirs or our_calm > their_calm:
-                weaker[method].append(name)
+            comparisons[method][name] = comparison
     table += rows.values()
-    return table, weaker
+    return table, comparisons
 
 
 def known_rate_parts(

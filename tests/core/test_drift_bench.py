@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -80,25 +81,66 @@ def test_a_cut_detecting_as_many_is_the_largest_that_does(bench: Any) -> None:
     assert bench.above(scores, bench.cut_detecting(scores, 0)) == 0
 
 
-def tally(bench: Any, ours: list[float], psi_flagged: int) -> object:
+def tally(bench: Any, ours: list[float], psi_flagging: list[int]) -> object:
+    """Feature-windows with our scores; PSI (and JS alike) flags those at `psi_flagging`."""
     windows = len(ours)
-    flagged = dict.fromkeys(bench.METHODS, 0) | {"PSI>0.2": psi_flagged, "JS>0.1": psi_flagged}
-    scores = {"ours": ours, "PSI": [0.0] * windows, "JS": [0.0] * windows}
-    return bench.Tally(windows=windows, flagged=flagged, scores=scores)
+    psi = [1.0 if index in psi_flagging else 0.0 for index in range(windows)]
+    flagged = dict.fromkeys(bench.METHODS, 0) | {
+        "PSI>0.2": len(psi_flagging),
+        "JS>0.1": len(psi_flagging),
+    }
+    return bench.Tally(
+        windows=windows, flagged=flagged, scores={"ours": ours, "PSI": psi, "JS": psi}
+    )
 
 
 def test_the_goal_is_judged_at_each_cut_offs_own_detection_and_rate(bench: Any) -> None:
-    calm = tally(bench, [float(score) for score in range(10)], psi_flagged=1)  # 10% calm alarms
+    # 10% calm alarms: the cut-off flags the calm window ours scores lowest.
+    calm = tally(bench, [float(score) for score in range(10)], psi_flagging=[0])
+    shifted = [0, 1, 2, 3, 4]  # the cut-off flags these shifted windows
     # Detecting the cut-off's 5 of 10 takes one calm alarm: as few as the cut-off's.
-    level = tally(bench, [8.5, 8.6, 8.7, 8.8, 9.5, 0, 0, 0, 0, 0], psi_flagged=5)
+    level = tally(bench, [8.5, 8.6, 8.7, 8.8, 9.5, 0, 0, 0, 0, 0], psi_flagging=shifted)
     # Detecting 5 takes a cut under 6.5: three calm alarms, the cut-off raises one.
-    behind = tally(bench, [6.5, 7.5, 8.5, 9.5, 9.6, 0, 0, 0, 0, 0], psi_flagged=5)
-    overlapping = tally(bench, [0.0] * 10, psi_flagged=0)  # the scenario runs' own: not judged
-    table, weaker = bench.matched({"no shift": overlapping, "level": level, "behind": behind}, calm)
-    assert weaker == {"PSI>0.2": ["behind"], "JS>0.1": ["behind"]}
+    behind = tally(bench, [6.5, 7.5, 8.5, 9.5, 9.6, 0, 0, 0, 0, 0], psi_flagging=shifted)
+    overlapping = tally(bench, [0.0] * 10, psi_flagging=[])  # the scenario runs' own: not judged
+    scenarios = {"no shift": overlapping, "level": level, "behind": behind}
+    table, comparisons = bench.matched(scenarios, calm)
+    assert set(comparisons) == {"PSI>0.2", "JS>0.1"}
+    for by_scenario in comparisons.values():
+        assert list(by_scenario) == ["level", "behind"]
+        # At the cut-off's calm rate ours' cut is 8: it detects the same 5 windows.
+        # At its detection, ours flags calm window 9 and the cut-off window 0.
+        assert by_scenario["level"] == bench.Comparison(0, 0, 1, 1)
+        assert not by_scenario["level"].short()
+        # Ours detects 3 of the cut-off's 5; at its detection it flags calm 7, 8, 9.
+        assert by_scenario["behind"] == bench.Comparison(2, 0, 3, 1)
+        assert by_scenario["behind"].short()
+        assert not by_scenario["behind"].weaker()  # 2 against 0 is a draw's lead
     assert [line[0] for line in table[1:]] == ["no shift (population)", "level", "behind"]
     column = table[0].index("our calm rate at its detection %")
     assert [line[column] for line in table[1:]] == ["-", "10.00", "30.00"]
+
+
+def test_ours_is_weaker_only_when_the_cut_offs_lead_is_more_than_the_draw(bench: Any) -> None:
+    def one_sided(ahead: int, behind: int) -> float:
+        """P(at least `ahead` of the discordant pairs fall to one side, each side 1/2)."""
+        pairs = ahead + behind
+        return float(sum(math.comb(pairs, k) for k in range(ahead, pairs + 1)) / 2**pairs)
+
+    draw = bench.Comparison(detected_only_by_it=13, detected_only_by_ours=8)
+    assert draw.short() and not draw.weaker()
+    assert draw.its_lead_chance() == pytest.approx(one_sided(13, 8))
+    detects_less = bench.Comparison(detected_only_by_it=20, detected_only_by_ours=5)
+    assert detects_less.weaker()
+    assert detects_less.its_lead_chance() == pytest.approx(one_sided(20, 5))  # 0.002
+    # The other way: at the cut-off's detection, ours flags more calm windows.
+    alarms_more = bench.Comparison(calm_only_by_ours=10, calm_only_by_it=0)
+    assert alarms_more.weaker() and alarms_more.its_lead_chance() == pytest.approx(2**-10)
+    # Ours ahead, or none flagged alone: no lead for the cut-off at all.
+    ahead = bench.Comparison(3, 40, 0, 25)
+    assert not ahead.short() and ahead.its_lead_chance() > 0.99
+    assert bench.Comparison().its_lead_chance() == 1.0
+    assert draw.added(detects_less) == bench.Comparison(33, 13, 0, 0)
 
 
 def feature_tally(bench: Any, by_feature: dict[str, tuple[list[float], list[float]]]) -> object:
@@ -132,7 +174,7 @@ def test_per_feature_the_cut_offs_calm_rate_counts_where_it_is_known(bench: Any)
     )
     # Shifted: the cut-off flags all of "busy" and none of "quiet"; ours scores 15 on both.
     shifted = feature_tally(bench, {"busy": ([15.0] * 4, high[:4]), "quiet": ([15.0] * 4, low[:4])})
-    table, weaker = bench.per_feature({"no shift": calm, "shifted": shifted}, calm)
+    table, comparisons = bench.per_feature({"no shift": calm, "shifted": shifted}, calm)
     header, line = table[0], table[1]
     assert line[0] == "shifted" and len(table) == 2  # the scenario runs' own no-shift is not
     # At the cut-off's rate on "busy" (10 of 20), ours' cut is 9: it flags all 4 there. On
@@ -142,11 +184,16 @@ def test_per_feature_the_cut_offs_calm_rate_counts_where_it_is_known(bench: Any)
     # Detecting the 4 on "busy" takes a cut just under 15: calm scores 15 to 19 lie above it.
     assert line[header.index("our calm at its detections %")] == "12.50"  # 5 of 40
     assert line[header.index("PSI>0.2 calm %")] == "25.00"  # 10 of 40
-    assert weaker == {"PSI>0.2": [], "JS>0.1": []}
-    # Ours scoring 5 on the shifted "busy" windows stays under its cut there (9): weaker.
+    # The calm windows only ours flags at its detection: 15-19 on "busy"; only the cut-off: 0-9.
+    assert comparisons["PSI>0.2"]["shifted"] == bench.Comparison(0, 0, 5, 10)
+    assert comparisons["JS>0.1"]["shifted"] == bench.Comparison(0, 0, 5, 10)
+    # Ours scoring 5 on the shifted "busy" windows stays under its cut there (9): behind, and
+    # at its detection (a cut under 5) ours flags calm 10-19 alone, the cut-off 0-4.
     behind = feature_tally(bench, {"busy": ([5.0] * 4, high[:4]), "quiet": ([15.0] * 4, low[:4])})
-    weaker = bench.per_feature({"behind": behind}, calm)[1]
-    assert weaker == {"PSI>0.2": ["behind"], "JS>0.1": ["behind"]}
+    comparisons = bench.per_feature({"behind": behind}, calm)[1]
+    assert comparisons["PSI>0.2"]["behind"] == bench.Comparison(4, 0, 10, 5)
+    assert bench.short_in(comparisons["PSI>0.2"]) == ["behind"]
+    assert bench.weaker_in(comparisons["PSI>0.2"]) == []  # 4 against 0, 10 against 5: the draw
     # A cut-off that flags fewer than RESOLVED calm windows on every feature: all taken together.
     sparse = feature_tally(bench, {"busy": ([float(score) for score in range(20)], low)})
     assert set(bench.known_rate_parts(sparse, "PSI", 0.2)) == {""}
