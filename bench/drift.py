@@ -279,7 +279,7 @@ def main() -> int:
         for fixed, comparisons in alone.items():
             print(
                 f"Each feature judged alone (its rate not shared with the window's other "
-                f"features), against {fixed}: {verdict(comparisons)}"
+                f"features), against {fixed}: {weaker_or_as_good(comparisons)}"
             )
         print_shortfall(sized, calm_scored[size], pooled[size])
         print(
@@ -301,12 +301,12 @@ def main() -> int:
         for fixed, comparisons in by_cutoff.items():
             print(
                 f"windows of {size}, against {fixed}, at its calm rate and its detection on "
-                f"each feature: {verdict(comparisons)}"
+                f"each feature: {weaker_or_as_good(comparisons)}"
             )
     return 0 if met else 1
 
 
-def verdict(comparisons: dict[str, Comparison]) -> str:
+def weaker_or_as_good(comparisons: dict[str, Comparison]) -> str:
     """Whether ours is weaker than a cut-off in any scenario, and where it is behind in count."""
     weaker, short = weaker_in(comparisons), short_in(comparisons)
     behind = [f"{name} (p {comparisons[name].its_lead_chance():.3g})" for name in short]
@@ -345,7 +345,7 @@ def goals_met(
                 f"{percent(calm.flagged['ours'], calm.windows, 2)}%, {fixed} "
                 f"{percent(calm.flagged[fixed], calm.windows, 2)}%): as few false alarms "
                 f"at its detection, as much detection at its false alarms, "
-                f"{verdict(comparisons)}"
+                f"{weaker_or_as_good(comparisons)}"
             ] = not weaker_in(comparisons)
     for goal, met in checks.items():
         print(f"{'met   ' if met else 'MISSED'} {goal}")
