@@ -29,7 +29,7 @@ class Comparison:
     calm_only_by_ours: int = 0
     calm_only_by_it: int = 0
 
-    def added(self, other: Comparison) -> Comparison:
+    def __add__(self, other: Comparison) -> Comparison:
         return Comparison(
             self.detected_only_by_it + other.detected_only_by_it,
             self.detected_only_by_ours + other.detected_only_by_ours,
@@ -267,15 +267,20 @@ def per_feature(totals: dict[str, Tally], calm: Tally) -> tuple[list[list[object
     rows = {name: [name] for name in totals if name != "no shift"}
     for method, (score_name, limit) in FIXED_CUTOFFS.items():
         # Per part, its calm feature-windows: our scores and whether the cut-off flags each.
+        calm_ours, calm_theirs = (
+            np.asarray(calm.scores["ours"]),
+            np.asarray(calm.scores[score_name]),
+        )
         quiet_parts = {
-            part: (
-                np.asarray([calm.scores["ours"][i] for i in quiet]),
-                np.asarray([calm.scores[score_name][i] > limit for i in quiet], dtype=bool),
-            )
+            part: (calm_ours[quiet], calm_theirs[quiet] > limit)
             for part, quiet in known_rate_parts(calm, score_name, limit).items()
         }
         for name, line in rows.items():
             tally = totals[name]
+            tally_ours, tally_theirs = (
+                np.asarray(tally.scores["ours"]),
+                np.asarray(tally.scores[score_name]),
+            )
             theirs = ours = their_calm = our_calm = calm_windows = 0
             comparison = Comparison()
             shifted_parts = known_rate_parts(
@@ -285,8 +290,7 @@ def per_feature(totals: dict[str, Tally], calm: Tally) -> tuple[list[list[object
                 quiet_ours, quiet_theirs = quiet_parts.get(
                     part, (np.zeros(0), np.zeros(0, dtype=bool))
                 )
-                shifted_ours = np.asarray([tally.scores["ours"][i] for i in shifted])
-                shifted_theirs = np.asarray([tally.scores[score_name][i] > limit for i in shifted])
+                shifted_ours, shifted_theirs = tally_ours[shifted], tally_theirs[shifted] > limit
                 detected = int(np.count_nonzero(shifted_theirs))
                 quiet_flagged = int(np.count_nonzero(quiet_theirs))
                 ours_cut = (
@@ -295,13 +299,9 @@ def per_feature(totals: dict[str, Tally], calm: Tally) -> tuple[list[list[object
                     else cut_for(quiet_ours, quiet_flagged)
                 )
                 detecting = cut_detecting(shifted_ours, detected)
-                part_comparison = compared(
-                    shifted_ours > ours_cut,
-                    shifted_theirs,
-                    quiet_ours > detecting,
-                    quiet_theirs,
+                comparison += compared(
+                    shifted_ours > ours_cut, shifted_theirs, quiet_ours > detecting, quiet_theirs
                 )
-                comparison = comparison.added(part_comparison)
                 theirs += detected
                 ours += above(shifted_ours, ours_cut)
                 their_calm += quiet_flagged

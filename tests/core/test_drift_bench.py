@@ -140,7 +140,7 @@ def test_ours_is_weaker_only_when_the_cut_offs_lead_is_more_than_the_draw(bench:
     ahead = bench.Comparison(3, 40, 0, 25)
     assert not ahead.short() and ahead.its_lead_chance() > 0.99
     assert bench.Comparison().its_lead_chance() == 1.0
-    assert draw.added(detects_less) == bench.Comparison(33, 13, 0, 0)
+    assert draw + detects_less == bench.Comparison(33, 13, 0, 0)
 
 
 def feature_tally(bench: Any, by_feature: dict[str, tuple[list[float], list[float]]]) -> object:
