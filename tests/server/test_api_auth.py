@@ -43,7 +43,7 @@ def test_no_token_is_401_with_bearer_challenge(api: Api) -> None:
     ["Basic dXNlcjpwYXNz", "Bearer", "Bearer efa_not-a-token", "Bearer \u00e9\u00e9", "efa_x"],
 )
 def test_malformed_or_unknown_credentials_are_401(api: Api, header: str) -> None:
-    response = api.client.get("/api/v1/bundles", headers={"Authorization": header.encode()})
+    response = api.client.get("/api/v1/bundles", headers={b"Authorization": header.encode()})
     assert_error(response, 401, "auth")
 
 
