@@ -30,17 +30,29 @@ CALM_REFERENCES = 10  # per data set, drawn from its population (--calm-referenc
 CALM_WINDOWS = 100  # per reference and window size (--calm-windows)
 
 
+# Every this many windows of a feature's run, its alert's state is also counted apart: states
+# this far apart are independent trials but for a rare chance (`Calm.spaced_open_bound`).
+OPEN_SPACING = 5
+
+
 @dataclass
 class Calm:
-    """Calm feature-windows (no shift): judged, drifted, alert open."""
+    """Calm feature-windows (no shift): judged, drifted, alert open; and of every
+    `OPEN_SPACING`-th window of a feature's run, how many and how many with an alert open."""
 
     windows: int = 0
     drifted: int = 0
     open: int = 0
+    spaced: int = 0
+    spaced_open: int = 0
 
     def merged(self, other: Calm) -> Calm:
         return Calm(
-            self.windows + other.windows, self.drifted + other.drifted, self.open + other.open
+            self.windows + other.windows,
+            self.drifted + other.drifted,
+            self.open + other.open,
+            self.spaced + other.spaced,
+            self.spaced_open + other.spaced_open,
         )
 
     def open_bound(self) -> float:
@@ -57,6 +69,22 @@ class Calm:
         if not self.windows:
             return 1.0
         return min(1.0, 2 * clopper_pearson(self.drifted, self.windows)[1])
+
+    def spaced_open_bound(self) -> float:
+        """The 95% upper bound of the share of windows with an alert open, from the alert's
+        state every `OPEN_SPACING`-th window of a feature's run (Clopper-Pearson's upper end).
+
+        It bounds what `open_bound` bounds, the share open itself, and not through the share
+        drifted. Two calm windows in a row close an alert, or leave it closed, whatever came
+        before (`Persistence`), so the states of two windows are independent, given their
+        reference, unless no two windows in a row between them are calm. `OPEN_SPACING`
+        windows apart, that takes at least two of the five drifted (01010 and no fewer ones),
+        a chance of about p squared for a feature that drifts in a share p of windows (one in
+        10,000 at 1%). Counted as independent trials, as `open_bound` counts the windows.
+        """
+        if not self.spaced:
+            return 1.0
+        return clopper_pearson(self.spaced_open, self.spaced)[1]
 
 
 # Per window size, per reference drawn, per feature kind: the calm feature-windows.
@@ -108,7 +136,8 @@ def calm_windows(
     values = group.extract(population_rows(group, size * windows, rng))
     persistence = {feature: Persistence() for feature in reference}
     by_kind: dict[str, Calm] = {}
-    for start in range(0, size * windows, size):
+    for index, start in enumerate(range(0, size * windows, size)):
+        spaced = (index + 1) % OPEN_SPACING == 0
         live = {
             feature: count_into(values[feature][start : start + size], histogram.edges)
             for feature, (histogram, _) in reference.items()
@@ -123,7 +152,10 @@ def calm_windows(
             calm = by_kind.setdefault(feature_kind(group, verdict.feature), Calm())
             calm.windows += 1
             calm.drifted += drifted
-            calm.open += transition in ("open", "still-open")
+            is_open = transition in ("open", "still-open")
+            calm.open += is_open
+            calm.spaced += spaced
+            calm.spaced_open += spaced and is_open
             score(scored, verdict, ours[verdict.feature])
             scored.where.append(f"{group.name}: {feature_kind(group, verdict.feature)}")
     return by_kind
@@ -153,6 +185,8 @@ def calm_table(
             "open",
             "open %",
             "open, 95% upper bound %",
+            f"open every {OPEN_SPACING}th window",
+            "its 95% upper bound %",
             "one reference, most drifted %",
         ]
     ]
@@ -180,6 +214,8 @@ def calm_table(
                     calm.open,
                     percent(calm.open, calm.windows, 2),
                     f"{100 * calm.open_bound():.2f}",
+                    f"{calm.spaced_open} of {calm.spaced}",
+                    f"{100 * calm.spaced_open_bound():.2f}",
                     f"{100 * max((c.drifted / c.windows for _, c in chosen), default=0):.2f}",
                 ]
             )

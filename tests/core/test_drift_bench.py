@@ -234,6 +234,19 @@ def test_the_calm_bound_is_twice_clopper_pearsons_upper_end(bench: Any) -> None:
     assert bench.Calm(windows=800).open_bound() < 0.01
 
 
+def test_the_spaced_bound_is_clopper_pearsons_upper_end_of_the_states_counted_apart(
+    bench: Any,
+) -> None:
+    for spaced_open, spaced in ((0, 600), (2, 1200), (3, 6000)):
+        upper = binomtest(spaced_open, spaced).proportion_ci(0.95).high
+        calm = bench.Calm(windows=5 * spaced, drifted=50, spaced=spaced, spaced_open=spaced_open)
+        assert calm.spaced_open_bound() == pytest.approx(upper, rel=1e-6)
+        assert calm.spaced_open_bound() < calm.open_bound()  # 50 drifted: twice theirs is more
+    assert bench.Calm(windows=500).spaced_open_bound() == 1.0  # no state counted apart
+    merged = bench.Calm(10, 1, 1, 2, 1).merged(bench.Calm(5, 0, 0, 1, 0))
+    assert merged == bench.Calm(15, 1, 1, 3, 1)
+
+
 def calm_group(bench: Any, extract: object) -> Any:
     """Rows 0 to 999: 0-199 fit a model, 200-499 the reference, 500-999 held out."""
     rows = (
@@ -287,6 +300,9 @@ def test_the_calm_tally_keeps_each_references_windows_apart(bench: Any) -> None:
     still_open = [by_kind["tabular inputs"].open for by_kind in tally[100]]
     assert drifted[1] == 6 and still_open[1] == 5  # open from the second drifted window on
     assert drifted[0] < 6 and drifted[2] < 6 and still_open[0] == still_open[2] == 0
+    # Of 6 windows in a row, the 5th is counted apart (every 5th): open only where shifted.
+    spaced = [(c.spaced, c.spaced_open) for by_kind in tally[100] for c in by_kind.values()]
+    assert spaced == [(1, 0), (1, 1), (1, 0)]
     # The scores behind the goal against the cut-offs: the same windows, the same verdicts.
     assert scored[100].flagged["ours"] == sum(drifted)
     surprises = scored[100].scores["ours"]
