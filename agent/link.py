@@ -7,15 +7,21 @@ What it guarantees (the connection itself is the core's `edgefleet.mqtt.session`
   presence topic when the connection dies; on every connect the link publishes
   a retained `online`, and on `stop` a retained `offline-clean` before DISCONNECT;
 - subscriptions to the device's directive topic, the fleet timestamp, the
-  device's blocks_data topic and (with `on_trust_root`) every retained trust root
-  version (`TRUST_ROOT_FILTER`; the callback gets the version its topic names and
-  the document), renewed on every connect;
+  device's blocks_data topic, (with `on_fleet_accepts`) the fields the server
+  accepts, and (with `on_trust_root`) every retained trust root version
+  (`TRUST_ROOT_FILTER`; the callback gets the version its topic names and the
+  document), renewed on every connect;
 - received payloads go to the callbacks unparsed (verification belongs to
   their owners). A payload over its size limit, or one whose callback raises
   MessageSchemaError or MalformedDocumentError, counts as malformed; any other
   UntrustedInputError (bad signature, replay, expiry) counts as refused; any
   other exception as a handler error (logged with its traceback). Each is
   reported through `on_problem`; nothing a peer sends can stop the link;
+- every message leaves narrowed to the fields the server announced it accepts
+  (`narrowing`, which the owner of `on_fleet_accepts` feeds once it verified
+  the announcement; `edgefleet.mqtt.fieldsets`): an agent newer than its server
+  leaves out the optional fields the server would refuse, rather than have the
+  whole message refused. Queued messages are narrowed as they are handed over;
 - status reports and telemetry go through the `Outbox` (disk first) and are
   removed after their PUBACK, oldest first, at most `max_inflight` at a time;
   heartbeats are published only while connected (one the broker does not take
@@ -66,7 +72,12 @@ from edgefleet.errors import (
 )
 from edgefleet.mqtt.blocks import MAX_BLOCK_PAYLOAD_BYTES
 from edgefleet.mqtt.devicesig import DeviceKey, sign_device_payload
-from edgefleet.mqtt.directives import MAX_DIRECTIVE_BYTES, MAX_FLEET_TIMESTAMP_BYTES
+from edgefleet.mqtt.directives import (
+    MAX_DIRECTIVE_BYTES,
+    MAX_FLEET_ACCEPTS_BYTES,
+    MAX_FLEET_TIMESTAMP_BYTES,
+)
+from edgefleet.mqtt.fieldsets import Narrowing
 from edgefleet.mqtt.messages import (
     MESSAGE_TYPES,
     Message,
@@ -90,6 +101,7 @@ from edgefleet.mqtt.topics import (
     TRUST_ROOT_QOS,
     DeviceTopics,
     TopicKind,
+    fleet_accepts_topic,
     fleet_timestamp_topic,
     parse_trust_root_topic,
 )
@@ -148,6 +160,7 @@ class AgentLink:
         on_directive: PayloadHandler,
         on_fleet_timestamp: PayloadHandler,
         on_blocks: BlocksHandler | None = None,
+        on_fleet_accepts: PayloadHandler | None = None,
         on_trust_root: TrustRootHandler | None = None,
         on_problem: Callable[[str], None] | None = None,
         device_key: DeviceKey | None = None,
@@ -172,7 +185,9 @@ class AgentLink:
             self.topics.directive: (MAX_DIRECTIVE_BYTES, on_directive),
             fleet_timestamp_topic(): (MAX_FLEET_TIMESTAMP_BYTES, on_fleet_timestamp),
             self.topics.blocks_data: (MAX_BLOCK_PAYLOAD_BYTES, on_blocks),
+            fleet_accepts_topic(): (MAX_FLEET_ACCEPTS_BYTES, on_fleet_accepts),
         }
+        self.narrowing = Narrowing()
         self._on_trust_root = on_trust_root
         self._on_problem = on_problem
         self._device_key = device_key
@@ -193,6 +208,7 @@ class AgentLink:
                     (self.topics.directive, TopicKind.DIRECTIVE.qos),
                     (fleet_timestamp_topic(), FLEET_TIMESTAMP_QOS),
                     (self.topics.blocks_data, TopicKind.BLOCKS_DATA.qos),
+                    *([(fleet_accepts_topic(), FLEET_TIMESTAMP_QOS)] if on_fleet_accepts else []),
                     *([(TRUST_ROOT_FILTER, TRUST_ROOT_QOS)] if on_trust_root else []),
                 ],
                 birth=(self.topics.presence, Presence.ONLINE.payload),
@@ -294,10 +310,15 @@ class AgentLink:
         """Sign what is sent from now on with `key` (None: send plain payloads)."""
         self._device_key = key
 
-    def _outgoing(self, topic: str, payload: bytes) -> bytes:
-        """`payload` as it goes on the wire: signed for `topic` when the device has a key."""
+    def _outgoing(self, kind: TopicKind, payload: bytes) -> tuple[str, bytes]:
+        """The topic of `kind` and `payload` as it goes on the wire: narrowed to the fields
+        the server accepts (messages; a block request is no message), and signed for the
+        topic when the device has a key."""
+        topic = self.topics.topic(kind)
+        if kind in MESSAGE_TYPES:
+            payload = self.narrowing.narrow(kind, payload)
         key = self._device_key
-        return payload if key is None else sign_device_payload(topic, payload, key)
+        return topic, payload if key is None else sign_device_payload(topic, payload, key)
 
     def wait_outbox_empty(self, timeout: float) -> bool:
         """True once every queued message was acknowledged, False at the timeout."""
@@ -331,11 +352,8 @@ class AgentLink:
             if not self._session.is_ready:
                 self._count("heartbeats_skipped")
                 return
-            topic = self.topics.heartbeat
             try:
-                self._session.publish(
-                    topic, self._outgoing(topic, encode_message(message)), kind.qos
-                )
+                self._session.publish(*self._outgoing(kind, encode_message(message)), kind.qos)
             except PublishError:
                 self._count("heartbeats_skipped")  # the connection dropped meanwhile
             return
@@ -353,9 +371,8 @@ class AgentLink:
         if not self._session.is_ready:
             return False
         kind = TopicKind.BLOCKS_REQUEST
-        topic = self.topics.blocks_request
         try:
-            self._session.publish(topic, self._outgoing(topic, payload), kind.qos)
+            self._session.publish(*self._outgoing(kind, payload), kind.qos)
         except PublishError:
             return False
         return True
@@ -383,10 +400,9 @@ class AgentLink:
                 except OSError:
                     self.outbox.remove(entry.seq)
                     continue
-                topic = self.topics.topic(entry.kind)
                 try:
                     self._inflight[entry.seq] = self._session.publish(
-                        topic, self._outgoing(topic, payload), entry.kind.qos
+                        *self._outgoing(entry.kind, payload), entry.kind.qos
                     )
                 except PublishError as exc:  # stopping: it stays in the outbox for next time
                     self._problem(str(exc))
@@ -434,6 +450,9 @@ class AgentLink:
     def describe(self) -> str:
         """The link in words (`agent status`): connected, or not and the last problem."""
         if self.is_connected:
+            left_out = self.narrowing.left_out()
+            if left_out:  # the agent is newer than the server
+                return f"connected; the server is older, left out: {', '.join(left_out)}"
             return "connected"
         problem = self._connection_problem
         return "not connected" + (f": {problem}" if problem else "")

@@ -28,7 +28,10 @@ enrollment of that key went through.
 Fleet timestamps and trust roots arrive in the link's thread and are handed to
 the install worker (in memory: both are retained, so the broker sends them
 again at the next connect), which alone writes state.json: newer trust roots
-first, N+1 after N, then the newest timestamp, then the directives.
+first, N+1 after N, then the newest timestamp, then the directives. The
+server's announcement of the fields it accepts is verified in the link's thread
+(it changes only what the link leaves out of what it sends, and nothing is
+written) and handed to the link (`edgefleet.mqtt.fieldsets`).
 
 A directive is persisted to inbox/ in the link's thread before it is
 acknowledged, so a crash between the broker's delivery and the install loses
@@ -103,7 +106,7 @@ from edgefleet.agentconfig import AgentConfig
 from edgefleet.errors import EdgefleetError, KeyFileError
 from edgefleet.fileio import atomic_write_bytes
 from edgefleet.mqtt.devicesig import DeviceKey
-from edgefleet.mqtt.directives import Directive
+from edgefleet.mqtt.directives import Directive, verify_fleet_accepts
 from edgefleet.mqtt.messages import MAX_PROBLEM_CHARS, StatusReport
 from edgefleet.mqtt.topics import TopicKind
 from edgefleet.profiles import load_profile
@@ -176,6 +179,8 @@ class Agent:
         # verifies and persists them (it alone writes state.json), newer roots first.
         self._trust_lock = threading.Lock()
         self._fleet_payload = b""  # the last fleet timestamp received
+        self._accepts_payload = b""  # the last announcement of accepted fields taken
+        self._accepts_sequence = 0
         self._pending_timestamp: bytes | None = None
         self._pending_roots: dict[int, bytes] = {}  # version -> document, not yet next
         self._refused_roots: deque[bytes] = deque(maxlen=MAX_PENDING_TRUST_ROOTS)  # digests
@@ -196,6 +201,7 @@ class Agent:
                 outbox,
                 on_directive=self._receive_directive,
                 on_fleet_timestamp=self._receive_fleet_timestamp,
+                on_fleet_accepts=self._receive_fleet_accepts,
                 on_trust_root=self._receive_trust_root,
                 on_problem=lambda problem: log.warning("MQTT: %s", problem),
                 device_key=self.device_key,
@@ -392,6 +398,24 @@ class Agent:
                 return  # the retained timestamp, redelivered on every reconnect
             self._fleet_payload = self._pending_timestamp = payload
         self.install_worker.wake()
+
+    def _receive_fleet_accepts(self, payload: bytes) -> None:
+        """Narrow what the link sends to the fields the server announced it accepts.
+
+        Raises what `verify_fleet_accepts` raises (the link counts and logs it).
+        """
+        link = self.link
+        if link is None or not payload or payload == self._accepts_payload:
+            return  # cleared, or the retained announcement redelivered on a reconnect
+        accepts = verify_fleet_accepts(
+            payload, self.installer.trust, last_sequence=self._accepts_sequence
+        )
+        first = not self._accepts_sequence
+        self._accepts_payload, self._accepts_sequence = payload, accepts.sequence
+        link.narrowing.accept(accepts.messages)
+        (log.info if first else log.debug)(
+            "the server announced the fields it accepts (announcement %d)", accepts.sequence
+        )
 
     def _receive_trust_root(self, version: int, payload: bytes) -> None:
         """Keep a newer trust root until the worker can take it (at most

@@ -38,6 +38,7 @@ from edgefleet.mqtt.topics import (
     TRUST_ROOT_FILTER,
     Direction,
     TopicKind,
+    fleet_accepts_topic,
     fleet_timestamp_topic,
 )
 
@@ -98,6 +99,7 @@ def acl_text(server_names: Sequence[str]) -> str:
         lines.append(f"pattern {access} {DEVICES_PREFIX}/%u/{kind.value}")
     lines += [
         f"pattern read {fleet_timestamp_topic()}",
+        f"pattern read {fleet_accepts_topic()}",
         f"pattern read {TRUST_ROOT_FILTER}",
         "",
     ]

@@ -35,6 +35,7 @@
     │   │   ├── DirectiveExpiredError
     │   │   └── DirectiveFromFutureError issued ahead of this device's clock by over the skew
     │   ├── FleetTimestampError          stale sequence or expired: the device may be frozen out
+    │   ├── FleetAcceptsError            the server's fields announcement, stale or expired
     │   ├── MessageSchemaError       an MQTT payload that does not match its schema
     │   └── DeviceSignatureError     a device message not signed by that device's enrolled key
     └── LocalError                   a problem on this machine, not in the input
@@ -190,6 +191,10 @@ class DirectiveFromFutureError(DirectiveError):
 
 class FleetTimestampError(UntrustedInputError):
     """A fleet timestamp that is stale or expired: the device may be frozen out."""
+
+
+class FleetAcceptsError(UntrustedInputError):
+    """The server's announcement of the fields it accepts, stale or expired."""
 
 
 class MessageSchemaError(UntrustedInputError):

@@ -1,5 +1,9 @@
 """The signed fleet timestamp: published, retained, by one replica at a fixed period.
 
+With each, under its sequence and dates, the fields this server accepts in
+device messages (`edgefleet.mqtt.fieldsets`), so that agents newer than the
+server leave out what it would refuse.
+
 A device that sees no fresh fleet timestamp knows it is being frozen out (a
 stolen broker can withhold messages, never forge them). Invariants:
 - one replica publishes: the one holding the lease "fleet-timestamp"; the
@@ -27,8 +31,12 @@ from edgefleet.keys import SigningKey
 from edgefleet.mqtt import (
     FLEET_TIMESTAMP_QOS,
     FLEET_TIMESTAMP_RETAINED,
+    FleetAccepts,
     FleetTimestamp,
+    accepted_fields,
+    fleet_accepts_topic,
     fleet_timestamp_topic,
+    sign_fleet_accepts,
     sign_fleet_timestamp,
 )
 from edgefleet.server.db.database import Database
@@ -103,12 +111,13 @@ class FleetTimestamper:
                 return False
             sequence = next_counter(session, COUNTER_NAME)
             payload = self.sign(sequence, now)
-        self.publisher.publish(
-            fleet_timestamp_topic(),
-            payload,
-            qos=FLEET_TIMESTAMP_QOS,
-            retain=FLEET_TIMESTAMP_RETAINED,
-        )
+        for topic, document in (
+            (fleet_timestamp_topic(), payload),
+            (fleet_accepts_topic(), self.sign_accepts(sequence, now)),
+        ):
+            self.publisher.publish(
+                topic, document, qos=FLEET_TIMESTAMP_QOS, retain=FLEET_TIMESTAMP_RETAINED
+            )
         self.last_published = now
         self.last_sequence = sequence
         log.debug("published fleet timestamp %d", sequence)
@@ -129,6 +138,19 @@ class FleetTimestamper:
             }
         )
         return sign_fleet_timestamp(timestamp, self.server_keys)
+
+    def sign_accepts(self, sequence: int, issued: dt.datetime) -> bytes:
+        """The signed announcement of the fields this server accepts, dated as the
+        timestamp of `sequence`."""
+        accepts = FleetAccepts.model_validate(
+            {
+                "issued": format_time(issued),
+                "expires": format_time(issued + self.settings.fleet_timestamp_ttl),
+                "sequence": sequence,
+                "messages": accepted_fields(),
+            }
+        )
+        return sign_fleet_accepts(accepts, self.server_keys)
 
 
 __all__ = ["COUNTER_NAME", "LEASE_NAME", "FleetTimestamper"]

@@ -2,7 +2,8 @@
 device-signed messages.
 
 Only this package builds topic strings, turns payload bytes into messages, and
-verifies directives, fleet timestamps and device signatures; none of that does
+verifies directives, fleet timestamps, the server's announcement of the fields
+it accepts and device signatures; none of that does
 network I/O (a `DeviceKey` reads and writes its own file). The one MQTT client
 of both links is `edgefleet.mqtt.session`, imported on its own (it needs paho).
 """
@@ -18,21 +19,27 @@ from edgefleet.mqtt.devicesig import (
 )
 from edgefleet.mqtt.directives import (
     DIRECTIVE_TYPE,
+    FLEET_ACCEPTS_TYPE,
     FLEET_TIMESTAMP_TYPE,
     MAX_CLOCK_SKEW,
     MAX_DIRECTIVE_BYTES,
+    MAX_FLEET_ACCEPTS_BYTES,
     MAX_FLEET_TIMESTAMP_BYTES,
     BundleRef,
     Directive,
+    FleetAccepts,
     FleetTimestamp,
     HttpSource,
     MqttBlocksSource,
     Source,
     sign_directive,
+    sign_fleet_accepts,
     sign_fleet_timestamp,
     verify_directive,
+    verify_fleet_accepts,
     verify_fleet_timestamp,
 )
+from edgefleet.mqtt.fieldsets import Narrowing, accepted_fields
 from edgefleet.mqtt.messages import (
     MAX_DIAGNOSTICS_BYTES,
     MAX_MESSAGE_BYTES,
@@ -55,6 +62,7 @@ from edgefleet.mqtt.messages import (
     parse_presence,
 )
 from edgefleet.mqtt.topics import (
+    FLEET_ACCEPTS_TOPIC,
     FLEET_TIMESTAMP_QOS,
     FLEET_TIMESTAMP_RETAINED,
     FLEET_TIMESTAMP_TOPIC,
@@ -65,6 +73,7 @@ from edgefleet.mqtt.topics import (
     TopicKind,
     device_filter,
     device_topic,
+    fleet_accepts_topic,
     fleet_timestamp_topic,
     is_valid_device_id,
     parse_device_topic,
@@ -74,6 +83,8 @@ from edgefleet.mqtt.topics import (
 
 __all__ = [
     "DIRECTIVE_TYPE",
+    "FLEET_ACCEPTS_TOPIC",
+    "FLEET_ACCEPTS_TYPE",
     "FLEET_TIMESTAMP_QOS",
     "FLEET_TIMESTAMP_RETAINED",
     "FLEET_TIMESTAMP_TOPIC",
@@ -82,6 +93,7 @@ __all__ = [
     "MAX_CLOCK_SKEW",
     "MAX_DIAGNOSTICS_BYTES",
     "MAX_DIRECTIVE_BYTES",
+    "MAX_FLEET_ACCEPTS_BYTES",
     "MAX_FLEET_TIMESTAMP_BYTES",
     "MAX_MESSAGE_BYTES",
     "MESSAGE_TYPES",
@@ -95,6 +107,7 @@ __all__ = [
     "DiagnosticsReport",
     "Direction",
     "Directive",
+    "FleetAccepts",
     "FleetTimestamp",
     "Heartbeat",
     "HttpSource",
@@ -103,15 +116,18 @@ __all__ = [
     "LogLine",
     "Message",
     "MqttBlocksSource",
+    "Narrowing",
     "Presence",
     "ShadowCounts",
     "Source",
     "StatusReport",
     "TelemetryWindow",
     "TopicKind",
+    "accepted_fields",
     "device_filter",
     "device_topic",
     "encode_message",
+    "fleet_accepts_topic",
     "fleet_timestamp_topic",
     "is_device_frame",
     "is_valid_device_id",
@@ -124,9 +140,11 @@ __all__ = [
     "shared_filter",
     "sign_device_payload",
     "sign_directive",
+    "sign_fleet_accepts",
     "sign_fleet_timestamp",
     "split_device_frame",
     "verify_device_payload",
     "verify_directive",
+    "verify_fleet_accepts",
     "verify_fleet_timestamp",
 ]

@@ -1,4 +1,5 @@
-"""Signed server-to-device documents: directives and the fleet timestamp.
+"""Signed server-to-device documents: directives, the fleet timestamp and the fields the
+server accepts.
 
 A directive tells one device to install a bundle (named by digest and length,
 with the transports to fetch it by), to roll back, to send its recent log
@@ -8,7 +9,10 @@ named as a bundle, fetched over HTTP, never installed; `edgefleet.benchwire`).
 An agent older than an action refuses its directive as malformed and goes on. The fleet timestamp is
 published retained to the whole fleet at a fixed period, so a device whose
 newest timestamp has expired knows it is being frozen out (a stolen broker can
-withhold messages, never forge them).
+withhold messages, never forge them). Beside it, with the same sequence, the
+server publishes the fields it accepts in each device message (`FleetAccepts`),
+so that an agent newer than the server leaves out what the server would refuse
+(`edgefleet.mqtt.fieldsets`).
 
 Invariants, as in python-tuf's trusted metadata set:
 - verification accepts only bytes and does no I/O; the caller persists the
@@ -36,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from edgefleet.errors import (
     DirectiveExpiredError,
     DirectiveFromFutureError,
+    FleetAcceptsError,
     FleetTimestampError,
     MalformedDocumentError,
     ReplayedDirectiveError,
@@ -51,8 +56,12 @@ from edgefleet.validation import Timestamp, describe_validation_error
 
 DIRECTIVE_TYPE = "directive"
 FLEET_TIMESTAMP_TYPE = "fleet-timestamp"
+FLEET_ACCEPTS_TYPE = "fleet-accepts"
 MAX_DIRECTIVE_BYTES = 64 * 1024
 MAX_FLEET_TIMESTAMP_BYTES = 64 * 1024
+MAX_FLEET_ACCEPTS_BYTES = 64 * 1024
+MAX_ACCEPTED_KINDS = 16  # device message kinds in one announcement
+MAX_ACCEPTED_PATHS = 1024  # field paths of one kind
 # A document issued further ahead than this means a clock is badly wrong; a
 # device whose clock runs far behind would otherwise honour expired documents.
 MAX_CLOCK_SKEW = dt.timedelta(hours=1)
@@ -167,6 +176,26 @@ class FleetTimestamp(_Dated):
     # The newest trust root version the server knows; above the device's, the device should
     # fetch the newer trust root.
     trust_root_version: int = Field(ge=1)
+
+
+# A device message kind (a topic kind's value, e.g. "heartbeat") and a field path in it
+# ("link.connects"; "features.*.counts" for a field of every value of a mapping).
+AcceptedKind = Annotated[str, Field(pattern=r"^[a-z][a-z/_-]{0,31}$")]
+_NAME = r"[a-z_][a-z0-9_]*"
+FieldPath = Annotated[str, Field(max_length=256, pattern=rf"^{_NAME}(\.({_NAME}|\*))*$")]
+
+
+class FleetAccepts(_Dated):
+    """The signed part of the server's announcement: per device message kind, the path of
+    every field it accepts. Published with the fleet timestamp, under its sequence."""
+
+    type_: Literal["fleet-accepts"] = Field(default="fleet-accepts", alias="_type")
+    spec_version: Literal[1] = 1
+    sequence: int = Field(ge=1)
+    messages: Annotated[
+        dict[AcceptedKind, Annotated[list[FieldPath], Field(max_length=MAX_ACCEPTED_PATHS)]],
+        Field(max_length=MAX_ACCEPTED_KINDS),
+    ]
 
 
 _DatedT = TypeVar("_DatedT", bound=_Dated)
@@ -323,3 +352,56 @@ def verify_fleet_timestamp(
             f"future (now {moment.isoformat()}): the server's or this device's clock is wrong"
         )
     return timestamp
+
+
+def sign_fleet_accepts(accepts: FleetAccepts, server_keys: Iterable[SigningKey]) -> bytes:
+    """The bytes to publish, retained, on the fleet accepts topic.
+
+    Raises:
+        UsageError: no key given.
+    """
+    return _sign(accepts, server_keys)
+
+
+def verify_fleet_accepts(
+    data: bytes,
+    trust: TrustRoot,
+    *,
+    last_sequence: int,
+    now: dt.datetime | None = None,
+) -> FleetAccepts:
+    """Accept the server's announcement of the fields it accepts, newer than
+    `last_sequence` and not expired at `now`, or raise.
+
+    Raises:
+        MalformedDocumentError: over the size limit, not a fleet accepts envelope, or
+            a signed part that does not match the schema.
+        UnknownKeyError, WrongRoleError, BadSignatureError, ThresholdError: not
+            signed by the trust root's server role.
+        FleetAcceptsError: sequence not above `last_sequence`, expired at `now`, or
+            issued more than `MAX_CLOCK_SKEW` after `now`.
+        TrustRootExpiredError: `trust` has expired at `now`.
+        UsageError: `data` is not bytes, or bad `last_sequence` or `now`.
+    """
+    moment = _check_args(last_sequence, now)
+    what = "fleet accepts"
+    envelope = _verified_envelope(
+        data, trust, what, FLEET_ACCEPTS_TYPE, MAX_FLEET_ACCEPTS_BYTES, moment
+    )
+    accepts = _validated(FleetAccepts, envelope, what)
+    if accepts.sequence <= last_sequence:
+        raise FleetAcceptsError(
+            f"fleet accepts sequence {accepts.sequence} is not above the last accepted "
+            f"{last_sequence}: stale"
+        )
+    if accepts.is_expired(moment):
+        raise FleetAcceptsError(
+            f"fleet accepts {accepts.sequence} expired at {accepts.expires} "
+            f"(now {moment.isoformat()})"
+        )
+    if accepts.issued_at > moment + MAX_CLOCK_SKEW:
+        raise FleetAcceptsError(
+            f"fleet accepts {accepts.sequence} is issued at {accepts.issued}, in the future "
+            f"(now {moment.isoformat()}): the server's or this device's clock is wrong"
+        )
+    return accepts

@@ -12,6 +12,8 @@ Layout (namespace `edgefleet/v1`, versioned so that a v2 can run beside it):
     edgefleet/v1/devices/{device_id}/diagnostics     device -> server, the answer to a
                                                      diagnostics directive
     edgefleet/v1/fleet/timestamp                     server -> all, signed, retained
+    edgefleet/v1/fleet/accepts                       server -> all, the fields it accepts in
+                                                     device messages, signed, retained
     edgefleet/v1/fleet/trust-root/{version}          server -> all, every trust root version
                                                      after 1, signed by root keys, retained
 
@@ -31,6 +33,7 @@ from edgefleet.errors import MessageSchemaError, UsageError
 NAMESPACE = "edgefleet/v1"
 DEVICES_PREFIX = f"{NAMESPACE}/devices"
 FLEET_TIMESTAMP_TOPIC = f"{NAMESPACE}/fleet/timestamp"
+FLEET_ACCEPTS_TOPIC = f"{NAMESPACE}/fleet/accepts"
 TRUST_ROOT_PREFIX = f"{NAMESPACE}/fleet/trust-root"
 # Every version stays retained under its own topic, so a device that slept through
 # several rotations receives each one it lacks on connect and walks N -> N+1.
@@ -179,6 +182,11 @@ class DeviceTopics:
 
 def fleet_timestamp_topic() -> str:
     return FLEET_TIMESTAMP_TOPIC
+
+
+def fleet_accepts_topic() -> str:
+    """Published as the fleet timestamp is (`FLEET_TIMESTAMP_QOS`, retained)."""
+    return FLEET_ACCEPTS_TOPIC
 
 
 def trust_root_topic(version: int) -> str:

@@ -143,6 +143,7 @@ def test_the_acl_confines_devices_by_direction_and_gives_servers_the_tree() -> N
     others = [line for line in patterns if "%u" not in line]
     assert others == [
         "pattern read edgefleet/v1/fleet/timestamp",
+        "pattern read edgefleet/v1/fleet/accepts",
         "pattern read edgefleet/v1/fleet/trust-root/+",
     ]
     assert not [line for line in patterns if "#" in line]

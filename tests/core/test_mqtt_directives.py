@@ -1,4 +1,5 @@
-"""Directives and fleet timestamps: every way a device must refuse one, each with its own error."""
+"""Directives, fleet timestamps and the server's announcement of the fields it accepts: every
+way a device must refuse one, each with its own error."""
 
 from __future__ import annotations
 
@@ -16,12 +17,16 @@ from edgefleet.mqtt import (
     MAX_DIRECTIVE_BYTES,
     BundleRef,
     Directive,
+    FleetAccepts,
     FleetTimestamp,
     HttpSource,
     MqttBlocksSource,
+    accepted_fields,
     sign_directive,
+    sign_fleet_accepts,
     sign_fleet_timestamp,
     verify_directive,
+    verify_fleet_accepts,
     verify_fleet_timestamp,
 )
 from edgefleet.signing import Signature, sign_document
@@ -376,3 +381,71 @@ def test_a_benchmark_directive_names_its_request_as_a_bundle_fetched_over_http(
             sources=[MqttBlocksSource(block_size=16_384)],
             request_id=3,
         )
+
+
+# --- the fields the server accepts --------------------------------------------------------
+
+
+def accepts(**overrides: Any) -> FleetAccepts:
+    fields: dict[str, Any] = {
+        "sequence": 10,
+        "issued": format_time(NOW - dt.timedelta(minutes=1)),
+        "expires": format_time(NOW + dt.timedelta(hours=1)),
+        "messages": accepted_fields(),
+    }
+    fields.update(overrides)
+    return FleetAccepts(**fields)
+
+
+def verify_accepts(data: bytes, trust: TrustRoot, last_sequence: int = 9) -> FleetAccepts:
+    return verify_fleet_accepts(data, trust, last_sequence=last_sequence, now=NOW)
+
+
+def test_the_servers_accepted_fields_are_taken_when_signed_fresh_and_newer(
+    keyset: KeySet, trust: TrustRoot
+) -> None:
+    sent = accepts()
+    assert verify_accepts(sign_fleet_accepts(sent, [keyset.server]), trust) == sent
+    data = sign_fleet_accepts(sent, [keyset.server])
+    with pytest.raises(errors.FleetAcceptsError, match="stale"):
+        verify_accepts(data, trust, last_sequence=10)  # the same one again, or a replay
+    late = accepts(issued=format_time(NOW - dt.timedelta(hours=2)), expires=format_time(NOW))
+    with pytest.raises(errors.FleetAcceptsError, match="expired"):
+        verify_accepts(sign_fleet_accepts(late, [keyset.server]), trust)
+    issued = NOW + MAX_CLOCK_SKEW + dt.timedelta(seconds=1)
+    early = accepts(issued=format_time(issued), expires=format_time(issued + dt.timedelta(hours=1)))
+    with pytest.raises(errors.FleetAcceptsError, match="future"):
+        verify_accepts(sign_fleet_accepts(early, [keyset.server]), trust)
+
+
+def test_the_accepted_fields_are_refused_unless_the_server_role_signed_them(
+    keyset: KeySet, trust: TrustRoot
+) -> None:
+    with pytest.raises(errors.WrongRoleError):
+        verify_accepts(sign_fleet_accepts(accepts(), [keyset.release]), trust)
+    with pytest.raises(errors.UnknownKeyError):
+        verify_accepts(sign_fleet_accepts(accepts(), [SigningKey.generate()]), trust)
+    data = sign_fleet_accepts(accepts(), [keyset.server])
+    with pytest.raises(errors.BadSignatureError):
+        verify_accepts(data.replace(b'"link.connects",', b""), trust)
+    with pytest.raises(errors.MalformedDocumentError):  # another document type
+        verify_accepts(sign_fleet_timestamp(timestamp(), [keyset.server]), trust)
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        {"heartbeat": ["link..connects"]},
+        {"heartbeat": ["Link"]},
+        {"heartbeat": ["*.counts"]},
+        {"heartbeat": "link"},
+        {"Heartbeat": ["link"]},
+        {f"kind{n}": ["a"] for n in range(17)},
+    ],
+)
+def test_accepted_fields_outside_the_schema_are_refused(
+    messages: Any, keyset: KeySet, trust: TrustRoot
+) -> None:
+    signed = {**accepts().to_signed(), "messages": messages}
+    with pytest.raises(errors.MalformedDocumentError, match="not valid"):
+        verify_accepts(resign(signed, keyset.server), trust)

@@ -38,6 +38,7 @@ from edgefleet.mqtt.topics import (
     DeviceTopics,
     TopicKind,
     device_filter,
+    fleet_accepts_topic,
     fleet_timestamp_topic,
     shared_filter,
     trust_root_topic,
@@ -370,6 +371,7 @@ def test_a_device_cannot_write_the_retained_fleet_topics_nor_anothers_presence(
     a, b = DeviceTopics(unique_device_id("a")), DeviceTopics(unique_device_id("b"))
     retained = {
         fleet_timestamp_topic(): b"signed timestamp",
+        fleet_accepts_topic(): b"signed accepted fields",
         trust_root_topic(2): b"signed trust root 2",
         b.presence: Presence.ONLINE.payload,
     }
@@ -395,11 +397,15 @@ def test_a_device_reads_the_retained_fleet_topics(broker: LockedBroker) -> None:
     with peer(broker, broker.server) as server:
         server.publish(topic, b"root 7", retain=True)
         server.publish(fleet_timestamp_topic(), b"timestamp", retain=True)
+        server.publish(fleet_accepts_topic(), b"accepted fields", retain=True)
     with peer(broker, broker.device(a.device_id)) as dev:
-        codes = dev.subscribe(fleet_timestamp_topic(), "edgefleet/v1/fleet/trust-root/+")
+        codes = dev.subscribe(
+            fleet_timestamp_topic(), fleet_accepts_topic(), "edgefleet/v1/fleet/trust-root/+"
+        )
         assert not any(code.is_failure for code in codes)
         dev.wait_for(topic, b"root 7")
         dev.wait_for(fleet_timestamp_topic(), b"timestamp")
+        dev.wait_for(fleet_accepts_topic(), b"accepted fields")
 
 
 def test_a_device_client_id_cannot_be_taken_by_another_identity(broker: LockedBroker) -> None:

@@ -7,8 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.errors import FleetTimestampError, UsageError
-from edgefleet.mqtt import FLEET_TIMESTAMP_TOPIC, verify_fleet_timestamp
+from edgefleet.errors import FleetAcceptsError, FleetTimestampError, UsageError
+from edgefleet.mqtt import (
+    FLEET_ACCEPTS_TOPIC,
+    FLEET_TIMESTAMP_TOPIC,
+    accepted_fields,
+    verify_fleet_accepts,
+    verify_fleet_timestamp,
+)
 from edgefleet.server.db.database import Database
 from edgefleet.server.fleettime import FleetTimestamper
 from edgefleet.trust import TrustRoot
@@ -46,18 +52,27 @@ def test_first_tick_publishes_then_once_per_period(
     clock.advance(100)
     assert stamper.tick() is True
     assert [(c.topic, c.qos, c.retain) for c in publisher.calls] == [
-        (FLEET_TIMESTAMP_TOPIC, 1, True)
+        (FLEET_TIMESTAMP_TOPIC, 1, True),
+        (FLEET_ACCEPTS_TOPIC, 1, True),
     ] * 2
-    first = verify_fleet_timestamp(publisher.calls[0].payload, trust, last_sequence=0, now=START)
+    stamps, accepts = publisher.calls[0::2], publisher.calls[1::2]
+    first = verify_fleet_timestamp(stamps[0].payload, trust, last_sequence=0, now=START)
     assert first.sequence == 1 and first.trust_root_version == 3
     assert first.issued_at == START and first.expires_at == START + dt.timedelta(hours=1)
     second = verify_fleet_timestamp(
-        publisher.calls[1].payload, trust, last_sequence=first.sequence, now=clock()
+        stamps[1].payload, trust, last_sequence=first.sequence, now=clock()
     )
     assert second.sequence == 2
     # A device refuses the first one again (the retained copy redelivered).
     with pytest.raises(FleetTimestampError):
-        verify_fleet_timestamp(publisher.calls[0].payload, trust, last_sequence=2, now=clock())
+        verify_fleet_timestamp(stamps[0].payload, trust, last_sequence=2, now=clock())
+    # Each timestamp comes with the fields this server accepts, under its sequence and dates.
+    announced = verify_fleet_accepts(accepts[1].payload, trust, last_sequence=1, now=clock())
+    assert (announced.sequence, announced.expires_at) == (2, second.expires_at)
+    assert announced.messages == accepted_fields()
+    assert "link.connects" in announced.messages["heartbeat"]
+    with pytest.raises(FleetAcceptsError):
+        verify_fleet_accepts(accepts[0].payload, trust, last_sequence=1, now=clock())
 
 
 def test_only_the_lease_holder_publishes_and_another_takes_over(

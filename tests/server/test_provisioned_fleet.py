@@ -5,7 +5,8 @@
 certificates and keeping the broker's CRL; a golden image from `devices provision
 --claim --uses 3`, copied four times and each copy run as `edgefleet agent run` with its
 paths moved into the copy (the EDGEFLEET_* overrides). Three devices enroll, get their
-certificates and come online over mqtts; the fourth is refused. A rollout completes over
+certificates and come online over mqtts, and hear the server's announcement of the fields it
+accepts; the fourth is refused. A rollout completes over
 the locked-down broker; a device that slept through two trust-root rotations walks to v3
 and takes the next rollout; a removed device's certificate is revoked, the broker refuses
 it after rereading the CRL, and the others carry on.
@@ -296,6 +297,11 @@ def test_a_golden_image_fleet_runs_on_the_locked_down_broker(
         assert {item["id"] for item in json.loads(listed)["items"]} == {
             device.device_id for device in enrolled
         }
+        # Each reads the server's signed announcement of the fields it accepts (the ACL lets
+        # it), and, of the same version, leaves nothing out.
+        heard = "the server announced the fields it accepts"
+        assert wait_until(lambda: all(heard in d.log for d in enrolled), WAIT), logs()
+        assert not [d.log for d in enrolled if "left out" in d.log or "fleet accepts" in d.log]
 
         # The fourth card finds the claim used up: refused, said in one line, never listed.
         fourth = devices[3]

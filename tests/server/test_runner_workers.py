@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from edgefleet.mqtt import FLEET_TIMESTAMP_TOPIC
+from edgefleet.mqtt import FLEET_ACCEPTS_TOPIC, FLEET_TIMESTAMP_TOPIC
 from edgefleet.mqtt.topics import TopicKind
 from edgefleet.server.db.database import Database
 from edgefleet.server.db.models import BundleRow, Device, TelemetryBucket
@@ -139,7 +139,7 @@ def test_the_fleet_timestamper_survives_a_foreign_error(
     survives_a_full_disk(
         worker,
         db,
-        lambda: [c.topic for c in publisher.calls] == [FLEET_TIMESTAMP_TOPIC],
+        lambda: [c.topic for c in publisher.calls] == [FLEET_TIMESTAMP_TOPIC, FLEET_ACCEPTS_TOPIC],
         caplog,
     )
 
