@@ -44,6 +44,7 @@ from edgefleet.errors import (
     FleetTimestampError,
     MalformedDocumentError,
     ReplayedDirectiveError,
+    UntrustedInputError,
     UsageError,
     WrongDeviceError,
 )
@@ -167,12 +168,17 @@ class Directive(_Dated):
         )
 
 
-class FleetTimestamp(_Dated):
+class _FleetDocument(_Dated):
+    """A document published to the whole fleet, retained: each newer one a higher sequence."""
+
+    sequence: int = Field(ge=1)
+
+
+class FleetTimestamp(_FleetDocument):
     """The signed part of the fleet timestamp."""
 
     type_: Literal["fleet-timestamp"] = Field(default="fleet-timestamp", alias="_type")
     spec_version: Literal[1] = 1
-    sequence: int = Field(ge=1)
     # The newest trust root version the server knows; above the device's, the device should
     # fetch the newer trust root.
     trust_root_version: int = Field(ge=1)
@@ -185,13 +191,12 @@ _NAME = r"[a-z_][a-z0-9_]*"
 FieldPath = Annotated[str, Field(max_length=256, pattern=rf"^{_NAME}(\.({_NAME}|\*))*$")]
 
 
-class FleetAccepts(_Dated):
+class FleetAccepts(_FleetDocument):
     """The signed part of the server's announcement: per device message kind, the path of
     every field it accepts. Published with the fleet timestamp, under its sequence."""
 
     type_: Literal["fleet-accepts"] = Field(default="fleet-accepts", alias="_type")
     spec_version: Literal[1] = 1
-    sequence: int = Field(ge=1)
     messages: Annotated[
         dict[AcceptedKind, Annotated[list[FieldPath], Field(max_length=MAX_ACCEPTED_PATHS)]],
         Field(max_length=MAX_ACCEPTED_KINDS),
@@ -199,6 +204,7 @@ class FleetAccepts(_Dated):
 
 
 _DatedT = TypeVar("_DatedT", bound=_Dated)
+_FleetDocumentT = TypeVar("_FleetDocumentT", bound=_FleetDocument)
 
 
 def _sign(document: _Dated, server_keys: Iterable[SigningKey]) -> bytes:
@@ -330,28 +336,17 @@ def verify_fleet_timestamp(
         TrustRootExpiredError: `trust` has expired at `now`.
         UsageError: `data` is not bytes, or bad `last_sequence` or `now`.
     """
-    moment = _check_args(last_sequence, now)
-    what = "fleet timestamp"
-    envelope = _verified_envelope(
-        data, trust, what, FLEET_TIMESTAMP_TYPE, MAX_FLEET_TIMESTAMP_BYTES, moment
+    return _verified_fleet_document(
+        FleetTimestamp,
+        data,
+        trust,
+        FLEET_TIMESTAMP_TYPE,
+        MAX_FLEET_TIMESTAMP_BYTES,
+        FleetTimestampError,
+        last_sequence=last_sequence,
+        now=now,
+        expired_means=": this device may be frozen out",
     )
-    timestamp = _validated(FleetTimestamp, envelope, what)
-    if timestamp.sequence <= last_sequence:
-        raise FleetTimestampError(
-            f"fleet timestamp sequence {timestamp.sequence} is not above the last accepted "
-            f"{last_sequence}: stale"
-        )
-    if timestamp.is_expired(moment):
-        raise FleetTimestampError(
-            f"fleet timestamp {timestamp.sequence} expired at {timestamp.expires} "
-            f"(now {moment.isoformat()}): this device may be frozen out"
-        )
-    if timestamp.issued_at > moment + MAX_CLOCK_SKEW:
-        raise FleetTimestampError(
-            f"fleet timestamp {timestamp.sequence} is issued at {timestamp.issued}, in the "
-            f"future (now {moment.isoformat()}): the server's or this device's clock is wrong"
-        )
-    return timestamp
 
 
 def sign_fleet_accepts(accepts: FleetAccepts, server_keys: Iterable[SigningKey]) -> bytes:
@@ -383,25 +378,49 @@ def verify_fleet_accepts(
         TrustRootExpiredError: `trust` has expired at `now`.
         UsageError: `data` is not bytes, or bad `last_sequence` or `now`.
     """
-    moment = _check_args(last_sequence, now)
-    what = "fleet accepts"
-    envelope = _verified_envelope(
-        data, trust, what, FLEET_ACCEPTS_TYPE, MAX_FLEET_ACCEPTS_BYTES, moment
+    return _verified_fleet_document(
+        FleetAccepts,
+        data,
+        trust,
+        FLEET_ACCEPTS_TYPE,
+        MAX_FLEET_ACCEPTS_BYTES,
+        FleetAcceptsError,
+        last_sequence=last_sequence,
+        now=now,
     )
-    accepts = _validated(FleetAccepts, envelope, what)
-    if accepts.sequence <= last_sequence:
-        raise FleetAcceptsError(
-            f"fleet accepts sequence {accepts.sequence} is not above the last accepted "
+
+
+def _verified_fleet_document(
+    model_cls: type[_FleetDocumentT],
+    data: bytes,
+    trust: TrustRoot,
+    doc_type: str,
+    max_bytes: int,
+    error: type[UntrustedInputError],
+    *,
+    last_sequence: int,
+    now: dt.datetime | None,
+    expired_means: str = "",
+) -> _FleetDocumentT:
+    """A fleet document of `doc_type` above `last_sequence`, not expired at `now` and not
+    issued ahead of it by more than `MAX_CLOCK_SKEW`, or raise (`error` for those three)."""
+    moment = _check_args(last_sequence, now)
+    what = doc_type.replace("-", " ")
+    envelope = _verified_envelope(data, trust, what, doc_type, max_bytes, moment)
+    document = _validated(model_cls, envelope, what)
+    if document.sequence <= last_sequence:
+        raise error(
+            f"{what} sequence {document.sequence} is not above the last accepted "
             f"{last_sequence}: stale"
         )
-    if accepts.is_expired(moment):
-        raise FleetAcceptsError(
-            f"fleet accepts {accepts.sequence} expired at {accepts.expires} "
-            f"(now {moment.isoformat()})"
+    if document.is_expired(moment):
+        raise error(
+            f"{what} {document.sequence} expired at {document.expires} "
+            f"(now {moment.isoformat()}){expired_means}"
         )
-    if accepts.issued_at > moment + MAX_CLOCK_SKEW:
-        raise FleetAcceptsError(
-            f"fleet accepts {accepts.sequence} is issued at {accepts.issued}, in the future "
+    if document.issued_at > moment + MAX_CLOCK_SKEW:
+        raise error(
+            f"{what} {document.sequence} is issued at {document.issued}, in the future "
             f"(now {moment.isoformat()}): the server's or this device's clock is wrong"
         )
-    return accepts
+    return document
