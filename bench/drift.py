@@ -44,7 +44,9 @@ reference, the windows are independent trials, as many as time allows. What
 it costs: the rate is that of this discrete distribution (rows repeat), not of
 the world the rows came from; the windows of one reference share it, and the
 rate differs from one reference to another (each reference's drifted counts
-are shown); the features of a window share its rows.
+are shown); the features of a window share its rows. Beside the calm goal's
+bound, the share with an alert open is bounded from the alert's state every
+5th window too (`Calm.spaced_open_bound`), per feature kind.
 
 The same windows are judged by scipy's two-sample KS test on the raw values
 (p < 0.05, as Evidently does), the textbook chi-square test on the same bins
