@@ -312,11 +312,10 @@ class AgentLink:
 
     def _outgoing(self, kind: TopicKind, payload: bytes) -> tuple[str, bytes]:
         """The topic of `kind` and `payload` as it goes on the wire: narrowed to the fields
-        the server accepts (messages; a block request is no message), and signed for the
+        the server accepts (a block request, no message, goes as it is), and signed for the
         topic when the device has a key."""
         topic = self.topics.topic(kind)
-        if kind in MESSAGE_TYPES:
-            payload = self.narrowing.narrow(kind, payload)
+        payload = self.narrowing.narrow(kind, payload)
         key = self._device_key
         return topic, payload if key is None else sign_device_payload(topic, payload, key)
 

@@ -81,6 +81,7 @@ class FleetTimestamper:
         self.publisher = publisher
         self.settings = settings
         self.clock = clock
+        self.accepted = accepted_fields()  # this version's schemas: the same all its life
         self.last_published: dt.datetime | None = None
         self.last_sequence: int | None = None
 
@@ -147,7 +148,7 @@ class FleetTimestamper:
                 "issued": format_time(issued),
                 "expires": format_time(issued + self.settings.fleet_timestamp_ttl),
                 "sequence": sequence,
-                "messages": accepted_fields(),
+                "messages": self.accepted,
             }
         )
         return sign_fleet_accepts(accepts, self.server_keys)

@@ -110,7 +110,8 @@ class Narrowing:
 
     def narrow(self, kind: TopicKind, payload: bytes) -> bytes:
         """`payload` (a message of `kind`, as `encode_message` wrote it) without the optional
-        fields the server does not accept; the same bytes when it has none of them."""
+        fields the server does not accept; the same bytes when it has none of them, and for
+        a kind that carries no message (a block request)."""
         with self._lock:
             accepted = self._accepted.get(kind)
         if accepted is None:
