@@ -110,9 +110,11 @@ def test_a_stopped_demo_stops_everything_with_a_clear_message(
         if "devices enrolled and online" in line:
             break
     assert process.poll() is None, "".join(lines)
-    assert left_running(tmp_path) != []  # the agents and the server are running now
+    running = left_running(tmp_path)  # the agents and the server, once the devices are online
     process.send_signal(signum)
-    output, _ = process.communicate(timeout=120)
+    rest, _ = process.communicate(timeout=120)
+    output = "".join(lines) + rest
+    assert running != [], output
     assert "stopping the agents and the server, removing their files" in output, output
     assert process.returncode == 130, output
     assert left_running(tmp_path) == []

@@ -62,7 +62,9 @@ class StageCounts:
     `offline` are assigned devices offline and not finished; `reporting` are
     devices that sent telemetry for the new version since the stage started.
     Traffic counts are of the new version on the stage's devices since the
-    stage started; `previous_latency_p95_ms` is the previous version's p95.
+    stage started, but for the p95 latencies, which read only the newest
+    buckets (`progress.latency_lookback`): `latency_p95_ms` of the new version,
+    `previous_latency_p95_ms` of the previous version before the stage.
     `drifting`: the stage's devices that installed the new version and have
     open drift alerts of it opened since the stage started; `cohort_drift`:
     the features of the stage cohort's such alerts. `labels`: labelled

@@ -25,7 +25,9 @@ without a health check under live traffic (the agent's reason says so).
 `stage_counts` gathers `gates.StageCounts` for one stage from the device rows,
 `Device.online`, `TelemetryBucket` rows, open drift `Alert` rows and the
 bundle's reference accuracy, in a few aggregate queries (no per-device round
-trips), so it stays cheap for stages of thousands of devices.
+trips), so it stays cheap for stages of thousands of devices. The latency
+histograms, which are merged here rather than summed by the database, are read
+from the newest buckets only (`latency_lookback`).
 
 Pure helpers (`merge_latency`, `latency_percentile`) are separate from the
 queries so they are tested on their own.
@@ -73,7 +75,12 @@ AGENT_SUCCESS = frozenset({"committed"})
 # "refused" is not a state either: the report of a refusal (the agent rests as before).
 AGENT_FAILURE = frozenset({"failed", "refused", "rolled_back"})
 
-PREVIOUS_LATENCY_WINDOW = dt.timedelta(hours=24)
+# The p95 latencies read the newest buckets: far enough back for about
+# LATENCY_SAMPLE_BUCKETS device-buckets (all of a day for a canary of a few
+# devices, the last two buckets for a stage of 10,000), never further than
+# LATENCY_WINDOW. So a status costs the same on the stage's first day as later.
+LATENCY_WINDOW = dt.timedelta(hours=24)
+LATENCY_SAMPLE_BUCKETS = 10_000
 DRIFT_KINDS = (FEATURE_DRIFT, PREDICTION_DRIFT, DATASET_DRIFT)  # what the drift gate counts
 
 # What the agent's COMMITTED reason says when no live request judged the new
@@ -298,8 +305,13 @@ def stage_counts(
             func.count(func.distinct(TelemetryBucket.device_id)),
         ).where(new_version, TelemetryBucket.requests > 0)
     ).one()
+    lookback = latency_lookback(assigned, bucket)
     latency = merge_latency(
-        session.scalars(select(TelemetryBucket.latency).where(new_version)).all()
+        session.scalars(
+            select(TelemetryBucket.latency).where(
+                new_version, TelemetryBucket.bucket_start > now - lookback
+            )
+        ).all()
     )
     previous_version = and_(
         TelemetryBucket.device_id == RolloutDevice.device_id,
@@ -311,7 +323,7 @@ def stage_counts(
     previous = merge_latency(
         session.scalars(
             select(TelemetryBucket.latency).where(
-                previous_version, TelemetryBucket.bucket_start >= started - PREVIOUS_LATENCY_WINDOW
+                previous_version, TelemetryBucket.bucket_start >= started - lookback
             )
         ).all()
     )
@@ -407,6 +419,17 @@ def _labels(session: Session, where: Any) -> Labelled:
     return Labelled(int(count), int(correct), float(abs_error), float(squared_error))
 
 
+def latency_lookback(devices: int, bucket: dt.timedelta) -> dt.timedelta:
+    """How far back a stage's p95 latencies read, for a stage of `devices` devices.
+
+    About `LATENCY_SAMPLE_BUCKETS` device-buckets (a device stores one bucket a
+    `bucket` per version), at least two buckets (the open one and the last
+    whole one), at most `LATENCY_WINDOW`.
+    """
+    wanted = bucket * (LATENCY_SAMPLE_BUCKETS / max(devices, 1))
+    return min(LATENCY_WINDOW, max(2 * bucket, wanted))
+
+
 Histogram = tuple[list[float], list[int]]
 
 
@@ -464,6 +487,7 @@ __all__ = [
     "FINISHED",
     "DeviceState",
     "heartbeat_answer",
+    "latency_lookback",
     "latency_percentile",
     "merge_latency",
     "reconcile",

@@ -36,9 +36,10 @@ from edgefleet.server.drift.cohorts import stage_cohort
 from edgefleet.server.drift.evaluator import DATASET_DRIFT, FEATURE_DRIFT
 from edgefleet.server.principals import Principal, Role
 from edgefleet.server.rollouts import driver as driver_module
+from edgefleet.server.rollouts import progress
 from edgefleet.server.rollouts.driver import RolloutDriver
 from edgefleet.server.rollouts.plan import plan_from_dict
-from edgefleet.server.rollouts.progress import latency_percentile, merge_latency
+from edgefleet.server.rollouts.progress import latency_lookback, latency_percentile, merge_latency
 from edgefleet.server.rollouts.service import (
     abort_rollout,
     pause_rollout,
@@ -595,6 +596,41 @@ def test_latency_gate_compares_with_the_previous_version(
     f.run()
     assert f.state(rid) == "aborting"
     assert "max_latency_p95_ratio" in (f.status(rid).reason or "")
+
+
+def test_the_latency_gate_reads_the_newest_buckets_only(
+    database: Database,
+    tmp_path: Path,
+    keyset: KeySet,
+    trust: TrustRoot,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # About 8 device-buckets: a stage of 2 devices reads 20 minutes back.
+    monkeypatch.setattr(progress, "LATENCY_SAMPLE_BUCKETS", 8)
+    f = make_fleet(database, tmp_path, keyset, trust, 4)
+    ids = [f"dev-{i:02d}" for i in range(4)]
+    slow, fast = [0, 0, 0, 0, 1000, 0], [90, 10, 0, 0, 0, 0]
+    f.sim.telemetry(ids, version="1.0.0", latency_counts=slow, at=START - dt.timedelta(hours=3))
+    f.sim.telemetry(ids, version="1.0.0", latency_counts=fast, at=START - dt.timedelta(minutes=10))
+    rid = f.start({"stages": [{"percent": 50}, {"percent": 100}], "gates": {"bake_s": 600}})
+    f.run(2)
+    updated = sorted(d for d, s in f.devices(rid).items() if s == "succeeded")
+    f.sim.telemetry(updated, latency_counts=[0, 0, 10, 90, 0, 0])
+    with database.session() as session:
+        checks = {c.name: c for c in rollout_status(session, rid, f.clock()).stages[0].checks}
+    # Read 3 hours back, the slow buckets would make the previous p95 100 ms and pass 50 ms.
+    assert "p95 50 ms vs 10 ms" in checks["max_latency_p95_ratio"].detail
+    assert checks["max_latency_p95_ratio"].passed is False
+
+
+def test_the_latency_lookback_reads_about_the_same_number_of_buckets_at_any_size() -> None:
+    bucket = dt.timedelta(minutes=5)
+    assert latency_lookback(1, bucket) == dt.timedelta(hours=24)  # at most a day
+    assert latency_lookback(10, bucket) == dt.timedelta(hours=24)
+    assert latency_lookback(100, bucket) == dt.timedelta(minutes=500)
+    assert latency_lookback(1_000, bucket) == dt.timedelta(minutes=50)
+    assert latency_lookback(10_000, bucket) == dt.timedelta(minutes=10)  # at least two buckets
+    assert latency_lookback(0, bucket) == dt.timedelta(hours=24)
 
 
 class FlakyPublisher(RecordingPublisher):
