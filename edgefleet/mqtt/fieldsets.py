@@ -9,8 +9,11 @@ each payload to it before signing it (`Narrowing`):
 
 - an optional field the server does not accept is left out, at any depth, and
   logged once (the agent is newer than the server);
-- a required field is never left out: a server that lacks one refuses the
-  message as before (changing required fields is a new schema version);
+- a required field is never left out on its own. In an optional part (a
+  part that grew a required field), the part is left out whole, since the
+  server could not take it without the field. A required field of the
+  message itself, or of a required part, stays, and a server that lacks it
+  refuses the message as before (changing those is a new schema version);
 - without an announcement (a server that predates it, or none heard yet), and
   for a kind the announcement does not name, payloads go out whole.
 
@@ -25,7 +28,7 @@ import json
 import logging
 import threading
 import types
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Annotated, Any, Union, get_args, get_origin
 
 from pydantic import BaseModel
@@ -79,6 +82,22 @@ class _Schema:
         # that are parts (`inputs.*`).
         self.parts = {path.rsplit(".", 1)[0] for path in self.paths if "." in path}
 
+    def sendable(self, accepted: Iterable[str]) -> frozenset[str]:
+        """The `accepted` paths less each part the server cannot take as this agent sends
+        it: one that holds a required field the server lacks, directly or through required
+        parts. Left out if optional; a required one makes its holder unsendable too."""
+        paths = set(accepted)
+        for path in sorted(self.paths, key=lambda path: path.count("."), reverse=True):
+            if self.paths[path] and path not in paths and "." in path:
+                paths.discard(_holder(path))
+        return frozenset(paths)
+
+
+def _holder(path: str) -> str:
+    """The path of the part that holds the field at `path` (`inputs` for `inputs.*.counts`)."""
+    holder = path.rsplit(".", 1)[0]
+    return holder.removesuffix(".*")
+
 
 class Narrowing:
     """The fields the server announced it accepts, once heard; payloads narrowed to them.
@@ -103,7 +122,7 @@ class Narrowing:
         for kind, schema in self._schemas.items():
             paths = messages.get(kind.value)
             if paths is not None and not set(schema.paths) <= set(paths):
-                accepted[kind] = frozenset(paths)
+                accepted[kind] = schema.sendable(paths)
         with self._lock:
             self._accepted = accepted
             self._told = {name for name in self._told if _left_out_by(accepted, name)}

@@ -131,7 +131,7 @@ def test_a_heartbeat_narrowed_to_an_older_servers_fields_is_taken_where_the_whol
         "(it is older than this agent): left out"
     ]  # once, not at every heartbeat
     assert narrowing.left_out() == ["heartbeat.answered", "heartbeat.link.last_problem"]
-    narrowing.accept(announced({"heartbeat": new_fields - {"answered"}}))  # partly upgraded
+    narrowing.accept(announced({"heartbeat": {"link.last_problem"}}))  # partly upgraded
     assert narrowing.left_out() == ["heartbeat.link.last_problem"]
     narrowing.accept(accepted_fields())  # upgraded
     assert narrowing.left_out() == []
@@ -160,6 +160,35 @@ def test_a_mapping_of_parts_is_narrowed_value_by_value() -> None:
     # them refuses the window as it would have anyway (a new schema version's business).
     assert narrowed["inputs"] == {"temperature": {"counts": [1, 2, 3], "nan": 0, "below": 1,
                                                   "above": 0}}  # fmt: skip
+
+
+def test_an_optional_part_that_grew_a_required_field_is_left_out_whole(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A server whose `link` part predates `outbox_depth`, required in this agent's.
+    server = older(Heartbeat, {"link.outbox_depth"})
+    whole = encode_message(full_heartbeat())
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        server.model_validate_json(whole)
+    narrowing = Narrowing()
+    narrowing.accept(announced({"heartbeat": {"link.outbox_depth"}}))
+    with caplog.at_level(logging.INFO, logger="edgefleet.mqtt.fieldsets"):
+        narrowed = narrowing.narrow(TopicKind.HEARTBEAT, whole)
+    server.model_validate_json(narrowed)
+    expected = json.loads(whole)
+    del expected["link"]
+    assert json.loads(narrowed) == expected
+    assert narrowing.left_out() == ["heartbeat.link"]
+    assert [record.getMessage() for record in caplog.records] == [
+        "the server does not accept heartbeat.link (it is older than this agent): left out"
+    ]
+    narrowing.accept(announced({"heartbeat": {"link.outbox_depth"}}))  # the same, again
+    assert narrowing.left_out() == ["heartbeat.link"]
+    narrowing.accept(accepted_fields())
+    assert narrowing.left_out() == []
+    # Through a list of parts too.
+    narrowing.accept(announced({"heartbeat": {"breakers.state"}}))
+    assert "breakers" not in json.loads(narrowing.narrow(TopicKind.HEARTBEAT, whole))
 
 
 def test_required_fields_are_never_left_out() -> None:
