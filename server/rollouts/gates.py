@@ -63,8 +63,9 @@ class StageCounts:
     devices that sent telemetry for the new version since the stage started.
     Traffic counts are of the new version on the stage's devices since the
     stage started, but for the p95 latencies, which read only the newest
-    buckets (`progress.latency_lookback`): `latency_p95_ms` of the new version,
-    `previous_latency_p95_ms` of the previous version before the stage.
+    buckets (`progress.latency_lookback`, `latency_minutes` back): `latency_p95_ms`
+    of the new version, `previous_latency_p95_ms` of the previous version before
+    the stage.
     `drifting`: the stage's devices that installed the new version and have
     open drift alerts of it opened since the stage started; `cohort_drift`:
     the features of the stage cohort's such alerts. `labels`: labelled
@@ -92,6 +93,7 @@ class StageCounts:
     fallbacks: int = 0
     latency_p95_ms: float | None = None
     previous_latency_p95_ms: float | None = None
+    latency_minutes: int | None = None  # how far back each p95 reads
     shadow_requests: int = 0
     shadow_agreements: int = 0
     drifting: tuple[Drifting, ...] = ()
@@ -197,6 +199,11 @@ def _health_checks(gates: Gates, c: StageCounts) -> list[GateCheck]:
     return checks
 
 
+def _span(minutes: int) -> str:
+    """`minutes` in words: "50 min", "8.3 h"."""
+    return f"{minutes} min" if minutes < 120 else f"{minutes / 60:.3g} h"
+
+
 def _latency_check(gates: Gates, c: StageCounts, enough: bool, short: str) -> GateCheck:
     name = "max_latency_p95_ratio"
     if not enough:
@@ -207,8 +214,9 @@ def _latency_check(gates: Gates, c: StageCounts, enough: bool, short: str) -> Ga
     if before is None or before <= 0:
         return GateCheck(name, None, "not judged: no latency of the previous version")
     ratio = now / before
+    reach = "" if c.latency_minutes is None else f", each over {_span(c.latency_minutes)}"
     detail = (
-        f"p95 {now:g} ms vs {before:g} ms before (x{ratio:.2f}; "
+        f"p95 {now:g} ms vs {before:g} ms before{reach} (x{ratio:.2f}; "
         f"at most x{gates.max_latency_p95_ratio:g})"
     )
     return GateCheck(name, ratio <= gates.max_latency_p95_ratio, detail)

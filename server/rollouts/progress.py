@@ -352,6 +352,7 @@ def stage_counts(
         fallbacks=int(fallbacks),
         latency_p95_ms=latency_percentile(latency, 0.95),
         previous_latency_p95_ms=latency_percentile(previous, 0.95),
+        latency_minutes=round(lookback.total_seconds() / 60),
         shadow_requests=int(shadow_requests),
         shadow_agreements=int(shadow_agreements),
         drifting=drifting,

@@ -205,6 +205,11 @@ CASES = {
     "latency over the ratio": Case(
         {"latency_p95_ms": 31.0}, FAIL, ["max_latency_p95_ratio: p95 31 ms vs 20 ms before"]
     ),
+    "latency over the ratio, with how far back it reads": Case(
+        {"latency_p95_ms": 31.0, "latency_minutes": 500},
+        FAIL,
+        ["max_latency_p95_ratio: p95 31 ms vs 20 ms before, each over 8.33 h (x1.55"],
+    ),
     "shadow disagreement": Case(
         {"shadow_requests": 100, "shadow_agreements": 94},
         FAIL,
