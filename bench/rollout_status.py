@@ -1,0 +1,246 @@
+"""Benchmark: a rollout's status (`GET /rollouts/{id}`, and each judgement of a stage) on a
+fleet with history, against a raw SELECT.
+
+Setup, in one run: a fresh database (SQLite, or a fresh PostgreSQL database with --db)
+holding --devices enrolled devices (the rows of `bench/server_notify.py`) that served the
+previous version for --history-hours before the rollout (one telemetry bucket per device
+and 5 minutes, with a latency histogram, as ingestion stores them), and a rollout of the
+bundle, one stage of every device, --stage-minutes old, with the new version's buckets of
+that time (a little slower, so the latency gate judges).
+
+Rounds alternate, in this process, each in a session of its own:
+
+- status: `rollout_status`, what the route and the driver's judgement run: the device
+  states, the stage's sums, the newest latency buckets (`latency_lookback`), the drift
+  alerts and the gates;
+- whole history: the same with every latency bucket of the 24 hours before the stage and
+  all since it started, the reading before 7 December 2026;
+- raw: the peer, the least any status does: one SQLAlchemy Core `SELECT state, count(*)
+  FROM rollout_devices WHERE rollout_id = ? GROUP BY state`.
+
+Best and median over the rounds; ratios status / raw and whole history / status. Both
+statuses' latency verdicts are printed, and must be the same.
+
+    PYTHONPATH=. .venv-test/bin/python bench/rollout_status.py [--devices 1000] \
+        [--history-hours 24] [--stage-minutes 10] [--rounds 5] \
+        [--db postgresql+psycopg://u:p@host/postgres] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, insert, select, update
+
+from bench.server_notify import BUNDLE, add_fleet, device_id, scratch_database
+from edgefleet.server.db.database import Database
+from edgefleet.server.db.migrate import open_database
+from edgefleet.server.db.models import BundleRow, RolloutDevice, TelemetryBucket
+from edgefleet.server.principals import Principal, Role
+from edgefleet.server.rollouts import progress
+from edgefleet.server.rollouts.plan import plan_from_dict
+from edgefleet.server.rollouts.service import rollout_status, start_rollout
+from edgefleet.tables import format_columns
+from edgefleet.timefmt import utcnow
+
+BUCKET = dt.timedelta(minutes=5)
+SERVED = "1.9.0"  # what `add_fleet`'s devices serve of BUNDLE's name
+BOUNDS_MS = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0]
+BEFORE = [40, 30, 20, 6, 3, 1, 0, 0]  # p95 10 ms
+AFTER = [20, 30, 25, 15, 6, 3, 1, 0]  # p95 20 ms: the gate (x1.5 at most) fails
+
+
+def bucket_row(device: str, version: str, start: dt.datetime, counts: list[int]) -> dict[str, Any]:
+    return {
+        "device_id": device,
+        "bundle_name": BUNDLE[0],
+        "bundle_version": version,
+        "bucket_start": start,
+        "windows": 5,
+        "requests": sum(counts),
+        "errors": 0,
+        "fallbacks": 0,
+        "schema_violations": 0,
+        "dropped_windows": 0,
+        "shadow_requests": 0,
+        "shadow_agreements": 0,
+        "labelled_count": 0,
+        "labelled_correct": 0,
+        "latency": {"bounds_ms": BOUNDS_MS, "counts": counts},
+        "bins": {},
+    }
+
+
+def fill(db: Database, devices: int, history_buckets: int, stage_buckets: int) -> tuple[int, Any]:
+    """The fleet, its history, a rollout of every device: the rollout's id and the time the
+    status is asked at."""
+    add_fleet(db, devices, all_online=True)  # serving SERVED; BUNDLE is rolled out
+    started = utcnow().replace(second=0, microsecond=0) - BUCKET * stage_buckets
+    rows: list[dict[str, Any]] = []
+    with db.session() as session:
+        for index in range(devices):
+            device = device_id(index)
+            rows += [
+                bucket_row(device, SERVED, started - BUCKET * (b + 1), BEFORE)
+                for b in range(history_buckets)
+            ]
+            rows += [
+                bucket_row(device, BUNDLE[1], started + BUCKET * b, AFTER)
+                for b in range(stage_buckets)
+            ]
+            if len(rows) >= 20_000 or index == devices - 1:
+                session.execute(insert(TelemetryBucket), rows)
+                rows = []
+    with db.session() as session:
+        bundle = session.scalars(select(BundleRow)).one()
+        rollout = start_rollout(
+            session,
+            bundle=bundle,
+            selector={},
+            plan=plan_from_dict({"stages": [{"percent": 100}], "gates": {"bake_s": 600}}),
+            actor=Principal("bench", Role.OPERATOR),
+            now=started,
+        )
+        rollout_id = rollout.id
+        # What the driver records as it notifies each device: what it served before.
+        session.execute(
+            update(RolloutDevice)
+            .where(RolloutDevice.rollout_id == rollout_id)
+            .values(previous_version=SERVED)
+        )
+    return rollout_id, started + BUCKET * stage_buckets
+
+
+def whole_history(devices: int, bucket: dt.timedelta) -> dt.timedelta:
+    return progress.LATENCY_WINDOW
+
+
+def measure(
+    scratch: Path, devices: int, hours: float, minutes: int, rounds: int, admin_url: str | None
+) -> dict[str, Any]:
+    history_buckets, stage_buckets = round(hours * 12), max(1, minutes // 5)
+    with scratch_database(admin_url, scratch) as url:
+        db = open_database(url)
+        try:
+            began = time.perf_counter()
+            rollout_id, now = fill(db, devices, history_buckets, stage_buckets)
+            filled = time.perf_counter() - began
+            bounded = progress.latency_lookback
+            verdicts: dict[str, str] = {}
+
+            def status(lookback: Callable[[int, dt.timedelta], dt.timedelta], name: str) -> None:
+                progress.latency_lookback = lookback
+                try:
+                    with db.session() as session:
+                        result = rollout_status(session, rollout_id, now)
+                finally:
+                    progress.latency_lookback = bounded
+                checks = result.stages[0].checks or []
+                verdicts[name] = next(
+                    f"{c.passed}: {c.detail}" for c in checks if c.name == "max_latency_p95_ratio"
+                )
+
+            def raw() -> None:
+                with db.engine.connect() as conn:
+                    conn.execute(
+                        select(RolloutDevice.state, func.count())
+                        .where(RolloutDevice.rollout_id == rollout_id)
+                        .group_by(RolloutDevice.state)
+                    ).all()
+
+            rounds_of: dict[str, Callable[[], None]] = {
+                "status": lambda: status(bounded, "status"),
+                "whole history": lambda: status(whole_history, "whole history"),
+                "raw": raw,
+            }
+            times: dict[str, list[float]] = {name: [] for name in rounds_of}
+            for _ in range(rounds):
+                for name, run in rounds_of.items():
+                    began = time.perf_counter()
+                    run()
+                    times[name].append(time.perf_counter() - began)
+            database = db.engine.dialect.name
+        finally:
+            db.dispose()
+    ms = {
+        name: {"best_ms": min(t) * 1000, "median_ms": statistics.median(t) * 1000}
+        for name, t in times.items()
+    }
+    return {
+        "devices": devices,
+        "history_buckets": devices * history_buckets,
+        "stage_buckets": devices * stage_buckets,
+        "stage_minutes": stage_buckets * 5,
+        "latency_minutes": round(progress.latency_lookback(devices, BUCKET).total_seconds() / 60),
+        "database": database,
+        "fill_s": filled,
+        "rounds": rounds,
+        "times": ms,
+        "status_vs_raw": ms["status"]["best_ms"] / ms["raw"]["best_ms"],
+        "whole_vs_status": ms["whole history"]["best_ms"] / ms["status"]["best_ms"],
+        "verdicts": verdicts,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+    }
+
+
+def table(r: dict[str, Any]) -> str:
+    rows = [("rollout status", "best", "median")]
+    rows += [
+        (name, f"{t['best_ms']:.1f} ms", f"{t['median_ms']:.1f} ms")
+        for name, t in r["times"].items()
+    ]
+    return "\n".join(
+        [
+            f"{r['devices']:,} devices in {r['database']} (filled in {r['fill_s']:.0f} s): "
+            f"{r['history_buckets']:,} buckets of the previous version before the stage, "
+            f"{r['stage_buckets']:,} of the new one in its {r['stage_minutes']} min; "
+            f"the latency gate reads {r['latency_minutes']} min back; {r['rounds']} rounds "
+            f"alternating; python {r['python']}, {r['cpus']} CPUs",
+            "",
+            format_columns(rows),
+            "",
+            f"status / raw: {r['status_vs_raw']:.0f}x; "
+            f"whole history / status: {r['whole_vs_status']:.1f}x",
+            *(f"latency gate, {name}: {verdict}" for name, verdict in r["verdicts"].items()),
+        ]
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=1_000)
+    parser.add_argument("--history-hours", type=float, default=24.0)
+    parser.add_argument("--stage-minutes", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--db", help="PostgreSQL URL of a role that may CREATE DATABASE (default: SQLite)"
+    )
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="edgefleet-bench-status-") as scratch:
+        result = measure(
+            Path(scratch),
+            args.devices,
+            args.history_hours,
+            args.stage_minutes,
+            args.rounds,
+            args.db,
+        )
+    print(json.dumps(result, indent=2) if args.json else table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
