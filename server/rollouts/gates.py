@@ -200,7 +200,7 @@ def _health_checks(gates: Gates, c: StageCounts) -> list[GateCheck]:
 
 
 def _span(minutes: int) -> str:
-    """`minutes` in words: "50 min", "8.3 h"."""
+    """`minutes` in words: "50 min", "8.33 h"."""
     return f"{minutes} min" if minutes < 120 else f"{minutes / 60:.3g} h"
 
 
