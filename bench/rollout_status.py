@@ -14,7 +14,8 @@ Rounds alternate, in this process, each in a session of its own:
   states, the stage's sums, the newest latency buckets (`latency_lookback`), the drift
   alerts and the gates;
 - whole history: the same with every latency bucket of the 24 hours before the stage and
-  all since it started, the reading before 7 December 2026;
+  of the last 24 hours since it started (all of them, for a stage under a day old, as
+  read before 7 December 2026);
 - raw: the peer, the least any status does: one SQLAlchemy Core `SELECT state, count(*)
   FROM rollout_devices WHERE rollout_id = ? GROUP BY state`.
 
