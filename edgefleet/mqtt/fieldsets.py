@@ -81,14 +81,18 @@ class _Schema:
         # Paths whose value is a part (`link`) or, ending in `.*`, the values of a mapping
         # that are parts (`inputs.*`).
         self.parts = {path.rsplit(".", 1)[0] for path in self.paths if "." in path}
+        # Required fields of parts, deepest first: a part that cannot be sent makes its
+        # holder unsendable in turn when it is required there (`sendable`).
+        nested = [path for path, required in self.paths.items() if required and "." in path]
+        self.required_in_parts = sorted(nested, key=lambda path: path.count("."), reverse=True)
 
     def sendable(self, accepted: Iterable[str]) -> frozenset[str]:
         """The `accepted` paths less each part the server cannot take as this agent sends
         it: one that holds a required field the server lacks, directly or through required
         parts. Left out if optional; a required one makes its holder unsendable too."""
         paths = set(accepted)
-        for path in sorted(self.paths, key=lambda path: path.count("."), reverse=True):
-            if self.paths[path] and path not in paths and "." in path:
+        for path in self.required_in_parts:
+            if path not in paths:
                 paths.discard(_holder(path))
         return frozenset(paths)
 

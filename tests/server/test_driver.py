@@ -577,14 +577,14 @@ def test_two_drivers_each_rollout_driven_by_exactly_one(
         db_b.dispose()
 
 
-def _installed_at_p95_50_ms(database: Database, f: Fleet) -> tuple[int, dict[str, Any]]:
+def _installed_at_p95_50_ms(f: Fleet) -> tuple[int, dict[str, Any]]:
     """Start a rollout of two stages, install its first, and report the new version there
     at a p95 of 50 ms: the rollout, and its first stage's checks by name."""
     rid = f.start({"stages": [{"percent": 50}, {"percent": 100}], "gates": {"bake_s": 600}})
     f.run(2)
     updated = sorted(d for d, s in f.devices(rid).items() if s == "succeeded")
     f.sim.telemetry(updated, latency_counts=[0, 0, 10, 90, 0, 0])
-    with database.session() as session:
+    with f.db.session() as session:
         checks = {c.name: c for c in rollout_status(session, rid, f.clock()).stages[0].checks}
     return rid, checks
 
@@ -596,7 +596,7 @@ def test_latency_gate_compares_with_the_previous_version(
     before = START - dt.timedelta(hours=1)
     ids = [f"dev-{i:02d}" for i in range(4)]
     f.sim.telemetry(ids, version="1.0.0", latency_counts=[90, 10, 0, 0, 0, 0], at=before)
-    rid, checks = _installed_at_p95_50_ms(database, f)
+    rid, checks = _installed_at_p95_50_ms(f)
     assert checks["max_latency_p95_ratio"].passed is False
     assert "p95 50 ms vs 10 ms" in checks["max_latency_p95_ratio"].detail
     assert checks["max_error_rate"].passed is True
@@ -619,7 +619,7 @@ def test_the_latency_gate_reads_the_newest_buckets_only(
     slow, fast = [0, 0, 0, 0, 1000, 0], [90, 10, 0, 0, 0, 0]
     f.sim.telemetry(ids, version="1.0.0", latency_counts=slow, at=START - dt.timedelta(hours=3))
     f.sim.telemetry(ids, version="1.0.0", latency_counts=fast, at=START - dt.timedelta(minutes=10))
-    _, checks = _installed_at_p95_50_ms(database, f)
+    _, checks = _installed_at_p95_50_ms(f)
     # Read 3 hours back, the slow buckets would make the previous p95 100 ms and pass 50 ms.
     assert "p95 50 ms vs 10 ms before, each over 20 min" in checks["max_latency_p95_ratio"].detail
     assert checks["max_latency_p95_ratio"].passed is False
