@@ -64,6 +64,7 @@ bench: $(TEST_VENV)/.installed
 	PYTHONPATH=. $(TEST_VENV)/bin/python bench/server_ingest.py
 	PYTHONPATH=. $(TEST_VENV)/bin/python bench/server_notify.py
 	PYTHONPATH=. $(TEST_VENV)/bin/python bench/server_devices_list.py
+	PYTHONPATH=. $(TEST_VENV)/bin/python bench/rollout_status.py
 	PYTHONPATH=. $(TEST_VENV)/bin/python bench/web_pages.py
 	$(TEST_VENV)/bin/python bench/drift.py
 	$(TEST_VENV)/bin/python bench/drift_reference_size.py
