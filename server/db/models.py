@@ -301,6 +301,38 @@ class TelemetryBucket(Base):
     latency: Mapped[dict[str, Any]]
     # {"inputs": {feature: {"counts": [...], "nan": n, "below": n, "above": n}}, "outputs": {...}}
     bins: Mapped[dict[str, Any]]
+    # Running sums: the counter above over this bucket and every earlier one of the same
+    # device, bundle name and version, those deleted by retention included. Any span of
+    # buckets then sums in two rows, its first and its last (`edgefleet.server.spans`).
+    running_requests: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    running_errors: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    running_fallbacks: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    running_shadow_requests: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    running_shadow_agreements: Mapped[int] = mapped_column(
+        BigInteger, default=0, server_default="0"
+    )
+    running_labelled_count: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    running_labelled_correct: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    running_labelled_abs_error: Mapped[float] = mapped_column(
+        Float, default=0.0, server_default="0"
+    )
+    running_labelled_squared_error: Mapped[float] = mapped_column(
+        Float, default=0.0, server_default="0"
+    )
+
+
+class TelemetryLatest(Base):
+    """The newest stored bucket of each device, bundle name and version: where its running
+    sums end. Retention deletes the row with its last bucket."""
+
+    __tablename__ = "telemetry_latest"
+
+    device_id: Mapped[str] = mapped_column(
+        ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    bundle_name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    bundle_version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    bucket_start: Mapped[dt.datetime]
 
 
 class DriftReferenceRow(Base):

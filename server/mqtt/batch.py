@@ -29,10 +29,10 @@
 - a diagnostics answer is stored on the request it names
   (`edgefleet.server.diagnostics.record_answer`); one that matches no open
   request (expired, answered already, another device's) is dropped and logged;
-- telemetry buckets are read (locked), merged and written back, or inserted, as
-  bulk statements (a flush carries hundreds; ORM objects would cost more than
-  the SQL). When another replica inserted the same bucket first, the unit of
-  work fails on the unique key; the caller retries and merges into that row.
+- telemetry buckets are merged into the stored ones or inserted, with their
+  running sums (`edgefleet.server.mqtt.buckets`). When another replica inserted
+  the same bucket first, the unit of work fails on the unique key; the caller
+  retries and merges into that row.
 
 A batch is never modified here, so a failed write can be retried as it is.
 `IngestBatch.device_parts` cuts a batch into one batch per device (in device id
@@ -50,26 +50,25 @@ import datetime as dt
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Table, bindparam, delete, func, insert, select, update
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from edgefleet.errors import MalformedDocumentError
 from edgefleet.mqtt.messages import DiagnosticsReport, Heartbeat, StatusReport
-from edgefleet.server.db.models import Device, PresenceChange, StatusReportRow, TelemetryBucket
-from edgefleet.server.db.rows import as_utc, in_chunks
+from edgefleet.server.db.models import Device, PresenceChange, StatusReportRow
+from edgefleet.server.db.rows import in_chunks
 from edgefleet.server.diagnostics import record_answer
 from edgefleet.server.history import HeartbeatSlot, SlotKey, merge_heartbeat_slots
-from edgefleet.server.mqtt.aggregate import TelemetryAggregate, aggregate_from_row
+from edgefleet.server.mqtt.aggregate import TelemetryAggregate
+from edgefleet.server.mqtt.buckets import BucketKey, store_buckets
 from edgefleet.timefmt import parse_time
 
 log = logging.getLogger(__name__)
 
 _SHADOW_MARK = " runs in shadow beside "  # the agent's reason for a shadow install's COMMITTED
 _REFUSED = "refused"  # the install_state of an agent's report of a refusal
-
-BucketKey = tuple[str, str, str, dt.datetime]  # device, bundle name, version, bucket start
 
 
 @dataclass
@@ -202,7 +201,11 @@ class BatchWriter:
                 if self._apply(session, device, changes):
                     reported.append(device_id)
         self._trim_reports(session, sorted(reported))
-        self._write_telemetry(session, batch.telemetry, devices)
+        store_buckets(
+            session,
+            {key: agg for key, agg in batch.telemetry.items() if key[0] in devices},
+            lock=not self._is_sqlite,
+        )
         for device_id, report, received_at in batch.diagnostics:
             if device_id not in devices or not record_answer(
                 session, device_id, report, received_at
@@ -315,78 +318,6 @@ class BatchWriter:
             )
             old = select(ranked.c.id).where(ranked.c.newer > self._reports_kept)
             session.execute(delete(StatusReportRow).where(StatusReportRow.id.in_(old)))
-
-    def _write_telemetry(
-        self,
-        session: Session,
-        telemetry: dict[BucketKey, TelemetryAggregate],
-        devices: dict[str, Device],
-    ) -> None:
-        """Merge into existing buckets (read locked) and insert the rest, as bulk statements.
-
-        Core-level rows rather than ORM objects: a flush carries hundreds of buckets
-        and ORM instances cost more than the SQL.
-        """
-        wanted = {key: agg for key, agg in telemetry.items() if key[0] in devices}
-        if not wanted:
-            return
-        table = cast(Table, TelemetryBucket.__table__)
-        starts = sorted({key[3] for key in wanted})
-        existing: dict[BucketKey, Any] = {}
-        for chunk in in_chunks(sorted({key[0] for key in wanted})):
-            query = (
-                select(table)
-                .where(table.c.device_id.in_(chunk))
-                .where(table.c.bucket_start.in_(starts))
-                .order_by(table.c.id)
-            )
-            if not self._is_sqlite:
-                # FOR NO KEY UPDATE: ingestion changes no key, so a rollout inserting a
-                # member row (FOR KEY SHARE on its device, the foreign key) need not wait.
-                query = query.with_for_update(key_share=True)
-            for found in session.execute(query):
-                existing[
-                    (
-                        found.device_id,
-                        found.bundle_name,
-                        found.bundle_version,
-                        as_utc(found.bucket_start),
-                    )
-                ] = found
-        inserts: list[dict[str, Any]] = []
-        updates: list[dict[str, Any]] = []
-        for key, aggregate in sorted(wanted.items(), key=lambda item: item[0]):
-            stored = existing.get(key)
-            if stored is None:
-                # The batch's own lists and dicts, only read by the statement (serialised
-                # to JSON), so the batch stays intact for a retry without a copy.
-                values = _bucket_values(aggregate)
-                values.update(
-                    device_id=key[0], bundle_name=key[1], bundle_version=key[2], bucket_start=key[3]
-                )
-                inserts.append(values)
-            else:
-                merged = aggregate_from_row(stored._mapping, stored.latency, stored.bins)
-                merged.merge(aggregate)  # copies: the batch stays intact for a retry
-                values = _bucket_values(merged)
-                values["bucket_id"] = stored.id
-                updates.append(values)
-        # Core statements, executemany: ORM bulk statements cost more per row than the SQL.
-        if updates:
-            session.execute(
-                update(table).where(table.c.id == bindparam("bucket_id")),
-                updates,
-            )
-        if inserts:
-            session.execute(insert(table), inserts)
-
-
-def _bucket_values(aggregate: TelemetryAggregate) -> dict[str, Any]:
-    """The columns of a `TelemetryBucket` row that an aggregate holds."""
-    values: dict[str, Any] = aggregate.counters()
-    values["latency"] = aggregate.latency
-    values["bins"] = aggregate.bins
-    return values
 
 
 def _status_row(device_id: str, received: dt.datetime, report: StatusReport) -> StatusReportRow:

@@ -33,6 +33,7 @@ from edgefleet.server.db.models import (
     HeartbeatSample,
     PresenceChange,
     TelemetryBucket,
+    TelemetryLatest,
     WebhookDelivery,
 )
 from edgefleet.server.db.rows import in_chunks
@@ -67,6 +68,8 @@ def apply_retention(
     """
     cutoff = now - settings.telemetry_retention
     deleted = session.execute(delete(TelemetryBucket).where(TelemetryBucket.bucket_start < cutoff))
+    # A newest bucket deleted means every bucket of that device and version was.
+    session.execute(delete(TelemetryLatest).where(TelemetryLatest.bucket_start < cutoff))
     delivered = session.execute(
         delete(WebhookDelivery).where(WebhookDelivery.delivered_at < cutoff)
     )

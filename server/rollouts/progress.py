@@ -25,9 +25,11 @@ without a health check under live traffic (the agent's reason says so).
 `stage_counts` gathers `gates.StageCounts` for one stage from the device rows,
 `Device.online`, `TelemetryBucket` rows, open drift `Alert` rows and the
 bundle's reference accuracy, in a few aggregate queries (no per-device round
-trips), so it stays cheap for stages of thousands of devices. The latency
-histograms, which are merged here rather than summed by the database, are read
-from the newest buckets only (`latency_lookback`).
+trips), so it stays cheap for stages of thousands of devices. The traffic and
+label counts come from the buckets' running sums (`edgefleet.server.spans`): two
+buckets a device, however long the stage has run. The latency histograms, which
+are merged here rather than summed, are read from the newest buckets only
+(`latency_lookback`).
 
 Pure helpers (`merge_latency`, `latency_percentile`) are separate from the
 queries so they are tested on their own.
@@ -53,6 +55,7 @@ from edgefleet.server.db.models import (
     RolloutDevice,
     StatusReportRow,
     TelemetryBucket,
+    TelemetryLatest,
 )
 from edgefleet.server.drift.accuracy import Labelled, reference_accuracy
 from edgefleet.server.drift.cohorts import stage_cohort
@@ -64,6 +67,7 @@ from edgefleet.server.drift.evaluator import (
     PREDICTION_DRIFT,
 )
 from edgefleet.server.rollouts.gates import Drifting, StageCounts
+from edgefleet.server.spans import SpanSums, span_sums
 from edgefleet.timefmt import format_time, parse_time
 
 FINISHED = frozenset({DeviceState.SUCCEEDED, DeviceState.FAILED, DeviceState.TIMED_OUT})
@@ -290,26 +294,25 @@ def stage_counts(
     started = rollout.stage_started_at or now
     elapsed = max(dt.timedelta(0), now - started)
     since = started - bucket
-    on_stage = and_(
-        TelemetryBucket.device_id == RolloutDevice.device_id,
+    of_stage = and_(
+        TelemetryLatest.device_id == RolloutDevice.device_id,
         in_stage,
-        TelemetryBucket.bucket_start > since,
-        TelemetryBucket.bundle_name == bundle.name,
+        TelemetryLatest.bundle_name == bundle.name,
     )
-    new_version = and_(on_stage, TelemetryBucket.bundle_version == bundle.version)
-    requests, errors, fallbacks, reporting = session.execute(
-        select(
-            func.coalesce(func.sum(TelemetryBucket.requests), 0),
-            func.coalesce(func.sum(TelemetryBucket.errors), 0),
-            func.coalesce(func.sum(TelemetryBucket.fallbacks), 0),
-            func.count(func.distinct(TelemetryBucket.device_id)),
-        ).where(new_version, TelemetryBucket.requests > 0)
-    ).one()
+    new_version = span_sums(
+        session,
+        and_(of_stage, TelemetryLatest.bundle_version == bundle.version),
+        first=lambda start: start > since,
+    )
     lookback = latency_lookback(assigned, bucket)
     latency = merge_latency(
         session.scalars(
             select(TelemetryBucket.latency).where(
-                new_version, TelemetryBucket.bucket_start > now - lookback
+                TelemetryBucket.device_id == RolloutDevice.device_id,
+                in_stage,
+                TelemetryBucket.bundle_name == bundle.name,
+                TelemetryBucket.bundle_version == bundle.version,
+                TelemetryBucket.bucket_start > max(since, now - lookback),
             )
         ).all()
     )
@@ -327,16 +330,19 @@ def stage_counts(
             )
         ).all()
     )
+    previous_labels = span_sums(
+        session,
+        and_(of_stage, TelemetryLatest.bundle_version == RolloutDevice.previous_version),
+        first=lambda start: start >= started - elapsed,
+        last=lambda start: start < started,
+    )
     drifting, cohort_drift = _open_drift(session, rollout, bundle, stage_index, started)
-    shadow_requests = shadow_agreements = 0
-    if shadow:
-        shadow_requests, shadow_agreements, reporting = session.execute(
-            select(
-                func.coalesce(func.sum(TelemetryBucket.shadow_requests), 0),
-                func.coalesce(func.sum(TelemetryBucket.shadow_agreements), 0),
-                func.count(func.distinct(TelemetryBucket.device_id)),
-            ).where(on_stage, TelemetryBucket.shadow_requests > 0)
-        ).one()
+    # In a shadow stage the serving version's windows carry the challenger's comparisons.
+    compared = (
+        span_sums(session, of_stage, first=lambda start: start > since, active="shadow_requests")
+        if shadow
+        else None
+    )
     return StageCounts(
         assigned=assigned,
         pending=states[DeviceState.PENDING],
@@ -346,21 +352,19 @@ def stage_counts(
         failed=states[DeviceState.FAILED],
         timed_out=states[DeviceState.TIMED_OUT],
         offline=int(offline or 0),
-        reporting=int(reporting),
-        requests=int(requests),
-        errors=int(errors),
-        fallbacks=int(fallbacks),
+        reporting=(compared or new_version).active,
+        requests=new_version.count("requests"),
+        errors=new_version.count("errors"),
+        fallbacks=new_version.count("fallbacks"),
         latency_p95_ms=latency_percentile(latency, 0.95),
         previous_latency_p95_ms=latency_percentile(previous, 0.95),
         latency_minutes=round(lookback.total_seconds() / 60),
-        shadow_requests=int(shadow_requests),
-        shadow_agreements=int(shadow_agreements),
+        shadow_requests=compared.count("shadow_requests") if compared else 0,
+        shadow_agreements=compared.count("shadow_agreements") if compared else 0,
         drifting=drifting,
         cohort_drift=cohort_drift,
-        labels=_labels(session, new_version),
-        previous_labels=_labels(
-            session, and_(previous_version, TelemetryBucket.bucket_start >= started - elapsed)
-        ),
+        labels=_labelled(new_version),
+        previous_labels=_labelled(previous_labels),
         reference=reference_accuracy(bundle),
         stage_elapsed_s=elapsed.total_seconds(),
         settled_elapsed_s=since_finish if assigned and finished == assigned else None,
@@ -407,17 +411,14 @@ def _open_drift(
     return drifting, tuple(sorted({feature or "dataset" for feature in cohort}))
 
 
-def _labels(session: Session, where: Any) -> Labelled:
-    """Labelled feedback summed over the telemetry buckets `where` selects."""
-    count, correct, abs_error, squared_error = session.execute(
-        select(
-            func.coalesce(func.sum(TelemetryBucket.labelled_count), 0),
-            func.coalesce(func.sum(TelemetryBucket.labelled_correct), 0),
-            func.coalesce(func.sum(TelemetryBucket.labelled_abs_error), 0.0),
-            func.coalesce(func.sum(TelemetryBucket.labelled_squared_error), 0.0),
-        ).where(where)
-    ).one()
-    return Labelled(int(count), int(correct), float(abs_error), float(squared_error))
+def _labelled(sums: SpanSums) -> Labelled:
+    """The labelled feedback in span sums."""
+    return Labelled(
+        sums.count("labelled_count"),
+        sums.count("labelled_correct"),
+        float(sums.sums["labelled_abs_error"]),
+        float(sums.sums["labelled_squared_error"]),
+    )
 
 
 def latency_lookback(devices: int, bucket: dt.timedelta) -> dt.timedelta:

@@ -24,6 +24,8 @@ from edgefleet.errors import EdgefleetError
 from edgefleet.mqtt import Directive, parse_device_topic, verify_directive
 from edgefleet.server.db.database import Database
 from edgefleet.server.db.models import BundleRow, Device, StatusReportRow, TelemetryBucket
+from edgefleet.server.mqtt.aggregate import TelemetryAggregate
+from edgefleet.server.mqtt.buckets import store_buckets
 from edgefleet.server.settings import ServerSettings
 from edgefleet.trust import TrustRoot
 from tests.conftest import PROFILE
@@ -306,31 +308,26 @@ class DeviceSimulator:
         labelled: tuple[int, int] | None = None,
         at: dt.datetime | None = None,
     ) -> None:
-        """Add one telemetry bucket per device (what the ingestor's flush writes)."""
-        when = at or self.clock()
+        """Add one telemetry bucket per device, as the ingestor's flush writes it."""
+        when, ids = at or self.clock(), list(device_ids)
         with self.db.session() as session:
-            for device_id in device_ids:
-                existing = session.scalars(
-                    select(TelemetryBucket).where(
-                        TelemetryBucket.device_id == device_id,
-                        TelemetryBucket.bundle_name == name,
-                        TelemetryBucket.bundle_version == version,
-                        TelemetryBucket.bucket_start == when,
-                    )
-                ).first()
-                assert existing is None, "one bucket per device and time in these tests"
-                session.add(
-                    TelemetryBucket(
-                        device_id=device_id,
-                        bundle_name=name,
-                        bundle_version=version,
-                        bucket_start=when,
+            existing = session.scalars(
+                select(TelemetryBucket.device_id).where(
+                    TelemetryBucket.device_id.in_(ids),
+                    TelemetryBucket.bundle_name == name,
+                    TelemetryBucket.bundle_version == version,
+                    TelemetryBucket.bucket_start == when,
+                )
+            ).all()
+            assert not existing, "one bucket per device and time in these tests"
+            store_buckets(
+                session,
+                {
+                    (device_id, name, version, when): TelemetryAggregate(
                         windows=1,
                         requests=requests,
                         errors=errors,
                         fallbacks=fallbacks,
-                        schema_violations=0,
-                        dropped_windows=0,
                         shadow_requests=shadow[0] if shadow else 0,
                         shadow_agreements=shadow[1] if shadow else 0,
                         labelled_count=labelled[0] if labelled else 0,
@@ -339,6 +336,8 @@ class DeviceSimulator:
                             "bounds_ms": LATENCY_BOUNDS,
                             "counts": latency_counts or [requests, 0, 0, 0, 0, 0],
                         },
-                        bins={},
                     )
-                )
+                    for device_id in ids
+                },
+                lock=False,
+            )

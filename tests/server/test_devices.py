@@ -26,6 +26,7 @@ from edgefleet.server.db.models import (
     RolloutDevice,
     StatusReportRow,
     TelemetryBucket,
+    TelemetryLatest,
 )
 from edgefleet.server.devices import (
     DeviceKeyCache,
@@ -36,6 +37,8 @@ from edgefleet.server.devices import (
     remove_device,
 )
 from edgefleet.server.errors import ConflictError, EnrollmentError, NotFoundError
+from edgefleet.server.mqtt.aggregate import TelemetryAggregate
+from edgefleet.server.mqtt.buckets import store_buckets
 from edgefleet.server.principals import Principal, Role
 from edgefleet.server.tokens import create_enroll_token
 from tests.server.conftest import PostgresServer
@@ -239,7 +242,7 @@ def rows_of(db: Database, device_id: str) -> dict[str, int]:
                 )
                 or 0
             )
-            for model in (StatusReportRow, TelemetryBucket, RolloutDevice)
+            for model in (StatusReportRow, TelemetryBucket, TelemetryLatest, RolloutDevice)
         }
 
 
@@ -266,19 +269,13 @@ def test_removing_a_device_deletes_its_rows_and_lets_it_enroll_with_a_new_key(
                     install_state="committed",
                 )
             )
-            session.add(
-                TelemetryBucket(
-                    device_id=device_id,
-                    bundle_name="model",
-                    bundle_version="1.0.0",
-                    bucket_start=NOW,
-                    latency={},
-                    bins={},
-                )
+            store_buckets(
+                session, {(device_id, "model", "1.0.0", NOW): TelemetryAggregate()}, lock=False
             )
     assert rows_of(database, "cam-01") == {
         "status_reports": 1,
         "telemetry_buckets": 1,
+        "telemetry_latest": 1,
         "rollout_devices": 1,
     }
 

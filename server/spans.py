@@ -1,0 +1,141 @@
+"""Telemetry counters summed over a span of buckets, from two buckets a device and version.
+
+Each `TelemetryBucket` holds, beside its own counters, their running sums: the
+counter over that bucket and every earlier one of the same device, bundle name
+and version (`RUNNING`). A span of those buckets, from its first to its last,
+then sums as the last bucket's running sum less the first's, plus the first's
+own counter. So the sums over a rollout stage's devices read two rows a device
+whatever the stage's age, where adding up the buckets read every bucket since the
+stage began. Retention may delete early buckets: a span starts at its first
+stored bucket, and the difference holds.
+
+`TelemetryLatest` names the newest bucket of each device and version: the end of
+a span up to now, and the list of a device's versions.
+
+Ingestion keeps the running sums (`server/mqtt/buckets.py`, with `run_on`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, case, func, select
+from sqlalchemy.orm import Session, aliased
+
+from edgefleet.server.db.models import TelemetryBucket, TelemetryLatest
+
+# The counters with running sums: what the rollout gates add up over a stage.
+SUMMED = (
+    "requests",
+    "errors",
+    "fallbacks",
+    "shadow_requests",
+    "shadow_agreements",
+    "labelled_count",
+    "labelled_correct",
+    "labelled_abs_error",
+    "labelled_squared_error",
+)
+RUNNING = {name: f"running_{name}" for name in SUMMED}  # counter -> its running sum's column
+_FRACTIONAL = frozenset({"labelled_abs_error", "labelled_squared_error"})
+
+StartCondition = Callable[[Any], ColumnElement[bool]]  # on a bucket's start column
+
+
+@dataclass(frozen=True)
+class SpanSums:
+    """`SUMMED` counters added over the spans of several devices and versions, and the
+    devices whose spans add up to more than zero of one of them (`active`)."""
+
+    sums: Mapping[str, float]
+    active: int = 0
+
+    def count(self, name: str) -> int:
+        return int(self.sums[name])
+
+
+def run_on(running: Mapping[str, float], own: Mapping[str, float]) -> dict[str, float]:
+    """The running sums of a bucket whose own counters are `own`, the bucket before it
+    having `running` (empty for the first)."""
+    return {name: running.get(name, 0) + own[name] for name in SUMMED}
+
+
+def chained(
+    base: Mapping[str, float], buckets: Iterable[Mapping[str, float]]
+) -> list[dict[str, float]]:
+    """The running sums of `buckets` (own counters, oldest first) after a bucket whose
+    running sums are `base`."""
+    running: Mapping[str, float] = base
+    out = []
+    for own in buckets:
+        running = run_on(running, own)
+        out.append(running)
+    return out
+
+
+def span_sums(
+    session: Session,
+    where: ColumnElement[bool],
+    *,
+    first: StartCondition,
+    last: StartCondition | None = None,
+    active: str = "requests",
+) -> SpanSums:
+    """`SUMMED` over the buckets of the devices and versions `where` selects.
+
+    `where` is a condition on `TelemetryLatest` (a device, bundle name and
+    version with stored buckets), which may bring in other tables. A span is the
+    buckets of one of them from the first whose start meets `first` to the last
+    whose start meets `last` (the newest bucket without `last`); the conditions
+    must hold from some start on, and up to some start. `SpanSums.active`
+    counts the devices whose spans hold some of the counter `active`. Two index
+    probes per device and version, on the buckets' unique key.
+    """
+    earliest = aliased(TelemetryBucket, name="span_first")
+    latest = aliased(TelemetryBucket, name="span_last")
+
+    def of_key(bucket: Any) -> ColumnElement[bool]:
+        return and_(
+            bucket.device_id == TelemetryLatest.device_id,
+            bucket.bundle_name == TelemetryLatest.bundle_name,
+            bucket.bundle_version == TelemetryLatest.bundle_version,
+        )
+
+    def start_where(condition: StartCondition, newest: bool) -> Any:
+        probe = aliased(TelemetryBucket, name="probe_last" if newest else "probe_first")
+        order = probe.bucket_start.desc() if newest else probe.bucket_start
+        return (
+            select(probe.bucket_start)
+            .where(of_key(probe), condition(probe.bucket_start))
+            .order_by(order)
+            .limit(1)
+            .correlate(TelemetryLatest)
+            .scalar_subquery()
+        )
+
+    end = TelemetryLatest.bucket_start if last is None else start_where(last, newest=True)
+
+    def spanned(name: str) -> Any:
+        column = RUNNING[name]
+        return getattr(latest, column) - getattr(earliest, column) + getattr(earliest, name)
+
+    row = session.execute(
+        select(
+            *(func.coalesce(func.sum(spanned(name)), 0) for name in SUMMED),
+            func.count(func.distinct(case((spanned(active) > 0, TelemetryLatest.device_id)))),
+        )
+        .select_from(TelemetryLatest)
+        .join(
+            earliest,
+            and_(of_key(earliest), earliest.bucket_start == start_where(first, newest=False)),
+        )
+        .join(latest, and_(of_key(latest), latest.bucket_start == end))
+        .where(where, earliest.bucket_start <= latest.bucket_start)
+    ).one()
+    sums = {
+        name: float(value) if name in _FRACTIONAL else int(value)
+        for name, value in zip(SUMMED, row[:-1], strict=True)
+    }
+    return SpanSums(sums, active=int(row[-1]))
