@@ -4,7 +4,7 @@ fleet with history, against a raw SELECT.
 Setup, in one run: a fresh database (SQLite, or a fresh PostgreSQL database with --db)
 holding --devices enrolled devices (the rows of `bench/server_notify.py`) that served the
 previous version for --history-hours before the rollout (one telemetry bucket per device
-and 5 minutes, with a latency histogram, as ingestion stores them), and a rollout of the
+and 5 minutes, with a latency histogram), and a rollout of the
 bundle, one stage of every device, --stage-minutes old, with the new version's buckets of
 that time (a little slower, so the latency gate judges).
 
@@ -16,11 +16,18 @@ Rounds alternate, in this process, each in a session of its own:
 - whole history: the same with every latency bucket of the 24 hours before the stage and
   of the last 24 hours since it started (all of them, for a stage under a day old, as
   read before 7 December 2026);
+- stage sums, running: the new version's requests, errors, fallbacks and reporting
+  devices since the stage started, as the status reads them, from the buckets' running
+  sums (`edgefleet.server.spans`);
+- stage sums, added up: the same by adding up every bucket since the stage started (as
+  read before 7 December 2026);
 - raw: the peer, the least any status does: one SQLAlchemy Core `SELECT state, count(*)
   FROM rollout_devices WHERE rollout_id = ? GROUP BY state`.
 
-Best and median over the rounds; ratios status / raw and whole history / status. Both
-statuses' latency verdicts are printed, and must be the same.
+The buckets are written by ingestion's own writer (`store_buckets`), a flush per bucket
+time. Best and median over the rounds; ratios status / raw, whole history / status and
+added up / running. Both statuses' latency verdicts are printed, and both readings of the
+sums: exit status 1 when either pair differs.
 
     PYTHONPATH=. .venv-test/bin/python bench/rollout_status.py [--devices 1000] \
         [--history-hours 24] [--stage-minutes 10] [--rounds 5] \
@@ -131,7 +138,7 @@ def running_sums(session: Session, rollout_id: int, since: dt.datetime) -> tuple
 
 def added_up(session: Session, rollout_id: int, since: dt.datetime) -> tuple[int, ...]:
     """The same by adding up every bucket since the stage started (read so before
-    8 December 2026)."""
+    7 December 2026)."""
     row = session.execute(
         select(
             func.sum(TelemetryBucket.requests),
@@ -284,7 +291,10 @@ def main() -> int:
             args.db,
         )
     print(json.dumps(result, indent=2) if args.json else table(result))
-    return 0
+    agree = len(set(result["verdicts"].values())) == 1 and len(set(result["sums"].values())) == 1
+    if not agree:
+        print("the two readings disagree", file=sys.stderr)
+    return 0 if agree else 1
 
 
 if __name__ == "__main__":

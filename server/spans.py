@@ -9,8 +9,9 @@ whatever the stage's age, where adding up the buckets read every bucket since th
 stage began. Retention may delete early buckets: a span starts at its first
 stored bucket, and the difference holds.
 
-`TelemetryLatest` names the newest bucket of each device and version: the end of
-a span up to now, and the list of a device's versions.
+`TelemetryLatest` lists each device's versions with stored buckets (and names
+the newest, where ingestion's running sums go on from): the keys a span is
+read for.
 
 Ingestion keeps the running sums (`server/mqtt/buckets.py`, with `run_on`).
 """
@@ -21,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, case, func, select
+from sqlalchemy import ColumnElement, case, func, select
 from sqlalchemy.orm import Session, aliased
 
 from edgefleet.server.db.models import TelemetryBucket, TelemetryLatest
@@ -91,35 +92,33 @@ def span_sums(
     whose start meets `last` (the newest bucket without `last`); the conditions
     must hold from some start on, and up to some start. `SpanSums.active`
     counts the devices whose spans hold some of the counter `active`. Two index
-    probes per device and version, on the buckets' unique key.
+    probes per device and version on the buckets' unique key, and two rows read
+    by their ids.
     """
     earliest = aliased(TelemetryBucket, name="span_first")
     latest = aliased(TelemetryBucket, name="span_last")
 
-    def of_key(bucket: Any) -> ColumnElement[bool]:
-        return and_(
-            bucket.device_id == TelemetryLatest.device_id,
-            bucket.bundle_name == TelemetryLatest.bundle_name,
-            bucket.bundle_version == TelemetryLatest.bundle_version,
-        )
-
-    def start_where(condition: StartCondition, newest: bool) -> Any:
+    def bucket_id(condition: StartCondition | None, newest: bool) -> Any:
+        """The id of the key's first (or last) bucket whose start meets `condition`."""
         probe = aliased(TelemetryBucket, name="probe_last" if newest else "probe_first")
-        order = probe.bucket_start.desc() if newest else probe.bucket_start
-        return (
-            select(probe.bucket_start)
-            .where(of_key(probe), condition(probe.bucket_start))
-            .order_by(order)
-            .limit(1)
-            .correlate(TelemetryLatest)
-            .scalar_subquery()
+        found = select(probe.id).where(
+            probe.device_id == TelemetryLatest.device_id,
+            probe.bundle_name == TelemetryLatest.bundle_name,
+            probe.bundle_version == TelemetryLatest.bundle_version,
         )
+        if condition is not None:
+            found = found.where(condition(probe.bucket_start))
+        order = probe.bucket_start.desc() if newest else probe.bucket_start
+        return found.order_by(order).limit(1).correlate(TelemetryLatest).scalar_subquery()
 
-    end = TelemetryLatest.bucket_start if last is None else start_where(last, newest=True)
+    # Joined by id, each found by its own probe: a condition between the two buckets would
+    # let the database scan every bucket between them instead.
+    in_order = earliest.bucket_start <= latest.bucket_start
 
     def spanned(name: str) -> Any:
         column = RUNNING[name]
-        return getattr(latest, column) - getattr(earliest, column) + getattr(earliest, name)
+        between = getattr(latest, column) - getattr(earliest, column) + getattr(earliest, name)
+        return case((in_order, between), else_=0)
 
     row = session.execute(
         select(
@@ -127,12 +126,9 @@ def span_sums(
             func.count(func.distinct(case((spanned(active) > 0, TelemetryLatest.device_id)))),
         )
         .select_from(TelemetryLatest)
-        .join(
-            earliest,
-            and_(of_key(earliest), earliest.bucket_start == start_where(first, newest=False)),
-        )
-        .join(latest, and_(of_key(latest), latest.bucket_start == end))
-        .where(where, earliest.bucket_start <= latest.bucket_start)
+        .join(earliest, earliest.id == bucket_id(first, newest=False))
+        .join(latest, latest.id == bucket_id(last, newest=True))
+        .where(where)
     ).one()
     sums = {
         name: float(value) if name in _FRACTIONAL else int(value)

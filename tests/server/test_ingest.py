@@ -15,7 +15,13 @@ from edgefleet.mqtt.devicesig import DeviceKey, sign_device_payload
 from edgefleet.mqtt.messages import Heartbeat, StatusReport, encode_message
 from edgefleet.mqtt.topics import DeviceTopics, TopicKind
 from edgefleet.server.db.database import Database
-from edgefleet.server.db.models import Base, Device, StatusReportRow, TelemetryBucket
+from edgefleet.server.db.models import (
+    Base,
+    Device,
+    StatusReportRow,
+    TelemetryBucket,
+    TelemetryLatest,
+)
 from edgefleet.server.devices import DeviceKeyCache, remove_device
 from edgefleet.server.mqtt.ingest import Ingestor
 from edgefleet.server.mqtt.retention import apply_retention
@@ -531,9 +537,17 @@ def test_two_replicas_flushing_the_same_bucket_at_once_lose_nothing(
         thread.join(30)
     with database.session() as session:
         rows = session.execute(
-            select(TelemetryBucket.device_id, TelemetryBucket.windows, TelemetryBucket.requests)
+            select(
+                TelemetryBucket.device_id,
+                TelemetryBucket.windows,
+                TelemetryBucket.requests,
+                TelemetryBucket.running_requests,
+            )
         ).all()
-    assert sorted(rows) == sorted((dev.id, 4, 400) for dev in devices)
+        newest = session.scalars(select(TelemetryLatest.device_id)).all()
+    # One bucket each, so its running sum is its own count, whichever replica wrote last.
+    assert sorted(rows) == sorted((dev.id, 4, 400, 400) for dev in devices)
+    assert sorted(newest) == sorted(dev.id for dev in devices)
     assert all(not r._pending for r in replicas)
 
 
