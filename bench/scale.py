@@ -32,7 +32,9 @@ Raw baselines, in the same run, once the fleet has stopped:
 The fleet's ingest rate is printed beside each as a ratio (its share of that capacity).
 
 Goals (exit status 1 when one is missed): every device enrolled and online, the rollout
-completed, every window sent stored (none lost) within --max-lag seconds.
+completed, every window sent stored (none lost) within --max-lag seconds, and every
+bucket's running sums its own counts added to those of the buckets before it (the
+replicas write one device's windows in turn).
 
     PYTHONPATH=. .venv-test/bin/python bench/scale.py [--devices 10000] [--per-process 2500] \
         [--db sqlite | --db postgresql+psycopg://USER:PASS@HOST/postgres --replicas 2] [--json]
@@ -65,7 +67,7 @@ from typing import Any
 
 import httpx
 import numpy as np
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import func, insert, or_, select, text
 from sqlalchemy.engine import make_url
 
 from bench.server_ingest import build_frames, raw_round
@@ -75,6 +77,7 @@ from edgefleet.profiles import host_profile
 from edgefleet.server.db.database import Database
 from edgefleet.server.db.migrate import open_database
 from edgefleet.server.db.models import TelemetryBucket
+from edgefleet.server.spans import RUNNING, SUMMED
 from edgefleet.simulate.device import SimDevice, telemetry_window
 from edgefleet.tables import format_columns
 from tests.server.test_ingest import enroll
@@ -219,6 +222,36 @@ def convert_bundle(processes: Processes, work: Path, keys: Path) -> Path:
 def stored_windows(db: Database) -> int:
     with db.session() as session:
         return int(session.scalar(select(func.sum(TelemetryBucket.windows))) or 0)
+
+
+def broken_running_sums(db: Database) -> int:
+    """Buckets whose running sums of the counting columns are not their own counts added to
+    those of every earlier bucket of their device and version (nothing is deleted by
+    retention in a run)."""
+    bucket = TelemetryBucket
+    earlier = {
+        "partition_by": (bucket.device_id, bucket.bundle_name, bucket.bundle_version),
+        "order_by": bucket.bucket_start,
+    }
+    # The counts; the sums of regression errors are floats, added in another order.
+    counted = [
+        name for name in SUMMED if name not in ("labelled_abs_error", "labelled_squared_error")
+    ]
+    offsets = select(
+        *(
+            (
+                getattr(bucket, RUNNING[name]) - func.sum(getattr(bucket, name)).over(**earlier)
+            ).label(name)
+            for name in counted
+        )
+    ).subquery()
+    with db.session() as session:
+        return int(
+            session.scalar(
+                select(func.count()).where(or_(*(offsets.c[name] != 0 for name in counted)))
+            )
+            or 0
+        )
 
 
 def sent_windows(logs: list[Path]) -> int:
@@ -395,12 +428,18 @@ def run(args: argparse.Namespace, work: Path, figures: dict[str, Any]) -> list[s
                     time.sleep(0.2)
                 figures["lag_s"] = time.monotonic() - stopped
                 figures["sent"], figures["stored"] = sent, stored_windows(store)
+                figures["broken_running_sums"] = broken_running_sums(store)
             finally:
                 store.dispose()
             if figures["stored"] != sent:
                 missed.append(
                     f"{figures['stored']} of {sent} windows stored {args.max_lag:.0f} s "
                     "after the simulators stopped"
+                )
+            if figures["broken_running_sums"]:
+                missed.append(
+                    f"{figures['broken_running_sums']} buckets whose running sums are not "
+                    "their buckets' counts added up"
                 )
             monitor.stop()
             figures["usage"] = {
@@ -446,7 +485,8 @@ def report(args: argparse.Namespace, figures: dict[str, Any], missed: list[str])
          f"{args.rate_per_minute or args.devices} directives a minute)", "", ""],
         ["ingest", f"{figures['stored']} of {figures['sent']} windows stored, last "
          f"{figures['lag_s']:.1f} s after the simulators stopped; {rate:.0f} windows/s "
-         f"(offered {offered:.0f}/s)", "", ""],
+         f"(offered {offered:.0f}/s); buckets with running sums off: "
+         f"{figures['broken_running_sums']}", "", ""],
         ["raw broker", "", f"{figures['raw_broker_rate']:.0f} msg/s",
          f"{rate / figures['raw_broker_rate']:.2%}"],
         ["raw SQL", "", f"{figures['raw_sql_rate']:.0f} rows/s",

@@ -27,6 +27,16 @@ KEYS = [(device, "demo", version) for device in ("d1", "d2") for version in ("1.
 TIMES = [START + BUCKET * i for i in range(12)]
 
 
+def keeping(retention: dt.timedelta) -> ServerSettings:
+    """Settings whose retention keeps telemetry this long."""
+    return ServerSettings(
+        data_dir=Path("."),
+        trust_path=Path("t.json"),
+        server_key_path=Path("k"),
+        telemetry_retention=retention,
+    )
+
+
 def random_aggregate(rng: random.Random) -> TelemetryAggregate:
     requests = rng.randrange(0, 50)
     labelled = rng.randrange(0, 5)
@@ -142,14 +152,8 @@ def test_running_sums_hold_through_merges_replays_and_retention(database: Databa
     )
 
     # Retention deletes the oldest buckets: the spans over what is left still add up.
-    settings = ServerSettings(
-        data_dir=Path("."),
-        trust_path=Path("t.json"),
-        server_key_path=Path("k"),
-        telemetry_retention=dt.timedelta(minutes=22),
-    )
     with database.session() as session:
-        apply_retention(session, settings, TIMES[8])
+        apply_retention(session, keeping(dt.timedelta(minutes=22)), TIMES[8])
     assert min(b.bucket_start for b in stored_buckets(database)) == TIMES[4]
     assert_running_sums_hold_over_what_is_left(database)
 
@@ -182,14 +186,8 @@ def test_a_version_whose_buckets_retention_deleted_starts_its_sums_again(
         store_buckets(
             session, {("d1", "demo", "1.0.0", TIMES[0]): TelemetryAggregate(requests=7)}, lock=lock
         )
-    settings = ServerSettings(
-        data_dir=Path("."),
-        trust_path=Path("t.json"),
-        server_key_path=Path("k"),
-        telemetry_retention=dt.timedelta(minutes=5),
-    )
     with database.session() as session:
-        apply_retention(session, settings, TIMES[3])
+        apply_retention(session, keeping(dt.timedelta(minutes=5)), TIMES[3])
         assert session.scalars(select(TelemetryLatest)).all() == []
     with database.session() as session:
         store_buckets(
