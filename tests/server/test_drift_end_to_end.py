@@ -263,9 +263,11 @@ def test_drift_alerts_the_shifted_device_only_and_its_gate_pauses_a_rollout(
             def rollout() -> dict[str, Any]:
                 return dict(api.get(f"/rollouts/{second}").json())
 
+            # A string, which pytest prints whole: the stage's gate checks say why it runs on.
             assert wait_until(lambda: rollout()["state"] == "paused", WAIT), (
-                rollout(), alerts(), server_log()[-4000:]
-            )  # fmt: skip
+                f"canary {canary}\nrollout {json.dumps(rollout(), indent=1)}\n"
+                f"alerts {json.dumps(alerts(), indent=1)}\nserver log {server_log()[-4000:]}"
+            )
             reason = rollout()["reason"] or ""
             assert "max_drift" in reason and canary in reason, rollout()
             other = next(d for d in devices if d != canary)
