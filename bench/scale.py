@@ -77,7 +77,7 @@ from edgefleet.profiles import host_profile
 from edgefleet.server.db.database import Database
 from edgefleet.server.db.migrate import open_database
 from edgefleet.server.db.models import TelemetryBucket
-from edgefleet.server.spans import RUNNING, SUMMED
+from edgefleet.server.spans import FRACTIONAL, RUNNING, SUMMED
 from edgefleet.simulate.device import SimDevice, telemetry_window
 from edgefleet.tables import format_columns
 from tests.server.test_ingest import enroll
@@ -234,9 +234,7 @@ def broken_running_sums(db: Database) -> int:
         "order_by": bucket.bucket_start,
     }
     # The counts; the sums of regression errors are floats, added in another order.
-    counted = [
-        name for name in SUMMED if name not in ("labelled_abs_error", "labelled_squared_error")
-    ]
+    counted = [name for name in SUMMED if name not in FRACTIONAL]
     offsets = select(
         *(
             (

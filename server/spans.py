@@ -13,12 +13,12 @@ stored bucket, and the difference holds.
 the newest, where ingestion's running sums go on from): the keys a span is
 read for.
 
-Ingestion keeps the running sums (`server/mqtt/buckets.py`, with `run_on`).
+Ingestion keeps the running sums (`server/mqtt/buckets.py`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +40,7 @@ SUMMED = (
     "labelled_squared_error",
 )
 RUNNING = {name: f"running_{name}" for name in SUMMED}  # counter -> its running sum's column
-_FRACTIONAL = frozenset({"labelled_abs_error", "labelled_squared_error"})
+FRACTIONAL = frozenset({"labelled_abs_error", "labelled_squared_error"})  # sums of floats
 
 StartCondition = Callable[[Any], ColumnElement[bool]]  # on a bucket's start column
 
@@ -55,25 +55,6 @@ class SpanSums:
 
     def count(self, name: str) -> int:
         return int(self.sums[name])
-
-
-def run_on(running: Mapping[str, float], own: Mapping[str, float]) -> dict[str, float]:
-    """The running sums of a bucket whose own counters are `own`, the bucket before it
-    having `running` (empty for the first)."""
-    return {name: running.get(name, 0) + own[name] for name in SUMMED}
-
-
-def chained(
-    base: Mapping[str, float], buckets: Iterable[Mapping[str, float]]
-) -> list[dict[str, float]]:
-    """The running sums of `buckets` (own counters, oldest first) after a bucket whose
-    running sums are `base`."""
-    running: Mapping[str, float] = base
-    out = []
-    for own in buckets:
-        running = run_on(running, own)
-        out.append(running)
-    return out
 
 
 def span_sums(
@@ -131,7 +112,7 @@ def span_sums(
         .where(where)
     ).one()
     sums = {
-        name: float(value) if name in _FRACTIONAL else int(value)
+        name: float(value) if name in FRACTIONAL else int(value)
         for name, value in zip(SUMMED, row[:-1], strict=True)
     }
     return SpanSums(sums, active=int(row[-1]))

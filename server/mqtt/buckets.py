@@ -19,7 +19,7 @@ The batch's aggregates are only read, so a failed write can be retried as it is.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
 from sqlalchemy import Table, and_, bindparam, insert, select, update
@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from edgefleet.server.db.models import TelemetryBucket, TelemetryLatest
 from edgefleet.server.db.rows import as_utc, in_chunks
 from edgefleet.server.mqtt.aggregate import TelemetryAggregate, aggregate_from_row
-from edgefleet.server.spans import RUNNING, SUMMED, chained, run_on
+from edgefleet.server.spans import RUNNING, SUMMED
 
 BucketKey = tuple[str, str, str, dt.datetime]  # device, bundle name, version, bucket start
 Key = tuple[str, str, str]  # device, bundle name, version: the buckets one running sum spans
@@ -82,6 +82,25 @@ def store_buckets(
     for key, since in replayed.items():
         _chain_again(session, table, key, since)
     _keep_newest(session, telemetry, newest)
+
+
+def run_on(running: Mapping[str, float], own: Mapping[str, float]) -> dict[str, float]:
+    """The running sums of a bucket whose own counters are `own`, the bucket before it
+    having `running` (empty for the first)."""
+    return {name: running.get(name, 0) + own[name] for name in SUMMED}
+
+
+def chained(
+    base: Mapping[str, float], buckets: Iterable[Mapping[str, float]]
+) -> list[dict[str, float]]:
+    """The running sums of `buckets` (own counters, oldest first) after a bucket whose
+    running sums are `base`."""
+    running: Mapping[str, float] = base
+    out = []
+    for own in buckets:
+        running = run_on(running, own)
+        out.append(running)
+    return out
 
 
 def _bucket_values(aggregate: TelemetryAggregate) -> dict[str, Any]:
