@@ -26,6 +26,7 @@ from edgefleet.mqtt import parse_device_topic
 from edgefleet.server.db.database import Database
 from edgefleet.server.mqtt.interfaces import Publisher
 from edgefleet.server.mqtt.link import LinkStatus
+from edgefleet.server.rollouts.stagetelemetry import StageTelemetryCache
 from edgefleet.server.settings import ServerSettings
 from edgefleet.server.trustroots import TrustRoots, publish_trust_root
 from edgefleet.timefmt import utcnow
@@ -144,6 +145,8 @@ class ServerContext:
     and is published retained through `publisher`.
     `registry` is this server's own Prometheus registry: two apps in one
     process (tests) never share metrics.
+    `stage_telemetry` keeps rollout stages' slow telemetry readings a few seconds, for
+    the status routes and the rollout driver alike (give the driver this one).
     """
 
     settings: ServerSettings
@@ -160,6 +163,7 @@ class ServerContext:
     device_keys: KeyCache | None = None
     ca: FleetCa | None = None
     crl: CrlFile | None = None
+    stage_telemetry: StageTelemetryCache = field(default_factory=StageTelemetryCache)
 
     def __post_init__(self) -> None:
         if not isinstance(self.publisher, CountingPublisher):

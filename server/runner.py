@@ -243,6 +243,7 @@ class FleetServer:
             settings,
             returns=returns,
             connects=lambda: link.connects,
+            stage_telemetry=context.stage_telemetry,
         )
         timestamper = FleetTimestamper(
             self.db, [self.server_key], self.trust.current.version, context.publisher, settings

@@ -7,7 +7,9 @@ the same unit of work reconciles its device states from the stored status
 reports (progress.py), then works on it by state:
 
 - running: retries, timeouts, late joiners, notifications within the rate
-  limit, and the stage's gates (running.py, joining.py, notify.py);
+  limit, and the stage's gates (running.py, joining.py, notify.py), judged on
+  telemetry that a large stage reads at most a tenth of the time
+  (stagetelemetry.py: pass the API's `stage_telemetry` to share its readings);
 - paused: nothing more (devices already notified carry on);
 - aborting: rollback directives, and `aborted` once none is left rolling
   back (aborting.py).
@@ -48,6 +50,7 @@ from edgefleet.server.rollouts.progress import reconcile
 from edgefleet.server.rollouts.publication import publish_directives
 from edgefleet.server.rollouts.resend import Returns, send_again, unanswered
 from edgefleet.server.rollouts.running import drive_running
+from edgefleet.server.rollouts.stagetelemetry import StageTelemetryCache
 from edgefleet.server.rollouts.step import RolloutStep
 from edgefleet.server.settings import ServerSettings
 from edgefleet.timefmt import utcnow
@@ -89,6 +92,7 @@ class RolloutDriver:
         *,
         returns: Returns | None = None,
         connects: Callable[[], int] | None = None,
+        stage_telemetry: StageTelemetryCache | None = None,
     ) -> None:
         self.db = db
         self.issuer = issuer
@@ -98,6 +102,7 @@ class RolloutDriver:
         self.returns = returns
         self.connects = connects
         self._connects_seen = 0
+        self.stage_telemetry = stage_telemetry or StageTelemetryCache()
 
     def tick(self) -> TickReport:
         """Drive every active rollout once (each in its own unit of work).
@@ -171,6 +176,7 @@ class RolloutDriver:
                 issuer=self.issuer,
                 settings=self.settings,
                 room=MAX_DIRECTIVES_PER_TICK,
+                telemetry=self.stage_telemetry,
             )
             reconcile(session, rollout, now)
             if rollout.state is RolloutState.RUNNING:

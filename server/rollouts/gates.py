@@ -63,7 +63,7 @@ class StageCounts:
     devices that sent telemetry for the new version since the stage started.
     Traffic counts are of the new version on the stage's devices since the
     stage started, but for the p95 latencies, which read only the newest
-    buckets (`progress.latency_lookback`, `latency_minutes` back): `latency_p95_ms`
+    buckets (`latency.latency_lookback`, `latency_minutes` back): `latency_p95_ms`
     of the new version, `previous_latency_p95_ms` of the previous version before
     the stage.
     `drifting`: the stage's devices that installed the new version and have

@@ -23,23 +23,14 @@ so nothing is applied or counted twice.
 without a health check under live traffic (the agent's reason says so).
 
 `stage_counts` gathers `gates.StageCounts` for one stage from the device rows,
-`Device.online`, `TelemetryBucket` rows, open drift `Alert` rows and the
-bundle's reference accuracy, in a few aggregate queries (no per-device round
-trips), so it stays cheap for stages of thousands of devices. The traffic and
-label counts come from the buckets' running sums (`edgefleet.server.spans`): two
-buckets a device, however long the stage has run. The latency histograms, which
-are merged here rather than summed, are read from the newest buckets only
-(`latency_lookback`).
-
-Pure helpers (`merge_latency`, `latency_percentile`) are separate from the
-queries so they are tested on their own.
+`Device.online`, open drift `Alert` rows, the bundle's reference accuracy and
+the stage's telemetry (stagetelemetry.py), in a few aggregate queries (no
+per-device round trips), so it stays cheap for stages of thousands of devices.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import operator
-from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select
@@ -54,10 +45,8 @@ from edgefleet.server.db.models import (
     Rollout,
     RolloutDevice,
     StatusReportRow,
-    TelemetryBucket,
-    TelemetryLatest,
 )
-from edgefleet.server.drift.accuracy import Labelled, reference_accuracy
+from edgefleet.server.drift.accuracy import reference_accuracy
 from edgefleet.server.drift.cohorts import stage_cohort
 from edgefleet.server.drift.evaluator import (
     COHORT,
@@ -67,7 +56,12 @@ from edgefleet.server.drift.evaluator import (
     PREDICTION_DRIFT,
 )
 from edgefleet.server.rollouts.gates import Drifting, StageCounts
-from edgefleet.server.spans import SpanSums, span_sums
+from edgefleet.server.rollouts.stagetelemetry import (
+    StageTelemetry,
+    StageTelemetryCache,
+    read_stage_telemetry,
+    stage_key,
+)
 from edgefleet.timefmt import format_time, parse_time
 
 FINISHED = frozenset({DeviceState.SUCCEEDED, DeviceState.FAILED, DeviceState.TIMED_OUT})
@@ -79,12 +73,6 @@ AGENT_SUCCESS = frozenset({"committed"})
 # "refused" is not a state either: the report of a refusal (the agent rests as before).
 AGENT_FAILURE = frozenset({"failed", "refused", "rolled_back"})
 
-# The p95 latencies read the newest buckets: far enough back for about
-# LATENCY_SAMPLE_BUCKETS device-buckets (all of a day for a canary of a few
-# devices, the last two buckets for a stage of 10,000), never further than
-# LATENCY_WINDOW. So a status costs the same on the stage's first day as later.
-LATENCY_WINDOW = dt.timedelta(hours=24)
-LATENCY_SAMPLE_BUCKETS = 10_000
 DRIFT_KINDS = (FEATURE_DRIFT, PREDICTION_DRIFT, DATASET_DRIFT)  # what the drift gate counts
 
 # What the agent's COMMITTED reason says when no live request judged the new
@@ -262,14 +250,13 @@ def stage_counts(
     shadow: bool,
     now: dt.datetime,
     bucket: dt.timedelta = dt.timedelta(minutes=5),
+    telemetry: StageTelemetryCache | None = None,
 ) -> StageCounts:
     """What the gates of stage `stage_index` judge (see `gates.StageCounts`).
 
-    Telemetry counts are of buckets that may hold windows since the stage
-    started (`bucket_start > stage_started_at - bucket`) on the stage's own
-    devices: for the new version in a normal stage; in a shadow stage the
-    serving version's windows carry the challenger's comparisons, so shadow
-    counts come from every version of the bundle's name.
+    The device states and drift alerts are read afresh; the telemetry through
+    `telemetry` where given, which keeps a slow reading for a few seconds
+    (`stagetelemetry.read_stage_telemetry`, and its cache), else afresh.
     """
     in_stage = and_(
         RolloutDevice.rollout_id == rollout.id,
@@ -292,56 +279,24 @@ def stage_counts(
     finished = sum(states[state] for state in FINISHED)
     since_finish = None if last_finished is None else (now - last_finished).total_seconds()
     started = rollout.stage_started_at or now
-    elapsed = max(dt.timedelta(0), now - started)
-    since = started - bucket
-    of_stage = and_(
-        TelemetryLatest.device_id == RolloutDevice.device_id,
-        in_stage,
-        TelemetryLatest.bundle_name == bundle.name,
-    )
-    new_version = span_sums(
-        session,
-        and_(of_stage, TelemetryLatest.bundle_version == bundle.version),
-        first=lambda start: start > since,
-    )
-    lookback = latency_lookback(assigned, bucket)
-    latency = merge_latency(
-        session.scalars(
-            select(TelemetryBucket.latency).where(
-                TelemetryBucket.device_id == RolloutDevice.device_id,
-                in_stage,
-                TelemetryBucket.bundle_name == bundle.name,
-                TelemetryBucket.bundle_version == bundle.version,
-                TelemetryBucket.bucket_start > max(since, now - lookback),
-            )
-        ).all()
-    )
-    previous_version = and_(
-        TelemetryBucket.device_id == RolloutDevice.device_id,
-        in_stage,
-        TelemetryBucket.bundle_name == bundle.name,
-        TelemetryBucket.bundle_version == RolloutDevice.previous_version,
-        TelemetryBucket.bucket_start < started,
-    )
-    previous = merge_latency(
-        session.scalars(
-            select(TelemetryBucket.latency).where(
-                previous_version, TelemetryBucket.bucket_start >= started - lookback
-            )
-        ).all()
-    )
-    previous_labels = span_sums(
-        session,
-        and_(of_stage, TelemetryLatest.bundle_version == RolloutDevice.previous_version),
-        first=lambda start: start >= started - elapsed,
-        last=lambda start: start < started,
-    )
     drifting, cohort_drift = _open_drift(session, rollout, bundle, stage_index, started)
-    # In a shadow stage the serving version's windows carry the challenger's comparisons.
-    compared = (
-        span_sums(session, of_stage, first=lambda start: start > since, active="shadow_requests")
-        if shadow
-        else None
+
+    def reading() -> StageTelemetry:
+        return read_stage_telemetry(
+            session,
+            rollout,
+            bundle,
+            stage_index,
+            shadow=shadow,
+            devices=assigned,
+            now=now,
+            bucket=bucket,
+        )
+
+    reported = (
+        reading()
+        if telemetry is None
+        else telemetry.read(stage_key(rollout, stage_index, shadow), now, reading)
     )
     return StageCounts(
         assigned=assigned,
@@ -352,21 +307,21 @@ def stage_counts(
         failed=states[DeviceState.FAILED],
         timed_out=states[DeviceState.TIMED_OUT],
         offline=int(offline or 0),
-        reporting=(compared or new_version).active,
-        requests=new_version.count("requests"),
-        errors=new_version.count("errors"),
-        fallbacks=new_version.count("fallbacks"),
-        latency_p95_ms=latency_percentile(latency, 0.95),
-        previous_latency_p95_ms=latency_percentile(previous, 0.95),
-        latency_minutes=round(lookback.total_seconds() / 60),
-        shadow_requests=compared.count("shadow_requests") if compared else 0,
-        shadow_agreements=compared.count("shadow_agreements") if compared else 0,
+        reporting=reported.reporting,
+        requests=reported.requests,
+        errors=reported.errors,
+        fallbacks=reported.fallbacks,
+        latency_p95_ms=reported.latency_p95_ms,
+        previous_latency_p95_ms=reported.previous_latency_p95_ms,
+        latency_minutes=reported.latency_minutes,
+        shadow_requests=reported.shadow_requests,
+        shadow_agreements=reported.shadow_agreements,
         drifting=drifting,
         cohort_drift=cohort_drift,
-        labels=_labelled(new_version),
-        previous_labels=_labelled(previous_labels),
+        labels=reported.labels,
+        previous_labels=reported.previous_labels,
         reference=reference_accuracy(bundle),
-        stage_elapsed_s=elapsed.total_seconds(),
+        stage_elapsed_s=max(dt.timedelta(0), now - started).total_seconds(),
         settled_elapsed_s=since_finish if assigned and finished == assigned else None,
         success_elapsed_s=since_finish,
     )
@@ -411,77 +366,6 @@ def _open_drift(
     return drifting, tuple(sorted({feature or "dataset" for feature in cohort}))
 
 
-def _labelled(sums: SpanSums) -> Labelled:
-    """The labelled feedback in span sums."""
-    return Labelled(
-        sums.count("labelled_count"),
-        sums.count("labelled_correct"),
-        float(sums.sums["labelled_abs_error"]),
-        float(sums.sums["labelled_squared_error"]),
-    )
-
-
-def latency_lookback(devices: int, bucket: dt.timedelta) -> dt.timedelta:
-    """How far back a stage's p95 latencies read, for a stage of `devices` devices.
-
-    About `LATENCY_SAMPLE_BUCKETS` device-buckets (a device stores one bucket a
-    `bucket` per version), at least two buckets (the open one and the last
-    whole one), at most `LATENCY_WINDOW`.
-    """
-    wanted = bucket * (LATENCY_SAMPLE_BUCKETS / max(devices, 1))
-    return min(LATENCY_WINDOW, max(2 * bucket, wanted))
-
-
-Histogram = tuple[list[float], list[int]]
-
-
-def merge_latency(histograms: Sequence[dict[str, Any] | None]) -> Histogram | None:
-    """Add latency histograms ({"bounds_ms", "counts"}) that share the most common bounds.
-
-    Histograms with other bounds (another agent version) are left out rather
-    than mixed in; None when there is nothing to merge.
-    """
-    groups: dict[tuple[float, ...], list[int]] = {}
-    for item in histograms:
-        if not item:
-            continue
-        bounds, counts = item.get("bounds_ms"), item.get("counts")
-        if not isinstance(bounds, list) or not isinstance(counts, list):
-            continue
-        if len(counts) != len(bounds) + 1:
-            continue
-        key = tuple(bounds)  # 5 and 5.0 are one key: equal numbers hash alike
-        total = groups.get(key)
-        added = map(int, counts)
-        groups[key] = list(added) if total is None else list(map(operator.add, total, added))
-    if not groups:
-        return None
-    best = max(groups, key=lambda key: sum(groups[key]))
-    return [float(bound) for bound in best], groups[best]
-
-
-def latency_percentile(histogram: Histogram | None, quantile: float) -> float | None:
-    """The bound at or below which `quantile` of the requests fell (ms); None when empty.
-
-    Requests in the overflow bin are reported as the highest bound: a lower
-    bound of the true value, which is what a ratio against the previous
-    version's histogram (same bounds) needs.
-    """
-    if histogram is None:
-        return None
-    bounds, counts = histogram
-    total = sum(counts)
-    if total <= 0 or not bounds:
-        return None
-    needed = quantile * total
-    running = 0
-    for i, count in enumerate(counts):
-        running += count
-        if running >= needed:
-            return bounds[min(i, len(bounds) - 1)]
-    return bounds[-1]
-
-
 __all__ = [
     "AGENT_FAILURE",
     "AGENT_SUCCESS",
@@ -489,9 +373,6 @@ __all__ = [
     "FINISHED",
     "DeviceState",
     "heartbeat_answer",
-    "latency_lookback",
-    "latency_percentile",
-    "merge_latency",
     "reconcile",
     "stage_counts",
     "state_counts",

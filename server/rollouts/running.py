@@ -72,6 +72,7 @@ def _judge(step: RolloutStep) -> None:
         shadow=stage.shadow,
         now=step.now,
         bucket=step.settings.telemetry_bucket,
+        telemetry=step.telemetry,
     )
     verdict = evaluate_stage(step.plan.stage_gates(index), counts, shadow=stage.shadow)
     name = step.plan.stage_name(index)

@@ -58,6 +58,7 @@ from edgefleet.server.rollouts.progress import (
     unchecked_counts,
 )
 from edgefleet.server.rollouts.selection import matches, order_selection
+from edgefleet.server.rollouts.stagetelemetry import StageTelemetryCache
 from edgefleet.timefmt import utcnow
 
 log = logging.getLogger(__name__)
@@ -350,8 +351,12 @@ def rollout_status(
     now: dt.datetime | None = None,
     *,
     bucket: dt.timedelta = dt.timedelta(minutes=5),
+    telemetry: StageTelemetryCache | None = None,
 ) -> RolloutStatus:
     """The rollout, its stages with device counts, the current stage's verdict, its history.
+
+    The verdict reads the stage's telemetry through `telemetry` where given (a slow
+    reading kept a few seconds: `stagetelemetry`), else afresh.
 
     Raises:
         NotFoundError: no such rollout.
@@ -371,7 +376,14 @@ def rollout_status(
         current = index == rollout.stage_index
         if current and rollout.state in (RolloutState.RUNNING, RolloutState.PAUSED):
             counts = stage_counts(
-                session, rollout, bundle, index, shadow=stage.shadow, now=now, bucket=bucket
+                session,
+                rollout,
+                bundle,
+                index,
+                shadow=stage.shadow,
+                now=now,
+                bucket=bucket,
+                telemetry=telemetry,
             )
             result = evaluate_stage(plan.stage_gates(index), counts, shadow=stage.shadow)
             verdict = result.to_dict()

@@ -20,6 +20,7 @@ from edgefleet.server.directives import DirectiveIssuer, OutgoingDirective
 from edgefleet.server.errors import RolloutStateError
 from edgefleet.server.rollouts.machine import RolloutEvent, apply_event
 from edgefleet.server.rollouts.plan import Plan
+from edgefleet.server.rollouts.stagetelemetry import StageTelemetryCache
 from edgefleet.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class RolloutStep:
     issuer: DirectiveIssuer
     settings: ServerSettings
     room: int  # directives this tick may still sign
+    telemetry: StageTelemetryCache  # the stage's slow telemetry readings, kept a few seconds
     outgoing: list[OutgoingDirective] = field(default_factory=list)
     # Devices whose install directive counts as a new attempt (undone if not published).
     counted: set[str] = field(default_factory=set)

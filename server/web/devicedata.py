@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from edgefleet.server.db.models import BundleRow, Device, DriftState, TelemetryBucket
 from edgefleet.server.drift.accuracy import Labelled, ReferenceAccuracy, reference_accuracy
-from edgefleet.server.rollouts.progress import latency_percentile, merge_latency
+from edgefleet.server.rollouts.latency import latency_percentile, merge_latency
 
 # What an install state means, for the install history (agent/install/states.py names them).
 INSTALL_STATE_WORDS = {

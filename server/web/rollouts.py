@@ -14,6 +14,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from sqlalchemy import select
 
 from edgefleet.server.api.deps import ContextDep, SessionDep
+from edgefleet.server.api.routes.rollouts import status_of
 from edgefleet.server.api.schemas.base import MAX_ID
 from edgefleet.server.bundles import bundle_labels
 from edgefleet.server.db.models import RolloutDevice
@@ -24,7 +25,6 @@ from edgefleet.server.rollouts.service import (
     list_rollouts,
     pause_rollout,
     resume_rollout,
-    rollout_status,
 )
 from edgefleet.server.web.auth import OperatorPage, ViewerPage, read_form
 from edgefleet.server.web.errors import PageError
@@ -55,7 +55,7 @@ def rollout_page(
     viewer: ViewerPage,
 ) -> HTMLResponse:
     try:
-        status = rollout_status(session, rollout_id, context.clock())
+        status = status_of(session, context, rollout_id)
     except NotFoundError:
         raise PageError(
             404, f"there is no rollout {rollout_id}: see the list of rollouts"

@@ -36,10 +36,11 @@ from edgefleet.server.drift.cohorts import stage_cohort
 from edgefleet.server.drift.evaluator import DATASET_DRIFT, FEATURE_DRIFT
 from edgefleet.server.principals import Principal, Role
 from edgefleet.server.rollouts import driver as driver_module
-from edgefleet.server.rollouts import progress
+from edgefleet.server.rollouts import latency as latency_module
+from edgefleet.server.rollouts import progress, stagetelemetry
 from edgefleet.server.rollouts.driver import RolloutDriver
+from edgefleet.server.rollouts.latency import latency_lookback, latency_percentile, merge_latency
 from edgefleet.server.rollouts.plan import plan_from_dict
-from edgefleet.server.rollouts.progress import latency_lookback, latency_percentile, merge_latency
 from edgefleet.server.rollouts.service import (
     abort_rollout,
     pause_rollout,
@@ -47,6 +48,7 @@ from edgefleet.server.rollouts.service import (
     rollout_status,
     start_rollout,
 )
+from edgefleet.server.rollouts.stagetelemetry import StageTelemetry
 from edgefleet.trust import TrustRoot
 from tests.conftest import KeySet
 from tests.server.rolloutsim import (
@@ -613,7 +615,7 @@ def test_the_latency_gate_reads_the_newest_buckets_only(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # About 8 device-buckets: a stage of 2 devices reads 20 minutes back.
-    monkeypatch.setattr(progress, "LATENCY_SAMPLE_BUCKETS", 8)
+    monkeypatch.setattr(latency_module, "LATENCY_SAMPLE_BUCKETS", 8)
     f = make_fleet(database, tmp_path, keyset, trust, 4)
     ids = [f"dev-{i:02d}" for i in range(4)]
     slow, fast = [0, 0, 0, 0, 1000, 0], [90, 10, 0, 0, 0, 0]
@@ -633,6 +635,40 @@ def test_the_latency_lookback_reads_about_the_same_number_of_buckets_at_any_size
     assert latency_lookback(1_000, bucket) == dt.timedelta(minutes=50)
     assert latency_lookback(10_000, bucket) == dt.timedelta(minutes=10)  # at least two buckets
     assert latency_lookback(0, bucket) == dt.timedelta(hours=24)
+
+
+def test_a_large_stage_is_judged_on_its_telemetry_kept_a_few_seconds(
+    database: Database,
+    tmp_path: Path,
+    keyset: KeySet,
+    trust: TrustRoot,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Read as a large stage's: a second kept per row (2 devices, 2 spans each: 4 s).
+    monkeypatch.setattr(stagetelemetry, "ROWS_PER_SECOND", 1)
+    reads = [0]
+    read = stagetelemetry.read_stage_telemetry
+
+    def reading(*args: Any, **kwargs: Any) -> StageTelemetry:
+        reads[0] += 1
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(progress, "read_stage_telemetry", reading)
+    f = make_fleet(database, tmp_path, keyset, trust, 2)
+    rid = f.start({"stages": [{"percent": 100}], "gates": {"bake_s": 600}})
+    f.run()
+    assert reads == [1]
+    f.run(3)  # within 4 s of the reading: judged on it, the devices' states afresh
+    assert reads == [1]
+    assert f.devices(rid) == {"dev-00": "succeeded", "dev-01": "succeeded"}
+    f.run()  # 4 s on: read afresh
+    assert reads == [2]
+    monkeypatch.setattr(stagetelemetry, "ROWS_PER_SECOND", 4_000)  # a small stage
+    f.clock.advance(60)
+    f.run()
+    f.driver.tick()
+    assert reads == [4]  # not kept: read at every judgement
+    assert f.state(rid) == "running"
 
 
 class FlakyPublisher(RecordingPublisher):

@@ -8,6 +8,7 @@ are sent by the rollout driver on its next tick, never from a request.
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Path, Query, status
@@ -64,7 +65,7 @@ def create_rollout(
         session, bundle=bundle, selector=selector, plan=plan, actor=operator, now=now
     )
     session.flush()
-    return rollout_status(session, rollout.id, now)
+    return status_of(session, context, rollout.id, now)
 
 
 @router.get(
@@ -92,7 +93,21 @@ def get_rollouts(
 def get_rollout_status(
     rollout_id: RolloutId, context: ContextDep, session: SessionDep, _viewer: ViewerDep
 ) -> RolloutStatus:
-    return rollout_status(session, rollout_id, context.clock())
+    return status_of(session, context, rollout_id)
+
+
+def status_of(
+    session: Session, context: ServerContext, rollout_id: int, now: dt.datetime | None = None
+) -> RolloutStatus:
+    """`rollout_status` as this server judges stages: its telemetry bucket, and the stage
+    readings it shares with its driver (`context.stage_telemetry`)."""
+    return rollout_status(
+        session,
+        rollout_id,
+        now or context.clock(),
+        bucket=context.settings.telemetry_bucket,
+        telemetry=context.stage_telemetry,
+    )
 
 
 _MOVES = {"pause": pause_rollout, "resume": resume_rollout, "abort": abort_rollout}
@@ -110,7 +125,7 @@ def _act(
     reason = body.reason if body is not None and body.reason else None
     _MOVES[action](session, rollout_id, actor, reason, now)
     session.flush()
-    return rollout_status(session, rollout_id, now)
+    return status_of(session, context, rollout_id, now)
 
 
 @router.post(
