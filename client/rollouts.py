@@ -315,7 +315,10 @@ def echo_status(status: JsonObject) -> None:
             "or no predictor running); the gates count it as installed"
         )
     if stage.get("decision"):
-        click.echo(f"\ngate:      {stage['decision']}")
+        age = stage.get("telemetry_age_s")
+        kept = isinstance(age, (int, float)) and age >= 1
+        judged_on = f" (on telemetry read {age:.0f} s ago)" if kept else ""
+        click.echo(f"\ngate:      {stage['decision']}{judged_on}")
         for line in stage.get("reasons") or []:
             click.echo(f"  - {line}")
         checks = stage.get("checks") or []

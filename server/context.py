@@ -145,7 +145,7 @@ class ServerContext:
     and is published retained through `publisher`.
     `registry` is this server's own Prometheus registry: two apps in one
     process (tests) never share metrics.
-    `stage_telemetry` keeps rollout stages' slow telemetry readings a few seconds, for
+    `stage_telemetry` keeps large rollout stages' telemetry readings a few seconds, for
     the status routes and the rollout driver alike (give the driver this one).
     """
 

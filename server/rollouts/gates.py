@@ -33,6 +33,7 @@ exceed a 0.1 limit.
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 import math
 from dataclasses import asdict, dataclass, field
@@ -77,6 +78,8 @@ class StageCounts:
     or timed out), None while some have not. `success_elapsed_s`: seconds since
     the success share was reached (the driver may pass the time since the most
     recent device finished: never longer), None when unknown.
+    `telemetry_read_at`: when the traffic, latency and label counts were read (a
+    large stage's reading is kept a few seconds: `stagetelemetry`), None when unknown.
     """
 
     assigned: int = 0
@@ -104,6 +107,7 @@ class StageCounts:
     stage_elapsed_s: float = 0.0
     settled_elapsed_s: float | None = None
     success_elapsed_s: float | None = None
+    telemetry_read_at: dt.datetime | None = None
 
     @property
     def finished(self) -> int:

@@ -255,7 +255,7 @@ def stage_counts(
     """What the gates of stage `stage_index` judge (see `gates.StageCounts`).
 
     The device states and drift alerts are read afresh; the telemetry through
-    `telemetry` where given, which keeps a slow reading for a few seconds
+    `telemetry` where given, which keeps a large stage's reading a few seconds
     (`stagetelemetry.read_stage_telemetry`, and its cache), else afresh.
     """
     in_stage = and_(
@@ -320,6 +320,7 @@ def stage_counts(
         cohort_drift=cohort_drift,
         labels=reported.labels,
         previous_labels=reported.previous_labels,
+        telemetry_read_at=reported.read_at,
         reference=reference_accuracy(bundle),
         stage_elapsed_s=max(dt.timedelta(0), now - started).total_seconds(),
         settled_elapsed_s=since_finish if assigned and finished == assigned else None,

@@ -355,7 +355,7 @@ def rollout_status(
 ) -> RolloutStatus:
     """The rollout, its stages with device counts, the current stage's verdict, its history.
 
-    The verdict reads the stage's telemetry through `telemetry` where given (a slow
+    The verdict reads the stage's telemetry through `telemetry` where given (a large
     reading kept a few seconds: `stagetelemetry`), else afresh.
 
     Raises:
@@ -387,6 +387,9 @@ def rollout_status(
             )
             result = evaluate_stage(plan.stage_gates(index), counts, shadow=stage.shadow)
             verdict = result.to_dict()
+            if counts.telemetry_read_at is not None:
+                age = (now - counts.telemetry_read_at).total_seconds()
+                verdict["telemetry_age_s"] = round(max(0.0, age), 1)
         stages.append(
             StageStatus(
                 index=index,

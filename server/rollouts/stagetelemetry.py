@@ -62,6 +62,7 @@ class StageTelemetry:
     labels: Labelled
     previous_labels: Labelled
     rows: int  # what the reading read: latency histograms, and a span a device and version
+    read_at: dt.datetime
 
 
 def read_stage_telemetry(
@@ -146,6 +147,7 @@ def read_stage_telemetry(
         labels=_labelled(new_version),
         previous_labels=_labelled(previous_labels),
         rows=len(histograms) + len(previous_histograms) + devices * (3 if shadow else 2),
+        read_at=now,
     )
 
 

@@ -42,7 +42,7 @@ class RolloutStep:
     issuer: DirectiveIssuer
     settings: ServerSettings
     room: int  # directives this tick may still sign
-    telemetry: StageTelemetryCache  # the stage's slow telemetry readings, kept a few seconds
+    telemetry: StageTelemetryCache  # large stages' telemetry readings, kept a few seconds
     outgoing: list[OutgoingDirective] = field(default_factory=list)
     # Devices whose install directive counts as a new attempt (undone if not published).
     counted: set[str] = field(default_factory=set)

@@ -158,6 +158,7 @@ class FakeApi:
             "decision": "wait",
             "reasons": ["waiting: 1 of 2 devices installed"],
             "checks": [{"name": "success", "passed": None, "detail": "1/2"}],
+            "telemetry_age_s": 8.2,  # a large stage's reading, kept a few seconds
         }
         rest = {"index": 1, "name": "stage-2", "shadow": False, "assigned": 0, "states": {}}
         return {
@@ -488,7 +489,8 @@ def test_rollout_status_shows_stage_gate_and_history(api: FakeApi, run: Run) -> 
     out, _ = run("rollout", "status", "4", url=api.url)
     assert "rollout:   4  demo@1.2.3" in out
     assert "devices:   1 succeeded, 1 installing" in out
-    assert "gate:      wait" in out and "  - waiting: 1 of 2 devices installed" in out
+    assert "gate:      wait (on telemetry read 8 s ago)" in out
+    assert "  - waiting: 1 of 2 devices installed" in out
     assert "not judged yet" in out
     assert re.search(r"2026-11-25 10:00:00\s+created\s+running\s+1\s+ci\s+started", out)
 

@@ -661,13 +661,20 @@ def test_a_large_stage_is_judged_on_its_telemetry_kept_a_few_seconds(
     f.run(3)  # within 4 s of the reading: judged on it, the devices' states afresh
     assert reads == [1]
     assert f.devices(rid) == {"dev-00": "succeeded", "dev-01": "succeeded"}
-    f.run()  # 4 s on: read afresh
+    with f.db.session() as session:  # the routes share the driver's readings (at its last tick)
+        last_tick = f.clock() - dt.timedelta(seconds=1)
+        kept = rollout_status(session, rid, last_tick, telemetry=f.driver.stage_telemetry)
+    fresh = f.status(rid)  # without the driver's readings: read afresh
     assert reads == [2]
+    assert kept.stages[0].telemetry_age_s == 3.0 and fresh.stages[0].telemetry_age_s == 0
+    assert kept.stages[0].states == fresh.stages[0].states
+    f.run()  # 4 s on: read afresh
+    assert reads == [3]
     monkeypatch.setattr(stagetelemetry, "ROWS_PER_SECOND", 4_000)  # a small stage
     f.clock.advance(60)
     f.run()
     f.driver.tick()
-    assert reads == [4]  # not kept: read at every judgement
+    assert reads == [5]  # not kept: read at every judgement
     assert f.state(rid) == "running"
 
 

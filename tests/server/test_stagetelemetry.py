@@ -26,7 +26,7 @@ class Reader:
         self.reads += 1
         nothing = Labelled(0, 0, 0.0, 0.0)
         return StageTelemetry(
-            1, self.reads, 0, 0, None, None, 10, 0, 0, nothing, nothing, self.rows
+            1, self.reads, 0, 0, None, None, 10, 0, 0, nothing, nothing, self.rows, T
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ from sqlalchemy import select
 
 from edgefleet.server.db.models import AuditEntry, Rollout, RolloutState, RolloutTransition
 from edgefleet.server.principals import Role
+from edgefleet.server.rollouts import stagetelemetry
+from edgefleet.timefmt import utcnow
 from tests.server.apiclient import Api
 from tests.web.conftest import sign_in
 
@@ -125,3 +128,17 @@ def test_unknown_rollouts_are_404_pages(web: Api) -> None:
     assert page.status_code == 404 and "no rollout 999" in page.text
     assert browser.post("/rollouts/999/pause", data={"csrf_token": csrf}).status_code == 404
     assert browser.get("/rollouts/0").status_code == 422
+
+
+def test_a_verdict_on_a_kept_reading_says_how_old_its_telemetry_is(
+    web: Api, rollout: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Read as a large stage's: a second kept per row (2 devices, 2 spans each: 4 s).
+    monkeypatch.setattr(stagetelemetry, "ROWS_PER_SECOND", 1)
+    now = utcnow()
+    monkeypatch.setattr(web.context, "clock", lambda: now)
+    assert web.get(f"/rollouts/{rollout}").json()["stages"][0]["telemetry_age_s"] == 0
+    monkeypatch.setattr(web.context, "clock", lambda: now + dt.timedelta(seconds=3))
+    assert web.get(f"/rollouts/{rollout}").json()["stages"][0]["telemetry_age_s"] == 3
+    browser, _ = sign_in(web, Role.VIEWER)
+    assert "(on telemetry read 3 s ago)" in browser.get(f"/rollouts/{rollout}").text

@@ -82,6 +82,9 @@ class StageStatus(_Public):
     decision: str | None = None
     reasons: list[str] = []
     checks: list[GateCheckPublic] = []
+    # How old the telemetry the verdict judged is, in seconds: 0 when read for this
+    # status; a large stage's reading is kept a few seconds (docs/rollouts.md, "Decisions").
+    telemetry_age_s: float | None = None
 
 
 class TransitionPublic(_Public):
