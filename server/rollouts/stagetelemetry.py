@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import and_, select
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, and_, select
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from edgefleet.server.db.models import (
     BundleRow,
@@ -104,25 +105,18 @@ def read_stage_telemetry(
         first=lambda start: start > since,
     )
     lookback = latency_lookback(devices, bucket)
-    histograms = session.scalars(
-        select(TelemetryBucket.latency).where(
-            TelemetryBucket.device_id == RolloutDevice.device_id,
-            in_stage,
-            TelemetryBucket.bundle_name == bundle.name,
-            TelemetryBucket.bundle_version == bundle.version,
-            TelemetryBucket.bucket_start > max(since, now - lookback),
-        )
-    ).all()
-    previous_histograms = session.scalars(
-        select(TelemetryBucket.latency).where(
-            TelemetryBucket.device_id == RolloutDevice.device_id,
-            in_stage,
-            TelemetryBucket.bundle_name == bundle.name,
-            TelemetryBucket.bundle_version == RolloutDevice.previous_version,
-            TelemetryBucket.bucket_start < started,
-            TelemetryBucket.bucket_start >= started - lookback,
-        )
-    ).all()
+    start = TelemetryBucket.bucket_start
+    histograms = _latencies(
+        session, in_stage, bundle.name, bundle.version, start > max(since, now - lookback)
+    )
+    previous_histograms = _latencies(
+        session,
+        in_stage,
+        bundle.name,
+        RolloutDevice.previous_version,
+        start < started,
+        start >= started - lookback,
+    )
     previous_labels = span_sums(
         session,
         and_(of_stage, TelemetryLatest.bundle_version == RolloutDevice.previous_version),
@@ -149,6 +143,25 @@ def read_stage_telemetry(
         rows=len(histograms) + len(previous_histograms) + devices * (3 if shadow else 2),
         read_at=now,
     )
+
+
+def _latencies(
+    session: Session,
+    in_stage: ColumnElement[bool],
+    name: str,
+    version: str | InstrumentedAttribute[str | None],
+    *when: ColumnElement[bool],
+) -> Sequence[Any]:
+    """The latency histograms of the stage's buckets of one version, at times `when`."""
+    return session.scalars(
+        select(TelemetryBucket.latency).where(
+            TelemetryBucket.device_id == RolloutDevice.device_id,
+            in_stage,
+            TelemetryBucket.bundle_name == name,
+            TelemetryBucket.bundle_version == version,
+            *when,
+        )
+    ).all()
 
 
 def _labelled(sums: SpanSums) -> Labelled:
