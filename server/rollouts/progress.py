@@ -286,7 +286,7 @@ def stage_counts(
             session,
             rollout,
             bundle,
-            stage_index,
+            in_stage,
             shadow=shadow,
             devices=assigned,
             now=now,

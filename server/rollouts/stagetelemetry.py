@@ -32,7 +32,6 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from edgefleet.server.db.models import (
     BundleRow,
-    DeviceState,
     Rollout,
     RolloutDevice,
     TelemetryBucket,
@@ -70,14 +69,15 @@ def read_stage_telemetry(
     session: Session,
     rollout: Rollout,
     bundle: BundleRow,
-    stage_index: int,
+    in_stage: ColumnElement[bool],
     *,
     shadow: bool,
     devices: int,
     now: dt.datetime,
     bucket: dt.timedelta,
 ) -> StageTelemetry:
-    """The telemetry of stage `stage_index` (of `devices` devices) since it started.
+    """The telemetry of the current stage (its `RolloutDevice` rows: `in_stage`; `devices`
+    of them) since it started.
 
     Counts are of buckets that may hold windows since the stage started
     (`bucket_start > stage_started_at - bucket`) on the stage's own devices:
@@ -86,11 +86,6 @@ def read_stage_telemetry(
     from every version of the bundle's name. The previous version's labels are
     counted over as long before the stage as it has run.
     """
-    in_stage = and_(
-        RolloutDevice.rollout_id == rollout.id,
-        RolloutDevice.stage_index == stage_index,
-        RolloutDevice.state != DeviceState.SKIPPED,
-    )
     started = rollout.stage_started_at or now
     elapsed = max(dt.timedelta(0), now - started)
     since = started - bucket
