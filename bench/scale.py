@@ -21,7 +21,9 @@ Measured:
 - ingest: the fleet runs --ingest-seconds more after the rollout; then the simulators stop
   (each says how many windows it sent) and the windows stored (telemetry_buckets.windows)
   must reach that count; lag = how long after the simulators stopped that took;
-- CPU seconds and peak RSS of every server replica and of mosquitto, over the whole run.
+- CPU seconds and peak RSS of every server replica and of mosquitto, over the whole run;
+  with PostgreSQL on this machine, the CPU seconds of its server's processes too (every
+  database on it counts: run nothing else against it).
 
 Raw baselines, in the same run, once the fleet has stopped:
 - raw broker: as many signed telemetry windows as the fleet sent (the simulator's windows),
@@ -90,34 +92,93 @@ PAGE_S = 2.0  # how often the bench looks at the fleet
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name; fields[0] is the state (stat's third field)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 @dataclass
 class Usage:
     """CPU seconds and peak resident memory of one process, sampled from /proc."""
 
     name: str
     pid: int
-    cpu_start: float = 0.0
+    cpu_start: float | None = None
     cpu_last: float = 0.0
     rss_peak: int = 0
 
     def sample(self) -> None:
         try:
-            stat = Path(f"/proc/{self.pid}/stat").read_text()
+            cpu = self.cpu_now()
             status = Path(f"/proc/{self.pid}/status").read_text()
         except OSError:
             return  # it ended: keep the last sample
-        fields = stat.rsplit(")", 1)[1].split()
-        cpu = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
-        if not self.cpu_start:
+        if self.cpu_start is None:
             self.cpu_start = cpu
         self.cpu_last = cpu
         found = re.search(r"VmRSS:\s+(\d+) kB", status)
         if found:
             self.rss_peak = max(self.rss_peak, int(found.group(1)) * 1024)
 
+    def cpu_now(self) -> float:
+        fields = stat_fields(self.pid)
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+
     @property
     def cpu_s(self) -> float:
-        return self.cpu_last - self.cpu_start
+        return 0.0 if self.cpu_start is None else self.cpu_last - self.cpu_start
+
+
+@dataclass
+class ServerTreeUsage(Usage):
+    """CPU seconds of a database server's process tree: the postmaster, its backends and
+    workers running, and those that ended (the children's time the postmaster has reaped).
+    Every database of that server counts, not only the bench's. No memory figure: the
+    processes share their buffers, so their resident sizes do not add up."""
+
+    def cpu_now(self) -> float:
+        fields = stat_fields(self.pid)
+        # utime, stime, and cutime, cstime: children that ended, reaped by the postmaster
+        cpu = sum(int(fields[i]) for i in (11, 12, 13, 14))
+        for child in children(self.pid):
+            try:
+                child_fields = stat_fields(child)
+            except OSError:
+                continue  # ended since the listing: the next sample has it in cutime
+            cpu += int(child_fields[11]) + int(child_fields[12])
+        return cpu / CLOCK_TICKS
+
+    def sample(self) -> None:
+        super().sample()
+        self.rss_peak = 0
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if int(stat_fields(int(entry.name))[1]) == pid:  # ppid
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def postmaster_pid(url: str) -> int | None:
+    """The PostgreSQL server's postmaster, when it runs on this machine (None otherwise)."""
+    db = Database(url)
+    try:
+        with db.engine.connect() as conn:
+            backend = int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+        parent = int(stat_fields(backend)[1])
+        return parent if "postgres" in Path(f"/proc/{parent}/cmdline").read_text() else None
+    except OSError:
+        return None  # a server elsewhere: its processes are not ours to read
+    finally:
+        db.dispose()
 
 
 @dataclass
@@ -127,8 +188,8 @@ class Monitor:
     usages: list[Usage] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
 
-    def watch(self, name: str, pid: int) -> None:
-        usage = Usage(name, pid)
+    def watch(self, name: str, pid: int, kind: type[Usage] = Usage) -> None:
+        usage = kind(name, pid)
         usage.sample()
         self.usages.append(usage)
 
@@ -320,6 +381,9 @@ def run(args: argparse.Namespace, work: Path, figures: dict[str, Any]) -> list[s
     try:
         with databases(args.db, work) as (db_url, raw_url):
             monitor.watch("mosquitto", broker.process.pid)
+            postmaster = None if args.db == "sqlite" else postmaster_pid(db_url)
+            if postmaster is not None:
+                monitor.watch("PostgreSQL (every database)", postmaster, ServerTreeUsage)
             urls = [f"http://127.0.0.1:{port}" for port in api_ports]
             for index, port in enumerate(api_ports):
                 server = fleet.start(
@@ -491,9 +555,8 @@ def report(args: argparse.Namespace, figures: dict[str, Any], missed: list[str])
          f"{rate / figures['raw_sql_rate']:.2%}"],
     ]  # fmt: skip
     for name, usage in figures["usage"].items():
-        rows.append(
-            [name, f"{usage['cpu_s']:.0f} CPU s, peak RSS {usage['rss_peak_mb']:.0f} MB", "", ""]
-        )
+        memory = f", peak RSS {usage['rss_peak_mb']:.0f} MB" if usage["rss_peak_mb"] else ""
+        rows.append([name, f"{usage['cpu_s']:.0f} CPU s{memory}", "", ""])
     print(
         f"{args.devices} simulated devices, {args.replicas} server replica(s) on "
         f"{'SQLite' if args.db == 'sqlite' else 'PostgreSQL'}, mosquitto; "
