@@ -54,7 +54,7 @@ from edgefleet.server.db.models import (
 from edgefleet.server.errors import ConflictError, EnrollmentError, NotFoundError
 from edgefleet.server.principals import Principal, Role
 from edgefleet.server.rollouts.machine import ACTIVE_STATES
-from edgefleet.server.tokens import consume_enroll_token
+from edgefleet.server.tokens import count_enroll_token_use, find_enroll_token
 from edgefleet.timefmt import utcnow
 
 KEY_CHANGES = ("device.enroll", "device.remove")  # the audit actions that change a device's key
@@ -118,7 +118,7 @@ def enroll_device(
             "(an operator makes one with `edgefleet devices enroll-token`)"
         )
     token = (
-        consume_enroll_token(session, request.enroll_token, request.device_id, now)
+        find_enroll_token(session, request.enroll_token, now)
         if request.enroll_token is not None
         else None
     )
@@ -153,6 +153,9 @@ def enroll_device(
     record_audit(
         session, _actor(device.id), "device.enroll", _audit_target(device.id), details, now
     )
+    if token is not None:
+        # Last, so that devices enrolling with the same token wait for its row the least.
+        count_enroll_token_use(session, token, device.id, now)
     return device, True
 
 

@@ -13,7 +13,10 @@ An enrollment token may be used by `max_uses` devices (1: one device's token;
 more: a claim baked into a golden image). Each use is counted by a guarded
 UPDATE (`... SET uses = uses + 1 WHERE uses < max_uses AND expires_at > now`)
 in the enrolling unit of work, so devices racing with one token never enroll
-more than `max_uses` of them, on SQLite or PostgreSQL.
+more than `max_uses` of them, on SQLite or PostgreSQL. The UPDATE comes after
+the device's row and audit entry (only a device certificate, when one is asked
+for, follows it): on PostgreSQL it holds the token's row until the commit, and
+every device enrolling with the same claim waits for that row.
 """
 
 from __future__ import annotations
@@ -195,15 +198,26 @@ def create_enroll_token(
 def consume_enroll_token(
     session: Session, secret: str, device_id: str, now: dt.datetime | None = None
 ) -> EnrollToken:
-    """Count one use of the token of `secret`, by `device_id`, in the caller's unit of work.
-
-    If that unit of work rolls back (the enrollment failed), the use is not counted.
+    """Count one use of the token of `secret`, by `device_id`, in the caller's unit of work:
+    `find_enroll_token`, then `count_enroll_token_use`.
 
     Raises:
         EnrollmentError: the token is unknown, used up (also by devices enrolling at
             the same moment) or expired.
     """
     now = now or utcnow()
+    token = find_enroll_token(session, secret, now)
+    count_enroll_token_use(session, token, device_id, now)
+    session.refresh(token)
+    return token
+
+
+def find_enroll_token(session: Session, secret: str, now: dt.datetime) -> EnrollToken:
+    """The usable enrollment token of `secret`, read without counting a use or locking it.
+
+    Raises:
+        EnrollmentError: the token is unknown, expired or (as read) used up.
+    """
     token = None
     if secret.startswith(ENROLL_PREFIX):
         token = session.scalar(
@@ -213,6 +227,24 @@ def consume_enroll_token(
         raise EnrollmentError("unknown enrollment token")
     if token.expires_at <= now:
         raise EnrollmentError(f"enrollment token {token.id} expired")
+    if token.uses >= token.max_uses:
+        raise EnrollmentError(_used_up(token))
+    return token
+
+
+def count_enroll_token_use(
+    session: Session, token: EnrollToken, device_id: str, now: dt.datetime
+) -> None:
+    """Count one use of `token`, by `device_id`, in the caller's unit of work: the guarded
+    UPDATE. If that unit of work rolls back (the enrollment failed), the use is not counted.
+
+    On PostgreSQL the UPDATE locks the token's row until the unit of work ends, and every
+    device enrolling with the same token waits for it: make it the unit's last statement.
+
+    Raises:
+        EnrollmentError: the token was used up since it was read (also by devices
+            enrolling at the same moment).
+    """
     claimed = session.execute(
         update(EnrollToken)
         .where(
@@ -225,8 +257,6 @@ def consume_enroll_token(
     )
     if claimed.rowcount != 1:  # type: ignore[attr-defined]
         raise EnrollmentError(_used_up(token))
-    session.refresh(token)
-    return token
 
 
 def _used_up(token: EnrollToken) -> str:
@@ -244,8 +274,10 @@ __all__ = [
     "MAX_TOKEN_USES",
     "authenticate",
     "consume_enroll_token",
+    "count_enroll_token_use",
     "create_api_token",
     "create_enroll_token",
+    "find_enroll_token",
     "hash_secret",
     "list_api_tokens",
     "revoke_api_token",

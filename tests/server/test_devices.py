@@ -42,6 +42,7 @@ from edgefleet.server.mqtt.buckets import store_buckets
 from edgefleet.server.principals import Principal, Role
 from edgefleet.server.tokens import create_enroll_token
 from tests.server.conftest import PostgresServer
+from tests.server.racing import race_to_enroll
 from tests.server.rolloutsim import existing_or_new_bundle
 
 NOW = dt.datetime(2030, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
@@ -197,6 +198,31 @@ def test_a_failed_unit_of_work_leaves_the_token_unused(database: Database) -> No
     with database.session() as session:
         unused = session.scalar(select(EnrollToken))
         assert unused is not None and unused.used_at is None
+
+
+def test_devices_racing_with_a_claim_enroll_its_count_and_leave_no_other_row(
+    database: Database,
+) -> None:
+    # The claim's use is counted last in the unit of work, after the device's row:
+    # a device refused there must leave nothing behind.
+    with database.session() as session:
+        secret, _ = create_enroll_token(
+            session, OPERATOR, {}, dt.timedelta(hours=1), now=NOW, max_uses=3
+        )
+    racers = 8
+
+    def enroll_new(device_id: str) -> None:
+        key = DeviceKey.generate().public_hex
+        enroll(database, request(device_id, enroll_token=secret, public_key=key))
+
+    enrolled, refused = race_to_enroll(enroll_new, [f"cam-{i}" for i in range(racers)])
+    assert len(enrolled) == 3 and len(refused) == racers - 3
+    assert all("used by all the 3 devices it admits" in reason for reason in refused)
+    with database.session() as session:
+        assert sorted(session.scalars(select(Device.id))) == sorted(enrolled)
+        assert session.scalars(select(EnrollToken.uses)).one() == 3
+    audited = [target for action, target in audit_actions(database) if action == "device.enroll"]
+    assert sorted(audited) == sorted(f"device {device_id}" for device_id in enrolled)
 
 
 # --- removal -----------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import re
-import threading
 
 import pytest
 from sqlalchemy import select
@@ -23,6 +22,7 @@ from edgefleet.server.tokens import (
     list_api_tokens,
     revoke_api_token,
 )
+from tests.server.racing import race_to_enroll
 
 NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.timezone.utc)
 ADMIN = Principal("alice", Role.ADMIN)
@@ -183,24 +183,12 @@ def test_a_failed_enrollment_leaves_the_token_unused(database: Database) -> None
 def test_devices_racing_with_one_token_enroll_once(database: Database) -> None:
     secret = make_enroll_token(database)
     racers = 6
-    barrier = threading.Barrier(racers)
-    winners: list[str] = []
-    refusals: list[str] = []
 
     def enroll(device_id: str) -> None:
-        barrier.wait()
-        try:
-            with database.session() as session:
-                consume_enroll_token(session, secret, device_id, now=NOW)
-            winners.append(device_id)
-        except EnrollmentError as exc:
-            refusals.append(str(exc))
+        with database.session() as session:
+            consume_enroll_token(session, secret, device_id, now=NOW)
 
-    threads = [threading.Thread(target=enroll, args=(f"dev-{i}",)) for i in range(racers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    winners, refusals = race_to_enroll(enroll, [f"dev-{i}" for i in range(racers)])
     assert len(winners) == 1
     assert len(refusals) == racers - 1
     assert all("already used" in refusal for refusal in refusals)
@@ -258,24 +246,12 @@ def test_devices_racing_with_a_claim_never_exceed_its_count(database: Database) 
             session, OPERATOR, {}, dt.timedelta(days=1), now=NOW, max_uses=3
         )
     racers = 8
-    barrier = threading.Barrier(racers)
-    winners: list[str] = []
-    refusals: list[str] = []
 
     def enroll(device_id: str) -> None:
-        barrier.wait()
-        try:
-            with database.session() as session:
-                consume_enroll_token(session, secret, device_id, now=NOW)
-            winners.append(device_id)
-        except EnrollmentError as exc:
-            refusals.append(str(exc))
+        with database.session() as session:
+            consume_enroll_token(session, secret, device_id, now=NOW)
 
-    threads = [threading.Thread(target=enroll, args=(f"dev-{i}",)) for i in range(racers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    winners, refusals = race_to_enroll(enroll, [f"dev-{i}" for i in range(racers)])
     assert len(winners) == 3 and len(refusals) == racers - 3
     with database.session() as session:
         assert session.scalars(select(EnrollToken.uses)).one() == 3
