@@ -195,23 +195,6 @@ def create_enroll_token(
     return secret, token
 
 
-def consume_enroll_token(
-    session: Session, secret: str, device_id: str, now: dt.datetime | None = None
-) -> EnrollToken:
-    """Count one use of the token of `secret`, by `device_id`, in the caller's unit of work:
-    `find_enroll_token`, then `count_enroll_token_use`.
-
-    Raises:
-        EnrollmentError: the token is unknown, used up (also by devices enrolling at
-            the same moment) or expired.
-    """
-    now = now or utcnow()
-    token = find_enroll_token(session, secret, now)
-    count_enroll_token_use(session, token, device_id, now)
-    session.refresh(token)
-    return token
-
-
 def find_enroll_token(session: Session, secret: str, now: dt.datetime) -> EnrollToken:
     """The usable enrollment token of `secret`, read without counting a use or locking it.
 
@@ -239,7 +222,7 @@ def count_enroll_token_use(
     UPDATE. If that unit of work rolls back (the enrollment failed), the use is not counted.
 
     On PostgreSQL the UPDATE locks the token's row until the unit of work ends, and every
-    device enrolling with the same token waits for it: make it the unit's last statement.
+    device enrolling with the same token waits for it: count as late in the unit as it can.
 
     Raises:
         EnrollmentError: the token was used up since it was read (also by devices
@@ -273,7 +256,6 @@ __all__ = [
     "ENROLL_PREFIX",
     "MAX_TOKEN_USES",
     "authenticate",
-    "consume_enroll_token",
     "count_enroll_token_use",
     "create_api_token",
     "create_enroll_token",

@@ -8,6 +8,7 @@ import re
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from edgefleet.server.audit import list_audit
 from edgefleet.server.db.database import Database
@@ -16,9 +17,10 @@ from edgefleet.server.errors import AuthError, EnrollmentError, InvalidRequestEr
 from edgefleet.server.principals import Principal, Role
 from edgefleet.server.tokens import (
     authenticate,
-    consume_enroll_token,
+    count_enroll_token_use,
     create_api_token,
     create_enroll_token,
+    find_enroll_token,
     list_api_tokens,
     revoke_api_token,
 )
@@ -27,6 +29,17 @@ from tests.server.racing import race_to_enroll
 NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.timezone.utc)
 ADMIN = Principal("alice", Role.ADMIN)
 OPERATOR = Principal("ops-bot", Role.OPERATOR)
+
+
+def consume_enroll_token(
+    session: Session, secret: str, device_id: str, now: dt.datetime
+) -> EnrollToken:
+    """One use of the token of `secret`, found and counted as an enrollment does; the token
+    read again."""
+    token = find_enroll_token(session, secret, now)
+    count_enroll_token_use(session, token, device_id, now)
+    session.refresh(token)
+    return token
 
 
 # --- API tokens
