@@ -191,7 +191,7 @@ class FleetServer:
         self.link = ServerLink(
             broker_url,
             f"edgefleet-server-{settings.replica_name}",
-            settings.share_group,
+            None if self.broker is not None else settings.share_group,  # docs/server.md
             self._handle_message,
             when_stored=self._when_stored,
             retained=self.trust.retained_messages,

@@ -9,8 +9,9 @@ What `MqttSession` does, for both links alike:
 - a persistent session under a fixed client id: MQTT 5 with clean start off
   and a Session Expiry Interval, or MQTT 3.1.1 with clean session off, so QoS 1
   messages published while the client is away are kept for it;
-- on every connect: the `birth` message (retained, QoS 1), then the
-  subscriptions; `wait_ready` is true once the CONNACK was processed,
+- on every connect: the subscriptions, then the `birth` message (retained,
+  QoS 1), so that whatever the birth prompts (the server sending a directive
+  again) finds them in place; `wait_ready` is true once the CONNACK was processed,
   `wait_subscribed` once every subscription was granted since;
 - the Last Will set before every connect; a clean `stop` publishes `farewell`
   (waiting for its PUBACK, bounded), then sends DISCONNECT, which does not fire
@@ -596,12 +597,12 @@ class MqttSession:
             self._on_problem(f"the broker refused the connection: {reason}")
             return
         self._acks.new_connection()
-        if self._birth is not None:
-            client.publish(self._birth[0], self._birth[1], qos=1, retain=True)
         if self.subscriptions:
             client.subscribe(self.subscriptions)
         else:
             self._subscribed.set()
+        if self._birth is not None:
+            client.publish(self._birth[0], self._birth[1], qos=1, retain=True)
 
     def _on_disconnect(self, client: mqtt.Client, *args: Any) -> None:
         self._ready.clear()

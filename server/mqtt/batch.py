@@ -21,9 +21,11 @@
   that does not, from an older agent, leaves them as they are);
 - a change of `Device.online` adds a `PresenceChange` row with the reason of
   the message that made it (none when the device's state did not change);
-- `write` returns the devices that came back: online after offline, or heard
-  from after `return_gap` (the server's `offline_after`) of silence; the rollout
-  side sends them their unanswered directives again (rollouts/resend.py);
+- `write` returns the devices that came back: online after offline, a new
+  connection (presence online, even when the database had them online: a
+  restarted embedded broker lost them without a Last Will), or heard from after `return_gap` (the
+  server's `offline_after`) of silence; the rollout side sends them their
+  unanswered directives again (rollouts/resend.py);
 - every heartbeat is merged into its device's 1-minute `HeartbeatSample` slot
   (`edgefleet.server.history`), the same way as telemetry buckets;
 - a diagnostics answer is stored on the request it names
@@ -78,6 +80,7 @@ class DeviceUpdate:
     online: bool | None = None
     online_reason: str = ""  # why `online` was set, for the presence change it may make
     online_at: dt.datetime | None = None  # when it was set
+    connected: bool = False  # its presence said online: a new connection
     last_seen: dt.datetime | None = None
     heartbeat: Heartbeat | None = None  # set through `offer_heartbeat`
     heartbeat_sent_at: dt.datetime | None = None  # of `heartbeat`, parsed
@@ -223,8 +226,9 @@ class BatchWriter:
         return returned
 
     def _comes_back(self, device: Device, update: DeviceUpdate) -> bool:
-        """Whether `update` brings `device` back: online after offline, or after silence."""
-        if update.online and not device.online:
+        """Whether `update` brings `device` back: online after offline, a new connection,
+        or after silence."""
+        if update.connected or (update.online and not device.online):
             return True
         return (
             update.last_seen is not None

@@ -307,6 +307,7 @@ class Ingestor:
         with self._lock:
             update = self._update(device_id)
             update.online = presence is Presence.ONLINE
+            update.connected = update.connected or update.online
             update.online_reason = PRESENCE_REASONS[presence]
             update.online_at = now
             if update.online:

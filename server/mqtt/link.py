@@ -16,7 +16,8 @@ this module adds what is the server's. What it guarantees:
   heartbeat, telemetry, block requests and diagnostics answers (replicas in the same group share
   them, each message goes to one replica), and a plain subscription for
   presence (every replica sees every presence change; retained presence is
-  not delivered on shared subscriptions);
+  not delivered on shared subscriptions); without a share group (the embedded
+  broker: one replica by construction) every subscription is plain;
 - received messages go into a queue consumed by a worker thread that calls
   the handlers, so paho's network thread never waits, neither on the database,
   nor on signature checks, nor on room in the queue (`workers=n` runs n workers,
@@ -111,7 +112,7 @@ class ServerLink:
         self,
         url: str,
         client_id: str,
-        share_group: str,
+        share_group: str | None,
         handlers: Mapping[TopicKind, MessageHandler] | MessageHandler,
         *,
         retained: Callable[[], Sequence[tuple[str, bytes, int]]] | None = None,
@@ -128,6 +129,10 @@ class ServerLink:
         rng: random.Random | None = None,
     ) -> None:
         """
+        `share_group` None subscribes to every kind plainly: for the embedded broker,
+        whose router (rumqttd 0.20) stops routing for good when a shared subscriber
+        with a kept session leaves while devices publish.
+
         Raises:
             InvalidRequestError: a bad broker URL or share group, or a handler for a
                 kind that devices do not publish.
@@ -142,7 +147,7 @@ class ServerLink:
             for kind, handler in chosen.items():
                 if kind not in SHARED_KINDS and kind is not TopicKind.PRESENCE:
                     raise InvalidRequestError(f"devices do not publish {kind.value!r}")
-                if kind is TopicKind.PRESENCE:
+                if kind is TopicKind.PRESENCE or share_group is None:
                     filters.append((device_filter(kind), 1))
                 else:
                     filters.append((kind_share_filter(share_group, kind), 1))

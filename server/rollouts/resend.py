@@ -8,8 +8,9 @@ or rollback directive of a device in an active rollout that has not answered
 it (`notified`, or `rolling_back`) is published again, the same signed bytes
 (`DirectiveIssuer.resign`), when:
 
-- ingestion saw the device come back (`Returns.add`: its presence went online
-  after offline, or its first message after `offline_after` of silence);
+- ingestion saw the device come back (`Returns.add`: its presence said online,
+  a new connection, even one the database never saw end; or its first message
+  after `offline_after` of silence);
 - the server's broker link connected again (`connects` grew; the first
   connection counts too: a server that restarted may have lost what it
   published, and with it the embedded broker's queue).

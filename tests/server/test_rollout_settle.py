@@ -322,6 +322,20 @@ def test_a_lost_rollback_directive_is_sent_again_when_the_device_is_back(loop: L
     assert loop.state(rid) == "aborted"
 
 
+def test_a_new_connection_the_server_never_saw_end_gets_the_directive_again(
+    loop: Loop,
+) -> None:
+    # A restarted embedded broker forgets the device's session and publishes no Last
+    # Will: the database still has the device online when it connects again.
+    _, rollback = aborting_with_lost_rollback(loop)
+    sent = len(loop.directives())
+    loop.presence(Presence.ONLINE)
+    loop.tick()
+    assert loop.directives()[sent:] == [rollback]
+    loop.tick()
+    assert len(loop.directives()) == sent + 1  # once per connection
+
+
 def test_a_device_heard_from_after_silence_gets_its_directive_again(loop: Loop) -> None:
     _, rollback = aborting_with_lost_rollback(loop)
     sent = len(loop.directives())
