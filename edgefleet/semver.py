@@ -15,6 +15,11 @@ SEMVER_PATTERN = _SEMVER.pattern
 
 # A derived release counter packs MAJOR.MINOR.PATCH into one integer.
 _PART_LIMIT = 1_000_000
+# The largest release counter (or security floor) anything makes or accepts: a signed
+# 64-bit integer, what the server's database stores (BIGINT, SQLite INTEGER).
+MAX_RELEASE_COUNTER = 2**63 - 1
+# The largest MAJOR whose every MINOR.PATCH packs into a counter at or below the bound.
+MAX_DERIVED_MAJOR = MAX_RELEASE_COUNTER // _PART_LIMIT**2 - 1
 
 
 @functools.total_ordering
@@ -50,8 +55,14 @@ class Version:
     def derived_release_counter(self) -> int:
         """MAJOR.MINOR.PATCH as one non-decreasing integer; pre-releases share their release's.
 
-        Raises: ValueError when MINOR or PATCH is too large to pack.
+        Raises: ValueError when MAJOR, MINOR or PATCH is too large to pack.
         """
         if self.minor >= _PART_LIMIT or self.patch >= _PART_LIMIT:
             raise ValueError("minor or patch above 999999: set the release counter explicitly")
+        if self.major > MAX_DERIVED_MAJOR:
+            raise ValueError(
+                f"major version {self.major} is too large to derive a release counter from: "
+                f"the largest major version allowed is {MAX_DERIVED_MAJOR} (counters are at "
+                f"most {MAX_RELEASE_COUNTER}); set the release counter explicitly"
+            )
         return (self.major * _PART_LIMIT + self.minor) * _PART_LIMIT + self.patch

@@ -61,6 +61,7 @@ from edgefleet.agent.install.states import State
 from edgefleet.agent.layout import PRIVATE_FILE
 from edgefleet.devicetrust import TrustSnapshot
 from edgefleet.fileio import atomic_write_bytes
+from edgefleet.semver import MAX_RELEASE_COUNTER
 from edgefleet.validation import describe_validation_error
 
 STATE_FORMAT = 4
@@ -145,7 +146,9 @@ class StateFile(BaseModel):
     store_count: int = Field(default=0, ge=0)
     report_sequence: int = Field(default=0, ge=0)
     last_directive_sequence: int = Field(default=0, ge=0)
-    security_floors: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
+    security_floors: dict[str, Annotated[int, Field(ge=0, le=MAX_RELEASE_COUNTER)]] = Field(
+        default_factory=dict
+    )
     trust_root: str | None = None  # None only when read from an older format
     fleet_timestamp_sequence: int = Field(default=0, ge=0)
     challenger: str | None = None  # the version running in shadow beside `current`

@@ -27,7 +27,7 @@ from edgefleet.errors import EdgefleetError, UsageError
 from edgefleet.fileio import atomic_writer, file_sha256
 from edgefleet.keys import SigningKey
 from edgefleet.profiles import load_profile
-from edgefleet.semver import Version
+from edgefleet.semver import MAX_RELEASE_COUNTER, Version
 from edgefleet.signing import sign_document
 from edgefleet.timefmt import format_time, utcnow
 
@@ -67,16 +67,29 @@ def parse_security_floor(text: str) -> int:
     A version stands for its derived release counter (ADR 0003), the counter a
     bundle of that version gets unless it sets its own.
 
-    Raises: UsageError when `text` is neither.
+    Raises: UsageError when `text` is neither, or above MAX_RELEASE_COUNTER.
     """
     if text.isdigit():
-        return int(text)
+        return check_release_counter(int(text), "security floor")
     try:
         return Version.parse(text).derived_release_counter()
     except ValueError as exc:
         raise UsageError(
             f"security floor {text!r} is neither a release counter nor a version: {exc}"
         ) from None
+
+
+def check_release_counter(counter: int, what: str = "release counter") -> int:
+    """`counter` itself, when a manifest may carry it (0 to MAX_RELEASE_COUNTER).
+
+    Raises: UsageError naming `what` and the bound.
+    """
+    if not 0 <= counter <= MAX_RELEASE_COUNTER:
+        raise UsageError(
+            f"{what} {counter} is outside 0 to {MAX_RELEASE_COUNTER} (2**63-1), the range the "
+            "server stores and devices accept: give a smaller one"
+        )
+    return counter
 
 
 def _collect_files(src_dir: Path) -> list[tuple[str, Path]]:
@@ -163,6 +176,8 @@ def build_bundle(
             counter = parsed_version.derived_release_counter()
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+    if isinstance(counter, int):  # else the manifest's validation names the bad value
+        check_release_counter(counter)
     if security_floor is not None and security_floor > counter:
         raise UsageError(
             f"security floor {security_floor} is above the release counter {counter} of "

@@ -3,8 +3,8 @@
 Invariants a parsed `Manifest` guarantees: every path is a plain relative path
 that stays inside the bundle and appears once, and no file's path is a
 directory of another's; the manifest's own name is not among them; version and
-minimum agent version are semantic versions; a stated security floor is at or
-below the release counter.
+minimum agent version are semantic versions; the release counter is at most
+2**63-1 (`MAX_RELEASE_COUNTER`); a stated security floor is at or below it.
 
 `security_floor` is optional and written into the signed manifest only when
 set, so agents that predate it keep accepting bundles that do not state one.
@@ -31,7 +31,7 @@ from edgefleet.errors import (
     PathConflictError,
     UnsafePathError,
 )
-from edgefleet.semver import SEMVER_PATTERN
+from edgefleet.semver import MAX_RELEASE_COUNTER, SEMVER_PATTERN
 from edgefleet.signing import Envelope, parse_envelope
 from edgefleet.timefmt import parse_time
 from edgefleet.validation import Timestamp, describe_validation_error
@@ -84,7 +84,8 @@ class Manifest(BaseModel):
     spec_version: Literal[1] = 1
     name: str = Field(pattern=NAME_PATTERN)
     version: str = Field(pattern=SEMVER_PATTERN)
-    release_counter: int = Field(ge=0)
+    # At most a signed 64-bit integer: what the server stores and every agent compares.
+    release_counter: int = Field(ge=0, le=MAX_RELEASE_COUNTER)
     created: Timestamp
     profiles: list[str] = Field(min_length=1)
     min_agent_version: str = Field(pattern=SEMVER_PATTERN)
@@ -92,7 +93,7 @@ class Manifest(BaseModel):
     lineage: dict[str, Any] = Field(default_factory=dict)
     # The lowest release counter of this model name a device accepts once this
     # release has committed there (the release key's decision; None: unchanged).
-    security_floor: int | None = Field(default=None, ge=0)
+    security_floor: int | None = Field(default=None, ge=0, le=MAX_RELEASE_COUNTER)
 
     @field_validator("profiles")
     @classmethod

@@ -25,6 +25,7 @@ from edgefleet.cli.options import (
     passphrase_env_option,
 )
 from edgefleet.profiles import load_profile
+from edgefleet.semver import MAX_RELEASE_COUNTER
 from edgefleet.signing import Envelope
 from edgefleet.trust import load_trust_chain
 
@@ -56,8 +57,8 @@ def bundle() -> None:
 )
 @click.option(
     "--release-counter",
-    type=click.IntRange(min=0),
-    help="Monotonic release counter [default: derived from the version].",
+    type=click.IntRange(min=0, max=MAX_RELEASE_COUNTER),
+    help="Monotonic release counter, 0 to 2**63-1 [default: derived from the version].",
 )
 @click.option("--min-agent-version", help="Oldest agent that may install the bundle.")
 @click.option(
@@ -129,7 +130,7 @@ def build_command(
 )
 @click.option(
     "--floor",
-    type=click.IntRange(min=0),
+    type=click.IntRange(min=0, max=MAX_RELEASE_COUNTER),
     help="The device's security floor for the bundle's model name: refuse release counters "
     "below it.",
 )

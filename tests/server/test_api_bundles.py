@@ -17,6 +17,7 @@ from edgefleet.server.db.database import Database
 from edgefleet.server.principals import Role
 from edgefleet.trust import TrustRoot
 from tests.conftest import PROFILE, KeySet, write_model_dir
+from tests.core.forge import forge
 from tests.server.apiclient import API, Api, make_api, serve
 
 
@@ -171,3 +172,19 @@ def test_the_agents_http_fetcher_resumes_from_the_blob_route(
     assert fetcher.last_stats is not None
     assert fetcher.last_stats.resumed_from == 5000 and fetcher.last_stats.restarts == 0
     assert fetcher.last_stats.bytes_received == len(data) - 5000
+
+
+def test_a_release_counter_the_database_cannot_store_is_refused_not_a_500(
+    api: Api, tmp_path: Path, keyset: KeySet
+) -> None:
+    # Built elsewhere (not by `bundle build`, which refuses it): signed, but over 2**63-1.
+    bundle = forge(
+        tmp_path / "huge.efb", {"model.onnx": b"onnx" * 100}, [keyset.release],
+        release_counter=20261208000000000000,
+    )  # fmt: skip
+    response = api.push(bundle)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == "malformed-document"
+    assert "release_counter" in response.json()["detail"]
+    assert api.get("/bundles").json() == []
+    assert uploads_left(api) == []
