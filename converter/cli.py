@@ -10,8 +10,16 @@ from typing import Any
 
 import click
 
-from edgefleet.bundle import build_bundle, parse_security_floor
-from edgefleet.cli.options import echo_json, json_option, load_signing_keys, passphrase_env_option
+from edgefleet.bundle import build_bundle, check_bundle_options, parse_security_floor
+from edgefleet.bundle.manifest import NAME_RULE
+from edgefleet.cli.options import (
+    bundle_name_option,
+    echo_json,
+    json_option,
+    load_signing_keys,
+    passphrase_env_option,
+    semver_option,
+)
 from edgefleet.converter.context import ConversionResult, ConvertOptions, MeasureOn
 from edgefleet.converter.evaluate import Budget
 from edgefleet.converter.pipeline import convert
@@ -142,8 +150,17 @@ def _prepare_tools(context: click.Context, _: click.Parameter, value: bool) -> N
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
     help="Release key: build and sign a bundle in one go.",
 )
-@click.option("--name", help="Bundle name (with --sign).")
-@click.option("--version", "version", help="Bundle version (with --sign).")
+@click.option(
+    "--name",
+    callback=bundle_name_option,
+    help=f"Bundle name (with --sign): {NAME_RULE}.",
+)
+@click.option(
+    "--version",
+    "version",
+    callback=semver_option,
+    help="Bundle version (with --sign): a semantic version, e.g. 1.4.0.",
+)
 @click.option(
     "--security-floor",
     metavar="COUNTER|VERSION",
@@ -234,6 +251,9 @@ def convert_command(
     if release_key is not None and not (name and version):
         raise UsageError("--sign needs --name and --version for the bundle")
     floor = None if security_floor is None else parse_security_floor(security_floor)
+    if name is not None and version is not None:
+        # Everything the manifest will state, checked before the conversion's work.
+        check_bundle_options(name, version, security_floor=floor)
     measure = _measure_on(
         measure_on,
         server_url,

@@ -7,7 +7,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from edgefleet.bundle.manifest import MANIFEST_NAME, FileEntry, Manifest
+from edgefleet.bundle.manifest import (
+    MANIFEST_NAME,
+    FileEntry,
+    Manifest,
+    check_bundle_name,
+    check_version_text,
+)
 from edgefleet.bundle.verify import (
     BundleLimits,
     BundlePolicy,
@@ -23,10 +29,17 @@ if TYPE_CHECKING:
         METADATA_NAME,
         BundleMetadata,
         build_bundle,
+        check_bundle_options,
         parse_security_floor,
     )
 
-_BUILD = {"METADATA_NAME", "BundleMetadata", "build_bundle", "parse_security_floor"}
+_BUILD = {
+    "METADATA_NAME",
+    "BundleMetadata",
+    "build_bundle",
+    "check_bundle_options",
+    "parse_security_floor",
+}
 
 __all__ = [
     "MANIFEST_NAME",
@@ -38,6 +51,9 @@ __all__ = [
     "Manifest",
     "VerifiedBundle",
     "build_bundle",
+    "check_bundle_name",
+    "check_bundle_options",
+    "check_version_text",
     "extract_bundle",
     "parse_security_floor",
     "read_manifest",

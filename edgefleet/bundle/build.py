@@ -21,10 +21,18 @@ from typing import Any, BinaryIO
 from pydantic import ValidationError
 
 from edgefleet import __version__
-from edgefleet.bundle.manifest import MANIFEST_NAME, FileEntry, Manifest, check_manifest_paths
+from edgefleet.bundle.manifest import (
+    MANIFEST_NAME,
+    FileEntry,
+    Manifest,
+    check_bundle_name,
+    check_manifest_paths,
+    check_version_text,
+)
 from edgefleet.canonical import parse_json
 from edgefleet.errors import EdgefleetError, UsageError
 from edgefleet.fileio import atomic_writer, file_sha256
+from edgefleet.validation import describe_validation_error
 from edgefleet.keys import SigningKey
 from edgefleet.profiles import load_profile
 from edgefleet.semver import MAX_RELEASE_COUNTER, Version
@@ -89,6 +97,43 @@ def check_release_counter(counter: int, what: str = "release counter") -> int:
             f"{what} {counter} is outside 0 to {MAX_RELEASE_COUNTER} (2**63-1), the range the "
             "server stores and devices accept: give a smaller one"
         )
+    return counter
+
+
+def check_bundle_options(
+    name: str,
+    version: str,
+    *,
+    release_counter: int | None = None,
+    min_agent_version: str | None = None,
+    security_floor: int | None = None,
+) -> int:
+    """Check what the manifest will state, before any work; returns its release counter.
+
+    `release_counter` None: the one derived from `version` (ADR 0003).
+
+    Raises: UsageError naming the first bad value and the rule it breaks.
+    """
+    check_bundle_name(name)
+    parsed = check_version_text(version)
+    if min_agent_version is not None:
+        check_version_text(min_agent_version, "minimum agent version")
+    if release_counter is None:
+        try:
+            counter = parsed.derived_release_counter()
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    elif isinstance(release_counter, bool) or not isinstance(release_counter, int):
+        raise UsageError(f"release counter {release_counter!r} is not an integer")
+    else:
+        counter = check_release_counter(release_counter)
+    if security_floor is not None:
+        check_release_counter(security_floor, "security floor")
+        if security_floor > counter:
+            raise UsageError(
+                f"security floor {security_floor} is above the release counter {counter} of "
+                f"{version}: a release cannot refuse itself; give a floor at or below it"
+            )
     return counter
 
 
@@ -167,22 +212,14 @@ def build_bundle(
         raise UsageError("a bundle needs at least one release key to sign it")
     metadata_path = src_dir / METADATA_NAME
     metadata = BundleMetadata.load(metadata_path) if metadata_path.exists() else BundleMetadata()
-    try:
-        parsed_version = Version.parse(version)
-        counter = release_counter
-        if counter is None:
-            counter = metadata.release_counter
-        if counter is None:
-            counter = parsed_version.derived_release_counter()
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
-    if isinstance(counter, int):  # else the manifest's validation names the bad value
-        check_release_counter(counter)
-    if security_floor is not None and security_floor > counter:
-        raise UsageError(
-            f"security floor {security_floor} is above the release counter {counter} of "
-            f"{version}: a release cannot refuse itself; give a floor at or below it"
-        )
+    min_agent_version = min_agent_version or metadata.min_agent_version or __version__
+    counter = check_bundle_options(
+        name,
+        version,
+        release_counter=release_counter if release_counter is not None else metadata.release_counter,
+        min_agent_version=min_agent_version,
+        security_floor=security_floor,
+    )
     chosen_profiles = list(
         dict.fromkeys(load_profile(profile).name for profile in [*profiles] or metadata.profiles)
     )
@@ -204,13 +241,15 @@ def build_bundle(
             release_counter=counter,
             created=format_time(moment),
             profiles=chosen_profiles,
-            min_agent_version=min_agent_version or metadata.min_agent_version or __version__,
+            min_agent_version=min_agent_version,
             files=entries,
             lineage={**metadata.lineage, **(lineage or {})},
             security_floor=security_floor,
         )
         check_manifest_paths(manifest)
-    except (ValidationError, EdgefleetError) as exc:
+    except ValidationError as exc:
+        raise UsageError(f"cannot build bundle: {describe_validation_error(exc)}") from exc
+    except EdgefleetError as exc:
         raise UsageError(f"cannot build bundle: {exc}") from exc
     envelope = sign_document(manifest.to_signed(), keys)
     manifest_bytes = envelope.to_bytes()

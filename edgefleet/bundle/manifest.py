@@ -30,8 +30,9 @@ from edgefleet.errors import (
     MalformedDocumentError,
     PathConflictError,
     UnsafePathError,
+    UsageError,
 )
-from edgefleet.semver import MAX_RELEASE_COUNTER, SEMVER_PATTERN
+from edgefleet.semver import MAX_RELEASE_COUNTER, SEMVER_PATTERN, Version
 from edgefleet.signing import Envelope, parse_envelope
 from edgefleet.timefmt import parse_time
 from edgefleet.validation import Timestamp, describe_validation_error
@@ -41,6 +42,32 @@ MANIFEST_NAME = "manifest.json"
 MAX_PATH_LENGTH = 255
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 PROFILE_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+NAME_RULE = (
+    "1 to 64 of lowercase letters, digits, '.', '_' and '-', starting with a letter or digit "
+    f"({NAME_PATTERN})"
+)
+VERSION_RULE = "MAJOR.MINOR.PATCH[-PRERELEASE][+BUILD], e.g. 1.4.0 or 2.0.0-rc.1"
+
+
+def check_bundle_name(name: str, what: str = "name") -> str:
+    """`name` itself when a manifest may carry it as the model name.
+
+    Raises: UsageError naming `what`, the value and the rule.
+    """
+    if not re.match(NAME_PATTERN, name):
+        raise UsageError(f"{what} {name!r} is not a bundle name: use {NAME_RULE}")
+    return name
+
+
+def check_version_text(text: str, what: str = "version") -> Version:
+    """`text` parsed, when it is a semantic version.
+
+    Raises: UsageError naming `what`, the value and the form.
+    """
+    try:
+        return Version.parse(text)
+    except ValueError:
+        raise UsageError(f"{what} {text!r} is not a semantic version: {VERSION_RULE}") from None
 
 
 def check_bundle_path(path: str) -> None:

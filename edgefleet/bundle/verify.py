@@ -30,6 +30,7 @@ from edgefleet.bundle.manifest import (
     FileEntry,
     Manifest,
     check_bundle_path,
+    check_version_text,
     parse_manifest_envelope,
 )
 from edgefleet.bundle.tarstream import Member, TarStream
@@ -72,6 +73,11 @@ class BundlePolicy:
     profile: str | None = None
     security_floors: Mapping[str, int] = field(default_factory=dict)
     agent_version: str | None = None
+
+    def __post_init__(self) -> None:
+        """Raises: UsageError when `agent_version` is not a semantic version."""
+        if self.agent_version is not None:
+            check_version_text(self.agent_version, "agent version")
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,16 @@ from edgefleet.bundle import (
     verify_bundle,
 )
 from edgefleet.cli.options import (
+    BUNDLE_NAME_HELP,
     ProgressBar,
+    bundle_name_option,
     echo_json,
     echo_table,
     human_bytes,
     json_option,
     load_signing_keys,
     passphrase_env_option,
+    semver_option,
 )
 from edgefleet.profiles import load_profile
 from edgefleet.semver import MAX_RELEASE_COUNTER
@@ -39,8 +42,14 @@ def bundle() -> None:
 
 @bundle.command("build")
 @click.argument("src_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
-@click.option("--name", required=True, help="Model name: lowercase letters, digits, . _ -")
-@click.option("--version", "version", required=True, help="Semantic version, e.g. 1.4.0.")
+@click.option("--name", required=True, callback=bundle_name_option, help=BUNDLE_NAME_HELP)
+@click.option(
+    "--version",
+    "version",
+    required=True,
+    callback=semver_option,
+    help="Semantic version, e.g. 1.4.0.",
+)
 @click.option(
     "--key",
     "key_paths",
@@ -60,7 +69,11 @@ def bundle() -> None:
     type=click.IntRange(min=0, max=MAX_RELEASE_COUNTER),
     help="Monotonic release counter, 0 to 2**63-1 [default: derived from the version].",
 )
-@click.option("--min-agent-version", help="Oldest agent that may install the bundle.")
+@click.option(
+    "--min-agent-version",
+    callback=semver_option,
+    help="Oldest agent that may install the bundle (a semantic version).",
+)
 @click.option(
     "--security-floor",
     metavar="COUNTER|VERSION",
@@ -134,7 +147,11 @@ def build_command(
     help="The device's security floor for the bundle's model name: refuse release counters "
     "below it.",
 )
-@click.option("--agent-version", help="Refuse the bundle if it needs a newer agent than this.")
+@click.option(
+    "--agent-version",
+    callback=semver_option,
+    help="Refuse the bundle if it needs a newer agent than this (a semantic version).",
+)
 @click.option(
     "--max-size",
     type=click.IntRange(min=1),

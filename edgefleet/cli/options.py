@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from edgefleet.bundle.manifest import NAME_RULE, check_bundle_name, check_version_text
 from edgefleet.errors import UsageError
 from edgefleet.keys import SigningKey, load_private_key
 from edgefleet.tables import format_columns
@@ -37,6 +38,33 @@ def parse_duration(text: str, what: str = "duration") -> int:
     if match is None or int(match.group(1)) == 0:
         raise UsageError(f"{what} {text!r}: expected a positive number with s, m, h or d")
     return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def semver_option(
+    _context: click.Context, _parameter: click.Parameter, value: str | None
+) -> str | None:
+    """A click callback: a semantic version, or a usage error before any work."""
+    if value is not None:
+        try:
+            check_version_text(value, "")
+        except UsageError as exc:
+            raise click.BadParameter(str(exc).strip()) from None
+    return value
+
+
+def bundle_name_option(
+    _context: click.Context, _parameter: click.Parameter, value: str | None
+) -> str | None:
+    """A click callback: a bundle's model name, or a usage error before any work."""
+    if value is not None:
+        try:
+            check_bundle_name(value, "")
+        except UsageError as exc:
+            raise click.BadParameter(str(exc).strip()) from None
+    return value
+
+
+BUNDLE_NAME_HELP = f"Model name: {NAME_RULE}."
 
 
 def passphrase_from_env(variable: str | None) -> bytes | None:

@@ -179,3 +179,38 @@ def test_targets_list_and_show(capsys: pytest.CaptureFixture[str]) -> None:
     assert status == 0 and "reduce range" in out
     status, _, err = run(capsys, "targets", "show", "nope")
     assert status == 2 and "unknown target" in err
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "says"),
+    [
+        ("--name", "Digits", "'Digits' is not a bundle name: use 1 to 64 of lowercase letters"),
+        ("--name", "chiffres-é", "is not a bundle name"),
+        ("--version", "1.0", "'1.0' is not a semantic version: MAJOR.MINOR.PATCH"),
+        ("--version", "20261208.0.0", "the largest major version allowed is 9223371"),
+        ("--security-floor", "2.0.0", "security floor 2000000000000 is above the release"),
+    ],
+)
+def test_bundle_fields_are_checked_before_the_conversion_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, value: str, says: str
+) -> None:
+    assert run(capsys, "keys", "init", tmp_path / "keys")[0] == 0
+    # Not a model: had the conversion started, it would have refused the model first.
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"not a model")
+    calibration = tmp_path / "cal.npy"
+    calibration.write_bytes(b"")
+    fields = {"--name": "digits", "--version": "1.0.0", option: value}
+    status, _, err = run(
+        capsys, "convert", model, "--target", "x86_64-vnni", "--calibration", calibration,
+        "--sign", tmp_path / "keys" / "release.key", *(a for kv in fields.items() for a in kv),
+        "-o", tmp_path / "x.efb",
+    )  # fmt: skip
+    assert status == 2, err
+    assert err.startswith("error [usage]: ") and says in err and err.count("\n") == 1
+    assert not (tmp_path / "x.efb").exists()
+
+
+def test_convert_help_gives_the_name_pattern(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run(capsys, "convert", "--help")
+    assert status == 0 and "^[a-z0-9][a-z0-9._-]{0,63}$" in " ".join(out.split())
