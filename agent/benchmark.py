@@ -70,7 +70,7 @@ from edgefleet.benchwire import (
 )
 from edgefleet.bundle import BundleLimits, BundlePolicy, extract_bundle
 from edgefleet.bundlefiles import SERVED_ONNX, SERVED_TFLITE
-from edgefleet.errors import EdgefleetError, MalformedDocumentError
+from edgefleet.errors import EdgefleetError, MalformedDocumentError, RuntimeNotOnProfileError
 from edgefleet.mqtt.devicesig import DeviceKey
 from edgefleet.mqtt.directives import Directive, HttpSource
 from edgefleet.samplewire import sign_request
@@ -98,7 +98,7 @@ def _missing_runtime(candidate: CandidateSpec, profile: str, host: Host) -> Cand
     served_as = SERVED_TFLITE if candidate.model.endswith(".tflite") else SERVED_ONNX
     try:
         check_runtime(served_as, profile, host)
-    except CompatibilityError as exc:
+    except (CompatibilityError, RuntimeNotOnProfileError) as exc:
         return CandidateResult(
             name=candidate.name, outcome="runtime-missing", detail=str(exc)[:500]
         )

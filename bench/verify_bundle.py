@@ -79,7 +79,8 @@ print(json.dumps({{"seconds": seconds, "bytes": verified.size, "rss_kib": {PEAK_
 
 
 def write_source(src: Path, total_bytes: int) -> None:
-    """A model directory: small text files plus one random `model.bin` filling up the total."""
+    """A model directory: small text files plus one random `model.onnx` filling up the total
+    (never loaded; a bundle must hold a model to serve)."""
     small = {
         "config.json": json.dumps({"arch": "bench", "layers": 24, "dtype": "int8"}).encode(),
         "labels.txt": "\n".join(f"class_{i}" for i in range(1000)).encode(),
@@ -89,7 +90,7 @@ def write_source(src: Path, total_bytes: int) -> None:
         (src / name).parent.mkdir(parents=True, exist_ok=True)
         (src / name).write_bytes(data)
     remaining = total_bytes - sum(len(data) for data in small.values())
-    with open(src / "model.bin", "wb") as out:  # chunked: the benchmark stays in constant memory
+    with open(src / "model.onnx", "wb") as out:  # chunked: the benchmark stays in constant memory
         while remaining > 0:
             chunk = min(WRITE_CHUNK, remaining)
             out.write(os.urandom(chunk))

@@ -126,6 +126,7 @@ def build_request(
         profiles=[context.profile.name],
         min_agent_version=__version__,
         lineage={"benchmark_of": context.model.name},
+        serves_model=False,  # candidates to measure, not a model to install
     )
     return out
 

@@ -23,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field
 SERVED_ONNX = "model.onnx"
 SERVED_TFLITE = "model.tflite"
 SERVED_MODELS = (SERVED_ONNX, SERVED_TFLITE)
+# The runtime each served file needs, as hardware profiles name it (`runtimes`).
+SERVED_RUNTIMES = {SERVED_ONNX: "onnxruntime", SERVED_TFLITE: "tflite"}
 FALLBACK_ONNX = "model.float.onnx"
 SCHEMA_FILE = "schema.json"
 SMOKE_FILE = "smoke.npz"

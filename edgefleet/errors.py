@@ -28,6 +28,8 @@
     │   │   ├── LinkInBundleError        symlink, hard link, device or any non-regular member
     │   │   ├── ProfileMismatchError     the bundle does not support the device's hardware profile
     │   │   ├── AgentTooOldError         the bundle needs a newer agent
+    │   │   ├── NothingToServeError      no model to serve: neither model.onnx nor model.tflite
+    │   │   ├── RuntimeNotOnProfileError its model needs a runtime a profile it lists does not run
     │   │   └── BelowSecurityFloorError  release counter below the device's floor
     │   ├── DirectiveError
     │   │   ├── WrongDeviceError
@@ -163,6 +165,14 @@ class ProfileMismatchError(BundleError):
 
 class AgentTooOldError(BundleError):
     """The bundle needs a newer agent than the one checking it."""
+
+
+class NothingToServeError(BundleError):
+    """The bundle holds none of the models an agent serves (model.onnx, model.tflite)."""
+
+
+class RuntimeNotOnProfileError(BundleError):
+    """The bundle's model needs a runtime that a hardware profile it is for does not run."""
 
 
 class BelowSecurityFloorError(BundleError):

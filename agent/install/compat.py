@@ -1,30 +1,29 @@
 """Can this device run the bundle? Runtime, free disk and memory (the CHECKING state).
 
-Profile and minimum agent version are not checked here: the core's bundle verifier
-checks them with the signatures (ProfileMismatchError, AgentTooOldError) in
-VERIFYING. What is left is what only the device can tell, each a pure function
-of the manifest's figures and the `Host` answers, so tests can fill a disk or
-remove a runtime without touching the machine.
+Profile, minimum agent version, a model to serve and a runtime the profile runs
+are not checked here: the core's bundle verifier checks them with the
+signatures (ProfileMismatchError, AgentTooOldError, NothingToServeError,
+RuntimeNotOnProfileError) in VERIFYING, as `bundle build` and `bundle verify`
+do. What is left is what only the device can tell, each a pure function of the
+manifest's figures and the `Host` answers, so tests can fill a disk or remove
+a runtime without touching the machine.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgefleet.agent.errors import CompatibilityError
 from edgefleet.agent.install.interfaces import Host
-from edgefleet.bundle import Manifest
-from edgefleet.bundlefiles import SERVED_MODELS, SERVED_ONNX, SERVED_TFLITE
-from edgefleet.errors import LocalError
+from edgefleet.bundle import Manifest, check_profile_runs, served_model
+from edgefleet.bundlefiles import SERVED_ONNX, SERVED_RUNTIMES, SERVED_TFLITE
 from edgefleet.extras import install_hint
-from edgefleet.profiles import load_profile
 
 # The runtime a served file needs: the profile's name for it and the modules that provide it.
 RUNTIMES: dict[str, tuple[str, tuple[str, ...]]] = {
-    SERVED_ONNX: ("onnxruntime", ("onnxruntime",)),
-    SERVED_TFLITE: ("tflite", ("ai_edge_litert", "tflite_runtime")),
+    SERVED_ONNX: (SERVED_RUNTIMES[SERVED_ONNX], ("onnxruntime",)),
+    SERVED_TFLITE: (SERVED_RUNTIMES[SERVED_TFLITE], ("ai_edge_litert", "tflite_runtime")),
 }
 # A loaded model takes about its file size in weights plus as much again in
 # arenas and runtime buffers; the check asks for that much available memory.
@@ -42,32 +41,23 @@ class BundleNeeds:
 
     @classmethod
     def of(cls, manifest: Manifest) -> BundleNeeds:
-        """Raises: CompatibilityError when the bundle serves no model this agent knows."""
-        listed = manifest.files_by_path()
-        served = next((name for name in SERVED_MODELS if name in listed), None)
-        if served is None:
-            raise CompatibilityError(
-                f"bundle {manifest.name}@{manifest.version} holds none of "
-                f"{', '.join(SERVED_MODELS)}: nothing to serve"
-            )
-        return cls(served, listed[served].length, manifest.total_length)
+        """Raises: NothingToServeError when the bundle serves no model this agent knows."""
+        served = served_model(manifest)
+        return cls(served, manifest.files_by_path()[served].length, manifest.total_length)
 
 
 def check_runtime(served_model: str, profile_name: str, host: Host) -> str:
     """The runtime module that will serve `served_model`.
 
-    Raises: CompatibilityError when the profile does not list its runtime or none is installed.
+    The profile's check is the core's (`check_profile_runs`), the one `bundle build` and
+    `bundle verify` run, and the verifier already ran it in VERIFYING.
+
+    Raises:
+        RuntimeNotOnProfileError: the profile does not list its runtime (a refusal).
+        CompatibilityError: none of the runtime's modules is installed.
     """
     runtime, modules = RUNTIMES[served_model]
-    try:
-        profile_runtimes: Sequence[str] | None = load_profile(profile_name).runtimes
-    except LocalError:
-        profile_runtimes = None  # a profile this agent does not ship: trust the bundle's claim
-    if profile_runtimes is not None and runtime not in profile_runtimes:
-        raise CompatibilityError(
-            f"{served_model} needs {runtime}, which profile {profile_name} does not run "
-            f"(it runs {', '.join(profile_runtimes)})"
-        )
+    check_profile_runs(served_model, profile_name)
     for module in modules:
         if host.has_module(module):
             return module

@@ -39,9 +39,15 @@ from edgefleet.agent.install.record import InstallRecord
 from edgefleet.agent.install.smoke import run_smoke_test
 from edgefleet.agent.install.states import Event, State
 from edgefleet.agent.versions import version_id
-from edgefleet.bundle import BundleLimits, BundlePolicy, verify_manifest
+from edgefleet.bundle import BundleLimits, BundlePolicy, check_served_model, verify_manifest
 from edgefleet.bundlefiles import SERVED_MODELS
-from edgefleet.errors import BundleTooLargeError, FileLengthError, LocalError, TamperedFileError
+from edgefleet.errors import (
+    BundleTooLargeError,
+    FileLengthError,
+    LocalError,
+    NothingToServeError,
+    TamperedFileError,
+)
 from edgefleet.fileio import file_sha256
 from edgefleet.mqtt import Directive
 from edgefleet.profiles import load_profile
@@ -129,8 +135,9 @@ def verify(context: InstallContext, record: InstallRecord) -> Step:
         bundle_limits(context),
         context.clock.now(),
     )
+    # Refused here, with the signatures, as `bundle build` and `bundle verify` refuse it.
+    served = check_served_model(manifest, [context.config.profile])
     listed = manifest.files_by_path()
-    served = next((name for name in SERVED_MODELS if name in listed), None)
     update = {
         "to_version": version_id(manifest.name, manifest.version, sha256),
         "bundle_name": manifest.name,
@@ -139,7 +146,7 @@ def verify(context: InstallContext, record: InstallRecord) -> Step:
         "security_floor": manifest.security_floor,
         "files_bytes": manifest.total_length,
         "served_model": served,
-        "served_bytes": listed[served].length if served else None,
+        "served_bytes": listed[served].length,
         "reason": None,
     }
     return Event.DONE, record.model_copy(update=update)
@@ -147,7 +154,8 @@ def verify(context: InstallContext, record: InstallRecord) -> Step:
 
 def check(context: InstallContext, record: InstallRecord) -> Step:
     if record.served_model is None or record.to_version is None:
-        raise CompatibilityError(f"the bundle holds none of {', '.join(SERVED_MODELS)}")
+        # A record persisted by an agent that verified less.
+        raise NothingToServeError(f"the bundle holds none of {', '.join(SERVED_MODELS)}")
     needs = BundleNeeds(record.served_model, record.served_bytes or 0, record.files_bytes or 0)
     check_compatibility(
         needs,

@@ -29,15 +29,22 @@ from edgefleet.bundle.manifest import (
     check_manifest_paths,
     check_version_text,
 )
+from edgefleet.bundle.verify import check_served_model
+from edgefleet.bundlefiles import SERVED_MODELS
 from edgefleet.canonical import parse_json
-from edgefleet.errors import EdgefleetError, UsageError
+from edgefleet.errors import (
+    EdgefleetError,
+    NothingToServeError,
+    RuntimeNotOnProfileError,
+    UsageError,
+)
 from edgefleet.fileio import atomic_writer, file_sha256
-from edgefleet.validation import describe_validation_error
 from edgefleet.keys import SigningKey
 from edgefleet.profiles import load_profile
 from edgefleet.semver import MAX_RELEASE_COUNTER, Version
 from edgefleet.signing import sign_document
 from edgefleet.timefmt import format_time, utcnow
+from edgefleet.validation import describe_validation_error
 
 METADATA_NAME = "edgefleet-bundle.json"
 
@@ -137,6 +144,25 @@ def check_bundle_options(
     return counter
 
 
+def _check_installable(manifest: Manifest, src_dir: Path) -> None:
+    """What every agent of the bundle's profiles checks before installing (`check_served_model`).
+
+    Raises: UsageError saying what to change.
+    """
+    try:
+        check_served_model(manifest, manifest.profiles)
+    except NothingToServeError:
+        raise UsageError(
+            f"{src_dir} holds none of {', '.join(SERVED_MODELS)}, so devices would refuse the "
+            "bundle: build from a directory `edgefleet convert` wrote"
+        ) from None
+    except RuntimeNotOnProfileError as exc:
+        raise UsageError(
+            f"{exc}: build for a profile that runs it, or convert the model for that target "
+            "(`edgefleet convert --target PROFILE`)"
+        ) from None
+
+
 def _collect_files(src_dir: Path) -> list[tuple[str, Path]]:
     files = []
     for root, dirs, names in os.walk(src_dir, followlinks=False):
@@ -192,8 +218,13 @@ def build_bundle(
     lineage: dict[str, Any] | None = None,
     created: dt.datetime | None = None,
     security_floor: int | None = None,
+    serves_model: bool = True,
 ) -> Manifest:
     """Pack `src_dir` into a bundle at `output`, its manifest signed by `keys`.
+
+    A bundle serves a model: it must hold model.onnx or model.tflite, whose runtime
+    every profile it is for runs (what an agent checks before installing).
+    `serves_model=False` is for a benchmark request, which holds candidates instead.
 
     Values given here override those in `src_dir/edgefleet-bundle.json`.
     `security_floor`, when given, is stated in the manifest: once this release
@@ -203,7 +234,8 @@ def build_bundle(
     Raises:
         UnknownProfileError: a profile no agent has (`edgefleet targets list`).
         UsageError: bad arguments or metadata, links or special files in `src_dir`,
-            a path a bundle cannot hold, or a file that changed while it was packed.
+            a path a bundle cannot hold, no model to serve or one a profile does not
+            run, or a file that changed while it was packed.
     """
     src_dir = Path(src_dir)
     if not src_dir.is_dir():
@@ -213,10 +245,12 @@ def build_bundle(
     metadata_path = src_dir / METADATA_NAME
     metadata = BundleMetadata.load(metadata_path) if metadata_path.exists() else BundleMetadata()
     min_agent_version = min_agent_version or metadata.min_agent_version or __version__
+    if release_counter is None:
+        release_counter = metadata.release_counter
     counter = check_bundle_options(
         name,
         version,
-        release_counter=release_counter if release_counter is not None else metadata.release_counter,
+        release_counter=release_counter,
         min_agent_version=min_agent_version,
         security_floor=security_floor,
     )
@@ -251,6 +285,8 @@ def build_bundle(
         raise UsageError(f"cannot build bundle: {describe_validation_error(exc)}") from exc
     except EdgefleetError as exc:
         raise UsageError(f"cannot build bundle: {exc}") from exc
+    if serves_model:
+        _check_installable(manifest, src_dir)
     envelope = sign_document(manifest.to_signed(), keys)
     manifest_bytes = envelope.to_bytes()
     mtime = int(moment.timestamp())

@@ -20,7 +20,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, BinaryIO
@@ -34,6 +34,7 @@ from edgefleet.bundle.manifest import (
     parse_manifest_envelope,
 )
 from edgefleet.bundle.tarstream import Member, TarStream
+from edgefleet.bundlefiles import SERVED_MODELS, SERVED_RUNTIMES
 from edgefleet.errors import (
     AgentTooOldError,
     BelowSecurityFloorError,
@@ -41,15 +42,19 @@ from edgefleet.errors import (
     DuplicateFileError,
     FileLengthError,
     LinkInBundleError,
+    LocalError,
     ManifestTooLargeError,
     MissingFileError,
     NotABundleError,
+    NothingToServeError,
     ProfileMismatchError,
+    RuntimeNotOnProfileError,
     TamperedFileError,
     UnlistedFileError,
     UsageError,
 )
 from edgefleet.fileio import fsync_directory
+from edgefleet.profiles import load_profile
 from edgefleet.semver import Version
 from edgefleet.signing import Envelope
 from edgefleet.trust import TrustRoot
@@ -89,6 +94,54 @@ class VerifiedBundle:
 
 # Called with each listed file before its data is read; returns where to write it, or None.
 _SinkFactory = Callable[[FileEntry], "contextlib.AbstractContextManager[IO[bytes] | None]"]
+
+
+def served_model(manifest: Manifest) -> str:
+    """The file the bundle serves: the first of SERVED_MODELS it lists.
+
+    Raises: NothingToServeError when it lists none.
+    """
+    listed = manifest.files_by_path()
+    served = next((name for name in SERVED_MODELS if name in listed), None)
+    if served is None:
+        raise NothingToServeError(
+            f"bundle {manifest.name}@{manifest.version} holds none of "
+            f"{', '.join(SERVED_MODELS)}: nothing to serve"
+        )
+    return served
+
+
+def check_profile_runs(served: str, profile_name: str) -> None:
+    """A profile this machine does not ship is trusted to run what the bundle claims.
+
+    Raises: RuntimeNotOnProfileError when profile `profile_name` does not list the
+        runtime `served` (model.onnx or model.tflite) needs.
+    """
+    runtime = SERVED_RUNTIMES[served]
+    try:
+        runtimes = load_profile(profile_name).runtimes
+    except LocalError:
+        return
+    if runtime not in runtimes:
+        raise RuntimeNotOnProfileError(
+            f"{served} needs {runtime}, which profile {profile_name} does not run "
+            f"(it runs {', '.join(runtimes)})"
+        )
+
+
+def check_served_model(manifest: Manifest, profiles: Iterable[str]) -> str:
+    """What an agent of each of `profiles` checks before it installs: the bundle serves a
+    model, and the profile runs its runtime. Returns the served file's name.
+
+    Not part of `verify_*`: a benchmark request is a signed bundle of candidates that
+    serves nothing. The agent's install, `bundle build` and `bundle verify` call it.
+
+    Raises: NothingToServeError, RuntimeNotOnProfileError.
+    """
+    served = served_model(manifest)
+    for profile in profiles:
+        check_profile_runs(served, profile)
+    return served
 
 
 def _check_policy(manifest: Manifest, policy: BundlePolicy) -> None:

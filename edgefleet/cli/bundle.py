@@ -11,6 +11,7 @@ from edgefleet.bundle import (
     BundlePolicy,
     Manifest,
     build_bundle,
+    check_served_model,
     parse_security_floor,
     read_manifest,
     verify_bundle,
@@ -182,9 +183,10 @@ def verify_command(
 
     Exits 0 only when every check passes: the trust root chain and its expiry,
     the release signatures on the manifest, every file's length and SHA-256,
-    no unlisted, missing, linked or escaping files, the size limits, and the
-    profile, floor and agent version when given. Otherwise exits 1 and prints
-    `refused [reason]: ...`.
+    no unlisted, missing, linked or escaping files, the size limits, a model to
+    serve (model.onnx or model.tflite) whose runtime the profile runs (--profile,
+    else every profile the bundle lists), and the floor and agent version when
+    given. Otherwise exits 1 and prints `refused [reason]: ...`.
     """
     trust = load_trust_chain(trust_path, newer_trust)
     limits = BundleLimits(max_bundle_bytes=max_size, max_manifest_bytes=max_manifest_size)
@@ -198,6 +200,8 @@ def verify_command(
     with ProgressBar(bundle_path.stat().st_size, "verifying") as bar:
         verified = verify_bundle(bundle_path, trust, policy, limits, progress=bar.advance)
     manifest = verified.manifest
+    # As the agent of --profile would, else as one of each profile the bundle lists.
+    check_served_model(manifest, manifest.profiles if policy.profile is None else [policy.profile])
     if as_json:
         echo_json({"verified": True, "manifest": manifest.to_signed(), "size": verified.size})
         return

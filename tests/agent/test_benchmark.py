@@ -166,6 +166,7 @@ def sign_request(
         keys=[key],
         profiles=[PROFILE],
         min_agent_version="0.1.0",
+        serves_model=False,
     )
     return out
 

@@ -258,6 +258,13 @@ BUNDLE_ATTACKS: dict[str, tuple[Maker, type[errors.EdgefleetError]]] = {
         errors.NotABundleError,
     ),
     "no smoke test": (_without_smoke, SmokeTestError),
+    # A refusal (exit 1), before any disk is taken: it was a CompatibilityError in CHECKING.
+    "no model to serve": (
+        lambda t, b, k: forge(
+            t / "f.efb", {"smoke.json": b"{}"}, [k.release], profiles=[PROFILE], **ABOVE_FLOOR
+        ),
+        errors.NothingToServeError,
+    ),
 }
 
 
@@ -396,8 +403,9 @@ def test_device_that_cannot_take_the_bundle_refuses_with_nothing_staged(
     assert snapshot(device)[1:] == before
 
 
-def test_profile_that_does_not_run_the_bundles_runtime_is_incompatible() -> None:
-    with pytest.raises(CompatibilityError, match="profile armv7-tflite does not run"):
+def test_profile_that_does_not_run_the_bundles_runtime_is_refused() -> None:
+    # The core's check (`bundle build` and `bundle verify` run it too): a refusal.
+    with pytest.raises(errors.RuntimeNotOnProfileError, match="profile armv7-tflite does not run"):
         check_runtime("model.onnx", "armv7-tflite", Host())
     assert check_runtime("model.tflite", "armv7-tflite", Host()) == "ai_edge_litert"
 
