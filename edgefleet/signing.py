@@ -132,7 +132,8 @@ def verify_role_signatures(
         )
     if unknown:
         raise UnknownKeyError(
-            f"signed by key {_short(unknown[0])}, which the trust root does not list ({needed})"
+            f"signed by key {_short(unknown[0], keys)}, which the trust root does not list "
+            f"({needed})"
         )
     if bad:
         raise BadSignatureError(
@@ -144,5 +145,10 @@ def verify_role_signatures(
     raise ThresholdError(f"{needed}{hint}")
 
 
-def _short(keyid: str) -> str:
-    return keyid[:12]
+def _short(keyid: str, listed: Iterable[str] = ()) -> str:
+    """The first 12 characters of `keyid`, or all of it when a listed key shares them (a
+    key id altered after its prefix would otherwise read as the listed key's)."""
+    prefix = keyid[:12]
+    if any(other != keyid and other[:12] == prefix for other in listed):
+        return keyid
+    return prefix

@@ -425,3 +425,25 @@ def test_extract_refuses_existing_destination(
     (tmp_path / "out").mkdir()
     with pytest.raises(errors.UsageError):
         extract_bundle(bundle, tmp_path / "out", trust)
+
+
+def test_an_altered_keyid_is_shown_whole_when_its_prefix_is_a_listed_keys(
+    tmp_path: Path, keyset: KeySet, trust: TrustRoot
+) -> None:
+    genuine = sign_document(manifest_for(FILES), [keyset.release])
+    keyid = keyset.release.keyid
+    altered = keyid[:-1] + ("0" if keyid[-1] != "0" else "1")
+    signature = genuine.signatures[0].model_copy(update={"keyid": altered})
+    bundle = write_bundle(
+        tmp_path / "b.efb",
+        Envelope(signed=genuine.signed, signatures=[signature]),
+        [Member(n, d) for n, d in FILES.items()],
+    )
+    with pytest.raises(errors.UnknownKeyError) as refused:
+        verify_bundle(bundle, trust)
+    assert f"signed by key {altered}, which the trust root does not list" in str(refused.value)
+    # A key that shares no prefix with a listed one keeps the short form.
+    stranger = SigningKey.generate()
+    with pytest.raises(errors.UnknownKeyError) as refused:
+        verify_bundle(forge(tmp_path / "s.efb", FILES, [stranger]), trust)
+    assert f"signed by key {stranger.keyid[:12]}, which" in str(refused.value)
