@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from edgefleet.cli.options import echo_json, echo_table, json_option
-from edgefleet.profiles import UnknownProfileError, all_profiles, host_profile, load_profile
+from edgefleet.profiles import (
+    HOST_PROFILE_ENV,
+    UnknownProfileError,
+    all_profiles,
+    host_profile,
+    load_profile,
+)
 
 
 @click.group()
@@ -16,10 +24,12 @@ def targets() -> None:
 @targets.command("list")
 @json_option
 def list_command(as_json: bool) -> None:
-    """Every profile; the one matching this machine is marked."""
+    """Every profile; the one matching this machine (or EDGEFLEET_HOST_PROFILE's) is marked."""
     try:
         host = host_profile().name
     except UnknownProfileError:
+        if os.environ.get(HOST_PROFILE_ENV):
+            raise  # the variable is wrong, not the machine: say so, as `targets show host` does
         host = None
     profiles = all_profiles()
     if as_json:

@@ -214,3 +214,16 @@ def test_bundle_fields_are_checked_before_the_conversion_starts(
 def test_convert_help_gives_the_name_pattern(capsys: pytest.CaptureFixture[str]) -> None:
     status, out, _ = run(capsys, "convert", "--help")
     assert status == 0 and "^[a-z0-9][a-z0-9._-]{0,63}$" in " ".join(out.split())
+
+
+def test_targets_list_names_a_bad_host_profile_variable(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGEFLEET_HOST_PROFILE", "nosuch")
+    for args in (("targets", "list"), ("targets", "list", "--json"), ("targets", "show", "host")):
+        status, out, err = run(capsys, *args)
+        assert status == 2 and out == ""
+        assert err.startswith("error [unknown-profile]: EDGEFLEET_HOST_PROFILE='nosuch' names no")
+    monkeypatch.setenv("EDGEFLEET_HOST_PROFILE", "aarch64")
+    status, out, _ = run(capsys, "targets", "list")
+    assert status == 0 and "* aarch64" in out and "* matches this machine" in out
