@@ -26,6 +26,7 @@ from edgefleet.converter.pipeline import convert
 from edgefleet.converter.report import format_table
 from edgefleet.converter.toolenv import onnx2tf_env, prepare_onnx2tf
 from edgefleet.errors import UsageError
+from edgefleet.fileio import check_output_directory, check_output_file
 
 _BUDGET_KEYS = {field.name: field.type for field in dataclasses.fields(Budget)}
 
@@ -251,6 +252,11 @@ def convert_command(
     if release_key is not None and not (name and version):
         raise UsageError("--sign needs --name and --version for the bundle")
     floor = None if security_floor is None else parse_security_floor(security_floor)
+    # Where the output goes, checked before the work (missing parents are created).
+    if release_key is None:
+        check_output_directory(output, "-o")
+    else:
+        check_output_file(output, "-o")
     if name is not None and version is not None:
         # Everything the manifest will state, checked before the conversion's work.
         check_bundle_options(name, version, security_floor=floor)

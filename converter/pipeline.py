@@ -67,6 +67,7 @@ from edgefleet.converter.sensitivity import (
     tune_tensor_calibration,
 )
 from edgefleet.errors import UsageError
+from edgefleet.fileio import check_output_directory
 from edgefleet.profiles import Profile, load_profile
 
 CALIBRATION_SAMPLES = 200
@@ -350,13 +351,13 @@ def convert(
     Raises:
         UnknownProfileError: no such target.
         ModelError, DataError: the model or data is unusable (see converter.errors).
-        UsageError: `out_dir` exists and is not empty; inconsistent options; a pinned
+        UsageError: `out_dir` is a file, exists and is not empty, or lies under a file;
+            inconsistent options; a pinned
             candidate that is not valid for the model and target.
         ConversionFailedError: the pinned candidate fails or misses the budget.
     """
     model, out_dir = Path(model), Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise UsageError(f"{out_dir} exists and is not empty: choose a new output directory")
+    check_output_directory(out_dir)
     profile = load_profile(options.target)
     if is_tflite(model):
         from edgefleet.converter.tflite import convert_tflite

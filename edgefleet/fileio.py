@@ -13,7 +13,49 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from edgefleet.errors import UsageError
+
 _CHUNK = 1 << 20
+
+
+def _check_parents(path: Path, what: str) -> None:
+    """Missing parents are created when the output is written; an existing one must be a
+    directory we can write into."""
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"{what} {path}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {path}: cannot write into {ancestor} (permission denied)")
+
+
+def check_output_file(path: Path, what: str = "output") -> None:
+    """Check, before any work, that a file can be written at `path` (missing parent
+    directories are for the caller to create when it writes).
+
+    Raises: UsageError naming `path` when it is a directory or a parent is not one.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(
+            f"{what} {path} is a directory: give the file to write, e.g. {path / 'model.efb'}"
+        )
+    _check_parents(path, what)
+
+
+def check_output_directory(path: Path, what: str = "output directory") -> None:
+    """Check, before any work, that a directory can be made at `path` (missing parents are
+    created): it is absent or an empty directory.
+
+    Raises: UsageError naming `path`.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{what} {path} is a file: give a new directory")
+    if path.is_dir() and any(path.iterdir()):
+        raise UsageError(f"{what} {path} exists and is not empty: choose a new output directory")
+    _check_parents(path, what)
 
 
 def file_sha256(path: Path) -> tuple[int, str]:

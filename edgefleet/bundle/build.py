@@ -38,7 +38,7 @@ from edgefleet.errors import (
     RuntimeNotOnProfileError,
     UsageError,
 )
-from edgefleet.fileio import atomic_writer, file_sha256
+from edgefleet.fileio import atomic_writer, check_output_file, file_sha256
 from edgefleet.keys import SigningKey
 from edgefleet.profiles import load_profile
 from edgefleet.semver import MAX_RELEASE_COUNTER, Version
@@ -222,6 +222,7 @@ def build_bundle(
 ) -> Manifest:
     """Pack `src_dir` into a bundle at `output`, its manifest signed by `keys`.
 
+    `output`'s missing parent directories are created.
     A bundle serves a model: it must hold model.onnx or model.tflite, whose runtime
     every profile it is for runs (what an agent checks before installing).
     `serves_model=False` is for a benchmark request, which holds candidates instead.
@@ -233,13 +234,15 @@ def build_bundle(
 
     Raises:
         UnknownProfileError: a profile no agent has (`edgefleet targets list`).
-        UsageError: bad arguments or metadata, links or special files in `src_dir`,
+        UsageError: bad arguments or metadata, an `output` that is a directory or lies
+            under a file, links or special files in `src_dir`,
             a path a bundle cannot hold, no model to serve or one a profile does not
             run, or a file that changed while it was packed.
     """
-    src_dir = Path(src_dir)
+    src_dir, output = Path(src_dir), Path(output)
     if not src_dir.is_dir():
         raise UsageError(f"{src_dir} is not a directory")
+    check_output_file(output, "bundle file")
     if not keys:
         raise UsageError("a bundle needs at least one release key to sign it")
     metadata_path = src_dir / METADATA_NAME
@@ -291,8 +294,9 @@ def build_bundle(
     manifest_bytes = envelope.to_bytes()
     mtime = int(moment.timestamp())
 
+    output.parent.mkdir(parents=True, exist_ok=True)
     with (
-        atomic_writer(Path(output)) as out,
+        atomic_writer(output) as out,
         tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as archive,
     ):
         archive.addfile(

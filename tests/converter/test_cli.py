@@ -227,3 +227,58 @@ def test_targets_list_names_a_bad_host_profile_variable(
     monkeypatch.setenv("EDGEFLEET_HOST_PROFILE", "aarch64")
     status, out, _ = run(capsys, "targets", "list")
     assert status == 0 and "* aarch64" in out and "* matches this machine" in out
+
+
+def _not_a_model(tmp_path: Path) -> tuple[Path, Path]:
+    """A model file that is not one: an output check that came after the work would
+    report the model instead."""
+    model, calibration = tmp_path / "model.onnx", tmp_path / "cal.npy"
+    model.write_bytes(b"not a model")
+    calibration.write_bytes(b"")
+    return model, calibration
+
+
+@pytest.mark.parametrize("sign", [True, False], ids=["bundle file", "directory"])
+def test_an_unusable_output_path_is_named_before_the_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], sign: bool
+) -> None:
+    assert run(capsys, "keys", "init", tmp_path / "keys")[0] == 0
+    model, calibration = _not_a_model(tmp_path)
+    signing = ["--sign", tmp_path / "keys" / "release.key", "--name", "d", "--version", "1.0.0"]
+    (tmp_path / "a-dir").mkdir()
+    (tmp_path / "a-dir" / "x").write_text("not empty")
+    (tmp_path / "a-file").write_text("x")
+    cases = {
+        tmp_path / "a-file" / "b.efb": f"{tmp_path / 'a-file'} is not a directory",
+        tmp_path / ("a-dir" if sign else "a-file"): "is a directory" if sign else "is a file",
+    }
+    if not sign:
+        cases[tmp_path / "a-dir"] = "exists and is not empty"
+    for output, says in cases.items():
+        status, _, err = run(
+            capsys, "convert", model, "--target", "x86_64-vnni", "--calibration", calibration,
+            *(signing if sign else []), "-o", output,
+        )  # fmt: skip
+        assert status == 2, err
+        assert err.startswith(f"error [usage]: -o {output}") and says in err, err
+        assert ".tmp" not in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a-dir", "a-file", "cal.npy", "keys", "model.onnx",
+    ]  # fmt: skip
+
+
+def test_a_bundle_file_under_missing_directories_is_written_there(
+    mlp: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(capsys, "keys", "init", tmp_path / "keys")[0] == 0
+    bundle = tmp_path / "nodir3" / "deeper" / "b.efb"
+    status, _, err = run(
+        capsys, "convert", mlp.model, "--target", "x86_64-vnni", "--calibration", mlp.calibration,
+        "--candidate", "float", "--sign", tmp_path / "keys" / "release.key", "--name", "digits",
+        "--version", "1.0.0", "-o", bundle,
+    )  # fmt: skip
+    assert status == 0, err
+    assert (
+        run(capsys, "bundle", "verify", bundle, "--trust", tmp_path / "keys" / "trust.json")[0] == 0
+    )
+    assert [p.name for p in bundle.parent.iterdir()] == ["b.efb"]
