@@ -12,6 +12,7 @@ import click
 
 from edgefleet.bundle import build_bundle, check_bundle_options, parse_security_floor
 from edgefleet.bundle.manifest import NAME_RULE
+from edgefleet.cli.errors import abort_on_termination, aborts_on_termination
 from edgefleet.cli.options import (
     bundle_name_option,
     echo_json,
@@ -76,7 +77,8 @@ def parse_budget(items: tuple[str, ...]) -> Budget:
 
 def _prepare_tools(context: click.Context, _: click.Parameter, value: bool) -> None:
     if value:
-        prepare_onnx2tf(_TerminalProgress())
+        with abort_on_termination():
+            prepare_onnx2tf(_TerminalProgress())
         click.echo(f"onnx2tf tool environment ready: {onnx2tf_env()}")
         context.exit(0)
 
@@ -211,6 +213,7 @@ def _prepare_tools(context: click.Context, _: click.Parameter, value: bool) -> N
 )
 @passphrase_env_option
 @json_option
+@aborts_on_termination
 def convert_command(
     model: Path,
     target: str,

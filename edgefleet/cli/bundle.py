@@ -16,6 +16,7 @@ from edgefleet.bundle import (
     read_manifest,
     verify_bundle,
 )
+from edgefleet.cli.errors import aborts_on_termination
 from edgefleet.cli.options import (
     BUNDLE_NAME_HELP,
     ProgressBar,
@@ -83,6 +84,7 @@ def bundle() -> None:
 )
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @passphrase_env_option
+@aborts_on_termination
 def build_command(
     src_dir: Path,
     name: str,

@@ -9,6 +9,13 @@ click's own usage errors included (`error [usage]: ...`).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar, cast
+
 import click
 
 from edgefleet.errors import EdgefleetError, LocalError, UntrustedInputError
@@ -29,6 +36,50 @@ class MissingExtraError(LocalError):
     """A command needs a pip extra (agent, server, client, converter) that is not installed."""
 
 
+class TerminatedError(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the command was, so it unwinds as Ctrl-C does."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def abort_on_termination() -> Iterator[None]:
+    """Within it, SIGTERM and SIGHUP end the command as SIGINT does: every temporary
+    directory and half-written file is removed on the way out, `aborted` is printed and
+    the exit status is 128 + the signal (143, 129). For commands that write files (convert,
+    bundle build); `server run` and `agent run` handle signals their own way."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def terminate(signum: int, _frame: Any) -> None:
+        raise TerminatedError(signum)
+
+    signals = (signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, terminate) for signum in signals}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def aborts_on_termination(command: _F) -> _F:
+    """A command callback run within `abort_on_termination`."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with abort_on_termination():
+            return command(*args, **kwargs)
+
+    return cast(_F, wrapper)
+
+
 def _usage_line(exc: click.UsageError) -> str:
     message = exc.format_message().rstrip(".")
     hint = f" (see '{exc.ctx.command_path} -h')" if exc.ctx is not None else ""
@@ -40,9 +91,10 @@ def run_with_error_handling(command: click.Command, args: list[str] | None = Non
     try:
         # Without standalone mode click returns (not raises) the code of a `ctx.exit(n)`.
         result = command.main(args=args, prog_name="edgefleet", standalone_mode=False)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
         click.echo("aborted", err=True)
-        return 130
+        cause = exc.__cause__ or exc.__context__
+        return 128 + cause.signum if isinstance(cause, TerminatedError) else 130
     except click.UsageError as exc:
         if isinstance(exc, _SHOWS_HELP):
             exc.show()
