@@ -261,7 +261,11 @@ BUNDLE_ATTACKS: dict[str, tuple[Maker, type[errors.EdgefleetError]]] = {
     # A refusal (exit 1), before any disk is taken: it was a CompatibilityError in CHECKING.
     "no model to serve": (
         lambda t, b, k: forge(
-            t / "f.efb", {"smoke.json": b"{}"}, [k.release], profiles=[PROFILE], **ABOVE_FLOOR
+            t / "f.efb",
+            {"smoke.json": b"{}"},
+            [k.release],
+            profiles=[PROFILE],
+            release_counter=ABOVE_FLOOR["release_counter"],
         ),
         errors.NothingToServeError,
     ),

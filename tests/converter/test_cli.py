@@ -244,7 +244,14 @@ def test_an_unusable_output_path_is_named_before_the_work(
 ) -> None:
     assert run(capsys, "keys", "init", tmp_path / "keys")[0] == 0
     model, calibration = _not_a_model(tmp_path)
-    signing = ["--sign", tmp_path / "keys" / "release.key", "--name", "d", "--version", "1.0.0"]
+    signing: list[str | Path] = [
+        "--sign",
+        tmp_path / "keys" / "release.key",
+        "--name",
+        "d",
+        "--version",
+        "1.0.0",
+    ]
     (tmp_path / "a-dir").mkdir()
     (tmp_path / "a-dir" / "x").write_text("not empty")
     (tmp_path / "a-file").write_text("x")

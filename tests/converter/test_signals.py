@@ -36,7 +36,7 @@ def test_a_signal_mid_convert_leaves_nothing(
         capture_output=True,
     )
     output = tmp_path / "out" / "cnn.efb"
-    command = [
+    command: list[str | Path] = [
         sys.executable, "-m", "edgefleet", "convert", cnn.model, "--target", "x86_64-vnni",
         "--calibration", cnn.calibration, "--validation", cnn.validation,
         "--sign", tmp_path / "keys" / "release.key", "--name", "cnn", "--version", "1.0.0",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,7 +79,7 @@ def test_a_counter_above_the_bound_in_the_metadata_is_refused(
 def test_a_signed_manifest_with_a_counter_above_the_bound_is_refused(
     tmp_path: Path, keyset: KeySet, trust: TrustRoot, field: str
 ) -> None:
-    overrides = {"release_counter": 2**64, "security_floor": 2**64}
+    overrides: dict[str, Any] = {"release_counter": 2**64, "security_floor": 2**64}
     if field == "security_floor":
         overrides["release_counter"] = MAX_RELEASE_COUNTER
     bundle = forge(tmp_path / "b.efb", MODEL, [keyset.release], **overrides)
