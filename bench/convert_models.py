@@ -103,6 +103,8 @@ from edgefleet.converter.choose import LATENCY_TIE, MIN_SPEEDUP
 from edgefleet.converter.data import load_dataset
 from edgefleet.converter.evaluate import (
     Outputs,
+    Task,
+    decide_task,
     fidelity,
     measure_latency_ms,
     open_session,
@@ -400,6 +402,7 @@ def measure(
     dataset = load_dataset(validation, info.inputs)
     sessions: list[tuple[Row, object]] = []
     reference: Outputs | None = None  # fp32's, measured first
+    task: Task | None = None  # what the labels measure, decided on fp32's outputs
     for key, row in rows.items():
         if row.error:
             continue
@@ -420,7 +423,8 @@ def measure(
         if labels is None:
             row.score = row.min_cosine
         else:
-            row.score = next(iter(task_metrics(outputs, labels).values()), None)
+            task = task or decide_task(outputs, labels, str(validation))
+            row.score = next(iter(task_metrics(outputs, labels, task).values()), None)
             predicted = predicted_classes(outputs) if labels.dtype.kind in "iu" else None
             row.correct = None if predicted is None else predicted.astype(np.int64) == labels
         row.size_bytes = row.path.stat().st_size

@@ -10,7 +10,7 @@ import numpy as np
 
 from edgefleet.converter.choose import Evaluation, Optimize
 from edgefleet.converter.data import Dataset
-from edgefleet.converter.evaluate import Budget, Outputs
+from edgefleet.converter.evaluate import Budget, Outputs, Task
 from edgefleet.converter.modelinfo import ModelInfo
 from edgefleet.converter.progress import Progress
 from edgefleet.keys import SigningKey
@@ -69,6 +69,8 @@ class ConversionContext:
     float_metrics: dict[str, float]
     progress: Progress
     notes: list[str]
+    # What the labels measure (None without labels), decided once before the search.
+    task: Task | None = None
 
 
 @dataclass

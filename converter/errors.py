@@ -12,6 +12,7 @@
     │   ├── InputShapeError          an array's shape does not fit the input
     │   ├── InputDtypeError          an array's dtype does not fit the input
     │   ├── NonFiniteDataError       NaN or infinity in the data
+    │   ├── LabelMismatchError       labels that do not fit the model's outputs or classes
     │   └── EmptyDataError           no samples
     ├── RuntimeMissingError          the model's runtime is not installed on this machine
     ├── ConversionFailedError        a step of the conversion failed on a valid model
@@ -72,6 +73,10 @@ class InputDtypeError(DataError):
 
 class NonFiniteDataError(DataError):
     """NaN or infinity in the data."""
+
+
+class LabelMismatchError(DataError):
+    """Labels whose kind does not fit the model's outputs, or classes the model lacks."""
 
 
 class EmptyDataError(DataError):

@@ -12,12 +12,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from edgefleet.converter.choose import PairedTiming
 from edgefleet.converter.data import Dataset, Feed
-from edgefleet.converter.errors import CorruptModelError, UnsupportedOperatorError, summarize
+from edgefleet.converter.errors import (
+    CorruptModelError,
+    LabelMismatchError,
+    UnsupportedOperatorError,
+    summarize,
+)
 from edgefleet.profiles import Profile
 
 Outputs = dict[str, np.ndarray]
@@ -177,13 +183,6 @@ def predicted_classes(outputs: Outputs) -> np.ndarray | None:
     return None
 
 
-def regression_predictions(outputs: Outputs) -> np.ndarray | None:
-    for array in outputs.values():
-        if array.dtype.kind == "f" and array.reshape(len(array), -1).shape[1] == 1:
-            return array.reshape(-1)
-    return None
-
-
 def fidelity(reference: Outputs, candidate: Outputs) -> dict[str, dict[str, float]]:
     """Per output: cosine similarity, max abs error, top-1 agreement (class scores), match rate."""
     result: dict[str, dict[str, float]] = {}
@@ -206,17 +205,121 @@ def fidelity(reference: Outputs, candidate: Outputs) -> dict[str, dict[str, floa
     return result
 
 
-def task_metrics(outputs: Outputs, labels: np.ndarray) -> dict[str, float]:
-    """Accuracy (integer labels) or RMSE (float labels) of one model's outputs."""
-    if labels.dtype.kind in "iu":
-        predicted = predicted_classes(outputs)
-        if predicted is None:
-            return {}
-        return {"accuracy": float((predicted.astype(np.int64) == labels).mean() * 100)}
-    predictions = regression_predictions(outputs)
-    if predictions is None:
-        return {}
-    return {"rmse": float(np.sqrt(((predictions - labels) ** 2).mean()))}
+@dataclass(frozen=True)
+class Task:
+    """What the labels measure, decided once from the float model's outputs and the labels.
+
+    `classes`: integer labels against the model's integer label output, or the argmax of
+    its class scores; `binary`: integer labels 0/1 against one score per sample, class 1
+    above `threshold` (0.5 for probabilities, 0 for logits); `regression`: float labels
+    against one value per sample.
+    """
+
+    kind: Literal["classes", "binary", "regression"]
+    output: str
+    threshold: float | None = None
+
+    def describe(self) -> str:
+        if self.kind == "regression":
+            return f"regressor: RMSE of output {self.output!r} against the labels"
+        if self.kind == "classes":
+            return f"classifier: accuracy of output {self.output!r} against the labels"
+        scores = "probabilities" if self.threshold == 0.5 else "logits"
+        return (
+            f"binary classifier on the one score of output {self.output!r}: class 1 where it "
+            f"is > {self.threshold:g} (the float model's scores are {scores}: "
+            + ("every one lies in [0, 1])" if self.threshold == 0.5 else "some lie outside [0, 1])")
+        )
+
+
+def _single_values(outputs: Outputs) -> str | None:
+    """The float output with one value per sample ([N], [N, 1]), if there is one."""
+    for name, array in outputs.items():
+        if array.dtype.kind == "f" and array.reshape(len(array), -1).shape[1] == 1:
+            return name
+    return None
+
+
+def _first_bad(labels: np.ndarray, bad: np.ndarray) -> str:
+    """E.g. "label 12 at index 3, 4 such labels in all"."""
+    index, count = int(np.argmax(bad)), int(bad.sum())
+    more = f", {count} such labels in all" if count > 1 else ""
+    return f"label {labels[index]} at index {index}{more}"
+
+
+def decide_task(float_outputs: Outputs, labels: np.ndarray, source: str) -> Task:
+    """The task the labels measure, from the float model's outputs; refuse a mismatch.
+
+    Raises:
+        LabelMismatchError: the labels' kind does not fit the model's outputs, or
+            integer labels name a class the model does not have.
+    """
+    single = _single_values(float_outputs)
+    if labels.dtype.kind == "f":
+        if single is None:
+            raise LabelMismatchError(
+                f"{source} holds floats, which are regression targets, but the model gives "
+                "no single value per sample (its outputs: "
+                f"{_shapes(float_outputs)}): for a classifier give integer class labels"
+            )
+        return Task("regression", single)
+    for name, array in float_outputs.items():
+        if array.dtype.kind in "iu" and array.ndim == 1:
+            scores = next((a for a in float_outputs.values() if is_class_scores(a)), None)
+            if scores is not None and ((array >= 0) & (array < scores.shape[1])).all():
+                _check_class_range(labels, scores.shape[1], source)
+            return Task("classes", name)
+    for name, array in float_outputs.items():
+        if is_class_scores(array):
+            _check_class_range(labels, array.shape[1], source)
+            return Task("classes", name)
+    if single is not None:
+        bad = (labels != 0) & (labels != 1)
+        if bad.any():
+            raise LabelMismatchError(
+                f"{source} holds integers other than 0 and 1 ({_first_bad(labels, bad)}), but "
+                f"the model's only output to judge is one float value per sample ({single!r}): "
+                "integers make it a classifier, and one score tells only 0 from 1; for a "
+                "regressor, "
+                "save the labels as floats (e.g. labels.astype(np.float32))"
+            )
+        scores = float_outputs[single]
+        probability = bool(((scores >= 0) & (scores <= 1)).all())
+        return Task("binary", single, 0.5 if probability else 0.0)
+    raise LabelMismatchError(
+        f"{source} holds integer class labels, but the model gives no classes (no integer "
+        f"label output, no class scores, no single score; its outputs: "
+        f"{_shapes(float_outputs)}): convert without --labels to judge it by fidelity"
+    )
+
+
+def _shapes(outputs: Outputs) -> str:
+    return ", ".join(f"{name} {a.dtype}{list(a.shape[1:])}" for name, a in outputs.items())
+
+
+def _check_class_range(labels: np.ndarray, classes: int, source: str) -> None:
+    bad = (labels < 0) | (labels >= classes)
+    if bad.any():
+        raise LabelMismatchError(
+            f"{source}: {_first_bad(labels, bad)}: not one of the model's {classes} classes "
+            f"(0 to {classes - 1}, its class-score columns): give each sample's class index"
+        )
+
+
+def task_metrics(outputs: Outputs, labels: np.ndarray, task: Task) -> dict[str, float]:
+    """Accuracy (classifiers) or RMSE (regressors) of one model's outputs, as `task` says."""
+    values = outputs[task.output]
+    if task.kind == "regression":
+        predictions = values.reshape(-1).astype(np.float64)
+        return {"rmse": float(np.sqrt(((predictions - labels) ** 2).mean()))}
+    if task.kind == "binary":
+        assert task.threshold is not None
+        predicted = (values.reshape(-1) > task.threshold).astype(np.int64)
+    elif values.dtype.kind in "iu":
+        predicted = values.astype(np.int64)
+    else:
+        predicted = values.argmax(axis=1)
+    return {"accuracy": float((predicted == labels).mean() * 100)}
 
 
 def has_non_finite(outputs: Outputs) -> bool:

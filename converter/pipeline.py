@@ -38,6 +38,7 @@ from edgefleet.converter.errors import (
 )
 from edgefleet.converter.evaluate import (
     budget_failures,
+    decide_task,
     fidelity,
     has_non_finite,
     measure_latency_ms,
@@ -119,8 +120,8 @@ def _evaluate(context: ConversionContext, candidate: cand.Candidate, path: Path)
             evaluation.error = "NaN or infinite outputs"
             return evaluation
         evaluation.per_output = fidelity(context.float_outputs, outputs)
-        if context.labels is not None:
-            evaluation.metrics = task_metrics(outputs, context.labels)
+        if context.labels is not None and context.task is not None:
+            evaluation.metrics = task_metrics(outputs, context.labels, context.task)
         evaluation.failures = budget_failures(
             evaluation.metrics,
             context.float_metrics,
@@ -388,7 +389,12 @@ def convert(
         progress.finish()
         if has_non_finite(float_outputs):
             raise DataError("the float model gives NaN or infinite outputs on the validation data")
-        float_metrics = task_metrics(float_outputs, labels) if labels is not None else {}
+        task, float_metrics = None, {}
+        if labels is not None:
+            assert options.labels is not None
+            task = decide_task(float_outputs, labels, str(options.labels))
+            float_metrics = task_metrics(float_outputs, labels, task)
+            notes.append(f"labels: {task.describe()}")
         float_ms = measure_latency_ms(session, validation.sample(0))
         baseline = Evaluation(
             candidate=cand.FLOAT,
@@ -413,6 +419,7 @@ def convert(
             float_metrics=float_metrics,
             progress=progress,
             notes=notes,
+            task=task,
         )
         evaluations = [baseline]
         if "onnxruntime" not in profile.runtimes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 from typing import Any
 
@@ -98,6 +99,8 @@ def build_report(
             "calibration_samples": context.calibration.size,
             "labels": context.labels is not None,
         },
+        # What the labels measure: kind (classes, binary, regression), output, threshold.
+        "task": None if context.task is None else dataclasses.asdict(context.task),
         "chosen": chosen.candidate.name,
         "pinned": context.options.candidate is not None,
         "decision": f"{chosen.candidate.name} {chosen.verdict}",

@@ -32,6 +32,7 @@ from edgefleet.converter.errors import (
     summarize,
 )
 from edgefleet.converter.evaluate import (
+    decide_task,
     fidelity,
     has_non_finite,
     measure_latency_ms,
@@ -121,7 +122,12 @@ def convert_tflite(
         raise ConverterError(
             "the TFLite model gives NaN or infinite outputs on the validation data"
         )
-    metrics = task_metrics(validation_outputs, labels) if labels is not None else {}
+    task, metrics, notes = None, {}, []
+    if labels is not None:
+        assert options.labels is not None
+        task = decide_task(validation_outputs, labels, str(options.labels))
+        metrics = task_metrics(validation_outputs, labels, task)
+        notes.append(f"labels: {task.describe()}")
     latency_ms = measure_latency_ms(session, validation.sample(0))
     evaluation = Evaluation(
         candidate=cand.FLOAT,
@@ -148,8 +154,10 @@ def convert_tflite(
         progress=progress,
         notes=[
             f"outputs and latency measured with {session.runtime} on this machine "
-            f"({platform.machine()}), not on a device of target {profile.name}; packed unchanged"
+            f"({platform.machine()}), not on a device of target {profile.name}; packed unchanged",
+            *notes,
         ],
+        task=task,
     )
     reference = reference_data(context)  # before the report: it may add a note
     report = build_report(context, evaluation, [evaluation])
