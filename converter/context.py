@@ -71,6 +71,8 @@ class ConversionContext:
     notes: list[str]
     # What the labels measure (None without labels), decided once before the search.
     task: Task | None = None
+    # The calibration samples lie within the validation samples (the same data).
+    same_samples: bool = False
 
 
 @dataclass

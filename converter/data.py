@@ -5,6 +5,13 @@ An array of the input's rank is fed in batches of one along its first axis; an
 array with one more axis holds one whole input per entry (for inputs without a
 batch axis, such as a recurrent state or a scalar). An `.npy` stands for the
 only input of a single-input model.
+
+A conversion uses at most CALIBRATION_SAMPLES calibration and VALIDATION_SAMPLES
+validation samples, drawn at random without replacement with a fixed seed
+(`drawn`): the same samples on every run, never just the first ones of a file
+that may be sorted by label. A draw is the first `count` of one fixed permutation,
+so the calibration samples drawn from a file lie within the validation samples
+drawn from the same file.
 """
 
 from __future__ import annotations
@@ -26,8 +33,13 @@ from edgefleet.converter.errors import (
     NonFiniteDataError,
 )
 from edgefleet.converter.modelinfo import TensorSpec
+from edgefleet.errors import UsageError
 
 Feed = dict[str, np.ndarray]
+
+CALIBRATION_SAMPLES = 200
+VALIDATION_SAMPLES = 500
+SAMPLE_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,24 @@ class Dataset:
             self.size,
         )
 
+    def take(self, indices: np.ndarray) -> Dataset:
+        """The samples at `indices`, in that order."""
+        return Dataset(
+            self.source,
+            {name: array[indices] for name, array in self.arrays.items()},
+            self.whole_entries,
+            len(indices),
+        )
+
+    def same_samples(self, other: Dataset) -> bool:
+        """Whether `other` holds exactly these samples (the same file, or equal contents)."""
+        return (
+            self.size == other.size
+            and self.arrays.keys() == other.arrays.keys()
+            and self.whole_entries == other.whole_entries
+            and all(np.array_equal(a, other.arrays[n]) for n, a in self.arrays.items())
+        )
+
     def subset(self, count: int) -> Dataset:
         """The first `count` samples."""
         count = min(count, self.size)
@@ -76,6 +106,83 @@ class Dataset:
             self.whole_entries,
             count,
         )
+
+
+def drawn(size: int, count: int) -> np.ndarray | None:
+    """Sorted indices of `count` of `size` samples, drawn without replacement with a fixed
+    seed (the first `count` of one fixed permutation); None when all `size` are used."""
+    if size <= count:
+        return None
+    order = np.random.default_rng(SAMPLE_SEED).permutation(size)
+    return np.sort(order[:count])
+
+
+def samples_word(count: int) -> str:
+    """ "1 sample", "2 samples"."""
+    return f"{count} sample" if count == 1 else f"{count} samples"
+
+
+@dataclass(frozen=True)
+class ConversionData:
+    """The samples a conversion uses, with the labels of its validation samples."""
+
+    calibration: Dataset
+    validation: Dataset
+    labels: np.ndarray | None
+    # Calibration and validation data are the same samples (one file, or equal contents):
+    # the calibration samples drawn lie within the validation samples drawn.
+    same_samples: bool
+    notes: list[str]
+
+
+def _draw(
+    dataset: Dataset, count: int, what: str, notes: list[str]
+) -> tuple[Dataset, np.ndarray | None]:
+    indices = drawn(dataset.size, count)
+    if indices is None:
+        return dataset, None
+    notes.append(
+        f"{what}: {count} of {dataset.size} samples used, drawn at random with a fixed seed"
+    )
+    return dataset.take(indices), indices
+
+
+def load_conversion_data(
+    inputs: Sequence[TensorSpec],
+    calibration_path: Path,
+    validation_path: Path | None,
+    labels_path: Path | None,
+) -> ConversionData:
+    """Read the calibration, validation and label files and draw the samples to use.
+
+    Without validation data, the calibration samples are used for both.
+
+    Raises:
+        UsageError: labels without validation data.
+        DataError (and subclasses): as `load_dataset` and `load_labels`.
+    """
+    notes: list[str] = []
+    whole_calibration = load_dataset(calibration_path, inputs)
+    calibration, _ = _draw(whole_calibration, CALIBRATION_SAMPLES, "calibration", notes)
+    if validation_path is None:
+        if labels_path is not None:
+            raise UsageError("--labels needs --validation: labels belong to validation samples")
+        notes.append("no validation data: fidelity measured on the calibration data")
+        return ConversionData(calibration, calibration, None, True, notes)
+    whole_validation = load_dataset(validation_path, inputs)
+    labels = None
+    if labels_path is not None:
+        labels = load_labels(labels_path, whole_validation.size)
+    validation, indices = _draw(whole_validation, VALIDATION_SAMPLES, "validation", notes)
+    if labels is not None and indices is not None:
+        labels = labels[indices]
+    same = whole_calibration.same_samples(whole_validation)
+    if same:
+        notes.append(
+            "calibration and validation data are the same samples: counted once in the "
+            "drift reference and the schema"
+        )
+    return ConversionData(calibration, validation, labels, same, notes)
 
 
 def _read_arrays(path: Path, inputs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
@@ -167,9 +274,16 @@ def load_labels(path: Path, expected: int) -> np.ndarray:
         DataError: unreadable, wrong length or shape, non-finite values.
     """
     try:
-        labels: np.ndarray = np.load(path, allow_pickle=False)
+        loaded = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
         raise DataError(f"cannot read labels {path} as .npy: {exc}") from exc
+    if not isinstance(loaded, np.ndarray):  # an .npz archive, whatever its name
+        loaded.close()
+        raise DataError(
+            f"{path} is an .npz archive; labels are one array in an .npy file: save them "
+            "with numpy.save"
+        )
+    labels: np.ndarray = loaded
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
     if labels.ndim != 1:

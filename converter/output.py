@@ -74,10 +74,11 @@ def staged_directory(out_dir: Path) -> Iterator[Path]:
 
 
 def reference_data(context: ConversionContext) -> Dataset:
-    """Calibration and validation inputs together (once, when they are the same): the
-    bundle's schema and drift reference. Too few for a drift reference: a note says so."""
-    if context.validation is context.calibration:
-        reference = context.calibration
+    """Calibration and validation inputs together (once, when they are the same samples:
+    the validation samples then hold the calibration ones): the bundle's schema and drift
+    reference. Too few for a drift reference: a note says so."""
+    if context.validation is context.calibration or context.same_samples:
+        reference = context.validation
     else:
         arrays = {
             name: np.concatenate(

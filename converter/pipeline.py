@@ -23,13 +23,12 @@ import statistics
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from edgefleet.converter import candidates as cand
 from edgefleet.converter.choose import Evaluation, accuracy_score, choose
 from edgefleet.converter.context import ConversionContext, ConversionResult, ConvertOptions
-from edgefleet.converter.data import Dataset, load_dataset, load_labels
+from edgefleet.converter.data import load_conversion_data
 from edgefleet.converter.errors import (
     ConversionFailedError,
     DataError,
@@ -71,8 +70,6 @@ from edgefleet.errors import UsageError
 from edgefleet.fileio import check_output_directory
 from edgefleet.profiles import Profile, load_profile
 
-CALIBRATION_SAMPLES = 200
-VALIDATION_SAMPLES = 500
 TOP_STRUCTURES = 2  # structures tried with other calibration methods
 FLOAT_LAYER_STEPS = (1, 2, 4, 8, 16)  # layers kept in float, per retry
 ONNX2TF_DOMAINS = frozenset({"", "ai.onnx"})  # operator domains onnx2tf converts
@@ -87,27 +84,6 @@ def _check_target(info: ModelInfo, profile: Profile) -> None:
             f"{info.path.name} uses operators of domain(s) {', '.join(foreign)}, which "
             f"onnxruntime on {profile.name} does not implement"
         )
-
-
-def _load_data(
-    model_info: ModelInfo, options: ConvertOptions
-) -> tuple[Dataset, Dataset, np.ndarray | None, list[str]]:
-    notes = []
-    calibration = load_dataset(options.calibration, model_info.inputs).subset(CALIBRATION_SAMPLES)
-    if options.validation is None:
-        if options.labels is not None:
-            raise UsageError("--labels needs --validation: labels belong to validation samples")
-        notes.append("no validation data: fidelity measured on the calibration data")
-        validation = calibration
-    else:
-        validation = load_dataset(options.validation, model_info.inputs)
-    labels = None
-    if options.labels is not None:
-        labels = load_labels(options.labels, validation.size)
-    if validation.size > VALIDATION_SAMPLES:
-        validation = validation.subset(VALIDATION_SAMPLES)
-        labels = labels[:VALIDATION_SAMPLES] if labels is not None else None
-    return calibration, validation, labels, notes
 
 
 def _evaluate(context: ConversionContext, candidate: cand.Candidate, path: Path) -> Evaluation:
@@ -376,7 +352,15 @@ def convert(
     pinned = None
     if options.candidate is not None:
         pinned = cand.pinned_candidate(options.candidate, profile, info.kind)
-    calibration, validation, labels, notes = _load_data(info, options)
+    data = load_conversion_data(
+        info.inputs, options.calibration, options.validation, options.labels
+    )
+    calibration, validation, labels, notes = (
+        data.calibration,
+        data.validation,
+        data.labels,
+        data.notes,
+    )
 
     with tempfile.TemporaryDirectory(prefix="edgefleet-convert-") as scratch:
         workdir = Path(scratch)
@@ -420,6 +404,7 @@ def convert(
             progress=progress,
             notes=notes,
             task=task,
+            same_samples=data.same_samples,
         )
         evaluations = [baseline]
         if "onnxruntime" not in profile.runtimes:

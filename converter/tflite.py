@@ -23,7 +23,7 @@ from edgefleet.bundlefiles import SERVED_TFLITE
 from edgefleet.converter import candidates as cand
 from edgefleet.converter.choose import Evaluation
 from edgefleet.converter.context import ConversionContext, ConversionResult, ConvertOptions
-from edgefleet.converter.data import Feed, load_dataset, load_labels
+from edgefleet.converter.data import Feed, load_conversion_data
 from edgefleet.converter.errors import (
     ConverterError,
     CorruptModelError,
@@ -111,9 +111,8 @@ def convert_tflite(
         domains=frozenset(),
         opset=0,
     )
-    calibration = load_dataset(options.calibration, inputs)
-    validation = load_dataset(options.validation, inputs) if options.validation else calibration
-    labels = load_labels(options.labels, validation.size) if options.labels else None
+    data = load_conversion_data(inputs, options.calibration, options.validation, options.labels)
+    calibration, validation, labels = data.calibration, data.validation, data.labels
     names = [spec.name for spec in outputs]
     progress.start("running the TFLite model", 1)
     validation_outputs = run_outputs(session, validation, names)
@@ -122,7 +121,7 @@ def convert_tflite(
         raise ConverterError(
             "the TFLite model gives NaN or infinite outputs on the validation data"
         )
-    task, metrics, notes = None, {}, []
+    task, metrics, notes = None, {}, data.notes
     if labels is not None:
         assert options.labels is not None
         task = decide_task(validation_outputs, labels, str(options.labels))
@@ -158,6 +157,7 @@ def convert_tflite(
             *notes,
         ],
         task=task,
+        same_samples=data.same_samples,
     )
     reference = reference_data(context)  # before the report: it may add a note
     report = build_report(context, evaluation, [evaluation])
