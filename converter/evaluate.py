@@ -63,7 +63,9 @@ def open_session(path: Path, profile: Profile) -> object:
     options = ort.SessionOptions()
     options.intra_op_num_threads = session_threads(profile)
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    # Fatal only: a failed run raises with onnxruntime's message, which the converter
+    # reports in one line; its log would print the same message again, in colour.
+    options.log_severity_level = 4
     # Idle worker threads would otherwise spin for a while after each run, taking the
     # cores from the other model of an interleaved timing (measure_paired).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -82,12 +84,29 @@ def open_session(path: Path, profile: Profile) -> object:
         raise CorruptModelError(f"onnxruntime cannot load {path.name}: {summarize(exc)}") from exc
 
 
+class RunFailedError(Exception):
+    """The runtime failed on a sample of `source` (e.g. an index out of a Gather's range)."""
+
+    def __init__(self, source: Path, cause: BaseException) -> None:
+        self.source = source
+        self.cause = summarize(cause)
+        super().__init__(f"on {source.name}: {self.cause}")
+
+
 def run_outputs(session: object, dataset: Dataset, names: Sequence[str]) -> Outputs:
-    """Every output for every sample, samples along the first axis."""
+    """Every output for every sample, samples along the first axis.
+
+    Raises:
+        RunFailedError: the runtime failed on a sample.
+    """
     batched = not all(dataset.whole_entries.values())
     collected: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for feed in dataset.samples():
-        for name, value in zip(names, session.run(list(names), feed), strict=True):  # type: ignore[attr-defined]
+        try:
+            values = session.run(list(names), feed)  # type: ignore[attr-defined]
+        except Exception as exc:
+            raise RunFailedError(dataset.source, exc) from exc
+        for name, value in zip(names, values, strict=True):
             collected[name].append(np.asarray(value))
     return {
         name: np.concatenate(values) if batched else np.stack(values)

@@ -28,7 +28,7 @@ import onnx
 from edgefleet.converter import candidates as cand
 from edgefleet.converter.choose import Evaluation, accuracy_score, choose
 from edgefleet.converter.context import ConversionContext, ConversionResult, ConvertOptions
-from edgefleet.converter.data import load_conversion_data
+from edgefleet.converter.data import ConversionData, load_conversion_data
 from edgefleet.converter.errors import (
     ConversionFailedError,
     DataError,
@@ -36,6 +36,8 @@ from edgefleet.converter.errors import (
     summarize,
 )
 from edgefleet.converter.evaluate import (
+    Outputs,
+    RunFailedError,
     budget_failures,
     decide_task,
     fidelity,
@@ -73,6 +75,25 @@ from edgefleet.profiles import Profile, load_profile
 TOP_STRUCTURES = 2  # structures tried with other calibration methods
 FLOAT_LAYER_STEPS = (1, 2, 4, 8, 16)  # layers kept in float, per retry
 ONNX2TF_DOMAINS = frozenset({"", "ai.onnx"})  # operator domains onnx2tf converts
+
+
+def _float_outputs(session: object, model: Path, data: ConversionData, names: list[str]) -> Outputs:
+    """The float model's outputs on the validation samples, once it has run on every sample.
+
+    Raises:
+        DataError: onnxruntime cannot run the float model on a sample (of either file:
+            the calibration samples feed the quantizer and the drift reference).
+    """
+    try:
+        outputs = run_outputs(session, data.validation, names)
+        if not data.same_samples:
+            run_outputs(session, data.calibration, names)
+    except RunFailedError as exc:
+        raise DataError(
+            f"onnxruntime cannot run {model.name} on the data in {exc.source}: {exc.cause}; "
+            "give data the model accepts (values in the ranges it was built for)"
+        ) from exc
+    return outputs
 
 
 def _check_target(info: ModelInfo, profile: Profile) -> None:
@@ -369,7 +390,7 @@ def convert(
         session = open_session(float_path, profile)
         names = [spec.name for spec in info.outputs]
         progress.start("measuring the float model", 1)
-        float_outputs = run_outputs(session, validation, names)
+        float_outputs = _float_outputs(session, model, data, names)
         progress.finish()
         if has_non_finite(float_outputs):
             raise DataError("the float model gives NaN or infinite outputs on the validation data")

@@ -27,11 +27,13 @@ from edgefleet.converter.data import Feed, load_conversion_data
 from edgefleet.converter.errors import (
     ConverterError,
     CorruptModelError,
+    DataError,
     RuntimeMissingError,
     UnsupportedOperatorError,
     summarize,
 )
 from edgefleet.converter.evaluate import (
+    RunFailedError,
     decide_task,
     fidelity,
     has_non_finite,
@@ -115,7 +117,13 @@ def convert_tflite(
     calibration, validation, labels = data.calibration, data.validation, data.labels
     names = [spec.name for spec in outputs]
     progress.start("running the TFLite model", 1)
-    validation_outputs = run_outputs(session, validation, names)
+    try:
+        validation_outputs = run_outputs(session, validation, names)
+    except RunFailedError as exc:
+        raise DataError(
+            f"LiteRT cannot run {model.name} on the data in {exc.source}: {exc.cause}; give "
+            "data the model accepts"
+        ) from exc
     progress.finish()
     if has_non_finite(validation_outputs):
         raise ConverterError(

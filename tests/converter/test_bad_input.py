@@ -48,7 +48,10 @@ def assert_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Refuse
         )
         stderr = capsys.readouterr().err
         assert status == 2, stderr
-        assert stderr.startswith("error [") and "Traceback" not in stderr
+        # Progress lines (stderr is not a terminal here) may come first; the error is one line.
+        *progress, last = stderr.splitlines()
+        assert last.startswith("error [") and "Traceback" not in stderr
+        assert all(line.endswith(")") for line in progress), stderr
         assert not out.exists()
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
@@ -160,3 +163,42 @@ def test_existing_output_directory_is_not_touched(mlp: Case, tmp_path: Path) -> 
     with pytest.raises(EdgefleetError, match="not empty"):
         convert(mlp.model, out, ConvertOptions(target="x86_64-vnni", calibration=mlp.calibration))
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def _gather_model(path: Path) -> Path:
+    """Embeds 3 indices per sample in a table of 10 rows: an index >= 10 fails in Gather."""
+    table = np.arange(40, dtype=np.float32).reshape(10, 4)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["table", "tokens"], ["embedded"]),
+            helper.make_node("ReduceMean", ["embedded"], ["mean"], axes=[1], keepdims=0),
+        ],
+        "embedding",
+        [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", 3])],
+        [helper.make_tensor_value_info("mean", TensorProto.FLOAT, ["batch", 4])],
+        [onnx.numpy_helper.from_array(table, "table")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_data_the_float_model_cannot_run_on_refused(
+    tmp_path: Path, assert_refused: Refused
+) -> None:
+    model = _gather_model(tmp_path / "embedding.onnx")
+    tokens = np.zeros((8, 3), np.int64)
+    tokens[4, 1] = 50
+    data = _npz(tmp_path / "tokens.npz", tokens=tokens)
+    assert_refused(
+        model, data, errors.DataError, match=r"cannot run embedding\.onnx on the data in .*tokens"
+    )
+
+
+def test_calibration_data_the_float_model_cannot_run_on_refused(tmp_path: Path) -> None:
+    model = _gather_model(tmp_path / "embedding.onnx")
+    good = _npz(tmp_path / "good.npz", tokens=np.zeros((8, 3), np.int64))
+    bad = _npz(tmp_path / "bad.npz", tokens=np.full((8, 3), 10, np.int64))
+    out = tmp_path / "out"
+    with pytest.raises(errors.DataError, match=r"on the data in .*bad\.npz"):
+        convert(model, out, ConvertOptions(target="x86_64-vnni", calibration=bad, validation=good))
+    assert not out.exists()
