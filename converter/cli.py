@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -30,6 +31,9 @@ from edgefleet.errors import UsageError
 from edgefleet.fileio import check_output_directory, check_output_file
 
 _BUDGET_KEYS = {field.name: field.type for field in dataclasses.fields(Budget)}
+# Fractions that must be above 0 and at most 1: (open at 0, upper bound); every other key is a
+# drop, increase or deviation, finite and >= 0.
+_BUDGET_RANGES = {"min_cosine": (True, 1.0), "min_top1_agreement": (True, 1.0)}
 
 
 class _TerminalProgress:
@@ -59,7 +63,8 @@ class _TerminalProgress:
 def parse_budget(items: tuple[str, ...]) -> Budget:
     """`accuracy_drop=0.5` and the like into a Budget.
 
-    Raises: UsageError naming the bad item.
+    Raises: UsageError naming the bad item: an unknown key, not a number, or out of its
+    range (cosine and agreement in (0, 1]; drops, increases and deviations >= 0; finite).
     """
     values: dict[str, float] = {}
     for item in items:
@@ -69,9 +74,14 @@ def parse_budget(items: tuple[str, ...]) -> Budget:
                 f"--budget {item!r}: use KEY=VALUE with KEY one of {', '.join(_BUDGET_KEYS)}"
             )
         try:
-            values[key] = float(value)
+            number = float(value)
         except ValueError:
             raise UsageError(f"--budget {item!r}: {value!r} is not a number") from None
+        low_open, high = _BUDGET_RANGES.get(key, (False, math.inf))
+        if not math.isfinite(number) or number > high or number < 0 or (low_open and number == 0):
+            allowed = "in (0, 1]" if low_open else "a number >= 0"
+            raise UsageError(f"--budget {item!r}: {key} must be {allowed}")
+        values[key] = number
     return Budget(**values)
 
 
@@ -119,7 +129,8 @@ def _prepare_tools(context: click.Context, _: click.Parameter, value: bool) -> N
     multiple=True,
     metavar="KEY=VALUE",
     help="Accuracy budget: accuracy_drop (points, 1.0), regression_error_increase "
-    "(0.05), min_cosine (0.99), min_top1_agreement (0.98), max_deviation (0.1). Repeatable.",
+    "(0.05), min_cosine (0.99), min_top1_agreement (0.98), max_deviation (0.1); cosine "
+    "and agreement in (0, 1], the others >= 0. Repeatable.",
 )
 @click.option(
     "--optimize",

@@ -90,6 +90,7 @@ def build_report(
             "regression_error_increase": budget.regression_error_increase,
             "min_cosine": budget.min_cosine,
             "min_top1_agreement": budget.min_top1_agreement,
+            "max_deviation": budget.max_deviation,
         },
         "measured_on": {
             "machine": platform.machine(),

@@ -93,32 +93,40 @@ def test_convert_json_summary(
 
 
 @pytest.mark.parametrize(
-    ("candidate", "budget", "expected"),
+    ("case_name", "candidate", "budget", "expected"),
     [
-        ("fastest", "accuracy_drop=1", "error [usage]: candidate 'fastest' is not valid"),
-        (STATIC_QDQ, "accuracy_drop=-50", "error [conversion-failed]: the pinned candidate"),
+        ("mlp", "fastest", "accuracy_drop=1", "error [usage]: candidate 'fastest' is not valid"),
+        # Any quantized prediction moves from the float one: no deviation at all is impossible.
+        (
+            "regressor",
+            STATIC_QDQ,
+            "max_deviation=0",
+            "error [conversion-failed]: the pinned candidate",
+        ),
     ],
 )
 def test_pinned_candidate_that_cannot_ship_is_one_line_and_writes_nothing(
-    mlp: Case,
+    request: pytest.FixtureRequest,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
+    case_name: str,
     candidate: str,
     budget: str,
     expected: str,
 ) -> None:
+    case: Case = request.getfixturevalue(case_name)
     status, out, err = run(
         capsys,
         "convert",
-        mlp.model,
+        case.model,
         "--target",
         "x86_64-vnni",
         "--calibration",
-        mlp.calibration,
+        case.calibration,
         "--validation",
-        mlp.validation,
+        case.validation,
         "--labels",
-        mlp.labels,
+        case.labels,
         "--budget",
         budget,
         "--candidate",
@@ -168,6 +176,64 @@ def test_bad_budget_refused(mlp: Case, tmp_path: Path, capsys: pytest.CaptureFix
         tmp_path / "out",
     )
     assert status == 2 and "accuracy_drop" in err
+
+
+@pytest.mark.parametrize(
+    ("item", "allowed"),
+    [
+        ("min_cosine=2", "min_cosine must be in (0, 1]"),
+        ("min_cosine=0", "min_cosine must be in (0, 1]"),
+        ("min_top1_agreement=1.5", "min_top1_agreement must be in (0, 1]"),
+        ("accuracy_drop=-5", "accuracy_drop must be a number >= 0"),
+        ("accuracy_drop=nan", "accuracy_drop must be a number >= 0"),
+        ("regression_error_increase=inf", "regression_error_increase must be a number >= 0"),
+        ("max_deviation=-0.1", "max_deviation must be a number >= 0"),
+        ("min_cosine=nan", "min_cosine must be in (0, 1]"),
+    ],
+)
+def test_budget_out_of_range_refused(
+    mlp: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str], item: str, allowed: str
+) -> None:
+    status, out, err = run(
+        capsys,
+        "convert",
+        mlp.model,
+        "--target",
+        "x86_64-vnni",
+        "--calibration",
+        mlp.calibration,
+        "--budget",
+        item,
+        "-o",
+        tmp_path / "out",
+    )
+    assert status == 2 and out == ""
+    assert err == f"error [usage]: --budget {item!r}: {allowed}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_states_every_budget_key(
+    mlp: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, _, err = run(
+        capsys,
+        "convert",
+        mlp.model,
+        "--target",
+        "x86_64-vnni",
+        "--calibration",
+        mlp.calibration,
+        "--candidate",
+        "float",
+        "--budget",
+        "max_deviation=0.25",
+        "-o",
+        tmp_path / "out",
+    )
+    assert status == 0, err
+    budget = json.loads((tmp_path / "out" / "report.json").read_text())["budget"]
+    assert budget["max_deviation"] == 0.25
+    assert budget["min_cosine"] == 0.99
 
 
 def test_targets_list_and_show(capsys: pytest.CaptureFixture[str]) -> None:
