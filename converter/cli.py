@@ -255,11 +255,14 @@ def convert_command(
     measured against the float model on the validation data (accuracy with
     labels, output fidelity without) and timed head to head with the float
     model on this machine (with --measure-on, on a device of the target; the
-    report says where each figure was measured). The fastest candidate within
-    the accuracy budget that is clearly faster than float is chosen; a model slower than the float
-    one is never shipped, unless pinned with --candidate. A quantized model
-    carries the float model along as the device's fallback. See
-    docs/converter.md.
+    report says where each figure was measured). With --optimize latency (the
+    default), the fastest candidate within the accuracy budget that is clearly
+    faster than float is chosen: a model slower than the float one is never
+    shipped. With --optimize size, the smallest within the budget is chosen if
+    it is smaller than the float model, whatever its speed. --candidate ships
+    the named candidate instead, if it meets the budget, whatever its speed. A
+    quantized model carries the float model along as the device's fallback.
+    See docs/converter.md.
     """
     if release_key is None and (name or version or security_floor):
         raise UsageError("--name, --version and --security-floor go with --sign")

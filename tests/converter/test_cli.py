@@ -236,6 +236,18 @@ def test_report_states_every_budget_key(
     assert budget["min_cosine"] == 0.99
 
 
+def test_convert_help_says_what_each_optimization_may_ship(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    status, out, _ = run(capsys, "convert", "--help")
+    assert status == 0
+    text = " ".join(out.split())
+    # --optimize size may ship a smaller, slower model (docs/converter.md, step 8).
+    assert "With --optimize latency (the default)" in text
+    assert "a model slower than the float one is never shipped. With --optimize size" in text
+    assert "smaller than the float model, whatever its speed" in text
+
+
 def test_targets_list_and_show(capsys: pytest.CaptureFixture[str]) -> None:
     status, out, _ = run(capsys, "targets", "list", "--json")
     assert status == 0
