@@ -51,7 +51,8 @@ CONFIDENCE = 0.95
 
 @dataclass(frozen=True)
 class PairedTiming:
-    """Per interleaved round, the median time (ms) of one inference of a candidate and of float."""
+    """Per interleaved round, the fastest time (ms) of one inference of a candidate and of
+    float (`measure_paired` in evaluate.py)."""
 
     candidate_ms: tuple[float, ...]
     float_ms: tuple[float, ...]

@@ -40,6 +40,8 @@ def _paired_rounds(evaluation: Evaluation) -> dict[str, Any] | None:
         "rounds": timing.rounds,
         "faster_rounds": timing.rounds_faster,
         "median_ratio": timing.ratio,
+        # The candidate's fastest run over all rounds: what the choice ranks by (choose.py).
+        "best_ms": timing.best_ms,
         "interval": list(timing.interval),
         "confidence": CONFIDENCE,
         "candidate_ms": list(timing.candidate_ms),
@@ -137,7 +139,10 @@ def format_table(report: dict[str, Any]) -> str:
             latency = f"{row['latency_ms']:.3f} ms ({row['latency_ratio']:.2f}x"
             paired = row["paired_rounds"]
             if paired is not None:
-                latency += f", faster in {paired['faster_rounds']}/{paired['rounds']}"
+                latency += (
+                    f", faster in {paired['faster_rounds']}/{paired['rounds']}; "
+                    f"fastest {paired['best_ms']:.3f} ms"
+                )
             latency += ")"
         accuracy = _headline(row["metrics"], row["per_output"])
         lines.append((row["name"], size, latency, accuracy, row["verdict"]))

@@ -95,6 +95,19 @@ def test_pinned_quantized_candidate_ships_with_the_float_model_as_fallback(
     assert json.loads((out / "edgefleet-bundle.json").read_text())["lineage"]["pinned"] is True
 
 
+def test_report_shows_the_fastest_run_the_ranking_uses(mlp: Case, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    convert(mlp.model, out, options(mlp, candidate=STATIC_QDQ))
+    row = report_of(out)["candidates"][1]
+    paired = row["paired_rounds"]
+    # Candidates are ranked by their fastest run (choose.speed_ranking), not the median.
+    assert paired["best_ms"] == min(paired["candidate_ms"])
+    table = (out / "report.txt").read_text()
+    line = next(line for line in table.splitlines() if line.startswith(STATIC_QDQ))
+    assert f"{row['latency_ms']:.3f} ms (" in line
+    assert f"fastest {paired['best_ms']:.3f} ms" in line
+
+
 def test_pinned_float_ships_one_copy_of_the_model(mlp: Case, tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = convert(mlp.model, out, options(mlp, candidate="float"))
