@@ -22,6 +22,8 @@ alike, so a ratio survives it where two separate latencies do not.
   never shipped.
 - `size`: the smallest of those, if smaller than the float model; ties go to
   the faster.
+- No candidate at all (nothing in the model can be quantized): the float model
+  ships, and its verdict says why.
 - A pinned candidate (ConvertOptions.candidate) is shipped if it meets the
   budget, whatever its speed (the report says what it is); otherwise the
   conversion fails.
@@ -265,6 +267,8 @@ def choose(
                 "raise the budget"
             )
         why = "pinned" if chosen.is_float else f"pinned; {_speed(chosen)}"
+    elif len(evaluations) == 1:
+        chosen, why = baseline, "nothing in the model can be quantized"
     else:
         usable = [e for e in evaluations if e.usable and e is not baseline]
         found, why = (

@@ -151,6 +151,13 @@ def _quantize_and_evaluate(
 
 def _search(context: ConversionContext, float_model: Path) -> list[Evaluation]:
     structures = cand.structural_candidates(context.profile, context.info.kind)
+    if not structures:
+        context.notes.append(
+            f"nothing in {context.model.name} can be quantized (operators: "
+            f"{', '.join(sorted(context.info.op_counts))}; none has weights that onnxruntime "
+            "quantizes): the float model is shipped"
+        )
+        return []
     context.progress.start("quantizing and measuring candidates", len(structures))
     evaluations = [_quantize_and_evaluate(context, c, float_model) for c in structures]
     context.progress.finish()

@@ -335,6 +335,53 @@ def test_other_targets_get_their_own_settings(mlp: Case, tmp_path: Path, target:
         assert static and all(s["format"] == "QDQ" for s in static)
 
 
+def test_model_with_nothing_to_quantize_ships_float_and_says_why(mlp: Case, tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+    from sklearn.linear_model import LogisticRegression
+
+    from tests.fixtures import datasets
+
+    # scikit-learn's linear classifier as one ai.onnx.ml LinearClassifier: no operator
+    # that onnxruntime quantizes, so there is no candidate.
+    features, labels = datasets.digits_tabular()
+    train = datasets.split(len(features)).train
+    trained = LogisticRegression(max_iter=2000).fit(features[train], labels[train])
+    node = helper.make_node(
+        "LinearClassifier",
+        ["features"],
+        ["label", "scores"],
+        domain="ai.onnx.ml",
+        coefficients=trained.coef_.astype(np.float32).ravel().tolist(),
+        intercepts=trained.intercept_.astype(np.float32).tolist(),
+        classlabels_ints=[int(c) for c in trained.classes_],
+    )
+    graph = helper.make_graph(
+        [node],
+        "linear",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 64])],
+        [
+            helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"]),
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 10]),
+        ],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 1)]
+    model = tmp_path / "linear.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=opsets), model)
+    out = tmp_path / "out"
+    result = convert(model, out, options(mlp))
+    report = report_of(out)
+    assert [row["name"] for row in report["candidates"]] == ["float"]
+    assert result.chosen.verdict == "chosen: nothing in the model can be quantized"
+    assert any(
+        note.startswith("nothing in linear.onnx can be quantized") for note in report["notes"]
+    )
+    # Not the words of a search that found nothing fast enough, nor of a failed recovery.
+    text = (out / "report.txt").read_text()
+    assert "clearly faster" not in text and "recovery" not in text
+    assert report["candidates"][0]["metrics"]["accuracy"] > 90
+
+
 def test_old_opset_is_upgraded_before_quantization(tmp_path: Path) -> None:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
