@@ -290,7 +290,8 @@ def load_labels(path: Path, expected: int) -> np.ndarray:
         raise InputShapeError(f"{path}: labels must be one per sample, got shape {labels.shape}")
     if len(labels) != expected:
         raise InputShapeError(
-            f"{path} holds {len(labels)} labels for {expected} validation samples"
+            f"{path} holds {len(labels)} label(s) for {expected} validation sample(s): "
+            "give one label per validation sample, in the same order"
         )
     if labels.dtype.kind == "f" and not np.isfinite(labels).all():
         raise NonFiniteDataError(f"{path}: labels hold NaN or infinite values")

@@ -28,7 +28,7 @@ import onnx
 from edgefleet.converter import candidates as cand
 from edgefleet.converter.choose import Evaluation, accuracy_score, choose
 from edgefleet.converter.context import ConversionContext, ConversionResult, ConvertOptions
-from edgefleet.converter.data import ConversionData, load_conversion_data
+from edgefleet.converter.data import ConversionData, load_conversion_data, samples_word
 from edgefleet.converter.errors import (
     ConversionFailedError,
     DataError,
@@ -234,7 +234,8 @@ def _recover(
     )
     context.notes.append(
         f"sensitivity of {base.name} (one layer quantized at a time, output error on "
-        f"{min(SENSITIVITY_SAMPLES, context.calibration.size)} calibration samples): "
+        f"{samples_word(min(SENSITIVITY_SAMPLES, context.calibration.size))} of the "
+        "calibration data): "
         + ", ".join(
             f"{s.layer.name} {s.error:.4f}" + (f" (failed: {s.failure})" if s.failure else "")
             for s in ranked

@@ -34,7 +34,7 @@ from edgefleet.bundlefiles import (
     SmokeSpec,
     TensorSchema,
 )
-from edgefleet.converter.data import Dataset
+from edgefleet.converter.data import Dataset, samples_word
 from edgefleet.converter.driftcal import calibrate
 from edgefleet.converter.modelinfo import ModelInfo, TensorSpec
 from edgefleet.drift import (
@@ -131,7 +131,7 @@ def small_reference_note(samples: int) -> str | None:
     """
     if samples >= SPREAD_REFERENCE_SAMPLES:
         return None
-    head = f"drift reference from {samples} samples (calibration and validation together): "
+    head = f"drift reference from {samples_word(samples)} (calibration and validation together): "
     spread = (
         f"drift checks find a change of spread less readily than with "
         f"{SPREAD_REFERENCE_SAMPLES} samples or more"

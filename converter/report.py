@@ -126,12 +126,21 @@ def _feature_list(names: list[str]) -> str:
     return f"{names[0]} .. {names[-1]} ({len(names)} features)"
 
 
+def _size(size_bytes: int) -> str:
+    """1.23 MB, 70.7 KB, 812 B: a small model's size is not 0.00 MB."""
+    if size_bytes >= 1e6:
+        return f"{size_bytes / 1e6:.2f} MB"
+    if size_bytes >= 1e3:
+        return f"{size_bytes / 1e3:.1f} KB"
+    return f"{size_bytes} B"
+
+
 def format_table(report: dict[str, Any]) -> str:
     """A readable table of every candidate, widest columns first trimmed."""
     header = ("candidate", "size", "latency", "accuracy", "verdict")
     lines = []
     for row in report["candidates"]:
-        size = f"{row['size_bytes'] / 1e6:.2f} MB" if row["size_bytes"] else "-"
+        size = _size(row["size_bytes"]) if row["size_bytes"] else "-"
         if row["size_ratio"]:
             size += f" ({row['size_ratio']:.2f}x)"
         latency = "-"

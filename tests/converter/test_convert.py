@@ -410,3 +410,17 @@ def test_old_opset_is_upgraded_before_quantization(tmp_path: Path) -> None:
         row for row in report["candidates"] if row["settings"]["per_channel"] and not row["error"]
     ]
     assert per_channel, "per-channel candidates need opset 13 and must have run"
+
+
+def test_one_sample_and_a_small_model_read_right_in_the_report(
+    regressor: Case, tmp_path: Path
+) -> None:
+    one = tmp_path / "one.npz"
+    np.savez(one, features=np.load(regressor.calibration)["features"][:1])
+    out = tmp_path / "out"
+    convert(regressor.model, out, ConvertOptions("x86_64-vnni", calibration=one, candidate="float"))
+    notes = report_of(out)["notes"]
+    assert any(n.startswith("drift reference from 1 sample (") for n in notes), notes
+    table = (out / "report.txt").read_text()
+    size = regressor.model.stat().st_size  # 2.5 KB, not "0.00 MB"
+    assert f"{size / 1e3:.1f} KB (1.00x)" in table and "0.00 MB" not in table
