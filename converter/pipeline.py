@@ -407,7 +407,8 @@ def convert(
             assert options.labels is not None
             task = decide_task(float_outputs, labels, str(options.labels))
             float_metrics = task_metrics(float_outputs, labels, task)
-            notes.append(f"labels: {task.describe()}")
+            if task.kind == "binary":  # a threshold the converter chose: say which
+                notes.append(f"labels: {task.describe()}")
         float_ms = measure_latency_ms(session, validation.sample(0))
         baseline = Evaluation(
             candidate=cand.FLOAT,

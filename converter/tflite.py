@@ -134,7 +134,8 @@ def convert_tflite(
         assert options.labels is not None
         task = decide_task(validation_outputs, labels, str(options.labels))
         metrics = task_metrics(validation_outputs, labels, task)
-        notes.append(f"labels: {task.describe()}")
+        if task.kind == "binary":  # a threshold the converter chose: say which
+            notes.append(f"labels: {task.describe()}")
     latency_ms = measure_latency_ms(session, validation.sample(0))
     evaluation = Evaluation(
         candidate=cand.FLOAT,
