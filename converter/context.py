@@ -53,9 +53,12 @@ class ConvertOptions:
     tflite: bool = False
 
 
+FLOAT_ONNX = "float.onnx"  # the float model in the working directory, weights inside
+
+
 @dataclass
 class ConversionContext:
-    model: Path  # the source model, unchanged
+    model: Path  # the source model, unchanged (its float copy: workdir / FLOAT_ONNX)
     options: ConvertOptions
     profile: Profile
     info: ModelInfo

@@ -43,6 +43,10 @@ class CorruptModelError(ModelError):
     """The model is truncated or damaged, or its runtime cannot load it."""
 
 
+class ModelTooLargeError(ModelError):
+    """The model with its external weights is larger than one ONNX file holds."""
+
+
 class UnsupportedOperatorError(ModelError):
     """The model uses operators that the target's runtime does not have."""
 

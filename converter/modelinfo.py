@@ -15,8 +15,14 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
+from onnx import external_data_helper
 
-from edgefleet.converter.errors import CorruptModelError, NotAModelError, RuntimeNotOnTargetError
+from edgefleet.converter.errors import (
+    CorruptModelError,
+    ModelTooLargeError,
+    NotAModelError,
+    RuntimeNotOnTargetError,
+)
 from edgefleet.profiles import Profile, Runtime, all_profiles
 
 ModelFormat = Literal["onnx", "tflite"]
@@ -95,6 +101,23 @@ def _dims(value_info: onnx.ValueInfoProto) -> tuple[Dim, ...]:
     return tuple(dims)
 
 
+def _read_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Read the weights `model` (loaded from `path`) keeps in other files into it."""
+    try:
+        external_data_helper.load_external_data_for_model(model, str(path.parent))
+    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+        raise CorruptModelError(
+            f"{path} keeps weights in files of their own that cannot be read from "
+            f"{path.parent} ({exc}): keep them beside the model, as it was saved"
+        ) from exc
+    size = model.ByteSize()
+    if size > MAX_MODEL_BYTES:
+        raise ModelTooLargeError(
+            f"{path} with its weights is {size / 2**30:.1f} GiB, more than one ONNX file "
+            "holds (2 GiB): the converter takes models up to that size"
+        )
+
+
 def _spec(value_info: onnx.ValueInfoProto) -> TensorSpec:
     tensor_type = value_info.type.tensor_type
     if not value_info.type.HasField("tensor_type"):
@@ -125,12 +148,20 @@ def is_tflite(path: Path) -> bool:
         return handle.read(8)[4:8] == b"TFL3"
 
 
+# Protocol buffers serialize at most 2 GiB: the most one ONNX file holds with its weights.
+MAX_MODEL_BYTES = 2**31 - 1
+
+
 def load_onnx(path: Path) -> tuple[onnx.ModelProto, ModelInfo]:
-    """Load and check an ONNX model.
+    """Load and check an ONNX model, with the weights it keeps in files beside it (ONNX
+    external data, relative to its own directory) read into it: the model returned is
+    whole, to be saved as one file.
 
     Raises:
         NotAModelError: not an ONNX model.
-        CorruptModelError: truncated, damaged, or failing onnx's checker.
+        CorruptModelError: truncated, damaged, failing onnx's checker, or its external
+            data missing or unreadable.
+        ModelTooLargeError: with its external data, larger than one ONNX file can hold.
     """
     data = Path(path).read_bytes()
     if not data:
@@ -144,6 +175,7 @@ def load_onnx(path: Path) -> tuple[onnx.ModelProto, ModelInfo]:
         raise NotAModelError(f"{path} is not an ONNX or TFLite model") from exc
     if not model.graph.node or not model.graph.output:
         raise NotAModelError(f"{path} holds no ONNX graph")
+    _read_external_data(model, Path(path))
     try:
         onnx.checker.check_model(model, full_check=False)
     except onnx.checker.ValidationError as exc:

@@ -31,7 +31,7 @@ from edgefleet import __version__
 from edgefleet.bundle import METADATA_NAME
 from edgefleet.bundlefiles import FALLBACK_ONNX, SERVED_ONNX, SERVED_TFLITE
 from edgefleet.converter.choose import Evaluation
-from edgefleet.converter.context import ConversionContext, ConversionResult
+from edgefleet.converter.context import FLOAT_ONNX, ConversionContext, ConversionResult
 from edgefleet.converter.data import Dataset
 from edgefleet.converter.evaluate import Outputs, open_session, run_outputs, session_threads
 from edgefleet.converter.reference import (
@@ -151,7 +151,7 @@ def write_output(
         # A float model served needs no second copy as its fallback; where onnxruntime does
         # not run, the ONNX model is no fallback.
         if not chosen.is_float and "onnxruntime" in context.profile.runtimes:
-            shutil.copyfile(context.model, staging / FALLBACK_ONNX)
+            shutil.copyfile(context.workdir / FLOAT_ONNX, staging / FALLBACK_ONNX)
         session = open_model_session(staging / served, context.profile)
         reference_outputs: Outputs = run_outputs(session, reference, names)
         write_schema(staging, context.info, reference.arrays, reference_outputs)

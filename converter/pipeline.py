@@ -18,7 +18,6 @@ never half-written.
 from __future__ import annotations
 
 import platform
-import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -27,7 +26,12 @@ import onnx
 
 from edgefleet.converter import candidates as cand
 from edgefleet.converter.choose import Evaluation, accuracy_score, choose
-from edgefleet.converter.context import ConversionContext, ConversionResult, ConvertOptions
+from edgefleet.converter.context import (
+    FLOAT_ONNX,
+    ConversionContext,
+    ConversionResult,
+    ConvertOptions,
+)
 from edgefleet.converter.data import ConversionData, load_conversion_data, samples_word
 from edgefleet.converter.errors import (
     ConversionFailedError,
@@ -393,8 +397,8 @@ def convert(
 
     with tempfile.TemporaryDirectory(prefix="edgefleet-convert-") as scratch:
         workdir = Path(scratch)
-        float_path = workdir / "float.onnx"
-        shutil.copyfile(model, float_path)
+        float_path = workdir / FLOAT_ONNX
+        onnx.save_model(onnx_model, float_path)  # one file, external weights read in
         session = open_session(float_path, profile)
         names = [spec.name for spec in info.outputs]
         progress.start("measuring the float model", 1)

@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
 from edgefleet.bundle import BundlePolicy, build_bundle, verify_bundle
 from edgefleet.converter import Budget, ConvertOptions, convert
-from edgefleet.converter.errors import ConversionFailedError
+from edgefleet.converter.errors import ConversionFailedError, CorruptModelError
 from edgefleet.drift import DriftReference
 from edgefleet.errors import UsageError
 from edgefleet.profiles import HOST_PROFILE_ENV, UnknownProfileError
@@ -424,3 +425,51 @@ def test_one_sample_and_a_small_model_read_right_in_the_report(
     table = (out / "report.txt").read_text()
     size = regressor.model.stat().st_size  # 2.5 KB, not "0.00 MB"
     assert f"{size / 1e3:.1f} KB (1.00x)" in table and "0.00 MB" not in table
+
+
+def test_a_model_with_its_weights_in_files_beside_it_converts_from_any_directory(
+    cnn: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    external = saved / "cnn.onnx"
+    onnx.save_model(
+        onnx.load(cnn.model),
+        external,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="cnn.weights",
+        size_threshold=0,
+    )
+    assert external.stat().st_size < cnn.model.stat().st_size / 2  # the weights are apart
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    out = tmp_path / "out"
+    convert(external, out, options(cnn, candidate=STATIC_QDQ))
+    # Both models ship whole, and answer as the source model does.
+    features = np.load(cnn.validation)
+    feed = {name: features[name][:8] for name in features.files}
+    expected = ort.InferenceSession(str(cnn.model)).run(None, feed)
+    for shipped in ("model.onnx", "model.float.onnx"):
+        assert not [p for p in out.iterdir() if p.name.endswith(".weights")]
+        answered = ort.InferenceSession(str(out / shipped)).run(None, feed)
+        tolerance = 0 if shipped == "model.float.onnx" else 0.5
+        np.testing.assert_allclose(answered[0], expected[0], atol=tolerance)
+
+
+def test_a_model_whose_weight_file_is_missing_is_refused_naming_where_it_looked(
+    cnn: Case, tmp_path: Path
+) -> None:
+    external = tmp_path / "cnn.onnx"
+    onnx.save_model(
+        onnx.load(cnn.model),
+        external,
+        save_as_external_data=True,
+        location="cnn.weights",
+        size_threshold=0,
+    )
+    (tmp_path / "cnn.weights").unlink()
+    with pytest.raises(CorruptModelError, match="keep them beside the model"):
+        convert(external, tmp_path / "out", options(cnn))
+    assert not (tmp_path / "out").exists()
