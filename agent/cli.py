@@ -333,8 +333,11 @@ def run_command(config_path: Path, verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from edgefleet.agent.runner import Agent
+    from edgefleet.agent.statelock import acquire
 
-    running = Agent(read_config(config_path, make_device_id=True))
+    config = read_config(config_path, make_device_id=True)
+    # Before anything else: a second agent on this state directory is refused.
+    running = Agent(config, state_lock=acquire(_layout(config)))
     for number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(number, lambda *_: running.stopping.set())
     running.run()
@@ -478,6 +481,7 @@ def install_command(bundle_path: Path, config_path: Path) -> None:
     """
     from edgefleet.agent.client import change
     from edgefleet.agent.runner import status_dict
+    from edgefleet.agent.statelock import acquire
 
     config = read_config(config_path)
     url = _agent_to_change(config)
@@ -487,9 +491,11 @@ def install_command(bundle_path: Path, config_path: Path) -> None:
         except AgentRequestError as exc:
             _relay(exc)
     else:
-        installer = _offline_installer(config)
-        installer.install_file(bundle_path)
-        status = status_dict(installer)
+        # No agent to go through: hold the state directory, so none starts meanwhile.
+        with acquire(_layout(config), "agent install"):
+            installer = _offline_installer(config)
+            installer.install_file(bundle_path)
+            status = status_dict(installer)
     _echo_status(status)
 
 
@@ -499,6 +505,7 @@ def rollback_command(config_path: Path) -> None:
     """Serve the previous version again."""
     from edgefleet.agent.client import change
     from edgefleet.agent.runner import status_dict
+    from edgefleet.agent.statelock import acquire
 
     config = read_config(config_path)
     url = _agent_to_change(config)
@@ -508,9 +515,10 @@ def rollback_command(config_path: Path) -> None:
         except AgentRequestError as exc:
             _relay(exc)
     else:
-        installer = _offline_installer(config)
-        installer.rollback()
-        status = status_dict(installer)
+        with acquire(_layout(config), "agent rollback"):
+            installer = _offline_installer(config)
+            installer.rollback()
+            status = status_dict(installer)
     _echo_status(status)
 
 

@@ -12,6 +12,7 @@
     │   ├── HealthCheckError          errors, fallbacks or latency under live traffic
     │   └── DownloadError             a transport failed (transient: retried with backoff)
     ├── InstallInProgressError    another install is running (state machine busy)
+    ├── AgentRunningError         another agent (or in-process change) holds the state directory
     ├── RollbackError             nothing to roll back to
     ├── PrivatePathError          an install from a file inside the agent's state directory
     └── EnrollmentError           enrolling this device with the fleet server failed
@@ -73,6 +74,10 @@ class DownloadError(InstallError):
 
 class InstallInProgressError(AgentError):
     """Another install is running."""
+
+
+class AgentRunningError(AgentError, LocalError):
+    """Another agent runs on the state directory, or another `agent install` changes it."""
 
 
 class RollbackError(AgentError):

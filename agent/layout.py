@@ -13,6 +13,8 @@
       outbox/               store-and-forward queue of MQTT messages (edgefleet.agent.outbox)
       inbox/                directives received over MQTT, persisted before they are
                             acknowledged and removed once the installer has handled them
+      agent.lock            flock held by the running agent for its life (edgefleet.agent.
+                            statelock): one agent per state directory; holds its pid
       localapi.json         address and pid of the running agent's local HTTP API
       api.sock              the local API's Unix socket (mode 0600): installs and rollbacks
                             from root and the agent's user (edgefleet.agent.localapi)
@@ -98,6 +100,10 @@ class StateLayout:
     @property
     def inbox(self) -> Path:
         return self.root / "inbox"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / "agent.lock"
 
     @property
     def local_api_file(self) -> Path:

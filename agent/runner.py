@@ -1,8 +1,10 @@
 """The running agent: wires installer, predictor, telemetry, MQTT link and local API.
 
-Startup order matters for crash safety: the installer resumes (or rolls back)
-an install that a power cut interrupted BEFORE the predictor loads `current`,
-so a model that crashed the process is rolled back before it is served again.
+Startup order matters for crash safety: the installer counts the restart of an
+install that a power cut interrupted, and rolls it back when it must, BEFORE the
+predictor loads `current`, so a model that crashed the process is rolled back
+before it is served again; an install that goes on (a health check, say) then
+continues once the predictor and the local API serve, so that it sees live traffic.
 The challenger of a shadow install (persisted by the installer) is handed to
 the predictor once it is open; a challenger that does not load is logged and
 left out, never a reason not to serve. Before all that the local API's port is
@@ -90,6 +92,7 @@ from edgefleet.agent.localapi import LocalApi, issue_token, listen, listen_unix
 from edgefleet.agent.outbox import Outbox
 from edgefleet.agent.reservoir import DeviceDrift
 from edgefleet.agent.sdnotify import notify, watchdog_interval_seconds
+from edgefleet.agent.statelock import StateLock, acquire
 from edgefleet.agent.telemetry import TelemetryRecorder
 from edgefleet.agent.tlsidentity import (
     CertificateRenewer,
@@ -170,9 +173,12 @@ def status_dict(installer: Installer) -> dict[str, Any]:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, state_lock: StateLock | None = None) -> None:
+        """`state_lock`: the state directory's lock, when the caller took it before
+        building the agent (`agent run` does); else `run` takes it first."""
         self.config = config
         self.layout = StateLayout(config.state_dir)
+        self.state_lock = state_lock
         self.profile = load_profile(config.profile)
         self.stopping = threading.Event()
         # Fleet timestamps and trust roots arrive on the link's thread; the install worker
@@ -654,14 +660,38 @@ class Agent:
         )
         return api
 
+    def _remove_runtime_files(self, with_api: bool) -> None:
+        """Remove what this agent wrote for the CLI: localapi.json when it records this
+        process, api.sock and api-token when this agent's API made them."""
+        try:
+            recorded = json.loads(self.layout.local_api_file.read_text()).get("pid")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if recorded == os.getpid():
+            self.layout.local_api_file.unlink(missing_ok=True)
+        if with_api:
+            self.layout.local_api_socket.unlink(missing_ok=True)
+            self.layout.local_api_token.unlink(missing_ok=True)
+
     def run(self) -> None:
         """Serve until `stopping` is set (SIGTERM, SIGINT, or a caller).
 
         Raises:
+            AgentRunningError: another agent runs on this state directory (its lock,
+                `edgefleet.agent.statelock`, is taken before anything else).
             ConfigError: the local API's port cannot be listened on; checked before
                 anything else, so that a restart loop over a taken port does not count
                 as restarts of an interrupted install.
         """
+        if self.state_lock is None:
+            self.state_lock = acquire(self.layout)
+        try:
+            self._run()
+        finally:
+            self.state_lock.release()
+            self.state_lock = None
+
+    def _run(self) -> None:
         settings = self.config.local_api
         listeners = (
             (listen(settings.host, settings.port), listen_unix(self.layout.local_api_socket))
@@ -669,12 +699,18 @@ class Agent:
             else None
         )
         logging.getLogger().addHandler(self.log_ring)
-        self.installer.resume()
+        # A restart is counted, and a model that crashed the process rolled back, before
+        # the predictor loads `current`; an install that goes on continues once the agent
+        # serves, so that its health check judges the model on live traffic.
+        interrupted = self.installer.prepare_resume()
         self.predictor = Predictor.open(
             self.layout, self.config.inference, self.profile, self.telemetry
         )
         self._start_challenger()
         api = self._start_local_api(listeners)
+        if interrupted is not None:
+            log.info("resuming an install interrupted at %s", interrupted.value)
+            self.installer.finish_resume()
         self._start_link()
         self._start_enrollment()
         self.install_worker.start()
@@ -703,12 +739,7 @@ class Agent:
             notify("STOPPING=1")
             if api is not None:
                 api.stop()
-            for path in (
-                self.layout.local_api_file,
-                self.layout.local_api_socket,
-                self.layout.local_api_token,
-            ):
-                path.unlink(missing_ok=True)
+            self._remove_runtime_files(api is not None)
             self.install_worker.stop(timeout=10)
             if self.upload_worker is not None:
                 self.upload_worker.stop(timeout=10)

@@ -2,7 +2,9 @@
 
     installer = Installer(config, layout, trust, fetcher, reporter, probe, on_activated,
                           on_shadow=predictor_set_challenger)
-    installer.resume()                     # at startup, BEFORE the predictor loads `current`
+    installer.resume()                     # prepare_resume() + finish_resume()
+    installer.prepare_resume()             # at startup, BEFORE the predictor loads `current`
+    installer.finish_resume()              # once the predictor serves: the install goes on
     installer.challenger()                 # after the predictor opened: the version in shadow
     installer.install_directive(payload)   # a directive from MQTT (bytes as received)
     installer.install_file(path)           # `agent install BUNDLE_FILE` (no agent running)

@@ -105,6 +105,8 @@ class Installer:
         rng: random.Random | None = None,
     ) -> None:
         layout.create()
+        # An interrupted install `prepare_resume` left for `finish_resume` to continue.
+        self._deferred: tuple[StateFile, State, InstallRecord] | None = None
         self.context = InstallContext(
             config=config,
             layout=layout,
@@ -325,29 +327,43 @@ class Installer:
             return self._start_rollback(engine.read_state_at_rest(self.context), None)
 
     def resume(self) -> InstallStatus:
-        """Continue or roll back what a restart interrupted. Call it at startup,
-        before the predictor loads `current`: the rollback of a model that
-        crashes the process must come first. Never raises an install's error:
-        the outcome is in the returned status and the reports. Ends by handing
-        the challenger (if any) to `on_shadow` again, unless the resumed install
-        just did; a predictor opened after this call asks `challenger()`.
+        """Continue or roll back what a restart interrupted: `prepare_resume()`, then
+        `finish_resume()`. Never raises an install's error: the outcome is in the
+        returned status and the reports.
+
+        Raises:
+            InstallInProgressError: another process is installing.
+            InstallError: state.json cannot be read.
+        """
+        self.prepare_resume()
+        return self.finish_resume()
+
+    def prepare_resume(self) -> State | None:
+        """The half of a resume that must come before the predictor loads `current`:
+        count the restart durably (before anything else can crash this boot too), and
+        roll back now when the install must be (more than MAX_RESUMES restarts: a model
+        that crashes the process; `current` not what was recorded). The state an install
+        was interrupted in, when it continues in `finish_resume()` (called once the
+        predictor serves, so that a health check sees live traffic); None when nothing
+        is left to continue. A terminal state is reported again and settled, and the
+        challenger (if any) handed to `on_shadow` again.
 
         Raises:
             InstallInProgressError: another process is installing.
             InstallError: state.json cannot be read.
         """
         context = self.context
+        self._deferred = None
         with engine.locked(context):
             state = context.persisted = engine.read_state(context)
             record = state.install
             if record is None:
-                return self.status()
+                return None
             if state.state in TERMINAL:
                 engine.report(context, state)  # again: the last report may not have gone out
                 engine.settle(context, state)
                 self._hand_challenger_again()
-                return self.status()
-            # Count the restart durably before anything else can crash this boot too.
+                return None
             record = record.model_copy(update={"resumes": record.resumes + 1})
             state = state.model_copy(update={"install": record})
             save_state(context.layout.state_file, state)
@@ -363,6 +379,26 @@ class Installer:
             elif target is State.ROLLING_BACK and record.reason is None:
                 reason = f"interrupted in {state.state.value}; current is not what it recorded"
                 record = record.model_copy(update={"reason": reason})
+            if target is State.ROLLING_BACK:
+                engine.run(context, engine.enter(context, state, target, record))
+                self._hand_challenger_again()
+                return None
+            self._deferred = (state, target, record)
+            return state.state
+
+    def finish_resume(self) -> InstallStatus:
+        """Continue the install `prepare_resume()` left to continue, if any.
+
+        Raises:
+            InstallInProgressError: another process is installing.
+        """
+        deferred, self._deferred = self._deferred, None
+        if deferred is None:
+            return self.status()
+        context = self.context
+        with engine.locked(context):
+            state, target, record = deferred
+            context.persisted = state
             engine.run(context, engine.enter(context, state, target, record))
             self._hand_challenger_again()
             return self.status()
