@@ -432,6 +432,8 @@ def status_command(config_path: Path, as_json: bool) -> None:
         health = call_json(url, "GET", "/v1/health")
         status["drift"] = health.get("drift")
         status["link"] = health.get("link")
+        status["health"] = health.get("status")
+        status["health_detail"] = health.get("detail")
     if as_json:
         echo_json(status)
         return
@@ -442,6 +444,9 @@ def status_command(config_path: Path, as_json: bool) -> None:
         click.echo(f"agent:           running (pid {running.pid}) without its local API")
     else:
         click.echo(f"agent:           running at {url}")
+    if status.get("health"):
+        detail = f": {status['health_detail']}" if status.get("health_detail") else ""
+        click.echo(f"health:          {status['health']}{detail}")
     click.echo(f"enrolled with:   {status['enrolled_with'] or 'no fleet server'}")
     if status.get("link"):
         click.echo(f"broker link:     {status['link']}")
@@ -458,8 +463,11 @@ def _step_line(step: dict[str, Any]) -> str:
     limit = f"{step['timeout_ms']:g} ms"
     if step["timeout_per_sample_ms"]:
         limit += f" + {step['timeout_per_sample_ms']:g} ms per sample"
+    load_error = step.get("load_error")
     return (
-        f"  fallback step {step['step']}: {step['model']}, breaker {step['breaker']}, "
+        f"  fallback step {step['step']}: {step['model']}, "
+        + (f"does not load ({load_error}), " if load_error else "")
+        + f"breaker {step['breaker']}, "
         f"{step['answered']} answered, {failed} failed, time limit {limit}"
     )
 

@@ -1,6 +1,7 @@
 """The agent's local HTTP API, for applications on the device (localhost only).
 
-    GET  /v1/health           {"status", "model", "install_state", "drift"}
+    GET  /v1/health           {"status": ok | no-model | degraded, "detail", "model",
+                              "install_state", "drift", "link"}
     GET  /v1/model            what is served: versions, fallback chain, breakers
     POST /v1/predict          {"inputs": {name: nested list}}
                               -> {"outputs", "answered_by", "model", "latency_ms"}
@@ -423,8 +424,10 @@ class LocalApi:
         if path == "/v1/health":
             info = self.predictor.model_info()
             model = f"{info.current.name}@{info.current.version}" if info.current else None
+            status, detail = info.health()
             return HTTPStatus.OK, {
-                "status": "ok" if model or info.has_default else "no-model",
+                "status": status,
+                "detail": detail,
                 "model": model,
                 "install_state": self.install_state(),
                 "drift": self.drift() if self.drift is not None else None,

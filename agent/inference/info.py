@@ -51,6 +51,7 @@ class StepInfo:
     # A call of n samples is stopped after timeout_ms + n x timeout_per_sample_ms.
     timeout_ms: float
     timeout_per_sample_ms: float
+    load_error: str | None = None  # why its model does not load (None: loaded or not tried)
 
     @classmethod
     def of(
@@ -73,6 +74,7 @@ class StepInfo:
             failures={kind: n for (where, kind), n in failures.items() if where == position},
             timeout_ms=limit.floor_ms,
             timeout_per_sample_ms=round(limit.per_sample_ms, 3),
+            load_error=None if step.is_loaded else step.load_error,
         )
 
 
@@ -94,6 +96,30 @@ class ModelInfo:
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-able data."""
         return asdict(self)
+
+    def health(self) -> tuple[str, str | None]:
+        """The serving health, as `/v1/health` and `agent status` say it: `ok`, `no-model`
+        (nothing installed, no default answer), or `degraded` with what is wrong and what
+        answers instead ("serving previous (demo@1.0.0), current does not load: ...")."""
+        if not self.steps:
+            return ("ok", "answering default answers") if self.has_default else ("no-model", None)
+        primary = self.steps[0]
+        if primary.load_error is not None:
+            problem = f"current does not load: {primary.load_error}"
+        elif primary.breaker != "closed":
+            problem = f"the breaker of the primary step ({primary.model}) is {primary.breaker}"
+        else:
+            return "ok", None
+        standing = next(
+            (s for s in self.steps[1:] if s.breaker != "open" and s.load_error is None), None
+        )
+        if standing is not None:
+            serving = f"serving {standing.step} ({standing.model})"
+        elif self.has_default:
+            serving = "serving default answers"
+        else:
+            serving = "nothing else can answer"
+        return "degraded", f"{serving}, {problem}"
 
 
 def describe(

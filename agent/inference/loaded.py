@@ -61,6 +61,7 @@ class Step:
             settings.breaker_failures, settings.breaker_reset_seconds, settings.clock
         )
         self.loaded: ModelRunner | None = None  # set once, by `runner()`
+        self.load_error: str | None = None  # why the last attempt to load it failed
         self._lock = threading.Lock()
 
     def runner(self) -> ModelRunner:
@@ -73,12 +74,17 @@ class Step:
             with self._lock:
                 runner = self.loaded
                 if runner is None:
-                    runner = open_runner(
-                        self.directory,
-                        self.which,
-                        threads=self._settings.threads,
-                        providers=self._settings.providers,
-                    )
+                    try:
+                        runner = open_runner(
+                            self.directory,
+                            self.which,
+                            threads=self._settings.threads,
+                            providers=self._settings.providers,
+                        )
+                    except InferenceError as exc:
+                        self.load_error = str(exc)
+                        raise
+                    self.load_error = None
                     self.loaded = runner
         return runner
 

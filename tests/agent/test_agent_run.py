@@ -213,6 +213,7 @@ def test_agent_serves_installs_and_reports(
             "model": "demo@1.1.0",
             "install_state": "committed",
             "status": "ok",
+            "detail": None,
             "drift": "insufficient",  # no traffic: the device's check has no verdict yet
             "link": "connected",
         }

@@ -227,6 +227,7 @@ def test_model_info_is_plain_data(bundles: Bundles, layout: StateLayout) -> None
         "failures": {},
         "timeout_ms": 1000.0,
         "timeout_per_sample_ms": 0.0,  # never measured on this device: the floor alone
+        "load_error": None,
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import shutil
 import socket
 import stat
 import urllib.error
@@ -188,6 +189,7 @@ def test_model_and_health_describe_what_is_served(served: tuple[Client, Predicto
     status, health = client.json("GET", "/v1/health")
     assert status == 200 and health == {
         "status": "ok",
+        "detail": None,
         "model": "digits@1.0.0",
         "install_state": "idle",
         "drift": None,  # no drift check given to this API
@@ -467,6 +469,38 @@ def test_what_a_web_page_could_send_is_refused(
         assert _raw(api.address[1], method, path, plain, b"{}")[0] == 200
         assert _raw(api.address[1], method, path, {**plain, "Host": "[::1]"}, b"{}")[0] == 200
         assert rollbacks == ([1, 1] if path == "/v1/rollback" else [])
+    finally:
+        api.stop()
+        predictor.close()
+
+
+def test_health_says_degraded_while_the_current_model_does_not_load(
+    tmp_path: Path, bundles: Bundles
+) -> None:
+    layout = StateLayout(tmp_path / "state")
+    install_version(layout, bundles.mlp, "digits@1.0.0-aaaaaaaaaaaa", link="previous")
+    broken = tmp_path / "broken"
+    shutil.copytree(bundles.mlp, broken)
+    for model in broken.glob("*.onnx"):
+        model.write_bytes(b"not an onnx model")
+    install_version(layout, broken, "digits@2.0.0-bbbbbbbbbbbb")
+    predictor = Predictor.open(layout, InferenceSettings(), PROFILE)
+    api = _serve(predictor, tmp_path / "uploads")
+    try:
+        client = Client(api.address[1])
+        _, health = client.json("GET", "/v1/health")
+        assert health["status"] == "degraded", health
+        assert health["detail"].startswith("serving previous (digits@1.0.0), current does not load")
+        _, model = client.json("GET", "/v1/model")
+        assert model["steps"][0]["step"] == "primary" and model["steps"][0]["load_error"]
+        features, _ = datasets.digits_tabular()
+        for _ in range(6):  # the breaker opens; still degraded, still the previous answers
+            status, answer = client.json(
+                "POST", "/v1/predict", {"inputs": {"features": features[:1].tolist()}}
+            )
+            assert status == 200 and answer["answered_by"] == "previous"
+        _, health = client.json("GET", "/v1/health")
+        assert health["status"] == "degraded" and "does not load" in health["detail"]
     finally:
         api.stop()
         predictor.close()
