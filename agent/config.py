@@ -80,6 +80,11 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> AgentCo
         raise ConfigError(
             f"cannot read {path}: {exc.strerror}; create it with `edgefleet agent init`"
         ) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path} is not valid TOML: it is not UTF-8 text (byte {exc.start} is "
+            f"0x{exc.object[exc.start]:02x}); write it again with `edgefleet agent init`"
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
     _apply_overrides(raw, environ or {})

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,6 +73,22 @@ def test_bad_config_names_the_problem(tmp_path: Path, text: str, words: str) -> 
     path.write_text(text)
     with pytest.raises(ConfigError, match=words):
         load_config(path)
+
+
+def test_a_config_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "bin.toml"
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match="not valid TOML: it is not UTF-8 text"):
+        load_config(path)
+    result = subprocess.run(
+        [sys.executable, "-m", "edgefleet", "agent", "status", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error [config]: {path} is not valid TOML"), result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_missing_config_says_how_to_make_one(tmp_path: Path) -> None:
