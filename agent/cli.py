@@ -416,7 +416,7 @@ def enroll_command(
 @json_option
 def status_command(config_path: Path, as_json: bool) -> None:
     """Install state, installed versions, and whether the agent is running."""
-    from edgefleet.agent.client import call_json, running_agent
+    from edgefleet.agent.client import call_json, running_agent, stale_pid
     from edgefleet.agent.enroll import load_enrollment
     from edgefleet.agent.runner import status_dict
 
@@ -439,7 +439,9 @@ def status_command(config_path: Path, as_json: bool) -> None:
         return
     click.echo(f"device:          {config.device_id} ({config.profile})")
     if running is None:
-        click.echo("agent:           not running")
+        stale = stale_pid(_layout(config))
+        was = f" (stale localapi.json from pid {stale})" if stale is not None else ""
+        click.echo(f"agent:           not running{was}")
     elif url is None:
         click.echo(f"agent:           running (pid {running.pid}) without its local API")
     else:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgefleet.agent import statelock
 from edgefleet.agent.errors import AgentError
 from edgefleet.agent.layout import StateLayout
 from edgefleet.errors import UsageError
@@ -40,25 +41,59 @@ class RunningAgent:
     url: str | None  # its local API's base URL; None: the API is off
 
 
-def running_agent(layout: StateLayout) -> RunningAgent | None:
-    """The agent running on this state directory, or None when none is.
-
-    Raises:
-        UsageError: the state directory cannot be read by this user.
-    """
+def _recorded(layout: StateLayout) -> tuple[dict[str, Any], int] | None:
+    """localapi.json and its pid; None when there is none to read."""
     try:
         record = json.loads(layout.local_api_file.read_text())
-        pid = int(record["pid"])
+        return record, int(record["pid"])
     except PermissionError:
         raise UsageError(_not_allowed(layout, f"cannot read {layout.local_api_file}")) from None
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _alive(layout: StateLayout, pid: int) -> bool:
+    """Whether the agent `pid` still runs: it holds the state directory's lock
+    (`edgefleet.agent.statelock`; after a reboot or a SIGKILL nobody does, even when
+    another process now has that pid). With no lock file to ask (an older agent
+    wrote localapi.json), whether a process `pid` exists."""
+    try:
+        held = statelock.holder(layout)
+    except OSError:
+        held = None
+    else:
+        return held is not None and held.pid == pid
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return None
+        return False
     except PermissionError:
         pass  # it runs as another user (the service's): it exists
+    return True
+
+
+def stale_pid(layout: StateLayout) -> int | None:
+    """The pid a localapi.json records of an agent that no longer runs (it was killed,
+    or the machine rebooted); None when there is no such file or its agent runs."""
+    recorded = _recorded(layout)
+    if recorded is None or _alive(layout, recorded[1]):
+        return None
+    return recorded[1]
+
+
+def running_agent(layout: StateLayout) -> RunningAgent | None:
+    """The agent running on this state directory, or None when none is (a stale
+    localapi.json, `stale_pid`, counts as none).
+
+    Raises:
+        UsageError: the state directory cannot be read by this user.
+    """
+    recorded = _recorded(layout)
+    if recorded is None:
+        return None
+    record, pid = recorded
+    if not _alive(layout, pid):
+        return None
     host, port = record.get("host"), record.get("port")
     url = f"http://{host}:{port}" if host is not None and port is not None else None
     return RunningAgent(pid, url)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from edgefleet.agent.errors import AgentRunningError
 from edgefleet.agent.layout import PRIVATE_DIR, PRIVATE_FILE, StateLayout
 
 AGENT = "agent run"
+PROBE_RETRIES = 10  # a lock held by `holder` is let go at once: so many looks before refusing
+PROBE_RETRY_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -88,10 +91,15 @@ def acquire(layout: StateLayout, what: str = AGENT) -> StateLock:
     path = layout.lock_file
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise refusal(layout, _read_holder(path), what) from None
+        for attempt in range(PROBE_RETRIES + 1):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                # `holder` (agent status) holds it shared for an instant: look again.
+                if attempt == PROBE_RETRIES:
+                    raise refusal(layout, _read_holder(path), what) from None
+                time.sleep(PROBE_RETRY_SECONDS)
     except BaseException:
         os.close(fd)
         raise

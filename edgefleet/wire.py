@@ -87,11 +87,10 @@ class StorageError(ServerError):
 
 
 def class_code(cls: type[BaseException]) -> str:
-    """`TamperedFileError` -> `tampered-file`; `FileNotFoundError` -> `file-not-found`."""
+    """`TamperedFileError` -> `tampered-file`; `FileNotFoundError` -> `file-not-found`;
+    an acronym stays one word: `URLError` -> `url`, `NotABundleError` -> `not-a-bundle`."""
     name = cls.__name__.removesuffix("Error")
-    if name == "OS":
-        return "os"
-    return re.sub(r"(?<!^)(?=[A-Z])", "-", name).lower()
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "-", name).lower()
 
 
 def error_code(exc: EdgefleetError | OSError) -> str:

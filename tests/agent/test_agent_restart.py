@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edgefleet.agent.config import write_config
@@ -193,7 +194,9 @@ def test_an_agent_killed_in_its_health_check_serves_and_judges_on_restart(
     # It serves while the resumed health check runs, not only after it.
     assert wait_until(answers, timeout=30), log.read_text()
     assert state_of(state) == "health_checking", log.read_text()
-    assert "resuming an install interrupted at health_checking" in log.read_text()
+    assert wait_until(
+        lambda: "resuming an install interrupted at health_checking" in log.read_text()
+    ), log.read_text()
     features, _ = datasets.digits_tabular()
     for row in features[:6]:
         answer = api(port, "/v1/predict", {"inputs": {"features": [row.tolist()]}})
@@ -202,3 +205,35 @@ def test_an_agent_killed_in_its_health_check_serves_and_judges_on_restart(
     reason = json.loads((state / "state.json").read_text())["install"]["reason"]
     assert "healthy over" in reason and "no traffic" not in reason, reason
     assert os.readlink(state / "current").startswith("versions/demo@1.1.0")
+
+
+def test_a_stale_localapi_json_is_an_agent_that_does_not_run(
+    tmp_path: Path, trust: TrustRoot, signed_bundles: Bundles, agents: Agents
+) -> None:
+    trust_file = tmp_path / "trust.json"
+    trust_file.write_bytes(trust.raw)
+    state = tmp_path / "state"
+    config = write_agent_config(
+        tmp_path / "agent.toml", state, trust_file, LocalApiSettings(port=free_port())
+    )
+    # Killed: the kernel let its lock go, its localapi.json stays.
+    killed = agents.start(config, tmp_path / "killed.log")
+    assert wait_until(lambda: (state / "localapi.json").exists()), "the agent never served"
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=30)
+    status = cli("agent", "status", "--config", config)
+    assert f"not running (stale localapi.json from pid {killed.pid})" in status.stdout
+
+    # After a reboot its pid is another process's (here: this test's), and nothing
+    # listens on its port any more.
+    (state / "localapi.json").write_text(
+        json.dumps({"host": "127.0.0.1", "port": free_port(), "pid": os.getpid()})
+    )
+    status = cli("agent", "status", "--config", config)
+    assert f"not running (stale localapi.json from pid {os.getpid()})" in status.stdout
+    installed = cli("agent", "install", signed_bundles.releases[0], "--config", config)
+    assert "demo@1.0.0" in installed.stdout
+    features, _ = datasets.digits_tabular()
+    np.savez(tmp_path / "batch.npz", features=features[:4])
+    predicted = cli("agent", "predict", "--input", tmp_path / "batch.npz", "--config", config)
+    assert "in this process" in predicted.stdout

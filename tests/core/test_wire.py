@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import urllib.error
+
 import pytest
 
 from edgefleet import wire
@@ -56,3 +58,4 @@ def test_codes_of_other_errors_name_no_class() -> None:
     assert error_class(None) is None
     assert error_code(FileNotFoundError(2, "gone")) == "file-not-found"
     assert error_code(OSError(5, "io")) == "os"
+    assert error_code(urllib.error.URLError("refused")) == "url"  # an acronym is one word
