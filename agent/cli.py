@@ -424,6 +424,7 @@ def status_command(config_path: Path, as_json: bool) -> None:
     status = status_dict(_offline_installer(config))
     running = running_agent(_layout(config))
     url = running.url if running is not None else None
+    status["device_id"], status["profile"] = config.device_id, config.profile
     status["running"] = running is not None
     enrollment = load_enrollment(_layout(config))
     status["enrolled_with"] = enrollment.server_url if enrollment else None

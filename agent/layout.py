@@ -162,6 +162,7 @@ class StateLayout:
             self.tls_dir,
             self.downloads,
             self.versions,
+            self.timings,
             self.outbox,
             self.inbox,
         ):

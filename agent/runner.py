@@ -528,6 +528,7 @@ class Agent:
         return {
             **status_dict(self.installer),
             "device_id": self.config.device_id,
+            "profile": self.config.profile,
             "running": True,
             "enrolled_with": redact(enrollment.server_url) if enrollment else None,
             "model": info.as_dict() if info else None,

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgefleet.agent.errors import InstallError, RollbackError
-from edgefleet.agent.layout import StateLayout
+from edgefleet.agent.layout import PRIVATE_DIR, StateLayout
 from edgefleet.bundle import (
     MANIFEST_NAME,
     BundleLimits,
@@ -200,6 +200,9 @@ class Versions:
             if version_id(manifest.name, manifest.version, sha256) != id_:
                 raise InstallError(f"{bundle_file} changed while it was being staged")
             atomic_write_bytes(staging / MANIFEST_NAME, verified.envelope.to_bytes())
+            for directory in (staging, *staging.rglob("*")):  # private, as all of the state
+                if directory.is_dir() and not directory.is_symlink():
+                    directory.chmod(PRIVATE_DIR)
             os.replace(staging, self.path_of(id_))
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

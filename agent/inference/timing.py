@@ -34,7 +34,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgefleet.agent.errors import BatchTooLargeError
-from edgefleet.agent.layout import StateLayout
+from edgefleet.agent.layout import PRIVATE_DIR, StateLayout
 from edgefleet.agentconfig import InferenceSettings
 from edgefleet.fileio import atomic_write_bytes
 
@@ -84,7 +84,7 @@ def record_timing(
     timing = read_timing(layout, version_id).model_copy(
         update={key: value for key, value in update.items() if value is not None}
     )
-    layout.timings.mkdir(parents=True, exist_ok=True)
+    layout.timings.mkdir(PRIVATE_DIR, parents=True, exist_ok=True)
     atomic_write_bytes(
         layout.timings / f"{version_id}.json", timing.model_dump_json().encode("utf-8")
     )

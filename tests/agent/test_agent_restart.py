@@ -231,6 +231,9 @@ def test_a_stale_localapi_json_is_an_agent_that_does_not_run(
     )
     status = cli("agent", "status", "--config", config)
     assert f"not running (stale localapi.json from pid {os.getpid()})" in status.stdout
+    as_json = json.loads(cli("agent", "status", "--json", "--config", config).stdout)
+    assert as_json["running"] is False
+    assert (as_json["device_id"], as_json["profile"]) == ("restart-device", PROFILE)
     installed = cli("agent", "install", signed_bundles.releases[0], "--config", config)
     assert "demo@1.0.0" in installed.stdout
     features, _ = datasets.digits_tabular()

@@ -104,6 +104,10 @@ def test_an_install_through_the_api_leaves_the_state_private(
     device.installer.layout.create()  # as every start of the agent does
     for directory in (layout.root, layout.trust_dir, layout.downloads, layout.versions):
         assert _mode(directory) == 0o700, directory
+    # Every directory under it too, those made by the install included.
+    made = [p for p in layout.root.rglob("*") if p.is_dir() and not p.is_symlink()]
+    assert layout.timings in made and layout.versions / answer["current"] in made
+    assert {str(d): oct(_mode(d)) for d in made if _mode(d) != 0o700} == {}
     assert _mode(layout.state_file) == 0o600
 
 
