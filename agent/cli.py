@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grp
+import http.client
 import io
 import logging
 import os
@@ -25,7 +26,7 @@ from edgefleet.agent.layout import StateLayout
 from edgefleet.agentconfig import AgentConfig
 from edgefleet.cli.errors import EXIT_REFUSED, EXIT_USAGE
 from edgefleet.cli.options import echo_json, json_option
-from edgefleet.errors import UsageError
+from edgefleet.errors import EdgefleetError, UsageError
 from edgefleet.fileio import atomic_writer
 from edgefleet.profiles import load_profile
 from edgefleet.trust import load_trust_root
@@ -200,7 +201,13 @@ def init_command(
     if enroll_token is not None and server_url is None:
         raise UsageError("--enroll-token needs --server: the token is for that fleet server")
     _check_tls_files(ca_file, cert_file, key_file)
-    trust = load_trust_root(trust_path)
+    try:
+        trust = load_trust_root(trust_path)
+    except EdgefleetError as exc:
+        raise UsageError(
+            f"--trust {trust_path}: not a trust root ({exc}); give the trust.json the fleet's "
+            "operator made (`edgefleet keys init`), not a key"
+        ) from None
     resolved = load_profile(profile).name
     try:
         config = AgentConfig.model_validate(
@@ -302,6 +309,18 @@ def _relay(exc: AgentRequestError) -> NoReturn:
     kind = "refused" if exc.status == 422 else "error"
     click.echo(f"{kind} [{exc.code}]: {exc}", err=True)
     raise click.exceptions.Exit(EXIT_REFUSED if kind == "refused" else EXIT_USAGE)
+
+
+def _agent_stopped(exc: OSError, doing: str) -> NoReturn:
+    """The agent hung up before it answered: it stopped (or was killed) meanwhile."""
+    from edgefleet.wire import error_code
+
+    click.echo(
+        f"error [{error_code(exc)}]: {exc}: the agent stopped while {doing}; run "
+        "`edgefleet agent status` to see what it did",
+        err=True,
+    )
+    raise click.exceptions.Exit(EXIT_USAGE)
 
 
 def _echo_status(status: dict[str, Any]) -> None:
@@ -501,6 +520,8 @@ def install_command(bundle_path: Path, config_path: Path) -> None:
             status = change(_layout(config), url, "/v1/install", bundle_path)
         except AgentRequestError as exc:
             _relay(exc)
+        except (http.client.RemoteDisconnected, ConnectionResetError) as exc:
+            _agent_stopped(exc, "installing")
     else:
         # No agent to go through: hold the state directory, so none starts meanwhile.
         with acquire(_layout(config), "agent install"):
@@ -525,6 +546,8 @@ def rollback_command(config_path: Path) -> None:
             status = change(_layout(config), url, "/v1/rollback")
         except AgentRequestError as exc:
             _relay(exc)
+        except (http.client.RemoteDisconnected, ConnectionResetError) as exc:
+            _agent_stopped(exc, "rolling back")
     else:
         with acquire(_layout(config), "agent rollback"):
             installer = _offline_installer(config)
@@ -586,6 +609,11 @@ def predict_command(input_path: Path, output: Path | None, config_path: Path) ->
     from edgefleet.agent.inference import Predictor
 
     config = read_config(config_path)
+    if output is not None and not output.parent.is_dir():
+        raise UsageError(
+            f"-o {output}: the directory {output.parent} does not exist; create it first, "
+            "or write the outputs elsewhere"
+        )
     url = running_agent_url(_layout(config))
     if url is not None:
         try:
@@ -610,7 +638,10 @@ def predict_command(input_path: Path, output: Path | None, config_path: Path) ->
     for name, values in outputs.items():
         click.echo(f"{name}: shape {list(values.shape)} {values.dtype}")
     if output is not None:
-        with atomic_writer(output) as handle:
-            np.savez(handle, **outputs)
+        try:
+            with atomic_writer(output) as handle:
+                np.savez(handle, **outputs)
+        except OSError as exc:
+            raise UsageError(f"-o {output}: cannot write it: {exc.strerror or exc}") from None
         click.echo(f"wrote {output}")
     click.echo(f"answered by {answered}")

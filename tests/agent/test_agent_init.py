@@ -200,3 +200,16 @@ def test_init_refuses_tls_files_that_do_not_load_naming_them(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error [usage]: ") and message in err
     assert not output.exists()
+
+
+def test_init_refuses_a_trust_file_that_is_not_a_trust_root_naming_trust(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = tmp_path / "release.pub"
+    key.write_text("ed25519 not-a-trust-root\n")
+    assert run_with_error_handling(agent_group, init(tmp_path, key)) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"error [usage]: --trust {key}: not a trust root (") and err.count("\n") == 1
+    )
+    assert not (tmp_path / "agent.toml").exists()

@@ -180,7 +180,10 @@ def test_an_agent_killed_in_its_health_check_serves_and_judges_on_restart(
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
     finally:
-        install.communicate(timeout=60)
+        _, install_err = install.communicate(timeout=60)
+    assert install.returncode == 2
+    assert "the agent stopped while installing; run `edgefleet agent status`" in install_err
+    assert "Traceback" not in install_err
 
     log = tmp_path / "second.log"
     agents.start(config, log)

@@ -144,3 +144,17 @@ def test_status_names_each_step_of_the_fallback_chain(
         "  fallback step primary: digits@1.0.0, breaker closed, 1 answered, 0 failed, "
         "time limit 1000 ms"
     )
+
+
+def test_predict_to_a_missing_directory_names_the_path_before_predicting(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    np.save(tmp_path / "in.npy", features(2))
+    output = tmp_path / "nonexistent" / "dir" / "out.npz"
+    assert predict(config, tmp_path / "in.npy", output) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # refused before any result is printed
+    assert captured.err == (
+        f"error [usage]: -o {output}: the directory {output.parent} does not exist; "
+        "create it first, or write the outputs elsewhere\n"
+    )
