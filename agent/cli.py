@@ -358,7 +358,7 @@ def run_command(config_path: Path, verbose: bool) -> None:
     # Before anything else: a second agent on this state directory is refused.
     running = Agent(config, state_lock=acquire(_layout(config)))
     for number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(number, lambda *_: running.stopping.set())
+        signal.signal(number, lambda signum, _: running.stop(signal.Signals(signum).name))
     running.run()
 
 

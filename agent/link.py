@@ -194,6 +194,7 @@ class AgentLink:
         self._max_inflight = max_inflight
         self._counters = LinkCounters()
         self._connection_problem: str | None = None  # the session's last problem
+        self._connects_logged = 0  # the session's connects already logged
         self._counter_lock = threading.Lock()
         self._pump_lock = threading.Lock()
         self._inflight: dict[int, mqtt.MQTTMessageInfo] = {}  # outbox seq -> paho's handle
@@ -387,6 +388,11 @@ class AgentLink:
         with self._pump_lock:
             if not self._session.is_ready:
                 return
+            connects = self._session.connects
+            if connects != self._connects_logged:  # once per (re)connect
+                self._connects_logged = connects
+                again = f" (again: connection {connects})" if connects > 1 else ""
+                log.info("connected to the broker at %s%s", self.address.where, again)
             for seq, info in list(self._inflight.items()):
                 if info.is_published():
                     del self._inflight[seq]

@@ -56,6 +56,7 @@ import os
 import secrets
 import socket
 import socketserver
+import sys
 import threading
 import zipfile
 import zlib
@@ -548,15 +549,31 @@ def _read_npy(data: bytes) -> np.ndarray:
     return npy_format.read_array(stream, allow_pickle=False)
 
 
+def _log_request_error(request: Any, client_address: Any) -> None:
+    """One readable line for a request that ended in an exception, never a traceback on
+    stderr (socketserver's default): a client that hung up mid-request is no fault here."""
+    exc = sys.exc_info()[1]
+    if isinstance(exc, (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)):
+        log.info("local API: a client hung up before its request was answered (%s)", exc)
+    else:
+        log.error("local API: a request failed: %s: %s", type(exc).__name__, exc)
+
+
+class _TcpServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        _log_request_error(request, client_address)
+
+
+class _UnixServer(socketserver.ThreadingUnixStreamServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        _log_request_error(request, client_address)
+
+
 def _serve_on(
     listener: socket.socket, handler: type[BaseHTTPRequestHandler]
 ) -> socketserver.TCPServer:
     """A threading HTTP server on a socket that is bound and listening already."""
-    server_class = (
-        socketserver.ThreadingUnixStreamServer
-        if listener.family == socket.AF_UNIX
-        else ThreadingHTTPServer
-    )
+    server_class = _UnixServer if listener.family == socket.AF_UNIX else _TcpServer
     server = server_class(listener.getsockname(), handler, bind_and_activate=False)
     server.socket.close()
     server.socket = listener

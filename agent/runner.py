@@ -146,9 +146,18 @@ class _Reporter:
     def __init__(self, link: AgentLink | None, frozen_reason: Callable[[], str | None]) -> None:
         self.link = link
         self._frozen_reason = frozen_reason
+        # While the agent starts, the installer sends its last report again (it may not
+        # have gone out): that is no news for the log.
+        self.resending = False
 
     def report(self, status: StatusReport) -> None:
-        log.info("install %s %s", status.install_state, status.reason or "")
+        reason = f": {status.reason}" if status.reason else ""
+        if self.resending:
+            log.debug(
+                "install %s%s (reported again after the restart)", status.install_state, reason
+            )
+        else:
+            log.info("install %s%s", status.install_state, reason)
         frozen = self._frozen_reason()
         if frozen is not None:
             status = status.model_copy(update={"frozen_reason": frozen[:MAX_PROBLEM_CHARS]})
@@ -209,7 +218,6 @@ class Agent:
                 on_fleet_timestamp=self._receive_fleet_timestamp,
                 on_fleet_accepts=self._receive_fleet_accepts,
                 on_trust_root=self._receive_trust_root,
-                on_problem=lambda problem: log.warning("MQTT: %s", problem),
                 device_key=self.device_key,
             )
         fetcher = SourcesFetcher(
@@ -221,13 +229,15 @@ class Agent:
             config.device_id, None, config.telemetry.window_seconds, drift=self.drift
         )
         self.predictor: Predictor | None = None
+        self.reporter = _Reporter(self.link, lambda: self._frozen_reason)
+        self.stop_reason: str | None = None  # why `stopping` was set, for the log
         self.log_ring = LogRing()  # installed on the root logger while `run` runs
         self.installer = Installer(
             config,
             self.layout,
             load_agent_trust(config, self.layout),
             fetcher,
-            _Reporter(self.link, lambda: self._frozen_reason),
+            self.reporter,
             probe=self.telemetry,
             on_activated=self._reload,
             on_shadow=self._set_challenger,
@@ -661,6 +671,11 @@ class Agent:
         )
         return api
 
+    def stop(self, reason: str) -> None:
+        """Ask `run` to stop; `reason` ("SIGTERM", ...) is logged with "stopping"."""
+        self.stop_reason = self.stop_reason or reason
+        self.stopping.set()
+
     def _remove_runtime_files(self, with_api: bool) -> None:
         """Remove what this agent wrote for the CLI: localapi.json when it records this
         process, api.sock and api-token when this agent's API made them."""
@@ -703,7 +718,11 @@ class Agent:
         # A restart is counted, and a model that crashed the process rolled back, before
         # the predictor loads `current`; an install that goes on continues once the agent
         # serves, so that its health check judges the model on live traffic.
-        interrupted = self.installer.prepare_resume()
+        self.reporter.resending = True
+        try:
+            interrupted = self.installer.prepare_resume()
+        finally:
+            self.reporter.resending = False
         self.predictor = Predictor.open(
             self.layout, self.config.inference, self.profile, self.telemetry
         )
@@ -737,6 +756,7 @@ class Agent:
                     notify("WATCHDOG=1")
                     next_pet = now + watchdog
         finally:
+            log.info("stopping (%s)", self.stop_reason or "asked to")
             notify("STOPPING=1")
             if api is not None:
                 api.stop()
@@ -751,4 +771,5 @@ class Agent:
             if self.link is not None:
                 self.link.stop()
             self.predictor.close()
+            log.info("stopped")
             logging.getLogger().removeHandler(self.log_ring)

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from edgefleet.agent.config import write_config
-from edgefleet.agentconfig import AgentConfig, HealthSettings, LocalApiSettings
+from edgefleet.agentconfig import AgentConfig, HealthSettings, LocalApiSettings, MqttSettings
 from edgefleet.trust import TrustRoot
-from tests.agent.broker import free_port
+from tests.agent.broker import MosquittoBroker, free_port, mosquitto_or_skip, unique_device_id
 from tests.agent.power_loss_driver import PROFILE, Bundles, prepare_bundles
 from tests.agent.test_agent_run import api, cli, wait_until
 from tests.conftest import KeySet
@@ -243,3 +243,46 @@ def test_a_stale_localapi_json_is_an_agent_that_does_not_run(
     np.savez(tmp_path / "batch.npz", features=features[:4])
     predicted = cli("agent", "predict", "--input", tmp_path / "batch.npz", "--config", config)
     assert "in this process" in predicted.stdout
+
+
+def test_the_log_says_each_connect_each_broker_problem_once_and_the_stop(
+    tmp_path: Path, trust: TrustRoot, signed_bundles: Bundles, agents: Agents
+) -> None:
+    mosquitto_or_skip()
+    trust_file = tmp_path / "trust.json"
+    trust_file.write_bytes(trust.raw)
+    state = tmp_path / "state"
+    config = tmp_path / "agent.toml"
+    write_config(
+        config,
+        AgentConfig(
+            device_id=unique_device_id("logs"),
+            profile=PROFILE,
+            state_dir=state,
+            trust_root=trust_file,
+            local_api=LocalApiSettings(port=free_port()),
+            health=HealthSettings(duration_seconds=1, min_requests=0),
+            mqtt=MqttSettings(url="mqtt://127.0.0.1:1"),  # replaced below
+        ),
+    )
+    cli("agent", "install", signed_bundles.releases[0], "--config", config)  # in-process
+    with MosquittoBroker.running(tmp_path / "broker") as broker:
+        config.write_text(config.read_text().replace("mqtt://127.0.0.1:1", broker.url))
+        log = tmp_path / "agent.log"
+        agent = agents.start(config, log)
+        assert wait_until(lambda: "connected to the broker at" in log.read_text()), log.read_text()
+        broker.stop()
+        assert wait_until(lambda: "connection to the broker ended" in log.read_text())
+        broker.start()
+        assert wait_until(lambda: "(again: connection 2)" in log.read_text()), log.read_text()
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=60) == 0
+    lines = log.read_text().splitlines()
+    assert sum("connected to the broker at" in line for line in lines) == 2, lines
+    # Each broker problem once, by the link, never again by the runner.
+    problems = [line for line in lines if "connection to the broker ended" in line]
+    assert problems and all("edgefleet.agent.link:" in line for line in problems), problems
+    assert lines[-2].endswith("edgefleet.agent.runner: stopping (SIGTERM)"), lines[-3:]
+    assert lines[-1].endswith("edgefleet.agent.runner: stopped"), lines[-3:]
+    # The install committed before this start is not news of this start.
+    assert not [line for line in lines if "install committed" in line], lines

@@ -5,9 +5,12 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import logging
 import shutil
 import socket
 import stat
+import struct
+import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -504,3 +507,30 @@ def test_health_says_degraded_while_the_current_model_does_not_load(
     finally:
         api.stop()
         predictor.close()
+
+
+def test_a_client_hanging_up_mid_body_is_one_readable_line(
+    served: tuple[Client, Predictor],
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    client, _ = served
+    port = int(client.base.rsplit(":", 1)[1])
+    caplog.set_level(logging.INFO, logger="edgefleet.agent.localapi")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(
+            b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b'Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"inputs":'
+        )
+        # Hang up hard (a reset), in the middle of the body.
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any(
+        "hung up" in r.getMessage() for r in caplog.records
+    ):
+        time.sleep(0.1)
+    lines = [r.getMessage() for r in caplog.records if r.name == "edgefleet.agent.localapi"]
+    assert [line for line in lines if "hung up" in line], lines
+    assert "Traceback" not in capfd.readouterr().err
+    status, _ = client.json("GET", "/v1/health")  # it serves on
+    assert status == 200
