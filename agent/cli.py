@@ -436,7 +436,8 @@ def enroll_command(
 def status_command(config_path: Path, as_json: bool) -> None:
     """Install state, installed versions, and whether the agent is running."""
     from edgefleet.agent.client import call_json, running_agent, stale_pid
-    from edgefleet.agent.enroll import load_enrollment
+    from edgefleet.agent.diagnostics import redact
+    from edgefleet.agent.enroll import load_enroll_failure, load_enrollment
     from edgefleet.agent.runner import status_dict
 
     config = read_config(config_path)
@@ -447,6 +448,8 @@ def status_command(config_path: Path, as_json: bool) -> None:
     status["running"] = running is not None
     enrollment = load_enrollment(_layout(config))
     status["enrolled_with"] = enrollment.server_url if enrollment else None
+    failure = load_enroll_failure(_layout(config)) if enrollment is None else None
+    status["enrollment_error"] = failure["reason"] if failure else None
     if url is not None:
         status["model"] = call_json(url, "GET", "/v1/model")
         health = call_json(url, "GET", "/v1/health")
@@ -469,7 +472,13 @@ def status_command(config_path: Path, as_json: bool) -> None:
     if status.get("health"):
         detail = f": {status['health_detail']}" if status.get("health_detail") else ""
         click.echo(f"health:          {status['health']}{detail}")
-    click.echo(f"enrolled with:   {status['enrolled_with'] or 'no fleet server'}")
+    if status["enrolled_with"]:
+        click.echo(f"enrolled with:   {status['enrolled_with']}")
+    elif config.server_url:
+        why = status["enrollment_error"] or "no attempt finished yet (`agent run` enrolls)"
+        click.echo(f"enrolled with:   not enrolled yet with {redact(config.server_url)}: {why}")
+    else:
+        click.echo("enrolled with:   no fleet server")
     if status.get("link"):
         click.echo(f"broker link:     {status['link']}")
     if status.get("drift"):

@@ -275,8 +275,34 @@ def enroll(
         mode=PRIVATE_FILE,
     )
     forget_enroll_token(layout)
+    layout.enroll_failure_file.unlink(missing_ok=True)
     log.info("enrolled %s with %s (HTTP %d)", config.device_id, base, status)
     return enrollment
+
+
+def record_enroll_failure(layout: StateLayout, server_url: str, reason: str) -> None:
+    """Keep why the last enrollment attempt failed, for `agent status` (mode 0600;
+    removed once the device enrolled). A state directory that cannot take it is logged."""
+    try:
+        atomic_write_bytes(
+            layout.enroll_failure_file,
+            json.dumps(
+                {"server_url": server_url, "reason": reason, "at": format_time(utcnow())}
+            ).encode()
+            + b"\n",
+            mode=PRIVATE_FILE,
+        )
+    except OSError as exc:
+        log.warning("cannot keep why enrollment failed in %s: %s", layout.root, exc)
+
+
+def load_enroll_failure(layout: StateLayout) -> dict[str, str] | None:
+    """What `record_enroll_failure` kept: server_url, reason, at; None when nothing is."""
+    try:
+        raw = json.loads(layout.enroll_failure_file.read_bytes())
+        return {key: str(raw[key]) for key in ("server_url", "reason", "at")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _signing_request(config: AgentConfig, layout: StateLayout) -> bytes | None:
@@ -401,12 +427,14 @@ class AutoEnroller:
                     delay = min(max(delay, exc.retry_after), self.backoff.maximum)
                 self.attempts += 1
                 self.last_error = str(exc)
+                self._keep_failure()
                 log.warning("enrollment: %s; trying again in %.0f s", exc, delay)
                 self.stopping.wait(delay)
                 continue
             except (EnrollmentRefusedError, ConfigError, KeyFileError) as exc:
                 self.attempts += 1
                 self.last_error = str(exc)
+                self._keep_failure()
                 log.error(
                     "enrollment failed for good: %s. The device serves on, but the server "
                     "ignores its reports until it enrolls: fix the setting or token and "
@@ -418,6 +446,7 @@ class AutoEnroller:
                 delay = self.backoff.delay(self.attempts, self.rng)
                 self.attempts += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
+                self._keep_failure()
                 log.warning("enrollment: %s; trying again in %.0f s", self.last_error, delay)
                 self.stopping.wait(delay)
                 continue
@@ -429,6 +458,10 @@ class AutoEnroller:
                 except Exception:
                     log.exception("on_enrolled callback failed")
             return
+
+    def _keep_failure(self) -> None:
+        if self.config.server_url and self.last_error:
+            record_enroll_failure(self.layout, self.config.server_url, self.last_error)
 
     def join(self, timeout: float | None = None) -> None:
         if self._thread is not None:

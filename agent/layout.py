@@ -23,6 +23,8 @@
       device.key            this device's Ed25519 signing key (raw 32-byte seed, mode 0600),
                             made at enrollment; it signs every message the device sends
       enrolled.json         the fleet server this device enrolled with, and the key it enrolled
+      enroll-failure.json   why the last enrollment attempt failed (mode 0600), for `agent
+                            status`; removed once the device enrolled
       tls/                  the device's X.509 identity (edgefleet.agent.tlsidentity):
                             device.key (ECDSA, mode 0600, made here), device.csr, device.crt
                             (mode 0600) and device.json (its not-after), ca.crt (the fleet CA)
@@ -116,6 +118,10 @@ class StateLayout:
     @property
     def local_api_token(self) -> Path:
         return self.root / "api-token"
+
+    @property
+    def enroll_failure_file(self) -> Path:
+        return self.root / "enroll-failure.json"
 
     @property
     def device_key(self) -> Path:

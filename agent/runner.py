@@ -72,6 +72,7 @@ from edgefleet.agent.enroll import (
     ensure_device_key,
     is_enrolled,
     load_device_key,
+    load_enroll_failure,
     load_enrollment,
 )
 from edgefleet.agent.errors import InstallInProgressError
@@ -541,6 +542,9 @@ class Agent:
             "profile": self.config.profile,
             "running": True,
             "enrolled_with": redact(enrollment.server_url) if enrollment else None,
+            "enrollment_error": None
+            if enrollment is not None or (failure := load_enroll_failure(self.layout)) is None
+            else redact(failure["reason"]),
             "model": info.as_dict() if info else None,
             "drift": self.drift.status.describe(),
             "link": None

@@ -407,6 +407,39 @@ def test_auto_enroller_gives_up_on_a_refusal(
     assert len(server.requests) == 1
 
 
+def test_status_says_why_the_device_is_not_enrolled_yet(
+    tmp_path: Path, trust: TrustRoot, server: FleetServer
+) -> None:
+    config = make_config(tmp_path, trust, server_url=server.url)
+    path = tmp_path / "agent.toml"
+    write_config(path, config)
+    runner = CliRunner()
+    status = runner.invoke(agent_group, ["status", "--config", str(path)])
+    assert f"enrolled with:   not enrolled yet with {server.url}: no attempt" in status.output
+
+    server.script = [Answer(403, {"error": "enrollment", "detail": "token used up"})]
+    enroller = AutoEnroller(config, StateLayout(config.state_dir), threading.Event(), backoff=FAST)
+    enroller.start()
+    assert enroller.done.wait(10)
+    status = runner.invoke(agent_group, ["status", "--config", str(path)])
+    assert status.exit_code == 0, status.output
+    line = next(x for x in status.output.splitlines() if x.startswith("enrolled with:"))
+    assert line.startswith(f"enrolled with:   not enrolled yet with {server.url}: "), line
+    assert "token used up" in line and "no fleet server" not in status.output
+    as_json = json.loads(
+        runner.invoke(agent_group, ["status", "--json", "--config", str(path)]).output
+    )
+    assert as_json["enrolled_with"] is None and "token used up" in as_json["enrollment_error"]
+    assert stat.S_IMODE((config.state_dir / "enroll-failure.json").stat().st_mode) == 0o600
+
+    # Once enrolled, status says with whom, and the failure is forgotten.
+    result = runner.invoke(agent_group, ["enroll", "--config", str(path), "--token", "efe_t"])
+    assert result.exit_code == 0, result.output
+    status = runner.invoke(agent_group, ["status", "--config", str(path)])
+    assert f"enrolled with:   {server.url}\n" in status.output
+    assert not (config.state_dir / "enroll-failure.json").exists()
+
+
 def test_agent_serves_at_once_and_enrolls_when_the_server_comes(
     tmp_path: Path, trust: TrustRoot
 ) -> None:
