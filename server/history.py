@@ -51,7 +51,7 @@ POINT_RESOLUTIONS_S = (SLOT_S, 5 * 60, 15 * 60, 60 * 60, 6 * 60 * 60, 24 * 60 * 
 DISK_ALMOST_FULL = 0.05  # free share below which the disk is almost full
 HOT_C = 85.0
 RECENT = dt.timedelta(hours=24)  # an install that failed or was refused this recently counts
-TELEMETRY_SPAN = dt.timedelta(hours=1)  # the rates the verdict quotes
+TELEMETRY_SPAN = dt.timedelta(hours=1)  # the rates the verdict quotes and Device.health judges
 PROBLEM_INSTALL_STATES = ("failed", "refused")
 
 VerdictState = Literal["ok", "degraded", "failing", "offline", "unknown"]
@@ -425,20 +425,7 @@ def verdict_facts(
         for device_id, report in newest.items():
             if report.install_state in PROBLEM_INSTALL_STATES:
                 problems[device_id] = _install_problem(report, now)
-        for device_id, requests, errors, fallbacks in session.execute(
-            select(
-                TelemetryBucket.device_id,
-                func.sum(TelemetryBucket.requests),
-                func.sum(TelemetryBucket.errors),
-                func.sum(TelemetryBucket.fallbacks),
-            )
-            .where(
-                TelemetryBucket.device_id.in_(chunk),
-                TelemetryBucket.bucket_start >= now - TELEMETRY_SPAN,
-            )
-            .group_by(TelemetryBucket.device_id)
-        ):
-            rates[device_id] = (int(requests or 0), int(errors or 0), int(fallbacks or 0))
+        rates.update(request_rates(session, chunk, now - TELEMETRY_SPAN))
     return {
         device_id: VerdictFacts(
             open_alerts=tuple(alerts.get(device_id, ())),
@@ -449,6 +436,29 @@ def verdict_facts(
         )
         for device_id in {*alerts, *problems, *rates}
     }
+
+
+def request_rates(
+    session: Session, device_ids: Sequence[str], since: dt.datetime
+) -> dict[str, tuple[int, int, int]]:
+    """(requests, errors, fallbacks) per device over its telemetry buckets that start at
+    `since` or later, every bundle version (devices with no such bucket are left out).
+    A bounded read: an hour is 12 buckets a device and version, found by the index on
+    (device, bucket start)."""
+    rates: dict[str, tuple[int, int, int]] = {}
+    for chunk in in_chunks(device_ids):
+        for device_id, requests, errors, fallbacks in session.execute(
+            select(
+                TelemetryBucket.device_id,
+                func.sum(TelemetryBucket.requests),
+                func.sum(TelemetryBucket.errors),
+                func.sum(TelemetryBucket.fallbacks),
+            )
+            .where(TelemetryBucket.device_id.in_(chunk), TelemetryBucket.bucket_start >= since)
+            .group_by(TelemetryBucket.device_id)
+        ):
+            rates[device_id] = (int(requests or 0), int(errors or 0), int(fallbacks or 0))
+    return rates
 
 
 def describe_age(age: dt.timedelta) -> str:
@@ -466,7 +476,7 @@ def describe_age(age: dt.timedelta) -> str:
 
 def _model_health(health: str, facts: VerdictFacts) -> str:
     if not facts.requests:
-        return f"model {health} in its newest telemetry window"
+        return f"model {health} in the hour before its last telemetry window"
     return (
         f"model {health}: {100 * facts.errors / facts.requests:.0f}% errors, "
         f"{100 * facts.fallbacks / facts.requests:.0f}% fallbacks over the last hour "

@@ -28,8 +28,9 @@ from edgefleet.mqtt.messages import BinCounts, TelemetryWindow
 Latency = dict[str, Any]  # {"bounds_ms": [...], "counts": [...]}
 Bins = dict[str, dict[str, dict[str, Any]]]  # {"inputs"|"outputs": {feature: {...}}}
 
-# Device.health from the error and fallback rates of the newest window, taken over at
-# least MIN_REQUESTS requests (see health_of).
+# Device.health from the error and fallback rates of the device's last hour of requests
+# (its telemetry buckets, judged at each flush: batch.py), taken over at least
+# MIN_REQUESTS requests (see health_of).
 DEGRADED_RATE = 0.05
 FAILING_RATE = 0.20
 MIN_REQUESTS = 20
@@ -60,10 +61,11 @@ def bucket_start(window_start: dt.datetime, bucket: dt.timedelta) -> dt.datetime
 
 
 def health_of(requests: int, errors: int, fallbacks: int) -> str | None:
-    """ok / degraded / failing from one window's rates; None when it served nothing.
+    """ok / degraded / failing from the rates of a span's requests (the server judges a
+    device's last hour); None when it served nothing.
 
     A rate is taken over at least MIN_REQUESTS requests, the missing ones counted
-    as answered: one failed batch in a quiet window (1 of 1: 1/20 = 5%) is not a
+    as answered: one failed batch in a quiet hour (1 of 1: 1/20 = 5%) is not a
     failing device, while 5 failures of 5 (25%) are.
     """
     if requests <= 0:

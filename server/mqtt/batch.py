@@ -34,7 +34,13 @@
 - telemetry buckets are merged into the stored ones or inserted, with their
   running sums (`edgefleet.server.mqtt.buckets`). When another replica inserted
   the same bucket first, the unit of work fails on the unique key; the caller
-  retries and merges into that row.
+  retries and merges into that row;
+- each device that sent telemetry gets its `Device.health` from its requests,
+  errors and fallbacks of the last hour (`history.TELEMETRY_SPAN`, its buckets
+  that start within the hour before the batch's newest message, every version):
+  one read of at most 12 buckets a device and version per flush, so one quiet
+  window does not reset a failing device, and an hour without requests makes
+  it `unknown`.
 
 A batch is never modified here, so a failed write can be retried as it is.
 `IngestBatch.device_parts` cuts a batch into one batch per device (in device id
@@ -62,8 +68,14 @@ from edgefleet.mqtt.messages import DiagnosticsReport, Heartbeat, StatusReport
 from edgefleet.server.db.models import Device, PresenceChange, StatusReportRow
 from edgefleet.server.db.rows import in_chunks
 from edgefleet.server.diagnostics import record_answer
-from edgefleet.server.history import HeartbeatSlot, SlotKey, merge_heartbeat_slots
-from edgefleet.server.mqtt.aggregate import TelemetryAggregate
+from edgefleet.server.history import (
+    TELEMETRY_SPAN,
+    HeartbeatSlot,
+    SlotKey,
+    merge_heartbeat_slots,
+    request_rates,
+)
+from edgefleet.server.mqtt.aggregate import TelemetryAggregate, health_of
 from edgefleet.server.mqtt.buckets import BucketKey, store_buckets
 from edgefleet.timefmt import parse_time
 
@@ -86,7 +98,6 @@ class DeviceUpdate:
     heartbeat_sent_at: dt.datetime | None = None  # of `heartbeat`, parsed
     heartbeat_order: int = 0
     statuses: list[tuple[int, dt.datetime, StatusReport]] = field(default_factory=list)
-    health: tuple[str, str] | None = None  # (window_end, health) of the newest window
     messages: int = 0  # the device's messages merged in
 
     def offer_heartbeat(self, heartbeat: Heartbeat, order: int) -> bool:
@@ -204,11 +215,9 @@ class BatchWriter:
                 if self._apply(session, device, changes):
                     reported.append(device_id)
         self._trim_reports(session, sorted(reported))
-        store_buckets(
-            session,
-            {key: agg for key, agg in batch.telemetry.items() if key[0] in devices},
-            lock=not self._is_sqlite,
-        )
+        telemetry = {key: agg for key, agg in batch.telemetry.items() if key[0] in devices}
+        store_buckets(session, telemetry, lock=not self._is_sqlite)
+        _judge_models(session, devices, batch, sorted({key[0] for key in telemetry}))
         for device_id, report, received_at in batch.diagnostics:
             if device_id not in devices or not record_answer(
                 session, device_id, report, received_at
@@ -262,8 +271,6 @@ class BatchWriter:
             device.last_seen is None or device.last_seen < update.last_seen
         ):
             device.last_seen = update.last_seen
-        if update.health is not None:
-            device.health = update.health[1]
         state_order = model_order = 0  # arrival order of what set them
         accepted = 0
         for order, received, report in sorted(update.statuses, key=lambda s: s[2].sequence):
@@ -322,6 +329,23 @@ class BatchWriter:
             )
             old = select(ranked.c.id).where(ranked.c.newer > self._reports_kept)
             session.execute(delete(StatusReportRow).where(StatusReportRow.id.in_(old)))
+
+
+def _judge_models(
+    session: Session, devices: dict[str, Device], batch: IngestBatch, judged: list[str]
+) -> None:
+    """Set `Device.health` of the devices that sent telemetry in `batch` from their
+    requests of the last hour (`TELEMETRY_SPAN` before the newest message the batch
+    holds), the buckets just stored included: one bounded read a flush, not a message."""
+    if not judged:
+        return
+    seen = [batch.devices[d].last_seen for d in judged if d in batch.devices]
+    now = max((at for at in seen if at is not None), default=None)
+    if now is None:
+        return
+    rates = request_rates(session, judged, now - TELEMETRY_SPAN)
+    for device_id in judged:
+        devices[device_id].health = health_of(*rates.get(device_id, (0, 0, 0))) or "unknown"
 
 
 def _status_row(device_id: str, received: dt.datetime, report: StatusReport) -> StatusReportRow:

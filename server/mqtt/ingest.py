@@ -112,7 +112,7 @@ from edgefleet.server.deadletters import (
     letters_of,
 )
 from edgefleet.server.errors import ConflictError, NotFoundError, StorageError
-from edgefleet.server.mqtt.aggregate import TelemetryAggregate, bucket_start, health_of
+from edgefleet.server.mqtt.aggregate import TelemetryAggregate, bucket_start
 from edgefleet.server.mqtt.batch import BatchWriter, DeviceUpdate, IngestBatch, KeptMessage
 from edgefleet.server.mqtt.interfaces import DeviceKeys, MessageHandler
 from edgefleet.server.settings import ServerSettings
@@ -384,7 +384,6 @@ class Ingestor:
             start = bucket_start(parse_time(window.window_start), self._bucket)
             self._bucket_starts[window.window_start] = start
         key = (device_id, window.bundle_name, window.bundle_version, start)
-        health = health_of(window.requests, window.errors, window.fallbacks)
         identity = (device_id, window.window_start)
         with self._lock:
             seen = self._windows_seen
@@ -400,10 +399,6 @@ class Ingestor:
                 aggregate = batch.telemetry[key] = TelemetryAggregate()
             aggregate.add_window(window)
             update = self._seen(device_id, now)
-            if health is not None and (
-                update.health is None or update.health[0] <= window.window_end
-            ):
-                update.health = (window.window_end, health)
             self._count_in(update, arrived, "telemetry")
         return TAKEN
 

@@ -94,8 +94,8 @@ def test_a_healthy_device_is_ok_without_reasons() -> None:
         ),
         ({"online": False, "last_seen": None}, ("unknown", ["never connected"])),
         ({"heartbeat": None}, ("unknown", ["no heartbeat received yet"])),
-        ({"health": "failing"}, ("failing", ["model failing in its newest telemetry window"])),
-        ({"health": "degraded"}, ("degraded", ["model degraded in its newest telemetry window"])),
+        ({"health": "failing"}, ("failing", ["model failing in the hour before its last telemetry window"])),
+        ({"health": "degraded"}, ("degraded", ["model degraded in the hour before its last telemetry window"])),
         (
             {"heartbeat": beat(frozen_out=True, frozen_reason="timestamp expired at noon")},
             ("degraded", ["frozen out: timestamp expired at noon"]),

@@ -384,33 +384,47 @@ def test_telemetry_merges_into_buckets_across_flushes_once_per_window(
         assert sum(first.latency["counts"]) == 400
         assert first.bins["inputs"]["f1"]["counts"] == [40] * 10
     assert rows == [(T0, 4, 400, 33), (T0 + dt.timedelta(hours=1), 1, 100, 0)]
-    # the newest window (the hour later, 0 errors) decides the health
+    # the last hour (the window an hour later, 0 errors) decides the health
     assert device_row(database, dev.id).health == "ok"
 
 
-def test_health_follows_the_newest_window(
-    ingestor: Ingestor, database: Database, devices: list[SimDevice]
+def test_health_judges_the_last_hour_not_the_newest_window(
+    ingestor: Ingestor, database: Database, devices: list[SimDevice], clock: Clock
 ) -> None:
+    """A failing device stays failing through a quiet window: the hour decides."""
     dev = devices[1]
-    ingestor.handle(*signed(dev, TopicKind.TELEMETRY, telemetry(dev, T0, errors=50)))
-    ingestor.flush()
-    assert device_row(database, dev.id).health == "failing"
-    later = T0 + dt.timedelta(minutes=1)
-    ingestor.handle(*signed(dev, TopicKind.TELEMETRY, telemetry(dev, later, fallbacks=10)))
-    ingestor.flush()
-    assert device_row(database, dev.id).health == "degraded"
+
+    def send(minute: int, **fields: int) -> str:
+        clock.now = T0 + dt.timedelta(minutes=minute, seconds=60)
+        start = T0 + dt.timedelta(minutes=minute)
+        ingestor.handle(*signed(dev, TopicKind.TELEMETRY, telemetry(dev, start, **fields)))
+        ingestor.flush()
+        return device_row(database, dev.id).health
+
+    assert send(0, requests=1000, fallbacks=990) == "failing"
+    # a quiet window of a few answered requests (its own rate 0%): the hour is still 99%
+    assert send(10, requests=20) == "failing"
+    assert send(20, requests=5) == "failing"
+    # 100 more requests, 10 fallen back: 1000 of 1125 in the hour
+    assert send(30, requests=100, fallbacks=10) == "failing"
+    # an hour after the failures: 20 fallbacks of 200 requests (10%)
+    assert send(65, requests=75, fallbacks=10) == "degraded"
+    # the hour after that holds only answered requests, then none at all
+    assert send(100, requests=500) == "ok"
+    assert send(170, requests=0) == "unknown"
 
 
-def test_health_is_weighed_by_the_requests_of_the_window(
-    ingestor: Ingestor, database: Database, devices: list[SimDevice]
+def test_health_is_weighed_by_the_requests_of_the_hour(
+    ingestor: Ingestor, database: Database, devices: list[SimDevice], clock: Clock
 ) -> None:
     dev = devices[2]
     windows = [
-        (500, 1, "ok"),  # one failure among many
-        (1, 1, "ok"),  # one failed batch in a quiet window: not a failing device
-        (100, 60, "failing"),
+        (0, 500, 1, "ok"),  # one failure among many
+        (70, 1, 1, "ok"),  # one failed batch in a quiet hour: not a failing device
+        (140, 5, 5, "failing"),  # 5 failures of 5 (25% of at least 20)
     ]
-    for minute, (requests, errors, health) in enumerate(windows):
+    for minute, requests, errors, health in windows:
+        clock.now = T0 + dt.timedelta(minutes=minute, seconds=60)
         start = T0 + dt.timedelta(minutes=minute)
         window = telemetry(dev, start, requests=requests, errors=errors)
         ingestor.handle(*signed(dev, TopicKind.TELEMETRY, window))
