@@ -29,6 +29,7 @@ PAGE = 1000  # devices per request when `devices health` reads the whole fleet
 STATE_COLOURS = {
     "ok": "green",
     "degraded": "yellow",
+    "no-model": "red",
     "failing": "red",
     "offline": "magenta",
     "unknown": "white",
@@ -67,7 +68,13 @@ def list_command(
     offset: int,
     as_json: bool,
 ) -> None:
-    """Devices by id, with what they serve and how healthy they are."""
+    """Devices by id, with what they serve and how healthy they are.
+
+    \b
+    VERDICT is the server's verdict (as `devices health` gives it: ok,
+    degraded, no-model, failing, offline or unknown); HEALTH the model's
+    health over the last hour of telemetry.
+    """
     page = client.list_devices(
         online=online, tags=parse_tags(tags), model=model, limit=limit, offset=offset
     )
@@ -80,11 +87,12 @@ def list_command(
         click.echo(f"no devices match (of {total})" if offset else "no devices match")
         return
     echo_table(
-        ["DEVICE", "ONLINE", "MODEL", "STATE", "HEALTH", "LAST SEEN", "PROFILE", "TAGS"],
+        ["DEVICE", "ONLINE", "VERDICT", "MODEL", "STATE", "HEALTH", "LAST SEEN", "PROFILE", "TAGS"],
         [
             [
                 row.get("id"),
                 cell(row.get("online")),
+                cell((row.get("verdict") or {}).get("state")),
                 _model(row),
                 cell(row.get("install_state")),
                 cell(row.get("health")),
@@ -188,8 +196,9 @@ def health_command(
     """Is each device all right, and if not, why: one line per device.
 
     \b
-    The verdict is the server's: ok, degraded, failing, offline or unknown,
-    with its reasons (offline for how long, model errors or fallbacks, frozen
+    The verdict is the server's: ok, degraded, no-model (no model installed:
+    it refuses predictions), failing, offline or unknown, with its reasons
+    (offline for how long, model errors or fallbacks, frozen
     out, breakers open, disk almost full, hot, a failed install, open alerts).
     Names given: those devices; none: every device (or those with --tag).
     Exit status 0 when every device shown is ok, 1 when one is not, so a

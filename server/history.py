@@ -13,7 +13,9 @@ caller retries, merging into that row.
 
 The verdict (`device_health_verdict`) is the one the CLI `devices health`, the
 API and the pages show: a state (ok, degraded, failing, offline, unknown) and
-the reasons in words.
+the reasons in words. A device whose last heartbeat names no model in service is
+`no-model`: it answers its local /v1/health "no-model" and refuses predictions, so it
+is never ok.
 """
 
 from __future__ import annotations
@@ -54,8 +56,16 @@ RECENT = dt.timedelta(hours=24)  # an install that failed or was refused this re
 TELEMETRY_SPAN = dt.timedelta(hours=1)  # the rates the verdict quotes and Device.health judges
 PROBLEM_INSTALL_STATES = ("failed", "refused")
 
-VerdictState = Literal["ok", "degraded", "failing", "offline", "unknown"]
-_SEVERITY: dict[str, int] = {"ok": 0, "unknown": 1, "degraded": 2, "failing": 3, "offline": 4}
+VerdictState = Literal["ok", "degraded", "no-model", "failing", "offline", "unknown"]
+_SEVERITY: dict[str, int] = {
+    "ok": 0,
+    "unknown": 1,
+    "degraded": 2,
+    "no-model": 3,
+    "failing": 4,
+    "offline": 5,
+}
+NO_MODEL = "no model installed: the device refuses every prediction until one is"
 
 SlotKey = tuple[str, dt.datetime]  # device id, slot start (at SLOT_S resolution)
 
@@ -358,6 +368,8 @@ def device_health_verdict(
             )
     elif not beat:
         found.append(("unknown", "no heartbeat received yet"))
+    if beat and not (device.model_name and device.model_version):
+        found.append(("no-model", NO_MODEL))
     if device.health in ("failing", "degraded"):
         found.append((device.health, _model_health(device.health, facts)))
     if beat.get("frozen_out"):

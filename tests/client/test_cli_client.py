@@ -97,6 +97,7 @@ class FakeApi:
                     "model_version": "1.2.3",
                     "install_state": "committed",
                     "health": "ok",
+                    "verdict": {"state": "ok", "reasons": []},
                     "last_seen": "2026-11-25T10:00:00Z",
                     "profile": "x86_64-avx2",
                     "tags": {"site": "berlin"},
@@ -375,8 +376,8 @@ def test_devices_list_sends_filters_and_pages(api: FakeApi, run: Run) -> None:
     assert [v for k, v in query if k == "tag"] == ["site=berlin", "line=3"]
     assert ("limit", "2") in query
     lines = out.splitlines()
-    assert lines[0].split()[:3] == ["DEVICE", "ONLINE", "MODEL"]
-    assert lines[1].split()[:3] == ["dev-0", "yes", "demo@1.2.3"]
+    assert lines[0].split()[:4] == ["DEVICE", "ONLINE", "VERDICT", "MODEL"]
+    assert lines[1].split()[:4] == ["dev-0", "yes", "ok", "demo@1.2.3"]
     assert lines[-1] == "devices 1-2 of 5 (--offset for more)"
     out, _ = run("devices", "list", "--json", url=api.url)
     assert json.loads(out)["total"] == 5

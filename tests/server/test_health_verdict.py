@@ -20,6 +20,7 @@ from edgefleet.server.db.models import (
     TelemetryBucket,
 )
 from edgefleet.server.history import (
+    NO_MODEL,
     HeartbeatSlot,
     VerdictFacts,
     device_health_verdict,
@@ -69,6 +70,8 @@ def device(device_id: str = "cam-1", **fields: Any) -> Device:
         "last_seen": NOW - dt.timedelta(seconds=10),
         "health": "ok",
         "heartbeat": beat(),
+        "model_name": "demo",
+        "model_version": "1.0.0",
         "status_sequence": 0,
         "directive_sequence": 0,
     }
@@ -94,8 +97,15 @@ def test_a_healthy_device_is_ok_without_reasons() -> None:
         ),
         ({"online": False, "last_seen": None}, ("unknown", ["never connected"])),
         ({"heartbeat": None}, ("unknown", ["no heartbeat received yet"])),
-        ({"health": "failing"}, ("failing", ["model failing in the hour before its last telemetry window"])),
-        ({"health": "degraded"}, ("degraded", ["model degraded in the hour before its last telemetry window"])),
+        ({"model_name": None, "model_version": None}, ("no-model", [NO_MODEL])),
+        (
+            {"health": "failing"},
+            ("failing", ["model failing in the hour before its last telemetry window"]),
+        ),
+        (
+            {"health": "degraded"},
+            ("degraded", ["model degraded in the hour before its last telemetry window"]),
+        ),
         (
             {"heartbeat": beat(frozen_out=True, frozen_reason="timestamp expired at noon")},
             ("degraded", ["frozen out: timestamp expired at noon"]),
@@ -116,6 +126,19 @@ def test_a_healthy_device_is_ok_without_reasons() -> None:
 )
 def test_each_reason_of_the_row(fields: dict[str, Any], expected: tuple[str, list[str]]) -> None:
     assert verdict(device(**fields)) == expected
+
+
+def test_a_device_with_no_model_is_never_ok() -> None:
+    """It answers its /v1/health "no-model" and refuses predictions: its own state, worse
+    than degraded, not as bad as a failing model or offline."""
+    bare: dict[str, Any] = {"model_name": None, "model_version": None, "health": "unknown"}
+    assert verdict(device(**bare)) == ("no-model", [NO_MODEL])
+    hot = device(**bare, heartbeat=beat(temperature_c=90.0))
+    assert verdict(hot) == ("no-model", [NO_MODEL, "hot: 90.0 °C (limit 85 °C)"])
+    gone = device(**bare, online=False, last_seen=NOW - dt.timedelta(minutes=5))
+    assert verdict(gone) == ("offline", ["offline, last seen 5 min ago", NO_MODEL])
+    # no heartbeat yet: nothing is known of its model
+    assert verdict(device(**bare, heartbeat=None))[0] == "unknown"
 
 
 def test_offline_outranks_and_keeps_the_other_reasons() -> None:
@@ -301,6 +324,23 @@ def test_devices_health_exits_by_the_named_devices(served: Api, run: Cli) -> Non
     assert err.startswith("error [not-found]: ")
     _, err = run("devices", "health", "cam-1", "--tag", "site=x", status=2)
     assert err.strip() == "error [usage]: give device ids or --tag, not both"
+
+
+def test_a_device_with_no_model_reads_no_model_in_health_and_list(
+    served: Api, run: Cli, sqlite_database: Database
+) -> None:
+    with sqlite_database.session() as session:
+        session.add(device("cam-3", model_name=None, model_version=None, health="unknown"))
+    out, _ = run("devices", "health", "cam-3", status=1)
+    assert out.strip() == f"cam-3  no-model  {NO_MODEL}"
+    out, _ = run("devices", "list")
+    header, *rows = out.splitlines()
+    assert header.split()[:4] == ["DEVICE", "ONLINE", "VERDICT", "MODEL"]
+    assert [row.split()[:4] for row in rows] == [
+        ["cam-1", "yes", "ok", "demo@1.0.0"],
+        ["cam-2", "yes", "failing", "demo@1.0.0"],
+        ["cam-3", "yes", "no-model", "-"],
+    ]
 
 
 def test_devices_health_colours_a_terminal_unless_no_color(

@@ -239,6 +239,29 @@ def test_the_device_page_shows_what_the_database_holds(
     assert "Ask the device" not in text  # a viewer has no button
 
 
+def test_a_device_with_no_model_is_no_model_not_ok(web: Api) -> None:
+    """Online, heartbeats fine, but nothing installed: it refuses every prediction."""
+    assert web.enroll("bare-1").status_code == 201
+    now = web.clock()
+    with web.context.db.session() as session:
+        device = session.get(Device, "bare-1")
+        assert device is not None
+        device.online, device.last_seen, device.install_state = True, now, "idle"
+        device.heartbeat = {
+            "sent_at": now.isoformat(),
+            "disk_free_bytes": 10 * GIB,
+            "disk_total_bytes": 32 * GIB,
+            "install_state": "idle",
+        }
+    browser, _ = sign_in(web, Role.VIEWER)
+    text = browser.get("/devices/bare-1").text
+    assert "Health: no-model" in text and "Nothing wrong found" not in text
+    assert "no model installed: the device refuses every prediction until one is" in text
+    assert 'class="verdict-box verdict-no-model"' in text
+    listed = browser.get("/devices").text
+    assert '<span class="state state-no-model">no-model</span>' in listed
+
+
 def test_unknown_devices_are_404_pages(web: Api) -> None:
     browser, csrf = sign_in(web, Role.OPERATOR)
     for device_id in ("nope", "bad%20id"):

@@ -52,7 +52,7 @@ class HeartbeatSummary(BaseModel):
 class VerdictPublic(BaseModel):
     """Whether the device is all right, and if not, why (`edgefleet.server.history`)."""
 
-    state: Literal["ok", "degraded", "failing", "offline", "unknown"]
+    state: Literal["ok", "degraded", "no-model", "failing", "offline", "unknown"]
     reasons: list[str]
 
 
