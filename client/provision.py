@@ -34,8 +34,9 @@ from edgefleet.client.api import ApiClient
 from edgefleet.client.options import cell, client_command, parse_tags
 from edgefleet.errors import UsageError
 from edgefleet.fileio import atomic_write_bytes
-from edgefleet.profiles import load_profile
+from edgefleet.profiles import HOST, load_profile
 from edgefleet.trust import load_trust_root
+from edgefleet.wire import ConflictError, NotFoundError
 
 STATE_DIR = "/var/lib/edgefleet"
 CONFIG_DIR = "/etc/edgefleet"
@@ -82,7 +83,9 @@ OPTIONS = {
     help="How long the token stays valid (90s, 30m, 24h, 7d): until the last first boot.",
 )
 @click.option(
-    "--profile", required=True, help="The device's hardware profile (`edgefleet targets list`)."
+    "--profile",
+    required=True,
+    help="The device's hardware profile (`edgefleet targets list`); not `host`.",
 )
 @click.option(
     "--trust",
@@ -132,7 +135,7 @@ def provision_command(
 
     \b
     One device (a one-use token):
-      edgefleet devices provision cam-017 --profile aarch64-cortex-a76 \\
+      edgefleet devices provision cam-017 --profile aarch64 \\
           --trust keys/trust.json --ca-cert ca/ca.crt --mqtt mqtts://broker:8883 -o cam-017/
     A golden image (one token for N devices, each makes its id at first start):
       edgefleet devices provision --claim --uses 100 --expires 30d --id-prefix cam ...
@@ -148,6 +151,11 @@ def provision_command(
         raise UsageError("--uses and --id-prefix go with --claim")
     if device_id == AUTO_DEVICE_ID:
         raise UsageError(f"{AUTO_DEVICE_ID!r} is not a device id here: use --claim")
+    if profile == HOST:
+        raise UsageError(
+            "--profile host would be this machine's profile, not the device's: name the "
+            "device's profile (`edgefleet targets list`), e.g. --profile aarch64"
+        )
     ttl = parse_duration(expires)
     token_tags = parse_tags(tags)
     output = output.absolute()
@@ -157,6 +165,8 @@ def provision_command(
     )
     trust = load_trust_root(trust_path)
     _check_ca(ca_path)
+    if device_id is not None:
+        _check_not_enrolled(client, device_id)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         _write_overlay(staging, config, trust.raw, ca_path.read_bytes())
@@ -174,6 +184,24 @@ def provision_command(
     )
     click.echo(
         f"copy it into the root filesystem: sudo cp -a --no-preserve=ownership {output}/. /mnt/"
+    )
+
+
+class AlreadyEnrolledError(ConflictError):
+    """The device id to provision is enrolled already (its card would be refused)."""
+
+
+def _check_not_enrolled(client: ApiClient, device_id: str) -> None:
+    """Ask the server: a card for an id enrolled with another key is refused at first
+    boot ("enrolled with another key"), so it is not written."""
+    try:
+        client.get_device(device_id)
+    except NotFoundError:
+        return
+    raise AlreadyEnrolledError(
+        f"device {device_id!r} is enrolled already: a card for it would be refused at "
+        f"first boot; remove the device first (`edgefleet devices remove {device_id}`) "
+        "or choose another id"
     )
 
 

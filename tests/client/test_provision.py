@@ -3,6 +3,7 @@ image, against a real fleet server (uvicorn, SQLite) whose tokens the devices th
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib.resources
 import os
 import re
@@ -21,8 +22,9 @@ from edgefleet.agent.layout import StateLayout
 from edgefleet.agentconfig import AgentConfig
 from edgefleet.fleetca import init_ca
 from edgefleet.mqtt.topics import is_valid_device_id
+from edgefleet.profiles import all_profiles
 from edgefleet.server.db.database import Database
-from edgefleet.server.db.models import EnrollToken
+from edgefleet.server.db.models import Device, EnrollToken
 from edgefleet.server.principals import Role
 from edgefleet.trust import TrustRoot, load_trust_root
 from tests.agent.test_systemd_unit import systemd_tool
@@ -275,6 +277,58 @@ def test_usage_errors_are_one_line(
         *provision_args(api, server_url, trust_file, ca_cert, tmp_path / "out", *args), status=2
     )
     assert err.count("\n") == 1 and message in err
+
+
+def enrolled_row(device_id: str) -> dict[str, object]:
+    return {
+        "id": device_id,
+        "public_key": "00" * 32,
+        "enrolled_at": dt.datetime(2026, 12, 1, tzinfo=dt.timezone.utc),
+        "profile": PROFILE,
+        "arch": "x86_64",
+        "runtimes": ["onnxruntime"],
+        "agent_version": "0.2.0",
+        "tags": {},
+        "online": False,
+        "health": "unknown",
+        "status_sequence": 0,
+        "directive_sequence": 0,
+    }
+
+
+def test_the_help_names_a_real_profile_and_host_is_refused(
+    provision: Cli, api: Api, server_url: str, trust_file: Path, ca_cert: Path, tmp_path: Path
+) -> None:
+    out, _ = provision("devices", "provision", "--help")
+    named = re.findall(r"--profile ([a-z][\w.-]+)", out)  # examples, not the TEXT metavar
+    assert named and all(name in all_profiles() for name in named), named
+    args = provision_args(api, server_url, trust_file, ca_cert, tmp_path / "out", "cam-1")
+    args[args.index("--profile") + 1] = "host"
+    _, err = provision(*args, status=2)
+    assert err.startswith("error [usage]: --profile host would be this machine's profile")
+    assert "`edgefleet targets list`" in err
+    assert not (tmp_path / "out").exists()
+    with api.context.db.session() as session:
+        assert session.scalar(select(func.count()).select_from(EnrollToken)) == 0
+
+
+def test_an_enrolled_id_is_refused_before_anything_is_written(
+    provision: Cli, api: Api, server_url: str, trust_file: Path, ca_cert: Path, tmp_path: Path
+) -> None:
+    with api.context.db.session() as session:  # enrolled as enrollment stores it
+        session.add(Device(**enrolled_row("cam-01")))
+    output = tmp_path / "cam-01"
+    _, err = provision(
+        *provision_args(api, server_url, trust_file, ca_cert, output, "cam-01"), status=2
+    )
+    assert err.startswith("error [already-enrolled]: device 'cam-01' is enrolled already")
+    assert "`edgefleet devices remove cam-01`" in err and "choose another id" in err
+    assert not output.exists()
+    with api.context.db.session() as session:
+        assert session.scalar(select(func.count()).select_from(EnrollToken)) == 0
+    # another id goes through
+    provision(*provision_args(api, server_url, trust_file, ca_cert, output, "cam-02"))
+    assert (output / "var/lib/edgefleet/enroll-token").exists()
 
 
 def test_the_first_boot_device_id_is_made_once_and_kept(tmp_path: Path, trust_file: Path) -> None:
