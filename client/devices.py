@@ -202,25 +202,40 @@ def health_command(
     out, breakers open, disk almost full, hot, a failed install, open alerts).
     Names given: those devices; none: every device (or those with --tag).
     Exit status 0 when every device shown is ok, 1 when one is not, so a
-    script can ask `edgefleet devices health cam-017 || page-someone`.
+    script can ask `edgefleet devices health cam-017 || page-someone`; 2 when
+    a named id is not enrolled (the others' lines are printed first).
     Coloured on a terminal, unless NO_COLOR is set.
     """
     if device_ids and tags:
         raise UsageError("give device ids or --tag, not both")
+    unknown: list[str] = []  # named ids the server does not know
     if device_ids:
-        rows = [client.get_device(device_id) for device_id in device_ids]
+        rows = []
+        for device_id in device_ids:
+            try:
+                rows.append(client.get_device(device_id))
+            except NotFoundError:
+                unknown.append(device_id)
     else:
         rows = _every_device(client, parse_tags(tags))
     verdicts = [(str(row.get("id")), row.get("verdict") or {}) for row in rows]
     if as_json:
         echo_json([{"id": device_id, **verdict} for device_id, verdict in verdicts])
-    elif not verdicts:
+    elif not verdicts and not unknown:
         click.echo("no devices match")
-    else:
+    elif verdicts:
         colour = _colour_wanted()
         width = max(len(device_id) for device_id, _ in verdicts)
         for device_id, verdict in verdicts:
             click.echo(f"{device_id:<{width}}  {_verdict_text(verdict, colour=colour)}")
+    if unknown:
+        # what is known is printed above; the unknown ids after it, and exit 2
+        names = ", ".join(unknown)
+        raise NotFoundError(
+            f"no enrolled device {names} (`edgefleet devices list` shows the enrolled ids)"
+            if len(unknown) == 1
+            else f"no enrolled devices {names} (`edgefleet devices list` shows the enrolled ids)"
+        )
     if any(verdict.get("state") != "ok" for _, verdict in verdicts):
         click.get_current_context().exit(1)
 

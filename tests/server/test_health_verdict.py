@@ -321,7 +321,7 @@ def test_devices_health_exits_by_the_named_devices(served: Api, run: Cli) -> Non
     out, _ = run("devices", "health", "--json", "cam-2", status=1)
     assert '"state": "failing"' in out
     _, err = run("devices", "health", "nope", status=2)
-    assert err.startswith("error [not-found]: ")
+    assert err.startswith("error [not-found]: no enrolled device nope")
     _, err = run("devices", "health", "cam-1", "--tag", "site=x", status=2)
     assert err.strip() == "error [usage]: give device ids or --tag, not both"
 
@@ -341,6 +341,20 @@ def test_a_device_with_no_model_reads_no_model_in_health_and_list(
         ["cam-2", "yes", "failing", "demo@1.0.0"],
         ["cam-3", "yes", "no-model", "-"],
     ]
+
+
+def test_devices_health_prints_what_is_known_and_names_the_unknown_ids(
+    served: Api, run: Cli
+) -> None:
+    out, err = run("devices", "health", "cam-1", "cam-5", "cam-2", "cam-9", status=2)
+    lines = out.splitlines()
+    assert [line.split()[:2] for line in lines] == [["cam-1", "ok"], ["cam-2", "failing"]]
+    assert err.strip() == (
+        "error [not-found]: no enrolled devices cam-5, cam-9 "
+        "(`edgefleet devices list` shows the enrolled ids)"
+    )
+    out, err = run("devices", "health", "--json", "cam-1", "cam-5", status=2)
+    assert '"id": "cam-1"' in out and "cam-5" in err
 
 
 def test_devices_health_colours_a_terminal_unless_no_color(
