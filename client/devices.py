@@ -87,7 +87,17 @@ def list_command(
         click.echo(f"no devices match (of {total})" if offset else "no devices match")
         return
     echo_table(
-        ["DEVICE", "ONLINE", "VERDICT", "MODEL", "STATE", "HEALTH", "LAST SEEN", "PROFILE", "TAGS"],
+        [
+            "DEVICE",
+            "ONLINE",
+            "VERDICT",
+            "MODEL",
+            "STATE",
+            "HEALTH",
+            "LAST SEEN (UTC)",
+            "PROFILE",
+            "TAGS",
+        ],
         [
             [
                 row.get("id"),

@@ -3,8 +3,8 @@
 Templates live in `templates/` (Jinja2, autoescaped, undefined names are
 errors). Every template sees `request`, `user` (the signed-in Principal, or
 None on the login page), `csrf_field()` (the hidden field every form must
-carry), `static(path)` and the filters `when` (a UTC time) and `ago` (a time
-relative to now). Every page is sent with a Content-Security-Policy that
+carry), `static(path)` and the filters `when` (a UTC time, or a device's time
+text) and `ago` (a time relative to now). Every page is sent with a Content-Security-Policy that
 allows only the server's own scripts, styles and images, and is never cached.
 """
 
@@ -34,10 +34,18 @@ PAGE_HEADERS = {
 }
 
 
-def format_when(moment: dt.datetime | None) -> str:
-    """`2026-12-01 12:20:01 UTC`, or `never`."""
+def format_when(moment: dt.datetime | str | None) -> str:
+    """`2026-12-01 12:20:01 UTC`, or `never`. A text is a time a device sent
+    (`2026-12-01T12:20:01Z`, as in a heartbeat), shown the same way; one that is not a
+    time is shown as it is."""
     if moment is None:
         return "never"
+    if isinstance(moment, str):
+        try:
+            parsed = dt.datetime.fromisoformat(moment.replace("Z", "+00:00"))
+        except ValueError:
+            return moment
+        moment = parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
     return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 

@@ -377,6 +377,7 @@ def test_devices_list_sends_filters_and_pages(api: FakeApi, run: Run) -> None:
     assert ("limit", "2") in query
     lines = out.splitlines()
     assert lines[0].split()[:4] == ["DEVICE", "ONLINE", "VERDICT", "MODEL"]
+    assert "  LAST SEEN (UTC)  " in lines[0]  # the times below say their zone
     assert lines[1].split()[:4] == ["dev-0", "yes", "ok", "demo@1.2.3"]
     assert lines[-1] == "devices 1-2 of 5 (--offset for more)"
     out, _ = run("devices", "list", "--json", url=api.url)

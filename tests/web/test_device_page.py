@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from pathlib import Path
 
 from sqlalchemy import select
@@ -205,6 +206,9 @@ def test_the_device_page_shows_what_the_database_holds(
     assert 'href="/bundles/demo/1.0.0">demo@1.0.0</a>' in text
     # what the agent reported
     assert "version 2" in text and "demo: release 3" in text and "device up 1 h 0 min" in text
+    # every time on the page reads alike: the heartbeat's too (the device sent ISO text)
+    sent = re.search(r"<dt>Heartbeat sent</dt><dd>([^<,]+)", text)
+    assert sent and re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", sent[1]), sent
     assert "3 connections lost, 2 failed publishes, 17 messages waiting" in text
     assert "last problem: broker unreachable" in text
     assert "primary: open, float: closed" in text
@@ -301,6 +305,12 @@ def test_an_operator_asks_for_diagnostics_and_sees_the_answer(
                     "logger": "agent.link",
                     "message": "<broker> gone",
                 },
+                {  # the agent sends its lines oldest first
+                    "at": "2026-01-01T00:00:05Z",
+                    "level": "INFO",
+                    "logger": "agent.link",
+                    "message": "connected again",
+                },
             ],
             "status": {"install": {"state": "committed"}},
         }
@@ -308,4 +318,8 @@ def test_an_operator_asks_for_diagnostics_and_sees_the_answer(
     assert "device.diagnose" in audit
     text = operator.get("/devices/dev-1").text
     assert "ERROR agent.link: &lt;broker&gt; gone" in text  # escaped, in the <pre>
+    # newest first, where a box that scrolls shows it without scrolling; and said so
+    assert "Its last 2 log lines, newest first." in text
+    newest = text.index("INFO agent.link: connected again")
+    assert newest < text.index("ERROR agent.link: &lt;broker&gt; gone")
     assert json.dumps({"state": "committed"}, indent=2).splitlines()[1].strip() in text
