@@ -37,7 +37,8 @@ def push_command(client: ApiClient, trust_path: Path, as_json: bool) -> None:
 
     Versions go one at a time, in order: push each version the server lacks.
     A trust root the server refuses is reported with the reason, as a device
-    would refuse it (exit status 1).
+    would refuse it (exit status 1). Stored bundles the new version no longer
+    accepts (a release key that signed them is gone) are named in a warning.
     """
     with trust_path.open("rb") as file:
         document = file.read(MAX_TRUST_ROOT_BYTES + 1)  # the server says what is too large
@@ -46,6 +47,21 @@ def push_command(client: ApiClient, trust_path: Path, as_json: bool) -> None:
         echo_json(row)
         return
     click.echo(f"pushed: trust root version {row.get('version')}, {_summary(row)}")
+    stranded = row.get("untrusted_bundles") or []
+    if stranded:
+        click.echo(stranded_warning(row.get("version"), stranded), err=True)
+
+
+def stranded_warning(version: object, stranded: list[JsonObject]) -> str:
+    """The warning for stored bundles a pushed trust root no longer accepts."""
+    names = ", ".join(str(item.get("bundle")) for item in stranded[:10])
+    more = f" and {len(stranded) - 10} more" if len(stranded) > 10 else ""
+    return (
+        f"warning: trust root version {version} no longer accepts {len(stranded)} stored "
+        f"bundle(s): {names}{more} ({stranded[0].get('reason')}); devices will refuse them "
+        "and `rollout start` refuses them: sign the models again with a listed release key "
+        "and push them as new versions, or push a trust root that lists the key again"
+    )
 
 
 @trust.command("show")

@@ -43,8 +43,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from edgefleet.bundle import BundleLimits, Manifest, VerifiedBundle, verify_bundle
-from edgefleet.errors import UsageError
+from edgefleet.bundle import BundleLimits, Manifest, VerifiedBundle, read_manifest, verify_bundle
+from edgefleet.errors import SignatureError, UntrustedInputError, UsageError
 from edgefleet.fileio import file_sha256, fsync_directory
 from edgefleet.server.audit import record_audit
 from edgefleet.server.db.models import BundleRow, DriftReferenceRow
@@ -338,6 +338,63 @@ class BundleStore:
             return None
         path = self.path_of(row)
         return path if path.is_file() else None
+
+    def release_refusal(self, row: BundleRow, root: TrustRoot | None = None) -> SignatureError | None:
+        """What a device holding `root` (default: the newest, `self.trust`) would say of the
+        release signatures on `row`'s manifest; None when it accepts them.
+
+        A trust root that drops a release key strands what that key signed: devices
+        refuse those bundles (unknown-key) however well they verified when pushed.
+
+        Raises:
+            StorageError: the bundle's file is missing or cannot be read.
+        """
+        path = self.path_of(row)
+        try:
+            envelope, _ = read_manifest(path, self.limits)
+        except (OSError, UntrustedInputError) as exc:
+            raise StorageError(
+                f"the file of bundle {row.name}@{row.version} ({path}) cannot be read: {exc}; "
+                "replicas must share one data directory (docs/server.md, The data directory)"
+            ) from exc
+        try:
+            (root or self.trust).verify_signed_by(envelope, "release")
+        except SignatureError as exc:
+            return exc
+        return None
+
+    def require_trusted(self, row: BundleRow) -> None:
+        """Refuse `row` when the newest trust root no longer accepts its release signatures.
+
+        Raises:
+            SignatureError (the device's reason, e.g. UnknownKeyError): devices would refuse it.
+            StorageError: the bundle's file is missing or cannot be read.
+        """
+        refusal = self.release_refusal(row)
+        if refusal is None:
+            return
+        raise type(refusal)(
+            f"bundle {row.name}@{row.version}: trust root version {self.trust.version} no "
+            f"longer accepts its signature ({refusal}), so every device would refuse it; sign "
+            "the model again with a release key that trust root lists and push it as a new "
+            "version, or push a trust root version that lists the key again "
+            "(edgefleet keys rotate --add-release)"
+        )
+
+    def untrusted(self, session: Session, root: TrustRoot) -> builtins.list[tuple[BundleRow, str]]:
+        """The stored bundles whose release signatures `root` does not accept, with the
+        reason, oldest push first; bundles whose file is missing are left out (the start
+        warns of those)."""
+        stranded = []
+        rows = session.scalars(select(BundleRow).order_by(BundleRow.pushed_at, BundleRow.id))
+        for row in rows:
+            try:
+                refusal = self.release_refusal(row, root)
+            except StorageError:
+                continue
+            if refusal is not None:
+                stranded.append((row, str(refusal)))
+        return stranded
 
 
 __all__ = ["BUNDLE_SUFFIX", "BundleStore", "bundle_labels", "is_sha256", "manifest_summary"]

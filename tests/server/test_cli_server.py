@@ -9,6 +9,7 @@ translation and its rendering meet the server's actual answers.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import socket
 import ssl
 import sys
@@ -24,17 +25,20 @@ from edgefleet.agent.enroll import enroll
 from edgefleet.agent.errors import ServerUnreachableError
 from edgefleet.agent.layout import StateLayout
 from edgefleet.agentconfig import AgentConfig
+from edgefleet.bundle import build_bundle
 from edgefleet.fleetca import init_ca
+from edgefleet.keys import SigningKey
 from edgefleet.server.db.database import Database
 from edgefleet.server.db.migrate import open_database
 from edgefleet.server.principals import Role
 from edgefleet.server.settings import ServerSettings, sqlite_url
 from edgefleet.server.tokens import authenticate
-from edgefleet.trust import TrustRoot
+from edgefleet.timefmt import utcnow
+from edgefleet.trust import TrustRoot, rotate_trust_root
 from edgefleet.wire import API_PREFIX
 from tests.agent.broker import free_port
 from tests.clirun import Cli
-from tests.conftest import KeySet
+from tests.conftest import PROFILE, KeySet, write_model_dir
 from tests.server.apiclient import Api, make_api, serve
 from tests.server.serverproc import ServerProcess, wait_until, write_server_keys
 
@@ -153,6 +157,54 @@ def test_rollout_start_status_pause_resume_abort(
     bad.write_text("stages:\n  - percent: 50\n")
     _, err = run("rollout", "start", "--bundle", "demo@1.2.3", "--plan", bad, status=2)
     assert err.startswith("error [invalid-request]: ")
+
+
+def test_a_trust_root_that_drops_a_release_key_names_the_bundles_it_strands(
+    served: Api,
+    run: Cli,
+    bundle_file: Path,
+    tmp_path: Path,
+    keyset: KeySet,
+    trust: TrustRoot,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    served.enroll("cam-1")
+    run("bundles", "push", bundle_file)
+    new_release = SigningKey.generate()
+    v2 = rotate_trust_root(
+        trust,
+        signers=[keyset.root],
+        expires=utcnow() + dt.timedelta(days=30),
+        release=[new_release.public],
+    )
+    v2_path = tmp_path / "trust.v2.json"
+    v2_path.write_bytes(v2.raw)
+    monkeypatch.setenv("EDGEFLEET_TOKEN", served.tokens[Role.ADMIN])
+    out, err = run("trust", "push", v2_path)
+    assert out.startswith("pushed: trust root version 2, ")
+    old_key = keyset.release.public.keyid[:12]
+    assert err.startswith("warning: trust root version 2 no longer accepts 1 stored bundle(s): ")
+    assert "demo@1.2.3" in err and old_key in err
+    answer = served.get("/trust").json()
+    assert "untrusted_bundles" not in answer  # only the push's answer lists them
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("stages:\n  - percent: 100\n")
+    monkeypatch.setenv("EDGEFLEET_TOKEN", served.tokens[Role.OPERATOR])
+    _, err = run("rollout", "start", "--bundle", "demo@1.2.3", "--plan", plan, status=1)
+    assert err.startswith("refused [unknown-key]: bundle demo@1.2.3: trust root version 2 ")
+    assert old_key in err and "push" in err and "--add-release" in err
+    assert served.get("/rollouts").json() == []
+
+    # Signed again with the listed key under a new version, it rolls out.
+    fresh = tmp_path / "fresh.efb"
+    build_bundle(
+        write_model_dir(tmp_path / "src-fresh"), fresh, name="demo", version="1.2.4",
+        keys=[new_release], profiles=[PROFILE],
+    )  # fmt: skip
+    _, err = run("bundles", "push", fresh)
+    assert "warning" not in err
+    run("rollout", "start", "--bundle", "demo@1.2.4", "--plan", plan)
 
 
 def test_token_create_prints_only_the_token(run: Cli, tmp_path: Path) -> None:

@@ -58,6 +58,7 @@ def create_rollout(
 ) -> RolloutStatus:
     name, _, version = body.bundle.rpartition("@")
     bundle = context.bundles.get(session, name, version)
+    context.bundles.require_trusted(bundle)
     selector = parse_selector(body.select)
     plan = plan_from_dict(body.plan)
     now = context.clock()

@@ -7,7 +7,9 @@ and listing this server's key in its server role; else 422 with the reason
 `server-key-not-listed`, `malformed-document`). Accepted, it is stored,
 audited (`trust-root.push`), published retained to devices, and used from then
 on for everything this replica verifies; other replicas adopt it within one
-fleet-timestamp period.
+fleet-timestamp period. The answer lists the stored bundles the new version no
+longer accepts (`untrusted_bundles`: a release key that signed them is gone), which
+devices will refuse and `POST /rollouts` refuses from then on.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from fastapi import APIRouter, Request, status
 
 from edgefleet.server.api.deps import AdminDep, ContextDep, ViewerDep
 from edgefleet.server.api.errors import errors
-from edgefleet.server.api.schemas.trust import TrustRootPublic
+from edgefleet.server.api.schemas.trust import StrandedBundle, TrustRootPublic, TrustRootPushed
+from edgefleet.server.context import ServerContext
 from edgefleet.server.errors import InvalidRequestError
 from edgefleet.trust import MAX_TRUST_ROOT_BYTES, TrustRoot, public_keys
 from edgefleet.wire import API_PREFIX
@@ -43,7 +46,7 @@ def _public(root: TrustRoot) -> TrustRootPublic:
 
 @router.post(
     "",
-    response_model=TrustRootPublic,
+    response_model=TrustRootPushed,
     status_code=status.HTTP_201_CREATED,
     summary="Hand the server the next trust root version; it checks, stores and publishes it",
     responses=errors(413, 422),
@@ -51,7 +54,7 @@ def _public(root: TrustRoot) -> TrustRootPublic:
 )
 async def push_trust_root(
     request: Request, context: ContextDep, admin: AdminDep
-) -> TrustRootPublic:
+) -> TrustRootPushed:
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type != "application/json":
         raise InvalidRequestError(
@@ -61,7 +64,16 @@ async def push_trust_root(
     if len(data) > MAX_TRUST_ROOT_BYTES:
         raise InvalidRequestError(f"a trust root is at most {MAX_TRUST_ROOT_BYTES} bytes")
     root = await to_thread.run_sync(context.trust.push, data, admin, context.clock())
-    return _public(root)
+    stranded = await to_thread.run_sync(_stranded, context, root)
+    return TrustRootPushed(**_public(root).model_dump(), untrusted_bundles=stranded)
+
+
+def _stranded(context: ServerContext, root: TrustRoot) -> list[StrandedBundle]:
+    with context.db.session() as session:
+        return [
+            StrandedBundle(bundle=f"{row.name}@{row.version}", reason=reason)
+            for row, reason in context.bundles.untrusted(session, root)
+        ]
 
 
 @router.get(
