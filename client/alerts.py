@@ -6,7 +6,14 @@ import click
 
 from edgefleet.cli.options import echo_json, echo_table, json_option
 from edgefleet.client.api import ApiClient, JsonObject
-from edgefleet.client.options import ROW_ID, cell, client_command, limit_option
+from edgefleet.client.options import (
+    ROW_ID,
+    cell,
+    client_command,
+    empty_page,
+    limit_option,
+    page_footer,
+)
 
 
 @click.group()
@@ -32,6 +39,7 @@ def alerts() -> None:
 @click.option("--kind", metavar="KIND", help="Only alerts of this kind (e.g. feature-drift).")
 @click.option("--open", "open_only", is_flag=True, help="Only alerts not resolved yet.")
 @limit_option
+@click.option("--offset", type=click.IntRange(min=0), default=0, help="Skip this many alerts.")
 @json_option
 @client_command
 def list_command(
@@ -41,6 +49,7 @@ def list_command(
     kind: str | None,
     open_only: bool,
     limit: int,
+    offset: int,
     as_json: bool,
 ) -> None:
     """Alerts, newest first, with the evidence that opened them.
@@ -48,15 +57,19 @@ def list_command(
     A device alert names its DEVICE, a cohort alert its COHORT: version (every
     device on the bundle version), tag:KEY=VALUE, profile:PROFILE, or
     stage:ROLLOUT_ID/STAGE_INDEX (the devices of a stage of an active rollout).
+    A page of --limit alerts after --offset; the line under it says how many
+    there are in all. KIND: feature-drift, prediction-drift, dataset-drift,
+    accuracy-drop (another is refused).
     """
-    rows = client.list_alerts(
-        device=device, cohort=cohort, kind=kind, open_only=open_only, limit=limit
+    rows, total = client.list_alerts(
+        device=device, cohort=cohort, kind=kind, open_only=open_only, limit=limit, offset=offset
     )
     if as_json:
         echo_json(rows)
         return
     if not rows:
-        click.echo("no open alerts" if open_only else "no alerts")
+        nothing = "no open alerts" if open_only else "no alerts"
+        click.echo(empty_page("alerts", offset, total, nothing))
         return
     echo_table(
         [
@@ -87,6 +100,9 @@ def list_command(
             for row in rows
         ],
     )
+    footer = page_footer("alerts", offset, len(rows), total)
+    if footer is not None:
+        click.echo(footer)
 
 
 @alerts.command("ack")

@@ -301,15 +301,22 @@ class ApiClient:
         kind: str | None = None,
         open_only: bool = False,
         limit: int = 100,
-    ) -> list[JsonObject]:
-        """Alerts, newest first (of one device, one cohort, one kind)."""
-        params: dict[str, Any] = {"limit": limit}
+        offset: int = 0,
+    ) -> tuple[list[JsonObject], int | None]:
+        """A page of alerts, newest first (of one device, one cohort, one kind), and how
+        many match over every page (None from a server that does not say)."""
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
         for name, value in (("device", device), ("cohort", cohort), ("kind", kind)):
             if value:
                 params[name] = value
         if open_only:
             params["open"] = "true"
-        return self._items("/alerts", params=params)
+        response = self.request("GET", "/alerts", params=params)
+        rows = self._decode(response)
+        if isinstance(rows, dict):
+            rows = rows.get("items", [])
+        total = response.headers.get("X-Total-Count")
+        return cast(list[JsonObject], rows), int(total) if total and total.isdigit() else None
 
     def ack_alert(self, alert_id: int) -> JsonObject:
         """Acknowledge an alert (operator role; 404 when there is no such alert)."""

@@ -19,7 +19,7 @@ from edgefleet.cli.options import (
 from edgefleet.client.accuracy import echo_accuracy
 from edgefleet.client.api import ApiClient, JsonObject
 from edgefleet.client.diagnostics import diagnose_command
-from edgefleet.client.options import cell, client_command, parse_tags
+from edgefleet.client.options import cell, client_command, empty_page, page_footer, parse_tags
 from edgefleet.client.provision import provision_command
 from edgefleet.errors import UsageError
 from edgefleet.wire import NotFoundError
@@ -84,7 +84,7 @@ def list_command(
     items: list[JsonObject] = page.get("items", [])
     total = int(page.get("total", len(items)))
     if not items:
-        click.echo(f"no devices match (of {total})" if offset else "no devices match")
+        click.echo(empty_page("devices", offset, total, "no devices match"))
         return
     echo_table(
         [
@@ -113,8 +113,9 @@ def list_command(
             for row in items
         ],
     )
-    if offset or len(items) < total:
-        click.echo(f"devices {offset + 1}-{offset + len(items)} of {total} (--offset for more)")
+    footer = page_footer("devices", offset, len(items), total)
+    if footer is not None:
+        click.echo(footer)
 
 
 @devices.command("show")

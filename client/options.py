@@ -97,3 +97,21 @@ def _looks_like_time(text: str) -> bool:
 def short_time(text: str) -> str:
     """`2026-11-25T23:02:29.123456+00:00` -> `2026-11-25 23:02:29` (times are UTC)."""
     return text[:19].replace("T", " ")
+
+
+def page_footer(what: str, offset: int, shown: int, total: int | None) -> str | None:
+    """`alerts 1-100 of 462 (--offset for more)` under a page that is not everything;
+    None when the page holds every row."""
+    if total is None or (offset == 0 and shown >= total):
+        return None
+    return f"{what} {offset + 1}-{offset + shown} of {total} (--offset for more)"
+
+
+def empty_page(what: str, offset: int, total: int | None, nothing: str) -> str:
+    """What an empty page says: `nothing`, or that --offset is past the end."""
+    if offset and total:
+        return (
+            f"--offset {offset} is past the end: {total} {what} match "
+            "(--offset 0 for the first page)"
+        )
+    return nothing

@@ -10,7 +10,11 @@ defined here, in the core, and nowhere else:
   the code the CLI prints in `refused [code]: ...` and `error [code]: ...`;
 - a client turns a code back into the class the server raised
   (`error_class`): the errors below, or a refusal of the core
-  (`edgefleet.errors.UntrustedInputError` and below).
+  (`edgefleet.errors.UntrustedInputError` and below);
+- a refusal of the request (`REFUSALS`: not found, conflict, invalid, auth,
+  enrollment; and every core refusal) is `refused [code]: ...` with exit status 1
+  on the CLI, like a refusal found locally; anything else (rate limited, storage,
+  no answer) is `error [code]: ...` with exit status 2 (`is_refusal`).
 
 The errors the API answers with, besides the core's refusals:
 
@@ -86,6 +90,25 @@ class StorageError(ServerError):
     """The database or the data directory failed; the request changed nothing."""
 
 
+# The server's answers that refuse the request itself (HTTP 4xx: what was asked for is
+# unknown, clashes, is not valid, or may not be done with this credential). The CLI
+# prints them as it prints a core refusal: `refused [code]: ...`, exit status 1. A rate
+# limit, a storage failure, no answer at all: `error [code]: ...`, exit status 2.
+REFUSALS: tuple[type[ServerError], ...] = (
+    NotFoundError,
+    ConflictError,
+    InvalidRequestError,
+    AuthError,
+    EnrollmentError,
+)
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """True for an error that says the input was refused: a core UntrustedInputError, or
+    one of the server's `REFUSALS` (the CLI's exit status 1)."""
+    return isinstance(exc, (UntrustedInputError, *REFUSALS))
+
+
 def class_code(cls: type[BaseException]) -> str:
     """`TamperedFileError` -> `tampered-file`; `FileNotFoundError` -> `file-not-found`;
     an acronym stays one word: `URLError` -> `url`, `NotABundleError` -> `not-a-bundle`."""
@@ -123,6 +146,7 @@ def error_class(code: Any) -> type[EdgefleetError] | None:
 
 __all__ = [
     "API_PREFIX",
+    "REFUSALS",
     "AuthError",
     "BundleExistsError",
     "ConflictError",
@@ -138,4 +162,5 @@ __all__ = [
     "error_body",
     "error_class",
     "error_code",
+    "is_refusal",
 ]

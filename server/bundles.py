@@ -339,7 +339,9 @@ class BundleStore:
         path = self.path_of(row)
         return path if path.is_file() else None
 
-    def release_refusal(self, row: BundleRow, root: TrustRoot | None = None) -> SignatureError | None:
+    def release_refusal(
+        self, row: BundleRow, root: TrustRoot | None = None
+    ) -> SignatureError | None:
         """What a device holding `root` (default: the newest, `self.trust`) would say of the
         release signatures on `row`'s manifest; None when it accepts them.
 

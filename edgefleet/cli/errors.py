@@ -1,10 +1,15 @@
 """How the CLI reports errors: one line naming the reason, never a traceback.
 
-A refusal prints `refused [code]: message` (exit status 1) where code is the
-error class in kebab case (tampered-file, unknown-key, ...), the code an API
-error answer carries too (`edgefleet.wire.error_code`), so scripts can match
-on it; a local problem prints `error [code]: message` (exit status 2),
-click's own usage errors included (`error [usage]: ...`).
+A refusal of the input prints `refused [code]: message` (exit status 1) where
+code is the error class in kebab case (tampered-file, unknown-key, ...), the
+code an API error answer carries too (`edgefleet.wire.error_code`), so scripts
+can match on it. The input is refused when a check here refuses it (a core
+UntrustedInputError) or when the fleet server does (an answer of
+`edgefleet.wire.REFUSALS`: not-found, conflict, bundle-exists, rollout-state,
+invalid-request, auth, forbidden, enrollment). Anything else prints `error
+[code]: message` (exit status 2): a local problem, click's own usage errors
+(`error [usage]: ...`), a server that cannot be reached, is rate limiting, or
+failed (storage, an answer that is not the API's).
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ from typing import Any, TypeVar, cast
 
 import click
 
-from edgefleet.errors import EdgefleetError, LocalError, UntrustedInputError
-from edgefleet.wire import error_code
+from edgefleet.errors import EdgefleetError, LocalError
+from edgefleet.wire import error_code, is_refusal
 
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
@@ -106,10 +111,10 @@ def run_with_error_handling(command: click.Command, args: list[str] | None = Non
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except UntrustedInputError as exc:
-        click.echo(f"refused [{error_code(exc)}]: {exc}", err=True)
-        return EXIT_REFUSED
     except EdgefleetError as exc:
+        if is_refusal(exc):
+            click.echo(f"refused [{error_code(exc)}]: {exc}", err=True)
+            return EXIT_REFUSED
         click.echo(f"error [{error_code(exc)}]: {exc}", err=True)
         return EXIT_USAGE
     except OSError as exc:

@@ -16,7 +16,7 @@ import builtins
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from edgefleet.server.audit import record_audit
@@ -58,11 +58,42 @@ def list_alerts(
     kind: str | None = None,
     open_only: bool = False,
     limit: int = 100,
+    offset: int = 0,
 ) -> builtins.list[Alert]:
     """Alerts, newest first: of one device (`device`), one cohort (`cohort`, exactly:
     "version", "tag:K=V", ...), one bundle name and version, one kind; unresolved ones
-    only (`open_only`)."""
-    query = select(Alert).order_by(Alert.opened_at.desc(), Alert.id.desc()).limit(limit)
+    only (`open_only`); `limit` of them after skipping `offset`."""
+    query = select(Alert).order_by(Alert.opened_at.desc(), Alert.id.desc())
+    query = _filtered(query, device, cohort, bundle, version, kind, open_only)
+    return list(session.scalars(query.limit(limit).offset(offset)))
+
+
+def count_alerts(
+    session: Session,
+    *,
+    device: str | None = None,
+    cohort: str | None = None,
+    bundle: str | None = None,
+    version: str | None = None,
+    kind: str | None = None,
+    open_only: bool = False,
+) -> int:
+    """How many alerts `list_alerts` with these filters finds, over every page."""
+    query = _filtered(
+        select(func.count()).select_from(Alert), device, cohort, bundle, version, kind, open_only
+    )
+    return int(session.scalar(query) or 0)
+
+
+def _filtered(
+    query: Select[Any],
+    device: str | None,
+    cohort: str | None,
+    bundle: str | None,
+    version: str | None,
+    kind: str | None,
+    open_only: bool,
+) -> Select[Any]:
     for column, wanted in (
         (Alert.device_id, device),
         (Alert.cohort, cohort),
@@ -74,7 +105,7 @@ def list_alerts(
             query = query.where(column == wanted)
     if open_only:
         query = query.where(Alert.resolved_at.is_(None))
-    return list(session.scalars(query))
+    return query
 
 
 def acknowledge_alert(session: Session, alert_id: int, actor: Principal, now: dt.datetime) -> Alert:
@@ -109,6 +140,7 @@ def open_alerts_by_kind(session: Session) -> dict[str, int]:
 
 __all__ = [
     "acknowledge_alert",
+    "count_alerts",
     "list_alerts",
     "open_alert",
     "open_alerts_by_kind",

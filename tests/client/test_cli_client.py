@@ -282,32 +282,44 @@ def test_push_refused_by_the_server_reads_like_a_local_refusal(
         "refused [unknown-key]: manifest signed by key 1a2b, not in the trust root"
     )
     api.error(409, "bundle-exists", "demo@1.2.3 is stored with sha256 aa..., not bb...")
-    _, err = run("bundles", "push", bundle_file, url=api.url, status=2)
-    assert err.strip() == "error [bundle-exists]: demo@1.2.3 is stored with sha256 aa..., not bb..."
+    _, err = run("bundles", "push", bundle_file, url=api.url, status=1)
+    assert (
+        err.strip() == "refused [bundle-exists]: demo@1.2.3 is stored with sha256 aa..., not bb..."
+    )
 
 
 @pytest.mark.parametrize(
-    ("status", "code", "headers", "expected"),
+    ("status", "code", "headers", "expected", "exit_status"),
     [
-        (403, "forbidden", {}, "error [forbidden]: viewer tokens may not push"),
-        (404, "whatever", {}, "error [not-found]: viewer tokens may not push"),
-        (409, "rollout-state", {}, "error [rollout-state]: viewer tokens may not push"),
-        (422, "invalid-request", {}, "error [invalid-request]: viewer tokens may not push"),
+        (401, "auth", {}, "refused [auth]: viewer tokens may not push", 1),
+        (403, "forbidden", {}, "refused [forbidden]: viewer tokens may not push", 1),
+        (404, "whatever", {}, "refused [not-found]: viewer tokens may not push", 1),
+        (409, "rollout-state", {}, "refused [rollout-state]: viewer tokens may not push", 1),
+        (422, "invalid-request", {}, "refused [invalid-request]: viewer tokens may not push", 1),
         (
             429,
             "rate-limited",
             {"Retry-After": "7"},
             "error [rate-limited]: viewer tokens may not push (retry after 7 s)",
+            2,
         ),
-        (503, "storage", {}, "error [storage]: viewer tokens may not push"),
-        (500, "internal", {}, "error [server-response]: HTTP 500 from "),
+        (503, "storage", {}, "error [storage]: viewer tokens may not push", 2),
+        (500, "internal", {}, "error [server-response]: HTTP 500 from ", 2),
     ],
 )
 def test_error_answers_become_the_servers_errors(
-    api: FakeApi, run: Run, status: int, code: str, headers: dict[str, str], expected: str
+    api: FakeApi,
+    run: Run,
+    status: int,
+    code: str,
+    headers: dict[str, str],
+    expected: str,
+    exit_status: int,
 ) -> None:
+    """A refusal of the request (4xx but a rate limit) exits 1, as a local refusal does;
+    a server that is busy or failed exits 2."""
     api.error(status, code, "viewer tokens may not push", **headers)
-    _, err = run("rollout", "pause", "3", url=api.url, status=2)
+    _, err = run("rollout", "pause", "3", url=api.url, status=exit_status)
     assert err.startswith(expected)
 
 
@@ -319,8 +331,8 @@ def test_an_answer_that_is_not_the_apis(api: FakeApi, run: Run) -> None:
 
 
 def test_without_a_token_the_error_says_how_to_get_one(api: FakeApi, run: Run) -> None:
-    _, err = run("bundles", "list", url=api.url, token=None, status=2)
-    assert err.startswith("error [auth]: missing or unknown API token (no API token given")
+    _, err = run("bundles", "list", url=api.url, token=None, status=1)
+    assert err.startswith("refused [auth]: missing or unknown API token (no API token given")
     assert "edgefleet server token create" in err
     assert "authorization" not in api.requests[-1].headers
 
@@ -350,8 +362,8 @@ def test_bundles_list_and_show(api: FakeApi, run: Run, bundle_file: Path) -> Non
     assert "lineage source: cafe" in out and "model.onnx" in out
     out, _ = run("bundles", "show", "demo@1.2.3", "--json", url=api.url)
     assert json.loads(out)["release_counter"] == 7
-    _, err = run("bundles", "show", "demo@9.9.9", url=api.url, status=2)
-    assert err.strip() == "error [not-found]: no bundle demo@9.9.9"
+    _, err = run("bundles", "show", "demo@9.9.9", url=api.url, status=1)
+    assert err.strip() == "refused [not-found]: no bundle demo@9.9.9"
     _, err = run("bundles", "show", "demo", url=api.url, status=2)
     assert "expected NAME@VERSION" in err
 
@@ -398,8 +410,8 @@ def test_devices_remove_sends_a_delete_and_reports_a_conflict(api: FakeApi, run:
     assert out == "removed device cam/1\n"
     assert (api.requests[-1].method, api.requests[-1].path) == ("DELETE", "/api/v1/devices/cam%2F1")
     api.error(409, "conflict", "device cam-1 is part of active rollout 3 (running)")
-    _, err = run("devices", "remove", "cam-1", url=api.url, status=2)
-    assert err.startswith("error [conflict]: ") and "rollout 3 (running)" in err
+    _, err = run("devices", "remove", "cam-1", url=api.url, status=1)
+    assert err.startswith("refused [conflict]: ") and "rollout 3 (running)" in err
 
 
 def test_enroll_token_prints_only_the_token(api: FakeApi, run: Run) -> None:

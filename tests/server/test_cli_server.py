@@ -30,6 +30,9 @@ from edgefleet.fleetca import init_ca
 from edgefleet.keys import SigningKey
 from edgefleet.server.db.database import Database
 from edgefleet.server.db.migrate import open_database
+from edgefleet.server.db.models import Alert
+from edgefleet.server.drift.alerts import open_alert
+from edgefleet.server.drift.evaluator import FEATURE_DRIFT
 from edgefleet.server.principals import Role
 from edgefleet.server.settings import ServerSettings, sqlite_url
 from edgefleet.server.tokens import authenticate
@@ -79,21 +82,21 @@ def test_push_list_show_against_the_real_server(
     _, err = run("bundles", "push", tampered, status=1)
     assert err.startswith("refused [tampered-file]: ")
 
-    _, err = run("bundles", "show", "demo@9.9.9", status=2)
-    assert err.startswith("error [not-found]: ")
+    _, err = run("bundles", "show", "demo@9.9.9", status=1)
+    assert err.startswith("refused [not-found]: ")
 
 
 def test_roles_and_tokens_are_the_servers(
     served: Api, run: Cli, bundle_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("EDGEFLEET_TOKEN", served.tokens[Role.VIEWER])
-    _, err = run("bundles", "push", bundle_file, status=2)
-    assert err.startswith("error [forbidden]: ")
+    _, err = run("bundles", "push", bundle_file, status=1)
+    assert err.startswith("refused [forbidden]: ")
     monkeypatch.setenv("EDGEFLEET_TOKEN", "efa_" + "x" * 43)
-    _, err = run("devices", "list", status=2)
-    assert err.startswith("error [auth]: ")
+    _, err = run("devices", "list", status=1)
+    assert err.startswith("refused [auth]: ")
     monkeypatch.delenv("EDGEFLEET_TOKEN")
-    _, err = run("devices", "list", status=2)
+    _, err = run("devices", "list", status=1)
     assert "no API token given" in err
 
 
@@ -118,15 +121,15 @@ def test_devices_remove_frees_the_id_for_a_new_key(
     refused = served.enroll("cam-1")  # re-flashed: a new key for an enrolled id
     assert refused.status_code == 403
     monkeypatch.setenv("EDGEFLEET_TOKEN", served.tokens[Role.VIEWER])
-    _, err = run("devices", "remove", "cam-1", status=2)
-    assert err.startswith("error [forbidden]: ")
+    _, err = run("devices", "remove", "cam-1", status=1)
+    assert err.startswith("refused [forbidden]: ")
     monkeypatch.setenv("EDGEFLEET_TOKEN", served.tokens[Role.OPERATOR])
     out, _ = run("devices", "remove", "cam-1")
     assert out == "removed device cam-1\n"
     assert served.get("/devices/cam-1").status_code == 404
     assert served.enroll("cam-1").status_code == 201
-    _, err = run("devices", "remove", "cam-9", status=2)
-    assert err.startswith("error [not-found]: ") and "cam-9" in err
+    _, err = run("devices", "remove", "cam-9", status=1)
+    assert err.startswith("refused [not-found]: ") and "cam-9" in err
 
 
 def test_rollout_start_status_pause_resume_abort(
@@ -145,8 +148,8 @@ def test_rollout_start_status_pause_resume_abort(
     assert "state:     running" in out and "selection: site=berlin" in out
     out, _ = run("rollout", "pause", "1", "--reason", "night shift")
     assert out.startswith("rollout 1 paused: demo@1.2.3 paused")
-    _, err = run("rollout", "pause", "1", status=2)
-    assert err.startswith("error [rollout-state]: rollout 1 is paused")
+    _, err = run("rollout", "pause", "1", status=1)
+    assert err.startswith("refused [rollout-state]: rollout 1 is paused")
     run("rollout", "resume", "1")
     out, _ = run("rollout", "abort", "1", "--reason", "wrong bundle")
     assert "aborting" in out
@@ -155,8 +158,8 @@ def test_rollout_start_status_pause_resume_abort(
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("stages:\n  - percent: 50\n")
-    _, err = run("rollout", "start", "--bundle", "demo@1.2.3", "--plan", bad, status=2)
-    assert err.startswith("error [invalid-request]: ")
+    _, err = run("rollout", "start", "--bundle", "demo@1.2.3", "--plan", bad, status=1)
+    assert err.startswith("refused [invalid-request]: ")
 
 
 def test_a_trust_root_that_drops_a_release_key_names_the_bundles_it_strands(
@@ -205,6 +208,63 @@ def test_a_trust_root_that_drops_a_release_key_names_the_bundles_it_strands(
     _, err = run("bundles", "push", fresh)
     assert "warning" not in err
     run("rollout", "start", "--bundle", "demo@1.2.4", "--plan", plan)
+
+
+def test_alerts_list_pages_and_says_how_many_there_are(served: Api, run: Cli) -> None:
+    served.enroll("cam-1")
+    opened = utcnow() - dt.timedelta(hours=1)
+    with served.context.db.session() as session:
+        for n in range(105):
+            open_alert(
+                session,
+                Alert(
+                    kind=FEATURE_DRIFT, scope="device", device_id="cam-1", cohort=None,
+                    bundle_name="demo", bundle_version="1.2.3", feature=f"f{n}",
+                    opened_at=opened + dt.timedelta(seconds=n), resolved_at=None,
+                    acknowledged_by=None, acknowledged_at=None, evidence={},
+                ),
+            )  # fmt: skip
+    out, _ = run("alerts", "list", "--open")
+    lines = out.splitlines()
+    assert len(lines) == 1 + 100 + 1
+    assert lines[-1] == "alerts 1-100 of 105 (--offset for more)"
+    out, _ = run("alerts", "list", "--open", "--offset", "100")
+    lines = out.splitlines()
+    assert [line.split()[5] for line in lines[1:-1]] == [f"f{n}" for n in range(4, -1, -1)]
+    assert lines[-1] == "alerts 101-105 of 105 (--offset for more)"
+    out, _ = run("alerts", "list", "--offset", "200")
+    assert out == "--offset 200 is past the end: 105 alerts match (--offset 0 for the first page)\n"
+    out, _ = run("alerts", "list", "--kind", "feature-drift", "--limit", "200")
+    assert len(out.splitlines()) == 1 + 105  # every one shown: no footer
+    assert served.get("/alerts", params={"limit": 3}).headers["X-Total-Count"] == "105"
+
+
+def test_unknown_alert_kinds_and_rollout_states_are_refused_naming_the_known(
+    served: Api, run: Cli
+) -> None:
+    answer = served.get("/alerts", params={"kind": "bogus"})
+    assert answer.status_code == 422 and answer.json()["error"] == "invalid-request"
+    assert "feature-drift" in answer.json()["detail"] and "accuracy-drop" in answer.json()["detail"]
+    _, err = run("alerts", "list", "--kind", "bogus", status=1)
+    assert err.startswith("refused [invalid-request]: kind 'bogus' is not an alert kind: ")
+    assert "prediction-drift" in err
+
+    _, err = run("rollout", "list", "--state", "bogus", status=1)
+    assert err == (
+        "refused [invalid-request]: state 'bogus' is not one of running, paused, aborting, "
+        "aborted, completed\n"
+    )
+    out, _ = run("rollout", "list", "--state", "paused")
+    assert out == "no rollouts in state paused\n"
+
+
+def test_devices_list_says_when_the_offset_is_past_the_end(served: Api, run: Cli) -> None:
+    for n in range(3):
+        served.enroll(f"cam-{n}")
+    out, _ = run("devices", "list", "--offset", "100")
+    assert out == "--offset 100 is past the end: 3 devices match (--offset 0 for the first page)\n"
+    out, _ = run("devices", "list", "--offset", "1")
+    assert out.splitlines()[-1] == "devices 2-3 of 3 (--offset for more)"
 
 
 def test_token_create_prints_only_the_token(run: Cli, tmp_path: Path) -> None:
@@ -423,8 +483,8 @@ def test_push_over_the_servers_limit_reports_the_limit(
     big.write_bytes(bytes(3_000_000))
     with serve(api) as url:
         token = api.tokens[Role.OPERATOR]
-        _, err = run("bundles", "push", big, "--server", url, "--token", token, status=2)
+        _, err = run("bundles", "push", big, "--server", url, "--token", token, status=1)
     assert err.strip() == (
-        "error [invalid-request]: the bundle is 3000000 bytes; this server takes at most 1000"
+        "refused [invalid-request]: the bundle is 3000000 bytes; this server takes at most 1000"
     )
     assert list(api.context.bundles.uploads_dir.iterdir()) == []

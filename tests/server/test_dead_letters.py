@@ -243,9 +243,9 @@ def test_dead_letters_through_the_cli(
         ]
         out, _ = run("dead-letters", "list", "--json")
         assert json.loads(out) == []
-        _, err = run("dead-letters", "discard", str(row.id), status=2)
+        _, err = run("dead-letters", "discard", str(row.id), status=1)
         assert err.splitlines() == [
-            f"error [not-found]: no dead letter {row.id} (replayed or discarded?): "
+            f"refused [not-found]: no dead letter {row.id} (replayed or discarded?): "
             "`edgefleet dead-letters list` lists them"
         ]
     assert stored(database)[0]["dev-1"] == 1

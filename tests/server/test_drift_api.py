@@ -190,11 +190,11 @@ def test_cli_lists_and_acknowledges(served: Api, run: Cli, monkeypatch: pytest.M
     alert_id = rows[0]["id"]
     out, _ = run("alerts", "ack", str(alert_id))
     assert out.startswith(f"alert {alert_id} acknowledged by operator-")
-    _, err = run("alerts", "ack", "999999", status=2)
-    assert err.startswith("error [not-found]: no alert 999999")
+    _, err = run("alerts", "ack", "999999", status=1)
+    assert err.startswith("refused [not-found]: no alert 999999")
     monkeypatch.setenv("EDGEFLEET_TOKEN", served.tokens[Role.VIEWER])
-    _, err = run("alerts", "ack", str(alert_id), status=2)
-    assert err.startswith("error [forbidden]: ")
+    _, err = run("alerts", "ack", str(alert_id), status=1)
+    assert err.startswith("refused [forbidden]: ")
     out, _ = run("alerts", "list", "--device", "steady")
     assert out.strip() == "no alerts"
     out, _ = run("alerts", "list", "--cohort", "tag:line=1", "--kind", DATASET_DRIFT)

@@ -199,9 +199,9 @@ def test_rollout_to_real_agents_completes_then_abort_rolls_back(
              "--plan", str(plan)],
             capture_output=True, text=True, timeout=120, env={**os.environ, **env},
         )  # fmt: skip
-        assert again.returncode == 2, again
+        assert again.returncode == 1, again
         assert again.stderr.startswith(
-            "error [conflict]: 3 selected device(s) have a security floor for demo above "
+            "refused [conflict]: 3 selected device(s) have a security floor for demo above "
             "demo@1.0.0 (release counter 1000000000000)"
         ), again.stderr
         assert again.stderr.count("\n") == 1, again.stderr

@@ -259,11 +259,11 @@ def test_the_cli_lists_and_downloads(
         assert target.read_bytes() == data and out.startswith(f"wrote {len(data)} bytes")
         with np.load(target) as arrays:
             assert arrays["features"].shape == (5, 64)
-        _, err = run("samples", "get", "999", "-o", tmp_path / "out" / "none.npz", status=2)
-        assert err.startswith("error [not-found]: no uploaded samples with id 999")
+        _, err = run("samples", "get", "999", "-o", tmp_path / "out" / "none.npz", status=1)
+        assert err.startswith("refused [not-found]: no uploaded samples with id 999")
         assert not (tmp_path / "out" / "none.npz").exists()
         monkeypatch.setenv("EDGEFLEET_TOKEN", api.tokens[Role.VIEWER])
-        _, err = run("samples", "get", sample_id, "-o", tmp_path / "out" / "viewer.npz", status=2)
-        assert err.startswith("error [forbidden]: ")
+        _, err = run("samples", "get", sample_id, "-o", tmp_path / "out" / "viewer.npz", status=1)
+        assert err.startswith("refused [forbidden]: ")
         out, _ = run("samples", "list", "--device", "another")
         assert out.strip() == "no uploaded samples"

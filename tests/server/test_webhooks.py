@@ -376,14 +376,14 @@ def test_given_up_deliveries_show_in_the_api_the_cli_and_metrics(
         assert json.loads(out) == [row]
 
         monkeypatch.setenv("EDGEFLEET_TOKEN", api.tokens[Role.VIEWER])
-        _, err = run("webhooks", "retry", str(row["id"]), status=2)
-        assert err.startswith("error [forbidden]: ")
+        _, err = run("webhooks", "retry", str(row["id"]), status=1)
+        assert err.startswith("refused [forbidden]: ")
         monkeypatch.setenv("EDGEFLEET_TOKEN", api.tokens[Role.OPERATOR])
         out, _ = run("webhooks", "retry", str(row["id"]))
         assert out.startswith(f"delivery {row['id']} will be sent again")
-        _, err = run("webhooks", "retry", "999", status=2)
+        _, err = run("webhooks", "retry", "999", status=1)
         (line,) = err.splitlines()
-        assert line == "error [not-found]: no webhook delivery 999: " + LISTS_THEM
+        assert line == "refused [not-found]: no webhook delivery 999: " + LISTS_THEM
 
     (pending,) = api.get("/webhooks/deliveries", Role.VIEWER).json()
     assert (pending["state"], pending["attempts"]) == ("pending", 0)
