@@ -337,7 +337,54 @@ class BundleStore:
         if row is None:
             return None
         path = self.path_of(row)
-        return path if path.is_file() else None
+        if not path.is_file():
+            self.log_missing(row)
+            return None
+        return path
+
+    def log_missing(self, row: BundleRow) -> None:
+        """Log, as an error, that the database lists `row` but its file is not here."""
+        log.error(
+            "bundle %s@%s is stored in the database but its file %s is missing: devices "
+            "cannot download it from this replica; replicas must share one data directory "
+            "(--data), and it must be backed up with the database",
+            row.name,
+            row.version,
+            self.path_of(row),
+        )
+
+    def missing_files(self, session: Session) -> tuple[int, builtins.list[BundleRow]]:
+        """(how many bundles the database lists, those of them whose file is not here)."""
+        rows = list(session.scalars(select(BundleRow).order_by(BundleRow.id)))
+        return len(rows), [row for row in rows if not self.path_of(row).is_file()]
+
+    def check_files(self, session: Session) -> int:
+        """At start: warn when bundles the database lists have no file in the data
+        directory (a replica started with a data directory of its own); returns how many.
+
+        The start goes on: the replica's API, ingestion and rollouts of the bundles it
+        has are unaffected, and a rollout of a bundle it lacks is refused
+        (`release_refusal`); a refusal here would take all of that down for it.
+        """
+        stored, missing = self.missing_files(session)
+        if missing:
+            example = missing[0]
+            log.warning(
+                "%d of the %d bundle(s) the database lists are missing from the data "
+                "directory %s (e.g. %s@%s, %s): devices cannot download them from this "
+                "replica. Replicas must share one data directory (--data on shared storage); "
+                "%s",
+                len(missing),
+                stored,
+                self.bundles_dir.parent,
+                example.name,
+                example.version,
+                self.path_of(example).name,
+                "none of them is here: is --data the directory the other replicas use?"
+                if len(missing) == stored
+                else "restore the missing files from the backup of the data directory",
+            )
+        return len(missing)
 
     def release_refusal(
         self, row: BundleRow, root: TrustRoot | None = None

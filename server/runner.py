@@ -173,6 +173,8 @@ class FleetServer:
         removed = self.bundles.remove_stale_uploads()
         if removed:
             log.info("removed %d upload(s) left by an earlier run", removed)
+        with self.db.session() as session:
+            self.bundles.check_files(session)
         if self.crl is not None:
             try:
                 self.crl.refresh()

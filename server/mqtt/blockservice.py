@@ -143,8 +143,9 @@ class BlockService:
             if row is None:
                 return None
             served = _Served(self.store.path_of(row), row.length)
-        if not served.path.is_file():
-            return None
+            if not served.path.is_file():
+                self.store.log_missing(row)
+                return None
         with self._lock:
             self._cache[sha256] = served
             while len(self._cache) > MAX_CACHED_BUNDLES:

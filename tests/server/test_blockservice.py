@@ -4,6 +4,7 @@ agent's block fetcher downloading a real bundle through mosquitto."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -130,6 +131,20 @@ def test_unknown_bundle_is_answered_unavailable(served: Served) -> None:
     served.service.handle(*request("e" * 64, [0]))
     only_unavailable(served, "unknown bundle")
     assert served.service.counts["unavailable"] == 1
+
+
+def test_a_stored_bundle_whose_file_is_missing_is_logged_as_an_error(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A replica whose data directory is not the one the bundle was pushed to.
+    served.store.path_of(served.row).unlink()
+    with caplog.at_level(logging.ERROR, logger="edgefleet.server.bundles"):
+        served.service.handle(*request(served.row.sha256, [0]))
+    only_unavailable(served, "unknown bundle")
+    (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    message = record.getMessage()
+    assert "bundle demo@1.2.3 is stored in the database but its file" in message
+    assert "replicas must share one data directory" in message
 
 
 def test_a_file_without_a_bundle_row_is_not_served(served: Served, tmp_path: Path) -> None:

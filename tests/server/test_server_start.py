@@ -13,6 +13,7 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import text
 
@@ -20,8 +21,11 @@ from edgefleet.server.db.migrate import head_revision, open_database
 from edgefleet.server.principals import Role
 from edgefleet.server.settings import sqlite_url
 from edgefleet.server.tokens import create_api_token
+from edgefleet.trust import TrustRoot
 from tests.agent.broker import free_port
 from tests.clirun import Cli
+from tests.conftest import KeySet
+from tests.server.serverproc import ServerProcess, json_of, wait_until, write_server_keys
 
 RESTORE = "restore it from a backup, or move it away to start an empty fleet"
 
@@ -152,3 +156,61 @@ def test_a_copy_of_a_good_database_opens(tmp_path: Path) -> None:
     copy.mkdir()
     shutil.copy(path, copy / "server.db")
     open_database(sqlite_url(copy)).dispose()
+
+
+def test_a_replica_whose_data_directory_lacks_the_stored_bundles_says_so(
+    tmp_path: Path, trust: TrustRoot, keyset: KeySet, bundle_file: Path
+) -> None:
+    """A replica on the shared database with a data directory of its own: the start
+    warns (count, an example, that replicas share the data directory), and a download
+    it cannot serve is logged as an error, not only answered 404."""
+    trust_path, key_path = write_server_keys(tmp_path / "keys", trust, keyset)
+    shared = tmp_path / "shared"
+    db_url = sqlite_url(shared)
+    first = ServerProcess.start(
+        tmp_path / "first.log", trust_path, key_path, "--data", shared,
+        "--embedded-broker", "--mqtt-port", str(free_port()),
+    )  # fmt: skip
+    try:
+        first.wait_healthy()
+        token = tokens_of(shared)
+        with first.api(token) as api:
+            pushed = json_of(
+                api.post(
+                    "/bundles",
+                    content=bundle_file.read_bytes(),
+                    headers={"Content-Type": "application/octet-stream"},
+                ),
+                201,
+            )
+    finally:
+        assert "bundle(s) the database lists are missing" not in first.stop()
+
+    own = tmp_path / "own"
+    second = ServerProcess.start(
+        tmp_path / "second.log", trust_path, key_path, "--data", own, "--db", db_url,
+        "--embedded-broker", "--mqtt-port", str(free_port()),
+    )  # fmt: skip
+    try:
+        second.wait_healthy()
+        assert (
+            "1 of the 1 bundle(s) the database lists are missing from the data directory "
+            f"{own.resolve()} (e.g. demo@1.2.3, {pushed['sha256']}.efb)"
+        ) in second.log
+        assert "Replicas must share one data directory" in second.log
+        assert "is --data the directory the other replicas use?" in second.log
+        assert httpx.get(f"{second.url}/api/v1/blobs/{pushed['sha256']}").status_code == 404
+        assert wait_until(lambda: "file" in second.log and "is missing: devices" in second.log, 5)
+        line = next(line for line in second.log.splitlines() if "is missing: devices" in line)
+        assert " ERROR " in line and "demo@1.2.3" in line
+    finally:
+        second.stop()
+
+
+def tokens_of(data: Path) -> str:
+    db = open_database(sqlite_url(data))
+    try:
+        with db.session() as session:
+            return create_api_token(session, "ops", Role.OPERATOR)[0]
+    finally:
+        db.dispose()
