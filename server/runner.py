@@ -21,6 +21,7 @@ timestamp, judges drift and delivers webhook events.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -133,17 +134,21 @@ class FleetServer:
             StorageError: the database cannot be opened or migrated.
         """
         self.settings = settings
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
         file_root = load_trust_root(settings.trust_path)
         self.server_key = load_private_key(settings.server_key_path, settings.server_key_passphrase)
         self.ca = load_ca(settings.ca_dir) if settings.ca_dir is not None else None
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.db: Database = open_database(settings.database_url)
-        self.trust = open_trust_roots(
-            self.db,
-            file_root,
-            self.server_key.public.keyid,
-            source=f"--trust {settings.trust_path}",
-        )
+        try:
+            self.trust = open_trust_roots(
+                self.db,
+                file_root,
+                self.server_key.public.keyid,
+                source=f"--trust {settings.trust_path}",
+            )
+        except BaseException:
+            self.db.dispose()
+            raise
         self.crl: CrlFile | None = None
         if self.ca is not None and settings.crl_path is not None:
             self.crl = CrlFile(self.db, self.ca, settings.crl_path, settings.broker_reload_command)
@@ -356,8 +361,44 @@ def run_server(settings: ServerSettings) -> None:
         sock.close()
 
 
+class FreshFiles:
+    """What a start is about to create in the data directory: the directory itself, the
+    SQLite database and its companions, the bundle directories. A start refused before
+    it serves removes those of them it created (and only those), so that it leaves
+    nothing behind: `server token create` must not find a database no server ran."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        data = settings.data_dir
+        files = []
+        if settings.db_url is None:
+            database = data / "server.db"
+            files = [database.with_name(database.name + s) for s in ("", "-wal", "-shm")]
+            files.append(database.with_name(database.name + "-journal"))
+        self.files = [path for path in files if not path.exists()]
+        # Directories, deepest first, removed only when empty.
+        dirs = [data / "uploads", data / "bundles", data]
+        self.dirs = [path for path in dirs if not path.exists()]
+
+    def remove(self) -> None:
+        for path in self.files:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("could not remove %s after the refused start: %s", path, exc)
+        for path in self.dirs:
+            # Not empty (something else put a file there), or gone: left as it is.
+            with contextlib.suppress(OSError):
+                path.rmdir()
+
+
 def _run_bound(settings: ServerSettings, sock: socket.socket) -> None:
-    server = FleetServer(settings)
+    fresh = FreshFiles(settings)
+    try:
+        server = FleetServer(settings)
+    except BaseException:
+        fresh.remove()
+        raise
+    serving = False
     try:
         context = server.start()
         app = create_app(context)
@@ -378,10 +419,13 @@ def _run_bound(settings: ServerSettings, sock: socket.socket) -> None:
         # with the handler it found; this one turns SIGTERM (systemd's stop) into a
         # normal exit so that everything below still stops in order.
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        serving = True
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         log.info("stopping")
         server.close()
+        if not serving:
+            fresh.remove()
 
 
 def http_config(app: FastAPI, settings: ServerSettings) -> uvicorn.Config:

@@ -158,6 +158,34 @@ def test_a_copy_of_a_good_database_opens(tmp_path: Path) -> None:
     open_database(sqlite_url(copy)).dispose()
 
 
+@pytest.mark.parametrize("data_exists", [False, True])
+def test_a_refused_server_run_leaves_no_database_behind(
+    run: Cli, tmp_path: Path, data_exists: bool
+) -> None:
+    """A server key the trust root does not list refuses the start (exit 1: refused input)
+    after the database was opened; what the start created is removed, so `server token
+    create` still finds no database."""
+    run("keys", "init", tmp_path / "keys")
+    run("keys", "init", tmp_path / "other")
+    data = tmp_path / "data"
+    if data_exists:
+        data.mkdir()
+        (data / "notes.txt").write_text("mine")
+    _, err = run(
+        "server", "run", "--embedded-broker", "--mqtt-port", str(free_port()),
+        "--port", "0", "--data", data, "--trust", tmp_path / "keys" / "trust.json",
+        "--server-key", tmp_path / "other" / "server.key", status=1,
+    )  # fmt: skip
+    assert err.startswith("refused [server-key-not-listed]: trust root version 1 does not list")
+    if data_exists:
+        assert sorted(p.name for p in data.iterdir()) == ["notes.txt"]
+    else:
+        assert not data.exists()
+    _, err = run("server", "token", "create", "--role", "admin", "--name", "me", "--data", data,
+                 status=2)  # fmt: skip
+    assert err.startswith("error [usage]: no server database at ")
+
+
 def test_a_replica_whose_data_directory_lacks_the_stored_bundles_says_so(
     tmp_path: Path, trust: TrustRoot, keyset: KeySet, bundle_file: Path
 ) -> None:
