@@ -60,7 +60,11 @@ def rollout() -> None:
 def start_command(
     client: ApiClient, bundle_ref: str, selector: str | None, plan_path: Path, as_json: bool
 ) -> None:
-    """Start a rollout; prints its id.
+    """Start a rollout; prints its id alone on stdout, what started on stderr.
+
+    \b
+      id=$(edgefleet rollout start --bundle demo@1.2.0 --plan plan.yaml)
+      edgefleet rollout status "$id" --watch
 
     The plan file is read here and sent as data; the server validates it
     (an impossible plan is refused with the field named) and picks the
@@ -73,7 +77,8 @@ def start_command(
     if as_json:
         echo_json(status)
         return
-    click.echo(f"started rollout {status.get('id')}: {summary_line(status)}")
+    click.echo(status.get("id"))
+    click.echo(f"started rollout {status.get('id')}: {summary_line(status)}", err=True)
     click.echo(f"watch it: edgefleet rollout status {status.get('id')} --watch", err=True)
 
 

@@ -316,8 +316,8 @@ def rollout(
     plan_file.write_text(json.dumps(plan))
     started = processes.command("rollout", "start", "--bundle", f"{BUNDLE}@{version}",
                                 "--plan", plan_file)  # fmt: skip
-    rollout_id = started.split()[2].rstrip(":")
-    story.say(started.strip())
+    rollout_id = started.strip()  # stdout is the id alone
+    story.say(f"started rollout {rollout_id}: {BUNDLE}@{version}")
     deadline = time.monotonic() + ROLLOUT_TIMEOUT_S
     last = ""
     while time.monotonic() < deadline:

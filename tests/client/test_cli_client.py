@@ -453,7 +453,8 @@ def test_rollout_start_sends_the_parsed_plan(api: FakeApi, run: Run, tmp_path: P
             "on_gate_failure": "pause",
         },
     }
-    assert out.startswith("started rollout 1: demo@1.2.3 running, stage 1/2 (canary)")
+    assert out == "1\n"  # the id alone: id=$(edgefleet rollout start ...)
+    assert err.startswith("started rollout 1: demo@1.2.3 running, stage 1/2 (canary)")
     assert "edgefleet rollout status 1 --watch" in err
 
 

@@ -140,10 +140,11 @@ def test_rollout_start_status_pause_resume_abort(
     run("bundles", "push", bundle_file)
     plan = tmp_path / "plan.yaml"
     plan.write_text("stages:\n  - percent: 50\n  - percent: 100\n")
-    out, _ = run(
+    out, err = run(
         "rollout", "start", "--bundle", "demo@1.2.3", "--select", "site=berlin", "--plan", plan
     )
-    assert out.startswith("started rollout 1: demo@1.2.3 running, stage 1/2")
+    assert out == "1\n"
+    assert err.startswith("started rollout 1: demo@1.2.3 running, stage 1/2")
     out, _ = run("rollout", "status", "1")
     assert "state:     running" in out and "selection: site=berlin" in out
     out, _ = run("rollout", "pause", "1", "--reason", "night shift")
