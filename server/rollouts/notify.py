@@ -3,7 +3,10 @@
 Devices whose directive went unanswered and expired, or that went offline
 after being notified and are back, are notified again first (a new directive,
 a new sequence: the old one may be lost or expired by now); then pending
-devices that are online (or never seen). Both take from the plan's rate
+devices that are online. An offline device is notified when it is back, and a
+device enrolled but never connected when it first connects: until then it has
+no session on the broker, so a QoS 1 directive would go nowhere (the gates
+count both as offline). Both take from the plan's rate
 limit: at most `rate_limit_per_minute` install directives in any
 `RATE_WINDOW`, counted from `RolloutDevice.notified_at` so the limit holds
 across replicas and restarts. The count is exact because a device gets at
@@ -85,9 +88,11 @@ def _pending(step: RolloutStep, budget: int) -> list[tuple[RolloutDevice, Device
     """Pending devices to notify now, earlier stages first."""
     if budget <= 0:
         return []
-    # Offline devices wait: they are notified when they are back. A retry waits until
-    # its last directive is out of the rate window.
-    where = and_(~OFFLINE, _spaced(step))
+    # Only devices online now: an offline one is notified when it is back, and one never
+    # seen (enrolled, not connected yet) when it first connects; before that it has no
+    # session on the broker, which would drop the directive. A retry waits until its last
+    # directive is out of the rate window.
+    where = and_(Device.online.is_(True), _spaced(step))
     return step.devices(DeviceState.PENDING, where=where, limit=budget)
 
 

@@ -26,7 +26,9 @@ from edgefleet.server.settings import ServerSettings
 log = logging.getLogger(__name__)
 
 ACTOR = "driver"  # the actor of the transitions the driver makes
-# Known to be offline; a device never seen (no last_seen) counts as reachable.
+# Seen, then gone offline: what was sent to it may be queued, lost or expired (re-notified
+# when back). A device never seen (no last_seen) was never notified: `notify` waits for
+# its first connection.
 OFFLINE = and_(Device.online.is_(False), Device.last_seen.is_not(None))
 
 

@@ -399,6 +399,24 @@ def test_offline_devices_wait_and_are_notified_when_back(
     f.run_until(rid, "completed")
 
 
+def test_a_device_never_connected_is_notified_when_it_first_connects(
+    database: Database, tmp_path: Path, keyset: KeySet, trust: TrustRoot
+) -> None:
+    """Enrolled, never connected: no session on the broker, so a directive would go
+    nowhere; the gate counts it offline, and it is sent nothing until it connects."""
+    f = make_fleet(database, tmp_path, keyset, trust, 2)
+    add_device(database, "fresh", now=f.clock(), tags={"site": "a"}, online=False, seen=False)
+    rid = f.start({"stages": [{"percent": 100}], "gates": {"bake_s": 0}})
+    f.run(3)
+    assert f.devices(rid)["fresh"] == "pending" and f.received("fresh") == []
+    assert not any(call.topic == DeviceTopics("fresh").directive for call in f.publisher.calls)
+    assert "1 offline" in " ".join(f.status(rid).stages[0].reasons)
+    f.sim.set_online("fresh", True)  # its first connection
+    f.run(2)
+    assert f.devices(rid)["fresh"] == "succeeded"
+    f.run_until(rid, "completed")
+
+
 def test_device_offline_after_notification_gets_a_fresh_directive(
     database: Database, tmp_path: Path, keyset: KeySet, trust: TrustRoot
 ) -> None:
