@@ -50,9 +50,12 @@ def devices() -> None:
 
 
 @devices.command("list")
-@click.option("--online/--offline", default=None, help="Only devices online (or offline).")
+@click.option("--online", "only_online", is_flag=True, help="Only devices online.")
+@click.option("--offline", "only_offline", is_flag=True, help="Only devices offline.")
 @click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Only devices tagged so.")
-@click.option("--model", help="Only devices serving this model name.")
+@click.option(
+    "--model", help="Only devices serving this model: NAME, or NAME@VERSION for one version."
+)
 @click.option(
     "--limit", type=click.IntRange(1, 1000), default=100, show_default=True, help="Page size."
 )
@@ -61,7 +64,8 @@ def devices() -> None:
 @client_command
 def list_command(
     client: ApiClient,
-    online: bool | None,
+    only_online: bool,
+    only_offline: bool,
     tags: tuple[str, ...],
     model: str | None,
     limit: int,
@@ -75,6 +79,13 @@ def list_command(
     degraded, no-model, failing, offline or unknown); HEALTH the model's
     health over the last hour of telemetry.
     """
+    if only_online and only_offline:
+        raise UsageError("--online and --offline exclude each other: give one, or neither for all")
+    online = True if only_online else False if only_offline else None
+    if model is not None and "@" in model:
+        name, _, version = model.partition("@")
+        if not name or not version:
+            raise UsageError(f"--model {model!r}: give NAME or NAME@VERSION, e.g. demo@1.2.0")
     page = client.list_devices(
         online=online, tags=parse_tags(tags), model=model, limit=limit, offset=offset
     )

@@ -53,7 +53,7 @@ from edgefleet.server.db.models import (
 )
 from edgefleet.server.errors import ConflictError, EnrollmentError, NotFoundError
 from edgefleet.server.principals import Principal, Role
-from edgefleet.server.rollouts.machine import ACTIVE_STATES
+from edgefleet.server.rollouts.machine import ACTIVE_STATES, RolloutState
 from edgefleet.server.tokens import count_enroll_token_use, find_enroll_token
 from edgefleet.timefmt import utcnow
 
@@ -250,9 +250,12 @@ def remove_device(
     ).all()
     if active:
         named = ", ".join(f"{rollout_id} ({state})" for rollout_id, state in active)
+        if all(state == RolloutState.ABORTING.value for _, state in active):
+            what = "wait until the abort has rolled its devices back"
+        else:
+            what = "abort the rollout or wait until it ends"
         raise ConflictError(
-            f"device {device_id} is part of active rollout {named}; abort the rollout or "
-            "wait until it ends, then remove the device"
+            f"device {device_id} is part of active rollout {named}; {what}, then remove the device"
         )
     details = {
         "public_key": device.public_key,

@@ -234,8 +234,9 @@ def _refuse_overlap(session: Session, bundle: BundleRow, selection: Sequence[str
     ).first()
     if same is not None:
         raise ConflictError(
-            f"rollout {same[0]} of {bundle.name}@{same[1]} is still active; "
-            "let it complete or abort it before starting another rollout of this bundle"
+            f"rollout {same[0]} of {bundle.name}@{same[1]} is still active; let it complete "
+            f"or abort it before starting another rollout of the model {bundle.name} "
+            f"(here {bundle.name}@{bundle.version})"
         )
     busy: dict[int, list[str]] = {}
     taken = busy_devices(session)

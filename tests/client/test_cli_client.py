@@ -396,6 +396,15 @@ def test_devices_list_sends_filters_and_pages(api: FakeApi, run: Run) -> None:
     assert json.loads(out)["total"] == 5
     _, err = run("devices", "list", "--tag", "site", url=api.url, status=2)
     assert "--tag 'site': expected KEY=VALUE" in err
+    run("devices", "list", "--offline", url=api.url)
+    assert ("online", "false") in api.requests[-1].query
+    sent = len(api.requests)
+    _, err = run("devices", "list", "--online", "--offline", url=api.url, status=2)
+    assert err.startswith("error [usage]: --online and --offline exclude each other")
+    for model in ("demo@", "@1.2.3"):
+        _, err = run("devices", "list", "--model", model, url=api.url, status=2)
+        assert err.startswith(f"error [usage]: --model {model!r}: give NAME or NAME@VERSION")
+    assert len(api.requests) == sent  # refused before asking the server
 
 
 def test_devices_show(api: FakeApi, run: Run) -> None:

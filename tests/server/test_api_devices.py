@@ -216,4 +216,15 @@ def test_a_device_in_an_active_rollout_is_not_removed(api: Api) -> None:
     refused = api.delete("/devices/cam-1", Role.OPERATOR)
     assert refused.status_code == 409 and refused.json()["error"] == "conflict"
     assert f"rollout {rollout_id} (running)" in refused.json()["detail"]
+    assert "abort the rollout or wait until it ends" in refused.json()["detail"]
     assert api.get("/devices/cam-1").status_code == 200
+
+
+def test_a_device_in_an_aborting_rollout_waits_for_the_abort(api: Api) -> None:
+    api.enroll("cam-1")
+    rollout_id = make_rollout(api.context.db, "aborting", device_id="cam-1")
+    refused = api.delete("/devices/cam-1", Role.OPERATOR)
+    assert refused.status_code == 409
+    detail = refused.json()["detail"]
+    assert f"rollout {rollout_id} (aborting)" in detail and "abort the rollout" not in detail
+    assert "wait until the abort has rolled its devices back" in detail

@@ -266,6 +266,8 @@ def test_devices_list_says_when_the_offset_is_past_the_end(served: Api, run: Cli
     assert out == "--offset 100 is past the end: 3 devices match (--offset 0 for the first page)\n"
     out, _ = run("devices", "list", "--offset", "1")
     assert out.splitlines()[-1] == "devices 2-3 of 3 (--offset for more)"
+    refused = served.get("/devices", params={"model": "demo@"})
+    assert refused.status_code == 422 and "NAME@VERSION" in refused.json()["detail"]
 
 
 def test_token_create_prints_only_the_token(run: Cli, tmp_path: Path) -> None:

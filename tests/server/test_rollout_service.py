@@ -127,7 +127,11 @@ def test_second_active_rollout_of_a_bundle_name_is_refused(database: Database) -
     add_bundle(database, version="2.1.0")
     with database.session() as session:
         newer = session.scalars(select(BundleRow).where(BundleRow.version == "2.1.0")).one()
-        with pytest.raises(ConflictError, match=f"rollout {rid} of demo@2.0.0 is still active"):
+        with pytest.raises(
+            ConflictError,
+            match=rf"rollout {rid} of demo@2.0.0 is still active; .* another rollout of the "
+            r"model demo \(here demo@2.1.0\)",
+        ):
             start_rollout(
                 session,
                 bundle=newer,

@@ -90,6 +90,12 @@ def get_devices(
     offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
 ) -> DeviceList:
     tags = parse_tag_filters(tag) or None
+    if model is not None and "@" in model:
+        name, _, version = model.partition("@")
+        if not name or not version:
+            raise InvalidRequestError(
+                f"model {model!r}: give NAME or NAME@VERSION, e.g. demo or demo@1.2.0"
+            )
     rows = list_devices(session, online=online, tags=tags, model=model, limit=limit, offset=offset)
     total = count_devices(session, online=online, tags=tags, model=model)
     verdicts = health_verdicts(session, rows, context.clock())
