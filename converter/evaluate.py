@@ -341,6 +341,23 @@ def task_metrics(outputs: Outputs, labels: np.ndarray, task: Task) -> dict[str, 
     return {"accuracy": float((predicted == labels).mean() * 100)}
 
 
+def label_metrics(
+    outputs: Outputs, labels: np.ndarray | None, source: Path | None, notes: list[str]
+) -> tuple[Task | None, dict[str, float]]:
+    """The float model's task and metrics on `labels` (read from `source`), if given; a
+    binary classifier's threshold, which the converter chose, is said in `notes`.
+
+    Raises:
+        LabelMismatchError: as `decide_task`.
+    """
+    if labels is None:
+        return None, {}
+    task = decide_task(outputs, labels, str(source))
+    if task.kind == "binary":
+        notes.append(f"labels: {task.describe()}")
+    return task, task_metrics(outputs, labels, task)
+
+
 def has_non_finite(outputs: Outputs) -> bool:
     return any(a.dtype.kind == "f" and not np.isfinite(a).all() for a in outputs.values())
 

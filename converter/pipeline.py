@@ -43,9 +43,9 @@ from edgefleet.converter.evaluate import (
     Outputs,
     RunFailedError,
     budget_failures,
-    decide_task,
     fidelity,
     has_non_finite,
+    label_metrics,
     measure_latency_ms,
     measure_paired,
     open_session,
@@ -406,13 +406,7 @@ def convert(
         progress.finish()
         if has_non_finite(float_outputs):
             raise DataError("the float model gives NaN or infinite outputs on the validation data")
-        task, float_metrics = None, {}
-        if labels is not None:
-            assert options.labels is not None
-            task = decide_task(float_outputs, labels, str(options.labels))
-            float_metrics = task_metrics(float_outputs, labels, task)
-            if task.kind == "binary":  # a threshold the converter chose: say which
-                notes.append(f"labels: {task.describe()}")
+        task, float_metrics = label_metrics(float_outputs, labels, options.labels, notes)
         float_ms = measure_latency_ms(session, validation.sample(0))
         baseline = Evaluation(
             candidate=cand.FLOAT,

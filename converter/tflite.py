@@ -34,12 +34,11 @@ from edgefleet.converter.errors import (
 )
 from edgefleet.converter.evaluate import (
     RunFailedError,
-    decide_task,
     fidelity,
     has_non_finite,
+    label_metrics,
     measure_latency_ms,
     run_outputs,
-    task_metrics,
 )
 from edgefleet.converter.modelinfo import ModelInfo, TensorSpec, require_runtime
 from edgefleet.converter.output import reference_data, staged_directory, write_bundle_metadata
@@ -129,13 +128,8 @@ def convert_tflite(
         raise ConverterError(
             "the TFLite model gives NaN or infinite outputs on the validation data"
         )
-    task, metrics, notes = None, {}, data.notes
-    if labels is not None:
-        assert options.labels is not None
-        task = decide_task(validation_outputs, labels, str(options.labels))
-        metrics = task_metrics(validation_outputs, labels, task)
-        if task.kind == "binary":  # a threshold the converter chose: say which
-            notes.append(f"labels: {task.describe()}")
+    notes = data.notes
+    task, metrics = label_metrics(validation_outputs, labels, options.labels, notes)
     latency_ms = measure_latency_ms(session, validation.sample(0))
     evaluation = Evaluation(
         candidate=cand.FLOAT,
