@@ -273,10 +273,17 @@ class ServerLink:
         """Each turn of a ready connection: note it; at its first, publish the `retained`
         messages again and call `on_connect`."""
         now = time.time()
-        self._last_seen_up = now
+        last_seen_up, self._last_seen_up = self._last_seen_up, now
         connects = self._session.connects
         if connects == self._seen_connects:
             return
+        if self._seen_connects:
+            log.info(
+                "MQTT link to %s connected again, %.0f s after it was last seen up (connection %d)",
+                self._session.address.where,
+                now - last_seen_up,
+                connects,
+            )
         self._seen_connects = connects
         self._connected_since = now
         for topic, payload, qos in self._retained() if self._retained is not None else ():

@@ -4,6 +4,7 @@ control and acknowledgement once stored, what publishing promises, TLS and crede
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import socket
 import subprocess
 import threading
@@ -323,8 +324,9 @@ def test_a_replica_that_dies_before_storing_loses_nothing(
 
 
 def test_the_session_survives_a_lost_connection_and_ends_on_stop(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="edgefleet.server.mqtt.link")
     # (mosquitto 2.0 does not restore shared subscriptions after its own restart, so
     # what is published between a broker restart and the link's return is not kept.)
     with MosquittoBroker.running(tmp_path / "mosq") as own:
@@ -342,6 +344,8 @@ def test_the_session_survives_a_lost_connection_and_ends_on_stop(
         assert handler.wait_for(2)
         assert handler.messages == [(device.status, b"while away"), (device.presence, b"online")]
         assert link.connects == 2
+        back = [r.getMessage() for r in caplog.records if "connected again" in r.getMessage()]
+        assert len(back) == 1 and "(connection 2)" in back[0], back  # said once, in the log
         link.stop()  # a clean stop ends the session: nothing is kept for this id
         publish_once(own.url, device.status, b"after stop", qos=1)
         again = Recorder()
