@@ -13,6 +13,7 @@ import click
 from edgefleet.cli.errors import EXIT_REFUSED
 from edgefleet.cli.options import echo_json, echo_table, json_option
 from edgefleet.client.api import ApiClient, JsonObject
+from edgefleet.client.errors import ServerUnreachableError
 from edgefleet.client.options import cell, client_command, parse_bundle_ref
 from edgefleet.errors import UsageError
 from edgefleet.plantext import MAX_PLAN_BYTES, parse_plan_text
@@ -157,8 +158,9 @@ def status_command(
 
     With --watch: redrawn every --interval seconds on a terminal, one line per
     change otherwise (one JSON document per line with --json), until a final
-    state; exit status 1 when the rollout ends other than completed. Ctrl-C
-    stops watching, not the rollout.
+    state; exit status 1 when the rollout ends other than completed. A server
+    that stops answering after it answered once (a restart) is asked again for
+    up to 120 s. Ctrl-C stops watching, not the rollout.
     """
     if not watch:
         status = client.rollout_status(rollout_id)
@@ -182,15 +184,35 @@ class RolloutEndedError(click.ClickException):
         click.echo(self.message, err=True)
 
 
+# How long --watch keeps asking a server that answered once and then stopped answering
+# (a restart, an upgrade), before it gives up as any command does.
+UNREACHABLE_PATIENCE_S = 120.0
+
+
 def _watch(client: ApiClient, rollout_id: int, interval: float, as_json: bool) -> JsonObject:
     live = sys.stdout.isatty() and not as_json
     last = None
+    answered = False
+    away_since: float | None = None
     while True:
         try:
             status = client.rollout_status(rollout_id)
         except RateLimitedError as exc:
             time.sleep(max(interval, exc.retry_after or interval))
             continue
+        except ServerUnreachableError as exc:
+            now = time.monotonic()
+            if not answered or (away_since and now - away_since > UNREACHABLE_PATIENCE_S):
+                raise
+            if away_since is None:
+                away_since = now
+                click.echo(f"{exc}; asking again for up to {UNREACHABLE_PATIENCE_S:g} s", err=True)
+            time.sleep(interval)
+            continue
+        if away_since is not None:
+            click.echo("the server answers again", err=True)
+            away_since = None
+        answered = True
         if live:
             click.clear()
             echo_status(status)

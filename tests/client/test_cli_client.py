@@ -46,7 +46,8 @@ class Recorded:
 
 @dataclass
 class FakeApi:
-    """Our API's shape, in memory. `canned` answers the next requests instead."""
+    """Our API's shape, in memory. `canned` answers the next requests instead (status 0:
+    the connection closed with no answer, as by a server that stopped)."""
 
     url: str = ""
     requests: list[Recorded] = field(default_factory=list)
@@ -209,6 +210,9 @@ def _handler(api: FakeApi) -> type[BaseHTTPRequestHandler]:
             api.requests.append(req)
             if api.canned:
                 status, body, headers = api.canned.pop(0)
+                if status == 0:
+                    self.close_connection = True
+                    return
             else:
                 status, value = api.answer(req)
                 body, headers = json.dumps(value).encode(), {}
@@ -590,3 +594,20 @@ def test_watch_on_a_terminal_redraws_the_whole_status(
     assert len(screens) == 3 and screens[0] == ""  # cleared before each of the two draws
     assert "state:     running" in screens[1] and "state:     completed" in screens[2]
     assert "every 0.01 s; Ctrl-C stops watching" in screens[2]
+
+
+def test_watch_asks_again_while_the_server_restarts(api: FakeApi, run: Run) -> None:
+    running = json.dumps(api.rollout(4, "running")).encode()
+    hang_up: tuple[int, bytes, dict[str, str]] = (0, b"", {})
+    api.canned = [(200, running, {}), hang_up, hang_up, hang_up]  # then: completed
+    out, err = run("rollout", "status", "4", "--watch", "--interval", "0.01", url=api.url)
+    assert "running" in out and "completed" in out
+    assert "asking again for up to 120 s" in err
+    assert err.count("lost the connection") == 1  # said once, not per attempt
+    assert "the server answers again" in err
+
+
+def test_watch_gives_up_on_a_server_that_never_answered(api: FakeApi, run: Run) -> None:
+    api.canned = [(0, b"", {})]
+    _, err = run("rollout", "status", "4", "--watch", "--interval", "0.01", url=api.url, status=2)
+    assert "lost the connection" in err and "asking again" not in err
