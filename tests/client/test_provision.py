@@ -319,9 +319,9 @@ def test_an_enrolled_id_is_refused_before_anything_is_written(
         session.add(Device(**enrolled_row("cam-01")))
     output = tmp_path / "cam-01"
     _, err = provision(
-        *provision_args(api, server_url, trust_file, ca_cert, output, "cam-01"), status=2
+        *provision_args(api, server_url, trust_file, ca_cert, output, "cam-01"), status=1
     )
-    assert err.startswith("error [already-enrolled]: device 'cam-01' is enrolled already")
+    assert err.startswith("refused [already-enrolled]: device 'cam-01' is enrolled already")
     assert "`edgefleet devices remove cam-01`" in err and "choose another id" in err
     assert not output.exists()
     with api.context.db.session() as session:
