@@ -21,8 +21,13 @@ from edgefleet.client.api import ApiClient, JsonObject
 from edgefleet.client.diagnostics import diagnose_command
 from edgefleet.client.options import cell, client_command, empty_page, page_footer, parse_tags
 from edgefleet.client.provision import provision_command
-from edgefleet.errors import UsageError
+from edgefleet.errors import LocalError, UsageError
 from edgefleet.wire import NotFoundError
+
+
+class NotEnrolledError(LocalError):
+    """`devices health` named ids the server does not know: exit 2, apart from 1 (not ok)."""
+
 
 PAGE = 1000  # devices per request when `devices health` reads the whole fleet
 # The verdict's colour on a terminal; the state word is printed either way.
@@ -253,7 +258,7 @@ def health_command(
     if unknown:
         # what is known is printed above; the unknown ids after it, and exit 2
         names = ", ".join(unknown)
-        raise NotFoundError(
+        raise NotEnrolledError(
             f"no enrolled device {names} (`edgefleet devices list` shows the enrolled ids)"
             if len(unknown) == 1
             else f"no enrolled devices {names} (`edgefleet devices list` shows the enrolled ids)"

@@ -321,7 +321,7 @@ def test_devices_health_exits_by_the_named_devices(served: Api, run: Cli) -> Non
     out, _ = run("devices", "health", "--json", "cam-2", status=1)
     assert '"state": "failing"' in out
     _, err = run("devices", "health", "nope", status=2)
-    assert err.startswith("error [not-found]: no enrolled device nope")
+    assert err.startswith("error [not-enrolled]: no enrolled device nope")
     _, err = run("devices", "health", "cam-1", "--tag", "site=x", status=2)
     assert err.strip() == "error [usage]: give device ids or --tag, not both"
 
@@ -350,7 +350,7 @@ def test_devices_health_prints_what_is_known_and_names_the_unknown_ids(
     lines = out.splitlines()
     assert [line.split()[:2] for line in lines] == [["cam-1", "ok"], ["cam-2", "failing"]]
     assert err.strip() == (
-        "error [not-found]: no enrolled devices cam-5, cam-9 "
+        "error [not-enrolled]: no enrolled devices cam-5, cam-9 "
         "(`edgefleet devices list` shows the enrolled ids)"
     )
     out, err = run("devices", "health", "--json", "cam-1", "cam-5", status=2)

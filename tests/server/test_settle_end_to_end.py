@@ -85,6 +85,7 @@ def test_a_committed_report_lost_with_the_server_is_settled_after_restart(
             rollout = json_of(api.post("/rollouts", json=started), 201)["id"]
 
         fleet = FleetSimulator(broker.url, [device], trust=trust, answer_directives=False)
+        fleet.presence(device.id, True)  # connected, as an agent says: now it is notified
         assert fleet.wait_for(lambda: installs_of(fleet, device, "1.0.0") == 1, 30), first.log
         (directive,) = fleet.directives_for(device.id)
         fleet.status(
