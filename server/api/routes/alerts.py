@@ -8,7 +8,7 @@ an empty list would read as "no such alerts".
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Response
 
@@ -70,26 +70,16 @@ def get_alerts(
         raise InvalidRequestError(
             f"kind {kind!r} is not an alert kind: choose one of {', '.join(KINDS)}"
         )
-    rows = list_alerts(
-        session,
-        device=device,
-        cohort=cohort,
-        bundle=bundle,
-        version=version,
-        kind=kind,
-        open_only=open_only,
-        limit=limit,
-        offset=offset,
-    )
-    total = count_alerts(
-        session,
-        device=device,
-        cohort=cohort,
-        bundle=bundle,
-        version=version,
-        kind=kind,
-        open_only=open_only,
-    )
+    filters: dict[str, Any] = {
+        "device": device,
+        "cohort": cohort,
+        "bundle": bundle,
+        "version": version,
+        "kind": kind,
+        "open_only": open_only,
+    }
+    rows = list_alerts(session, **filters, limit=limit, offset=offset)
+    total = count_alerts(session, **filters)  # the same filters, over every page
     response.headers[TOTAL_HEADER] = str(total)
     return [AlertPublic.model_validate(row) for row in rows]
 
